@@ -1,0 +1,5 @@
+import sys
+
+from apdm.cli import main
+
+sys.exit(main())

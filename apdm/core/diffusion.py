@@ -1,0 +1,344 @@
+"""The one copy of the diffusion math used by every apdm engine.
+
+Notation (DDPM/DDIM, Ho et al. 2020; Song et al. 2021): ``ᾱ_t = alphas_cumprod[t]`` from the model's
+training scheduler;
+
+* forward noising (closed form):  ``x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε``
+* epsilon target: ``ε``;  v-prediction target (Salimans & Ho 2022): ``v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0``
+* deterministic DDIM step (η = 0) between any two levels a -> b:
+  ``x_b = sqrt(ᾱ_b) x̂_0 + sqrt(1 - ᾱ_b) ε̂`` with ``x̂_0, ε̂`` predicted at level a.
+  Sampling walks the levels downwards, inversion upwards (Mokady et al. 2023, "null-text inversion" §3).
+
+Everything here works on *scaled* latents ``(N, 4, h, w)`` (``vae_latent * scaling_factor``), images
+``(N, 3, H, W)`` in ``[0, 1]``, timesteps as int64 tensors ``(N,)`` and conditioning
+``encoder_hidden_states`` ``(N, L, D)``. No function here holds state; none of them is toy-world specific.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# ============================================================================ images <-> latents
+def encode_images(vae, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+                  ) -> torch.Tensor:
+    """Encode images to scaled latents. Differentiable w.r.t. ``images`` (pixel attacks use that).
+
+    Args:
+        vae: ``AutoencoderKL``.
+        images: (N,3,H,W) float in [0,1].
+        sample: draw from the posterior (``True``, as DreamBooth training does) or take its mean.
+        generator: RNG for the posterior sample.
+
+    Returns:
+        (N,4,H/f,W/f) scaled latents, in the VAE's dtype.
+    """
+    x = images.to(device=vae.device, dtype=vae.dtype) * 2.0 - 1.0
+    dist = vae.encode(x).latent_dist
+    latents = dist.sample(generator=generator) if sample else dist.mean
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Decode scaled latents (N,4,h,w) to images (N,3,H,W) float32 in [0,1] (clamped)."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    z = latents.to(dtype=vae.dtype) / vae.config.scaling_factor + shift
+    images = vae.decode(z).sample
+    return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+# ============================================================================ text
+def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    """Token ids (N, model_max_length), padded/truncated as Stable Diffusion does."""
+    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def encode_prompt(text_encoder, tokenizer, prompts: Sequence[str] | str) -> torch.Tensor:
+    """Prompt(s) -> ``encoder_hidden_states`` (N, L, D) (the text encoder's last hidden state, as SD uses).
+
+    Gradients flow into the text encoder if its parameters require grad (DreamBooth-TE, Textual Inversion).
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    ids = tokenize(tokenizer, prompts).to(text_encoder.device)
+    return text_encoder(ids)[0]
+
+
+# ============================================================================ noise schedule
+def alphas_cumprod(noise_scheduler, device=None) -> torch.Tensor:
+    """ᾱ for t = 0..T-1 as float64 on ``device`` (float64 keeps DDIM round trips exact to ~1e-6)."""
+    return noise_scheduler.alphas_cumprod.to(device=device, dtype=torch.float64)
+
+
+def _bcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def add_noise(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """Forward diffusion in closed form: ``sqrt(ᾱ_t) x_0 + sqrt(1-ᾱ_t) ε`` (per-sample t). Shapes as ``latents``."""
+    ac = alphas_cumprod(noise_scheduler, latents.device)[timesteps.to(latents.device)]
+    return _bcast(ac.sqrt(), latents) * latents + _bcast((1 - ac).sqrt(), latents) * noise
+
+
+def training_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+                    ) -> torch.Tensor:
+    """The regression target of the model: ε (``epsilon``) or v (``v_prediction``); ``sample`` gives x_0."""
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        ac = alphas_cumprod(noise_scheduler, latents.device)[timesteps.to(latents.device)]
+        return _bcast(ac.sqrt(), latents) * noise - _bcast((1 - ac).sqrt(), latents) * latents
+    if kind == "sample":
+        return latents
+    raise ValueError(f"unsupported prediction_type '{kind}'")
+
+
+def sample_timesteps(noise_scheduler, n: int, device=None, generator: torch.Generator | None = None,
+                     t_min: int = 0, t_max: int | None = None) -> torch.Tensor:
+    """Uniform integer timesteps in ``[t_min, t_max)`` (default the full training range), shape (n,)."""
+    t_max = noise_scheduler.config.num_train_timesteps if t_max is None else t_max
+    t = torch.randint(t_min, t_max, (n,), generator=generator, device=generator.device if generator else "cpu")
+    return t.to(device) if device is not None else t
+
+
+def noise_prediction_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                          noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
+                          generator: torch.Generator | None = None, reduction: str = "mean") -> torch.Tensor:
+    """The denoising loss ``|| model(x_t, t, c) - target ||²`` (the loss every personalization method trains).
+
+    Args:
+        unet: ``UNet2DConditionModel``.
+        noise_scheduler: training scheduler (schedule + ``prediction_type``).
+        latents: (N,4,h,w) clean scaled latents x_0.
+        encoder_hidden_states: (N,L,D) conditioning.
+        noise: (N,4,h,w) ε; drawn from ``generator`` when ``None``. Pass it to share noise between models
+            (the DPO loss compares two models on the same ε and t).
+        timesteps: (N,) int; uniform over the training range when ``None``.
+        reduction: ``mean`` (scalar) or ``none`` (per-sample mean over C,H,W, shape (N,)).
+
+    Returns:
+        scalar or (N,) float32 loss.
+    """
+    if noise is None:
+        noise = torch.randn(latents.shape, generator=generator, device=generator.device if generator else "cpu",
+                            dtype=latents.dtype).to(latents.device)
+    if timesteps is None:
+        timesteps = sample_timesteps(noise_scheduler, latents.shape[0], latents.device, generator)
+    noisy_latents = add_noise(noise_scheduler, latents, noise, timesteps)
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+    target = training_target(noise_scheduler, latents, noise, timesteps)
+    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, latents.ndim)))
+    if reduction == "none":
+        return per_sample
+    if reduction == "mean":
+        return per_sample.mean()
+    raise ValueError(f"reduction must be 'mean' or 'none', got '{reduction}'")
+
+
+# ============================================================================ DDIM (deterministic)
+def ddim_timesteps(noise_scheduler, num_steps: int) -> list[int]:
+    """The descending timestep grid DDIM uses (diffusers' "leading" spacing + ``steps_offset``)."""
+    T = noise_scheduler.config.num_train_timesteps
+    if not 1 <= num_steps <= T:
+        raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
+    ratio = T // num_steps
+    offset = getattr(noise_scheduler.config, "steps_offset", 0) or 0
+    return [min(i * ratio + offset, T - 1) for i in range(num_steps)][::-1]
+
+
+def _predict(unet, noise_scheduler, x: torch.Tensor, t: int, cond: torch.Tensor, uncond: torch.Tensor | None,
+             guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (ε̂, x̂_0) at level t with classifier-free guidance. ``x`` (N,4,h,w); ``cond``/``uncond`` (N,L,D)."""
+    tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+    inp = x.to(unet.dtype)
+    if uncond is not None and guidance_scale != 1.0:
+        out = unet(torch.cat([inp, inp]), torch.cat([tt, tt]), torch.cat([uncond, cond]).to(unet.dtype)).sample
+        out_u, out_c = out.float().chunk(2)
+        out = out_u + guidance_scale * (out_c - out_u)
+    else:
+        out = unet(inp, tt, cond.to(unet.dtype)).sample.float()
+    a = alphas_cumprod(noise_scheduler, x.device)[t].float()
+    xf = x.float()
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        eps = out
+        x0 = (xf - (1 - a).sqrt() * eps) / a.sqrt()
+    elif kind == "v_prediction":
+        x0 = a.sqrt() * xf - (1 - a).sqrt() * out
+        eps = a.sqrt() * out + (1 - a).sqrt() * xf
+    elif kind == "sample":
+        x0 = out
+        eps = (xf - a.sqrt() * x0) / (1 - a).sqrt()
+    else:
+        raise ValueError(f"unsupported prediction_type '{kind}'")
+    return eps, x0
+
+
+def _level_alpha(noise_scheduler, t: int, device) -> torch.Tensor:
+    """ᾱ at level t; t < 0 is the clean end (ᾱ = 1, as ``set_alpha_to_one``)."""
+    if t < 0:
+        return torch.ones((), device=device)
+    return alphas_cumprod(noise_scheduler, device)[t].float()
+
+
+def ddim_sample(unet, noise_scheduler, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None = None,
+                guidance_scale: float = 1.0, num_steps: int = 50, start_step: int = 0,
+                checkpoint: bool = False, callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Deterministic DDIM sampling (η = 0) from noisy latents ``z_T`` to clean latents ``z_0``.
+
+    Differentiable when called under grad mode (LDU trains its perturbation network *through* these steps);
+    ``checkpoint=True`` recomputes each UNet call in backward to save memory.
+
+    Args:
+        unet, noise_scheduler: the model and its training schedule.
+        latents: (N,4,h,w) scaled latents at the first level of the grid.
+        cond: (N,L,D) conditioning; ``uncond`` (N,L,D) the empty-prompt conditioning for CFG.
+        guidance_scale: classifier-free guidance weight (1 = no guidance).
+        num_steps: size of the DDIM grid (e.g. 50 for sampling, 4 for LDU's few-step denoise).
+        start_step: skip the first grid levels (img2img/DiffPure start from an intermediate level).
+        callback: called as ``callback(i, num_steps)`` after each step (progress bars).
+
+    Returns:
+        (N,4,h,w) float32 latents z_0.
+    """
+    grid = ddim_timesteps(noise_scheduler, num_steps)
+    x = latents.float()
+    for i in range(start_step, len(grid)):
+        t = grid[i]
+        t_next = grid[i + 1] if i + 1 < len(grid) else -1
+        if checkpoint and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint as ckpt
+
+            eps, x0 = ckpt(_predict, unet, noise_scheduler, x, t, cond, uncond, guidance_scale, use_reentrant=False)
+        else:
+            eps, x0 = _predict(unet, noise_scheduler, x, t, cond, uncond, guidance_scale)
+        a_next = _level_alpha(noise_scheduler, t_next, x.device)
+        x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+        if callback is not None:
+            callback(i, len(grid))
+    return x
+
+
+def ddim_invert(unet, noise_scheduler, latents: torch.Tensor, cond: torch.Tensor, num_steps: int = 50,
+                end_step: int | None = None, callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """DDIM inversion (η = 0): clean latents ``z_0`` -> ``z_T`` along the deterministic ODE.
+
+    Walks the grid of :func:`ddim_timesteps` upwards; at each step the noise is predicted at the *target* level
+    from the current latents (the standard approximation ``ε(x_{t+1}, t+1) ≈ ε(x_t, t+1)``), so that
+    ``ddim_sample(ddim_invert(z0))`` ≈ ``z0``. Use no guidance (``cond`` is usually the empty prompt).
+
+    Args:
+        latents: (N,4,h,w) clean scaled latents.
+        cond: (N,L,D) conditioning.
+        num_steps: grid size; must match the sampler's for a faithful round trip.
+        end_step: stop after this many grid levels (``None`` = all the way to the top level).
+
+    Returns:
+        (N,4,h,w) float32 latents at the top level (or at level ``end_step``).
+    """
+    grid = ddim_timesteps(noise_scheduler, num_steps)[::-1]  # ascending
+    stop = len(grid) if end_step is None else end_step
+    x = latents.float()
+    for i in range(stop):
+        t = grid[i]
+        t_prev = grid[i - 1] if i > 0 else -1
+        a_prev = _level_alpha(noise_scheduler, t_prev, x.device)
+        a_t = _level_alpha(noise_scheduler, t, x.device)
+        eps, _ = _predict(unet, noise_scheduler, x, t, cond, None, 1.0)
+        x0 = (x - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
+        x = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
+        if callback is not None:
+            callback(i, stop)
+    return x
+
+
+# ============================================================================ generation
+@torch.no_grad()
+def generate(sd, prompts: Sequence[str] | str, num_images_per_prompt: int = 1, num_inference_steps: int = 25,
+             guidance_scale: float = 7.5, negative_prompt: str = "", seed: int = 0, batch_size: int = 8,
+             sampler: str = "ddim", height: int | None = None, width: int | None = None,
+             quiet: bool = False) -> torch.Tensor:
+    """Text-to-image generation; returns (len(prompts)*num_images_per_prompt, 3, H, W) float32 in [0,1] (CPU).
+
+    Images come out grouped by prompt (all images of prompt 0 first). Each image's initial noise is drawn from
+    a generator seeded with ``seed + index``, so results do not depend on ``batch_size``.
+
+    Args:
+        sd: :class:`apdm.core.models.SD`.
+        sampler: ``ddim`` (this module's sampler) or a diffusers scheduler name (``pndm``, ``dpmsolver``,
+            ``euler``, ``ddpm``), stepped with diffusers' own ``step``.
+    """
+    from apdm.utils import progress
+
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    h = (height or sd.resolution) // sd.vae_scale_factor
+    w = (width or sd.resolution) // sd.vae_scale_factor
+    jobs = [(p, k) for p in prompts for k in range(num_images_per_prompt)]
+    uncond_all = encode_prompt(sd.text_encoder, sd.tokenizer, [negative_prompt])
+    out = []
+    bar = progress(total=len(jobs), desc="generating", disable=quiet)
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        cond = encode_prompt(sd.text_encoder, sd.tokenizer, [p for p, _ in chunk])
+        uncond = uncond_all.expand(len(chunk), -1, -1)
+        noise = torch.stack([
+            torch.randn((sd.unet.config.in_channels, h, w), generator=torch.Generator().manual_seed(seed + start + i))
+            for i in range(len(chunk))
+        ]).to(sd.device)
+        if sampler == "ddim":
+            latents = ddim_sample(sd.unet, sd.noise_scheduler, noise, cond, uncond, guidance_scale, num_inference_steps)
+        else:
+            latents = _diffusers_sample(sd, sampler, noise, cond, uncond, guidance_scale, num_inference_steps)
+        out.append(decode_latents(sd.vae, latents).cpu())
+        bar.update(len(chunk))
+    bar.close()
+    return torch.cat(out)
+
+
+def _diffusers_sample(sd, sampler: str, noise, cond, uncond, guidance_scale: float, num_steps: int) -> torch.Tensor:
+    """Sampling loop with a diffusers scheduler (for protocols that specify e.g. PNDM 20 steps)."""
+    from apdm.core.models import make_scheduler
+
+    scheduler = make_scheduler(sd.noise_scheduler, sampler)
+    scheduler.set_timesteps(num_steps, device=sd.device)
+    x = noise * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        inp = scheduler.scale_model_input(torch.cat([x, x]), t).to(sd.unet.dtype)
+        out = sd.unet(inp, t, torch.cat([uncond, cond]).to(sd.unet.dtype)).sample.float()
+        out_u, out_c = out.chunk(2)
+        x = scheduler.step(out_u + guidance_scale * (out_c - out_u), t, x).prev_sample
+    return x
+
+
+@torch.no_grad()
+def img2img(sd, images: torch.Tensor, strength: float, prompt: str = "", guidance_scale: float = 1.0,
+            num_inference_steps: int = 50, seed: int = 0) -> torch.Tensor:
+    """SDEdit-style regeneration: noise images to level ``strength·T`` and DDIM-denoise them back.
+
+    This is the purification primitive (DiffPure with a latent diffusion model). ``strength`` in (0, 1]:
+    the fraction of the DDIM grid that is re-generated.
+
+    Args:
+        images: (N,3,H,W) in [0,1]. Returns the same shape in [0,1].
+    """
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    latents = encode_images(sd.vae, images)
+    grid = ddim_timesteps(sd.noise_scheduler, num_inference_steps)
+    n_run = max(1, int(round(strength * num_inference_steps)))
+    start = num_inference_steps - n_run
+    t_start = torch.full((latents.shape[0],), grid[start], device=latents.device, dtype=torch.long)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(latents.shape, generator=g).to(latents.device, latents.dtype)
+    noisy = add_noise(sd.noise_scheduler, latents.float(), noise.float(), t_start)
+    cond = encode_prompt(sd.text_encoder, sd.tokenizer, [prompt] * len(images))
+    uncond = encode_prompt(sd.text_encoder, sd.tokenizer, [""] * len(images)) if guidance_scale != 1.0 else None
+    z0 = ddim_sample(sd.unet, sd.noise_scheduler, noisy, cond, uncond, guidance_scale, num_inference_steps,
+                     start_step=start)
+    return decode_latents(sd.vae, z0).cpu()

@@ -1,0 +1,235 @@
+"""Loading, building and saving Stable-Diffusion-format models.
+
+:class:`SD` bundles the five components every engine needs (UNet, VAE, text encoder, tokenizer and the
+*training* noise scheduler). It is a plain container: engines read ``sd.unet`` etc. and call the math in
+:mod:`apdm.core.diffusion`. ``sd.pipeline()`` gives a diffusers ``StableDiffusionPipeline`` sharing the same
+modules, and ``save_sd`` writes a directory that plain ``StableDiffusionPipeline.from_pretrained`` loads.
+
+Model sources (``load_sd(path)``):
+    * a local diffusers directory (``model_index.json``) — the normal case;
+    * a hub id such as ``runwayml/stable-diffusion-v1-5`` — works with network or a warm HF cache; offline it
+      fails with a message saying weights must be a local path;
+    * ``tiny`` — :func:`tiny_sd`, a random-weight pipeline of real diffusers/transformers classes (tests, smoke);
+    * ``toy`` — the toy-world model (``apdm.toy``), from the cache or ``assets/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from apdm.utils import LOG, select_device, select_dtype
+
+
+class ModelLoadError(RuntimeError):
+    """A model path/id could not be loaded; the message says why and what to do."""
+
+
+@dataclass
+class SD:
+    """A Stable Diffusion model as its components.
+
+    Attributes:
+        unet: ``UNet2DConditionModel``; predicts noise (or v) for scaled latents (N,4,h,w).
+        vae: ``AutoencoderKL``; images in [-1,1] <-> latents (scaled by ``vae.config.scaling_factor``).
+        text_encoder: ``CLIPTextModel``; token ids (N,L) -> hidden states (N,L,D).
+        tokenizer: ``CLIPTokenizer``.
+        noise_scheduler: ``DDPMScheduler`` holding the training noise schedule (``alphas_cumprod``,
+            ``prediction_type``); the samplers in :mod:`apdm.core.diffusion` derive everything from it.
+        device: where the modules live.
+        dtype: dtype of the frozen weights (trainable copies are kept in fp32 by the engines).
+        source: where it was loaded from (path, hub id, ``tiny``), recorded in outputs.
+    """
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    noise_scheduler: Any
+    device: torch.device
+    dtype: torch.dtype
+    source: str = ""
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell (8 for SD)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        """Native image resolution in pixels (512 for SD-1.5, 64 for the toy world)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    def pipeline(self, scheduler: str = "ddim"):
+        """A diffusers ``StableDiffusionPipeline`` sharing these modules (no copies)."""
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=make_scheduler(self.noise_scheduler, scheduler), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False,
+        )
+
+    def clone(self, unet: bool = True, text_encoder: bool = False) -> "SD":
+        """A copy sharing the frozen parts; ``unet``/``text_encoder`` (and tokenizer) deep-copied on request."""
+        return SD(
+            unet=copy.deepcopy(self.unet) if unet else self.unet,
+            vae=self.vae,
+            text_encoder=copy.deepcopy(self.text_encoder) if text_encoder else self.text_encoder,
+            tokenizer=copy.deepcopy(self.tokenizer) if text_encoder else self.tokenizer,
+            noise_scheduler=self.noise_scheduler,
+            device=self.device, dtype=self.dtype, source=self.source,
+        )
+
+    def fingerprint(self) -> str:
+        """A short hash of the model's identity (source + UNet config + a few weights), for cache keys."""
+        h = hashlib.sha256(self.source.encode())
+        h.update(json.dumps(dict(self.unet.config), sort_keys=True, default=str).encode())
+        with torch.no_grad():
+            for i, p in enumerate(self.unet.parameters()):
+                if i % 20 == 0:
+                    h.update(p.detach().float().flatten()[:64].cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "pndm": "PNDMScheduler",
+    "dpmsolver": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+}
+
+
+def make_scheduler(noise_scheduler, name: str):
+    """A diffusers sampling scheduler of kind ``name`` with the same noise schedule as ``noise_scheduler``."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown sampler '{name}'; choose one of {', '.join(SCHEDULERS)}")
+    return getattr(diffusers, SCHEDULERS[name]).from_config(noise_scheduler.config)
+
+
+def _from_components(unet, vae, text_encoder, tokenizer, scheduler, device, dtype, source) -> SD:
+    from diffusers import DDPMScheduler
+
+    noise_scheduler = DDPMScheduler.from_config(scheduler.config)
+    for module in (unet, vae, text_encoder):
+        module.to(device)
+        if module.dtype != dtype:
+            module.to(dtype=dtype)
+        module.requires_grad_(False)
+        module.eval()
+    return SD(unet, vae, text_encoder, tokenizer, noise_scheduler, device, dtype, source)
+
+
+def load_sd(path: str = "tiny", device: str = "auto", dtype: str = "auto", revision: str | None = None) -> SD:
+    """Load a Stable Diffusion model (see module docstring for accepted sources).
+
+    Args:
+        path: local diffusers directory, hub id, ``tiny`` or ``toy``.
+        device: ``auto`` | ``cpu`` | ``cuda[:i]`` | ``mps``.
+        dtype: ``auto`` | ``fp32`` | ``fp16`` | ``bf16`` for the frozen weights.
+        revision: hub revision (ignored for local folders).
+
+    Raises:
+        ModelLoadError: with a message naming the path and the reason (missing folder, offline hub id, ...).
+    """
+    dev = select_device(device)
+    dt = select_dtype(dtype, dev)
+    if path == "tiny":
+        return tiny_sd(device=str(dev), dtype=dt)
+    if path == "toy":
+        from apdm.toy import model_path  # resolved lazily: the toy world is optional
+
+        path = str(model_path())
+    p = Path(path).expanduser()
+    from diffusers import StableDiffusionPipeline
+
+    if p.exists():
+        if not (p / "model_index.json").is_file():
+            raise ModelLoadError(f"{p}: not a diffusers model folder (model_index.json is missing)")
+        kwargs: dict[str, Any] = {"local_files_only": True}
+    else:
+        if path.startswith((".", "/", "~")) or os.sep in path and path.count("/") != 1:
+            raise ModelLoadError(f"model folder not found: {p}")
+        kwargs = {"revision": revision}
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(p) if p.exists() else path, safety_checker=None, requires_safety_checker=False, torch_dtype=dt,
+            **kwargs,
+        )
+    except (OSError, ValueError) as exc:
+        if p.exists():
+            raise ModelLoadError(f"{p}: could not load the diffusers model: {exc}") from exc
+        raise ModelLoadError(
+            f"could not load '{path}' from the Hugging Face hub ({type(exc).__name__}). Without network access "
+            f"the weights must be a local path: download the model elsewhere (e.g. `huggingface-cli download "
+            f"{path} --local-dir ./sd`) and pass model.path=./sd"
+        ) from exc
+    LOG.info("loaded %s on %s (%s)", path, dev, str(dt).replace("torch.", ""))
+    return _from_components(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, dev, dt, str(path))
+
+
+def tiny_sd(seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32, sample_size: int = 8,
+            words=(), vae_downsample: int = 8) -> SD:
+    """A random-weight Stable Diffusion of real diffusers/transformers classes at tiny size (no downloads).
+
+    Geometry follows SD: a x8 VAE with 4 latent channels, so ``sample_size=8`` gives 64x64 images. Used by
+    the tests and by ``model.path=tiny`` smoke runs. Building takes well under a second on CPU.
+
+    Args:
+        seed: every component is built right after ``torch.manual_seed(seed)`` (deterministic weights).
+        device, dtype: placement of the modules.
+        sample_size: latent side; image side = ``sample_size * vae_downsample``.
+        words: extra whole-word tokens for the tokenizer.
+        vae_downsample: 8 (SD geometry) or 2/4 (cheaper VAE, larger latents).
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from apdm.core.tokenizer import build_tokenizer
+
+    levels = {2: 2, 4: 3, 8: 4}[vae_downsample]
+    tokenizer = build_tokenizer(words)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8, layers_per_block=1,
+        block_out_channels=[8, 16, 16, 16][:levels],
+        down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
+        sample_size=sample_size * vae_downsample,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, max_position_embeddings=77,
+    ))
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, clip_sample=False, steps_offset=1)
+    return _from_components(unet, vae, text_encoder, tokenizer, scheduler, torch.device(device), dtype, "tiny")
+
+
+def save_sd(sd: SD, out_dir: str | Path, scheduler: str = "ddim", safe_serialization: bool = True) -> Path:
+    """Save ``sd`` as a diffusers folder (safetensors) that ``StableDiffusionPipeline.from_pretrained`` loads.
+
+    Written atomically: the folder appears under its final name only once complete.
+    """
+    from apdm.utils import atomic_dir
+
+    with atomic_dir(out_dir) as tmp:
+        sd.pipeline(scheduler).save_pretrained(str(tmp), safe_serialization=safe_serialization)
+    return Path(out_dir)

@@ -1,0 +1,74 @@
+"""``apdm personalize``: run the personalization attack on a folder of images, save the result and samples."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from apdm.config import PersonalizeRunConfig, to_yaml
+from apdm.utils import LOG, atomic_write_json, atomic_write_text, peak_rss_mb, seed_everything
+
+
+def run(cfg: PersonalizeRunConfig) -> dict:
+    """Personalize ``cfg.model`` on ``cfg.instance_data``; write model/LoRA/embedding, samples and a summary.
+
+    Output folder layout::
+
+        output_dir/config.yaml            the resolved config
+        output_dir/model|lora|ti/         diffusers-loadable weights (see simulator.save)
+        output_dir/personalization.json   method, prompts, steps
+        output_dir/samples/*.png          sample images, plus grid.png
+        output_dir/summary.json           timings, loss curve, skipped input files
+    """
+    from apdm.core import diffusion as D
+    from apdm.core.images import list_images, load_images, save_grid, save_image
+    from apdm.core.models import load_sd
+    from apdm.personalization import simulator as S
+
+    if not cfg.instance_data:
+        raise ValueError("instance_data is empty: pass instance_data=FOLDER (the subject's photos)")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", to_yaml(cfg))
+    seed_everything(cfg.seed)
+
+    sd = load_sd(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.revision)
+    size = cfg.resolution or sd.resolution
+    paths = list_images(cfg.instance_data.split(",") if "," in cfg.instance_data else cfg.instance_data)
+    images, ok, errors = load_images(paths, size=size)
+    for err in errors:
+        LOG.warning("skipped %s: %s", err["path"], err["error"])
+    if len(ok) == 0:
+        raise ValueError(f"no usable images in {cfg.instance_data}")
+    LOG.info("personalizing with %s on %d images of %s", cfg.personalization.method, len(ok), cfg.instance_data)
+    images = images.to(sd.device)
+
+    t0 = time.perf_counter()
+    class_images = S.class_images_for(sd, cfg.personalization, quiet=cfg.quiet)
+    t_class = time.perf_counter() - t0
+    state = S.setup(sd, cfg.personalization, class_images.to(sd.device) if class_images is not None else None)
+    t1 = time.perf_counter()
+    history = S.train(state, images)
+    t_train = time.perf_counter() - t1
+    S.save(state, out)
+
+    prompts = [S.prompt_for(state, p) for p in cfg.sample.prompts]
+    samples = D.generate(state.sd, prompts, cfg.sample.num_images_per_prompt, cfg.sample.num_inference_steps,
+                         cfg.sample.guidance_scale, cfg.sample.negative_prompt, cfg.sample.seed,
+                         cfg.sample.batch_size, cfg.sample.sampler, quiet=cfg.quiet)
+    (out / "samples").mkdir(exist_ok=True)
+    for i, img in enumerate(samples):
+        save_image(img, out / "samples" / f"{i // cfg.sample.num_images_per_prompt:02d}_{i % cfg.sample.num_images_per_prompt:03d}.png")
+    save_grid(samples, out / "samples" / "grid.png", nrow=cfg.sample.num_images_per_prompt)
+    summary = {
+        "method": cfg.personalization.method, "model": sd.source, "device": str(sd.device),
+        "num_instance_images": len(ok), "skipped_inputs": errors, "steps": state.global_step,
+        "seconds_class_images": round(t_class, 3), "seconds_train": round(t_train, 3),
+        "seconds_per_step": round(t_train / max(1, state.global_step), 4),
+        "loss_first": history[0] if history else None, "loss_last": history[-1] if history else None,
+        "loss_history": history, "sample_prompts": prompts, "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+    atomic_write_json(out / "summary.json", summary)
+    LOG.info("done: %d steps in %.1fs (%.3f s/step); results in %s", state.global_step, t_train,
+             summary["seconds_per_step"], out)
+    return summary

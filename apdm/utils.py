@@ -1,0 +1,209 @@
+"""Small shared helpers: logging, progress bars, atomic writes, optional imports, seeding, devices.
+
+Kept dependency-light: importing this module imports neither torch nor diffusers; the functions that need
+torch import it inside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+LOG = logging.getLogger("apdm")
+
+#: Global switch for progress bars; the CLI sets it from ``quiet=true``.
+_PROGRESS_DISABLED = False
+
+
+class MissingDependency(ImportError):
+    """An optional dependency is not installed; the message says which pip extra provides it."""
+
+
+def optional_import(module: str, extra: str, purpose: str = ""):
+    """Import ``module`` or raise :class:`MissingDependency` naming the extra that installs it.
+
+    Args:
+        module: dotted module name, e.g. ``"brisque"``.
+        extra: the apdm extra that provides it, e.g. ``"metrics"`` (-> ``pip install 'apdm[metrics]'``).
+        purpose: what it is needed for, put into the error message.
+    """
+    try:
+        return importlib.import_module(module)
+    except Exception as exc:  # ImportError, or a broken install raising something else at import
+        why = f" for {purpose}" if purpose else ""
+        raise MissingDependency(
+            f"'{module}' is needed{why} but could not be imported ({type(exc).__name__}: {exc}). "
+            f"Install it with: pip install 'apdm[{extra}]'  (on CPU-only machines add torch==2.13.0 "
+            f"to the same pip command so pip does not replace torch)."
+        ) from exc
+
+
+def set_progress(enabled: bool) -> None:
+    """Globally enable or disable tqdm progress bars (``quiet=true`` disables them)."""
+    global _PROGRESS_DISABLED
+    _PROGRESS_DISABLED = not enabled
+
+
+def progress(iterable: Iterable | None = None, desc: str = "", total: int | None = None, **kwargs):
+    """A tqdm progress bar that honours the global quiet switch. Returns the tqdm object."""
+    from tqdm.auto import tqdm
+
+    kwargs["disable"] = bool(kwargs.get("disable")) or _PROGRESS_DISABLED
+    kwargs.setdefault("dynamic_ncols", True)
+    kwargs.setdefault("leave", False)
+    return tqdm(iterable, desc=desc, total=total, **kwargs)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Configure the ``apdm`` logger to print plain ``[apdm] message`` lines on stderr."""
+    if not LOG.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[apdm] %(message)s"))
+        LOG.addHandler(handler)
+    LOG.setLevel(level.upper())
+    LOG.propagate = False
+
+
+# --------------------------------------------------------------------------------------------- files
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Atomic text write (UTF-8)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Atomic JSON write, pretty-printed, keys kept in insertion order."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o: Any):
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
+    """Build a directory under a temporary name and move it to ``final`` only when the block succeeds.
+
+    An existing ``final`` is replaced only after the new one is complete (it is renamed aside, then
+    deleted), so a crash never leaves a half-written model directory under the final name.
+    """
+    import shutil
+
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def cache_dir() -> Path:
+    """User cache directory for apdm (``$APDM_CACHE`` or ``$XDG_CACHE_HOME/apdm`` or ``~/.cache/apdm``)."""
+    root = os.environ.get("APDM_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "apdm"
+
+
+# ----------------------------------------------------------------------------------- torch helpers
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def select_device(device: str = "auto"):
+    """``"auto"`` -> CUDA if available, else MPS, else CPU. Returns a ``torch.device``."""
+    import torch
+
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def select_dtype(dtype: str, device) -> "torch.dtype":
+    """Resolve ``"auto"|"fp32"|"fp16"|"bf16"`` for ``device``.
+
+    ``auto`` gives bf16 on CUDA devices that support it, fp16 on other CUDA devices, fp32 elsewhere (CPU
+    half precision is slow and inaccurate for training).
+    """
+    import torch
+
+    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+             "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype != "auto":
+        if dtype not in table:
+            raise ValueError(f"unknown dtype '{dtype}', expected one of auto, fp32, fp16, bf16")
+        return table[dtype]
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def dtype_name(dtype) -> str:
+    """``torch.float16`` -> ``"fp16"`` (the spelling configs use)."""
+    return {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(str(dtype), "fp32")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (Linux/macOS)."""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
