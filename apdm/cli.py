@@ -15,16 +15,22 @@ EPILOG = "Overrides: key=value pairs after the options, e.g.  personalization.st
 
 # command -> (config class name in apdm.config, "module:function" to run, help text, issue if not built yet)
 COMMANDS: dict[str, tuple[str, str, str, str | None]] = {
-    "protect-model": ("PlaceholderRunConfig", "", "fine-tune a protected checkpoint (APDM: DPO + L2P)", "#5"),
-    "protect-images": ("PlaceholderRunConfig", "", "perturb photos so personalization on them fails", "#6"),
-    "evaluate": ("PlaceholderRunConfig", "", "personalize, attack and score a model/images; JSON + HTML report", "#4"),
+    "protect-model": ("ProtectModelRunConfig", "apdm.protect_model.run:run",
+                      "fine-tune a protected checkpoint (APDM: DPO + L2P)", None),
+    "protect-images": ("ProtectImagesRunConfig", "apdm.protect_images.run:run",
+                       "perturb photos so personalization on them fails", None),
+    "train-perturber": ("TrainPerturberRunConfig", "apdm.protect_images.run:train",
+                        "train the LDU perturbation network for a model", None),
+    "evaluate": ("EvaluateRunConfig", "apdm.evaluation.run:run",
+                 "personalize, attack and score a model/images; JSON + HTML report", None),
     "personalize": ("PersonalizeRunConfig", "apdm.personalization.run:run",
                     "run a personalization attack (DreamBooth/LoRA/TI) on images; save model and samples", None),
 }
 
 
-class CommandNotBuilt(RuntimeError):
-    """The command exists in the CLI but its engine has not been implemented yet."""
+#: protect-images flags that are shorthands for overrides
+SHORTCUTS = {"--method": "method", "--budget": "budget", "--input": "input", "--output": "output_dir",
+             "--model": "model.path", "--rho": "rho_path"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,6 +44,24 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML recipe (see recipes/)")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+        if name == "protect-images":  # the one-command form: --method ldu --budget 8/255 --input DIR --output DIR
+            for flag, key in SHORTCUTS.items():
+                p.add_argument(flag, dest=key.replace(".", "_"), metavar=key.upper(), help=f"same as {key}=...")
+    toy = sub.add_parser("toy", help="the toy world (our CPU-sized measuring instrument): build, sample")
+    toy_sub = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND")
+    tb = toy_sub.add_parser("build", help="pretrain the toy model and train its instruments (~45 min on 2 cores)",
+                            epilog=EPILOG)
+    tb.add_argument("--config", help="YAML recipe (default: recipes/toy-build.yaml values)")
+    tb.add_argument("--print-config", action="store_true")
+    tb.add_argument("overrides", nargs="*", metavar="key=value")
+    ts = toy_sub.add_parser("sample", help="generate images from the toy model (or any model.path)")
+    ts.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
+    ts.add_argument("--n", type=int, default=8, help="images per prompt")
+    ts.add_argument("--steps", type=int, default=25)
+    ts.add_argument("--guidance", type=float, default=3.0)
+    ts.add_argument("--seed", type=int, default=0)
+    ts.add_argument("--model", default="toy", help="model path (default: the toy model)")
+    ts.add_argument("--out", default="toy_samples.png", help="grid PNG to write")
     bench = sub.add_parser("bench", help="benchmarks that write JSON (speed, memory, efficacy on the toy world)")
     bench.add_argument("name", nargs="?", help="benchmark name")
     bench.add_argument("--out", help="JSON file to write")
@@ -64,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "toy":
+        return _toy(args)
     if args.command == "bench":
         from apdm.bench import BENCHMARKS, run_benchmark
 
@@ -74,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_benchmark(args.name, args.out, args.quick, args.overrides)
 
     cls_name, target, _, issue = COMMANDS[args.command]
+    if args.command == "protect-images":
+        args.overrides = [f"{key}={getattr(args, key.replace('.', '_'))}" for key in SHORTCUTS.values()
+                          if getattr(args, key.replace(".", "_"), None) is not None] + list(args.overrides)
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         print(f"apdm {args.command}: '{bad[0]}' is not a key=value override", file=sys.stderr)
@@ -103,6 +132,40 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return 1
     return 0
+
+
+def _toy(args) -> int:
+    """``apdm toy build`` / ``apdm toy sample``."""
+    from apdm import config as C
+
+    if args.toy_command == "build":
+        from apdm.toy.world import ToyBuildConfig, build
+
+        try:
+            cfg = C.load_config(ToyBuildConfig, args.config, args.overrides)
+        except C.ConfigError as exc:
+            print(f"apdm toy build: config error: {exc}", file=sys.stderr)
+            return 2
+        if args.print_config:
+            print(C.to_yaml(cfg), end="")
+            return 0
+        from apdm.utils import set_progress
+
+        set_progress(not cfg.quiet)
+        build(cfg)
+        return 0
+    if args.toy_command == "sample":
+        from apdm.core import diffusion as D
+        from apdm.core.images import save_grid
+        from apdm.core.models import load_sd
+
+        sd = load_sd(args.model)
+        images = D.generate(sd, args.prompt, args.n, args.steps, args.guidance, seed=args.seed)
+        save_grid(images, args.out, nrow=args.n)
+        print(f"wrote {len(images)} images to {args.out}")
+        return 0
+    print("apdm toy: choose build or sample", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -87,6 +87,8 @@ class PersonalizationConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     #: TI: token whose embedding initialises the new token.
     ti_initializer_token: str = "person"
+    #: ``adamw`` or ``adamw8bit`` (bitsandbytes, CUDA only).
+    optimizer: str = "adamw"
     adam_weight_decay: float = 1e-2
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -115,6 +117,204 @@ class PersonalizeRunConfig:
     #: resolution the images are brought to; 0 = the model's native resolution.
     resolution: int = 0
     output_dir: str = "outputs/personalize"
+    seed: int = 0
+    quiet: bool = False
+
+
+@dataclass
+class SubjectConfig:
+    """One subject to protect: its photos and the prompts an attacker would personalize with."""
+
+    #: folder or comma-separated files of the subject's photos.
+    instance_data: str = ""
+    instance_prompt: str = "a photo of sks person"
+    class_prompt: str = "a photo of a person"
+
+
+@dataclass
+class ProtectConfig:
+    """APDM protection (Lee et al., NeurIPS 2025): DPO loss + Learning-to-Protect. Defaults = the paper for SD."""
+
+    #: ``dpo`` (L_DPO + L_ppl, the paper) or ``naive`` (-L_per + λ·L_ppl, the baseline the paper argues against).
+    loss: str = "dpo"
+    #: N_protect: outer protection steps.
+    outer_steps: int = 800
+    #: N_per: simulated personalization steps per outer step (0 = no L2P: protect at θ itself).
+    inner_steps: int = 20
+    learning_rate: float = 5e-6
+    weight_decay: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    #: ``adamw`` or ``adamw8bit`` (bitsandbytes, CUDA).
+    optimizer: str = "adamw"
+    #: DPO inverse temperature β.
+    beta: float = 1.0
+    #: ``elementwise`` (log σ per latent element, as the reference code) or ``summed`` (paper eq. 14 on ‖·‖²).
+    dpo_form: str = "elementwise"
+    prior_loss_weight: float = 1.0
+    #: λ of the naive loss.
+    naive_lambda: float = 1.0
+    #: reproduce the reference code's leak of the personalization gradient into the transferred gradient.
+    gradient_leak: bool = False
+    #: how the N_per protection gradients are combined: ``sum`` (Algorithm 1) or ``mean``.
+    grad_accum: str = "sum"
+    #: pairs (x⁺, x⁻) per protection step and class images per L_ppl term.
+    batch_size: int = 1
+    num_class_images: int = 200
+    #: what θ trains: ``all`` (full UNet), ``lora`` (adapters of rank ``lora_rank``, merged at the end) or a
+    #: comma-separated list of parameter-name substrings (e.g. ``attn2,up_blocks``).
+    trainable: str = "all"
+    lora_rank: int = 16
+    #: autocast for the frozen reference φ and the protection forward passes (CUDA only).
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    #: save a resumable checkpoint every K outer steps (0 = never).
+    checkpoint_every: int = 50
+    #: continue from ``output_dir/checkpoint`` when it exists.
+    resume: bool = True
+
+
+@dataclass
+class ProtectModelRunConfig:
+    """``apdm protect-model``: fine-tune a checkpoint so personalizing the protected subject(s) fails."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    subjects: list[SubjectConfig] = field(default_factory=list)
+    protect: ProtectConfig = field(default_factory=ProtectConfig)
+    #: the simulated attacker of the L2P inner loop (DreamBooth by default; ``lora``/``ti`` as options).
+    personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
+    #: resolution images are brought to; 0 = the model's native resolution.
+    resolution: int = 0
+    output_dir: str = "outputs/protect-model"
+    seed: int = 0
+    quiet: bool = False
+
+
+@dataclass
+class ProtectImagesRunConfig:
+    """``apdm protect-images``: perturb photos so that personalization on them fails."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    #: ``ldu`` (trajectory-shifted latent perturbation, needs a trained ρ), ``aspl``, ``fsmg``, ``advdm``,
+    #: ``photoguard``.
+    method: str = "ldu"
+    #: L∞ budget on [0,1] images: ``8/255``, ``8`` (= 8/255) or ``0.0314``.
+    budget: str = "8/255"
+    #: folder, file, or comma-separated files.
+    input: str = ""
+    output_dir: str = "outputs/protected"
+    #: ``png`` (default, lossless) or ``jpeg`` (weakens the protection; a warning is printed).
+    format: str = "png"
+    jpeg_quality: int = 95
+    #: appended to each output file's stem.
+    suffix: str = ""
+    #: keep EXIF (including GPS if present); default strips it and keeps the ICC profile.
+    keep_exif: bool = False
+    strip_metadata: bool = False
+    #: iterations of the method; 0 = its published default (ASPL 50, FSMG/AdvDM 100, PhotoGuard 1000).
+    steps: int = 0
+    #: PGD step size on [0,1]; 0 = the method's default.
+    pgd_alpha: float = 0.0
+    #: expectation over transformation during PGD: any of ``blur``, ``jpeg``, ``resize``, ``flip``.
+    eot: list[str] = field(default_factory=list)
+    #: LDU: folder of a trained perturbation network ρ (``apdm train-perturber``).
+    rho_path: str = ""
+    #: images per forward pass (LDU) / per protection group (pixel methods protect each group jointly).
+    batch_size: int = 8
+    #: the surrogate personalization of ASPL/FSMG (Anti-DreamBooth uses DreamBooth with prior preservation).
+    personalization: PersonalizationConfig = field(default_factory=lambda: PersonalizationConfig(
+        learning_rate=5e-6, with_prior_preservation=True, train_text_encoder=True, num_class_images=50))
+    seed: int = 0
+    quiet: bool = False
+
+
+@dataclass
+class TrainPerturberRunConfig:
+    """``apdm train-perturber``: train the LDU perturbation network ρ for a model."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    #: folder with one sub-folder of photos per identity (training identities; never the ones you protect later).
+    data: str = ""
+    budget: str = "10/255"
+    steps: int = 2000
+    learning_rate: float = 1e-4
+    batch_size: int = 4
+    #: the frozen personalization anchors (paper: Textual Inversion, lr 5e-4, 1500 steps).
+    personalization: PersonalizationConfig = field(default_factory=lambda: PersonalizationConfig(
+        method="ti", learning_rate=5e-4, steps=1500, with_prior_preservation=False, adam_weight_decay=0.0))
+    anchor_steps: int = 0
+    shuffle_prob: float = 0.5
+    lambda_init: float = 1.0
+    lambda_step: float = 0.01
+    denoise_steps: int = 4
+    width: int = 32
+    output_dir: str = "outputs/rho"
+    seed: int = 0
+    quiet: bool = False
+
+
+@dataclass
+class EvalSubjectConfig:
+    """One subject of an evaluation: clean photos (and their protected versions, if any)."""
+
+    name: str = ""
+    #: folder/files of the clean photos (the attacker's clean data and, by default, the ISM/DINO references).
+    clean_data: str = ""
+    #: folder/files of the protected photos, same order (sorted names) as clean_data; empty = none.
+    protected_data: str = ""
+    #: separate reference photos for identity metrics; empty = clean_data.
+    reference_data: str = ""
+    instance_prompt: str = "a photo of sks person"
+    class_prompt: str = "a photo of a person"
+    #: subject class for detectors that need one (toy detector: person | dog).
+    subject_class: str = "person"
+
+
+@dataclass
+class MetricsConfig:
+    """Which metric backends to run. Every value is tagged with its implementation in results.json."""
+
+    #: identity embedder for ISM: ``toy`` (toy-world identity encoder), ``dlib`` (faces extra), ``none``.
+    identity: str = "none"
+    #: subject/face detector for FDFR/SDS: ``toy``, ``dlib-hog``, ``haar``, ``mtcnn``, ``none``.
+    detector: str = "none"
+    #: features for FID/KID of generations vs references: ``toy``, ``inception:/path/weights.pth``, ``none``.
+    features: str = "none"
+    #: local paths of transformers models; empty = skip (reported unavailable).
+    dino_path: str = ""
+    clip_path: str = ""
+    brisque: bool = True
+    clip_iqa: bool = False
+    liqe: bool = False
+    #: imperceptibility of protected vs clean inputs (PSNR/SSIM/MS-SSIM/L∞/LPIPS).
+    fidelity: bool = True
+
+
+@dataclass
+class EvaluateRunConfig:
+    """``apdm evaluate``: personalize (clean or protected data, purified or not) and score the generations."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    #: a label for what is evaluated (``unprotected``, ``apdm``, ``aspl``...), copied into every record.
+    label: str = "unprotected"
+    subjects: list[EvalSubjectConfig] = field(default_factory=list)
+    #: ``all_clean``, ``all_perturbed``, ``one_clean``, ``one_perturbed`` (the last three need protected_data).
+    scenarios: list[str] = field(default_factory=lambda: ["all_clean"])
+    #: attacks applied to the training images before personalization: ``none``, ``jpeg:quality=75``, ``blur``,
+    #: ``resize``, ``crop``, ``flip``, ``diffpure:strength=0.2`` ...
+    attacks: list[str] = field(default_factory=lambda: ["none"])
+    #: personalization methods (the shared simulator); each entry a full PersonalizationConfig.
+    personalizations: list[PersonalizationConfig] = field(default_factory=lambda: [PersonalizationConfig()])
+    sample: SampleConfig = field(default_factory=lambda: SampleConfig(
+        prompts=["a photo of sks person", "a dslr portrait of sks person"]))
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    #: class-prompt generations scored against the references (the "no personalization" baseline).
+    class_prompt_baseline: bool = True
+    resolution: int = 0
+    output_dir: str = "outputs/evaluate"
+    #: skip cells whose results already exist in output_dir.
+    resume: bool = True
     seed: int = 0
     quiet: bool = False
 

@@ -17,9 +17,16 @@ def _personalize_steps(quick: bool, overrides: list[str]) -> dict:
     return bench_personalize_steps(quick, overrides)
 
 
+def _toy_world(quick: bool, overrides: list[str]) -> dict:
+    from apdm.bench.toy_world import bench_toy_world
+
+    return bench_toy_world(quick, overrides)
+
+
 #: name -> function(quick, overrides) -> flat dict of numbers
 BENCHMARKS = {
     "personalize-steps": _personalize_steps,
+    "toy-world": _toy_world,
 }
 
 

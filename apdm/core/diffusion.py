@@ -119,10 +119,11 @@ def noise_prediction_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_
         noise: (N,4,h,w) ε; drawn from ``generator`` when ``None``. Pass it to share noise between models
             (the DPO loss compares two models on the same ε and t).
         timesteps: (N,) int; uniform over the training range when ``None``.
-        reduction: ``mean`` (scalar) or ``none`` (per-sample mean over C,H,W, shape (N,)).
+        reduction: ``mean`` (scalar), ``none`` (per-sample mean over C,H,W, shape (N,)) or ``elementwise``
+            (the unreduced squared error (N,C,h,w), used by the element-wise DPO loss).
 
     Returns:
-        scalar or (N,) float32 loss.
+        scalar, (N,) or (N,C,h,w) float32 loss.
     """
     if noise is None:
         noise = torch.randn(latents.shape, generator=generator, device=generator.device if generator else "cpu",
@@ -132,12 +133,15 @@ def noise_prediction_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_
     noisy_latents = add_noise(noise_scheduler, latents, noise, timesteps)
     model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
     target = training_target(noise_scheduler, latents, noise, timesteps)
-    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, latents.ndim)))
+    squared = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    if reduction == "elementwise":
+        return squared
+    per_sample = squared.mean(dim=tuple(range(1, latents.ndim)))
     if reduction == "none":
         return per_sample
     if reduction == "mean":
         return per_sample.mean()
-    raise ValueError(f"reduction must be 'mean' or 'none', got '{reduction}'")
+    raise ValueError(f"reduction must be 'mean', 'none' or 'elementwise', got '{reduction}'")
 
 
 # ============================================================================ DDIM (deterministic)

@@ -1,0 +1,295 @@
+"""Model-free robustness transforms ("purification" attacks an image owner's protection must survive).
+
+Every transform maps images ``(N, 3, H, W)`` float32 in ``[0, 1]`` to a tensor of the same shape, dtype and
+device, in ``[0, 1]``. The robustness suite of the field: JPEG q = 75/50/25, Gaussian blur k = 7, resize x1/4 and
+back, center crop and back, horizontal flip, Gaussian noise.
+
+:data:`TRANSFORMS` maps suite names to ready callables; :func:`parse_attack` turns a user string such as
+``"jpeg:quality=60"`` or ``"blur:kernel_size=5,sigma=2"`` into a callable. Purifiers that need a diffusion model
+(DiffPure, in :mod:`apdm.attacks.diffpure`) are not in this dict: the evaluation harness resolves those names
+itself (they need the model) and falls back to :func:`parse_attack` for everything else; see
+:data:`MODEL_ATTACKS`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import io
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def _check(images: torch.Tensor) -> None:
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
+        raise ValueError(f"expected images (N, 3, H, W) float in [0, 1], got {shape}")
+    if not images.is_floating_point():
+        raise ValueError(f"expected a float image tensor in [0, 1], got dtype {images.dtype}")
+
+
+def identity(images: torch.Tensor) -> torch.Tensor:
+    """No attack (the ``"none"`` entry): returns a clamped copy."""
+    _check(images)
+    return images.clamp(0, 1).clone()
+
+
+def jpeg(images: torch.Tensor, quality: int = 75) -> torch.Tensor:
+    """JPEG compression round trip through PIL (per image, 4:2:0 chroma subsampling as PIL's default).
+
+    Args:
+        images: ``(N, 3, H, W)`` float ``[0, 1]``; quantised to uint8 before encoding.
+        quality: JPEG quality 1-100 (lower = stronger).
+
+    Returns:
+        ``(N, 3, H, W)`` same dtype/device, values on the 1/255 grid in ``[0, 1]``.
+    """
+    import numpy as np
+    from PIL import Image
+
+    _check(images)
+    quality = int(quality)
+    if not 1 <= quality <= 100:
+        raise ValueError(f"jpeg quality must be in 1..100, got {quality}")
+    arr = images.detach().float().cpu().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    out = []
+    for a in arr:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="JPEG", quality=quality)
+        buf.seek(0)
+        with Image.open(buf) as im:
+            out.append(torch.from_numpy(np.asarray(im.convert("RGB")).copy()))
+    x = torch.stack(out).permute(0, 3, 1, 2).float().div_(255.0)
+    return x.to(device=images.device, dtype=images.dtype)
+
+
+def default_sigma(kernel_size: int) -> float:
+    """torchvision's (and OpenCV's ``getGaussianKernel``) default Gaussian σ for a kernel size:
+    ``0.3 * ((k - 1) * 0.5 - 1) + 0.8`` (1.4 for k = 7).
+
+    Note that OpenCV's ``GaussianBlur(sigma=0)`` with k <= 7 uses a fixed table instead of this formula, so it
+    differs from ``gaussian_blur(k=7)`` by ~1e-3; with ``sigma=1.4`` given explicitly they agree.
+    """
+    return 0.3 * ((kernel_size - 1) * 0.5 - 1) + 0.8
+
+
+def gaussian_blur(images: torch.Tensor, kernel_size: int = 7, sigma: float | None = None) -> torch.Tensor:
+    """Separable Gaussian blur with reflect padding (pure torch).
+
+    Args:
+        images: ``(N, 3, H, W)`` float ``[0, 1]``.
+        kernel_size: odd positive window size.
+        sigma: standard deviation in pixels; ``None`` = :func:`default_sigma` (OpenCV/torchvision convention).
+
+    Returns:
+        Same shape/dtype/device; a constant image stays the same constant.
+    """
+    _check(images)
+    kernel_size = int(kernel_size)
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"blur kernel_size must be a positive odd integer, got {kernel_size}")
+    sigma = default_sigma(kernel_size) if sigma is None else float(sigma)
+    if sigma <= 0:
+        raise ValueError(f"blur sigma must be > 0, got {sigma}")
+    if kernel_size == 1:
+        return images.clamp(0, 1).clone()
+    half = kernel_size // 2
+    x = torch.arange(kernel_size, dtype=torch.float64) - half
+    k = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    k = (k / k.sum()).to(images.dtype).to(images.device)
+    n, c, h, w = images.shape
+    # reflect padding needs pad < size; fall back to replicate on tiny images
+    mode = "reflect" if half < min(h, w) else "replicate"
+    y = F.pad(images.reshape(n * c, 1, h, w), (half, half, half, half), mode=mode)
+    y = F.conv2d(y, k.view(1, 1, 1, -1))
+    y = F.conv2d(y, k.view(1, 1, -1, 1))
+    return y.reshape(n, c, h, w).clamp(0, 1)
+
+
+def resize_down_up(images: torch.Tensor, factor: float = 0.25) -> torch.Tensor:
+    """Downscale by ``factor`` (bicubic, antialiased) and back up to the original size (bicubic).
+
+    Args:
+        images: ``(N, 3, H, W)`` float ``[0, 1]``.
+        factor: scale in ``(0, 1]`` (0.25 = the field's x1/4).
+
+    Returns:
+        Same shape/dtype/device, clamped to ``[0, 1]``.
+    """
+    _check(images)
+    factor = float(factor)
+    if not 0 < factor <= 1:
+        raise ValueError(f"resize factor must be in (0, 1], got {factor}")
+    h, w = images.shape[-2:]
+    small = (max(1, round(h * factor)), max(1, round(w * factor)))
+    x = F.interpolate(images, size=small, mode="bicubic", align_corners=False, antialias=True)
+    x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False)
+    return x.clamp(0, 1)
+
+
+def center_crop(images: torch.Tensor, fraction: float = 0.8) -> torch.Tensor:
+    """Keep the central ``fraction`` of each side, then resize back to the original size (bicubic).
+
+    Args:
+        images: ``(N, 3, H, W)`` float ``[0, 1]``.
+        fraction: kept fraction of height and width, in ``(0, 1]``.
+
+    Returns:
+        Same shape/dtype/device, clamped to ``[0, 1]``.
+    """
+    _check(images)
+    fraction = float(fraction)
+    if not 0 < fraction <= 1:
+        raise ValueError(f"crop fraction must be in (0, 1], got {fraction}")
+    h, w = images.shape[-2:]
+    ch, cw = max(1, round(h * fraction)), max(1, round(w * fraction))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    x = images[..., top:top + ch, left:left + cw]
+    if (ch, cw) == (h, w):
+        return x.clamp(0, 1).clone()
+    return F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def hflip(images: torch.Tensor) -> torch.Tensor:
+    """Horizontal flip (mirror left-right)."""
+    _check(images)
+    return images.flip(-1).clamp(0, 1)
+
+
+def gaussian_noise(images: torch.Tensor, std: float = 0.05, generator: torch.Generator | None = None,
+                   seed: int | None = None) -> torch.Tensor:
+    """Add i.i.d. Gaussian noise of standard deviation ``std`` (on the ``[0, 1]`` scale) and clip.
+
+    Args:
+        images: ``(N, 3, H, W)`` float ``[0, 1]``.
+        std: noise standard deviation (0.05 and 0.1 are the field's "Gaussian noising" settings).
+        generator: torch generator on the images' device (takes precedence over ``seed``).
+        seed: when no generator is given, draw from a fresh generator seeded with it (reproducible);
+            ``None`` uses the global RNG.
+
+    Returns:
+        Same shape/dtype/device, clipped to ``[0, 1]``.
+    """
+    _check(images)
+    std = float(std)
+    if std < 0:
+        raise ValueError(f"noise std must be >= 0, got {std}")
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=images.device).manual_seed(int(seed))
+    noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+    return (images + std * noise).clamp(0, 1)
+
+
+#: Base transforms by name, with their parameters (used by :func:`parse_attack`).
+BASE = {
+    "none": identity,
+    "jpeg": jpeg,
+    "blur": gaussian_blur,
+    "resize": resize_down_up,
+    "crop": center_crop,
+    "flip": hflip,
+    "noise": gaussian_noise,
+}
+
+#: The robustness suite: name -> callable ``images -> images``.
+TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "none": identity,
+    "jpeg75": functools.partial(jpeg, quality=75),
+    "jpeg50": functools.partial(jpeg, quality=50),
+    "jpeg25": functools.partial(jpeg, quality=25),
+    "blur": functools.partial(gaussian_blur, kernel_size=7),
+    "resize": functools.partial(resize_down_up, factor=0.25),
+    "crop": functools.partial(center_crop, fraction=0.8),
+    "flip": hflip,
+    "noise": functools.partial(gaussian_noise, std=0.05, seed=0),
+}
+
+#: Attack names that need the diffusion model; implemented in :mod:`apdm.attacks.diffpure`, resolved by the
+#: evaluation harness, never by :func:`parse_attack`.
+MODEL_ATTACKS = ("diffpure",)
+
+_NOT_PARAMS = {"images", "generator"}
+
+
+def _convert(name: str, key: str, value: str, default):
+    """Parse ``value`` to the type of the parameter's default (int, float, or int/None for ``seed``)."""
+    try:
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return value.lower() in ("true", "1")
+        if isinstance(default, int) or (default is None and key in ("seed", "kernel_size", "quality")):
+            f = float(value)
+            if not f.is_integer():
+                raise ValueError
+            return int(f)
+        f = float(value)
+        if not math.isfinite(f):
+            raise ValueError
+        return f
+    except ValueError:
+        kind = "an integer" if isinstance(default, int) or key == "seed" else "a number"
+        raise ValueError(f"attack '{name}': parameter {key}={value!r} is not {kind}") from None
+
+
+def parse_attack(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A transform from a user string.
+
+    Accepted forms: a :data:`TRANSFORMS` name (``"jpeg50"``, ``"blur"``, ``"none"``), or ``base:key=value,...``
+    with a :data:`BASE` name and that function's parameters, e.g. ``"jpeg:quality=60"``,
+    ``"blur:kernel_size=5,sigma=1.5"``, ``"resize:factor=0.5"``, ``"crop:fraction=0.7"``,
+    ``"noise:std=0.1,seed=3"``. ``"jpeg"`` alone uses the function defaults.
+
+    Returns:
+        a callable ``images -> images`` with attributes ``spec`` (the input, stripped) and ``name``.
+
+    Raises:
+        ValueError: unknown name or parameter, malformed ``key=value``, value of the wrong type or out of range
+            (values are checked by calling the transform on a tiny image).
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"attack spec must be a non-empty string, got {spec!r}")
+    spec = spec.strip()
+    name, _, params = spec.partition(":")
+    name = name.strip().lower()
+    if name in MODEL_ATTACKS:
+        raise ValueError(f"attack '{name}' needs the diffusion model: it is provided by apdm.attacks.{name} and "
+                         f"resolved by the evaluation harness, not by parse_attack")
+    if not params.strip() and name in TRANSFORMS and ":" not in spec:
+        fn = TRANSFORMS[name]
+    else:
+        if name in TRANSFORMS and name not in BASE:
+            base_name = next(b for b in BASE if name.startswith(b))
+            raise ValueError(f"attack '{name}' is a preset and takes no parameters; use the base form, e.g. "
+                             f"'{base_name}:{params.strip() or 'key=value'}'")
+        if name not in BASE:
+            raise ValueError(f"unknown attack '{name}'. Known: {', '.join(sorted(set(TRANSFORMS) | set(BASE)))} "
+                             f"(parameterised form: one of {', '.join(BASE)} followed by ':key=value,...'), and "
+                             f"model attacks {', '.join(MODEL_ATTACKS)}")
+        base = BASE[name]
+        sig = inspect.signature(base)
+        allowed = {k: p.default for k, p in sig.parameters.items() if k not in _NOT_PARAMS}
+        kwargs = {}
+        for item in filter(None, (s.strip() for s in params.split(","))):
+            key, eq, value = item.partition("=")
+            key, value = key.strip(), value.strip()
+            if not eq or not key or not value:
+                raise ValueError(f"attack '{spec}': expected key=value, got {item!r}")
+            if key not in allowed:
+                opts = ", ".join(allowed) or "none"
+                raise ValueError(f"attack '{name}' has no parameter '{key}' (parameters: {opts})")
+            if key in kwargs:
+                raise ValueError(f"attack '{spec}': parameter '{key}' given twice")
+            kwargs[key] = _convert(name, key, value, allowed[key])
+        fn = functools.partial(base, **kwargs) if kwargs else base
+        try:  # validate values now rather than in the middle of an evaluation run
+            fn(torch.full((1, 3, 8, 8), 0.5))
+        except ValueError as exc:
+            raise ValueError(f"attack '{spec}': {exc}") from None
+    out = functools.partial(fn)
+    out.spec = spec
+    out.name = name
+    return out

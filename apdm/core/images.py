@@ -1,0 +1,597 @@
+"""Robust image input/output: listing, loading any photo, model-resolution mapping, safe saving, grids.
+
+Tensors follow the house convention: float32, channels first, values in ``[0, 1]``; one image is ``(3, H, W)``,
+a batch ``(N, 3, H, W)``. No torchvision.
+
+Loading (:func:`load_image`). The EXIF orientation is applied first (``PIL.ImageOps.exif_transpose``), so ``H, W``
+are the upright size. Colour modes: RGB as is; L / 1 / P / YCbCr are converted to RGB (grey replicated);
+16-bit grey (``I;16``, ``I``) is scaled by 1/65535, float (``F``) is clipped to ``[0, 1]``; CMYK goes through
+the embedded ICC profile to sRGB when there is one (littleCMS), else PIL's naive formula. Alpha (RGBA, LA, PA,
+palette or grey transparency) is kept *separately* as ``(1, H, W)`` and never composited: the RGB values are the
+stored colour values. Multi-frame files: first frame. Files over :data:`MAX_PIXELS` are refused.
+
+Resolution policy (:func:`to_model_resolution`, :func:`perturbation_to_original`). Protection runs at the model's
+square resolution ``s``: the WHOLE image is resized to ``s×s`` (bicubic, antialiased; the aspect distortion exists
+only inside the model), the perturbation ``δ = protected − clean`` is computed there, resized back to the
+original ``H×W`` (bicubic) and added to the full-resolution original, which is then projected onto the budget ball
+and quantized with :func:`apdm.protect_images.budget.apply_delta_to_original`. Every original pixel is covered and
+the L∞ budget holds exactly on the saved 8-bit file. Training/evaluation sets use :func:`load_images` instead,
+which resizes the short side to ``s`` and center-crops (the DreamBooth convention).
+
+Saving and metadata (:func:`save_image`, :func:`output_metadata`). PNG by default (lossless, so the perturbation
+survives); JPEG only on request (:data:`JPEG_WARNING`). 8-bit quantization rounds half up. Writes are atomic and
+never land on an input file (:func:`protect_output_path`, ``source=``). Metadata policy for protected photos:
+the ICC colour profile is kept when it describes RGB data (the pixels are unchanged colour-wise); EXIF is
+stripped by default because photos worth protecting often carry GPS position, camera serial numbers and
+timestamps; ``keep_exif=True`` copies it (orientation reset to 1, since the pixels are stored upright; GPS kept
+too); ``strip_metadata=True`` drops the ICC profile as well. Other chunks (XMP, text, IPTC) are never copied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import io
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from apdm.utils import LOG, atomic_write_bytes, progress
+
+#: File extensions recognised when listing folders and globs (lower case, with the dot).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+#: Largest image accepted, in pixels (about 100 megapixels); bigger files are reported, not loaded.
+MAX_PIXELS = 100_000_000
+#: Output formats :func:`save_image` writes, with their file extension.
+FORMATS = {"png": ".png", "jpeg": ".jpg"}
+#: Printed when the user asks for JPEG output.
+JPEG_WARNING = ("JPEG output re-compresses the protected pixels and weakens the protection (JPEG compression is "
+                "one of the standard purification attacks); prefer PNG unless you need JPEG files")
+
+_EXIF_ORIENTATION = 0x0112
+
+
+class ImageLoadError(Exception):
+    """An input file could not be loaded as an image; ``str(err)`` names the file and the problem."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+@dataclasses.dataclass
+class LoadedImage:
+    """One loaded photo.
+
+    Attributes:
+        pixels: ``(3, H, W)`` float32 in ``[0, 1]``, RGB, upright (EXIF orientation applied). For 8-bit sources
+            ``round(255 * pixels)`` recovers the stored values exactly.
+        alpha: ``(1, H, W)`` float32 in ``[0, 1]`` or ``None``; never composited into ``pixels``.
+        mode: the file's original PIL mode (``"RGB"``, ``"L"``, ``"CMYK"``, ``"I;16"``, ``"RGBA"``, ``"P"``, …).
+        format: the file's format as PIL names it (``"JPEG"``, ``"PNG"``, …).
+        icc_profile: the embedded ICC profile if it describes RGB data (else ``None``: CMYK and grey profiles
+            do not fit the RGB output; CMYK is converted to sRGB on load).
+        exif: EXIF as bytes with the orientation reset to 1, or ``None``.
+        path: the file.
+        size: ``(H, W)`` after orientation, i.e. ``pixels.shape[1:]``.
+    """
+
+    pixels: torch.Tensor
+    alpha: torch.Tensor | None
+    mode: str
+    format: str | None
+    icc_profile: bytes | None
+    exif: bytes | None
+    path: Path
+    size: tuple[int, int]
+
+
+# ============================================================================ listing
+def _is_image_name(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+def list_images(inputs: str | os.PathLike | Sequence[str | os.PathLike], recursive: bool = False) -> list[Path]:
+    """Resolve the user's ``--input`` into a list of image files.
+
+    Args:
+        inputs: a folder (its image files, sorted by name, hidden files skipped), a single file (taken as given,
+            whatever its extension), a glob (``"photos/*.jpg"``, image extensions only), or a list of these.
+        recursive: descend into sub-folders of folders (and let ``**`` in globs match across folders).
+
+    Returns:
+        Paths in input order (folders and globs sorted), duplicates removed.
+
+    Raises:
+        FileNotFoundError: a listed path does not exist, or nothing at all was found (the message names the
+            path(s) searched and the accepted extensions).
+    """
+    entries = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if not entries:
+        raise FileNotFoundError("no input given: pass a folder, an image file or a glob")
+    found: list[Path] = []
+    for entry in entries:
+        text = os.path.expanduser(os.fspath(entry)).strip()
+        p = Path(text)
+        if any(ch in text for ch in "*?["):
+            found += sorted(q for q in (Path(m) for m in glob.glob(text, recursive=recursive))
+                            if q.is_file() and _is_image_name(q))
+        elif p.is_dir():
+            walker = p.rglob("*") if recursive else p.iterdir()
+            found += sorted((q for q in walker if q.is_file() and _is_image_name(q)
+                             and not any(part.startswith(".") for part in q.relative_to(p).parts)),
+                            key=lambda q: q.as_posix())
+        elif p.exists():
+            found.append(p)
+        else:
+            raise FileNotFoundError(f"input '{text}' does not exist")
+    seen: set[str] = set()
+    out = []
+    for q in found:
+        key = os.path.abspath(q)
+        if key not in seen:
+            seen.add(key)
+            out.append(q)
+    if not out:
+        where = ", ".join(f"'{os.fspath(e)}'" for e in entries)
+        raise FileNotFoundError(f"no image files found in {where} (looked for {' '.join(IMAGE_EXTENSIONS)}"
+                                f"{'' if recursive else ', not in sub-folders'})")
+    return out
+
+
+# ============================================================================ loading
+def _icc_colorspace(icc: bytes | None) -> bytes | None:
+    """The data colour space of an ICC profile (header bytes 16-20: ``b"RGB "``, ``b"GRAY"``, ``b"CMYK"``)."""
+    if not icc or len(icc) < 20:
+        return None
+    return bytes(icc[16:20])
+
+
+def _cmyk_to_rgb(im: Image.Image, icc: bytes | None) -> Image.Image:
+    if icc and _icc_colorspace(icc) == b"CMYK":
+        try:
+            from PIL import ImageCms
+
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            dst = ImageCms.createProfile("sRGB")
+            return ImageCms.profileToProfile(im, src, dst, outputMode="RGB")
+        except Exception as exc:  # littleCMS missing or a broken profile: fall back to the naive formula
+            LOG.warning("CMYK colour management failed (%s); using PIL's naive CMYK->RGB conversion", exc)
+    return im.convert("RGB")
+
+
+def _pil_to_arrays(im: Image.Image, icc: bytes | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """PIL image -> (RGB float32 (H,W,3) in [0,1], alpha float32 (H,W) or None). Raises ValueError if unsupported."""
+    mode = im.mode
+    has_alpha = (mode in ("RGBA", "RGBa", "LA", "La", "PA")
+                 or (mode in ("P", "L", "RGB") and "transparency" in im.info))
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        g = np.asarray(im, dtype=np.float64) / 65535.0
+        return np.repeat(np.clip(g, 0, 1)[..., None], 3, axis=2).astype(np.float32), None
+    if mode == "F":
+        g = np.asarray(im, dtype=np.float64)
+        return np.repeat(np.clip(g, 0, 1)[..., None], 3, axis=2).astype(np.float32), None
+    if mode == "CMYK":
+        rgb = _cmyk_to_rgb(im, icc)
+        return np.asarray(rgb, dtype=np.float32) / 255.0, None
+    try:
+        if has_alpha:
+            rgba = np.asarray(im if mode == "RGBA" else im.convert("RGBA"), dtype=np.float32) / 255.0
+            return np.ascontiguousarray(rgba[..., :3]), np.ascontiguousarray(rgba[..., 3])
+        rgb = im if mode == "RGB" else im.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"unsupported colour mode {mode} ({exc})") from exc
+    return np.asarray(rgb, dtype=np.float32) / 255.0, None
+
+
+def pil_to_tensor(im: Image.Image) -> torch.Tensor:
+    """PIL image (any mode :func:`load_image` supports) -> ``(3, H, W)`` float32 in ``[0, 1]``; alpha dropped.
+
+    No EXIF transpose here (use :func:`load_image` for files).
+    """
+    rgb, _ = _pil_to_arrays(im, im.info.get("icc_profile"))
+    return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+
+
+def load_image(path: str | os.PathLike) -> LoadedImage:
+    """Load one photo robustly (see the module docstring for the colour and orientation policy).
+
+    Args:
+        path: the file; its content, not its extension, decides the format.
+
+    Returns:
+        :class:`LoadedImage` with ``pixels`` ``(3, H, W)`` float32 in ``[0, 1]``.
+
+    Raises:
+        ImageLoadError: missing, empty, not an image, unsupported mode, corrupt/truncated data, zero size, or more
+            than :data:`MAX_PIXELS` pixels. The message names the file and the problem.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageLoadError(path, "file not found")
+    if path.is_dir():
+        raise ImageLoadError(path, "is a folder, not an image file")
+    try:
+        nbytes = path.stat().st_size
+    except OSError as exc:
+        raise ImageLoadError(path, f"cannot read file ({exc})") from exc
+    if nbytes == 0:
+        raise ImageLoadError(path, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                fmt = im.format
+                w, h = im.size
+                if w == 0 or h == 0:
+                    raise ImageLoadError(path, f"zero-size image ({w}x{h})")
+                if w * h > MAX_PIXELS:
+                    raise ImageLoadError(path, f"too large ({w}x{h} = {w * h / 1e6:.1f} MP; the limit is "
+                                               f"{MAX_PIXELS / 1e6:.0f} MP): downscale it first")
+                try:
+                    im.load()
+                except Exception as exc:
+                    raise ImageLoadError(path, f"corrupt or truncated image data ({type(exc).__name__}: {exc})") \
+                        from exc
+                mode = im.mode
+                icc = im.info.get("icc_profile") or None
+                upright = ImageOps.exif_transpose(im)
+    except ImageLoadError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise ImageLoadError(path, "not an image, or an unsupported image format") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(path, f"too large ({exc})") from exc
+    except PermissionError as exc:
+        raise ImageLoadError(path, f"permission denied ({exc})") from exc
+    except Exception as exc:  # decoder errors raised while reading headers or transposing
+        raise ImageLoadError(path, f"corrupt or unreadable image ({type(exc).__name__}: {exc})") from exc
+
+    try:
+        rgb, alpha = _pil_to_arrays(upright, icc)
+    except ValueError as exc:
+        raise ImageLoadError(path, str(exc)) from exc
+    except Exception as exc:
+        raise ImageLoadError(path, f"cannot convert {mode} image to RGB ({type(exc).__name__}: {exc})") from exc
+
+    exif_bytes = None
+    try:
+        exif = upright.getexif()
+        if _EXIF_ORIENTATION in exif:
+            exif[_EXIF_ORIENTATION] = 1
+        if len(exif):
+            exif_bytes = exif.tobytes()
+    except Exception as exc:  # unreadable EXIF never blocks loading; it is simply not carried over
+        LOG.debug("%s: EXIF not readable (%s)", path, exc)
+
+    pixels = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+    alpha_t = torch.from_numpy(alpha)[None] if alpha is not None else None
+    keep_icc = icc if _icc_colorspace(icc) == b"RGB " and mode != "CMYK" else None
+    return LoadedImage(pixels=pixels, alpha=alpha_t, mode=mode, format=fmt, icc_profile=keep_icc,
+                       exif=exif_bytes, path=path, size=(int(pixels.shape[1]), int(pixels.shape[2])))
+
+
+# ============================================================================ resizing
+def resize(pixels: torch.Tensor, hw: tuple[int, int], mode: str = "bicubic", clamp: bool = True) -> torch.Tensor:
+    """Resize ``(3, H, W)`` or ``(N, 3, H, W)`` to ``hw = (H', W')`` (antialiased when shrinking).
+
+    Args:
+        pixels: float tensor.
+        hw: target ``(height, width)``.
+        mode: ``"bicubic"`` (default), ``"bilinear"``, ``"area"`` or ``"nearest"``.
+        clamp: clip to ``[0, 1]`` afterwards (bicubic overshoots); ``False`` for perturbations.
+
+    Returns:
+        Same rank as ``pixels``; unchanged (the same tensor) when the size already matches.
+    """
+    hw = (int(hw[0]), int(hw[1]))
+    if tuple(pixels.shape[-2:]) == hw:
+        return pixels
+    squeeze = pixels.ndim == 3
+    x = pixels[None] if squeeze else pixels
+    smooth = mode in ("bilinear", "bicubic")
+    x = torch.nn.functional.interpolate(x.float(), size=hw, mode=mode, align_corners=False if smooth else None,
+                                       antialias=smooth)
+    if clamp:
+        x = x.clamp(0.0, 1.0)
+    return x[0] if squeeze else x
+
+
+def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (int(size), int(size)) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
+
+
+def to_model_resolution(pixels: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Resize the WHOLE image to the model's ``size×size`` (bicubic, antialiased, clipped to ``[0, 1]``).
+
+    No cropping: the aspect ratio is distorted inside the model only, and every original pixel contributes, so
+    a perturbation computed at this resolution maps back onto the full image with
+    :func:`perturbation_to_original`.
+
+    Args:
+        pixels: ``(3, H, W)`` or ``(N, 3, H, W)`` float32 in ``[0, 1]``.
+        size: model resolution ``s`` (or ``(h, w)``).
+
+    Returns:
+        ``(3, s, s)`` or ``(N, 3, s, s)`` float32 in ``[0, 1]``.
+    """
+    return resize(pixels, _hw(size), "bicubic", clamp=True)
+
+
+def perturbation_to_original(delta: torch.Tensor, orig_hw: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+    """Resize a model-resolution perturbation ``(3, s, s)`` to the original ``(3, H, W)`` (no clamping).
+
+    The result may exceed the budget slightly (bicubic overshoot); project afterwards
+    (:func:`apdm.protect_images.budget.apply_delta_to_original` does all steps).
+    """
+    return resize(delta, _hw(orig_hw), mode, clamp=False)
+
+
+def resize_center_crop(pixels: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Resize so the image covers ``size`` keeping its aspect ratio, then center-crop (DreamBooth-style).
+
+    Args:
+        pixels: ``(3, H, W)`` float32 in ``[0, 1]``.
+        size: ``s`` or ``(h, w)``.
+
+    Returns:
+        ``(3, h, w)`` float32 in ``[0, 1]``; exactly the input when it already has that size.
+    """
+    th, tw = _hw(size)
+    h, w = pixels.shape[-2:]
+    if (h, w) == (th, tw):
+        return pixels
+    scale = max(th / h, tw / w)
+    nh, nw = max(th, int(round(h * scale))), max(tw, int(round(w * scale)))
+    x = resize(pixels, (nh, nw), "bicubic", clamp=True)
+    top, left = (nh - th) // 2, (nw - tw) // 2
+    return x[..., top:top + th, left:left + tw].contiguous()
+
+
+def load_images(paths: str | os.PathLike | Sequence[str | os.PathLike], size: int | tuple[int, int] | None = None,
+                quiet: bool = True) -> tuple[torch.Tensor, list[Path], list[dict]]:
+    """Load a training/evaluation set; bad files are reported, never fatal.
+
+    Args:
+        paths: image files (a folder or glob string is expanded with :func:`list_images`).
+        size: model resolution: each image is resized (short side) and center-cropped to ``size×size``
+            (:func:`resize_center_crop`). ``None`` keeps the original size; then every image must have the
+            size of the first good one, others are reported as errors.
+        quiet: hide the progress bar.
+
+    Returns:
+        ``(images, ok_paths, errors)``: ``images`` ``(N, 3, S, S)`` float32 in ``[0, 1]`` (``N = len(ok_paths)``;
+        ``(0, 3, S, S)`` when nothing loaded), and ``errors`` a list of ``{"path": str, "error": reason}``.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = list_images(paths)
+    tensors, ok, errors = [], [], []
+    for p in progress(list(paths), desc="loading images", disable=quiet):
+        try:
+            x = load_image(p).pixels
+        except ImageLoadError as exc:
+            errors.append({"path": str(p), "error": exc.reason})
+            continue
+        if size is not None:
+            x = resize_center_crop(x, size)
+        elif tensors and x.shape != tensors[0].shape:
+            errors.append({"path": str(p), "error": f"size {x.shape[2]}x{x.shape[1]} differs from the first image "
+                                                    f"({tensors[0].shape[2]}x{tensors[0].shape[1]}); pass size="})
+            continue
+        tensors.append(x)
+        ok.append(Path(p))
+    if tensors:
+        images = torch.stack(tensors).float()
+    else:
+        h, w = _hw(size) if size is not None else (0, 0)
+        images = torch.zeros(0, 3, h, w)
+    return images, ok, errors
+
+
+# ============================================================================ saving
+def _as_uint8_hwc(pixels, channels: int) -> np.ndarray:
+    """(C,H,W) / (1,C,H,W) float [0,1] or uint8 (torch or numpy) -> uint8 (H,W,C), rounding half up."""
+    from apdm.protect_images.budget import to_uint8
+
+    t = torch.as_tensor(pixels)
+    if t.ndim == 4 and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim == 2 and channels == 1:
+        t = t[None]
+    if t.ndim != 3 or t.shape[0] != channels:
+        raise ValueError(f"expected a ({channels},H,W) image, got shape {tuple(t.shape)}")
+    return np.ascontiguousarray(to_uint8(t).cpu().numpy().transpose(1, 2, 0))
+
+
+def tensor_to_pil(pixels: torch.Tensor | np.ndarray, alpha: torch.Tensor | np.ndarray | None = None) -> Image.Image:
+    """``(3, H, W)`` (or ``(1, 3, H, W)``) float in ``[0, 1]`` or uint8 -> PIL ``RGB`` (``RGBA`` with ``alpha``).
+
+    Floats are quantized by rounding half up (``floor(255·x + 0.5)``) after clipping to ``[0, 1]``.
+    """
+    rgb = _as_uint8_hwc(pixels, 3)
+    if alpha is None:
+        return Image.fromarray(rgb, "RGB")
+    a = _as_uint8_hwc(alpha, 1)
+    if a.shape[:2] != rgb.shape[:2]:
+        raise ValueError(f"alpha {a.shape[:2]} and image {rgb.shape[:2]} sizes differ")
+    return Image.fromarray(np.concatenate([rgb, a], axis=2), "RGBA")
+
+
+def _format_of(path: Path, fmt: str | None) -> str:
+    by_suffix = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}.get(path.suffix.lower())
+    if fmt is None:
+        if by_suffix is None:
+            raise ValueError(f"cannot tell the format of '{path}' from its extension; pass format='png' or 'jpeg'")
+        return by_suffix
+    fmt = {"jpg": "jpeg"}.get(fmt.lower(), fmt.lower())
+    if fmt not in FORMATS:
+        raise ValueError(f"unsupported output format '{fmt}'; choose from {', '.join(FORMATS)}")
+    if by_suffix is not None and by_suffix != fmt:
+        raise ValueError(f"format '{fmt}' does not match the extension of '{path}'")
+    return fmt
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+def save_image(pixels: torch.Tensor | np.ndarray, path: str | os.PathLike, format: str | None = None,
+               quality: int = 95, alpha: torch.Tensor | np.ndarray | None = None, icc_profile: bytes | None = None,
+               exif: bytes | None = None, strip_metadata: bool = False,
+               source: str | os.PathLike | None = None) -> Path:
+    """Write one image atomically (temp file + ``os.replace``), never onto its input.
+
+    Args:
+        pixels: ``(3, H, W)`` (or ``(1, 3, H, W)``) float in ``[0, 1]`` (rounded half up to 8 bits) or uint8.
+        path: destination; parent folders are created.
+        format: ``"png"`` or ``"jpeg"``; ``None`` = from the extension. Must agree with the extension. Only PNG
+            is lossless: the exact budget guarantee of ``apdm protect-images`` holds for PNG files, not JPEG.
+        quality: JPEG quality (4:4:4 chroma, no subsampling). Ignored for PNG.
+        alpha: ``(1, H, W)`` / ``(H, W)`` float in ``[0, 1]`` or uint8; written as RGBA in PNG, dropped (with a
+            warning) for JPEG, which has no alpha.
+        icc_profile: ICC profile bytes to embed (RGB profiles only).
+        exif: EXIF bytes to embed (see :func:`output_metadata` for the policy).
+        strip_metadata: drop ``icc_profile`` and ``exif`` whatever was passed.
+        source: the input file this image was made from; writing onto it raises.
+
+    Returns:
+        The written path.
+
+    Raises:
+        ValueError: ``path`` is ``source``, or a format/extension/shape problem.
+    """
+    path = Path(path)
+    if source is not None and _same_file(path, Path(source)):
+        raise ValueError(f"refusing to overwrite the input file '{source}'; choose another output path")
+    fmt = _format_of(path, format)
+    if fmt == "jpeg" and alpha is not None:
+        LOG.warning("%s: JPEG has no alpha channel; transparency is dropped", path)
+        alpha = None
+    im = tensor_to_pil(pixels, alpha)
+    kwargs: dict = {}
+    if not strip_metadata:
+        if icc_profile:
+            kwargs["icc_profile"] = icc_profile
+        if exif:
+            kwargs["exif"] = exif
+    if fmt == "jpeg":
+        kwargs.update(quality=int(quality), subsampling=0)
+    else:
+        kwargs.update(compress_level=6)
+    buf = io.BytesIO()
+    im.save(buf, format=fmt.upper(), **kwargs)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def output_metadata(image: LoadedImage, keep_exif: bool = False, strip_metadata: bool = False) -> dict:
+    """The metadata to write for a protected copy of ``image``: ``{"icc_profile": ..., "exif": ...}``.
+
+    Policy: keep the ICC profile (RGB profiles only), strip EXIF unless ``keep_exif`` (it then includes GPS if the
+    original had it; orientation reset to 1), strip everything with ``strip_metadata``. Splat into
+    :func:`save_image`: ``save_image(x, path, **output_metadata(img))``.
+    """
+    if strip_metadata:
+        return {"icc_profile": None, "exif": None}
+    return {"icc_profile": image.icc_profile, "exif": image.exif if keep_exif else None}
+
+
+def protect_output_path(input_path: str | os.PathLike, output_dir: str | os.PathLike, suffix: str = "",
+                        fmt: str = "png", taken: set[str] | None = None) -> Path:
+    """Output file name for a protected copy: ``output_dir / (stem + suffix + ext)``, never an input.
+
+    Args:
+        input_path: the original photo.
+        output_dir: destination folder.
+        suffix: appended to the stem (e.g. ``"_protected"``); ``""`` keeps the name.
+        fmt: ``"png"`` or ``"jpeg"`` (extension ``.png`` / ``.jpg``).
+        taken: resolved paths (``str(Path.resolve())`` / ``os.path.realpath``) already used in this run; put ALL
+            the run's input files in it first. A name in it gets ``-2``, ``-3``… appended (``a.jpg`` and ``a.png``
+            would both give ``a.png`` otherwise). The chosen path is added to it.
+
+    Returns:
+        The output path (not created).
+
+    Raises:
+        ValueError: the output would be the input file itself (same folder, same name and format, no suffix).
+    """
+    fmt = {"jpg": "jpeg"}.get(fmt.lower(), fmt.lower())
+    if fmt not in FORMATS:
+        raise ValueError(f"unsupported output format '{fmt}'; choose from {', '.join(FORMATS)}")
+    input_path, output_dir = Path(input_path), Path(output_dir)
+    stem = input_path.stem + suffix
+    candidate = output_dir / f"{stem}{FORMATS[fmt]}"
+    if _same_file(candidate, input_path):
+        raise ValueError(f"the output '{candidate}' would overwrite the input; use another output folder or a "
+                         f"suffix")
+    if taken is None:
+        return candidate
+    n = 1
+    while os.path.realpath(candidate) in taken:
+        n += 1
+        candidate = output_dir / f"{stem}-{n}{FORMATS[fmt]}"
+    taken.add(os.path.realpath(candidate))
+    return candidate
+
+
+# ============================================================================ grids
+def images_to_grid(images: torch.Tensor | Sequence[torch.Tensor], nrow: int = 8, padding: int = 2,
+                   pad_value: float = 1.0) -> Image.Image:
+    """Tile images into one PIL ``RGB`` image, ``nrow`` images per row, row-major.
+
+    Args:
+        images: ``(N, 3, H, W)`` float in ``[0, 1]`` (or a list of equal-size ``(3, H, W)``).
+        nrow: images per row (the last row may be shorter).
+        padding: pixels between images and around the border.
+        pad_value: padding grey level in ``[0, 1]`` (1 = white).
+
+    Returns:
+        PIL image of size ``(cols·(W+p)+p) × (rows·(H+p)+p)`` with ``cols = min(nrow, N)``, ``rows = ⌈N/nrow⌉``.
+    """
+    x = torch.stack(list(images)) if not isinstance(images, torch.Tensor) else images
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[1] != 3 or x.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty (N,3,H,W) batch, got {tuple(x.shape)}")
+    if nrow < 1:
+        raise ValueError(f"nrow must be >= 1, got {nrow}")
+    n, _, h, w = x.shape
+    cols, rows = min(nrow, n), math.ceil(n / nrow)
+    grid = torch.full((3, rows * (h + padding) + padding, cols * (w + padding) + padding), float(pad_value))
+    x = x.detach().float().cpu().clamp(0.0, 1.0)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        top, left = padding + r * (h + padding), padding + c * (w + padding)
+        grid[:, top:top + h, left:left + w] = x[i]
+    return tensor_to_pil(grid)
+
+
+def save_grid(images: torch.Tensor | Sequence[torch.Tensor], path: str | os.PathLike, nrow: int = 8,
+              padding: int = 2, pad_value: float = 1.0) -> Path:
+    """:func:`images_to_grid` written atomically as PNG (or JPEG by extension) to ``path``."""
+    grid = images_to_grid(images, nrow, padding, pad_value)
+    return save_image(torch.from_numpy(np.asarray(grid).transpose(2, 0, 1).copy()), path)
+
+
+def parse_budget(s: str | float) -> float:
+    """Alias of :func:`apdm.protect_images.budget.parse_budget` (``"8/255" -> 0.0314…``)."""
+    from apdm.protect_images.budget import parse_budget as _parse
+
+    return _parse(s)
+
+
+__all__ = ["IMAGE_EXTENSIONS", "MAX_PIXELS", "FORMATS", "JPEG_WARNING", "ImageLoadError", "LoadedImage",
+           "list_images", "load_image", "load_images", "pil_to_tensor", "tensor_to_pil", "resize",
+           "to_model_resolution", "perturbation_to_original", "resize_center_crop", "save_image",
+           "output_metadata", "protect_output_path", "images_to_grid", "save_grid", "parse_budget"]

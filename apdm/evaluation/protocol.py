@@ -1,0 +1,57 @@
+"""Protocol building blocks shared by ``apdm evaluate`` and the benchmarks: personalize, then sample.
+
+The attacker is always the shared simulator (:mod:`apdm.personalization.simulator`); nothing here knows which
+world (Stable Diffusion or the toy world) the model comes from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from apdm.config import PersonalizationConfig, SampleConfig
+from apdm.core import diffusion as D
+from apdm.core.models import SD
+from apdm.personalization import simulator as S
+
+
+def personalize_and_sample(sd: SD, instance_images: torch.Tensor, per_cfg: PersonalizationConfig,
+                           prompts: list[str], sample: SampleConfig, class_images: torch.Tensor | None = None,
+                           quiet: bool = True) -> dict:
+    """Personalize ``sd`` on ``instance_images`` with ``per_cfg`` and generate ``sample.num_images_per_prompt``
+    images for each prompt (the identifier word is mapped to the method's token, e.g. TI's ``<sks>``).
+
+    Args:
+        sd: the (clean or protected) model; not modified.
+        instance_images: (N,3,H,W) in [0,1], the attacker's training photos.
+        per_cfg: the personalization method and settings.
+        prompts: sampling prompts written with the identifier word (``a photo of sks person``).
+        sample: sampling settings.
+        class_images: prior-preservation images; generated (and cached) from ``sd`` when needed and ``None``.
+
+    Returns:
+        dict with ``images`` {prompt: (n,3,H,W) [0,1] CPU}, ``seconds_train``, ``seconds_sample``,
+        ``loss_first``, ``loss_last``, ``state`` (the personalization state, for saving).
+    """
+    if class_images is None and per_cfg.with_prior_preservation and per_cfg.method != "ti":
+        class_images = S.class_images_for(sd, per_cfg, quiet=quiet)
+    dev = sd.device
+    state = S.setup(sd, per_cfg, class_images.to(dev) if class_images is not None else None)
+    t0 = time.perf_counter()
+    S.train(state, instance_images.to(dev))
+    t1 = time.perf_counter()
+    images = {}
+    for p in prompts:
+        images[p] = D.generate(state.sd, [S.prompt_for(state, p)], sample.num_images_per_prompt,
+                               sample.num_inference_steps, sample.guidance_scale, sample.negative_prompt,
+                               sample.seed, sample.batch_size, sample.sampler, quiet=quiet)
+    return {"images": images, "seconds_train": t1 - t0, "seconds_sample": time.perf_counter() - t1,
+            "loss_first": state.history[0] if state.history else None,
+            "loss_last": state.history[-1] if state.history else None, "state": state}
+
+
+def with_prompts(per_cfg: PersonalizationConfig, instance_prompt: str, class_prompt: str) -> PersonalizationConfig:
+    """A copy of ``per_cfg`` for another subject's prompts."""
+    return dataclasses.replace(per_cfg, instance_prompt=instance_prompt, class_prompt=class_prompt)

@@ -1,0 +1,295 @@
+"""``apdm evaluate``: the shared protocol runner — does a protection hold?
+
+For every cell (subject × scenario × attack × personalization) it builds the attacker's training set
+(clean / protected / mixed), applies the robustness attack (JPEG, blur, DiffPure, ...), personalizes with the
+shared simulator, samples ``sample.num_images_per_prompt`` images per prompt and scores them against the
+subject's clean reference photos. Results are flat records in ``results.json``; ``report.html`` shows image grids,
+metric tables and metric-vs-attack-strength plots. Finished cells are stored in ``cells/`` and skipped on rerun.
+
+Scenarios (Anti-DreamBooth / APDM protocols): ``all_clean`` (N clean), ``all_perturbed`` (N protected),
+``one_clean`` (1 clean + N−1 protected), ``one_perturbed`` (1 protected + N−1 clean).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from apdm.config import EvaluateRunConfig, to_yaml
+from apdm.utils import LOG, atomic_write_json, atomic_write_text, peak_rss_mb, progress, seed_everything
+
+SCENARIOS = ("all_clean", "all_perturbed", "one_clean", "one_perturbed")
+
+
+# ============================================================================ data
+def scenario_images(clean: torch.Tensor, protected: torch.Tensor | None, scenario: str) -> torch.Tensor:
+    """The attacker's training images for a scenario. ``clean``/``protected``: (N,3,H,W), same order."""
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario '{scenario}'; choose from {', '.join(SCENARIOS)}")
+    if scenario == "all_clean":
+        return clean
+    if protected is None:
+        raise ValueError(f"scenario '{scenario}' needs protected_data")
+    if scenario == "all_perturbed":
+        return protected
+    mixed = protected.clone() if scenario == "one_clean" else clean.clone()
+    mixed[0] = clean[0] if scenario == "one_clean" else protected[0]
+    return mixed
+
+
+def apply_attack(images: torch.Tensor, spec: str, sd, seed: int = 0) -> torch.Tensor:
+    """Apply one robustness attack ``spec`` (``none``, ``jpeg:quality=75``, ``diffpure:strength=0.2`` ...)."""
+    name, _, args = spec.partition(":")
+    if name == "diffpure":
+        from apdm.attacks.diffpure import diffpure
+
+        kwargs = {k: float(v) if k == "strength" else int(v) for k, v in
+                  (a.split("=") for a in args.split(",") if a)}
+        return diffpure(images, sd, seed=seed, **kwargs)
+    from apdm.attacks.transforms import parse_attack
+
+    return parse_attack(spec)(images)
+
+
+def _load_folder(spec: str, size: int):
+    from apdm.core.images import list_images, load_images
+
+    images, ok, errors = load_images(list_images(spec.split(",") if "," in spec else spec), size=size)
+    for e in errors:
+        LOG.warning("skipped %s: %s", e["path"], e["error"])
+    return images, ok, errors
+
+
+# ============================================================================ metric backends
+def identity_backend(name: str) -> tuple[Callable | None, str]:
+    """(embed(images) -> embeddings [, found], impl tag) for ``metrics.identity``."""
+    if name == "none":
+        return None, ""
+    if name == "toy":
+        from apdm.toy import instruments as I
+        from apdm.toy.world import instruments_path
+
+        inst = I.load_instruments(instruments_path())
+        return (lambda x: I.embed(inst.encoder, x)), "toy-id"
+    if name == "dlib":
+        from apdm.evaluation.identity import dlib_face_embed
+
+        return dlib_face_embed, "dlib-resnet"
+    raise ValueError(f"unknown identity backend '{name}' (toy, dlib, none)")
+
+
+def detector_backend(name: str, subject_class: str) -> tuple[Callable | None, str]:
+    """(detect(images) -> (N,) probabilities, impl tag) for ``metrics.detector``."""
+    if name == "none":
+        return None, ""
+    if name == "toy":
+        from apdm.toy import instruments as I
+        from apdm.toy.world import instruments_path
+
+        inst = I.load_instruments(instruments_path())
+        return (lambda x: I.detector_scores(inst.detector, x, subject_class)), "toy-det"
+    from apdm.evaluation import identity as ID
+
+    table = {"dlib-hog": ID.dlib_face_detect, "haar": ID.haar_face_detect, "mtcnn": ID.mtcnn_face_detect}
+    if name not in table:
+        raise ValueError(f"unknown detector backend '{name}' (toy, dlib-hog, haar, mtcnn, none)")
+    return table[name], name
+
+
+def feature_backend(spec: str) -> tuple[Callable | None, str]:
+    """(feature extractor, impl tag) for FID/KID: ``toy``, ``inception:PATH``, ``none``."""
+    if spec == "none":
+        return None, ""
+    if spec == "toy":
+        from apdm.toy import instruments as I
+        from apdm.toy.world import instruments_path
+
+        return I.load_instruments(instruments_path()).features, "toy-features"
+    if spec.startswith("inception:"):
+        from apdm.evaluation.distribution import inception_extractor
+
+        return inception_extractor(spec.split(":", 1)[1]), "inception"
+    raise ValueError(f"unknown feature backend '{spec}' (toy, inception:PATH, none)")
+
+
+def score_generations(generated: torch.Tensor, references: torch.Tensor, cfg: EvaluateRunConfig, backends: dict,
+                      prompt: str) -> list[dict]:
+    """All generation metrics for one set of generated images (N,3,H,W) vs references (M,3,H,W)."""
+    from apdm.evaluation import identity as ID
+    from apdm.evaluation.distribution import distribution_records
+    from apdm.evaluation.metrics import measure, unavailable
+
+    recs = ID.identity_records(generated, references, backends["embed"], backends["detect"],
+                               backends["embed_impl"], backends["detect_impl"])
+    m = cfg.metrics
+    if backends["features"] is not None:
+        recs += distribution_records(references, generated, backends["features"], backends["features_impl"])
+    if m.dino_path:
+        recs.append(measure("dino", "dino-vits16", True, ID.dino, backends["dino"], generated, references))
+    else:
+        recs.append(unavailable("dino", "dino-vits16", "metrics.dino_path not set (needs local ViT weights)", True))
+    if m.clip_path:
+        recs.append(measure("clip_i", "clip", True, ID.clip_i, backends["clip"][0], generated, references))
+        recs.append(measure("clip_t", "clip", True, ID.clip_t, backends["clip"][0], backends["clip"][1],
+                            generated, prompt))
+    if m.brisque:
+        from apdm.evaluation import iqa
+
+        recs.append(iqa.brisque_record(generated))
+    if m.clip_iqa:
+        from apdm.evaluation import iqa
+
+        if "clip" in backends:  # transformers CLIP from a local path
+            recs.append(measure("clip_iqa", "clip-transformers", True, iqa.clip_iqa, backends["clip"][0],
+                                backends["clip"][1], generated))
+        else:
+            recs.append(measure("clip_iqa", "pyiqa", True, iqa.clipiqa_pyiqa, generated))
+    if m.liqe:
+        from apdm.evaluation import iqa
+
+        recs.append(measure("liqe", "pyiqa-liqe_mix", True, iqa.liqe_pyiqa, generated))
+    return recs
+
+
+def _backends(cfg: EvaluateRunConfig, subject_class: str) -> dict:
+    from apdm.evaluation import identity as ID
+
+    embed, embed_impl = identity_backend(cfg.metrics.identity)
+    detect, detect_impl = detector_backend(cfg.metrics.detector, subject_class)
+    feats, feats_impl = feature_backend(cfg.metrics.features)
+    b = {"embed": embed, "embed_impl": embed_impl, "detect": detect, "detect_impl": detect_impl,
+         "features": feats, "features_impl": feats_impl}
+    if cfg.metrics.dino_path:
+        b["dino"] = ID.load_vit(cfg.metrics.dino_path)
+    if cfg.metrics.clip_path:
+        b["clip"] = ID.load_clip(cfg.metrics.clip_path)
+    return b
+
+
+# ============================================================================ the runner
+def _cell_key(*parts) -> str:
+    text = "|".join(str(p) for p in parts)
+    slug = "-".join(str(p).replace("/", "_").replace(":", "_").replace("=", "")[:24] for p in parts)
+    return f"{slug}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
+def run(cfg: EvaluateRunConfig) -> dict:
+    """Run the protocol; write ``results.json``, ``report.html``, image grids and per-cell caches.
+
+    Returns:
+        ``{"records": [...], "output_dir": str}``.
+    """
+    from apdm.core import diffusion as D
+    from apdm.core.images import save_grid
+    from apdm.core.models import load_sd
+    from apdm.evaluation.protocol import personalize_and_sample, with_prompts
+    from apdm.evaluation.report import write_report
+
+    if not cfg.subjects:
+        raise ValueError("no subjects: set subjects=[{clean_data: DIR, protected_data: DIR}] in the recipe")
+    for s in cfg.scenarios:
+        if s not in SCENARIOS:
+            raise ValueError(f"unknown scenario '{s}'; choose from {', '.join(SCENARIOS)}")
+    out = Path(cfg.output_dir)
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    (out / "images").mkdir(exist_ok=True)
+    atomic_write_text(out / "config.yaml", to_yaml(cfg))
+    seed_everything(cfg.seed)
+    sd = load_sd(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.revision)
+    size = cfg.resolution or sd.resolution
+    records: list[dict] = []
+    gallery: list[dict] = []
+    t_start = time.perf_counter()
+
+    for si, subj in enumerate(cfg.subjects):
+        name = subj.name or Path(subj.clean_data.split(",")[0]).name or f"subject{si}"
+        clean, clean_paths, _ = _load_folder(subj.clean_data, size)
+        if not clean_paths:
+            raise ValueError(f"subject '{name}': no usable clean images in {subj.clean_data}")
+        protected = None
+        if subj.protected_data:
+            protected, prot_paths, _ = _load_folder(subj.protected_data, size)
+            if len(prot_paths) != len(clean_paths):
+                raise ValueError(f"subject '{name}': {len(prot_paths)} protected vs {len(clean_paths)} clean images; "
+                                 "they must pair up (same sorted order)")
+        refs = _load_folder(subj.reference_data, size)[0] if subj.reference_data else clean
+        backends = _backends(cfg, subj.subject_class)
+        base = {"label": cfg.label, "subject": name}
+        save_grid(refs, out / "images" / f"{name}-references.png", nrow=min(8, len(refs)))
+        gallery.append({"subject": name, "title": "references (clean photos)", "file": f"images/{name}-references.png"})
+        if protected is not None:
+            save_grid(protected, out / "images" / f"{name}-protected.png", nrow=min(8, len(protected)))
+            gallery.append({"subject": name, "title": "protected inputs", "file": f"images/{name}-protected.png"})
+            if cfg.metrics.fidelity:
+                from apdm.evaluation.fidelity import fidelity_records
+
+                for r in fidelity_records(clean, protected, with_lpips=False):
+                    records.append({**base, "scenario": "-", "attack": "-", "personalization": "-", "prompt": "-", **r})
+
+        if cfg.class_prompt_baseline:
+            key = _cell_key(name, "class_prompt", subj.class_prompt, cfg.sample.num_images_per_prompt, cfg.seed)
+            cell_file = out / "cells" / f"{key}.json"
+            if cfg.resume and cell_file.is_file():
+                recs = json.loads(cell_file.read_text())
+            else:
+                gen = D.generate(sd, [subj.class_prompt], cfg.sample.num_images_per_prompt,
+                                 cfg.sample.num_inference_steps, cfg.sample.guidance_scale, cfg.sample.negative_prompt,
+                                 cfg.sample.seed, cfg.sample.batch_size, cfg.sample.sampler, quiet=cfg.quiet)
+                save_grid(gen, out / "images" / f"{key}.png", nrow=8)
+                recs = [{**base, "scenario": "-", "attack": "-", "personalization": "none (class prompt)",
+                         "prompt": subj.class_prompt, **r} for r in score_generations(gen, refs, cfg, backends,
+                                                                                       subj.class_prompt)]
+                atomic_write_json(cell_file, recs)
+            records += recs
+            gallery.append({"subject": name, "title": f"no personalization: '{subj.class_prompt}'",
+                            "file": f"images/{key}.png"})
+
+        cells = [(sc, at, pc) for sc in cfg.scenarios for at in cfg.attacks for pc in cfg.personalizations
+                 if not (sc != "all_clean" and protected is None)]
+        skipped = [sc for sc in cfg.scenarios if sc != "all_clean" and protected is None]
+        if skipped:
+            LOG.warning("subject '%s' has no protected_data: skipping scenarios %s", name, ", ".join(sorted(set(skipped))))
+        for scenario, attack, per in progress(cells, desc=f"evaluating {name}"):
+            key = _cell_key(name, scenario, attack, per.method, per.steps, per.learning_rate, cfg.seed,
+                            cfg.sample.num_images_per_prompt, "|".join(cfg.sample.prompts))
+            cell_file = out / "cells" / f"{key}.json"
+            if cfg.resume and cell_file.is_file():
+                LOG.info("cell %s/%s/%s/%s already done; skipping", name, scenario, attack, per.method)
+                records += json.loads(cell_file.read_text())
+                gallery += [{"subject": name, "title": f"{scenario} · {attack} · {per.method} · '{p}'",
+                             "file": f"images/{key}-{i}.png"} for i, p in enumerate(cfg.sample.prompts)]
+                continue
+            t0 = time.perf_counter()
+            train = scenario_images(clean, protected, scenario)
+            train = apply_attack(train, attack, sd, seed=cfg.seed) if attack != "none" else train
+            pcfg = with_prompts(per, subj.instance_prompt, subj.class_prompt)
+            pcfg = dataclasses.replace(pcfg, seed=cfg.seed)
+            result = personalize_and_sample(sd, train, pcfg, list(cfg.sample.prompts), cfg.sample, quiet=cfg.quiet)
+            cell_recs = []
+            for i, (prompt, gen) in enumerate(result["images"].items()):
+                save_grid(gen, out / "images" / f"{key}-{i}.png", nrow=8)
+                gallery.append({"subject": name, "title": f"{scenario} · {attack} · {per.method} · '{prompt}'",
+                                "file": f"images/{key}-{i}.png"})
+                for r in score_generations(gen, refs, cfg, backends, prompt):
+                    cell_recs.append({**base, "scenario": scenario, "attack": attack, "personalization": per.method,
+                                      "prompt": prompt, **r})
+            cell_recs.append({**base, "scenario": scenario, "attack": attack, "personalization": per.method,
+                              "prompt": "-", "metric": "seconds@apdm", "name": "seconds", "impl": "apdm",
+                              "value": round(time.perf_counter() - t0, 2), "higher_is_better": None, "n": 1,
+                              "available": True})
+            atomic_write_json(cell_file, cell_recs)
+            records += cell_recs
+            del result
+
+    summary = {"label": cfg.label, "model": sd.source, "seconds_total": round(time.perf_counter() - t_start, 1),
+               "peak_rss_mb": round(peak_rss_mb(), 1), "records": records}
+    atomic_write_json(out / "results.json", summary)
+    write_report(out / "report.html", cfg, records, gallery)
+    LOG.info("evaluation done: %d records; report at %s", len(records), out / "report.html")
+    return {"records": records, "output_dir": str(out)}

@@ -1,0 +1,323 @@
+"""Pixel-space image-protection baselines: ASPL, FSMG, AdvDM and the PhotoGuard encoder attack.
+
+Every method has the same shape::
+
+    protect(sd, images, *, budget, steps, ..., seed=0, quiet=False) -> protected
+
+with ``images`` float32 ``(N, 3, H, W)`` in ``[0, 1]`` at the model's resolution, ``budget`` an L∞ radius on
+``[0, 1]`` (``8/255``...), and the result the same shape/dtype/range, on the input's device, with
+``‖protected - images‖∞ ≤ budget`` guaranteed by a final :func:`~apdm.protect_images.budget.project_linf` + clamp
+(PGD also projects after every step). All PGD runs through :func:`apdm.protect_images.pgd.pgd_attack`, all
+personalization through the shared simulator (:mod:`apdm.personalization.simulator`) and all diffusion math
+through :mod:`apdm.core.diffusion`.
+
+Units. Published defaults are given on ``[-1, 1]`` images; a value ``v`` there is ``v/2`` on ``[0, 1]``
+(Anti-DreamBooth ``pgd_alpha=5e-3`` -> ``0.0025 = 0.64/255``; PhotoGuard ``step=0.02`` -> ``0.01 = 2.55/255``).
+The budget is always the caller's.
+
+Methods (see docs/protect_images.md for sources):
+
+* ``aspl`` — Anti-DreamBooth's Alternating Surrogate and Perturbation Learning (Van Le et al., ICCV 2023,
+  Algorithm 2): per outer iteration, a copy θ' of the current surrogate θ is fine-tuned on the *clean* images,
+  PGD maximizes θ''s DreamBooth loss w.r.t. the pixels, and θ is fine-tuned on the *perturbed* images.
+* ``fsmg`` — Fully-trained Surrogate Model Guidance: PGD against a fixed surrogate fine-tuned on the clean images.
+* ``advdm`` — AdvDM / Mist v1 "semantic" mode (Liang et al., ICML 2023): PGD maximizing the frozen model's
+  noise-prediction loss, Monte Carlo over ``t`` and ``ε`` (fresh draws every step); no fine-tuning.
+* ``photoguard`` — PhotoGuard's encoder attack (Salman et al., ICML 2023): PGD *minimizing*
+  ``‖E(x + δ) - z_target‖₂`` with ``z_target`` the latent of a target image (flat gray by default), step size
+  decaying linearly to 1/100 of its start as in their notebook.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from apdm.config import PersonalizationConfig
+from apdm.core import diffusion as D
+from apdm.core.models import SD
+from apdm.personalization import simulator as S
+from apdm.protect_images.budget import project_linf
+from apdm.protect_images.pgd import linear_decay, pgd_attack
+from apdm.utils import progress
+
+#: Anti-DreamBooth's PGD step, 5e-3 on [-1,1] = 0.0025 on [0,1] (0.64/255).
+ANTIDB_PGD_ALPHA = 5e-3 / 2
+#: PhotoGuard encoder attack step, 0.02 on [-1,1] = 0.01 on [0,1] (2.55/255).
+PHOTOGUARD_PGD_ALPHA = 0.02 / 2
+
+
+def antidreambooth_personalization(with_prior_preservation: bool = True, steps: int = 1000) -> PersonalizationConfig:
+    """The surrogate DreamBooth of Anti-DreamBooth's scripts: lr 5e-7, text encoder trained, batch 1, prior 1.0.
+
+    Used when a baseline is called without a ``personalization`` config. Real-size models only: on tiny/toy
+    models pass a config with a learning rate that moves them.
+    """
+    return PersonalizationConfig(method="dreambooth", learning_rate=5e-7, train_text_encoder=True, batch_size=1,
+                                 steps=steps, with_prior_preservation=with_prior_preservation, prior_loss_weight=1.0,
+                                 max_grad_norm=1.0)
+
+
+def _finalize(protected: torch.Tensor, images: torch.Tensor, budget: float) -> torch.Tensor:
+    """The hard guarantee every method ends with: project onto the ball around ``images``, clamp to [0,1]."""
+    out = project_linf(protected.detach().float().to(images.device), images.detach().float(), budget)
+    return out.clamp(0.0, 1.0).to(images.device)
+
+
+def _check(images: torch.Tensor, budget: float) -> None:
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (N,3,H,W), got {tuple(images.shape)}")
+    if not 0.0 <= budget <= 1.0:
+        raise ValueError(f"budget is an L-inf radius on [0,1] images (e.g. 8/255 = {8 / 255:.4f}), got {budget}")
+
+
+def _pers_loss(state: S.PersonalizationState, n: int, fixed_seed: int | None = None
+               ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> personalization loss of state on all n images`` (differentiable w.r.t. x).
+
+    With ``fixed_seed`` the state's generator is reseeded before every call, so each call uses the same
+    timesteps, noise and minibatch order (a deterministic objective); otherwise every call draws fresh ones.
+    """
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        if fixed_seed is not None:
+            state.generator.manual_seed(fixed_seed)
+        return S.loss(state, x, batch_size=n)[0]
+
+    return fn
+
+
+# ============================================================================ ASPL
+def protect_aspl(sd: SD, images: torch.Tensor, *, budget: float, steps: int = 50, surrogate_steps: int = 3,
+                 pgd_steps: int = 6, pgd_alpha: float = ANTIDB_PGD_ALPHA,
+                 personalization: PersonalizationConfig | None = None, class_images: torch.Tensor | None = None,
+                 eot_transforms: Sequence[str] | None = None, resample: bool = True, seed: int = 0,
+                 quiet: bool = False, history: list[dict] | None = None) -> torch.Tensor:
+    """Anti-DreamBooth ASPL. Defaults = the official script: 50 × (3 surrogate + 6 PGD), α = 0.64/255.
+
+    Per outer iteration ``k`` (the paper's Algorithm 2, with set A = clean copies of the images)::
+
+        θ' <- copy(θ);  θ' <- surrogate_steps DreamBooth steps on the clean images
+        x  <- pgd_steps PGD steps maximizing L_DB(θ', x) (resumed from the current x, ball around the clean images)
+        θ  <- surrogate_steps DreamBooth steps on the perturbed x
+
+    Args:
+        sd: the model the surrogate starts from (not modified).
+        images: (N,3,H,W) float32 in [0,1].
+        budget: L∞ radius on [0,1].
+        steps: outer iterations.
+        surrogate_steps, pgd_steps: inner steps per outer iteration.
+        pgd_alpha: PGD step on [0,1].
+        personalization: the surrogate's simulator config; must be ``dreambooth`` (ASPL copies the whole
+            fine-tuned model each iteration). Default :func:`antidreambooth_personalization`.
+        class_images: (M,3,H,W) prior-preservation images (required when the config uses prior preservation).
+        eot_transforms: optional EOT inside PGD (see :mod:`apdm.protect_images.pgd`).
+        resample: draw fresh timesteps/noise for every PGD step (the paper). ``False`` fixes one draw per outer
+            iteration (generator seed ``seed * 1_000_003 + 2k + 2``), making each PGD run a deterministic ascent.
+        history: if given, one dict per outer iteration is appended: ``{"iteration", "pgd_loss": [...]}`` (the
+            loss before each PGD step).
+
+    Returns:
+        (N,3,H,W) float32 in [0,1], ‖out − images‖∞ ≤ budget.
+    """
+    _check(images, budget)
+    cfg = personalization or antidreambooth_personalization(class_images is not None)
+    if cfg.method != "dreambooth":
+        raise ValueError(f"ASPL alternates full DreamBooth surrogates; personalization.method must be 'dreambooth', "
+                         f"got '{cfg.method}' (use fsmg for a fixed LoRA/TI surrogate)")
+    clean = images.detach().float().to(sd.device)
+    n = clean.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    theta = S.setup(sd, cfg, class_images)
+    theta.generator.manual_seed(seed)
+    x_adv = clean.clone()
+    bar = progress(range(steps), desc="aspl", disable=quiet)
+    for k in bar:
+        surrogate = S.setup(theta.sd, cfg, class_images)  # θ' = copy of θ (fresh optimizer, as each paper step)
+        surrogate.generator.manual_seed(seed * 1_000_003 + 2 * k + 1)
+        for _ in range(surrogate_steps):
+            S.step(surrogate, clean)
+        S.finish(surrogate)  # frozen: PGD gradients go to the pixels only
+        losses: list[float] = []
+        fixed = None if resample else seed * 1_000_003 + 2 * k + 2
+        x_adv = pgd_attack(clean, _pers_loss(surrogate, n, fixed), budget, pgd_alpha, pgd_steps, maximize=True,
+                           eot_transforms=eot_transforms, generator=gen, x_init=x_adv, history=losses)
+        del surrogate
+        for _ in range(surrogate_steps):
+            S.step(theta, x_adv)
+        if history is not None:
+            history.append({"iteration": k, "pgd_loss": losses})
+        if losses:
+            bar.set_postfix(pgd_loss=f"{losses[-1]:.4f}")
+    return _finalize(x_adv, images, budget)
+
+
+# ============================================================================ FSMG
+def train_surrogate(sd: SD, images: torch.Tensor, personalization: PersonalizationConfig,
+                    class_images: torch.Tensor | None = None, steps: int | None = None, seed: int = 0,
+                    quiet: bool = False) -> S.PersonalizationState:
+    """Fine-tune a surrogate (any simulator method) on the clean ``images`` and freeze it (FSMG's θ*)."""
+    state = S.setup(sd, personalization, class_images)
+    state.generator.manual_seed(seed)
+    clean = images.detach().float().to(sd.device)
+    n_steps = personalization.steps if steps is None else steps
+    for _ in progress(range(n_steps), desc=f"fsmg surrogate ({personalization.method})", disable=quiet):
+        S.step(state, clean)
+    S.finish(state)
+    return state
+
+
+def protect_fsmg(sd: SD, images: torch.Tensor, *, budget: float, steps: int = 100, pgd_alpha: float = ANTIDB_PGD_ALPHA,
+                 surrogate_steps: int | None = None, personalization: PersonalizationConfig | None = None,
+                 class_images: torch.Tensor | None = None, surrogate: S.PersonalizationState | None = None,
+                 eot_transforms: Sequence[str] | None = None, random_start: bool = False, resample: bool = True,
+                 seed: int = 0, quiet: bool = False) -> torch.Tensor:
+    """Anti-DreamBooth FSMG: PGD against a fixed surrogate fine-tuned on the clean images.
+
+    Defaults = the official script: a 1000-step DreamBooth surrogate (lr 5e-7), then 100 PGD steps at
+    α = 0.64/255. Any simulator method works as the surrogate (``dreambooth``/``lora``/``ti``).
+
+    Args:
+        steps: PGD iterations.
+        surrogate_steps: fine-tuning steps of the surrogate (default ``personalization.steps``).
+        surrogate: an already trained, frozen :class:`~apdm.personalization.simulator.PersonalizationState`
+            (from :func:`train_surrogate`) to reuse instead of training one.
+        resample: fresh timesteps/noise every PGD step (the paper); ``False`` reuses one draw (the surrogate's
+            generator reseeded with ``seed + 1`` before every loss), a deterministic ascent.
+        Other arguments as :func:`protect_aspl`.
+
+    Returns:
+        (N,3,H,W) float32 in [0,1], ‖out − images‖∞ ≤ budget.
+    """
+    _check(images, budget)
+    clean = images.detach().float().to(sd.device)
+    if surrogate is None:
+        cfg = personalization or antidreambooth_personalization(class_images is not None)
+        surrogate = train_surrogate(sd, clean, cfg, class_images, surrogate_steps, seed, quiet)
+    surrogate.generator.manual_seed(seed + 1)
+    loss_fn = _pers_loss(surrogate, clean.shape[0], None if resample else seed + 1)
+    x_adv = pgd_attack(clean, loss_fn, budget, pgd_alpha, steps, maximize=True, eot_transforms=eot_transforms,
+                       generator=torch.Generator().manual_seed(seed), random_start=random_start, quiet=quiet,
+                       desc="fsmg pgd")
+    return _finalize(x_adv, images, budget)
+
+
+# ============================================================================ AdvDM
+def advdm_loss(sd: SD, prompt: str = "a photo", mc_samples: int = 1, seed: int = 0, resample: bool = True
+               ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> E_{t,ε} ‖ε̂_θ(z_t, t, c) − ε‖²`` of the frozen model on the latents (posterior mean) of ``x``.
+
+    ``mc_samples`` (t, ε) draws per call, t ~ U{0..T-1}. ``resample=True`` continues one RNG stream (seeded
+    with ``seed``) across calls (fresh draws each PGD step); ``False`` restarts it at every call (fixed draws).
+    """
+    with torch.no_grad():
+        cond1 = D.encode_prompt(sd.text_encoder, sd.tokenizer, [prompt])
+    stream = torch.Generator().manual_seed(seed)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        gen = stream if resample else torch.Generator().manual_seed(seed)
+        z = D.encode_images(sd.vae, x).float()
+        cond = cond1.expand(z.shape[0], -1, -1)
+        losses = [D.noise_prediction_loss(sd.unet, sd.noise_scheduler, z, cond, generator=gen)
+                  for _ in range(mc_samples)]
+        return torch.stack(losses).mean()
+
+    return fn
+
+
+def protect_advdm(sd: SD, images: torch.Tensor, *, budget: float, steps: int = 100, pgd_alpha: float = 1 / 255,
+                  prompt: str = "a photo", mc_samples: int = 1, eot_transforms: Sequence[str] | None = None,
+                  random_start: bool = False, resample: bool = True, seed: int = 0, quiet: bool = False
+                  ) -> torch.Tensor:
+    """AdvDM / Mist v1 semantic mode: PGD maximizing the frozen model's noise-prediction loss.
+
+    Defaults = Mist v1: 100 steps at α = 1/255 (its ε = 16/255 is the caller's ``budget``). Each step draws fresh
+    timesteps ``t ~ U{0..T-1}`` and noise ε (``mc_samples`` draws averaged), the Monte Carlo estimate of
+    AdvDM's ∇_x E_t L_DM. The posterior *mean* of the VAE is used (a deterministic encoder makes the sign
+    gradient less noisy; the t/ε sampling is the paper's randomness).
+
+    Args:
+        prompt: conditioning of the frozen model ("a photo"; pass the class prompt to target a subject class).
+        mc_samples: (t, ε) draws averaged per PGD step.
+        resample: fresh draws every step (AdvDM); ``False`` reuses the same ``mc_samples`` draws every step
+            (``advdm_loss(sd, prompt, mc_samples, seed + 1, resample=False)`` reproduces that objective).
+        Other arguments as :func:`protect_aspl`.
+
+    Returns:
+        (N,3,H,W) float32 in [0,1], ‖out − images‖∞ ≤ budget.
+    """
+    _check(images, budget)
+    clean = images.detach().float().to(sd.device)
+    gen = torch.Generator().manual_seed(seed)
+    fn = advdm_loss(sd, prompt, mc_samples, seed + 1, resample)
+    x_adv = pgd_attack(clean, fn, budget, pgd_alpha, steps, maximize=True, eot_transforms=eot_transforms,
+                       generator=gen, random_start=random_start, quiet=quiet, desc="advdm pgd")
+    return _finalize(x_adv, images, budget)
+
+
+# ============================================================================ PhotoGuard
+def gray_target(images: torch.Tensor, value: float = 0.5) -> torch.Tensor:
+    """A flat gray target image batch shaped like ``images`` (PhotoGuard's default-style target)."""
+    return torch.full_like(images, value)
+
+
+def encoder_distance(sd: SD, images: torch.Tensor, z_target: torch.Tensor) -> torch.Tensor:
+    """Per-image ``‖E(x) − z_target‖₂`` over the latent (VAE posterior mean, scaled latents). Returns (N,)."""
+    z = D.encode_images(sd.vae, images).float()
+    return (z - z_target.float()).flatten(1).norm(dim=1)
+
+
+def protect_photoguard(sd: SD, images: torch.Tensor, *, budget: float, steps: int = 1000,
+                       pgd_alpha: float = PHOTOGUARD_PGD_ALPHA, target: torch.Tensor | None = None,
+                       alpha_decay: bool = True, eot_transforms: Sequence[str] | None = None,
+                       random_start: bool = True, seed: int = 0, quiet: bool = False) -> torch.Tensor:
+    """PhotoGuard encoder attack: PGD minimizing ``‖E(x + δ) − E(target)‖₂`` (mean over the batch).
+
+    Defaults = their img2img notebook: 1000 iterations, step 0.02 on [-1,1] (0.01 on [0,1]) decaying linearly to
+    1/100 of it, random start in the ball; their ε = 0.06 on [-1,1] (7.65/255) is the caller's ``budget``.
+
+    Args:
+        target: (1 or N,3,H,W) target image(s) in [0,1]; default flat gray (0.5).
+        alpha_decay: use the linear step decay (``False``: constant ``pgd_alpha``).
+        Other arguments as :func:`protect_aspl`.
+
+    Returns:
+        (N,3,H,W) float32 in [0,1], ‖out − images‖∞ ≤ budget.
+    """
+    _check(images, budget)
+    clean = images.detach().float().to(sd.device)
+    target = gray_target(clean[:1]) if target is None else target.detach().float().to(sd.device)
+    with torch.no_grad():
+        z_target = D.encode_images(sd.vae, target).float()
+    if z_target.shape[0] == 1:
+        z_target = z_target.expand(clean.shape[0], -1, -1, -1)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return encoder_distance(sd, x, z_target).mean()
+
+    alpha = linear_decay(pgd_alpha, steps) if alpha_decay else pgd_alpha
+    x_adv = pgd_attack(clean, fn, budget, alpha, steps, maximize=False, eot_transforms=eot_transforms,
+                       generator=torch.Generator().manual_seed(seed), random_start=random_start, quiet=quiet,
+                       desc="photoguard pgd")
+    return _finalize(x_adv, images, budget)
+
+
+#: method name -> ``protect(sd, images, *, budget, steps, ..., quiet)``.
+METHODS = {
+    "aspl": protect_aspl,
+    "fsmg": protect_fsmg,
+    "advdm": protect_advdm,
+    "photoguard": protect_photoguard,
+}
+
+#: what ``steps`` counts for each method, and its published default (for help texts and the runner).
+STEPS_MEANING = {
+    "aspl": ("outer iterations of (surrogate_steps + pgd_steps)", 50),
+    "fsmg": ("PGD iterations against the fixed surrogate", 100),
+    "advdm": ("PGD iterations", 100),
+    "photoguard": ("PGD iterations", 1000),
+}
+
+__all__ = ["METHODS", "STEPS_MEANING", "protect_aspl", "protect_fsmg", "protect_advdm", "protect_photoguard",
+           "train_surrogate", "advdm_loss", "encoder_distance", "gray_target", "antidreambooth_personalization",
+           "ANTIDB_PGD_ALPHA", "PHOTOGUARD_PGD_ALPHA"]

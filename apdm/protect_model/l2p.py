@@ -1,0 +1,348 @@
+"""Learning to Protect (L2P, APDM Algorithm 1): alternate simulated personalization and protection steps.
+
+::
+
+    θ  <- base UNet (fp32 master weights; all / selected blocks / LoRA adapters trainable)
+    φ  <- frozen original (never updated)
+    for j in 1..N_protect:                          # outer protection path
+        θ' <- copy of θ ;  G <- 0
+        for i in 1..N_per:                          # inner: the attacker's personalization (shared simulator)
+            θ' <- θ' - γ_per ∇L_per(θ')             #   one DreamBooth (or LoRA / TI) step
+            G  <- G + ∇_θ' L_protect(θ')            #   protection gradient at the personalized weights
+        θ  <- AdamW step on θ with gradient G       # first order: nothing is differentiated through the inner steps
+
+``L_protect = L_DPO + prior_loss_weight · L_ppl`` (:mod:`apdm.protect_model.losses`). With ``inner_steps = 0``
+the protection gradient is taken at θ itself (the paper's "without L2P" ablation).
+
+Design choices (see docs/protect_model.md):
+
+* the paper's clean gradient by default; ``gradient_leak=true`` reproduces the reference code, where the
+  personalization gradient ∇L_per(θ'_i) is added to each transferred gradient;
+* every random draw of outer step j comes from generators seeded by ``(seed, j)``, so a run resumed from a
+  checkpoint continues exactly as an uninterrupted one;
+* several subjects: outer step j protects subject ``j mod K`` (round robin);
+* θ trained as LoRA: φ is θ with its adapters disabled (no extra full copy), and the adapters are merged into
+  the UNet at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from apdm.config import PersonalizationConfig, ProtectConfig
+from apdm.core import diffusion as D
+from apdm.core.models import SD
+from apdm.personalization import simulator as S
+from apdm.protect_model.losses import dpo_loss, naive_loss
+from apdm.utils import LOG, atomic_write_json, progress
+
+
+@dataclass
+class Subject:
+    """One protected subject's tensors, all (N,3,H,W) in [0,1] on the model device.
+
+    Attributes:
+        images: the subject's photos (x⁻ of the DPO loss, instance images of the simulated attacker).
+        paired: generic class-prompt images from φ, one per photo (x⁺ of the DPO loss).
+        class_images: prior-preservation images of ``class_prompt`` from φ.
+    """
+
+    name: str
+    images: torch.Tensor
+    paired: torch.Tensor
+    class_images: torch.Tensor
+    instance_prompt: str
+    class_prompt: str
+
+
+# ============================================================================ θ and φ
+def prepare_theta(sd: SD, pcfg: ProtectConfig) -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]:
+    """Build θ, the UNet being protected: an fp32 copy of ``sd.unet`` with the requested trainable subset.
+
+    Returns:
+        (theta_unet, {name: parameter} of the trainable parameters).
+    """
+    theta = copy.deepcopy(sd.unet).to(torch.float32)
+    theta.requires_grad_(False)
+    if pcfg.trainable == "lora":
+        from peft import LoraConfig
+
+        theta.add_adapter(LoraConfig(r=pcfg.lora_rank, lora_alpha=pcfg.lora_rank, init_lora_weights=True,
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name="apdm")
+        names = [n for n, _ in theta.named_parameters() if "lora_" in n]
+    elif pcfg.trainable == "all":
+        names = [n for n, _ in theta.named_parameters()]
+    else:
+        keys = [k.strip() for k in pcfg.trainable.split(",") if k.strip()]
+        names = [n for n, _ in theta.named_parameters() if any(k in n for k in keys)]
+        if not names:
+            raise ValueError(f"protect.trainable='{pcfg.trainable}' matches no UNet parameter name")
+    params = dict(theta.named_parameters())
+    trainable = {n: params[n] for n in names}
+    for p in trainable.values():
+        p.requires_grad_(True)
+    return theta, trainable
+
+
+@contextlib.contextmanager
+def _phi(theta, phi):
+    """Yield the reference model φ: the frozen copy, or θ with its LoRA adapters switched off."""
+    if phi is not None:
+        yield phi
+        return
+    theta.disable_adapters()
+    try:
+        yield theta
+    finally:
+        theta.enable_adapters()
+
+
+def _autocast(device: torch.device, mode: str):
+    if mode in ("fp16", "bf16") and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16 if mode == "fp16" else torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ============================================================================ the protection loss at θ'
+def protection_loss(unet, phi_ctx, sd: SD, text_encoder, tokenizer, subject: Subject, instance_prompt: str,
+                    pcfg: ProtectConfig, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    """L_protect at the (personalized) weights ``unet``; differentiable w.r.t. ``unet``'s parameters.
+
+    Args:
+        unet: θ' (or θ when there is no inner loop).
+        phi_ctx: zero-argument callable returning a context manager that yields φ.
+        sd: the base model (VAE and schedule are read from it).
+        text_encoder, tokenizer: those of θ' (Textual Inversion adds its learned token there).
+        subject: the protected subject's tensors.
+        instance_prompt: the personalization prompt as the attacker uses it (TI: with its token).
+        pcfg: protection settings (loss, β, form, prior weight, batch size).
+        g: RNG for image choice, VAE posterior sample, noise and timesteps.
+    """
+    sched = sd.noise_scheduler
+    n, b = subject.images.shape[0], pcfg.batch_size
+    idx = torch.randint(n, (b,), generator=g)
+    cls_idx = torch.randint(subject.class_images.shape[0], (b,), generator=g)
+    vae_gen = torch.Generator(device=sd.vae.device).manual_seed(int(torch.randint(2**31, (1,), generator=g)))
+    with torch.no_grad():
+        lose = D.encode_images(sd.vae, subject.images[idx], sample=True, generator=vae_gen).float()
+        win = D.encode_images(sd.vae, subject.paired[idx], sample=True, generator=vae_gen).float()
+        cls = D.encode_images(sd.vae, subject.class_images[cls_idx], sample=True, generator=vae_gen).float()
+        c_inst = D.encode_prompt(text_encoder, tokenizer, [instance_prompt]).expand(b, -1, -1).float()
+        c_cls = D.encode_prompt(text_encoder, tokenizer, [subject.class_prompt]).expand(b, -1, -1).float()
+    dev = lose.device
+
+    def randn(shape):
+        return torch.randn(shape, generator=g).to(dev)
+
+    def randt(k):
+        return D.sample_timesteps(sched, k, dev, g)
+
+    with _autocast(dev, pcfg.mixed_precision):
+        # prior preservation L_ppl on a class image at its own noise and t
+        loss_ppl = D.noise_prediction_loss(unet, sched, cls, c_cls, randn(cls.shape), randt(b))
+        logs = {"loss_ppl": float(loss_ppl.detach())}
+        if pcfg.loss == "dpo":
+            noise, t = randn(lose.shape), randt(b)          # shared by x⁺ and x⁻, θ and φ
+            both = torch.cat([win, lose])
+            cond2, noise2, t2 = torch.cat([c_inst, c_inst]), torch.cat([noise, noise]), torch.cat([t, t])
+            err_theta = D.noise_prediction_loss(unet, sched, both, cond2, noise2, t2, reduction="elementwise")
+            with torch.no_grad(), phi_ctx() as phi:
+                err_ref = D.noise_prediction_loss(phi, sched, both, cond2, noise2, t2, reduction="elementwise")
+            et_w, et_l = err_theta.chunk(2)
+            er_w, er_l = err_ref.chunk(2)
+            loss_main = dpo_loss(et_w, er_w, et_l, er_l, beta=pcfg.beta, form=pcfg.dpo_form)
+            total = loss_main + pcfg.prior_loss_weight * loss_ppl
+            logs.update(loss_dpo=float(loss_main.detach()), mse_subject=float(et_l.mean().detach()),
+                        mse_paired=float(et_w.mean().detach()))
+        elif pcfg.loss == "naive":
+            loss_inst = D.noise_prediction_loss(unet, sched, lose, c_inst, randn(lose.shape), randt(b))
+            total = naive_loss(loss_inst, loss_ppl, pcfg.naive_lambda)
+            logs.update(mse_subject=float(loss_inst.detach()))
+        else:
+            raise ValueError(f"protect.loss must be 'dpo' or 'naive', got '{pcfg.loss}'")
+    logs["loss_protect"] = float(total.detach())
+    return total, logs
+
+
+# ============================================================================ one outer step
+def _seeded(seed: int, j: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + j * 7_919 + stream) % (2**63 - 1))
+
+
+def _map_inner_params(theta_names, inner_unet) -> dict[str, torch.nn.Parameter]:
+    """θ parameter name -> the same parameter of θ' (a LoRA attacker wraps layers: ``x.weight`` becomes
+    ``x.base_layer.weight``)."""
+    inner = dict(inner_unet.named_parameters())
+    out = {}
+    for n in theta_names:
+        prefix, leaf = n.rsplit(".", 1)
+        p = inner.get(n, inner.get(f"{prefix}.base_layer.{leaf}"))
+        if p is None:
+            raise RuntimeError(f"the personalized copy has no parameter matching protected '{n}'")
+        out[n] = p
+    return out
+
+
+def outer_step(j: int, theta, trainable: dict, phi, sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig,
+               pcfg: ProtectConfig, optimizer: torch.optim.Optimizer, seed: int) -> dict[str, float]:
+    """One protection step (outer iteration j of Algorithm 1). Updates θ in place; φ is never touched."""
+    subject = subjects[j % len(subjects)]
+    g = _seeded(seed, j, 1)
+    phi_ctx = lambda: _phi(theta, phi)  # noqa: E731
+    names = list(trainable)
+    acc = {n: torch.zeros_like(p) for n, p in trainable.items()}
+    logs_sum: dict[str, float] = {}
+    if pcfg.inner_steps == 0:  # "without L2P": protect at θ directly
+        loss, logs = protection_loss(theta, phi_ctx, sd, sd.text_encoder, sd.tokenizer, subject,
+                                     subject.instance_prompt, pcfg, g)
+        loss.backward()
+        for n, p in trainable.items():
+            acc[n] += p.grad
+            p.grad = None
+        logs_sum = logs
+        n_terms = 1
+    else:
+        # θ' = a fresh copy of θ, personalized by the shared simulator with a fresh optimizer
+        inner_sd = dataclasses.replace(sd, unet=theta)
+        cfg = dataclasses.replace(per_cfg, instance_prompt=subject.instance_prompt, class_prompt=subject.class_prompt,
+                                  seed=int(torch.randint(2**31, (1,), generator=_seeded(seed, j, 2))))
+        state = S.setup(inner_sd, cfg, subject.class_images)
+        if pcfg.gradient_checkpointing:
+            state.sd.unet.enable_gradient_checkpointing()
+        inner = _map_inner_params(names, state.sd.unet)
+        for p in inner.values():
+            p.requires_grad_(True)
+        for _ in range(pcfg.inner_steps):
+            S.step(state, subject.images)          # θ'_{i+1} = θ'_i - γ ∇L_per(θ'_i); leaves ∇L_per in .grad
+            if not pcfg.gradient_leak:
+                for p in inner.values():
+                    p.grad = None
+            loss, logs = protection_loss(state.sd.unet, phi_ctx, sd, state.sd.text_encoder, state.sd.tokenizer,
+                                         subject, state.instance_prompt, pcfg, g)
+            loss.backward()
+            for n, p in inner.items():
+                if p.grad is not None:
+                    acc[n] += p.grad
+                    p.grad = None
+            for k, v in logs.items():
+                logs_sum[k] = logs_sum.get(k, 0.0) + v
+        logs_sum = {k: v / pcfg.inner_steps for k, v in logs_sum.items()}
+        n_terms = pcfg.inner_steps
+        logs_sum["loss_personalization"] = sum(state.history) / len(state.history)
+        if cfg.method == "ti":  # TI shares θ's UNet object: leave it as it was
+            state.sd.unet.train(theta.training)
+        del state
+    for n, p in trainable.items():
+        p.grad = acc[n] / (n_terms if pcfg.grad_accum == "mean" else 1)
+    _all_reduce_grads(trainable)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return logs_sum
+
+
+def _all_reduce_grads(trainable: dict) -> None:
+    """Average the protection gradient over processes (``accelerate launch`` / torchrun data parallelism)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        for p in trainable.values():
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= world
+
+
+# ============================================================================ checkpoints
+def save_checkpoint(folder: Path, step: int, trainable: dict, optimizer: torch.optim.Optimizer,
+                    history: list[dict]) -> None:
+    """Write θ's trainable tensors and the optimizer state as safetensors, plus progress as JSON (atomically)."""
+    from safetensors.torch import save_file
+
+    from apdm.utils import atomic_dir
+
+    names = list(trainable)
+    tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in trainable.items()}
+    osd = optimizer.state_dict()
+    for idx, st in osd["state"].items():
+        for k, v in st.items():
+            tensors[f"opt/{names[idx]}/{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+    with atomic_dir(folder) as tmp:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        atomic_write_json(tmp / "progress.json", {"next_step": step, "param_groups": osd["param_groups"],
+                                                  "history": history})
+
+
+def load_checkpoint(folder: Path, trainable: dict, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]]:
+    """Restore what :func:`save_checkpoint` wrote; returns (next outer step, history)."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / "progress.json").read_text())
+    tensors = load_file(str(folder / "state.safetensors"))
+    names = list(trainable)
+    with torch.no_grad():
+        for n, p in trainable.items():
+            key = f"param/{n}"
+            if key not in tensors:
+                raise RuntimeError(f"{folder}: checkpoint does not match this model/config (missing {n})")
+            p.copy_(tensors[key].to(p.device, p.dtype))
+    state = {}
+    for i, n in enumerate(names):
+        st = {k.split("/")[-1]: v.to(trainable[n].device) for k, v in tensors.items()
+              if k.startswith(f"opt/{n}/")}
+        if st:
+            st["step"] = st["step"].cpu()
+            state[i] = st
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return int(meta["next_step"]), list(meta["history"])
+
+
+# ============================================================================ the loop
+def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcfg: ProtectConfig, seed: int = 0,
+            checkpoint_dir: str | Path | None = None, stop_after: int | None = None) -> tuple[torch.nn.Module, list[dict]]:
+    """Run APDM protection; returns (protected UNet (fp32, adapters merged), per-step logs).
+
+    Args:
+        sd: the base model; it is not modified.
+        subjects: the subjects to protect (see :class:`Subject`).
+        per_cfg: the simulated attacker (inner loop), normally DreamBooth.
+        pcfg: protection settings.
+        seed: base seed; outer step j's randomness depends only on (seed, j).
+        checkpoint_dir: where resumable checkpoints go (every ``pcfg.checkpoint_every`` steps).
+        stop_after: stop after this many outer steps *of this call* (for tests of interruption).
+    """
+    if pcfg.trainable == "lora" and per_cfg.method == "lora" and pcfg.inner_steps > 0:
+        raise ValueError("protect.trainable=lora cannot be combined with a LoRA attacker in the inner loop; "
+                         "use trainable=all or a list of blocks, or a dreambooth/ti attacker")
+    theta, trainable = prepare_theta(sd, pcfg)
+    phi = None if pcfg.trainable == "lora" else sd.unet  # the caller's UNet is only read, never trained
+    optimizer = S.make_optimizer(pcfg.optimizer, list(trainable.values()), lr=pcfg.learning_rate,
+                                 betas=(pcfg.adam_beta1, pcfg.adam_beta2), eps=pcfg.adam_epsilon,
+                                 weight_decay=pcfg.weight_decay)
+    start, history = 0, []
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    if ckpt is not None and pcfg.resume and (ckpt / "progress.json").is_file():
+        start, history = load_checkpoint(ckpt, trainable, optimizer)
+        LOG.info("resuming protection from outer step %d/%d (%s)", start, pcfg.outer_steps, ckpt)
+    theta.train()
+    bar = progress(range(start, pcfg.outer_steps), desc="protecting (L2P)", total=pcfg.outer_steps - start)
+    done = 0
+    for j in bar:
+        logs = outer_step(j, theta, trainable, phi, sd, subjects, per_cfg, pcfg, optimizer, seed)
+        history.append({"step": j, **{k: round(v, 6) for k, v in logs.items()}})
+        bar.set_postfix(protect=f"{logs.get('loss_protect', 0):.4f}", subj=f"{logs.get('mse_subject', 0):.3f}")
+        done += 1
+        if ckpt is not None and pcfg.checkpoint_every > 0 and (j + 1) % pcfg.checkpoint_every == 0:
+            save_checkpoint(ckpt, j + 1, trainable, optimizer, history)
+        if stop_after is not None and done >= stop_after:
+            if ckpt is not None:
+                save_checkpoint(ckpt, j + 1, trainable, optimizer, history)
+            break
+    theta.eval().requires_grad_(False)
+    if pcfg.trainable == "lora":
+        theta.fuse_lora(adapter_names=["apdm"])
+        theta.unload_lora()
+    return theta, history

@@ -1,0 +1,112 @@
+"""``apdm protect-model``: produce a protected checkpoint (diffusers folder, safetensors) with a model card."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from apdm.config import ProtectModelRunConfig, to_yaml
+from apdm.utils import LOG, atomic_write_json, atomic_write_text, peak_rss_mb, seed_everything
+
+
+def load_subjects(sd, cfg: ProtectModelRunConfig, quiet: bool = False):
+    """Load each subject's photos and generate (or reuse cached) class and paired images from the base model."""
+    from apdm.core.images import list_images, load_images
+    from apdm.personalization.simulator import class_images_for
+    from apdm.protect_model.l2p import Subject
+
+    if not cfg.subjects:
+        raise ValueError("no subjects to protect: set subjects=[{instance_data: DIR, instance_prompt: ..., "
+                         "class_prompt: ...}] in the recipe")
+    size = cfg.resolution or sd.resolution
+    subjects, skipped = [], []
+    for k, sc in enumerate(cfg.subjects):
+        if not sc.instance_data:
+            raise ValueError(f"subjects[{k}].instance_data is empty")
+        src = sc.instance_data.split(",") if "," in sc.instance_data else sc.instance_data
+        images, ok, errors = load_images(list_images(src), size=size)
+        for e in errors:
+            LOG.warning("skipped %s: %s", e["path"], e["error"])
+        skipped += errors
+        if not ok:
+            raise ValueError(f"subjects[{k}]: no usable images in {sc.instance_data}")
+        base = dataclasses.replace(cfg.personalization, class_prompt=sc.class_prompt,
+                                   num_class_images=cfg.protect.num_class_images, with_prior_preservation=True,
+                                   method="dreambooth")
+        class_images = class_images_for(sd, base, quiet=quiet)
+        # x⁺: N generic images of the class prompt, one per photo, from another seed than the prior images
+        paired = class_images_for(sd, dataclasses.replace(base, num_class_images=len(ok), seed=base.seed + 7777),
+                                  quiet=quiet)
+        subjects.append(Subject(name=Path(str(src)).name if isinstance(src, str) else f"subject{k}",
+                                images=images.to(sd.device), paired=paired.to(sd.device),
+                                class_images=class_images.to(sd.device), instance_prompt=sc.instance_prompt,
+                                class_prompt=sc.class_prompt))
+        LOG.info("subject %d: %d photos from %s, prompt '%s'", k, len(ok), sc.instance_data, sc.instance_prompt)
+    return subjects, skipped
+
+
+def run(cfg: ProtectModelRunConfig) -> dict:
+    """Protect ``cfg.model`` against personalization of ``cfg.subjects``; write the protected model folder.
+
+    Output::
+
+        output_dir/config.yaml          resolved config
+        output_dir/checkpoint/          resumable state (removed when the run completes)
+        output_dir/model/               the protected model (StableDiffusionPipeline.from_pretrained loads it)
+        output_dir/model/README.md      model card: protected prompts (never the photos), settings
+        output_dir/protect_log.json     per-outer-step losses, timings
+    """
+    from apdm.core.models import load_sd, save_sd
+    from apdm.protect_model.l2p import protect
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", to_yaml(cfg))
+    seed_everything(cfg.seed)
+    sd = load_sd(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.revision)
+    subjects, skipped = load_subjects(sd, cfg, cfg.quiet)
+    p = cfg.protect
+    LOG.info("APDM: %s loss, %d outer x %d inner steps, lr %g, trainable=%s, %d subject(s)", p.loss,
+             p.outer_steps, p.inner_steps, p.learning_rate, p.trainable, len(subjects))
+    t0 = time.perf_counter()
+    unet, history = protect(sd, subjects, cfg.personalization, p, seed=cfg.seed, checkpoint_dir=out / "checkpoint")
+    seconds = time.perf_counter() - t0
+    protected = dataclasses.replace(sd, unet=unet.to(sd.dtype), source=f"apdm-protected({sd.source})")
+    save_sd(protected, out / "model")
+    card = model_card(cfg, history, seconds)
+    atomic_write_text(out / "model" / "README.md", card)
+    summary = {"seconds_protect": round(seconds, 2), "outer_steps": p.outer_steps, "inner_steps": p.inner_steps,
+               "seconds_per_outer_step": round(seconds / max(1, len(history)), 3) if history else None,
+               "skipped_inputs": skipped, "peak_rss_mb": round(peak_rss_mb(), 1), "history": history}
+    atomic_write_json(out / "protect_log.json", summary)
+    import shutil
+
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    LOG.info("protected model written to %s (%.1f s)", out / "model", seconds)
+    return summary
+
+
+def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, results: dict | None = None) -> str:
+    """Markdown model card: what is protected (prompts only, never images), how, and measured results."""
+    p = cfg.protect
+    lines = [
+        "---", "tags: [apdm, anti-personalization, stable-diffusion]", "---", "",
+        "# Protected checkpoint (apdm protect-model)", "",
+        f"Base model: `{cfg.model.path}`. This UNet was fine-tuned with APDM (DPO loss + Learning-to-Protect) so "
+        "that personalizing it on the protected subject(s) fails, while other prompts keep working.", "",
+        "## Protected subjects (prompts only; the photos are not included)", "",
+    ]
+    lines += [f"- instance prompt `{s.instance_prompt}`, class prompt `{s.class_prompt}`" for s in cfg.subjects]
+    lines += ["", "## Settings", "", "```yaml", to_yaml(cfg).strip(), "```", "",
+              f"Protection took {seconds:.0f} s for {len(history)} outer steps.", ""]
+    if history:
+        last = history[-1]
+        lines += ["Final protection losses: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k != "step"), ""]
+    if results:
+        lines += ["## Measured results", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in results.items()]
+    lines += ["", "Settings as a dict are also in `../config.yaml`.", ""]
+    return "\n".join(lines)

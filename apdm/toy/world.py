@@ -1,0 +1,153 @@
+"""The toy world as one object: where its model and instruments live, its datasets, its build and sampling.
+
+``apdm toy build`` runs :func:`build`: draw the pretraining set, pretrain the SD-format model
+(:mod:`apdm.toy.model`), train the instruments (:mod:`apdm.toy.instruments`), and write both to the cache
+(``<apdm cache>/toy``). The committed copy under ``assets/toy`` (fp16) is used when no cache exists, so the demo
+and the tests need no rebuild. Engines never import this module: they receive a model path like any other.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from apdm.toy import draw
+from apdm.toy.model import ToyModelConfig, ToyTrainConfig
+from apdm.utils import LOG, atomic_write_json, cache_dir
+
+REPO_ASSETS = Path(__file__).resolve().parents[2] / "assets" / "toy"
+
+
+def toy_root(prefer_cache: bool = True) -> Path:
+    """Folder holding ``model/`` and ``instruments/``: the user cache if built there, else the repo's assets."""
+    cached = cache_dir() / "toy"
+    if prefer_cache and (cached / "model" / "model_index.json").is_file():
+        return cached
+    if (REPO_ASSETS / "model" / "model_index.json").is_file():
+        return REPO_ASSETS
+    return cached
+
+
+def model_path() -> Path:
+    """The toy model folder (diffusers format). Raises FileNotFoundError with the fix if it does not exist."""
+    p = toy_root() / "model"
+    if not (p / "model_index.json").is_file():
+        raise FileNotFoundError(f"no toy-world model at {p}: run `apdm toy build` first")
+    return p
+
+
+def instruments_path() -> Path:
+    """The toy instruments folder (safetensors + JSON)."""
+    for root in (toy_root(), REPO_ASSETS, cache_dir() / "toy"):
+        if (root / "instruments").is_dir() and any((root / "instruments").glob("*.safetensors")):
+            return root / "instruments"
+    raise FileNotFoundError("no toy-world instruments found: run `apdm toy build` first")
+
+
+# ============================================================================ datasets
+def pretraining_set(num_identities: int, images_per_identity: int, seed: int = 0, size: int = 64,
+                    classes=draw.CLASSES) -> tuple[torch.Tensor, list[list[str]]]:
+    """Images of *pretraining* identities of every class with caption variants for each image.
+
+    Returns:
+        (images (N,3,size,size) float32 in [0,1], captions: per image a list of caption strings of varying
+        detail: the class caption, the full attribute caption and two partial ones).
+    """
+    ids_all = draw.split()["pretrain"]
+    images, captions = [], []
+    for cls in classes:
+        ids = ids_all[:num_identities]
+        arr, idx, _ = draw.render_dataset(cls, ids, images_per_identity, seed=seed, size=size, detail="class")
+        images.append(draw.to_tensor(arr))
+        for i, ident_idx in enumerate(idx.tolist()):
+            ident = draw.identity_from_index(cls, ident_idx)
+            rng = np.random.default_rng([seed, draw.CLASSES.index(cls), ident_idx, i, 99])
+            captions.append([draw.caption(ident, cls, "class"), draw.caption(ident, cls, "full"),
+                             draw.caption(ident, cls, "partial", rng), draw.caption(ident, cls, "partial", rng)])
+    return torch.cat(images), captions
+
+
+@dataclass
+class HeldoutSubject:
+    """A held-out identity (never seen in pretraining) used as a personalization target."""
+
+    cls: str
+    index: int
+    identity: dict
+    images: torch.Tensor            # (n,3,H,W) in [0,1]: the subject's "photos"
+    references: torch.Tensor        # (m,3,H,W): other photos of the same identity (ISM references)
+    class_prompt: str = ""
+    instance_prompt: str = ""
+    full_caption: str = ""
+
+
+def heldout_subjects(n: int, cls: str = "person", num_images: int = 4, num_references: int = 8, size: int = 64,
+                     seed: int = 0, offset: int = 0) -> list[HeldoutSubject]:
+    """``n`` held-out subjects of class ``cls``, each with training photos and separate reference photos."""
+    ids = draw.split()["heldout"][offset:offset + n]
+    out = []
+    for idx in ids:
+        ident = draw.identity_from_index(cls, idx)
+        arr, _, _ = draw.render_dataset(cls, [idx], num_images + num_references, seed=seed + 1, size=size)
+        t = draw.to_tensor(arr)
+        word = cls
+        out.append(HeldoutSubject(cls=cls, index=idx, identity=ident, images=t[:num_images],
+                                  references=t[num_images:], class_prompt=f"a photo of a {word}",
+                                  instance_prompt=f"a photo of sks {word}",
+                                  full_caption=draw.caption(ident, cls, "full")))
+    return out
+
+
+# ============================================================================ build
+@dataclass
+class ToyBuildConfig:
+    """``apdm toy build``: everything needed to rebuild the committed toy world from scratch."""
+
+    model: ToyModelConfig = field(default_factory=ToyModelConfig)
+    train: ToyTrainConfig = field(default_factory=ToyTrainConfig)
+    #: where to write; empty = the user cache (``<apdm cache>/toy``).
+    output_dir: str = ""
+    #: also copy the result (fp16) into the repo's assets/toy.
+    write_assets: bool = False
+    skip_model: bool = False
+    skip_instruments: bool = False
+    instruments_quick: bool = False
+    seed: int = 0
+    quiet: bool = False
+
+
+def build(cfg: ToyBuildConfig) -> dict:
+    """Build the toy world (model and instruments) and return a report (also written as ``build_report.json``)."""
+    from apdm.toy.model import pretrain
+
+    root = Path(cfg.output_dir) if cfg.output_dir else cache_dir() / "toy"
+    root.mkdir(parents=True, exist_ok=True)
+    report: dict = {}
+    t0 = time.perf_counter()
+    if not cfg.skip_model:
+        LOG.info("toy build: pretraining the diffusion model (this takes a while; progress bars follow)")
+        report["model"] = pretrain(root / "model", cfg.model, cfg.train, fp16=True)
+    if not cfg.skip_instruments:
+        from apdm.toy.instruments import train_instruments
+
+        LOG.info("toy build: training the instruments (identity encoder, detector, features)")
+        _, report["instruments"] = train_instruments(root / "instruments", seed=cfg.seed,
+                                                     quick=cfg.instruments_quick, quiet=cfg.quiet)
+    report["seconds_total"] = round(time.perf_counter() - t0, 1)
+    atomic_write_json(root / "build_report.json", report)
+    if cfg.write_assets:
+        import shutil
+
+        for part in ("model", "instruments"):
+            if (root / part).is_dir():
+                dst = REPO_ASSETS / part
+                if dst.exists():
+                    shutil.rmtree(dst)
+                shutil.copytree(root / part, dst)
+        shutil.copy(root / "build_report.json", REPO_ASSETS / "build_report.json")
+    LOG.info("toy world built in %.0f s at %s", report["seconds_total"], root)
+    return report

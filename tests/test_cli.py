@@ -1,0 +1,154 @@
+"""The CLI in-process: help, config errors, and each command end to end on the tiny pipeline."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from apdm.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_help_is_fast_and_lists_commands():
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "apdm", "--help"], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.returncode == 0
+    for cmd in ("protect-model", "protect-images", "evaluate", "personalize", "bench", "toy"):
+        assert cmd in out.stdout
+    heavy = [line for line in out.stderr.splitlines() if line.rstrip().endswith(("| torch", "| diffusers"))]
+    assert not heavy, "apdm --help must not import torch/diffusers"
+
+
+def test_config_errors_exit_2(capsys):
+    assert main(["personalize", "personalization.stepz=3"]) == 2
+    assert "unknown key 'personalization.stepz'" in capsys.readouterr().err
+    assert main(["personalize", "--config", "does/not/exist.yaml"]) == 2
+    assert main(["personalize", "notakeyvalue"]) == 2
+
+
+def test_print_config_applies_overrides(capsys):
+    assert main(["personalize", "--config", str(ROOT / "recipes/tiny-lora.yaml"), "--print-config",
+                 "personalization.steps=7", "output_dir=/tmp/o"]) == 0
+    text = capsys.readouterr().out
+    assert "steps: 7" in text and "output_dir: /tmp/o" in text and "method: lora" in text
+
+
+def test_bench_unknown_name(capsys):
+    assert main(["bench", "nope"]) == 2
+    assert "toy-world" in capsys.readouterr().err
+
+
+def test_personalize_dreambooth_recipe_end_to_end(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "db"
+    rc = main(["personalize", "--config", str(ROOT / "recipes/tiny-dreambooth.yaml"), f"output_dir={out}",
+               f"instance_data={ROOT / 'assets/examples/subject'}", "personalization.steps=3", "quiet=true",
+               f"personalization.class_data_dir={tmp_path / 'cls'}"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["num_instance_images"] == 4
+    assert (out / "samples" / "grid.png").is_file() and len(list((out / "samples").glob("0*_*.png"))) == 4
+    pipe = StableDiffusionPipeline.from_pretrained(str(out / "model"))
+    assert pipe.unet is not None
+
+
+def test_personalize_missing_data_is_a_clear_error(tmp_path, caplog):
+    rc = main(["personalize", "--config", str(ROOT / "recipes/tiny-ti.yaml"), f"output_dir={tmp_path}",
+               f"instance_data={tmp_path / 'nothing'}", "quiet=true"])
+    assert rc == 1
+
+
+def _make_messy_folder(folder: Path) -> dict:
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    rgb = (torch.rand(37, 51, 3, generator=g) * 255).byte().numpy()
+    Image.fromarray(rgb).save(folder / "a_rgb.png")
+    Image.fromarray(rgb[..., 0]).save(folder / "b_gray.png")                       # grayscale
+    Image.fromarray(rgb).convert("CMYK").save(folder / "c_cmyk.jpg", quality=95)   # CMYK JPEG
+    im = Image.fromarray(rgb[:, :40])
+    exif = im.getexif()
+    exif[0x0112] = 6                                                              # rotate 90° on display
+    im.save(folder / "d_exif.jpg", exif=exif, quality=95)
+    (folder / "e_corrupt.png").write_bytes((folder / "a_rgb.png").read_bytes()[:60])  # truncated
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+
+
+def test_protect_images_messy_folder(tmp_path):
+    from apdm.core.images import load_image
+
+    src = tmp_path / "photos"
+    before = _make_messy_folder(src)
+    out = tmp_path / "protected"
+    rc = main(["protect-images", "--method", "advdm", "--budget", "8/255", "--input", str(src), "--output", str(out),
+               "model.path=tiny", "model.device=cpu", "steps=2", "quiet=true"])
+    assert rc == 0
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()}
+    assert after == before  # inputs byte-identical
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_protected"] == 4 and manifest["num_failed"] == 1
+    assert "e_corrupt.png" in manifest["failed"][0]["input"] and manifest["failed"][0]["error"]
+    assert manifest["budget"] == "8/255"
+    for entry in manifest["images"]:
+        orig, prot = load_image(entry["input"]), load_image(entry["output"])
+        assert prot.size == orig.size  # original resolution (EXIF-rotated one is upright: 40x37)
+        diff = (prot.pixels * 255).round() - (orig.pixels * 255).round()
+        assert diff.abs().max() <= 8
+        assert entry["output"].endswith(".png")
+    rotated = next(e for e in manifest["images"] if "d_exif" in e["input"])
+    assert rotated["size_hw"] == [40, 37]
+
+
+def test_evaluate_end_to_end_and_resume(tmp_path):
+    from html.parser import HTMLParser
+
+    clean = tmp_path / "clean"
+    prot = tmp_path / "prot"
+    clean.mkdir(); prot.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        x = (torch.rand(64, 64, 3, generator=g) * 255).byte().numpy()
+        Image.fromarray(x).save(clean / f"{i}.png")
+        Image.fromarray((255 - x)).save(prot / f"{i}.png")
+    out = tmp_path / "eval"
+    args = ["evaluate", "model.path=tiny", "model.device=cpu", f"output_dir={out}", "quiet=true", "label=test",
+            f"subjects=[{{name: s1, clean_data: {clean}, protected_data: {prot}}}]",
+            "scenarios=[all_clean, all_perturbed]", "attacks=[none, 'jpeg:quality=50']",
+            "personalizations=[{method: lora, steps: 2, learning_rate: 0.001, with_prior_preservation: false}]",
+            "sample.num_images_per_prompt=2", "sample.num_inference_steps=2", "sample.prompts=[a photo of sks person]",
+            "metrics.features=none", "metrics.brisque=false"]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    recs = res["records"]
+    cells = {(r["scenario"], r["attack"]) for r in recs if r["name"] == "seconds"}
+    assert cells == {("all_clean", "none"), ("all_clean", "jpeg:quality=50"), ("all_perturbed", "none"),
+                     ("all_perturbed", "jpeg:quality=50")}
+    for r in recs:
+        assert {"label", "subject", "scenario", "attack", "personalization", "metric", "value", "impl", "n"} <= set(r)
+        assert "@" in r["metric"]
+    assert any(r["name"] == "psnr" and r["scenario"] == "-" for r in recs)     # clean vs protected fidelity
+    assert any(r["name"] == "dino" and r["available"] is False and r["reason"] for r in recs)
+
+    class Imgs(HTMLParser):
+        srcs: list = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                self.srcs.append(dict(attrs)["src"])
+
+    parser = Imgs()
+    parser.feed((out / "report.html").read_text())
+    assert len(parser.srcs) >= 6
+    assert all((out / s).is_file() for s in parser.srcs)
+
+    # resume: a second run recomputes nothing (cell files untouched)
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    assert main(args) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == stamps
+    assert json.loads((out / "results.json").read_text())["records"] == recs

@@ -1,0 +1,300 @@
+"""Image-protection engines on the tiny pipeline: PGD arithmetic, the budget guarantee of every method, each
+attack moving its own objective the intended way, and LDU's ρ (size, gradient path, training, save/load)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from apdm.config import PersonalizationConfig
+from apdm.core import diffusion as D
+from apdm.personalization import simulator as S
+from apdm.protect_images import baselines as B
+from apdm.protect_images import ldu
+from apdm.protect_images.pgd import EOT_TRANSFORMS, eot_jpeg, gaussian_blur, linear_decay, pgd_attack
+
+BUDGET = 8 / 255
+TOL = 1e-6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _honour_omp_num_threads():
+    """Use OMP_NUM_THREADS torch threads when set (two threads on a busy 2-core machine run ~20x slower)."""
+    old = torch.get_num_threads()
+    n = os.environ.get("OMP_NUM_THREADS", "")
+    if n.isdigit() and int(n) > 0:
+        torch.set_num_threads(int(n))
+    yield
+    torch.set_num_threads(old)
+
+
+def _db_cfg(**kw):
+    base = dict(method="dreambooth", learning_rate=1e-3, batch_size=2, with_prior_preservation=False,
+                max_grad_norm=0, adam_weight_decay=0.0, sample_vae_posterior=False, steps=3)
+    base.update(kw)
+    return PersonalizationConfig(**base)
+
+
+def _ti_cfg(**kw):
+    base = dict(method="ti", learning_rate=5e-2, batch_size=2, with_prior_preservation=False, max_grad_norm=0,
+                adam_weight_decay=0.0, sample_vae_posterior=False, steps=3)
+    base.update(kw)
+    return PersonalizationConfig(**base)
+
+
+def _fixed_pers_loss(state, images, seeds=range(4)):
+    """The simulator loss on fixed noise/timesteps (reseeded generator), averaged over a few draws."""
+    vals = []
+    for s in seeds:
+        state.generator.manual_seed(1000 + s)
+        with torch.no_grad():
+            vals.append(S.loss(state, images, batch_size=images.shape[0])[0].item())
+    return sum(vals) / len(vals)
+
+
+def _assert_budget(out, images, budget=BUDGET):
+    assert out.shape == images.shape and out.dtype == torch.float32
+    assert float((out - images).abs().max()) <= budget + TOL
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+
+
+# ============================================================================ PGD
+def test_pgd_linear_loss_reaches_the_ball_corner():
+    """For L(x) = <w, x>, PGD with enough steps ends exactly at clamp(x ± ε·sign(w)) (the analytic optimum)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 16, 16, generator=g)
+    w = torch.randn(2, 3, 16, 16, generator=g)
+    eps = 6 / 255
+    up = pgd_attack(x, lambda z: (w * z).sum(), eps, eps / 3, 5, maximize=True)
+    down = pgd_attack(x, lambda z: (w * z).sum(), eps, eps / 3, 5, maximize=False)
+    torch.testing.assert_close(up, (x + eps * w.sign()).clamp(0, 1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(down, (x - eps * w.sign()).clamp(0, 1), atol=1e-6, rtol=0)
+    # a random start stays in the ball, and zero steps return the projected start
+    start = pgd_attack(x, lambda z: (w * z).sum(), eps, eps, 0, random_start=True, generator=g)
+    _assert_budget(start, x, eps)
+    assert not torch.equal(start, x)
+
+
+def test_pgd_resumes_from_x_init_and_projects_it():
+    x = torch.full((1, 3, 8, 8), 0.5)
+    far = x + 0.3
+    out = pgd_attack(x, lambda z: z.sum(), 4 / 255, 1 / 255, 0, x_init=far)
+    torch.testing.assert_close(out, x + 4 / 255)
+
+
+def test_linear_decay_schedule():
+    s = linear_decay(0.01, 100)
+    assert s(0) == pytest.approx(0.01) and s(100) == pytest.approx(1e-4) and s(50) == pytest.approx(0.00505)
+
+
+def test_eot_transforms_shapes_and_gradients():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 32, 32, generator=g, requires_grad=True)
+    for name, fn in EOT_TRANSFORMS.items():
+        y = fn(x, g)
+        assert y.shape == x.shape, name
+        grad, = torch.autograd.grad(y.sum(), x)
+        assert float(grad.abs().sum()) > 0, name
+    # blur keeps a constant image constant (normalized kernel, reflect padding)
+    flat = torch.full((1, 3, 16, 16), 0.3)
+    torch.testing.assert_close(gaussian_blur(flat, 1.5), flat)
+    # JPEG: forward is a real (lossy) JPEG, backward the identity (straight-through)
+    w = torch.randn(x.shape, generator=g)
+    y = eot_jpeg(x, g)
+    assert float((y - x).abs().max()) > 1 / 255
+    grad, = torch.autograd.grad((w * y).sum(), x)
+    torch.testing.assert_close(grad, w)
+
+
+def test_pgd_with_eot_keeps_budget_and_ascends():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 32, 32, generator=g)
+    w = torch.randn(2, 3, 32, 32, generator=g)
+
+    def loss(z):
+        return (w * z).sum()
+
+    out = pgd_attack(x, loss, BUDGET, 2 / 255, 4, eot_transforms=["flip", "blur", "resize", "jpeg"], generator=g)
+    _assert_budget(out, x)
+    assert loss(out) > loss(x)
+
+
+# ============================================================================ every method keeps the budget
+def _run_method(name, sd, images):
+    if name == "aspl":
+        return B.protect_aspl(sd, images, budget=BUDGET, steps=1, surrogate_steps=1, pgd_steps=2,
+                              pgd_alpha=2 / 255, personalization=_db_cfg(), quiet=True)
+    if name == "fsmg":
+        return B.protect_fsmg(sd, images, budget=BUDGET, steps=3, pgd_alpha=2 / 255, surrogate_steps=1,
+                              personalization=_ti_cfg(), random_start=True, quiet=True)
+    if name == "advdm":
+        return B.protect_advdm(sd, images, budget=BUDGET, steps=3, pgd_alpha=2 / 255, random_start=True, quiet=True)
+    if name == "photoguard":
+        return B.protect_photoguard(sd, images, budget=BUDGET, steps=3, quiet=True)
+    if name == "ldu":
+        rho = ldu.build_rho(sd.unet.config.in_channels, 32, seed=3)
+        with torch.no_grad():  # a large random ρ, so the raw output exceeds the budget and projection must act
+            rho.conv_out.weight.normal_(0, 0.5)
+        return ldu.apply(sd, rho, images, BUDGET, denoise_steps=2, quiet=True)
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", [*B.METHODS, "ldu"])
+def test_budget_guarantee(tiny_sd, name):
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    images[0, :, :8] = 0.0  # saturated regions: the [0,1] clamp must hold together with the ball
+    images[1, :, -8:] = 1.0
+    out = _run_method(name, tiny_sd, images)
+    _assert_budget(out, images)
+    assert float((out - images).abs().max()) > 0.5 / 255, "the method did not perturb at all"
+
+
+def test_methods_dict_is_literal_and_uniform():
+    import inspect
+
+    assert set(B.METHODS) == {"aspl", "fsmg", "advdm", "photoguard"}
+    for fn in B.METHODS.values():
+        params = inspect.signature(fn).parameters
+        for p in ("budget", "steps", "quiet", "seed"):
+            assert params[p].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def test_aspl_rejects_non_dreambooth(tiny_sd, rand_images):
+    with pytest.raises(ValueError, match="dreambooth"):
+        B.protect_aspl(tiny_sd, rand_images, budget=BUDGET, steps=1, personalization=_ti_cfg(), quiet=True)
+
+
+# ============================================================================ each attack moves its objective
+def test_fsmg_raises_surrogate_loss(tiny_sd, rand_images):
+    surrogate = B.train_surrogate(tiny_sd, rand_images, _db_cfg(batch_size=4), steps=3, quiet=True)
+    before = _fixed_pers_loss(surrogate, rand_images)
+    out = B.protect_fsmg(tiny_sd, rand_images, budget=BUDGET, steps=6, pgd_alpha=2 / 255, surrogate=surrogate,
+                         quiet=True)
+    after = _fixed_pers_loss(surrogate, out)
+    assert after > before, (before, after)
+
+
+def test_aspl_raises_dreambooth_loss(tiny_sd, rand_images):
+    cfg = _db_cfg(batch_size=4)
+    out = B.protect_aspl(tiny_sd, rand_images, budget=BUDGET, steps=2, surrogate_steps=1, pgd_steps=3,
+                         pgd_alpha=2 / 255, personalization=cfg, quiet=True)
+    # a surrogate fine-tuned on the clean images (what ASPL attacks at every outer step)
+    judge = B.train_surrogate(tiny_sd, rand_images, cfg, steps=2, seed=1, quiet=True)
+    before, after = _fixed_pers_loss(judge, rand_images), _fixed_pers_loss(judge, out)
+    assert after > before, (before, after)
+
+
+def test_advdm_raises_frozen_denoising_loss(tiny_sd, rand_images):
+    def fixed(x):
+        g = torch.Generator().manual_seed(11)
+        z = D.encode_images(tiny_sd.vae, x)
+        cond = D.encode_prompt(tiny_sd.text_encoder, tiny_sd.tokenizer, ["a photo"]).expand(len(x), -1, -1)
+        noise = torch.randn(z.shape, generator=g)
+        t = torch.randint(0, 1000, (len(x),), generator=g)
+        with torch.no_grad():
+            return D.noise_prediction_loss(tiny_sd.unet, tiny_sd.noise_scheduler, z, cond, noise, t).item()
+
+    out = B.protect_advdm(tiny_sd, rand_images, budget=BUDGET, steps=6, pgd_alpha=2 / 255, mc_samples=2, quiet=True)
+    with torch.no_grad():
+        assert fixed(out) > fixed(rand_images)
+
+
+def test_photoguard_pulls_latent_to_target(tiny_sd, rand_images):
+    with torch.no_grad():
+        z_target = D.encode_images(tiny_sd.vae, B.gray_target(rand_images[:1])).expand(len(rand_images), -1, -1, -1)
+        before = B.encoder_distance(tiny_sd, rand_images, z_target)
+    out = B.protect_photoguard(tiny_sd, rand_images, budget=BUDGET, steps=8, random_start=False, quiet=True)
+    with torch.no_grad():
+        after = B.encoder_distance(tiny_sd, out, z_target)
+    assert bool((after < before).all()), (before, after)
+
+
+# ============================================================================ LDU
+def test_rho_parameter_count():
+    rho = ldu.build_rho(4, 32)
+    n = ldu.count_parameters(rho)
+    assert 100_000 <= n <= 200_000
+    assert n == 155_204  # the layer formula in RhoUNet's docstring
+    z = torch.randn(1, 4, 9, 7)  # odd latent sizes work
+    assert rho(z).shape == z.shape
+
+
+def test_inversion_grid_must_contain_denoising_top_level(tiny_sd):
+    sched = tiny_sd.noise_scheduler
+    assert ldu.inversion_end_step(sched, 4, 4) == 4
+    assert D.ddim_timesteps(sched, 40)[::-1][ldu.inversion_end_step(sched, 40, 4) - 1] == D.ddim_timesteps(sched, 4)[0]
+    with pytest.raises(ValueError, match="does not contain"):
+        ldu.inversion_end_step(sched, 50, 4)
+
+
+def test_identity_rho_returns_the_original_in_delta_mode(tiny_sd, rand_images):
+    rho = ldu.build_rho(4, 32)
+    with torch.no_grad():
+        rho.conv_out.weight.zero_()
+    out = ldu.apply(tiny_sd, rho, rand_images, 1.0, denoise_steps=2, quiet=True)
+    torch.testing.assert_close(out, rand_images, atol=1e-6, rtol=0)
+    # the paper's literal decode is a reconstruction, far from x0 for the random tiny model
+    dec = ldu.apply(tiny_sd, rho, rand_images, 1.0, denoise_steps=2, output_mode="decode", quiet=True)
+    assert float((dec - rand_images).abs().mean()) > 0.05
+
+
+def test_gradient_reaches_every_rho_tensor_through_denoiser(tiny_sd, rand_images):
+    sampling = {"denoise_steps": 2}
+    prepared = ldu.prepare(tiny_sd, rand_images[:2], sampling)
+    rho = ldu.build_rho(4, 32)
+    state = S.setup(tiny_sd, _ti_cfg())
+    out = ldu.perturb(tiny_sd, rho, prepared, sampling, checkpoint=True)
+    loss, _ = S.loss(state, out, batch_size=2)
+    loss.backward()
+    for name, p in rho.named_parameters():
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
+    # and a training step moves every tensor of ρ
+    fresh = ldu.build_rho(4, 32, seed=0)
+    trained = ldu.train_perturber(tiny_sd, [rand_images[:2]], steps=1, batch_size=2, learning_rate=1e-3,
+                                  personalization=_ti_cfg(), anchor_steps=1, denoise_steps=2, seed=0, quiet=True)
+    before = dict(fresh.named_parameters())
+    for name, p in trained.named_parameters():
+        assert not torch.equal(p.detach().cpu(), before[name].detach()), name
+
+
+def test_ldu_training_raises_personalization_loss(tiny_sd):
+    g = torch.Generator().manual_seed(2)
+    ids = {"a": torch.rand(3, 3, 64, 64, generator=g), "b": torch.rand(3, 3, 64, 64, generator=g)}
+    cfg = _ti_cfg()
+    anchors = ldu.train_anchors(tiny_sd, list(ids.values()), cfg, steps=2, quiet=True)
+    history = []
+    budget = 16 / 255
+    rho = ldu.train_perturber(tiny_sd, ids, budget=budget, steps=12, batch_size=3, learning_rate=3e-3,
+                              anchors=anchors, personalization=cfg, denoise_steps=2, shuffle_prob=0.5,
+                              lambda_init=0.1, lambda_step=0.05, quiet=True, history=history)
+    assert len(history) == 12 and {h["identity"] for h in history} == {"a", "b"}
+    assert any(h["anchor"] != h["identity"] for h in history), "token shuffling never happened"
+    # λ grows exactly by lambda_step after each violating step
+    for h0, h1 in zip(history, history[1:]):
+        assert h1["lambda"] == pytest.approx(h0["lambda"] + (0.05 if h0["linf"] > budget else 0.0))
+    state = ldu._anchor(anchors, 0)
+    x = ids["a"]
+    protected = ldu.apply(tiny_sd, rho, x, budget, quiet=True)
+    _assert_budget(protected, x, budget)
+    before, after = _fixed_pers_loss(state, x), _fixed_pers_loss(state, protected)
+    assert after > before, (before, after)
+
+
+def test_rho_save_load_roundtrip(tiny_sd, rand_images, tmp_path):
+    rho = ldu.build_rho(4, 32, seed=4)
+    with torch.no_grad():
+        rho.conv_out.weight.normal_(0, 0.05)
+    rho.sampling = ldu._check_sampling({"denoise_steps": 2})
+    rho.training_info = {"budget": BUDGET}
+    ldu.save_rho(rho, tmp_path / "rho")
+    meta = json.loads((tmp_path / "rho" / ldu.RHO_CONFIG).read_text())
+    assert meta["parameters"] == ldu.count_parameters(rho) and meta["sampling"]["denoise_steps"] == 2
+    assert sorted(p.name for p in (tmp_path / "rho").iterdir()) == [ldu.RHO_CONFIG, ldu.RHO_WEIGHTS]
+    loaded = ldu.load_rho(tmp_path / "rho")
+    assert loaded.sampling == rho.sampling
+    a = ldu.apply(tiny_sd, rho, rand_images[:2], BUDGET, quiet=True)
+    b = ldu.apply(tiny_sd, loaded, rand_images[:2], BUDGET, quiet=True)
+    assert torch.equal(a, b)
+    with pytest.raises(FileNotFoundError):
+        ldu.load_rho(tmp_path / "missing")

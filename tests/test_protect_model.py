@@ -1,0 +1,154 @@
+"""APDM protection: the DPO loss against hand computation, its gradient direction, L2P steps, exact resume."""
+
+import math
+
+import pytest
+import torch
+
+from apdm.config import PersonalizationConfig, ProtectConfig
+from apdm.protect_model import l2p
+from apdm.protect_model.losses import dpo_loss, naive_loss
+
+
+def test_dpo_elementwise_hand_computed():
+    # one sample, two elements
+    etw = torch.tensor([[1.0, 2.0]]); erw = torch.tensor([[0.5, 2.5]])
+    etl = torch.tensor([[3.0, 1.0]]); erl = torch.tensor([[1.0, 1.5]])
+    # d = (etw - erw) - (etl - erl) = [0.5 - 2.0, -0.5 - (-0.5)] = [-1.5, 0.0]
+    expect = (-math.log(1 / (1 + math.exp(-1.5))) - math.log(0.5)) / 2  # -log σ(-β d) with β=1
+    assert dpo_loss(etw, erw, etl, erl, beta=1.0) == pytest.approx(expect, rel=1e-6)
+    # β scales d
+    expect_b = (-math.log(1 / (1 + math.exp(-3.0))) - math.log(0.5)) / 2
+    assert dpo_loss(etw, erw, etl, erl, beta=2.0) == pytest.approx(expect_b, rel=1e-6)
+
+
+def test_dpo_summed_hand_computed():
+    etw = torch.tensor([[1.0, 2.0]]); erw = torch.tensor([[0.5, 2.5]])
+    etl = torch.tensor([[3.0, 1.0]]); erl = torch.tensor([[1.0, 1.5]])
+    d = (3.0 - 3.0) - (4.0 - 2.5)  # summed norms: -1.5
+    assert dpo_loss(etw, erw, etl, erl, form="summed") == pytest.approx(-math.log(1 / (1 + math.exp(d))), rel=1e-6)
+    with pytest.raises(ValueError):
+        dpo_loss(etw, erw, etl, erl, form="other")
+
+
+def test_dpo_gradient_pushes_subject_error_up_and_paired_error_down():
+    """Gradient descent on L_DPO must raise θ's error on x⁻ and lower it on x⁺ (relative to φ)."""
+    torch.manual_seed(0)
+    etw = torch.rand(2, 4, 3, 3, requires_grad=True)
+    etl = torch.rand(2, 4, 3, 3, requires_grad=True)
+    erw, erl = torch.rand(2, 4, 3, 3), torch.rand(2, 4, 3, 3)
+    dpo_loss(etw, erw, etl, erl).backward()
+    assert (etw.grad > 0).all()   # descent lowers err on the winner (paired generic image)
+    assert (etl.grad < 0).all()   # descent raises err on the loser (the subject)
+
+
+def test_naive_loss():
+    assert naive_loss(torch.tensor(2.0), torch.tensor(0.5), lam=3.0).item() == pytest.approx(-0.5)
+
+
+def _subject(tiny_sd):
+    g = torch.Generator().manual_seed(0)
+    return l2p.Subject(name="s", images=torch.rand(2, 3, 64, 64, generator=g),
+                       paired=torch.rand(2, 3, 64, 64, generator=g), class_images=torch.rand(3, 3, 64, 64, generator=g),
+                       instance_prompt="a photo of sks person", class_prompt="a photo of a person")
+
+
+PER = PersonalizationConfig(method="dreambooth", learning_rate=1e-3, batch_size=1)
+
+
+def test_one_outer_step_changes_theta_not_phi(tiny_sd):
+    phi_before = {n: p.clone() for n, p in tiny_sd.unet.named_parameters()}
+    pcfg = ProtectConfig(outer_steps=1, inner_steps=2, learning_rate=1e-3, checkpoint_every=0)
+    theta, hist = l2p.protect(tiny_sd, [_subject(tiny_sd)], PER, pcfg)
+    changed = [n for n, p in theta.named_parameters() if not torch.equal(p, phi_before[n])]
+    assert len(changed) > 0.9 * len(phi_before)
+    assert all(torch.equal(p, phi_before[n]) for n, p in tiny_sd.unet.named_parameters())
+    assert {"loss_dpo", "loss_ppl", "loss_protect", "loss_personalization"} <= set(hist[0])
+
+
+@pytest.mark.parametrize("variant", [
+    dict(inner_steps=0), dict(gradient_leak=True), dict(loss="naive"), dict(trainable="attn2"),
+    dict(trainable="lora", lora_rank=2), dict(dpo_form="summed"),
+])
+def test_variants_run_and_update(tiny_sd, variant):
+    pcfg = ProtectConfig(**{"outer_steps": 1, "inner_steps": 1, "learning_rate": 1e-3, "checkpoint_every": 0,
+                            **variant})
+    theta, hist = l2p.protect(tiny_sd, [_subject(tiny_sd)], PER, pcfg)
+    base = dict(tiny_sd.unet.named_parameters())
+    changed = {n for n, p in theta.named_parameters() if not torch.equal(p, base[n])}
+    assert changed, "protection did not change the UNet"
+    if variant.get("trainable") == "attn2":
+        assert all("attn2" in n for n in changed)
+    assert not any("lora" in n for n, _ in theta.named_parameters())  # adapters merged away
+
+
+@pytest.mark.parametrize("method", ["lora", "ti"])
+def test_other_attackers_in_the_inner_loop(tiny_sd, method):
+    per = PersonalizationConfig(method=method, learning_rate=1e-2, with_prior_preservation=False)
+    pcfg = ProtectConfig(outer_steps=1, inner_steps=2, learning_rate=1e-3, checkpoint_every=0)
+    theta, _ = l2p.protect(tiny_sd, [_subject(tiny_sd)], per, pcfg)
+    base = dict(tiny_sd.unet.named_parameters())
+    assert any(not torch.equal(p, base[n]) for n, p in theta.named_parameters())
+    assert len(tiny_sd.tokenizer) == len(tiny_sd.tokenizer.get_vocab())  # base tokenizer untouched
+
+
+def test_protection_raises_subject_error_relative_to_paired(tiny_sd):
+    """A few protection steps (no inner loop) make θ worse on the subject than on the paired generic images."""
+    subj = _subject(tiny_sd)
+    pcfg = ProtectConfig(outer_steps=8, inner_steps=0, learning_rate=3e-4, checkpoint_every=0, batch_size=2,
+                         prior_loss_weight=0.0)
+    theta, hist = l2p.protect(tiny_sd, [subj], PER, pcfg)
+    from apdm.core import diffusion as D
+
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        lat_s = D.encode_images(tiny_sd.vae, subj.images)
+        lat_p = D.encode_images(tiny_sd.vae, subj.paired)
+        c = D.encode_prompt(tiny_sd.text_encoder, tiny_sd.tokenizer, ["a photo of sks person"] * 2)
+        noise = torch.randn(lat_s.shape, generator=g)
+        gap = []
+        for unet in (tiny_sd.unet, theta):
+            vals = []
+            for t in (100, 300, 500, 700, 900):
+                tt = torch.full((2,), t)
+                es = D.noise_prediction_loss(unet, tiny_sd.noise_scheduler, lat_s, c, noise, tt)
+                ep = D.noise_prediction_loss(unet, tiny_sd.noise_scheduler, lat_p, c, noise, tt)
+                vals.append((es - ep).item())
+            gap.append(sum(vals) / len(vals))
+    assert gap[1] > gap[0] + 1e-3, gap  # subject error rose relative to the generic images
+
+
+def test_resume_after_interruption_is_exact(tiny_sd, tmp_path):
+    subj = [_subject(tiny_sd)]
+    pcfg = ProtectConfig(outer_steps=3, inner_steps=1, learning_rate=1e-3, checkpoint_every=1)
+    full, hist_full = l2p.protect(tiny_sd, subj, PER, pcfg, seed=3, checkpoint_dir=tmp_path / "a")
+    # interrupted after 2 steps, then resumed from the checkpoint in a new call
+    l2p.protect(tiny_sd, subj, PER, pcfg, seed=3, checkpoint_dir=tmp_path / "b", stop_after=2)
+    resumed, hist_res = l2p.protect(tiny_sd, subj, PER, pcfg, seed=3, checkpoint_dir=tmp_path / "b")
+    assert [h["step"] for h in hist_res] == [0, 1, 2]
+    for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=n)
+
+
+def test_cli_protect_model_writes_loadable_model(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from apdm.cli import main
+
+    imgs = tmp_path / "subject"
+    imgs.mkdir()
+    from PIL import Image
+
+    for i in range(2):
+        Image.new("RGB", (70, 60), (40 * i, 120, 200)).save(imgs / f"{i}.png")
+    out = tmp_path / "out"
+    rc = main(["protect-model", "model.path=tiny", "model.device=cpu", f"output_dir={out}", "quiet=true",
+               f"subjects=[{{instance_data: {imgs}}}]", "protect.outer_steps=2", "protect.inner_steps=1",
+               "protect.num_class_images=2", "personalization.class_sample_steps=2",
+               f"personalization.class_data_dir={tmp_path / 'cls'}", "protect.learning_rate=1e-3"])
+    assert rc == 0
+    pipe = StableDiffusionPipeline.from_pretrained(str(out / "model"))
+    assert pipe(["a photo"], num_inference_steps=2, height=64, width=64, output_type="np").images.shape == (1, 64, 64, 3)
+    card = (out / "model" / "README.md").read_text()
+    assert "a photo of sks person" in card and "DPO" in card
+    assert not (out / "checkpoint").exists()
