@@ -13,18 +13,18 @@ from typing import Callable
 
 EPILOG = "Overrides: key=value pairs after the options, e.g.  personalization.steps=10 output_dir=out/"
 
-# command -> (config class name in apdm.config, "module:function" to run, help text, issue if not built yet)
-COMMANDS: dict[str, tuple[str, str, str, str | None]] = {
+# command -> (config class name in apdm.config, "module:function" to run, help text)
+COMMANDS: dict[str, tuple[str, str, str]] = {
     "protect-model": ("ProtectModelRunConfig", "apdm.protect_model.run:run",
-                      "fine-tune a protected checkpoint (APDM: DPO + L2P)", None),
+                      "fine-tune a protected checkpoint (APDM: DPO + L2P)"),
     "protect-images": ("ProtectImagesRunConfig", "apdm.protect_images.run:run",
-                       "perturb photos so personalization on them fails", None),
+                       "perturb photos so personalization on them fails"),
     "train-perturber": ("TrainPerturberRunConfig", "apdm.protect_images.run:train",
-                        "train the LDU perturbation network for a model", None),
+                        "train the LDU perturbation network for a model"),
     "evaluate": ("EvaluateRunConfig", "apdm.evaluation.run:run",
-                 "personalize, attack and score a model/images; JSON + HTML report", None),
+                 "personalize, attack and score a model/images; JSON + HTML report"),
     "personalize": ("PersonalizeRunConfig", "apdm.personalization.run:run",
-                    "run a personalization attack (DreamBooth/LoRA/TI) on images; save model and samples", None),
+                    "run a personalization attack (DreamBooth/LoRA/TI) on images; save model and samples"),
 }
 
 
@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Anti-personalization for diffusion models: protect a model, protect images, evaluate.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, _, help_text, _) in COMMANDS.items():
+    for name, (_, _, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG)
         p.add_argument("--config", help="YAML recipe (see recipes/)")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -62,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     ts.add_argument("--seed", type=int, default=0)
     ts.add_argument("--model", default="toy", help="model path (default: the toy model)")
     ts.add_argument("--out", default="toy_samples.png", help="grid PNG to write")
+    te = toy_sub.add_parser("export", help="write held-out toy subjects (and training identities) as image folders")
+    te.add_argument("--out", required=True, help="destination folder")
+    te.add_argument("--subjects", type=int, default=2)
+    te.add_argument("--cls", default="person", choices=["person", "dog"])
+    te.add_argument("--training-identities", type=int, default=0, help="also export N pretraining identities")
     bench = sub.add_parser("bench", help="benchmarks that write JSON (speed, memory, efficacy on the toy world)")
     bench.add_argument("name", nargs="?", help="benchmark name")
     bench.add_argument("--out", help="JSON file to write")
@@ -99,25 +104,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return run_benchmark(args.name, args.out, args.quick, args.overrides)
 
-    cls_name, target, _, issue = COMMANDS[args.command]
+    cls_name, target, _ = COMMANDS[args.command]
     if args.command == "protect-images":
         args.overrides = [f"{key}={getattr(args, key.replace('.', '_'))}" for key in SHORTCUTS.values()
                           if getattr(args, key.replace(".", "_"), None) is not None] + list(args.overrides)
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        print(f"apdm {args.command}: '{bad[0]}' is not a key=value override", file=sys.stderr)
-        return 2
-    try:
-        cfg = C.load_config(getattr(C, cls_name), args.config, args.overrides)
-    except C.ConfigError as exc:
-        print(f"apdm {args.command}: config error: {exc}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(C.to_yaml(cfg), end="")
-        return 0
-    if issue is not None:
-        print(f"apdm {args.command}: not built yet (tracked in issue {issue}); nothing was done.", file=sys.stderr)
-        return 3
+    cfg = _load_config(args.command, getattr(C, cls_name), args)
+    if isinstance(cfg, int):
+        return cfg
     from apdm.utils import set_progress
 
     set_progress(not getattr(cfg, "quiet", False))
@@ -134,6 +127,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _load_config(command: str, cls, args):
+    """The command's config from ``--config`` + overrides, or an exit code (2 on a bad config, 0 after
+    ``--print-config``)."""
+    from apdm import config as C
+
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        print(f"apdm {command}: '{bad[0]}' is not a key=value override", file=sys.stderr)
+        return 2
+    try:
+        cfg = C.load_config(cls, args.config, args.overrides)
+    except C.ConfigError as exc:
+        print(f"apdm {command}: config error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(C.to_yaml(cfg), end="")
+        return 0
+    return cfg
+
+
 def _toy(args) -> int:
     """``apdm toy build`` / ``apdm toy sample``."""
     from apdm import config as C
@@ -141,14 +154,9 @@ def _toy(args) -> int:
     if args.toy_command == "build":
         from apdm.toy.world import ToyBuildConfig, build
 
-        try:
-            cfg = C.load_config(ToyBuildConfig, args.config, args.overrides)
-        except C.ConfigError as exc:
-            print(f"apdm toy build: config error: {exc}", file=sys.stderr)
-            return 2
-        if args.print_config:
-            print(C.to_yaml(cfg), end="")
-            return 0
+        cfg = _load_config("toy build", ToyBuildConfig, args)
+        if isinstance(cfg, int):
+            return cfg
         from apdm.utils import set_progress
 
         set_progress(not cfg.quiet)
@@ -164,7 +172,14 @@ def _toy(args) -> int:
         save_grid(images, args.out, nrow=args.n)
         print(f"wrote {len(images)} images to {args.out}")
         return 0
-    print("apdm toy: choose build or sample", file=sys.stderr)
+    if args.toy_command == "export":
+        from apdm.toy.world import export
+
+        written = export(args.out, args.subjects, args.cls, training_identities=args.training_identities)
+        print(f"wrote {len(written['subjects'])} subject folder(s) and {written['training_identities']} training "
+              f"identities under {args.out}")
+        return 0
+    print("apdm toy: choose build, sample or export", file=sys.stderr)
     return 2
 
 

@@ -127,8 +127,9 @@ class SubjectConfig:
 
     #: folder or comma-separated files of the subject's photos.
     instance_data: str = ""
-    instance_prompt: str = "a photo of sks person"
-    class_prompt: str = "a photo of a person"
+    #: empty = ``personalization.instance_prompt`` / ``personalization.class_prompt`` of the recipe.
+    instance_prompt: str = ""
+    class_prompt: str = ""
 
 
 @dataclass
@@ -315,16 +316,6 @@ class EvaluateRunConfig:
     output_dir: str = "outputs/evaluate"
     #: skip cells whose results already exist in output_dir.
     resume: bool = True
-    seed: int = 0
-    quiet: bool = False
-
-
-@dataclass
-class PlaceholderRunConfig:
-    """Config of a command whose engine is not built yet (it only knows where it would write)."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    output_dir: str = "outputs"
     seed: int = 0
     quiet: bool = False
 

@@ -7,6 +7,7 @@ import torch
 from apdm.config import PersonalizationConfig
 from apdm.core import diffusion as D
 from apdm.personalization import simulator as S
+from helpers import fixed_personalization_loss
 
 
 def _snapshot(module):
@@ -15,16 +16,6 @@ def _snapshot(module):
 
 def _changed(before, module):
     return {n for n, p in module.named_parameters() if n in before and not torch.equal(before[n], p.detach())}
-
-
-def _fixed_loss(state, images, seeds=range(4)):
-    """Loss on fixed noise/timesteps (seeded generator copies), so before/after are comparable."""
-    vals = []
-    for s in seeds:
-        state.generator.manual_seed(1000 + s)
-        with torch.no_grad():
-            vals.append(S.loss(state, images, batch_size=images.shape[0])[0].item())
-    return sum(vals) / len(vals)
 
 
 @pytest.fixture
@@ -42,9 +33,9 @@ def test_dreambooth_lowers_loss_changes_unet_only(tiny_sd, rand_images, class_im
     cfg = PersonalizationConfig(method="dreambooth", learning_rate=1e-3, batch_size=4, steps=15, max_grad_norm=0,
                                 adam_weight_decay=0.0, sample_vae_posterior=False)
     state = S.setup(tiny_sd, cfg, class_images)
-    before = _fixed_loss(state, rand_images)
+    before = fixed_personalization_loss(state, rand_images)
     _train(state, rand_images, cfg.steps)
-    after = _fixed_loss(state, rand_images)
+    after = fixed_personalization_loss(state, rand_images)
     assert after < 0.8 * before, (before, after)
     assert len(_changed(unet0, state.sd.unet)) == len(unet0)  # every UNet tensor learned
     assert not _changed(te0, state.sd.text_encoder) and not _changed(vae0, state.sd.vae)
@@ -73,9 +64,9 @@ def test_lora_trains_only_adapters(tiny_sd, rand_images):
     state = S.setup(tiny_sd, cfg)
     lora0 = {n: p.detach().clone() for n, p in state.sd.unet.named_parameters() if "lora_" in n}
     assert lora0, "no LoRA parameters were added"
-    before = _fixed_loss(state, rand_images)
+    before = fixed_personalization_loss(state, rand_images)
     _train(state, rand_images, 15)
-    after = _fixed_loss(state, rand_images)
+    after = fixed_personalization_loss(state, rand_images)
     assert after < before
     changed = _changed(lora0, state.sd.unet)
     lora_b = {n for n in lora0 if "lora_B" in n}
@@ -95,9 +86,9 @@ def test_ti_trains_only_the_new_row(tiny_sd, rand_images):
     emb0 = state.sd.text_encoder.get_input_embeddings().weight.detach().clone()
     te_other0 = {n: p.detach().clone() for n, p in state.sd.text_encoder.named_parameters()
                  if "token_embedding" not in n}
-    before = _fixed_loss(state, rand_images)
+    before = fixed_personalization_loss(state, rand_images)
     _train(state, rand_images, 15)
-    after = _fixed_loss(state, rand_images)
+    after = fixed_personalization_loss(state, rand_images)
     assert after < before
     emb = state.sd.text_encoder.get_input_embeddings().weight.detach()
     rows_changed = (emb != emb0).any(dim=1).nonzero().flatten().tolist()

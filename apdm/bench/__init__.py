@@ -23,10 +23,17 @@ def _toy_world(quick: bool, overrides: list[str]) -> dict:
     return bench_toy_world(quick, overrides)
 
 
+def _protect_model(quick: bool, overrides: list[str]) -> dict:
+    from apdm.bench.protect_model import bench_protect_model
+
+    return bench_protect_model(quick, overrides)
+
+
 #: name -> function(quick, overrides) -> flat dict of numbers
 BENCHMARKS = {
     "personalize-steps": _personalize_steps,
     "toy-world": _toy_world,
+    "protect-model": _protect_model,
 }
 
 

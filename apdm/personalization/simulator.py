@@ -107,9 +107,9 @@ def _trainable_dtype_copy(sd: SD, cfg: PersonalizationConfig) -> SD:
     method = cfg.method
     train_te = method == "ti" or (method == "dreambooth" and cfg.train_text_encoder)
     work = sd.clone(unet=method in ("dreambooth", "lora"), text_encoder=train_te)
-    if method == "dreambooth":
+    if method == "dreambooth" and work.unet.dtype != torch.float32:
         work.unet.to(torch.float32)
-    if train_te:
+    if train_te and work.text_encoder.dtype != torch.float32:
         work.text_encoder.to(torch.float32)
     return work
 
@@ -217,8 +217,8 @@ def _maybe_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tenso
     return torch.where(flip.view(-1, 1, 1, 1).to(images.device), images.flip(-1), images)
 
 
-def loss(state: PersonalizationState, instance_images: torch.Tensor, batch_size: int | None = None
-         ) -> tuple[torch.Tensor, dict[str, float]]:
+def loss(state: PersonalizationState, instance_images: torch.Tensor, batch_size: int | None = None,
+         prior: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
     """The personalization loss on a minibatch, differentiable w.r.t. trainable params *and* the images.
 
     ``L = mse(ε̂(x_t^inst, t, c_inst), ε) + prior_loss_weight · mse(ε̂(x_t^cls, t, c_cls), ε)`` (epsilon or v
@@ -230,6 +230,8 @@ def loss(state: PersonalizationState, instance_images: torch.Tensor, batch_size:
         state: from :func:`setup`.
         instance_images: (N,3,H,W) in [0,1] — all instance images; a random minibatch of ``batch_size``
             (default ``cfg.batch_size``) is drawn from them. Pass ``batch_size=N`` to use all of them.
+        prior: include the prior-preservation term (pixel attacks can skip it: it does not depend on the
+            instance images, so it only costs time there).
 
     Returns:
         (scalar loss, logs dict with ``loss_instance`` and ``loss_prior``).
@@ -241,7 +243,7 @@ def loss(state: PersonalizationState, instance_images: torch.Tensor, batch_size:
         inst = _maybe_flip(inst, g)
     images = inst
     prompts_n = [(state.instance_prompt, inst.shape[0])]
-    if state.class_images is not None:
+    if state.class_images is not None and prior:
         cls = _pick(state.class_images, inst.shape[0], g).to(inst.device)
         if cfg.random_flip:
             cls = _maybe_flip(cls, g)

@@ -143,10 +143,12 @@ def to_uint8(x: torch.Tensor | np.ndarray) -> torch.Tensor:
     t = torch.as_tensor(x)
     if t.dtype == torch.uint8:
         return t
-    t = t.detach().to("cpu", torch.float64)
+    t = t.detach().cpu()
+    t = t.to(torch.float64) if t.dtype == torch.float64 else t.to(torch.float32)  # float32 is exact enough
     if not torch.isfinite(t).all():
         raise ValueError("image contains NaN or inf values")
-    return torch.floor(t.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8)
+    out = t.clamp(0.0, 1.0).mul_(255.0).add_(0.5).floor_()
+    return out.to(torch.uint8)
 
 
 def quantize_with_budget(protected: torch.Tensor, orig: torch.Tensor | np.ndarray, budget: float) -> torch.Tensor:
@@ -167,11 +169,11 @@ def quantize_with_budget(protected: torch.Tensor, orig: torch.Tensor | np.ndarra
     if k == 0 and budget > 0:
         LOG.warning("budget %s is below one 8-bit grey level: the saved image will equal the original",
                     format_budget(budget))
-    o = to_uint8(orig).cpu().to(torch.int32)
+    o = to_uint8(orig).cpu().to(torch.int16)
     if tuple(o.shape) != tuple(protected.shape):
         raise ValueError(f"shape mismatch: protected {tuple(protected.shape)} vs original {tuple(o.shape)}")
-    q = to_uint8(protected).to(torch.int32)
-    q = torch.max(torch.min(q, o + k), o - k).clamp(0, 255)
+    q = to_uint8(protected).to(torch.int16)
+    q = torch.clamp(q, (o - k).clamp_(min=0), (o + k).clamp_(max=255))
     return q.to(torch.uint8)
 
 
@@ -228,64 +230,92 @@ def apply_delta_to_original(orig: torch.Tensor, delta_model: torch.Tensor, budge
 
 
 # ============================================================================ report
+#: SSIM settings of the report (Wang et al. 2004 as in skimage/Anti-DreamBooth evaluations): Gaussian window
+#: σ=1.5 truncated at 3.5σ (11x11), population covariance, data range 1, mean over the interior (5-px border
+#: excluded), averaged over the 3 channels. ``apdm.evaluation.fidelity.ssim`` (``ssim@apdm``) uses the same
+#: definition.
+SSIM_KW = dict(data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+_SSIM_PAD = 5
+
+
 def budget_report(orig: torch.Tensor, protected: torch.Tensor, budget: float | None = None) -> dict:
     """Per-image closeness of a protected image to its original, for the run manifest.
 
     Args:
-        orig: ``(3, H, W)`` (or ``(1, 3, H, W)``) float in ``[0, 1]`` or uint8.
+        orig: ``(3, H, W)`` (or ``(1, 3, H, W)``) float in ``[0, 1]`` or uint8, any device.
         protected: same shape; float in ``[0, 1]`` or uint8 (pass what was saved).
-        budget: if given, also report whether the 8-bit images respect it.
+        budget: if given, also report whether the images respect it.
 
     Returns:
-        ``{"linf_255@apdm": max |Δ| in grey levels (int for 8-bit data), "psnr@torchmetrics": dB or None when the
-        images are identical (infinite PSNR), "ssim@torchmetrics": SSIM (11x11 Gaussian, σ=1.5) or None when a side
-        is shorter than 11 px}`` plus ``"budget_255"`` and ``"within_budget"`` when ``budget`` is given. PSNR/SSIM
-        come from :mod:`apdm.evaluation.fidelity` (the evaluation core's implementation); SSIM of large photos
-        is computed in horizontal bands with the same result (see :func:`_ssim_banded`), so a 24 MP image does not
-        need gigabytes of memory.
+        ``{"linf_255@apdm": max |Δ| in grey levels (an int for 8-bit data), "psnr@apdm": ``10·log10(1/MSE)`` in dB
+        (data range 1; the same formula as skimage and torchmetrics), or None when the images are identical
+        (infinite PSNR), "ssim@skimage": see :data:`SSIM_KW`, or None when a side is shorter than 11 px or
+        scikit-image (extra ``metrics``) is missing}`` plus
+        ``"budget_255"`` and ``"within_budget"`` when ``budget`` is given. Both are computed in row bands
+        (:func:`_ssim_banded`), giving the whole-image values with memory bounded for 24+ MP photos (SSIM costs
+        about 0.5 s per megapixel on one CPU core).
     """
-    from apdm.evaluation import fidelity
+    def as_np(x):
+        x = torch.as_tensor(x).detach().cpu()
+        x = x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32)
+        x = x[0] if x.ndim == 4 and x.shape[0] == 1 else x
+        return x.numpy()
 
-    def as_float(x):
-        x = torch.as_tensor(x)
-        x = x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.detach().float()
-        x = x.cpu()
-        return x[None] if x.ndim == 3 else x
-
-    a, b = as_float(orig), as_float(protected)
-    if a.shape != b.shape or a.ndim != 4 or a.shape[0] != 1 or a.shape[1] != 3:
-        raise ValueError(f"budget_report takes one (3,H,W) image pair, got {tuple(a.shape)} and {tuple(b.shape)}")
-    d255 = float((b.double() - a.double()).abs().max()) * 255.0 if a.numel() else 0.0
-    linf = int(round(d255)) if abs(d255 - round(d255)) < 1e-4 else round(d255, 4)
-    report: dict = {"linf_255@apdm": linf}
-    psnr = float(fidelity.psnr(a, b)[0])
-    report["psnr@torchmetrics"] = round(psnr, 4) if math.isfinite(psnr) else None
-    report["ssim@torchmetrics"] = round(_ssim_banded(a, b), 6) if min(a.shape[-2:]) >= 11 else None
+    a, b = as_np(orig), as_np(protected)
+    if a.shape != b.shape or a.ndim != 3 or a.shape[0] != 3:
+        raise ValueError(f"budget_report takes one (3,H,W) image pair, got {a.shape} and {b.shape}")
+    h, w = a.shape[1:]
+    d255, sq = 0.0, 0.0
+    for r in range(0, h, 1024):  # bands keep float64 temporaries small on 24+ MP photos
+        d = a[:, r:r + 1024].astype(np.float64) - b[:, r:r + 1024]
+        d255 = max(d255, float(np.abs(d).max()) * 255.0)
+        sq += float(np.square(d).sum())
+    mse = sq / a.size
+    linf = int(round(d255)) if abs(d255 - round(d255)) < 1e-3 else round(d255, 4)
+    report: dict = {"linf_255@apdm": linf,
+                    "psnr@apdm": round(10.0 * math.log10(1.0 / mse), 4) if mse > 0 else None,
+                    "ssim@skimage": _ssim_or_none(a, b) if min(h, w) >= 2 * _SSIM_PAD + 1 else None}
     if budget is not None:
         report["budget_255"] = round(float(budget) * 255.0, 4)
         report["within_budget"] = bool(d255 <= float(budget) * 255.0 + 1e-3)
     return report
 
 
-def _ssim_banded(a: torch.Tensor, b: torch.Tensor, band_rows: int = 512) -> float:
-    """torchmetrics SSIM (:func:`apdm.evaluation.fidelity.ssim`) of one ``(1, 3, H, W)`` pair, computed by bands.
+_SKIMAGE_WARNED = False
 
-    torchmetrics averages the SSIM map over the pixels at least 5 px (half the 11-px window) from the border, and
-    each of those values only depends on its 11x11 neighbourhood. So the image's interior rows are split into
-    bands of ``band_rows``, each band is passed with 5 extra rows on both sides (which torchmetrics crops again),
-    and the band means are averaged weighted by their row counts: the same number as one call on the whole
-    image (to float rounding), with memory bounded by the band size.
+
+def _ssim_or_none(a: np.ndarray, b: np.ndarray) -> float | None:
+    global _SKIMAGE_WARNED
+    from apdm.utils import MissingDependency, optional_import
+
+    try:
+        optional_import("skimage.metrics", "metrics", "the SSIM column of the protect-images manifest")
+    except MissingDependency as exc:
+        if not _SKIMAGE_WARNED:
+            LOG.warning("%s", exc)
+            _SKIMAGE_WARNED = True
+        return None
+    return round(_ssim_banded(a, b), 6)
+
+
+def _ssim_banded(a: np.ndarray, b: np.ndarray, band_rows: int = 1024) -> float:
+    """skimage SSIM (:data:`SSIM_KW`) of one ``(3, H, W)`` float32 pair, computed in bands of rows.
+
+    skimage averages the SSIM map over the pixels at least 5 px (the window radius) from the border, and each of
+    those values depends only on its 11x11 neighbourhood. So the interior rows are split into bands of
+    ``band_rows``, each band is passed with 5 extra rows on both sides (which skimage crops again), and the band
+    means are averaged weighted by their row counts: the whole-image value (to float rounding), with memory
+    bounded by the band size.
     """
-    from apdm.evaluation import fidelity
+    from skimage.metrics import structural_similarity
 
-    h = a.shape[-2]
-    pad = 5
-    if h <= band_rows + 2 * pad:
-        return float(fidelity.ssim(a, b)[0])
+    h = a.shape[1]
+    pad = _SSIM_PAD
     total, rows = 0.0, 0
     for start in range(pad, h - pad, band_rows):
         stop = min(start + band_rows, h - pad)
         band = slice(start - pad, stop + pad)
-        total += float(fidelity.ssim(a[..., band, :], b[..., band, :])[0]) * (stop - start)
+        v = structural_similarity(a[:, band], b[:, band], channel_axis=0, **SSIM_KW)
+        total += float(v) * (stop - start)
         rows += stop - start
     return total / rows

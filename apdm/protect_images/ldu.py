@@ -353,8 +353,8 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
                     anchors: dict | None = None, class_images: torch.Tensor | None = None, shuffle_prob: float = 0.5,
                     lambda_init: float = 1.0, lambda_step: float = 0.01, denoise_steps: int = 4,
                     inversion_steps: int | None = None, prompt: str = "", output_mode: str = "delta",
-                    width: int = 32, rho: RhoUNet | None = None, seed: int = 0, quiet: bool = False,
-                    history: list[dict] | None = None) -> RhoUNet:
+                    width: int = 32, rho: RhoUNet | None = None, resample: bool = True, seed: int = 0,
+                    quiet: bool = False, history: list[dict] | None = None) -> RhoUNet:
     """Train ρ to maximize a frozen personalization loss under the image budget (paper eq. 11).
 
     Args:
@@ -376,6 +376,8 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
         output_mode: ``delta`` (default) or ``decode`` (see module docstring).
         width: ρ's base width (32 -> ≈155K parameters).
         rho: continue training this ρ instead of a fresh one.
+        resample: fresh personalization-loss draws (t, ε) every step (normal training). ``False`` reseeds the
+            anchor's generator with ``seed + 1`` before every loss, a deterministic objective (debugging, tests).
         history: if given, one dict per step is appended (loss, l_pers, penalty, linf, lambda, identity, anchor).
 
     Returns:
@@ -410,7 +412,7 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
     for step in bar:
         i = step % k_ids
         n_i = identities[i].shape[0]
-        idx = torch.randperm(n_i, generator=gen)[:batch_size]
+        idx = torch.randperm(n_i, generator=gen)[:batch_size].sort().values
         j = i
         if k_ids > 1 and float(torch.rand((), generator=gen)) < shuffle_prob:
             j = int(torch.randint(k_ids - 1, (), generator=gen))
@@ -418,6 +420,8 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
         anchor = _anchor(anchors, j)
         batch = _index(prepared[i], idx)
         out = perturb(sd, rho, batch, sampling, checkpoint=True)
+        if not resample:
+            anchor.generator.manual_seed(seed + 1)
         l_pers, _ = S.loss(anchor, out, batch_size=len(idx))
         excess = F.relu((out - batch["images"]).abs() - budget)
         penalty = excess.mean() / max(budget, 1e-12)

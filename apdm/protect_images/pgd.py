@@ -28,12 +28,12 @@ Images are float32 ``(N, 3, H, W)`` in ``[0, 1]`` throughout.
 
 from __future__ import annotations
 
-import io
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from apdm.attacks.transforms import gaussian_blur, jpeg  # the one copy of the robustness transforms
 from apdm.protect_images.budget import project_linf
 from apdm.utils import progress
 
@@ -51,22 +51,9 @@ def eot_flip(images: torch.Tensor, generator: torch.Generator | None = None) -> 
     return torch.where(flip, images.flip(-1), images)
 
 
-def gaussian_blur(images: torch.Tensor, sigma: float, kernel_size: int = 7) -> torch.Tensor:
-    """Depthwise Gaussian blur with reflect padding (differentiable). (N,C,H,W) -> same."""
-    half = kernel_size // 2
-    ax = torch.arange(kernel_size, dtype=torch.float32, device=images.device) - half
-    k1 = torch.exp(-(ax**2) / (2 * sigma**2))
-    k1 = k1 / k1.sum()
-    c = images.shape[1]
-    kernel = (k1[:, None] * k1[None, :]).to(images.dtype).expand(c, 1, kernel_size, kernel_size)
-    mode = "reflect" if min(images.shape[-2:]) > half else "replicate"  # reflect needs pad < size
-    x = F.pad(images, (half, half, half, half), mode=mode)
-    return F.conv2d(x, kernel, groups=c)
-
-
 def eot_blur(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Gaussian blur, kernel 7, σ ~ U(0.1, 2.0) (one σ per call)."""
-    return gaussian_blur(images, _uniform(generator, 0.1, 2.0), 7)
+    return gaussian_blur(images, 7, _uniform(generator, 0.1, 2.0))
 
 
 def eot_resize(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -78,25 +65,10 @@ def eot_resize(images: torch.Tensor, generator: torch.Generator | None = None) -
     return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
 
 
-def jpeg_roundtrip(images: torch.Tensor, quality: int) -> torch.Tensor:
-    """Real JPEG encode/decode with Pillow (4:2:0, as Pillow's default). Not differentiable. Returns float32 [0,1]."""
-    import numpy as np
-    from PIL import Image
-
-    out = []
-    arr = (images.detach().float().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    for a in arr:
-        buf = io.BytesIO()
-        Image.fromarray(a).save(buf, format="JPEG", quality=int(quality))
-        buf.seek(0)
-        out.append(torch.from_numpy(np.asarray(Image.open(buf).convert("RGB")).copy()))
-    return (torch.stack(out).permute(0, 3, 1, 2).float() / 255.0).to(images.device, images.dtype)
-
-
 def eot_jpeg(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """JPEG at quality ~ U{50..90} with a straight-through gradient (forward: real JPEG; backward: identity)."""
     quality = int(torch.randint(50, 91, (), generator=generator))
-    return images + (jpeg_roundtrip(images, quality) - images).detach()
+    return images + (jpeg(images, quality) - images).detach()
 
 
 #: name -> ``fn(images, generator) -> images``; every entry keeps shape, dtype and device.

@@ -33,7 +33,9 @@ def load_subjects(sd, cfg: ProtectModelRunConfig, quiet: bool = False):
         skipped += errors
         if not ok:
             raise ValueError(f"subjects[{k}]: no usable images in {sc.instance_data}")
-        base = dataclasses.replace(cfg.personalization, class_prompt=sc.class_prompt,
+        instance_prompt = sc.instance_prompt or cfg.personalization.instance_prompt
+        class_prompt = sc.class_prompt or cfg.personalization.class_prompt
+        base = dataclasses.replace(cfg.personalization, class_prompt=class_prompt,
                                    num_class_images=cfg.protect.num_class_images, with_prior_preservation=True,
                                    method="dreambooth")
         class_images = class_images_for(sd, base, quiet=quiet)
@@ -42,9 +44,9 @@ def load_subjects(sd, cfg: ProtectModelRunConfig, quiet: bool = False):
                                   quiet=quiet)
         subjects.append(Subject(name=Path(str(src)).name if isinstance(src, str) else f"subject{k}",
                                 images=images.to(sd.device), paired=paired.to(sd.device),
-                                class_images=class_images.to(sd.device), instance_prompt=sc.instance_prompt,
-                                class_prompt=sc.class_prompt))
-        LOG.info("subject %d: %d photos from %s, prompt '%s'", k, len(ok), sc.instance_data, sc.instance_prompt)
+                                class_images=class_images.to(sd.device), instance_prompt=instance_prompt,
+                                class_prompt=class_prompt))
+        LOG.info("subject %d: %d photos from %s, prompt '%s'", k, len(ok), sc.instance_data, instance_prompt)
     return subjects, skipped
 
 
@@ -99,7 +101,9 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, 
         "that personalizing it on the protected subject(s) fails, while other prompts keep working.", "",
         "## Protected subjects (prompts only; the photos are not included)", "",
     ]
-    lines += [f"- instance prompt `{s.instance_prompt}`, class prompt `{s.class_prompt}`" for s in cfg.subjects]
+    per = cfg.personalization
+    lines += [f"- instance prompt `{s.instance_prompt or per.instance_prompt}`, class prompt "
+              f"`{s.class_prompt or per.class_prompt}`" for s in cfg.subjects]
     lines += ["", "## Settings", "", "```yaml", to_yaml(cfg).strip(), "```", "",
               f"Protection took {seconds:.0f} s for {len(history)} outer steps.", ""]
     if history:

@@ -102,6 +102,37 @@ def heldout_subjects(n: int, cls: str = "person", num_images: int = 4, num_refer
     return out
 
 
+def export(out_dir: str | Path, subjects: int = 2, cls: str = "person", num_images: int = 4,
+           num_references: int = 8, training_identities: int = 0, images_per_training_identity: int = 4) -> dict:
+    """Write toy data as ordinary image folders (so every command takes plain folders):
+
+    ``out/heldout-XXXX/train/*.png`` (the subject's photos), ``out/heldout-XXXX/references/*.png`` (other photos
+    of the same identity) and, if ``training_identities`` > 0, ``out/train-identities/id-XXXX/*.png`` drawn from
+    *pretraining* identities (e.g. to train the LDU perturbation network without touching held-out subjects).
+    """
+    from apdm.core.images import save_image
+
+    out = Path(out_dir)
+    written = {"subjects": [], "training_identities": 0}
+    for subj in heldout_subjects(subjects, cls, num_images, num_references):
+        root = out / f"heldout-{subj.index:04d}"
+        for part, imgs in (("train", subj.images), ("references", subj.references)):
+            for i, img in enumerate(imgs):
+                save_image(img, root / part / f"{i:02d}.png")
+        atomic_write_json(root / "subject.json", {"class": cls, "index": subj.index, "identity": subj.identity,
+                                                  "instance_prompt": subj.instance_prompt,
+                                                  "class_prompt": subj.class_prompt, "caption": subj.full_caption})
+        written["subjects"].append(str(root))
+    if training_identities > 0:
+        ids = draw.split()["pretrain"][:training_identities]
+        arr, idx, _ = draw.render_dataset(cls, ids, images_per_training_identity, seed=5)
+        imgs = draw.to_tensor(arr)
+        for k, (img, ident) in enumerate(zip(imgs, idx.tolist())):
+            save_image(img, out / "train-identities" / f"id-{ident:04d}" / f"{k % images_per_training_identity:02d}.png")
+        written["training_identities"] = len(ids)
+    return written
+
+
 # ============================================================================ build
 @dataclass
 class ToyBuildConfig:

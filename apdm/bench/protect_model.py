@@ -1,0 +1,129 @@
+"""``apdm bench protect-model``: does APDM protection work on the toy world, and what does it cost? (issue #5)
+
+Protects one held-out subject A with ``recipes/toy-protect-model.yaml`` (DPO + L2P) and, for comparison, with the
+naive loss; then attacks every model with the toy personalization recipes and scores with the toy instruments:
+
+* ``ism_*``: identity similarity (``ism@toy-id``) of "a photo of sks person" generations to A's (or B's) photos;
+* ``kid_class_*``: KID (``kid@toy-features``) of class-prompt generations vs freshly drawn persons (preservation);
+* ``fdfr_db_protected``: share of post-attack generations the toy detector rejects.
+
+B is a second held-out subject that is *not* protected (other subjects must keep personalizing).
+Overrides: ``outer_steps=N inner_steps=N samples=N long_attack=true no_naive=true``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+
+
+def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
+    from apdm.bench.toy_world import toy_recipe
+    from apdm.config import ProtectModelRunConfig, load_config
+    from apdm.core import diffusion as D
+    from apdm.core.models import load_sd
+    from apdm.evaluation.distribution import kid
+    from apdm.evaluation.protocol import personalize_and_sample, with_prompts
+    from apdm.personalization.simulator import class_images_for
+    from apdm.protect_model.l2p import Subject, protect
+    from apdm.toy import draw
+    from apdm.toy import instruments as I
+    from apdm.toy.world import heldout_subjects, instruments_path, model_path
+    from apdm.utils import LOG, seed_everything
+
+    opts = dict(o.split("=", 1) for o in overrides)
+    seed_everything(0)
+    t_start = time.perf_counter()
+    sd = load_sd(opts.get("model", str(model_path())), device=opts.get("device", "auto"))
+    inst = I.load_instruments(instruments_path())
+    rc = load_config(ProtectModelRunConfig, RECIPES / "toy-protect-model.yaml")
+    pcfg = rc.protect
+    for key in ("outer_steps", "inner_steps"):
+        if key in opts:
+            setattr(pcfg, key, int(opts[key]))
+    if "learning_rate" in opts:
+        pcfg.learning_rate = float(opts["learning_rate"])
+    n_samples = int(opts.get("samples", 8 if quick else 16))
+    subj_a, subj_b = heldout_subjects(2, num_images=4)
+    res: dict = {"model": sd.source, "subject_protected": subj_a.index, "subject_other": subj_b.index,
+                 "outer_steps": pcfg.outer_steps, "inner_steps": pcfg.inner_steps,
+                 "protect_lr": pcfg.learning_rate, "samples_per_prompt": n_samples}
+
+    # the protection data: x⁻ = A's photos, x⁺ = class-prompt images of φ, prior images of φ
+    per_base = with_prompts(rc.personalization, subj_a.instance_prompt, subj_a.class_prompt)
+    class_imgs = class_images_for(sd, dataclasses.replace(per_base, num_class_images=pcfg.num_class_images), quiet=True)
+    paired = class_images_for(sd, dataclasses.replace(per_base, num_class_images=len(subj_a.images),
+                                                      seed=per_base.seed + 7777), quiet=True)
+    subject = Subject("A", subj_a.images.to(sd.device), paired.to(sd.device), class_imgs.to(sd.device),
+                      subj_a.instance_prompt, subj_a.class_prompt)
+
+    def protected_model(loss: str):
+        t0 = time.perf_counter()
+        unet, hist = protect(sd, [subject], per_base, dataclasses.replace(pcfg, loss=loss, checkpoint_every=0))
+        return dataclasses.replace(sd, unet=unet), time.perf_counter() - t0, hist
+
+    # fresh drawn persons: the reference distribution for KID
+    real, _, _ = draw.render_dataset("person", draw.split()["heldout"][100:100 + 4 * n_samples], 1, seed=77)
+    real = draw.to_tensor(real)
+
+    def kid_class(model) -> float:
+        gen = D.generate(model, ["a photo of a person"], 4 * n_samples, 25, 3.0, seed=321, quiet=True)
+        return float(kid(real, gen, inst.features, subsets=50)[0])
+
+    sample = toy_recipe("dreambooth").sample
+    sample.num_images_per_prompt = n_samples
+
+    def attack(model, subj, method: str, steps: int | None = None) -> dict:
+        rcm = toy_recipe(method)
+        cfg = with_prompts(rcm.personalization, subj.instance_prompt, subj.class_prompt)
+        if steps:
+            cfg = dataclasses.replace(cfg, steps=steps)
+        out = personalize_and_sample(model, subj.images, cfg, [subj.instance_prompt], sample)
+        gen = out["images"][subj.instance_prompt]
+        return {"ism": float(I.identity_similarity(inst.encoder, gen, subj.references).mean()),
+                "fdfr": float((I.detector_scores(inst.detector, gen, "person") < 0.5).float().mean()),
+                "images": gen}
+
+    cls_gen = D.generate(sd, ["a photo of a person"], n_samples, 25, 3.0, seed=123, quiet=True)
+    res["ism_class_prompt"] = round(float(I.identity_similarity(inst.encoder, cls_gen, subj_a.references).mean()), 4)
+    res["ism_class_prompt_other"] = round(float(I.identity_similarity(inst.encoder, cls_gen, subj_b.references).mean()), 4)
+    res["kid_class_unprotected"] = round(kid_class(sd), 5)
+    res["ism_db_unprotected"] = round(attack(sd, subj_a, "dreambooth")["ism"], 4)
+    res["ism_db_other_unprotected"] = round(attack(sd, subj_b, "dreambooth")["ism"], 4)
+    LOG.info("unprotected: ISM DB %.3f (class prompt %.3f)", res["ism_db_unprotected"], res["ism_class_prompt"])
+
+    prot, seconds, hist = protected_model("dpo")
+    res["seconds_protect"] = round(seconds, 1)
+    res["seconds_per_outer_step"] = round(seconds / max(1, len(hist)), 3)
+    res["protect_loss_first"] = hist[0]["loss_protect"]
+    res["protect_loss_last"] = hist[-1]["loss_protect"]
+    db = attack(prot, subj_a, "dreambooth")
+    res["ism_db_protected"] = round(db["ism"], 4)
+    res["fdfr_db_protected"] = round(db["fdfr"], 4)
+    res["ism_lora_protected"] = round(attack(prot, subj_a, "lora")["ism"], 4)
+    res["ism_ti_protected"] = round(attack(prot, subj_a, "ti")["ism"], 4)
+    res["ism_db_other_protected"] = round(attack(prot, subj_b, "dreambooth")["ism"], 4)
+    res["kid_class_protected"] = round(kid_class(prot), 5)
+    if opts.get("long_attack", "false" if quick else "true") == "true":
+        res["ism_db_protected_2x_steps"] = round(attack(prot, subj_a, "dreambooth",
+                                                        steps=2 * toy_recipe("dreambooth").personalization.steps)["ism"], 4)
+    LOG.info("APDM: ISM DB %.3f, other subject %.3f", res["ism_db_protected"], res["ism_db_other_protected"])
+    if opts.get("no_naive", "false") != "true":
+        naive, _, _ = protected_model("naive")
+        res["ism_db_protected_naive"] = round(attack(naive, subj_a, "dreambooth")["ism"], 4)
+        res["kid_class_protected_naive"] = round(kid_class(naive), 5)
+
+    # the goals of issue #5, as ratios
+    gap = res["ism_db_unprotected"] - res["ism_class_prompt"]
+    res["protection_ratio"] = round((res["ism_db_unprotected"] - res["ism_db_protected"]) / gap, 4) if gap > 0 else None
+    gap_b = res["ism_db_other_unprotected"] - res["ism_class_prompt_other"]
+    res["other_gain_kept"] = round((res["ism_db_other_protected"] - res["ism_class_prompt_other"]) / gap_b, 4) \
+        if gap_b > 0 else None
+    res["kid_rise_fraction"] = round((res["kid_class_protected"] - res["kid_class_unprotected"])
+                                     / max(1e-8, abs(res["kid_class_unprotected"])), 4)
+    res["metric_impl"] = {"ism": "ism@toy-id", "kid": "kid@toy-features", "fdfr": "fdfr@toy-det"}
+    res["seconds_total"] = round(time.perf_counter() - t_start, 1)
+    return res
