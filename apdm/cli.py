@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     te.add_argument("--subjects", type=int, default=2)
     te.add_argument("--cls", default="person", choices=["person", "dog"])
     te.add_argument("--training-identities", type=int, default=0, help="also export N pretraining identities")
+    demo = sub.add_parser("demo", help="the toy-world demo: protect images and model, attack, evaluate, report")
+    demo.add_argument("--out", default="outputs/demo", help="output folder (report.html inside)")
+    demo.add_argument("--quick", action="store_true", help="fewer methods and samples (a few minutes)")
     bench = sub.add_parser("bench", help="benchmarks that write JSON (speed, memory, efficacy on the toy world)")
     bench.add_argument("name", nargs="?", help="benchmark name")
     bench.add_argument("--out", help="JSON file to write")
@@ -95,6 +98,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "toy":
         return _toy(args)
+    if args.command == "demo":
+        from apdm.demo import run_demo
+        from apdm.utils import set_progress
+
+        set_progress(False)
+        print(f"report: {run_demo(args.out, args.quick)}")
+        return 0
     if args.command == "bench":
         from apdm.bench import BENCHMARKS, run_benchmark
 

@@ -29,11 +29,18 @@ def _protect_model(quick: bool, overrides: list[str]) -> dict:
     return bench_protect_model(quick, overrides)
 
 
+def _protect_images(quick: bool, overrides: list[str]) -> dict:
+    from apdm.bench.protect_images import bench_protect_images
+
+    return bench_protect_images(quick, overrides)
+
+
 #: name -> function(quick, overrides) -> flat dict of numbers
 BENCHMARKS = {
     "personalize-steps": _personalize_steps,
     "toy-world": _toy_world,
     "protect-model": _protect_model,
+    "protect-images": _protect_images,
 }
 
 

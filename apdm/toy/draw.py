@@ -412,6 +412,9 @@ def _draw_person(p: _Pen, ident: dict, nz: dict, omit: frozenset = frozenset()) 
     skin = _SKIN[ident["skin"]]
     hair = _HAIR[ident["hair_colour"]]
     dark_skin = _shade(skin, 0.72)
+    light_skin = ident["skin"] in ("pale", "tan")
+    # nose / mouth colour that stands out on every skin tone: darker on light skin, lighter on dark skin
+    contrast = _shade(skin, 0.62) if light_skin else _mix(skin, (1.0, 0.8, 0.7), 0.38)
     style = ident["hair_style"]
     show_hair = "hair" not in omit
 
@@ -491,10 +494,9 @@ def _draw_person(p: _Pen, ident: dict, nz: dict, omit: frozenset = frozenset()) 
     if "nose" not in omit:
         nose = ident["nose"]
         if nose == "small":
-            p.circle(cx, ny, 0.021, fill=_shade(skin, 0.72))
+            p.circle(cx, ny, 0.024, fill=contrast)
         elif nose == "pointy":
-            p.poly([(cx, ny - 0.1), (cx - 0.038, ny + 0.03), (cx + 0.038, ny + 0.03)],
-                   fill=_shade(skin, 0.66))
+            p.poly([(cx, ny - 0.1), (cx - 0.04, ny + 0.03), (cx + 0.04, ny + 0.03)], fill=contrast)
         else:
             p.circle(cx, ny, 0.047, fill=(0.93, 0.42, 0.42), outline=(0.6, 0.2, 0.2), width=0.008)
     # mustache
@@ -504,11 +506,12 @@ def _draw_person(p: _Pen, ident: dict, nz: dict, omit: frozenset = frozenset()) 
     # mouth
     if "mouth" not in omit:
         lips = ident["mouth"] == "lips"
-        mc = (0.9, 0.08, 0.2) if lips else (0.42, 0.08, 0.08)
+        mc = (0.9, 0.08, 0.2) if lips else ((0.45, 0.08, 0.08) if light_skin else (0.1, 0.02, 0.02))
         w = mouth_w
         if nz["mouth"] == "open":
             p.ellipse((cx - w, my - 0.032, cx + w, my + 0.032), fill=(0.3, 0.04, 0.05), outline=mc,
                       width=0.018 if lips else 0.008)
+            p.rect((cx - 0.7 * w, my - 0.026, cx + 0.7 * w, my - 0.01), fill=(1.0, 1.0, 1.0))  # teeth
         elif nz["mouth"] == "smile":
             if lips:
                 p.chord((cx - w, my - 0.04, cx + w, my + 0.035), 0, 180, fill=mc)

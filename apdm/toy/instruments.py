@@ -55,8 +55,8 @@ IMPL_ATTR = "toy-attr"
 IMPL_DET = "toy-det"
 IMPL_FEATURES = "toy-features"
 
-DEFAULT_ENCODER = {"widths": [24, 48, 48, 96, 96], "hidden": 128, "embed_dim": 64}
-DEFAULT_DETECTOR = {"widths": [16, 32, 32, 64, 64], "hidden": 64}
+DEFAULT_ENCODER = {"widths": [32, 64, 96, 96], "hidden": 128, "embed_dim": 64}
+DEFAULT_DETECTOR = {"widths": [16, 32, 64, 64], "hidden": 64}
 
 
 # ------------------------------------------------------------------------------------------ modules
@@ -74,12 +74,14 @@ def _prepare(x: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
     return x
 
 
-def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+def _conv(cin: int, cout: int, stride: int, k: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
 
 
 class _Trunk(nn.Module):
-    """Conv stack on 64x64 input, strides 2,2,1,2,2 (64->32->16->16->8->4), flattened ``(N, widths[-1]*16)``.
+    """Conv stack on 64x64 input: four stride-2 convs (64->32->16->8->4; the first 5x5, the rest 3x3, any
+    further ones stride 1), flattened to ``(N, widths[-1] * 16)``.
 
     Flattening the 4x4 map (instead of global pooling) keeps where things are (eyes vs mouth vs hair), which
     the attribute heads need; shift nuisance is at most a fraction of one cell.
@@ -87,10 +89,10 @@ class _Trunk(nn.Module):
 
     def __init__(self, widths: Sequence[int]):
         super().__init__()
-        strides = [2, 2, 1, 2, 2, 1, 1][: len(widths)]
+        strides = ([2, 2, 2, 2] + [1] * len(widths))[: len(widths)]
         layers, cin = [], 3
-        for w, s in zip(widths, strides):
-            layers.append(_conv(cin, w, s))
+        for i, (w, s) in enumerate(zip(widths, strides)):
+            layers.append(_conv(cin, w, s, 5 if i == 0 else 3))
             cin = w
         self.body = nn.Sequential(*layers)
         side = IMAGE_SIZE // math.prod(strides)
@@ -358,7 +360,7 @@ _FULL = {
     "eval": {"ids": 200, "photos": 4, "det_ids": 400, "negatives": 1000},
 }
 _QUICK = {
-    "encoder": {"ids": {"person": 120, "dog": 60}, "photos": 3, "epochs": 6, "ids_per_batch": 20,
+    "encoder": {"ids": {"person": 160, "dog": 80}, "photos": 3, "epochs": 10, "ids_per_batch": 16,
                 "lr": 4e-3, "tau": 0.1, "supcon_weight": 1.0},
     "detector": {"per_class": 200, "negatives": 300, "epochs": 6, "batch": 64, "lr": 4e-3},
     "eval": {"ids": 40, "photos": 3, "det_ids": 100, "negatives": 200},
