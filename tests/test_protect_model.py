@@ -152,3 +152,14 @@ def test_cli_protect_model_writes_loadable_model(tmp_path):
     card = (out / "model" / "README.md").read_text()
     assert "a photo of sks person" in card and "DPO" in card
     assert not (out / "checkpoint").exists()
+
+
+def test_bf16_base_model_runs_with_fp32_master_weights():
+    """On GPUs the frozen parts (φ, VAE, text encoder) load in bf16 while θ and θ' train in fp32."""
+    from apdm.core.models import tiny_sd
+
+    sd16 = tiny_sd(seed=0, dtype=torch.bfloat16)
+    pcfg = ProtectConfig(outer_steps=1, inner_steps=1, learning_rate=1e-3, checkpoint_every=0)
+    theta, hist = l2p.protect(sd16, [_subject(sd16)], PER, pcfg)
+    assert theta.dtype == torch.float32 and sd16.unet.dtype == torch.bfloat16
+    assert all(math.isfinite(v) for k, v in hist[0].items() if k != "step")

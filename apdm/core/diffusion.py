@@ -131,7 +131,8 @@ def noise_prediction_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_
     if timesteps is None:
         timesteps = sample_timesteps(noise_scheduler, latents.shape[0], latents.device, generator)
     noisy_latents = add_noise(noise_scheduler, latents, noise, timesteps)
-    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+    dtype = getattr(unet, "dtype", noisy_latents.dtype)  # frozen reference models may be bf16/fp16
+    model_pred = unet(noisy_latents.to(dtype), timesteps, encoder_hidden_states.to(dtype)).sample
     target = training_target(noise_scheduler, latents, noise, timesteps)
     squared = F.mse_loss(model_pred.float(), target.float(), reduction="none")
     if reduction == "elementwise":

@@ -414,7 +414,8 @@ def _draw_person(p: _Pen, ident: dict, nz: dict, omit: frozenset = frozenset()) 
     dark_skin = _shade(skin, 0.72)
     light_skin = ident["skin"] in ("pale", "tan")
     # nose / mouth colour that stands out on every skin tone: darker on light skin, lighter on dark skin
-    contrast = _shade(skin, 0.62) if light_skin else _mix(skin, (1.0, 0.8, 0.7), 0.38)
+    contrast = {"pale": _shade(skin, 0.62), "tan": _shade(skin, 0.58), "brown": _shade(skin, 0.5),
+                "dark": _mix(skin, (1.0, 0.8, 0.7), 0.45)}[ident["skin"]]
     style = ident["hair_style"]
     show_hair = "hair" not in omit
 
@@ -456,7 +457,7 @@ def _draw_person(p: _Pen, ident: dict, nz: dict, omit: frozenset = frozenset()) 
     else:
         p.ellipse((L, T, R, B), fill=skin, outline=_shade(skin, 0.6), width=0.01)
     my = T + 0.8 * H
-    mouth_w = {"small": 0.034, "wide": 0.11, "lips": 0.07}[ident["mouth"]]
+    mouth_w = {"small": 0.032, "wide": 0.12, "lips": 0.075}[ident["mouth"]]
     # beard
     if ident["beard"] == "beard" and show_hair:
         p.chord((L + 0.005, T + 0.25 * H, R - 0.005, B + 0.055), 5, 175, fill=hair)
@@ -487,6 +488,9 @@ def _draw_person(p: _Pen, ident: dict, nz: dict, omit: frozenset = frozenset()) 
         iry = min(ir, ry * 0.95)
         p.ellipse((ix - ir, iy - iry, ix + ir, iy + iry), fill=_EYE[ident["eye_colour"]])
         p.ellipse((ix - pr, iy - min(pr, iry), ix + pr, iy + min(pr, iry)), fill=(0.03, 0.03, 0.03))
+        if shape == "narrow":  # heavy upper lid: a dark bar over the eye
+            p.chord((ex - rx - 0.006, ey - ry - 0.012, ex + rx + 0.006, ey + ry * 0.4), 180, 360,
+                    fill=(0.12, 0.08, 0.08))
         if shape == "big":
             p.circle(ix - 0.02, iy - 0.02, 0.015, fill=(1.0, 1.0, 1.0))
     # nose
@@ -496,13 +500,15 @@ def _draw_person(p: _Pen, ident: dict, nz: dict, omit: frozenset = frozenset()) 
         if nose == "small":
             p.circle(cx, ny, 0.024, fill=contrast)
         elif nose == "pointy":
-            p.poly([(cx, ny - 0.1), (cx - 0.04, ny + 0.03), (cx + 0.04, ny + 0.03)], fill=contrast)
+            p.poly([(cx, ny - 0.105), (cx - 0.052, ny + 0.04), (cx + 0.052, ny + 0.04)], fill=contrast,
+                   outline=_shade(contrast, 0.6), width=0.01)
         else:
             p.circle(cx, ny, 0.047, fill=(0.93, 0.42, 0.42), outline=(0.6, 0.2, 0.2), width=0.008)
     # mustache
     if ident["beard"] == "mustache" and show_hair:
         for sgn in (-1, 1):
-            p.ellipse((cx + min(0, sgn * 0.1), my - 0.06, cx + max(0, sgn * 0.1), my - 0.02), fill=hair)
+            p.ellipse((cx + min(0, sgn * 0.12), my - 0.075, cx + max(0, sgn * 0.12), my - 0.02), fill=hair,
+                      outline=_shade(hair, 0.5), width=0.008)
     # mouth
     if "mouth" not in omit:
         lips = ident["mouth"] == "lips"

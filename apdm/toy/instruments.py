@@ -354,14 +354,14 @@ def _u8_to_tensor(a: np.ndarray) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ training
 _FULL = {
-    "encoder": {"ids": {"person": 2400, "dog": 1200}, "photos": 4, "epochs": 10, "ids_per_batch": 32,
-                "lr": 3e-3, "tau": 0.1, "supcon_weight": 1.0},
+    "encoder": {"ids": {"person": 4800, "dog": 2400}, "photos": 2, "epochs": 7, "ids_per_batch": 32,
+                "lr": 3e-3, "tau": 0.1, "supcon_weight": 0.5},
     "detector": {"per_class": 3000, "negatives": 4500, "epochs": 6, "batch": 128, "lr": 3e-3},
     "eval": {"ids": 200, "photos": 4, "det_ids": 400, "negatives": 1000},
 }
 _QUICK = {
-    "encoder": {"ids": {"person": 160, "dog": 80}, "photos": 3, "epochs": 10, "ids_per_batch": 16,
-                "lr": 4e-3, "tau": 0.1, "supcon_weight": 1.0},
+    "encoder": {"ids": {"person": 240, "dog": 120}, "photos": 2, "epochs": 10, "ids_per_batch": 32,
+                "lr": 4e-3, "tau": 0.1, "supcon_weight": 0.5},
     "detector": {"per_class": 200, "negatives": 300, "epochs": 6, "batch": 64, "lr": 4e-3},
     "eval": {"ids": 40, "photos": 3, "det_ids": 100, "negatives": 200},
 }
@@ -385,17 +385,33 @@ def _world_split(world_size: int, heldout_fraction: float, split_seed: int) -> d
     return D.split(world_size, heldout_fraction, split_seed)
 
 
+def training_identities(cls: str, n: int, seed: int = 0, world_size: int = D.WORLD_SIZE,
+                        heldout_fraction: float = D.HELDOUT_FRACTION, split_seed: int = D.SPLIT_SEED) -> list[int]:
+    """``n`` identity indices of ``cls`` for training instruments: random, never a held-out identity.
+
+    They are drawn from every identity of the class except the world's held-out ones (so they include
+    pretraining identities and identities beyond the world). Many distinct identities with few photos each
+    keep the attribute heads from memorising identities instead of learning the attributes.
+    """
+    held = np.asarray(_world_split(world_size, heldout_fraction, split_seed)["heldout"], np.int64)
+    perm = np.random.default_rng([seed, 31, D.CLASSES.index(cls)]).permutation(D.num_identities(cls))
+    pool = perm[~np.isin(perm, held)]
+    if n > pool.size:
+        raise ValueError(f"asked for {n} training identities of '{cls}', only {pool.size} are not held out")
+    return [int(i) for i in pool[:n]]
+
+
 def train_identity_encoder(classes: Sequence[str] = D.CLASSES, ids: dict[str, int] | None = None,
-                           photos: int = 4, epochs: int = 10, ids_per_batch: int = 32, lr: float = 3e-3,
-                           tau: float = 0.1, supcon_weight: float = 1.0, seed: int = 0,
+                           photos: int = 2, epochs: int = 7, ids_per_batch: int = 32, lr: float = 3e-3,
+                           tau: float = 0.1, supcon_weight: float = 0.5, seed: int = 0,
                            world_size: int = D.WORLD_SIZE, heldout_fraction: float = D.HELDOUT_FRACTION,
                            split_seed: int = D.SPLIT_SEED, arch: dict | None = None,
                            quiet: bool = False) -> tuple[IdentityEncoder, dict]:
-    """Train an :class:`IdentityEncoder` on pretraining identities of ``classes``.
+    """Train an :class:`IdentityEncoder` on non-held-out identities of ``classes``.
 
     Args:
         classes: toy classes to cover.
-        ids: identities per class (taken from the pretraining split), default 2400 persons / 1200 dogs.
+        ids: identities per class (:func:`training_identities`: never held-out ones).
         photos: photos per identity (K of the P x K batches).
         epochs, ids_per_batch, lr: optimisation (AdamW, one-cycle schedule).
         tau, supcon_weight: temperature and weight of the supervised-contrastive identity loss.
@@ -411,13 +427,12 @@ def train_identity_encoder(classes: Sequence[str] = D.CLASSES, ids: dict[str, in
     torch.manual_seed(seed)
     ids = ids or _FULL["encoder"]["ids"]
     arch = {**DEFAULT_ENCODER, **(arch or {})}
-    pre = _world_split(world_size, heldout_fraction, split_seed)["pretrain"]
     enc = IdentityEncoder({c: D.ATTRIBUTES[c] for c in classes}, **arch)
     xs, id_labels, attr_labels, cls_labels = [], [], [], []
     heads = list(enc.heads)
     offset = 0
     for ci, cls in enumerate(classes):
-        chosen = pre[: ids[cls]]
+        chosen = training_identities(cls, ids[cls], seed, world_size, heldout_fraction, split_seed)
         imgs, iid, _ = D.render_dataset(cls, chosen, photos, seed=seed * 7919 + 11, detail="class")
         xs.append(imgs)
         remap = {v: k for k, v in enumerate(chosen)}
@@ -437,14 +452,16 @@ def train_identity_encoder(classes: Sequence[str] = D.CLASSES, ids: dict[str, in
     Y_cls = torch.from_numpy(np.concatenate(cls_labels))
     n_ids = int(Y_id.max()) + 1
     # P x K batches: all photos of ids_per_batch identities
-    by_id = [torch.nonzero(Y_id == i).flatten() for i in range(n_ids)]
+    sorted_idx = torch.argsort(Y_id, stable=True)
+    by_id = list(torch.split(sorted_idx, torch.bincount(Y_id, minlength=n_ids).tolist()))
     steps_per_epoch = math.ceil(n_ids / ids_per_batch)
     opt = torch.optim.AdamW(enc.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch,
                                                 pct_start=0.15)
     g = torch.Generator().manual_seed(seed + 1)
     enc.train()
-    bar = progress(total=epochs * steps_per_epoch, desc="toy identity encoder", **({"disable": True} if quiet else {}))
+    bar = progress(total=epochs * steps_per_epoch, desc="toy identity encoder",
+                   **({"disable": True} if quiet else {}))
     loss_hist = []
     for _epoch in range(epochs):
         order = torch.randperm(n_ids, generator=g)
@@ -498,7 +515,7 @@ def train_detector(classes: Sequence[str] = D.CLASSES, per_class: int = 3000, ne
 
     Args:
         classes: toy classes (output order ``("none", *classes)``).
-        per_class: positive photos per class (one photo per pretraining identity, cycling).
+        per_class: positive photos per class (one photo per identity, :func:`training_identities`).
         negatives: non-subject images (:func:`apdm.toy.draw.render_negatives`, all kinds round-robin).
         epochs, batch, lr: optimisation (AdamW, one-cycle).
         seed: data and init seed.
@@ -512,9 +529,8 @@ def train_detector(classes: Sequence[str] = D.CLASSES, per_class: int = 3000, ne
     t0 = time.time()
     torch.manual_seed(seed + 2)
     arch = {**DEFAULT_DETECTOR, **(arch or {})}
-    pre = _world_split(world_size, heldout_fraction, split_seed)["pretrain"]
-    lists = {c: [pre[i % len(pre)] for i in range(per_class)] for c in classes}
-    # a different photo seed than the encoder; identities repeat only when per_class > len(pre)
+    lists = {c: training_identities(c, per_class, seed + 1, world_size, heldout_fraction, split_seed)
+             for c in classes}
     X, Y, _ = _detector_data(classes, lists, 1, negatives, seed=seed * 7919 + 23)
     det = SubjectDetector(classes, **arch)
     n = X.shape[0]
@@ -524,7 +540,8 @@ def train_detector(classes: Sequence[str] = D.CLASSES, per_class: int = 3000, ne
                                                 pct_start=0.15)
     g = torch.Generator().manual_seed(seed + 3)
     det.train()
-    bar = progress(total=epochs * steps_per_epoch, desc="toy subject detector", **({"disable": True} if quiet else {}))
+    bar = progress(total=epochs * steps_per_epoch, desc="toy subject detector",
+                   **({"disable": True} if quiet else {}))
     loss_hist = []
     for _epoch in range(epochs):
         order = torch.randperm(n, generator=g)
