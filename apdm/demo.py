@@ -36,8 +36,10 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False) -> Path:
     subject = Path(export(out / "data", subjects=1)["subjects"][0])
     model = ModelConfig(path=str(model_path()))
 
-    LOG.info("demo 2/4: protecting the photos (LDU%s)", "" if quick else " and ASPL")
-    methods = ["ldu"] if quick else ["ldu", "aspl"]
+    has_rho = (toy_root() / "rho" / "rho.json").is_file()
+    methods = (["ldu"] if has_rho else []) + (["aspl"] if not (quick and has_rho) else [])
+    LOG.info("demo 2/4: protecting the photos (%s)%s", ", ".join(methods),
+             "" if has_rho else "; no toy LDU network found (train one: recipes/toy-train-perturber.yaml)")
     for m in methods:
         cfg = ProtectImagesRunConfig(model=model, method=m, budget="8/255", input=str(subject / "train"),
                                      output_dir=str(out / f"protected-{m}"), rho_path=str(toy_root() / "rho"),

@@ -57,6 +57,9 @@ def test_render_dataset_shapes_determinism_and_order_independence():
     assert np.array_equal(alone, imgs[3:6])
     # photos of one identity differ (nuisance), but not wildly
     assert not np.array_equal(imgs[0], imgs[1])
+    # rendering in worker processes gives the same bytes, captions and order
+    par = D.render_dataset("dog", [5, 9, 2], 3, seed=1, workers=2)
+    assert np.array_equal(par[0], imgs) and par[1].tolist() == ids.tolist() and par[2] == caps
 
 
 def test_identity_dominates_nuisance():

@@ -1,8 +1,10 @@
 """Measuring instruments of the toy world: identity encoder, subject detector, FID/KID feature extractor.
 
 They stand in for the face-recognition (ISM), face-detection (FDFR / SDS) and Inception (FID / KID) networks
-of real evaluations, and are trained on the generator's ground truth (:mod:`apdm.toy.draw`) on
-**pretraining identities only**, so held-out subjects are as new to them as to the toy diffusion model.
+of real evaluations, and are trained on the generator's ground truth (:mod:`apdm.toy.draw`) on identities
+**outside the world's held-out split** (:func:`training_identities`), so held-out subjects are as new to them
+as to the toy diffusion model. Training takes ~6 min on one busy CPU core (``num_threads=1``; on a shared
+2-core machine two threads can be several times slower).
 
 * :class:`IdentityEncoder` — image -> L2-normalised embedding ``(N, D)`` plus one classification head per
   attribute. Trained with attribute cross-entropy + a supervised-contrastive identity loss (batches of P
@@ -30,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,17 +162,23 @@ class SubjectDetector(nn.Module):
 
 
 class FeatureExtractor(nn.Module):
-    """FID/KID features of the toy world: ``[encoder.features, detector.features]``.
+    """FID/KID features of the toy world: ``[encoder.features / s_enc, detector.features / s_det]``.
 
     ``forward(images)``: ``(N, 3, H, W)`` float ``[0, 1]`` or uint8 ``[0, 255]`` -> float32
     ``(N, num_features)``. Always in eval mode (``train()`` is a no-op), no gradients.
+
+    ``scale = (s_enc, s_det)`` are the root-mean-square feature values on drawn subjects, fixed at training
+    time (``instruments.json`` ``feature_scale``), so both parts weigh alike and features are O(1) like
+    standardised data (KID's polynomial kernel is sensitive to the feature scale).
     """
 
-    def __init__(self, encoder: IdentityEncoder, detector: SubjectDetector):
+    def __init__(self, encoder: IdentityEncoder, detector: SubjectDetector,
+                 scale: Sequence[float] = (1.0, 1.0)):
         super().__init__()
         self.encoder = encoder
         self.detector = detector
         self.num_features = encoder.hidden + detector.hidden
+        self.scale = (float(scale[0]), float(scale[1]))
         super().train(False)
 
     def train(self, mode: bool = True):  # frozen feature network, like torchmetrics' Inception
@@ -178,7 +187,18 @@ class FeatureExtractor(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _prepare(x)
-        return torch.cat([self.encoder.features(x), self.detector.features(x)], dim=1)
+        return torch.cat([self.encoder.features(x) / self.scale[0], self.detector.features(x) / self.scale[1]],
+                         dim=1)
+
+
+def feature_scale(encoder: IdentityEncoder, detector: SubjectDetector, classes: Sequence[str] = D.CLASSES,
+                  seed: int = 0, n: int = 256) -> list[float]:
+    """RMS of encoder and detector penultimate features on ``n`` drawn subjects per class (training ids)."""
+    x = torch.cat([_u8_to_tensor(D.render_dataset(c, training_identities(c, n, seed + 5), 1, seed=seed + 77)[0])
+                   for c in classes])
+    fe = _batched(encoder, x, fn=encoder.features)
+    fd = _batched(detector, x, fn=detector.features)
+    return [round(float(fe.pow(2).mean().sqrt()), 6), round(float(fd.pow(2).mean().sqrt()), 6)]
 
 
 @dataclass
@@ -246,7 +266,7 @@ def attribute_match(encoder: IdentityEncoder, images: torch.Tensor, identity: di
         identity: the subject's identity dict (:func:`apdm.toy.draw.identity_from_index`).
 
     Returns:
-        ``(N,)`` float32 in ``[0, 1]``; chance level is about ``mean(1 / n_values)`` (~0.27 for persons).
+        ``(N,)`` float32 in ``[0, 1]``; chance level is ``mean(1 / n_values)`` (0.26 for persons, 0.34 for dogs).
     """
     cls = identity["class"]
     names = list(encoder.attributes[cls])
@@ -356,7 +376,7 @@ def _u8_to_tensor(a: np.ndarray) -> torch.Tensor:
 _FULL = {
     "encoder": {"ids": {"person": 4800, "dog": 2400}, "photos": 2, "epochs": 7, "ids_per_batch": 32,
                 "lr": 3e-3, "tau": 0.1, "supcon_weight": 0.5},
-    "detector": {"per_class": 3000, "negatives": 4500, "epochs": 6, "batch": 128, "lr": 3e-3},
+    "detector": {"per_class": 3000, "negatives": 6000, "epochs": 8, "batch": 128, "lr": 3e-3},
     "eval": {"ids": 200, "photos": 4, "det_ids": 400, "negatives": 1000},
 }
 _QUICK = {
@@ -662,6 +682,9 @@ def save_instruments(inst: Instruments, out_dir: str | Path) -> Path:
         save_file(_state(inst.encoder), str(tmp / ENCODER_FILE), metadata={"format": "pt"})
         save_file(_state(inst.detector), str(tmp / DETECTOR_FILE), metadata={"format": "pt"})
         atomic_write_json(tmp / CONFIG_NAME, inst.config)
+        for f in (ENCODER_FILE, DETECTOR_FILE, CONFIG_NAME):  # temp files are private; assets are shared
+            os.chmod(tmp / f, 0o644)
+        os.chmod(tmp, 0o755)
     return Path(out_dir)
 
 
@@ -671,7 +694,7 @@ def build_instruments(config: dict) -> Instruments:
     det = SubjectDetector(config["classes"], **config["detector"])
     enc.eval()
     det.eval()
-    return Instruments(enc, det, FeatureExtractor(enc, det), config)
+    return Instruments(enc, det, FeatureExtractor(enc, det, config.get("feature_scale", (1.0, 1.0))), config)
 
 
 def load_instruments(path: str | Path, device: str | torch.device = "cpu") -> Instruments:
@@ -753,9 +776,10 @@ def _train_instruments(out_dir, seed, quick, classes, world_size, heldout_fracti
         "world": {"world_size": world_size, "heldout_fraction": heldout_fraction, "split_seed": split_seed},
         "training": {"seed": seed, "quick": quick, **{k: v for k, v in s.items()}},
         "feature_dim": DEFAULT_ENCODER["hidden"] + DEFAULT_DETECTOR["hidden"],
+        "feature_scale": feature_scale(enc, det, classes, seed),
         "report": report,
     }
-    inst = Instruments(enc, det, FeatureExtractor(enc, det), config)
+    inst = Instruments(enc, det, FeatureExtractor(enc, det, config["feature_scale"]), config)
     if out_dir is not None:
         save_instruments(inst, out_dir)
         LOG.info("toy instruments saved to %s", out_dir)
