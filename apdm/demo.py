@@ -90,7 +90,9 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False) -> Path:
 
 def _gallery(folder: Path) -> list[dict]:
     """The image grids an evaluate run wrote, with titles from its report."""
+    import html
     import re
 
-    html = (folder / "report.html").read_text()
-    return [{"file": f, "title": t} for f, t in re.findall(r"<img src='([^']+)' alt='([^']*)'>", html)]
+    page = (folder / "report.html").read_text()
+    return [{"file": html.unescape(f), "title": html.unescape(t)}
+            for f, t in re.findall(r"<img src='([^']+)' alt='([^']*)'>", page)]
