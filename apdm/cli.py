@@ -112,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
             names = ", ".join(BENCHMARKS) or "none yet"
             print(f"apdm bench: choose a benchmark: {names}", file=sys.stderr)
             return 2
-        return run_benchmark(args.name, args.out, args.quick, args.overrides)
+        try:
+            return run_benchmark(args.name, args.out, args.quick, args.overrides)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"apdm bench {args.name}: {exc}", file=sys.stderr)
+            return 2
 
     cls_name, target, _ = COMMANDS[args.command]
     if args.command == "protect-images":
@@ -158,9 +162,7 @@ def _load_config(command: str, cls, args):
 
 
 def _toy(args) -> int:
-    """``apdm toy build`` / ``apdm toy sample``."""
-    from apdm import config as C
-
+    """``apdm toy build`` / ``apdm toy sample`` / ``apdm toy export``."""
     if args.toy_command == "build":
         from apdm.toy.world import ToyBuildConfig, build
 

@@ -13,7 +13,10 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+if TYPE_CHECKING:  # annotations only; torch is imported inside the functions that need it
+    import torch
 
 LOG = logging.getLogger("apdm")
 

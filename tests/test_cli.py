@@ -42,6 +42,8 @@ def test_print_config_applies_overrides(capsys):
 def test_bench_unknown_name(capsys):
     assert main(["bench", "nope"]) == 2
     assert "toy-world" in capsys.readouterr().err
+    assert main(["bench", "personalize-steps", "stepz=3"]) == 2
+    assert "unknown benchmark option 'stepz'" in capsys.readouterr().err
 
 
 def test_personalize_dreambooth_recipe_end_to_end(tmp_path):
@@ -152,3 +154,26 @@ def test_evaluate_end_to_end_and_resume(tmp_path):
     assert main(args) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == stamps
     assert json.loads((out / "results.json").read_text())["records"] == recs
+
+
+def test_bench_options_are_checked():
+    from apdm.bench import parse_options
+
+    assert parse_options(["subjects=3", "methods=a,b"], {"subjects", "methods"}) == {"subjects": "3", "methods": "a,b"}
+    with pytest.raises(ValueError, match="must look like key=value"):
+        parse_options(["subjects"], {"subjects"})
+    with pytest.raises(ValueError, match="unknown benchmark option 'subjets'"):
+        parse_options(["subjets=3"], {"subjects"})
+
+
+def test_toy_metric_backends_share_one_instrument_load():
+    from apdm.evaluation import run as R
+
+    R._toy_instruments.cache_clear()
+    embed, impl_id = R.identity_backend("toy")
+    detect, impl_det = R.detector_backend("toy", "person")
+    feats, impl_feat = R.feature_backend("toy")
+    assert (impl_id, impl_det, impl_feat) == ("toy-id", "toy-det", "toy-features")
+    assert R._toy_instruments.cache_info().misses == 1 and R._toy_instruments.cache_info().hits == 2
+    x = torch.rand(2, 3, 64, 64)
+    assert embed(x).shape[0] == 2 and detect(x).shape == (2,) and feats(x).shape[0] == 2

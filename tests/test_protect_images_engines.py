@@ -13,7 +13,6 @@ from apdm.personalization import simulator as S
 from apdm.protect_images import baselines as B
 from apdm.protect_images import ldu
 from apdm.protect_images.pgd import EOT_TRANSFORMS, eot_jpeg, gaussian_blur, linear_decay, pgd_attack
-from helpers import fixed_personalization_loss
 
 BUDGET = 8 / 255
 TOL = 1e-6

@@ -7,8 +7,37 @@ Targets are measured here, never by timed assertions in tests. Each benchmark is
 from __future__ import annotations
 
 import json
-import sys
 import time
+
+
+def parse_options(overrides: list[str], known: set[str]) -> dict[str, str]:
+    """``["subjects=3", ...]`` -> ``{"subjects": "3"}``; a malformed or unknown option is a clear error."""
+    opts = {}
+    for o in overrides:
+        if "=" not in o:
+            raise ValueError(f"benchmark option '{o}' must look like key=value")
+        key, value = o.split("=", 1)
+        if key not in known:
+            raise ValueError(f"unknown benchmark option '{key}' (known: {', '.join(sorted(known))})")
+        opts[key] = value
+    return opts
+
+
+def toy_setup(overrides: list[str], known: set[str]):
+    """Shared preamble of the toy-world benchmarks: options, seeding, the model and the instruments.
+
+    Returns:
+        (options dict, :class:`apdm.core.models.SD`, toy ``Instruments``).
+    """
+    from apdm.core.models import load_sd
+    from apdm.toy import instruments as I
+    from apdm.toy.world import instruments_path, model_path
+    from apdm.utils import seed_everything
+
+    opts = parse_options(overrides, known | {"model", "device"})
+    seed_everything(0)
+    sd = load_sd(opts.get("model", str(model_path())), device=opts.get("device", "auto"))
+    return opts, sd, I.load_instruments(instruments_path())
 
 
 def _personalize_steps(quick: bool, overrides: list[str]) -> dict:

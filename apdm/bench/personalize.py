@@ -18,10 +18,9 @@ def bench_personalize_steps(quick: bool, overrides: list[str]) -> dict:
     from apdm.core.models import load_sd
     from apdm.personalization import simulator as S
 
-    opts = dict(o.split("=", 1) for o in overrides)
-    unknown = set(opts) - {"model", "resolution", "steps", "batch_size", "device", "dtype"}
-    if unknown:
-        raise ValueError(f"unknown option(s) for personalize-steps: {', '.join(sorted(unknown))}")
+    from apdm.bench import parse_options
+
+    opts = parse_options(overrides, {"model", "resolution", "steps", "batch_size", "device", "dtype"})
     sd = load_sd(opts.get("model", "tiny"), opts.get("device", "auto"), opts.get("dtype", "auto"))
     steps = int(opts.get("steps", 5 if quick else 20))
     bs = int(opts.get("batch_size", 1))

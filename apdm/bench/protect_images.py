@@ -17,25 +17,23 @@ import time
 
 
 def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
+    from apdm.bench import toy_setup
     from apdm.attacks.diffpure import diffpure
     from apdm.attacks.transforms import gaussian_blur, jpeg
     from apdm.bench.toy_world import toy_recipe
     from apdm.core import diffusion as D
-    from apdm.core.models import load_sd
     from apdm.evaluation.fidelity import psnr, ssim
     from apdm.evaluation.protocol import personalize_and_sample, with_prompts
     from apdm.protect_images import ldu
     from apdm.protect_images.baselines import METHODS
     from apdm.protect_images.budget import format_budget, parse_budget
     from apdm.toy import instruments as I
-    from apdm.toy.world import heldout_subjects, instruments_path, model_path, toy_root
-    from apdm.utils import LOG, seed_everything
+    from apdm.toy.world import heldout_subjects, toy_root
+    from apdm.utils import LOG
 
-    opts = dict(o.split("=", 1) for o in overrides)
-    seed_everything(0)
     t_start = time.perf_counter()
-    sd = load_sd(opts.get("model", str(model_path())), device=opts.get("device", "auto"))
-    inst = I.load_instruments(instruments_path())
+    opts, sd, inst = toy_setup(overrides, {"budget", "subjects", "samples", "methods", "rho", "aspl_steps",
+                                           "advdm_steps", "photoguard_steps"})
     budget = parse_budget(opts.get("budget", "8/255"))
     n_subjects = int(opts.get("subjects", 1 if quick else 3))
     n_samples = int(opts.get("samples", 8 if quick else 16))

@@ -21,24 +21,22 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
+    from apdm.bench import toy_setup
     from apdm.bench.toy_world import toy_recipe
     from apdm.config import ProtectModelRunConfig, load_config
     from apdm.core import diffusion as D
-    from apdm.core.models import load_sd
     from apdm.evaluation.distribution import kid
     from apdm.evaluation.protocol import personalize_and_sample, with_prompts
     from apdm.personalization.simulator import class_images_for
     from apdm.protect_model.l2p import Subject, protect
     from apdm.toy import draw
     from apdm.toy import instruments as I
-    from apdm.toy.world import heldout_subjects, instruments_path, model_path
-    from apdm.utils import LOG, seed_everything
+    from apdm.toy.world import heldout_subjects
+    from apdm.utils import LOG
 
-    opts = dict(o.split("=", 1) for o in overrides)
-    seed_everything(0)
     t_start = time.perf_counter()
-    sd = load_sd(opts.get("model", str(model_path())), device=opts.get("device", "auto"))
-    inst = I.load_instruments(instruments_path())
+    opts, sd, inst = toy_setup(overrides, {"outer_steps", "inner_steps", "learning_rate", "samples", "long_attack",
+                                           "no_naive"})
     rc = load_config(ProtectModelRunConfig, RECIPES / "toy-protect-model.yaml")
     pcfg = rc.protect
     for key in ("outer_steps", "inner_steps"):

@@ -24,21 +24,18 @@ def toy_recipe(method: str):
 
 
 def bench_toy_world(quick: bool, overrides: list[str]) -> dict:
+    from apdm.bench import toy_setup
     from apdm.core import diffusion as D
-    from apdm.core.models import load_sd
     from apdm.evaluation.protocol import personalize_and_sample, with_prompts
     from apdm.toy import instruments as I
-    from apdm.toy.world import heldout_subjects, instruments_path, model_path
-    from apdm.utils import LOG, seed_everything
+    from apdm.toy.world import heldout_subjects
+    from apdm.utils import LOG
 
-    opts = dict(o.split("=", 1) for o in overrides)
+    t0 = time.perf_counter()
+    opts, sd, inst = toy_setup(overrides, {"subjects", "samples", "methods"})
     n_subjects = int(opts.get("subjects", 3 if quick else 8))
     n_samples = int(opts.get("samples", 8 if quick else 16))
     methods = opts.get("methods", "dreambooth,lora,ti").split(",")
-    seed_everything(0)
-    t0 = time.perf_counter()
-    sd = load_sd(opts.get("model", str(model_path())), device=opts.get("device", "auto"))
-    inst = I.load_instruments(instruments_path())
     res: dict = {"model": sd.source, "subjects": n_subjects, "samples_per_prompt": n_samples}
 
     # instruments' own held-out quality

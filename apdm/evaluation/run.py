@@ -13,6 +13,7 @@ Scenarios (Anti-DreamBooth / APDM protocols): ``all_clean`` (N clean), ``all_per
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import time
@@ -67,15 +68,23 @@ def _load_folder(spec: str, size: int):
 
 
 # ============================================================================ metric backends
+@functools.lru_cache(maxsize=1)
+def _toy_instruments():
+    """The toy instruments, loaded once per process (identity, detector and features share them)."""
+    from apdm.toy import instruments as I
+    from apdm.toy.world import instruments_path
+
+    return I.load_instruments(instruments_path())
+
+
 def identity_backend(name: str) -> tuple[Callable | None, str]:
     """(embed(images) -> embeddings [, found], impl tag) for ``metrics.identity``."""
     if name == "none":
         return None, ""
     if name == "toy":
         from apdm.toy import instruments as I
-        from apdm.toy.world import instruments_path
 
-        inst = I.load_instruments(instruments_path())
+        inst = _toy_instruments()
         return (lambda x: I.embed(inst.encoder, x)), "toy-id"
     if name == "dlib":
         from apdm.evaluation.identity import dlib_face_embed
@@ -90,9 +99,8 @@ def detector_backend(name: str, subject_class: str) -> tuple[Callable | None, st
         return None, ""
     if name == "toy":
         from apdm.toy import instruments as I
-        from apdm.toy.world import instruments_path
 
-        inst = I.load_instruments(instruments_path())
+        inst = _toy_instruments()
         return (lambda x: I.detector_scores(inst.detector, x, subject_class)), "toy-det"
     from apdm.evaluation import identity as ID
 
@@ -107,10 +115,7 @@ def feature_backend(spec: str) -> tuple[Callable | None, str]:
     if spec == "none":
         return None, ""
     if spec == "toy":
-        from apdm.toy import instruments as I
-        from apdm.toy.world import instruments_path
-
-        return I.load_instruments(instruments_path()).features, "toy-features"
+        return _toy_instruments().features, "toy-features"
     if spec.startswith("inception:"):
         from apdm.evaluation.distribution import inception_extractor
 

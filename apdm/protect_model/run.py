@@ -6,7 +6,6 @@ import dataclasses
 import time
 from pathlib import Path
 
-import torch
 
 from apdm.config import ProtectModelRunConfig, to_yaml
 from apdm.utils import LOG, atomic_write_json, atomic_write_text, peak_rss_mb, seed_everything
@@ -93,7 +92,6 @@ def run(cfg: ProtectModelRunConfig) -> dict:
 
 def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, results: dict | None = None) -> str:
     """Markdown model card: what is protected (prompts only, never images), how, and measured results."""
-    p = cfg.protect
     lines = [
         "---", "tags: [apdm, anti-personalization, stable-diffusion]", "---", "",
         "# Protected checkpoint (apdm protect-model)", "",
