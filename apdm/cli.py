@@ -71,10 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="outputs/demo", help="output folder (report.html inside)")
     demo.add_argument("--quick", action="store_true", help="fewer methods and samples (a few minutes)")
     bench = sub.add_parser("bench", help="benchmarks that write JSON (speed, memory, efficacy on the toy world)")
-    bench.add_argument("name", nargs="?", help="benchmark name")
+    # one positional list: argparse cannot interleave two positionals with options (NAME --quick k=v)
+    bench.add_argument("args", nargs="*", metavar="NAME [key=value ...]", help="benchmark name, then its options")
     bench.add_argument("--out", help="JSON file to write")
     bench.add_argument("--quick", action="store_true", help="the short version (minutes on 2 CPU cores)")
-    bench.add_argument("overrides", nargs="*", metavar="key=value")
     return parser
 
 
@@ -91,7 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     from apdm.utils import setup_logging
 
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse consumes a '*' positional in one go, so in "bench NAME --quick --out F k=v" the trailing
+        # key=value options arrive here; anything else is an error as usual
+        if args.command != "bench" or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.args = list(args.args) + extra
     setup_logging()
     if args.command is None:
         parser.print_help()
@@ -108,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from apdm.bench import BENCHMARKS, run_benchmark
 
+        args.name, args.overrides = (args.args[0], args.args[1:]) if args.args else (None, [])
         if not args.name or args.name not in BENCHMARKS:
             names = ", ".join(BENCHMARKS) or "none yet"
             print(f"apdm bench: choose a benchmark: {names}", file=sys.stderr)

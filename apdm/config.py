@@ -154,6 +154,11 @@ class ProtectConfig:
     #: ``elementwise`` (log σ per latent element, as the reference code) or ``summed`` (paper eq. 14 on ‖·‖²).
     dpo_form: str = "elementwise"
     prior_loss_weight: float = 1.0
+    #: weight of an extra prior-preservation term taken at θ itself (not at the personalized θ′), per inner
+    #: term. 0 = Algorithm 1 as published. Needed when the simulated attacker's lr is much larger than the
+    #: protection lr: θ is then only ever judged through θ′ and can drift into weights that are broken until
+    #: personalized (docs/protect_model.md, "anchor").
+    anchor_weight: float = 0.0
     #: λ of the naive loss.
     naive_lambda: float = 1.0
     #: reproduce the reference code's leak of the personalization gradient into the transferred gradient.

@@ -177,3 +177,9 @@ def test_toy_metric_backends_share_one_instrument_load():
     assert R._toy_instruments.cache_info().misses == 1 and R._toy_instruments.cache_info().hits == 2
     x = torch.rand(2, 3, 64, 64)
     assert embed(x).shape[0] == 2 and detect(x).shape == (2,) and feats(x).shape[0] == 2
+
+
+def test_bench_options_may_follow_flags(capsys):
+    # "NAME --quick --out F k=v" must reach the option check (argparse used to reject the trailing k=v)
+    assert main(["bench", "personalize-steps", "--quick", "--out", "x.json", "stepz=3"]) == 2
+    assert "unknown benchmark option 'stepz'" in capsys.readouterr().err

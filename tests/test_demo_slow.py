@@ -30,3 +30,18 @@ def test_bench_toy_world_quick_keys(tmp_path):
                 "ism_dreambooth", "seconds_total", "peak_rss_mb"):
         assert key in res
     assert res["ism_dreambooth"] > res["ism_class_prompt"]
+
+
+def test_bench_protect_images_quick_keys_and_grids(tmp_path):
+    from apdm.cli import main
+
+    out = tmp_path / "pi.json"
+    assert main(["bench", "protect-images", "--quick", "--out", str(out), "methods=ldu,advdm", "advdm_steps=5",
+                 "robust_methods=ldu", "samples=2", f"grid={tmp_path / 'grids'}"]) == 0
+    res = json.loads(out.read_text())
+    for m in ("ldu", "advdm"):
+        assert res[f"linf255_{m}"] <= 8 and res[f"psnr_{m}"] > 25 and f"ism_db_{m}" in res
+    assert {"ism_db_ldu_jpeg75", "ism_db_ldu_blur", "ism_db_ldu_diffpure", "ism_db_ldu_one_clean"} <= set(res)
+    assert "ism_db_advdm_jpeg75" not in res  # robustness attacks only for robust_methods
+    for name in ("protected.png", "perturbation.png", "dreambooth.png"):
+        assert (tmp_path / "grids" / name).is_file()

@@ -360,3 +360,19 @@ def test_grid_shape_and_placement(tmp_path):
     assert Image.open(p).size == (2 * (w + 2) + 2, 3 * (h + 2) + 2)
     with pytest.raises(ValueError):
         images_to_grid(torch.zeros(0, 3, 4, 4))
+
+
+def test_atomic_outputs_get_umask_permissions_not_tempfile_0600(tmp_path):
+    import os
+
+    from apdm.utils import atomic_dir, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        f = atomic_write_text(tmp_path / "a.json", "{}")
+        with atomic_dir(tmp_path / "model") as d:
+            (d / "x").write_text("1")
+    finally:
+        os.umask(old)
+    assert f.stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755

@@ -163,3 +163,58 @@ def test_bf16_base_model_runs_with_fp32_master_weights():
     theta, hist = l2p.protect(sd16, [_subject(sd16)], PER, pcfg)
     assert theta.dtype == torch.float32 and sd16.unet.dtype == torch.bfloat16
     assert all(math.isfinite(v) for k, v in hist[0].items() if k != "step")
+
+
+def test_bench_baseline_reuse_is_checked(tmp_path):
+    import json
+
+    from apdm.bench.protect_model import BASELINE_KEYS, load_baseline
+
+    res = {"model_fingerprint": "abc", "subject_protected": 1, "subject_other": 7, "samples_per_prompt": 8}
+    old = dict(res, **{k: 0.5 for k in BASELINE_KEYS}, ism_db_other_unprotected=0.6)
+    f = tmp_path / "base.json"
+    f.write_text(json.dumps(old))
+    got = load_baseline(str(f), res, {"other"})
+    assert got["ism_db_other_unprotected"] == 0.6 and got["baseline_from"] == str(f)
+    with pytest.raises(ValueError, match="model_fingerprint"):
+        load_baseline(str(f), dict(res, model_fingerprint="xyz"), set())
+    f.write_text(json.dumps({k: v for k, v in old.items() if k != "ism_db_other_unprotected"}))
+    assert "ism_db_other_unprotected" not in load_baseline(str(f), res, set())
+    with pytest.raises(ValueError, match="lacks ism_db_other_unprotected"):
+        load_baseline(str(f), res, {"other"})
+    f.write_text("{not json")
+    with pytest.raises(ValueError, match="base.json: cannot read"):
+        load_baseline(str(f), res, set())
+
+
+def test_bench_rejects_unknown_attack_and_recipe_key():
+    from apdm.bench.protect_model import bench_protect_model
+
+    with pytest.raises(ValueError, match="unknown attacks"):
+        bench_protect_model(True, ["attacks=lora,dreamboot"])
+    with pytest.raises((ValueError, KeyError), match="betta"):
+        bench_protect_model(True, ["protect.betta=2"])
+
+
+def test_anchor_keeps_theta_own_class_prior(tiny_sd):
+    """anchor_weight adds L_ppl at θ itself; with it θ fits its class images better than without."""
+    from apdm.core import diffusion as D
+
+    subj = _subject(tiny_sd)
+    g = torch.Generator().manual_seed(0)
+    lat = D.encode_images(tiny_sd.vae, subj.class_images).float()
+    cond = D.encode_prompt(tiny_sd.text_encoder, tiny_sd.tokenizer, [subj.class_prompt]).expand(lat.shape[0], -1, -1)
+    noise = torch.randn(lat.shape, generator=g)
+    t = torch.full((lat.shape[0],), 500, dtype=torch.long)
+
+    def prior_loss(unet):
+        with torch.no_grad():
+            return float(D.noise_prediction_loss(unet, tiny_sd.noise_scheduler, lat, cond, noise, t))
+
+    out = {}
+    for w in (0.0, 20.0):
+        pcfg = ProtectConfig(outer_steps=4, inner_steps=1, learning_rate=2e-3, checkpoint_every=0, anchor_weight=w)
+        theta, hist = l2p.protect(tiny_sd, [subj], PER, pcfg, seed=1)
+        out[w] = prior_loss(theta)
+        assert ("loss_anchor" in hist[0]) == (w > 0)
+    assert out[20.0] < out[0.0]

@@ -74,9 +74,13 @@ BENCHMARKS = {
 
 
 def run_benchmark(name: str, out: str | None, quick: bool, overrides: list[str]) -> int:
-    """Run one benchmark, print its JSON and write it atomically to ``out``."""
-    from apdm.utils import atomic_write_json, peak_rss_mb
+    """Run one benchmark, print its JSON and write it atomically to ``out``. ``quiet=true`` hides progress bars."""
+    from apdm.utils import atomic_write_json, peak_rss_mb, set_progress
 
+    quiet = [o for o in overrides if o.split("=", 1)[0] == "quiet"]
+    if quiet:
+        set_progress(quiet[-1].split("=", 1)[-1].lower() not in ("true", "1", "yes"))
+        overrides = [o for o in overrides if o not in quiet]
     t0 = time.perf_counter()
     result = BENCHMARKS[name](quick, overrides)
     result.setdefault("seconds_total", round(time.perf_counter() - t0, 2))

@@ -6,7 +6,14 @@ and protection: identity similarity (``ism@toy-id``) of DreamBooth generations t
 (``ism_db_m``), after JPEG-75 / blur / DiffPure purification of the protected photos, and with one clean photo
 among them (``ism_db_m_one_clean``). ``ism_db_clean`` and ``ism_class_prompt`` are the unprotected references.
 LDU uses the ρ given by ``rho=`` (default: the toy world's shipped ρ).
-Overrides: ``subjects=N samples=N methods=ldu,aspl budget=8/255 rho=DIR aspl_steps=N``.
+Overrides: ``subjects=N samples=N methods=ldu,aspl robust_methods=ldu budget=8/255 rho=DIR aspl_steps=N
+grid=DIR`` (``grid`` writes PNG grids of the first subject: protected photos, amplified perturbations and
+DreamBooth samples per method).
+
+Each DreamBooth attack costs ~1–3 min on 2 CPU cores, and the full grid is 1 + 5 attacks per method and subject.
+``--quick`` therefore runs the four robustness attacks (JPEG-75, blur, DiffPure, one clean photo) only for the
+methods in ``robust_methods`` (default ``ldu`` with ``--quick``, every method without); every method still gets
+its fidelity, cost and plain ``ism_db_m``.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+from pathlib import Path
 
 
 def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
@@ -33,25 +41,37 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
 
     t_start = time.perf_counter()
     opts, sd, inst = toy_setup(overrides, {"budget", "subjects", "samples", "methods", "rho", "aspl_steps",
-                                           "advdm_steps", "photoguard_steps"})
+                                           "advdm_steps", "photoguard_steps", "robust_methods",
+                                           "grid"})
     budget = parse_budget(opts.get("budget", "8/255"))
     n_subjects = int(opts.get("subjects", 1 if quick else 3))
     n_samples = int(opts.get("samples", 8 if quick else 16))
     methods = opts.get("methods", "ldu,aspl,advdm,photoguard").split(",")
+    robust = opts.get("robust_methods", "ldu" if quick else ",".join(methods)).split(",")
+    unknown = [m for m in methods if m != "ldu" and m not in METHODS] + [m for m in robust if m not in methods]
+    if unknown:
+        raise ValueError(f"unknown or unselected methods {unknown} (methods: ldu, {', '.join(METHODS)}; "
+                         "robust_methods must be among methods)")
     method_kw = {"aspl": {"steps": int(opts.get("aspl_steps", 20 if quick else 50))},
                  "advdm": {"steps": int(opts.get("advdm_steps", 50 if quick else 100))},
                  "photoguard": {"steps": int(opts.get("photoguard_steps", 200 if quick else 1000))}}
     rho = ldu.load_rho(opts.get("rho", str(toy_root() / "rho")), device=sd.device) if "ldu" in methods else None
     res: dict = {"model": sd.source, "budget": format_budget(budget), "subjects": n_subjects,
-                 "samples_per_prompt": n_samples, "method_settings": method_kw}
+                 "samples_per_prompt": n_samples, "method_settings": method_kw, "robust_methods": robust}
     sample = toy_recipe("dreambooth").sample
     sample.num_images_per_prompt = n_samples
     db_cfg = toy_recipe("dreambooth").personalization
 
-    def ism_after_db(subj, train_images) -> float:
+    shown: dict = {}      # first subject's protected photos and DreamBooth samples, for grid=DIR
+    generated: dict = {}
+
+    def ism_after_db(subj, train_images, keep: str | None = None) -> float:
         cfg = with_prompts(db_cfg, subj.instance_prompt, subj.class_prompt)
         out = personalize_and_sample(sd, train_images, cfg, [subj.instance_prompt], sample)
-        return float(I.identity_similarity(inst.encoder, out["images"][subj.instance_prompt], subj.references).mean())
+        gen = out["images"][subj.instance_prompt]
+        if keep:
+            generated.setdefault(keep, gen[:8].cpu())
+        return float(I.identity_similarity(inst.encoder, gen, subj.references).mean())
 
     acc: dict[str, list[float]] = {}
 
@@ -62,7 +82,8 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     for subj in heldout_subjects(n_subjects, num_images=4):
         clean = subj.images.to(sd.device)
         add("ism_class_prompt", I.identity_similarity(inst.encoder, cls_gen, subj.references).mean())
-        add("ism_db_clean", ism_after_db(subj, clean))
+        add("ism_db_clean", ism_after_db(subj, clean, keep="clean"))
+        shown.setdefault("clean", clean.cpu())
         for m in methods:
             t0 = time.perf_counter()
             if m == "ldu":
@@ -78,19 +99,43 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
             add(f"psnr_{m}", psnr(clean.cpu(), prot.cpu()).mean())
             add(f"ssim_{m}", ssim(clean.cpu(), prot.cpu()).mean())
             add(f"linf255_{m}", ((prot - clean).abs().max() * 255).round())
-            add(f"ism_db_{m}", ism_after_db(subj, prot))
+            add(f"ism_db_{m}", ism_after_db(subj, prot, keep=m))
+            LOG.info("subject %d, %s: ISM after DB %.3f (clean %.3f), PSNR %.1f dB", subj.index, m,
+                     acc[f"ism_db_{m}"][-1], acc["ism_db_clean"][-1], acc[f"psnr_{m}"][-1])
+            shown.setdefault(m, prot.cpu())
+            if m not in robust:
+                continue
             add(f"ism_db_{m}_jpeg75", ism_after_db(subj, jpeg(prot.cpu(), 75)))
             add(f"ism_db_{m}_blur", ism_after_db(subj, gaussian_blur(prot.cpu(), 7)))
             add(f"ism_db_{m}_diffpure", ism_after_db(subj, diffpure(prot, sd, strength=0.2)))
             mixed = prot.clone()
             mixed[0] = clean[0]
             add(f"ism_db_{m}_one_clean", ism_after_db(subj, mixed))
-            LOG.info("subject %d, %s: ISM after DB %.3f (clean %.3f), PSNR %.1f dB", subj.index, m,
-                     acc[f"ism_db_{m}"][-1], acc["ism_db_clean"][-1], acc[f"psnr_{m}"][-1])
     for k, v in acc.items():
         res[k] = round(statistics.mean(v), 4)
     if "ldu" in methods and "aspl" in methods:
         res["speedup_ldu_vs_aspl"] = round(res["seconds_per_image_aspl"] / max(1e-9, res["seconds_per_image_ldu"]), 1)
+    if "grid" in opts:
+        _write_grids(Path(opts["grid"]), shown, generated, budget, methods)
+        res["grids"] = opts["grid"]
     res["metric_impl"] = {"ism": "ism@toy-id", "psnr": "psnr@torchmetrics", "ssim": "ssim@apdm"}
     res["seconds_total"] = round(time.perf_counter() - t_start, 1)
     return res
+
+
+def _write_grids(folder: Path, shown: dict, generated: dict, budget: float, methods: list[str]) -> None:
+    """Rows: clean then each method. ``protected.png`` (the 4 photos), ``perturbation.png`` (|x̄ − x| scaled so
+    that the budget is white), ``dreambooth.png`` (8 DreamBooth samples trained on those photos)."""
+    import torch
+
+    from apdm.core.images import save_grid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = ["clean", *[m for m in methods if m in shown]]
+    clean = shown["clean"]
+    save_grid(torch.cat([shown[r] for r in rows]), folder / "protected.png", nrow=clean.shape[0])
+    pert = [((shown[r] - clean).abs() / budget).clamp(0, 1) for r in rows[1:]]
+    if pert:
+        save_grid(torch.cat(pert), folder / "perturbation.png", nrow=clean.shape[0])
+    gens = [generated[r] for r in rows if r in generated]
+    save_grid(torch.cat(gens), folder / "dreambooth.png", nrow=gens[0].shape[0])

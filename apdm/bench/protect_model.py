@@ -8,7 +8,12 @@ naive loss; then attacks every model with the toy personalization recipes and sc
 * ``fdfr_db_protected``: share of post-attack generations the toy detector rejects.
 
 B is a second held-out subject that is *not* protected (other subjects must keep personalizing).
-Overrides: ``outer_steps=N inner_steps=N samples=N long_attack=true no_naive=true``.
+Overrides: ``outer_steps=N inner_steps=N learning_rate=X samples=N long_attack=true no_naive=true``,
+``attacks=lora,ti,other`` (which attacks besides DreamBooth on A; default all), and any recipe key with its
+section (``protect.beta=0.5``, ``protect.inner_steps=0``, ``protect.gradient_leak=true``,
+``personalization.steps=600``) for sweeps and ablations; ``baseline=F.json`` takes the unprotected numbers
+(class-prompt ISM, unprotected DreamBooth ISM, unprotected KID) from an earlier result on the same model, subjects
+and sample count instead of recomputing them (the attacks are deterministic, so they would come out the same).
 """
 
 from __future__ import annotations
@@ -35,9 +40,15 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     from apdm.utils import LOG
 
     t_start = time.perf_counter()
-    opts, sd, inst = toy_setup(overrides, {"outer_steps", "inner_steps", "learning_rate", "samples", "long_attack",
-                                           "no_naive"})
-    rc = load_config(ProtectModelRunConfig, RECIPES / "toy-protect-model.yaml")
+    recipe_overrides = [o for o in overrides if "." in o.split("=", 1)[0]]
+    opts, sd, inst = toy_setup([o for o in overrides if o not in recipe_overrides],
+                               {"outer_steps", "inner_steps", "learning_rate", "samples", "long_attack", "no_naive",
+                                "attacks", "baseline"})
+    rc = load_config(ProtectModelRunConfig, RECIPES / "toy-protect-model.yaml", recipe_overrides)
+    attacks = set(opts.get("attacks", "lora,ti,other").split(",")) - {""}
+    unknown = attacks - {"lora", "ti", "other"}
+    if unknown:
+        raise ValueError(f"unknown attacks {sorted(unknown)} (known: lora, ti, other)")
     pcfg = rc.protect
     for key in ("outer_steps", "inner_steps"):
         if key in opts:
@@ -46,9 +57,10 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
         pcfg.learning_rate = float(opts["learning_rate"])
     n_samples = int(opts.get("samples", 8 if quick else 16))
     subj_a, subj_b = heldout_subjects(2, num_images=4)
-    res: dict = {"model": sd.source, "subject_protected": subj_a.index, "subject_other": subj_b.index,
+    res: dict = {"model": sd.source, "model_fingerprint": sd.fingerprint(), "subject_protected": subj_a.index, "subject_other": subj_b.index,
                  "outer_steps": pcfg.outer_steps, "inner_steps": pcfg.inner_steps,
-                 "protect_lr": pcfg.learning_rate, "samples_per_prompt": n_samples}
+                 "protect_lr": pcfg.learning_rate, "beta": pcfg.beta, "gradient_leak": pcfg.gradient_leak,
+                 "samples_per_prompt": n_samples, "recipe_overrides": recipe_overrides}
 
     # the protection data: x⁻ = A's photos, x⁺ = class-prompt images of φ, prior images of φ
     per_base = with_prompts(rc.personalization, subj_a.instance_prompt, subj_a.class_prompt)
@@ -85,12 +97,17 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                 "fdfr": float((I.detector_scores(inst.detector, gen, "person") < 0.5).float().mean()),
                 "images": gen}
 
-    cls_gen = D.generate(sd, ["a photo of a person"], n_samples, 25, 3.0, seed=123, quiet=True)
-    res["ism_class_prompt"] = round(float(I.identity_similarity(inst.encoder, cls_gen, subj_a.references).mean()), 4)
-    res["ism_class_prompt_other"] = round(float(I.identity_similarity(inst.encoder, cls_gen, subj_b.references).mean()), 4)
-    res["kid_class_unprotected"] = round(kid_class(sd), 5)
-    res["ism_db_unprotected"] = round(attack(sd, subj_a, "dreambooth")["ism"], 4)
-    res["ism_db_other_unprotected"] = round(attack(sd, subj_b, "dreambooth")["ism"], 4)
+    if "baseline" in opts:  # the unprotected numbers of an earlier run on the same model and subjects
+        res.update(load_baseline(opts["baseline"], res, attacks))
+    else:
+        cls_gen = D.generate(sd, ["a photo of a person"], n_samples, 25, 3.0, seed=123, quiet=True)
+        res["ism_class_prompt"] = round(float(I.identity_similarity(inst.encoder, cls_gen, subj_a.references).mean()), 4)
+        res["ism_class_prompt_other"] = round(float(I.identity_similarity(inst.encoder, cls_gen,
+                                                                          subj_b.references).mean()), 4)
+        res["kid_class_unprotected"] = round(kid_class(sd), 5)
+        res["ism_db_unprotected"] = round(attack(sd, subj_a, "dreambooth")["ism"], 4)
+        if "other" in attacks:
+            res["ism_db_other_unprotected"] = round(attack(sd, subj_b, "dreambooth")["ism"], 4)
     LOG.info("unprotected: ISM DB %.3f (class prompt %.3f)", res["ism_db_unprotected"], res["ism_class_prompt"])
 
     prot, seconds, hist = protected_model("dpo")
@@ -101,14 +118,17 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     db = attack(prot, subj_a, "dreambooth")
     res["ism_db_protected"] = round(db["ism"], 4)
     res["fdfr_db_protected"] = round(db["fdfr"], 4)
-    res["ism_lora_protected"] = round(attack(prot, subj_a, "lora")["ism"], 4)
-    res["ism_ti_protected"] = round(attack(prot, subj_a, "ti")["ism"], 4)
-    res["ism_db_other_protected"] = round(attack(prot, subj_b, "dreambooth")["ism"], 4)
+    if "lora" in attacks:
+        res["ism_lora_protected"] = round(attack(prot, subj_a, "lora")["ism"], 4)
+    if "ti" in attacks:
+        res["ism_ti_protected"] = round(attack(prot, subj_a, "ti")["ism"], 4)
+    if "other" in attacks:
+        res["ism_db_other_protected"] = round(attack(prot, subj_b, "dreambooth")["ism"], 4)
     res["kid_class_protected"] = round(kid_class(prot), 5)
     if opts.get("long_attack", "false" if quick else "true") == "true":
         res["ism_db_protected_2x_steps"] = round(attack(prot, subj_a, "dreambooth",
                                                         steps=2 * toy_recipe("dreambooth").personalization.steps)["ism"], 4)
-    LOG.info("APDM: ISM DB %.3f, other subject %.3f", res["ism_db_protected"], res["ism_db_other_protected"])
+    LOG.info("APDM: ISM DB %.3f, other subject %s", res["ism_db_protected"], res.get("ism_db_other_protected"))
     if opts.get("no_naive", "false") != "true":
         naive, _, _ = protected_model("naive")
         res["ism_db_protected_naive"] = round(attack(naive, subj_a, "dreambooth")["ism"], 4)
@@ -117,11 +137,40 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     # the goals of issue #5, as ratios
     gap = res["ism_db_unprotected"] - res["ism_class_prompt"]
     res["protection_ratio"] = round((res["ism_db_unprotected"] - res["ism_db_protected"]) / gap, 4) if gap > 0 else None
-    gap_b = res["ism_db_other_unprotected"] - res["ism_class_prompt_other"]
-    res["other_gain_kept"] = round((res["ism_db_other_protected"] - res["ism_class_prompt_other"]) / gap_b, 4) \
-        if gap_b > 0 else None
+    if "other" in attacks:
+        gap_b = res["ism_db_other_unprotected"] - res["ism_class_prompt_other"]
+        res["other_gain_kept"] = round((res["ism_db_other_protected"] - res["ism_class_prompt_other"]) / gap_b, 4) \
+            if gap_b > 0 else None
     res["kid_rise_fraction"] = round((res["kid_class_protected"] - res["kid_class_unprotected"])
                                      / max(1e-8, abs(res["kid_class_unprotected"])), 4)
     res["metric_impl"] = {"ism": "ism@toy-id", "kid": "kid@toy-features", "fdfr": "fdfr@toy-det"}
     res["seconds_total"] = round(time.perf_counter() - t_start, 1)
     return res
+
+
+BASELINE_KEYS = ("ism_class_prompt", "ism_class_prompt_other", "kid_class_unprotected", "ism_db_unprotected")
+
+
+def load_baseline(path: str, res: dict, attacks: set[str]) -> dict:
+    """The unprotected numbers from an earlier ``bench protect-model`` JSON, checked to be comparable with ``res``.
+
+    Raises:
+        ValueError: naming the file and what does not match (model, subjects, sample count) or is missing.
+    """
+    import json
+
+    f = Path(path)
+    try:
+        old = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{f}: cannot read the baseline result ({e})") from e
+    for key in ("model_fingerprint", "subject_protected", "subject_other", "samples_per_prompt"):
+        if old.get(key) != res[key]:
+            raise ValueError(f"{f}: baseline was measured with {key}={old.get(key)!r}, this run has {res[key]!r}")
+    keys = BASELINE_KEYS + (("ism_db_other_unprotected",) if "other" in attacks else ())
+    missing = [k for k in keys if k not in old]
+    if missing:
+        raise ValueError(f"{f}: baseline result lacks {', '.join(missing)}")
+    out = {k: old[k] for k in keys}
+    out["baseline_from"] = str(f)
+    return out

@@ -21,6 +21,7 @@ Design choices (see docs/protect_model.md):
 * every random draw of outer step j comes from generators seeded by ``(seed, j)``, so a run resumed from a
   checkpoint continues exactly as an uninterrupted one;
 * several subjects: outer step j protects subject ``j mod K`` (round robin);
+* ``anchor_weight > 0`` adds L_ppl taken at θ itself to every outer step (our addition, off by default);
 * θ trained as LoRA: φ is θ with its adapters disabled (no extra full copy), and the adapters are merged into
   the UNet at the end.
 """
@@ -171,6 +172,20 @@ def protection_loss(unet, phi_ctx, sd: SD, text_encoder, tokenizer, subject: Sub
     return total, logs
 
 
+def anchor_loss(theta, sd: SD, subject: Subject, pcfg: ProtectConfig, g: torch.Generator) -> torch.Tensor:
+    """L_ppl at θ itself: the noise-prediction loss of θ on a batch of class images under the class prompt."""
+    b = pcfg.batch_size
+    idx = torch.randint(subject.class_images.shape[0], (b,), generator=g)
+    vae_gen = torch.Generator(device=sd.vae.device).manual_seed(int(torch.randint(2**31, (1,), generator=g)))
+    with torch.no_grad():
+        cls = D.encode_images(sd.vae, subject.class_images[idx], sample=True, generator=vae_gen).float()
+        c_cls = D.encode_prompt(sd.text_encoder, sd.tokenizer, [subject.class_prompt]).expand(b, -1, -1).float()
+    noise = torch.randn(cls.shape, generator=g).to(cls.device)
+    t = D.sample_timesteps(sd.noise_scheduler, b, cls.device, g)
+    with _autocast(cls.device, pcfg.mixed_precision):
+        return D.noise_prediction_loss(theta, sd.noise_scheduler, cls, c_cls, noise, t)
+
+
 # ============================================================================ one outer step
 def _seeded(seed: int, j: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + j * 7_919 + stream) % (2**63 - 1))
@@ -239,6 +254,14 @@ def outer_step(j: int, theta, trainable: dict, phi, sd: SD, subjects: list[Subje
         if cfg.method == "ti":  # TI shares θ's UNet object: leave it as it was
             state.sd.unet.train(theta.training)
         del state
+    if pcfg.anchor_weight > 0 and pcfg.inner_steps > 0:
+        # the anchor: θ itself must keep its class prior (Algorithm 1 only ever evaluates θ′)
+        loss_anchor = pcfg.anchor_weight * anchor_loss(theta, sd, subject, pcfg, g)
+        loss_anchor.backward()
+        for n, p in trainable.items():
+            acc[n] += p.grad * n_terms
+            p.grad = None
+        logs_sum["loss_anchor"] = float(loss_anchor.detach())
     for n, p in trainable.items():
         p.grad = acc[n] / (n_terms if pcfg.grad_accum == "mean" else 1)
     _all_reduce_grads(trainable)

@@ -16,6 +16,7 @@ Nothing here is used by the protection engines: they only ever see the saved dif
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -62,6 +63,9 @@ class ToyTrainConfig:
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     seed: int = 0
+    #: continue from an existing toy model folder (stage 2 of a build): its VAE, text encoder and UNet are loaded,
+    #: the VAE is kept as is (so the latent space does not change) and ``unet_steps`` more UNet steps are run.
+    init_from: str = ""
 
 
 def build_components(mcfg: ToyModelConfig, vocabulary: list[str], seed: int = 0):
@@ -270,7 +274,28 @@ def save_toy_model(vae, text_encoder, tokenizer, unet, scheduler, out_dir: str |
         pipe.to(torch.float16)
     with atomic_dir(out_dir) as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
+        for cfg_file in tmp.glob("*/config.json"):  # a model continued from a stage-1 folder records its path
+            cfg = json.loads(cfg_file.read_text())
+            if cfg.pop("_name_or_path", None) is not None:
+                cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return Path(out_dir)
+
+
+def _load_stage(path: str | Path, mcfg: ToyModelConfig):
+    """(vae, text_encoder, unet) of an existing toy model folder, in float32, checked against ``mcfg``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"init_from: {path} is not a diffusers model folder (no model_index.json)")
+    vae = AutoencoderKL.from_pretrained(str(path / "vae"), torch_dtype=torch.float32)
+    text_encoder = CLIPTextModel.from_pretrained(str(path / "text_encoder"), torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(str(path / "unet"), torch_dtype=torch.float32)
+    if list(unet.config.block_out_channels) != list(mcfg.unet_channels):
+        raise ValueError(f"init_from: {path} has UNet channels {list(unet.config.block_out_channels)}, the recipe "
+                         f"says {list(mcfg.unet_channels)}")
+    return vae.eval().requires_grad_(False), text_encoder, unet
 
 
 def pretrain(out_dir: str | Path, mcfg: ToyModelConfig, tcfg: ToyTrainConfig, fp16: bool = True) -> dict:
@@ -285,11 +310,15 @@ def pretrain(out_dir: str | Path, mcfg: ToyModelConfig, tcfg: ToyTrainConfig, fp
     vae, text_encoder, tokenizer, unet, scheduler = build_components(mcfg, draw.vocabulary(), tcfg.seed)
     work = Path(out_dir).with_name(Path(out_dir).name + ".build")  # resumable stage outputs
     t1 = time.perf_counter()
-    if (work / "vae" / "config.json").is_file():
+    if tcfg.init_from:
+        vae, text_encoder, unet = _load_stage(tcfg.init_from, mcfg)
+        vae_hist = []
+        LOG.info("continuing from %s: VAE kept, %d more UNet steps", tcfg.init_from, tcfg.unet_steps)
+    elif (work / "vae" / "config.json").is_file():
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(str(work / "vae")).eval().requires_grad_(False)
-        vae_hist = [float("nan")]
+        vae_hist = []
         LOG.info("reusing the VAE trained earlier (%s)", work / "vae")
     else:
         vae_hist = train_vae(vae, images, tcfg)
@@ -306,7 +335,8 @@ def pretrain(out_dir: str | Path, mcfg: ToyModelConfig, tcfg: ToyTrainConfig, fp
     shutil.rmtree(work, ignore_errors=True)
     return {
         "num_images": len(images), "seconds_draw": round(t_draw, 1), "seconds_vae": round(t_vae, 1),
-        "seconds_unet": round(t_unet, 1), "vae_loss_final": sum(vae_hist[-50:]) / len(vae_hist[-50:]),
+        "seconds_unet": round(t_unet, 1),
+        "vae_loss_final": sum(vae_hist[-50:]) / len(vae_hist[-50:]) if vae_hist else None,  # None: VAE reused
         "unet_loss_final": sum(unet_hist[-100:]) / len(unet_hist[-100:]),
         "params_unet": sum(p.numel() for p in unet.parameters()),
         "params_vae": sum(p.numel() for p in vae.parameters()),
