@@ -93,11 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
-        # argparse consumes a '*' positional in one go, so in "bench NAME --quick --out F k=v" the trailing
-        # key=value options arrive here; anything else is an error as usual
-        if args.command != "bench" or any(e.startswith("-") or "=" not in e for e in extra):
+        # argparse consumes a '*' positional in one go, so key=value overrides written after a later option
+        # ("protect-images --config F a=b --method ldu c=d", "bench NAME --quick k=v") arrive here; they join
+        # the command's list in order. Anything else is an error as usual.
+        target = "args" if args.command == "bench" else "overrides"
+        if not hasattr(args, target) or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.args = list(args.args) + extra
+        setattr(args, target, list(getattr(args, target)) + extra)
     setup_logging()
     if args.command is None:
         parser.print_help()

@@ -39,6 +39,16 @@ def test_print_config_applies_overrides(capsys):
     assert "steps: 7" in text and "output_dir: /tmp/o" in text and "method: lora" in text
 
 
+def test_overrides_may_surround_options(capsys):
+    # argparse alone rejects key=value written after a later option; they must still apply, in order
+    assert main(["personalize", "--config", str(ROOT / "recipes/tiny-lora.yaml"), "personalization.steps=7",
+                 "--print-config", "output_dir=/tmp/o", "personalization.steps=9"]) == 0
+    text = capsys.readouterr().out
+    assert "steps: 9" in text and "output_dir: /tmp/o" in text
+    with pytest.raises(SystemExit):
+        main(["personalize", "--print-config", "a=b", "--nope"])
+
+
 def test_bench_unknown_name(capsys):
     assert main(["bench", "nope"]) == 2
     assert "toy-world" in capsys.readouterr().err

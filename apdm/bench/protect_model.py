@@ -57,7 +57,8 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
         pcfg.learning_rate = float(opts["learning_rate"])
     n_samples = int(opts.get("samples", 8 if quick else 16))
     subj_a, subj_b = heldout_subjects(2, num_images=4)
-    res: dict = {"model": sd.source, "model_fingerprint": sd.fingerprint(), "subject_protected": subj_a.index, "subject_other": subj_b.index,
+    res: dict = {"model": sd.source, "model_fingerprint": sd.fingerprint(),
+                 "subject_protected": subj_a.index, "subject_other": subj_b.index,
                  "outer_steps": pcfg.outer_steps, "inner_steps": pcfg.inner_steps,
                  "protect_lr": pcfg.learning_rate, "beta": pcfg.beta, "gradient_leak": pcfg.gradient_leak,
                  "samples_per_prompt": n_samples, "recipe_overrides": recipe_overrides}
@@ -101,9 +102,8 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
         res.update(load_baseline(opts["baseline"], res, attacks))
     else:
         cls_gen = D.generate(sd, ["a photo of a person"], n_samples, 25, 3.0, seed=123, quiet=True)
-        res["ism_class_prompt"] = round(float(I.identity_similarity(inst.encoder, cls_gen, subj_a.references).mean()), 4)
-        res["ism_class_prompt_other"] = round(float(I.identity_similarity(inst.encoder, cls_gen,
-                                                                          subj_b.references).mean()), 4)
+        for key, subj in (("ism_class_prompt", subj_a), ("ism_class_prompt_other", subj_b)):
+            res[key] = round(float(I.identity_similarity(inst.encoder, cls_gen, subj.references).mean()), 4)
         res["kid_class_unprotected"] = round(kid_class(sd), 5)
         res["ism_db_unprotected"] = round(attack(sd, subj_a, "dreambooth")["ism"], 4)
         if "other" in attacks:
