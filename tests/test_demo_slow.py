@@ -41,7 +41,9 @@ def test_bench_protect_images_quick_keys_and_grids(tmp_path):
     res = json.loads(out.read_text())
     for m in ("ldu", "advdm"):
         assert res[f"linf255_{m}"] <= 8 and res[f"psnr_{m}"] > 25 and f"ism_db_{m}" in res
+        assert 0 <= res[f"fdfr_db_{m}"] <= 1
     assert {"ism_db_ldu_jpeg75", "ism_db_ldu_blur", "ism_db_ldu_diffpure", "ism_db_ldu_one_clean"} <= set(res)
     assert "ism_db_advdm_jpeg75" not in res  # robustness attacks only for robust_methods
+    assert "fdfr_db_ldu_jpeg75" in res and "fdfr_db_clean" in res
     for name in ("protected.png", "perturbation.png", "dreambooth.png"):
         assert (tmp_path / "grids" / name).is_file()

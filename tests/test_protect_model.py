@@ -170,14 +170,18 @@ def test_bench_baseline_reuse_is_checked(tmp_path):
 
     from apdm.bench.protect_model import BASELINE_KEYS, load_baseline
 
-    res = {"model_fingerprint": "abc", "subject_protected": 1, "subject_other": 7, "samples_per_prompt": 8}
+    res = {"model_fingerprint": "abc", "subject_protected": 1, "subject_other": 7, "samples_per_prompt": 8,
+           "attack_overrides": []}
     old = dict(res, **{k: 0.5 for k in BASELINE_KEYS}, ism_db_other_unprotected=0.6)
+    del old["attack_overrides"]  # results written before attack overrides existed used the default attacker
     f = tmp_path / "base.json"
     f.write_text(json.dumps(old))
     got = load_baseline(str(f), res, {"other"})
     assert got["ism_db_other_unprotected"] == 0.6 and got["baseline_from"] == str(f)
     with pytest.raises(ValueError, match="model_fingerprint"):
         load_baseline(str(f), dict(res, model_fingerprint="xyz"), set())
+    with pytest.raises(ValueError, match="attack_overrides"):  # a different attacker: not comparable
+        load_baseline(str(f), dict(res, attack_overrides=["train_text_encoder=false"]), set())
     f.write_text(json.dumps({k: v for k, v in old.items() if k != "ism_db_other_unprotected"}))
     assert "ism_db_other_unprotected" not in load_baseline(str(f), res, set())
     with pytest.raises(ValueError, match="lacks ism_db_other_unprotected"):
@@ -185,6 +189,20 @@ def test_bench_baseline_reuse_is_checked(tmp_path):
     f.write_text("{not json")
     with pytest.raises(ValueError, match="base.json: cannot read"):
         load_baseline(str(f), res, set())
+
+
+def test_attack_config_overrides_a_copy():
+    from apdm.bench.protect_model import attack_config
+    from apdm.bench.toy_world import toy_recipe
+    from apdm.config import ConfigError
+
+    base = toy_recipe("dreambooth").personalization
+    assert base.train_text_encoder
+    cfg = attack_config(base, ["train_text_encoder=false", "steps=7"])
+    assert not cfg.train_text_encoder and cfg.steps == 7
+    assert base.train_text_encoder and base.steps != 7  # the recipe object is untouched
+    with pytest.raises(ConfigError, match="no_such_key"):
+        attack_config(base, ["no_such_key=1"])
 
 
 def test_bench_rejects_unknown_attack_and_recipe_key():

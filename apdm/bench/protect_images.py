@@ -4,9 +4,10 @@ For held-out subjects (4 photos each) and every method m in {ldu, aspl, advdm, p
 (8/255 unless ``budget=``): imperceptibility (``psnr_m``, ``ssim_m``, ``linf255_m``), cost (``seconds_per_image_m``)
 and protection: identity similarity (``ism@toy-id``) of DreamBooth generations trained on the protected photos
 (``ism_db_m``), after JPEG-75 / blur / DiffPure purification of the protected photos, and with one clean photo
-among them (``ism_db_m_one_clean``). ``ism_db_clean`` and ``ism_class_prompt`` are the unprotected references.
+among them (``ism_db_m_one_clean``); each ``ism_db_*`` key has an ``fdfr_db_*`` twin (share of those generations
+the toy detector rejects, ``fdfr@toy-det``). ``ism_db_clean`` and ``ism_class_prompt`` are the unprotected references.
 LDU uses the ρ given by ``rho=`` (default: the toy world's shipped ρ).
-Overrides: ``subjects=N samples=N methods=ldu,aspl robust_methods=ldu budget=8/255 rho=DIR aspl_steps=N
+Overrides: ``subjects=N samples=N methods=ldu,aspl robust_methods=ldu|none budget=8/255 rho=DIR aspl_steps=N
 grid=DIR`` (``grid`` writes PNG grids of the first subject: protected photos, amplified perturbations and
 DreamBooth samples per method).
 
@@ -47,7 +48,8 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     n_subjects = int(opts.get("subjects", 1 if quick else 3))
     n_samples = int(opts.get("samples", 8 if quick else 16))
     methods = opts.get("methods", "ldu,aspl,advdm,photoguard").split(",")
-    robust = opts.get("robust_methods", "ldu" if quick else ",".join(methods)).split(",")
+    robust = opts.get("robust_methods", "ldu" if quick else ",".join(methods))
+    robust = [] if robust in ("", "none") else robust.split(",")
     unknown = [m for m in methods if m != "ldu" and m not in METHODS] + [m for m in robust if m not in methods]
     if unknown:
         raise ValueError(f"unknown or unselected methods {unknown} (methods: ldu, {', '.join(METHODS)}; "
@@ -65,24 +67,26 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     shown: dict = {}      # first subject's protected photos and DreamBooth samples, for grid=DIR
     generated: dict = {}
 
-    def ism_after_db(subj, train_images, keep: str | None = None) -> float:
-        cfg = with_prompts(db_cfg, subj.instance_prompt, subj.class_prompt)
-        out = personalize_and_sample(sd, train_images, cfg, [subj.instance_prompt], sample)
-        gen = out["images"][subj.instance_prompt]
-        if keep:
-            generated.setdefault(keep, gen[:8].cpu())
-        return float(I.identity_similarity(inst.encoder, gen, subj.references).mean())
-
     acc: dict[str, list[float]] = {}
 
     def add(key, value):
         acc.setdefault(key, []).append(float(value))
 
+    def attack_db(subj, train_images, key: str, keep: str | None = None) -> None:
+        """DreamBooth on ``train_images``; records ``ism_db_{key}`` and ``fdfr_db_{key}`` (detector rejections)."""
+        cfg = with_prompts(db_cfg, subj.instance_prompt, subj.class_prompt)
+        out = personalize_and_sample(sd, train_images, cfg, [subj.instance_prompt], sample)
+        gen = out["images"][subj.instance_prompt]
+        if keep:
+            generated.setdefault(keep, gen[:8].cpu())
+        add(f"ism_db_{key}", I.identity_similarity(inst.encoder, gen, subj.references).mean())
+        add(f"fdfr_db_{key}", (I.detector_scores(inst.detector, gen, "person") < 0.5).float().mean())
+
     cls_gen = D.generate(sd, ["a photo of a person"], n_samples, 25, 3.0, seed=123, quiet=True)
     for subj in heldout_subjects(n_subjects, num_images=4):
         clean = subj.images.to(sd.device)
         add("ism_class_prompt", I.identity_similarity(inst.encoder, cls_gen, subj.references).mean())
-        add("ism_db_clean", ism_after_db(subj, clean, keep="clean"))
+        attack_db(subj, clean, "clean", keep="clean")
         shown.setdefault("clean", clean.cpu())
         for m in methods:
             t0 = time.perf_counter()
@@ -99,18 +103,18 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
             add(f"psnr_{m}", psnr(clean.cpu(), prot.cpu()).mean())
             add(f"ssim_{m}", ssim(clean.cpu(), prot.cpu()).mean())
             add(f"linf255_{m}", ((prot - clean).abs().max() * 255).round())
-            add(f"ism_db_{m}", ism_after_db(subj, prot, keep=m))
+            attack_db(subj, prot, m, keep=m)
             LOG.info("subject %d, %s: ISM after DB %.3f (clean %.3f), PSNR %.1f dB", subj.index, m,
                      acc[f"ism_db_{m}"][-1], acc["ism_db_clean"][-1], acc[f"psnr_{m}"][-1])
             shown.setdefault(m, prot.cpu())
             if m not in robust:
                 continue
-            add(f"ism_db_{m}_jpeg75", ism_after_db(subj, jpeg(prot.cpu(), 75)))
-            add(f"ism_db_{m}_blur", ism_after_db(subj, gaussian_blur(prot.cpu(), 7)))
-            add(f"ism_db_{m}_diffpure", ism_after_db(subj, diffpure(prot, sd, strength=0.2)))
+            attack_db(subj, jpeg(prot.cpu(), 75), f"{m}_jpeg75")
+            attack_db(subj, gaussian_blur(prot.cpu(), 7), f"{m}_blur")
+            attack_db(subj, diffpure(prot, sd, strength=0.2), f"{m}_diffpure")
             mixed = prot.clone()
             mixed[0] = clean[0]
-            add(f"ism_db_{m}_one_clean", ism_after_db(subj, mixed))
+            attack_db(subj, mixed, f"{m}_one_clean")
     for k, v in acc.items():
         res[k] = round(statistics.mean(v), 4)
     if "ldu" in methods and "aspl" in methods:
@@ -118,7 +122,8 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     if "grid" in opts:
         _write_grids(Path(opts["grid"]), shown, generated, budget, methods)
         res["grids"] = opts["grid"]
-    res["metric_impl"] = {"ism": "ism@toy-id", "psnr": "psnr@torchmetrics", "ssim": "ssim@apdm"}
+    res["metric_impl"] = {"ism": "ism@toy-id", "fdfr": "fdfr@toy-det", "psnr": "psnr@torchmetrics",
+                          "ssim": "ssim@apdm"}
     res["seconds_total"] = round(time.perf_counter() - t_start, 1)
     return res
 

@@ -11,7 +11,9 @@ B is a second held-out subject that is *not* protected (other subjects must keep
 Overrides: ``outer_steps=N inner_steps=N learning_rate=X samples=N long_attack=true no_naive=true``,
 ``attacks=lora,ti,other`` (which attacks besides DreamBooth on A; default all), and any recipe key with its
 section (``protect.beta=0.5``, ``protect.inner_steps=0``, ``protect.gradient_leak=true``,
-``personalization.steps=600``) for sweeps and ablations; ``baseline=F.json`` takes the unprotected numbers
+``personalization.steps=600``) for sweeps and ablations; ``attack.KEY=VALUE`` changes the *evaluation* attacker
+(applied to every attack's personalization config, unprotected and protected alike;
+``attack.train_text_encoder=false`` is the paper's UNet-only DreamBooth); ``baseline=F.json`` takes the unprotected numbers
 (class-prompt ISM, unprotected DreamBooth ISM, unprotected KID) from an earlier result on the same model, subjects
 and sample count instead of recomputing them (the attacks are deterministic, so they would come out the same).
 """
@@ -40,8 +42,10 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     from apdm.utils import LOG
 
     t_start = time.perf_counter()
-    recipe_overrides = [o for o in overrides if "." in o.split("=", 1)[0]]
-    opts, sd, inst = toy_setup([o for o in overrides if o not in recipe_overrides],
+    dotted = [o for o in overrides if "." in o.split("=", 1)[0]]
+    attack_overrides = [o[len("attack."):] for o in dotted if o.startswith("attack.")]
+    recipe_overrides = [o for o in dotted if not o.startswith("attack.")]
+    opts, sd, inst = toy_setup([o for o in overrides if o not in dotted],
                                {"outer_steps", "inner_steps", "learning_rate", "samples", "long_attack", "no_naive",
                                 "attacks", "baseline"})
     rc = load_config(ProtectModelRunConfig, RECIPES / "toy-protect-model.yaml", recipe_overrides)
@@ -61,7 +65,8 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                  "subject_protected": subj_a.index, "subject_other": subj_b.index,
                  "outer_steps": pcfg.outer_steps, "inner_steps": pcfg.inner_steps,
                  "protect_lr": pcfg.learning_rate, "beta": pcfg.beta, "gradient_leak": pcfg.gradient_leak,
-                 "samples_per_prompt": n_samples, "recipe_overrides": recipe_overrides}
+                 "samples_per_prompt": n_samples, "recipe_overrides": recipe_overrides,
+                 "attack_overrides": attack_overrides}
 
     # the protection data: x⁻ = A's photos, x⁺ = class-prompt images of φ, prior images of φ
     per_base = with_prompts(rc.personalization, subj_a.instance_prompt, subj_a.class_prompt)
@@ -88,8 +93,8 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     sample.num_images_per_prompt = n_samples
 
     def attack(model, subj, method: str, steps: int | None = None) -> dict:
-        rcm = toy_recipe(method)
-        cfg = with_prompts(rcm.personalization, subj.instance_prompt, subj.class_prompt)
+        cfg = attack_config(toy_recipe(method).personalization, attack_overrides)
+        cfg = with_prompts(cfg, subj.instance_prompt, subj.class_prompt)
         if steps:
             cfg = dataclasses.replace(cfg, steps=steps)
         out = personalize_and_sample(model, subj.images, cfg, [subj.instance_prompt], sample)
@@ -148,6 +153,20 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     return res
 
 
+def attack_config(cfg, overrides: list[str]):
+    """A copy of the attack recipe's personalization config with ``KEY=VALUE`` overrides applied.
+
+    Raises:
+        ConfigError: an override names no field of the personalization config.
+    """
+    from apdm.config import apply_override
+
+    cfg = dataclasses.replace(cfg)
+    for item in overrides:
+        apply_override(cfg, item)
+    return cfg
+
+
 BASELINE_KEYS = ("ism_class_prompt", "ism_class_prompt_other", "kid_class_unprotected", "ism_db_unprotected")
 
 
@@ -164,8 +183,8 @@ def load_baseline(path: str, res: dict, attacks: set[str]) -> dict:
         old = json.loads(f.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{f}: cannot read the baseline result ({e})") from e
-    for key in ("model_fingerprint", "subject_protected", "subject_other", "samples_per_prompt"):
-        if old.get(key) != res[key]:
+    for key in ("model_fingerprint", "subject_protected", "subject_other", "samples_per_prompt", "attack_overrides"):
+        if old.get(key, [] if key == "attack_overrides" else None) != res[key]:
             raise ValueError(f"{f}: baseline was measured with {key}={old.get(key)!r}, this run has {res[key]!r}")
     keys = BASELINE_KEYS + (("ism_db_other_unprotected",) if "other" in attacks else ())
     missing = [k for k in keys if k not in old]

@@ -1,4 +1,5 @@
-"""Plot the protect-model ablations (docs/img/protect_model_ablations.png) from docs/results/protect-model-sweep/.
+"""Plot the protect-model ablations (docs/img/protect_model_ablations.png) and the protection / preservation
+trade-off (docs/img/protect_model_tradeoff.png) from docs/results/protect-model-sweep/.
 
     pip install matplotlib          # only for this plot; not an apdm dependency
     python docs/results/plot_protect_model.py
@@ -39,6 +40,23 @@ def main() -> None:
     axes[0].invert_yaxis()
     fig.tight_layout()
     out = HERE.parent / "img" / "protect_model_ablations.png"
+    fig.savefig(out, dpi=110)
+    print("wrote", out)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.axhspan(0.85, 1.05, xmin=0, xmax=1, color="#ddeedd", zorder=0)
+    ax.axvline(0.1, color="#228833", lw=0.8, ls="--")
+    for n in names:
+        r = runs[n]
+        x, y = r["kid_rise_fraction"], r["protection_ratio"]
+        ax.scatter([x], [y], color="#4477aa" if r.get("inner_steps", 0) else "#ee7733", zorder=2)
+        ax.annotate(n, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel("class-prompt KID rise (fraction of unprotected; goal ≤ 0.1, dashed)")
+    ax.set_ylabel("protection ratio (goal ≥ 0.85, shaded)")
+    ax.set_title("APDM on the toy world: protection vs damage (blue: L2P, orange: no L2P)", fontsize=9)
+    fig.tight_layout()
+    out = HERE.parent / "img" / "protect_model_tradeoff.png"
     fig.savefig(out, dpi=110)
     print("wrote", out)
 
