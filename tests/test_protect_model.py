@@ -191,18 +191,16 @@ def test_bench_baseline_reuse_is_checked(tmp_path):
         load_baseline(str(f), res, set())
 
 
-def test_attack_config_overrides_a_copy():
-    from apdm.bench.protect_model import attack_config
+def test_attack_recipe_overrides_leave_the_recipe_alone():
     from apdm.bench.toy_world import toy_recipe
     from apdm.config import ConfigError
 
+    cfg = toy_recipe("dreambooth", ["personalization.train_text_encoder=false", "personalization.steps=7"])
+    assert not cfg.personalization.train_text_encoder and cfg.personalization.steps == 7
     base = toy_recipe("dreambooth").personalization
-    assert base.train_text_encoder
-    cfg = attack_config(base, ["train_text_encoder=false", "steps=7"])
-    assert not cfg.train_text_encoder and cfg.steps == 7
-    assert base.train_text_encoder and base.steps != 7  # the recipe object is untouched
+    assert base.train_text_encoder and base.steps != 7  # the recipe itself is untouched
     with pytest.raises(ConfigError, match="no_such_key"):
-        attack_config(base, ["no_such_key=1"])
+        toy_recipe("dreambooth", ["personalization.no_such_key=1"])
 
 
 def test_bench_rejects_unknown_attack_and_recipe_key():
@@ -212,6 +210,8 @@ def test_bench_rejects_unknown_attack_and_recipe_key():
         bench_protect_model(True, ["attacks=lora,dreamboot"])
     with pytest.raises((ValueError, KeyError), match="betta"):
         bench_protect_model(True, ["protect.betta=2"])
+    with pytest.raises(ValueError, match="nope"):  # ConfigError is a ValueError
+        bench_protect_model(True, ["attack.nope=1"])
 
 
 def test_anchor_keeps_theta_own_class_prior(tiny_sd):

@@ -32,6 +32,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     from apdm.bench.toy_world import toy_recipe
     from apdm.core import diffusion as D
     from apdm.evaluation.fidelity import psnr, ssim
+    from apdm.evaluation.identity import fdfr
     from apdm.evaluation.protocol import personalize_and_sample, with_prompts
     from apdm.protect_images import ldu
     from apdm.protect_images.baselines import METHODS
@@ -80,7 +81,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
         if keep:
             generated.setdefault(keep, gen[:8].cpu())
         add(f"ism_db_{key}", I.identity_similarity(inst.encoder, gen, subj.references).mean())
-        add(f"fdfr_db_{key}", (I.detector_scores(inst.detector, gen, "person") < 0.5).float().mean())
+        add(f"fdfr_db_{key}", fdfr(I.detector_scores(inst.detector, gen, "person")).mean())
 
     cls_gen = D.generate(sd, ["a photo of a person"], n_samples, 25, 3.0, seed=123, quiet=True)
     for subj in heldout_subjects(n_subjects, num_images=4):

@@ -33,6 +33,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     from apdm.config import ProtectModelRunConfig, load_config
     from apdm.core import diffusion as D
     from apdm.evaluation.distribution import kid
+    from apdm.evaluation.identity import fdfr
     from apdm.evaluation.protocol import personalize_and_sample, with_prompts
     from apdm.personalization.simulator import class_images_for
     from apdm.protect_model.l2p import Subject, protect
@@ -44,6 +45,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     t_start = time.perf_counter()
     dotted = [o for o in overrides if "." in o.split("=", 1)[0]]
     attack_overrides = [o[len("attack."):] for o in dotted if o.startswith("attack.")]
+    attack_recipe = [f"personalization.{o}" for o in attack_overrides]  # the evaluation attacker's overrides
     recipe_overrides = [o for o in dotted if not o.startswith("attack.")]
     opts, sd, inst = toy_setup([o for o in overrides if o not in dotted],
                                {"outer_steps", "inner_steps", "learning_rate", "samples", "long_attack", "no_naive",
@@ -53,6 +55,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     unknown = attacks - {"lora", "ti", "other"}
     if unknown:
         raise ValueError(f"unknown attacks {sorted(unknown)} (known: lora, ti, other)")
+    sample = toy_recipe("dreambooth", attack_recipe).sample  # also rejects a bad attack.* key before any work
     pcfg = rc.protect
     for key in ("outer_steps", "inner_steps"):
         if key in opts:
@@ -60,6 +63,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     if "learning_rate" in opts:
         pcfg.learning_rate = float(opts["learning_rate"])
     n_samples = int(opts.get("samples", 8 if quick else 16))
+    sample.num_images_per_prompt = n_samples
     subj_a, subj_b = heldout_subjects(2, num_images=4)
     res: dict = {"model": sd.source, "model_fingerprint": sd.fingerprint(),
                  "subject_protected": subj_a.index, "subject_other": subj_b.index,
@@ -89,18 +93,16 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
         gen = D.generate(model, ["a photo of a person"], 4 * n_samples, 25, 3.0, seed=321, quiet=True)
         return float(kid(real, gen, inst.features, subsets=50)[0])
 
-    sample = toy_recipe("dreambooth").sample
-    sample.num_images_per_prompt = n_samples
 
     def attack(model, subj, method: str, steps: int | None = None) -> dict:
-        cfg = attack_config(toy_recipe(method).personalization, attack_overrides)
-        cfg = with_prompts(cfg, subj.instance_prompt, subj.class_prompt)
+        cfg = with_prompts(toy_recipe(method, attack_recipe).personalization, subj.instance_prompt,
+                           subj.class_prompt)
         if steps:
             cfg = dataclasses.replace(cfg, steps=steps)
         out = personalize_and_sample(model, subj.images, cfg, [subj.instance_prompt], sample)
         gen = out["images"][subj.instance_prompt]
         return {"ism": float(I.identity_similarity(inst.encoder, gen, subj.references).mean()),
-                "fdfr": float((I.detector_scores(inst.detector, gen, "person") < 0.5).float().mean()),
+                "fdfr": float(fdfr(I.detector_scores(inst.detector, gen, "person")).mean()),
                 "images": gen}
 
     if "baseline" in opts:  # the unprotected numbers of an earlier run on the same model and subjects
@@ -132,7 +134,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     res["kid_class_protected"] = round(kid_class(prot), 5)
     if opts.get("long_attack", "false" if quick else "true") == "true":
         res["ism_db_protected_2x_steps"] = round(attack(prot, subj_a, "dreambooth",
-                                                        steps=2 * toy_recipe("dreambooth").personalization.steps)["ism"], 4)
+                                                        steps=2 * toy_recipe("dreambooth", attack_recipe).personalization.steps)["ism"], 4)
     LOG.info("APDM: ISM DB %.3f, other subject %s", res["ism_db_protected"], res.get("ism_db_other_protected"))
     if opts.get("no_naive", "false") != "true":
         naive, _, _ = protected_model("naive")
@@ -151,20 +153,6 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     res["metric_impl"] = {"ism": "ism@toy-id", "kid": "kid@toy-features", "fdfr": "fdfr@toy-det"}
     res["seconds_total"] = round(time.perf_counter() - t_start, 1)
     return res
-
-
-def attack_config(cfg, overrides: list[str]):
-    """A copy of the attack recipe's personalization config with ``KEY=VALUE`` overrides applied.
-
-    Raises:
-        ConfigError: an override names no field of the personalization config.
-    """
-    from apdm.config import apply_override
-
-    cfg = dataclasses.replace(cfg)
-    for item in overrides:
-        apply_override(cfg, item)
-    return cfg
 
 
 BASELINE_KEYS = ("ism_class_prompt", "ism_class_prompt_other", "kid_class_unprotected", "ism_db_unprotected")

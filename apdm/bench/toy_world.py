@@ -16,11 +16,12 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 METHOD_RECIPES = {"dreambooth": "toy-dreambooth.yaml", "lora": "toy-lora.yaml", "ti": "toy-ti.yaml"}
 
 
-def toy_recipe(method: str):
-    """The toy personalization recipe for ``method`` as a :class:`PersonalizeRunConfig`."""
+def toy_recipe(method: str, overrides=()):
+    """The toy personalization recipe for ``method`` as a :class:`PersonalizeRunConfig`, with ``key=value``
+    overrides (``personalization.steps=100``) applied as :func:`apdm.config.load_config` does."""
     from apdm.config import PersonalizeRunConfig, load_config
 
-    return load_config(PersonalizeRunConfig, RECIPES / METHOD_RECIPES[method])
+    return load_config(PersonalizeRunConfig, RECIPES / METHOD_RECIPES[method], overrides)
 
 
 def bench_toy_world(quick: bool, overrides: list[str]) -> dict:

@@ -7,6 +7,7 @@
 import sys
 from apdm.bench import toy_setup
 from apdm.bench.toy_world import toy_recipe
+from apdm.evaluation.identity import fdfr
 from apdm.evaluation.protocol import personalize_and_sample, with_prompts
 from apdm.toy import instruments as I
 from apdm.toy.world import heldout_subjects
@@ -23,4 +24,4 @@ for subj in heldout_subjects(int(args.get("subjects", 1)), num_images=4):
     gen = personalize_and_sample(sd, subj.images, cfg, [subj.instance_prompt], rc.sample)["images"][subj.instance_prompt]
     p = I.detector_scores(inst.detector, gen, "person")
     print(f"subject {subj.index}: ISM {float(I.identity_similarity(inst.encoder, gen, subj.references).mean()):.3f}, "
-          f"fdfr {float((p < 0.5).float().mean()):.3f}, detector p {[round(float(x), 2) for x in p]}")
+          f"fdfr {float(fdfr(p).mean()):.3f}, detector p {[round(float(x), 2) for x in p]}")
