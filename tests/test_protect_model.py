@@ -170,16 +170,22 @@ def test_bench_baseline_reuse_is_checked(tmp_path):
 
     from apdm.bench.protect_model import BASELINE_KEYS, load_baseline
 
-    res = {"model_fingerprint": "abc", "subject_protected": 1, "subject_other": 7, "samples_per_prompt": 8,
-           "attack_overrides": []}
+    res = {"model_fingerprint": "abc", "instruments_fingerprint": "def", "subject_protected": 1, "subject_other": 7,
+           "samples_per_prompt": 8, "attack_overrides": []}
     old = dict(res, **{k: 0.5 for k in BASELINE_KEYS}, ism_db_other_unprotected=0.6)
     del old["attack_overrides"]  # results written before attack overrides existed used the default attacker
     f = tmp_path / "base.json"
     f.write_text(json.dumps(old))
     got = load_baseline(str(f), res, {"other"})
     assert got["ism_db_other_unprotected"] == 0.6 and got["baseline_from"] == str(f)
+    assert "ism_lora_unprotected" not in got  # optional keys pass through only when the baseline has them
+    f.write_text(json.dumps(dict(old, ism_lora_unprotected=0.7)))
+    assert load_baseline(str(f), res, set())["ism_lora_unprotected"] == 0.7
+    f.write_text(json.dumps(old))
     with pytest.raises(ValueError, match="model_fingerprint"):
         load_baseline(str(f), dict(res, model_fingerprint="xyz"), set())
+    with pytest.raises(ValueError, match="instruments_fingerprint"):  # KID / FDFR come from the instruments
+        load_baseline(str(f), dict(res, instruments_fingerprint="xyz"), set())
     with pytest.raises(ValueError, match="attack_overrides"):  # a different attacker: not comparable
         load_baseline(str(f), dict(res, attack_overrides=["train_text_encoder=false"]), set())
     f.write_text(json.dumps({k: v for k, v in old.items() if k != "ism_db_other_unprotected"}))

@@ -59,6 +59,15 @@ def test_save_load_round_trip_gives_identical_outputs(trained, heldout_photos):
     assert torch.equal(loaded.features(x), inst.features(x))
     with pytest.raises(FileNotFoundError):
         I.load_instruments(out / "missing")
+    # the fingerprint the benchmarks record follows the weights: same files, same print; a new detector, a new one
+    assert I.load_instruments(out).config["fingerprint"] == loaded.config["fingerprint"]
+    other = out.parent / (out.name + "_changed")
+    with torch.no_grad():
+        bias = inst.detector.head.bias.clone()
+        inst.detector.head.bias.add_(0.1)
+        I.save_instruments(inst, other)
+        inst.detector.head.bias.copy_(bias)
+    assert I.load_instruments(other).config["fingerprint"] != loaded.config["fingerprint"]
 
 
 def test_identity_similarity_matches_reference_formula_and_separates_subjects(trained, heldout_photos):
@@ -177,3 +186,26 @@ def test_shipped_instruments_load_and_work():
     assert float(sim[0]) > 0.8 and float(sim[1:].mean()) < 0.5
     subject = D.identity_from_index("person", held[-8])
     assert float(I.attribute_match(inst.encoder, x[:2], subject).mean()) >= 0.7
+
+
+def test_detector_learns_from_vae_round_trips(tiny_sd):
+    """The round trip matches decode(encode(x)); with every batch replaced by a random VAE's (near-constant)
+    reconstructions the detector cannot learn, so the VAE path is really used; the report gains *_vae rates."""
+    from apdm.core.diffusion import decode_latents, encode_images
+
+    vae = tiny_sd.vae
+    x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = decode_latents(vae, encode_images(vae, x))
+    r = I.vae_round_trip(vae, x, batch_size=2)
+    assert r.shape == x.shape and torch.allclose(r, ref, atol=1e-4)
+    kw = dict(per_class=60, negatives=120, epochs=4, batch=32, lr=4e-3, quiet=True)
+    held = {c: D.split()["heldout"][:30] for c in D.CLASSES}
+    accs = {}
+    for frac in (0.0, 1.0):
+        det, info = I.train_detector(vae=vae, vae_fraction=frac, **kw)
+        assert info["vae_round_trip_fraction"] == frac
+        rep = I.evaluate_detector(det, held, negatives=60, vae=vae)
+        assert 0.0 <= rep["detect_rate_person_vae@toy-det"] <= 1.0
+        accs[frac] = rep["accuracy@toy-det"]
+    assert accs[0.0] > accs[1.0] + 0.15, accs

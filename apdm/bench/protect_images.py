@@ -59,7 +59,8 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
                  "advdm": {"steps": int(opts.get("advdm_steps", 50 if quick else 100))},
                  "photoguard": {"steps": int(opts.get("photoguard_steps", 200 if quick else 1000))}}
     rho = ldu.load_rho(opts.get("rho", str(toy_root() / "rho")), device=sd.device) if "ldu" in methods else None
-    res: dict = {"model": sd.source, "budget": format_budget(budget), "subjects": n_subjects,
+    res: dict = {"model": sd.source, "instruments_fingerprint": inst.config.get("fingerprint"),
+                 "budget": format_budget(budget), "subjects": n_subjects,
                  "samples_per_prompt": n_samples, "method_settings": method_kw, "robust_methods": robust}
     sample = toy_recipe("dreambooth").sample
     sample.num_images_per_prompt = n_samples

@@ -5,7 +5,9 @@ naive loss; then attacks every model with the toy personalization recipes and sc
 
 * ``ism_*``: identity similarity (``ism@toy-id``) of "a photo of sks person" generations to A's (or B's) photos;
 * ``kid_class_*``: KID (``kid@toy-features``) of class-prompt generations vs freshly drawn persons (preservation);
-* ``fdfr_db_protected``: share of post-attack generations the toy detector rejects.
+* ``fdfr_db_protected``: share of post-attack generations the toy detector rejects;
+* ``protection_ratio[_lora|_ti|_2x_steps]``: share of each attack's identity gain over the class prompt that the
+  protection removes (goal ≥ 0.85); every attack run on the protected model is also run on the unprotected one.
 
 B is a second held-out subject that is *not* protected (other subjects must keep personalizing).
 Overrides: ``outer_steps=N inner_steps=N learning_rate=X samples=N long_attack=true no_naive=true``,
@@ -66,6 +68,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     sample.num_images_per_prompt = n_samples
     subj_a, subj_b = heldout_subjects(2, num_images=4)
     res: dict = {"model": sd.source, "model_fingerprint": sd.fingerprint(),
+                 "instruments_fingerprint": inst.config.get("fingerprint"),
                  "subject_protected": subj_a.index, "subject_other": subj_b.index,
                  "outer_steps": pcfg.outer_steps, "inner_steps": pcfg.inner_steps,
                  "protect_lr": pcfg.learning_rate, "beta": pcfg.beta, "gradient_leak": pcfg.gradient_leak,
@@ -105,6 +108,9 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                 "fdfr": float(fdfr(I.detector_scores(inst.detector, gen, "person")).mean()),
                 "images": gen}
 
+    long_attack = opts.get("long_attack", "false" if quick else "true") == "true"
+    long_steps = 2 * toy_recipe("dreambooth", attack_recipe).personalization.steps
+    seconds_long = 0.0
     if "baseline" in opts:  # the unprotected numbers of an earlier run on the same model and subjects
         res.update(load_baseline(opts["baseline"], res, attacks))
     else:
@@ -115,6 +121,13 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
         res["ism_db_unprotected"] = round(attack(sd, subj_a, "dreambooth")["ism"], 4)
         if "other" in attacks:
             res["ism_db_other_unprotected"] = round(attack(sd, subj_b, "dreambooth")["ism"], 4)
+        for method in ("lora", "ti"):  # so that every attack's protection ratio can be read from this file
+            if method in attacks:
+                res[f"ism_{method}_unprotected"] = round(attack(sd, subj_a, method)["ism"], 4)
+        if long_attack:
+            t_long = time.perf_counter()
+            res["ism_db_unprotected_2x_steps"] = round(attack(sd, subj_a, "dreambooth", steps=long_steps)["ism"], 4)
+            seconds_long += time.perf_counter() - t_long
     LOG.info("unprotected: ISM DB %.3f (class prompt %.3f)", res["ism_db_unprotected"], res["ism_class_prompt"])
 
     prot, seconds, hist = protected_model("dpo")
@@ -132,18 +145,24 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     if "other" in attacks:
         res["ism_db_other_protected"] = round(attack(prot, subj_b, "dreambooth")["ism"], 4)
     res["kid_class_protected"] = round(kid_class(prot), 5)
-    if opts.get("long_attack", "false" if quick else "true") == "true":
-        res["ism_db_protected_2x_steps"] = round(attack(prot, subj_a, "dreambooth",
-                                                        steps=2 * toy_recipe("dreambooth", attack_recipe).personalization.steps)["ism"], 4)
+    if long_attack:
+        t_long = time.perf_counter()
+        res["ism_db_protected_2x_steps"] = round(attack(prot, subj_a, "dreambooth", steps=long_steps)["ism"], 4)
+        res["seconds_long_attacks"] = round(seconds_long + time.perf_counter() - t_long, 1)
     LOG.info("APDM: ISM DB %.3f, other subject %s", res["ism_db_protected"], res.get("ism_db_other_protected"))
     if opts.get("no_naive", "false") != "true":
         naive, _, _ = protected_model("naive")
         res["ism_db_protected_naive"] = round(attack(naive, subj_a, "dreambooth")["ism"], 4)
         res["kid_class_protected_naive"] = round(kid_class(naive), 5)
 
-    # the goals of issue #5, as ratios
-    gap = res["ism_db_unprotected"] - res["ism_class_prompt"]
-    res["protection_ratio"] = round((res["ism_db_unprotected"] - res["ism_db_protected"]) / gap, 4) if gap > 0 else None
+    # the goals of issue #5, as ratios: share of the attack's identity gain that protection removes
+    for suffix, unprot, prot_key in (("", "ism_db_unprotected", "ism_db_protected"),
+                                     ("_lora", "ism_lora_unprotected", "ism_lora_protected"),
+                                     ("_ti", "ism_ti_unprotected", "ism_ti_protected"),
+                                     ("_2x_steps", "ism_db_unprotected_2x_steps", "ism_db_protected_2x_steps")):
+        if unprot in res and prot_key in res:
+            gap = res[unprot] - res["ism_class_prompt"]
+            res[f"protection_ratio{suffix}"] = round((res[unprot] - res[prot_key]) / gap, 4) if gap > 0 else None
     if "other" in attacks:
         gap_b = res["ism_db_other_unprotected"] - res["ism_class_prompt_other"]
         res["other_gain_kept"] = round((res["ism_db_other_protected"] - res["ism_class_prompt_other"]) / gap_b, 4) \
@@ -156,6 +175,8 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
 
 
 BASELINE_KEYS = ("ism_class_prompt", "ism_class_prompt_other", "kid_class_unprotected", "ism_db_unprotected")
+#: taken from a baseline file when present (then the matching protection ratios are computed too)
+OPTIONAL_BASELINE_KEYS = ("ism_lora_unprotected", "ism_ti_unprotected", "ism_db_unprotected_2x_steps")
 
 
 def load_baseline(path: str, res: dict, attacks: set[str]) -> dict:
@@ -171,13 +192,14 @@ def load_baseline(path: str, res: dict, attacks: set[str]) -> dict:
         old = json.loads(f.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{f}: cannot read the baseline result ({e})") from e
-    for key in ("model_fingerprint", "subject_protected", "subject_other", "samples_per_prompt", "attack_overrides"):
+    for key in ("model_fingerprint", "instruments_fingerprint", "subject_protected", "subject_other",
+                "samples_per_prompt", "attack_overrides"):
         if old.get(key, [] if key == "attack_overrides" else None) != res[key]:
             raise ValueError(f"{f}: baseline was measured with {key}={old.get(key)!r}, this run has {res[key]!r}")
     keys = BASELINE_KEYS + (("ism_db_other_unprotected",) if "other" in attacks else ())
     missing = [k for k in keys if k not in old]
     if missing:
         raise ValueError(f"{f}: baseline result lacks {', '.join(missing)}")
-    out = {k: old[k] for k in keys}
+    out = {k: old[k] for k in keys + OPTIONAL_BASELINE_KEYS if k in old}
     out["baseline_from"] = str(f)
     return out

@@ -37,7 +37,8 @@ def bench_toy_world(quick: bool, overrides: list[str]) -> dict:
     n_subjects = int(opts.get("subjects", 3 if quick else 8))
     n_samples = int(opts.get("samples", 8 if quick else 16))
     methods = opts.get("methods", "dreambooth,lora,ti").split(",")
-    res: dict = {"model": sd.source, "subjects": n_subjects, "samples_per_prompt": n_samples}
+    res: dict = {"model": sd.source, "instruments_fingerprint": inst.config.get("fingerprint"),
+                 "subjects": n_subjects, "samples_per_prompt": n_samples}
 
     # instruments' own held-out quality
     held_ids = [s.index for s in heldout_subjects(64 if quick else 200)]

@@ -165,9 +165,15 @@ def build(cfg: ToyBuildConfig) -> dict:
     if not cfg.skip_instruments:
         from apdm.toy.instruments import train_instruments
 
-        LOG.info("toy build: training the instruments (identity encoder, detector, features)")
+        vae = None
+        if (root / "model" / "vae").is_dir():  # the detector also learns the world's VAE round trip
+            from diffusers import AutoencoderKL
+
+            vae = AutoencoderKL.from_pretrained(root / "model" / "vae", torch_dtype=torch.float32).eval()
+        LOG.info("toy build: training the instruments (identity encoder, detector%s, features)",
+                 " with VAE round trips" if vae is not None else "")
         _, report["instruments"] = train_instruments(root / "instruments", seed=cfg.seed,
-                                                     quick=cfg.instruments_quick, quiet=cfg.quiet)
+                                                     quick=cfg.instruments_quick, vae=vae, quiet=cfg.quiet)
     report["seconds_total"] = round(time.perf_counter() - t0, 1)
     atomic_write_json(root / "build_report.json", report)
     if cfg.write_assets:

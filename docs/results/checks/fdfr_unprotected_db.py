@@ -1,7 +1,7 @@
 """Detector rejection rate (fdfr@toy-det) of DreamBooth generations from *clean* photos, the reference for every
 ``fdfr_db_*`` number (docs/protect_model.md, docs/protect_images.md).
 
-    python docs/results/checks/fdfr_unprotected_db.py [subjects=1] [samples=8]
+    python docs/results/checks/fdfr_unprotected_db.py [subjects=1] [samples=8] [instruments=DIR]
 """
 
 import sys
@@ -17,6 +17,8 @@ set_progress(False)
 
 args = dict(a.split("=", 1) for a in sys.argv[1:])
 opts, sd, inst = toy_setup([], set())
+if "instruments" in args:  # e.g. the v1 instruments (docs/results/checks/detector_calibration.py says how)
+    inst = I.load_instruments(args["instruments"])
 rc = toy_recipe("dreambooth")
 rc.sample.num_images_per_prompt = int(args.get("samples", 8))
 for subj in heldout_subjects(int(args.get("subjects", 1)), num_images=4):
