@@ -597,15 +597,16 @@ def train_detector(classes: Sequence[str] = D.CLASSES, per_class: int = 3000, ne
 
 
 def vae_round_trip(vae, images: torch.Tensor, batch_size: int = 256, quiet: bool = True) -> torch.Tensor:
-    """``decode(encode(images))`` (posterior mean) for ``(N, 3, 64, 64)`` float in [0, 1]; same shape and range."""
+    """``decode(encode(images))`` (posterior mean) of ``(N, 3, H, W)`` float in [0, 1]: same shape and range, on
+    the CPU in float32 (the VAE may sit on any device and dtype)."""
     from apdm.core.diffusion import decode_latents, encode_images
 
     out = []
-    dtype = next(vae.parameters()).dtype
+    p = next(vae.parameters())
     with torch.no_grad():
         for i in progress(range(0, len(images), batch_size), desc="VAE round trip",
                           **({"disable": True} if quiet else {})):
-            x = images[i:i + batch_size].to(dtype)
+            x = images[i:i + batch_size].to(device=p.device, dtype=p.dtype)
             out.append(decode_latents(vae, encode_images(vae, x)).float().cpu())
     return torch.cat(out)
 
