@@ -31,7 +31,7 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     from apdm.bench import toy_setup
-    from apdm.bench.toy_world import toy_recipe
+    from apdm.bench.toy_world import METHOD_RECIPES, toy_recipe
     from apdm.config import ProtectModelRunConfig, load_config
     from apdm.core import diffusion as D
     from apdm.evaluation.distribution import kid
@@ -57,7 +57,9 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     unknown = attacks - {"lora", "ti", "other"}
     if unknown:
         raise ValueError(f"unknown attacks {sorted(unknown)} (known: lora, ti, other)")
-    sample = toy_recipe("dreambooth", attack_recipe).sample  # also rejects a bad attack.* key before any work
+    # the evaluation attacker's recipes, loaded once (this also rejects a bad attack.* key before any work)
+    attack_runs = {m: toy_recipe(m, attack_recipe) for m in METHOD_RECIPES}
+    sample = attack_runs["dreambooth"].sample
     pcfg = rc.protect
     for key in ("outer_steps", "inner_steps"):
         if key in opts:
@@ -96,10 +98,8 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
         gen = D.generate(model, ["a photo of a person"], 4 * n_samples, 25, 3.0, seed=321, quiet=True)
         return float(kid(real, gen, inst.features, subsets=50)[0])
 
-
     def attack(model, subj, method: str, steps: int | None = None) -> dict:
-        cfg = with_prompts(toy_recipe(method, attack_recipe).personalization, subj.instance_prompt,
-                           subj.class_prompt)
+        cfg = with_prompts(attack_runs[method].personalization, subj.instance_prompt, subj.class_prompt)
         if steps:
             cfg = dataclasses.replace(cfg, steps=steps)
         out = personalize_and_sample(model, subj.images, cfg, [subj.instance_prompt], sample)
@@ -109,7 +109,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                 "images": gen}
 
     long_attack = opts.get("long_attack", "false" if quick else "true") == "true"
-    long_steps = 2 * toy_recipe("dreambooth", attack_recipe).personalization.steps
+    long_steps = 2 * attack_runs["dreambooth"].personalization.steps
     seconds_long = 0.0
     if "baseline" in opts:  # the unprotected numbers of an earlier run on the same model and subjects
         res.update(load_baseline(opts["baseline"], res, attacks))

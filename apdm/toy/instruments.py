@@ -741,7 +741,7 @@ def load_instruments(path: str | Path, device: str | torch.device = "cpu") -> In
     Returns:
         :class:`Instruments` in eval mode; ``config["fingerprint"]`` hashes the two weight files.
     """
-    from safetensors.torch import load_file
+    from safetensors.torch import load as load_safetensors
 
     path = Path(path)
     cfg_file = path / CONFIG_NAME
@@ -753,11 +753,11 @@ def load_instruments(path: str | Path, device: str | torch.device = "cpu") -> In
         raise ValueError(f"{cfg_file} has format_version {config['format_version']}, newer than this apdm")
     inst = build_instruments(config)
     h = hashlib.sha256()
-    for name in (ENCODER_FILE, DETECTOR_FILE):
-        h.update((path / name).read_bytes())
+    for name, module in ((ENCODER_FILE, inst.encoder), (DETECTOR_FILE, inst.detector)):
+        data = (path / name).read_bytes()  # read once: hashed, then parsed as safetensors (never a pickle)
+        h.update(data)
+        module.load_state_dict(load_safetensors(data))
     inst.config["fingerprint"] = h.hexdigest()[:16]  # recorded by the benchmarks next to the model's
-    inst.encoder.load_state_dict(load_file(str(path / ENCODER_FILE)))
-    inst.detector.load_state_dict(load_file(str(path / DETECTOR_FILE)))
     for m in (inst.encoder, inst.detector, inst.features):
         m.to(device).eval()
     return inst
