@@ -53,6 +53,11 @@ def set_progress(enabled: bool) -> None:
     _PROGRESS_DISABLED = not enabled
 
 
+def progress_enabled() -> bool:
+    """Whether progress bars are shown (see :func:`set_progress`)."""
+    return not _PROGRESS_DISABLED
+
+
 def progress(iterable: Iterable | None = None, desc: str = "", total: int | None = None, **kwargs):
     """A tqdm progress bar that honours the global quiet switch. Returns the tqdm object."""
     from tqdm.auto import tqdm
@@ -172,6 +177,26 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def seeded_global_rng(seed: int, device=None) -> Iterator[None]:
+    """Run a block whose random draws come from torch's *global* RNG (library initialisers such as peft's LoRA
+    init) with that RNG seeded to ``seed``, restoring the caller's RNG state afterwards: the block's result then
+    depends on ``seed`` only, not on what ran before it in the process. ``device``: the CUDA device the block
+    draws on, if any (its RNG is forked and seeded too)."""
+    import torch
+
+    cuda = []
+    if device is not None and torch.device(device).type == "cuda":
+        index = torch.device(device).index
+        cuda = [index if index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)  # the CPU generator only (torch.manual_seed would reseed all GPUs)
+        for d in cuda:
+            with torch.cuda.device(d):
+                torch.cuda.manual_seed(seed)  # this device's generator
+        yield
 
 
 def select_device(device: str = "auto"):

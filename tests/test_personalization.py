@@ -138,3 +138,46 @@ def test_saved_outputs_reload_in_plain_diffusers(tiny_sd, rand_images, class_ima
         expected = D.generate(state.sd, [prompt], 1, 3, seed=0, quiet=True)
         again = D.generate(S.load_personalized(tiny_sd, out), [prompt], 1, 3, seed=0, quiet=True)
         torch.testing.assert_close(again, expected, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("random_flip", [False, True])
+def test_cached_posteriors_give_the_per_minibatch_latents(tiny_sd, rand_images, class_images, random_flip):
+    """Steps draw their VAE posterior samples from posteriors encoded once (the images do not change between
+    steps); the loss must equal the one of encoding each minibatch afresh (the uncached path pixel attacks take),
+    for the same draws, and new images must be re-encoded, not served from the cache."""
+    cfg = PersonalizationConfig(method="dreambooth", batch_size=3, random_flip=random_flip)
+    cached, fresh = S.setup(tiny_sd, cfg, class_images), S.setup(tiny_sd, cfg, class_images)
+    other = torch.rand(rand_images.shape, generator=torch.Generator().manual_seed(11))
+    for images in (rand_images, rand_images, other):
+        with torch.no_grad():
+            a, _ = S.loss(cached, images)
+            b, _ = S.loss(fresh, images.clone().requires_grad_(True))
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert torch.equal(cached._cached_posteriors["instance"][0], other)
+
+
+def test_posterior_latents_equal_encode_images(tiny_sd, rand_images):
+    """One posterior, many draws: the same numbers as encoding with the same generator."""
+    mean, std = D.vae_posterior(tiny_sd.vae, rand_images, batch=2)
+    for sample in (False, True):
+        a = D.posterior_latents(tiny_sd.vae, mean, std, sample, torch.Generator().manual_seed(3))
+        b = D.encode_images(tiny_sd.vae, rand_images, sample, torch.Generator().manual_seed(3))
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_init_depends_on_the_seed_only(tiny_sd):
+    """The adapters' random init must not depend on what consumed the global RNG before (benchmark jobs run in
+    any order, in any process), and must leave the caller's global RNG state as it was."""
+    def adapters(cfg):
+        state = S.setup(tiny_sd, cfg)
+        return torch.cat([p.detach().flatten() for n, p in state.sd.unet.named_parameters() if "lora_A" in n])
+
+    cfg = PersonalizationConfig(method="lora", with_prior_preservation=False)
+    torch.manual_seed(1)
+    a = adapters(cfg)
+    torch.rand(1000)
+    before = torch.random.get_rng_state()
+    b = adapters(cfg)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, adapters(PersonalizationConfig(method="lora", with_prior_preservation=False, seed=1)))

@@ -11,6 +11,10 @@ Overrides: ``subjects=N samples=N methods=ldu,aspl robust_methods=ldu|none budge
 grid=DIR`` (``grid`` writes PNG grids of the first subject: protected photos, amplified perturbations and
 DreamBooth samples per method).
 
+``workers=N`` runs the protections and attacks as N parallel processes (default 2 on a CPU with ≥ 2 cores, 1 on a
+GPU; :mod:`apdm.bench.jobs`); ``seconds_per_image_m`` is then measured on one of N processes sharing the machine,
+alike for every method.
+
 Each DreamBooth attack costs ~1–3 min on 2 CPU cores, and the full grid is 1 + 5 attacks per method and subject.
 ``--quick`` therefore runs the four robustness attacks (JPEG-75, blur, DiffPure, one clean photo) only for the
 methods in ``robust_methods`` (default ``ldu`` with ``--quick``, every method without); every method still gets
@@ -26,14 +30,13 @@ from pathlib import Path
 
 
 def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
-    from apdm.bench import toy_setup
+    from apdm.bench import jobs, toy_setup
     from apdm.attacks.diffpure import diffpure
     from apdm.attacks.transforms import gaussian_blur, jpeg
     from apdm.bench.toy_world import toy_recipe
     from apdm.core import diffusion as D
     from apdm.evaluation.fidelity import psnr, ssim
-    from apdm.evaluation.identity import fdfr
-    from apdm.evaluation.protocol import personalize_and_sample, with_prompts
+    from apdm.evaluation.protocol import with_prompts
     from apdm.protect_images import ldu
     from apdm.protect_images.baselines import METHODS
     from apdm.protect_images.budget import format_budget, parse_budget
@@ -44,7 +47,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     t_start = time.perf_counter()
     opts, sd, inst = toy_setup(overrides, {"budget", "subjects", "samples", "methods", "rho", "aspl_steps",
                                            "advdm_steps", "photoguard_steps", "robust_methods",
-                                           "grid"})
+                                           "grid", "workers"})
     budget = parse_budget(opts.get("budget", "8/255"))
     n_subjects = int(opts.get("subjects", 1 if quick else 3))
     n_samples = int(opts.get("samples", 8 if quick else 16))
@@ -58,7 +61,6 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     method_kw = {"aspl": {"steps": int(opts.get("aspl_steps", 20 if quick else 50))},
                  "advdm": {"steps": int(opts.get("advdm_steps", 50 if quick else 100))},
                  "photoguard": {"steps": int(opts.get("photoguard_steps", 200 if quick else 1000))}}
-    rho = ldu.load_rho(opts.get("rho", str(toy_root() / "rho")), device=sd.device) if "ldu" in methods else None
     res: dict = {"model": sd.source, "instruments_fingerprint": inst.config.get("fingerprint"),
                  "budget": format_budget(budget), "subjects": n_subjects,
                  "samples_per_prompt": n_samples, "method_settings": method_kw, "robust_methods": robust}
@@ -74,49 +76,66 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     def add(key, value):
         acc.setdefault(key, []).append(float(value))
 
-    def attack_db(subj, train_images, key: str, keep: str | None = None) -> None:
-        """DreamBooth on ``train_images``; records ``ism_db_{key}`` and ``fdfr_db_{key}`` (detector rejections)."""
+    spec = (sd.source, str(sd.device))
+    jobs.remember_model(spec, sd)
+    workers = int(opts.get("workers", jobs.default_workers(str(sd.device))))
+    res["workers"] = workers
+    rho_dir = opts.get("rho", str(toy_root() / "rho"))
+    if "ldu" in methods:  # a bad ρ folder fails here, before any work
+        jobs.cached(("rho", rho_dir), lambda: ldu.load_rho(rho_dir, device=sd.device))
+    attacks: list[tuple[str, str | None, object]] = []  # (key, grid row or None, future)
+
+    def attack_db(pool, subj, train_images, key: str, keep: str | None = None) -> None:
+        """DreamBooth on ``train_images``, as a job; records ``ism_db_{key}`` and ``fdfr_db_{key}``."""
         cfg = with_prompts(db_cfg, subj.instance_prompt, subj.class_prompt)
-        out = personalize_and_sample(sd, train_images, cfg, [subj.instance_prompt], sample)
-        gen = out["images"][subj.instance_prompt]
+        fut = pool.submit(jobs.attack, spec, None, train_images.cpu(), subj.references, cfg, subj.instance_prompt,
+                          sample, keep_images=8 if keep and keep not in generated else 0)
         if keep:
-            generated.setdefault(keep, gen[:8].cpu())
-        add(f"ism_db_{key}", I.identity_similarity(inst.encoder, gen, subj.references).mean())
-        add(f"fdfr_db_{key}", fdfr(I.detector_scores(inst.detector, gen, "person")).mean())
+            generated.setdefault(keep, None)
+        attacks.append((key, keep, fut))
 
     cls_gen = D.generate(sd, ["a photo of a person"], n_samples, 25, 3.0, seed=123, quiet=True)
-    for subj in heldout_subjects(n_subjects, num_images=4):
-        clean = subj.images.to(sd.device)
-        add("ism_class_prompt", I.identity_similarity(inst.encoder, cls_gen, subj.references).mean())
-        attack_db(subj, clean, "clean", keep="clean")
-        shown.setdefault("clean", clean.cpu())
-        for m in methods:
-            t0 = time.perf_counter()
-            if m == "ldu":
-                prot = ldu.apply(sd, rho, clean, budget, quiet=True)
-            else:
+    with jobs.executor(workers) as pool:
+        for subj in heldout_subjects(n_subjects, num_images=4):
+            clean = subj.images.to(sd.device)
+            add("ism_class_prompt", I.identity_similarity(inst.encoder, cls_gen, subj.references).mean())
+            attack_db(pool, subj, clean, "clean", keep="clean")
+            shown.setdefault("clean", clean.cpu())
+            kws = {}
+            for m in methods:
                 kw = dict(method_kw.get(m, {}))
                 if m == "aspl":
-                    kw["personalization"] = with_prompts(db_cfg, subj.instance_prompt, subj.class_prompt)
-                    kw["personalization"] = dataclasses.replace(kw["personalization"], with_prior_preservation=False)
-                prot = METHODS[m](sd, clean, budget=budget, quiet=True, **kw)
-            add(f"seconds_per_image_{m}", (time.perf_counter() - t0) / len(clean))
-            prot = prot.detach().clamp(0, 1)
-            add(f"psnr_{m}", psnr(clean.cpu(), prot.cpu()).mean())
-            add(f"ssim_{m}", ssim(clean.cpu(), prot.cpu()).mean())
-            add(f"linf255_{m}", ((prot - clean).abs().max() * 255).round())
-            attack_db(subj, prot, m, keep=m)
-            LOG.info("subject %d, %s: ISM after DB %.3f (clean %.3f), PSNR %.1f dB", subj.index, m,
-                     acc[f"ism_db_{m}"][-1], acc["ism_db_clean"][-1], acc[f"psnr_{m}"][-1])
-            shown.setdefault(m, prot.cpu())
-            if m not in robust:
-                continue
-            attack_db(subj, jpeg(prot.cpu(), 75), f"{m}_jpeg75")
-            attack_db(subj, gaussian_blur(prot.cpu(), 7), f"{m}_blur")
-            attack_db(subj, diffpure(prot, sd, strength=0.2), f"{m}_diffpure")
-            mixed = prot.clone()
-            mixed[0] = clean[0]
-            attack_db(subj, mixed, f"{m}_one_clean")
+                    kw["personalization"] = dataclasses.replace(
+                        with_prompts(db_cfg, subj.instance_prompt, subj.class_prompt), with_prior_preservation=False)
+                kws[m] = kw
+            protections = {m: pool.submit(_protect_job, spec, m, rho_dir, clean.cpu(), budget, kws[m])
+                           for m in methods}
+            for m in methods:
+                prot, seconds = protections[m].result()
+                prot = prot.to(sd.device)
+                add(f"seconds_per_image_{m}", seconds / len(clean))
+                add(f"psnr_{m}", psnr(clean.cpu(), prot.cpu()).mean())
+                add(f"ssim_{m}", ssim(clean.cpu(), prot.cpu()).mean())
+                add(f"linf255_{m}", ((prot - clean).abs().max() * 255).round())
+                attack_db(pool, subj, prot, m, keep=m)
+                LOG.info("subject %d, %s: PSNR %.1f dB, %.2f s per image", subj.index, m, acc[f"psnr_{m}"][-1],
+                         acc[f"seconds_per_image_{m}"][-1])
+                shown.setdefault(m, prot.cpu())
+                if m not in robust:
+                    continue
+                attack_db(pool, subj, jpeg(prot.cpu(), 75), f"{m}_jpeg75")
+                attack_db(pool, subj, gaussian_blur(prot.cpu(), 7), f"{m}_blur")
+                attack_db(pool, subj, diffpure(prot, sd, strength=0.2), f"{m}_diffpure")
+                mixed = prot.clone()
+                mixed[0] = clean[0]
+                attack_db(pool, subj, mixed, f"{m}_one_clean")
+        for key, keep, fut in attacks:  # in submission order, so per-subject lists line up
+            out = fut.result()
+            add(f"ism_db_{key}", out["ism"])
+            add(f"fdfr_db_{key}", out["fdfr"])
+            if keep and out["images"] is not None:
+                generated[keep] = out["images"]
+    generated = {k: v for k, v in generated.items() if v is not None}
     for k, v in acc.items():
         res[k] = round(statistics.mean(v), 4)
     if "ldu" in methods and "aspl" in methods:
@@ -128,6 +147,25 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
                           "ssim": "ssim@apdm"}
     res["seconds_total"] = round(time.perf_counter() - t_start, 1)
     return res
+
+
+def _protect_job(spec, method: str, rho_dir: str, clean, budget: float, kw: dict):
+    """Protect the photos ``clean`` ((N,3,H,W) in [0,1]) with ``method``; returns (protected photos (CPU),
+    seconds)."""
+    from apdm.bench import jobs
+    from apdm.protect_images import ldu
+    from apdm.protect_images.baselines import METHODS
+
+    sd = jobs.model(spec)
+    clean = clean.to(sd.device)
+    rho = jobs.cached(("rho", rho_dir), lambda: ldu.load_rho(rho_dir, device=sd.device)) if method == "ldu" else None
+    t0 = time.perf_counter()
+    if method == "ldu":
+        prot = ldu.apply(sd, rho, clean, budget, quiet=True)
+    else:
+        prot = METHODS[method](sd, clean, budget=budget, quiet=True, **kw)
+    seconds = time.perf_counter() - t0
+    return prot.detach().clamp(0, 1).cpu(), seconds
 
 
 def _write_grids(folder: Path, shown: dict, generated: dict, budget: float, methods: list[str]) -> None:

@@ -18,6 +18,9 @@ section (``protect.beta=0.5``, ``protect.inner_steps=0``, ``protect.gradient_lea
 ``attack.train_text_encoder=false`` is the paper's UNet-only DreamBooth); ``baseline=F.json`` takes the unprotected numbers
 (class-prompt ISM, unprotected DreamBooth ISM, unprotected KID) from an earlier result on the same model, subjects
 and sample count instead of recomputing them (the attacks are deterministic, so they would come out the same).
+``workers=N`` runs the protections and attacks as N parallel processes (default 2 on a CPU with ≥ 2 cores, 1 on a
+GPU; :mod:`apdm.bench.jobs`); the numbers do not depend on it, ``seconds_protect`` is then the protection's own
+time on one of N processes sharing the machine.
 """
 
 from __future__ import annotations
@@ -30,17 +33,13 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
-    from apdm.bench import toy_setup
+    from apdm.bench import jobs, toy_setup
     from apdm.bench.toy_world import METHOD_RECIPES, toy_recipe
     from apdm.config import ProtectModelRunConfig, load_config
-    from apdm.core import diffusion as D
-    from apdm.evaluation.distribution import kid
-    from apdm.evaluation.identity import fdfr
-    from apdm.evaluation.protocol import personalize_and_sample, with_prompts
+    from apdm.evaluation.protocol import with_prompts
     from apdm.personalization.simulator import class_images_for
-    from apdm.protect_model.l2p import Subject, protect
+    from apdm.protect_model.l2p import Subject
     from apdm.toy import draw
-    from apdm.toy import instruments as I
     from apdm.toy.world import heldout_subjects
     from apdm.utils import LOG
 
@@ -51,7 +50,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     recipe_overrides = [o for o in dotted if not o.startswith("attack.")]
     opts, sd, inst = toy_setup([o for o in overrides if o not in dotted],
                                {"outer_steps", "inner_steps", "learning_rate", "samples", "long_attack", "no_naive",
-                                "attacks", "baseline"})
+                                "attacks", "baseline", "workers"})
     rc = load_config(ProtectModelRunConfig, RECIPES / "toy-protect-model.yaml", recipe_overrides)
     attacks = set(opts.get("attacks", "lora,ti,other").split(",")) - {""}
     unknown = attacks - {"lora", "ti", "other"}
@@ -85,75 +84,83 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     subject = Subject("A", subj_a.images.to(sd.device), paired.to(sd.device), class_imgs.to(sd.device),
                       subj_a.instance_prompt, subj_a.class_prompt)
 
-    def protected_model(loss: str):
-        t0 = time.perf_counter()
-        unet, hist = protect(sd, [subject], per_base, dataclasses.replace(pcfg, loss=loss, checkpoint_every=0))
-        return dataclasses.replace(sd, unet=unet), time.perf_counter() - t0, hist
-
     # fresh drawn persons: the reference distribution for KID
     real, _, _ = draw.render_dataset("person", draw.split()["heldout"][100:100 + 4 * n_samples], 1, seed=77)
     real = draw.to_tensor(real)
 
-    def kid_class(model) -> float:
-        gen = D.generate(model, ["a photo of a person"], 4 * n_samples, 25, 3.0, seed=321, quiet=True)
-        return float(kid(real, gen, inst.features, subsets=50)[0])
-
-    def attack(model, subj, method: str, steps: int | None = None) -> dict:
+    def attack_args(subj, method: str, steps: int | None = None) -> tuple:
         cfg = with_prompts(attack_runs[method].personalization, subj.instance_prompt, subj.class_prompt)
         if steps:
             cfg = dataclasses.replace(cfg, steps=steps)
-        out = personalize_and_sample(model, subj.images, cfg, [subj.instance_prompt], sample)
-        gen = out["images"][subj.instance_prompt]
-        return {"ism": float(I.identity_similarity(inst.encoder, gen, subj.references).mean()),
-                "fdfr": float(fdfr(I.detector_scores(inst.detector, gen, "person")).mean()),
-                "images": gen}
+        return subj.images, subj.references, cfg, subj.instance_prompt, sample
 
+    spec = (sd.source, str(sd.device))
+    jobs.remember_model(spec, sd)
+    workers = int(opts.get("workers", jobs.default_workers(str(sd.device))))
+    res["workers"] = workers
     long_attack = opts.get("long_attack", "false" if quick else "true") == "true"
     long_steps = 2 * attack_runs["dreambooth"].personalization.steps
-    seconds_long = 0.0
-    if "baseline" in opts:  # the unprotected numbers of an earlier run on the same model and subjects
-        res.update(load_baseline(opts["baseline"], res, attacks))
-    else:
-        cls_gen = D.generate(sd, ["a photo of a person"], n_samples, 25, 3.0, seed=123, quiet=True)
-        for key, subj in (("ism_class_prompt", subj_a), ("ism_class_prompt_other", subj_b)):
-            res[key] = round(float(I.identity_similarity(inst.encoder, cls_gen, subj.references).mean()), 4)
-        res["kid_class_unprotected"] = round(kid_class(sd), 5)
-        res["ism_db_unprotected"] = round(attack(sd, subj_a, "dreambooth")["ism"], 4)
-        if "other" in attacks:
-            res["ism_db_other_unprotected"] = round(attack(sd, subj_b, "dreambooth")["ism"], 4)
-        for method in ("lora", "ti"):  # so that every attack's protection ratio can be read from this file
+    naive = opts.get("no_naive", "false") != "true"
+    f: dict = {}  # result key -> future
+    with jobs.executor(workers) as pool:
+        # the two protections first (the longest jobs), then every attack on the unprotected model
+        f_prot = pool.submit(_protect_job, spec, subject, per_base, dataclasses.replace(pcfg, loss="dpo"))
+        f_naive = pool.submit(_protect_job, spec, subject, per_base, dataclasses.replace(pcfg, loss="naive")) \
+            if naive else None
+        if "baseline" in opts:  # the unprotected numbers of an earlier run on the same model and subjects
+            res.update(load_baseline(opts["baseline"], res, attacks))
+        else:
+            f["class_prompt"] = pool.submit(_class_prompt_ism_job, spec, n_samples, subj_a.references,
+                                            subj_b.references)
+            f["kid_class_unprotected"] = pool.submit(_kid_job, spec, None, real, n_samples)
+            f["ism_db_unprotected"] = pool.submit(jobs.attack, spec, None, *attack_args(subj_a, "dreambooth"))
+            if "other" in attacks:
+                f["ism_db_other_unprotected"] = pool.submit(jobs.attack, spec, None,
+                                                            *attack_args(subj_b, "dreambooth"))
+            for method in ("lora", "ti"):  # so that every attack's protection ratio can be read from this file
+                if method in attacks:
+                    f[f"ism_{method}_unprotected"] = pool.submit(jobs.attack, spec, None,
+                                                                 *attack_args(subj_a, method))
+            if long_attack:
+                f["ism_db_unprotected_2x_steps"] = pool.submit(jobs.attack, spec, None,
+                                                               *attack_args(subj_a, "dreambooth", long_steps))
+        prot, hist, seconds, rss = f_prot.result()
+        res["seconds_protect"] = round(seconds, 1)
+        res["seconds_per_outer_step"] = round(seconds / max(1, len(hist)), 3)
+        res["protect_loss_first"] = hist[0]["loss_protect"]
+        res["protect_loss_last"] = hist[-1]["loss_protect"]
+        f["ism_db_protected"] = pool.submit(jobs.attack, spec, prot, *attack_args(subj_a, "dreambooth"))
+        for method in ("lora", "ti"):
             if method in attacks:
-                res[f"ism_{method}_unprotected"] = round(attack(sd, subj_a, method)["ism"], 4)
+                f[f"ism_{method}_protected"] = pool.submit(jobs.attack, spec, prot, *attack_args(subj_a, method))
+        if "other" in attacks:
+            f["ism_db_other_protected"] = pool.submit(jobs.attack, spec, prot, *attack_args(subj_b, "dreambooth"))
+        f["kid_class_protected"] = pool.submit(_kid_job, spec, prot, real, n_samples)
         if long_attack:
-            t_long = time.perf_counter()
-            res["ism_db_unprotected_2x_steps"] = round(attack(sd, subj_a, "dreambooth", steps=long_steps)["ism"], 4)
-            seconds_long += time.perf_counter() - t_long
-    LOG.info("unprotected: ISM DB %.3f (class prompt %.3f)", res["ism_db_unprotected"], res["ism_class_prompt"])
-
-    prot, seconds, hist = protected_model("dpo")
-    res["seconds_protect"] = round(seconds, 1)
-    res["seconds_per_outer_step"] = round(seconds / max(1, len(hist)), 3)
-    res["protect_loss_first"] = hist[0]["loss_protect"]
-    res["protect_loss_last"] = hist[-1]["loss_protect"]
-    db = attack(prot, subj_a, "dreambooth")
-    res["ism_db_protected"] = round(db["ism"], 4)
-    res["fdfr_db_protected"] = round(db["fdfr"], 4)
-    if "lora" in attacks:
-        res["ism_lora_protected"] = round(attack(prot, subj_a, "lora")["ism"], 4)
-    if "ti" in attacks:
-        res["ism_ti_protected"] = round(attack(prot, subj_a, "ti")["ism"], 4)
-    if "other" in attacks:
-        res["ism_db_other_protected"] = round(attack(prot, subj_b, "dreambooth")["ism"], 4)
-    res["kid_class_protected"] = round(kid_class(prot), 5)
+            f["ism_db_protected_2x_steps"] = pool.submit(jobs.attack, spec, prot,
+                                                         *attack_args(subj_a, "dreambooth", long_steps))
+        if f_naive is not None:
+            naive_state = f_naive.result()[0]
+            f["ism_db_protected_naive"] = pool.submit(jobs.attack, spec, naive_state,
+                                                      *attack_args(subj_a, "dreambooth"))
+            f["kid_class_protected_naive"] = pool.submit(_kid_job, spec, naive_state, real, n_samples)
+        out = {key: fut.result() for key, fut in f.items()}
+    peaks = [rss] + [o["peak_rss_mb"] for o in out.values() if isinstance(o, dict) and "peak_rss_mb" in o]
+    for key, o in out.items():
+        if key == "class_prompt":
+            res["ism_class_prompt"], res["ism_class_prompt_other"] = o
+        elif key.startswith("kid"):
+            res[key] = round(o, 5)
+        else:
+            res[key] = round(o["ism"], 4)
+            if key == "ism_db_protected":
+                res["fdfr_db_protected"] = round(o["fdfr"], 4)
     if long_attack:
-        t_long = time.perf_counter()
-        res["ism_db_protected_2x_steps"] = round(attack(prot, subj_a, "dreambooth", steps=long_steps)["ism"], 4)
-        res["seconds_long_attacks"] = round(seconds_long + time.perf_counter() - t_long, 1)
-    LOG.info("APDM: ISM DB %.3f, other subject %s", res["ism_db_protected"], res.get("ism_db_other_protected"))
-    if opts.get("no_naive", "false") != "true":
-        naive, _, _ = protected_model("naive")
-        res["ism_db_protected_naive"] = round(attack(naive, subj_a, "dreambooth")["ism"], 4)
-        res["kid_class_protected_naive"] = round(kid_class(naive), 5)
+        res["seconds_long_attacks"] = round(sum(out[k]["seconds"] for k in out if k.endswith("_2x_steps")), 1)
+    res["peak_rss_mb_worker"] = round(max(peaks), 1)
+    LOG.info("unprotected: ISM DB %.3f (class prompt %.3f); APDM: ISM DB %.3f, other subject %s",
+             res["ism_db_unprotected"], res["ism_class_prompt"], res["ism_db_protected"],
+             res.get("ism_db_other_protected"))
 
     # the goals of issue #5, as ratios: share of the attack's identity gain that protection removes
     for suffix, unprot, prot_key in (("", "ism_db_unprotected", "ism_db_protected"),
@@ -172,6 +179,40 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     res["metric_impl"] = {"ism": "ism@toy-id", "kid": "kid@toy-features", "fdfr": "fdfr@toy-det"}
     res["seconds_total"] = round(time.perf_counter() - t_start, 1)
     return res
+
+
+def _protect_job(spec, subject, per_cfg, pcfg) -> tuple[dict, list[dict], float, float]:
+    """Protect ``subject`` on the model of ``spec``; returns (protected UNet state, per-step logs, seconds, peak RSS)."""
+    from apdm.bench import jobs
+    from apdm.protect_model.l2p import protect
+    from apdm.utils import peak_rss_mb
+
+    sd = jobs.model(spec)
+    t0 = time.perf_counter()
+    unet, hist = protect(sd, [subject], per_cfg, dataclasses.replace(pcfg, checkpoint_every=0))
+    return jobs.unet_state(unet), hist, time.perf_counter() - t0, peak_rss_mb()
+
+
+def _kid_job(spec, unet_state: dict | None, real, n_samples: int) -> float:
+    """KID (``kid@toy-features``) of 4·n class-prompt generations against the drawn persons ``real``."""
+    from apdm.bench import jobs
+    from apdm.core import diffusion as D
+    from apdm.evaluation.distribution import kid
+
+    sd = jobs.model(spec, unet_state)
+    gen = D.generate(sd, ["a photo of a person"], 4 * n_samples, 25, 3.0, seed=321, quiet=True)
+    return float(kid(real, gen, jobs.instruments().features, subsets=50)[0])
+
+
+def _class_prompt_ism_job(spec, n_samples: int, *references) -> tuple[float, ...]:
+    """Identity similarity of n class-prompt generations of the unprotected model to each subject's references."""
+    from apdm.bench import jobs
+    from apdm.core import diffusion as D
+    from apdm.toy import instruments as I
+
+    sd, inst = jobs.model(spec), jobs.instruments()
+    gen = D.generate(sd, ["a photo of a person"], n_samples, 25, 3.0, seed=123, quiet=True)
+    return tuple(round(float(I.identity_similarity(inst.encoder, gen, r).mean()), 4) for r in references)
 
 
 BASELINE_KEYS = ("ism_class_prompt", "ism_class_prompt_other", "kid_class_unprotected", "ism_db_unprotected")

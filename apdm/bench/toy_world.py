@@ -4,6 +4,8 @@ Measures, on held-out subjects never seen in pretraining: the detector's pass ra
 the identity encoder's verification AUC, and the identity similarity (ISM analog) of class-prompt generations
 vs generations after DreamBooth / LoRA / Textual Inversion with the default toy recipes
 (``recipes/toy-dreambooth.yaml``, ``toy-lora.yaml``, ``toy-ti.yaml``).
+Overrides: ``subjects=N samples=N methods=dreambooth,lora,ti workers=N`` (the attacks run as N parallel processes,
+default 2 on a CPU with ≥ 2 cores; :mod:`apdm.bench.jobs`).
 """
 
 from __future__ import annotations
@@ -25,15 +27,15 @@ def toy_recipe(method: str, overrides=()):
 
 
 def bench_toy_world(quick: bool, overrides: list[str]) -> dict:
-    from apdm.bench import toy_setup
+    from apdm.bench import jobs, toy_setup
     from apdm.core import diffusion as D
-    from apdm.evaluation.protocol import personalize_and_sample, with_prompts
+    from apdm.evaluation.protocol import with_prompts
     from apdm.toy import instruments as I
     from apdm.toy.world import heldout_subjects
     from apdm.utils import LOG
 
     t0 = time.perf_counter()
-    opts, sd, inst = toy_setup(overrides, {"subjects", "samples", "methods"})
+    opts, sd, inst = toy_setup(overrides, {"subjects", "samples", "methods", "workers"})
     n_subjects = int(opts.get("subjects", 3 if quick else 8))
     n_samples = int(opts.get("samples", 8 if quick else 16))
     methods = opts.get("methods", "dreambooth,lora,ti").split(",")
@@ -57,20 +59,26 @@ def bench_toy_world(quick: bool, overrides: list[str]) -> dict:
     per_subject = {m: [] for m in ["class_prompt", *methods]}
     attr = {m: [] for m in ["class_prompt", *methods]}
     seconds = {m: [] for m in methods}
-    for subj in heldout_subjects(n_subjects, num_images=4):
-        refs = subj.references
-        per_subject["class_prompt"].append(float(I.identity_similarity(inst.encoder, cls_imgs, refs).mean()))
-        attr["class_prompt"].append(float(I.attribute_match(inst.encoder, cls_imgs, subj.identity).mean()))
-        for m in methods:
-            rc = toy_recipe(m)
-            cfg = with_prompts(rc.personalization, subj.instance_prompt, subj.class_prompt)
-            out = personalize_and_sample(sd, subj.images, cfg, [subj.instance_prompt], sample)
-            gen = out["images"][subj.instance_prompt]
-            ism = float(I.identity_similarity(inst.encoder, gen, refs).mean())
-            per_subject[m].append(ism)
-            attr[m].append(float(I.attribute_match(inst.encoder, gen, subj.identity).mean()))
+    spec = (sd.source, str(sd.device))
+    jobs.remember_model(spec, sd)
+    workers = int(opts.get("workers", jobs.default_workers(str(sd.device))))
+    res["workers"] = workers
+    with jobs.executor(workers) as pool:
+        futures = []
+        for subj in heldout_subjects(n_subjects, num_images=4):
+            refs = subj.references
+            per_subject["class_prompt"].append(float(I.identity_similarity(inst.encoder, cls_imgs, refs).mean()))
+            attr["class_prompt"].append(float(I.attribute_match(inst.encoder, cls_imgs, subj.identity).mean()))
+            for m in methods:
+                cfg = with_prompts(toy_recipe(m).personalization, subj.instance_prompt, subj.class_prompt)
+                futures.append((subj, m, pool.submit(jobs.attack, spec, None, subj.images, refs, cfg,
+                                                     subj.instance_prompt, sample, identity=subj.identity)))
+        for subj, m, fut in futures:  # in submission order: per-subject lists line up
+            out = fut.result()
+            per_subject[m].append(out["ism"])
+            attr[m].append(out["attr_match"])
             seconds[m].append(out["seconds_train"])
-            LOG.info("subject %d %s: ISM %.3f (class prompt %.3f)", subj.index, m, ism, per_subject["class_prompt"][-1])
+            LOG.info("subject %d %s: ISM %.3f", subj.index, m, out["ism"])
     key = {"class_prompt": "ism_class_prompt", "dreambooth": "ism_dreambooth", "lora": "ism_lora", "ti": "ism_ti"}
     for m, vals in per_subject.items():
         res[key[m]] = round(statistics.mean(vals), 4)

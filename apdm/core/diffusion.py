@@ -35,9 +35,33 @@ def encode_images(vae, images: torch.Tensor, sample: bool = False, generator: to
     Returns:
         (N,4,H/f,W/f) scaled latents, in the VAE's dtype.
     """
+    mean, std = vae_posterior(vae, images)
+    return posterior_latents(vae, mean, std, sample, generator)
+
+
+def vae_posterior(vae, images: torch.Tensor, batch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's diagonal Gaussian posterior q(z|x) of images (N,3,H,W) in [0,1]: (mean, std), each (N,4,h,w),
+    *unscaled*, in the VAE's dtype (``batch > 0``: encode that many images at a time). Trainers that draw a fresh
+    posterior sample of the same images every step encode them once with this and call
+    :func:`posterior_latents` per step (the result is the same as :func:`encode_images` with the same generator)."""
+    if batch > 0 and images.shape[0] > batch:
+        parts = [vae_posterior(vae, chunk) for chunk in images.split(batch)]
+        return torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts])
     x = images.to(device=vae.device, dtype=vae.dtype) * 2.0 - 1.0
     dist = vae.encode(x).latent_dist
-    latents = dist.sample(generator=generator) if sample else dist.mean
+    return dist.mean, dist.std
+
+
+def posterior_latents(vae, mean: torch.Tensor, std: torch.Tensor, sample: bool = False,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Scaled latents from a posterior of :func:`vae_posterior`: a draw ``mean + std·ε`` (ε from ``generator``,
+    drawn as diffusers' ``DiagonalGaussianDistribution.sample`` draws it) or the mean."""
+    if sample:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        latents = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    else:
+        latents = mean
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
 

@@ -36,9 +36,13 @@ import torch
 from apdm.config import PersonalizationConfig
 from apdm.core import diffusion as D
 from apdm.core.models import SD
-from apdm.utils import LOG, atomic_write_json, dtype_name, progress
+from apdm.utils import LOG, atomic_write_json, dtype_name, progress, seeded_global_rng
 
 METHODS = ("dreambooth", "lora", "ti")
+#: images per VAE encoder call when posteriors are cached. On CPU, batches of 2 to 8 give bit-identical
+#: latents (larger ones use other kernels and differ in the last bit), so 8 keeps every recorded number of the
+#: per-minibatch encoding this cache replaced.
+ENCODE_BATCH = 8
 
 
 @dataclass
@@ -74,6 +78,8 @@ class PersonalizationState:
     history: list[float] = field(default_factory=list)
     _cached_cond: dict[str, torch.Tensor] = field(default_factory=dict)
     scaler: Any = None
+    #: VAE posteriors of the instance and class images (and their mirror images), see :func:`_posteriors`
+    _cached_posteriors: dict[str, tuple] = field(default_factory=dict)
 
 
 # ============================================================================ set-up
@@ -148,8 +154,9 @@ def setup(sd: SD, cfg: PersonalizationConfig, class_images: torch.Tensor | None 
         from peft import LoraConfig
 
         work.unet.requires_grad_(False)
-        work.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                                         target_modules=list(cfg.lora_target_modules)))
+        with seeded_global_rng(cfg.seed, work.device):  # the adapters' init follows cfg.seed, not what ran before
+            work.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                             init_lora_weights="gaussian", target_modules=list(cfg.lora_target_modules)))
         lora_params = [p for n, p in work.unet.named_parameters() if "lora_" in n]
         for p in lora_params:
             p.data = p.data.float()
@@ -205,16 +212,58 @@ def _cond(state: PersonalizationState, prompt: str, n: int) -> torch.Tensor:
     return state._cached_cond[prompt].expand(n, -1, -1)
 
 
-def _pick(images: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    idx = torch.randperm(images.shape[0], generator=generator)[:k]
-    if k > images.shape[0]:
-        idx = torch.randint(images.shape[0], (k,), generator=generator)
-    return images[idx]
+def _pick(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of a minibatch of k out of n images (without replacement when k ≤ n)."""
+    idx = torch.randperm(n, generator=generator)[:k]
+    if k > n:
+        idx = torch.randint(n, (k,), generator=generator)
+    return idx
 
 
-def _maybe_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    flip = torch.rand(images.shape[0], generator=generator) < 0.5
-    return torch.where(flip.view(-1, 1, 1, 1).to(images.device), images.flip(-1), images)
+def _flips(k: int, generator: torch.Generator) -> torch.Tensor:
+    """(k,) bool: which images of a minibatch are mirrored (random horizontal flip, p = 0.5)."""
+    return torch.rand(k, generator=generator) < 0.5
+
+
+def _select(images: torch.Tensor, idx: torch.Tensor, flip: torch.Tensor | None) -> torch.Tensor:
+    picked = images[idx]
+    if flip is None:
+        return picked
+    return torch.where(flip.view(-1, 1, 1, 1).to(picked.device), picked.flip(-1), picked)
+
+
+def _channels_last(images: torch.Tensor) -> bool:
+    return images.dim() == 4 and not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last)
+
+
+def _posteriors(state: PersonalizationState, key: str, images: torch.Tensor, channels_last: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posteriors (mean, std), each (2N,4,h,w) (N images, then their mirror images; (N,...) without
+    ``random_flip``), encoded once and reused for as long as ``images`` are unchanged. Every step then draws a
+    fresh posterior sample of its minibatch from these instead of re-running the VAE encoder on it: one encoder
+    pass per image instead of one per step, and the same latents. (On CPU the conv kernels, and so the last bits,
+    depend on the batch size and memory layout: batches of ≤ :data:`ENCODE_BATCH` in the layout the per-step
+    minibatch had give bit-identical numbers.)"""
+    hit = state._cached_posteriors.get(key)
+    if hit is not None and hit[0].shape == images.shape and hit[0].device == images.device \
+            and hit[3] == channels_last and torch.equal(hit[0], images):
+        return hit[1], hit[2]
+    both = torch.cat([images, images.flip(-1)]) if state.cfg.random_flip else images
+    both = both.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    with torch.no_grad():
+        mean, std = D.vae_posterior(state.sd.vae, both, batch=ENCODE_BATCH)
+    state._cached_posteriors[key] = (images.detach().clone(), mean, std, channels_last)
+    return mean, std
+
+
+def _cached_latents(state: PersonalizationState, key: str, images: torch.Tensor, idx: torch.Tensor,
+                    flip: torch.Tensor | None, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the minibatch ``images[idx]`` (mirrored where ``flip``) from :func:`_posteriors`."""
+    mean, std = _posteriors(state, key, images, channels_last)
+    rows = idx.to(mean.device)
+    if flip is not None:
+        rows = torch.where(flip.to(mean.device), rows + images.shape[0], rows)
+    return mean[rows], std[rows]
 
 
 def loss(state: PersonalizationState, instance_images: torch.Tensor, batch_size: int | None = None,
@@ -224,7 +273,7 @@ def loss(state: PersonalizationState, instance_images: torch.Tensor, batch_size:
     ``L = mse(ε̂(x_t^inst, t, c_inst), ε) + prior_loss_weight · mse(ε̂(x_t^cls, t, c_cls), ε)`` (epsilon or v
     target per the scheduler). Pixel attacks (ASPL/FSMG) call this with ``instance_images.requires_grad_()``
     and take the gradient w.r.t. the images; that is why the VAE encoding is *not* wrapped in ``no_grad`` when
-    the images require grad.
+    the images require grad. Otherwise the VAE posteriors of the images are cached (:func:`_posteriors`).
 
     Args:
         state: from :func:`setup`.
@@ -238,21 +287,32 @@ def loss(state: PersonalizationState, instance_images: torch.Tensor, batch_size:
     """
     cfg, sd, g = state.cfg, state.sd, state.generator
     k = batch_size or cfg.batch_size
-    inst = _pick(instance_images, k, g)
-    if cfg.random_flip:
-        inst = _maybe_flip(inst, g)
-    images = inst
-    prompts_n = [(state.instance_prompt, inst.shape[0])]
-    if state.class_images is not None and prior:
-        cls = _pick(state.class_images, inst.shape[0], g).to(inst.device)
-        if cfg.random_flip:
-            cls = _maybe_flip(cls, g)
-        images = torch.cat([inst, cls.to(inst.dtype)])
-        prompts_n.append((state.class_prompt, cls.shape[0]))
+    idx = _pick(instance_images.shape[0], k, g)
+    flip = _flips(idx.shape[0], g) if cfg.random_flip else None
+    n_inst = idx.shape[0]
+    prompts_n = [(state.instance_prompt, n_inst)]
+    use_prior = state.class_images is not None and prior
+    if use_prior:
+        cls_idx = _pick(state.class_images.shape[0], n_inst, g)
+        cls_flip = _flips(n_inst, g) if cfg.random_flip else None
+        prompts_n.append((state.class_prompt, n_inst))
     vae_gen = torch.Generator(device=sd.vae.device).manual_seed(int(torch.randint(2**31, (1,), generator=g)))
-    grad_ctx = torch.enable_grad() if images.requires_grad else torch.no_grad()
-    with grad_ctx:
+    if instance_images.requires_grad:  # a pixel attack's gradient w.r.t. the images: encode them here
+        images = _select(instance_images, idx, flip)
+        if use_prior:
+            cls = _select(state.class_images, cls_idx, cls_flip).to(images.device)
+            images = torch.cat([images, cls.to(images.dtype)])
         latents = D.encode_images(sd.vae, images, sample=cfg.sample_vae_posterior, generator=vae_gen).float()
+    else:
+        # the layout the minibatch would have had (picks and flips keep the images' layout; a mixed cat is NCHW)
+        cl = _channels_last(instance_images)
+        if use_prior:
+            cl = cl and _channels_last(state.class_images)
+        mean, std = _cached_latents(state, "instance", instance_images, idx, flip, cl)
+        if use_prior:
+            cls_mean, cls_std = _cached_latents(state, "class", state.class_images, cls_idx, cls_flip, cl)
+            mean, std = torch.cat([mean, cls_mean]), torch.cat([std, cls_std])
+        latents = D.posterior_latents(sd.vae, mean, std, cfg.sample_vae_posterior, vae_gen).float()
     cond = torch.cat([_cond(state, p, n) for p, n in prompts_n])
     noise = torch.randn(latents.shape, generator=g).to(latents.device)
     timesteps = D.sample_timesteps(sd.noise_scheduler, latents.shape[0], latents.device, g)
@@ -260,7 +320,6 @@ def loss(state: PersonalizationState, instance_images: torch.Tensor, batch_size:
     with autocast:
         per_sample = D.noise_prediction_loss(sd.unet, sd.noise_scheduler, latents, cond, noise, timesteps,
                                              reduction="none")
-    n_inst = inst.shape[0]
     loss_inst = per_sample[:n_inst].mean()
     logs = {"loss_instance": float(loss_inst.detach())}
     total = loss_inst
@@ -367,8 +426,12 @@ def class_images_for(sd: SD, cfg: PersonalizationConfig, cache_dir: str | Path |
                         cfg.class_guidance_scale, seed=cfg.seed + 10_000, quiet=quiet)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "prompt.txt").write_text(cfg.class_prompt + "\n")
-    for i, img in enumerate(images):
-        save_image(img, folder / f"{i:05d}.png")
+    paths = [save_image(img, folder / f"{i:05d}.png") for i, img in enumerate(images)]
+    # return them as every later (cached) call will: 8-bit, read back from the files. A run then does not depend
+    # on whether the cache was warm, or on which of several processes generated the images first.
+    images, _, errors = load_images(paths, size=sd.resolution)
+    if errors:
+        raise RuntimeError(f"{folder}: cannot read back the class images just written ({errors[0]})")
     return images
 
 

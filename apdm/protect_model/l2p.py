@@ -42,7 +42,7 @@ from apdm.core import diffusion as D
 from apdm.core.models import SD
 from apdm.personalization import simulator as S
 from apdm.protect_model.losses import dpo_loss, naive_loss
-from apdm.utils import LOG, atomic_write_json, progress
+from apdm.utils import LOG, atomic_write_json, progress, seeded_global_rng
 
 
 @dataclass
@@ -61,10 +61,25 @@ class Subject:
     class_images: torch.Tensor
     instance_prompt: str
     class_prompt: str
+    #: VAE posteriors of the three image sets, encoded once per VAE (see :func:`_latents`)
+    _posteriors: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+
+def _latents(vae, subject: Subject, which: str, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A posterior sample of ``getattr(subject, which)[idx]`` as scaled float32 latents: the same numbers as
+    encoding those images with ``generator``, but the VAE encoder runs once per image and run, not per step."""
+    key = (which, id(vae))
+    if key not in subject._posteriors:
+        with torch.no_grad():
+            subject._posteriors[key] = D.vae_posterior(vae, getattr(subject, which), batch=S.ENCODE_BATCH)
+    mean, std = subject._posteriors[key]
+    rows = idx.to(mean.device)
+    return D.posterior_latents(vae, mean[rows], std[rows], sample=True, generator=generator).float()
 
 
 # ============================================================================ θ and φ
-def prepare_theta(sd: SD, pcfg: ProtectConfig) -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]:
+def prepare_theta(sd: SD, pcfg: ProtectConfig, seed: int = 0
+                  ) -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]:
     """Build θ, the UNet being protected: an fp32 copy of ``sd.unet`` with the requested trainable subset.
 
     Returns:
@@ -75,8 +90,9 @@ def prepare_theta(sd: SD, pcfg: ProtectConfig) -> tuple[torch.nn.Module, dict[st
     if pcfg.trainable == "lora":
         from peft import LoraConfig
 
-        theta.add_adapter(LoraConfig(r=pcfg.lora_rank, lora_alpha=pcfg.lora_rank, init_lora_weights=True,
-                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name="apdm")
+        with seeded_global_rng(seed, theta.device):  # the adapters' random init follows the run's seed
+            theta.add_adapter(LoraConfig(r=pcfg.lora_rank, lora_alpha=pcfg.lora_rank, init_lora_weights=True,
+                                         target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name="apdm")
         names = [n for n, _ in theta.named_parameters() if "lora_" in n]
     elif pcfg.trainable == "all":
         names = [n for n, _ in theta.named_parameters()]
@@ -132,9 +148,9 @@ def protection_loss(unet, phi_ctx, sd: SD, text_encoder, tokenizer, subject: Sub
     cls_idx = torch.randint(subject.class_images.shape[0], (b,), generator=g)
     vae_gen = torch.Generator(device=sd.vae.device).manual_seed(int(torch.randint(2**31, (1,), generator=g)))
     with torch.no_grad():
-        lose = D.encode_images(sd.vae, subject.images[idx], sample=True, generator=vae_gen).float()
-        win = D.encode_images(sd.vae, subject.paired[idx], sample=True, generator=vae_gen).float()
-        cls = D.encode_images(sd.vae, subject.class_images[cls_idx], sample=True, generator=vae_gen).float()
+        lose = _latents(sd.vae, subject, "images", idx, vae_gen)
+        win = _latents(sd.vae, subject, "paired", idx, vae_gen)
+        cls = _latents(sd.vae, subject, "class_images", cls_idx, vae_gen)
         c_inst = D.encode_prompt(text_encoder, tokenizer, [instance_prompt]).expand(b, -1, -1).float()
         c_cls = D.encode_prompt(text_encoder, tokenizer, [subject.class_prompt]).expand(b, -1, -1).float()
     dev = lose.device
@@ -178,7 +194,7 @@ def anchor_loss(theta, sd: SD, subject: Subject, pcfg: ProtectConfig, g: torch.G
     idx = torch.randint(subject.class_images.shape[0], (b,), generator=g)
     vae_gen = torch.Generator(device=sd.vae.device).manual_seed(int(torch.randint(2**31, (1,), generator=g)))
     with torch.no_grad():
-        cls = D.encode_images(sd.vae, subject.class_images[idx], sample=True, generator=vae_gen).float()
+        cls = _latents(sd.vae, subject, "class_images", idx, vae_gen)
         c_cls = D.encode_prompt(sd.text_encoder, sd.tokenizer, [subject.class_prompt]).expand(b, -1, -1).float()
     noise = torch.randn(cls.shape, generator=g).to(cls.device)
     t = D.sample_timesteps(sd.noise_scheduler, b, cls.device, g)
@@ -340,7 +356,7 @@ def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcf
     if pcfg.trainable == "lora" and per_cfg.method == "lora" and pcfg.inner_steps > 0:
         raise ValueError("protect.trainable=lora cannot be combined with a LoRA attacker in the inner loop; "
                          "use trainable=all or a list of blocks, or a dreambooth/ti attacker")
-    theta, trainable = prepare_theta(sd, pcfg)
+    theta, trainable = prepare_theta(sd, pcfg, seed)
     phi = None if pcfg.trainable == "lora" else sd.unet  # the caller's UNet is only read, never trained
     optimizer = S.make_optimizer(pcfg.optimizer, list(trainable.values()), lr=pcfg.learning_rate,
                                  betas=(pcfg.adam_beta1, pcfg.adam_beta2), eps=pcfg.adam_epsilon,
