@@ -44,3 +44,20 @@ def test_inline_executor_hands_errors_to_the_caller():
     fut = jobs.executor(1).submit(failing_job)
     with pytest.raises(ValueError, match="bad input in job"):
         fut.result()
+
+
+def nap(seconds: float) -> float:
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+def test_pool_cancels_waiting_jobs_when_the_block_fails():
+    """An error surfaces without first running every queued job (each can take minutes in a benchmark)."""
+    with pytest.raises(ValueError, match="bad input in job"):
+        with jobs.executor(2) as pool:
+            bad = pool.submit(failing_job)
+            waiting = [pool.submit(nap, 0.5) for _ in range(20)]
+            bad.result()
+    assert any(f.cancelled() for f in waiting)

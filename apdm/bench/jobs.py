@@ -53,6 +53,15 @@ class _Inline(cf.Executor):
         return fut
 
 
+class _Pool(cf.ProcessPoolExecutor):
+    """A process pool that, when its ``with`` block fails, cancels the jobs not yet started instead of running
+    them all before the error can surface."""
+
+    def __exit__(self, exc_type, exc, tb):
+        self.shutdown(wait=True, cancel_futures=exc_type is not None)
+        return False
+
+
 def executor(workers: int) -> cf.Executor:
     """A process pool of ``workers`` (spawned, torch threads split between them), or an inline executor for 1."""
     if workers <= 1:
@@ -65,8 +74,8 @@ def executor(workers: int) -> cf.Executor:
 
     threads = max(1, torch.get_num_threads() // workers)
     env = {k: v for k, v in os.environ.items() if k.startswith("APDM_")}
-    return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-                                  initargs=(threads, progress_enabled(), env))
+    return _Pool(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                 initargs=(threads, progress_enabled(), env))
 
 
 def cached(key, make):

@@ -101,15 +101,15 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     long_attack = opts.get("long_attack", "false" if quick else "true") == "true"
     long_steps = 2 * attack_runs["dreambooth"].personalization.steps
     naive = opts.get("no_naive", "false") != "true"
+    if "baseline" in opts:  # the unprotected numbers of an earlier run on the same model and subjects
+        res.update(load_baseline(opts["baseline"], res, attacks))
     f: dict = {}  # result key -> future
     with jobs.executor(workers) as pool:
         # the two protections first (the longest jobs), then every attack on the unprotected model
         f_prot = pool.submit(_protect_job, spec, subject, per_base, dataclasses.replace(pcfg, loss="dpo"))
         f_naive = pool.submit(_protect_job, spec, subject, per_base, dataclasses.replace(pcfg, loss="naive")) \
             if naive else None
-        if "baseline" in opts:  # the unprotected numbers of an earlier run on the same model and subjects
-            res.update(load_baseline(opts["baseline"], res, attacks))
-        else:
+        if "baseline" not in opts:
             f["class_prompt"] = pool.submit(_class_prompt_ism_job, spec, n_samples, subj_a.references,
                                             subj_b.references)
             f["kid_class_unprotected"] = pool.submit(_kid_job, spec, None, real, n_samples)
