@@ -1,8 +1,8 @@
 """Independent benchmark jobs (a protection, an attack, a KID measurement) run side by side in worker processes.
 
 A toy-world benchmark is a few dozen independent jobs of 1–5 minutes each (one DreamBooth attack is 300 small
-optimizer steps). On a 2-core CPU one process with 2 torch threads runs such small steps only ~1.25× faster than
-one thread, so two single-threaded worker processes get ~1.6× the work done. ``workers=1`` runs every job in the
+optimizer steps). On a 2-core CPU one process with 2 torch threads runs such small steps only ~1.26× faster than
+one thread; two single-threaded worker processes get ~1.3× the work done (docs/design.md, "Benchmarks"). ``workers=1`` runs every job in the
 calling process, in submission order; the numbers are the same either way, because every job draws its random
 numbers from its own seeded generators (nothing depends on which job ran before, or where).
 
