@@ -24,20 +24,22 @@ def parse_options(overrides: list[str], known: set[str]) -> dict[str, str]:
 
 
 def toy_setup(overrides: list[str], known: set[str]):
-    """Shared preamble of the toy-world benchmarks: options, seeding, the model and the instruments.
+    """Shared preamble of the toy-world benchmarks: options (``known`` plus ``model``, ``device``, ``workers``),
+    seeding, the model and the instruments.
 
     Returns:
         (options dict, :class:`apdm.core.models.SD`, toy ``Instruments``).
     """
+    from apdm.bench import jobs
     from apdm.core.models import load_sd
-    from apdm.toy import instruments as I
-    from apdm.toy.world import instruments_path, model_path
+    from apdm.toy.world import model_path
     from apdm.utils import seed_everything
 
-    opts = parse_options(overrides, known | {"model", "device"})
+    opts = parse_options(overrides, known | {"model", "device", "workers"})
     seed_everything(0)
     sd = load_sd(opts.get("model", str(model_path())), device=opts.get("device", "auto"))
-    return opts, sd, I.load_instruments(instruments_path())
+    jobs.remember_model(sd)  # jobs run in this process (workers=1) reuse the model and instruments loaded here
+    return opts, sd, jobs.instruments()
 
 
 def _personalize_steps(quick: bool, overrides: list[str]) -> dict:

@@ -2,9 +2,10 @@
 
 A toy-world benchmark is a few dozen independent jobs of 1–5 minutes each (one DreamBooth attack is 300 small
 optimizer steps). On a 2-core CPU one process with 2 torch threads runs such small steps only ~1.26× faster than
-one thread; two single-threaded worker processes get ~1.3× the work done (docs/design.md, "Benchmarks"). ``workers=1`` runs every job in the
-calling process, in submission order; the numbers are the same either way, because every job draws its random
-numbers from its own seeded generators (nothing depends on which job ran before, or where).
+one thread; two single-threaded worker processes get ~1.3× the work done (docs/design.md, "Benchmarks").
+``workers=1`` runs every job in the calling process, in submission order; the numbers are the same either way,
+because every job draws its random numbers from its own seeded generators (nothing depends on which job ran
+before, or where).
 
 Job functions are module-level (picklable) and take plain values: a model *spec* ``(path, device)``, optionally a
 UNet state dict (a protected model), tensors and config dataclasses. Each process loads a model and the toy
@@ -85,17 +86,28 @@ def cached(key, make):
     return _CACHE[key]
 
 
-def remember_model(spec: tuple[str, str], sd) -> None:
-    """Register an already loaded model under ``spec`` (the calling process then does not load it again)."""
-    _CACHE[("model", spec)] = sd
+def spec(sd) -> tuple[str, str]:
+    """How a job names a loaded model: ``(path, device)``."""
+    return sd.source, str(sd.device)
 
 
-def model(spec: tuple[str, str], unet_state: dict | None = None):
-    """The model of ``spec = (path, device)``, loaded once per process; with ``unet_state``, a shallow copy whose
-    UNet is a fresh copy carrying those weights (a protected model)."""
+def remember_model(sd) -> tuple[str, str]:
+    """Register an already loaded model under its :func:`spec` (this process then does not load it again)."""
+    _CACHE[("model", spec(sd))] = sd
+    return spec(sd)
+
+
+def worker_count(opts: dict, sd) -> int:
+    """The benchmark option ``workers=N``, else :func:`default_workers` for the model's device."""
+    return int(opts.get("workers", default_workers(str(sd.device))))
+
+
+def model(model_spec: tuple[str, str], unet_state: dict | None = None):
+    """The model of ``model_spec = (path, device)``, loaded once per process; with ``unet_state``, a shallow copy
+    whose UNet is a fresh copy carrying those weights (a protected model)."""
     from apdm.core.models import load_sd
 
-    sd = cached(("model", spec), lambda: load_sd(spec[0], device=spec[1]))
+    sd = cached(("model", model_spec), lambda: load_sd(model_spec[0], device=model_spec[1]))
     if unet_state is None:
         return sd
     unet = copy.deepcopy(sd.unet)
@@ -116,7 +128,7 @@ def unet_state(unet) -> dict:
     return {k: v.detach().cpu() for k, v in unet.state_dict().items()}
 
 
-def attack(spec, unet_state_dict: dict | None, train_images, references, per_cfg, prompt: str, sample,
+def attack(model_spec, unet_state_dict: dict | None, train_images, references, per_cfg, prompt: str, sample,
            keep_images: int = 0, identity: dict | None = None) -> dict:
     """Personalize the model on ``train_images`` ((N,3,H,W) in [0,1]) with ``per_cfg``, sample ``prompt`` and
     score the samples against the subject's ``references`` with the toy instruments.
@@ -135,7 +147,7 @@ def attack(spec, unet_state_dict: dict | None, train_images, references, per_cfg
     from apdm.utils import peak_rss_mb
 
     t0 = time.perf_counter()
-    sd, inst = model(spec, unet_state_dict), instruments()
+    sd, inst = model(model_spec, unet_state_dict), instruments()
     out = personalize_and_sample(sd, train_images.to(sd.device), per_cfg, [prompt], sample)
     gen = out["images"][prompt]
     res = {"ism": float(I.identity_similarity(inst.encoder, gen, references).mean()),

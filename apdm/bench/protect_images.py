@@ -47,7 +47,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     t_start = time.perf_counter()
     opts, sd, inst = toy_setup(overrides, {"budget", "subjects", "samples", "methods", "rho", "aspl_steps",
                                            "advdm_steps", "photoguard_steps", "robust_methods",
-                                           "grid", "workers"})
+                                           "grid"})
     budget = parse_budget(opts.get("budget", "8/255"))
     n_subjects = int(opts.get("subjects", 1 if quick else 3))
     n_samples = int(opts.get("samples", 8 if quick else 16))
@@ -76,9 +76,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     def add(key, value):
         acc.setdefault(key, []).append(float(value))
 
-    spec = (sd.source, str(sd.device))
-    jobs.remember_model(spec, sd)
-    workers = int(opts.get("workers", jobs.default_workers(str(sd.device))))
+    spec, workers = jobs.spec(sd), jobs.worker_count(opts, sd)
     res["workers"] = workers
     rho_dir = opts.get("rho", str(toy_root() / "rho"))
     if "ldu" in methods:  # a bad ρ folder fails here, before any work

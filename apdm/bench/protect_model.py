@@ -50,7 +50,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     recipe_overrides = [o for o in dotted if not o.startswith("attack.")]
     opts, sd, inst = toy_setup([o for o in overrides if o not in dotted],
                                {"outer_steps", "inner_steps", "learning_rate", "samples", "long_attack", "no_naive",
-                                "attacks", "baseline", "workers"})
+                                "attacks", "baseline"})
     rc = load_config(ProtectModelRunConfig, RECIPES / "toy-protect-model.yaml", recipe_overrides)
     attacks = set(opts.get("attacks", "lora,ti,other").split(",")) - {""}
     unknown = attacks - {"lora", "ti", "other"}
@@ -94,9 +94,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
             cfg = dataclasses.replace(cfg, steps=steps)
         return subj.images, subj.references, cfg, subj.instance_prompt, sample
 
-    spec = (sd.source, str(sd.device))
-    jobs.remember_model(spec, sd)
-    workers = int(opts.get("workers", jobs.default_workers(str(sd.device))))
+    spec, workers = jobs.spec(sd), jobs.worker_count(opts, sd)
     res["workers"] = workers
     long_attack = opts.get("long_attack", "false" if quick else "true") == "true"
     long_steps = 2 * attack_runs["dreambooth"].personalization.steps

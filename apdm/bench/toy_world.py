@@ -35,7 +35,7 @@ def bench_toy_world(quick: bool, overrides: list[str]) -> dict:
     from apdm.utils import LOG
 
     t0 = time.perf_counter()
-    opts, sd, inst = toy_setup(overrides, {"subjects", "samples", "methods", "workers"})
+    opts, sd, inst = toy_setup(overrides, {"subjects", "samples", "methods"})
     n_subjects = int(opts.get("subjects", 3 if quick else 8))
     n_samples = int(opts.get("samples", 8 if quick else 16))
     methods = opts.get("methods", "dreambooth,lora,ti").split(",")
@@ -59,9 +59,7 @@ def bench_toy_world(quick: bool, overrides: list[str]) -> dict:
     per_subject = {m: [] for m in ["class_prompt", *methods]}
     attr = {m: [] for m in ["class_prompt", *methods]}
     seconds = {m: [] for m in methods}
-    spec = (sd.source, str(sd.device))
-    jobs.remember_model(spec, sd)
-    workers = int(opts.get("workers", jobs.default_workers(str(sd.device))))
+    spec, workers = jobs.spec(sd), jobs.worker_count(opts, sd)
     res["workers"] = workers
     with jobs.executor(workers) as pool:
         futures = []
