@@ -245,14 +245,17 @@ def _posteriors(state: PersonalizationState, key: str, images: torch.Tensor, cha
     depend on the batch size and memory layout: batches of ≤ :data:`ENCODE_BATCH` in the layout the per-step
     minibatch had give bit-identical numbers.)"""
     hit = state._cached_posteriors.get(key)
-    if hit is not None and hit[0].shape == images.shape and hit[0].device == images.device \
-            and hit[3] == channels_last and torch.equal(hit[0], images):
+    if hit is not None and hit[3] == channels_last and (hit[0] is images or (
+            hit[0].shape == images.shape and hit[0].device == images.device and torch.equal(hit[0], images))):
         return hit[1], hit[2]
     both = torch.cat([images, images.flip(-1)]) if state.cfg.random_flip else images
     both = both.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     with torch.no_grad():
         mean, std = D.vae_posterior(state.sd.vae, both, batch=ENCODE_BATCH)
-    state._cached_posteriors[key] = (images.detach().clone(), mean, std, channels_last)
+    # the class images are the state's own tensor, fixed at setup: keep a reference (no copy, no per-step compare
+    # of possibly hundreds of images); instance images arrive as a fresh detached tensor each step: keep a copy
+    kept = images if images is state.class_images else images.detach().clone()
+    state._cached_posteriors[key] = (kept, mean, std, channels_last)
     return mean, std
 
 
