@@ -143,6 +143,10 @@ class ProtectConfig:
     #: N_per: simulated personalization steps per outer step (0 = no L2P: protect at θ itself).
     inner_steps: int = 20
     learning_rate: float = 5e-6
+    #: optional piecewise-constant learning rate over the outer steps, ``[[steps, lr], ...]``: e.g.
+    #: ``[[100, 2.0e-4], [40, 2.0e-5]]`` = 100 outer steps at 2e-4, then 40 at 2e-5 (one optimizer throughout,
+    #: its moments carry over). The steps must add up to ``outer_steps``. Empty = ``learning_rate`` throughout.
+    lr_phases: list[list[float]] = field(default_factory=list)
     weight_decay: float = 1e-2
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -253,6 +257,8 @@ class TrainPerturberRunConfig:
     shuffle_prob: float = 0.5
     lambda_init: float = 1.0
     lambda_step: float = 0.01
+    #: optional PSNR floor (dB) as a second training constraint next to the L∞ budget; 0 = off (the paper).
+    min_psnr: float = 0.0
     denoise_steps: int = 4
     width: int = 32
     output_dir: str = "outputs/rho"

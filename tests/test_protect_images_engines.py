@@ -9,6 +9,7 @@ import torch
 
 from apdm.config import PersonalizationConfig
 from apdm.core import diffusion as D
+from apdm.evaluation.fidelity import psnr
 from apdm.personalization import simulator as S
 from apdm.protect_images import baselines as B
 from apdm.protect_images import ldu
@@ -279,6 +280,30 @@ def test_ldu_training_raises_personalization_loss(tiny_sd):
 
     before, after = judge(x), judge(protected)
     assert after > before + 1e-3, (before, after)
+
+
+def test_ldu_psnr_floor_is_a_second_constraint(tiny_sd):
+    """min_psnr adds a penalty that keeps the perturbation's RMS lower, and λ also grows on PSNR violations."""
+    g = torch.Generator().manual_seed(3)
+    ids = [torch.rand(2, 3, 64, 64, generator=g)]
+    cfg = _ti_cfg()
+    anchors = ldu.train_anchors(tiny_sd, ids, cfg, steps=1, quiet=True)
+    budget, floor = 32 / 255, 45.0
+    runs = {}
+    for min_psnr in (None, floor):
+        history = []
+        rho = ldu.train_perturber(tiny_sd, ids, budget=budget, steps=8, batch_size=2, learning_rate=3e-3,
+                                  anchors=anchors, personalization=cfg, denoise_steps=2, lambda_step=0.05,
+                                  min_psnr=min_psnr, resample=False, seed=3, quiet=True, history=history)
+        out = ldu.apply(tiny_sd, rho, ids[0], budget, quiet=True)
+        runs[min_psnr] = (history, float(psnr(ids[0], out).min()))
+    history, psnr_floor = runs[floor]
+    assert any(h["psnr_min"] < floor for h in history)
+    for h0, h1 in zip(history, history[1:]):  # λ grows after every step that violates either constraint
+        violated = h0["linf"] > budget or h0["psnr_min"] < floor
+        assert h1["lambda"] == pytest.approx(h0["lambda"] + (0.05 if violated else 0.0))
+    assert psnr_floor > runs[None][1] + 1.0, (psnr_floor, runs[None][1])
+    assert rho.training_info["min_psnr"] == floor
 
 
 def test_rho_save_load_roundtrip(tiny_sd, rand_images, tmp_path):

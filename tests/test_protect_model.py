@@ -242,3 +242,26 @@ def test_anchor_keeps_theta_own_class_prior(tiny_sd):
         out[w] = prior_loss(theta)
         assert ("loss_anchor" in hist[0]) == (w > 0)
     assert out[20.0] < out[0.0]
+
+
+def test_lr_phases_schedule_and_checks():
+    pcfg = ProtectConfig(outer_steps=5, lr_phases=[[2, 1e-3], [3, 1e-5]])
+    assert [l2p.learning_rate_at(pcfg, j) for j in range(5)] == [1e-3, 1e-3, 1e-5, 1e-5, 1e-5]
+    assert l2p.learning_rate_at(ProtectConfig(learning_rate=7e-6), 3) == 7e-6
+    with pytest.raises(ValueError, match="covers 4 outer steps"):
+        l2p.check_lr_phases(ProtectConfig(outer_steps=5, lr_phases=[[2, 1e-3], [2, 1e-5]]))
+    with pytest.raises(ValueError, match=r"\[steps, lr\]"):
+        l2p.check_lr_phases(ProtectConfig(outer_steps=2, lr_phases=[[2]]))
+
+
+def test_lr_phases_are_applied_and_survive_resume(tiny_sd, tmp_path):
+    """A zero-lr first phase leaves θ bit-identical to φ; the second phase, reached after a resume, moves it."""
+    subj = [_subject(tiny_sd)]
+    pcfg = ProtectConfig(outer_steps=2, inner_steps=1, checkpoint_every=1, learning_rate=5.0,
+                         lr_phases=[[1, 0.0], [1, 1e-3]])
+    first, hist = l2p.protect(tiny_sd, subj, PER, pcfg, checkpoint_dir=tmp_path, stop_after=1)
+    base = dict(tiny_sd.unet.named_parameters())
+    assert all(torch.equal(p, base[n]) for n, p in first.named_parameters())
+    second, hist = l2p.protect(tiny_sd, subj, PER, pcfg, checkpoint_dir=tmp_path)
+    assert [h["lr"] for h in hist] == [0.0, 1e-3]
+    assert any(not torch.equal(p, base[n]) for n, p in second.named_parameters())

@@ -38,7 +38,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     from apdm.config import ProtectModelRunConfig, load_config
     from apdm.evaluation.protocol import with_prompts
     from apdm.personalization.simulator import class_images_for
-    from apdm.protect_model.l2p import Subject
+    from apdm.protect_model.l2p import Subject, check_lr_phases
     from apdm.toy import draw
     from apdm.toy.world import heldout_subjects
     from apdm.utils import LOG
@@ -65,6 +65,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
             setattr(pcfg, key, int(opts[key]))
     if "learning_rate" in opts:
         pcfg.learning_rate = float(opts["learning_rate"])
+    check_lr_phases(pcfg)  # before any job starts
     n_samples = int(opts.get("samples", 8 if quick else 16))
     sample.num_images_per_prompt = n_samples
     subj_a, subj_b = heldout_subjects(2, num_images=4)
@@ -72,7 +73,8 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                  "instruments_fingerprint": inst.config.get("fingerprint"),
                  "subject_protected": subj_a.index, "subject_other": subj_b.index,
                  "outer_steps": pcfg.outer_steps, "inner_steps": pcfg.inner_steps,
-                 "protect_lr": pcfg.learning_rate, "beta": pcfg.beta, "gradient_leak": pcfg.gradient_leak,
+                 "protect_lr": pcfg.learning_rate, "protect_lr_phases": pcfg.lr_phases, "beta": pcfg.beta,
+                 "gradient_leak": pcfg.gradient_leak,
                  "samples_per_prompt": n_samples, "recipe_overrides": recipe_overrides,
                  "attack_overrides": attack_overrides}
 

@@ -17,16 +17,17 @@ Pipeline for one image ``x0`` (float32 (3,H,W) in [0,1]) — the paper's "Design
 
 Training (:func:`train_perturber`, the paper's eq. 11, minimized over ρ only)::
 
-    L = λ · mean(relu(|out − x0| − δ)) / δ  −  L_personalize(out)
+    L = λ · [ mean(relu(|out − x0| − δ)) / δ  (+ mean_i relu(rms_i / rms_min − 1)) ]  −  L_personalize(out)
 
-``L_personalize`` is the shared simulator's loss (:func:`apdm.personalization.simulator.loss`) of a frozen,
-pre-trained personalization anchor: a Textual Inversion token τ_i per identity by default (paper App. A3.0.1),
-with *token shuffling* (App. A3.2: with probability ``shuffle_prob`` the identity's images are scored with another
-identity's token τ_j, j ≠ i); DreamBooth or LoRA anchors (one fine-tuned model per identity, shuffled the same
-way) as options. λ starts at ``lambda_init`` and grows by ``lambda_step`` after every step whose output violates
-the budget (the linear schedule "until the imperceptibility constraint is achieved", after Bertsekas). Gradients
-reach ρ through the loss's VAE encoder, the decoder and all k denoising steps (gradient checkpointing on the
-UNet calls).
+(the PSNR-floor term in parentheses only with ``min_psnr``, an apdm addition; rms_i is image i's RMS
+perturbation). ``L_personalize`` is the shared simulator's loss (:func:`apdm.personalization.simulator.loss`) of a
+frozen, pre-trained personalization anchor: a Textual Inversion token τ_i per identity by default (paper
+App. A3.0.1), with *token shuffling* (App. A3.2: with probability ``shuffle_prob`` the identity's images are
+scored with another identity's token τ_j, j ≠ i); DreamBooth or LoRA anchors (one fine-tuned model per identity,
+shuffled the same way) as options. λ starts at ``lambda_init`` and grows by ``lambda_step`` after every step whose
+output violates the budget (or the PSNR floor) (the linear schedule "until the imperceptibility constraint is
+achieved", after Bertsekas). Gradients reach ρ through the loss's VAE encoder, the decoder and all k denoising
+steps (gradient checkpointing on the UNet calls).
 
 Where this differs from the paper, and why (also in docs/protect_images.md):
 
@@ -351,10 +352,10 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
                     budget: float = 10 / 255, steps: int = 2000, learning_rate: float = 1e-4, batch_size: int = 4,
                     personalization: PersonalizationConfig | None = None, anchor_steps: int | None = None,
                     anchors: dict | None = None, class_images: torch.Tensor | None = None, shuffle_prob: float = 0.5,
-                    lambda_init: float = 1.0, lambda_step: float = 0.01, denoise_steps: int = 4,
-                    inversion_steps: int | None = None, prompt: str = "", output_mode: str = "delta",
-                    width: int = 32, rho: RhoUNet | None = None, resample: bool = True, seed: int = 0,
-                    quiet: bool = False, history: list[dict] | None = None) -> RhoUNet:
+                    lambda_init: float = 1.0, lambda_step: float = 0.01, min_psnr: float | None = None,
+                    denoise_steps: int = 4, inversion_steps: int | None = None, prompt: str = "",
+                    output_mode: str = "delta", width: int = 32, rho: RhoUNet | None = None, resample: bool = True,
+                    seed: int = 0, quiet: bool = False, history: list[dict] | None = None) -> RhoUNet:
     """Train ρ to maximize a frozen personalization loss under the image budget (paper eq. 11).
 
     Args:
@@ -369,7 +370,12 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
         anchors: pre-trained anchors from :func:`train_anchors` (skips pre-training).
         class_images: prior-preservation images for DreamBooth/LoRA anchors.
         shuffle_prob: probability of scoring identity i with another identity's anchor (token shuffling).
-        lambda_init, lambda_step: the linear λ schedule (λ += lambda_step after each budget-violating step).
+        lambda_init, lambda_step: the linear λ schedule (λ += lambda_step after each step that violates a
+            constraint: the L∞ budget, and the PSNR floor when ``min_psnr`` is set).
+        min_psnr: optional PSNR floor in dB (e.g. 41), a second imperceptibility constraint next to the L∞ budget:
+            the penalty gains ``mean_i relu(rms_i / rms_min − 1)`` with ``rms_i`` the RMS of image i's
+            perturbation and ``rms_min = 10^(−min_psnr/20)`` (PSNR on [0,1] images). Not in the paper, whose ρ
+            spends the whole L∞ budget everywhere it can; see docs/protect_images.md.
         denoise_steps: k of the few-step denoiser (paper: 4).
         inversion_steps: inversion grid (default ``denoise_steps``; see :func:`inversion_end_step`).
         prompt: conditioning of the k-step denoiser ("" = unconditional).
@@ -423,27 +429,36 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
         if not resample:
             anchor.generator.manual_seed(seed + 1)
         l_pers, _ = S.loss(anchor, out, batch_size=len(idx))
-        excess = F.relu((out - batch["images"]).abs() - budget)
-        penalty = excess.mean() / max(budget, 1e-12)
+        diff = out - batch["images"]
+        penalty = F.relu(diff.abs() - budget).mean() / max(budget, 1e-12)
+        rms = diff.flatten(1).pow(2).mean(1).sqrt()  # (B,) per-image RMS perturbation on [0,1]
+        psnr_low = False
+        if min_psnr is not None:
+            rms_min = 10.0 ** (-min_psnr / 20.0)
+            penalty = penalty + F.relu(rms / rms_min - 1.0).mean()
+            psnr_low = bool((rms.detach() > rms_min).any())
         total = lam * penalty - l_pers
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
-        linf = float((out.detach() - batch["images"]).abs().amax())
+        linf = float(diff.detach().abs().amax())
+        min_psnr_step = float(-20.0 * torch.log10(rms.detach().max().clamp_min(1e-12)))
         record = {"step": step, "loss": float(total.detach()), "l_pers": float(l_pers.detach()),
-                  "penalty": float(penalty.detach()), "linf": linf, "lambda": lam, "identity": names[i],
-                  "anchor": names[j]}
+                  "penalty": float(penalty.detach()), "linf": linf, "psnr_min": round(min_psnr_step, 3),
+                  "lambda": lam, "identity": names[i], "anchor": names[j]}
         if history is not None:
             history.append(record)
-        if linf > budget:
+        if linf > budget or psnr_low:
             lam += lambda_step
         if step % 10 == 0:
-            bar.set_postfix(l_pers=f"{record['l_pers']:.4f}", linf=f"{linf * 255:.1f}/255", lam=f"{lam:.2f}")
+            bar.set_postfix(l_pers=f"{record['l_pers']:.4f}", linf=f"{linf * 255:.1f}/255",
+                            psnr=f"{min_psnr_step:.1f}", lam=f"{lam:.2f}")
     rho.eval()
     rho.training_info = {
         "budget": budget, "steps": steps, "learning_rate": learning_rate, "batch_size": batch_size,
         "identities": names, "personalization_method": pcfg.method, "anchor_steps": anchor_steps or pcfg.steps,
         "shuffle_prob": shuffle_prob, "lambda_init": lambda_init, "lambda_step": lambda_step, "lambda_final": lam,
+        "min_psnr": min_psnr,
         "base_model": sd.source, "seed": seed,
     }
     LOG.debug("ldu: trained rho for %d steps, final lambda %.3f", steps, lam)

@@ -151,11 +151,17 @@ def train(cfg: TrainPerturberRunConfig) -> dict:
     LOG.info("training the LDU perturbation network on %d identities for %d steps", len(identities), cfg.steps)
     history: list[dict] = []
     t0 = time.perf_counter()
+    class_images = None
+    if cfg.personalization.method != "ti" and cfg.personalization.with_prior_preservation:
+        from apdm.personalization.simulator import class_images_for
+
+        class_images = class_images_for(sd, cfg.personalization, quiet=cfg.quiet)
     rho = ldu.train_perturber(
         sd, identities, budget=parse_budget(cfg.budget), steps=cfg.steps, learning_rate=cfg.learning_rate,
         batch_size=cfg.batch_size, personalization=cfg.personalization, anchor_steps=cfg.anchor_steps or None,
-        shuffle_prob=cfg.shuffle_prob, lambda_init=cfg.lambda_init, lambda_step=cfg.lambda_step,
-        denoise_steps=cfg.denoise_steps, width=cfg.width, seed=cfg.seed, quiet=cfg.quiet, history=history)
+        class_images=class_images, shuffle_prob=cfg.shuffle_prob, lambda_init=cfg.lambda_init,
+        lambda_step=cfg.lambda_step, min_psnr=cfg.min_psnr or None, denoise_steps=cfg.denoise_steps,
+        width=cfg.width, seed=cfg.seed, quiet=cfg.quiet, history=history)
     ldu.save_rho(rho, out)
     summary = {"seconds": round(time.perf_counter() - t0, 1), "identities": list(identities),
                "parameters": ldu.count_parameters(rho), "history": history}

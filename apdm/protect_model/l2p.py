@@ -340,6 +340,32 @@ def load_checkpoint(folder: Path, trainable: dict, optimizer: torch.optim.Optimi
 
 
 # ============================================================================ the loop
+def learning_rate_at(pcfg: ProtectConfig, j: int) -> float:
+    """The protection learning rate of outer step ``j`` (0-based): ``pcfg.lr_phases`` if set, else constant."""
+    if not pcfg.lr_phases:
+        return pcfg.learning_rate
+    end = 0
+    for steps, lr in pcfg.lr_phases:
+        end += int(steps)
+        if j < end:
+            return float(lr)
+    return float(pcfg.lr_phases[-1][1])
+
+
+def check_lr_phases(pcfg: ProtectConfig) -> None:
+    """Raise ValueError unless ``pcfg.lr_phases`` is empty or a list of ``[steps, lr]`` summing to outer_steps."""
+    if not pcfg.lr_phases:
+        return
+    for phase in pcfg.lr_phases:
+        if len(phase) != 2 or phase[0] <= 0 or int(phase[0]) != phase[0] or not phase[1] >= 0:
+            raise ValueError(f"protect.lr_phases: each phase must be [steps, lr] with steps a positive whole "
+                             f"number and lr >= 0, got {phase}")
+    total = sum(int(p[0]) for p in pcfg.lr_phases)
+    if total != pcfg.outer_steps:
+        raise ValueError(f"protect.lr_phases covers {total} outer steps but protect.outer_steps is "
+                         f"{pcfg.outer_steps}; make them equal")
+
+
 def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcfg: ProtectConfig, seed: int = 0,
             checkpoint_dir: str | Path | None = None, stop_after: int | None = None) -> tuple[torch.nn.Module, list[dict]]:
     """Run APDM protection; returns (protected UNet (fp32, adapters merged), per-step logs).
@@ -356,6 +382,7 @@ def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcf
     if pcfg.trainable == "lora" and per_cfg.method == "lora" and pcfg.inner_steps > 0:
         raise ValueError("protect.trainable=lora cannot be combined with a LoRA attacker in the inner loop; "
                          "use trainable=all or a list of blocks, or a dreambooth/ti attacker")
+    check_lr_phases(pcfg)
     theta, trainable = prepare_theta(sd, pcfg, seed)
     phi = None if pcfg.trainable == "lora" else sd.unet  # the caller's UNet is only read, never trained
     optimizer = S.make_optimizer(pcfg.optimizer, list(trainable.values()), lr=pcfg.learning_rate,
@@ -370,8 +397,11 @@ def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcf
     bar = progress(range(start, pcfg.outer_steps), desc="protecting (L2P)", total=pcfg.outer_steps - start)
     done = 0
     for j in bar:
+        lr = learning_rate_at(pcfg, j)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         logs = outer_step(j, theta, trainable, phi, sd, subjects, per_cfg, pcfg, optimizer, seed)
-        history.append({"step": j, **{k: round(v, 6) for k, v in logs.items()}})
+        history.append({"step": j, "lr": lr, **{k: round(v, 6) for k, v in logs.items()}})
         bar.set_postfix(protect=f"{logs.get('loss_protect', 0):.4f}", subj=f"{logs.get('mse_subject', 0):.3f}")
         done += 1
         if ckpt is not None and pcfg.checkpoint_every > 0 and (j + 1) % pcfg.checkpoint_every == 0:

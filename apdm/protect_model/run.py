@@ -61,8 +61,9 @@ def run(cfg: ProtectModelRunConfig) -> dict:
         output_dir/protect_log.json     per-outer-step losses, timings
     """
     from apdm.core.models import load_sd, save_sd
-    from apdm.protect_model.l2p import protect
+    from apdm.protect_model.l2p import check_lr_phases, protect
 
+    check_lr_phases(cfg.protect)  # before any model loading or class-image generation
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", to_yaml(cfg))
@@ -70,8 +71,9 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     sd = load_sd(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.revision)
     subjects, skipped = load_subjects(sd, cfg, cfg.quiet)
     p = cfg.protect
-    LOG.info("APDM: %s loss, %d outer x %d inner steps, lr %g, trainable=%s, %d subject(s)", p.loss,
-             p.outer_steps, p.inner_steps, p.learning_rate, p.trainable, len(subjects))
+    lr = " then ".join(f"{int(n)} at {r:g}" for n, r in p.lr_phases) if p.lr_phases else f"{p.learning_rate:g}"
+    LOG.info("APDM: %s loss, %d outer x %d inner steps, lr %s, trainable=%s, %d subject(s)", p.loss,
+             p.outer_steps, p.inner_steps, lr, p.trainable, len(subjects))
     t0 = time.perf_counter()
     unet, history = protect(sd, subjects, cfg.personalization, p, seed=cfg.seed, checkpoint_dir=out / "checkpoint")
     seconds = time.perf_counter() - t0
@@ -106,7 +108,8 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, 
               f"Protection took {seconds:.0f} s for {len(history)} outer steps.", ""]
     if history:
         last = history[-1]
-        lines += ["Final protection losses: " + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k != "step"), ""]
+        lines += ["Final protection losses: "
+                  + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k not in ("step", "lr")), ""]
     if results:
         lines += ["## Measured results", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in results.items()]
