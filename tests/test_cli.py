@@ -193,3 +193,25 @@ def test_bench_options_may_follow_flags(capsys):
     # "NAME --quick --out F k=v" must reach the option check (argparse used to reject the trailing k=v)
     assert main(["bench", "personalize-steps", "--quick", "--out", "x.json", "stepz=3"]) == 2
     assert "unknown benchmark option 'stepz'" in capsys.readouterr().err
+
+
+def test_train_perturber_with_dreambooth_anchors(tmp_path):
+    """DreamBooth anchors with prior preservation get their class images; the PSNR floor reaches the saved ρ."""
+    import shutil
+
+    photos = sorted((ROOT / "assets/examples/subject").iterdir())
+    for k, name in enumerate(("id-a", "id-b")):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for p in photos[2 * k:2 * k + 2]:
+            shutil.copy(p, tmp_path / "data" / name / p.name)
+    out = tmp_path / "rho"
+    rc = main(["train-perturber", "model.path=tiny", "model.device=cpu", f"data={tmp_path / 'data'}",
+               f"output_dir={out}", "steps=2", "batch_size=2", "denoise_steps=2", "anchor_steps=1", "min_psnr=40",
+               "personalization.method=dreambooth", "personalization.with_prior_preservation=true",
+               "personalization.num_class_images=2", "personalization.class_sample_steps=2",
+               f"personalization.class_data_dir={tmp_path / 'cls'}", "quiet=true"])
+    assert rc == 0
+    meta = json.loads((out / "rho.json").read_text())
+    assert meta["training"]["personalization_method"] == "dreambooth" and meta["training"]["min_psnr"] == 40
+    assert len(json.loads((out / "train_log.json").read_text())["history"]) == 2
+    assert len(list((tmp_path / "cls").rglob("*.png"))) == 2  # the anchors' class images were generated

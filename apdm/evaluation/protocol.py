@@ -35,7 +35,7 @@ def personalize_and_sample(sd: SD, instance_images: torch.Tensor, per_cfg: Perso
         dict with ``images`` {prompt: (n,3,H,W) [0,1] CPU}, ``seconds_train``, ``seconds_sample``,
         ``loss_first``, ``loss_last``, ``state`` (the personalization state, for saving).
     """
-    if class_images is None and per_cfg.with_prior_preservation and per_cfg.method != "ti":
+    if class_images is None:  # class_images_for returns None when the config needs none
         class_images = S.class_images_for(sd, per_cfg, quiet=quiet)
     dev = sd.device
     state = S.setup(sd, per_cfg, class_images.to(dev) if class_images is not None else None)

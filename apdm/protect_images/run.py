@@ -129,6 +129,7 @@ def train(cfg: TrainPerturberRunConfig) -> dict:
     """Train ρ on ``cfg.data`` (one sub-folder per identity) and save it to ``cfg.output_dir``."""
     from apdm.core.images import list_images, load_images
     from apdm.core.models import load_sd
+    from apdm.personalization.simulator import class_images_for
     from apdm.protect_images import ldu
     from apdm.protect_images.budget import parse_budget
 
@@ -151,11 +152,7 @@ def train(cfg: TrainPerturberRunConfig) -> dict:
     LOG.info("training the LDU perturbation network on %d identities for %d steps", len(identities), cfg.steps)
     history: list[dict] = []
     t0 = time.perf_counter()
-    class_images = None
-    if cfg.personalization.method != "ti" and cfg.personalization.with_prior_preservation:
-        from apdm.personalization.simulator import class_images_for
-
-        class_images = class_images_for(sd, cfg.personalization, quiet=cfg.quiet)
+    class_images = class_images_for(sd, cfg.personalization, quiet=cfg.quiet)  # None unless the anchors need them
     rho = ldu.train_perturber(
         sd, identities, budget=parse_budget(cfg.budget), steps=cfg.steps, learning_rate=cfg.learning_rate,
         batch_size=cfg.batch_size, personalization=cfg.personalization, anchor_steps=cfg.anchor_steps or None,
