@@ -167,6 +167,11 @@ class ProtectConfig:
     naive_lambda: float = 1.0
     #: reproduce the reference code's leak of the personalization gradient into the transferred gradient.
     gradient_leak: bool = False
+    #: further simulated attackers for the inner loop, taken in turn with ``personalization``: each entry
+    #: lists the ``personalization`` keys it changes, e.g. ``[{method: lora, learning_rate: 2.0e-3, lora_rank: 8,
+    #: lora_alpha: 8, with_prior_preservation: false}]``. With K subjects, outer step j simulates attacker
+    #: ``(j // K) mod (1 + len(attacker_mix))`` (0 = ``personalization``). Empty = one attacker (the paper).
+    attacker_mix: list[dict[str, Any]] = field(default_factory=list)
     #: how the N_per protection gradients are combined: ``sum`` (Algorithm 1) or ``mean``.
     grad_accum: str = "sum"
     #: pairs (x⁺, x⁻) per protection step and class images per L_ppl term.
@@ -390,6 +395,21 @@ def apply_override(cfg, item: str):
     hints = typing.get_type_hints(type(target))
     setattr(target, leaf, _coerce(hints[leaf], value, f"override '{item}'", key))
     return cfg
+
+
+def replace_checked(cfg, changes: dict, source: str):
+    """A copy of the config dataclass ``cfg`` with ``changes`` ({field: value}) applied, each value checked
+    against its field type like a recipe value; ConfigError names ``source`` and the key otherwise."""
+    if not isinstance(changes, dict):
+        raise ConfigError(f"{source}: expects a mapping of {type(cfg).__name__} keys, got {changes!r}")
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    hints = typing.get_type_hints(type(cfg))
+    checked = {}
+    for key, value in changes.items():
+        if key not in fields:
+            raise ConfigError(_unknown_key_msg(key, cfg, source))
+        checked[key] = _coerce(hints[key], value, source, key)
+    return dataclasses.replace(cfg, **checked)
 
 
 def to_dict(cfg) -> dict:

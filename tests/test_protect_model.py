@@ -1,5 +1,6 @@
 """APDM protection: the DPO loss against hand computation, its gradient direction, L2P steps, exact resume."""
 
+import dataclasses
 import math
 
 import pytest
@@ -90,6 +91,20 @@ def test_other_attackers_in_the_inner_loop(tiny_sd, method):
     base = dict(tiny_sd.unet.named_parameters())
     assert any(not torch.equal(p, base[n]) for n, p in theta.named_parameters())
     assert len(tiny_sd.tokenizer) == len(tiny_sd.tokenizer.get_vocab())  # base tokenizer untouched
+
+
+@pytest.mark.parametrize("method", ["lora", "ti"])
+def test_protection_images_whatever_the_attacker(tiny_sd, tmp_path, method):
+    """L_ppl and the DPO winners need class images even when the simulated attacker uses none (LoRA without
+    prior preservation, TI): the bench once crashed there."""
+    from apdm.protect_model.run import protection_images
+
+    per = PersonalizationConfig(method=method, with_prior_preservation=False, class_sample_steps=2,
+                                class_data_dir=str(tmp_path / "cls"))
+    cls, paired = protection_images(tiny_sd, per, "a photo of a dog", num_class_images=3, num_paired=2, quiet=True)
+    assert cls.shape == (3, 3, 64, 64) and paired.shape == (2, 3, 64, 64)
+    assert not torch.equal(cls[:2], paired)  # x⁺ come from another seed than the prior images
+    assert all("a photo of a dog" in f.read_text() for f in (tmp_path / "cls").glob("*/prompt.txt"))
 
 
 def test_protection_raises_subject_error_relative_to_paired(tiny_sd):
@@ -265,3 +280,82 @@ def test_lr_phases_are_applied_and_survive_resume(tiny_sd, tmp_path):
     second, hist = l2p.protect(tiny_sd, subj, PER, pcfg, checkpoint_dir=tmp_path)
     assert [h["lr"] for h in hist] == [0.0, 1e-3]
     assert any(not torch.equal(p, base[n]) for n, p in second.named_parameters())
+
+
+LORA_MIX = [{"method": "lora", "learning_rate": 1e-2, "lora_rank": 2, "lora_alpha": 2,
+             "with_prior_preservation": False}]
+
+
+def test_attacker_mix_takes_attackers_in_turn(tiny_sd):
+    """Outer step 0 simulates ``personalization`` (bit-identical to a run without the mix), step 1 the LoRA
+    attacker of ``attacker_mix`` (θ then differs from the single-attacker run)."""
+    subj = [_subject(tiny_sd)]
+    runs = {}
+    for mix in ([], LORA_MIX):
+        for steps in (1, 2):
+            pcfg = ProtectConfig(outer_steps=steps, inner_steps=1, learning_rate=1e-3, checkpoint_every=0,
+                                 attacker_mix=mix)
+            runs[len(mix), steps] = l2p.protect(tiny_sd, subj, PER, pcfg, seed=2)
+    same = lambda a, b: all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))  # noqa: E731
+    assert same(runs[0, 1][0], runs[1, 1][0])
+    assert not same(runs[0, 2][0], runs[1, 2][0])
+    assert [h["attacker"] for h in runs[1, 2][1]] == [0, 1]
+    assert "attacker" not in runs[0, 2][1][0]
+
+
+def test_attacker_mix_with_several_subjects_meets_every_pair(tiny_sd):
+    subjects = [_subject(tiny_sd), dataclasses.replace(_subject(tiny_sd), name="t")]
+    pcfg = ProtectConfig(outer_steps=4, inner_steps=1, learning_rate=1e-3, checkpoint_every=0, attacker_mix=LORA_MIX)
+    _, hist = l2p.protect(tiny_sd, subjects, PER, pcfg)
+    assert [h["attacker"] for h in hist] == [0, 0, 1, 1]  # subjects 0, 1, 0, 1: every (subject, attacker) pair
+
+
+def test_attacker_mix_is_checked_before_any_work():
+    from apdm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"attacker_mix\[0\].*lora_rnak"):
+        l2p.check_protect_config(PER, ProtectConfig(attacker_mix=[{"lora_rnak": 8}]))
+    with pytest.raises(ConfigError, match=r"attacker_mix\[0\].*learning_rate"):
+        l2p.check_protect_config(PER, ProtectConfig(attacker_mix=[{"learning_rate": "fast"}]))
+    with pytest.raises(ValueError, match="trainable=lora"):
+        l2p.check_protect_config(PER, ProtectConfig(trainable="lora", attacker_mix=LORA_MIX))
+    assert [a.method for a in l2p.attackers(PER, ProtectConfig(attacker_mix=LORA_MIX))] == ["dreambooth", "lora"]
+    from apdm.config import ProtectModelRunConfig, load_config
+
+    rc = load_config(ProtectModelRunConfig, overrides=["protect.attacker_mix=[{method: lora, learning_rate: 2.0e-3}]"])
+    mixed = l2p.attackers(rc.personalization, rc.protect)[1]
+    assert (mixed.method, mixed.learning_rate, mixed.steps) == ("lora", 2e-3, rc.personalization.steps)
+
+
+def test_protection_loss_matches_separate_passes(tiny_sd):
+    """The one batched θ' pass over [class | x⁺ | x⁻] gives the L_ppl and DPO of three separate passes
+    (same images, prompts, noise and t, redrawn here in the loss's order)."""
+    from apdm.core import diffusion as D
+
+    subj = _subject(tiny_sd)
+    pcfg = ProtectConfig(batch_size=2, beta=3.0)
+    theta = l2p.prepare_theta(tiny_sd, pcfg)[0]
+    with torch.no_grad():  # θ ≠ φ, so the DPO terms are not trivially zero
+        for p in theta.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    loss, logs = l2p.protection_loss(theta, lambda: l2p._phi(theta, tiny_sd.unet), tiny_sd, tiny_sd.text_encoder,
+                                     tiny_sd.tokenizer, subj, subj.instance_prompt, pcfg,
+                                     torch.Generator().manual_seed(9))
+    g, b, sched = torch.Generator().manual_seed(9), 2, tiny_sd.noise_scheduler
+    idx, cls_idx = torch.randint(2, (b,), generator=g), torch.randint(3, (b,), generator=g)
+    vae_gen = torch.Generator().manual_seed(int(torch.randint(2**31, (1,), generator=g)))
+    with torch.no_grad():
+        lat = {w: l2p._latents(tiny_sd.vae, subj, w, i, vae_gen)
+               for w, i in (("images", idx), ("paired", idx), ("class_images", cls_idx))}
+        c_inst, c_cls = (D.encode_prompt(tiny_sd.text_encoder, tiny_sd.tokenizer, [p]).expand(b, -1, -1)
+                         for p in (subj.instance_prompt, subj.class_prompt))
+        n_cls, t_cls = torch.randn(lat["class_images"].shape, generator=g), D.sample_timesteps(sched, b, "cpu", g)
+        noise, t = torch.randn(lat["images"].shape, generator=g), D.sample_timesteps(sched, b, "cpu", g)
+        ppl = D.noise_prediction_loss(theta, sched, lat["class_images"], c_cls, n_cls, t_cls)
+        err = {(m, w): D.noise_prediction_loss(u, sched, lat[w], c_inst, noise, t, reduction="elementwise")
+               for m, u in (("theta", theta), ("phi", tiny_sd.unet)) for w in ("paired", "images")}
+    dpo = dpo_loss(err["theta", "paired"], err["phi", "paired"], err["theta", "images"], err["phi", "images"], beta=3.0)
+    assert logs["loss_dpo"] > 0.01
+    torch.testing.assert_close(torch.tensor([logs["loss_ppl"], logs["loss_dpo"]]), torch.stack([ppl, dpo]),
+                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss.detach(), dpo + ppl, rtol=1e-4, atol=1e-6)

@@ -37,8 +37,8 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     from apdm.bench.toy_world import METHOD_RECIPES, toy_recipe
     from apdm.config import ProtectModelRunConfig, load_config
     from apdm.evaluation.protocol import with_prompts
-    from apdm.personalization.simulator import class_images_for
-    from apdm.protect_model.l2p import Subject, check_lr_phases
+    from apdm.protect_model.run import protection_images
+    from apdm.protect_model.l2p import Subject, check_protect_config
     from apdm.toy import draw
     from apdm.toy.world import heldout_subjects
     from apdm.utils import LOG
@@ -65,7 +65,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
             setattr(pcfg, key, int(opts[key]))
     if "learning_rate" in opts:
         pcfg.learning_rate = float(opts["learning_rate"])
-    check_lr_phases(pcfg)  # before any job starts
+    check_protect_config(rc.personalization, pcfg)  # before any job starts
     n_samples = int(opts.get("samples", 8 if quick else 16))
     sample.num_images_per_prompt = n_samples
     subj_a, subj_b = heldout_subjects(2, num_images=4)
@@ -80,9 +80,8 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
 
     # the protection data: x⁻ = A's photos, x⁺ = class-prompt images of φ, prior images of φ
     per_base = with_prompts(rc.personalization, subj_a.instance_prompt, subj_a.class_prompt)
-    class_imgs = class_images_for(sd, dataclasses.replace(per_base, num_class_images=pcfg.num_class_images), quiet=True)
-    paired = class_images_for(sd, dataclasses.replace(per_base, num_class_images=len(subj_a.images),
-                                                      seed=per_base.seed + 7777), quiet=True)
+    class_imgs, paired = protection_images(sd, per_base, subj_a.class_prompt, pcfg.num_class_images,
+                                           len(subj_a.images), quiet=True)
     subject = Subject("A", subj_a.images.to(sd.device), paired.to(sd.device), class_imgs.to(sd.device),
                       subj_a.instance_prompt, subj_a.class_prompt)
 

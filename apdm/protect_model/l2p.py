@@ -20,7 +20,8 @@ Design choices (see docs/protect_model.md):
   personalization gradient ∇L_per(θ'_i) is added to each transferred gradient;
 * every random draw of outer step j comes from generators seeded by ``(seed, j)``, so a run resumed from a
   checkpoint continues exactly as an uninterrupted one;
-* several subjects: outer step j protects subject ``j mod K`` (round robin);
+* several subjects: outer step j protects subject ``j mod K`` (round robin); several simulated attackers
+  (``attacker_mix``, our addition) are taken in turn in the same way;
 * ``anchor_weight > 0`` adds L_ppl taken at θ itself to every outer step (our addition, off by default);
 * θ trained as LoRA: φ is θ with its adapters disabled (no extra full copy), and the adapters are merged into
   the UNet at the end.
@@ -161,29 +162,34 @@ def protection_loss(unet, phi_ctx, sd: SD, text_encoder, tokenizer, subject: Sub
     def randt(k):
         return D.sample_timesteps(sched, k, dev, g)
 
+    # prior preservation L_ppl on class images at their own noise and t
+    noise_cls, t_cls = randn(cls.shape), randt(b)
     with _autocast(dev, pcfg.mixed_precision):
-        # prior preservation L_ppl on a class image at its own noise and t
-        loss_ppl = D.noise_prediction_loss(unet, sched, cls, c_cls, randn(cls.shape), randt(b))
-        logs = {"loss_ppl": float(loss_ppl.detach())}
         if pcfg.loss == "dpo":
             noise, t = randn(lose.shape), randt(b)          # shared by x⁺ and x⁻, θ and φ
-            both = torch.cat([win, lose])
-            cond2, noise2, t2 = torch.cat([c_inst, c_inst]), torch.cat([noise, noise]), torch.cat([t, t])
-            err_theta = D.noise_prediction_loss(unet, sched, both, cond2, noise2, t2, reduction="elementwise")
+            # one θ' pass over [class | x⁺ | x⁻] (each row keeps its own prompt, noise and t)
+            x = torch.cat([cls, win, lose])
+            cond, eps, tt = torch.cat([c_cls, c_inst, c_inst]), torch.cat([noise_cls, noise, noise]), \
+                torch.cat([t_cls, t, t])
+            err = D.noise_prediction_loss(unet, sched, x, cond, eps, tt, reduction="elementwise")
+            loss_ppl = err[:b].mean()
             with torch.no_grad(), phi_ctx() as phi:
-                err_ref = D.noise_prediction_loss(phi, sched, both, cond2, noise2, t2, reduction="elementwise")
-            et_w, et_l = err_theta.chunk(2)
+                err_ref = D.noise_prediction_loss(phi, sched, x[b:], cond[b:], eps[b:], tt[b:],
+                                                  reduction="elementwise")
+            et_w, et_l = err[b:].chunk(2)
             er_w, er_l = err_ref.chunk(2)
             loss_main = dpo_loss(et_w, er_w, et_l, er_l, beta=pcfg.beta, form=pcfg.dpo_form)
             total = loss_main + pcfg.prior_loss_weight * loss_ppl
-            logs.update(loss_dpo=float(loss_main.detach()), mse_subject=float(et_l.mean().detach()),
-                        mse_paired=float(et_w.mean().detach()))
+            logs = {"loss_dpo": float(loss_main.detach()), "mse_subject": float(et_l.mean().detach()),
+                    "mse_paired": float(et_w.mean().detach())}
         elif pcfg.loss == "naive":
+            loss_ppl = D.noise_prediction_loss(unet, sched, cls, c_cls, noise_cls, t_cls)
             loss_inst = D.noise_prediction_loss(unet, sched, lose, c_inst, randn(lose.shape), randt(b))
             total = naive_loss(loss_inst, loss_ppl, pcfg.naive_lambda)
-            logs.update(mse_subject=float(loss_inst.detach()))
+            logs = {"mse_subject": float(loss_inst.detach())}
         else:
             raise ValueError(f"protect.loss must be 'dpo' or 'naive', got '{pcfg.loss}'")
+    logs["loss_ppl"] = float(loss_ppl.detach())
     logs["loss_protect"] = float(total.detach())
     return total, logs
 
@@ -352,6 +358,29 @@ def learning_rate_at(pcfg: ProtectConfig, j: int) -> float:
     return float(pcfg.lr_phases[-1][1])
 
 
+def attackers(per_cfg: PersonalizationConfig, pcfg: ProtectConfig) -> list[PersonalizationConfig]:
+    """The simulated attackers of the inner loop: ``per_cfg``, then each ``pcfg.attacker_mix`` entry applied to it.
+
+    Raises:
+        ConfigError: an entry names an unknown key or a value of the wrong type.
+        ValueError: a LoRA attacker is combined with ``trainable=lora``.
+    """
+    from apdm.config import replace_checked
+
+    out = [per_cfg] + [replace_checked(per_cfg, changes, f"protect.attacker_mix[{i}]")
+                       for i, changes in enumerate(pcfg.attacker_mix)]
+    if pcfg.trainable == "lora" and pcfg.inner_steps > 0 and any(a.method == "lora" for a in out):
+        raise ValueError("protect.trainable=lora cannot be combined with a LoRA attacker in the inner loop; "
+                         "use trainable=all or a list of blocks, or a dreambooth/ti attacker")
+    return out
+
+
+def check_protect_config(per_cfg: PersonalizationConfig, pcfg: ProtectConfig) -> None:
+    """Every check that needs no model: lr phases and attackers. Raises before any work starts."""
+    check_lr_phases(pcfg)
+    attackers(per_cfg, pcfg)
+
+
 def check_lr_phases(pcfg: ProtectConfig) -> None:
     """Raise ValueError unless ``pcfg.lr_phases`` is empty or a list of ``[steps, lr]`` summing to outer_steps."""
     if not pcfg.lr_phases:
@@ -373,16 +402,15 @@ def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcf
     Args:
         sd: the base model; it is not modified.
         subjects: the subjects to protect (see :class:`Subject`).
-        per_cfg: the simulated attacker (inner loop), normally DreamBooth.
+        per_cfg: the simulated attacker (inner loop), normally DreamBooth; ``pcfg.attacker_mix`` adds others,
+            taken in turn (see :func:`attackers`).
         pcfg: protection settings.
         seed: base seed; outer step j's randomness depends only on (seed, j).
         checkpoint_dir: where resumable checkpoints go (every ``pcfg.checkpoint_every`` steps).
         stop_after: stop after this many outer steps *of this call* (for tests of interruption).
     """
-    if pcfg.trainable == "lora" and per_cfg.method == "lora" and pcfg.inner_steps > 0:
-        raise ValueError("protect.trainable=lora cannot be combined with a LoRA attacker in the inner loop; "
-                         "use trainable=all or a list of blocks, or a dreambooth/ti attacker")
     check_lr_phases(pcfg)
+    per_cfgs = attackers(per_cfg, pcfg)
     theta, trainable = prepare_theta(sd, pcfg, seed)
     phi = None if pcfg.trainable == "lora" else sd.unet  # the caller's UNet is only read, never trained
     optimizer = S.make_optimizer(pcfg.optimizer, list(trainable.values()), lr=pcfg.learning_rate,
@@ -400,8 +428,10 @@ def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcf
         lr = learning_rate_at(pcfg, j)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        logs = outer_step(j, theta, trainable, phi, sd, subjects, per_cfg, pcfg, optimizer, seed)
-        history.append({"step": j, "lr": lr, **{k: round(v, 6) for k, v in logs.items()}})
+        k = (j // len(subjects)) % len(per_cfgs)  # subjects, then attackers, in turn: every pair comes up
+        logs = outer_step(j, theta, trainable, phi, sd, subjects, per_cfgs[k], pcfg, optimizer, seed)
+        history.append({"step": j, "lr": lr, **({"attacker": k} if len(per_cfgs) > 1 else {}),
+                        **{n: round(v, 6) for n, v in logs.items()}})
         bar.set_postfix(protect=f"{logs.get('loss_protect', 0):.4f}", subj=f"{logs.get('mse_subject', 0):.3f}")
         done += 1
         if ckpt is not None and pcfg.checkpoint_every > 0 and (j + 1) % pcfg.checkpoint_every == 0:

@@ -11,10 +11,30 @@ from apdm.config import ProtectModelRunConfig, to_yaml
 from apdm.utils import LOG, atomic_write_json, atomic_write_text, peak_rss_mb, seed_everything
 
 
+def protection_images(sd, per_cfg, class_prompt: str, num_class_images: int, num_paired: int,
+                      quiet: bool = False):
+    """The class-prompt images a protection needs from the base model, generated once and cached.
+
+    Whatever the simulated attacker (LoRA without prior preservation, TI), L_ppl and the DPO winners need them,
+    so they are always made with the attacker's class-sampling settings and prior preservation on.
+
+    Returns:
+        (class_images, paired): (num_class_images,3,H,W) prior images of ``class_prompt`` and (num_paired,3,H,W)
+        x⁺ images, one per subject photo, from another seed; both in [0,1] on the CPU.
+    """
+    from apdm.personalization.simulator import class_images_for
+
+    base = dataclasses.replace(per_cfg, class_prompt=class_prompt, num_class_images=num_class_images,
+                               with_prior_preservation=True, method="dreambooth")
+    class_images = class_images_for(sd, base, quiet=quiet)
+    paired = class_images_for(sd, dataclasses.replace(base, num_class_images=num_paired, seed=base.seed + 7777),
+                              quiet=quiet)
+    return class_images, paired
+
+
 def load_subjects(sd, cfg: ProtectModelRunConfig, quiet: bool = False):
     """Load each subject's photos and generate (or reuse cached) class and paired images from the base model."""
     from apdm.core.images import list_images, load_images
-    from apdm.personalization.simulator import class_images_for
     from apdm.protect_model.l2p import Subject
 
     if not cfg.subjects:
@@ -34,13 +54,8 @@ def load_subjects(sd, cfg: ProtectModelRunConfig, quiet: bool = False):
             raise ValueError(f"subjects[{k}]: no usable images in {sc.instance_data}")
         instance_prompt = sc.instance_prompt or cfg.personalization.instance_prompt
         class_prompt = sc.class_prompt or cfg.personalization.class_prompt
-        base = dataclasses.replace(cfg.personalization, class_prompt=class_prompt,
-                                   num_class_images=cfg.protect.num_class_images, with_prior_preservation=True,
-                                   method="dreambooth")
-        class_images = class_images_for(sd, base, quiet=quiet)
-        # x⁺: N generic images of the class prompt, one per photo, from another seed than the prior images
-        paired = class_images_for(sd, dataclasses.replace(base, num_class_images=len(ok), seed=base.seed + 7777),
-                                  quiet=quiet)
+        class_images, paired = protection_images(sd, cfg.personalization, class_prompt,
+                                                 cfg.protect.num_class_images, len(ok), quiet=quiet)
         subjects.append(Subject(name=Path(str(src)).name if isinstance(src, str) else f"subject{k}",
                                 images=images.to(sd.device), paired=paired.to(sd.device),
                                 class_images=class_images.to(sd.device), instance_prompt=instance_prompt,
@@ -61,9 +76,9 @@ def run(cfg: ProtectModelRunConfig) -> dict:
         output_dir/protect_log.json     per-outer-step losses, timings
     """
     from apdm.core.models import load_sd, save_sd
-    from apdm.protect_model.l2p import check_lr_phases, protect
+    from apdm.protect_model.l2p import check_protect_config, protect
 
-    check_lr_phases(cfg.protect)  # before any model loading or class-image generation
+    check_protect_config(cfg.personalization, cfg.protect)  # before any model loading or class-image generation
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", to_yaml(cfg))
@@ -109,7 +124,7 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, 
     if history:
         last = history[-1]
         lines += ["Final protection losses: "
-                  + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k not in ("step", "lr")), ""]
+                  + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k not in ("step", "lr", "attacker")), ""]
     if results:
         lines += ["## Measured results", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in results.items()]
