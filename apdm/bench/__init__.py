@@ -66,12 +66,19 @@ def _protect_images(quick: bool, overrides: list[str]) -> dict:
     return bench_protect_images(quick, overrides)
 
 
+def _speed(quick: bool, overrides: list[str]) -> dict:
+    from apdm.bench.speed import bench_speed
+
+    return bench_speed(quick, overrides)
+
+
 #: name -> function(quick, overrides) -> flat dict of numbers
 BENCHMARKS = {
     "personalize-steps": _personalize_steps,
     "toy-world": _toy_world,
     "protect-model": _protect_model,
     "protect-images": _protect_images,
+    "speed": _speed,
 }
 
 

@@ -10,7 +10,9 @@ Model sources (``load_sd(path)``):
     * a hub id such as ``runwayml/stable-diffusion-v1-5`` — works with network or a warm HF cache; offline it
       fails with a message saying weights must be a local path;
     * ``tiny`` — :func:`tiny_sd`, a random-weight pipeline of real diffusers/transformers classes (tests, smoke);
-    * ``toy`` — the toy-world model (``apdm.toy``), from the cache or ``assets/``.
+    * ``toy`` — the toy-world model (``apdm.toy``), from the cache or ``assets/``;
+    * ``random:sd15`` / ``random:sd21base`` — the real architecture with random weights (:func:`random_sd`): no
+      download, no meaning, but the true sizes, so speed and memory of real-size runs can be measured anywhere.
 """
 
 from __future__ import annotations
@@ -91,7 +93,10 @@ class SD:
     def fingerprint(self) -> str:
         """A short hash of the model's identity (source + UNet config + a few weights), for cache keys."""
         h = hashlib.sha256(self.source.encode())
-        h.update(json.dumps(dict(self.unet.config), sort_keys=True, default=str).encode())
+        # diffusers records the defaults a code-built model used as a list made from a set: its order changes
+        # with the process's hash seed, so it is left out (models loaded from disk do not have it)
+        config = {k: v for k, v in self.unet.config.items() if k != "_use_default_values"}
+        h.update(json.dumps(config, sort_keys=True, default=str).encode())
         with torch.no_grad():
             for i, p in enumerate(self.unet.parameters()):
                 if i % 20 == 0:
@@ -134,7 +139,7 @@ def load_sd(path: str = "tiny", device: str = "auto", dtype: str = "auto", revis
     """Load a Stable Diffusion model (see module docstring for accepted sources).
 
     Args:
-        path: local diffusers directory, hub id, ``tiny`` or ``toy``.
+        path: local diffusers directory, hub id, ``tiny``, ``toy`` or ``random:sd15`` / ``random:sd21base``.
         device: ``auto`` | ``cpu`` | ``cuda[:i]`` | ``mps``.
         dtype: ``auto`` | ``fp32`` | ``fp16`` | ``bf16`` for the frozen weights.
         revision: hub revision (ignored for local folders).
@@ -146,6 +151,8 @@ def load_sd(path: str = "tiny", device: str = "auto", dtype: str = "auto", revis
     dt = select_dtype(dtype, dev)
     if path == "tiny":
         return tiny_sd(device=str(dev), dtype=dt)
+    if path.startswith("random:"):
+        return random_sd(path.split(":", 1)[1], device=str(dev), dtype=dt)
     if path == "toy":
         from apdm.toy import model_path  # resolved lazily: the toy world is optional
 
@@ -178,6 +185,76 @@ def load_sd(path: str = "tiny", device: str = "auto", dtype: str = "auto", revis
     return _from_components(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, dev, dt, str(path))
 
 
+#: Real architectures (component configs as published with the models; parameter counts checked in the tests:
+#: SD-1.5 UNet 859,520,964, SD-2.1 UNet 865,910,724, VAE 83,653,863, CLIP ViT-L text 123,060,480, OpenCLIP ViT-H
+#: text 340,387,840). Used by :func:`random_sd` for size-true speed and memory measurements without weights.
+_SD_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "norm_num_groups": 32, "layers_per_block": 2,
+           "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+           "up_block_types": ["UpDecoderBlock2D"] * 4, "sample_size": 512, "scaling_factor": 0.18215}
+_SD_UNET = {"sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+            "block_out_channels": [320, 640, 1280, 1280],
+            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "norm_num_groups": 32}
+ARCHITECTURES = {
+    "sd15": {
+        "unet": {**_SD_UNET, "cross_attention_dim": 768, "attention_head_dim": 8},
+        "vae": _SD_VAE,
+        "text": {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
+                 "num_hidden_layers": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+                 "projection_dim": 768},
+    },
+    "sd21base": {
+        "unet": {**_SD_UNET, "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20],
+                 "use_linear_projection": True},
+        "vae": _SD_VAE,
+        "text": {"vocab_size": 49408, "hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
+                 "num_hidden_layers": 23, "max_position_embeddings": 77, "hidden_act": "gelu",
+                 "projection_dim": 512},
+    },
+}
+_SD_SCHEDULER = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                 "beta_end": 0.012, "clip_sample": False, "steps_offset": 1}
+
+
+def build_components(unet_cfg: dict, vae_cfg: dict, text_cfg: dict, words=(), seed: int = 0):
+    """Random-weight (unet, vae, text_encoder, tokenizer, scheduler) of real diffusers/transformers classes.
+
+    Each module is built right after ``torch.manual_seed(seed)``. The tokenizer is apdm's own word-level CLIP
+    tokenizer (:mod:`apdm.core.tokenizer`); ``text_cfg`` may give a larger ``vocab_size`` than it has (rows never
+    indexed, as in a real checkpoint's size). Under ``with torch.device("meta"):`` nothing is allocated.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from apdm.core.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(words)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_cfg)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**vae_cfg)
+    torch.manual_seed(seed)
+    text = {"vocab_size": len(tokenizer), **text_cfg}
+    text_encoder = CLIPTextModel(CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                                pad_token_id=tokenizer.pad_token_id, **text))
+    return unet, vae, text_encoder, tokenizer, DDPMScheduler(**_SD_SCHEDULER)
+
+
+def random_sd(arch: str = "sd15", seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32) -> SD:
+    """A real-size Stable Diffusion architecture (:data:`ARCHITECTURES`) with random weights.
+
+    Its outputs mean nothing; its sizes, FLOPs and memory are the real model's, so ``apdm bench speed
+    model=random:sd15`` times real-size protection on a GPU without any download. Building SD-1.5 takes ~1.1B
+    parameters: seconds on a GPU host, ~5 GB of RAM in fp32.
+    """
+    if arch not in ARCHITECTURES:
+        raise ModelLoadError(f"unknown architecture 'random:{arch}' (known: "
+                             f"{', '.join('random:' + a for a in ARCHITECTURES)})")
+    a = ARCHITECTURES[arch]
+    parts = build_components(a["unet"], a["vae"], a["text"], seed=seed)
+    return _from_components(*parts, torch.device(device), dtype, f"random:{arch}")
+
+
 def tiny_sd(seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32, sample_size: int = 8,
             words=(), vae_downsample: int = 8) -> SD:
     """A random-weight Stable Diffusion of real diffusers/transformers classes at tiny size (no downloads).
@@ -192,35 +269,22 @@ def tiny_sd(seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float
         words: extra whole-word tokens for the tokenizer.
         vae_downsample: 8 (SD geometry) or 2/4 (cheaper VAE, larger latents).
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from apdm.core.tokenizer import build_tokenizer
-
     levels = {2: 2, 4: 3, 8: 4}[vae_downsample]
-    tokenizer = build_tokenizer(words)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    unet_cfg = dict(
         sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
     )
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
+    vae_cfg = dict(
         in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8, layers_per_block=1,
         block_out_channels=[8, 16, 16, 16][:levels],
         down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
         sample_size=sample_size * vae_downsample,
     )
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-        num_hidden_layers=2, max_position_embeddings=77,
-    ))
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, clip_sample=False, steps_offset=1)
-    return _from_components(unet, vae, text_encoder, tokenizer, scheduler, torch.device(device), dtype, "tiny")
+    text_cfg = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                    max_position_embeddings=77)
+    parts = build_components(unet_cfg, vae_cfg, text_cfg, words=words, seed=seed)
+    return _from_components(*parts, torch.device(device), dtype, "tiny")
 
 
 def save_sd(sd: SD, out_dir: str | Path, scheduler: str = "ddim", safe_serialization: bool = True) -> Path:

@@ -1,0 +1,185 @@
+"""``apdm bench speed``: seconds and peak GPU memory of every engine's unit of work, on any model.
+
+What is timed (each after one warm-up call, median of ``repeats`` timed calls, CUDA synchronized):
+
+* ``personalize``: one optimizer step of DreamBooth, LoRA and Textual Inversion (the shared simulator);
+* ``protect-model``: one L2P outer step (``inner_steps`` simulated DreamBooth steps, each followed by the DPO +
+  L_ppl protection gradient; the paper's SD setting is 20) and the projected hours of ``outer_steps`` such steps
+  (the paper: 800 × 20);
+* ``protect-images``: LDU per image (inversion + ρ + k-step denoise at model resolution, a fresh ρ: the cost does
+  not depend on ρ's weights), one ρ training step, one ASPL outer iteration (3 surrogate + 6 PGD + 3 DreamBooth
+  steps on the ``images`` photos), one AdvDM and one PhotoGuard PGD step; each with its projected seconds per image
+  at the method's default step count.
+
+With ``model=random:sd15`` (or ``random:sd21base``) the model is the real architecture with random weights
+(:func:`apdm.core.models.random_sd`): its numbers are real-size costs, measurable where no weights can be
+downloaded. Efficacy is not measured here (see the toy-world benchmarks).
+
+Options: ``model=PATH|tiny|toy|random:sd15`` ``device=auto|cpu|cuda`` ``dtype=auto|fp32|bf16|fp16``
+``parts=personalize,protect-model,protect-images`` ``repeats=N`` ``batch_size=N`` ``images=N``
+``inner_steps=N`` ``outer_steps=N`` ``mixed_precision=no|bf16|fp16`` ``gradient_checkpointing=true|false``
+``trainable=all|lora|NAMES`` (what θ trains, as ``protect.trainable``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import platform
+import statistics
+import time
+from typing import Callable
+
+PARTS = ("personalize", "protect-model", "protect-images")
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device, repeats: int) -> tuple[float, float | None]:
+    """(median seconds of ``repeats`` calls of ``fn`` after one warm-up call, peak GPU MiB or None on CPU)."""
+    import torch
+
+    fn()  # warm-up: allocations, lazy init, kernel selection
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(max(1, repeats)):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    peak = round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda" else None
+    return statistics.median(times), peak
+
+
+def _record(result: dict, key: str, seconds: float, peak: float | None) -> None:
+    result[f"seconds_{key}"] = round(seconds, 4)
+    if peak is not None:
+        result[f"peak_gpu_mb_{key}"] = peak
+
+
+def personalize_step_times(sd, images, class_images, batch_size: int, repeats: int) -> dict:
+    """``{seconds_per_step_M, peak_gpu_mb_M}`` for M in dreambooth, lora, ti (one simulator step each)."""
+    from apdm.config import PersonalizationConfig
+    from apdm.personalization import simulator as S
+
+    out: dict = {}
+    for method, lr in {"dreambooth": 5e-6, "lora": 1e-4, "ti": 5e-4}.items():
+        cfg = PersonalizationConfig(method=method, learning_rate=lr, batch_size=batch_size)
+        state = S.setup(sd, cfg, class_images)
+        seconds, peak = timed(lambda: S.step(state, images), sd.device, repeats)
+        _record(out, f"per_step_{method}", seconds, peak)
+        del state
+    return out
+
+
+def _protect_model(sd, images, class_images, opts: dict, repeats: int) -> dict:
+    from apdm.config import PersonalizationConfig, ProtectConfig
+    from apdm.personalization import simulator as S
+    from apdm.protect_model import l2p
+
+    inner = int(opts.get("inner_steps", 20))
+    outer = int(opts.get("outer_steps", 800))
+    pcfg = ProtectConfig(inner_steps=inner, checkpoint_every=0, trainable=opts.get("trainable", "all"),
+                         mixed_precision=opts.get("mixed_precision", "no"),
+                         gradient_checkpointing=opts.get("gradient_checkpointing", "false").lower() in ("1", "true"))
+    per = PersonalizationConfig(method="dreambooth", learning_rate=5e-6, batch_size=1)
+    n = images.shape[0]
+    subject = l2p.Subject("speed", images, class_images[:n], class_images, "a photo of sks person",
+                          "a photo of a person")
+    theta, trainable = l2p.prepare_theta(sd, pcfg)
+    optimizer = S.make_optimizer(pcfg.optimizer, list(trainable.values()), lr=pcfg.learning_rate,
+                                 weight_decay=pcfg.weight_decay)
+    phi = None if pcfg.trainable == "lora" else sd.unet  # as l2p.protect: LoRA-θ's φ is θ with adapters off
+    theta.train()
+    step = iter(range(10**6))
+    seconds, peak = timed(lambda: l2p.outer_step(next(step), theta, trainable, phi, sd, [subject], per, pcfg,
+                                                 optimizer, 0), sd.device, repeats)
+    out = {"protect_inner_steps": inner, "protect_outer_steps": outer,
+           "protect_mixed_precision": pcfg.mixed_precision,
+           "protect_gradient_checkpointing": pcfg.gradient_checkpointing, "protect_trainable": pcfg.trainable}
+    _record(out, "per_outer_step", seconds, peak)
+    out["hours_protect_model_projected"] = round(seconds * outer / 3600, 3)
+    return out
+
+
+def _default_steps(method) -> int:
+    """The method's own default step count (its signature's ``steps=``)."""
+    return int(inspect.signature(method).parameters["steps"].default)
+
+
+def _protect_images(sd, images, class_images, opts: dict, repeats: int) -> dict:
+    from apdm.protect_images import ldu
+    from apdm.protect_images.baselines import protect_advdm, protect_aspl, protect_photoguard
+
+    n = images.shape[0]
+    budget = 8 / 255
+    out: dict = {"images": n}
+    rho = ldu.build_rho(sd.unet.config.in_channels).to(sd.device)
+    seconds, peak = timed(lambda: ldu.apply(sd, rho, images, budget, batch_size=n, quiet=True), sd.device, repeats)
+    _record(out, "per_image_ldu", seconds / n, peak)
+
+    anchors = ldu.train_anchors(sd, [images], ldu.default_personalization(), steps=1, quiet=True)
+
+    def train(steps):
+        ldu.train_perturber(sd, [images], budget=budget, steps=steps, batch_size=n, anchors=anchors, quiet=True)
+
+    # ρ training = preparation (inversion of the photos) + steps: the difference of 1 + r and 1 steps is r steps
+    one, _ = timed(lambda: train(1), sd.device, 1)
+    more, peak = timed(lambda: train(1 + repeats), sd.device, 1)
+    _record(out, "per_step_ldu_train", max(more - one, 0.0) / repeats, peak)
+
+    seconds, peak = timed(lambda: protect_aspl(sd, images, budget=budget, steps=1, class_images=class_images,
+                                               quiet=True), sd.device, repeats)
+    _record(out, "per_iteration_aspl", seconds, peak)
+    out["seconds_per_image_aspl_projected"] = round(seconds * _default_steps(protect_aspl) / n, 3)
+    for name, fn in (("advdm", protect_advdm), ("photoguard", protect_photoguard)):
+        seconds, peak = timed(lambda: fn(sd, images, budget=budget, steps=1, quiet=True), sd.device, repeats)
+        _record(out, f"per_step_{name}", seconds, peak)
+        out[f"seconds_per_image_{name}_projected"] = round(seconds * _default_steps(fn) / n, 3)
+    return out
+
+
+def bench_speed(quick: bool, overrides: list[str]) -> dict:
+    """See the module docstring."""
+    import torch
+
+    from apdm.bench import parse_options
+    from apdm.core.models import load_sd
+
+    opts = parse_options(overrides, {"model", "device", "dtype", "parts", "repeats", "batch_size", "images",
+                                     "inner_steps", "outer_steps", "mixed_precision", "gradient_checkpointing",
+                                     "trainable"})
+    parts = opts.get("parts", ",".join(PARTS)).split(",")
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ValueError(f"unknown parts {unknown} (choose from {', '.join(PARTS)})")
+    if quick:
+        opts.setdefault("inner_steps", "2")
+    repeats = int(opts.get("repeats", 2 if quick else 5))
+    t0 = time.perf_counter()
+    sd = load_sd(opts.get("model", "tiny"), opts.get("device", "auto"), opts.get("dtype", "auto"))
+    seconds_load = time.perf_counter() - t0
+    res = sd.resolution
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(int(opts.get("images", 4)), 3, res, res, generator=g).to(sd.device)
+    class_images = torch.rand(8, 3, res, res, generator=g).to(sd.device)
+    result = {"model": sd.source, "device": str(sd.device), "dtype": str(sd.dtype).replace("torch.", ""),
+              "resolution": res, "repeats": repeats, "torch": torch.__version__,
+              "torch_threads": torch.get_num_threads(), "seconds_load": round(seconds_load, 2),
+              "cpu": platform.processor() or platform.machine()}
+    if sd.device.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name(sd.device)
+    bs = int(opts.get("batch_size", 1))
+    if "personalize" in parts:
+        result.update(personalize_step_times(sd, images, class_images, bs, repeats))
+    if "protect-model" in parts:
+        result.update(_protect_model(sd, images, class_images, opts, repeats))
+    if "protect-images" in parts:
+        result.update(_protect_images(sd, images, class_images, opts, repeats))
+    return result

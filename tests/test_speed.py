@@ -1,0 +1,67 @@
+"""Real-size random architectures and ``apdm bench speed`` (run here on the tiny model; on a GPU with random:sd15)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from apdm.core.models import ARCHITECTURES, ModelLoadError, build_components, load_sd
+
+
+def _count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("arch, unet, text", [("sd15", 859_520_964, 123_060_480),
+                                              ("sd21base", 865_910_724, 340_387_840)])
+def test_random_architectures_have_the_published_sizes(arch, unet, text):
+    """Parameter counts of the published checkpoints (UNet, VAE 83,653,863, text encoder), built on the meta
+    device (nothing allocated)."""
+    a = ARCHITECTURES[arch]
+    with torch.device("meta"):
+        u, vae, te, _, sched = build_components(a["unet"], a["vae"], a["text"])
+    assert (_count(u), _count(vae), _count(te)) == (unet, 83_653_863, text)
+    assert u.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1) == 512
+    assert sched.config.beta_schedule == "scaled_linear"
+
+
+def test_unknown_random_architecture_is_a_clear_error():
+    with pytest.raises(ModelLoadError, match="random:sd15"):
+        load_sd("random:sd3")
+
+
+def test_tiny_fingerprint_does_not_depend_on_the_hash_seed():
+    """diffusers records a code-built model's defaults in set order; the fingerprint (class-image cache keys,
+    benchmark baselines) must not change with PYTHONHASHSEED."""
+    code = "from apdm.core.models import tiny_sd; print(tiny_sd().fingerprint())"
+    prints = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "2", "3")}
+    assert len(prints) == 1 and len(prints.pop()) == 16
+
+
+def test_speed_bench_times_every_engine(tmp_path):
+    from apdm.cli import main
+
+    out = tmp_path / "speed.json"
+    assert main(["bench", "speed", "--quick", "--out", str(out), "quiet=true", "repeats=1", "device=cpu",
+                 "inner_steps=1", "outer_steps=10", "images=2"]) == 0
+    r = json.loads(out.read_text())
+    assert (r["model"], r["device"], r["resolution"], r["images"]) == ("tiny", "cpu", 64, 2)
+    timed = [k for k in r if k.startswith("seconds_per_")]
+    # 3 personalization steps, the L2P outer step, LDU apply and train step, ASPL, AdvDM, PhotoGuard (+ projections)
+    assert len(timed) == 12 and all(r[k] > 0 for k in timed if k != "seconds_per_step_ldu_train")
+    assert r["seconds_per_step_ldu_train"] >= 0  # a difference of two timings: noise can make it tiny
+    # projections follow from the measured unit: 10 outer steps, 50 ASPL iterations over 2 images
+    assert r["hours_protect_model_projected"] == pytest.approx(r["seconds_per_outer_step"] * 10 / 3600, abs=1e-3)
+    assert r["seconds_per_image_aspl_projected"] == pytest.approx(r["seconds_per_iteration_aspl"] * 50 / 2, rel=1e-2)
+    assert not any(k.startswith("peak_gpu_mb") for k in r)  # CPU run: no GPU memory keys
+
+
+def test_speed_bench_rejects_unknown_parts():
+    from apdm.bench.speed import bench_speed
+
+    with pytest.raises(ValueError, match="unknown parts"):
+        bench_speed(True, ["parts=protect-everything"])
