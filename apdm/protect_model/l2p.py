@@ -19,7 +19,8 @@ Design choices (see docs/protect_model.md):
 * the paper's clean gradient by default; ``gradient_leak=true`` reproduces the reference code, where the
   personalization gradient ∇L_per(θ'_i) is added to each transferred gradient;
 * every random draw of outer step j comes from generators seeded by ``(seed, j)``, so a run resumed from a
-  checkpoint continues exactly as an uninterrupted one;
+  checkpoint continues exactly as an uninterrupted one; with several processes (``torchrun``), rank r uses
+  ``seed + 1_000_003 r`` and the gradients are averaged (:mod:`apdm.core.distributed`);
 * several subjects: outer step j protects subject ``j mod K`` (round robin); several simulated attackers
   (``attacker_mix``, our addition) are taken in turn in the same way;
 * ``anchor_weight > 0`` adds L_ppl taken at θ itself to every outer step (our addition, off by default);
@@ -40,6 +41,7 @@ import torch
 
 from apdm.config import PersonalizationConfig, ProtectConfig
 from apdm.core import diffusion as D
+from apdm.core import distributed
 from apdm.core.models import SD
 from apdm.personalization import simulator as S
 from apdm.protect_model.losses import dpo_loss, naive_loss
@@ -229,7 +231,12 @@ def _map_inner_params(theta_names, inner_unet) -> dict[str, torch.nn.Parameter]:
 
 def outer_step(j: int, theta, trainable: dict, phi, sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig,
                pcfg: ProtectConfig, optimizer: torch.optim.Optimizer, seed: int) -> dict[str, float]:
-    """One protection step (outer iteration j of Algorithm 1). Updates θ in place; φ is never touched."""
+    """One protection step (outer iteration j of Algorithm 1). Updates θ in place; φ is never touched.
+
+    Under data parallelism (:mod:`apdm.core.distributed`) each process draws from its own seed
+    (``rank_seed(seed)``) and the protection gradients are averaged before the update.
+    """
+    seed = distributed.rank_seed(seed)
     subject = subjects[j % len(subjects)]
     g = _seeded(seed, j, 1)
     phi_ctx = lambda: _phi(theta, phi)  # noqa: E731
@@ -294,8 +301,8 @@ def outer_step(j: int, theta, trainable: dict, phi, sd: SD, subjects: list[Subje
 
 def _all_reduce_grads(trainable: dict) -> None:
     """Average the protection gradient over processes (``accelerate launch`` / torchrun data parallelism)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        world = torch.distributed.get_world_size()
+    world = distributed.rank_world()[1]
+    if world > 1:
         for p in trainable.values():
             torch.distributed.all_reduce(p.grad)
             p.grad /= world
@@ -422,7 +429,9 @@ def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcf
         start, history = load_checkpoint(ckpt, trainable, optimizer)
         LOG.info("resuming protection from outer step %d/%d (%s)", start, pcfg.outer_steps, ckpt)
     theta.train()
-    bar = progress(range(start, pcfg.outer_steps), desc="protecting (L2P)", total=pcfg.outer_steps - start)
+    main = distributed.is_main()  # with several processes, only the main one shows progress and checkpoints
+    bar = progress(range(start, pcfg.outer_steps), desc="protecting (L2P)", total=pcfg.outer_steps - start,
+                   disable=not main)
     done = 0
     for j in bar:
         lr = learning_rate_at(pcfg, j)
@@ -434,11 +443,12 @@ def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcf
                         **{n: round(v, 6) for n, v in logs.items()}})
         bar.set_postfix(protect=f"{logs.get('loss_protect', 0):.4f}", subj=f"{logs.get('mse_subject', 0):.3f}")
         done += 1
-        if ckpt is not None and pcfg.checkpoint_every > 0 and (j + 1) % pcfg.checkpoint_every == 0:
-            save_checkpoint(ckpt, j + 1, trainable, optimizer, history)
-        if stop_after is not None and done >= stop_after:
-            if ckpt is not None:
+        stop = stop_after is not None and done >= stop_after
+        if ckpt is not None and (stop or pcfg.checkpoint_every > 0 and (j + 1) % pcfg.checkpoint_every == 0):
+            if main:
                 save_checkpoint(ckpt, j + 1, trainable, optimizer, history)
+            distributed.barrier()
+        if stop:
             break
     theta.eval().requires_grad_(False)
     if pcfg.trainable == "lora":

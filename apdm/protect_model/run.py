@@ -75,28 +75,42 @@ def run(cfg: ProtectModelRunConfig) -> dict:
         output_dir/model/README.md      model card: protected prompts (never the photos), settings
         output_dir/protect_log.json     per-outer-step losses, timings
     """
+    from apdm.core import distributed
     from apdm.core.models import load_sd, save_sd
     from apdm.protect_model.l2p import check_protect_config, protect
 
     check_protect_config(cfg.personalization, cfg.protect)  # before any model loading or class-image generation
+    rank, world = distributed.init_from_env()  # several processes under torchrun / accelerate launch
+    main = rank == 0
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", to_yaml(cfg))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", to_yaml(cfg))
     seed_everything(cfg.seed)
     sd = load_sd(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.revision)
-    subjects, skipped = load_subjects(sd, cfg, cfg.quiet)
+    if not main:
+        distributed.barrier()  # the main process generates the class images; the others read them from its cache
+    subjects, skipped = load_subjects(sd, cfg, cfg.quiet or not main)
+    if main:
+        distributed.barrier()
     p = cfg.protect
     lr = " then ".join(f"{int(n)} at {r:g}" for n, r in p.lr_phases) if p.lr_phases else f"{p.learning_rate:g}"
-    LOG.info("APDM: %s loss, %d outer x %d inner steps, lr %s, trainable=%s, %d subject(s)", p.loss,
-             p.outer_steps, p.inner_steps, lr, p.trainable, len(subjects))
+    if main:
+        LOG.info("APDM: %s loss, %d outer x %d inner steps, lr %s, trainable=%s, %d subject(s)%s", p.loss,
+                 p.outer_steps, p.inner_steps, lr, p.trainable, len(subjects),
+                 f", {world} processes (gradients averaged)" if world > 1 else "")
     t0 = time.perf_counter()
     unet, history = protect(sd, subjects, cfg.personalization, p, seed=cfg.seed, checkpoint_dir=out / "checkpoint")
     seconds = time.perf_counter() - t0
+    if not main:  # θ is the same on every process; the main one writes it
+        distributed.barrier()
+        return {"seconds_protect": round(seconds, 2), "rank": rank, "world_size": world}
     protected = dataclasses.replace(sd, unet=unet.to(sd.dtype), source=f"apdm-protected({sd.source})")
     save_sd(protected, out / "model")
     card = model_card(cfg, history, seconds)
     atomic_write_text(out / "model" / "README.md", card)
     summary = {"seconds_protect": round(seconds, 2), "outer_steps": p.outer_steps, "inner_steps": p.inner_steps,
+               "world_size": world,
                "seconds_per_outer_step": round(seconds / max(1, len(history)), 3) if history else None,
                "skipped_inputs": skipped, "peak_rss_mb": round(peak_rss_mb(), 1), "history": history}
     atomic_write_json(out / "protect_log.json", summary)
@@ -104,6 +118,7 @@ def run(cfg: ProtectModelRunConfig) -> dict:
 
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
     LOG.info("protected model written to %s (%.1f s)", out / "model", seconds)
+    distributed.barrier()
     return summary
 
 

@@ -1,0 +1,70 @@
+"""Data-parallel runs over several processes (``torchrun`` / ``accelerate launch``), for ``apdm protect-model``.
+
+A launcher starts one process per GPU and sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+``MASTER_PORT``. :func:`init_from_env` turns that into a process group (NCCL on CUDA, gloo on CPU) and pins the
+process to GPU ``LOCAL_RANK``. Every process then runs the same protection with its own random draws
+(:func:`rank_seed`); the protection gradients are averaged before each update, so θ stays identical on every
+process while each outer step sees ``world_size`` times the samples. Only the main process writes files.
+
+Without a launcher (``WORLD_SIZE`` unset or 1) everything here is a no-op: rank 0 of 1.
+"""
+
+from __future__ import annotations
+
+import os
+
+#: rank r draws its randomness from ``seed + RANK_SEED_STRIDE * r`` (rank 0: the single-process seed).
+RANK_SEED_STRIDE = 1_000_003
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) unless a process group is initialized."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    """True on the process that writes outputs (rank 0, or the only process)."""
+    return rank_world()[0] == 0
+
+
+def rank_seed(seed: int) -> int:
+    """This process's seed for data-parallel draws: ``seed`` on rank 0, shifted by the rank elsewhere."""
+    return seed + RANK_SEED_STRIDE * rank_world()[0]
+
+
+def barrier() -> None:
+    """Wait for every process (no-op in a single process)."""
+    import torch.distributed as dist
+
+    if rank_world()[1] > 1:
+        dist.barrier()
+
+
+def init_from_env() -> tuple[int, int]:
+    """Join the process group a launcher described in the environment; returns (rank, world size).
+
+    Idempotent. On CUDA machines each process is pinned to ``cuda:LOCAL_RANK`` first, so ``device=auto`` /
+    ``cuda`` mean that process's own GPU.
+
+    Raises:
+        RuntimeError: ``WORLD_SIZE`` > 1 but the launcher's variables are incomplete (names the missing ones).
+    """
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or (dist.is_available() and dist.is_initialized()):
+        return rank_world()
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: start several processes with "
+                           "`torchrun --nproc_per_node N -m apdm.cli ...` or `accelerate launch -m apdm.cli ...`")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return rank_world()
