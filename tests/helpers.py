@@ -14,3 +14,18 @@ def fixed_personalization_loss(state, images, seeds=range(4)) -> float:
         with torch.no_grad():
             vals.append(S.loss(state, images, batch_size=images.shape[0])[0].item())
     return sum(vals) / len(vals)
+
+
+def tiny_protect_model_args(tmp_path) -> list[str]:
+    """``apdm protect-model`` overrides for a seconds-long run on the tiny model: a two-photo subject folder made
+    under ``tmp_path``, 2 outer x 1 inner steps, 2 class images; the output goes to ``tmp_path / "out"``."""
+    from PIL import Image
+
+    imgs = tmp_path / "subject"
+    imgs.mkdir()
+    for i in range(2):
+        Image.new("RGB", (70, 60), (40 * i, 120, 200)).save(imgs / f"{i}.png")
+    return ["model.path=tiny", "model.device=cpu", f"output_dir={tmp_path / 'out'}", "quiet=true",
+            f"subjects=[{{instance_data: {imgs}}}]", "protect.outer_steps=2", "protect.inner_steps=1",
+            "protect.num_class_images=2", "personalization.class_sample_steps=2",
+            f"personalization.class_data_dir={tmp_path / 'cls'}", "protect.learning_rate=1e-3"]

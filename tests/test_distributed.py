@@ -105,18 +105,11 @@ def test_incomplete_launcher_environment_is_a_clear_error(monkeypatch):
 
 def test_torchrun_protect_model_cli(tmp_path):
     """The provider's command under ``torchrun --nproc_per_node 2``: one model written, by the main process."""
-    from PIL import Image
+    from helpers import tiny_protect_model_args
 
-    imgs = tmp_path / "subject"
-    imgs.mkdir()
-    for i in range(2):
-        Image.new("RGB", (70, 60), (40 * i, 120, 200)).save(imgs / f"{i}.png")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "apdm.cli",
-           "protect-model", "model.path=tiny", "model.device=cpu", f"output_dir={out}", "quiet=true",
-           f"subjects=[{{instance_data: {imgs}}}]", "protect.outer_steps=2", "protect.inner_steps=1",
-           "protect.num_class_images=2", "personalization.class_sample_steps=2",
-           f"personalization.class_data_dir={tmp_path / 'cls'}", "protect.learning_rate=1e-3"]
+           "protect-model", *tiny_protect_model_args(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -148,19 +148,12 @@ def test_resume_after_interruption_is_exact(tiny_sd, tmp_path):
 def test_cli_protect_model_writes_loadable_model(tmp_path):
     from diffusers import StableDiffusionPipeline
 
+    from helpers import tiny_protect_model_args
+
     from apdm.cli import main
 
-    imgs = tmp_path / "subject"
-    imgs.mkdir()
-    from PIL import Image
-
-    for i in range(2):
-        Image.new("RGB", (70, 60), (40 * i, 120, 200)).save(imgs / f"{i}.png")
     out = tmp_path / "out"
-    rc = main(["protect-model", "model.path=tiny", "model.device=cpu", f"output_dir={out}", "quiet=true",
-               f"subjects=[{{instance_data: {imgs}}}]", "protect.outer_steps=2", "protect.inner_steps=1",
-               "protect.num_class_images=2", "personalization.class_sample_steps=2",
-               f"personalization.class_data_dir={tmp_path / 'cls'}", "protect.learning_rate=1e-3"])
+    rc = main(["protect-model", *tiny_protect_model_args(tmp_path)])
     assert rc == 0
     pipe = StableDiffusionPipeline.from_pretrained(str(out / "model"))
     assert pipe(["a photo"], num_inference_steps=2, height=64, width=64, output_type="np").images.shape == (1, 64, 64, 3)
