@@ -42,6 +42,19 @@ def test_tiny_fingerprint_does_not_depend_on_the_hash_seed():
     assert len(prints) == 1 and len(prints.pop()) == 16
 
 
+def test_fingerprint_follows_the_weights_not_the_folder(tiny_sd, tmp_path):
+    """The same weights in two folders are one model (baselines and caches match); another weight is another."""
+    from apdm.core.models import save_sd
+
+    for name in ("a", "b"):
+        save_sd(tiny_sd, tmp_path / name)
+    a, b = (load_sd(str(tmp_path / n), device="cpu", dtype="fp32") for n in ("a", "b"))
+    assert a.source != b.source and a.fingerprint() == b.fingerprint() == tiny_sd.fingerprint()
+    with torch.no_grad():
+        next(b.unet.parameters()).flatten()[0] += 1.0
+    assert b.fingerprint() != a.fingerprint()
+
+
 def test_speed_bench_times_every_engine(tmp_path):
     from apdm.cli import main
 

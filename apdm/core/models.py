@@ -91,11 +91,15 @@ class SD:
         )
 
     def fingerprint(self) -> str:
-        """A short hash of the model's identity (source + UNet config + a few weights), for cache keys."""
-        h = hashlib.sha256(self.source.encode())
-        # diffusers records the defaults a code-built model used as a list made from a set: its order changes
-        # with the process's hash seed, so it is left out (models loaded from disk do not have it)
-        config = {k: v for k, v in self.unet.config.items() if k != "_use_default_values"}
+        """A short hash of the model's identity (UNet config + a few weights), for cache keys and for checking that
+        two benchmark results were measured on the same model.
+
+        Where the model was loaded from is left out (the same weights in the repo's ``assets/`` and in the user
+        cache are one model), and so are diffusers' bookkeeping keys (``_name_or_path``, ``_diffusers_version``,
+        and ``_use_default_values``, whose order changes with the hash seed of the process).
+        """
+        h = hashlib.sha256()
+        config = {k: v for k, v in self.unet.config.items() if not k.startswith("_")}
         h.update(json.dumps(config, sort_keys=True, default=str).encode())
         with torch.no_grad():
             for i, p in enumerate(self.unet.parameters()):
