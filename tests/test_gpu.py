@@ -68,18 +68,22 @@ def test_personalization_steps_on_cuda(gpu_sd, method, mixed_precision):
     assert any(not torch.equal(params[n], b) for n, b in before.items())
 
 
-def test_l2p_on_cuda_changes_theta_not_phi(gpu_sd):
+@pytest.mark.parametrize("trainable", ["all", "lora"])
+def test_l2p_on_cuda_changes_theta_not_phi(gpu_sd, trainable):
     from apdm.protect_model import l2p
 
     subj = l2p.Subject("s", _images(2).cuda(), _images(2, seed=2).cuda(), _images(3, seed=3).cuda(),
                        "a photo of sks person", "a photo of a person")
     phi = {n: p.detach().clone() for n, p in gpu_sd.unet.named_parameters()}
     pcfg = ProtectConfig(outer_steps=2, inner_steps=2, learning_rate=1e-3, checkpoint_every=0,
-                         mixed_precision="bf16", gradient_checkpointing=True, anchor_weight=1.0)
+                         mixed_precision="bf16", gradient_checkpointing=True, anchor_weight=1.0, trainable=trainable,
+                         lora_rank=4)
     per = PersonalizationConfig(method="dreambooth", learning_rate=1e-3, batch_size=1)
     theta, hist = l2p.protect(gpu_sd, [subj], per, pcfg)
     assert all(torch.isfinite(torch.tensor(h["loss_protect"])) for h in hist)
-    assert next(theta.parameters()).is_cuda and next(theta.parameters()).dtype == torch.float32
+    # full θ: fp32 master weights; LoRA-θ: adapters merged into a base kept in the model's dtype
+    assert next(theta.parameters()).is_cuda
+    assert next(theta.parameters()).dtype == (torch.float32 if trainable == "all" else gpu_sd.dtype)
     assert all(torch.equal(p, phi[n]) for n, p in gpu_sd.unet.named_parameters())
     assert any(not torch.equal(p.to(phi[n].dtype), phi[n]) for n, p in theta.named_parameters())
 

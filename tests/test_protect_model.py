@@ -173,6 +173,25 @@ def test_bf16_base_model_runs_with_fp32_master_weights():
     assert all(math.isfinite(v) for k, v in hist[0].items() if k != "step")
 
 
+def test_lora_theta_keeps_its_base_in_the_model_dtype():
+    """LoRA-θ holds no fp32 copy of the UNet: the frozen base stays bf16 (φ's weights, bit for bit), only the
+    adapters are fp32; they train, φ does not move, and the merged θ differs from φ."""
+    from apdm.core.models import tiny_sd
+
+    sd16 = tiny_sd(seed=0, dtype=torch.bfloat16)
+    pcfg = ProtectConfig(outer_steps=2, inner_steps=1, learning_rate=1e-2, checkpoint_every=0, trainable="lora",
+                         lora_rank=2)
+    theta, trainable = l2p.prepare_theta(sd16, pcfg)
+    base = {n: p for n, p in theta.named_parameters() if "lora_" not in n}
+    assert all(p.dtype == torch.bfloat16 for p in base.values())
+    assert trainable and all(p.dtype == torch.float32 and p.requires_grad for p in trainable.values())
+    phi = {n: p.detach().clone() for n, p in sd16.unet.named_parameters()}
+    merged, hist = l2p.protect(sd16, [_subject(sd16)], PER, pcfg)
+    assert all(math.isfinite(h["loss_protect"]) for h in hist)
+    assert all(torch.equal(p, phi[n]) for n, p in sd16.unet.named_parameters())
+    assert any(not torch.equal(p, phi[n]) for n, p in merged.named_parameters())
+
+
 def test_bench_baseline_reuse_is_checked(tmp_path):
     import json
 

@@ -83,12 +83,18 @@ def _latents(vae, subject: Subject, which: str, idx: torch.Tensor, generator: to
 # ============================================================================ θ and φ
 def prepare_theta(sd: SD, pcfg: ProtectConfig, seed: int = 0
                   ) -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]:
-    """Build θ, the UNet being protected: an fp32 copy of ``sd.unet`` with the requested trainable subset.
+    """Build θ, the UNet being protected: a copy of ``sd.unet`` with the requested trainable subset in fp32.
+
+    Full or partial θ is an fp32 copy (master weights). LoRA-θ keeps its frozen base in the model's own dtype
+    (bf16 on GPUs: an exact copy of φ's weights, so no second full fp32 UNet is held) with fp32 adapters; the
+    simulated attacker's θ′ is an fp32 copy either way.
 
     Returns:
         (theta_unet, {name: parameter} of the trainable parameters).
     """
-    theta = copy.deepcopy(sd.unet).to(torch.float32)
+    theta = copy.deepcopy(sd.unet)
+    if pcfg.trainable != "lora":
+        theta.to(torch.float32)
     theta.requires_grad_(False)
     if pcfg.trainable == "lora":
         from peft import LoraConfig
@@ -97,6 +103,9 @@ def prepare_theta(sd: SD, pcfg: ProtectConfig, seed: int = 0
             theta.add_adapter(LoraConfig(r=pcfg.lora_rank, lora_alpha=pcfg.lora_rank, init_lora_weights=True,
                                          target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name="apdm")
         names = [n for n, _ in theta.named_parameters() if "lora_" in n]
+        for n, p in theta.named_parameters():  # fp32 adapters on a base in the model's dtype
+            if "lora_" in n:
+                p.data = p.data.float()
     elif pcfg.trainable == "all":
         names = [n for n, _ in theta.named_parameters()]
     else:

@@ -4,8 +4,8 @@
 #   - apdm bench speed on the real SD-1.5 architecture with random weights (no download needed): personalization
 #     steps, one L2P outer step at the paper's N_per = 20, LDU / ASPL / AdvDM / PhotoGuard per image;
 #   - the L2P outer step again with bf16 autocast + gradient checkpointing (the memory options).
-# Usage on the GPU machine, from the repo root: bash docs/results/checks/gpu_check.sh OUT_DIR [more]
-# ("more": instead, SD-2.1-base image-method timings and LoRA-θ protection)
+# Usage on the GPU machine, from the repo root: bash docs/results/checks/gpu_check.sh OUT_DIR [more|lora]
+# ("more": instead, SD-2.1-base image-method timings and LoRA-θ protection; "lora": LoRA-θ with a bf16 base)
 # (where pip cannot reach an index, install diffusers first, e.g. from wheels: see docs/install.md).
 set -u
 out=${1:-gpu-check}
@@ -19,7 +19,7 @@ run() {  # NAME TIMEOUT OPTIONS...: one bench speed run on random SD-1.5 weights
     timeout "$limit" python3 -m apdm bench speed --out "$out/speed_$name.json" model=random:sd15 quiet=true "$@" \
         > "$out/speed_$name.log" 2>&1; echo "speed $name rc=$?"
 }
-if [ "${2:-}" != "more" ]; then
+if [ -z "${2:-}" ]; then
 timeout 170 python3 -m pytest -q -m gpu tests/test_gpu.py 2>&1 | tail -25 | tee "$out/gpu_tests.log"
 run sd15_protect_model 130 parts=protect-model repeats=2 inner_steps=20
 run sd15_personalize_images 150 parts=personalize,protect-images repeats=3
@@ -33,4 +33,10 @@ if [ "${2:-}" = "more" ]; then
         quiet=true parts=personalize,protect-images repeats=3 > "$out/speed_sd21base.log" 2>&1; echo "sd21base rc=$?"
     run sd15_protect_model_lora_theta 100 parts=protect-model repeats=2 inner_steps=20 trainable=lora
     for f in "$out"/speed_*.json; do [ -f "$f" ] && echo "$f" && cat "$f"; done
+fi
+# third call: LoRA-θ with its frozen base in bf16 (no fp32 UNet copy for θ)
+if [ "${2:-}" = "lora" ]; then
+    timeout 120 python3 -m pytest -q -m gpu tests/test_gpu.py -k l2p 2>&1 | tail -5 | tee "$out/gpu_tests_l2p.log"
+    run sd15_protect_model_lora_theta_bf16base 100 parts=protect-model repeats=2 inner_steps=20 trainable=lora
+    cat "$out"/speed_*.json
 fi
