@@ -11,6 +11,7 @@ Without a launcher (``WORLD_SIZE`` unset or 1) everything here is a no-op: rank 
 
 from __future__ import annotations
 
+import datetime
 import os
 
 #: rank r draws its randomness from ``seed + RANK_SEED_STRIDE * r`` (rank 0: the single-process seed).
@@ -66,5 +67,7 @@ def init_from_env() -> tuple[int, int]:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    # generous: the other processes wait at a barrier while the main one generates the class images (hundreds of
+    # 50-step samples on SD), longer than the default 10-minute collective timeout
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
     return rank_world()
