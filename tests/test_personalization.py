@@ -98,6 +98,19 @@ def test_ti_trains_only_the_new_row(tiny_sd, rand_images):
     assert len(tiny_sd.tokenizer) == n_vocab  # the caller's tokenizer did not gain the token
 
 
+@pytest.mark.parametrize("method", ["dreambooth", "lora", "ti"])
+def test_finish_frees_gradients_and_optimizer_moments(tiny_sd, rand_images, class_images, method):
+    """A finished attacker keeps only its weights: no gradients, no AdamW moments (ASPL's PGD and sampling after
+    an attack would otherwise carry ~3× the trainable weights), and nothing that could train any more."""
+    cfg = PersonalizationConfig(method=method, learning_rate=1e-2, with_prior_preservation=method == "dreambooth")
+    state = S.setup(tiny_sd, cfg, class_images)
+    _train(state, rand_images, 2)
+    assert state.optimizer.state and any(p.grad is not None for p in state.params)  # what a live state holds
+    S.finish(state)
+    assert not state.optimizer.state and all(p.grad is None for p in state.params)
+    assert not any(p.requires_grad for m in (state.sd.unet, state.sd.text_encoder) for p in m.parameters())
+
+
 def test_loss_is_differentiable_wrt_images(tiny_sd, rand_images, class_images):
     """Pixel attacks (ASPL/FSMG) take the gradient of the personalization loss w.r.t. the images."""
     state = S.setup(tiny_sd, PersonalizationConfig(method="dreambooth"), class_images)
