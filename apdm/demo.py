@@ -28,7 +28,7 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False) -> Path:
     from apdm.evaluation.report import write_report
     from apdm.protect_images.run import run as protect_images
     from apdm.protect_model.run import run as protect_model
-    from apdm.toy.world import export, model_path, toy_root
+    from apdm.toy.world import export, model_path, rho_path
     from apdm.utils import LOG, atomic_write_json
 
     out = Path(out_dir)
@@ -36,13 +36,14 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False) -> Path:
     subject = Path(export(out / "data", subjects=1)["subjects"][0])
     model = ModelConfig(path=str(model_path()))
 
-    has_rho = (toy_root() / "rho" / "rho.json").is_file()
+    rho = rho_path()
+    has_rho = rho is not None
     methods = (["ldu"] if has_rho else []) + (["aspl"] if not (quick and has_rho) else [])
     LOG.info("demo 2/4: protecting the photos (%s)%s", ", ".join(methods),
              "" if has_rho else "; no toy LDU network found (train one: recipes/toy-train-perturber.yaml)")
     for m in methods:
         cfg = ProtectImagesRunConfig(model=model, method=m, budget="8/255", input=str(subject / "train"),
-                                     output_dir=str(out / f"protected-{m}"), rho_path=str(toy_root() / "rho"),
+                                     output_dir=str(out / f"protected-{m}"), rho_path=str(rho or ""),
                                      steps=20 if m == "aspl" else 0, quiet=True)
         if m == "aspl":
             cfg.personalization = dataclasses.replace(toy_recipe("dreambooth").personalization,

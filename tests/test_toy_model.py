@@ -84,3 +84,19 @@ def test_committed_toy_model_round_trips_and_inverts():
     rel = ((back - z0).norm() / z0.norm()).item()
     assert rel < 0.15, rel
     assert ((zT - z0).norm() / z0.norm()).item() > 0.5  # it did travel to noise and back
+
+
+def test_a_cache_without_rho_still_finds_the_shipped_one(tmp_path, monkeypatch):
+    """`apdm toy build` writes a model and instruments to the cache but no ρ: the demo and the bench must then
+    use the shipped ρ, not report none (as they did)."""
+    from apdm.toy import world
+
+    monkeypatch.setenv("APDM_CACHE", str(tmp_path))
+    assert world.toy_root() == world.REPO_ASSETS and world.rho_path() == world.REPO_ASSETS / "rho"
+    (tmp_path / "toy" / "model").mkdir(parents=True)
+    (tmp_path / "toy" / "model" / "model_index.json").write_text("{}")
+    assert world.toy_root() == tmp_path / "toy"
+    assert world.rho_path() == world.REPO_ASSETS / "rho"
+    (tmp_path / "toy" / "rho").mkdir()
+    (tmp_path / "toy" / "rho" / "rho.json").write_text("{}")
+    assert world.rho_path() == tmp_path / "toy" / "rho"  # a ρ built next to the cached model wins

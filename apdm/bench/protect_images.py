@@ -41,7 +41,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     from apdm.protect_images.baselines import METHODS
     from apdm.protect_images.budget import format_budget, parse_budget
     from apdm.toy import instruments as I
-    from apdm.toy.world import heldout_subjects, toy_root
+    from apdm.toy.world import heldout_subjects, rho_path, toy_root
     from apdm.utils import LOG
 
     t_start = time.perf_counter()
@@ -78,7 +78,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
 
     spec, workers = jobs.spec(sd), jobs.worker_count(opts, sd)
     res["workers"] = workers
-    rho_dir = opts.get("rho", str(toy_root() / "rho"))
+    rho_dir = opts.get("rho", str(rho_path() or toy_root() / "rho"))
     if "ldu" in methods:  # a bad ρ folder fails here, before any work
         jobs.cached(("rho", rho_dir), lambda: ldu.load_rho(rho_dir, device=sd.device))
     attacks: list[tuple[str, str | None, object]] = []  # (key, grid row or None, future)

@@ -40,12 +40,26 @@ def model_path() -> Path:
     return p
 
 
+def _part(name: str, marker: str) -> Path | None:
+    """``<root>/<name>`` of the first root (the model's toy root, the repo's assets, the user cache) holding a file
+    matching ``marker``: a cache with a built model but no ρ of its own still finds the shipped one."""
+    for root in (toy_root(), REPO_ASSETS, cache_dir() / "toy"):
+        if any((root / name).glob(marker)):
+            return root / name
+    return None
+
+
 def instruments_path() -> Path:
     """The toy instruments folder (safetensors + JSON)."""
-    for root in (toy_root(), REPO_ASSETS, cache_dir() / "toy"):
-        if (root / "instruments").is_dir() and any((root / "instruments").glob("*.safetensors")):
-            return root / "instruments"
-    raise FileNotFoundError("no toy-world instruments found: run `apdm toy build` first")
+    p = _part("instruments", "*.safetensors")
+    if p is None:
+        raise FileNotFoundError("no toy-world instruments found: run `apdm toy build` first")
+    return p
+
+
+def rho_path() -> Path | None:
+    """The toy world's trained LDU ρ folder, or None (train one: ``recipes/toy-train-perturber.yaml``)."""
+    return _part("rho", "rho.json")
 
 
 # ============================================================================ datasets
