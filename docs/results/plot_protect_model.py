@@ -1,5 +1,6 @@
-"""Plot the protect-model ablations (docs/img/protect_model_ablations.png) and the protection / preservation
-trade-off (docs/img/protect_model_tradeoff.png) from docs/results/protect-model-sweep/.
+"""Plot the protect-model ablations (docs/img/protect_model_ablations.png), the protection / preservation
+trade-off (docs/img/protect_model_tradeoff.png) and DreamBooth against LoRA protection
+(docs/img/protect_model_db_vs_lora.png) from docs/results/protect-model-sweep/.
 
     pip install matplotlib          # only for this plot; not an apdm dependency
     python docs/results/plot_protect_model.py
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import matplotlib
+import matplotlib.patches
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -57,6 +59,29 @@ def main() -> None:
     ax.set_title("APDM on the toy world: protection vs damage (blue: L2P, orange: no L2P)", fontsize=9)
     fig.tight_layout()
     out = HERE.parent / "img" / "protect_model_tradeoff.png"
+    fig.savefig(out, dpi=110)
+    print("wrote", out)
+
+    # DreamBooth against LoRA: which settings block which attacker (v2 instruments: every run with a LoRA ratio)
+    # (independent of the ORDER arguments, which select the v1 ablations above)
+    both = {"recipe": json.loads((HERE / "protect-model-quick.json").read_text())}
+    both.update({k: v for k, v in runs.items() if "protection_ratio_lora" in v and v.get("instruments_fingerprint")})
+    fig, ax = plt.subplots(figsize=(6.5, 4.8))
+    ax.add_patch(matplotlib.patches.Rectangle((0.85, 0.85), 0.2, 0.2, color="#ddeedd", zorder=0))
+    kid = [both[n]["kid_rise_fraction"] for n in both]
+    sc = ax.scatter([both[n]["protection_ratio"] for n in both], [both[n]["protection_ratio_lora"] for n in both],
+                    c=kid, cmap="viridis_r", vmin=0, vmax=2, zorder=2)
+    for n, r in both.items():
+        ax.annotate(n.replace("v2_", ""), (r["protection_ratio"], r["protection_ratio_lora"]), fontsize=6.5,
+                    xytext=(3, 3), textcoords="offset points")
+    fig.colorbar(sc, ax=ax, label="class-prompt KID rise (fraction; goal ≤ 0.1)")
+    ax.set_xlabel("DreamBooth protection ratio (goal ≥ 0.85)")
+    ax.set_ylabel("LoRA protection ratio (goal ≥ 0.85)")
+    ax.set_xlim(-0.1, 1.05)
+    ax.set_ylim(-0.1, 1.05)
+    ax.set_title("APDM on the toy world: no setting yet blocks both attackers (goal: top right)", fontsize=9)
+    fig.tight_layout()
+    out = HERE.parent / "img" / "protect_model_db_vs_lora.png"
     fig.savefig(out, dpi=110)
     print("wrote", out)
 
