@@ -80,7 +80,6 @@ def personalize_step_times(sd, images, class_images, batch_size: int, repeats: i
 
 def _protect_model(sd, images, class_images, opts: dict, repeats: int) -> dict:
     from apdm.config import PersonalizationConfig, ProtectConfig
-    from apdm.personalization import simulator as S
     from apdm.protect_model import l2p
 
     inner = int(opts.get("inner_steps", 20))
@@ -92,10 +91,7 @@ def _protect_model(sd, images, class_images, opts: dict, repeats: int) -> dict:
     n = images.shape[0]
     subject = l2p.Subject("speed", images, class_images[:n], class_images, "a photo of sks person",
                           "a photo of a person")
-    theta, trainable = l2p.prepare_theta(sd, pcfg)
-    optimizer = S.make_optimizer(pcfg.optimizer, list(trainable.values()), lr=pcfg.learning_rate,
-                                 weight_decay=pcfg.weight_decay)
-    phi = None if pcfg.trainable == "lora" else sd.unet  # as l2p.protect: LoRA-θ's φ is θ with adapters off
+    theta, trainable, phi, optimizer = l2p.init_protection(sd, pcfg)
     theta.train()
     step = iter(range(10**6))
     seconds, peak = timed(lambda: l2p.outer_step(next(step), theta, trainable, phi, sd, [subject], per, pcfg,

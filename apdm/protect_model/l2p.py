@@ -411,6 +411,21 @@ def check_lr_phases(pcfg: ProtectConfig) -> None:
                          f"{pcfg.outer_steps}; make them equal")
 
 
+def init_protection(sd: SD, pcfg: ProtectConfig, seed: int = 0):
+    """θ, its trainable tensors, φ and θ's optimizer, before the first outer step.
+
+    Returns:
+        (theta, {name: parameter}, phi, optimizer): φ is ``sd.unet`` (only read, never trained), or ``None`` for
+        LoRA-θ, whose φ is θ with its adapters switched off (:func:`_phi`).
+    """
+    theta, trainable = prepare_theta(sd, pcfg, seed)
+    phi = None if pcfg.trainable == "lora" else sd.unet
+    optimizer = S.make_optimizer(pcfg.optimizer, list(trainable.values()), lr=pcfg.learning_rate,
+                                 betas=(pcfg.adam_beta1, pcfg.adam_beta2), eps=pcfg.adam_epsilon,
+                                 weight_decay=pcfg.weight_decay)
+    return theta, trainable, phi, optimizer
+
+
 def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcfg: ProtectConfig, seed: int = 0,
             checkpoint_dir: str | Path | None = None, stop_after: int | None = None) -> tuple[torch.nn.Module, list[dict]]:
     """Run APDM protection; returns (protected UNet (fp32, adapters merged), per-step logs).
@@ -427,11 +442,7 @@ def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcf
     """
     check_lr_phases(pcfg)
     per_cfgs = attackers(per_cfg, pcfg)
-    theta, trainable = prepare_theta(sd, pcfg, seed)
-    phi = None if pcfg.trainable == "lora" else sd.unet  # the caller's UNet is only read, never trained
-    optimizer = S.make_optimizer(pcfg.optimizer, list(trainable.values()), lr=pcfg.learning_rate,
-                                 betas=(pcfg.adam_beta1, pcfg.adam_beta2), eps=pcfg.adam_epsilon,
-                                 weight_decay=pcfg.weight_decay)
+    theta, trainable, phi, optimizer = init_protection(sd, pcfg, seed)
     start, history = 0, []
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     if ckpt is not None and pcfg.resume and (ckpt / "progress.json").is_file():
