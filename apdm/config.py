@@ -400,16 +400,7 @@ def apply_override(cfg, item: str):
 def replace_checked(cfg, changes: dict, source: str):
     """A copy of the config dataclass ``cfg`` with ``changes`` ({field: value}) applied, each value checked
     against its field type like a recipe value; ConfigError names ``source`` and the key otherwise."""
-    if not isinstance(changes, dict):
-        raise ConfigError(f"{source}: expects a mapping of {type(cfg).__name__} keys, got {changes!r}")
-    fields = {f.name for f in dataclasses.fields(cfg)}
-    hints = typing.get_type_hints(type(cfg))
-    checked = {}
-    for key, value in changes.items():
-        if key not in fields:
-            raise ConfigError(_unknown_key_msg(key, cfg, source))
-        checked[key] = _coerce(hints[key], value, source, key)
-    return dataclasses.replace(cfg, **checked)
+    return dataclasses.replace(cfg, **_checked_kwargs(type(cfg), changes, source, ""))
 
 
 def to_dict(cfg) -> dict:
@@ -429,6 +420,11 @@ def _unknown_key_msg(key: str, target, where: str) -> str:
 
 
 def _build(cls, data: dict, source: str, prefix: str):
+    return cls(**_checked_kwargs(cls, data, source, prefix))
+
+
+def _checked_kwargs(cls, data: dict, source: str, prefix: str) -> dict:
+    """``data`` as keyword arguments of the dataclass ``cls``: unknown keys and wrong types raise ConfigError."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -439,7 +435,7 @@ def _build(cls, data: dict, source: str, prefix: str):
             known = ", ".join(fields)
             raise ConfigError(f"{source}: unknown key '{prefix}{key}' (known keys here: {known})")
         kwargs[key] = _coerce(hints[key], value, source, prefix + key)
-    return cls(**kwargs)
+    return kwargs
 
 
 def _type_name(tp) -> str:
