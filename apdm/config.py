@@ -172,6 +172,12 @@ class ProtectConfig:
     #: lora_alpha: 8, with_prior_preservation: false}]``. With K subjects, outer step j simulates attacker
     #: ``(j // K) mod (1 + len(attacker_mix))`` (0 = ``personalization``). Empty = one attacker (the paper).
     attacker_mix: list[dict[str, Any]] = field(default_factory=list)
+    #: R: the simulated attacker restarts from θ every R outer steps and otherwise *continues* where it stopped
+    #: (its weights follow θ's updates, its optimizer state carries over), so L2P sees the protected subject at
+    #: attack depths up to R·N_per steps for the cost of N_per. 1 = Algorithm 1 (a fresh copy of θ every outer
+    #: step). Our addition (docs/protect_model.md, "A continuing attacker"). With K subjects and A attackers each
+    #: (subject, attacker) pair keeps its own continuing copy. ``checkpoint_every`` must be a multiple of R.
+    inner_restart_every: int = 1
     #: how the N_per protection gradients are combined: ``sum`` (Algorithm 1) or ``mean``.
     grad_accum: str = "sum"
     #: pairs (x⁺, x⁻) per protection step and class images per L_ppl term.

@@ -179,6 +179,18 @@ def test_fdfr_sds():
     assert I.sds(flags).tolist() == [1.0, 0.0, 1.0]
 
 
+@pytest.mark.parametrize("k,n", [(57, 64), (0, 32), (32, 32), (463, 512), (1, 3)])
+def test_wilson_interval_matches_scipy(k, n):
+    from scipy import stats
+
+    from apdm.evaluation.identity import wilson_interval
+
+    ci = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-6)
+    with pytest.raises(ValueError, match="successes"):
+        wilson_interval(5, 4)
+
+
 def test_identity_records_with_callables(photos):
     proj = torch.randn(3 * 96 * 96, 8, generator=torch.Generator().manual_seed(0))
 

@@ -371,3 +371,69 @@ def test_protection_loss_matches_separate_passes(tiny_sd):
     torch.testing.assert_close(torch.tensor([logs["loss_ppl"], logs["loss_dpo"]]), torch.stack([ppl, dpo]),
                                rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(loss.detach(), dpo + ppl, rtol=1e-4, atol=1e-6)
+
+
+def test_continuing_attacker_restarts_every_r_steps(tiny_sd):
+    """``inner_restart_every=2``: outer step 0 is Algorithm 1's (bit-identical θ), step 1's attacker continues
+    (depth 2, θ then differs), step 2 restarts from θ (depth 1). With the protection lr at 0 (θ fixed), two
+    outer steps of one continuing inner step equal one outer step of two inner steps."""
+    subj = [_subject(tiny_sd)]
+    same = lambda a, b: all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))  # noqa: E731
+    runs = {}
+    for r in (1, 2):
+        for steps in (1, 3):
+            pcfg = ProtectConfig(outer_steps=steps, inner_steps=1, learning_rate=1e-3, checkpoint_every=0,
+                                 inner_restart_every=r)
+            runs[r, steps] = l2p.protect(tiny_sd, subj, PER, pcfg, seed=4)
+    assert same(runs[1, 1][0], runs[2, 1][0])
+    assert not same(runs[1, 3][0], runs[2, 3][0])
+    assert [h["attack_depth"] for h in runs[2, 3][1]] == [1, 2, 1]
+    assert [h["attack_depth"] for h in runs[1, 3][1]] == [1, 1, 1]
+    frozen = dict(learning_rate=0.0, checkpoint_every=0, weight_decay=0.0)
+    _, two_outer = l2p.protect(tiny_sd, subj, PER, ProtectConfig(outer_steps=2, inner_steps=1,
+                                                                  inner_restart_every=2, **frozen), seed=4)
+    _, one_outer = l2p.protect(tiny_sd, subj, PER, ProtectConfig(outer_steps=1, inner_steps=2, **frozen), seed=4)
+    per_step = [h["loss_personalization"] for h in two_outer]
+    assert sum(per_step) / 2 == pytest.approx(one_outer[0]["loss_personalization"], rel=1e-6)
+    assert per_step[0] != per_step[1]
+
+
+def test_continuing_attacker_follows_theta(tiny_sd, monkeypatch):
+    """The continuing θ' starts outer step 1 at θ_new + (θ'_end − θ_old): its own progress on θ's new weights."""
+    from apdm.personalization import simulator as S
+
+    subj = [_subject(tiny_sd)]
+    pcfg = ProtectConfig(outer_steps=2, inner_steps=1, learning_rate=1e-2, checkpoint_every=0, inner_restart_every=2)
+    theta, trainable, phi, opt = l2p.init_protection(tiny_sd, pcfg)
+    theta.train()
+    name = "conv_in.weight"
+    seen = []
+    real_step = S.step
+    monkeypatch.setattr(S, "step", lambda state, x: (seen.append(
+        dict(state.sd.unet.named_parameters())[name].detach().clone()), real_step(state, x))[1])
+    carry: dict = {}
+    old = trainable[name].detach().clone()
+    l2p.outer_step(0, theta, trainable, phi, tiny_sd, subj, PER, pcfg, opt, 0, carry=carry, carry_key=(0, 0))
+    state, inner, delta = carry[(0, 0)]
+    end = inner[name].detach().clone()
+    new = trainable[name].detach().clone()
+    assert not torch.equal(new, old) and not torch.equal(end, seen[0])
+    torch.testing.assert_close(delta[name], end - old, atol=0, rtol=0)
+    l2p.outer_step(1, theta, trainable, phi, tiny_sd, subj, PER, pcfg, opt, 0, carry=carry, carry_key=(0, 0))
+    torch.testing.assert_close(seen[1], new + (end - old))
+    assert len(carry[(0, 0)][0].history) == 2
+
+
+def test_continuing_attacker_checks_and_exact_resume(tiny_sd, tmp_path):
+    with pytest.raises(ValueError, match="multiple of"):
+        l2p.check_protect_config(PER, ProtectConfig(inner_restart_every=3, checkpoint_every=10))
+    with pytest.raises(ValueError, match="whole number"):
+        l2p.check_protect_config(PER, ProtectConfig(inner_restart_every=0))
+    subj = [_subject(tiny_sd)]
+    pcfg = ProtectConfig(outer_steps=4, inner_steps=1, learning_rate=1e-3, checkpoint_every=2, inner_restart_every=2)
+    full, _ = l2p.protect(tiny_sd, subj, PER, pcfg, seed=3, checkpoint_dir=tmp_path / "a")
+    l2p.protect(tiny_sd, subj, PER, pcfg, seed=3, checkpoint_dir=tmp_path / "b", stop_after=2)
+    resumed, hist = l2p.protect(tiny_sd, subj, PER, pcfg, seed=3, checkpoint_dir=tmp_path / "b")
+    assert [h["attack_depth"] for h in hist] == [1, 2, 1, 2]
+    for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=n)

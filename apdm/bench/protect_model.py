@@ -65,6 +65,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
             setattr(pcfg, key, int(opts[key]))
     if "learning_rate" in opts:
         pcfg.learning_rate = float(opts["learning_rate"])
+    pcfg.checkpoint_every = 0  # the bench keeps no checkpoints
     check_protect_config(rc.personalization, pcfg)  # before any job starts
     n_samples = int(opts.get("samples", 8 if quick else 16))
     sample.num_images_per_prompt = n_samples

@@ -29,6 +29,7 @@ def toy_recipe(method: str, overrides=()):
 def bench_toy_world(quick: bool, overrides: list[str]) -> dict:
     from apdm.bench import jobs, toy_setup
     from apdm.core import diffusion as D
+    from apdm.evaluation.identity import wilson_interval
     from apdm.evaluation.protocol import with_prompts
     from apdm.toy import instruments as I
     from apdm.toy.world import heldout_subjects
@@ -54,7 +55,10 @@ def bench_toy_world(quick: bool, overrides: list[str]) -> dict:
     cls_imgs = D.generate(sd, ["a photo of a person"], 4 * n_samples, sample.num_inference_steps,
                           sample.guidance_scale, seed=123, quiet=True)
     det = I.detector_scores(inst.detector, cls_imgs, "person")
-    res["detector_pass_rate_class_prompt"] = round(float((det >= 0.5).float().mean()), 4)
+    passed = int((det >= 0.5).sum())
+    res["detector_pass_rate_class_prompt"] = round(passed / det.numel(), 4)
+    res["detector_pass_rate_class_prompt_n"] = det.numel()
+    res["detector_pass_rate_class_prompt_ci95"] = [round(v, 4) for v in wilson_interval(passed, det.numel())]
 
     per_subject = {m: [] for m in ["class_prompt", *methods]}
     attr = {m: [] for m in ["class_prompt", *methods]}

@@ -26,6 +26,8 @@ Conventions (Anti-DreamBooth / APDM):
 
 from __future__ import annotations
 
+import math
+
 from typing import Callable, Sequence
 
 import torch
@@ -87,6 +89,22 @@ def fdfr(detections, threshold: float = 0.5) -> torch.Tensor:
     d = torch.as_tensor(detections).detach().cpu().flatten()
     found = d if d.dtype == torch.bool else d.double() >= threshold
     return (~found).float()
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a rate ``successes / n`` (default 95 %): how far a pass or failure rate measured
+    on n images can be from the true one. Unlike ``p ± z·sqrt(p(1-p)/n)`` it stays in [0, 1] and does not
+    collapse to a point at 0 or n successes.
+
+    Returns:
+        (low, high), both in [0, 1].
+    """
+    if n <= 0 or not 0 <= successes <= n:
+        raise ValueError(f"need 0 <= successes <= n and n > 0, got {successes} of {n}")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def sds(detections) -> torch.Tensor:

@@ -239,11 +239,17 @@ def _map_inner_params(theta_names, inner_unet) -> dict[str, torch.nn.Parameter]:
 
 
 def outer_step(j: int, theta, trainable: dict, phi, sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig,
-               pcfg: ProtectConfig, optimizer: torch.optim.Optimizer, seed: int) -> dict[str, float]:
+               pcfg: ProtectConfig, optimizer: torch.optim.Optimizer, seed: int,
+               carry: dict | None = None, carry_key=None) -> dict[str, float]:
     """One protection step (outer iteration j of Algorithm 1). Updates θ in place; φ is never touched.
 
     Under data parallelism (:mod:`apdm.core.distributed`) each process draws from its own seed
     (``rank_seed(seed)``) and the protection gradients are averaged before the update.
+
+    ``carry`` (a dict owned by the caller; ``protect.inner_restart_every`` > 1) keeps the simulated attacker
+    between outer steps under ``carry_key``: instead of a fresh copy of θ, θ' continues from where the last step
+    with this key left it, as ``θ + (θ'_end − θ_then)``, i.e. its own progress on top of θ's current weights,
+    with its optimizer state and random stream. An empty entry starts a fresh attacker.
     """
     seed = distributed.rank_seed(seed)
     subject = subjects[j % len(subjects)]
@@ -262,16 +268,27 @@ def outer_step(j: int, theta, trainable: dict, phi, sd: SD, subjects: list[Subje
         logs_sum = logs
         n_terms = 1
     else:
-        # θ' = a fresh copy of θ, personalized by the shared simulator with a fresh optimizer
-        inner_sd = dataclasses.replace(sd, unet=theta)
-        cfg = dataclasses.replace(per_cfg, instance_prompt=subject.instance_prompt, class_prompt=subject.class_prompt,
-                                  seed=int(torch.randint(2**31, (1,), generator=_seeded(seed, j, 2))))
-        state = S.setup(inner_sd, cfg, subject.class_images)
-        if pcfg.gradient_checkpointing:
-            state.sd.unet.enable_gradient_checkpointing()
-        inner = _map_inner_params(names, state.sd.unet)
-        for p in inner.values():
-            p.requires_grad_(True)
+        carried = carry.get(carry_key) if carry is not None else None
+        if carried is None:
+            # θ' = a fresh copy of θ, personalized by the shared simulator with a fresh optimizer
+            inner_sd = dataclasses.replace(sd, unet=theta)
+            cfg = dataclasses.replace(per_cfg, instance_prompt=subject.instance_prompt,
+                                      class_prompt=subject.class_prompt,
+                                      seed=int(torch.randint(2**31, (1,), generator=_seeded(seed, j, 2))))
+            state = S.setup(inner_sd, cfg, subject.class_images)
+            if pcfg.gradient_checkpointing:
+                state.sd.unet.enable_gradient_checkpointing()
+            inner = _map_inner_params(names, state.sd.unet)
+            for p in inner.values():
+                p.requires_grad_(True)
+        else:
+            # the continuing attacker: its progress so far, moved onto θ's current weights
+            state, inner, delta = carried
+            cfg = state.cfg
+            with torch.no_grad():
+                for n, p in inner.items():
+                    if p is not trainable[n]:  # (TI personalizes θ's own UNet object: nothing to move)
+                        p.copy_(trainable[n].detach().to(p.dtype) + delta[n])
         for _ in range(pcfg.inner_steps):
             S.step(state, subject.images)          # θ'_{i+1} = θ'_i - γ ∇L_per(θ'_i); leaves ∇L_per in .grad
             if not pcfg.gradient_leak:
@@ -288,9 +305,15 @@ def outer_step(j: int, theta, trainable: dict, phi, sd: SD, subjects: list[Subje
                 logs_sum[k] = logs_sum.get(k, 0.0) + v
         logs_sum = {k: v / pcfg.inner_steps for k, v in logs_sum.items()}
         n_terms = pcfg.inner_steps
-        logs_sum["loss_personalization"] = sum(state.history) / len(state.history)
+        logs_sum["loss_personalization"] = sum(state.history[-pcfg.inner_steps:]) / pcfg.inner_steps
+        logs_sum["attack_depth"] = float(len(state.history))  # simulated personalization steps θ' has taken
         if cfg.method == "ti":  # TI shares θ's UNet object: leave it as it was
             state.sd.unet.train(theta.training)
+        if carry is not None:
+            with torch.no_grad():
+                delta = {n: (p.detach() - trainable[n].detach().to(p.dtype)) for n, p in inner.items()
+                         if p is not trainable[n]}
+            carry[carry_key] = (state, inner, delta)
         del state
     if pcfg.anchor_weight > 0 and pcfg.inner_steps > 0:
         # the anchor: θ itself must keep its class prior (Algorithm 1 only ever evaluates θ′)
@@ -392,9 +415,23 @@ def attackers(per_cfg: PersonalizationConfig, pcfg: ProtectConfig) -> list[Perso
 
 
 def check_protect_config(per_cfg: PersonalizationConfig, pcfg: ProtectConfig) -> None:
-    """Every check that needs no model: lr phases and attackers. Raises before any work starts."""
+    """Every check that needs no model: lr phases, attackers, the attacker restart period. Raises before any
+    work starts."""
     check_lr_phases(pcfg)
     attackers(per_cfg, pcfg)
+    check_restart(pcfg)
+
+
+def check_restart(pcfg: ProtectConfig) -> None:
+    """Raise ValueError unless ``inner_restart_every`` ≥ 1 and checkpoints fall on attacker restarts (a resumed
+    run must restart its simulated attackers exactly where an uninterrupted run does)."""
+    r = pcfg.inner_restart_every
+    if int(r) != r or r < 1:
+        raise ValueError(f"protect.inner_restart_every must be a whole number >= 1, got {r}")
+    if r > 1 and pcfg.checkpoint_every > 0 and pcfg.checkpoint_every % r:
+        raise ValueError(f"protect.checkpoint_every={pcfg.checkpoint_every} must be a multiple of "
+                         f"protect.inner_restart_every={r} (or 0), so that a resumed run restarts its simulated "
+                         f"attackers where an uninterrupted run does")
 
 
 def check_lr_phases(pcfg: ProtectConfig) -> None:
@@ -441,13 +478,20 @@ def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcf
         stop_after: stop after this many outer steps *of this call* (for tests of interruption).
     """
     check_lr_phases(pcfg)
+    check_restart(pcfg)
     per_cfgs = attackers(per_cfg, pcfg)
     theta, trainable, phi, optimizer = init_protection(sd, pcfg, seed)
+    restart = int(pcfg.inner_restart_every)
+    carry: dict | None = {} if restart > 1 and pcfg.inner_steps > 0 else None
     start, history = 0, []
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     if ckpt is not None and pcfg.resume and (ckpt / "progress.json").is_file():
         start, history = load_checkpoint(ckpt, trainable, optimizer)
         LOG.info("resuming protection from outer step %d/%d (%s)", start, pcfg.outer_steps, ckpt)
+        if carry is not None and start % restart:
+            LOG.warning("resuming at outer step %d, between two restarts of the simulated attacker (every %d "
+                        "steps): it restarts now, so this run will not match an uninterrupted one exactly",
+                        start, restart)
     theta.train()
     main = distributed.is_main()  # with several processes, only the main one shows progress and checkpoints
     bar = progress(range(start, pcfg.outer_steps), desc="protecting (L2P)", total=pcfg.outer_steps - start,
@@ -458,7 +502,10 @@ def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcf
         for group in optimizer.param_groups:
             group["lr"] = lr
         k = (j // len(subjects)) % len(per_cfgs)  # subjects, then attackers, in turn: every pair comes up
-        logs = outer_step(j, theta, trainable, phi, sd, subjects, per_cfgs[k], pcfg, optimizer, seed)
+        if carry is not None and j % restart == 0:
+            carry.clear()  # every simulated attacker starts again from θ
+        logs = outer_step(j, theta, trainable, phi, sd, subjects, per_cfgs[k], pcfg, optimizer, seed,
+                          carry=carry, carry_key=(j % len(subjects), k))
         history.append({"step": j, "lr": lr, **({"attacker": k} if len(per_cfgs) > 1 else {}),
                         **{n: round(v, 6) for n, v in logs.items()}})
         bar.set_postfix(protect=f"{logs.get('loss_protect', 0):.4f}", subj=f"{logs.get('mse_subject', 0):.3f}")
