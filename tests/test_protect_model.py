@@ -245,6 +245,12 @@ def test_bench_rejects_unknown_attack_and_recipe_key():
         bench_protect_model(True, ["protect.betta=2"])
     with pytest.raises(ValueError, match="nope"):  # ConfigError is a ValueError
         bench_protect_model(True, ["attack.nope=1"])
+    with pytest.raises(ValueError, match="two different positions"):
+        bench_protect_model(True, ["subjects=1,1"])
+    with pytest.raises(ValueError, match="'P,O'"):
+        bench_protect_model(True, ["subjects=2"])
+    with pytest.raises(ValueError, match="inner_restart_every"):
+        bench_protect_model(True, ["protect.inner_restart_every=0"])
 
 
 def test_anchor_keeps_theta_own_class_prior(tiny_sd):

@@ -11,6 +11,7 @@ naive loss; then attacks every model with the toy personalization recipes and sc
 
 B is a second held-out subject that is *not* protected (other subjects must keep personalizing).
 Overrides: ``outer_steps=N inner_steps=N learning_rate=X samples=N long_attack=true no_naive=true``,
+``subjects=P,O`` (positions in the held-out list of A and B; default 0,1),
 ``attacks=lora,ti,other`` (which attacks besides DreamBooth on A; default all), and any recipe key with its
 section (``protect.beta=0.5``, ``protect.inner_steps=0``, ``protect.gradient_leak=true``,
 ``personalization.steps=600``) for sweeps and ablations; ``attack.KEY=VALUE`` changes the *evaluation* attacker
@@ -50,7 +51,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     recipe_overrides = [o for o in dotted if not o.startswith("attack.")]
     opts, sd, inst = toy_setup([o for o in overrides if o not in dotted],
                                {"outer_steps", "inner_steps", "learning_rate", "samples", "long_attack", "no_naive",
-                                "attacks", "baseline"})
+                                "attacks", "baseline", "subjects"})
     rc = load_config(ProtectModelRunConfig, RECIPES / "toy-protect-model.yaml", recipe_overrides)
     attacks = set(opts.get("attacks", "lora,ti,other").split(",")) - {""}
     unknown = attacks - {"lora", "ti", "other"}
@@ -69,7 +70,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     check_protect_config(rc.personalization, pcfg)  # before any job starts
     n_samples = int(opts.get("samples", 8 if quick else 16))
     sample.num_images_per_prompt = n_samples
-    subj_a, subj_b = heldout_subjects(2, num_images=4)
+    subj_a, subj_b = (heldout_subjects(1, num_images=4, offset=k)[0] for k in _subject_positions(opts))
     res: dict = {"model": sd.source, "model_fingerprint": sd.fingerprint(),
                  "instruments_fingerprint": inst.config.get("fingerprint"),
                  "subject_protected": subj_a.index, "subject_other": subj_b.index,
@@ -179,6 +180,20 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     res["metric_impl"] = {"ism": "ism@toy-id", "kid": "kid@toy-features", "fdfr": "fdfr@toy-det"}
     res["seconds_total"] = round(time.perf_counter() - t_start, 1)
     return res
+
+
+def _subject_positions(opts: dict) -> tuple[int, int]:
+    """``subjects=P,O``: positions in the held-out list of the protected subject A and the other subject B
+    (default 0,1: held-out persons 1 and 7)."""
+    text = opts.get("subjects", "0,1")
+    try:
+        a, b = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"subjects must be two held-out positions 'P,O' (e.g. 0,1), got '{text}'") from None
+    if a == b or min(a, b) < 0:
+        raise ValueError(f"subjects: the protected and the other subject must be two different positions >= 0, "
+                         f"got '{text}'")
+    return a, b
 
 
 def _protect_job(spec, subject, per_cfg, pcfg) -> tuple[dict, list[dict], float, float]:

@@ -96,8 +96,10 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     p = cfg.protect
     lr = " then ".join(f"{int(n)} at {r:g}" for n, r in p.lr_phases) if p.lr_phases else f"{p.learning_rate:g}"
     if main:
-        LOG.info("APDM: %s loss, %d outer x %d inner steps, lr %s, trainable=%s, %d subject(s)%s", p.loss,
+        LOG.info("APDM: %s loss, %d outer x %d inner steps, lr %s, trainable=%s, %d subject(s)%s%s", p.loss,
                  p.outer_steps, p.inner_steps, lr, p.trainable, len(subjects),
+                 f", the simulated attacker continues and restarts every {p.inner_restart_every} outer steps"
+                 if p.inner_restart_every > 1 else "",
                  f", {world} processes (gradients averaged)" if world > 1 else "")
     t0 = time.perf_counter()
     unet, history = protect(sd, subjects, cfg.personalization, p, seed=cfg.seed, checkpoint_dir=out / "checkpoint")
@@ -139,7 +141,7 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, 
     if history:
         last = history[-1]
         lines += ["Final protection losses: "
-                  + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k not in ("step", "lr", "attacker")), ""]
+                  + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k not in ("step", "lr", "attacker", "attack_depth")), ""]
     if results:
         lines += ["## Measured results", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in results.items()]
