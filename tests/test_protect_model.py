@@ -443,3 +443,14 @@ def test_continuing_attacker_checks_and_exact_resume(tiny_sd, tmp_path):
     assert [h["attack_depth"] for h in hist] == [1, 2, 1, 2]
     for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=n)
+
+
+def test_continuing_attacker_per_subject_and_attacker(tiny_sd):
+    """Each (subject, attacker) pair continues its own simulated attacker: with 2 subjects, 2 attackers and
+    R = 8, the pairs come up in the order (0,0) (1,0) (0,1) (1,1) and each continues on its second visit."""
+    subjects = [_subject(tiny_sd), dataclasses.replace(_subject(tiny_sd), name="t")]
+    pcfg = ProtectConfig(outer_steps=8, inner_steps=1, learning_rate=1e-3, checkpoint_every=0, attacker_mix=LORA_MIX,
+                         inner_restart_every=8)
+    _, hist = l2p.protect(tiny_sd, subjects, PER, pcfg)
+    assert [h["attacker"] for h in hist] == [0, 0, 1, 1, 0, 0, 1, 1]
+    assert [h["attack_depth"] for h in hist] == [1, 1, 1, 1, 2, 2, 2, 2]
