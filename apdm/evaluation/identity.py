@@ -27,7 +27,6 @@ Conventions (Anti-DreamBooth / APDM):
 from __future__ import annotations
 
 import math
-
 from typing import Callable, Sequence
 
 import torch

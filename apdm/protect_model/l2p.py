@@ -414,12 +414,12 @@ def attackers(per_cfg: PersonalizationConfig, pcfg: ProtectConfig) -> list[Perso
     return out
 
 
-def check_protect_config(per_cfg: PersonalizationConfig, pcfg: ProtectConfig) -> None:
+def check_protect_config(per_cfg: PersonalizationConfig, pcfg: ProtectConfig) -> list[PersonalizationConfig]:
     """Every check that needs no model: lr phases, attackers, the attacker restart period. Raises before any
-    work starts."""
+    work starts; returns the simulated attackers (:func:`attackers`)."""
     check_lr_phases(pcfg)
-    attackers(per_cfg, pcfg)
     check_restart(pcfg)
+    return attackers(per_cfg, pcfg)
 
 
 def check_restart(pcfg: ProtectConfig) -> None:
@@ -477,9 +477,7 @@ def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcf
         checkpoint_dir: where resumable checkpoints go (every ``pcfg.checkpoint_every`` steps).
         stop_after: stop after this many outer steps *of this call* (for tests of interruption).
     """
-    check_lr_phases(pcfg)
-    check_restart(pcfg)
-    per_cfgs = attackers(per_cfg, pcfg)
+    per_cfgs = check_protect_config(per_cfg, pcfg)
     theta, trainable, phi, optimizer = init_protection(sd, pcfg, seed)
     restart = int(pcfg.inner_restart_every)
     carry: dict | None = {} if restart > 1 and pcfg.inner_steps > 0 else None
