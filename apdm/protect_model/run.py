@@ -140,8 +140,9 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, 
               f"Protection took {seconds:.0f} s for {len(history)} outer steps.", ""]
     if history:
         last = history[-1]
+        not_losses = ("step", "lr", "attacker", "attack_depth")
         lines += ["Final protection losses: "
-                  + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k not in ("step", "lr", "attacker", "attack_depth")), ""]
+                  + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k not in not_losses), ""]
     if results:
         lines += ["## Measured results", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in results.items()]
