@@ -158,6 +158,13 @@ class ProtectConfig:
     #: ``elementwise`` (log σ per latent element, as the reference code) or ``summed`` (paper eq. 14 on ‖·‖²).
     dpo_form: str = "elementwise"
     prior_loss_weight: float = 1.0
+    #: further prompts under which the DPO term is also taken (our addition; empty = the paper): each (x⁺, x⁻)
+    #: pair is conditioned on the instance prompt or one of these, drawn uniformly. ``{class_prompt}`` and
+    #: ``{instance_prompt}`` are filled in; ``""`` is the unconditional prompt. A simulated attacker that also
+    #: trains the text encoder moves the instance prompt's conditioning away from where a trap keyed to it
+    #: works; ``["{class_prompt}", ""]`` asks the trap to hold under other conditionings too
+    #: (docs/protect_model.md, "Along the attack"; on the toy world it did not help).
+    dpo_extra_prompts: list[str] = field(default_factory=list)
     #: weight of an extra prior-preservation term taken at θ itself (not at the personalized θ′), per inner
     #: term. 0 = Algorithm 1 as published. Needed when the simulated attacker's lr is much larger than the
     #: protection lr: θ is then only ever judged through θ′ and can drift into weights that are broken until

@@ -379,6 +379,44 @@ def test_protection_loss_matches_separate_passes(tiny_sd):
     torch.testing.assert_close(loss.detach(), dpo + ppl, rtol=1e-4, atol=1e-6)
 
 
+def test_dpo_extra_prompts_condition_each_pair(tiny_sd):
+    """With ``dpo_extra_prompts`` each DPO pair is conditioned on a prompt drawn (last, after noise and t) from the
+    instance prompt and the extras; L_ppl and the random stream before that draw are unchanged."""
+    from apdm.core import diffusion as D
+
+    subj = _subject(tiny_sd)
+    pcfg = ProtectConfig(batch_size=4, dpo_extra_prompts=["{class_prompt}", ""])
+    theta = l2p.prepare_theta(tiny_sd, pcfg)[0]
+    with torch.no_grad():
+        for p in theta.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    phi_ctx = lambda: l2p._phi(theta, tiny_sd.unet)  # noqa: E731
+    args = (tiny_sd, tiny_sd.text_encoder, tiny_sd.tokenizer, subj, subj.instance_prompt)
+    loss, logs = l2p.protection_loss(theta, phi_ctx, *args, pcfg, torch.Generator().manual_seed(7))
+    _, logs_plain = l2p.protection_loss(theta, phi_ctx, *args, dataclasses.replace(pcfg, dpo_extra_prompts=[]),
+                                        torch.Generator().manual_seed(7))
+    g, b, sched = torch.Generator().manual_seed(7), 4, tiny_sd.noise_scheduler
+    idx, cls_idx = torch.randint(2, (b,), generator=g), torch.randint(3, (b,), generator=g)
+    vae_gen = torch.Generator().manual_seed(int(torch.randint(2**31, (1,), generator=g)))
+    with torch.no_grad():
+        lat = {w: l2p._latents(tiny_sd.vae, subj, w, i, vae_gen) for w, i in (("images", idx), ("paired", idx))}
+        torch.randn(lat["images"].shape, generator=g), D.sample_timesteps(sched, b, "cpu", g)  # L_ppl's noise, t
+        noise, t = torch.randn(lat["images"].shape, generator=g), D.sample_timesteps(sched, b, "cpu", g)
+        choice = torch.randint(3, (b,), generator=g)
+        table = torch.cat([D.encode_prompt(tiny_sd.text_encoder, tiny_sd.tokenizer, [p])
+                           for p in (subj.instance_prompt, subj.class_prompt, "")])
+        cond = table[choice]
+        err = {(m, w): D.noise_prediction_loss(u, sched, lat[w], cond, noise, t, reduction="elementwise")
+               for m, u in (("theta", theta), ("phi", tiny_sd.unet)) for w in ("paired", "images")}
+    assert len(set(choice.tolist())) >= 2 and (choice > 0).any()  # the seed really mixes prompts
+    dpo = dpo_loss(err["theta", "paired"], err["phi", "paired"], err["theta", "images"], err["phi", "images"])
+    torch.testing.assert_close(torch.tensor(logs["loss_dpo"]), dpo, rtol=1e-4, atol=1e-6)
+    assert logs["loss_ppl"] == logs_plain["loss_ppl"]          # L_ppl drew the same numbers
+    assert abs(logs["loss_dpo"] - logs_plain["loss_dpo"]) > 1e-4  # and the DPO term saw other prompts
+    with pytest.raises(ValueError, match="dpo_extra_prompts"):
+        l2p.check_protect_config(PER, ProtectConfig(loss="naive", dpo_extra_prompts=[""]))
+
+
 def test_continuing_attacker_restarts_every_r_steps(tiny_sd):
     """``inner_restart_every=2``: outer step 0 is Algorithm 1's (bit-identical θ), step 1's attacker continues
     (depth 2, θ then differs), step 2 restarts from θ (depth 1). With the protection lr at 0 (θ fixed), two

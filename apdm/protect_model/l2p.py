@@ -178,9 +178,11 @@ def protection_loss(unet, phi_ctx, sd: SD, text_encoder, tokenizer, subject: Sub
     with _autocast(dev, pcfg.mixed_precision):
         if pcfg.loss == "dpo":
             noise, t = randn(lose.shape), randt(b)          # shared by x⁺ and x⁻, θ and φ
+            c_pair = _pair_conditioning(pcfg, text_encoder, tokenizer, instance_prompt, subject.class_prompt,
+                                        c_inst, g)
             # one θ' pass over [class | x⁺ | x⁻] (each row keeps its own prompt, noise and t)
             x = torch.cat([cls, win, lose])
-            cond, eps, tt = torch.cat([c_cls, c_inst, c_inst]), torch.cat([noise_cls, noise, noise]), \
+            cond, eps, tt = torch.cat([c_cls, c_pair, c_pair]), torch.cat([noise_cls, noise, noise]), \
                 torch.cat([t_cls, t, t])
             err = D.noise_prediction_loss(unet, sched, x, cond, eps, tt, reduction="elementwise")
             loss_ppl = err[:b].mean()
@@ -203,6 +205,22 @@ def protection_loss(unet, phi_ctx, sd: SD, text_encoder, tokenizer, subject: Sub
     logs["loss_ppl"] = float(loss_ppl.detach())
     logs["loss_protect"] = float(total.detach())
     return total, logs
+
+
+def _pair_conditioning(pcfg: ProtectConfig, text_encoder, tokenizer, instance_prompt: str, class_prompt: str,
+                       c_inst: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The text conditioning of the b DPO pairs, (b, L, D) float32: ``c_inst`` (the instance prompt), or with
+    ``pcfg.dpo_extra_prompts`` each pair's prompt drawn uniformly from the instance prompt and those (the draw
+    comes last, so without extra prompts the random stream is that of the paper's loss)."""
+    if not pcfg.dpo_extra_prompts:
+        return c_inst
+    prompts = [instance_prompt] + [p.replace("{class_prompt}", class_prompt).replace("{instance_prompt}",
+                                                                                     instance_prompt)
+                                   for p in pcfg.dpo_extra_prompts]
+    with torch.no_grad():
+        table = torch.cat([D.encode_prompt(text_encoder, tokenizer, [p]) for p in prompts]).float()
+    choice = torch.randint(len(prompts), (c_inst.shape[0],), generator=g)
+    return table[choice.to(table.device)]
 
 
 def anchor_loss(theta, sd: SD, subject: Subject, pcfg: ProtectConfig, g: torch.Generator) -> torch.Tensor:
@@ -415,10 +433,13 @@ def attackers(per_cfg: PersonalizationConfig, pcfg: ProtectConfig) -> list[Perso
 
 
 def check_protect_config(per_cfg: PersonalizationConfig, pcfg: ProtectConfig) -> list[PersonalizationConfig]:
-    """Every check that needs no model: lr phases, attackers, the attacker restart period. Raises before any
-    work starts; returns the simulated attackers (:func:`attackers`)."""
+    """Every check that needs no model: lr phases, attackers, the attacker restart period, extra DPO prompts only
+    with the DPO loss. Raises before any work starts; returns the simulated attackers (:func:`attackers`)."""
     check_lr_phases(pcfg)
     check_restart(pcfg)
+    if pcfg.dpo_extra_prompts and pcfg.loss != "dpo":
+        raise ValueError(f"protect.dpo_extra_prompts conditions the DPO pairs; it has no effect with "
+                         f"protect.loss={pcfg.loss}, so remove it")
     return attackers(per_cfg, pcfg)
 
 

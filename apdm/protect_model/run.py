@@ -98,8 +98,9 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     if main:
         LOG.info("APDM: %s loss, %d outer x %d inner steps, lr %s, trainable=%s, %d subject(s)%s%s", p.loss,
                  p.outer_steps, p.inner_steps, lr, p.trainable, len(subjects),
-                 f", the simulated attacker continues and restarts every {p.inner_restart_every} outer steps"
-                 if p.inner_restart_every > 1 else "",
+                 (f", the simulated attacker continues and restarts every {p.inner_restart_every} outer steps"
+                  if p.inner_restart_every > 1 else "")
+                 + (f", DPO pairs also conditioned on {p.dpo_extra_prompts}" if p.dpo_extra_prompts else ""),
                  f", {world} processes (gradients averaged)" if world > 1 else "")
     t0 = time.perf_counter()
     unet, history = protect(sd, subjects, cfg.personalization, p, seed=cfg.seed, checkpoint_dir=out / "checkpoint")

@@ -1,0 +1,63 @@
+"""Plot identity similarity along the DreamBooth attack, unprotected against protected, one panel per subject
+(docs/img/protect_model_attack_curves.png), from docs/results/protect-model-curves/*.json written by
+docs/results/checks/protect_model_attack_curve.py. Runs of the recipe as it is (no protect.* override) are drawn;
+where a subject also has a run against the UNet-only attacker (``--attack train_text_encoder=false``), it is drawn
+in blue.
+
+    pip install matplotlib          # only for this plot; not an apdm dependency
+    python docs/results/plot_attack_curves.py
+"""
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    runs = [json.loads(p.read_text()) for p in sorted((HERE / "protect-model-curves").glob("*.json"))]
+    runs = [r for r in runs if not r["overrides"]]
+    full = sorted((r for r in runs if not r.get("attack_overrides")), key=lambda r: r["position"])
+    unet_only = {r["position"]: r for r in runs if r.get("attack_overrides") == ["train_text_encoder=false"]}
+    cols = min(5, len(full))
+    rows = (len(full) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.5 * rows), sharey=True, squeeze=False)
+    for ax, run in zip(axes.flat, full):
+        lines = [(run, "#777777", "#cc3311", "DreamBooth (UNet + text encoder)")]
+        if run["position"] in unet_only:
+            lines.append((unet_only[run["position"]], "#88aadd", "#1144aa", "UNet-only DreamBooth"))
+        for r, c_unprot, c_prot, label in lines:
+            for key, style, colour in (("unprotected", "--", c_unprot), ("protected", "-", c_prot)):
+                pts = r[key]
+                ax.plot([p["step"] for p in pts], [p["ism"] for p in pts], style, marker="o", ms=2.5, lw=1.2,
+                        color=colour, label=f"{label}, {key}")
+        ax.axvline(300, color="k", lw=0.5, ls=":")
+        ax.set_title(f"held-out person {run['subject_protected']}", fontsize=9)
+        ax.set_xlabel("attack step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(full):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("ISM to the subject", fontsize=8)
+    handles, labels = [], []
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    fig.suptitle("Identity along the attack (ism@toy-id, 8 samples per point): the toy recipe (40 × 10 at 2e-5) "
+                 "against DreamBooth", fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    out = HERE.parent / "img" / "protect_model_attack_curves.png"
+    fig.savefig(out, dpi=110)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
