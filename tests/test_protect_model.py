@@ -392,7 +392,7 @@ def test_dpo_extra_prompts_condition_each_pair(tiny_sd):
             p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     phi_ctx = lambda: l2p._phi(theta, tiny_sd.unet)  # noqa: E731
     args = (tiny_sd, tiny_sd.text_encoder, tiny_sd.tokenizer, subj, subj.instance_prompt)
-    loss, logs = l2p.protection_loss(theta, phi_ctx, *args, pcfg, torch.Generator().manual_seed(7))
+    _, logs = l2p.protection_loss(theta, phi_ctx, *args, pcfg, torch.Generator().manual_seed(7))
     _, logs_plain = l2p.protection_loss(theta, phi_ctx, *args, dataclasses.replace(pcfg, dpo_extra_prompts=[]),
                                         torch.Generator().manual_seed(7))
     g, b, sched = torch.Generator().manual_seed(7), 4, tiny_sd.noise_scheduler

@@ -214,12 +214,11 @@ def _pair_conditioning(pcfg: ProtectConfig, text_encoder, tokenizer, instance_pr
     comes last, so without extra prompts the random stream is that of the paper's loss)."""
     if not pcfg.dpo_extra_prompts:
         return c_inst
-    prompts = [instance_prompt] + [p.replace("{class_prompt}", class_prompt).replace("{instance_prompt}",
-                                                                                     instance_prompt)
-                                   for p in pcfg.dpo_extra_prompts]
-    with torch.no_grad():
-        table = torch.cat([D.encode_prompt(text_encoder, tokenizer, [p]) for p in prompts]).float()
-    choice = torch.randint(len(prompts), (c_inst.shape[0],), generator=g)
+    extra = [p.replace("{class_prompt}", class_prompt).replace("{instance_prompt}", instance_prompt)
+             for p in pcfg.dpo_extra_prompts]
+    with torch.no_grad():  # row 0: the instance prompt, already encoded
+        table = torch.cat([c_inst[:1]] + [D.encode_prompt(text_encoder, tokenizer, [p]).float() for p in extra])
+    choice = torch.randint(len(table), (c_inst.shape[0],), generator=g)
     return table[choice.to(table.device)]
 
 
