@@ -31,7 +31,7 @@ from apdm.protect_model.l2p import Subject, protect
 from apdm.protect_model.run import protection_images
 from apdm.toy import instruments as I
 from apdm.toy.world import heldout_subjects
-from apdm.utils import atomic_write_json
+from apdm.utils import atomic_write_json, progress
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--subject", type=int, default=0, help="position in the held-out list (the bench's subjects=P,...)")
@@ -81,7 +81,7 @@ def curve(model) -> list[dict]:
     state = S.setup(model, cfg, class_images)
     images = subj.images.to(model.device)
     out = []
-    for k in range(args.steps + 1):
+    for k in progress(range(args.steps + 1), desc="attacking and sampling"):
         if k in grid:
             gen = D.generate(state.sd, [S.prompt_for(state, subj.instance_prompt)], sample.num_images_per_prompt,
                              sample.num_inference_steps, sample.guidance_scale, sample.negative_prompt, sample.seed,
