@@ -68,12 +68,8 @@ grid = (list(range(0, args.steps + 1, args.every)) if args.every else
 def attributes_matched(gen: torch.Tensor) -> dict:
     """Per attribute: the share of samples whose predicted value is the subject's (``attr_match@toy-attr`` split
     by attribute)."""
-    enc, cls = inst.encoder, subj.identity["class"]
-    names = list(enc.attributes[cls])
-    pred = I._batched(enc, gen, fn=lambda x: torch.stack(
-        [enc.heads[f"{cls}__{k}"](enc.features(x)).argmax(1) for k in names], dim=1))
-    target = torch.tensor([enc.attributes[cls][k].index(subj.identity[k]) for k in names])
-    return {k: round(float((pred[:, i] == target[i]).float().mean()), 3) for i, k in enumerate(names)}
+    pred = I.predict_attributes(inst.encoder, gen, subj.identity["class"])
+    return {k: round(sum(p[k] == v for p in pred) / len(pred), 3) for k, v in subj.identity.items() if k != "class"}
 
 
 def curve(model) -> list[dict]:
