@@ -194,6 +194,12 @@ class ProtectConfig:
     #: comma-separated list of parameter-name substrings (e.g. ``attn2,up_blocks``).
     trainable: str = "all"
     lora_rank: int = 16
+    #: also protect the text encoder (our addition; off = the paper, which trains the UNet only): θ's text encoder
+    #: becomes trainable (fp32, full, whatever ``trainable`` says for the UNet), receives the protection gradient
+    #: through the conditioning at θ′, and is released with the UNet. An attacker who fine-tunes the text encoder
+    #: can move the instance prompt's conditioning away from a trap built in the UNet alone (docs/protect_model.md,
+    #: "Along the attack"). Not with a Textual Inversion attacker in the inner loop (it adds a token).
+    train_text_encoder: bool = False
     #: autocast for the frozen reference φ and the protection forward passes (CUDA only).
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False

@@ -52,7 +52,7 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     assert distributed.init_from_env() == (rank, world)
     sd = tiny_sd(seed=0)
     sgd = _sgd_step(sd, seed=5)
-    theta, _ = l2p.protect(sd, [_subject()], PER, PCFG, seed=5, checkpoint_dir=os.path.join(folder, "ckpt"))
+    theta, _, _ = l2p.protect(sd, [_subject()], PER, PCFG, seed=5, checkpoint_dir=os.path.join(folder, "ckpt"))
     save_file({**{f"sgd/{n}": t.contiguous() for n, t in sgd.items()},
                **{f"theta/{n}": p.detach().contiguous() for n, p in theta.named_parameters()}},
               os.path.join(folder, f"rank{rank}.safetensors"))

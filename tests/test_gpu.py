@@ -79,7 +79,7 @@ def test_l2p_on_cuda_changes_theta_not_phi(gpu_sd, trainable):
                          mixed_precision="bf16", gradient_checkpointing=True, anchor_weight=1.0, trainable=trainable,
                          lora_rank=4)
     per = PersonalizationConfig(method="dreambooth", learning_rate=1e-3, batch_size=1)
-    theta, hist = l2p.protect(gpu_sd, [subj], per, pcfg)
+    theta, hist, _ = l2p.protect(gpu_sd, [subj], per, pcfg)
     assert all(torch.isfinite(torch.tensor(h["loss_protect"])) for h in hist)
     # full θ: fp32 master weights; LoRA-θ: adapters merged into a base kept in the model's dtype
     assert next(theta.parameters()).is_cuda

@@ -60,7 +60,7 @@ PER = PersonalizationConfig(method="dreambooth", learning_rate=1e-3, batch_size=
 def test_one_outer_step_changes_theta_not_phi(tiny_sd):
     phi_before = {n: p.clone() for n, p in tiny_sd.unet.named_parameters()}
     pcfg = ProtectConfig(outer_steps=1, inner_steps=2, learning_rate=1e-3, checkpoint_every=0)
-    theta, hist = l2p.protect(tiny_sd, [_subject(tiny_sd)], PER, pcfg)
+    theta, hist, _ = l2p.protect(tiny_sd, [_subject(tiny_sd)], PER, pcfg)
     changed = [n for n, p in theta.named_parameters() if not torch.equal(p, phi_before[n])]
     assert len(changed) > 0.9 * len(phi_before)
     assert all(torch.equal(p, phi_before[n]) for n, p in tiny_sd.unet.named_parameters())
@@ -74,7 +74,7 @@ def test_one_outer_step_changes_theta_not_phi(tiny_sd):
 def test_variants_run_and_update(tiny_sd, variant):
     pcfg = ProtectConfig(**{"outer_steps": 1, "inner_steps": 1, "learning_rate": 1e-3, "checkpoint_every": 0,
                             **variant})
-    theta, hist = l2p.protect(tiny_sd, [_subject(tiny_sd)], PER, pcfg)
+    theta, hist, _ = l2p.protect(tiny_sd, [_subject(tiny_sd)], PER, pcfg)
     base = dict(tiny_sd.unet.named_parameters())
     changed = {n for n, p in theta.named_parameters() if not torch.equal(p, base[n])}
     assert changed, "protection did not change the UNet"
@@ -87,7 +87,7 @@ def test_variants_run_and_update(tiny_sd, variant):
 def test_other_attackers_in_the_inner_loop(tiny_sd, method):
     per = PersonalizationConfig(method=method, learning_rate=1e-2, with_prior_preservation=False)
     pcfg = ProtectConfig(outer_steps=1, inner_steps=2, learning_rate=1e-3, checkpoint_every=0)
-    theta, _ = l2p.protect(tiny_sd, [_subject(tiny_sd)], per, pcfg)
+    theta, _, _ = l2p.protect(tiny_sd, [_subject(tiny_sd)], per, pcfg)
     base = dict(tiny_sd.unet.named_parameters())
     assert any(not torch.equal(p, base[n]) for n, p in theta.named_parameters())
     assert len(tiny_sd.tokenizer) == len(tiny_sd.tokenizer.get_vocab())  # base tokenizer untouched
@@ -112,7 +112,7 @@ def test_protection_raises_subject_error_relative_to_paired(tiny_sd):
     subj = _subject(tiny_sd)
     pcfg = ProtectConfig(outer_steps=8, inner_steps=0, learning_rate=3e-4, checkpoint_every=0, batch_size=2,
                          prior_loss_weight=0.0)
-    theta, hist = l2p.protect(tiny_sd, [subj], PER, pcfg)
+    theta, hist, _ = l2p.protect(tiny_sd, [subj], PER, pcfg)
     from apdm.core import diffusion as D
 
     g = torch.Generator().manual_seed(5)
@@ -136,10 +136,10 @@ def test_protection_raises_subject_error_relative_to_paired(tiny_sd):
 def test_resume_after_interruption_is_exact(tiny_sd, tmp_path):
     subj = [_subject(tiny_sd)]
     pcfg = ProtectConfig(outer_steps=3, inner_steps=1, learning_rate=1e-3, checkpoint_every=1)
-    full, hist_full = l2p.protect(tiny_sd, subj, PER, pcfg, seed=3, checkpoint_dir=tmp_path / "a")
+    full, hist_full, _ = l2p.protect(tiny_sd, subj, PER, pcfg, seed=3, checkpoint_dir=tmp_path / "a")
     # interrupted after 2 steps, then resumed from the checkpoint in a new call
     l2p.protect(tiny_sd, subj, PER, pcfg, seed=3, checkpoint_dir=tmp_path / "b", stop_after=2)
-    resumed, hist_res = l2p.protect(tiny_sd, subj, PER, pcfg, seed=3, checkpoint_dir=tmp_path / "b")
+    resumed, hist_res, _ = l2p.protect(tiny_sd, subj, PER, pcfg, seed=3, checkpoint_dir=tmp_path / "b")
     assert [h["step"] for h in hist_res] == [0, 1, 2]
     for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=n)
@@ -168,7 +168,7 @@ def test_bf16_base_model_runs_with_fp32_master_weights():
 
     sd16 = tiny_sd(seed=0, dtype=torch.bfloat16)
     pcfg = ProtectConfig(outer_steps=1, inner_steps=1, learning_rate=1e-3, checkpoint_every=0)
-    theta, hist = l2p.protect(sd16, [_subject(sd16)], PER, pcfg)
+    theta, hist, _ = l2p.protect(sd16, [_subject(sd16)], PER, pcfg)
     assert theta.dtype == torch.float32 and sd16.unet.dtype == torch.bfloat16
     assert all(math.isfinite(v) for k, v in hist[0].items() if k != "step")
 
@@ -186,7 +186,7 @@ def test_lora_theta_keeps_its_base_in_the_model_dtype():
     assert all(p.dtype == torch.bfloat16 for p in base.values())
     assert trainable and all(p.dtype == torch.float32 and p.requires_grad for p in trainable.values())
     phi = {n: p.detach().clone() for n, p in sd16.unet.named_parameters()}
-    merged, hist = l2p.protect(sd16, [_subject(sd16)], PER, pcfg)
+    merged, hist, _ = l2p.protect(sd16, [_subject(sd16)], PER, pcfg)
     assert all(math.isfinite(h["loss_protect"]) for h in hist)
     assert all(torch.equal(p, phi[n]) for n, p in sd16.unet.named_parameters())
     assert any(not torch.equal(p, phi[n]) for n, p in merged.named_parameters())
@@ -271,7 +271,7 @@ def test_anchor_keeps_theta_own_class_prior(tiny_sd):
     out = {}
     for w in (0.0, 20.0):
         pcfg = ProtectConfig(outer_steps=4, inner_steps=1, learning_rate=2e-3, checkpoint_every=0, anchor_weight=w)
-        theta, hist = l2p.protect(tiny_sd, [subj], PER, pcfg, seed=1)
+        theta, hist, _ = l2p.protect(tiny_sd, [subj], PER, pcfg, seed=1)
         out[w] = prior_loss(theta)
         assert ("loss_anchor" in hist[0]) == (w > 0)
     assert out[20.0] < out[0.0]
@@ -292,10 +292,10 @@ def test_lr_phases_are_applied_and_survive_resume(tiny_sd, tmp_path):
     subj = [_subject(tiny_sd)]
     pcfg = ProtectConfig(outer_steps=2, inner_steps=1, checkpoint_every=1, learning_rate=5.0,
                          lr_phases=[[1, 0.0], [1, 1e-3]])
-    first, hist = l2p.protect(tiny_sd, subj, PER, pcfg, checkpoint_dir=tmp_path, stop_after=1)
+    first, hist, _ = l2p.protect(tiny_sd, subj, PER, pcfg, checkpoint_dir=tmp_path, stop_after=1)
     base = dict(tiny_sd.unet.named_parameters())
     assert all(torch.equal(p, base[n]) for n, p in first.named_parameters())
-    second, hist = l2p.protect(tiny_sd, subj, PER, pcfg, checkpoint_dir=tmp_path)
+    second, hist, _ = l2p.protect(tiny_sd, subj, PER, pcfg, checkpoint_dir=tmp_path)
     assert [h["lr"] for h in hist] == [0.0, 1e-3]
     assert any(not torch.equal(p, base[n]) for n, p in second.named_parameters())
 
@@ -324,7 +324,7 @@ def test_attacker_mix_takes_attackers_in_turn(tiny_sd):
 def test_attacker_mix_with_several_subjects_meets_every_pair(tiny_sd):
     subjects = [_subject(tiny_sd), dataclasses.replace(_subject(tiny_sd), name="t")]
     pcfg = ProtectConfig(outer_steps=4, inner_steps=1, learning_rate=1e-3, checkpoint_every=0, attacker_mix=LORA_MIX)
-    _, hist = l2p.protect(tiny_sd, subjects, PER, pcfg)
+    _, hist, _ = l2p.protect(tiny_sd, subjects, PER, pcfg)
     assert [h["attacker"] for h in hist] == [0, 0, 1, 1]  # subjects 0, 1, 0, 1: every (subject, attacker) pair
 
 
@@ -434,9 +434,9 @@ def test_continuing_attacker_restarts_every_r_steps(tiny_sd):
     assert [h["attack_depth"] for h in runs[2, 3][1]] == [1, 2, 1]
     assert [h["attack_depth"] for h in runs[1, 3][1]] == [1, 1, 1]
     frozen = dict(learning_rate=0.0, checkpoint_every=0, weight_decay=0.0)
-    _, two_outer = l2p.protect(tiny_sd, subj, PER, ProtectConfig(outer_steps=2, inner_steps=1,
+    _, two_outer, _ = l2p.protect(tiny_sd, subj, PER, ProtectConfig(outer_steps=2, inner_steps=1,
                                                                   inner_restart_every=2, **frozen), seed=4)
-    _, one_outer = l2p.protect(tiny_sd, subj, PER, ProtectConfig(outer_steps=1, inner_steps=2, **frozen), seed=4)
+    _, one_outer, _ = l2p.protect(tiny_sd, subj, PER, ProtectConfig(outer_steps=1, inner_steps=2, **frozen), seed=4)
     per_step = [h["loss_personalization"] for h in two_outer]
     assert sum(per_step) / 2 == pytest.approx(one_outer[0]["loss_personalization"], rel=1e-6)
     assert per_step[0] != per_step[1]
@@ -448,7 +448,7 @@ def test_continuing_attacker_follows_theta(tiny_sd, monkeypatch):
 
     subj = [_subject(tiny_sd)]
     pcfg = ProtectConfig(outer_steps=2, inner_steps=1, learning_rate=1e-2, checkpoint_every=0, inner_restart_every=2)
-    theta, trainable, phi, opt = l2p.init_protection(tiny_sd, pcfg)
+    theta, trainable, phi, opt, _ = l2p.init_protection(tiny_sd, pcfg)
     theta.train()
     name = "conv_in.weight"
     seen = []
@@ -475,9 +475,9 @@ def test_continuing_attacker_checks_and_exact_resume(tiny_sd, tmp_path):
         l2p.check_protect_config(PER, ProtectConfig(inner_restart_every=0))
     subj = [_subject(tiny_sd)]
     pcfg = ProtectConfig(outer_steps=4, inner_steps=1, learning_rate=1e-3, checkpoint_every=2, inner_restart_every=2)
-    full, _ = l2p.protect(tiny_sd, subj, PER, pcfg, seed=3, checkpoint_dir=tmp_path / "a")
+    full, _, _ = l2p.protect(tiny_sd, subj, PER, pcfg, seed=3, checkpoint_dir=tmp_path / "a")
     l2p.protect(tiny_sd, subj, PER, pcfg, seed=3, checkpoint_dir=tmp_path / "b", stop_after=2)
-    resumed, hist = l2p.protect(tiny_sd, subj, PER, pcfg, seed=3, checkpoint_dir=tmp_path / "b")
+    resumed, hist, _ = l2p.protect(tiny_sd, subj, PER, pcfg, seed=3, checkpoint_dir=tmp_path / "b")
     assert [h["attack_depth"] for h in hist] == [1, 2, 1, 2]
     for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=n)
@@ -489,6 +489,97 @@ def test_continuing_attacker_per_subject_and_attacker(tiny_sd):
     subjects = [_subject(tiny_sd), dataclasses.replace(_subject(tiny_sd), name="t")]
     pcfg = ProtectConfig(outer_steps=8, inner_steps=1, learning_rate=1e-3, checkpoint_every=0, attacker_mix=LORA_MIX,
                          inner_restart_every=8)
-    _, hist = l2p.protect(tiny_sd, subjects, PER, pcfg)
+    _, hist, _ = l2p.protect(tiny_sd, subjects, PER, pcfg)
     assert [h["attacker"] for h in hist] == [0, 0, 1, 1, 0, 0, 1, 1]
     assert [h["attack_depth"] for h in hist] == [1, 1, 1, 1, 2, 2, 2, 2]
+
+
+@pytest.mark.parametrize("attacker_te", [True, False])
+def test_protected_text_encoder_is_trained_and_base_untouched(tiny_sd, attacker_te):
+    """``train_text_encoder``: θ's own text encoder moves (whether the simulated attacker trains its copy or shares
+    θ's), the base model's does not, and the UNet is still protected."""
+    te_before = {n: p.clone() for n, p in tiny_sd.text_encoder.named_parameters()}
+    per = dataclasses.replace(PER, train_text_encoder=attacker_te)
+    pcfg = ProtectConfig(outer_steps=1, inner_steps=2, learning_rate=1e-3, checkpoint_every=0, train_text_encoder=True,
+                         anchor_weight=1.0)
+    theta, hist, te = l2p.protect(tiny_sd, [_subject(tiny_sd)], per, pcfg)
+    assert te is not None and te is not tiny_sd.text_encoder
+    assert all(torch.equal(p, te_before[n]) for n, p in tiny_sd.text_encoder.named_parameters())
+    moved = [n for n, p in te.named_parameters() if not torch.equal(p, te_before[n])]
+    assert len(moved) > 0.9 * len(te_before), (len(moved), len(te_before))
+    assert any(not torch.equal(p, q) for p, q in zip(theta.parameters(), tiny_sd.unet.parameters()))
+    _, _, none = l2p.protect(tiny_sd, [_subject(tiny_sd)], per, dataclasses.replace(pcfg, train_text_encoder=False))
+    assert none is None
+
+
+def test_protection_gradient_reaches_the_text_encoder_and_descends(tiny_sd):
+    """The protection loss is differentiable w.r.t. the text encoder through the conditioning: a small step against
+    that gradient (text encoder only, same draws) lowers the loss; without the option no gradient arrives."""
+    subj = _subject(tiny_sd)
+    pcfg = ProtectConfig(batch_size=2, train_text_encoder=True)
+    theta = l2p.prepare_theta(tiny_sd, pcfg)[0]
+    trainable: dict = {}
+    te = l2p.prepare_text_encoder(tiny_sd, pcfg, trainable)
+    assert trainable and all(n.startswith(l2p.TE_PREFIX) for n in trainable)
+    phi_ctx = lambda: l2p._phi(theta, tiny_sd.unet)  # noqa: E731
+
+    def loss_at(cfg):
+        return l2p.protection_loss(theta, phi_ctx, tiny_sd, te, tiny_sd.tokenizer, subj, subj.instance_prompt, cfg,
+                                   torch.Generator().manual_seed(5))[0]
+
+    loss = loss_at(pcfg)
+    loss.backward()
+    grads = [p.grad for p in te.parameters()]
+    assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
+    with torch.no_grad():
+        for p in te.parameters():
+            if p.grad is not None:
+                p.sub_(1e-2 * p.grad / (p.grad.norm() + 1e-12))
+                p.grad = None
+    assert float(loss_at(pcfg).detach()) < float(loss.detach()) - 1e-6
+    loss_at(dataclasses.replace(pcfg, train_text_encoder=False)).backward()
+    assert all(p.grad is None for p in te.parameters())
+
+
+def test_protected_text_encoder_resumes_exactly_and_ti_is_refused(tiny_sd, tmp_path):
+    subj = [_subject(tiny_sd)]
+    per = dataclasses.replace(PER, train_text_encoder=True)
+    pcfg = ProtectConfig(outer_steps=3, inner_steps=1, learning_rate=1e-3, checkpoint_every=1, train_text_encoder=True)
+    _, _, full = l2p.protect(tiny_sd, subj, per, pcfg, seed=3, checkpoint_dir=tmp_path / "a")
+    l2p.protect(tiny_sd, subj, per, pcfg, seed=3, checkpoint_dir=tmp_path / "b", stop_after=2)
+    _, _, resumed = l2p.protect(tiny_sd, subj, per, pcfg, seed=3, checkpoint_dir=tmp_path / "b")
+    for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=n)
+    with pytest.raises(ValueError, match="Textual Inversion"):
+        l2p.check_protect_config(dataclasses.replace(PER, method="ti"), pcfg)
+
+
+def test_bench_carries_a_protected_text_encoder(tiny_sd):
+    """What a protection job returns (:func:`jobs.unet_state` with a text encoder) rebuilds that text encoder."""
+    from apdm.bench import jobs
+
+    te = __import__("copy").deepcopy(tiny_sd.text_encoder)
+    with torch.no_grad():
+        for p in te.parameters():
+            p.add_(0.5)
+    spec = jobs.remember_model(tiny_sd)
+    sd = jobs.model(spec, jobs.unet_state(tiny_sd.unet, te))
+    for (n, a), (_, b) in zip(sd.text_encoder.named_parameters(), te.named_parameters()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=n)
+    assert jobs.model(spec, jobs.unet_state(tiny_sd.unet)).text_encoder is tiny_sd.text_encoder
+
+
+def test_cli_protect_model_saves_the_protected_text_encoder(tmp_path):
+    from transformers import CLIPTextModel
+
+    from helpers import tiny_protect_model_args
+
+    from apdm.cli import main
+    from apdm.core.models import load_sd
+
+    assert main(["protect-model", *tiny_protect_model_args(tmp_path), "protect.train_text_encoder=true",
+                 "personalization.train_text_encoder=true"]) == 0
+    saved = CLIPTextModel.from_pretrained(str(tmp_path / "out" / "model" / "text_encoder"))
+    base = load_sd("tiny", device="cpu").text_encoder
+    assert any(not torch.equal(a, b) for a, b in zip(saved.parameters(), base.parameters()))
+    assert "and its text encoder were fine-tuned" in (tmp_path / "out" / "model" / "README.md").read_text()

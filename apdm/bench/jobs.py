@@ -103,16 +103,23 @@ def worker_count(opts: dict, sd) -> int:
 
 
 def model(model_spec: tuple[str, str], unet_state: dict | None = None):
-    """The model of ``model_spec = (path, device)``, loaded once per process; with ``unet_state``, a shallow copy
-    whose UNet is a fresh copy carrying those weights (a protected model)."""
+    """The model of ``model_spec = (path, device)``, loaded once per process; with ``unet_state``
+    (:func:`unet_state`), a shallow copy whose UNet is a fresh copy carrying those weights (a protected model), and
+    whose text encoder is too when the state has ``text_encoder.*`` keys (a protected text encoder)."""
     from apdm.core.models import load_sd
 
     sd = cached(("model", model_spec), lambda: load_sd(model_spec[0], device=model_spec[1]))
     if unet_state is None:
         return sd
+    te_state = {k[len(TE_PREFIX):]: v for k, v in unet_state.items() if k.startswith(TE_PREFIX)}
     unet = copy.deepcopy(sd.unet)
-    unet.load_state_dict(unet_state)
-    return dataclasses.replace(sd, unet=unet.eval().requires_grad_(False))
+    unet.load_state_dict({k: v for k, v in unet_state.items() if not k.startswith(TE_PREFIX)})
+    text_encoder = sd.text_encoder
+    if te_state:
+        text_encoder = copy.deepcopy(sd.text_encoder)
+        text_encoder.load_state_dict(te_state)
+        text_encoder.eval().requires_grad_(False)
+    return dataclasses.replace(sd, unet=unet.eval().requires_grad_(False), text_encoder=text_encoder)
 
 
 def instruments():
@@ -123,9 +130,16 @@ def instruments():
     return cached("instruments", lambda: I.load_instruments(instruments_path()))
 
 
-def unet_state(unet) -> dict:
-    """A UNet's weights as CPU tensors (what a job returns or receives for a protected model)."""
-    return {k: v.detach().cpu() for k, v in unet.state_dict().items()}
+TE_PREFIX = "text_encoder."
+
+
+def unet_state(unet, text_encoder=None) -> dict:
+    """A UNet's weights as CPU tensors (what a job returns or receives for a protected model); with
+    ``text_encoder``, its weights too, under ``text_encoder.<name>``."""
+    out = {k: v.detach().cpu() for k, v in unet.state_dict().items()}
+    if text_encoder is not None:
+        out.update({TE_PREFIX + k: v.detach().cpu() for k, v in text_encoder.state_dict().items()})
+    return out
 
 
 def attack(model_spec, unet_state_dict: dict | None, train_images, references, per_cfg, prompt: str, sample,

@@ -197,15 +197,16 @@ def _subject_positions(opts: dict) -> tuple[int, int]:
 
 
 def _protect_job(spec, subject, per_cfg, pcfg) -> tuple[dict, list[dict], float, float]:
-    """Protect ``subject`` on the model of ``spec``; returns (protected UNet state, per-step logs, seconds, peak RSS)."""
+    """Protect ``subject`` on the model of ``spec``; returns (protected UNet state (and text encoder, if protected:
+    :func:`apdm.bench.jobs.unet_state`), per-step logs, seconds, peak RSS)."""
     from apdm.bench import jobs
     from apdm.protect_model.l2p import protect
     from apdm.utils import peak_rss_mb
 
     sd = jobs.model(spec)
     t0 = time.perf_counter()
-    unet, hist = protect(sd, [subject], per_cfg, pcfg)  # pcfg.checkpoint_every is 0 in the bench
-    return jobs.unet_state(unet), hist, time.perf_counter() - t0, peak_rss_mb()
+    unet, hist, text_encoder = protect(sd, [subject], per_cfg, pcfg)  # pcfg.checkpoint_every is 0 in the bench
+    return jobs.unet_state(unet, text_encoder), hist, time.perf_counter() - t0, peak_rss_mb()
 
 
 def _kid_job(spec, unet_state: dict | None, real, n_samples: int) -> float:

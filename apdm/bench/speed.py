@@ -91,7 +91,7 @@ def _protect_model(sd, images, class_images, opts: dict, repeats: int) -> dict:
     n = images.shape[0]
     subject = l2p.Subject("speed", images, class_images[:n], class_images, "a photo of sks person",
                           "a photo of a person")
-    theta, trainable, phi, optimizer = l2p.init_protection(sd, pcfg)
+    theta, trainable, phi, optimizer, _ = l2p.init_protection(sd, pcfg)
     theta.train()
     step = iter(range(10**6))
     seconds, peak = timed(lambda: l2p.outer_step(next(step), theta, trainable, phi, sd, [subject], per, pcfg,

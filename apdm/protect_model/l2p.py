@@ -25,7 +25,10 @@ Design choices (see docs/protect_model.md):
   (``attacker_mix``, our addition) are taken in turn in the same way;
 * ``anchor_weight > 0`` adds L_ppl taken at θ itself to every outer step (our addition, off by default);
 * θ trained as LoRA: φ is θ with its adapters disabled (no extra full copy), and the adapters are merged into
-  the UNet at the end.
+  the UNet at the end;
+* ``train_text_encoder`` (our addition) makes θ's text encoder trainable too: its parameters are in the trainable
+  dict under ``text_encoder.<name>``, θ′ starts from it, and the protection gradient reaches it through the
+  conditioning of the DPO pairs and of L_ppl.
 """
 
 from __future__ import annotations
@@ -120,6 +123,21 @@ def prepare_theta(sd: SD, pcfg: ProtectConfig, seed: int = 0
     return theta, trainable
 
 
+TE_PREFIX = "text_encoder."
+
+
+def prepare_text_encoder(sd: SD, pcfg: ProtectConfig, trainable: dict[str, torch.nn.Parameter]):
+    """θ's text encoder when ``pcfg.train_text_encoder``: an fp32 copy of ``sd.text_encoder`` whose parameters are
+    added to ``trainable`` as ``text_encoder.<name>``; else ``sd.text_encoder`` itself (frozen, shared)."""
+    if not pcfg.train_text_encoder:
+        return sd.text_encoder
+    te = copy.deepcopy(sd.text_encoder).to(torch.float32).eval()
+    te.requires_grad_(True)
+    for n, p in te.named_parameters():
+        trainable[TE_PREFIX + n] = p
+    return te
+
+
 @contextlib.contextmanager
 def _phi(theta, phi):
     """Yield the reference model φ: the frozen copy, or θ with its LoRA adapters switched off."""
@@ -148,7 +166,8 @@ def protection_loss(unet, phi_ctx, sd: SD, text_encoder, tokenizer, subject: Sub
         unet: θ' (or θ when there is no inner loop).
         phi_ctx: zero-argument callable returning a context manager that yields φ.
         sd: the base model (VAE and schedule are read from it).
-        text_encoder, tokenizer: those of θ' (Textual Inversion adds its learned token there).
+        text_encoder, tokenizer: those of θ' (Textual Inversion adds its learned token there); differentiated
+            through when ``pcfg.train_text_encoder``. φ's error is taken under the same conditioning.
         subject: the protected subject's tensors.
         instance_prompt: the personalization prompt as the attacker uses it (TI: with its token).
         pcfg: protection settings (loss, β, form, prior weight, batch size).
@@ -163,6 +182,7 @@ def protection_loss(unet, phi_ctx, sd: SD, text_encoder, tokenizer, subject: Sub
         lose = _latents(sd.vae, subject, "images", idx, vae_gen)
         win = _latents(sd.vae, subject, "paired", idx, vae_gen)
         cls = _latents(sd.vae, subject, "class_images", cls_idx, vae_gen)
+    with torch.set_grad_enabled(pcfg.train_text_encoder):  # the gradient reaches θ's text encoder through these
         c_inst = D.encode_prompt(text_encoder, tokenizer, [instance_prompt]).expand(b, -1, -1).float()
         c_cls = D.encode_prompt(text_encoder, tokenizer, [subject.class_prompt]).expand(b, -1, -1).float()
     dev = lose.device
@@ -216,20 +236,24 @@ def _pair_conditioning(pcfg: ProtectConfig, text_encoder, tokenizer, instance_pr
         return c_inst
     extra = [p.replace("{class_prompt}", class_prompt).replace("{instance_prompt}", instance_prompt)
              for p in pcfg.dpo_extra_prompts]
-    with torch.no_grad():  # row 0: the instance prompt, already encoded
+    with torch.set_grad_enabled(pcfg.train_text_encoder):  # row 0: the instance prompt, already encoded
         table = torch.cat([c_inst[:1]] + [D.encode_prompt(text_encoder, tokenizer, [p]).float() for p in extra])
     choice = torch.randint(len(table), (c_inst.shape[0],), generator=g)
     return table[choice.to(table.device)]
 
 
-def anchor_loss(theta, sd: SD, subject: Subject, pcfg: ProtectConfig, g: torch.Generator) -> torch.Tensor:
-    """L_ppl at θ itself: the noise-prediction loss of θ on a batch of class images under the class prompt."""
+def anchor_loss(theta, sd: SD, subject: Subject, pcfg: ProtectConfig, g: torch.Generator,
+                text_encoder=None) -> torch.Tensor:
+    """L_ppl at θ itself: the noise-prediction loss of θ on a batch of class images under the class prompt
+    (encoded by ``text_encoder``: θ's own when it is protected too, else ``sd.text_encoder``)."""
+    text_encoder = sd.text_encoder if text_encoder is None else text_encoder
     b = pcfg.batch_size
     idx = torch.randint(subject.class_images.shape[0], (b,), generator=g)
     vae_gen = torch.Generator(device=sd.vae.device).manual_seed(int(torch.randint(2**31, (1,), generator=g)))
     with torch.no_grad():
         cls = _latents(sd.vae, subject, "class_images", idx, vae_gen)
-        c_cls = D.encode_prompt(sd.text_encoder, sd.tokenizer, [subject.class_prompt]).expand(b, -1, -1).float()
+    with torch.set_grad_enabled(pcfg.train_text_encoder):
+        c_cls = D.encode_prompt(text_encoder, sd.tokenizer, [subject.class_prompt]).expand(b, -1, -1).float()
     noise = torch.randn(cls.shape, generator=g).to(cls.device)
     t = D.sample_timesteps(sd.noise_scheduler, b, cls.device, g)
     with _autocast(cls.device, pcfg.mixed_precision):
@@ -241,10 +265,12 @@ def _seeded(seed: int, j: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + j * 7_919 + stream) % (2**63 - 1))
 
 
-def _map_inner_params(theta_names, inner_unet) -> dict[str, torch.nn.Parameter]:
+def _map_inner_params(theta_names, inner_unet, inner_text_encoder=None) -> dict[str, torch.nn.Parameter]:
     """θ parameter name -> the same parameter of θ' (a LoRA attacker wraps layers: ``x.weight`` becomes
-    ``x.base_layer.weight``)."""
+    ``x.base_layer.weight``; ``text_encoder.<name>`` is looked up in θ′'s text encoder)."""
     inner = dict(inner_unet.named_parameters())
+    if inner_text_encoder is not None:
+        inner.update({TE_PREFIX + n: p for n, p in inner_text_encoder.named_parameters()})
     out = {}
     for n in theta_names:
         prefix, leaf = n.rsplit(".", 1)
@@ -257,8 +283,11 @@ def _map_inner_params(theta_names, inner_unet) -> dict[str, torch.nn.Parameter]:
 
 def outer_step(j: int, theta, trainable: dict, phi, sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig,
                pcfg: ProtectConfig, optimizer: torch.optim.Optimizer, seed: int,
-               carry: dict | None = None, carry_key=None) -> dict[str, float]:
+               carry: dict | None = None, carry_key=None, text_encoder=None) -> dict[str, float]:
     """One protection step (outer iteration j of Algorithm 1). Updates θ in place; φ is never touched.
+
+    ``text_encoder`` is θ's text encoder (:func:`prepare_text_encoder`; ``None`` = ``sd.text_encoder``): θ′ starts
+    from it, and when it is protected its parameters are in ``trainable`` under ``text_encoder.<name>``.
 
     Under data parallelism (:mod:`apdm.core.distributed`) each process draws from its own seed
     (``rank_seed(seed)``) and the protection gradients are averaged before the update.
@@ -272,15 +301,17 @@ def outer_step(j: int, theta, trainable: dict, phi, sd: SD, subjects: list[Subje
     subject = subjects[j % len(subjects)]
     g = _seeded(seed, j, 1)
     phi_ctx = lambda: _phi(theta, phi)  # noqa: E731
+    te = sd.text_encoder if text_encoder is None else text_encoder
     names = list(trainable)
     acc = {n: torch.zeros_like(p) for n, p in trainable.items()}
     logs_sum: dict[str, float] = {}
     if pcfg.inner_steps == 0:  # "without L2P": protect at θ directly
-        loss, logs = protection_loss(theta, phi_ctx, sd, sd.text_encoder, sd.tokenizer, subject,
+        loss, logs = protection_loss(theta, phi_ctx, sd, te, sd.tokenizer, subject,
                                      subject.instance_prompt, pcfg, g)
         loss.backward()
         for n, p in trainable.items():
-            acc[n] += p.grad
+            if p.grad is not None:
+                acc[n] += p.grad
             p.grad = None
         logs_sum = logs
         n_terms = 1
@@ -288,14 +319,15 @@ def outer_step(j: int, theta, trainable: dict, phi, sd: SD, subjects: list[Subje
         carried = carry.get(carry_key) if carry is not None else None
         if carried is None:
             # θ' = a fresh copy of θ, personalized by the shared simulator with a fresh optimizer
-            inner_sd = dataclasses.replace(sd, unet=theta)
+            inner_sd = dataclasses.replace(sd, unet=theta, text_encoder=te)
             cfg = dataclasses.replace(per_cfg, instance_prompt=subject.instance_prompt,
                                       class_prompt=subject.class_prompt,
                                       seed=int(torch.randint(2**31, (1,), generator=_seeded(seed, j, 2))))
             state = S.setup(inner_sd, cfg, subject.class_images)
             if pcfg.gradient_checkpointing:
                 state.sd.unet.enable_gradient_checkpointing()
-            inner = _map_inner_params(names, state.sd.unet)
+            inner = _map_inner_params(names, state.sd.unet,
+                                      state.sd.text_encoder if pcfg.train_text_encoder else None)
             for p in inner.values():
                 p.requires_grad_(True)
         else:
@@ -334,10 +366,11 @@ def outer_step(j: int, theta, trainable: dict, phi, sd: SD, subjects: list[Subje
         del state
     if pcfg.anchor_weight > 0 and pcfg.inner_steps > 0:
         # the anchor: θ itself must keep its class prior (Algorithm 1 only ever evaluates θ′)
-        loss_anchor = pcfg.anchor_weight * anchor_loss(theta, sd, subject, pcfg, g)
+        loss_anchor = pcfg.anchor_weight * anchor_loss(theta, sd, subject, pcfg, g, te)
         loss_anchor.backward()
         for n, p in trainable.items():
-            acc[n] += p.grad * n_terms
+            if p.grad is not None:
+                acc[n] += p.grad * n_terms
             p.grad = None
         logs_sum["loss_anchor"] = float(loss_anchor.detach())
     for n, p in trainable.items():
@@ -433,13 +466,17 @@ def attackers(per_cfg: PersonalizationConfig, pcfg: ProtectConfig) -> list[Perso
 
 def check_protect_config(per_cfg: PersonalizationConfig, pcfg: ProtectConfig) -> list[PersonalizationConfig]:
     """Every check that needs no model: lr phases, attackers, the attacker restart period, extra DPO prompts only
-    with the DPO loss. Raises before any work starts; returns the simulated attackers (:func:`attackers`)."""
+    with the DPO loss, no TI attacker when the text encoder is protected. Raises before any work starts; returns the simulated attackers (:func:`attackers`)."""
     check_lr_phases(pcfg)
     check_restart(pcfg)
     if pcfg.dpo_extra_prompts and pcfg.loss != "dpo":
         raise ValueError(f"protect.dpo_extra_prompts conditions the DPO pairs; it has no effect with "
                          f"protect.loss={pcfg.loss}, so remove it")
-    return attackers(per_cfg, pcfg)
+    per_cfgs = attackers(per_cfg, pcfg)
+    if pcfg.train_text_encoder and pcfg.inner_steps > 0 and any(a.method == "ti" for a in per_cfgs):
+        raise ValueError("protect.train_text_encoder cannot be combined with a Textual Inversion attacker in the "
+                         "inner loop (it adds a token to the text encoder); use a dreambooth or lora attacker")
+    return per_cfgs
 
 
 def check_restart(pcfg: ProtectConfig) -> None:
@@ -469,23 +506,27 @@ def check_lr_phases(pcfg: ProtectConfig) -> None:
 
 
 def init_protection(sd: SD, pcfg: ProtectConfig, seed: int = 0):
-    """θ, its trainable tensors, φ and θ's optimizer, before the first outer step.
+    """θ, its trainable tensors, φ, θ's optimizer and θ's text encoder, before the first outer step.
 
     Returns:
-        (theta, {name: parameter}, phi, optimizer): φ is ``sd.unet`` (only read, never trained), or ``None`` for
-        LoRA-θ, whose φ is θ with its adapters switched off (:func:`_phi`).
+        (theta, {name: parameter}, phi, optimizer, text_encoder): φ is ``sd.unet`` (only read, never trained), or
+        ``None`` for LoRA-θ, whose φ is θ with its adapters switched off (:func:`_phi`); ``text_encoder`` is θ's
+        own trainable copy when ``pcfg.train_text_encoder``, else ``sd.text_encoder``.
     """
     theta, trainable = prepare_theta(sd, pcfg, seed)
+    text_encoder = prepare_text_encoder(sd, pcfg, trainable)
     phi = None if pcfg.trainable == "lora" else sd.unet
     optimizer = S.make_optimizer(pcfg.optimizer, list(trainable.values()), lr=pcfg.learning_rate,
                                  betas=(pcfg.adam_beta1, pcfg.adam_beta2), eps=pcfg.adam_epsilon,
                                  weight_decay=pcfg.weight_decay)
-    return theta, trainable, phi, optimizer
+    return theta, trainable, phi, optimizer, text_encoder
 
 
 def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcfg: ProtectConfig, seed: int = 0,
-            checkpoint_dir: str | Path | None = None, stop_after: int | None = None) -> tuple[torch.nn.Module, list[dict]]:
-    """Run APDM protection; returns (protected UNet (fp32, adapters merged), per-step logs).
+            checkpoint_dir: str | Path | None = None, stop_after: int | None = None
+            ) -> tuple[torch.nn.Module, list[dict], torch.nn.Module | None]:
+    """Run APDM protection; returns (protected UNet (fp32, adapters merged), per-step logs, protected text encoder
+    (fp32) or ``None`` unless ``pcfg.train_text_encoder``).
 
     Args:
         sd: the base model; it is not modified.
@@ -498,7 +539,7 @@ def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcf
         stop_after: stop after this many outer steps *of this call* (for tests of interruption).
     """
     per_cfgs = check_protect_config(per_cfg, pcfg)
-    theta, trainable, phi, optimizer = init_protection(sd, pcfg, seed)
+    theta, trainable, phi, optimizer, text_encoder = init_protection(sd, pcfg, seed)
     restart = int(pcfg.inner_restart_every)
     carry: dict | None = {} if restart > 1 and pcfg.inner_steps > 0 else None
     start, history = 0, []
@@ -523,7 +564,7 @@ def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcf
         if carry is not None and j % restart == 0:
             carry.clear()  # every simulated attacker starts again from θ
         logs = outer_step(j, theta, trainable, phi, sd, subjects, per_cfgs[k], pcfg, optimizer, seed,
-                          carry=carry, carry_key=(j % len(subjects), k))
+                          carry=carry, carry_key=(j % len(subjects), k), text_encoder=text_encoder)
         history.append({"step": j, "lr": lr, **({"attacker": k} if len(per_cfgs) > 1 else {}),
                         **{n: round(v, 6) for n, v in logs.items()}})
         bar.set_postfix(protect=f"{logs.get('loss_protect', 0):.4f}", subj=f"{logs.get('mse_subject', 0):.3f}")
@@ -539,4 +580,6 @@ def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcf
     if pcfg.trainable == "lora":
         theta.fuse_lora(adapter_names=["apdm"])
         theta.unload_lora()
-    return theta, history
+    if not pcfg.train_text_encoder:
+        return theta, history, None
+    return theta, history, text_encoder.eval().requires_grad_(False)

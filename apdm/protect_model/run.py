@@ -103,12 +103,13 @@ def run(cfg: ProtectModelRunConfig) -> dict:
                  + (f", DPO pairs also conditioned on {p.dpo_extra_prompts}" if p.dpo_extra_prompts else ""),
                  f", {world} processes (gradients averaged)" if world > 1 else "")
     t0 = time.perf_counter()
-    unet, history = protect(sd, subjects, cfg.personalization, p, seed=cfg.seed, checkpoint_dir=out / "checkpoint")
+    unet, history, text_encoder = protect(sd, subjects, cfg.personalization, p, seed=cfg.seed, checkpoint_dir=out / "checkpoint")
     seconds = time.perf_counter() - t0
     if not main:  # θ is the same on every process; the main one writes it
         distributed.barrier()
         return {"seconds_protect": round(seconds, 2), "rank": rank, "world_size": world}
-    protected = dataclasses.replace(sd, unet=unet.to(sd.dtype), source=f"apdm-protected({sd.source})")
+    protected = dataclasses.replace(sd, unet=unet.to(sd.dtype), source=f"apdm-protected({sd.source})",
+                                    text_encoder=sd.text_encoder if text_encoder is None else text_encoder.to(sd.dtype))
     save_sd(protected, out / "model")
     card = model_card(cfg, history, seconds)
     atomic_write_text(out / "model" / "README.md", card)
@@ -130,7 +131,8 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, 
     lines = [
         "---", "tags: [apdm, anti-personalization, stable-diffusion]", "---", "",
         "# Protected checkpoint (apdm protect-model)", "",
-        f"Base model: `{cfg.model.path}`. This UNet was fine-tuned with APDM (DPO loss + Learning-to-Protect) so "
+        f"Base model: `{cfg.model.path}`. This UNet"
+        f"{' and its text encoder were' if cfg.protect.train_text_encoder else ' was'} fine-tuned with APDM (DPO loss + Learning-to-Protect) so "
         "that personalizing it on the protected subject(s) fails, while other prompts keep working.", "",
         "## Protected subjects (prompts only; the photos are not included)", "",
     ]

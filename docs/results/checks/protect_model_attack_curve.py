@@ -53,7 +53,7 @@ class_imgs, paired = protection_images(sd, per_base, subj.class_prompt, pcfg.num
                                        quiet=True)
 subject = Subject("A", subj.images, paired, class_imgs, subj.instance_prompt, subj.class_prompt)
 t0 = time.perf_counter()
-theta, hist = protect(sd, [subject], per_base, pcfg)
+theta, hist, text_encoder = protect(sd, [subject], per_base, pcfg)
 seconds_protect = time.perf_counter() - t0
 
 attack = toy_recipe("dreambooth", [f"personalization.{o}" for o in args.attack])
@@ -94,7 +94,7 @@ def curve(model) -> list[dict]:
     return out
 
 
-prot = jobs.model(jobs.spec(sd), jobs.unet_state(theta))
+prot = jobs.model(jobs.spec(sd), jobs.unet_state(theta, text_encoder))
 res = {"subject_protected": subj.index, "position": args.subject, "overrides": args.overrides,
        "attack_overrides": args.attack,
        "attack_steps": args.steps, "seconds_protect": round(seconds_protect, 1),

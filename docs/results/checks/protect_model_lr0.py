@@ -18,7 +18,7 @@ a = heldout_subjects(1, num_images=4)[0]
 per = with_prompts(rc.personalization, a.instance_prompt, a.class_prompt)
 cls = class_images_for(sd, dataclasses.replace(per, num_class_images=32), quiet=True)
 subj = Subject("A", a.images, cls[:4], cls, a.instance_prompt, a.class_prompt)
-theta, hist = protect(sd, [subj], per, dataclasses.replace(rc.protect, checkpoint_every=0))
+theta, hist, _ = protect(sd, [subj], per, dataclasses.replace(rc.protect, checkpoint_every=0))
 base = dict(sd.unet.named_parameters())
 diff = max((p.float() - base[n].float()).abs().max().item() for n, p in theta.named_parameters())
 print("max |theta - base| with lr 0:", diff, "dtype", next(theta.parameters()).dtype, next(sd.unet.parameters()).dtype)
