@@ -200,6 +200,9 @@ class ProtectConfig:
     #: can move the instance prompt's conditioning away from a trap built in the UNet alone (docs/protect_model.md,
     #: "Along the attack"). Not with a Textual Inversion attacker in the inner loop (it adds a token).
     train_text_encoder: bool = False
+    #: the protected text encoder's learning rate, constant (``lr_phases`` apply to the UNet only); unset = the
+    #: UNet's learning rate at each step.
+    text_encoder_lr: Optional[float] = None
     #: autocast for the frozen reference φ and the protection forward passes (CUDA only).
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False

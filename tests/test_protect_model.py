@@ -544,14 +544,21 @@ def test_protection_gradient_reaches_the_text_encoder_and_descends(tiny_sd):
 def test_protected_text_encoder_resumes_exactly_and_ti_is_refused(tiny_sd, tmp_path):
     subj = [_subject(tiny_sd)]
     per = dataclasses.replace(PER, train_text_encoder=True)
-    pcfg = ProtectConfig(outer_steps=3, inner_steps=1, learning_rate=1e-3, checkpoint_every=1, train_text_encoder=True)
-    _, _, full = l2p.protect(tiny_sd, subj, per, pcfg, seed=3, checkpoint_dir=tmp_path / "a")
+    pcfg = ProtectConfig(outer_steps=3, inner_steps=1, learning_rate=1e-3, checkpoint_every=1, train_text_encoder=True,
+                         text_encoder_lr=3e-3, lr_phases=[[1, 1e-3], [2, 5e-4]])
+    _, hist, full = l2p.protect(tiny_sd, subj, per, pcfg, seed=3, checkpoint_dir=tmp_path / "a")
     l2p.protect(tiny_sd, subj, per, pcfg, seed=3, checkpoint_dir=tmp_path / "b", stop_after=2)
     _, _, resumed = l2p.protect(tiny_sd, subj, per, pcfg, seed=3, checkpoint_dir=tmp_path / "b")
     for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=n)
+    assert [h["lr"] for h in hist] == [1e-3, 5e-4, 5e-4]  # the UNet's phases
+    # the text encoder's own constant lr: its optimizer group, checkpointed with the run
+    groups = __import__("json").loads((tmp_path / "b" / "progress.json").read_text())["param_groups"]
+    assert [g["lr"] for g in groups] == [5e-4, 3e-3] and groups[1]["apdm_text_encoder"]
     with pytest.raises(ValueError, match="Textual Inversion"):
         l2p.check_protect_config(dataclasses.replace(PER, method="ti"), pcfg)
+    with pytest.raises(ValueError, match="text_encoder_lr"):
+        l2p.check_protect_config(PER, ProtectConfig(text_encoder_lr=1e-4))
 
 
 def test_bench_carries_a_protected_text_encoder(tiny_sd):

@@ -473,6 +473,9 @@ def check_protect_config(per_cfg: PersonalizationConfig, pcfg: ProtectConfig) ->
         raise ValueError(f"protect.dpo_extra_prompts conditions the DPO pairs; it has no effect with "
                          f"protect.loss={pcfg.loss}, so remove it")
     per_cfgs = attackers(per_cfg, pcfg)
+    if pcfg.text_encoder_lr is not None and not pcfg.train_text_encoder:
+        raise ValueError("protect.text_encoder_lr is set but protect.train_text_encoder is false: set "
+                         "protect.train_text_encoder=true or remove the lr")
     if pcfg.train_text_encoder and pcfg.inner_steps > 0 and any(a.method == "ti" for a in per_cfgs):
         raise ValueError("protect.train_text_encoder cannot be combined with a Textual Inversion attacker in the "
                          "inner loop (it adds a token to the text encoder); use a dreambooth or lora attacker")
@@ -516,7 +519,13 @@ def init_protection(sd: SD, pcfg: ProtectConfig, seed: int = 0):
     theta, trainable = prepare_theta(sd, pcfg, seed)
     text_encoder = prepare_text_encoder(sd, pcfg, trainable)
     phi = None if pcfg.trainable == "lora" else sd.unet
-    optimizer = S.make_optimizer(pcfg.optimizer, list(trainable.values()), lr=pcfg.learning_rate,
+    unet_params = [p for n, p in trainable.items() if not n.startswith(TE_PREFIX)]
+    te_params = [p for n, p in trainable.items() if n.startswith(TE_PREFIX)]
+    groups = [{"params": unet_params}]
+    if te_params:  # the text encoder's group; with its own constant lr when text_encoder_lr is set
+        groups.append({"params": te_params, "lr": pcfg.text_encoder_lr or pcfg.learning_rate,
+                       "apdm_text_encoder": True})
+    optimizer = S.make_optimizer(pcfg.optimizer, groups, lr=pcfg.learning_rate,
                                  betas=(pcfg.adam_beta1, pcfg.adam_beta2), eps=pcfg.adam_epsilon,
                                  weight_decay=pcfg.weight_decay)
     return theta, trainable, phi, optimizer, text_encoder
@@ -559,7 +568,7 @@ def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcf
     for j in bar:
         lr = learning_rate_at(pcfg, j)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = pcfg.text_encoder_lr if group.get("apdm_text_encoder") and pcfg.text_encoder_lr else lr
         k = (j // len(subjects)) % len(per_cfgs)  # subjects, then attackers, in turn: every pair comes up
         if carry is not None and j % restart == 0:
             carry.clear()  # every simulated attacker starts again from θ
