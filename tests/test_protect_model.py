@@ -557,8 +557,16 @@ def test_protected_text_encoder_resumes_exactly_and_ti_is_refused(tiny_sd, tmp_p
     assert [g["lr"] for g in groups] == [5e-4, 3e-3] and groups[1]["apdm_text_encoder"]
     with pytest.raises(ValueError, match="Textual Inversion"):
         l2p.check_protect_config(dataclasses.replace(PER, method="ti"), pcfg)
-    with pytest.raises(ValueError, match="text_encoder_lr"):
+
+
+
+def test_text_encoder_lr_without_protected_text_encoder_is_ignored_with_a_warning(caplog):
+    """A recipe that protects the text encoder can be run UNet-only by overriding ``train_text_encoder=false``."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
         l2p.check_protect_config(PER, ProtectConfig(text_encoder_lr=1e-4))
+    assert "text_encoder_lr=0.0001 is ignored" in caplog.text
 
 
 def test_bench_carries_a_protected_text_encoder(tiny_sd):

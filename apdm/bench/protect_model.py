@@ -78,7 +78,9 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                  "protect_lr": pcfg.learning_rate, "protect_lr_phases": pcfg.lr_phases, "beta": pcfg.beta,
                  "gradient_leak": pcfg.gradient_leak,
                  "samples_per_prompt": n_samples, "recipe_overrides": recipe_overrides,
-                 "attack_overrides": attack_overrides}
+                 "attack_overrides": attack_overrides,
+                 # every protection setting as it ran (the recipe file changes over time; its overrides are above)
+                 "protect_config": dataclasses.asdict(pcfg)}
 
     # the protection data: x⁻ = A's photos, x⁺ = class-prompt images of φ, prior images of φ
     per_base = with_prompts(rc.personalization, subj_a.instance_prompt, subj_a.class_prompt)

@@ -473,9 +473,9 @@ def check_protect_config(per_cfg: PersonalizationConfig, pcfg: ProtectConfig) ->
         raise ValueError(f"protect.dpo_extra_prompts conditions the DPO pairs; it has no effect with "
                          f"protect.loss={pcfg.loss}, so remove it")
     per_cfgs = attackers(per_cfg, pcfg)
-    if pcfg.text_encoder_lr is not None and not pcfg.train_text_encoder:
-        raise ValueError("protect.text_encoder_lr is set but protect.train_text_encoder is false: set "
-                         "protect.train_text_encoder=true or remove the lr")
+    if pcfg.text_encoder_lr is not None and not pcfg.train_text_encoder:  # e.g. a recipe's TE protection switched off
+        LOG.warning("protect.text_encoder_lr=%g is ignored: protect.train_text_encoder is false, so the text encoder "
+                    "is not protected", pcfg.text_encoder_lr)
     if pcfg.train_text_encoder and pcfg.inner_steps > 0 and any(a.method == "ti" for a in per_cfgs):
         raise ValueError("protect.train_text_encoder cannot be combined with a Textual Inversion attacker in the "
                          "inner loop (it adds a token to the text encoder); use a dreambooth or lora attacker")

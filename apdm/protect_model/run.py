@@ -100,7 +100,8 @@ def run(cfg: ProtectModelRunConfig) -> dict:
                  p.outer_steps, p.inner_steps, lr, p.trainable, len(subjects),
                  (f", the simulated attacker continues and restarts every {p.inner_restart_every} outer steps"
                   if p.inner_restart_every > 1 else "")
-                 + (f", DPO pairs also conditioned on {p.dpo_extra_prompts}" if p.dpo_extra_prompts else ""),
+                 + (f", DPO pairs also conditioned on {p.dpo_extra_prompts}" if p.dpo_extra_prompts else "")
+                 + (f", text encoder protected too (lr {p.text_encoder_lr or lr})" if p.train_text_encoder else ""),
                  f", {world} processes (gradients averaged)" if world > 1 else "")
     t0 = time.perf_counter()
     unet, history, text_encoder = protect(sd, subjects, cfg.personalization, p, seed=cfg.seed, checkpoint_dir=out / "checkpoint")

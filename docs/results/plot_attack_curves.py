@@ -1,8 +1,11 @@
 """Plot identity similarity along the DreamBooth attack, unprotected against protected, one panel per subject
 (docs/img/protect_model_attack_curves.png), from docs/results/protect-model-curves/*.json written by
-docs/results/checks/protect_model_attack_curve.py. Runs of the recipe as it is (no protect.* override) are drawn;
+docs/results/checks/protect_model_attack_curve.py. Runs of the recipe (UNet protected only; no protect.* override)
+are drawn;
 where a subject also has a run against the UNet-only attacker (``--attack train_text_encoder=false``), it is drawn
-in blue.
+in blue. A second figure (docs/img/protect_model_te_curves.png) sets the recipe against the recipe with the text
+encoder protected too (``protect.train_text_encoder=true protect.text_encoder_lr=2e-4``) on every subject that has
+both runs.
 
     pip install matplotlib          # only for this plot; not an apdm dependency
     python docs/results/plot_attack_curves.py
@@ -17,11 +20,25 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+TE_RUN = ["protect.train_text_encoder=true", "protect.text_encoder_lr=2e-4"]
+
+
+def unet_only_recipe(run: dict) -> bool:
+    """A run of the recipe with the UNet protected only: no overrides, and no protected text encoder in the recorded
+    config (runs before 2026-12-01 record none), should the recipe ever protect it."""
+    return not run["overrides"] and not run.get("protect_config", {}).get("train_text_encoder", False)
+
+
+def text_encoder_run(run: dict) -> bool:
+    """A run with the text encoder protected too at lr 2e-4: by override, or by the recipe, should it ever do so."""
+    cfg = run.get("protect_config", {})
+    return run["overrides"] == TE_RUN or (not run["overrides"] and cfg.get("train_text_encoder", False)
+                                          and cfg.get("text_encoder_lr") == 2e-4)
 
 
 def main() -> None:
     runs = [json.loads(p.read_text()) for p in sorted((HERE / "protect-model-curves").glob("*.json"))]
-    runs = [r for r in runs if not r["overrides"]]
+    runs = [r for r in runs if unet_only_recipe(r)]
     full = sorted((r for r in runs if not r.get("attack_overrides")), key=lambda r: r["position"])
     unet_only = {r["position"]: r for r in runs if r.get("attack_overrides") == ["train_text_encoder=false"]}
     cols = min(5, len(full))
@@ -59,5 +76,40 @@ def main() -> None:
     print(out)
 
 
+def text_encoder_figure() -> None:
+    runs = [json.loads(p.read_text()) for p in sorted((HERE / "protect-model-curves").glob("*.json"))]
+    runs = [r for r in runs if not r.get("attack_overrides")]
+    recipe = {r["position"]: r for r in runs if unet_only_recipe(r)}
+    te = sorted((r for r in runs if text_encoder_run(r) and r["position"] in recipe), key=lambda r: r["position"])
+    if not te:
+        return
+    cols = min(5, len(te))
+    rows = (len(te) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.5 * rows), sharey=True, squeeze=False)
+    for ax, run in zip(axes.flat, te):
+        base = recipe[run["position"]]
+        for pts, style, colour, label in ((base["unprotected"], "--", "#777777", "unprotected"),
+                                          (base["protected"], "-", "#cc3311", "the recipe (UNet protected)"),
+                                          (run["protected"], "-", "#228833", "UNet + text encoder protected")):
+            ax.plot([p["step"] for p in pts], [p["ism"] for p in pts], style, marker="o", ms=2.5, lw=1.2,
+                    color=colour, label=label)
+        ax.set_title(f"held-out person {run['subject_protected']}", fontsize=9)
+        ax.set_xlabel("attack step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(te):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("ISM to the subject", fontsize=8)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.suptitle("DreamBooth (UNet + text encoder) against the recipe, and against the recipe with the text encoder "
+                 "protected too (lr 2e-4)", fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    out = HERE.parent / "img" / "protect_model_te_curves.png"
+    fig.savefig(out, dpi=110)
+    print(out)
+
+
 if __name__ == "__main__":
     main()
+    text_encoder_figure()

@@ -72,6 +72,14 @@ def attributes_matched(gen: torch.Tensor) -> dict:
     return {k: round(sum(p[k] == v for p in pred) / len(pred), 3) for k, v in subj.identity.items() if k != "class"}
 
 
+def conditioning(text_encoder, prompt: str) -> torch.Tensor:
+    with torch.no_grad():
+        return D.encode_prompt(text_encoder, sd.tokenizer, [prompt]).float()
+
+
+c_base = conditioning(sd.text_encoder, subj.instance_prompt)  # the base model's "a photo of sks person"
+
+
 def curve(model) -> list[dict]:
     class_images = S.class_images_for(model, cfg, quiet=True)
     state = S.setup(model, cfg, class_images)
@@ -87,6 +95,10 @@ def curve(model) -> list[dict]:
                         "fdfr": round(float(fdfr(I.detector_scores(inst.detector, gen, "person")).mean()), 4),
                         "attr_match": round(float(I.attribute_match(inst.encoder, gen, subj.identity).mean()), 4),
                         "attributes": attributes_matched(gen),
+                        # how far the attacker's text encoder has moved the instance prompt's conditioning from the
+                        # base model's: ‖c − c_base‖ / ‖c_base‖ (0 for a UNet-only attack on an unprotected model)
+                        "cond_shift": round(float((conditioning(state.sd.text_encoder, subj.instance_prompt) - c_base)
+                                                  .norm() / c_base.norm()), 5),
                         "loss": state.history[-1] if state.history else None})
             print(subj.index, k, out[-1], flush=True)
         if k < args.steps:
@@ -96,6 +108,7 @@ def curve(model) -> list[dict]:
 
 prot = jobs.model(jobs.spec(sd), jobs.unet_state(theta, text_encoder))
 res = {"subject_protected": subj.index, "position": args.subject, "overrides": args.overrides,
+       "protect_config": dataclasses.asdict(pcfg),  # the recipe changes over time; this is what ran
        "attack_overrides": args.attack,
        "attack_steps": args.steps, "seconds_protect": round(seconds_protect, 1),
        "protect_loss_first": hist[0]["loss_protect"], "protect_loss_last": hist[-1]["loss_protect"],
