@@ -466,7 +466,8 @@ def attackers(per_cfg: PersonalizationConfig, pcfg: ProtectConfig) -> list[Perso
 
 def check_protect_config(per_cfg: PersonalizationConfig, pcfg: ProtectConfig) -> list[PersonalizationConfig]:
     """Every check that needs no model: lr phases, attackers, the attacker restart period, extra DPO prompts only
-    with the DPO loss, no TI attacker when the text encoder is protected. Raises before any work starts; returns the simulated attackers (:func:`attackers`)."""
+    with the DPO loss, no TI attacker when the text encoder is protected. Raises before any work starts; returns the
+    simulated attackers (:func:`attackers`)."""
     check_lr_phases(pcfg)
     check_restart(pcfg)
     if pcfg.dpo_extra_prompts and pcfg.loss != "dpo":

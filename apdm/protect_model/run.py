@@ -104,7 +104,8 @@ def run(cfg: ProtectModelRunConfig) -> dict:
                  + (f", text encoder protected too (lr {p.text_encoder_lr or lr})" if p.train_text_encoder else ""),
                  f", {world} processes (gradients averaged)" if world > 1 else "")
     t0 = time.perf_counter()
-    unet, history, text_encoder = protect(sd, subjects, cfg.personalization, p, seed=cfg.seed, checkpoint_dir=out / "checkpoint")
+    unet, history, text_encoder = protect(sd, subjects, cfg.personalization, p, seed=cfg.seed,
+                                          checkpoint_dir=out / "checkpoint")
     seconds = time.perf_counter() - t0
     if not main:  # θ is the same on every process; the main one writes it
         distributed.barrier()
@@ -133,8 +134,9 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, 
         "---", "tags: [apdm, anti-personalization, stable-diffusion]", "---", "",
         "# Protected checkpoint (apdm protect-model)", "",
         f"Base model: `{cfg.model.path}`. This UNet"
-        f"{' and its text encoder were' if cfg.protect.train_text_encoder else ' was'} fine-tuned with APDM (DPO loss + Learning-to-Protect) so "
-        "that personalizing it on the protected subject(s) fails, while other prompts keep working.", "",
+        f"{' and its text encoder were' if cfg.protect.train_text_encoder else ' was'} fine-tuned with APDM "
+        "(DPO loss + Learning-to-Protect) so that personalizing it on the protected subject(s) fails, while other "
+        "prompts keep working.", "",
         "## Protected subjects (prompts only; the photos are not included)", "",
     ]
     per = cfg.personalization

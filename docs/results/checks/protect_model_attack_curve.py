@@ -97,8 +97,8 @@ def curve(model) -> list[dict]:
                         "attributes": attributes_matched(gen),
                         # how far the attacker's text encoder has moved the instance prompt's conditioning from the
                         # base model's: ‖c − c_base‖ / ‖c_base‖ (0 for a UNet-only attack on an unprotected model)
-                        "cond_shift": round(float((conditioning(state.sd.text_encoder, subj.instance_prompt) - c_base)
-                                                  .norm() / c_base.norm()), 5),
+                        "cond_shift": round(float((conditioning(state.sd.text_encoder, subj.instance_prompt)
+                                                   - c_base).norm() / c_base.norm()), 5),
                         "loss": state.history[-1] if state.history else None})
             print(subj.index, k, out[-1], flush=True)
         if k < args.steps:
