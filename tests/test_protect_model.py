@@ -198,9 +198,10 @@ def test_bench_baseline_reuse_is_checked(tmp_path):
     from apdm.bench.protect_model import BASELINE_KEYS, load_baseline
 
     res = {"model_fingerprint": "abc", "instruments_fingerprint": "def", "subject_protected": 1, "subject_other": 7,
-           "samples_per_prompt": 8, "attack_overrides": []}
+           "samples_per_prompt": 8, "attack_overrides": [], "other_identifier": "sks"}
     old = dict(res, **{k: 0.5 for k in BASELINE_KEYS}, ism_db_other_unprotected=0.6)
     del old["attack_overrides"]  # results written before attack overrides existed used the default attacker
+    del old["other_identifier"]  # ... and B personalized with "sks"
     f = tmp_path / "base.json"
     f.write_text(json.dumps(old))
     got = load_baseline(str(f), res, {"other"})
@@ -215,6 +216,8 @@ def test_bench_baseline_reuse_is_checked(tmp_path):
         load_baseline(str(f), dict(res, instruments_fingerprint="xyz"), set())
     with pytest.raises(ValueError, match="attack_overrides"):  # a different attacker: not comparable
         load_baseline(str(f), dict(res, attack_overrides=["train_text_encoder=false"]), set())
+    with pytest.raises(ValueError, match="other_identifier"):  # B personalized under another prompt
+        load_baseline(str(f), dict(res, other_identifier="zwx"), set())
     f.write_text(json.dumps({k: v for k, v in old.items() if k != "ism_db_other_unprotected"}))
     assert "ism_db_other_unprotected" not in load_baseline(str(f), res, set())
     with pytest.raises(ValueError, match="lacks ism_db_other_unprotected"):
@@ -251,6 +254,8 @@ def test_bench_rejects_unknown_attack_and_recipe_key():
         bench_protect_model(True, ["subjects=2"])
     with pytest.raises(ValueError, match="inner_restart_every"):
         bench_protect_model(True, ["protect.inner_restart_every=0"])
+    with pytest.raises(ValueError, match="other_identifier must be one word"):
+        bench_protect_model(True, ["other_identifier=a b"])
 
 
 def test_anchor_keeps_theta_own_class_prior(tiny_sd):

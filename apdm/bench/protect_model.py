@@ -11,7 +11,8 @@ naive loss; then attacks every model with the toy personalization recipes and sc
 
 B is a second held-out subject that is *not* protected (other subjects must keep personalizing).
 Overrides: ``outer_steps=N inner_steps=N learning_rate=X samples=N long_attack=true no_naive=true``,
-``subjects=P,O`` (positions in the held-out list of A and B; default 0,1),
+``subjects=P,O`` (positions in the held-out list of A and B; default 0,1), ``other_identifier=WORD`` (B is
+personalized as "a photo of WORD person" instead of with A's "sks": does the collateral follow the identifier?),
 ``attacks=lora,ti,other`` (which attacks besides DreamBooth on A; default all), and any recipe key with its
 section (``protect.beta=0.5``, ``protect.inner_steps=0``, ``protect.gradient_leak=true``,
 ``personalization.steps=600``) for sweeps and ablations; ``attack.KEY=VALUE`` changes the *evaluation* attacker
@@ -51,7 +52,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     recipe_overrides = [o for o in dotted if not o.startswith("attack.")]
     opts, sd, inst = toy_setup([o for o in overrides if o not in dotted],
                                {"outer_steps", "inner_steps", "learning_rate", "samples", "long_attack", "no_naive",
-                                "attacks", "baseline", "subjects"})
+                                "attacks", "baseline", "subjects", "other_identifier"})
     rc = load_config(ProtectModelRunConfig, RECIPES / "toy-protect-model.yaml", recipe_overrides)
     attacks = set(opts.get("attacks", "lora,ti,other").split(",")) - {""}
     unknown = attacks - {"lora", "ti", "other"}
@@ -71,13 +72,19 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     n_samples = int(opts.get("samples", 8 if quick else 16))
     sample.num_images_per_prompt = n_samples
     subj_a, subj_b = (heldout_subjects(1, num_images=4, offset=k)[0] for k in _subject_positions(opts))
+    other_identifier = opts.get("other_identifier", "sks")
+    if not other_identifier.isalpha():
+        raise ValueError(f"other_identifier must be one word of letters (e.g. zwx), got '{other_identifier}'")
+    subj_b = dataclasses.replace(subj_b,
+                                 instance_prompt=subj_b.instance_prompt.replace(" sks ", f" {other_identifier} "))
     res: dict = {"model": sd.source, "model_fingerprint": sd.fingerprint(),
                  "instruments_fingerprint": inst.config.get("fingerprint"),
                  "subject_protected": subj_a.index, "subject_other": subj_b.index,
                  "outer_steps": pcfg.outer_steps, "inner_steps": pcfg.inner_steps,
                  "protect_lr": pcfg.learning_rate, "protect_lr_phases": pcfg.lr_phases, "beta": pcfg.beta,
                  "gradient_leak": pcfg.gradient_leak,
-                 "samples_per_prompt": n_samples, "recipe_overrides": recipe_overrides,
+                 "samples_per_prompt": n_samples, "other_identifier": other_identifier,
+                 "recipe_overrides": recipe_overrides,
                  "attack_overrides": attack_overrides,
                  # every protection setting as it ran (the recipe file changes over time; its overrides are above)
                  "protect_config": dataclasses.asdict(pcfg)}
@@ -251,9 +258,11 @@ def load_baseline(path: str, res: dict, attacks: set[str]) -> dict:
         old = json.loads(f.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{f}: cannot read the baseline result ({e})") from e
+    # results written before attack overrides / other identifiers existed used the defaults
+    defaults = {"attack_overrides": [], "other_identifier": "sks"}
     for key in ("model_fingerprint", "instruments_fingerprint", "subject_protected", "subject_other",
-                "samples_per_prompt", "attack_overrides"):
-        if old.get(key, [] if key == "attack_overrides" else None) != res[key]:
+                "samples_per_prompt", "attack_overrides", "other_identifier"):
+        if old.get(key, defaults.get(key)) != res[key]:
             raise ValueError(f"{f}: baseline was measured with {key}={old.get(key)!r}, this run has {res[key]!r}")
     keys = BASELINE_KEYS + (("ism_db_other_unprotected",) if "other" in attacks else ())
     missing = [k for k in keys if k not in old]
