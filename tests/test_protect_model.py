@@ -198,10 +198,10 @@ def test_bench_baseline_reuse_is_checked(tmp_path):
     from apdm.bench.protect_model import BASELINE_KEYS, load_baseline
 
     res = {"model_fingerprint": "abc", "instruments_fingerprint": "def", "subject_protected": 1, "subject_other": 7,
-           "samples_per_prompt": 8, "attack_overrides": [], "other_identifier": "sks"}
+           "samples_per_prompt": 8, "attack_overrides": [], "other_identifier": "sks", "identifier": "sks"}
     old = dict(res, **{k: 0.5 for k in BASELINE_KEYS}, ism_db_other_unprotected=0.6)
     del old["attack_overrides"]  # results written before attack overrides existed used the default attacker
-    del old["other_identifier"]  # ... and B personalized with "sks"
+    del old["other_identifier"], old["identifier"]  # ... and A and B personalized with "sks"
     f = tmp_path / "base.json"
     f.write_text(json.dumps(old))
     got = load_baseline(str(f), res, {"other"})
@@ -218,6 +218,8 @@ def test_bench_baseline_reuse_is_checked(tmp_path):
         load_baseline(str(f), dict(res, attack_overrides=["train_text_encoder=false"]), set())
     with pytest.raises(ValueError, match="other_identifier"):  # B personalized under another prompt
         load_baseline(str(f), dict(res, other_identifier="zwx"), set())
+    with pytest.raises(ValueError, match="with identifier="):  # A attacked under another prompt: other ISM
+        load_baseline(str(f), dict(res, identifier="t@t"), set())
     f.write_text(json.dumps({k: v for k, v in old.items() if k != "ism_db_other_unprotected"}))
     assert "ism_db_other_unprotected" not in load_baseline(str(f), res, set())
     with pytest.raises(ValueError, match="lacks ism_db_other_unprotected"):
@@ -256,6 +258,22 @@ def test_bench_rejects_unknown_attack_and_recipe_key():
         bench_protect_model(True, ["protect.inner_restart_every=0"])
     with pytest.raises(ValueError, match="other_identifier must be one word"):
         bench_protect_model(True, ["other_identifier=a b"])
+    with pytest.raises(ValueError, match="^identifier must be one word"):
+        bench_protect_model(True, ["identifier=person"])
+
+
+def test_bench_attacker_names_the_subject_with_its_own_identifier():
+    """identifier=WORD: the evaluation attacker trains and samples "a photo of WORD person"; TI learns <WORD>."""
+    from apdm.bench.protect_model import attack_config
+    from apdm.personalization import simulator as S
+    from apdm.toy.world import heldout_subjects
+
+    subj = heldout_subjects(1, num_images=1, num_references=1)[0]
+    for method in ("dreambooth", "ti"):
+        cfg = attack_config(PersonalizationConfig(method=method), subj, "t@t")
+        assert cfg.instance_prompt == "a photo of t@t person" and cfg.class_prompt == subj.class_prompt
+    assert S.ti_prompt(cfg.instance_prompt, cfg) == "a photo of <t@t> person"
+    assert attack_config(PersonalizationConfig(), subj, "sks").instance_prompt == subj.instance_prompt
 
 
 def test_anchor_keeps_theta_own_class_prior(tiny_sd):

@@ -13,6 +13,8 @@ B is a second held-out subject that is *not* protected (other subjects must keep
 Overrides: ``outer_steps=N inner_steps=N learning_rate=X samples=N long_attack=true no_naive=true``,
 ``subjects=P,O`` (positions in the held-out list of A and B; default 0,1), ``other_identifier=WORD`` (B is
 personalized as "a photo of WORD person" instead of with A's "sks": does the collateral follow the identifier?),
+``identifier=WORD`` (every attack on A, unprotected and protected, uses "a photo of WORD person" while the protection
+keeps the recipe's "sks": does an attacker who picks another identifier escape? The paper's Table 14 uses "t@t"),
 ``attacks=lora,ti,other`` (which attacks besides DreamBooth on A; default all), and any recipe key with its
 section (``protect.beta=0.5``, ``protect.inner_steps=0``, ``protect.gradient_leak=true``,
 ``personalization.steps=600``) for sweeps and ablations; ``attack.KEY=VALUE`` changes the *evaluation* attacker
@@ -52,7 +54,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     recipe_overrides = [o for o in dotted if not o.startswith("attack.")]
     opts, sd, inst = toy_setup([o for o in overrides if o not in dotted],
                                {"outer_steps", "inner_steps", "learning_rate", "samples", "long_attack", "no_naive",
-                                "attacks", "baseline", "subjects", "other_identifier"})
+                                "attacks", "baseline", "subjects", "other_identifier", "identifier"})
     rc = load_config(ProtectModelRunConfig, RECIPES / "toy-protect-model.yaml", recipe_overrides)
     attacks = set(opts.get("attacks", "lora,ti,other").split(",")) - {""}
     unknown = attacks - {"lora", "ti", "other"}
@@ -72,18 +74,14 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     n_samples = int(opts.get("samples", 8 if quick else 16))
     sample.num_images_per_prompt = n_samples
     subj_a, subj_b = (heldout_subjects(1, num_images=4, offset=k)[0] for k in _subject_positions(opts))
-    other_identifier = opts.get("other_identifier", "sks")
-    if not other_identifier.isalpha():
-        raise ValueError(f"other_identifier must be one word of letters (e.g. zwx), got '{other_identifier}'")
-    subj_b = dataclasses.replace(subj_b,
-                                 instance_prompt=subj_b.instance_prompt.replace(" sks ", f" {other_identifier} "))
+    other_identifier, identifier = (_identifier(opts, k) for k in ("other_identifier", "identifier"))
     res: dict = {"model": sd.source, "model_fingerprint": sd.fingerprint(),
                  "instruments_fingerprint": inst.config.get("fingerprint"),
                  "subject_protected": subj_a.index, "subject_other": subj_b.index,
                  "outer_steps": pcfg.outer_steps, "inner_steps": pcfg.inner_steps,
                  "protect_lr": pcfg.learning_rate, "protect_lr_phases": pcfg.lr_phases, "beta": pcfg.beta,
                  "gradient_leak": pcfg.gradient_leak,
-                 "samples_per_prompt": n_samples, "other_identifier": other_identifier,
+                 "samples_per_prompt": n_samples, "other_identifier": other_identifier, "identifier": identifier,
                  "recipe_overrides": recipe_overrides,
                  "attack_overrides": attack_overrides,
                  # every protection setting as it ran (the recipe file changes over time; its overrides are above)
@@ -101,10 +99,12 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     real = draw.to_tensor(real)
 
     def attack_args(subj, method: str, steps: int | None = None) -> tuple:
-        cfg = with_prompts(attack_runs[method].personalization, subj.instance_prompt, subj.class_prompt)
+        # the protection used subj_a's own prompt (the recipe's "sks"); the attacker may name A otherwise
+        cfg = attack_config(attack_runs[method].personalization, subj,
+                            identifier if subj is subj_a else other_identifier)
         if steps:
             cfg = dataclasses.replace(cfg, steps=steps)
-        return subj.images, subj.references, cfg, subj.instance_prompt, sample
+        return subj.images, subj.references, cfg, cfg.instance_prompt, sample
 
     spec, workers = jobs.spec(sd), jobs.worker_count(opts, sd)
     res["workers"] = workers
@@ -191,6 +191,25 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     return res
 
 
+def attack_config(per_cfg, subj, word: str):
+    """The evaluation attacker's config for held-out subject ``subj`` (its "a photo of sks person" prompt) when the
+    attacker names the subject ``word``: "a photo of WORD person" (DreamBooth, LoRA; TI learns the token ``<WORD>``)."""
+    from apdm.evaluation.protocol import with_prompts
+
+    words = subj.instance_prompt.split(" ")
+    prompt = " ".join(word if w == "sks" else w for w in words)
+    return dataclasses.replace(with_prompts(per_cfg, prompt, subj.class_prompt), identifier=word)
+
+
+def _identifier(opts: dict, key: str) -> str:
+    """``identifier=WORD`` / ``other_identifier=WORD``: one word without spaces (default the recipe's "sks")."""
+    word = opts.get(key, "sks")
+    if not word or any(ch.isspace() for ch in word) or word in ("person", "a", "photo", "of"):
+        raise ValueError(f"{key} must be one word without spaces, not a word of the prompt (e.g. zwx or t@t), "
+                         f"got '{word}'")
+    return word
+
+
 def _subject_positions(opts: dict) -> tuple[int, int]:
     """``subjects=P,O``: positions in the held-out list of the protected subject A and the other subject B
     (default 0,1: held-out persons 1 and 7)."""
@@ -259,9 +278,9 @@ def load_baseline(path: str, res: dict, attacks: set[str]) -> dict:
     except (OSError, ValueError) as e:
         raise ValueError(f"{f}: cannot read the baseline result ({e})") from e
     # results written before attack overrides / other identifiers existed used the defaults
-    defaults = {"attack_overrides": [], "other_identifier": "sks"}
+    defaults = {"attack_overrides": [], "other_identifier": "sks", "identifier": "sks"}
     for key in ("model_fingerprint", "instruments_fingerprint", "subject_protected", "subject_other",
-                "samples_per_prompt", "attack_overrides", "other_identifier"):
+                "samples_per_prompt", "attack_overrides", "other_identifier", "identifier"):
         if old.get(key, defaults.get(key)) != res[key]:
             raise ValueError(f"{f}: baseline was measured with {key}={old.get(key)!r}, this run has {res[key]!r}")
     keys = BASELINE_KEYS + (("ism_db_other_unprotected",) if "other" in attacks else ())
