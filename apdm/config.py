@@ -165,6 +165,12 @@ class ProtectConfig:
     #: works; ``["{class_prompt}", ""]`` asks the trap to hold under other conditionings too
     #: (docs/protect_model.md, "Along the attack"; on the toy world it did not help).
     dpo_extra_prompts: list[str] = field(default_factory=list)
+    #: identifiers the protection draws from, one per outer step (our addition; empty = the paper: each subject's
+    #: own instance prompt). The identifier word of the instance prompt (``personalization.identifier``) is
+    #: replaced by the drawn one for that step's simulated attacker and DPO pairs, so that the protection is tied
+    #: to the subject's photos rather than to one word, which an attacker picks freely (docs/protect_model.md,
+    #: "Another identifier"). Include the instance prompt's own word to keep it protected too.
+    identifiers: list[str] = field(default_factory=list)
     #: weight of an extra prior-preservation term taken at θ itself (not at the personalized θ′), per inner
     #: term. 0 = Algorithm 1 as published. Needed when the simulated attacker's lr is much larger than the
     #: protection lr: θ is then only ever judged through θ′ and can drift into weights that are broken until

@@ -621,3 +621,43 @@ def test_cli_protect_model_saves_the_protected_text_encoder(tmp_path):
     base = load_sd("tiny", device="cpu").text_encoder
     assert any(not torch.equal(a, b) for a, b in zip(saved.parameters(), base.parameters()))
     assert "and its text encoder were fine-tuned" in (tmp_path / "out" / "model" / "README.md").read_text()
+
+
+def test_identifiers_one_word_equals_protecting_under_that_word(tiny_sd):
+    """protect.identifiers=[w] protects exactly as a subject whose instance prompt names w; with several words each
+    outer step draws one (deterministically: the same draws on a rerun) and the protection differs."""
+    subj = _subject(tiny_sd)
+    pcfg = ProtectConfig(outer_steps=2, inner_steps=1, learning_rate=1e-3, checkpoint_every=0)
+    zwx = dataclasses.replace(subj, instance_prompt="a photo of zwx person")
+    ref, _, _ = l2p.protect(tiny_sd, [zwx], PER, pcfg, seed=3)
+    got, hist, _ = l2p.protect(tiny_sd, [subj], PER, dataclasses.replace(pcfg, identifiers=["zwx"]), seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), got.parameters()))
+    assert [h["identifier_index"] for h in hist] == [0.0, 0.0]
+    plain, _, _ = l2p.protect(tiny_sd, [subj], PER, pcfg, seed=3)  # "sks": another protection
+    assert not all(torch.equal(a, b) for a, b in zip(plain.parameters(), got.parameters()))
+    many = dataclasses.replace(pcfg, outer_steps=8, identifiers=["sks", "zwx", "t@t"])
+    draws = [[h["identifier_index"] for h in l2p.protect(tiny_sd, [subj], PER, many, seed=3)[1]] for _ in range(2)]
+    assert draws[0] == draws[1] and len(set(draws[0])) >= 2
+
+
+def test_identifiers_checks():
+    subj = l2p.Subject("bob", torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8),
+                       "a photo of ohwx person", "a photo of a person")
+    with pytest.raises(ValueError, match="subject 'bob'.*'a photo of ohwx person'.*'sks'"):
+        l2p.with_identifier(subj, PER, "zwx")
+    s2, cfg = l2p.with_identifier(subj, dataclasses.replace(PER, identifier="ohwx", method="ti"), "t@t")
+    assert s2.instance_prompt == "a photo of t@t person" and cfg.identifier == "t@t" and subj.name == s2.name
+    with pytest.raises(ValueError, match="one word without spaces"):
+        l2p.check_protect_config(PER, ProtectConfig(identifiers=["two words"]))
+    with pytest.raises(ValueError, match="continuing simulated attacker"):
+        l2p.check_protect_config(PER, ProtectConfig(identifiers=["zwx"], inner_restart_every=2, checkpoint_every=0))
+
+
+def test_model_card_names_the_drawn_identifiers():
+    from apdm.config import ProtectModelRunConfig
+    from apdm.protect_model.run import model_card
+
+    cfg = ProtectModelRunConfig()
+    assert "replaced" not in model_card(cfg, [], 1.0)
+    cfg.protect.identifiers = ["sks", "t@t"]
+    assert "by one drawn from `sks`, `t@t`" in model_card(cfg, [{"step": 0, "identifier_index": 1.0}], 1.0)

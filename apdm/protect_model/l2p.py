@@ -299,6 +299,10 @@ def outer_step(j: int, theta, trainable: dict, phi, sd: SD, subjects: list[Subje
     """
     seed = distributed.rank_seed(seed)
     subject = subjects[j % len(subjects)]
+    word_index = None
+    if pcfg.identifiers:  # this step's identifier, drawn from its own stream (exact resume)
+        word_index = int(torch.randint(len(pcfg.identifiers), (1,), generator=_seeded(seed, j, 3)))
+        subject, per_cfg = with_identifier(subject, per_cfg, pcfg.identifiers[word_index])
     g = _seeded(seed, j, 1)
     phi_ctx = lambda: _phi(theta, phi)  # noqa: E731
     te = sd.text_encoder if text_encoder is None else text_encoder
@@ -373,12 +377,32 @@ def outer_step(j: int, theta, trainable: dict, phi, sd: SD, subjects: list[Subje
                 acc[n] += p.grad * n_terms
             p.grad = None
         logs_sum["loss_anchor"] = float(loss_anchor.detach())
+    if word_index is not None:
+        logs_sum["identifier_index"] = float(word_index)  # into protect.identifiers
     for n, p in trainable.items():
         p.grad = acc[n] / (n_terms if pcfg.grad_accum == "mean" else 1)
     _all_reduce_grads(trainable)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return logs_sum
+
+
+def with_identifier(subject: Subject, per_cfg: PersonalizationConfig, word: str
+                    ) -> tuple[Subject, PersonalizationConfig]:
+    """``subject`` and the simulated attacker's config with the identifier word ``per_cfg.identifier`` of the
+    subject's instance prompt replaced by ``word`` ("a photo of sks person" -> "a photo of zwx person"; a TI attacker
+    then learns ``<zwx>``).
+
+    Raises:
+        ValueError: the instance prompt does not contain the identifier word.
+    """
+    words = subject.instance_prompt.split(" ")
+    if per_cfg.identifier not in words:
+        raise ValueError(f"protect.identifiers: subject '{subject.name}': its instance prompt "
+                         f"'{subject.instance_prompt}' does not contain the identifier word "
+                         f"'{per_cfg.identifier}' (personalization.identifier) to replace")
+    prompt = " ".join(word if w == per_cfg.identifier else w for w in words)
+    return dataclasses.replace(subject, instance_prompt=prompt), dataclasses.replace(per_cfg, identifier=word)
 
 
 def _all_reduce_grads(trainable: dict) -> None:
@@ -465,11 +489,17 @@ def attackers(per_cfg: PersonalizationConfig, pcfg: ProtectConfig) -> list[Perso
 
 
 def check_protect_config(per_cfg: PersonalizationConfig, pcfg: ProtectConfig) -> list[PersonalizationConfig]:
-    """Every check that needs no model: lr phases, attackers, the attacker restart period, extra DPO prompts only
-    with the DPO loss, no TI attacker when the text encoder is protected. Raises before any work starts; returns the
-    simulated attackers (:func:`attackers`)."""
+    """Every check that needs no model: lr phases, attackers, the attacker restart period, identifiers, extra DPO
+    prompts only with the DPO loss, no TI attacker when the text encoder is protected. Raises before any work
+    starts; returns the simulated attackers (:func:`attackers`)."""
     check_lr_phases(pcfg)
     check_restart(pcfg)
+    bad = [w for w in pcfg.identifiers if not isinstance(w, str) or not w or any(ch.isspace() for ch in w)]
+    if bad:
+        raise ValueError(f"protect.identifiers: each must be one word without spaces (e.g. zwx), got {bad}")
+    if pcfg.identifiers and pcfg.inner_restart_every > 1:
+        raise ValueError("protect.identifiers draws a new identifier every outer step; it cannot be combined with "
+                         "a continuing simulated attacker (protect.inner_restart_every > 1)")
     if pcfg.dpo_extra_prompts and pcfg.loss != "dpo":
         raise ValueError(f"protect.dpo_extra_prompts conditions the DPO pairs; it has no effect with "
                          f"protect.loss={pcfg.loss}, so remove it")
@@ -549,6 +579,9 @@ def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcf
         stop_after: stop after this many outer steps *of this call* (for tests of interruption).
     """
     per_cfgs = check_protect_config(per_cfg, pcfg)
+    for subject in subjects if pcfg.identifiers else []:  # every instance prompt has a word to replace
+        for cfg in per_cfgs:
+            with_identifier(subject, cfg, pcfg.identifiers[0])
     theta, trainable, phi, optimizer, text_encoder = init_protection(sd, pcfg, seed)
     restart = int(pcfg.inner_restart_every)
     carry: dict | None = {} if restart > 1 and pcfg.inner_steps > 0 else None

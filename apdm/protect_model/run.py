@@ -101,6 +101,7 @@ def run(cfg: ProtectModelRunConfig) -> dict:
                  (f", the simulated attacker continues and restarts every {p.inner_restart_every} outer steps"
                   if p.inner_restart_every > 1 else "")
                  + (f", DPO pairs also conditioned on {p.dpo_extra_prompts}" if p.dpo_extra_prompts else "")
+                 + (f", the identifier drawn each step from {p.identifiers}" if p.identifiers else "")
                  + (f", text encoder protected too (lr {p.text_encoder_lr or lr})" if p.train_text_encoder else ""),
                  f", {world} processes (gradients averaged)" if world > 1 else "")
     t0 = time.perf_counter()
@@ -142,11 +143,14 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, 
     per = cfg.personalization
     lines += [f"- instance prompt `{s.instance_prompt or per.instance_prompt}`, class prompt "
               f"`{s.class_prompt or per.class_prompt}`" for s in cfg.subjects]
+    if cfg.protect.identifiers:
+        lines += ["", f"The identifier `{per.identifier}` of these prompts was replaced, one protection step at a "
+                  f"time, by one drawn from {', '.join(f'`{w}`' for w in cfg.protect.identifiers)}."]
     lines += ["", "## Settings", "", "```yaml", to_yaml(cfg).strip(), "```", "",
               f"Protection took {seconds:.0f} s for {len(history)} outer steps.", ""]
     if history:
         last = history[-1]
-        not_losses = ("step", "lr", "attacker", "attack_depth")
+        not_losses = ("step", "lr", "attacker", "attack_depth", "identifier_index")
         lines += ["Final protection losses: "
                   + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k not in not_losses), ""]
     if results:
