@@ -39,6 +39,7 @@ def main() -> None:  # spawned worker processes import this file: nothing may ru
     ap.add_argument("--identifiers", default="sks,zwx,t@t", help="comma-separated words the attacker names A with")
     ap.add_argument("--baseline", help="an earlier output of this script: reuse its unprotected numbers")
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--save", help="also write the protected weights here (safetensors, jobs.unet_state keys)")
     ap.add_argument("--out", required=True)
     ap.add_argument("overrides", nargs="*", help="protect.* / personalization.* recipe overrides")
     args = ap.parse_args()
@@ -81,6 +82,11 @@ def main() -> None:  # spawned worker processes import this file: nothing may ru
         theta, hist, text_encoder = protect(sd, [subject], per_base, pcfg)
         seconds_protect = time.perf_counter() - t0
         state = jobs.unet_state(theta, text_encoder)
+        if args.save:
+            from safetensors.torch import save_file
+
+            Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in state.items()}, args.save)
         f_prot = {w: attack_job(pool, state, w) for w in words}
         f_kid = pool.submit(_kid_job, spec, state, real, 8)
         if base is None:
