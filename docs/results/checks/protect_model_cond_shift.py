@@ -5,8 +5,8 @@ given protected weights (docs/protect_model.md, "Another identifier").
         [--subject 0] --out F.json
 
 For each word and model: runs the full 300-step attack on the subject's photos (no sampling) and reports
-``cond_shift`` = ‖c_after − c_base‖ / ‖c_base‖ of the prompt's conditioning and ``emb_shift``, the same for the
-word's token embedding(s). W comes from ``protect_model_identifiers.py --save``. ~100 s per attack on one core.
+``cond_shift`` = ‖c_after − c_base‖ / ‖c_base‖ of the prompt's conditioning and ``emb_shift``, the same for
+the word's token embedding(s). W comes from ``protect_model_identifiers.py --save``. ~100 s per attack on one core.
 """
 
 import argparse
