@@ -192,12 +192,13 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
 
 
 def attack_config(per_cfg, subj, word: str):
-    """The evaluation attacker's config for held-out subject ``subj`` (its "a photo of sks person" prompt) when the
-    attacker names the subject ``word``: "a photo of WORD person" (DreamBooth, LoRA; TI learns the token ``<WORD>``)."""
+    """The evaluation attacker's config ``per_cfg`` for held-out subject ``subj`` (prompt "a photo of sks person",
+    "sks" being ``per_cfg.identifier``) when the attacker names the subject ``word``: "a photo of WORD person"
+    (DreamBooth, LoRA; TI learns the token ``<WORD>``)."""
     from apdm.evaluation.protocol import with_prompts
+    from apdm.personalization.simulator import swap_identifier
 
-    words = subj.instance_prompt.split(" ")
-    prompt = " ".join(word if w == "sks" else w for w in words)
+    prompt = swap_identifier(subj.instance_prompt, per_cfg.identifier, word)
     return dataclasses.replace(with_prompts(per_cfg, prompt, subj.class_prompt), identifier=word)
 
 

@@ -100,12 +100,21 @@ def ti_token(cfg: PersonalizationConfig) -> str:
     return f"<{cfg.identifier}>"
 
 
+def swap_identifier(prompt: str, identifier: str, new: str) -> str:
+    """``prompt`` with its identifier word replaced by ``new`` (``a photo of sks person`` -> ``... zwx person``).
+
+    Raises:
+        ValueError: ``prompt`` does not contain ``identifier`` as a word.
+    """
+    words = prompt.split(" ")
+    if identifier not in words:
+        raise ValueError(f"instance prompt '{prompt}' does not contain the identifier word '{identifier}'")
+    return " ".join(new if w == identifier else w for w in words)
+
+
 def ti_prompt(prompt: str, cfg: PersonalizationConfig) -> str:
     """Replace the identifier word in ``prompt`` by the TI token (``a photo of sks person`` -> ``... <sks> person``)."""
-    words = prompt.split(" ")
-    if cfg.identifier not in words:
-        raise ValueError(f"instance prompt '{prompt}' does not contain the identifier word '{cfg.identifier}'")
-    return " ".join(ti_token(cfg) if w == cfg.identifier else w for w in words)
+    return swap_identifier(prompt, cfg.identifier, ti_token(cfg))
 
 
 def _trainable_dtype_copy(sd: SD, cfg: PersonalizationConfig) -> SD:

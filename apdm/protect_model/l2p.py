@@ -396,12 +396,11 @@ def with_identifier(subject: Subject, per_cfg: PersonalizationConfig, word: str
     Raises:
         ValueError: the instance prompt does not contain the identifier word.
     """
-    words = subject.instance_prompt.split(" ")
-    if per_cfg.identifier not in words:
-        raise ValueError(f"protect.identifiers: subject '{subject.name}': its instance prompt "
-                         f"'{subject.instance_prompt}' does not contain the identifier word "
-                         f"'{per_cfg.identifier}' (personalization.identifier) to replace")
-    prompt = " ".join(word if w == per_cfg.identifier else w for w in words)
+    try:
+        prompt = S.swap_identifier(subject.instance_prompt, per_cfg.identifier, word)
+    except ValueError as e:
+        raise ValueError(f"protect.identifiers: subject '{subject.name}': {e} (personalization.identifier) "
+                         f"to replace") from None
     return dataclasses.replace(subject, instance_prompt=prompt), dataclasses.replace(per_cfg, identifier=word)
 
 
