@@ -40,9 +40,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     from apdm.bench import jobs, toy_setup
     from apdm.bench.toy_world import METHOD_RECIPES, toy_recipe
     from apdm.config import ProtectModelRunConfig, load_config
-    from apdm.evaluation.protocol import with_prompts
-    from apdm.protect_model.run import protection_images
-    from apdm.protect_model.l2p import Subject, check_protect_config
+    from apdm.protect_model.l2p import check_protect_config
     from apdm.toy import draw
     from apdm.toy.world import heldout_subjects
     from apdm.utils import LOG
@@ -87,12 +85,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                  # every protection setting as it ran (the recipe file changes over time; its overrides are above)
                  "protect_config": dataclasses.asdict(pcfg)}
 
-    # the protection data: x⁻ = A's photos, x⁺ = class-prompt images of φ, prior images of φ
-    per_base = with_prompts(rc.personalization, subj_a.instance_prompt, subj_a.class_prompt)
-    class_imgs, paired = protection_images(sd, per_base, subj_a.class_prompt, pcfg.num_class_images,
-                                           len(subj_a.images), quiet=True)
-    subject = Subject("A", subj_a.images.to(sd.device), paired.to(sd.device), class_imgs.to(sd.device),
-                      subj_a.instance_prompt, subj_a.class_prompt)
+    per_base, subject = protection_subject(sd, rc.personalization, pcfg, subj_a)
 
     # fresh drawn persons: the reference distribution for KID
     real, _, _ = draw.render_dataset("person", draw.split()["heldout"][100:100 + 4 * n_samples], 1, seed=77)
@@ -189,6 +182,25 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     res["metric_impl"] = {"ism": "ism@toy-id", "kid": "kid@toy-features", "fdfr": "fdfr@toy-det"}
     res["seconds_total"] = round(time.perf_counter() - t_start, 1)
     return res
+
+
+def protection_subject(sd, per_cfg, pcfg, subj):
+    """The protection's data for held-out subject ``subj`` (the bench's A): x⁻ = its photos, x⁺ = class-prompt
+    images of φ (one per photo), prior images of φ (``pcfg.num_class_images``; generated once and cached).
+
+    Returns:
+        (``per_cfg`` with the subject's prompts: the simulated attacker, :class:`apdm.protect_model.l2p.Subject`).
+    """
+    from apdm.evaluation.protocol import with_prompts
+    from apdm.protect_model.l2p import Subject
+    from apdm.protect_model.run import protection_images
+
+    per = with_prompts(per_cfg, subj.instance_prompt, subj.class_prompt)
+    class_imgs, paired = protection_images(sd, per, subj.class_prompt, pcfg.num_class_images, len(subj.images),
+                                           quiet=True)
+    dev = sd.device
+    return per, Subject("A", subj.images.to(dev), paired.to(dev), class_imgs.to(dev), subj.instance_prompt,
+                        subj.class_prompt)
 
 
 def attack_config(per_cfg, subj, word: str):

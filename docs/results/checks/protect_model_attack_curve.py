@@ -20,15 +20,14 @@ import time
 import torch
 
 from apdm.bench import jobs, toy_setup
-from apdm.bench.protect_model import RECIPES
+from apdm.bench.protect_model import RECIPES, protection_subject
 from apdm.bench.toy_world import toy_recipe
 from apdm.config import ProtectModelRunConfig, load_config
 from apdm.core import diffusion as D
 from apdm.evaluation.identity import fdfr
 from apdm.evaluation.protocol import with_prompts
 from apdm.personalization import simulator as S
-from apdm.protect_model.l2p import Subject, protect
-from apdm.protect_model.run import protection_images
+from apdm.protect_model.l2p import protect
 from apdm.toy import instruments as I
 from apdm.toy.world import heldout_subjects
 from apdm.utils import atomic_write_json, progress
@@ -48,10 +47,7 @@ _, sd, inst = toy_setup([], set())
 rc = load_config(ProtectModelRunConfig, RECIPES / "toy-protect-model.yaml", args.overrides)
 pcfg = dataclasses.replace(rc.protect, checkpoint_every=0)
 subj = heldout_subjects(1, num_images=4, offset=args.subject)[0]
-per_base = with_prompts(rc.personalization, subj.instance_prompt, subj.class_prompt)
-class_imgs, paired = protection_images(sd, per_base, subj.class_prompt, pcfg.num_class_images, len(subj.images),
-                                       quiet=True)
-subject = Subject("A", subj.images, paired, class_imgs, subj.instance_prompt, subj.class_prompt)
+per_base, subject = protection_subject(sd, rc.personalization, pcfg, subj)
 t0 = time.perf_counter()
 theta, hist, text_encoder = protect(sd, [subject], per_base, pcfg)
 seconds_protect = time.perf_counter() - t0

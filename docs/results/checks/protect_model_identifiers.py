@@ -22,12 +22,10 @@ import time
 from pathlib import Path
 
 from apdm.bench import jobs, toy_setup
-from apdm.bench.protect_model import RECIPES, _class_prompt_ism_job, _kid_job, attack_config
+from apdm.bench.protect_model import RECIPES, _class_prompt_ism_job, _kid_job, attack_config, protection_subject
 from apdm.bench.toy_world import toy_recipe
 from apdm.config import ProtectModelRunConfig, load_config
-from apdm.evaluation.protocol import with_prompts
-from apdm.protect_model.l2p import Subject, check_protect_config, protect
-from apdm.protect_model.run import protection_images
+from apdm.protect_model.l2p import check_protect_config, protect
 from apdm.toy import draw
 from apdm.toy.world import heldout_subjects
 from apdm.utils import atomic_write_json
@@ -61,10 +59,7 @@ def main() -> None:  # spawned worker processes import this file: nothing may ru
         if missing:
             raise SystemExit(f"{args.baseline}: no unprotected attack under {missing}")
 
-    per_base = with_prompts(rc.personalization, subj.instance_prompt, subj.class_prompt)
-    class_imgs, paired = protection_images(sd, per_base, subj.class_prompt, pcfg.num_class_images, len(subj.images),
-                                           quiet=True)
-    subject = Subject("A", subj.images, paired, class_imgs, subj.instance_prompt, subj.class_prompt)
+    per_base, subject = protection_subject(sd, rc.personalization, pcfg, subj)
     attack = toy_recipe("dreambooth")
     sample = attack.sample
     sample.num_images_per_prompt = 8  # the quick bench's samples per prompt
