@@ -100,3 +100,22 @@ def test_a_cache_without_rho_still_finds_the_shipped_one(tmp_path, monkeypatch):
     (tmp_path / "toy" / "rho").mkdir()
     (tmp_path / "toy" / "rho" / "rho.json").write_text("{}")
     assert world.rho_path() == tmp_path / "toy" / "rho"  # a ρ built next to the cached model wins
+
+
+def test_build_tokenizer_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    """Without out_dir the vocabulary files go to a temporary folder that is removed; the tokenizer still works
+    and round-trips through save_pretrained (every tiny pipeline and toy build calls this)."""
+    import tempfile
+
+    from transformers import CLIPTokenizer
+
+    from apdm.core.tokenizer import build_tokenizer
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    tok = build_tokenizer(["zebra"])
+    assert list((tmp_path / "tmp").iterdir()) == []
+    ids = tok("a photo of sks zebra").input_ids
+    assert len(ids) == 7  # five whole-word tokens between the start and end tokens
+    tok.save_pretrained(tmp_path / "saved")
+    assert CLIPTokenizer.from_pretrained(tmp_path / "saved")("a photo of sks zebra").input_ids == ids

@@ -90,18 +90,20 @@ def build_tokenizer(words=(), out_dir: str | Path | None = None, model_max_lengt
 
     Args:
         words: extra vocabulary (e.g. the toy world's caption words).
-        out_dir: where to keep the vocabulary files; a temporary folder when ``None``.
+        out_dir: where to keep the vocabulary files; when ``None`` they go to a temporary folder that is removed
+            once the tokenizer has read them (it keeps its vocabulary in memory; ``save_pretrained`` works).
         model_max_length: sequence length (77 as in Stable Diffusion).
     """
     import tempfile
 
     from transformers import CLIPTokenizer
 
-    folder = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="apdm-tok-"))
-    write_clip_vocab(list(BASE_WORDS) + list(words), folder)
-    return CLIPTokenizer(
-        str(folder / "vocab.json"),
-        str(folder / "merges.txt"),
-        model_max_length=model_max_length,
-        pad_token="<|endoftext|>",
-    )
+    def make(folder: Path):
+        write_clip_vocab(list(BASE_WORDS) + list(words), folder)
+        return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                             model_max_length=model_max_length, pad_token="<|endoftext|>")
+
+    if out_dir is not None:
+        return make(Path(out_dir))
+    with tempfile.TemporaryDirectory(prefix="apdm-tok-") as tmp:
+        return make(Path(tmp))
