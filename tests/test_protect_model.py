@@ -198,8 +198,10 @@ def test_bench_baseline_reuse_is_checked(tmp_path):
     from apdm.bench.protect_model import BASELINE_KEYS, load_baseline
 
     res = {"model_fingerprint": "abc", "instruments_fingerprint": "def", "subject_protected": 1, "subject_other": 7,
-           "samples_per_prompt": 8, "attack_overrides": [], "other_identifier": "sks", "identifier": "sks"}
+           "samples_per_prompt": 8, "attack_overrides": [], "other_identifier": "sks", "identifier": "sks",
+           "attack_seeds": 1}
     old = dict(res, **{k: 0.5 for k in BASELINE_KEYS}, ism_db_other_unprotected=0.6)
+    del old["attack_seeds"]  # results written before attack_seeds existed ran every attack once
     del old["attack_overrides"]  # results written before attack overrides existed used the default attacker
     del old["other_identifier"], old["identifier"]  # ... and A and B personalized with "sks"
     f = tmp_path / "base.json"
@@ -227,6 +229,35 @@ def test_bench_baseline_reuse_is_checked(tmp_path):
     f.write_text("{not json")
     with pytest.raises(ValueError, match="base.json: cannot read"):
         load_baseline(str(f), res, set())
+    # attack_seeds: results written before it existed ran every attack once; the runs come along
+    f.write_text(json.dumps(dict(old, attack_seeds=3, ism_db_unprotected_runs=[0.4, 0.5, 0.6])))
+    with pytest.raises(ValueError, match="attack_seeds"):
+        load_baseline(str(f), dict(res, attack_seeds=1), set())
+    assert load_baseline(str(f), dict(res, attack_seeds=3), set())["ism_db_unprotected_runs"] == [0.4, 0.5, 0.6]
+    f.write_text(json.dumps(old))
+    assert "ism_db_unprotected_runs" not in load_baseline(str(f), dict(res, attack_seeds=1), set())
+
+
+def test_bench_attack_seeds_runs_and_summary():
+    """attack_seeds=K: run r raises the attacker's and the sampling seed by r (run 0 = the single attack of earlier
+    results); each key is the mean of its runs, listed under <key>_runs only when there are several."""
+    from apdm.bench.protect_model import _attack_summary, attack_run, bench_protect_model
+    from apdm.config import SampleConfig
+
+    per, sample = PersonalizationConfig(seed=5), SampleConfig(seed=9)
+    assert attack_run(per, sample, 0) == (per, sample)
+    per2, sample2 = attack_run(per, sample, 2)
+    assert (per2.seed, sample2.seed) == (7, 11) and per.seed == 5 and dataclasses.replace(per2, seed=5) == per
+    one = _attack_summary("ism_db_protected", [{"ism": 0.25, "fdfr": 0.5}])
+    assert one == {"ism_db_protected": 0.25, "fdfr_db_protected": 0.5}
+    two = _attack_summary("ism_db_protected", [{"ism": 0.2, "fdfr": 0.5}, {"ism": 0.6, "fdfr": 0.25}])
+    assert two["ism_db_protected"] == pytest.approx(0.4) and two["ism_db_protected_runs"] == [0.2, 0.6]
+    assert two["fdfr_db_protected"] == pytest.approx(0.375) and two["fdfr_db_protected_runs"] == [0.5, 0.25]
+    assert _attack_summary("ism_lora_protected", [{"ism": 0.1, "fdfr": 0.0}] * 2) == {
+        "ism_lora_protected": 0.1, "ism_lora_protected_runs": [0.1, 0.1]}
+    for bad in ("0", "two"):
+        with pytest.raises(ValueError, match="attack_seeds must be a whole number"):
+            bench_protect_model(True, [f"attack_seeds={bad}"])
 
 
 def test_attack_recipe_overrides_leave_the_recipe_alone():

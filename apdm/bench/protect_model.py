@@ -15,7 +15,12 @@ Overrides: ``outer_steps=N inner_steps=N learning_rate=X samples=N long_attack=t
 personalized as "a photo of WORD person" instead of with A's "sks": does the collateral follow the identifier?),
 ``identifier=WORD`` (every attack on A, unprotected and protected, uses "a photo of WORD person" while the protection
 keeps the recipe's "sks": does an attacker who picks another identifier escape? The paper's Table 14 uses "t@t"),
-``attacks=lora,ti,other`` (which attacks besides DreamBooth on A; default all), and any recipe key with its
+``attacks=lora,ti,other`` (which attacks besides DreamBooth on A; default all),
+``attack_seeds=K`` (every attack, unprotected and protected, is run K times, repeat r with the attacker's seed and the
+sampling seed both raised by r; each ``ism_*`` / ``fdfr_*`` key is then the mean over the K runs, its runs are listed
+under ``<key>_runs``, and ``protection_ratio*_runs`` pairs run r unprotected with run r protected; default 1 with
+``--quick``, which is exactly the single attack of earlier results, and 3 in the full run: one attack's ISM swings by
+up to ±0.15 with its seed, see docs/protect_model.md, "One attack is one draw"), and any recipe key with its
 section (``protect.beta=0.5``, ``protect.inner_steps=0``, ``protect.gradient_leak=true``,
 ``personalization.steps=600``) for sweeps and ablations; ``attack.KEY=VALUE`` changes the *evaluation* attacker
 (applied to every attack's personalization config, unprotected and protected alike;
@@ -52,7 +57,8 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     recipe_overrides = [o for o in dotted if not o.startswith("attack.")]
     opts, sd, inst = toy_setup([o for o in overrides if o not in dotted],
                                {"outer_steps", "inner_steps", "learning_rate", "samples", "long_attack", "no_naive",
-                                "attacks", "baseline", "subjects", "other_identifier", "identifier"})
+                                "attacks", "baseline", "subjects", "other_identifier", "identifier",
+                                "attack_seeds"})
     rc = load_config(ProtectModelRunConfig, RECIPES / "toy-protect-model.yaml", recipe_overrides)
     attacks = set(opts.get("attacks", "lora,ti,other").split(",")) - {""}
     unknown = attacks - {"lora", "ti", "other"}
@@ -70,6 +76,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     pcfg.checkpoint_every = 0  # the bench keeps no checkpoints
     check_protect_config(rc.personalization, pcfg)  # before any job starts
     n_samples = int(opts.get("samples", 8 if quick else 16))
+    n_seeds = _attack_seeds(opts, quick)
     sample.num_images_per_prompt = n_samples
     subj_a, subj_b = (heldout_subjects(1, num_images=4, offset=k)[0] for k in _subject_positions(opts))
     other_identifier, identifier = (_identifier(opts, k) for k in ("other_identifier", "identifier"))
@@ -80,6 +87,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                  "protect_lr": pcfg.learning_rate, "protect_lr_phases": pcfg.lr_phases, "beta": pcfg.beta,
                  "gradient_leak": pcfg.gradient_leak,
                  "samples_per_prompt": n_samples, "other_identifier": other_identifier, "identifier": identifier,
+                 "attack_seeds": n_seeds,
                  "recipe_overrides": recipe_overrides,
                  "attack_overrides": attack_overrides,
                  # every protection setting as it ran (the recipe file changes over time; its overrides are above)
@@ -91,13 +99,16 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     real, _, _ = draw.render_dataset("person", draw.split()["heldout"][100:100 + 4 * n_samples], 1, seed=77)
     real = draw.to_tensor(real)
 
-    def attack_args(subj, method: str, steps: int | None = None) -> tuple:
+    def attack_args(subj, method: str, steps: int | None = None, run: int = 0) -> tuple:
         # the protection used subj_a's own prompt (the recipe's "sks"); the attacker may name A otherwise
         cfg = attack_config(attack_runs[method].personalization, subj,
                             identifier if subj is subj_a else other_identifier)
-        if steps:
-            cfg = dataclasses.replace(cfg, steps=steps)
-        return subj.images, subj.references, cfg, cfg.instance_prompt, sample
+        cfg, run_sample = attack_run(dataclasses.replace(cfg, steps=steps or cfg.steps), sample, run)
+        return subj.images, subj.references, cfg, cfg.instance_prompt, run_sample
+
+    def submit_attack(key: str, state, subj, method: str, steps: int | None = None) -> None:
+        for r in range(n_seeds):  # f[(key, r)]: run r of this attack
+            f[(key, r)] = pool.submit(jobs.attack, spec, state, *attack_args(subj, method, steps, r))
 
     spec, workers = jobs.spec(sd), jobs.worker_count(opts, sd)
     res["workers"] = workers
@@ -116,50 +127,47 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
             f["class_prompt"] = pool.submit(_class_prompt_ism_job, spec, n_samples, subj_a.references,
                                             subj_b.references)
             f["kid_class_unprotected"] = pool.submit(_kid_job, spec, None, real, n_samples)
-            f["ism_db_unprotected"] = pool.submit(jobs.attack, spec, None, *attack_args(subj_a, "dreambooth"))
+            submit_attack("ism_db_unprotected", None, subj_a, "dreambooth")
             if "other" in attacks:
-                f["ism_db_other_unprotected"] = pool.submit(jobs.attack, spec, None,
-                                                            *attack_args(subj_b, "dreambooth"))
+                submit_attack("ism_db_other_unprotected", None, subj_b, "dreambooth")
             for method in ("lora", "ti"):  # so that every attack's protection ratio can be read from this file
                 if method in attacks:
-                    f[f"ism_{method}_unprotected"] = pool.submit(jobs.attack, spec, None,
-                                                                 *attack_args(subj_a, method))
+                    submit_attack(f"ism_{method}_unprotected", None, subj_a, method)
             if long_attack:
-                f["ism_db_unprotected_2x_steps"] = pool.submit(jobs.attack, spec, None,
-                                                               *attack_args(subj_a, "dreambooth", long_steps))
+                submit_attack("ism_db_unprotected_2x_steps", None, subj_a, "dreambooth", long_steps)
         prot, hist, seconds, rss = f_prot.result()
         res["seconds_protect"] = round(seconds, 1)
         res["seconds_per_outer_step"] = round(seconds / max(1, len(hist)), 3)
         res["protect_loss_first"] = hist[0]["loss_protect"]
         res["protect_loss_last"] = hist[-1]["loss_protect"]
-        f["ism_db_protected"] = pool.submit(jobs.attack, spec, prot, *attack_args(subj_a, "dreambooth"))
+        submit_attack("ism_db_protected", prot, subj_a, "dreambooth")
         for method in ("lora", "ti"):
             if method in attacks:
-                f[f"ism_{method}_protected"] = pool.submit(jobs.attack, spec, prot, *attack_args(subj_a, method))
+                submit_attack(f"ism_{method}_protected", prot, subj_a, method)
         if "other" in attacks:
-            f["ism_db_other_protected"] = pool.submit(jobs.attack, spec, prot, *attack_args(subj_b, "dreambooth"))
+            submit_attack("ism_db_other_protected", prot, subj_b, "dreambooth")
         f["kid_class_protected"] = pool.submit(_kid_job, spec, prot, real, n_samples)
         if long_attack:
-            f["ism_db_protected_2x_steps"] = pool.submit(jobs.attack, spec, prot,
-                                                         *attack_args(subj_a, "dreambooth", long_steps))
+            submit_attack("ism_db_protected_2x_steps", prot, subj_a, "dreambooth", long_steps)
         if f_naive is not None:
             naive_state = f_naive.result()[0]
-            f["ism_db_protected_naive"] = pool.submit(jobs.attack, spec, naive_state,
-                                                      *attack_args(subj_a, "dreambooth"))
+            submit_attack("ism_db_protected_naive", naive_state, subj_a, "dreambooth")
             f["kid_class_protected_naive"] = pool.submit(_kid_job, spec, naive_state, real, n_samples)
         out = {key: fut.result() for key, fut in f.items()}
     peaks = [rss] + [o["peak_rss_mb"] for o in out.values() if isinstance(o, dict) and "peak_rss_mb" in o]
+    runs: dict[str, list[dict]] = {}  # attack key -> its runs in seed order
     for key, o in out.items():
         if key == "class_prompt":
             res["ism_class_prompt"], res["ism_class_prompt_other"] = o
-        elif key.startswith("kid"):
+        elif isinstance(key, str) and key.startswith("kid"):
             res[key] = round(o, 5)
         else:
-            res[key] = round(o["ism"], 4)
-            if key == "ism_db_protected":
-                res["fdfr_db_protected"] = round(o["fdfr"], 4)
+            runs.setdefault(key[0], []).append(o)
+    for key, rs in runs.items():
+        res.update(_attack_summary(key, rs))
     if long_attack:
-        res["seconds_long_attacks"] = round(sum(out[k]["seconds"] for k in out if k.endswith("_2x_steps")), 1)
+        res["seconds_long_attacks"] = round(sum(o["seconds"] for k, rs in runs.items() if k.endswith("_2x_steps")
+                                                for o in rs), 1)
     res["peak_rss_mb_worker"] = round(max(peaks), 1)
     LOG.info("unprotected: ISM DB %.3f (class prompt %.3f); APDM: ISM DB %.3f, other subject %s",
              res["ism_db_unprotected"], res["ism_class_prompt"], res["ism_db_protected"],
@@ -171,8 +179,11 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                                      ("_ti", "ism_ti_unprotected", "ism_ti_protected"),
                                      ("_2x_steps", "ism_db_unprotected_2x_steps", "ism_db_protected_2x_steps")):
         if unprot in res and prot_key in res:
-            gap = res[unprot] - res["ism_class_prompt"]
-            res[f"protection_ratio{suffix}"] = round((res[unprot] - res[prot_key]) / gap, 4) if gap > 0 else None
+            res[f"protection_ratio{suffix}"] = _ratio(res[unprot], res[prot_key], res["ism_class_prompt"])
+            if f"{unprot}_runs" in res and f"{prot_key}_runs" in res:  # run r against run r
+                res[f"protection_ratio{suffix}_runs"] = [
+                    _ratio(u, p, res["ism_class_prompt"])
+                    for u, p in zip(res[f"{unprot}_runs"], res[f"{prot_key}_runs"])]
     if "other" in attacks:
         gap_b = res["ism_db_other_unprotected"] - res["ism_class_prompt_other"]
         res["other_gain_kept"] = round((res["ism_db_other_protected"] - res["ism_class_prompt_other"]) / gap_b, 4) \
@@ -182,6 +193,46 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     res["metric_impl"] = {"ism": "ism@toy-id", "kid": "kid@toy-features", "fdfr": "fdfr@toy-det"}
     res["seconds_total"] = round(time.perf_counter() - t_start, 1)
     return res
+
+
+def attack_run(per_cfg, sample, run: int):
+    """Run ``run`` (0, 1, …) of an attack: ``per_cfg`` and ``sample`` with the attacker's seed (its noise, timesteps,
+    prior images, …) and the sampling seed both raised by ``run``; run 0 is the attack unchanged."""
+    return dataclasses.replace(per_cfg, seed=per_cfg.seed + run), dataclasses.replace(sample, seed=sample.seed + run)
+
+
+def _ratio(unprotected: float, protected: float, class_prompt: float) -> float | None:
+    """Share of the attack's identity gain over the class prompt that the protection removes (None: no gain)."""
+    gap = unprotected - class_prompt
+    return round((unprotected - protected) / gap, 4) if gap > 0 else None
+
+
+def _attack_summary(key: str, runs: list[dict]) -> dict:
+    """The JSON keys of one attack run ``len(runs)`` times: ``key`` = mean ISM (the one run's ISM when there is one
+    run, as before ``attack_seeds``), ``<key>_runs`` = each run's ISM (only with several runs), and for the
+    DreamBooth attack on the protected model its ``fdfr_db_protected`` (mean) likewise."""
+    out = {}
+    for name, metric in ((key, "ism"), (key.replace("ism_", "fdfr_", 1), "fdfr")):
+        if metric == "fdfr" and key != "ism_db_protected":
+            continue
+        values = [o[metric] for o in runs]
+        out[name] = round(sum(values) / len(values), 4)
+        if len(values) > 1:
+            out[f"{name}_runs"] = [round(v, 4) for v in values]
+    return out
+
+
+def _attack_seeds(opts: dict, quick: bool = True) -> int:
+    """``attack_seeds=K``: how many times every attack is run (K ≥ 1; default 1 with ``--quick``, else 3)."""
+    text = opts.get("attack_seeds", "1" if quick else "3")
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise ValueError(f"attack_seeds must be a whole number >= 1 (how many seeds each attack is run with), "
+                         f"got '{text}'")
+    return k
 
 
 def protection_subject(sd, per_cfg, pcfg, subj):
@@ -291,9 +342,9 @@ def load_baseline(path: str, res: dict, attacks: set[str]) -> dict:
     except (OSError, ValueError) as e:
         raise ValueError(f"{f}: cannot read the baseline result ({e})") from e
     # results written before attack overrides / other identifiers existed used the defaults
-    defaults = {"attack_overrides": [], "other_identifier": "sks", "identifier": "sks"}
+    defaults = {"attack_overrides": [], "other_identifier": "sks", "identifier": "sks", "attack_seeds": 1}
     for key in ("model_fingerprint", "instruments_fingerprint", "subject_protected", "subject_other",
-                "samples_per_prompt", "attack_overrides", "other_identifier", "identifier"):
+                "samples_per_prompt", "attack_overrides", "other_identifier", "identifier", "attack_seeds"):
         if old.get(key, defaults.get(key)) != res[key]:
             raise ValueError(f"{f}: baseline was measured with {key}={old.get(key)!r}, this run has {res[key]!r}")
     keys = BASELINE_KEYS + (("ism_db_other_unprotected",) if "other" in attacks else ())
@@ -301,5 +352,6 @@ def load_baseline(path: str, res: dict, attacks: set[str]) -> dict:
     if missing:
         raise ValueError(f"{f}: baseline result lacks {', '.join(missing)}")
     out = {k: old[k] for k in keys + OPTIONAL_BASELINE_KEYS if k in old}
+    out.update({f"{k}_runs": old[f"{k}_runs"] for k in list(out) if f"{k}_runs" in old})
     out["baseline_from"] = str(f)
     return out
