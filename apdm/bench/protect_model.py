@@ -19,9 +19,9 @@ keeps the recipe's "sks": does an attacker who picks another identifier escape? 
 ``attack_seeds=K`` (every attack, unprotected and protected, is run K times, repeat r with the attacker's seed and the
 sampling seed both raised by r; each ``ism_*`` / ``fdfr_*`` key is then the mean over the K runs, its runs are listed
 under ``<key>_runs``, and ``protection_ratio*_runs`` pairs run r unprotected with run r protected; default 1 with
-``--quick``, which is exactly the single attack of earlier results, and 3 in the full run: one attack's ISM swings by
-up to ±0.15 with its seed, see docs/protect_model.md, "One attack is one draw"), and any recipe key with its
-section (``protect.beta=0.5``, ``protect.inner_steps=0``, ``protect.gradient_leak=true``,
+``--quick``, which is exactly the single attack of earlier results, and 3 in the full run: one attack's ISM moves
+by up to 0.6 with its seed on a protected model, see docs/protect_model.md, "One attack is one draw"), and any
+recipe key with its section (``protect.beta=0.5``, ``protect.inner_steps=0``, ``protect.gradient_leak=true``,
 ``personalization.steps=600``) for sweeps and ablations; ``attack.KEY=VALUE`` changes the *evaluation* attacker
 (applied to every attack's personalization config, unprotected and protected alike;
 ``attack.train_text_encoder=false`` is the paper's UNet-only DreamBooth); ``baseline=F.json`` takes the unprotected numbers

@@ -3,13 +3,17 @@ identifier"): what does the toy DreamBooth attacker reach on weights saved by ``
 or on the base UNet plus random sign noise of size S per weight (``--weights random:S``, a control)?
 
     python docs/results/checks/protect_model_probe.py --weights F.safetensors --identifiers sks,zwx \
-        [--attack train_text_encoder=false ...] [--subject 0] [--base] --out F.json
+        [--attack train_text_encoder=false ...] [--subject 0] [--base] [--seeds 0,1,2,3] --out F.json
 
 Scores the bench's 8 samples of "a photo of WORD person" (``ism@toy-id``); ``--base`` also attacks the base model.
-~90 s per attack on one core.
+``--seeds`` repeats every attack with those attacker seeds (``personalization.seed``: its noise, timesteps and prior
+images); the sampling seed stays the bench's, so the runs differ by the training alone (docs/protect_model.md, "One
+attack is one draw"). With one seed the JSON holds each ISM as a number, with several as
+``{"mean", "runs", "seeds"}``. ~90 s per attack on one core.
 """
 
 import argparse
+import dataclasses
 import json
 
 import torch
@@ -28,6 +32,7 @@ def main() -> None:
     ap.add_argument("--attack", nargs="*", default=[], metavar="KEY=VALUE", help="the bench's attack.KEY=VALUE")
     ap.add_argument("--subject", type=int, default=0, help="position in the held-out list")
     ap.add_argument("--base", action="store_true", help="also attack the unperturbed base model")
+    ap.add_argument("--seeds", default=None, help="comma-separated attacker seeds (default: the recipe's)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -46,15 +51,20 @@ def main() -> None:
 
         state = load_file(args.weights)
     models = {"probed": state} | ({"base": None} if args.base else {})
+    seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else [attack.personalization.seed]
     res: dict = {"weights": args.weights, "subject_protected": subj.index, "attack_overrides": args.attack,
-                 "metric_impl": {"ism": "ism@toy-id", "fdfr": "fdfr@toy-det"}}
+                 "attack_seeds": seeds, "metric_impl": {"ism": "ism@toy-id", "fdfr": "fdfr@toy-det"}}
     for name, st in models.items():
         res[name] = {}
         for word in args.identifiers.split(","):
-            cfg = attack_config(attack.personalization, subj, word)
-            out = jobs.attack(jobs.spec(sd), st, subj.images, subj.references, cfg, cfg.instance_prompt, sample)
-            res[name][word] = round(out["ism"], 4)
-            print(name, word, res[name][word], flush=True)
+            runs = []
+            for seed in seeds:
+                cfg = dataclasses.replace(attack_config(attack.personalization, subj, word), seed=seed)
+                out = jobs.attack(jobs.spec(sd), st, subj.images, subj.references, cfg, cfg.instance_prompt, sample)
+                runs.append(round(out["ism"], 4))
+                print(name, word, f"seed {seed}", runs[-1], flush=True)
+            res[name][word] = runs[0] if len(runs) == 1 else {"mean": round(sum(runs) / len(runs), 4),
+                                                               "runs": runs, "seeds": seeds}
     atomic_write_json(args.out, res)
     print(json.dumps(res))
 
