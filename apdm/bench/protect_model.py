@@ -107,8 +107,8 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
         return subj.images, subj.references, cfg, cfg.instance_prompt, run_sample
 
     def submit_attack(key: str, state, subj, method: str, steps: int | None = None) -> None:
-        for r in range(n_seeds):  # f[(key, r)]: run r of this attack
-            f[(key, r)] = pool.submit(jobs.attack, spec, state, *attack_args(subj, method, steps, r))
+        attack_f[key] = [pool.submit(jobs.attack, spec, state, *attack_args(subj, method, steps, r))
+                         for r in range(n_seeds)]  # run r of this attack at index r
 
     spec, workers = jobs.spec(sd), jobs.worker_count(opts, sd)
     res["workers"] = workers
@@ -117,7 +117,8 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     naive = opts.get("no_naive", "false") != "true"
     if "baseline" in opts:  # the unprotected numbers of an earlier run on the same model and subjects
         res.update(load_baseline(opts["baseline"], res, attacks))
-    f: dict = {}  # result key -> future
+    f: dict = {}  # result key -> future (class-prompt ISM, KID)
+    attack_f: dict[str, list] = {}  # attack key -> its runs' futures, in seed order
     with jobs.executor(workers) as pool:
         # the two protections first (the longest jobs), then every attack on the unprotected model
         f_prot = pool.submit(_protect_job, spec, subject, per_base, dataclasses.replace(pcfg, loss="dpo"))
@@ -154,15 +155,13 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
             submit_attack("ism_db_protected_naive", naive_state, subj_a, "dreambooth")
             f["kid_class_protected_naive"] = pool.submit(_kid_job, spec, naive_state, real, n_samples)
         out = {key: fut.result() for key, fut in f.items()}
-    peaks = [rss] + [o["peak_rss_mb"] for o in out.values() if isinstance(o, dict) and "peak_rss_mb" in o]
-    runs: dict[str, list[dict]] = {}  # attack key -> its runs in seed order
+        runs = {key: [fut.result() for fut in futs] for key, futs in attack_f.items()}
+    peaks = [rss] + [o["peak_rss_mb"] for rs in runs.values() for o in rs]
     for key, o in out.items():
         if key == "class_prompt":
             res["ism_class_prompt"], res["ism_class_prompt_other"] = o
-        elif isinstance(key, str) and key.startswith("kid"):
+        else:  # kid_*
             res[key] = round(o, 5)
-        else:
-            runs.setdefault(key[0], []).append(o)
     for key, rs in runs.items():
         res.update(_attack_summary(key, rs))
     if long_attack:
@@ -211,14 +210,13 @@ def _attack_summary(key: str, runs: list[dict]) -> dict:
     """The JSON keys of one attack run ``len(runs)`` times: ``key`` = mean ISM (the one run's ISM when there is one
     run, as before ``attack_seeds``), ``<key>_runs`` = each run's ISM (only with several runs), and for the
     DreamBooth attack on the protected model its ``fdfr_db_protected`` (mean) likewise."""
-    out = {}
-    for name, metric in ((key, "ism"), (key.replace("ism_", "fdfr_", 1), "fdfr")):
-        if metric == "fdfr" and key != "ism_db_protected":
-            continue
-        values = [o[metric] for o in runs]
-        out[name] = round(sum(values) / len(values), 4)
-        if len(values) > 1:
-            out[f"{name}_runs"] = [round(v, 4) for v in values]
+    def mean_and_runs(name: str, values: list[float]) -> dict:
+        return {name: round(sum(values) / len(values), 4)} | \
+            ({f"{name}_runs": [round(v, 4) for v in values]} if len(values) > 1 else {})
+
+    out = mean_and_runs(key, [o["ism"] for o in runs])
+    if key == "ism_db_protected":
+        out |= mean_and_runs("fdfr_db_protected", [o["fdfr"] for o in runs])
     return out
 
 
