@@ -165,6 +165,16 @@ class ProtectConfig:
     #: works; ``["{class_prompt}", ""]`` asks the trap to hold under other conditionings too
     #: (docs/protect_model.md, "Along the attack"; on the toy world it did not help).
     dpo_extra_prompts: list[str] = field(default_factory=list)
+    #: K > 0 (our addition; 0 = the paper): before each DPO term, K normalized gradient steps move the pairs'
+    #: conditioning c to the one near it under which θ′ denoises the subject's photos best, ``c + δ`` with
+    #: ‖δ‖ ≤ ``conditioning_attack_radius`` · ‖c‖ per pair, and the DPO pairs (θ′ and φ alike) are taken there.
+    #: An attacker who fine-tunes the text encoder or names the subject with another word reaches the subject
+    #: through a conditioning of its own; this asks the protection to hold around the attacker's best one
+    #: (docs/protect_model.md, "Protecting around the attacker's conditioning").
+    conditioning_attack_steps: int = 0
+    #: the bound of that search, relative to the conditioning's norm (the toy attacker's text encoder moves the
+    #: instance prompt's conditioning by 0.5–0.8 of its norm in 300 steps).
+    conditioning_attack_radius: float = 0.5
     #: identifiers the protection draws from, one per outer step (our addition; empty = the paper: each subject's
     #: own instance prompt). The identifier word of the instance prompt (``personalization.identifier``) is
     #: replaced by the drawn one for that step's simulated attacker and DPO pairs, so that the protection is tied

@@ -471,6 +471,55 @@ def test_dpo_extra_prompts_condition_each_pair(tiny_sd):
         l2p.check_protect_config(PER, ProtectConfig(loss="naive", dpo_extra_prompts=[""]))
 
 
+def test_attacked_conditioning_is_a_projected_normalized_gradient_step(tiny_sd):
+    """One step of the conditioning attack against the hand-computed one: δ = -r‖c_i‖ ĝ_i (the 2.5·r step
+    projected back onto the radius), ĝ the per-row normalized gradient of the noise-prediction loss under the
+    noise and t drawn from the same generator; it lowers that loss, leaves no gradient on the UNet, and more steps
+    stay within the bound."""
+    from apdm.core import diffusion as D
+
+    sched, unet = tiny_sd.noise_scheduler, tiny_sd.unet
+    lat = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    c = D.encode_prompt(tiny_sd.text_encoder, tiny_sd.tokenizer, ["a photo of sks person"]).expand(4, -1, -1)
+    c_adv, shift = l2p.attacked_conditioning(unet, sched, lat, c, steps=1, radius=0.05,
+                                             g=torch.Generator().manual_seed(5))
+    assert all(p.grad is None for p in unet.parameters())
+    g = torch.Generator().manual_seed(5)
+    noise, t = torch.randn(lat.shape, generator=g), D.sample_timesteps(sched, 4, "cpu", g)
+    cc = c.detach().clone().requires_grad_(True)
+    loss = D.noise_prediction_loss(unet, sched, lat, cc, noise, t)
+    (grad,) = torch.autograd.grad(loss, cc)
+    norm = lambda x: x.flatten(1).norm(dim=1).view(-1, 1, 1)  # noqa: E731
+    torch.testing.assert_close(c_adv, c - 0.05 * norm(c) * grad / norm(grad), rtol=1e-4, atol=1e-6)
+    assert abs(shift - 0.05) < 1e-5
+    with torch.no_grad():
+        assert D.noise_prediction_loss(unet, sched, lat, c_adv, noise, t) < loss
+    c_far, shift = l2p.attacked_conditioning(unet, sched, lat, c, steps=6, radius=0.5,
+                                             g=torch.Generator().manual_seed(5))
+    assert (norm(c_far - c) <= 0.5 * norm(c) * (1 + 1e-5)).all() and shift > 0.1
+
+
+def test_conditioning_attack_moves_only_the_dpo_pairs(tiny_sd):
+    """``conditioning_attack_steps`` draws after every draw of the paper's loss: L_ppl is unchanged, the DPO term
+    differs; it is refused with the naive loss or a bad radius."""
+    subj = _subject(tiny_sd)
+    pcfg = ProtectConfig(batch_size=2, conditioning_attack_steps=2, conditioning_attack_radius=0.5)
+    theta = l2p.prepare_theta(tiny_sd, pcfg)[0]
+    phi_ctx = lambda: l2p._phi(theta, tiny_sd.unet)  # noqa: E731
+    args = (tiny_sd, tiny_sd.text_encoder, tiny_sd.tokenizer, subj, subj.instance_prompt)
+    loss, logs = l2p.protection_loss(theta, phi_ctx, *args, pcfg, torch.Generator().manual_seed(7))
+    _, plain = l2p.protection_loss(theta, phi_ctx, *args, dataclasses.replace(pcfg, conditioning_attack_steps=0),
+                                   torch.Generator().manual_seed(7))
+    assert logs["loss_ppl"] == plain["loss_ppl"] and 0 < logs["cond_attack_shift"] <= 0.5 + 1e-5
+    assert abs(logs["mse_subject"] - plain["mse_subject"]) > 1e-5
+    loss.backward()
+    assert sum(float(p.grad.abs().sum()) for p in theta.parameters() if p.grad is not None) > 0
+    with pytest.raises(ValueError, match="conditioning_attack_steps"):
+        l2p.check_protect_config(PER, ProtectConfig(loss="naive", conditioning_attack_steps=2))
+    with pytest.raises(ValueError, match="conditioning_attack_radius"):
+        l2p.check_protect_config(PER, ProtectConfig(conditioning_attack_steps=2, conditioning_attack_radius=0))
+
+
 def test_continuing_attacker_restarts_every_r_steps(tiny_sd):
     """``inner_restart_every=2``: outer step 0 is Algorithm 1's (bit-identical θ), step 1's attacker continues
     (depth 2, θ then differs), step 2 restarts from θ (depth 1). With the protection lr at 0 (θ fixed), two

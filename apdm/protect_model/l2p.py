@@ -28,7 +28,9 @@ Design choices (see docs/protect_model.md):
   the UNet at the end;
 * ``train_text_encoder`` (our addition) makes θ's text encoder trainable too: its parameters are in the trainable
   dict under ``text_encoder.<name>``, θ′ starts from it, and the protection gradient reaches it through the
-  conditioning of the DPO pairs and of L_ppl.
+  conditioning of the DPO pairs and of L_ppl;
+* ``conditioning_attack_steps`` (our addition) takes the DPO pairs at the conditioning near the prompt's under which
+  θ′ denoises the subject best (:func:`attacked_conditioning`), not at the prompt's own.
 """
 
 from __future__ import annotations
@@ -200,6 +202,9 @@ def protection_loss(unet, phi_ctx, sd: SD, text_encoder, tokenizer, subject: Sub
             noise, t = randn(lose.shape), randt(b)          # shared by x⁺ and x⁻, θ and φ
             c_pair = _pair_conditioning(pcfg, text_encoder, tokenizer, instance_prompt, subject.class_prompt,
                                         c_inst, g)
+            if pcfg.conditioning_attack_steps > 0:  # draws last too: without it the random stream is the paper's
+                c_pair, shift = attacked_conditioning(unet, sched, lose, c_pair, pcfg.conditioning_attack_steps,
+                                                      pcfg.conditioning_attack_radius, g)
             # one θ' pass over [class | x⁺ | x⁻] (each row keeps its own prompt, noise and t)
             x = torch.cat([cls, win, lose])
             cond, eps, tt = torch.cat([c_cls, c_pair, c_pair]), torch.cat([noise_cls, noise, noise]), \
@@ -215,6 +220,8 @@ def protection_loss(unet, phi_ctx, sd: SD, text_encoder, tokenizer, subject: Sub
             total = loss_main + pcfg.prior_loss_weight * loss_ppl
             logs = {"loss_dpo": float(loss_main.detach()), "mse_subject": float(et_l.mean().detach()),
                     "mse_paired": float(et_w.mean().detach())}
+            if pcfg.conditioning_attack_steps > 0:
+                logs["cond_attack_shift"] = shift
         elif pcfg.loss == "naive":
             loss_ppl = D.noise_prediction_loss(unet, sched, cls, c_cls, noise_cls, t_cls)
             loss_inst = D.noise_prediction_loss(unet, sched, lose, c_inst, randn(lose.shape), randt(b))
@@ -240,6 +247,43 @@ def _pair_conditioning(pcfg: ProtectConfig, text_encoder, tokenizer, instance_pr
         table = torch.cat([c_inst[:1]] + [D.encode_prompt(text_encoder, tokenizer, [p]).float() for p in extra])
     choice = torch.randint(len(table), (c_inst.shape[0],), generator=g)
     return table[choice.to(table.device)]
+
+
+def attacked_conditioning(unet, sched, latents: torch.Tensor, cond: torch.Tensor, steps: int, radius: float,
+                          g: torch.Generator) -> tuple[torch.Tensor, float]:
+    """The conditioning near ``cond`` under which ``unet`` denoises ``latents`` best (the attacker's view).
+
+    ``steps`` normalized gradient steps (size 2.5 · radius / steps, each on fresh noise and timesteps from ``g``)
+    lower the noise-prediction loss of ``unet`` on ``latents`` under ``cond + δ``, with δ projected back to
+    ‖δ_i‖ ≤ radius · ‖cond_i‖ (Frobenius norm over (L, D), per row). Only δ is differentiated: no gradient is
+    left on ``unet`` or on whatever produced ``cond``.
+
+    Args:
+        unet: the denoiser (θ′).
+        sched: its training scheduler.
+        latents: (b, C, h, w) clean scaled latents (the subject's photos).
+        cond: (b, L, D) conditioning.
+        steps: K ≥ 1.
+        radius: bound of δ relative to ‖cond_i‖.
+        g: CPU generator for the noise and timesteps.
+
+    Returns:
+        ``(cond + δ)`` detached, (b, L, D), and the mean relative shift ‖δ_i‖ / ‖cond_i‖.
+    """
+    c = cond.detach()
+    norm = c.flatten(1).norm(dim=1).view(-1, 1, 1)
+    bound, size = radius * norm, 2.5 * radius * norm / steps
+    delta = torch.zeros_like(c, requires_grad=True)
+    for _ in range(steps):
+        noise = torch.randn(latents.shape, generator=g).to(latents.device)
+        t = D.sample_timesteps(sched, latents.shape[0], latents.device, g)
+        loss = D.noise_prediction_loss(unet, sched, latents, c + delta, noise, t)
+        (grad,) = torch.autograd.grad(loss, delta)
+        with torch.no_grad():
+            delta -= size * grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1).clamp_min(1e-12)
+            delta *= (bound / delta.flatten(1).norm(dim=1).view(-1, 1, 1).clamp_min(1e-12)).clamp(max=1.0)
+    shift = float((delta.detach().flatten(1).norm(dim=1) / norm.flatten()).mean())
+    return (c + delta).detach(), shift
 
 
 def anchor_loss(theta, sd: SD, subject: Subject, pcfg: ProtectConfig, g: torch.Generator,
@@ -489,8 +533,8 @@ def attackers(per_cfg: PersonalizationConfig, pcfg: ProtectConfig) -> list[Perso
 
 def check_protect_config(per_cfg: PersonalizationConfig, pcfg: ProtectConfig) -> list[PersonalizationConfig]:
     """Every check that needs no model: lr phases, attackers, the attacker restart period, identifiers, extra DPO
-    prompts only with the DPO loss, no TI attacker when the text encoder is protected. Raises before any work
-    starts; returns the simulated attackers (:func:`attackers`)."""
+    prompts and the conditioning attack only with the DPO loss, no TI attacker when the text encoder is protected.
+    Raises before any work starts; returns the simulated attackers (:func:`attackers`)."""
     check_lr_phases(pcfg)
     check_restart(pcfg)
     bad = [w for w in pcfg.identifiers if not isinstance(w, str) or not w or any(ch.isspace() for ch in w)]
@@ -499,9 +543,15 @@ def check_protect_config(per_cfg: PersonalizationConfig, pcfg: ProtectConfig) ->
     if pcfg.identifiers and pcfg.inner_restart_every > 1:
         raise ValueError("protect.identifiers draws a new identifier every outer step; it cannot be combined with "
                          "a continuing simulated attacker (protect.inner_restart_every > 1)")
-    if pcfg.dpo_extra_prompts and pcfg.loss != "dpo":
-        raise ValueError(f"protect.dpo_extra_prompts conditions the DPO pairs; it has no effect with "
-                         f"protect.loss={pcfg.loss}, so remove it")
+    for key in ("dpo_extra_prompts", "conditioning_attack_steps"):
+        if getattr(pcfg, key) and pcfg.loss != "dpo":
+            raise ValueError(f"protect.{key} conditions the DPO pairs; it has no effect with "
+                             f"protect.loss={pcfg.loss}, so remove it")
+    k, r = pcfg.conditioning_attack_steps, pcfg.conditioning_attack_radius
+    if int(k) != k or k < 0:
+        raise ValueError(f"protect.conditioning_attack_steps must be a whole number >= 0, got {k}")
+    if k and not r > 0:
+        raise ValueError(f"protect.conditioning_attack_radius must be > 0, got {r}")
     per_cfgs = attackers(per_cfg, pcfg)
     if pcfg.text_encoder_lr is not None and not pcfg.train_text_encoder:  # e.g. a recipe's TE protection switched off
         LOG.warning("protect.text_encoder_lr=%g is ignored: protect.train_text_encoder is false, so the text encoder "

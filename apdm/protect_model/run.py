@@ -101,6 +101,8 @@ def run(cfg: ProtectModelRunConfig) -> dict:
                  (f", the simulated attacker continues and restarts every {p.inner_restart_every} outer steps"
                   if p.inner_restart_every > 1 else "")
                  + (f", DPO pairs also conditioned on {p.dpo_extra_prompts}" if p.dpo_extra_prompts else "")
+                 + (f", DPO pairs taken at the subject's best conditioning within {p.conditioning_attack_radius:g} "
+                    f"of the prompt's ({p.conditioning_attack_steps} steps)" if p.conditioning_attack_steps else "")
                  + (f", the identifier drawn each step from {p.identifiers}" if p.identifiers else "")
                  + (f", text encoder protected too (lr {p.text_encoder_lr or lr})" if p.train_text_encoder else ""),
                  f", {world} processes (gradients averaged)" if world > 1 else "")
