@@ -176,6 +176,16 @@ def test_bench_options_are_checked():
         parse_options(["subjets=3"], {"subjects"})
 
 
+def test_bench_protect_images_checks_attacker_options():
+    """identifier= and attack_seeds= are refused with a clear message before any protection or attack runs."""
+    from apdm.bench.protect_images import bench_protect_images
+
+    with pytest.raises(ValueError, match="^identifier must be one word"):
+        bench_protect_images(True, ["identifier=person", "methods=ldu"])
+    with pytest.raises(ValueError, match="attack_seeds must be a whole number"):
+        bench_protect_images(True, ["attack_seeds=0", "methods=ldu"])
+
+
 def test_toy_metric_backends_share_one_instrument_load():
     from apdm.evaluation import run as R
 

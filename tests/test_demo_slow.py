@@ -47,3 +47,19 @@ def test_bench_protect_images_quick_keys_and_grids(tmp_path):
     assert "fdfr_db_ldu_jpeg75" in res and "fdfr_db_clean" in res
     for name in ("protected.png", "perturbation.png", "dreambooth.png"):
         assert (tmp_path / "grids" / name).is_file()
+
+
+def test_bench_protect_images_attack_seeds_and_identifier(tmp_path):
+    """attack_seeds=2 identifier=zwx: every DreamBooth attack runs twice under "zwx"; each key is the mean of its
+    runs, which are listed, and the two runs of the clean attack differ (another attacker and sampling seed)."""
+    from apdm.cli import main
+
+    out = tmp_path / "pi.json"
+    assert main(["bench", "protect-images", "--quick", "--out", str(out), "methods=ldu", "robust_methods=none",
+                 "samples=2", "attack_seeds=2", "identifier=zwx"]) == 0
+    res = json.loads(out.read_text())
+    assert res["identifier"] == "zwx" and res["attack_seeds"] == 2
+    for key in ("ism_db_clean", "ism_db_ldu", "fdfr_db_clean"):
+        runs = res[f"{key}_runs"]
+        assert len(runs) == 2 and res[key] == pytest.approx(sum(runs) / 2, abs=1e-4)
+    assert res["ism_db_clean_runs"][0] != res["ism_db_clean_runs"][1]

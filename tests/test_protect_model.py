@@ -241,7 +241,8 @@ def test_bench_baseline_reuse_is_checked(tmp_path):
 def test_bench_attack_seeds_runs_and_summary():
     """attack_seeds=K: run r raises the attacker's and the sampling seed by r (run 0 = the single attack of earlier
     results); each key is the mean of its runs, listed under <key>_runs only when there are several."""
-    from apdm.bench.protect_model import _attack_summary, attack_run, bench_protect_model
+    from apdm.bench import attack_run
+    from apdm.bench.protect_model import _attack_summary, bench_protect_model
     from apdm.config import SampleConfig
 
     per, sample = PersonalizationConfig(seed=5), SampleConfig(seed=9)
@@ -295,7 +296,7 @@ def test_bench_rejects_unknown_attack_and_recipe_key():
 
 def test_bench_attacker_names_the_subject_with_its_own_identifier():
     """identifier=WORD: the evaluation attacker trains and samples "a photo of WORD person"; TI learns <WORD>."""
-    from apdm.bench.protect_model import attack_config
+    from apdm.bench import attack_config
     from apdm.personalization import simulator as S
     from apdm.toy.world import heldout_subjects
 

@@ -6,6 +6,7 @@ Targets are measured here, never by timed assertions in tests. Each benchmark is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -40,6 +41,47 @@ def toy_setup(overrides: list[str], known: set[str]):
     sd = load_sd(opts.get("model", str(model_path())), device=opts.get("device", "auto"))
     jobs.remember_model(sd)  # jobs run in this process (workers=1) reuse the model and instruments loaded here
     return opts, sd, jobs.instruments()
+
+
+# ---------------------------------------------------------------------------- the evaluation attacker's options
+# shared by the toy benches that attack with the toy personalization recipes (protect-model, protect-images)
+def attack_config(per_cfg, subj, word: str):
+    """The evaluation attacker's config ``per_cfg`` for held-out subject ``subj`` (prompt "a photo of sks person",
+    "sks" being ``per_cfg.identifier``) when the attacker names the subject ``word``: "a photo of WORD person"
+    (DreamBooth, LoRA; TI learns the token ``<WORD>``)."""
+    from apdm.evaluation.protocol import with_prompts
+    from apdm.personalization.simulator import swap_identifier
+
+    prompt = swap_identifier(subj.instance_prompt, per_cfg.identifier, word)
+    return dataclasses.replace(with_prompts(per_cfg, prompt, subj.class_prompt), identifier=word)
+
+
+def identifier_option(opts: dict, key: str) -> str:
+    """``identifier=WORD`` / ``other_identifier=WORD``: one word without spaces (default the recipe's "sks")."""
+    word = opts.get(key, "sks")
+    if not word or any(ch.isspace() for ch in word) or word in ("person", "a", "photo", "of"):
+        raise ValueError(f"{key} must be one word without spaces, not a word of the prompt (e.g. zwx or t@t), "
+                         f"got '{word}'")
+    return word
+
+
+def attack_run(per_cfg, sample, run: int):
+    """Run ``run`` (0, 1, …) of an attack: ``per_cfg`` and ``sample`` with the attacker's seed (its noise, timesteps,
+    prior images, …) and the sampling seed both raised by ``run``; run 0 is the attack unchanged."""
+    return dataclasses.replace(per_cfg, seed=per_cfg.seed + run), dataclasses.replace(sample, seed=sample.seed + run)
+
+
+def attack_seeds(opts: dict, quick: bool = True) -> int:
+    """``attack_seeds=K``: how many times every attack is run (K ≥ 1; default 1 with ``--quick``, else 3)."""
+    text = opts.get("attack_seeds", "1" if quick else "3")
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise ValueError(f"attack_seeds must be a whole number >= 1 (how many seeds each attack is run with), "
+                         f"got '{text}'")
+    return k
 
 
 def _personalize_steps(quick: bool, overrides: list[str]) -> dict:

@@ -9,7 +9,12 @@ the toy detector rejects, ``fdfr@toy-det``). ``ism_db_clean`` and ``ism_class_pr
 LDU uses the ρ given by ``rho=`` (default: the toy world's shipped ρ).
 Overrides: ``subjects=N samples=N methods=ldu,aspl robust_methods=ldu|none budget=8/255 rho=DIR aspl_steps=N
 grid=DIR`` (``grid`` writes PNG grids of the first subject: protected photos, amplified perturbations and
-DreamBooth samples per method).
+DreamBooth samples per method), ``identifier=WORD`` (the attacker names the subject "a photo of WORD person" instead
+of the recipe's "sks"; ASPL's simulated DreamBooth keeps "sks", since a protector cannot know the attacker's word)
+and ``attack_seeds=K`` (every DreamBooth attack is run K times, run r with the attacker's seed and the sampling seed
+raised by r; each ``ism_db_*`` / ``fdfr_db_*`` key is then the mean over runs and subjects, and ``<key>_runs`` lists
+each run's mean over subjects; default 1 with ``--quick``, 3 in the full run; one toy DreamBooth attack is one draw,
+docs/protect_model.md, "One attack is one draw").
 
 ``workers=N`` runs the protections and attacks as N parallel processes (default 2 on a CPU with ≥ 2 cores, 1 on a
 GPU; :mod:`apdm.bench.jobs`); ``seconds_per_image_m`` is then measured on one of N processes sharing the machine,
@@ -30,7 +35,7 @@ from pathlib import Path
 
 
 def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
-    from apdm.bench import jobs, toy_setup
+    from apdm.bench import attack_config, attack_run, attack_seeds, identifier_option, jobs, toy_setup
     from apdm.attacks.diffpure import diffpure
     from apdm.attacks.transforms import gaussian_blur, jpeg
     from apdm.bench.toy_world import toy_recipe
@@ -47,13 +52,14 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     t_start = time.perf_counter()
     opts, sd, inst = toy_setup(overrides, {"budget", "subjects", "samples", "methods", "rho", "aspl_steps",
                                            "advdm_steps", "photoguard_steps", "robust_methods",
-                                           "grid"})
+                                           "grid", "identifier", "attack_seeds"})
     budget = parse_budget(opts.get("budget", "8/255"))
     n_subjects = int(opts.get("subjects", 1 if quick else 3))
     n_samples = int(opts.get("samples", 8 if quick else 16))
     methods = opts.get("methods", "ldu,aspl,advdm,photoguard").split(",")
     robust = opts.get("robust_methods", "ldu" if quick else ",".join(methods))
     robust = [] if robust in ("", "none") else robust.split(",")
+    identifier, n_seeds = identifier_option(opts, "identifier"), attack_seeds(opts, quick)
     unknown = [m for m in methods if m != "ldu" and m not in METHODS] + [m for m in robust if m not in methods]
     if unknown:
         raise ValueError(f"unknown or unselected methods {unknown} (methods: ldu, {', '.join(METHODS)}; "
@@ -63,7 +69,8 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
                  "photoguard": {"steps": int(opts.get("photoguard_steps", 200 if quick else 1000))}}
     res: dict = {"model": sd.source, "instruments_fingerprint": inst.config.get("fingerprint"),
                  "budget": format_budget(budget), "subjects": n_subjects,
-                 "samples_per_prompt": n_samples, "method_settings": method_kw, "robust_methods": robust}
+                 "samples_per_prompt": n_samples, "method_settings": method_kw, "robust_methods": robust,
+                 "identifier": identifier, "attack_seeds": n_seeds}
     sample = toy_recipe("dreambooth").sample
     sample.num_images_per_prompt = n_samples
     db_cfg = toy_recipe("dreambooth").personalization
@@ -71,7 +78,8 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     shown: dict = {}      # first subject's protected photos and DreamBooth samples, for grid=DIR
     generated: dict = {}
 
-    acc: dict[str, list[float]] = {}
+    acc: dict[str, list[float]] = {}  # key -> one value per subject
+    acc_runs: dict[str, list[list[float]]] = {}  # key -> per attack run, one value per subject
 
     def add(key, value):
         acc.setdefault(key, []).append(float(value))
@@ -81,16 +89,21 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     rho_dir = opts.get("rho", str(rho_path() or toy_root() / "rho"))
     if "ldu" in methods:  # a bad ρ folder fails here, before any work
         jobs.cached(("rho", rho_dir), lambda: ldu.load_rho(rho_dir, device=sd.device))
-    attacks: list[tuple[str, str | None, object]] = []  # (key, grid row or None, future)
+    attacks: list[tuple[str, str | None, list]] = []  # (key, grid row or None, one future per attack run)
 
     def attack_db(pool, subj, train_images, key: str, keep: str | None = None) -> None:
-        """DreamBooth on ``train_images``, as a job; records ``ism_db_{key}`` and ``fdfr_db_{key}``."""
-        cfg = with_prompts(db_cfg, subj.instance_prompt, subj.class_prompt)
-        fut = pool.submit(jobs.attack, spec, None, train_images.cpu(), subj.references, cfg, subj.instance_prompt,
-                          sample, keep_images=8 if keep and keep not in generated else 0)
+        """DreamBooth on ``train_images`` (``n_seeds`` runs), as jobs; records ``ism_db_{key}`` and
+        ``fdfr_db_{key}``; run 0's samples go to the grid."""
+        cfg = attack_config(db_cfg, subj, identifier)
+        keep_images = 8 if keep and keep not in generated else 0
+        futs = []
+        for r in range(n_seeds):
+            run_cfg, run_sample = attack_run(cfg, sample, r)
+            futs.append(pool.submit(jobs.attack, spec, None, train_images.cpu(), subj.references, run_cfg,
+                                    run_cfg.instance_prompt, run_sample, keep_images=keep_images if r == 0 else 0))
         if keep:
             generated.setdefault(keep, None)
-        attacks.append((key, keep, fut))
+        attacks.append((key, keep, futs))
 
     cls_gen = D.generate(sd, ["a photo of a person"], n_samples, 25, 3.0, seed=123, quiet=True)
     with jobs.executor(workers) as pool:
@@ -127,15 +140,21 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
                 mixed = prot.clone()
                 mixed[0] = clean[0]
                 attack_db(pool, subj, mixed, f"{m}_one_clean")
-        for key, keep, fut in attacks:  # in submission order, so per-subject lists line up
-            out = fut.result()
-            add(f"ism_db_{key}", out["ism"])
-            add(f"fdfr_db_{key}", out["fdfr"])
-            if keep and out["images"] is not None:
-                generated[keep] = out["images"]
+        for key, keep, futs in attacks:  # in submission order, so per-subject lists line up
+            outs = [fut.result() for fut in futs]
+            for name in ("ism", "fdfr"):
+                values = [o[name] for o in outs]
+                add(f"{name}_db_{key}", statistics.mean(values))
+                runs = acc_runs.setdefault(f"{name}_db_{key}", [[] for _ in values])
+                for r, v in enumerate(values):
+                    runs[r].append(float(v))
+            if keep and outs[0]["images"] is not None:
+                generated[keep] = outs[0]["images"]
     generated = {k: v for k, v in generated.items() if v is not None}
     for k, v in acc.items():
         res[k] = round(statistics.mean(v), 4)
+        if n_seeds > 1 and k in acc_runs:
+            res[f"{k}_runs"] = [round(statistics.mean(run), 4) for run in acc_runs[k]]
     if "ldu" in methods and "aspl" in methods:
         res["speedup_ldu_vs_aspl"] = round(res["seconds_per_image_aspl"] / max(1e-9, res["seconds_per_image_ldu"]), 1)
     if "grid" in opts:

@@ -42,7 +42,7 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
-    from apdm.bench import jobs, toy_setup
+    from apdm.bench import attack_config, attack_run, attack_seeds, identifier_option, jobs, toy_setup
     from apdm.bench.toy_world import METHOD_RECIPES, toy_recipe
     from apdm.config import ProtectModelRunConfig, load_config
     from apdm.protect_model.l2p import check_protect_config
@@ -76,10 +76,10 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     pcfg.checkpoint_every = 0  # the bench keeps no checkpoints
     check_protect_config(rc.personalization, pcfg)  # before any job starts
     n_samples = int(opts.get("samples", 8 if quick else 16))
-    n_seeds = _attack_seeds(opts, quick)
+    n_seeds = attack_seeds(opts, quick)
     sample.num_images_per_prompt = n_samples
     subj_a, subj_b = (heldout_subjects(1, num_images=4, offset=k)[0] for k in _subject_positions(opts))
-    other_identifier, identifier = (_identifier(opts, k) for k in ("other_identifier", "identifier"))
+    other_identifier, identifier = (identifier_option(opts, k) for k in ("other_identifier", "identifier"))
     res: dict = {"model": sd.source, "model_fingerprint": sd.fingerprint(),
                  "instruments_fingerprint": inst.config.get("fingerprint"),
                  "subject_protected": subj_a.index, "subject_other": subj_b.index,
@@ -194,12 +194,6 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     return res
 
 
-def attack_run(per_cfg, sample, run: int):
-    """Run ``run`` (0, 1, …) of an attack: ``per_cfg`` and ``sample`` with the attacker's seed (its noise, timesteps,
-    prior images, …) and the sampling seed both raised by ``run``; run 0 is the attack unchanged."""
-    return dataclasses.replace(per_cfg, seed=per_cfg.seed + run), dataclasses.replace(sample, seed=sample.seed + run)
-
-
 def _ratio(unprotected: float, protected: float, class_prompt: float) -> float | None:
     """Share of the attack's identity gain over the class prompt that the protection removes (None: no gain)."""
     gap = unprotected - class_prompt
@@ -220,19 +214,6 @@ def _attack_summary(key: str, runs: list[dict]) -> dict:
     return out
 
 
-def _attack_seeds(opts: dict, quick: bool = True) -> int:
-    """``attack_seeds=K``: how many times every attack is run (K ≥ 1; default 1 with ``--quick``, else 3)."""
-    text = opts.get("attack_seeds", "1" if quick else "3")
-    try:
-        k = int(text)
-    except ValueError:
-        k = 0
-    if k < 1:
-        raise ValueError(f"attack_seeds must be a whole number >= 1 (how many seeds each attack is run with), "
-                         f"got '{text}'")
-    return k
-
-
 def protection_subject(sd, per_cfg, pcfg, subj):
     """The protection's data for held-out subject ``subj`` (the bench's A): x⁻ = its photos, x⁺ = class-prompt
     images of φ (one per photo), prior images of φ (``pcfg.num_class_images``; generated once and cached).
@@ -250,26 +231,6 @@ def protection_subject(sd, per_cfg, pcfg, subj):
     dev = sd.device
     return per, Subject("A", subj.images.to(dev), paired.to(dev), class_imgs.to(dev), subj.instance_prompt,
                         subj.class_prompt)
-
-
-def attack_config(per_cfg, subj, word: str):
-    """The evaluation attacker's config ``per_cfg`` for held-out subject ``subj`` (prompt "a photo of sks person",
-    "sks" being ``per_cfg.identifier``) when the attacker names the subject ``word``: "a photo of WORD person"
-    (DreamBooth, LoRA; TI learns the token ``<WORD>``)."""
-    from apdm.evaluation.protocol import with_prompts
-    from apdm.personalization.simulator import swap_identifier
-
-    prompt = swap_identifier(subj.instance_prompt, per_cfg.identifier, word)
-    return dataclasses.replace(with_prompts(per_cfg, prompt, subj.class_prompt), identifier=word)
-
-
-def _identifier(opts: dict, key: str) -> str:
-    """``identifier=WORD`` / ``other_identifier=WORD``: one word without spaces (default the recipe's "sks")."""
-    word = opts.get(key, "sks")
-    if not word or any(ch.isspace() for ch in word) or word in ("person", "a", "photo", "of"):
-        raise ValueError(f"{key} must be one word without spaces, not a word of the prompt (e.g. zwx or t@t), "
-                         f"got '{word}'")
-    return word
 
 
 def _subject_positions(opts: dict) -> tuple[int, int]:
