@@ -71,6 +71,21 @@ def attack_run(per_cfg, sample, run: int):
     return dataclasses.replace(per_cfg, seed=per_cfg.seed + run), dataclasses.replace(sample, seed=sample.seed + run)
 
 
+def submit_attack_runs(pool, spec, state, images, references, cfg, sample, n_runs: int,
+                       keep_images: int = 0) -> list:
+    """Submit the ``n_runs`` runs of one evaluation attack (:func:`attack_run`) to ``pool`` as
+    :func:`apdm.bench.jobs.attack` jobs on the model ``spec`` with UNet ``state`` (``None`` = unchanged); run 0
+    keeps ``keep_images`` samples. Returns the futures, run r at index r."""
+    from apdm.bench import jobs
+
+    futs = []
+    for r in range(n_runs):
+        run_cfg, run_sample = attack_run(cfg, sample, r)
+        futs.append(pool.submit(jobs.attack, spec, state, images, references, run_cfg, run_cfg.instance_prompt,
+                                run_sample, keep_images=keep_images if r == 0 else 0))
+    return futs
+
+
 def attack_seeds(opts: dict, quick: bool = True) -> int:
     """``attack_seeds=K``: how many times every attack is run (K ≥ 1; default 1 with ``--quick``, else 3)."""
     text = opts.get("attack_seeds", "1" if quick else "3")

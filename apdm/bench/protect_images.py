@@ -35,7 +35,7 @@ from pathlib import Path
 
 
 def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
-    from apdm.bench import attack_config, attack_run, attack_seeds, identifier_option, jobs, toy_setup
+    from apdm.bench import attack_config, attack_seeds, identifier_option, jobs, submit_attack_runs, toy_setup
     from apdm.attacks.diffpure import diffpure
     from apdm.attacks.transforms import gaussian_blur, jpeg
     from apdm.bench.toy_world import toy_recipe
@@ -94,13 +94,9 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     def attack_db(pool, subj, train_images, key: str, keep: str | None = None) -> None:
         """DreamBooth on ``train_images`` (``n_seeds`` runs), as jobs; records ``ism_db_{key}`` and
         ``fdfr_db_{key}``; run 0's samples go to the grid."""
-        cfg = attack_config(db_cfg, subj, identifier)
-        keep_images = 8 if keep and keep not in generated else 0
-        futs = []
-        for r in range(n_seeds):
-            run_cfg, run_sample = attack_run(cfg, sample, r)
-            futs.append(pool.submit(jobs.attack, spec, None, train_images.cpu(), subj.references, run_cfg,
-                                    run_cfg.instance_prompt, run_sample, keep_images=keep_images if r == 0 else 0))
+        futs = submit_attack_runs(pool, spec, None, train_images.cpu(), subj.references,
+                                  attack_config(db_cfg, subj, identifier), sample, n_seeds,
+                                  keep_images=8 if keep and keep not in generated else 0)
         if keep:
             generated.setdefault(keep, None)
         attacks.append((key, keep, futs))

@@ -42,7 +42,7 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
-    from apdm.bench import attack_config, attack_run, attack_seeds, identifier_option, jobs, toy_setup
+    from apdm.bench import attack_config, attack_seeds, identifier_option, jobs, submit_attack_runs, toy_setup
     from apdm.bench.toy_world import METHOD_RECIPES, toy_recipe
     from apdm.config import ProtectModelRunConfig, load_config
     from apdm.protect_model.l2p import check_protect_config
@@ -99,16 +99,12 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     real, _, _ = draw.render_dataset("person", draw.split()["heldout"][100:100 + 4 * n_samples], 1, seed=77)
     real = draw.to_tensor(real)
 
-    def attack_args(subj, method: str, steps: int | None = None, run: int = 0) -> tuple:
+    def submit_attack(key: str, state, subj, method: str, steps: int | None = None) -> None:
         # the protection used subj_a's own prompt (the recipe's "sks"); the attacker may name A otherwise
         cfg = attack_config(attack_runs[method].personalization, subj,
                             identifier if subj is subj_a else other_identifier)
-        cfg, run_sample = attack_run(dataclasses.replace(cfg, steps=steps or cfg.steps), sample, run)
-        return subj.images, subj.references, cfg, cfg.instance_prompt, run_sample
-
-    def submit_attack(key: str, state, subj, method: str, steps: int | None = None) -> None:
-        attack_f[key] = [pool.submit(jobs.attack, spec, state, *attack_args(subj, method, steps, r))
-                         for r in range(n_seeds)]  # run r of this attack at index r
+        attack_f[key] = submit_attack_runs(pool, spec, state, subj.images, subj.references,
+                                           dataclasses.replace(cfg, steps=steps or cfg.steps), sample, n_seeds)
 
     spec, workers = jobs.spec(sd), jobs.worker_count(opts, sd)
     res["workers"] = workers
