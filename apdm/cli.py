@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 #: protect-images flags that are shorthands for overrides
 SHORTCUTS = {"--method": "method", "--budget": "budget", "--input": "input", "--output": "output_dir",
-             "--model": "model.path", "--rho": "rho_path"}
+             "--model": "model.path", "--rho": "rho_path", "--target": "target"}
 
 
 def _parser() -> argparse.ArgumentParser:

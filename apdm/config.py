@@ -271,6 +271,9 @@ class ProtectImagesRunConfig:
     pgd_alpha: float = 0.0
     #: expectation over transformation during PGD: any of ``blur``, ``jpeg``, ``resize``, ``flip``.
     eot: list[str] = field(default_factory=list)
+    #: PhotoGuard: an image file the encoder attack pulls the photos' latents towards (resized to the model
+    #: resolution); empty = a flat gray image (0.5), the default.
+    target: str = ""
     #: LDU: folder of a trained perturbation network ρ (``apdm train-perturber``).
     rho_path: str = ""
     #: images per forward pass (LDU) / per protection group (pixel methods protect each group jointly).

@@ -117,6 +117,46 @@ def test_protect_images_messy_folder(tmp_path):
     assert rotated["size_hw"] == [40, 37]
 
 
+def test_protect_images_photoguard_target(tmp_path):
+    """``--target IMAGE`` reaches PhotoGuard (a different output than the gray default, recorded in the manifest);
+    a target for another method or an unreadable target is a clear error."""
+    from apdm.core.images import load_image
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    g = torch.Generator().manual_seed(3)
+    Image.fromarray((torch.rand(20, 24, 3, generator=g) * 255).byte().numpy()).save(src / "a.png")
+    target = tmp_path / "target.png"
+    Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).byte().numpy()).save(target)
+    common = ["protect-images", "--method", "photoguard", "--input", str(src), "model.path=tiny",
+              "model.device=cpu", "steps=4", "quiet=true"]
+    outs = {}
+    for name, extra in (("gray", []), ("target", ["--target", str(target)])):
+        assert main(common + ["--output", str(tmp_path / name)] + extra) == 0
+        manifest = json.loads((tmp_path / name / "manifest.json").read_text())
+        assert manifest["target"] == (str(target) if extra else "flat gray (0.5)")
+        assert manifest["images"][0]["linf_255@apdm"] <= 8
+        outs[name] = load_image(manifest["images"][0]["output"]).pixels
+    assert (outs["gray"] - outs["target"]).abs().max() > 0.5 / 255  # the target changed the attack
+    # the errors, from the runner itself (the CLI prints them as one line and returns 1)
+    from apdm.config import ModelConfig, ProtectImagesRunConfig
+    from apdm.protect_images.run import run
+
+    def cfg(method, target_path, out):
+        return ProtectImagesRunConfig(model=ModelConfig(path="tiny", device="cpu"), method=method, steps=2,
+                                      input=str(src), output_dir=str(tmp_path / out), target=str(target_path),
+                                      quiet=True)
+
+    with pytest.raises(ValueError, match="used by method photoguard only, not advdm"):
+        run(cfg("advdm", target, "x"))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="PhotoGuard target: .*bad.png"):
+        run(cfg("photoguard", bad, "y"))
+    assert main(common + ["--output", str(tmp_path / "z"), "--target", str(bad)]) == 1
+    assert not (tmp_path / "x").exists() and not list((tmp_path / "y").glob("*.png"))  # nothing written
+
+
 def test_evaluate_end_to_end_and_resume(tmp_path):
     from html.parser import HTMLParser
 

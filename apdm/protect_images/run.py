@@ -29,6 +29,14 @@ def _method_kwargs(cfg: ProtectImagesRunConfig, sd) -> dict:
         kw["pgd_alpha"] = cfg.pgd_alpha
     if cfg.eot:
         kw["eot_transforms"] = list(cfg.eot)
+    if cfg.target:
+        from apdm.core.images import ImageLoadError, load_image, to_model_resolution
+
+        try:
+            target = load_image(cfg.target)
+        except ImageLoadError as exc:
+            raise ValueError(f"PhotoGuard target: {exc}") from exc
+        kw["target"] = to_model_resolution(target.pixels, sd.resolution)[None]
     if cfg.method in ("aspl", "fsmg"):
         from apdm.personalization.simulator import class_images_for
 
@@ -64,6 +72,8 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
         raise ValueError(f"unknown method '{cfg.method}'; choose one of {', '.join(METHOD_NAMES)}")
     if not cfg.input:
         raise ValueError("no input: pass --input DIR_OR_FILES (or input=...)")
+    if cfg.target and cfg.method != "photoguard":
+        raise ValueError(f"target={cfg.target}: a target image is used by method photoguard only, not {cfg.method}")
     budget = parse_budget(cfg.budget)
     fmt = {"jpg": "jpeg"}.get(cfg.format.lower(), cfg.format.lower())
     if fmt == "jpeg":
@@ -113,6 +123,7 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
                             "mode": im.mode, "seconds": round(per_image, 3), **report})
     manifest = {
         "method": cfg.method, "budget": format_budget(budget), "budget_float": budget, "model": sd.source,
+        **({"target": cfg.target or "flat gray (0.5)"} if cfg.method == "photoguard" else {}),
         "device": str(sd.device), "format": fmt, "metadata": "EXIF kept" if cfg.keep_exif else
         ("all stripped" if cfg.strip_metadata else "EXIF stripped, ICC profile kept"),
         "num_protected": len(entries), "num_failed": len(errors), "images": entries, "failed": errors,
