@@ -238,6 +238,40 @@ def test_bench_baseline_reuse_is_checked(tmp_path):
     assert "ism_db_unprotected_runs" not in load_baseline(str(f), dict(res, attack_seeds=1), set())
 
 
+def test_bench_saved_protection_round_trip_and_checks(tmp_path):
+    """save_protected= writes the weights (safetensors) with the protection's settings; protected= reads them back
+    exactly and refuses another model's or subject's weights, a file without apdm metadata, a missing file, and
+    protection overrides that would not apply."""
+    from safetensors.torch import save_file
+
+    from apdm.bench.protect_model import PROTECTED_INFO, bench_protect_model, load_protected, save_protected
+
+    g = torch.Generator().manual_seed(0)
+    state = {"conv_in.weight": torch.randn(4, 3, generator=g),
+             "text_encoder.emb.weight": torch.randn(5, 2, generator=g)[:, :1]}  # a non-contiguous view
+    res = {k: None for k in PROTECTED_INFO} | {"model_fingerprint": "abc", "subject_protected": 1,
+                                                "protect_lr_phases": [[300.0, 2e-4], [40.0, 2e-5]],
+                                                "protect_config": {"outer_steps": 340}, "seconds_protect": 12.5}
+    f = tmp_path / "w.safetensors"
+    save_protected(str(f), state, res)
+    got = load_protected(str(f), {"model_fingerprint": "abc", "subject_protected": 1})
+    assert got["state"].keys() == state.keys()
+    assert all(torch.equal(got["state"][k], v) for k, v in state.items())
+    assert got["info"] == {k: res[k] for k in PROTECTED_INFO}
+    with pytest.raises(ValueError, match="w.safetensors: protected with subject_protected=1, this run has 23"):
+        load_protected(str(f), {"model_fingerprint": "abc", "subject_protected": 23})
+    with pytest.raises(ValueError, match="model_fingerprint"):
+        load_protected(str(f), {"model_fingerprint": "xyz", "subject_protected": 1})
+    plain = tmp_path / "plain.safetensors"
+    save_file({"a": torch.zeros(2)}, str(plain))
+    with pytest.raises(ValueError, match="plain.safetensors: not written by"):
+        load_protected(str(plain), {"model_fingerprint": "abc", "subject_protected": 1})
+    with pytest.raises(ValueError, match="nope.safetensors: cannot read"):
+        load_protected(str(tmp_path / "nope.safetensors"), {"model_fingerprint": "abc", "subject_protected": 1})
+    with pytest.raises(ValueError, match="would not apply"):
+        bench_protect_model(True, [f"protected={f}", "protect.beta=0.5"])
+
+
 def test_bench_attack_seeds_runs_and_summary():
     """attack_seeds=K: run r raises the attacker's and the sampling seed by r (run 0 = the single attack of earlier
     results); each key is the mean of its runs, listed under <key>_runs only when there are several."""

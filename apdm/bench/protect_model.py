@@ -27,6 +27,10 @@ recipe key with its section (``protect.beta=0.5``, ``protect.inner_steps=0``, ``
 ``attack.train_text_encoder=false`` is the paper's UNet-only DreamBooth); ``baseline=F.json`` takes the unprotected numbers
 (class-prompt ISM, unprotected DreamBooth ISM, unprotected KID) from an earlier result on the same model, subjects
 and sample count instead of recomputing them (the attacks are deterministic, so they would come out the same).
+``save_protected=F.safetensors`` writes the protected weights (with the model fingerprint, subject and protection
+settings as metadata) and ``protected=F.safetensors`` attacks such weights instead of protecting again (the
+protection of the paper's footing takes ~50 min on one core; its settings and time are then read from the file,
+and ``protect.*`` overrides are refused since they would not apply).
 ``workers=N`` runs the protections and attacks as N parallel processes (default 2 on a CPU with ≥ 2 cores, 1 on a
 GPU; :mod:`apdm.bench.jobs`); the numbers do not depend on it, ``seconds_protect`` is then the protection's own
 time on one of N processes sharing the machine.
@@ -58,7 +62,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     opts, sd, inst = toy_setup([o for o in overrides if o not in dotted],
                                {"outer_steps", "inner_steps", "learning_rate", "samples", "long_attack", "no_naive",
                                 "attacks", "baseline", "subjects", "other_identifier", "identifier",
-                                "attack_seeds"})
+                                "attack_seeds", "save_protected", "protected"})
     rc = load_config(ProtectModelRunConfig, RECIPES / "toy-protect-model.yaml", recipe_overrides)
     attacks = set(opts.get("attacks", "lora,ti,other").split(",")) - {""}
     unknown = attacks - {"lora", "ti", "other"}
@@ -93,6 +97,15 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                  # every protection setting as it ran (the recipe file changes over time; its overrides are above)
                  "protect_config": dataclasses.asdict(pcfg)}
 
+    loaded = None
+    if "protected" in opts:
+        if recipe_overrides or {"outer_steps", "inner_steps", "learning_rate"} & set(opts):
+            raise ValueError("protected=FILE attacks saved weights: protection overrides "
+                             f"({', '.join(recipe_overrides) or 'outer_steps/inner_steps/learning_rate'}) "
+                             "would not apply; leave them out")
+        loaded = load_protected(opts["protected"], res)
+        res.update(loaded["info"])
+        res["protected_from"] = opts["protected"]
     per_base, subject = protection_subject(sd, rc.personalization, pcfg, subj_a)
 
     # fresh drawn persons: the reference distribution for KID
@@ -117,7 +130,8 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     attack_f: dict[str, list] = {}  # attack key -> its runs' futures, in seed order
     with jobs.executor(workers) as pool:
         # the two protections first (the longest jobs), then every attack on the unprotected model
-        f_prot = pool.submit(_protect_job, spec, subject, per_base, dataclasses.replace(pcfg, loss="dpo"))
+        f_prot = None if loaded else pool.submit(_protect_job, spec, subject, per_base,
+                                                  dataclasses.replace(pcfg, loss="dpo"))
         f_naive = pool.submit(_protect_job, spec, subject, per_base, dataclasses.replace(pcfg, loss="naive")) \
             if naive else None
         if "baseline" not in opts:
@@ -132,11 +146,16 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                     submit_attack(f"ism_{method}_unprotected", None, subj_a, method)
             if long_attack:
                 submit_attack("ism_db_unprotected_2x_steps", None, subj_a, "dreambooth", long_steps)
-        prot, hist, seconds, rss = f_prot.result()
-        res["seconds_protect"] = round(seconds, 1)
-        res["seconds_per_outer_step"] = round(seconds / max(1, len(hist)), 3)
-        res["protect_loss_first"] = hist[0]["loss_protect"]
-        res["protect_loss_last"] = hist[-1]["loss_protect"]
+        if loaded:
+            prot, rss = loaded["state"], 0.0
+        else:
+            prot, hist, seconds, rss = f_prot.result()
+            res["seconds_protect"] = round(seconds, 1)
+            res["seconds_per_outer_step"] = round(seconds / max(1, len(hist)), 3)
+            res["protect_loss_first"] = hist[0]["loss_protect"]
+            res["protect_loss_last"] = hist[-1]["loss_protect"]
+            if "save_protected" in opts:
+                save_protected(opts["save_protected"], prot, res)
         submit_attack("ism_db_protected", prot, subj_a, "dreambooth")
         for method in ("lora", "ti"):
             if method in attacks:
@@ -276,6 +295,53 @@ def _class_prompt_ism_job(spec, n_samples: int, *references) -> tuple[float, ...
     sd, inst = jobs.model(spec), jobs.instruments()
     gen = D.generate(sd, ["a photo of a person"], n_samples, 25, 3.0, seed=123, quiet=True)
     return tuple(round(float(I.identity_similarity(inst.encoder, gen, r).mean()), 4) for r in references)
+
+
+#: what a saved protection carries besides its weights (``save_protected=``), and checks on loading
+PROTECTED_INFO = ("model_fingerprint", "subject_protected", "outer_steps", "inner_steps", "protect_lr",
+                  "protect_lr_phases", "beta", "gradient_leak", "recipe_overrides", "protect_config",
+                  "seconds_protect", "seconds_per_outer_step", "protect_loss_first", "protect_loss_last")
+
+
+def save_protected(path: str, state: dict, res: dict) -> None:
+    """Write a protected UNet (and text encoder) state as safetensors, atomically, with the result keys of
+    :data:`PROTECTED_INFO` as JSON metadata."""
+    import json
+
+    from safetensors.torch import save
+
+    from apdm.utils import LOG, atomic_write_bytes
+
+    info = json.dumps({k: res[k] for k in PROTECTED_INFO})
+    atomic_write_bytes(path, save({k: v.contiguous() for k, v in state.items()}, metadata={"apdm_protected": info}))
+    LOG.info("protected weights written to %s", path)
+
+
+def load_protected(path: str, res: dict) -> dict:
+    """Read weights written by :func:`save_protected`: ``{"state": tensors, "info": result keys}``.
+
+    Raises:
+        ValueError: naming the file, when it cannot be read, is not such a file, or was protected on another
+            model or subject than this run's.
+    """
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(path)
+    except Exception as e:  # missing file, not safetensors, truncated
+        raise ValueError(f"{path}: cannot read protected weights ({e})") from e
+    if "apdm_protected" not in meta:
+        raise ValueError(f"{path}: not written by `apdm bench protect-model save_protected=` (no apdm metadata)")
+    info = json.loads(meta["apdm_protected"])
+    for key in ("model_fingerprint", "subject_protected"):
+        if info.get(key) != res[key]:
+            raise ValueError(f"{path}: protected with {key}={info.get(key)!r}, this run has {res[key]!r}")
+    return {"state": state, "info": info}
 
 
 BASELINE_KEYS = ("ism_class_prompt", "ism_class_prompt_other", "kid_class_unprotected", "ism_db_unprotected")
