@@ -21,7 +21,8 @@ from apdm.utils import LOG, atomic_write_json, atomic_write_text, peak_rss_mb, p
 METHOD_NAMES = ("ldu", "aspl", "fsmg", "advdm", "photoguard")
 
 
-def _method_kwargs(cfg: ProtectImagesRunConfig, sd) -> dict:
+def _method_kwargs(cfg: ProtectImagesRunConfig, sd, target: torch.Tensor | None = None) -> dict:
+    """The pixel method's keyword arguments from ``cfg``; ``target``: PhotoGuard's (3,H,W) target image in [0,1]."""
     kw: dict = {}
     if cfg.steps:
         kw["steps"] = cfg.steps
@@ -29,14 +30,10 @@ def _method_kwargs(cfg: ProtectImagesRunConfig, sd) -> dict:
         kw["pgd_alpha"] = cfg.pgd_alpha
     if cfg.eot:
         kw["eot_transforms"] = list(cfg.eot)
-    if cfg.target:
-        from apdm.core.images import ImageLoadError, load_image, to_model_resolution
+    if target is not None:
+        from apdm.core.images import to_model_resolution
 
-        try:
-            target = load_image(cfg.target)
-        except ImageLoadError as exc:
-            raise ValueError(f"PhotoGuard target: {exc}") from exc
-        kw["target"] = to_model_resolution(target.pixels, sd.resolution)[None]
+        kw["target"] = to_model_resolution(target, sd.resolution)[None]
     if cfg.method in ("aspl", "fsmg"):
         from apdm.personalization.simulator import class_images_for
 
@@ -72,8 +69,15 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
         raise ValueError(f"unknown method '{cfg.method}'; choose one of {', '.join(METHOD_NAMES)}")
     if not cfg.input:
         raise ValueError("no input: pass --input DIR_OR_FILES (or input=...)")
-    if cfg.target and cfg.method != "photoguard":
-        raise ValueError(f"target={cfg.target}: a target image is used by method photoguard only, not {cfg.method}")
+    target = None
+    if cfg.target:  # checked before the model loads
+        if cfg.method != "photoguard":
+            raise ValueError(f"target={cfg.target}: a target image is used by method photoguard only, "
+                             f"not {cfg.method}")
+        try:
+            target = load_image(cfg.target).pixels
+        except ImageLoadError as exc:
+            raise ValueError(f"PhotoGuard target: {exc}") from exc
     budget = parse_budget(cfg.budget)
     fmt = {"jpg": "jpeg"}.get(cfg.format.lower(), cfg.format.lower())
     if fmt == "jpeg":
@@ -102,7 +106,7 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
         except ImageLoadError as exc:
             LOG.warning("skipping %s", exc)
             errors.append({"input": str(p), "error": exc.reason})
-    extra = _method_kwargs(cfg, sd) if cfg.method != "ldu" and loaded else {}
+    extra = _method_kwargs(cfg, sd, target) if cfg.method != "ldu" and loaded else {}
     taken = {str(Path(p).resolve()) for p in paths}
     entries = []
     size = sd.resolution
