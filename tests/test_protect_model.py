@@ -268,8 +268,10 @@ def test_bench_saved_protection_round_trip_and_checks(tmp_path):
         load_protected(str(plain), {"model_fingerprint": "abc", "subject_protected": 1})
     with pytest.raises(ValueError, match="nope.safetensors: cannot read"):
         load_protected(str(tmp_path / "nope.safetensors"), {"model_fingerprint": "abc", "subject_protected": 1})
-    with pytest.raises(ValueError, match="would not apply"):
+    with pytest.raises(ValueError, match="protect.beta=0.5 would not apply"):
         bench_protect_model(True, [f"protected={f}", "protect.beta=0.5"])
+    with pytest.raises(ValueError, match="outer_steps=3, save_protected=.* would not apply"):
+        bench_protect_model(True, [f"protected={f}", "outer_steps=3", f"save_protected={tmp_path / 'again'}"])
 
 
 def test_bench_attack_seeds_runs_and_summary():

@@ -30,7 +30,7 @@ and sample count instead of recomputing them (the attacks are deterministic, so 
 ``save_protected=F.safetensors`` writes the protected weights (with the model fingerprint, subject and protection
 settings as metadata) and ``protected=F.safetensors`` attacks such weights instead of protecting again (the
 protection of the paper's footing takes ~50 min on one core; its settings and time are then read from the file,
-and ``protect.*`` overrides are refused since they would not apply).
+and protection overrides and ``save_protected=`` are refused since they would not apply).
 ``workers=N`` runs the protections and attacks as N parallel processes (default 2 on a CPU with ≥ 2 cores, 1 on a
 GPU; :mod:`apdm.bench.jobs`); the numbers do not depend on it, ``seconds_protect`` is then the protection's own
 time on one of N processes sharing the machine.
@@ -99,10 +99,11 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
 
     loaded = None
     if "protected" in opts:
-        if recipe_overrides or {"outer_steps", "inner_steps", "learning_rate"} & set(opts):
-            raise ValueError("protected=FILE attacks saved weights: protection overrides "
-                             f"({', '.join(recipe_overrides) or 'outer_steps/inner_steps/learning_rate'}) "
-                             "would not apply; leave them out")
+        unused = recipe_overrides + [f"{k}={opts[k]}" for k in ("outer_steps", "inner_steps", "learning_rate",
+                                                                 "save_protected") if k in opts]
+        if unused:
+            raise ValueError(f"protected=FILE attacks saved weights: {', '.join(unused)} would not apply; "
+                             "leave them out")
         loaded = load_protected(opts["protected"], res)
         res.update(loaded["info"])
         res["protected_from"] = opts["protected"]
@@ -327,12 +328,11 @@ def load_protected(path: str, res: dict) -> dict:
     import json
 
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
-    try:
+    try:  # one read for the metadata and the tensors
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
-        state = load_file(path)
+            state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # missing file, not safetensors, truncated
         raise ValueError(f"{path}: cannot read protected weights ({e})") from e
     if "apdm_protected" not in meta:
