@@ -119,3 +119,84 @@ def test_build_tokenizer_leaves_no_temporary_folder(tmp_path, monkeypatch):
     assert len(ids) == 7  # five whole-word tokens between the start and end tokens
     tok.save_pretrained(tmp_path / "saved")
     assert CLIPTokenizer.from_pretrained(tmp_path / "saved")("a photo of sks zebra").input_ids == ids
+
+
+def _tiny_build(out, **kw):
+    from apdm.toy.world import ToyBuildConfig
+
+    stage1 = ToyTrainConfig(num_identities=3, images_per_identity=2, vae_steps=2, vae_batch=4, unet_steps=3,
+                            unet_batch=4, warmup=1)
+    stage2 = ToyTrainConfig(num_identities=3, images_per_identity=2, unet_steps=2, unet_batch=4, warmup=1,
+                            unet_lr=2e-4, seed=1)
+    args = dict(model=SMALL, train=stage1, more_stages=[stage2], output_dir=str(out), skip_instruments=True,
+                quiet=True)
+    args.update(kw)
+    return ToyBuildConfig(**args)
+
+
+def _unet(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_toy_build_runs_its_stages_and_resumes_after_a_kill(tmp_path, monkeypatch):
+    """One `apdm toy build` runs stage 1 and then continues it with stage 2 (the committed world's two stages);
+    the result equals the two-command form (stage 1, then a build with train.init_from). A build killed in
+    stage 2 resumes there without redoing stage 1 and ends with the same weights; other settings start over."""
+    import dataclasses
+
+    import pytest
+
+    from apdm.toy import model as toy_model
+    from apdm.toy import world
+
+    cfg = _tiny_build(tmp_path / "a")
+    world.build(cfg)
+    full = _unet(tmp_path / "a")
+    # the two-command form
+    world.build(_tiny_build(tmp_path / "s1", more_stages=[]))
+    stage1 = _unet(tmp_path / "s1")
+    world.build(_tiny_build(tmp_path / "s2", more_stages=[], train=dataclasses.replace(
+        cfg.more_stages[0], init_from=str(tmp_path / "s1" / "model"))))
+    assert any(not torch.equal(full[k], stage1[k]) for k in full)  # stage 2 changed the UNet
+    for k in full:
+        torch.testing.assert_close(full[k], _unet(tmp_path / "s2")[k], atol=0, rtol=0, msg=k)
+
+    calls = []
+    real = toy_model.pretrain
+
+    def killed_in_stage2(out_dir, mcfg, tcfg, fp16=True):
+        calls.append(tcfg.init_from)
+        if tcfg.init_from:
+            raise KeyboardInterrupt
+        return real(out_dir, mcfg, tcfg, fp16)
+
+    monkeypatch.setattr(toy_model, "pretrain", killed_in_stage2)
+    with pytest.raises(KeyboardInterrupt):
+        world.build(_tiny_build(tmp_path / "b"))
+    assert calls == ["", str(tmp_path / "b" / "model")]
+
+    def counting(out_dir, mcfg, tcfg, fp16=True):
+        calls.append(tcfg.init_from)
+        return real(out_dir, mcfg, tcfg, fp16)
+
+    monkeypatch.setattr(toy_model, "pretrain", counting)
+    calls.clear()
+    report = world.build(_tiny_build(tmp_path / "b"))
+    assert calls == [str(tmp_path / "b" / "model")]  # stage 1 was not redone
+    assert len(report["model_stages"]) == 2
+    for k in full:
+        torch.testing.assert_close(full[k], _unet(tmp_path / "b")[k], atol=0, rtol=0, msg=k)
+    calls.clear()
+    world.build(_tiny_build(tmp_path / "b"))
+    assert calls == []  # everything done: nothing to train
+    monkeypatch.setattr(toy_model, "pretrain", killed_in_stage2)
+    changed = _tiny_build(tmp_path / "b")
+    changed.more_stages[0].unet_steps = 3
+    with pytest.raises(KeyboardInterrupt):
+        world.build(changed)
+    assert calls == ["", str(tmp_path / "b" / "model")]  # other settings: from the start
+    with pytest.raises(ValueError, match="more_stages: stage 2 has init_from"):
+        world.build(_tiny_build(tmp_path / "c", more_stages=[dataclasses.replace(cfg.more_stages[0],
+                                                                                 init_from="x")]))

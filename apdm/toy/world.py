@@ -148,12 +148,22 @@ def export(out_dir: str | Path, subjects: int = 2, cls: str = "person", num_imag
 
 
 # ============================================================================ build
+#: stage 2 of the committed world: 2,000 more UNet + text encoder steps at half the peak lr, fresh photos (seed 1).
+STAGE2 = ToyTrainConfig(unet_steps=2000, unet_lr=2e-4, text_lr=1e-4, seed=1)
+
+
 @dataclass
 class ToyBuildConfig:
     """``apdm toy build``: everything needed to rebuild the committed toy world from scratch."""
 
     model: ToyModelConfig = field(default_factory=ToyModelConfig)
+    #: stage 1: VAE, then UNet + text encoder.
     train: ToyTrainConfig = field(default_factory=ToyTrainConfig)
+    #: further stages, in order, each continuing the model of the stage before: the VAE is kept (so the latent
+    #: space does not change; their ``vae_*`` keys are unused), the UNet and text encoder train ``unet_steps``
+    #: more steps on a pretraining set drawn with the stage's own ``seed`` (same identities, fresh photos).
+    #: Default: the committed world's stage 2. ``[]`` = stage 1 only.
+    more_stages: list[ToyTrainConfig] = field(default_factory=lambda: [STAGE2])
     #: where to write; empty = the user cache (``<apdm cache>/toy``).
     output_dir: str = ""
     #: also copy the result (fp16) into the repo's assets/toy.
@@ -166,7 +176,17 @@ class ToyBuildConfig:
 
 
 def build(cfg: ToyBuildConfig) -> dict:
-    """Build the toy world (model and instruments) and return a report (also written as ``build_report.json``)."""
+    """Build the toy world (model and instruments) and return a report (also written as ``build_report.json``).
+
+    The model stages run in order (``train``, then each of ``more_stages`` continuing the saved model of the one
+    before). ``<output>/build_state.json`` records the settings and each finished stage, so a killed build (or
+    a rerun) continues with the first unfinished stage, inside it from its last checkpoint; a build with other
+    settings starts over.
+    """
+    import dataclasses
+    import json
+    import shutil
+
     from apdm.toy.model import pretrain
 
     root = Path(cfg.output_dir) if cfg.output_dir else cache_dir() / "toy"
@@ -174,8 +194,31 @@ def build(cfg: ToyBuildConfig) -> dict:
     report: dict = {}
     t0 = time.perf_counter()
     if not cfg.skip_model:
-        LOG.info("toy build: pretraining the diffusion model (this takes a while; progress bars follow)")
-        report["model"] = pretrain(root / "model", cfg.model, cfg.train, fp16=True)
+        stages = [cfg.train] + list(cfg.more_stages)
+        for k, stage in enumerate(cfg.more_stages, start=2):
+            if stage.init_from:
+                raise ValueError(f"more_stages: stage {k} has init_from={stage.init_from!r}; a later stage always "
+                                 "continues the stage before it (set train.init_from to start from a model)")
+        settings = {"model": dataclasses.asdict(cfg.model), "stages": [dataclasses.asdict(s) for s in stages]}
+        state_file = root / "build_state.json"
+        state = json.loads(state_file.read_text()) if state_file.is_file() else None
+        if state is not None and (state["settings"] != settings or
+                                  (state["done"] and not (root / "model" / "model_index.json").is_file())):
+            LOG.info("toy build: %s was written by other settings; starting over", state_file)
+            shutil.rmtree(root / "model.build", ignore_errors=True)  # its checkpoints belong to those settings
+            state = None
+        done = state["done"] if state else []
+        atomic_write_json(state_file, {"settings": settings, "done": done})
+        if done:
+            LOG.info("toy build: %d of %d model stage(s) already done in %s; continuing", len(done), len(stages), root)
+        for k in range(len(done), len(stages)):
+            stage = stages[k] if k == 0 else dataclasses.replace(stages[k], init_from=str(root / "model"))
+            LOG.info("toy build: model stage %d of %d (%s; this takes a while; progress bars follow)", k + 1,
+                     len(stages), "VAE, then UNet + text encoder" if k == 0 and not stage.init_from
+                     else f"{stage.unet_steps} more UNet + text encoder steps")
+            done.append(pretrain(root / "model", cfg.model, stage, fp16=True))
+            atomic_write_json(state_file, {"settings": settings, "done": done})
+        report["model_stages"] = done
     if not cfg.skip_instruments:
         from apdm.toy.instruments import train_instruments
 
@@ -191,8 +234,6 @@ def build(cfg: ToyBuildConfig) -> dict:
     report["seconds_total"] = round(time.perf_counter() - t0, 1)
     atomic_write_json(root / "build_report.json", report)
     if cfg.write_assets:
-        import shutil
-
         for part in ("model", "instruments"):
             if (root / part).is_dir():
                 dst = REPO_ASSETS / part
