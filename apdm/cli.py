@@ -47,10 +47,10 @@ def _parser() -> argparse.ArgumentParser:
         if name == "protect-images":  # the one-command form: --method ldu --budget 8/255 --input DIR --output DIR
             for flag, key in SHORTCUTS.items():
                 p.add_argument(flag, dest=key.replace(".", "_"), metavar=key.upper(), help=f"same as {key}=...")
-    toy = sub.add_parser("toy", help="the toy world (our CPU-sized measuring instrument): build, sample")
+    toy = sub.add_parser("toy", help="the toy world (our CPU-sized measuring instrument): build, sample, export")
     toy_sub = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND")
-    tb = toy_sub.add_parser("build", help="pretrain the toy model and train its instruments (~45 min on 2 cores)",
-                            epilog=EPILOG)
+    tb = toy_sub.add_parser("build", epilog=EPILOG,
+                            help="pretrain the toy model and train its instruments (~60 min on 2 cores; resumable)")
     tb.add_argument("--config", help="YAML recipe (default: recipes/toy-build.yaml values)")
     tb.add_argument("--print-config", action="store_true")
     tb.add_argument("overrides", nargs="*", metavar="key=value")
