@@ -149,7 +149,7 @@ def export(out_dir: str | Path, subjects: int = 2, cls: str = "person", num_imag
 
 # ============================================================================ build
 #: stage 2 of the committed world: 2,000 more UNet + text encoder steps at half the peak lr, fresh photos (seed 1).
-STAGE2 = ToyTrainConfig(unet_steps=2000, unet_lr=2e-4, text_lr=1e-4, seed=1)
+STAGE2 = {"unet_steps": 2000, "unet_lr": 2e-4, "text_lr": 1e-4, "seed": 1}
 
 
 @dataclass
@@ -163,7 +163,7 @@ class ToyBuildConfig:
     #: space does not change; their ``vae_*`` keys are unused), the UNet and text encoder train ``unet_steps``
     #: more steps on a pretraining set drawn with the stage's own ``seed`` (same identities, fresh photos).
     #: Default: the committed world's stage 2. ``[]`` = stage 1 only.
-    more_stages: list[ToyTrainConfig] = field(default_factory=lambda: [STAGE2])
+    more_stages: list[ToyTrainConfig] = field(default_factory=lambda: [ToyTrainConfig(**STAGE2)])
     #: where to write; empty = the user cache (``<apdm cache>/toy``).
     output_dir: str = ""
     #: also copy the result (fp16) into the repo's assets/toy.
@@ -204,7 +204,7 @@ def build(cfg: ToyBuildConfig) -> dict:
         state = json.loads(state_file.read_text()) if state_file.is_file() else None
         if state is not None and (state["settings"] != settings or
                                   (state["done"] and not (root / "model" / "model_index.json").is_file())):
-            LOG.info("toy build: %s was written by other settings; starting over", state_file)
+            LOG.info("toy build: %s is from other settings (or its model is gone); starting over", state_file)
             shutil.rmtree(root / "model.build", ignore_errors=True)  # its checkpoints belong to those settings
             state = None
         done = state["done"] if state else []
