@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     toy = sub.add_parser("toy", help="the toy world (our CPU-sized measuring instrument): build, sample, export")
     toy_sub = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND")
     tb = toy_sub.add_parser("build", epilog=EPILOG,
-                            help="pretrain the toy model and train its instruments (~60 min on 2 cores; resumable)")
+                            help="pretrain the toy model and train its instruments (60-80 min on 2 cores; resumable)")
     tb.add_argument("--config", help="YAML recipe (default: recipes/toy-build.yaml values)")
     tb.add_argument("--print-config", action="store_true")
     tb.add_argument("overrides", nargs="*", metavar="key=value")

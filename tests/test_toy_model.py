@@ -166,22 +166,20 @@ def test_toy_build_runs_its_stages_and_resumes_after_a_kill(tmp_path, monkeypatc
     calls = []
     real = toy_model.pretrain
 
-    def killed_in_stage2(out_dir, mcfg, tcfg, fp16=True):
-        calls.append(tcfg.init_from)
-        if tcfg.init_from:
-            raise KeyboardInterrupt
-        return real(out_dir, mcfg, tcfg, fp16)
+    def fake_pretrain(kill_in_stage2):
+        def f(out_dir, mcfg, tcfg, fp16=True):
+            calls.append(tcfg.init_from)
+            if kill_in_stage2 and tcfg.init_from:
+                raise KeyboardInterrupt
+            return real(out_dir, mcfg, tcfg, fp16)
+        return f
 
-    monkeypatch.setattr(toy_model, "pretrain", killed_in_stage2)
+    monkeypatch.setattr(toy_model, "pretrain", fake_pretrain(kill_in_stage2=True))
     with pytest.raises(KeyboardInterrupt):
         world.build(_tiny_build(tmp_path / "b"))
     assert calls == ["", str(tmp_path / "b" / "model")]
 
-    def counting(out_dir, mcfg, tcfg, fp16=True):
-        calls.append(tcfg.init_from)
-        return real(out_dir, mcfg, tcfg, fp16)
-
-    monkeypatch.setattr(toy_model, "pretrain", counting)
+    monkeypatch.setattr(toy_model, "pretrain", fake_pretrain(kill_in_stage2=False))
     calls.clear()
     report = world.build(_tiny_build(tmp_path / "b"))
     assert calls == [str(tmp_path / "b" / "model")]  # stage 1 was not redone
@@ -191,7 +189,7 @@ def test_toy_build_runs_its_stages_and_resumes_after_a_kill(tmp_path, monkeypatc
     calls.clear()
     world.build(_tiny_build(tmp_path / "b"))
     assert calls == []  # everything done: nothing to train
-    monkeypatch.setattr(toy_model, "pretrain", killed_in_stage2)
+    monkeypatch.setattr(toy_model, "pretrain", fake_pretrain(kill_in_stage2=True))
     changed = _tiny_build(tmp_path / "b")
     changed.more_stages[0].unet_steps = 3
     with pytest.raises(KeyboardInterrupt):

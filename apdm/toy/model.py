@@ -298,6 +298,11 @@ def _load_stage(path: str | Path, mcfg: ToyModelConfig):
     return vae.eval().requires_grad_(False), text_encoder, unet
 
 
+def work_dir(out_dir: str | Path) -> Path:
+    """Where :func:`pretrain` keeps a stage's resumable outputs (trained VAE, UNet checkpoint) until it is done."""
+    return Path(out_dir).with_name(Path(out_dir).name + ".build")
+
+
 def pretrain(out_dir: str | Path, mcfg: ToyModelConfig, tcfg: ToyTrainConfig, fp16: bool = True) -> dict:
     """Draw the dataset, train VAE then UNet + text encoder, save the model. Returns a report dict."""
     from apdm.toy import draw
@@ -308,7 +313,7 @@ def pretrain(out_dir: str | Path, mcfg: ToyModelConfig, tcfg: ToyTrainConfig, fp
     t_draw = time.perf_counter() - t0
     LOG.info("drew %d pretraining images in %.1fs", len(images), t_draw)
     vae, text_encoder, tokenizer, unet, scheduler = build_components(mcfg, draw.vocabulary(), tcfg.seed)
-    work = Path(out_dir).with_name(Path(out_dir).name + ".build")  # resumable stage outputs
+    work = work_dir(out_dir)
     t1 = time.perf_counter()
     if tcfg.init_from:
         vae, text_encoder, unet = _load_stage(tcfg.init_from, mcfg)

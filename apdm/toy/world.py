@@ -187,7 +187,7 @@ def build(cfg: ToyBuildConfig) -> dict:
     import json
     import shutil
 
-    from apdm.toy.model import pretrain
+    from apdm.toy.model import pretrain, work_dir
 
     root = Path(cfg.output_dir) if cfg.output_dir else cache_dir() / "toy"
     root.mkdir(parents=True, exist_ok=True)
@@ -205,7 +205,7 @@ def build(cfg: ToyBuildConfig) -> dict:
         if state is not None and (state["settings"] != settings or
                                   (state["done"] and not (root / "model" / "model_index.json").is_file())):
             LOG.info("toy build: %s is from other settings (or its model is gone); starting over", state_file)
-            shutil.rmtree(root / "model.build", ignore_errors=True)  # its checkpoints belong to those settings
+            shutil.rmtree(work_dir(root / "model"), ignore_errors=True)  # its checkpoints belong to those settings
             state = None
         done = state["done"] if state else []
         atomic_write_json(state_file, {"settings": settings, "done": done})
