@@ -226,6 +226,17 @@ def test_bench_baseline_reuse_is_checked(tmp_path):
     assert "ism_db_other_unprotected" not in load_baseline(str(f), res, set())
     with pytest.raises(ValueError, match="lacks ism_db_other_unprotected"):
         load_baseline(str(f), res, {"other"})
+    # two files join: one with the other subject's number, one with LoRA's; a key both hold must agree
+    g = tmp_path / "lora.json"
+    g.write_text(json.dumps(dict({k: v for k, v in old.items() if k != "ism_db_other_unprotected"},
+                                 ism_lora_unprotected=0.7, ism_lora_unprotected_runs=[0.7])))
+    f.write_text(json.dumps(old))
+    both = load_baseline(f"{f},{g}", res, {"other", "lora"})
+    assert (both["ism_db_other_unprotected"], both["ism_lora_unprotected"], both["ism_lora_unprotected_runs"]) == \
+        (0.6, 0.7, [0.7])
+    g.write_text(json.dumps(dict(old, ism_db_unprotected=0.55)))
+    with pytest.raises(ValueError, match="lora.json: baseline has ism_db_unprotected=0.55, but .*base.json has 0.5"):
+        load_baseline(f"{f},{g}", res, set())
     f.write_text("{not json")
     with pytest.raises(ValueError, match="base.json: cannot read"):
         load_baseline(str(f), res, set())

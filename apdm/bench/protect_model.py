@@ -24,9 +24,10 @@ by up to 0.6 with its seed on a protected model, see docs/protect_model.md, "One
 recipe key with its section (``protect.beta=0.5``, ``protect.inner_steps=0``, ``protect.gradient_leak=true``,
 ``personalization.steps=600``) for sweeps and ablations; ``attack.KEY=VALUE`` changes the *evaluation* attacker
 (applied to every attack's personalization config, unprotected and protected alike;
-``attack.train_text_encoder=false`` is the paper's UNet-only DreamBooth); ``baseline=F.json`` takes the unprotected numbers
-(class-prompt ISM, unprotected DreamBooth ISM, unprotected KID) from an earlier result on the same model, subjects
-and sample count instead of recomputing them (the attacks are deterministic, so they would come out the same).
+``attack.train_text_encoder=false`` is the paper's UNet-only DreamBooth); ``baseline=F.json[,G.json]`` takes the
+unprotected numbers (class-prompt ISM, unprotected DreamBooth ISM, unprotected KID; LoRA/TI/other-subject ones where
+present) from earlier results on the same model, subjects and sample count instead of recomputing them (the attacks
+are deterministic, so they would come out the same).
 ``save_protected=F.safetensors`` writes the protected weights (with the model fingerprint, subject and protection
 settings as metadata) and ``protected=F.safetensors`` attacks such weights instead of protecting again (the
 protection of the paper's footing takes ~50 min on one core; its settings and time are then read from the file,
@@ -350,29 +351,41 @@ OPTIONAL_BASELINE_KEYS = ("ism_lora_unprotected", "ism_ti_unprotected", "ism_db_
 
 
 def load_baseline(path: str, res: dict, attacks: set[str]) -> dict:
-    """The unprotected numbers from an earlier ``bench protect-model`` JSON, checked to be comparable with ``res``.
+    """The unprotected numbers from earlier ``bench protect-model`` JSONs, checked to be comparable with ``res``.
+
+    ``path`` is one file or several separated by commas (e.g. one run that attacked with LoRA and one that
+    attacked the other subject): each is checked on its own, their keys are joined, and a key two files both
+    hold must have the same value in both (the attacks are deterministic, so comparable runs agree).
 
     Raises:
-        ValueError: naming the file and what does not match (model, subjects, sample count) or is missing.
+        ValueError: naming the file and what does not match (model, subjects, sample count, another file's value)
+            or is missing.
     """
     import json
 
-    f = Path(path)
-    try:
-        old = json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{f}: cannot read the baseline result ({e})") from e
-    # results written before attack overrides / other identifiers existed used the defaults
     defaults = {"attack_overrides": [], "other_identifier": "sks", "identifier": "sks", "attack_seeds": 1}
-    for key in ("model_fingerprint", "instruments_fingerprint", "subject_protected", "subject_other",
-                "samples_per_prompt", "attack_overrides", "other_identifier", "identifier", "attack_seeds"):
-        if old.get(key, defaults.get(key)) != res[key]:
-            raise ValueError(f"{f}: baseline was measured with {key}={old.get(key)!r}, this run has {res[key]!r}")
+    merged: dict = {}
+    origin: dict[str, Path] = {}
+    for f in [Path(p) for p in path.split(",") if p]:
+        try:
+            old = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{f}: cannot read the baseline result ({e})") from e
+        # results written before attack overrides / other identifiers existed used the defaults
+        for key in ("model_fingerprint", "instruments_fingerprint", "subject_protected", "subject_other",
+                    "samples_per_prompt", "attack_overrides", "other_identifier", "identifier", "attack_seeds"):
+            if old.get(key, defaults.get(key)) != res[key]:
+                raise ValueError(f"{f}: baseline was measured with {key}={old.get(key)!r}, this run has {res[key]!r}")
+        wanted = BASELINE_KEYS + ("ism_db_other_unprotected",) + OPTIONAL_BASELINE_KEYS
+        for k in [k for k in wanted if k in old] + [f"{k}_runs" for k in wanted if f"{k}_runs" in old]:
+            if k in merged and merged[k] != old[k]:
+                raise ValueError(f"{f}: baseline has {k}={old[k]!r}, but {origin[k]} has {merged[k]!r}")
+            merged[k], origin[k] = old[k], f
     keys = BASELINE_KEYS + (("ism_db_other_unprotected",) if "other" in attacks else ())
-    missing = [k for k in keys if k not in old]
+    missing = [k for k in keys if k not in merged]
     if missing:
-        raise ValueError(f"{f}: baseline result lacks {', '.join(missing)}")
-    out = {k: old[k] for k in keys + OPTIONAL_BASELINE_KEYS if k in old}
-    out.update({f"{k}_runs": old[f"{k}_runs"] for k in list(out) if f"{k}_runs" in old})
-    out["baseline_from"] = str(f)
+        raise ValueError(f"{path}: baseline result lacks {', '.join(missing)}")
+    out = {k: merged[k] for k in keys + OPTIONAL_BASELINE_KEYS if k in merged}
+    out.update({f"{k}_runs": merged[f"{k}_runs"] for k in list(out) if f"{k}_runs" in merged})
+    out["baseline_from"] = path
     return out
