@@ -363,7 +363,9 @@ def load_baseline(path: str, res: dict, attacks: set[str]) -> dict:
     """
     import json
 
+    # results written before attack overrides / other identifiers existed used the defaults
     defaults = {"attack_overrides": [], "other_identifier": "sks", "identifier": "sks", "attack_seeds": 1}
+    wanted = BASELINE_KEYS + ("ism_db_other_unprotected",) + OPTIONAL_BASELINE_KEYS
     merged: dict = {}
     origin: dict[str, Path] = {}
     for f in [Path(p) for p in path.split(",") if p]:
@@ -371,12 +373,10 @@ def load_baseline(path: str, res: dict, attacks: set[str]) -> dict:
             old = json.loads(f.read_text())
         except (OSError, ValueError) as e:
             raise ValueError(f"{f}: cannot read the baseline result ({e})") from e
-        # results written before attack overrides / other identifiers existed used the defaults
         for key in ("model_fingerprint", "instruments_fingerprint", "subject_protected", "subject_other",
                     "samples_per_prompt", "attack_overrides", "other_identifier", "identifier", "attack_seeds"):
             if old.get(key, defaults.get(key)) != res[key]:
                 raise ValueError(f"{f}: baseline was measured with {key}={old.get(key)!r}, this run has {res[key]!r}")
-        wanted = BASELINE_KEYS + ("ism_db_other_unprotected",) + OPTIONAL_BASELINE_KEYS
         for k in [k for k in wanted if k in old] + [f"{k}_runs" for k in wanted if f"{k}_runs" in old]:
             if k in merged and merged[k] != old[k]:
                 raise ValueError(f"{f}: baseline has {k}={old[k]!r}, but {origin[k]} has {merged[k]!r}")
