@@ -69,7 +69,7 @@ def test_one_outer_step_changes_theta_not_phi(tiny_sd):
 
 @pytest.mark.parametrize("variant", [
     dict(inner_steps=0), dict(gradient_leak=True), dict(loss="naive"), dict(trainable="attn2"),
-    dict(trainable="lora", lora_rank=2), dict(dpo_form="summed"),
+    dict(trainable="resnets", anchor_weight=1.0), dict(trainable="lora", lora_rank=2), dict(dpo_form="summed"),
 ])
 def test_variants_run_and_update(tiny_sd, variant):
     pcfg = ProtectConfig(**{"outer_steps": 1, "inner_steps": 1, "learning_rate": 1e-3, "checkpoint_every": 0,
@@ -78,8 +78,8 @@ def test_variants_run_and_update(tiny_sd, variant):
     base = dict(tiny_sd.unet.named_parameters())
     changed = {n for n, p in theta.named_parameters() if not torch.equal(p, base[n])}
     assert changed, "protection did not change the UNet"
-    if variant.get("trainable") == "attn2":
-        assert all("attn2" in n for n in changed)
+    if variant.get("trainable") in ("attn2", "resnets"):
+        assert all(variant["trainable"] in n for n in changed)
     assert not any("lora" in n for n, _ in theta.named_parameters())  # adapters merged away
 
 

@@ -86,6 +86,19 @@ def _latents(vae, subject: Subject, which: str, idx: torch.Tensor, generator: to
 
 
 # ============================================================================ θ and φ
+def _standard_layout_sample(module, args, kwargs):
+    """Forward pre-hook of a partially trainable θ: hand the UNet its ``sample`` (B, 4, h, w) in the standard
+    (contiguous) memory layout. VAE latents come out channels-last on CPU, and torch's CPU GroupNorm backward for
+    a channels-last input that needs no gradient while the norm's weight does (a frozen ``conv_in`` in front of a
+    trainable ResNet norm) crashes the process (torch 2.13; ``tests/test_protect_model.py``, the "resnets" case).
+    Only partial θ gets the hook, so the full-UNet and LoRA paths keep their exact numbers."""
+    if args:
+        return (args[0].contiguous(),) + tuple(args[1:]), kwargs
+    if "sample" in kwargs:
+        kwargs = {**kwargs, "sample": kwargs["sample"].contiguous()}
+    return args, kwargs
+
+
 def prepare_theta(sd: SD, pcfg: ProtectConfig, seed: int = 0
                   ) -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]:
     """Build θ, the UNet being protected: a copy of ``sd.unet`` with the requested trainable subset in fp32.
@@ -118,6 +131,7 @@ def prepare_theta(sd: SD, pcfg: ProtectConfig, seed: int = 0
         names = [n for n, _ in theta.named_parameters() if any(k in n for k in keys)]
         if not names:
             raise ValueError(f"protect.trainable='{pcfg.trainable}' matches no UNet parameter name")
+        theta.register_forward_pre_hook(_standard_layout_sample, with_kwargs=True)
     params = dict(theta.named_parameters())
     trainable = {n: params[n] for n in names}
     for p in trainable.values():
