@@ -81,3 +81,15 @@ def test_every_recipe_loads(recipe):
         except C.ConfigError as exc:
             errors.append(str(exc))
     pytest.fail(f"{recipe.name} fits no command config: {errors}")
+
+
+def test_lora_block_recipe_is_the_measured_setting():
+    """recipes/toy-protect-model-lora-block.yaml quotes numbers measured by `apdm bench protect-model` with the toy
+    recipe and the overrides below; the recipe must be that setting (only its output folder differs)."""
+    import dataclasses
+
+    root = RECIPES[0].parent
+    measured = C.load_config(C.ProtectModelRunConfig, str(root / "toy-protect-model.yaml"), [
+        "protect.outer_steps=340", "protect.lr_phases=[[300,2.0e-4],[40,2.0e-5]]"])
+    recipe = C.load_config(C.ProtectModelRunConfig, str(root / "toy-protect-model-lora-block.yaml"), [])
+    assert dataclasses.replace(recipe, output_dir=measured.output_dir) == measured
