@@ -69,6 +69,8 @@ def test_one_outer_step_changes_theta_not_phi(tiny_sd):
 
 @pytest.mark.parametrize("variant", [
     dict(inner_steps=0), dict(gradient_leak=True), dict(loss="naive"), dict(trainable="attn2"),
+    # resnets + anchor: trainable norms behind a frozen conv_in on channels-last latents (a segfault on CPU before
+    # l2p._standard_layout_sample)
     dict(trainable="resnets", anchor_weight=1.0), dict(trainable="lora", lora_rank=2), dict(dpo_form="summed"),
 ])
 def test_variants_run_and_update(tiny_sd, variant):
