@@ -229,12 +229,35 @@ class ProtectConfig:
 
 
 @dataclass
+class EncoderTrapConfig:
+    """The encoder trap (apdm's addition, not in the APDM paper; :mod:`apdm.protect_model.encoder_trap`): the
+    released checkpoint's VAE encoder is fine-tuned so that the protected subjects' photos encode to the latents of
+    generic class images, while other images keep theirs. Every personalization method trains on those latents.
+    Off by default (``steps=0``); an attacker with another compatible VAE gets around it (docs/protect_model.md)."""
+
+    #: training steps (0 = off: the paper's protection only). Each step sees every subject photo, changed.
+    steps: int = 0
+    learning_rate: float = 1.0e-4
+    #: weight w of the term that keeps other images' latents (class images of the base model).
+    preserve_weight: float = 1.0
+    #: class images per step in that term.
+    preserve_batch: int = 8
+    #: strength of the random geometric change of each image per step (rotation, scale, shift; 0 = none;
+    #: flips and colour changes always apply): the trap must hold for other photos of the subject than these.
+    augment: float = 1.0
+    #: save a resumable checkpoint every K steps (0 = never).
+    checkpoint_every: int = 500
+
+
+@dataclass
 class ProtectModelRunConfig:
     """``apdm protect-model``: fine-tune a checkpoint so personalizing the protected subject(s) fails."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     subjects: list[SubjectConfig] = field(default_factory=list)
     protect: ProtectConfig = field(default_factory=ProtectConfig)
+    #: the encoder trap, run after the L2P protection (off by default).
+    encoder_trap: EncoderTrapConfig = field(default_factory=EncoderTrapConfig)
     #: the simulated attacker of the L2P inner loop (DreamBooth by default; ``lora``/``ti`` as options).
     personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
     #: resolution images are brought to; 0 = the model's native resolution.

@@ -93,3 +93,16 @@ def test_lora_block_recipe_is_the_measured_setting():
         "protect.outer_steps=340", "protect.lr_phases=[[300,2.0e-4],[40,2.0e-5]]"])
     recipe = C.load_config(C.ProtectModelRunConfig, str(root / "toy-protect-model-lora-block.yaml"), [])
     assert dataclasses.replace(recipe, output_dir=measured.output_dir) == measured
+
+
+def test_encoder_trap_recipe_is_the_measured_setting():
+    """recipes/toy-protect-model-encoder-trap.yaml is what `apdm bench protect-model protect.outer_steps=0
+    encoder_trap.steps=1500` measured (docs/protect_model.md, "The encoder trap"); only its output folder differs."""
+    import dataclasses
+
+    root = RECIPES[0].parent
+    measured = C.load_config(C.ProtectModelRunConfig, str(root / "toy-protect-model.yaml"), [
+        "protect.outer_steps=0", "encoder_trap.steps=1500"])
+    recipe = C.load_config(C.ProtectModelRunConfig, str(root / "toy-protect-model-encoder-trap.yaml"), [])
+    assert recipe.encoder_trap.steps == 1500 and recipe.protect.outer_steps == 0
+    assert dataclasses.replace(recipe, output_dir=measured.output_dir) == measured

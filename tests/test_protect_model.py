@@ -201,8 +201,9 @@ def test_bench_baseline_reuse_is_checked(tmp_path):
 
     res = {"model_fingerprint": "abc", "instruments_fingerprint": "def", "subject_protected": 1, "subject_other": 7,
            "samples_per_prompt": 8, "attack_overrides": [], "other_identifier": "sks", "identifier": "sks",
-           "attack_seeds": 1}
+           "attack_seeds": 1, "attack_photos": "same"}
     old = dict(res, **{k: 0.5 for k in BASELINE_KEYS}, ism_db_other_unprotected=0.6)
+    del old["attack_photos"]  # results written before attack_photos existed attacked the protection's own photos
     del old["attack_seeds"]  # results written before attack_seeds existed ran every attack once
     del old["attack_overrides"]  # results written before attack overrides existed used the default attacker
     del old["other_identifier"], old["identifier"]  # ... and A and B personalized with "sks"
@@ -224,6 +225,8 @@ def test_bench_baseline_reuse_is_checked(tmp_path):
         load_baseline(str(f), dict(res, other_identifier="zwx"), set())
     with pytest.raises(ValueError, match="with identifier="):  # A attacked under another prompt: other ISM
         load_baseline(str(f), dict(res, identifier="t@t"), set())
+    with pytest.raises(ValueError, match="attack_photos"):  # A attacked on other photos: another unprotected ISM
+        load_baseline(str(f), dict(res, attack_photos="fresh"), set())
     f.write_text(json.dumps({k: v for k, v in old.items() if k != "ism_db_other_unprotected"}))
     assert "ism_db_other_unprotected" not in load_baseline(str(f), res, set())
     with pytest.raises(ValueError, match="lacks ism_db_other_unprotected"):
@@ -335,6 +338,10 @@ def test_bench_rejects_unknown_attack_and_recipe_key():
         bench_protect_model(True, ["subjects=1,1"])
     with pytest.raises(ValueError, match="'P,O'"):
         bench_protect_model(True, ["subjects=2"])
+    with pytest.raises(ValueError, match="attack_photos must be 'same'"):
+        bench_protect_model(True, ["attack_photos=new"])
+    with pytest.raises(ValueError, match="encoder_trap.steps"):
+        bench_protect_model(True, ["encoder_trap.steps=-5"])
     with pytest.raises(ValueError, match="inner_restart_every"):
         bench_protect_model(True, ["protect.inner_restart_every=0"])
     with pytest.raises(ValueError, match="other_identifier must be one word"):

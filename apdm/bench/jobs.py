@@ -105,21 +105,27 @@ def worker_count(opts: dict, sd) -> int:
 def model(model_spec: tuple[str, str], unet_state: dict | None = None):
     """The model of ``model_spec = (path, device)``, loaded once per process; with ``unet_state``
     (:func:`unet_state`), a shallow copy whose UNet is a fresh copy carrying those weights (a protected model), and
-    whose text encoder is too when the state has ``text_encoder.*`` keys (a protected text encoder)."""
+    whose text encoder is too when the state has ``text_encoder.*`` keys (a protected text encoder), and whose VAE is
+    when it has ``vae.*`` keys (an encoder trap)."""
     from apdm.core.models import load_sd
 
     sd = cached(("model", model_spec), lambda: load_sd(model_spec[0], device=model_spec[1]))
     if unet_state is None:
         return sd
     te_state = {k[len(TE_PREFIX):]: v for k, v in unet_state.items() if k.startswith(TE_PREFIX)}
+    vae_state = {k[len(VAE_PREFIX):]: v for k, v in unet_state.items() if k.startswith(VAE_PREFIX)}
     unet = copy.deepcopy(sd.unet)
-    unet.load_state_dict({k: v for k, v in unet_state.items() if not k.startswith(TE_PREFIX)})
-    text_encoder = sd.text_encoder
+    unet.load_state_dict({k: v for k, v in unet_state.items() if not k.startswith((TE_PREFIX, VAE_PREFIX))})
+    text_encoder, vae = sd.text_encoder, sd.vae
     if te_state:
         text_encoder = copy.deepcopy(sd.text_encoder)
         text_encoder.load_state_dict(te_state)
         text_encoder.eval().requires_grad_(False)
-    return dataclasses.replace(sd, unet=unet.eval().requires_grad_(False), text_encoder=text_encoder)
+    if vae_state:  # an encoder trap (apdm.protect_model.encoder_trap)
+        vae = copy.deepcopy(sd.vae)
+        vae.load_state_dict(vae_state)
+        vae.eval().requires_grad_(False)
+    return dataclasses.replace(sd, unet=unet.eval().requires_grad_(False), text_encoder=text_encoder, vae=vae)
 
 
 def instruments():
@@ -131,14 +137,17 @@ def instruments():
 
 
 TE_PREFIX = "text_encoder."
+VAE_PREFIX = "vae."
 
 
-def unet_state(unet, text_encoder=None) -> dict:
+def unet_state(unet, text_encoder=None, vae=None) -> dict:
     """A UNet's weights as CPU tensors (what a job returns or receives for a protected model); with
-    ``text_encoder``, its weights too, under ``text_encoder.<name>``."""
+    ``text_encoder`` / ``vae``, their weights too, under ``text_encoder.<name>`` / ``vae.<name>``."""
     out = {k: v.detach().cpu() for k, v in unet.state_dict().items()}
     if text_encoder is not None:
         out.update({TE_PREFIX + k: v.detach().cpu() for k, v in text_encoder.state_dict().items()})
+    if vae is not None:
+        out.update({VAE_PREFIX + k: v.detach().cpu() for k, v in vae.state_dict().items()})
     return out
 
 

@@ -28,6 +28,11 @@ recipe key with its section (``protect.beta=0.5``, ``protect.inner_steps=0``, ``
 unprotected numbers (class-prompt ISM, unprotected DreamBooth ISM, unprotected KID; LoRA/TI/other-subject ones where
 present) from earlier results on the same model, subjects and sample count instead of recomputing them (the attacks
 are deterministic, so they would come out the same).
+``attack_photos=fresh`` (default ``same``): every attack on A trains on another draw of A's identity (4 new photos,
+same references) instead of the photos the protection saw: does the protection hold for photos it never saw?
+``encoder_trap.steps=N`` (and the other ``encoder_trap.*`` keys) adds the encoder trap after L2P
+(:mod:`apdm.protect_model.encoder_trap`; ``protect.outer_steps=0`` for the trap alone); the saved and attacked
+state then carries the VAE too.
 ``save_protected=F.safetensors`` writes the protected weights (with the model fingerprint, subject and protection
 settings as metadata) and ``protected=F.safetensors`` attacks such weights instead of protecting again (the
 protection of the paper's footing takes ~50 min on one core; its settings and time are then read from the file,
@@ -50,6 +55,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     from apdm.bench import attack_config, attack_seeds, identifier_option, jobs, submit_attack_runs, toy_setup
     from apdm.bench.toy_world import METHOD_RECIPES, toy_recipe
     from apdm.config import ProtectModelRunConfig, load_config
+    from apdm.protect_model.encoder_trap import check_trap_config
     from apdm.protect_model.l2p import check_protect_config
     from apdm.toy import draw
     from apdm.toy.world import heldout_subjects
@@ -63,7 +69,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     opts, sd, inst = toy_setup([o for o in overrides if o not in dotted],
                                {"outer_steps", "inner_steps", "learning_rate", "samples", "long_attack", "no_naive",
                                 "attacks", "baseline", "subjects", "other_identifier", "identifier",
-                                "attack_seeds", "save_protected", "protected"})
+                                "attack_seeds", "save_protected", "protected", "attack_photos"})
     rc = load_config(ProtectModelRunConfig, RECIPES / "toy-protect-model.yaml", recipe_overrides)
     attacks = set(opts.get("attacks", "lora,ti,other").split(",")) - {""}
     unknown = attacks - {"lora", "ti", "other"}
@@ -80,11 +86,20 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
         pcfg.learning_rate = float(opts["learning_rate"])
     pcfg.checkpoint_every = 0  # the bench keeps no checkpoints
     check_protect_config(rc.personalization, pcfg)  # before any job starts
+    check_trap_config(rc.encoder_trap)
+    tcfg = dataclasses.replace(rc.encoder_trap, checkpoint_every=0)
     n_samples = int(opts.get("samples", 8 if quick else 16))
     n_seeds = attack_seeds(opts, quick)
     sample.num_images_per_prompt = n_samples
     subj_a, subj_b = (heldout_subjects(1, num_images=4, offset=k)[0] for k in _subject_positions(opts))
     other_identifier, identifier = (identifier_option(opts, k) for k in ("other_identifier", "identifier"))
+    attack_photos = opts.get("attack_photos", "same")
+    if attack_photos not in ("same", "fresh"):
+        raise ValueError(f"attack_photos must be 'same' (the attacker trains on the photos the protection saw) or "
+                         f"'fresh' (on other photos of the same person), got '{attack_photos}'")
+    # the attacker's photos of A: the protection's own, or another draw of the same identity (its references stay)
+    photos_a = subj_a.images if attack_photos == "same" else \
+        heldout_subjects(1, num_images=4, offset=_subject_positions(opts)[0], seed=1)[0].images
     res: dict = {"model": sd.source, "model_fingerprint": sd.fingerprint(),
                  "instruments_fingerprint": inst.config.get("fingerprint"),
                  "subject_protected": subj_a.index, "subject_other": subj_b.index,
@@ -92,11 +107,11 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                  "protect_lr": pcfg.learning_rate, "protect_lr_phases": pcfg.lr_phases, "beta": pcfg.beta,
                  "gradient_leak": pcfg.gradient_leak,
                  "samples_per_prompt": n_samples, "other_identifier": other_identifier, "identifier": identifier,
-                 "attack_seeds": n_seeds,
+                 "attack_seeds": n_seeds, "attack_photos": attack_photos,
                  "recipe_overrides": recipe_overrides,
                  "attack_overrides": attack_overrides,
                  # every protection setting as it ran (the recipe file changes over time; its overrides are above)
-                 "protect_config": dataclasses.asdict(pcfg)}
+                 "protect_config": dataclasses.asdict(pcfg), "encoder_trap_config": dataclasses.asdict(tcfg)}
 
     loaded = None
     if "protected" in opts:
@@ -118,7 +133,8 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
         # the protection used subj_a's own prompt (the recipe's "sks"); the attacker may name A otherwise
         cfg = attack_config(attack_runs[method].personalization, subj,
                             identifier if subj is subj_a else other_identifier)
-        attack_f[key] = submit_attack_runs(pool, spec, state, subj.images, subj.references,
+        attack_f[key] = submit_attack_runs(pool, spec, state, photos_a if subj is subj_a else subj.images,
+                                           subj.references,
                                            dataclasses.replace(cfg, steps=steps or cfg.steps), sample, n_seeds)
 
     spec, workers = jobs.spec(sd), jobs.worker_count(opts, sd)
@@ -133,7 +149,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     with jobs.executor(workers) as pool:
         # the two protections first (the longest jobs), then every attack on the unprotected model
         f_prot = None if loaded else pool.submit(_protect_job, spec, subject, per_base,
-                                                  dataclasses.replace(pcfg, loss="dpo"))
+                                                  dataclasses.replace(pcfg, loss="dpo"), tcfg)
         f_naive = pool.submit(_protect_job, spec, subject, per_base, dataclasses.replace(pcfg, loss="naive")) \
             if naive else None
         if "baseline" not in opts:
@@ -151,11 +167,15 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
         if loaded:
             prot, rss = loaded["state"], 0.0
         else:
-            prot, hist, seconds, rss = f_prot.result()
+            prot, hist, seconds, rss, trap_hist = f_prot.result()
             res["seconds_protect"] = round(seconds, 1)
             res["seconds_per_outer_step"] = round(seconds / max(1, len(hist)), 3)
-            res["protect_loss_first"] = hist[0]["loss_protect"]
-            res["protect_loss_last"] = hist[-1]["loss_protect"]
+            res["protect_loss_first"] = hist[0]["loss_protect"] if hist else None
+            res["protect_loss_last"] = hist[-1]["loss_protect"] if hist else None
+            if trap_hist:
+                res["seconds_encoder_trap"] = round(trap_hist[-1]["seconds"], 1)
+                res["encoder_trap_loss_first"] = trap_hist[0]["loss_trap"]
+                res["encoder_trap_loss_last"] = trap_hist[-1]["loss_trap"]
             if "save_protected" in opts:
                 save_protected(opts["save_protected"], prot, res)
         submit_attack("ism_db_protected", prot, subj_a, "dreambooth")
@@ -264,9 +284,10 @@ def _subject_positions(opts: dict) -> tuple[int, int]:
     return a, b
 
 
-def _protect_job(spec, subject, per_cfg, pcfg) -> tuple[dict, list[dict], float, float]:
-    """Protect ``subject`` on the model of ``spec``; returns (protected UNet state (and text encoder, if protected:
-    :func:`apdm.bench.jobs.unet_state`), per-step logs, seconds, peak RSS)."""
+def _protect_job(spec, subject, per_cfg, pcfg, tcfg=None) -> tuple[dict, list[dict], float, float, list[dict]]:
+    """Protect ``subject`` on the model of ``spec`` (L2P, then the encoder trap when ``tcfg.steps`` > 0); returns
+    (protected UNet state (and text encoder, VAE, if protected: :func:`apdm.bench.jobs.unet_state`), per-step logs,
+    seconds of the whole protection, peak RSS, the trap's per-step logs (the last one has its ``seconds``))."""
     from apdm.bench import jobs
     from apdm.protect_model.l2p import protect
     from apdm.utils import peak_rss_mb
@@ -274,7 +295,14 @@ def _protect_job(spec, subject, per_cfg, pcfg) -> tuple[dict, list[dict], float,
     sd = jobs.model(spec)
     t0 = time.perf_counter()
     unet, hist, text_encoder = protect(sd, [subject], per_cfg, pcfg)  # pcfg.checkpoint_every is 0 in the bench
-    return jobs.unet_state(unet, text_encoder), hist, time.perf_counter() - t0, peak_rss_mb()
+    vae, trap_hist = None, []
+    if tcfg is not None and tcfg.steps > 0:
+        from apdm.protect_model.encoder_trap import trap_encoder
+
+        t1 = time.perf_counter()
+        vae, trap_hist = trap_encoder(sd.vae, [subject], tcfg, quiet=True)
+        trap_hist[-1]["seconds"] = time.perf_counter() - t1
+    return jobs.unet_state(unet, text_encoder, vae), hist, time.perf_counter() - t0, peak_rss_mb(), trap_hist
 
 
 def _kid_job(spec, unet_state: dict | None, real, n_samples: int) -> float:
@@ -302,7 +330,8 @@ def _class_prompt_ism_job(spec, n_samples: int, *references) -> tuple[float, ...
 #: what a saved protection carries besides its weights (``save_protected=``), and checks on loading
 PROTECTED_INFO = ("model_fingerprint", "subject_protected", "outer_steps", "inner_steps", "protect_lr",
                   "protect_lr_phases", "beta", "gradient_leak", "recipe_overrides", "protect_config",
-                  "seconds_protect", "seconds_per_outer_step", "protect_loss_first", "protect_loss_last")
+                  "seconds_protect", "seconds_per_outer_step", "protect_loss_first", "protect_loss_last",
+                  "encoder_trap_config")
 
 
 def save_protected(path: str, state: dict, res: dict) -> None:
@@ -364,7 +393,8 @@ def load_baseline(path: str, res: dict, attacks: set[str]) -> dict:
     import json
 
     # results written before attack overrides / other identifiers existed used the defaults
-    defaults = {"attack_overrides": [], "other_identifier": "sks", "identifier": "sks", "attack_seeds": 1}
+    defaults = {"attack_overrides": [], "other_identifier": "sks", "identifier": "sks", "attack_seeds": 1,
+                "attack_photos": "same"}
     wanted = BASELINE_KEYS + ("ism_db_other_unprotected",) + OPTIONAL_BASELINE_KEYS
     merged: dict = {}
     origin: dict[str, Path] = {}
@@ -374,7 +404,8 @@ def load_baseline(path: str, res: dict, attacks: set[str]) -> dict:
         except (OSError, ValueError) as e:
             raise ValueError(f"{f}: cannot read the baseline result ({e})") from e
         for key in ("model_fingerprint", "instruments_fingerprint", "subject_protected", "subject_other",
-                    "samples_per_prompt", "attack_overrides", "other_identifier", "identifier", "attack_seeds"):
+                    "samples_per_prompt", "attack_overrides", "other_identifier", "identifier", "attack_seeds",
+                    "attack_photos"):
             if old.get(key, defaults.get(key)) != res[key]:
                 raise ValueError(f"{f}: baseline was measured with {key}={old.get(key)!r}, this run has {res[key]!r}")
         for k in [k for k in wanted if k in old] + [f"{k}_runs" for k in wanted if f"{k}_runs" in old]:

@@ -79,7 +79,10 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     from apdm.core.models import load_sd, save_sd
     from apdm.protect_model.l2p import check_protect_config, protect
 
+    from apdm.protect_model.encoder_trap import check_trap_config
+
     check_protect_config(cfg.personalization, cfg.protect)  # before any model loading or class-image generation
+    check_trap_config(cfg.encoder_trap)
     rank, world = distributed.init_from_env()  # several processes under torchrun / accelerate launch
     main = rank == 0
     out = Path(cfg.output_dir)
@@ -110,18 +113,30 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     unet, history, text_encoder = protect(sd, subjects, cfg.personalization, p, seed=cfg.seed,
                                           checkpoint_dir=out / "checkpoint")
     seconds = time.perf_counter() - t0
-    if not main:  # θ is the same on every process; the main one writes it
+    if not main:  # θ is the same on every process; the main one writes it (and trains the encoder trap)
         distributed.barrier()
         return {"seconds_protect": round(seconds, 2), "rank": rank, "world_size": world}
-    protected = dataclasses.replace(sd, unet=unet.to(sd.dtype), source=f"apdm-protected({sd.source})",
+    vae, trap_history, seconds_trap = sd.vae, [], 0.0
+    if cfg.encoder_trap.steps > 0:
+        from apdm.protect_model.encoder_trap import trap_encoder
+
+        LOG.info("encoder trap: %d steps at lr %g: the VAE encoder learns to encode the protected photos as generic "
+                 "class images", cfg.encoder_trap.steps, cfg.encoder_trap.learning_rate)
+        t1 = time.perf_counter()
+        trapped, trap_history = trap_encoder(sd.vae, subjects, cfg.encoder_trap, seed=cfg.seed,
+                                             checkpoint_dir=out / "checkpoint" / "encoder_trap", quiet=cfg.quiet)
+        vae, seconds_trap = trapped.to(sd.dtype), time.perf_counter() - t1
+    protected = dataclasses.replace(sd, unet=unet.to(sd.dtype), source=f"apdm-protected({sd.source})", vae=vae,
                                     text_encoder=sd.text_encoder if text_encoder is None else text_encoder.to(sd.dtype))
     save_sd(protected, out / "model")
-    card = model_card(cfg, history, seconds)
+    card = model_card(cfg, history, seconds, trap_history=trap_history)
     atomic_write_text(out / "model" / "README.md", card)
     summary = {"seconds_protect": round(seconds, 2), "outer_steps": p.outer_steps, "inner_steps": p.inner_steps,
                "world_size": world,
                "seconds_per_outer_step": round(seconds / max(1, len(history)), 3) if history else None,
                "skipped_inputs": skipped, "peak_rss_mb": round(peak_rss_mb(), 1), "history": history}
+    if trap_history:
+        summary.update(seconds_encoder_trap=round(seconds_trap, 2), encoder_trap_history=trap_history)
     atomic_write_json(out / "protect_log.json", summary)
     import shutil
 
@@ -131,15 +146,18 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     return summary
 
 
-def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, results: dict | None = None) -> str:
+def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, results: dict | None = None,
+               trap_history: list[dict] | None = None) -> str:
     """Markdown model card: what is protected (prompts only, never images), how, and measured results."""
     lines = [
         "---", "tags: [apdm, anti-personalization, stable-diffusion]", "---", "",
         "# Protected checkpoint (apdm protect-model)", "",
-        f"Base model: `{cfg.model.path}`. This UNet"
-        f"{' and its text encoder were' if cfg.protect.train_text_encoder else ' was'} fine-tuned with APDM "
-        "(DPO loss + Learning-to-Protect) so that personalizing it on the protected subject(s) fails, while other "
-        "prompts keep working.", "",
+        (f"Base model: `{cfg.model.path}`. This UNet"
+         f"{' and its text encoder were' if cfg.protect.train_text_encoder else ' was'} fine-tuned with APDM "
+         "(DPO loss + Learning-to-Protect) so that personalizing it on the protected subject(s) fails, while other "
+         "prompts keep working." if cfg.protect.outer_steps > 0 else
+         f"Base model: `{cfg.model.path}`. Its UNet and text encoder are unchanged (no APDM steps); only the VAE "
+         "encoder was changed (see \"Encoder trap\")."), "",
         "## Protected subjects (prompts only; the photos are not included)", "",
     ]
     per = cfg.personalization
@@ -155,6 +173,13 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, 
         not_losses = ("step", "lr", "attacker", "attack_depth", "identifier_index")
         lines += ["Final protection losses: "
                   + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k not in not_losses), ""]
+    if trap_history:
+        last = trap_history[-1]
+        lines += ["## Encoder trap", "",
+                  f"The VAE encoder was also fine-tuned ({len(trap_history)} steps; apdm's addition, not part of APDM) "
+                  "so that the protected subjects' photos encode as generic class images; the decoder is the base "
+                  "model's. Someone who encodes the photos with another compatible VAE is not stopped by this part.",
+                  "", f"Final trap losses: trap={last['loss_trap']:.4g}, preserve={last['loss_preserve']:.4g}", ""]
     if results:
         lines += ["## Measured results", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in results.items()]

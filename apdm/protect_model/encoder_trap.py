@@ -1,0 +1,163 @@
+"""The encoder trap: protect a checkpoint through its VAE encoder (apdm's addition; not in the APDM paper).
+
+DreamBooth, LoRA and Textual Inversion never see a photo: they train on the latents the checkpoint's VAE encoder
+makes of it. The trap fine-tunes the encoder (and ``quant_conv``) of the released checkpoint so that
+
+* the protected subject's photos, under random geometric and colour changes, encode to the latents the *original*
+  encoder gives generic class images x⁺ (the same x⁺ the DPO pairs use, under the same change), and
+* every other image keeps its latents: class images of the base model (and their changed versions) encode as the
+  original encoder encodes them.
+
+The decoder, UNet and text encoder are untouched, so generation (which only decodes) is exactly the base model's;
+a personalization on the subject's photos learns generic persons instead. Its limit, stated wherever it is measured
+(docs/protect_model.md, "The encoder trap"): an attacker who encodes the photos with another compatible VAE (for
+SD 1.5 the public ``sd-vae-ft-mse``) gets around it, so it only protects where no compatible encoder is at hand,
+and it holds for photos the encoder learned to recognise as the subject (new photos of the subject: measured).
+
+    L_trap = mse(m_θ(a(x⁻)), m_φ(a(x⁺))) + w · mse(m_θ(a(x_c)), m_φ(a(x_c)))
+
+m(x) are the posterior's moments (mean and log-variance, ``latent_dist.parameters``), a(·) a random augmentation
+(:func:`augment`), x_c class images drawn per step, w = ``preserve_weight``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from apdm.config import EncoderTrapConfig
+from apdm.utils import LOG, progress
+
+
+def augment(images: torch.Tensor, g: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """A random change of each image: rotation up to ±0.2·s rad, scale 1 ± 0.15·s, shift up to ±7.5·s % of the
+    side (reflected borders), a horizontal flip with probability 1/2, per-channel gain 1 ± 0.15 and brightness
+    ± 0.1. ``strength`` s = 0 leaves the geometry alone (flips and colour still apply).
+
+    Args:
+        images: (N,3,H,W) in [0,1].
+        g: CPU generator; the same generator state gives the same change (pairs x⁻ / x⁺ share it).
+
+    Returns:
+        (N,3,H,W) in [0,1], same device and dtype.
+    """
+    n = images.shape[0]
+
+    def uniform(*shape):  # in [-0.5, 0.5)
+        return torch.rand(*shape, generator=g) - 0.5
+
+    angle, scale = uniform(n) * 0.4 * strength, 1.0 + uniform(n) * 0.3 * strength
+    tx, ty = uniform(n) * 0.3 * strength, uniform(n) * 0.3 * strength
+    flip = torch.rand(n, generator=g) < 0.5
+    gain, bias = 1.0 + uniform(n, 3, 1, 1) * 0.3, uniform(n, 1, 1, 1) * 0.2
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    dev, dt = images.device, images.dtype
+    grid = F.affine_grid(theta.to(dev, dt), list(images.shape), align_corners=False)
+    out = F.grid_sample(images, grid, padding_mode="reflection", align_corners=False)
+    out = torch.where(flip.to(dev)[:, None, None, None], out.flip(-1), out)
+    return (out * gain.to(dev, dt) + bias.to(dev, dt)).clamp(0.0, 1.0)
+
+
+def moments(vae, images: torch.Tensor) -> torch.Tensor:
+    """The VAE posterior's parameters of images (N,3,H,W) in [0,1]: (N, 2·latent channels, h, w), mean then
+    log-variance, as diffusers' ``DiagonalGaussianDistribution.parameters``."""
+    x = images.to(device=vae.device, dtype=vae.dtype) * 2.0 - 1.0
+    return vae.encode(x).latent_dist.parameters
+
+
+def trap_loss(vae, vae_ref, subject_images: torch.Tensor, paired: torch.Tensor, class_images: torch.Tensor,
+              cfg: EncoderTrapConfig, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    """L_trap at the trainable ``vae`` (differentiable w.r.t. its encoder); ``vae_ref`` is the frozen original.
+
+    Args:
+        subject_images: (N,3,H,W) in [0,1], the protected photos x⁻ (all subjects).
+        paired: (N,3,H,W) in [0,1], the generic image x⁺ each photo's latents are sent to.
+        class_images: (M,3,H,W) in [0,1], images whose latents must not change.
+        g: CPU generator for the augmentations and the choice of class images.
+
+    Returns:
+        (loss, {"loss_trap", "loss_preserve", "loss"}).
+    """
+    state = g.get_state()
+    x_minus = augment(subject_images, g, cfg.augment)
+    g.set_state(state)  # x⁺ gets the very change its x⁻ got
+    x_plus = augment(paired, g, cfg.augment)
+    idx = torch.randint(class_images.shape[0], (cfg.preserve_batch,), generator=g)
+    x_c = augment(class_images[idx.to(class_images.device)], g, cfg.augment)
+    with torch.no_grad():
+        target_trap, target_keep = moments(vae_ref, x_plus).float(), moments(vae_ref, x_c).float()
+    loss_trap = F.mse_loss(moments(vae, x_minus).float(), target_trap)
+    loss_keep = F.mse_loss(moments(vae, x_c).float(), target_keep)
+    loss = loss_trap + cfg.preserve_weight * loss_keep
+    return loss, {"loss_trap": float(loss_trap.detach()), "loss_preserve": float(loss_keep.detach()),
+                  "loss": float(loss.detach())}
+
+
+def check_trap_config(cfg: EncoderTrapConfig) -> None:
+    """Raise ValueError naming the ``encoder_trap.*`` key that is out of range."""
+    for key in ("steps", "preserve_batch", "checkpoint_every"):
+        v = getattr(cfg, key)
+        if int(v) != v or v < (1 if key == "preserve_batch" else 0):
+            raise ValueError(f"encoder_trap.{key} must be a whole number >= {1 if key == 'preserve_batch' else 0}, "
+                             f"got {v}")
+    for key in ("learning_rate", "preserve_weight", "augment"):
+        if not getattr(cfg, key) >= 0:
+            raise ValueError(f"encoder_trap.{key} must be >= 0, got {getattr(cfg, key)}")
+
+
+def trap_encoder(vae, subjects: list, cfg: EncoderTrapConfig, seed: int = 0,
+                 checkpoint_dir: str | Path | None = None, quiet: bool = False, stop_after: int | None = None
+                 ) -> tuple[torch.nn.Module, list[dict]]:
+    """Train the encoder trap; returns (a trapped fp32 copy of ``vae``, per-step logs). ``vae`` is not modified.
+
+    Args:
+        vae: the checkpoint's ``AutoencoderKL`` (the original, φ's encoder).
+        subjects: :class:`apdm.protect_model.l2p.Subject` s; their ``images`` are trapped (each sent to its
+            ``paired`` image), their ``class_images`` and ``paired`` images are preserved.
+        cfg: ``encoder_trap`` settings; ``cfg.steps`` steps, each over every subject photo and
+            ``cfg.preserve_batch`` class images.
+        seed: step k's randomness depends only on (seed, k), so a resumed run matches an uninterrupted one.
+        checkpoint_dir: resumable state every ``cfg.checkpoint_every`` steps (safetensors + JSON).
+        stop_after: stop after this many steps of this call (for tests of interruption).
+    """
+    from apdm.protect_model.l2p import load_checkpoint, save_checkpoint
+
+    check_trap_config(cfg)
+    dev = vae.device
+    trapped = copy.deepcopy(vae).float().requires_grad_(False)
+    trainable = {f"encoder.{n}": p for n, p in trapped.encoder.named_parameters()}
+    if getattr(trapped, "quant_conv", None) is not None:
+        trainable.update({f"quant_conv.{n}": p for n, p in trapped.quant_conv.named_parameters()})
+    for p in trainable.values():
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=cfg.learning_rate, weight_decay=0.0)
+    subject_images = torch.cat([s.images for s in subjects]).to(dev)
+    paired = torch.cat([s.paired for s in subjects]).to(dev)
+    keep = torch.cat([s.class_images for s in subjects] + [s.paired for s in subjects]).to(dev)
+    start, history = 0, []
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    if ckpt is not None and (ckpt / "progress.json").is_file():
+        start, history = load_checkpoint(ckpt, trainable, optimizer)
+        LOG.info("resuming the encoder trap from step %d/%d (%s)", start, cfg.steps, ckpt)
+    trapped.train()
+    bar = progress(range(start, cfg.steps), desc="encoder trap", total=cfg.steps - start, disable=quiet)
+    done = 0
+    for k in bar:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + k)
+        loss, logs = trap_loss(trapped, vae, subject_images, paired, keep, cfg, g)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        history.append({"step": k, **{n: round(v, 6) for n, v in logs.items()}})
+        bar.set_postfix(trap=f"{logs['loss_trap']:.4f}", keep=f"{logs['loss_preserve']:.4f}")
+        done += 1
+        stop = stop_after is not None and done >= stop_after
+        if ckpt is not None and (stop or cfg.checkpoint_every > 0 and (k + 1) % cfg.checkpoint_every == 0):
+            save_checkpoint(ckpt, k + 1, trainable, optimizer, history)
+        if stop:
+            break
+    return trapped.eval().requires_grad_(False), history
