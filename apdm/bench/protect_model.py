@@ -91,7 +91,8 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     n_samples = int(opts.get("samples", 8 if quick else 16))
     n_seeds = attack_seeds(opts, quick)
     sample.num_images_per_prompt = n_samples
-    subj_a, subj_b = (heldout_subjects(1, num_images=4, offset=k)[0] for k in _subject_positions(opts))
+    positions = _subject_positions(opts)
+    subj_a, subj_b = (heldout_subjects(1, num_images=4, offset=k)[0] for k in positions)
     other_identifier, identifier = (identifier_option(opts, k) for k in ("other_identifier", "identifier"))
     attack_photos = opts.get("attack_photos", "same")
     if attack_photos not in ("same", "fresh"):
@@ -99,7 +100,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                          f"'fresh' (on other photos of the same person), got '{attack_photos}'")
     # the attacker's photos of A: the protection's own, or another draw of the same identity (its references stay)
     photos_a = subj_a.images if attack_photos == "same" else \
-        heldout_subjects(1, num_images=4, offset=_subject_positions(opts)[0], seed=1)[0].images
+        heldout_subjects(1, num_images=4, offset=positions[0], seed=1)[0].images
     res: dict = {"model": sd.source, "model_fingerprint": sd.fingerprint(),
                  "instruments_fingerprint": inst.config.get("fingerprint"),
                  "subject_protected": subj_a.index, "subject_other": subj_b.index,
@@ -167,14 +168,13 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
         if loaded:
             prot, rss = loaded["state"], 0.0
         else:
-            prot, hist, seconds, rss, trap_hist = f_prot.result()
+            prot, hist, seconds, rss, trap_hist, seconds_trap = f_prot.result()
             res["seconds_protect"] = round(seconds, 1)
-            seconds_l2p = seconds - (trap_hist[-1]["seconds"] if trap_hist else 0.0)
-            res["seconds_per_outer_step"] = round(seconds_l2p / len(hist), 3) if hist else None
+            res["seconds_per_outer_step"] = round((seconds - seconds_trap) / len(hist), 3) if hist else None
             res["protect_loss_first"] = hist[0]["loss_protect"] if hist else None
             res["protect_loss_last"] = hist[-1]["loss_protect"] if hist else None
             if trap_hist:
-                res["seconds_encoder_trap"] = round(trap_hist[-1]["seconds"], 1)
+                res["seconds_encoder_trap"] = round(seconds_trap, 1)
                 res["encoder_trap_loss_first"] = trap_hist[0]["loss_trap"]
                 res["encoder_trap_loss_last"] = trap_hist[-1]["loss_trap"]
             if "save_protected" in opts:
@@ -285,10 +285,11 @@ def _subject_positions(opts: dict) -> tuple[int, int]:
     return a, b
 
 
-def _protect_job(spec, subject, per_cfg, pcfg, tcfg=None) -> tuple[dict, list[dict], float, float, list[dict]]:
+def _protect_job(spec, subject, per_cfg, pcfg, tcfg=None
+                 ) -> tuple[dict, list[dict], float, float, list[dict], float]:
     """Protect ``subject`` on the model of ``spec`` (L2P, then the encoder trap when ``tcfg.steps`` > 0); returns
     (protected UNet state (and text encoder, VAE, if protected: :func:`apdm.bench.jobs.unet_state`), per-step logs,
-    seconds of the whole protection, peak RSS, the trap's per-step logs (the last one has its ``seconds``))."""
+    seconds of the whole protection, peak RSS, the trap's per-step logs, the trap's seconds)."""
     from apdm.bench import jobs
     from apdm.protect_model.l2p import protect
     from apdm.utils import peak_rss_mb
@@ -296,14 +297,15 @@ def _protect_job(spec, subject, per_cfg, pcfg, tcfg=None) -> tuple[dict, list[di
     sd = jobs.model(spec)
     t0 = time.perf_counter()
     unet, hist, text_encoder = protect(sd, [subject], per_cfg, pcfg)  # pcfg.checkpoint_every is 0 in the bench
-    vae, trap_hist = None, []
+    vae, trap_hist, seconds_trap = None, [], 0.0
     if tcfg is not None and tcfg.steps > 0:
         from apdm.protect_model.encoder_trap import trap_encoder
 
         t1 = time.perf_counter()
         vae, trap_hist = trap_encoder(sd.vae, [subject], tcfg, quiet=True)
-        trap_hist[-1]["seconds"] = time.perf_counter() - t1
-    return jobs.unet_state(unet, text_encoder, vae), hist, time.perf_counter() - t0, peak_rss_mb(), trap_hist
+        seconds_trap = time.perf_counter() - t1
+    return (jobs.unet_state(unet, text_encoder, vae), hist, time.perf_counter() - t0, peak_rss_mb(), trap_hist,
+            seconds_trap)
 
 
 def _kid_job(spec, unet_state: dict | None, real, n_samples: int) -> float:

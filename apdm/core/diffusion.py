@@ -47,9 +47,16 @@ def vae_posterior(vae, images: torch.Tensor, batch: int = 0) -> tuple[torch.Tens
     if batch > 0 and images.shape[0] > batch:
         parts = [vae_posterior(vae, chunk) for chunk in images.split(batch)]
         return torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts])
-    x = images.to(device=vae.device, dtype=vae.dtype) * 2.0 - 1.0
-    dist = vae.encode(x).latent_dist
+    dist = posterior(vae, images)
     return dist.mean, dist.std
+
+
+def posterior(vae, images: torch.Tensor):
+    """q(z|x) of images (N,3,H,W) in [0,1] as diffusers' ``DiagonalGaussianDistribution`` (its ``parameters`` are the
+    (N, 2·latent channels, h, w) mean and log-variance, unscaled, in the VAE's dtype); differentiable w.r.t. the
+    images and the encoder."""
+    x = images.to(device=vae.device, dtype=vae.dtype) * 2.0 - 1.0
+    return vae.encode(x).latent_dist
 
 
 def posterior_latents(vae, mean: torch.Tensor, std: torch.Tensor, sample: bool = False,

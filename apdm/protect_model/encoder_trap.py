@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from apdm.config import EncoderTrapConfig
+from apdm.core import diffusion as D
 from apdm.utils import LOG, progress
 
 
@@ -64,9 +65,8 @@ def augment(images: torch.Tensor, g: torch.Generator, strength: float = 1.0) -> 
 
 def moments(vae, images: torch.Tensor) -> torch.Tensor:
     """The VAE posterior's parameters of images (N,3,H,W) in [0,1]: (N, 2·latent channels, h, w), mean then
-    log-variance, as diffusers' ``DiagonalGaussianDistribution.parameters``."""
-    x = images.to(device=vae.device, dtype=vae.dtype) * 2.0 - 1.0
-    return vae.encode(x).latent_dist.parameters
+    log-variance (:func:`apdm.core.diffusion.posterior`)."""
+    return D.posterior(vae, images).parameters
 
 
 def trap_loss(vae, vae_ref, subject_images: torch.Tensor, paired: torch.Tensor, class_images: torch.Tensor,
@@ -99,11 +99,10 @@ def trap_loss(vae, vae_ref, subject_images: torch.Tensor, paired: torch.Tensor, 
 
 def check_trap_config(cfg: EncoderTrapConfig) -> None:
     """Raise ValueError naming the ``encoder_trap.*`` key that is out of range."""
-    for key in ("steps", "preserve_batch", "checkpoint_every"):
+    for key, low in (("steps", 0), ("preserve_batch", 1), ("checkpoint_every", 0)):
         v = getattr(cfg, key)
-        if int(v) != v or v < (1 if key == "preserve_batch" else 0):
-            raise ValueError(f"encoder_trap.{key} must be a whole number >= {1 if key == 'preserve_batch' else 0}, "
-                             f"got {v}")
+        if int(v) != v or v < low:
+            raise ValueError(f"encoder_trap.{key} must be a whole number >= {low}, got {v}")
     for key in ("learning_rate", "preserve_weight", "augment"):
         if not getattr(cfg, key) >= 0:
             raise ValueError(f"encoder_trap.{key} must be >= 0, got {getattr(cfg, key)}")

@@ -77,9 +77,8 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     """
     from apdm.core import distributed
     from apdm.core.models import load_sd, save_sd
-    from apdm.protect_model.l2p import check_protect_config, protect
-
     from apdm.protect_model.encoder_trap import check_trap_config
+    from apdm.protect_model.l2p import check_protect_config, protect
 
     check_protect_config(cfg.personalization, cfg.protect)  # before any model loading or class-image generation
     check_trap_config(cfg.encoder_trap)
