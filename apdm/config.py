@@ -245,6 +245,16 @@ class EncoderTrapConfig:
     #: strength of the random geometric change of each image per step (rotation, scale, shift; 0 = none;
     #: flips and colour changes always apply): the trap must hold for other photos of the subject than these.
     augment: float = 1.0
+    #: what the photos encode as (their *decoys*): ``paired`` (photo i → the DPO pairs' generic image x⁺_i) or
+    #: ``farthest`` (the N class images, of the prior images and the x⁺, whose identity is least like the subject's
+    #: by the face recognizer ``identity``; the idea of Fawkes' target choice). What a personalization learns
+    #: through the trap is the decoys, so their likeness to the subject is what it keeps (docs/protect_model.md,
+    #: "What the trap's DreamBooth learns").
+    targets: str = "paired"
+    #: the face recognizer that chooses ``farthest`` decoys: ``dlib`` (extra ``faces``), ``toy`` or ``toy:DIR``
+    #: (a toy-world identity encoder: the committed one, or one built with ``apdm toy build skip_model=true
+    #: seed=1 output_dir=DIR``). Use another recognizer than the one you evaluate with.
+    identity: str = ""
     #: save a resumable checkpoint every K steps (0 = never).
     checkpoint_every: int = 500
 

@@ -68,6 +68,73 @@ def test_trap_moves_the_subject_latents_and_keeps_the_rest(tiny_sd):
         assert dist(trapped, subj.class_images, keep) < 0.2 * moved_subject
 
 
+def _colour_embed(images):
+    """A stand-in face recognizer for the decoy choice: an image's mean colour, centred (3-d)."""
+    return images.mean((2, 3)) - 0.5
+
+
+def test_choose_decoys_takes_the_least_alike_by_the_recognizer():
+    photos = torch.zeros(2, 3, 4, 4)
+    photos[:, 0] = 1.0  # red
+    colours = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [0, 1, 1]], dtype=torch.float32)
+    candidates = colours[:, :, None, None].expand(5, 3, 4, 4).clone()
+    idx, cos = T.choose_decoys(photos, candidates, _colour_embed, 2)
+    ref = torch.nn.functional.normalize(_colour_embed(photos)[0], dim=0)
+    expect = torch.nn.functional.normalize(_colour_embed(candidates), dim=-1) @ ref
+    assert idx.tolist() == torch.argsort(expect)[:2].tolist() and set(idx.tolist()) == {1, 4}  # green, cyan
+    torch.testing.assert_close(cos, expect[idx])
+    assert bool(cos[0] <= cos[1])
+
+    def found_some(images):  # a recognizer that finds no face in cyan images
+        e = _colour_embed(images)
+        found = ~((images[:, 1].mean((1, 2)) > 0.5) & (images[:, 2].mean((1, 2)) > 0.5))
+        return e[found], found
+
+    idx, _ = T.choose_decoys(photos, candidates, found_some, 2)
+    assert 4 not in idx.tolist() and 1 in idx.tolist()
+    with pytest.raises(ValueError, match="only 4 of 5"):
+        T.choose_decoys(photos, candidates, found_some, 5)
+    with pytest.raises(ValueError, match="no face in the subject's photos"):
+        T.choose_decoys(candidates[4:], candidates, found_some, 1)
+
+
+def test_trap_targets_modes_and_their_check():
+    subj = _subject()
+    assert T.trap_targets(subj, "paired") == (subj.paired, None)
+    targets, cos = T.trap_targets(subj, "farthest", _colour_embed)
+    pool = torch.cat([subj.class_images, subj.paired])
+    assert targets.shape == subj.images.shape and cos.shape == (2,)
+    assert all(any(torch.equal(t, c) for c in pool) for t in targets)  # each decoy is one of the class images
+    with pytest.raises(ValueError, match="needs a face recognizer"):
+        T.trap_targets(subj, "farthest")
+    with pytest.raises(ValueError, match="encoder_trap.targets"):
+        T.trap_targets(subj, "blend")
+    with pytest.raises(ValueError, match="encoder_trap.targets"):
+        T.check_trap_config(EncoderTrapConfig(targets="blend"))
+    with pytest.raises(ValueError, match="encoder_trap.identity"):
+        T.check_trap_config(EncoderTrapConfig(targets="farthest"))
+
+
+def test_identity_backend_from_a_folder_without_instruments_is_refused(tmp_path):
+    from apdm.evaluation.run import identity_backend
+
+    with pytest.raises(ValueError, match="holds no toy instruments"):
+        identity_backend(f"toy:{tmp_path}")
+
+
+def test_trap_with_farthest_decoys_sends_the_photos_to_them(tiny_sd):
+    subj = _subject()
+    cfg = EncoderTrapConfig(steps=30, learning_rate=2e-3, augment=0.0, preserve_batch=4, targets="farthest",
+                            identity="colour")
+    decoys, _ = T.trap_targets(subj, "farthest", _colour_embed)
+    trapped, _ = T.trap_encoder(tiny_sd.vae, [subj], cfg, quiet=True, embed=_colour_embed)
+    with torch.no_grad():
+        target = D.vae_posterior(tiny_sd.vae, decoys)[0]
+        before = D.vae_posterior(tiny_sd.vae, subj.images)[0]
+        after = D.vae_posterior(trapped, subj.images)[0]
+    assert (after - target).pow(2).mean() < 0.5 * (before - target).pow(2).mean()
+
+
 def test_trap_resume_after_interruption_is_exact(tiny_sd, tmp_path):
     subj = [_subject()]
     cfg = EncoderTrapConfig(steps=4, learning_rate=1e-3, preserve_batch=2, checkpoint_every=1)

@@ -15,7 +15,12 @@ Overrides: ``outer_steps=N inner_steps=N learning_rate=X samples=N long_attack=t
 personalized as "a photo of WORD person" instead of with A's "sks": does the collateral follow the identifier?),
 ``identifier=WORD`` (every attack on A, unprotected and protected, uses "a photo of WORD person" while the protection
 keeps the recipe's "sks": does an attacker who picks another identifier escape? The paper's Table 14 uses "t@t"),
-``attacks=lora,ti,other`` (which attacks besides DreamBooth on A; default all),
+``attacks=lora,ti,other,targets`` (which attacks besides DreamBooth on A; default lora,ti,other; ``targets`` is
+DreamBooth on the protection's generic winners x⁺ (with the encoder trap: its decoys, the images its photos
+encode as, ``encoder_trap.targets``) instead of A's photos, on the *unprotected* model:
+``ism_db_targets`` and ``protection_ratio_db_on_targets``, what an attack that learns exactly the x⁺ instead of A
+gives; a protection that steers the attack to the x⁺ cannot do better, see docs/protect_model.md, "What the trap's
+DreamBooth learns"),
 ``attack_seeds=K`` (every attack, unprotected and protected, is run K times, repeat r with the attacker's seed and the
 sampling seed both raised by r; each ``ism_*`` / ``fdfr_*`` key is then the mean over the K runs, its runs are listed
 under ``<key>_runs``, and ``protection_ratio*_runs`` pairs run r unprotected with run r protected; default 1 with
@@ -32,7 +37,9 @@ are deterministic, so they would come out the same).
 same references) instead of the photos the protection saw: does the protection hold for photos it never saw?
 ``encoder_trap.steps=N`` (and the other ``encoder_trap.*`` keys) adds the encoder trap after L2P
 (:mod:`apdm.protect_model.encoder_trap`; ``protect.outer_steps=0`` for the trap alone); the saved and attacked
-state then carries the VAE too.
+state then carries the VAE too. ``encoder_trap.targets=farthest encoder_trap.identity=toy:DIR`` lets a face
+recognizer built independently of the bench's judge (``apdm toy build skip_model=true seed=1 output_dir=DIR``)
+choose the decoys (``encoder_trap.identity=toy``, the judge itself, is refused; ``decoy_identity_impl`` records it).
 ``save_protected=F.safetensors`` writes the protected weights (with the model fingerprint, subject and protection
 settings as metadata) and ``protected=F.safetensors`` attacks such weights instead of protecting again (the
 protection of the paper's footing takes ~50 min on one core; its settings and time are then read from the file,
@@ -54,8 +61,8 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     from apdm.bench import attack_config, attack_seeds, identifier_option, jobs, submit_attack_runs, toy_setup
     from apdm.bench.toy_world import METHOD_RECIPES, toy_recipe
-    from apdm.config import ProtectModelRunConfig, load_config
-    from apdm.protect_model.encoder_trap import check_trap_config
+    from apdm.config import EncoderTrapConfig, ProtectModelRunConfig, load_config
+    from apdm.protect_model.encoder_trap import check_trap_config, trap_embedder, trap_targets
     from apdm.protect_model.l2p import check_protect_config
     from apdm.toy import draw
     from apdm.toy.world import heldout_subjects
@@ -72,9 +79,9 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                                 "attack_seeds", "save_protected", "protected", "attack_photos"})
     rc = load_config(ProtectModelRunConfig, RECIPES / "toy-protect-model.yaml", recipe_overrides)
     attacks = set(opts.get("attacks", "lora,ti,other").split(",")) - {""}
-    unknown = attacks - {"lora", "ti", "other"}
+    unknown = attacks - {"lora", "ti", "other", "targets"}
     if unknown:
-        raise ValueError(f"unknown attacks {sorted(unknown)} (known: lora, ti, other)")
+        raise ValueError(f"unknown attacks {sorted(unknown)} (known: lora, ti, other, targets)")
     # the evaluation attacker's recipes, loaded once (this also rejects a bad attack.* key before any work)
     attack_runs = {m: toy_recipe(m, attack_recipe) for m in METHOD_RECIPES}
     sample = attack_runs["dreambooth"].sample
@@ -87,6 +94,10 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     pcfg.checkpoint_every = 0  # the bench keeps no checkpoints
     check_protect_config(rc.personalization, pcfg)  # before any job starts
     check_trap_config(rc.encoder_trap)
+    if rc.encoder_trap.targets == "farthest" and rc.encoder_trap.identity == "toy":
+        raise ValueError("encoder_trap.identity=toy is the identity encoder this bench scores ISM with: choosing the "
+                         "decoys with it would grade the protection with its own judge; use an independent one "
+                         "(toy:DIR, built by `apdm toy build skip_model=true seed=1 output_dir=DIR`)")
     tcfg = dataclasses.replace(rc.encoder_trap, checkpoint_every=0)
     n_samples = int(opts.get("samples", 8 if quick else 16))
     n_seeds = attack_seeds(opts, quick)
@@ -113,6 +124,10 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                  "attack_overrides": attack_overrides,
                  # every protection setting as it ran (the recipe file changes over time; its overrides are above)
                  "protect_config": dataclasses.asdict(pcfg), "encoder_trap_config": dataclasses.asdict(tcfg)}
+    if tcfg.steps and tcfg.targets == "farthest":  # which recognizer chose the decoys (its weights' fingerprint)
+        from apdm.evaluation.run import identity_backend
+
+        res["decoy_identity_impl"] = identity_backend(tcfg.identity)[1]
 
     loaded = None
     if "protected" in opts:
@@ -130,12 +145,13 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     real, _, _ = draw.render_dataset("person", draw.split()["heldout"][100:100 + 4 * n_samples], 1, seed=77)
     real = draw.to_tensor(real)
 
-    def submit_attack(key: str, state, subj, method: str, steps: int | None = None) -> None:
+    def submit_attack(key: str, state, subj, method: str, steps: int | None = None, photos=None) -> None:
         # the protection used subj_a's own prompt (the recipe's "sks"); the attacker may name A otherwise
         cfg = attack_config(attack_runs[method].personalization, subj,
                             identifier if subj is subj_a else other_identifier)
-        attack_f[key] = submit_attack_runs(pool, spec, state, photos_a if subj is subj_a else subj.images,
-                                           subj.references,
+        if photos is None:
+            photos = photos_a if subj is subj_a else subj.images
+        attack_f[key] = submit_attack_runs(pool, spec, state, photos, subj.references,
                                            dataclasses.replace(cfg, steps=steps or cfg.steps), sample, n_seeds)
 
     spec, workers = jobs.spec(sd), jobs.worker_count(opts, sd)
@@ -165,6 +181,10 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                     submit_attack(f"ism_{method}_unprotected", None, subj_a, method)
             if long_attack:
                 submit_attack("ism_db_unprotected_2x_steps", None, subj_a, "dreambooth", long_steps)
+        if "targets" in attacks:  # A's attacker, trained on the protection's targets instead of A's photos
+            trap = EncoderTrapConfig(**res["encoder_trap_config"])  # as it ran (also from a protected= file)
+            targets = trap_targets(subject, trap.targets, trap_embedder(trap))[0] if trap.steps else subject.paired
+            submit_attack("ism_db_targets", None, subj_a, "dreambooth", photos=targets.cpu())
         if loaded:
             prot, rss = loaded["state"], 0.0
         else:
@@ -214,7 +234,8 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     for suffix, unprot, prot_key in (("", "ism_db_unprotected", "ism_db_protected"),
                                      ("_lora", "ism_lora_unprotected", "ism_lora_protected"),
                                      ("_ti", "ism_ti_unprotected", "ism_ti_protected"),
-                                     ("_2x_steps", "ism_db_unprotected_2x_steps", "ism_db_protected_2x_steps")):
+                                     ("_2x_steps", "ism_db_unprotected_2x_steps", "ism_db_protected_2x_steps"),
+                                     ("_db_on_targets", "ism_db_unprotected", "ism_db_targets")):
         if unprot in res and prot_key in res:
             res[f"protection_ratio{suffix}"] = _ratio(res[unprot], res[prot_key], res["ism_class_prompt"])
             if f"{unprot}_runs" in res and f"{prot_key}_runs" in res:  # run r against run r
@@ -299,10 +320,10 @@ def _protect_job(spec, subject, per_cfg, pcfg, tcfg=None
     unet, hist, text_encoder = protect(sd, [subject], per_cfg, pcfg)  # pcfg.checkpoint_every is 0 in the bench
     vae, trap_hist, seconds_trap = None, [], 0.0
     if tcfg is not None and tcfg.steps > 0:
-        from apdm.protect_model.encoder_trap import trap_encoder
+        from apdm.protect_model.encoder_trap import trap_embedder, trap_encoder
 
         t1 = time.perf_counter()
-        vae, trap_hist = trap_encoder(sd.vae, [subject], tcfg, quiet=True)
+        vae, trap_hist = trap_encoder(sd.vae, [subject], tcfg, quiet=True, embed=trap_embedder(tcfg))
         seconds_trap = time.perf_counter() - t1
     return (jobs.unet_state(unet, text_encoder, vae), hist, time.perf_counter() - t0, peak_rss_mb(), trap_hist,
             seconds_trap)

@@ -86,11 +86,21 @@ def identity_backend(name: str) -> tuple[Callable | None, str]:
 
         inst = _toy_instruments()
         return (lambda x: I.embed(inst.encoder, x)), "toy-id"
+    if name.startswith("toy:"):  # another toy-world identity encoder (e.g. one built with another seed)
+        from apdm.toy import instruments as I
+
+        path = Path(name[len("toy:"):])
+        if not (path / "instruments.json").is_file() and (path / "instruments" / "instruments.json").is_file():
+            path = path / "instruments"  # the output folder of `apdm toy build`
+        if not (path / "instruments.json").is_file():
+            raise ValueError(f"identity backend '{name}': {path} holds no toy instruments (instruments.json)")
+        other = I.load_instruments(path)
+        return (lambda x: I.embed(other.encoder, x)), f"toy-id:{other.config.get('fingerprint', '')[:8]}"
     if name == "dlib":
         from apdm.evaluation.identity import dlib_face_embed
 
         return dlib_face_embed, "dlib-resnet"
-    raise ValueError(f"unknown identity backend '{name}' (toy, dlib, none)")
+    raise ValueError(f"unknown identity backend '{name}' (toy, toy:DIR, dlib, none)")
 
 
 def detector_backend(name: str, subject_class: str) -> tuple[Callable | None, str]:

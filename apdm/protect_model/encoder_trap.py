@@ -4,7 +4,8 @@ DreamBooth, LoRA and Textual Inversion never see a photo: they train on the late
 makes of it. The trap fine-tunes the encoder (and ``quant_conv``) of the released checkpoint so that
 
 * the protected subject's photos, under random geometric and colour changes, encode to the latents the *original*
-  encoder gives generic class images x⁺ (the same x⁺ the DPO pairs use, under the same change), and
+  encoder gives generic class images (the decoys: the x⁺ of the DPO pairs, or the class images least like the
+  subject by a face recognizer: :func:`trap_targets`; under the same change), and
 * every other image keeps its latents: class images of the base model (and their changed versions) encode as the
   original encoder encodes them.
 
@@ -63,6 +64,74 @@ def augment(images: torch.Tensor, g: torch.Generator, strength: float = 1.0) -> 
     return (out * gain.to(dev, dt) + bias.to(dev, dt)).clamp(0.0, 1.0)
 
 
+TARGETS = ("paired", "farthest")
+
+
+def choose_decoys(photos: torch.Tensor, candidates: torch.Tensor, embed, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``n`` candidates whose identity is least like the subject's (Fawkes' choice of a target identity).
+
+    Args:
+        photos: (N,3,H,W) in [0,1], the subject's photos.
+        candidates: (M,3,H,W) in [0,1], generic class images.
+        embed: face recognizer, ``embed(images) -> (K, D)`` or ``-> (embeddings, found)``
+            (:mod:`apdm.evaluation.identity`); candidates without a found face are never chosen.
+        n: how many decoys.
+
+    Returns:
+        (indices into ``candidates`` (n,), ascending cosine of each to the subject's mean embedding (n,)).
+
+    Raises:
+        ValueError: when no face is found in the subject's photos or fewer than ``n`` candidates have one.
+    """
+    from apdm.evaluation.identity import _run_embed
+
+    ref, found = _run_embed(embed, photos)
+    if ref.shape[0] == 0:
+        raise ValueError("encoder_trap.targets=farthest: the face recognizer finds no face in the subject's photos")
+    ref = F.normalize(F.normalize(ref.float(), dim=-1).mean(0), dim=0)
+    emb, found = _run_embed(embed, candidates)
+    rows = torch.nonzero(found.cpu()).flatten()
+    if rows.numel() < n:
+        raise ValueError(f"encoder_trap.targets=farthest: {n} decoys wanted, only {rows.numel()} of "
+                         f"{candidates.shape[0]} class images have a face the recognizer finds")
+    cos = F.normalize(emb.float(), dim=-1).cpu() @ ref.cpu()
+    order = torch.argsort(cos)[:n]
+    return rows[order], cos[order]
+
+
+def trap_targets(subject, mode: str, embed=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The image each photo of ``subject`` encodes as after the trap (``encoder_trap.targets``).
+
+    Args:
+        subject: :class:`apdm.protect_model.l2p.Subject` (``images`` (N,3,H,W), ``paired`` (N,3,H,W),
+            ``class_images`` (M,3,H,W), all in [0,1]).
+        mode: ``paired`` (photo i → x⁺_i) or ``farthest`` (:func:`choose_decoys` among the class images and the
+            x⁺, by ``embed``).
+
+    Returns:
+        ((N,3,H,W) targets, row i that of photo i; for ``farthest`` the decoys' cosines to the subject, else None).
+    """
+    if mode == "paired":
+        return subject.paired, None
+    if mode != "farthest":
+        raise ValueError(f"encoder_trap.targets must be one of {', '.join(TARGETS)}, got '{mode}'")
+    if embed is None:
+        raise ValueError("encoder_trap.targets=farthest needs a face recognizer (encoder_trap.identity)")
+    candidates = torch.cat([subject.class_images, subject.paired.to(subject.class_images.device)])
+    idx, cos = choose_decoys(subject.images, candidates, embed, subject.images.shape[0])
+    return candidates[idx.to(candidates.device)], cos
+
+
+def trap_embedder(cfg: EncoderTrapConfig):
+    """The face recognizer of ``cfg.targets=farthest`` (``cfg.identity``: an identity backend of ``apdm
+    evaluate``, :func:`apdm.evaluation.run.identity_backend`), or None when the decoys need none."""
+    if cfg.targets != "farthest":
+        return None
+    from apdm.evaluation.run import identity_backend
+
+    return identity_backend(cfg.identity)[0]
+
+
 def moments(vae, images: torch.Tensor) -> torch.Tensor:
     """The VAE posterior's parameters of images (N,3,H,W) in [0,1]: (N, 2·latent channels, h, w), mean then
     log-variance (:func:`apdm.core.diffusion.posterior`)."""
@@ -106,22 +175,28 @@ def check_trap_config(cfg: EncoderTrapConfig) -> None:
     for key in ("learning_rate", "preserve_weight", "augment"):
         if not getattr(cfg, key) >= 0:
             raise ValueError(f"encoder_trap.{key} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.targets not in TARGETS:
+        raise ValueError(f"encoder_trap.targets must be one of {', '.join(TARGETS)}, got '{cfg.targets}'")
+    if cfg.targets == "farthest" and cfg.identity in ("", "none"):
+        raise ValueError("encoder_trap.targets=farthest needs encoder_trap.identity, the face recognizer that "
+                         "chooses the decoys (dlib, toy or toy:DIR)")
 
 
 def trap_encoder(vae, subjects: list, cfg: EncoderTrapConfig, seed: int = 0,
-                 checkpoint_dir: str | Path | None = None, quiet: bool = False, stop_after: int | None = None
-                 ) -> tuple[torch.nn.Module, list[dict]]:
+                 checkpoint_dir: str | Path | None = None, quiet: bool = False, stop_after: int | None = None,
+                 embed=None) -> tuple[torch.nn.Module, list[dict]]:
     """Train the encoder trap; returns (a trapped fp32 copy of ``vae``, per-step logs). ``vae`` is not modified.
 
     Args:
         vae: the checkpoint's ``AutoencoderKL`` (the original, φ's encoder).
         subjects: :class:`apdm.protect_model.l2p.Subject` s; their ``images`` are trapped (each sent to its
-            ``paired`` image), their ``class_images`` and ``paired`` images are preserved.
+            :func:`trap_targets` image), their ``class_images`` and ``paired`` images are preserved.
         cfg: ``encoder_trap`` settings; ``cfg.steps`` steps, each over every subject photo and
             ``cfg.preserve_batch`` class images.
         seed: step k's randomness depends only on (seed, k), so a resumed run matches an uninterrupted one.
         checkpoint_dir: resumable state every ``cfg.checkpoint_every`` steps (safetensors + JSON).
         stop_after: stop after this many steps of this call (for tests of interruption).
+        embed: the face recognizer of ``cfg.targets=farthest`` (:func:`choose_decoys`).
     """
     from apdm.protect_model.l2p import load_checkpoint, save_checkpoint
 
@@ -135,7 +210,14 @@ def trap_encoder(vae, subjects: list, cfg: EncoderTrapConfig, seed: int = 0,
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=cfg.learning_rate, weight_decay=0.0)
     subject_images = torch.cat([s.images for s in subjects]).to(dev)
-    paired = torch.cat([s.paired for s in subjects]).to(dev)
+    targets = []
+    for s in subjects:
+        t, cos = trap_targets(s, cfg.targets, embed)
+        if cos is not None:
+            LOG.info("encoder trap: decoys for %s chosen by the face recognizer, cosine to the subject %s",
+                     s.name, ", ".join(f"{c:+.2f}" for c in cos.tolist()))
+        targets.append(t)
+    paired = torch.cat(targets).to(dev)
     keep = torch.cat([s.class_images for s in subjects] + [s.paired for s in subjects]).to(dev)
     start, history = 0, []
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None

@@ -117,13 +117,16 @@ def run(cfg: ProtectModelRunConfig) -> dict:
         return {"seconds_protect": round(seconds, 2), "rank": rank, "world_size": world}
     vae, trap_history, seconds_trap = sd.vae, [], 0.0
     if cfg.encoder_trap.steps > 0:
-        from apdm.protect_model.encoder_trap import trap_encoder
+        from apdm.protect_model.encoder_trap import trap_embedder, trap_encoder
 
         LOG.info("encoder trap: %d steps at lr %g: the VAE encoder learns to encode the protected photos as generic "
-                 "class images", cfg.encoder_trap.steps, cfg.encoder_trap.learning_rate)
+                 "class images (%s)", cfg.encoder_trap.steps, cfg.encoder_trap.learning_rate,
+                 f"those least like the subject by {cfg.encoder_trap.identity}"
+                 if cfg.encoder_trap.targets == "farthest" else "the DPO pairs' x⁺")
         t1 = time.perf_counter()
         trapped, trap_history = trap_encoder(sd.vae, subjects, cfg.encoder_trap, seed=cfg.seed,
-                                             checkpoint_dir=out / "checkpoint" / "encoder_trap", quiet=cfg.quiet)
+                                             checkpoint_dir=out / "checkpoint" / "encoder_trap", quiet=cfg.quiet,
+                                             embed=trap_embedder(cfg.encoder_trap))
         vae, seconds_trap = trapped.to(sd.dtype), time.perf_counter() - t1
     protected = dataclasses.replace(sd, unet=unet.to(sd.dtype), source=f"apdm-protected({sd.source})", vae=vae,
                                     text_encoder=sd.text_encoder if text_encoder is None else text_encoder.to(sd.dtype))
@@ -176,7 +179,9 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, 
         last = trap_history[-1]
         lines += ["## Encoder trap", "",
                   f"The VAE encoder was also fine-tuned ({len(trap_history)} steps; apdm's addition, not part of APDM) "
-                  "so that the protected subjects' photos encode as generic class images; the decoder is the base "
+                  "so that the protected subjects' photos encode as generic class images (decoys: "
+                  + (f"those least like the subject by the face recognizer {cfg.encoder_trap.identity}"
+                     if cfg.encoder_trap.targets == "farthest" else "the DPO pairs' x⁺") + "); the decoder is the base "
                   "model's. Someone who encodes the photos with another compatible VAE is not stopped by this part.",
                   "", f"Final trap losses: trap={last['loss_trap']:.4g}, preserve={last['loss_preserve']:.4g}", ""]
     if results:
