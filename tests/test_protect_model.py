@@ -343,7 +343,8 @@ def test_bench_rejects_unknown_attack_and_recipe_key():
     with pytest.raises(ValueError, match="encoder_trap.steps"):
         bench_protect_model(True, ["encoder_trap.steps=-5"])
     with pytest.raises(ValueError, match="its own judge"):  # the decoys may not be chosen by the bench's judge
-        bench_protect_model(True, ["encoder_trap.steps=1", "encoder_trap.targets=farthest", "encoder_trap.identity=toy"])
+        bench_protect_model(True, ["encoder_trap.steps=1", "encoder_trap.targets=farthest",
+                                   "encoder_trap.identity=toy"])
     with pytest.raises(ValueError, match="needs encoder_trap.identity"):
         bench_protect_model(True, ["encoder_trap.steps=1", "encoder_trap.targets=farthest"])
     with pytest.raises(ValueError, match="inner_restart_every"):
