@@ -66,6 +66,13 @@ def test_trap_moves_the_subject_latents_and_keeps_the_rest(tiny_sd):
         keep = D.vae_posterior(vae0, subj.class_images)[0]
         moved_subject = dist(trapped, subj.images, D.vae_posterior(vae0, subj.images)[0])
         assert dist(trapped, subj.class_images, keep) < 0.2 * moved_subject
+        # latent_change: ‖μ_θ − μ_φ‖ / ‖μ_φ‖ per image, large on the trapped photos, small on the kept ones
+        change = T.latent_change(vae0, trapped, torch.cat([subj.images, subj.class_images]), batch=3)
+        mu0 = D.vae_posterior(vae0, subj.images)[0].float().flatten(1)
+        mu1 = D.vae_posterior(trapped, subj.images)[0].float().flatten(1)
+        torch.testing.assert_close(change[:2], (mu1 - mu0).norm(dim=1) / mu0.norm(dim=1), rtol=1e-4, atol=1e-6)
+        assert change.shape == (6,) and change[2:].max() < 0.5 * change[:2].min(), change
+        assert float(T.latent_change(vae0, vae0, subj.images).abs().max()) == 0.0
 
 
 def _colour_embed(images):

@@ -147,6 +147,26 @@ def test_resume_after_interruption_is_exact(tiny_sd, tmp_path):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=n)
 
 
+def test_finished_protection_is_checkpointed_and_not_redone(tiny_sd, tmp_path, monkeypatch):
+    """The last outer step is checkpointed even off the checkpoint_every grid, so a run killed afterwards (in the
+    encoder trap) resumes with θ as it ended instead of redoing outer steps."""
+    import json
+
+    subj = [_subject(tiny_sd)]
+    pcfg = ProtectConfig(outer_steps=3, inner_steps=1, learning_rate=1e-3, checkpoint_every=2)
+    full, _, _ = l2p.protect(tiny_sd, subj, PER, pcfg, seed=3, checkpoint_dir=tmp_path)
+    assert json.loads((tmp_path / "progress.json").read_text())["next_step"] == 3
+
+    def no_step(*args, **kwargs):
+        raise AssertionError("an outer step ran again")
+
+    monkeypatch.setattr(l2p, "outer_step", no_step)
+    again, hist, _ = l2p.protect(tiny_sd, subj, PER, pcfg, seed=3, checkpoint_dir=tmp_path)
+    assert [h["step"] for h in hist] == [0, 1, 2]  # the history comes back from the checkpoint
+    for (n, a), (_, b) in zip(full.named_parameters(), again.named_parameters()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=n)
+
+
 def test_cli_protect_model_writes_loadable_model(tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -340,6 +360,8 @@ def test_bench_rejects_unknown_attack_and_recipe_key():
         bench_protect_model(True, ["subjects=2"])
     with pytest.raises(ValueError, match="attack_photos must be 'same'"):
         bench_protect_model(True, ["attack_photos=new"])
+    with pytest.raises(ValueError, match="protect_photos must be a whole number >= 4"):
+        bench_protect_model(True, ["protect_photos=3"])
     with pytest.raises(ValueError, match="encoder_trap.steps"):
         bench_protect_model(True, ["encoder_trap.steps=-5"])
     with pytest.raises(ValueError, match="its own judge"):  # the decoys may not be chosen by the bench's judge

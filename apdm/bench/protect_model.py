@@ -35,6 +35,13 @@ present) from earlier results on the same model, subjects and sample count inste
 are deterministic, so they would come out the same).
 ``attack_photos=fresh`` (default ``same``): every attack on A trains on another draw of A's identity (4 new photos,
 same references) instead of the photos the protection saw: does the protection hold for photos it never saw?
+``protect_photos=K`` (default 4): the protection holds K photos of A, its 4 (the attacker's ``same`` photos) and K − 4
+more from a third draw of A's identity (not the fresh photos, not the references): does a provider who holds more
+photos of the person protect the photos it never saw better (with ``attack_photos=fresh``)?
+With an encoder trap the JSON also has ``trap_latent_change_<group>``: how far the trapped encoder moves the latents
+of A's photos the protection saw (``photos``), A's fresh photos and references, B's photos, class images
+(``class``: the KID reference persons) and drawn dogs (``dog``, another class), each the mean of
+:func:`apdm.protect_model.encoder_trap.latent_change` (≈ 1: sent to a decoy; ≈ 0: left alone).
 ``encoder_trap.steps=N`` (and the other ``encoder_trap.*`` keys) adds the encoder trap after L2P
 (:mod:`apdm.protect_model.encoder_trap`; ``protect.outer_steps=0`` for the trap alone); the saved and attacked
 state then carries the VAE too. ``encoder_trap.targets=farthest encoder_trap.identity=toy:DIR`` lets a face
@@ -59,6 +66,8 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
+    import torch
+
     from apdm.bench import attack_config, attack_seeds, identifier_option, jobs, submit_attack_runs, toy_setup
     from apdm.bench.toy_world import METHOD_RECIPES, toy_recipe
     from apdm.config import EncoderTrapConfig, ProtectModelRunConfig, load_config
@@ -76,7 +85,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     opts, sd, inst = toy_setup([o for o in overrides if o not in dotted],
                                {"outer_steps", "inner_steps", "learning_rate", "samples", "long_attack", "no_naive",
                                 "attacks", "baseline", "subjects", "other_identifier", "identifier",
-                                "attack_seeds", "save_protected", "protected", "attack_photos"})
+                                "attack_seeds", "save_protected", "protected", "attack_photos", "protect_photos"})
     rc = load_config(ProtectModelRunConfig, RECIPES / "toy-protect-model.yaml", recipe_overrides)
     attacks = set(opts.get("attacks", "lora,ti,other").split(",")) - {""}
     unknown = attacks - {"lora", "ti", "other", "targets"}
@@ -110,8 +119,13 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
         raise ValueError(f"attack_photos must be 'same' (the attacker trains on the photos the protection saw) or "
                          f"'fresh' (on other photos of the same person), got '{attack_photos}'")
     # the attacker's photos of A: the protection's own, or another draw of the same identity (its references stay)
-    photos_a = subj_a.images if attack_photos == "same" else \
-        heldout_subjects(1, num_images=4, offset=positions[0], seed=1)[0].images
+    fresh_a = heldout_subjects(1, num_images=4, offset=positions[0], seed=1)[0].images
+    photos_a = subj_a.images if attack_photos == "same" else fresh_a
+    # the protection's photos of A: its 4 (the attacker's "same" photos) and, with protect_photos=K, K - 4 more
+    # from a third draw of the same identity (neither the attacker's fresh photos nor the references)
+    n_protect = _protect_photo_count(opts)
+    subj_prot = subj_a if n_protect == 4 else dataclasses.replace(subj_a, images=torch.cat(
+        [subj_a.images, heldout_subjects(1, num_images=n_protect - 4, offset=positions[0], seed=2)[0].images]))
     res: dict = {"model": sd.source, "model_fingerprint": sd.fingerprint(),
                  "instruments_fingerprint": inst.config.get("fingerprint"),
                  "subject_protected": subj_a.index, "subject_other": subj_b.index,
@@ -119,7 +133,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                  "protect_lr": pcfg.learning_rate, "protect_lr_phases": pcfg.lr_phases, "beta": pcfg.beta,
                  "gradient_leak": pcfg.gradient_leak,
                  "samples_per_prompt": n_samples, "other_identifier": other_identifier, "identifier": identifier,
-                 "attack_seeds": n_seeds, "attack_photos": attack_photos,
+                 "attack_seeds": n_seeds, "attack_photos": attack_photos, "protect_photos": n_protect,
                  "recipe_overrides": recipe_overrides,
                  "attack_overrides": attack_overrides,
                  # every protection setting as it ran (the recipe file changes over time; its overrides are above)
@@ -139,7 +153,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
         loaded = load_protected(opts["protected"], res)
         res.update(loaded["info"])
         res["protected_from"] = opts["protected"]
-    per_base, subject = protection_subject(sd, rc.personalization, pcfg, subj_a)
+    per_base, subject = protection_subject(sd, rc.personalization, pcfg, subj_prot)
 
     # fresh drawn persons: the reference distribution for KID
     real, _, _ = draw.render_dataset("person", draw.split()["heldout"][100:100 + 4 * n_samples], 1, seed=77)
@@ -199,6 +213,10 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                 res["encoder_trap_loss_last"] = trap_hist[-1]["loss_trap"]
             if "save_protected" in opts:
                 save_protected(opts["save_protected"], prot, res)
+        if any(k.startswith(jobs.VAE_PREFIX) for k in prot):  # where the encoder trap moves latents, and where not
+            res.update(_trap_latent_changes(sd, jobs.model(spec, prot).vae, {
+                "photos": subj_a.images, "fresh_photos": fresh_a, "references": subj_a.references,
+                "other_subject": subj_b.images, "class": real, "dog": _drawn_dogs(2 * n_samples)}))
         submit_attack("ism_db_protected", prot, subj_a, "dreambooth")
         for method in ("lora", "ti"):
             if method in attacks:
@@ -290,6 +308,32 @@ def protection_subject(sd, per_cfg, pcfg, subj):
     dev = sd.device
     return per, Subject("A", subj.images.to(dev), paired.to(dev), class_imgs.to(dev), subj.instance_prompt,
                         subj.class_prompt)
+
+
+def _protect_photo_count(opts: dict) -> int:
+    """``protect_photos=K``: how many photos of A the protection holds (default 4, at least 4)."""
+    text = opts.get("protect_photos", "4")
+    if not text.isdigit() or int(text) < 4:
+        raise ValueError(f"protect_photos must be a whole number >= 4 (the attacker's 4 photos plus any more the "
+                         f"protection holds), got '{text}'")
+    return int(text)
+
+
+def _drawn_dogs(n: int):
+    """``n`` drawn dogs of held-out identities, one photo each: images of another class, (n,3,64,64) in [0,1]."""
+    from apdm.toy import draw
+
+    arr, _, _ = draw.render_dataset("dog", draw.split()["heldout"][200:200 + n], 1, seed=78)
+    return draw.to_tensor(arr)
+
+
+def _trap_latent_changes(sd, trapped_vae, groups: dict) -> dict:
+    """``trap_latent_change_<group>``: mean of :func:`apdm.protect_model.encoder_trap.latent_change` over each group
+    of images (A's photos the trap saw, A's other photos, B's, class images, dogs)."""
+    from apdm.protect_model.encoder_trap import latent_change
+
+    return {f"trap_latent_change_{name}": round(float(latent_change(sd.vae, trapped_vae, imgs).mean()), 4)
+            for name, imgs in groups.items()}
 
 
 def _subject_positions(opts: dict) -> tuple[int, int]:

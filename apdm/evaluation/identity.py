@@ -130,7 +130,13 @@ def mean_pairwise_cosine(gen_embeddings: torch.Tensor, ref_embeddings: torch.Ten
 
 
 # ---------------------------------------------------------------------------------- record helpers
-def _run_embed(embed: Callable, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def run_embed(embed: Callable, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Call an embedder of either form (``embed(images) -> (K, D)`` for every image, or ``-> (embeddings of the
+    K images with a face, (N,) bool found)``, see the module docstring) on ``images`` (N,3,H,W) in [0,1].
+
+    Returns:
+        (embeddings (K, D), found (N,) bool): K = N and every entry True for the first form.
+    """
     out = embed(images)
     if isinstance(out, tuple):
         emb, found = out
@@ -161,8 +167,8 @@ def identity_records(generated: torch.Tensor, references: torch.Tensor, embed: C
     recs = []
     if embed is not None:
         try:
-            ge, gfound = _run_embed(embed, generated)
-            re, rfound = _run_embed(embed, references)
+            ge, gfound = run_embed(embed, generated)
+            re, rfound = run_embed(embed, references)
         except (MetricUnavailable, ImportError) as exc:  # incl. MissingDependency from a lazy backend
             recs.append(unavailable("ism", embed_impl, str(exc), True))
         else:

@@ -83,13 +83,13 @@ def choose_decoys(photos: torch.Tensor, candidates: torch.Tensor, embed, n: int)
     Raises:
         ValueError: when no face is found in the subject's photos or fewer than ``n`` candidates have one.
     """
-    from apdm.evaluation.identity import _run_embed
+    from apdm.evaluation.identity import run_embed
 
-    ref, found = _run_embed(embed, photos)
+    ref, found = run_embed(embed, photos)
     if ref.shape[0] == 0:
         raise ValueError("encoder_trap.targets=farthest: the face recognizer finds no face in the subject's photos")
     ref = F.normalize(F.normalize(ref.float(), dim=-1).mean(0), dim=0)
-    emb, found = _run_embed(embed, candidates)
+    emb, found = run_embed(embed, candidates)
     rows = torch.nonzero(found.cpu()).flatten()
     if rows.numel() < n:
         raise ValueError(f"encoder_trap.targets=farthest: {n} decoys wanted, only {rows.numel()} of "
@@ -136,6 +136,23 @@ def moments(vae, images: torch.Tensor) -> torch.Tensor:
     """The VAE posterior's parameters of images (N,3,H,W) in [0,1]: (N, 2·latent channels, h, w), mean then
     log-variance (:func:`apdm.core.diffusion.posterior`)."""
     return D.posterior(vae, images).parameters
+
+
+@torch.no_grad()
+def latent_change(vae_ref, vae, images: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    """How far the trap moves each image's latent: ‖μ_θ(x) − μ_φ(x)‖ / ‖μ_φ(x)‖ per image, μ the posterior mean of
+    the trapped encoder (``vae``) and of the original (``vae_ref``). About 1 where the trap sends an image to a
+    decoy, near 0 where it leaves it alone.
+
+    Args:
+        images: (N,3,H,W) in [0,1].
+
+    Returns:
+        (N,) float32 on the CPU.
+    """
+    ref = D.vae_posterior(vae_ref, images, batch)[0].float().flatten(1)
+    new = D.vae_posterior(vae, images, batch)[0].float().flatten(1)
+    return ((new - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-8)).cpu()
 
 
 def trap_loss(vae, vae_ref, subject_images: torch.Tensor, paired: torch.Tensor, class_images: torch.Tensor,

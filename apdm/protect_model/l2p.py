@@ -676,7 +676,9 @@ def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcf
         bar.set_postfix(protect=f"{logs.get('loss_protect', 0):.4f}", subj=f"{logs.get('mse_subject', 0):.3f}")
         done += 1
         stop = stop_after is not None and done >= stop_after
-        if ckpt is not None and (stop or pcfg.checkpoint_every > 0 and (j + 1) % pcfg.checkpoint_every == 0):
+        # every checkpoint_every steps, and after the last (a kill in the encoder trap that follows does not redo L2P)
+        due = pcfg.checkpoint_every > 0 and ((j + 1) % pcfg.checkpoint_every == 0 or j + 1 == pcfg.outer_steps)
+        if ckpt is not None and (stop or due):
             if main:
                 save_checkpoint(ckpt, j + 1, trainable, optimizer, history)
             distributed.barrier()
