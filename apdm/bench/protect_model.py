@@ -15,7 +15,9 @@ Overrides: ``outer_steps=N inner_steps=N learning_rate=X samples=N long_attack=t
 personalized as "a photo of WORD person" instead of with A's "sks": does the collateral follow the identifier?),
 ``identifier=WORD`` (every attack on A, unprotected and protected, uses "a photo of WORD person" while the protection
 keeps the recipe's "sks": does an attacker who picks another identifier escape? The paper's Table 14 uses "t@t"),
-``attacks=lora,ti,other,targets`` (which attacks besides DreamBooth on A; default lora,ti,other; ``targets`` is
+``attacks=lora,ti,other,targets,dog`` (which attacks besides DreamBooth on A; default lora,ti,other; ``dog`` is
+DreamBooth on a held-out dog, a subject of another class, named like B: ``ism_db_dog_*``, ``ism_class_prompt_dog``,
+``dog_gain_kept``, is another class left alone? ``targets`` is
 DreamBooth on the protection's generic winners x⁺ (with the encoder trap: its decoys, the images its photos
 encode as, ``encoder_trap.targets``) instead of A's photos, on the *unprotected* model:
 ``ism_db_targets`` and ``protection_ratio_db_on_targets``, what an attack that learns exactly the x⁺ instead of A
@@ -88,9 +90,9 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                                 "attack_seeds", "save_protected", "protected", "attack_photos", "protect_photos"})
     rc = load_config(ProtectModelRunConfig, RECIPES / "toy-protect-model.yaml", recipe_overrides)
     attacks = set(opts.get("attacks", "lora,ti,other").split(",")) - {""}
-    unknown = attacks - {"lora", "ti", "other", "targets"}
+    unknown = attacks - {"lora", "ti", "other", "targets", "dog"}
     if unknown:
-        raise ValueError(f"unknown attacks {sorted(unknown)} (known: lora, ti, other, targets)")
+        raise ValueError(f"unknown attacks {sorted(unknown)} (known: lora, ti, other, targets, dog)")
     # the evaluation attacker's recipes, loaded once (this also rejects a bad attack.* key before any work)
     attack_runs = {m: toy_recipe(m, attack_recipe) for m in METHOD_RECIPES}
     sample = attack_runs["dreambooth"].sample
@@ -113,6 +115,8 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     sample.num_images_per_prompt = n_samples
     positions = _subject_positions(opts)
     subj_a, subj_b = (heldout_subjects(1, num_images=4, offset=k)[0] for k in positions)
+    # a held-out dog: a subject of another class, personalized like B (attacks=dog)
+    subj_dog = heldout_subjects(1, cls="dog", num_images=4, offset=positions[1])[0] if "dog" in attacks else None
     other_identifier, identifier = (identifier_option(opts, k) for k in ("other_identifier", "identifier"))
     attack_photos = opts.get("attack_photos", "same")
     if attack_photos not in ("same", "fresh"):
@@ -195,6 +199,10 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                     submit_attack(f"ism_{method}_unprotected", None, subj_a, method)
             if long_attack:
                 submit_attack("ism_db_unprotected_2x_steps", None, subj_a, "dreambooth", long_steps)
+        if "dog" in attacks:  # never from a baseline file: no earlier result has it
+            f["class_prompt_dog"] = pool.submit(_class_prompt_ism_job, spec, n_samples, subj_dog.references,
+                                                prompt="a photo of a dog")
+            submit_attack("ism_db_dog_unprotected", None, subj_dog, "dreambooth")
         if "targets" in attacks:  # A's attacker, trained on the protection's targets instead of A's photos
             trap = EncoderTrapConfig(**res["encoder_trap_config"])  # as it ran (also from a protected= file)
             targets = trap_targets(subject, trap.targets, trap_embedder(trap))[0] if trap.steps else subject.paired
@@ -223,6 +231,8 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                 submit_attack(f"ism_{method}_protected", prot, subj_a, method)
         if "other" in attacks:
             submit_attack("ism_db_other_protected", prot, subj_b, "dreambooth")
+        if "dog" in attacks:
+            submit_attack("ism_db_dog_protected", prot, subj_dog, "dreambooth")
         f["kid_class_protected"] = pool.submit(_kid_job, spec, prot, real, n_samples)
         if long_attack:
             submit_attack("ism_db_protected_2x_steps", prot, subj_a, "dreambooth", long_steps)
@@ -236,6 +246,8 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     for key, o in out.items():
         if key == "class_prompt":
             res["ism_class_prompt"], res["ism_class_prompt_other"] = o
+        elif key == "class_prompt_dog":
+            res["ism_class_prompt_dog"] = o[0]
         else:  # kid_*
             res[key] = round(o, 5)
     for key, rs in runs.items():
@@ -260,10 +272,11 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                 res[f"protection_ratio{suffix}_runs"] = [
                     _ratio(u, p, res["ism_class_prompt"])
                     for u, p in zip(res[f"{unprot}_runs"], res[f"{prot_key}_runs"])]
-    if "other" in attacks:
-        gap_b = res["ism_db_other_unprotected"] - res["ism_class_prompt_other"]
-        res["other_gain_kept"] = round((res["ism_db_other_protected"] - res["ism_class_prompt_other"]) / gap_b, 4) \
-            if gap_b > 0 else None
+    for name, key in (("other", "other"), ("dog", "dog")):  # unprotected subjects keep their personalization gain?
+        if name in attacks:
+            gap = res[f"ism_db_{key}_unprotected"] - res[f"ism_class_prompt_{key}"]
+            res[f"{name}_gain_kept"] = round((res[f"ism_db_{key}_protected"] - res[f"ism_class_prompt_{key}"]) / gap,
+                                             4) if gap > 0 else None
     res["kid_rise_fraction"] = round((res["kid_class_protected"] - res["kid_class_unprotected"])
                                      / max(1e-8, abs(res["kid_class_unprotected"])), 4)
     res["metric_impl"] = {"ism": "ism@toy-id", "kid": "kid@toy-features", "fdfr": "fdfr@toy-det"}
@@ -384,14 +397,16 @@ def _kid_job(spec, unet_state: dict | None, real, n_samples: int) -> float:
     return float(kid(real, gen, jobs.instruments().features, subsets=50)[0])
 
 
-def _class_prompt_ism_job(spec, n_samples: int, *references) -> tuple[float, ...]:
-    """Identity similarity of n class-prompt generations of the unprotected model to each subject's references."""
+def _class_prompt_ism_job(spec, n_samples: int, *references, prompt: str = "a photo of a person"
+                          ) -> tuple[float, ...]:
+    """Identity similarity of n generations of the class prompt ``prompt`` by the unprotected model to each
+    subject's references."""
     from apdm.bench import jobs
     from apdm.core import diffusion as D
     from apdm.toy import instruments as I
 
     sd, inst = jobs.model(spec), jobs.instruments()
-    gen = D.generate(sd, ["a photo of a person"], n_samples, 25, 3.0, seed=123, quiet=True)
+    gen = D.generate(sd, [prompt], n_samples, 25, 3.0, seed=123, quiet=True)
     return tuple(round(float(I.identity_similarity(inst.encoder, gen, r).mean()), 4) for r in references)
 
 
