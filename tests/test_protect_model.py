@@ -287,23 +287,26 @@ def test_bench_saved_protection_round_trip_and_checks(tmp_path):
              "text_encoder.emb.weight": torch.randn(5, 2, generator=g)[:, :1]}  # a non-contiguous view
     res = {k: None for k in PROTECTED_INFO} | {"model_fingerprint": "abc", "subject_protected": 1,
                                                 "protect_lr_phases": [[300.0, 2e-4], [40.0, 2e-5]],
-                                                "protect_config": {"outer_steps": 340}, "seconds_protect": 12.5}
+                                                "protect_config": {"outer_steps": 340}, "seconds_protect": 12.5,
+                                                "protect_photos": 16}
     f = tmp_path / "w.safetensors"
     save_protected(str(f), state, res)
-    got = load_protected(str(f), {"model_fingerprint": "abc", "subject_protected": 1})
+    got = load_protected(str(f), {"model_fingerprint": "abc", "subject_protected": 1, "protect_photos": 16})
     assert got["state"].keys() == state.keys()
     assert all(torch.equal(got["state"][k], v) for k, v in state.items())
     assert got["info"] == {k: res[k] for k in PROTECTED_INFO}
     with pytest.raises(ValueError, match="w.safetensors: protected with subject_protected=1, this run has 23"):
-        load_protected(str(f), {"model_fingerprint": "abc", "subject_protected": 23})
+        load_protected(str(f), {"model_fingerprint": "abc", "subject_protected": 23, "protect_photos": 16})
+    with pytest.raises(ValueError, match="protected with protect_photos=16, this run has 4"):
+        load_protected(str(f), {"model_fingerprint": "abc", "subject_protected": 1, "protect_photos": 4})
     with pytest.raises(ValueError, match="model_fingerprint"):
-        load_protected(str(f), {"model_fingerprint": "xyz", "subject_protected": 1})
+        load_protected(str(f), {"model_fingerprint": "xyz", "subject_protected": 1, "protect_photos": 16})
     plain = tmp_path / "plain.safetensors"
     save_file({"a": torch.zeros(2)}, str(plain))
     with pytest.raises(ValueError, match="plain.safetensors: not written by"):
-        load_protected(str(plain), {"model_fingerprint": "abc", "subject_protected": 1})
+        load_protected(str(plain), {"model_fingerprint": "abc", "subject_protected": 1, "protect_photos": 16})
     with pytest.raises(ValueError, match="nope.safetensors: cannot read"):
-        load_protected(str(tmp_path / "nope.safetensors"), {"model_fingerprint": "abc", "subject_protected": 1})
+        load_protected(str(tmp_path / "nope.safetensors"), {"model_fingerprint": "abc", "subject_protected": 1, "protect_photos": 16})
     with pytest.raises(ValueError, match="protect.beta=0.5 would not apply"):
         bench_protect_model(True, [f"protected={f}", "protect.beta=0.5"])
     with pytest.raises(ValueError, match="outer_steps=3, save_protected=.* would not apply"):

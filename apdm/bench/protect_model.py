@@ -414,7 +414,7 @@ def _class_prompt_ism_job(spec, n_samples: int, *references, prompt: str = "a ph
 PROTECTED_INFO = ("model_fingerprint", "subject_protected", "outer_steps", "inner_steps", "protect_lr",
                   "protect_lr_phases", "beta", "gradient_leak", "recipe_overrides", "protect_config",
                   "seconds_protect", "seconds_per_outer_step", "protect_loss_first", "protect_loss_last",
-                  "encoder_trap_config")
+                  "encoder_trap_config", "protect_photos", "decoy_identity_impl")
 
 
 def save_protected(path: str, state: dict, res: dict) -> None:
@@ -426,7 +426,7 @@ def save_protected(path: str, state: dict, res: dict) -> None:
 
     from apdm.utils import LOG, atomic_write_bytes
 
-    info = json.dumps({k: res[k] for k in PROTECTED_INFO})
+    info = json.dumps({k: res[k] for k in PROTECTED_INFO if k in res})
     atomic_write_bytes(path, save({k: v.contiguous() for k, v in state.items()}, metadata={"apdm_protected": info}))
     LOG.info("protected weights written to %s", path)
 
@@ -451,8 +451,8 @@ def load_protected(path: str, res: dict) -> dict:
     if "apdm_protected" not in meta:
         raise ValueError(f"{path}: not written by `apdm bench protect-model save_protected=` (no apdm metadata)")
     info = json.loads(meta["apdm_protected"])
-    for key in ("model_fingerprint", "subject_protected"):
-        if info.get(key) != res[key]:
+    for key, default in (("model_fingerprint", None), ("subject_protected", None), ("protect_photos", 4)):
+        if info.get(key, default) != res[key]:
             raise ValueError(f"{path}: protected with {key}={info.get(key)!r}, this run has {res[key]!r}")
     return {"state": state, "info": info}
 
