@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     te.add_argument("--out", required=True, help="destination folder")
     te.add_argument("--subjects", type=int, default=2)
     te.add_argument("--cls", default="person", choices=["person", "dog"])
+    te.add_argument("--images", type=int, default=4,
+                    help="photos per subject in train/ (default 4; a provider's encoder trap protects new photos "
+                         "of a person better the more it holds: docs/protect_model.md)")
     te.add_argument("--training-identities", type=int, default=0, help="also export N pretraining identities")
     demo = sub.add_parser("demo", help="the toy-world demo: protect images and model, attack, evaluate, report")
     demo.add_argument("--out", default="outputs/demo", help="output folder (report.html inside)")
@@ -196,7 +199,11 @@ def _toy(args) -> int:
     if args.toy_command == "export":
         from apdm.toy.world import export
 
-        written = export(args.out, args.subjects, args.cls, training_identities=args.training_identities)
+        if args.images < 1:
+            print(f"apdm toy export: --images must be at least 1, got {args.images}", file=sys.stderr)
+            return 2
+        written = export(args.out, args.subjects, args.cls, num_images=args.images,
+                         training_identities=args.training_identities)
         print(f"wrote {len(written['subjects'])} subject folder(s) and {written['training_identities']} training "
               f"identities under {args.out}")
         return 0

@@ -265,3 +265,13 @@ def test_train_perturber_with_dreambooth_anchors(tmp_path):
     assert meta["training"]["personalization_method"] == "dreambooth" and meta["training"]["min_psnr"] == 40
     assert len(json.loads((out / "train_log.json").read_text())["history"]) == 2
     assert len(list((tmp_path / "cls").rglob("*.png"))) == 2  # the anchors' class images were generated
+
+
+def test_toy_export_writes_the_asked_number_of_photos(tmp_path, capsys):
+    """apdm toy export --images N: N photos per subject in train/, 8 references, all of the same drawn identity."""
+    assert main(["toy", "export", "--out", str(tmp_path), "--subjects", "1", "--images", "6"]) == 0
+    (root,) = tmp_path.glob("heldout-*")
+    assert len(list((root / "train").glob("*.png"))) == 6 and len(list((root / "references").glob("*.png"))) == 8
+    assert json.loads((root / "subject.json").read_text())["index"] == int(root.name.split("-")[1])
+    assert main(["toy", "export", "--out", str(tmp_path / "none"), "--images", "0"]) == 2
+    assert "--images must be at least 1" in capsys.readouterr().err
