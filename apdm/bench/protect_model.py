@@ -39,7 +39,8 @@ are deterministic, so they would come out the same).
 same references) instead of the photos the protection saw: does the protection hold for photos it never saw?
 ``protect_photos=K`` (default 4): the protection holds K photos of A, its 4 (the attacker's ``same`` photos) and K − 4
 more from a third draw of A's identity (not the fresh photos, not the references): does a provider who holds more
-photos of the person protect the photos it never saw better (with ``attack_photos=fresh``)?
+photos of the person protect the photos it never saw better (with ``attack_photos=fresh``)? With ``protected=F``
+it must be the K the weights were protected with (saved with them; checked).
 With an encoder trap the JSON also has ``trap_latent_change_<group>``: how far the trapped encoder moves the latents
 of A's photos the protection saw (``photos``), A's fresh photos and references, B's photos, class images
 (``class``: the KID reference persons) and drawn dogs (``dog``, another class), each the mean of
@@ -272,11 +273,11 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                 res[f"protection_ratio{suffix}_runs"] = [
                     _ratio(u, p, res["ism_class_prompt"])
                     for u, p in zip(res[f"{unprot}_runs"], res[f"{prot_key}_runs"])]
-    for name, key in (("other", "other"), ("dog", "dog")):  # unprotected subjects keep their personalization gain?
+    for name in ("other", "dog"):  # do the subjects that were not protected keep their personalization gain?
         if name in attacks:
-            gap = res[f"ism_db_{key}_unprotected"] - res[f"ism_class_prompt_{key}"]
-            res[f"{name}_gain_kept"] = round((res[f"ism_db_{key}_protected"] - res[f"ism_class_prompt_{key}"]) / gap,
-                                             4) if gap > 0 else None
+            gap = res[f"ism_db_{name}_unprotected"] - res[f"ism_class_prompt_{name}"]
+            res[f"{name}_gain_kept"] = round((res[f"ism_db_{name}_protected"] - res[f"ism_class_prompt_{name}"])
+                                             / gap, 4) if gap > 0 else None
     res["kid_rise_fraction"] = round((res["kid_class_protected"] - res["kid_class_unprotected"])
                                      / max(1e-8, abs(res["kid_class_unprotected"])), 4)
     res["metric_impl"] = {"ism": "ism@toy-id", "kid": "kid@toy-features", "fdfr": "fdfr@toy-det"}
