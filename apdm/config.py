@@ -255,6 +255,9 @@ class EncoderTrapConfig:
     #: (a toy-world identity encoder: the committed one, or one built with ``apdm toy build skip_model=true
     #: seed=1 output_dir=DIR``). Use another recognizer than the one you evaluate with.
     identity: str = ""
+    #: how many different decoys per subject (0 = one per photo): with N, photo i encodes as decoy i mod N, so
+    #: many photos share a decoy (with ``farthest``: the N least like the subject; with ``paired``: x⁺_0 … x⁺_N-1).
+    decoys: int = 0
     #: save a resumable checkpoint every K steps (0 = never).
     checkpoint_every: int = 500
 

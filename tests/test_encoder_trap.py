@@ -107,11 +107,20 @@ def test_choose_decoys_takes_the_least_alike_by_the_recognizer():
 
 def test_trap_targets_modes_and_their_check():
     subj = _subject()
-    assert T.trap_targets(subj, "paired") == (subj.paired, None)
+    paired, none = T.trap_targets(subj, "paired")
+    assert torch.equal(paired, subj.paired) and none is None
     targets, cos = T.trap_targets(subj, "farthest", _colour_embed)
     pool = torch.cat([subj.class_images, subj.paired])
     assert targets.shape == subj.images.shape and cos.shape == (2,)
     assert all(any(torch.equal(t, c) for c in pool) for t in targets)  # each decoy is one of the class images
+    assert not torch.equal(targets[0], targets[1])
+    # decoys=1: every photo encodes as the one decoy least like the subject (paired: x⁺_0)
+    one, cos1 = T.trap_targets(subj, "farthest", _colour_embed, decoys=1)
+    assert cos1.shape == (1,) and torch.equal(one[0], targets[0]) and torch.equal(one[1], targets[0])
+    first, _ = T.trap_targets(subj, "paired", decoys=1)
+    assert torch.equal(first, subj.paired[[0, 0]])
+    with pytest.raises(ValueError, match="encoder_trap.decoys"):
+        T.check_trap_config(EncoderTrapConfig(decoys=-1))
     with pytest.raises(ValueError, match="needs a face recognizer"):
         T.trap_targets(subj, "farthest")
     with pytest.raises(ValueError, match="encoder_trap.targets"):

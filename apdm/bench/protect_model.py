@@ -206,7 +206,8 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
             submit_attack("ism_db_dog_unprotected", None, subj_dog, "dreambooth")
         if "targets" in attacks:  # A's attacker, trained on the protection's targets instead of A's photos
             trap = EncoderTrapConfig(**res["encoder_trap_config"])  # as it ran (also from a protected= file)
-            targets = trap_targets(subject, trap.targets, trap_embedder(trap))[0] if trap.steps else subject.paired
+            targets = trap_targets(subject, trap.targets, trap_embedder(trap), trap.decoys)[0] if trap.steps \
+                else subject.paired
             submit_attack("ism_db_targets", None, subj_a, "dreambooth", photos=targets.cpu())
         if loaded:
             prot, rss = loaded["state"], 0.0

@@ -99,7 +99,7 @@ def choose_decoys(photos: torch.Tensor, candidates: torch.Tensor, embed, n: int)
     return rows[order], cos[order]
 
 
-def trap_targets(subject, mode: str, embed=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def trap_targets(subject, mode: str, embed=None, decoys: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The image each photo of ``subject`` encodes as after the trap (``encoder_trap.targets``).
 
     Args:
@@ -107,19 +107,23 @@ def trap_targets(subject, mode: str, embed=None) -> tuple[torch.Tensor, torch.Te
             ``class_images`` (M,3,H,W), all in [0,1]).
         mode: ``paired`` (photo i → x⁺_i) or ``farthest`` (:func:`choose_decoys` among the class images and the
             x⁺, by ``embed``).
+        decoys: D > 0 uses D different decoys, photo i → decoy i mod D (``encoder_trap.decoys``); 0: one per photo.
 
     Returns:
-        ((N,3,H,W) targets, row i that of photo i; for ``farthest`` the decoys' cosines to the subject, else None).
+        ((N,3,H,W) targets, row i that of photo i; for ``farthest`` the D decoys' cosines to the subject, else None).
     """
+    n = subject.images.shape[0]
+    d = n if decoys <= 0 else min(int(decoys), n)
+    turn = torch.arange(n) % d  # photo i -> decoy i mod d
     if mode == "paired":
-        return subject.paired, None
+        return subject.paired[turn.to(subject.paired.device)], None
     if mode != "farthest":
         raise ValueError(f"encoder_trap.targets must be one of {', '.join(TARGETS)}, got '{mode}'")
     if embed is None:
         raise ValueError("encoder_trap.targets=farthest needs a face recognizer (encoder_trap.identity)")
     candidates = torch.cat([subject.class_images, subject.paired.to(subject.class_images.device)])
-    idx, cos = choose_decoys(subject.images, candidates, embed, subject.images.shape[0])
-    return candidates[idx.to(candidates.device)], cos
+    idx, cos = choose_decoys(subject.images, candidates, embed, d)
+    return candidates[idx[turn].to(candidates.device)], cos
 
 
 def trap_embedder(cfg: EncoderTrapConfig):
@@ -185,7 +189,7 @@ def trap_loss(vae, vae_ref, subject_images: torch.Tensor, paired: torch.Tensor, 
 
 def check_trap_config(cfg: EncoderTrapConfig) -> None:
     """Raise ValueError naming the ``encoder_trap.*`` key that is out of range."""
-    for key, low in (("steps", 0), ("preserve_batch", 1), ("checkpoint_every", 0)):
+    for key, low in (("steps", 0), ("preserve_batch", 1), ("checkpoint_every", 0), ("decoys", 0)):
         v = getattr(cfg, key)
         if int(v) != v or v < low:
             raise ValueError(f"encoder_trap.{key} must be a whole number >= {low}, got {v}")
@@ -229,7 +233,7 @@ def trap_encoder(vae, subjects: list, cfg: EncoderTrapConfig, seed: int = 0,
     subject_images = torch.cat([s.images for s in subjects]).to(dev)
     targets = []
     for s in subjects:
-        t, cos = trap_targets(s, cfg.targets, embed)
+        t, cos = trap_targets(s, cfg.targets, embed, cfg.decoys)
         if cos is not None:
             LOG.info("encoder trap: decoys for %s chosen by the face recognizer, cosine to the subject %s",
                      s.name, ", ".join(f"{c:+.2f}" for c in cos.tolist()))
