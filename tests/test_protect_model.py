@@ -306,7 +306,8 @@ def test_bench_saved_protection_round_trip_and_checks(tmp_path):
     with pytest.raises(ValueError, match="plain.safetensors: not written by"):
         load_protected(str(plain), {"model_fingerprint": "abc", "subject_protected": 1, "protect_photos": 16})
     with pytest.raises(ValueError, match="nope.safetensors: cannot read"):
-        load_protected(str(tmp_path / "nope.safetensors"), {"model_fingerprint": "abc", "subject_protected": 1, "protect_photos": 16})
+        load_protected(str(tmp_path / "nope.safetensors"),
+                       {"model_fingerprint": "abc", "subject_protected": 1, "protect_photos": 16})
     with pytest.raises(ValueError, match="protect.beta=0.5 would not apply"):
         bench_protect_model(True, [f"protected={f}", "protect.beta=0.5"])
     with pytest.raises(ValueError, match="outer_steps=3, save_protected=.* would not apply"):
