@@ -226,7 +226,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
         if any(k.startswith(jobs.VAE_PREFIX) for k in prot):  # where the encoder trap moves latents, and where not
             res.update(_trap_latent_changes(sd, jobs.model(spec, prot).vae, {
                 "photos": subj_a.images, "fresh_photos": fresh_a, "references": subj_a.references,
-                "other_subject": subj_b.images, "class": real, "dog": _drawn_dogs(2 * n_samples)}))
+                "other_subject": subj_b.images, "class": real, "dog": drawn_dogs(2 * n_samples)}))
         submit_attack("ism_db_protected", prot, subj_a, "dreambooth")
         for method in ("lora", "ti"):
             if method in attacks:
@@ -334,7 +334,7 @@ def _protect_photo_count(opts: dict) -> int:
     return int(text)
 
 
-def _drawn_dogs(n: int):
+def drawn_dogs(n: int):
     """``n`` drawn dogs of held-out identities, one photo each: images of another class, (n,3,64,64) in [0,1]."""
     from apdm.toy import draw
 

@@ -120,9 +120,10 @@ def run(cfg: ProtectModelRunConfig) -> dict:
         from apdm.protect_model.encoder_trap import trap_embedder, trap_encoder
 
         LOG.info("encoder trap: %d steps at lr %g: the VAE encoder learns to encode the protected photos as generic "
-                 "class images (%s)", cfg.encoder_trap.steps, cfg.encoder_trap.learning_rate,
+                 "class images (%s; %s)", cfg.encoder_trap.steps, cfg.encoder_trap.learning_rate,
                  f"those least like the subject by {cfg.encoder_trap.identity}"
-                 if cfg.encoder_trap.targets == "farthest" else "the DPO pairs' x⁺")
+                 if cfg.encoder_trap.targets == "farthest" else "the DPO pairs' x⁺",
+                 f"{cfg.encoder_trap.decoys} per subject" if cfg.encoder_trap.decoys else "one per photo")
         t1 = time.perf_counter()
         trapped, trap_history = trap_encoder(sd.vae, subjects, cfg.encoder_trap, seed=cfg.seed,
                                              checkpoint_dir=out / "checkpoint" / "encoder_trap", quiet=cfg.quiet,
@@ -181,7 +182,9 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, 
                   f"The VAE encoder was also fine-tuned ({len(trap_history)} steps; apdm's addition, not part of APDM) "
                   "so that the protected subjects' photos encode as generic class images (decoys: "
                   + (f"those least like the subject by the face recognizer {cfg.encoder_trap.identity}"
-                     if cfg.encoder_trap.targets == "farthest" else "the DPO pairs' x⁺") + "); the decoder is the base "
+                     if cfg.encoder_trap.targets == "farthest" else "the DPO pairs' x⁺")
+                  + (f", {cfg.encoder_trap.decoys} per subject, shared by its photos" if cfg.encoder_trap.decoys
+                     else ", one per photo") + "); the decoder is the base "
                   "model's. Someone who encodes the photos with another compatible VAE is not stopped by this part.",
                   "", f"Final trap losses: trap={last['loss_trap']:.4g}, preserve={last['loss_preserve']:.4g}", ""]
     if results:

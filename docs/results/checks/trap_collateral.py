@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from apdm.bench import jobs
-from apdm.bench.protect_model import _drawn_dogs, load_protected
+from apdm.bench.protect_model import drawn_dogs, load_protected
 from apdm.core import diffusion as D
 from apdm.core.models import load_sd
 from apdm.evaluation.fidelity import psnr
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         real, _, _ = draw.render_dataset("person", draw.split()["heldout"][100:132], 1, seed=77)
         groups = {"photos": a.images, "fresh_photos": heldout_subjects(1, num_images=4, offset=a_pos, seed=1)[0].images,
                   "references": a.references, "other_subject": b.images, "class_drawn": draw.to_tensor(real),
-                  "dog": _drawn_dogs(32), "class_generated": generated}
+                  "dog": drawn_dogs(32), "class_generated": generated}
         trapped = jobs.model(spec, info["state"]).vae
         rows[w] = {"protect_photos": info["info"].get("protect_photos", 4),
                    "encoder_trap_config": info["info"].get("encoder_trap_config"),
