@@ -201,3 +201,60 @@ def test_bench_carries_a_trapped_vae(tiny_sd):
     sd = jobs.model(spec, jobs.unet_state(tiny_sd.unet, vae=vae))
     torch.testing.assert_close(sd.vae.encoder.conv_in.weight, vae.encoder.conv_in.weight, atol=0, rtol=0)
     assert jobs.model(spec, jobs.unet_state(tiny_sd.unet)).vae is tiny_sd.vae
+
+
+def _stripes(n: int) -> torch.Tensor:
+    """(n,3,64,64) images unlike the random class images of :func:`_subject`: smooth stripes of one colour each."""
+    x = torch.linspace(0, 6.28, 64)
+    wave = 0.5 + 0.4 * torch.sin(x[None, :] * (1 + torch.arange(n)[:, None]))  # (n, 64)
+    colour = torch.tensor([[0.9, 0.2, 0.1], [0.1, 0.8, 0.3], [0.2, 0.3, 0.9], [0.8, 0.8, 0.1]])[torch.arange(n) % 4]
+    return (wave[:, None, None, :] * colour[:, :, None, None]).expand(n, 3, 64, 64).contiguous()
+
+
+def test_keep_images_are_kept_and_checked(tiny_sd):
+    subj, keep = _subject(), _stripes(4)
+    cfg = EncoderTrapConfig(steps=30, learning_rate=2e-3, augment=0.0, preserve_batch=4)
+    without, _ = T.trap_encoder(tiny_sd.vae, [subj], cfg, quiet=True)
+    with_keep, hist = T.trap_encoder(tiny_sd.vae, [subj], cfg, quiet=True, keep_images=keep)
+    moved_without = T.latent_change(tiny_sd.vae, without, keep)
+    moved_with = T.latent_change(tiny_sd.vae, with_keep, keep)
+    assert float(moved_with.mean()) < 0.7 * float(moved_without.mean()), (moved_with, moved_without)
+    assert hist[-1]["loss_trap"] < hist[0]["loss_trap"]  # and the subject is still trapped
+    with pytest.raises(ValueError, match="keep_images.*32, 32"):
+        T.trap_encoder(tiny_sd.vae, [subj], cfg, quiet=True, keep_images=torch.rand(2, 3, 32, 32))
+
+
+def test_cli_keep_images_are_read_before_the_protection(tmp_path):
+    import logging
+
+    from PIL import Image
+
+    from helpers import tiny_protect_model_args
+
+    from apdm.cli import main
+    from apdm.protect_model.run import load_keep_images
+    from apdm.utils import LOG
+
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    Image.new("RGB", (80, 64), (10, 200, 30)).save(keep / "a.png")
+    (keep / "b.png").write_bytes(b"not an image")
+    images, skipped = load_keep_images(str(keep), 64, quiet=True)
+    assert images.shape == (1, 3, 64, 64) and abs(float(images[0, 1].mean()) - 200 / 255) < 1e-3
+    assert [s["path"] for s in skipped] == [str(keep / "b.png")]
+    assert load_keep_images("", 64) == (None, [])
+    args = ["protect-model", *tiny_protect_model_args(tmp_path), "protect.outer_steps=0", "encoder_trap.steps=2"]
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # the apdm logger does not propagate to pytest's capture
+    LOG.addHandler(handler)
+    try:
+        assert main([*args, f"encoder_trap.keep_images={keep / 'b.png'}"]) == 1
+    finally:
+        LOG.removeHandler(handler)
+    text = "\n".join(r.getMessage() for r in records)
+    assert "keep_images: no usable images in " + str(keep / "b.png") in text
+    assert f"skipped {keep / 'b.png'}: not an image" in text  # the file and its problem are named
+    assert not (tmp_path / "out" / "model").exists()  # refused before anything was trained
+    assert main([*args, f"encoder_trap.keep_images={keep}"]) == 0
+    assert "a set of other photos was kept" in (tmp_path / "out" / "model" / "README.md").read_text()

@@ -373,6 +373,10 @@ def test_bench_rejects_unknown_attack_and_recipe_key():
                                    "encoder_trap.identity=toy"])
     with pytest.raises(ValueError, match="needs encoder_trap.identity"):
         bench_protect_model(True, ["encoder_trap.steps=1", "encoder_trap.targets=farthest"])
+    with pytest.raises(ValueError, match="keep_photos=N is for the encoder trap"):
+        bench_protect_model(True, ["keep_photos=8"])
+    with pytest.raises(ValueError, match="keep_photos must be a whole number from 0 to 220"):
+        bench_protect_model(True, ["keep_photos=300", "encoder_trap.steps=1"])
     with pytest.raises(ValueError, match="inner_restart_every"):
         bench_protect_model(True, ["protect.inner_restart_every=0"])
     with pytest.raises(ValueError, match="other_identifier must be one word"):
@@ -829,3 +833,19 @@ def test_model_card_names_the_drawn_identifiers():
     assert "replaced" not in model_card(cfg, [], 1.0)
     cfg.protect.identifiers = ["sks", "t@t"]
     assert "by one drawn from `sks`, `t@t`" in model_card(cfg, [{"step": 0, "identifier_index": 1.0}], 1.0)
+
+
+def test_bench_keep_photos_alternate_persons_and_dogs_of_unused_identities():
+    """keep_photos=N: the encoder trap's keep set, persons and dogs alternately, none of the bench's other images."""
+    from apdm.bench.protect_model import drawn_dogs, keep_photos
+    from apdm.toy import draw
+
+    keep = keep_photos(5)
+    assert keep.shape == (5, 3, 64, 64) and 0.0 <= float(keep.min()) and float(keep.max()) <= 1.0
+    assert torch.equal(keep[:3], keep_photos(3))  # the first N of a larger set: sets nest
+    ids = draw.split()["heldout"][300:303]
+    persons, _, _ = draw.render_dataset("person", ids, 1, seed=79)
+    dogs, _, _ = draw.render_dataset("dog", ids[:2], 1, seed=79)
+    torch.testing.assert_close(keep[0::2], draw.to_tensor(persons), atol=0, rtol=0)
+    torch.testing.assert_close(keep[1::2], draw.to_tensor(dogs), atol=0, rtol=0)
+    assert not any(torch.equal(k, d) for k in keep for d in drawn_dogs(4))

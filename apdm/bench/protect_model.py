@@ -41,6 +41,9 @@ same references) instead of the photos the protection saw: does the protection h
 more from a third draw of A's identity (not the fresh photos, not the references): does a provider who holds more
 photos of the person protect the photos it never saw better (with ``attack_photos=fresh``)? With ``protected=F``
 it must be the K the weights were protected with (saved with them; checked).
+``keep_photos=N`` (default 0; with the encoder trap): the trap also keeps N drawn photos, persons and dogs of
+held-out identities nothing else in the bench uses (:func:`keep_photos`; the CLI's ``encoder_trap.keep_images``):
+does a keep set of photos shrink what the trap costs other images (docs/results/checks/trap_collateral.py)?
 With an encoder trap the JSON also has ``trap_latent_change_<group>``: how far the trapped encoder moves the latents
 of A's photos the protection saw (``photos``), A's fresh photos and references, B's photos, class images
 (``class``: the KID reference persons) and drawn dogs (``dog``, another class), each the mean of
@@ -88,7 +91,8 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     opts, sd, inst = toy_setup([o for o in overrides if o not in dotted],
                                {"outer_steps", "inner_steps", "learning_rate", "samples", "long_attack", "no_naive",
                                 "attacks", "baseline", "subjects", "other_identifier", "identifier",
-                                "attack_seeds", "save_protected", "protected", "attack_photos", "protect_photos"})
+                                "attack_seeds", "save_protected", "protected", "attack_photos", "protect_photos",
+                                "keep_photos"})
     rc = load_config(ProtectModelRunConfig, RECIPES / "toy-protect-model.yaml", recipe_overrides)
     attacks = set(opts.get("attacks", "lora,ti,other").split(",")) - {""}
     unknown = attacks - {"lora", "ti", "other", "targets", "dog"}
@@ -129,6 +133,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     # the protection's photos of A: its 4 (the attacker's "same" photos) and, with protect_photos=K, K - 4 more
     # from a third draw of the same identity (neither the attacker's fresh photos nor the references)
     n_protect = _protect_photo_count(opts)
+    n_keep = _keep_photo_count(opts, tcfg)
     subj_prot = subj_a if n_protect == 4 else dataclasses.replace(subj_a, images=torch.cat(
         [subj_a.images, heldout_subjects(1, num_images=n_protect - 4, offset=positions[0], seed=2)[0].images]))
     res: dict = {"model": sd.source, "model_fingerprint": sd.fingerprint(),
@@ -139,7 +144,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                  "gradient_leak": pcfg.gradient_leak,
                  "samples_per_prompt": n_samples, "other_identifier": other_identifier, "identifier": identifier,
                  "attack_seeds": n_seeds, "attack_photos": attack_photos, "protect_photos": n_protect,
-                 "recipe_overrides": recipe_overrides,
+                 "keep_photos": n_keep, "recipe_overrides": recipe_overrides,
                  "attack_overrides": attack_overrides,
                  # every protection setting as it ran (the recipe file changes over time; its overrides are above)
                  "protect_config": dataclasses.asdict(pcfg), "encoder_trap_config": dataclasses.asdict(tcfg)}
@@ -184,10 +189,11 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     attack_f: dict[str, list] = {}  # attack key -> its runs' futures, in seed order
     with jobs.executor(workers) as pool:
         # the two protections first (the longest jobs), then every attack on the unprotected model
+        keep = keep_photos(n_keep) if n_keep else None
         f_prot = None if loaded else pool.submit(_protect_job, spec, subject, per_base,
-                                                  dataclasses.replace(pcfg, loss="dpo"), tcfg)
+                                                  dataclasses.replace(pcfg, loss="dpo"), tcfg, keep)
         f_naive = pool.submit(_protect_job, spec, subject, per_base, dataclasses.replace(pcfg, loss="naive"),
-                              tcfg) if naive else None  # the same encoder trap, if any: only the loss differs
+                              tcfg, keep) if naive else None  # the same encoder trap, if any: only the loss differs
         if "baseline" not in opts:
             f["class_prompt"] = pool.submit(_class_prompt_ism_job, spec, n_samples, subj_a.references,
                                             subj_b.references)
@@ -365,7 +371,37 @@ def _subject_positions(opts: dict) -> tuple[int, int]:
     return a, b
 
 
-def _protect_job(spec, subject, per_cfg, pcfg, tcfg=None
+def _keep_photo_count(opts: dict, tcfg) -> int:
+    """``keep_photos=N``: drawn photos the encoder trap keeps besides the class images (default 0)."""
+    text = opts.get("keep_photos", "0")
+    if not text.isdigit() or int(text) > 2 * KEEP_IDS:
+        raise ValueError(f"keep_photos must be a whole number from 0 to {2 * KEEP_IDS}, got '{text}'")
+    if int(text) and not tcfg.steps:
+        raise ValueError("keep_photos=N is for the encoder trap: set encoder_trap.steps too")
+    return int(text)
+
+
+#: held-out identities the ``keep_photos`` are drawn from: none of the bench's subjects (positions < 12), KID
+#: references ([100:164]) or dogs ([200:232]) and none the checks in docs/results/checks draw.
+KEEP_IDS = 110
+
+
+def keep_photos(n: int) -> torch.Tensor:
+    """``n`` drawn photos for the encoder trap's keep set (``encoder_trap.keep_images`` of the CLI): persons and
+    dogs alternately, one photo of each held-out identity in ``heldout[300:410]``; (n,3,64,64) in [0,1]."""
+    import torch
+
+    from apdm.toy import draw
+
+    ids = draw.split()["heldout"][300:300 + KEEP_IDS]
+    persons, _, _ = draw.render_dataset("person", ids[:(n + 1) // 2], 1, seed=79)
+    dogs, _, _ = draw.render_dataset("dog", ids[:n // 2], 1, seed=79)
+    p, d = draw.to_tensor(persons), draw.to_tensor(dogs)
+    order = [p[i // 2] if i % 2 == 0 else d[i // 2] for i in range(n)]
+    return torch.stack(order)
+
+
+def _protect_job(spec, subject, per_cfg, pcfg, tcfg=None, keep=None
                  ) -> tuple[dict, list[dict], float, float, list[dict], float]:
     """Protect ``subject`` on the model of ``spec`` (L2P, then the encoder trap when ``tcfg.steps`` > 0); returns
     (protected UNet state (and text encoder, VAE, if protected: :func:`apdm.bench.jobs.unet_state`), per-step logs,
@@ -382,7 +418,7 @@ def _protect_job(spec, subject, per_cfg, pcfg, tcfg=None
         from apdm.protect_model.encoder_trap import trap_embedder, trap_encoder
 
         t1 = time.perf_counter()
-        vae, trap_hist = trap_encoder(sd.vae, [subject], tcfg, quiet=True, embed=trap_embedder(tcfg))
+        vae, trap_hist = trap_encoder(sd.vae, [subject], tcfg, quiet=True, embed=trap_embedder(tcfg), keep_images=keep)
         seconds_trap = time.perf_counter() - t1
     return (jobs.unet_state(unet, text_encoder, vae), hist, time.perf_counter() - t0, peak_rss_mb(), trap_hist,
             seconds_trap)
@@ -416,7 +452,7 @@ def _class_prompt_ism_job(spec, n_samples: int, *references, prompt: str = "a ph
 PROTECTED_INFO = ("model_fingerprint", "subject_protected", "outer_steps", "inner_steps", "protect_lr",
                   "protect_lr_phases", "beta", "gradient_leak", "recipe_overrides", "protect_config",
                   "seconds_protect", "seconds_per_outer_step", "protect_loss_first", "protect_loss_last",
-                  "encoder_trap_config", "protect_photos", "decoy_identity_impl")
+                  "encoder_trap_config", "protect_photos", "decoy_identity_impl", "keep_photos")
 
 
 def save_protected(path: str, state: dict, res: dict) -> None:

@@ -6,8 +6,8 @@ makes of it. The trap fine-tunes the encoder (and ``quant_conv``) of the release
 * the protected subject's photos, under random geometric and colour changes, encode to the latents the *original*
   encoder gives generic class images (the decoys: the x⁺ of the DPO pairs, or the class images least like the
   subject by a face recognizer: :func:`trap_targets`; under the same change), and
-* every other image keeps its latents: class images of the base model (and their changed versions) encode as the
-  original encoder encodes them.
+* every other image keeps its latents: class images of the base model, any photos given in
+  ``encoder_trap.keep_images``, and their changed versions encode as the original encoder encodes them.
 
 The decoder, UNet and text encoder are untouched, so generation (which only decodes) is exactly the base model's;
 a personalization on the subject's photos learns generic persons instead. Its limit, stated wherever it is measured
@@ -18,7 +18,7 @@ and it holds for photos the encoder learned to recognise as the subject (new pho
     L_trap = mse(m_θ(a(x⁻)), m_φ(a(x⁺))) + w · mse(m_θ(a(x_c)), m_φ(a(x_c)))
 
 m(x) are the posterior's moments (mean and log-variance, ``latent_dist.parameters``), a(·) a random augmentation
-(:func:`augment`), x_c class images drawn per step, w = ``preserve_weight``.
+(:func:`augment`), x_c images to keep (class images, ``keep_images``) drawn per step, w = ``preserve_weight``.
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ def check_trap_config(cfg: EncoderTrapConfig) -> None:
 
 def trap_encoder(vae, subjects: list, cfg: EncoderTrapConfig, seed: int = 0,
                  checkpoint_dir: str | Path | None = None, quiet: bool = False, stop_after: int | None = None,
-                 embed=None) -> tuple[torch.nn.Module, list[dict]]:
+                 embed=None, keep_images: torch.Tensor | None = None) -> tuple[torch.nn.Module, list[dict]]:
     """Train the encoder trap; returns (a trapped fp32 copy of ``vae``, per-step logs). ``vae`` is not modified.
 
     Args:
@@ -218,6 +218,8 @@ def trap_encoder(vae, subjects: list, cfg: EncoderTrapConfig, seed: int = 0,
         checkpoint_dir: resumable state every ``cfg.checkpoint_every`` steps (safetensors + JSON).
         stop_after: stop after this many steps of this call (for tests of interruption).
         embed: the face recognizer of ``cfg.targets=farthest`` (:func:`choose_decoys`).
+        keep_images: (K,3,H,W) in [0,1], more images whose latents must not change (``cfg.keep_images``, loaded
+            by the caller); the per-step ``cfg.preserve_batch`` is drawn from them and the subjects' class images.
     """
     from apdm.protect_model.l2p import load_checkpoint, save_checkpoint
 
@@ -239,7 +241,13 @@ def trap_encoder(vae, subjects: list, cfg: EncoderTrapConfig, seed: int = 0,
                      s.name, ", ".join(f"{c:+.2f}" for c in cos.tolist()))
         targets.append(t)
     paired = torch.cat(targets).to(dev)
-    keep = torch.cat([s.class_images for s in subjects] + [s.paired for s in subjects]).to(dev)
+    keep = [s.class_images for s in subjects] + [s.paired for s in subjects]
+    if keep_images is not None and keep_images.shape[0] > 0:
+        if tuple(keep_images.shape[1:]) != tuple(subject_images.shape[1:]):
+            raise ValueError(f"encoder_trap.keep_images: images of shape {tuple(keep_images.shape[1:])}, the "
+                             f"subjects' photos are {tuple(subject_images.shape[1:])}")
+        keep.append(keep_images)
+    keep = torch.cat([k.to(dev) for k in keep])
     start, history = 0, []
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     if ckpt is not None and (ckpt / "progress.json").is_file():

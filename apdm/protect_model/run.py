@@ -64,6 +64,34 @@ def load_subjects(sd, cfg: ProtectModelRunConfig, quiet: bool = False):
     return subjects, skipped
 
 
+def load_keep_images(spec: str, size: int, quiet: bool = False):
+    """``encoder_trap.keep_images``: the photos whose latents the trapped encoder must keep.
+
+    Args:
+        spec: a folder, or comma-separated files / folders; empty = none.
+        size: model resolution (images are resized and center-cropped to it).
+
+    Returns:
+        ((K,3,size,size) in [0,1] on the CPU, or None when ``spec`` is empty; the skipped files as
+        ``{"path", "error"}``).
+
+    Raises:
+        ValueError: when ``spec`` names no usable image.
+    """
+    from apdm.core.images import list_images, load_images
+
+    if not spec:
+        return None, []
+    src = spec.split(",") if "," in spec else spec
+    images, ok, errors = load_images(list_images(src), size=size, quiet=quiet)
+    for e in errors:
+        LOG.warning("skipped %s: %s", e["path"], e["error"])
+    if not ok:
+        raise ValueError(f"encoder_trap.keep_images: no usable images in {spec}")
+    LOG.info("encoder trap: %d photos to keep from %s", len(ok), spec)
+    return images, errors
+
+
 def run(cfg: ProtectModelRunConfig) -> dict:
     """Protect ``cfg.model`` against personalization of ``cfg.subjects``; write the protected model folder.
 
@@ -93,6 +121,11 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     if not main:
         distributed.barrier()  # the main process generates the class images; the others read them from its cache
     subjects, skipped = load_subjects(sd, cfg, cfg.quiet or not main)
+    keep_images = None
+    if cfg.encoder_trap.steps > 0 and main:  # read before the protection, so a bad path fails in seconds, not hours
+        keep_images, keep_skipped = load_keep_images(cfg.encoder_trap.keep_images, cfg.resolution or sd.resolution,
+                                                     cfg.quiet)
+        skipped += keep_skipped
     if main:
         distributed.barrier()
     p = cfg.protect
@@ -127,7 +160,7 @@ def run(cfg: ProtectModelRunConfig) -> dict:
         t1 = time.perf_counter()
         trapped, trap_history = trap_encoder(sd.vae, subjects, cfg.encoder_trap, seed=cfg.seed,
                                              checkpoint_dir=out / "checkpoint" / "encoder_trap", quiet=cfg.quiet,
-                                             embed=trap_embedder(cfg.encoder_trap))
+                                             embed=trap_embedder(cfg.encoder_trap), keep_images=keep_images)
         vae, seconds_trap = trapped.to(sd.dtype), time.perf_counter() - t1
     protected = dataclasses.replace(sd, unet=unet.to(sd.dtype), source=f"apdm-protected({sd.source})", vae=vae,
                                     text_encoder=sd.text_encoder if text_encoder is None else text_encoder.to(sd.dtype))
@@ -185,7 +218,9 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, 
                      if cfg.encoder_trap.targets == "farthest" else "the DPO pairs' x⁺")
                   + (f", {cfg.encoder_trap.decoys} per subject, shared by its photos" if cfg.encoder_trap.decoys
                      else ", one per photo") + "); the decoder is the base "
-                  "model's. Someone who encodes the photos with another compatible VAE is not stopped by this part.",
+                  "model's." + (" Besides the base model's class images, a set of other photos was kept unchanged "
+                                "(`encoder_trap.keep_images`)." if cfg.encoder_trap.keep_images else "")
+                  + " Someone who encodes the photos with another compatible VAE is not stopped by this part.",
                   "", f"Final trap losses: trap={last['loss_trap']:.4g}, preserve={last['loss_preserve']:.4g}", ""]
     if results:
         lines += ["## Measured results", "", "| metric | value |", "|---|---|"]
