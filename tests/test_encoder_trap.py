@@ -2,6 +2,7 @@
 images' and not the others', only the encoder changes, exact resume, the CLI writes it, the bench carries it."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -257,4 +258,27 @@ def test_cli_keep_images_are_read_before_the_protection(tmp_path):
     assert f"skipped {keep / 'b.png'}: not an image" in text  # the file and its problem are named
     assert not (tmp_path / "out" / "model").exists()  # refused before anything was trained
     assert main([*args, f"encoder_trap.keep_images={keep}"]) == 0
-    assert "a set of other photos was kept" in (tmp_path / "out" / "model" / "README.md").read_text()
+    card = (tmp_path / "out" / "model" / "README.md").read_text()
+    assert "a set of other photos was kept" in card and "| the keep_images photos | 1 |" in card
+    check = json.loads((tmp_path / "out" / "protect_log.json").read_text())["encoder_trap_check"]
+    assert {k: v["images"] for k, v in check.items()} == {"protected_photos": 2, "class_images": 2, "keep_images": 1}
+    assert all(v["latent_change"] > 0 for v in check.values())  # two trap steps moved the encoder
+
+
+def test_trap_report_against_its_formulas(tiny_sd):
+    x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    moved = copy.deepcopy(tiny_sd.vae)
+    with torch.no_grad():
+        moved.encoder.conv_in.weight.mul_(1.5)
+    rep = T.trap_report(tiny_sd.vae, moved, {"x": x, "none": x[:0]})
+    assert set(rep) == {"x"} and rep["x"]["images"] == 3
+    with torch.no_grad():
+        mean = D.vae_posterior(moved, x)[0]
+        out = D.decode_latents(moved, D.posterior_latents(moved, mean, mean))
+    want = (10 * torch.log10(1.0 / (x - out).pow(2).mean((1, 2, 3)))).mean()
+    assert rep["x"]["recon_psnr_trapped"] == pytest.approx(float(want), abs=0.01)
+    torch.testing.assert_close(T.recon_psnr(moved, x, batch=2), T.recon_psnr(moved, x), rtol=1e-5, atol=1e-4)
+    assert rep["x"]["latent_change"] == pytest.approx(float(T.latent_change(tiny_sd.vae, moved, x).mean()), abs=1e-4)
+    same = T.trap_report(tiny_sd.vae, tiny_sd.vae, {"x": x})["x"]
+    assert same["latent_change"] == 0.0 and same["recon_psnr_base"] == same["recon_psnr_trapped"]
+    assert rep["x"]["latent_change"] > 0.05 and rep["x"]["recon_psnr_trapped"] != same["recon_psnr_trapped"]

@@ -159,6 +159,49 @@ def latent_change(vae_ref, vae, images: torch.Tensor, batch: int = 32) -> torch.
     return ((new - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-8)).cpu()
 
 
+@torch.no_grad()
+def recon_psnr(vae, images: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    """PSNR (dB, ``psnr@torchmetrics``) of each image against decode(posterior mean of ``vae``): what img2img,
+    inpainting or SDEdit with this VAE start from.
+
+    Args:
+        images: (N,3,H,W) in [0,1].
+
+    Returns:
+        (N,) float32 on the CPU.
+    """
+    from apdm.evaluation.fidelity import psnr
+
+    values = []
+    for chunk in images.split(batch):
+        mean = D.vae_posterior(vae, chunk)[0]
+        out = D.decode_latents(vae, D.posterior_latents(vae, mean, mean)).float()
+        values.append(psnr(chunk.to(out.device, out.dtype), out).float().cpu())
+    return torch.cat(values)
+
+
+def trap_report(vae_ref, vae, groups: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """What a trapped encoder does, per group of images: the mean :func:`latent_change` (≈ 1: sent to a decoy; ≈ 0:
+    left alone) and the mean :func:`recon_psnr` with the original and the trapped encoder (the same decoder).
+
+    Args:
+        vae_ref: the original VAE; vae: the trapped one.
+        groups: name -> (N,3,H,W) in [0,1]; empty groups are left out.
+
+    Returns:
+        {name: {"images", "latent_change", "recon_psnr_base", "recon_psnr_trapped"}}, numbers rounded.
+    """
+    out = {}
+    for name, images in groups.items():
+        if images is None or images.shape[0] == 0:
+            continue
+        out[name] = {"images": int(images.shape[0]),
+                     "latent_change": round(float(latent_change(vae_ref, vae, images).mean()), 4),
+                     "recon_psnr_base": round(float(recon_psnr(vae_ref, images).mean()), 2),
+                     "recon_psnr_trapped": round(float(recon_psnr(vae, images).mean()), 2)}
+    return out
+
+
 def trap_loss(vae, vae_ref, subject_images: torch.Tensor, paired: torch.Tensor, class_images: torch.Tensor,
               cfg: EncoderTrapConfig, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
     """L_trap at the trainable ``vae`` (differentiable w.r.t. its encoder); ``vae_ref`` is the frozen original.

@@ -92,6 +92,31 @@ def load_keep_images(spec: str, size: int, quiet: bool = False):
     return images, errors
 
 
+TRAP_GROUPS = {"protected_photos": "the protected photos", "class_images": "the class images it keeps",
+               "keep_images": "the keep_images photos"}
+
+
+def log_trap_report(vae_ref, trapped, subjects: list, keep_images) -> dict:
+    """:func:`apdm.protect_model.encoder_trap.trap_report` on the images the trap trained with (the subjects'
+    photos, their class images, ``keep_images``), logged in words; returned for protect_log.json and the card."""
+    import torch
+
+    from apdm.protect_model.encoder_trap import trap_report
+
+    dev = trapped.device
+    report = trap_report(vae_ref, trapped, {
+        "protected_photos": torch.cat([s.images for s in subjects]).to(dev),
+        "class_images": torch.cat([s.class_images for s in subjects]).to(dev),
+        "keep_images": None if keep_images is None else keep_images.to(dev)})
+    LOG.info("encoder trap check (latent change ‖μ_trapped − μ_original‖ / ‖μ_original‖: ≈ 1 sent to a decoy, "
+             "≈ 0 left alone): %s", "; ".join(f"{TRAP_GROUPS[k]} {v['latent_change']:.2f}" for k, v in report.items()))
+    LOG.info("encoder trap check (encode → decode PSNR, original → trapped encoder; what img2img / inpainting with "
+             "this checkpoint start from): %s", "; ".join(
+                 f"{TRAP_GROUPS[k]} {v['recon_psnr_base']:.1f} → {v['recon_psnr_trapped']:.1f} dB"
+                 for k, v in report.items() if k != "protected_photos"))
+    return report
+
+
 def run(cfg: ProtectModelRunConfig) -> dict:
     """Protect ``cfg.model`` against personalization of ``cfg.subjects``; write the protected model folder.
 
@@ -148,7 +173,7 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     if not main:  # θ is the same on every process; the main one writes it (and trains the encoder trap)
         distributed.barrier()
         return {"seconds_protect": round(seconds, 2), "rank": rank, "world_size": world}
-    vae, trap_history, seconds_trap = sd.vae, [], 0.0
+    vae, trap_history, seconds_trap, trap_check = sd.vae, [], 0.0, {}
     if cfg.encoder_trap.steps > 0:
         from apdm.protect_model.encoder_trap import trap_embedder, trap_encoder
 
@@ -162,17 +187,19 @@ def run(cfg: ProtectModelRunConfig) -> dict:
                                              checkpoint_dir=out / "checkpoint" / "encoder_trap", quiet=cfg.quiet,
                                              embed=trap_embedder(cfg.encoder_trap), keep_images=keep_images)
         vae, seconds_trap = trapped.to(sd.dtype), time.perf_counter() - t1
+        trap_check = log_trap_report(sd.vae, trapped, subjects, keep_images)
     protected = dataclasses.replace(sd, unet=unet.to(sd.dtype), source=f"apdm-protected({sd.source})", vae=vae,
                                     text_encoder=sd.text_encoder if text_encoder is None else text_encoder.to(sd.dtype))
     save_sd(protected, out / "model")
-    card = model_card(cfg, history, seconds, trap_history=trap_history)
+    card = model_card(cfg, history, seconds, trap_history=trap_history, trap_check=trap_check)
     atomic_write_text(out / "model" / "README.md", card)
     summary = {"seconds_protect": round(seconds, 2), "outer_steps": p.outer_steps, "inner_steps": p.inner_steps,
                "world_size": world,
                "seconds_per_outer_step": round(seconds / max(1, len(history)), 3) if history else None,
                "skipped_inputs": skipped, "peak_rss_mb": round(peak_rss_mb(), 1), "history": history}
     if trap_history:
-        summary.update(seconds_encoder_trap=round(seconds_trap, 2), encoder_trap_history=trap_history)
+        summary.update(seconds_encoder_trap=round(seconds_trap, 2), encoder_trap_check=trap_check,
+                       encoder_trap_history=trap_history)
     atomic_write_json(out / "protect_log.json", summary)
     import shutil
 
@@ -183,7 +210,7 @@ def run(cfg: ProtectModelRunConfig) -> dict:
 
 
 def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, results: dict | None = None,
-               trap_history: list[dict] | None = None) -> str:
+               trap_history: list[dict] | None = None, trap_check: dict | None = None) -> str:
     """Markdown model card: what is protected (prompts only, never images), how, and measured results."""
     lines = [
         "---", "tags: [apdm, anti-personalization, stable-diffusion]", "---", "",
@@ -222,6 +249,14 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, 
                                 "(`encoder_trap.keep_images`)." if cfg.encoder_trap.keep_images else "")
                   + " Someone who encodes the photos with another compatible VAE is not stopped by this part.",
                   "", f"Final trap losses: trap={last['loss_trap']:.4g}, preserve={last['loss_preserve']:.4g}", ""]
+        if trap_check:
+            lines += ["What the trapped encoder does to the images it trained with (latent change "
+                      "‖μ_trapped − μ_original‖ / ‖μ_original‖; encode → decode PSNR with the original / trapped "
+                      "encoder, what img2img and inpainting with this checkpoint start from):", "",
+                      "| images | count | latent change | encode → decode PSNR |", "|---|---|---|---|"]
+            lines += [f"| {TRAP_GROUPS.get(k, k)} | {v['images']} | {v['latent_change']:.2f} | "
+                      f"{v['recon_psnr_base']:.1f} → {v['recon_psnr_trapped']:.1f} dB |" for k, v in trap_check.items()]
+            lines += [""]
     if results:
         lines += ["## Measured results", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in results.items()]

@@ -23,19 +23,10 @@ from apdm.bench import jobs
 from apdm.bench.protect_model import drawn_dogs, load_protected
 from apdm.core import diffusion as D
 from apdm.core.models import load_sd
-from apdm.evaluation.fidelity import psnr
-from apdm.protect_model.encoder_trap import latent_change
+from apdm.protect_model.encoder_trap import latent_change, recon_psnr
 from apdm.toy import draw
 from apdm.toy.world import heldout_subjects, model_path
 from apdm.utils import atomic_write_json
-
-
-@torch.no_grad()
-def recon_psnr(vae, images: torch.Tensor) -> float:
-    """Mean PSNR (dB) of images (N,3,H,W) in [0,1] against decode(posterior mean)."""
-    mean = D.vae_posterior(vae, images, 32)[0]
-    out = D.decode_latents(vae, D.posterior_latents(vae, mean, mean))
-    return float(psnr(images, out).mean())
 
 
 def main(argv=None) -> int:
@@ -59,11 +50,14 @@ def main(argv=None) -> int:
                   "dog": drawn_dogs(32), "class_generated": generated}
         trapped = jobs.model(spec, info["state"]).vae
         rows[w] = {"protect_photos": info["info"].get("protect_photos", 4),
+                   "keep_photos": info["info"].get("keep_photos", 0),
                    "encoder_trap_config": info["info"].get("encoder_trap_config"),
                    **{f"{g}_latent_change": round(float(latent_change(sd.vae, trapped, x).mean()), 4)
                       for g, x in groups.items()},
-                   **{f"{g}_recon_psnr_base": round(recon_psnr(sd.vae, x), 2) for g, x in groups.items()},
-                   **{f"{g}_recon_psnr_trapped": round(recon_psnr(trapped, x), 2) for g, x in groups.items()}}
+                   **{f"{g}_recon_psnr_base": round(float(recon_psnr(sd.vae, x).mean()), 2)
+                      for g, x in groups.items()},
+                   **{f"{g}_recon_psnr_trapped": round(float(recon_psnr(trapped, x).mean()), 2)
+                      for g, x in groups.items()}}
         print(w, json.dumps(rows[w]), flush=True)
     atomic_write_json(Path(args.out), {"model_fingerprint": sd.fingerprint(), "files": rows})
     return 0
