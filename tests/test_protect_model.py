@@ -312,6 +312,8 @@ def test_bench_saved_protection_round_trip_and_checks(tmp_path):
         bench_protect_model(True, [f"protected={f}", "protect.beta=0.5"])
     with pytest.raises(ValueError, match="outer_steps=3, save_protected=.* would not apply"):
         bench_protect_model(True, [f"protected={f}", "outer_steps=3", f"save_protected={tmp_path / 'again'}"])
+    with pytest.raises(ValueError, match="keep_photos=8 would not apply"):
+        bench_protect_model(True, [f"protected={f}", "keep_photos=8"])
 
 
 def test_bench_attack_seeds_runs_and_summary():

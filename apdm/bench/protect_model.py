@@ -156,7 +156,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     loaded = None
     if "protected" in opts:
         unused = recipe_overrides + [f"{k}={opts[k]}" for k in ("outer_steps", "inner_steps", "learning_rate",
-                                                                 "save_protected") if k in opts]
+                                                                 "save_protected", "keep_photos") if k in opts]
         if unused:
             raise ValueError(f"protected=FILE attacks saved weights: {', '.join(unused)} would not apply; "
                              "leave them out")
@@ -376,7 +376,7 @@ def _keep_photo_count(opts: dict, tcfg) -> int:
     text = opts.get("keep_photos", "0")
     if not text.isdigit() or int(text) > 2 * KEEP_IDS:
         raise ValueError(f"keep_photos must be a whole number from 0 to {2 * KEEP_IDS}, got '{text}'")
-    if int(text) and not tcfg.steps:
+    if int(text) and not tcfg.steps and "protected" not in opts:  # with protected=, refused as not applying
         raise ValueError("keep_photos=N is for the encoder trap: set encoder_trap.steps too")
     return int(text)
 
