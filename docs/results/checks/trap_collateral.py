@@ -16,7 +16,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 
 from apdm.bench import jobs
