@@ -237,8 +237,8 @@ def test_cli_keep_images_are_read_before_the_protection(tmp_path):
     from apdm.utils import LOG
 
     keep = tmp_path / "keep"
-    keep.mkdir()
-    Image.new("RGB", (80, 64), (10, 200, 30)).save(keep / "a.png")
+    (keep / "sub").mkdir(parents=True)
+    Image.new("RGB", (80, 64), (10, 200, 30)).save(keep / "sub" / "a.png")  # a collection's sub-folders count
     (keep / "b.png").write_bytes(b"not an image")
     images, skipped = load_keep_images(str(keep), 64, quiet=True)
     assert images.shape == (1, 3, 64, 64) and abs(float(images[0, 1].mean()) - 200 / 255) < 1e-3

@@ -68,7 +68,8 @@ def load_keep_images(spec: str, size: int, quiet: bool = False):
     """``encoder_trap.keep_images``: the photos whose latents the trapped encoder must keep.
 
     Args:
-        spec: a folder, or comma-separated files / folders; empty = none.
+        spec: a folder (searched with its sub-folders: a photo collection), or comma-separated files / folders /
+            globs; empty = none.
         size: model resolution (images are resized and center-cropped to it).
 
     Returns:
@@ -83,7 +84,7 @@ def load_keep_images(spec: str, size: int, quiet: bool = False):
     if not spec:
         return None, []
     src = spec.split(",") if "," in spec else spec
-    images, ok, errors = load_images(list_images(src), size=size, quiet=quiet)
+    images, ok, errors = load_images(list_images(src, recursive=True), size=size, quiet=quiet)
     for e in errors:
         LOG.warning("skipped %s: %s", e["path"], e["error"])
     if not ok:
