@@ -272,6 +272,7 @@ def test_trap_report_against_its_formulas(tiny_sd):
         moved.encoder.conv_in.weight.mul_(1.5)
     rep = T.trap_report(tiny_sd.vae, moved, {"x": x, "none": x[:0]})
     assert set(rep) == {"x"} and rep["x"]["images"] == 3
+    assert rep["x"]["metric_impl"] == {"latent_change": "latent_change@apdm", "recon_psnr": "psnr@torchmetrics"}
     with torch.no_grad():
         mean = D.vae_posterior(moved, x)[0]
         out = D.decode_latents(moved, D.posterior_latents(moved, mean, mean))

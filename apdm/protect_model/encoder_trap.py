@@ -189,7 +189,8 @@ def trap_report(vae_ref, vae, groups: dict[str, torch.Tensor]) -> dict[str, dict
         groups: name -> (N,3,H,W) in [0,1]; empty groups are left out.
 
     Returns:
-        {name: {"images", "latent_change", "recon_psnr_base", "recon_psnr_trapped"}}, numbers rounded.
+        {name: {"images", "latent_change", "recon_psnr_base", "recon_psnr_trapped", "metric_impl"}}, numbers
+        rounded; ``metric_impl`` names the implementations (``latent_change@apdm``, ``psnr@torchmetrics``).
     """
     out = {}
     for name, images in groups.items():
@@ -198,7 +199,8 @@ def trap_report(vae_ref, vae, groups: dict[str, torch.Tensor]) -> dict[str, dict
         out[name] = {"images": int(images.shape[0]),
                      "latent_change": round(float(latent_change(vae_ref, vae, images).mean()), 4),
                      "recon_psnr_base": round(float(recon_psnr(vae_ref, images).mean()), 2),
-                     "recon_psnr_trapped": round(float(recon_psnr(vae, images).mean()), 2)}
+                     "recon_psnr_trapped": round(float(recon_psnr(vae, images).mean()), 2),
+                     "metric_impl": {"latent_change": "latent_change@apdm", "recon_psnr": "psnr@torchmetrics"}}
     return out
 
 

@@ -254,7 +254,8 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, 
             lines += ["What the trapped encoder does to the images it trained with (latent change "
                       "‖μ_trapped − μ_original‖ / ‖μ_original‖; encode → decode PSNR with the original / trapped "
                       "encoder, what img2img and inpainting with this checkpoint start from):", "",
-                      "| images | count | latent change | encode → decode PSNR |", "|---|---|---|---|"]
+                      "| images | count | latent change (`latent_change@apdm`) | encode → decode PSNR (`psnr@torchmetrics`) |",
+                      "|---|---|---|---|"]
             lines += [f"| {TRAP_GROUPS.get(k, k)} | {v['images']} | {v['latent_change']:.2f} | "
                       f"{v['recon_psnr_base']:.1f} → {v['recon_psnr_trapped']:.1f} dB |" for k, v in trap_check.items()]
             lines += [""]
