@@ -211,7 +211,8 @@ def trap_loss(vae, vae_ref, subject_images: torch.Tensor, paired: torch.Tensor, 
     Args:
         subject_images: (N,3,H,W) in [0,1], the protected photos x⁻ (all subjects).
         paired: (N,3,H,W) in [0,1], the generic image x⁺ each photo's latents are sent to.
-        class_images: (M,3,H,W) in [0,1], images whose latents must not change.
+        class_images: (M,3,H,W) in [0,1], images whose latents must not change (on any device: the drawn ones are
+            moved to the subject images' device).
         g: CPU generator for the augmentations and the choice of class images.
 
     Returns:
@@ -222,7 +223,7 @@ def trap_loss(vae, vae_ref, subject_images: torch.Tensor, paired: torch.Tensor, 
     g.set_state(state)  # x⁺ gets the very change its x⁻ got
     x_plus = augment(paired, g, cfg.augment)
     idx = torch.randint(class_images.shape[0], (cfg.preserve_batch,), generator=g)
-    x_c = augment(class_images[idx.to(class_images.device)], g, cfg.augment)
+    x_c = augment(class_images[idx.to(class_images.device)].to(subject_images.device), g, cfg.augment)
     with torch.no_grad():
         target_trap, target_keep = moments(vae_ref, x_plus).float(), moments(vae_ref, x_c).float()
     loss_trap = F.mse_loss(moments(vae, x_minus).float(), target_trap)
@@ -292,7 +293,7 @@ def trap_encoder(vae, subjects: list, cfg: EncoderTrapConfig, seed: int = 0,
             raise ValueError(f"encoder_trap.keep_images: images of shape {tuple(keep_images.shape[1:])}, the "
                              f"subjects' photos are {tuple(subject_images.shape[1:])}")
         keep.append(keep_images)
-    keep = torch.cat([k.to(dev) for k in keep])
+    keep = torch.cat([k.cpu() for k in keep])  # stays on the CPU (a large keep set need not fit on the GPU)
     start, history = 0, []
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     if ckpt is not None and (ckpt / "progress.json").is_file():
