@@ -264,6 +264,12 @@ class EncoderTrapConfig:
     #: to keep those images, not the photos around them (docs/protect_model.md, "A keep set of photos"; 200 photos
     #: cut the cost on other photos by two thirds). Empty = none.
     keep_images: str = ""
+    #: N more pictures of each subject for the trap to hold, for a provider with few photos: a copy of the base model
+    #: is personalized on the subject's photos (the shared simulator with the recipe's ``personalization``, prior
+    #: preservation on the subject's class images) and samples N images of its instance prompt (``class_sample_steps``,
+    #: ``class_guidance_scale``). They share the photos' decoys; the decoys are still chosen from the photos alone.
+    #: 0 = none (docs/protect_model.md, "Few photos: pictures from a personalized copy").
+    synthetic_photos: int = 0
     #: save a resumable checkpoint every K steps (0 = never).
     checkpoint_every: int = 500
 

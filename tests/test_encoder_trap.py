@@ -283,3 +283,85 @@ def test_trap_report_against_its_formulas(tiny_sd):
     same = T.trap_report(tiny_sd.vae, tiny_sd.vae, {"x": x})["x"]
     assert same["latent_change"] == 0.0 and same["recon_psnr_base"] == same["recon_psnr_trapped"]
     assert rep["x"]["latent_change"] > 0.05 and rep["x"]["recon_psnr_trapped"] != same["recon_psnr_trapped"]
+
+
+def test_views_are_trapped_to_their_photos_decoys(tiny_sd):
+    """encoder_trap.synthetic_photos: view j of a subject encodes as photo (j mod N)'s decoy after the trap."""
+    subj, views = _subject(), _stripes(4)
+    cfg = EncoderTrapConfig(steps=30, learning_rate=2e-3, augment=0.0, preserve_batch=4)
+    without, _ = T.trap_encoder(tiny_sd.vae, [subj], cfg, quiet=True)
+    with_views, _ = T.trap_encoder(tiny_sd.vae, [subj], cfg, quiet=True, views=[views])
+    with torch.no_grad():
+        target = D.vae_posterior(tiny_sd.vae, subj.paired[torch.arange(4) % 2])[0]  # views 0, 2 -> x⁺_0; 1, 3 -> x⁺_1
+
+        def dist(vae):
+            return float((D.vae_posterior(vae, views)[0] - target).pow(2).mean())
+
+        assert dist(with_views) < 0.5 * dist(tiny_sd.vae), (dist(with_views), dist(tiny_sd.vae))
+        assert dist(with_views) < 0.5 * dist(without), (dist(with_views), dist(without))
+    with pytest.raises(ValueError, match="views of s have shape"):
+        T.trap_encoder(tiny_sd.vae, [subj], cfg, quiet=True, views=[torch.rand(2, 3, 32, 32)])
+    with pytest.raises(ValueError, match="2 sets of views for 1 subjects"):
+        T.trap_encoder(tiny_sd.vae, [subj], cfg, quiet=True, views=[views, views])
+
+
+def test_synthetic_views_come_from_a_personalized_copy(tiny_sd):
+    from apdm.config import PersonalizationConfig
+
+    subj = _subject()
+    per = PersonalizationConfig(steps=3, learning_rate=1e-2, batch_size=2, with_prior_preservation=True,
+                                num_class_images=4, class_sample_steps=2, class_guidance_scale=3.0)
+    before = [p.clone() for p in tiny_sd.unet.parameters()]
+    views = T.synthetic_views(tiny_sd, subj, per, 3, seed=1)
+    assert views.shape == (3, 3, 64, 64) and views.min() >= 0 and views.max() <= 1 and views.device.type == "cpu"
+    assert all(torch.equal(a, b) for a, b in zip(before, tiny_sd.unet.parameters()))  # the base model is untouched
+    torch.testing.assert_close(T.synthetic_views(tiny_sd, subj, per, 3, seed=1), views, atol=0, rtol=0)
+    base = D.generate(tiny_sd, [subj.instance_prompt], 3, 2, 3.0, seed=1 + 4242, quiet=True)
+    assert float((base - views).abs().mean()) > 1e-3  # the same sampling on the base model gives other pictures
+
+
+def test_cli_synthetic_photos_are_trapped_and_reported(tmp_path):
+    from helpers import tiny_protect_model_args
+
+    from apdm.cli import main
+
+    args = ["protect-model", *tiny_protect_model_args(tmp_path), "protect.outer_steps=0", "encoder_trap.steps=2",
+            "encoder_trap.synthetic_photos=3", "personalization.steps=2", "personalization.batch_size=1"]
+    assert main(args) == 0
+    check = json.loads((tmp_path / "out" / "protect_log.json").read_text())["encoder_trap_check"]
+    assert check["synthetic_views"]["images"] == 3 and check["synthetic_views"]["latent_change"] > 0
+    card = (tmp_path / "out" / "model" / "README.md").read_text()
+    assert "3 pictures of each subject sampled from a copy" in card and "| the synthetic pictures | 3 |" in card
+    assert not (tmp_path / "out" / "checkpoint").exists()
+
+
+def test_trap_views_are_reused_from_their_cache(tiny_sd, tmp_path):
+    """A resumed run reads the pictures it made before instead of personalizing again."""
+    from safetensors.torch import save_file
+
+    from apdm.config import ProtectModelRunConfig
+    from apdm.protect_model.run import trap_views
+
+    cfg = ProtectModelRunConfig()
+    cfg.encoder_trap.synthetic_photos = 2
+    cached = torch.rand(2, 3, 64, 64)
+    save_file({"views": cached}, str(tmp_path / "views_0.safetensors"))
+    views = trap_views(tiny_sd, [_subject()], cfg, tmp_path)
+    torch.testing.assert_close(views[0], cached, atol=0, rtol=0)
+    cfg.encoder_trap.synthetic_photos = 0
+    assert trap_views(tiny_sd, [_subject()], cfg, tmp_path) is None
+
+
+def test_bench_protect_job_traps_synthetic_views(tiny_sd):
+    from apdm.bench import jobs
+    from apdm.bench.protect_model import _protect_job
+    from apdm.config import PersonalizationConfig, ProtectConfig
+
+    per = PersonalizationConfig(steps=2, learning_rate=1e-2, batch_size=2, num_class_images=4, class_sample_steps=2,
+                                class_guidance_scale=3.0)
+    tcfg = EncoderTrapConfig(steps=2, learning_rate=1e-3, preserve_batch=2, synthetic_photos=2, checkpoint_every=0)
+    state, _, _, _, trap_hist, _, views = _protect_job(jobs.remember_model(tiny_sd), _subject(), per,
+                                                       ProtectConfig(outer_steps=0, checkpoint_every=0), tcfg)
+    assert views.shape == (2, 3, 64, 64) and len(trap_hist) == 2
+    trapped = jobs.model(jobs.remember_model(tiny_sd), state).vae
+    assert not torch.equal(trapped.encoder.conv_in.weight, tiny_sd.vae.encoder.conv_in.weight)

@@ -80,6 +80,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     from apdm.protect_model.encoder_trap import check_trap_config, trap_embedder, trap_targets
     from apdm.protect_model.l2p import check_protect_config
     from apdm.toy import draw
+    from apdm.toy import instruments as I
     from apdm.toy.world import heldout_subjects
     from apdm.utils import LOG
 
@@ -215,10 +216,14 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
             targets = trap_targets(subject, trap.targets, trap_embedder(trap), trap.decoys)[0] if trap.steps \
                 else subject.paired
             submit_attack("ism_db_targets", None, subj_a, "dreambooth", photos=targets.cpu())
+        views = None
         if loaded:
             prot, rss = loaded["state"], 0.0
         else:
-            prot, hist, seconds, rss, trap_hist, seconds_trap = f_prot.result()
+            prot, hist, seconds, rss, trap_hist, seconds_trap, views = f_prot.result()
+            if views is not None:  # how like A the synthetic views are, by the judge (the attack's ISM scale)
+                res["synthetic_views_ism"] = round(float(I.identity_similarity(
+                    jobs.instruments().encoder, views, subj_a.references).mean()), 4)
             res["seconds_protect"] = round(seconds, 1)
             res["seconds_per_outer_step"] = round((seconds - seconds_trap) / len(hist), 3) if hist else None
             res["protect_loss_first"] = hist[0]["loss_protect"] if hist else None
@@ -232,7 +237,8 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
         if any(k.startswith(jobs.VAE_PREFIX) for k in prot):  # where the encoder trap moves latents, and where not
             res.update(_trap_latent_changes(sd, jobs.model(spec, prot).vae, {
                 "photos": subj_a.images, "fresh_photos": fresh_a, "references": subj_a.references,
-                "other_subject": subj_b.images, "class": real, "dog": drawn_dogs(2 * n_samples)}))
+                "other_subject": subj_b.images, "class": real, "dog": drawn_dogs(2 * n_samples),
+                **({"synthetic_views": views} if views is not None else {})}))
         submit_attack("ism_db_protected", prot, subj_a, "dreambooth")
         for method in ("lora", "ti"):
             if method in attacks:
@@ -402,10 +408,11 @@ def keep_photos(n: int) -> torch.Tensor:
 
 
 def _protect_job(spec, subject, per_cfg, pcfg, tcfg=None, keep=None
-                 ) -> tuple[dict, list[dict], float, float, list[dict], float]:
+                 ) -> tuple[dict, list[dict], float, float, list[dict], float, object]:
     """Protect ``subject`` on the model of ``spec`` (L2P, then the encoder trap when ``tcfg.steps`` > 0); returns
     (protected UNet state (and text encoder, VAE, if protected: :func:`apdm.bench.jobs.unet_state`), per-step logs,
-    seconds of the whole protection, peak RSS, the trap's per-step logs, the trap's seconds)."""
+    seconds of the whole protection, peak RSS, the trap's per-step logs, the trap's seconds (with its synthetic
+    views), the views (V,3,H,W) in [0,1] or None)."""
     from apdm.bench import jobs
     from apdm.protect_model.l2p import protect
     from apdm.utils import peak_rss_mb
@@ -413,15 +420,18 @@ def _protect_job(spec, subject, per_cfg, pcfg, tcfg=None, keep=None
     sd = jobs.model(spec)
     t0 = time.perf_counter()
     unet, hist, text_encoder = protect(sd, [subject], per_cfg, pcfg)  # pcfg.checkpoint_every is 0 in the bench
-    vae, trap_hist, seconds_trap = None, [], 0.0
+    vae, trap_hist, seconds_trap, views = None, [], 0.0, None
     if tcfg is not None and tcfg.steps > 0:
-        from apdm.protect_model.encoder_trap import trap_embedder, trap_encoder
+        from apdm.protect_model.encoder_trap import synthetic_views, trap_embedder, trap_encoder
 
         t1 = time.perf_counter()
-        vae, trap_hist = trap_encoder(sd.vae, [subject], tcfg, quiet=True, embed=trap_embedder(tcfg), keep_images=keep)
+        if tcfg.synthetic_photos > 0:
+            views = synthetic_views(sd, subject, per_cfg, tcfg.synthetic_photos)
+        vae, trap_hist = trap_encoder(sd.vae, [subject], tcfg, quiet=True, embed=trap_embedder(tcfg), keep_images=keep,
+                                      views=None if views is None else [views])
         seconds_trap = time.perf_counter() - t1
     return (jobs.unet_state(unet, text_encoder, vae), hist, time.perf_counter() - t0, peak_rss_mb(), trap_hist,
-            seconds_trap)
+            seconds_trap, views)
 
 
 def _kid_job(spec, unet_state: dict | None, real, n_samples: int) -> float:
@@ -452,7 +462,8 @@ def _class_prompt_ism_job(spec, n_samples: int, *references, prompt: str = "a ph
 PROTECTED_INFO = ("model_fingerprint", "subject_protected", "outer_steps", "inner_steps", "protect_lr",
                   "protect_lr_phases", "beta", "gradient_leak", "recipe_overrides", "protect_config",
                   "seconds_protect", "seconds_per_outer_step", "protect_loss_first", "protect_loss_last",
-                  "encoder_trap_config", "protect_photos", "decoy_identity_impl", "keep_photos")
+                  "encoder_trap_config", "protect_photos", "decoy_identity_impl", "keep_photos",
+                  "synthetic_views_ism")
 
 
 def save_protected(path: str, state: dict, res: dict) -> None:

@@ -126,6 +126,39 @@ def trap_targets(subject, mode: str, embed=None, decoys: int = 0) -> tuple[torch
     return candidates[idx[turn].to(candidates.device)], cos
 
 
+def synthetic_views(sd, subject, per_cfg, n: int, seed: int = 0, quiet: bool = True) -> torch.Tensor:
+    """``n`` more pictures of ``subject`` for the trap to hold (``encoder_trap.synthetic_photos``).
+
+    A copy of ``sd`` is personalized on the subject's photos by the shared simulator (``per_cfg`` with the subject's
+    prompts; prior preservation on ``subject.class_images`` when ``per_cfg`` has it on) and samples ``n`` images of
+    the subject's instance prompt with ``per_cfg.class_sample_steps`` / ``class_guidance_scale``. ``sd`` is not
+    modified. What the attacker would get from the photos is what the trap learns to send to the decoys.
+
+    Args:
+        sd: the base model (:class:`apdm.core.models.SD`).
+        subject: :class:`apdm.protect_model.l2p.Subject` (``images`` (N,3,H,W) in [0,1]).
+        per_cfg: the recipe's ``personalization`` (:class:`apdm.config.PersonalizationConfig`).
+        n: how many pictures.
+        seed: sampling seed (the personalization uses ``per_cfg.seed``).
+
+    Returns:
+        (n,3,H,W) in [0,1] on the CPU.
+    """
+    import dataclasses
+
+    from apdm.config import SampleConfig
+    from apdm.evaluation.protocol import personalize_and_sample
+
+    cfg = dataclasses.replace(per_cfg, instance_prompt=subject.instance_prompt, class_prompt=subject.class_prompt)
+    sample = SampleConfig(prompts=[subject.instance_prompt], num_images_per_prompt=int(n),
+                          num_inference_steps=cfg.class_sample_steps, guidance_scale=cfg.class_guidance_scale,
+                          seed=seed + 4242, batch_size=8)
+    class_images = subject.class_images if cfg.with_prior_preservation and cfg.method == "dreambooth" else None
+    out = personalize_and_sample(sd, subject.images, cfg, sample.prompts, sample, class_images=class_images,
+                                 quiet=quiet)
+    return out["images"][subject.instance_prompt].float().cpu()
+
+
 def trap_embedder(cfg: EncoderTrapConfig):
     """The face recognizer of ``cfg.targets=farthest`` (``cfg.identity``: an identity backend of ``apdm
     evaluate``, :func:`apdm.evaluation.run.identity_backend`), or None when the decoys need none."""
@@ -235,7 +268,8 @@ def trap_loss(vae, vae_ref, subject_images: torch.Tensor, paired: torch.Tensor, 
 
 def check_trap_config(cfg: EncoderTrapConfig) -> None:
     """Raise ValueError naming the ``encoder_trap.*`` key that is out of range."""
-    for key, low in (("steps", 0), ("preserve_batch", 1), ("checkpoint_every", 0), ("decoys", 0)):
+    for key, low in (("steps", 0), ("preserve_batch", 1), ("checkpoint_every", 0), ("decoys", 0),
+                     ("synthetic_photos", 0)):
         v = getattr(cfg, key)
         if int(v) != v or v < low:
             raise ValueError(f"encoder_trap.{key} must be a whole number >= {low}, got {v}")
@@ -251,7 +285,8 @@ def check_trap_config(cfg: EncoderTrapConfig) -> None:
 
 def trap_encoder(vae, subjects: list, cfg: EncoderTrapConfig, seed: int = 0,
                  checkpoint_dir: str | Path | None = None, quiet: bool = False, stop_after: int | None = None,
-                 embed=None, keep_images: torch.Tensor | None = None) -> tuple[torch.nn.Module, list[dict]]:
+                 embed=None, keep_images: torch.Tensor | None = None,
+                 views: list | None = None) -> tuple[torch.nn.Module, list[dict]]:
     """Train the encoder trap; returns (a trapped fp32 copy of ``vae``, per-step logs). ``vae`` is not modified.
 
     Args:
@@ -266,6 +301,8 @@ def trap_encoder(vae, subjects: list, cfg: EncoderTrapConfig, seed: int = 0,
         embed: the face recognizer of ``cfg.targets=farthest`` (:func:`choose_decoys`).
         keep_images: (K,3,H,W) in [0,1], more images whose latents must not change (``cfg.keep_images``, loaded
             by the caller); the per-step ``cfg.preserve_batch`` is drawn from them and the subjects' class images.
+        views: one entry per subject, None or (V,3,H,W) in [0,1]: more pictures of it to trap
+            (:func:`synthetic_views`); view j encodes as photo (j mod N)'s decoy.
     """
     from apdm.protect_model.l2p import load_checkpoint, save_checkpoint
 
@@ -278,15 +315,25 @@ def trap_encoder(vae, subjects: list, cfg: EncoderTrapConfig, seed: int = 0,
     for p in trainable.values():
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=cfg.learning_rate, weight_decay=0.0)
-    subject_images = torch.cat([s.images for s in subjects]).to(dev)
-    targets = []
-    for s in subjects:
+    if views is not None and len(views) != len(subjects):
+        raise ValueError(f"encoder trap: {len(views)} sets of views for {len(subjects)} subjects")
+    trapped_images, targets = [], []
+    for k, s in enumerate(subjects):
         t, cos = trap_targets(s, cfg.targets, embed, cfg.decoys)
         if cos is not None:
             LOG.info("encoder trap: decoys for %s chosen by the face recognizer, cosine to the subject %s",
                      s.name, ", ".join(f"{c:+.2f}" for c in cos.tolist()))
-        targets.append(t)
-    paired = torch.cat(targets).to(dev)
+        trapped_images.append(s.images.to(dev))
+        targets.append(t.to(dev))
+        v = views[k] if views is not None else None
+        if v is not None and v.shape[0] > 0:
+            if tuple(v.shape[1:]) != tuple(s.images.shape[1:]):
+                raise ValueError(f"encoder trap: views of {s.name} have shape {tuple(v.shape[1:])}, its photos "
+                                 f"{tuple(s.images.shape[1:])}")
+            trapped_images.append(v.to(dev, s.images.dtype))
+            targets.append(t[torch.arange(v.shape[0]) % t.shape[0]].to(dev))  # view j -> photo (j mod N)'s decoy
+    subject_images = torch.cat(trapped_images)
+    paired = torch.cat(targets)
     keep = [s.class_images for s in subjects] + [s.paired for s in subjects]
     if keep_images is not None and keep_images.shape[0] > 0:
         if tuple(keep_images.shape[1:]) != tuple(subject_images.shape[1:]):

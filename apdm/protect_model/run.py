@@ -93,11 +93,52 @@ def load_keep_images(spec: str, size: int, quiet: bool = False):
     return images, errors
 
 
+def trap_views(sd, subjects: list, cfg: ProtectModelRunConfig, cache_dir: Path, embed=None) -> list | None:
+    """``encoder_trap.synthetic_photos`` pictures of each subject (:func:`apdm.protect_model.encoder_trap.
+    synthetic_views`), kept in ``cache_dir`` (safetensors) so that a resumed run reuses them; None when off.
+
+    Returns:
+        one (V,3,H,W) tensor in [0,1] on the CPU per subject.
+    """
+    n = cfg.encoder_trap.synthetic_photos
+    if n <= 0:
+        return None
+    from safetensors.torch import load_file, save
+
+    from apdm.protect_model.encoder_trap import synthetic_views
+    from apdm.utils import atomic_write_bytes
+
+    per = cfg.personalization
+    views = []
+    for k, s in enumerate(subjects):
+        path = cache_dir / f"views_{k}.safetensors"
+        v = load_file(str(path))["views"] if path.is_file() else None
+        if v is None or v.shape[0] != n:
+            LOG.info("encoder trap: %d pictures of %s from a copy of the model personalized on its %d photos (%s, "
+                     "%d steps), prompt '%s'", n, s.name, s.images.shape[0], per.method, per.steps, s.instance_prompt)
+            v = synthetic_views(sd, s, per, n, seed=cfg.seed + k, quiet=cfg.quiet)
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, save({"views": v.contiguous()}))
+        if embed is not None:  # are they the subject? (the recognizer that chooses the decoys)
+            from apdm.evaluation.identity import run_embed
+
+            ref, _ = run_embed(embed, s.images)
+            emb, _ = run_embed(embed, v.to(s.images.device))
+            if ref.shape[0] and emb.shape[0]:
+                import torch.nn.functional as F
+
+                cos = F.normalize(emb.float(), dim=-1) @ F.normalize(F.normalize(ref.float(), dim=-1).mean(0), dim=0)
+                LOG.info("encoder trap: the recognizer finds a face in %d of %d pictures of %s, mean cosine to its "
+                         "photos %+.2f", emb.shape[0], n, s.name, float(cos.mean()))
+        views.append(v)
+    return views
+
+
 TRAP_GROUPS = {"protected_photos": "the protected photos", "class_images": "the class images it keeps",
-               "keep_images": "the keep_images photos"}
+               "keep_images": "the keep_images photos", "synthetic_views": "the synthetic pictures"}
 
 
-def log_trap_report(vae_ref, trapped, subjects: list, keep_images) -> dict:
+def log_trap_report(vae_ref, trapped, subjects: list, keep_images, views: list | None = None) -> dict:
     """:func:`apdm.protect_model.encoder_trap.trap_report` on the images the trap trained with (the subjects'
     photos, their class images, ``keep_images``), logged in words; returned for protect_log.json and the card."""
     import torch
@@ -108,7 +149,8 @@ def log_trap_report(vae_ref, trapped, subjects: list, keep_images) -> dict:
     report = trap_report(vae_ref, trapped, {
         "protected_photos": torch.cat([s.images for s in subjects]).to(dev),
         "class_images": torch.cat([s.class_images for s in subjects]).to(dev),
-        "keep_images": None if keep_images is None else keep_images.to(dev)})
+        "keep_images": None if keep_images is None else keep_images.to(dev),
+        "synthetic_views": None if not views else torch.cat(views).to(dev)})
     LOG.info("encoder trap check (latent change ‖μ_trapped − μ_original‖ / ‖μ_original‖: ≈ 1 sent to a decoy, "
              "≈ 0 left alone): %s", "; ".join(f"{TRAP_GROUPS[k]} {v['latent_change']:.2f}" for k, v in report.items()))
     LOG.info("encoder trap check (encode → decode PSNR, original → trapped encoder; what img2img / inpainting with "
@@ -184,11 +226,13 @@ def run(cfg: ProtectModelRunConfig) -> dict:
                  if cfg.encoder_trap.targets == "farthest" else "the DPO pairs' x⁺",
                  f"{cfg.encoder_trap.decoys} per subject" if cfg.encoder_trap.decoys else "one per photo")
         t1 = time.perf_counter()
+        embed = trap_embedder(cfg.encoder_trap)
+        views = trap_views(sd, subjects, cfg, out / "checkpoint" / "encoder_trap_views", embed)
         trapped, trap_history = trap_encoder(sd.vae, subjects, cfg.encoder_trap, seed=cfg.seed,
                                              checkpoint_dir=out / "checkpoint" / "encoder_trap", quiet=cfg.quiet,
-                                             embed=trap_embedder(cfg.encoder_trap), keep_images=keep_images)
+                                             embed=embed, keep_images=keep_images, views=views)
         vae, seconds_trap = trapped.to(sd.dtype), time.perf_counter() - t1
-        trap_check = log_trap_report(sd.vae, trapped, subjects, keep_images)
+        trap_check = log_trap_report(sd.vae, trapped, subjects, keep_images, views)
     protected = dataclasses.replace(sd, unet=unet.to(sd.dtype), source=f"apdm-protected({sd.source})", vae=vae,
                                     text_encoder=sd.text_encoder if text_encoder is None else text_encoder.to(sd.dtype))
     save_sd(protected, out / "model")
@@ -248,6 +292,9 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, 
                      else ", one per photo") + "); the decoder is the base "
                   "model's." + (" Besides the base model's class images, a set of other photos was kept unchanged "
                                 "(`encoder_trap.keep_images`)." if cfg.encoder_trap.keep_images else "")
+                  + (f" Besides the photos, {cfg.encoder_trap.synthetic_photos} pictures of each subject sampled from "
+                     "a copy of the base model personalized on its photos were trapped too "
+                     "(`encoder_trap.synthetic_photos`)." if cfg.encoder_trap.synthetic_photos else "")
                   + " Someone who encodes the photos with another compatible VAE is not stopped by this part.",
                   "", f"Final trap losses: trap={last['loss_trap']:.4g}, preserve={last['loss_preserve']:.4g}", ""]
         if trap_check:
