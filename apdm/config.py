@@ -270,6 +270,9 @@ class EncoderTrapConfig:
     #: ``class_guidance_scale``). They share the photos' decoys; the decoys are still chosen from the photos alone.
     #: 0 = none (docs/protect_model.md, "Few photos: pictures from a personalized copy").
     synthetic_photos: int = 0
+    #: with a face recognizer (``identity``), sample this many pictures per one kept and keep the N it finds most
+    #: like the photos (1 = keep what is sampled). Without one the pictures are not screened (a warning says so).
+    synthetic_pool: int = 3
     #: save a resumable checkpoint every K steps (0 = never).
     checkpoint_every: int = 500
 

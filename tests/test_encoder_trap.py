@@ -164,7 +164,7 @@ def test_trap_resume_after_interruption_is_exact(tiny_sd, tmp_path):
 
 
 @pytest.mark.parametrize("key,value", [("steps", -1), ("preserve_batch", 0), ("learning_rate", -1.0),
-                                       ("augment", float("nan"))])
+                                       ("augment", float("nan")), ("synthetic_photos", -1), ("synthetic_pool", 0)])
 def test_trap_config_is_checked(key, value):
     with pytest.raises(ValueError, match=f"encoder_trap.{key}"):
         T.check_trap_config(EncoderTrapConfig(**{key: value}))
@@ -345,7 +345,7 @@ def test_trap_views_are_reused_from_their_cache(tiny_sd, tmp_path):
     cfg = ProtectModelRunConfig()
     cfg.encoder_trap.synthetic_photos = 2
     cached = torch.rand(2, 3, 64, 64)
-    save_file({"views": cached}, str(tmp_path / "views_0.safetensors"))
+    save_file({"views": cached}, str(tmp_path / "views_0.safetensors"), metadata={"request": "2x1"})
     views = trap_views(tiny_sd, [_subject()], cfg, tmp_path)
     torch.testing.assert_close(views[0], cached, atol=0, rtol=0)
     cfg.encoder_trap.synthetic_photos = 0
@@ -365,3 +365,27 @@ def test_bench_protect_job_traps_synthetic_views(tiny_sd):
     assert views.shape == (2, 3, 64, 64) and len(trap_hist) == 2
     trapped = jobs.model(jobs.remember_model(tiny_sd), state).vae
     assert not torch.equal(trapped.encoder.conv_in.weight, tiny_sd.vae.encoder.conv_in.weight)
+
+
+def test_synthetic_views_keep_those_the_recognizer_finds_most_alike(tiny_sd):
+    import torch.nn.functional as F
+
+    from apdm.config import PersonalizationConfig
+
+    subj = _subject()
+    per = PersonalizationConfig(steps=2, learning_rate=1e-2, batch_size=2, num_class_images=4, class_sample_steps=2,
+                                class_guidance_scale=3.0)
+    every = T.synthetic_views(tiny_sd, subj, per, 6, seed=2)  # what a pool of 3 x 2 samples
+    ref = F.normalize(F.normalize(_colour_embed(subj.images), dim=-1).mean(0), dim=0)
+    cos = F.normalize(_colour_embed(every), dim=-1) @ ref
+    kept = T.synthetic_views(tiny_sd, subj, per, 2, seed=2, embed=_colour_embed, pool=3)
+    torch.testing.assert_close(kept, every[torch.argsort(cos, descending=True)[:2]], atol=0, rtol=0)
+
+    def no_face_in_the_best(images):  # a recognizer that finds no face in the most alike picture
+        e = _colour_embed(images)
+        found = (F.normalize(e, dim=-1) @ ref) < cos.max() - 1e-6 if images.shape[0] == 6 else torch.ones(
+            images.shape[0], dtype=torch.bool)
+        return e[found], found
+
+    kept = T.synthetic_views(tiny_sd, subj, per, 2, seed=2, embed=no_face_in_the_best, pool=3)
+    torch.testing.assert_close(kept, every[torch.argsort(cos, descending=True)[1:3]], atol=0, rtol=0)

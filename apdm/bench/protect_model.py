@@ -426,7 +426,8 @@ def _protect_job(spec, subject, per_cfg, pcfg, tcfg=None, keep=None
 
         t1 = time.perf_counter()
         if tcfg.synthetic_photos > 0:
-            views = synthetic_views(sd, subject, per_cfg, tcfg.synthetic_photos)
+            views = synthetic_views(sd, subject, per_cfg, tcfg.synthetic_photos, embed=trap_embedder(tcfg, True),
+                                    pool=tcfg.synthetic_pool)
         vae, trap_hist = trap_encoder(sd.vae, [subject], tcfg, quiet=True, embed=trap_embedder(tcfg), keep_images=keep,
                                       views=None if views is None else [views])
         seconds_trap = time.perf_counter() - t1

@@ -126,13 +126,17 @@ def trap_targets(subject, mode: str, embed=None, decoys: int = 0) -> tuple[torch
     return candidates[idx[turn].to(candidates.device)], cos
 
 
-def synthetic_views(sd, subject, per_cfg, n: int, seed: int = 0, quiet: bool = True) -> torch.Tensor:
+def synthetic_views(sd, subject, per_cfg, n: int, seed: int = 0, quiet: bool = True, embed=None,
+                    pool: int = 1) -> torch.Tensor:
     """``n`` more pictures of ``subject`` for the trap to hold (``encoder_trap.synthetic_photos``).
 
     A copy of ``sd`` is personalized on the subject's photos by the shared simulator (``per_cfg`` with the subject's
-    prompts; prior preservation on ``subject.class_images`` when ``per_cfg`` has it on) and samples ``n`` images of
-    the subject's instance prompt with ``per_cfg.class_sample_steps`` / ``class_guidance_scale``. ``sd`` is not
-    modified. What the attacker would get from the photos is what the trap learns to send to the decoys.
+    prompts; prior preservation on ``subject.class_images`` when ``per_cfg`` has it on) and samples ``pool`` · ``n``
+    images of the subject's instance prompt with ``per_cfg.class_sample_steps`` / ``class_guidance_scale``. With a
+    face recognizer ``embed`` and ``pool`` > 1, the ``n`` the recognizer finds most like the photos are kept
+    (``encoder_trap.synthetic_pool``): a personalization does not always get the subject (on the toy world one of
+    them gave pictures as unlike the subject as other people), and a picture of someone else taught to the trap
+    would send that someone's photos to the decoy too. ``sd`` is not modified.
 
     Args:
         sd: the base model (:class:`apdm.core.models.SD`).
@@ -140,29 +144,56 @@ def synthetic_views(sd, subject, per_cfg, n: int, seed: int = 0, quiet: bool = T
         per_cfg: the recipe's ``personalization`` (:class:`apdm.config.PersonalizationConfig`).
         n: how many pictures.
         seed: sampling seed (the personalization uses ``per_cfg.seed``).
+        embed: face recognizer ``embed(images) -> (K, D)`` or ``-> (embeddings, found)`` (pictures without a found
+            face are never kept), or None (no choice: the first ``n`` are kept).
+        pool: how many pictures are sampled per one kept.
 
     Returns:
-        (n,3,H,W) in [0,1] on the CPU.
+        (n,3,H,W) in [0,1] on the CPU (fewer when the recognizer finds a face in fewer than ``n``).
     """
     import dataclasses
 
     from apdm.config import SampleConfig
     from apdm.evaluation.protocol import personalize_and_sample
 
+    pool = max(1, int(pool)) if embed is not None else 1
     cfg = dataclasses.replace(per_cfg, instance_prompt=subject.instance_prompt, class_prompt=subject.class_prompt)
-    sample = SampleConfig(prompts=[subject.instance_prompt], num_images_per_prompt=int(n),
+    sample = SampleConfig(prompts=[subject.instance_prompt], num_images_per_prompt=int(n) * pool,
                           num_inference_steps=cfg.class_sample_steps, guidance_scale=cfg.class_guidance_scale,
                           seed=seed + 4242, batch_size=8)
     class_images = subject.class_images if cfg.with_prior_preservation and cfg.method == "dreambooth" else None
     out = personalize_and_sample(sd, subject.images, cfg, sample.prompts, sample, class_images=class_images,
                                  quiet=quiet)
-    return out["images"][subject.instance_prompt].float().cpu()
+    views = out["images"][subject.instance_prompt].float().cpu()
+    if embed is None:
+        return views
+    from apdm.evaluation.identity import run_embed
+
+    ref, _ = run_embed(embed, subject.images)
+    if ref.shape[0] == 0:
+        raise ValueError(f"encoder_trap.synthetic_photos: the face recognizer finds no face in the photos of "
+                         f"{subject.name}")
+    ref = F.normalize(ref.float(), dim=-1).cpu()
+    centre = F.normalize(ref.mean(0), dim=0)
+    loo = [float(ref[i] @ F.normalize(torch.cat([ref[:i], ref[i + 1:]]).mean(0), dim=0))
+           for i in range(ref.shape[0])] if ref.shape[0] > 1 else [1.0]
+    emb, found = run_embed(embed, views)
+    rows = torch.nonzero(found.cpu()).flatten()
+    cos = F.normalize(emb.float(), dim=-1).cpu() @ centre
+    order = torch.argsort(cos, descending=True)[:n]
+    LOG.info("encoder trap: pictures of %s from the personalized copy: the recognizer finds a face in %d of %d, "
+             "cosine to the photos %+.2f on average; kept the %d most alike (%+.2f to %+.2f; the photos to each "
+             "other %+.2f)", subject.name, rows.numel(), views.shape[0], float(cos.mean()) if cos.numel() else 0.0,
+             order.numel(), float(cos[order].max()) if order.numel() else 0.0,
+             float(cos[order].min()) if order.numel() else 0.0, sum(loo) / len(loo))
+    return views[rows[order]]
 
 
-def trap_embedder(cfg: EncoderTrapConfig):
-    """The face recognizer of ``cfg.targets=farthest`` (``cfg.identity``: an identity backend of ``apdm
-    evaluate``, :func:`apdm.evaluation.run.identity_backend`), or None when the decoys need none."""
-    if cfg.targets != "farthest":
+def trap_embedder(cfg: EncoderTrapConfig, for_views: bool = False):
+    """The face recognizer ``cfg.identity`` (an identity backend of ``apdm evaluate``,
+    :func:`apdm.evaluation.run.identity_backend`) where the trap uses one: to choose ``farthest`` decoys, or with
+    ``for_views`` to choose among the synthetic pictures (:func:`synthetic_views`); else None."""
+    if cfg.identity in ("", "none") or not (cfg.targets == "farthest" or for_views and cfg.synthetic_photos > 0):
         return None
     from apdm.evaluation.run import identity_backend
 
@@ -269,7 +300,7 @@ def trap_loss(vae, vae_ref, subject_images: torch.Tensor, paired: torch.Tensor, 
 def check_trap_config(cfg: EncoderTrapConfig) -> None:
     """Raise ValueError naming the ``encoder_trap.*`` key that is out of range."""
     for key, low in (("steps", 0), ("preserve_batch", 1), ("checkpoint_every", 0), ("decoys", 0),
-                     ("synthetic_photos", 0)):
+                     ("synthetic_photos", 0), ("synthetic_pool", 1)):
         v = getattr(cfg, key)
         if int(v) != v or v < low:
             raise ValueError(f"encoder_trap.{key} must be a whole number >= {low}, got {v}")

@@ -484,7 +484,8 @@ def save_checkpoint(folder: Path, step: int, trainable: dict, optimizer: torch.o
     osd = optimizer.state_dict()
     for idx, st in osd["state"].items():
         for k, v in st.items():
-            tensors[f"opt/{names[idx]}/{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+            t = v if torch.is_tensor(v) else torch.tensor(v)
+            tensors[f"opt/{names[idx]}/{k}"] = t.detach().cpu().contiguous()
     with atomic_dir(folder) as tmp:
         save_file(tensors, str(tmp / "state.safetensors"))
         atomic_write_json(tmp / "progress.json", {"next_step": step, "param_groups": osd["param_groups"],

@@ -93,43 +93,45 @@ def load_keep_images(spec: str, size: int, quiet: bool = False):
     return images, errors
 
 
-def trap_views(sd, subjects: list, cfg: ProtectModelRunConfig, cache_dir: Path, embed=None) -> list | None:
+def trap_views(sd, subjects: list, cfg: ProtectModelRunConfig, cache_dir: Path) -> list | None:
     """``encoder_trap.synthetic_photos`` pictures of each subject (:func:`apdm.protect_model.encoder_trap.
-    synthetic_views`), kept in ``cache_dir`` (safetensors) so that a resumed run reuses them; None when off.
+    synthetic_views`, chosen by the recognizer ``encoder_trap.identity`` when set), kept in ``cache_dir``
+    (safetensors) so that a resumed run reuses them; None when off.
 
     Returns:
         one (V,3,H,W) tensor in [0,1] on the CPU per subject.
     """
-    n = cfg.encoder_trap.synthetic_photos
-    if n <= 0:
+    tc = cfg.encoder_trap
+    if tc.synthetic_photos <= 0:
         return None
-    from safetensors.torch import load_file, save
+    from safetensors import safe_open
+    from safetensors.torch import save
 
-    from apdm.protect_model.encoder_trap import synthetic_views
+    from apdm.protect_model.encoder_trap import synthetic_views, trap_embedder
     from apdm.utils import atomic_write_bytes
 
     per = cfg.personalization
+    embed = trap_embedder(tc, for_views=True)
+    if embed is None:
+        LOG.warning("encoder trap: the synthetic pictures are not screened (no face recognizer: set "
+                    "encoder_trap.identity); a personalization that misses the subject teaches the trap other people")
+    key = f"{tc.synthetic_photos}x{tc.synthetic_pool if embed is not None else 1}"
     views = []
     for k, s in enumerate(subjects):
         path = cache_dir / f"views_{k}.safetensors"
-        v = load_file(str(path))["views"] if path.is_file() else None
-        if v is None or v.shape[0] != n:
+        v = None
+        if path.is_file():
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("request") == key:
+                    v = f.get_tensor("views")
+        if v is None:
             LOG.info("encoder trap: %d pictures of %s from a copy of the model personalized on its %d photos (%s, "
-                     "%d steps), prompt '%s'", n, s.name, s.images.shape[0], per.method, per.steps, s.instance_prompt)
-            v = synthetic_views(sd, s, per, n, seed=cfg.seed + k, quiet=cfg.quiet)
+                     "%d steps), prompt '%s'", tc.synthetic_photos, s.name, s.images.shape[0], per.method, per.steps,
+                     s.instance_prompt)
+            v = synthetic_views(sd, s, per, tc.synthetic_photos, seed=cfg.seed + k, quiet=cfg.quiet, embed=embed,
+                                pool=tc.synthetic_pool)
             cache_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(path, save({"views": v.contiguous()}))
-        if embed is not None:  # are they the subject? (the recognizer that chooses the decoys)
-            from apdm.evaluation.identity import run_embed
-
-            ref, _ = run_embed(embed, s.images)
-            emb, _ = run_embed(embed, v.to(s.images.device))
-            if ref.shape[0] and emb.shape[0]:
-                import torch.nn.functional as F
-
-                cos = F.normalize(emb.float(), dim=-1) @ F.normalize(F.normalize(ref.float(), dim=-1).mean(0), dim=0)
-                LOG.info("encoder trap: the recognizer finds a face in %d of %d pictures of %s, mean cosine to its "
-                         "photos %+.2f", emb.shape[0], n, s.name, float(cos.mean()))
+            atomic_write_bytes(path, save({"views": v.contiguous()}, metadata={"request": key}))
         views.append(v)
     return views
 
@@ -227,7 +229,7 @@ def run(cfg: ProtectModelRunConfig) -> dict:
                  f"{cfg.encoder_trap.decoys} per subject" if cfg.encoder_trap.decoys else "one per photo")
         t1 = time.perf_counter()
         embed = trap_embedder(cfg.encoder_trap)
-        views = trap_views(sd, subjects, cfg, out / "checkpoint" / "encoder_trap_views", embed)
+        views = trap_views(sd, subjects, cfg, out / "checkpoint" / "encoder_trap_views")
         trapped, trap_history = trap_encoder(sd.vae, subjects, cfg.encoder_trap, seed=cfg.seed,
                                              checkpoint_dir=out / "checkpoint" / "encoder_trap", quiet=cfg.quiet,
                                              embed=embed, keep_images=keep_images, views=views)
@@ -301,7 +303,8 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, 
             lines += ["What the trapped encoder does to the images it trained with (latent change "
                       "‖μ_trapped − μ_original‖ / ‖μ_original‖; encode → decode PSNR with the original / trapped "
                       "encoder, what img2img and inpainting with this checkpoint start from):", "",
-                      "| images | count | latent change (`latent_change@apdm`) | encode → decode PSNR (`psnr@torchmetrics`) |",
+                      "| images | count | latent change (`latent_change@apdm`) "
+                      "| encode → decode PSNR (`psnr@torchmetrics`) |",
                       "|---|---|---|---|"]
             lines += [f"| {TRAP_GROUPS.get(k, k)} | {v['images']} | {v['latent_change']:.2f} | "
                       f"{v['recon_psnr_base']:.1f} → {v['recon_psnr_trapped']:.1f} dB |" for k, v in trap_check.items()]

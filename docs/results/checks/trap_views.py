@@ -1,0 +1,83 @@
+"""The pictures ``encoder_trap.synthetic_photos`` adds for person 1, as ``apdm bench protect-model
+encoder_trap.synthetic_photos=N`` makes them (docs/protect_model.md, "Few photos: pictures from a personalized copy").
+
+    python docs/results/checks/trap_views.py --n 12 --grid docs/img/protect_model/trap_views.png --out F.json  # ~3 min
+    python docs/results/checks/trap_views.py --photos 8 --n 24 --recognizer R --out F.json   # as protect_photos=8
+
+A copy of the toy model is personalized on the protection's four photos of person 1 (``--photos K``: the bench's
+K photos, ``protect_photos=K``) (the bench's recipe,
+"a photo of sks person") and samples N pictures; the grid shows the four photos, the pictures, and the four new
+photos the attacker of ``attack_photos=fresh`` trains on. Each picture is scored by the judge (``ism@toy-id``,
+against person 1's references) and, for comparison, so are the photos and the new photos. With ``--recognizer R``
+(the decoy recognizer, ``toy:R``) each picture's cosine to the photos' mean embedding is recorded too, and each
+photo's leave-one-out cosine to the others'.
+"""
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from apdm.bench.protect_model import protection_subject
+from apdm.config import ProtectModelRunConfig, load_config
+from apdm.core.images import save_grid
+from apdm.core.models import load_sd
+from apdm.evaluation.run import identity_backend
+from apdm.protect_model.encoder_trap import synthetic_views
+from apdm.toy import instruments as I
+from apdm.toy.world import heldout_subjects, instruments_path, model_path
+from apdm.utils import atomic_write_json
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=12)
+    ap.add_argument("--photos", type=int, default=4)
+    ap.add_argument("--recognizer", default="")
+    ap.add_argument("--grid", default="")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    sd = load_sd(str(model_path()), device="cpu")
+    judge = I.load_instruments(instruments_path()).encoder
+    rc = load_config(ProtectModelRunConfig, ROOT / "recipes/toy-protect-model.yaml", [])
+    a = heldout_subjects(1, num_images=4, offset=0)[0]
+    fresh = heldout_subjects(1, num_images=4, offset=0, seed=1)[0].images
+    if args.photos > 4:  # the bench's protect_photos=K: the 4 and K - 4 from a third draw
+        extra = heldout_subjects(1, num_images=args.photos - 4, offset=0, seed=2)[0].images
+        a = dataclasses.replace(a, images=torch.cat([a.images, extra]))
+    per, subj = protection_subject(sd, rc.personalization, rc.protect, a)
+    views = synthetic_views(sd, subj, per, args.n)
+
+    def ism(x):
+        return [round(float(v), 4) for v in I.identity_similarity(judge, x, a.references)]
+
+    res = {"person": a.index, "judge": "ism@toy-id", "n": args.n, "photos": args.photos,
+           "prompt": subj.instance_prompt,
+           "ism_views": ism(views), "ism_photos": ism(a.images), "ism_fresh_photos": ism(fresh)}
+    for k in ("views", "photos", "fresh_photos"):
+        res[f"ism_{k}_mean"] = round(sum(res[f"ism_{k}"]) / len(res[f"ism_{k}"]), 4)
+    if args.recognizer:
+        embed, impl = identity_backend("toy:" + args.recognizer)
+        e_photos = F.normalize(embed(a.images).float(), dim=-1)
+        centre = F.normalize(e_photos.mean(0), dim=0)
+        res["recognizer"] = impl
+        res["recognizer_cos_views"] = [round(float(c), 4) for c in F.normalize(embed(views).float(), dim=-1) @ centre]
+        res["recognizer_cos_photos_loo"] = [
+            round(float(e_photos[i] @ F.normalize(torch.cat([e_photos[:i], e_photos[i + 1:]]).mean(0), dim=0)), 4)
+            for i in range(e_photos.shape[0])]
+        for k in ("views", "photos_loo"):
+            v = res[f"recognizer_cos_{k}"]
+            res[f"recognizer_cos_{k}_mean"] = round(sum(v) / len(v), 4)
+    print({k: v for k, v in res.items() if k.endswith("_mean")}, flush=True)
+    if args.grid:
+        save_grid(torch.cat([a.images, views, fresh]), args.grid, nrow=4)
+    atomic_write_json(Path(args.out), res)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
