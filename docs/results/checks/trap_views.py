@@ -2,15 +2,16 @@
 encoder_trap.synthetic_photos=N`` makes them (docs/protect_model.md, "Few photos: pictures from a personalized copy").
 
     python docs/results/checks/trap_views.py --n 12 --grid docs/img/protect_model/trap_views.png --out F.json  # ~3 min
-    python docs/results/checks/trap_views.py --photos 8 --n 24 --recognizer R --out F.json   # as protect_photos=8
+    python docs/results/checks/trap_views.py --photos 8 --n 24 --recognizer R --pool 1 --out F.json  # as protect_photos=8
 
 A copy of the toy model is personalized on the protection's four photos of person 1 (``--photos K``: the bench's
 K photos, ``protect_photos=K``) (the bench's recipe,
 "a photo of sks person") and samples N pictures; the grid shows the four photos, the pictures, and the four new
 photos the attacker of ``attack_photos=fresh`` trains on. Each picture is scored by the judge (``ism@toy-id``,
 against person 1's references) and, for comparison, so are the photos and the new photos. With ``--recognizer R``
-(the decoy recognizer, ``toy:R``) each picture's cosine to the photos' mean embedding is recorded too, and each
-photo's leave-one-out cosine to the others'.
+(the decoy recognizer, ``toy:R``) the pictures are screened as ``encoder_trap.synthetic_pool=P`` screens them
+(``--pool P``, default 3: the N most alike of P·N), each kept picture's cosine to the photos' mean embedding is
+recorded, and each photo's leave-one-out cosine to the others'.
 """
 
 import argparse
@@ -28,7 +29,7 @@ from apdm.evaluation.run import identity_backend
 from apdm.protect_model.encoder_trap import synthetic_views
 from apdm.toy import instruments as I
 from apdm.toy.world import heldout_subjects, instruments_path, model_path
-from apdm.utils import atomic_write_json
+from apdm.utils import atomic_write_json, set_progress, setup_logging
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -38,9 +39,12 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=12)
     ap.add_argument("--photos", type=int, default=4)
     ap.add_argument("--recognizer", default="")
+    ap.add_argument("--pool", type=int, default=3)
     ap.add_argument("--grid", default="")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    set_progress(False)
+    setup_logging()
     sd = load_sd(str(model_path()), device="cpu")
     judge = I.load_instruments(instruments_path()).encoder
     rc = load_config(ProtectModelRunConfig, ROOT / "recipes/toy-protect-model.yaml", [])
@@ -50,7 +54,8 @@ def main(argv=None) -> int:
         extra = heldout_subjects(1, num_images=args.photos - 4, offset=0, seed=2)[0].images
         a = dataclasses.replace(a, images=torch.cat([a.images, extra]))
     per, subj = protection_subject(sd, rc.personalization, rc.protect, a)
-    views = synthetic_views(sd, subj, per, args.n)
+    embed, impl = identity_backend("toy:" + args.recognizer) if args.recognizer else (None, None)
+    views = synthetic_views(sd, subj, per, args.n, embed=embed, pool=args.pool)
 
     def ism(x):
         return [round(float(v), 4) for v in I.identity_similarity(judge, x, a.references)]
@@ -60,8 +65,8 @@ def main(argv=None) -> int:
            "ism_views": ism(views), "ism_photos": ism(a.images), "ism_fresh_photos": ism(fresh)}
     for k in ("views", "photos", "fresh_photos"):
         res[f"ism_{k}_mean"] = round(sum(res[f"ism_{k}"]) / len(res[f"ism_{k}"]), 4)
-    if args.recognizer:
-        embed, impl = identity_backend("toy:" + args.recognizer)
+    if embed is not None:
+        res["pool"] = args.pool
         e_photos = F.normalize(embed(a.images).float(), dim=-1)
         centre = F.normalize(e_photos.mean(0), dim=0)
         res["recognizer"] = impl
