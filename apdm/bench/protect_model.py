@@ -44,6 +44,10 @@ it must be the K the weights were protected with (saved with them; checked).
 ``keep_photos=N`` (default 0; with the encoder trap): the trap also keeps N drawn photos, persons and dogs of
 held-out identities nothing else in the bench uses (:func:`keep_photos`; the CLI's ``encoder_trap.keep_images``):
 does a keep set of photos shrink what the trap costs other images (docs/results/checks/trap_collateral.py)?
+``encoder_trap.synthetic_photos=N`` (a recipe key): the trap also holds N pictures of A sampled from a copy of the model
+personalized on the protection's photos (:func:`apdm.protect_model.encoder_trap.synthetic_views`); the JSON then has
+``synthetic_views_ism`` (the judge's ISM of those pictures to A's references) and
+``trap_latent_change_synthetic_views``.
 With an encoder trap the JSON also has ``trap_latent_change_<group>``: how far the trapped encoder moves the latents
 of A's photos the protection saw (``photos``), A's fresh photos and references, B's photos, class images
 (``class``: the KID reference persons) and drawn dogs (``dog``, another class), each the mean of

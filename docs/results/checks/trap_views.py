@@ -2,7 +2,7 @@
 encoder_trap.synthetic_photos=N`` makes them (docs/protect_model.md, "Few photos: pictures from a personalized copy").
 
     python docs/results/checks/trap_views.py --n 12 --grid docs/img/protect_model/trap_views.png --out F.json  # ~3 min
-    python docs/results/checks/trap_views.py --photos 8 --n 24 --recognizer R --pool 1 --out F.json  # as protect_photos=8
+    python docs/results/checks/trap_views.py --photos 8 --n 24 --recognizer R --pool 1 --out F.json  # 8 photos
 
 A copy of the toy model is personalized on the protection's four photos of person 1 (``--photos K``: the bench's
 K photos, ``protect_photos=K``) (the bench's recipe,
