@@ -389,3 +389,13 @@ def test_synthetic_views_keep_those_the_recognizer_finds_most_alike(tiny_sd):
 
     kept = T.synthetic_views(tiny_sd, subj, per, 2, seed=2, embed=no_face_in_the_best, pool=3)
     torch.testing.assert_close(kept, every[torch.argsort(cos, descending=True)[1:3]], atol=0, rtol=0)
+
+
+def test_leave_one_out_cosines_against_their_formula():
+    import torch.nn.functional as F
+
+    unit = F.normalize(torch.randn(5, 7, generator=torch.Generator().manual_seed(4)), dim=-1)
+    expected = torch.stack([unit[i] @ F.normalize(torch.cat([unit[:i], unit[i + 1:]]).mean(0), dim=0)
+                            for i in range(5)])
+    torch.testing.assert_close(T.leave_one_out_cosines(unit), expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(T.leave_one_out_cosines(unit[:1]), torch.ones(1))

@@ -429,10 +429,10 @@ def _protect_job(spec, subject, per_cfg, pcfg, tcfg=None, keep=None
         from apdm.protect_model.encoder_trap import synthetic_views, trap_embedder, trap_encoder
 
         t1 = time.perf_counter()
+        embed = trap_embedder(tcfg)  # one recognizer for the decoys and the pictures
         if tcfg.synthetic_photos > 0:
-            views = synthetic_views(sd, subject, per_cfg, tcfg.synthetic_photos, embed=trap_embedder(tcfg, True),
-                                    pool=tcfg.synthetic_pool)
-        vae, trap_hist = trap_encoder(sd.vae, [subject], tcfg, quiet=True, embed=trap_embedder(tcfg), keep_images=keep,
+            views = synthetic_views(sd, subject, per_cfg, tcfg.synthetic_photos, embed=embed, pool=tcfg.synthetic_pool)
+        vae, trap_hist = trap_encoder(sd.vae, [subject], tcfg, quiet=True, embed=embed, keep_images=keep,
                                       views=None if views is None else [views])
         seconds_trap = time.perf_counter() - t1
     return (jobs.unet_state(unet, text_encoder, vae), hist, time.perf_counter() - t0, peak_rss_mb(), trap_hist,

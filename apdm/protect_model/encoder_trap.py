@@ -83,20 +83,40 @@ def choose_decoys(photos: torch.Tensor, candidates: torch.Tensor, embed, n: int)
     Raises:
         ValueError: when no face is found in the subject's photos or fewer than ``n`` candidates have one.
     """
-    from apdm.evaluation.identity import run_embed
-
-    ref, found = run_embed(embed, photos)
-    if ref.shape[0] == 0:
-        raise ValueError("encoder_trap.targets=farthest: the face recognizer finds no face in the subject's photos")
-    ref = F.normalize(F.normalize(ref.float(), dim=-1).mean(0), dim=0)
-    emb, found = run_embed(embed, candidates)
-    rows = torch.nonzero(found.cpu()).flatten()
+    rows, cos, _ = likeness(photos, candidates, embed, "encoder_trap.targets=farthest", "the subject's photos")
     if rows.numel() < n:
         raise ValueError(f"encoder_trap.targets=farthest: {n} decoys wanted, only {rows.numel()} of "
                          f"{candidates.shape[0]} class images have a face the recognizer finds")
-    cos = F.normalize(emb.float(), dim=-1).cpu() @ ref.cpu()
     order = torch.argsort(cos)[:n]
     return rows[order], cos[order]
+
+
+def likeness(photos: torch.Tensor, candidates: torch.Tensor, embed, key: str, whose: str
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """How like the subject of ``photos`` each candidate is, by the face recognizer ``embed``.
+
+    Args:
+        photos: (N,3,H,W) in [0,1], the subject's photos.
+        candidates: (M,3,H,W) in [0,1].
+        embed: ``embed(images) -> (K, D)`` or ``-> (embeddings, found)`` (:mod:`apdm.evaluation.identity`).
+        key, whose: name the setting and the photos in the error.
+
+    Returns:
+        (rows of the candidates with a found face (K,), their cosine to the photos' mean embedding (K,), the photos'
+        unit embeddings (N', D)), all on the CPU.
+
+    Raises:
+        ValueError: when no face is found in the photos.
+    """
+    from apdm.evaluation.identity import run_embed
+
+    ref, _ = run_embed(embed, photos)
+    if ref.shape[0] == 0:
+        raise ValueError(f"{key}: the face recognizer finds no face in {whose}")
+    ref = F.normalize(ref.float(), dim=-1).cpu()
+    emb, found = run_embed(embed, candidates)
+    cos = F.normalize(emb.float(), dim=-1).cpu() @ F.normalize(ref.mean(0), dim=0)
+    return torch.nonzero(found.cpu()).flatten(), cos, ref
 
 
 def trap_targets(subject, mode: str, embed=None, decoys: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -167,33 +187,32 @@ def synthetic_views(sd, subject, per_cfg, n: int, seed: int = 0, quiet: bool = T
     views = out["images"][subject.instance_prompt].float().cpu()
     if embed is None:
         return views
-    from apdm.evaluation.identity import run_embed
-
-    ref, _ = run_embed(embed, subject.images)
-    if ref.shape[0] == 0:
-        raise ValueError(f"encoder_trap.synthetic_photos: the face recognizer finds no face in the photos of "
-                         f"{subject.name}")
-    ref = F.normalize(ref.float(), dim=-1).cpu()
-    centre = F.normalize(ref.mean(0), dim=0)
-    loo = [float(ref[i] @ F.normalize(torch.cat([ref[:i], ref[i + 1:]]).mean(0), dim=0))
-           for i in range(ref.shape[0])] if ref.shape[0] > 1 else [1.0]
-    emb, found = run_embed(embed, views)
-    rows = torch.nonzero(found.cpu()).flatten()
-    cos = F.normalize(emb.float(), dim=-1).cpu() @ centre
+    rows, cos, ref = likeness(subject.images, views, embed, "encoder_trap.synthetic_photos",
+                              f"the photos of {subject.name}")
+    loo = leave_one_out_cosines(ref)
     order = torch.argsort(cos, descending=True)[:n]
     LOG.info("encoder trap: pictures of %s from the personalized copy: the recognizer finds a face in %d of %d, "
              "cosine to the photos %+.2f on average; kept the %d most alike (%+.2f to %+.2f; the photos to each "
              "other %+.2f)", subject.name, rows.numel(), views.shape[0], float(cos.mean()) if cos.numel() else 0.0,
              order.numel(), float(cos[order].max()) if order.numel() else 0.0,
-             float(cos[order].min()) if order.numel() else 0.0, sum(loo) / len(loo))
+             float(cos[order].min()) if order.numel() else 0.0, float(loo.mean()))
     return views[rows[order]]
 
 
-def trap_embedder(cfg: EncoderTrapConfig, for_views: bool = False):
+def leave_one_out_cosines(unit: torch.Tensor) -> torch.Tensor:
+    """Cosine of each of K unit embeddings (K, D) with the normalized mean of the other K − 1: how alike a subject's
+    photos are to one another by a recognizer (the scale its pictures are read against). (K,); ones when K = 1."""
+    if unit.shape[0] < 2:
+        return torch.ones(unit.shape[0])
+    others = F.normalize(unit.sum(0, keepdim=True) - unit, dim=-1)
+    return (unit * others).sum(-1)
+
+
+def trap_embedder(cfg: EncoderTrapConfig):
     """The face recognizer ``cfg.identity`` (an identity backend of ``apdm evaluate``,
-    :func:`apdm.evaluation.run.identity_backend`) where the trap uses one: to choose ``farthest`` decoys, or with
-    ``for_views`` to choose among the synthetic pictures (:func:`synthetic_views`); else None."""
-    if cfg.identity in ("", "none") or not (cfg.targets == "farthest" or for_views and cfg.synthetic_photos > 0):
+    :func:`apdm.evaluation.run.identity_backend`) where the trap uses one: to choose ``farthest`` decoys and to
+    choose among the synthetic pictures (:func:`synthetic_views`); else None. Loads its weights: call it once."""
+    if cfg.identity in ("", "none") or not (cfg.targets == "farthest" or cfg.synthetic_photos > 0):
         return None
     from apdm.evaluation.run import identity_backend
 

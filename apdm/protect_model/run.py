@@ -93,10 +93,10 @@ def load_keep_images(spec: str, size: int, quiet: bool = False):
     return images, errors
 
 
-def trap_views(sd, subjects: list, cfg: ProtectModelRunConfig, cache_dir: Path) -> list | None:
+def trap_views(sd, subjects: list, cfg: ProtectModelRunConfig, cache_dir: Path, embed=None) -> list | None:
     """``encoder_trap.synthetic_photos`` pictures of each subject (:func:`apdm.protect_model.encoder_trap.
-    synthetic_views`, chosen by the recognizer ``encoder_trap.identity`` when set), kept in ``cache_dir``
-    (safetensors) so that a resumed run reuses them; None when off.
+    synthetic_views`, chosen by the recognizer ``embed`` (:func:`~apdm.protect_model.encoder_trap.trap_embedder`)
+    when given), kept in ``cache_dir`` (safetensors) so that a resumed run reuses them; None when off.
 
     Returns:
         one (V,3,H,W) tensor in [0,1] on the CPU per subject.
@@ -107,11 +107,10 @@ def trap_views(sd, subjects: list, cfg: ProtectModelRunConfig, cache_dir: Path) 
     from safetensors import safe_open
     from safetensors.torch import save
 
-    from apdm.protect_model.encoder_trap import synthetic_views, trap_embedder
+    from apdm.protect_model.encoder_trap import synthetic_views
     from apdm.utils import atomic_write_bytes
 
     per = cfg.personalization
-    embed = trap_embedder(tc, for_views=True)
     if embed is None:
         LOG.warning("encoder trap: the synthetic pictures are not screened (no face recognizer: set "
                     "encoder_trap.identity); a personalization that misses the subject teaches the trap other people")
@@ -229,7 +228,7 @@ def run(cfg: ProtectModelRunConfig) -> dict:
                  f"{cfg.encoder_trap.decoys} per subject" if cfg.encoder_trap.decoys else "one per photo")
         t1 = time.perf_counter()
         embed = trap_embedder(cfg.encoder_trap)
-        views = trap_views(sd, subjects, cfg, out / "checkpoint" / "encoder_trap_views")
+        views = trap_views(sd, subjects, cfg, out / "checkpoint" / "encoder_trap_views", embed)
         trapped, trap_history = trap_encoder(sd.vae, subjects, cfg.encoder_trap, seed=cfg.seed,
                                              checkpoint_dir=out / "checkpoint" / "encoder_trap", quiet=cfg.quiet,
                                              embed=embed, keep_images=keep_images, views=views)

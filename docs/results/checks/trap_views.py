@@ -19,14 +19,13 @@ import dataclasses
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from apdm.bench.protect_model import protection_subject
 from apdm.config import ProtectModelRunConfig, load_config
 from apdm.core.images import save_grid
 from apdm.core.models import load_sd
 from apdm.evaluation.run import identity_backend
-from apdm.protect_model.encoder_trap import synthetic_views
+from apdm.protect_model.encoder_trap import leave_one_out_cosines, likeness, synthetic_views
 from apdm.toy import instruments as I
 from apdm.toy.world import heldout_subjects, instruments_path, model_path
 from apdm.utils import atomic_write_json, set_progress, setup_logging
@@ -67,13 +66,10 @@ def main(argv=None) -> int:
         res[f"ism_{k}_mean"] = round(sum(res[f"ism_{k}"]) / len(res[f"ism_{k}"]), 4)
     if embed is not None:
         res["pool"] = args.pool
-        e_photos = F.normalize(embed(a.images).float(), dim=-1)
-        centre = F.normalize(e_photos.mean(0), dim=0)
+        _, cos, unit = likeness(a.images, views, embed, "trap_views", "person 1's photos")
         res["recognizer"] = impl
-        res["recognizer_cos_views"] = [round(float(c), 4) for c in F.normalize(embed(views).float(), dim=-1) @ centre]
-        res["recognizer_cos_photos_loo"] = [
-            round(float(e_photos[i] @ F.normalize(torch.cat([e_photos[:i], e_photos[i + 1:]]).mean(0), dim=0)), 4)
-            for i in range(e_photos.shape[0])]
+        res["recognizer_cos_views"] = [round(float(c), 4) for c in cos]
+        res["recognizer_cos_photos_loo"] = [round(float(c), 4) for c in leave_one_out_cosines(unit)]
         for k in ("views", "photos_loo"):
             v = res[f"recognizer_cos_{k}"]
             res[f"recognizer_cos_{k}_mean"] = round(sum(v) / len(v), 4)
