@@ -273,6 +273,10 @@ class EncoderTrapConfig:
     #: with a face recognizer (``identity``), sample this many pictures per one kept and keep the N it finds most
     #: like the photos (1 = keep what is sampled). Without one the pictures are not screened (a warning says so).
     synthetic_pool: int = 3
+    #: how many copies are personalized for those pictures (seeds ``personalization.seed`` + c), sharing the
+    #: P·N samples; the screen keeps the N most alike of them all. A personalization is a draw and may miss the
+    #: subject; several copies make the screen's choice less dependent on one draw.
+    synthetic_copies: int = 1
     #: save a resumable checkpoint every K steps (0 = never).
     checkpoint_every: int = 500
 

@@ -47,7 +47,7 @@ does a keep set of photos shrink what the trap costs other images (docs/results/
 ``encoder_trap.synthetic_photos=N`` (a recipe key): the trap also holds N pictures of A sampled from a copy of the model
 personalized on the protection's photos (:func:`apdm.protect_model.encoder_trap.synthetic_views`); the JSON then has
 ``synthetic_views_ism`` (the judge's ISM of those pictures to A's references) and
-``trap_latent_change_synthetic_views``.
+``trap_latent_change_synthetic_views``; ``encoder_trap.synthetic_copies=C`` personalizes C copies for them.
 With an encoder trap the JSON also has ``trap_latent_change_<group>``: how far the trapped encoder moves the latents
 of A's photos the protection saw (``photos``), A's fresh photos and references, B's photos, class images
 (``class``: the KID reference persons) and drawn dogs (``dog``, another class), each the mean of
@@ -431,7 +431,8 @@ def _protect_job(spec, subject, per_cfg, pcfg, tcfg=None, keep=None
         t1 = time.perf_counter()
         embed = trap_embedder(tcfg)  # one recognizer for the decoys and the pictures
         if tcfg.synthetic_photos > 0:
-            views = synthetic_views(sd, subject, per_cfg, tcfg.synthetic_photos, embed=embed, pool=tcfg.synthetic_pool)
+            views = synthetic_views(sd, subject, per_cfg, tcfg.synthetic_photos, embed=embed, pool=tcfg.synthetic_pool,
+                                    copies=tcfg.synthetic_copies)
         vae, trap_hist = trap_encoder(sd.vae, [subject], tcfg, quiet=True, embed=embed, keep_images=keep,
                                       views=None if views is None else [views])
         seconds_trap = time.perf_counter() - t1

@@ -147,7 +147,7 @@ def trap_targets(subject, mode: str, embed=None, decoys: int = 0) -> tuple[torch
 
 
 def synthetic_views(sd, subject, per_cfg, n: int, seed: int = 0, quiet: bool = True, embed=None,
-                    pool: int = 1) -> torch.Tensor:
+                    pool: int = 1, copies: int = 1) -> torch.Tensor:
     """``n`` more pictures of ``subject`` for the trap to hold (``encoder_trap.synthetic_photos``).
 
     A copy of ``sd`` is personalized on the subject's photos by the shared simulator (``per_cfg`` with the subject's
@@ -156,7 +156,11 @@ def synthetic_views(sd, subject, per_cfg, n: int, seed: int = 0, quiet: bool = T
     face recognizer ``embed`` and ``pool`` > 1, the ``n`` the recognizer finds most like the photos are kept
     (``encoder_trap.synthetic_pool``): a personalization does not always get the subject (on the toy world one of
     them gave pictures as unlike the subject as other people), and a picture of someone else taught to the trap
-    would send that someone's photos to the decoy too. ``sd`` is not modified.
+    would send that someone's photos to the decoy too. Whether a personalization gets the subject is largely its
+    draw (on the toy world, eight photos of one person gave pictures of judge ISM 0.23 with one seed and 0.68 with
+    the next), so ``copies`` > 1 personalizes that many copies with seeds ``per_cfg.seed`` + c, each sampling
+    ⌈``pool`` · ``n`` / ``copies``⌉ pictures, and the screen keeps the ``n`` most alike of them all.
+    ``sd`` is not modified.
 
     Args:
         sd: the base model (:class:`apdm.core.models.SD`).
@@ -167,6 +171,7 @@ def synthetic_views(sd, subject, per_cfg, n: int, seed: int = 0, quiet: bool = T
         embed: face recognizer ``embed(images) -> (K, D)`` or ``-> (embeddings, found)`` (pictures without a found
             face are never kept), or None (no choice: the first ``n`` are kept).
         pool: how many pictures are sampled per one kept.
+        copies: how many personalized copies sample them (``encoder_trap.synthetic_copies``).
 
     Returns:
         (n,3,H,W) in [0,1] on the CPU (fewer when the recognizer finds a face in fewer than ``n``).
@@ -177,20 +182,32 @@ def synthetic_views(sd, subject, per_cfg, n: int, seed: int = 0, quiet: bool = T
     from apdm.evaluation.protocol import personalize_and_sample
 
     pool = max(1, int(pool)) if embed is not None else 1
+    copies = max(1, int(copies))
+    per_copy = -(-int(n) * pool // copies)
     cfg = dataclasses.replace(per_cfg, instance_prompt=subject.instance_prompt, class_prompt=subject.class_prompt)
-    sample = SampleConfig(prompts=[subject.instance_prompt], num_images_per_prompt=int(n) * pool,
+    sample = SampleConfig(prompts=[subject.instance_prompt], num_images_per_prompt=per_copy,
                           num_inference_steps=cfg.class_sample_steps, guidance_scale=cfg.class_guidance_scale,
                           seed=seed + 4242, batch_size=8)
     class_images = subject.class_images if cfg.with_prior_preservation and cfg.method == "dreambooth" else None
-    out = personalize_and_sample(sd, subject.images, cfg, sample.prompts, sample, class_images=class_images,
-                                 quiet=quiet)
-    views = out["images"][subject.instance_prompt].float().cpu()
+    views = []
+    for c in range(copies):
+        out = personalize_and_sample(sd, subject.images, dataclasses.replace(cfg, seed=cfg.seed + c), sample.prompts,
+                                     sample, class_images=class_images, quiet=quiet)
+        views.append(out["images"][subject.instance_prompt].float().cpu())
+    views = torch.cat(views)
     if embed is None:
-        return views
+        return views[:n]
     rows, cos, ref = likeness(subject.images, views, embed, "encoder_trap.synthetic_photos",
                               f"the photos of {subject.name}")
     loo = leave_one_out_cosines(ref)
     order = torch.argsort(cos, descending=True)[:n]
+    if copies > 1:
+        copy_of = rows // per_copy
+        LOG.info("encoder trap: the %d personalized copies of %s: cosine to the photos %s on average, %s of the kept "
+                 "pictures from each", copies, subject.name,
+                 " / ".join(f"{float(cos[copy_of == c].mean()) if (copy_of == c).any() else float('nan'):+.2f}"
+                            for c in range(copies)),
+                 " / ".join(str(int((copy_of[order] == c).sum())) for c in range(copies)))
     LOG.info("encoder trap: pictures of %s from the personalized copy: the recognizer finds a face in %d of %d, "
              "cosine to the photos %+.2f on average; kept the %d most alike (%+.2f to %+.2f; the photos to each "
              "other %+.2f)", subject.name, rows.numel(), views.shape[0], float(cos.mean()) if cos.numel() else 0.0,
@@ -319,7 +336,7 @@ def trap_loss(vae, vae_ref, subject_images: torch.Tensor, paired: torch.Tensor, 
 def check_trap_config(cfg: EncoderTrapConfig) -> None:
     """Raise ValueError naming the ``encoder_trap.*`` key that is out of range."""
     for key, low in (("steps", 0), ("preserve_batch", 1), ("checkpoint_every", 0), ("decoys", 0),
-                     ("synthetic_photos", 0), ("synthetic_pool", 1)):
+                     ("synthetic_photos", 0), ("synthetic_pool", 1), ("synthetic_copies", 1)):
         v = getattr(cfg, key)
         if int(v) != v or v < low:
             raise ValueError(f"encoder_trap.{key} must be a whole number >= {low}, got {v}")

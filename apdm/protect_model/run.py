@@ -114,7 +114,8 @@ def trap_views(sd, subjects: list, cfg: ProtectModelRunConfig, cache_dir: Path, 
     if embed is None:
         LOG.warning("encoder trap: the synthetic pictures are not screened (no face recognizer: set "
                     "encoder_trap.identity); a personalization that misses the subject teaches the trap other people")
-    key = f"{tc.synthetic_photos}x{tc.synthetic_pool if embed is not None else 1}"
+    key = f"{tc.synthetic_photos}x{tc.synthetic_pool if embed is not None else 1}" + (
+        f"x{tc.synthetic_copies}c" if tc.synthetic_copies > 1 else "")
     views = []
     for k, s in enumerate(subjects):
         path = cache_dir / f"views_{k}.safetensors"
@@ -124,11 +125,12 @@ def trap_views(sd, subjects: list, cfg: ProtectModelRunConfig, cache_dir: Path, 
                 if (f.metadata() or {}).get("request") == key:
                     v = f.get_tensor("views")
         if v is None:
-            LOG.info("encoder trap: %d pictures of %s from a copy of the model personalized on its %d photos (%s, "
-                     "%d steps), prompt '%s'", tc.synthetic_photos, s.name, s.images.shape[0], per.method, per.steps,
-                     s.instance_prompt)
+            LOG.info("encoder trap: %d pictures of %s from %s of the model personalized on its %d photos (%s, "
+                     "%d steps), prompt '%s'", tc.synthetic_photos, s.name,
+                     f"{tc.synthetic_copies} copies" if tc.synthetic_copies > 1 else "a copy", s.images.shape[0],
+                     per.method, per.steps, s.instance_prompt)
             v = synthetic_views(sd, s, per, tc.synthetic_photos, seed=cfg.seed + k, quiet=cfg.quiet, embed=embed,
-                                pool=tc.synthetic_pool)
+                                pool=tc.synthetic_pool, copies=tc.synthetic_copies)
             cache_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(path, save({"views": v.contiguous()}, metadata={"request": key}))
         views.append(v)
@@ -294,7 +296,8 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, 
                   "model's." + (" Besides the base model's class images, a set of other photos was kept unchanged "
                                 "(`encoder_trap.keep_images`)." if cfg.encoder_trap.keep_images else "")
                   + (f" Besides the photos, {cfg.encoder_trap.synthetic_photos} pictures of each subject sampled from "
-                     "a copy of the base model personalized on its photos were trapped too "
+                     + (f"{cfg.encoder_trap.synthetic_copies} copies" if cfg.encoder_trap.synthetic_copies > 1
+                        else "a copy") + " of the base model personalized on its photos were trapped too "
                      "(`encoder_trap.synthetic_photos`)." if cfg.encoder_trap.synthetic_photos else "")
                   + " Someone who encodes the photos with another compatible VAE is not stopped by this part.",
                   "", f"Final trap losses: trap={last['loss_trap']:.4g}, preserve={last['loss_preserve']:.4g}", ""]

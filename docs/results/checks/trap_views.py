@@ -11,7 +11,8 @@ photos the attacker of ``attack_photos=fresh`` trains on. Each picture is scored
 against person 1's references) and, for comparison, so are the photos and the new photos. With ``--recognizer R``
 (the decoy recognizer, ``toy:R``) the pictures are screened as ``encoder_trap.synthetic_pool=P`` screens them
 (``--pool P``, default 3: the N most alike of P·N), each kept picture's cosine to the photos' mean embedding is
-recorded, and each photo's leave-one-out cosine to the others'.
+recorded, and each photo's leave-one-out cosine to the others'. ``--copies C`` as
+``encoder_trap.synthetic_copies=C`` (C personalized copies share the P·N samples).
 """
 
 import argparse
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--photos", type=int, default=4)
     ap.add_argument("--recognizer", default="")
     ap.add_argument("--pool", type=int, default=3)
+    ap.add_argument("--copies", type=int, default=1)
     ap.add_argument("--grid", default="")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
         a = dataclasses.replace(a, images=torch.cat([a.images, extra]))
     per, subj = protection_subject(sd, rc.personalization, rc.protect, a)
     embed, impl = identity_backend("toy:" + args.recognizer) if args.recognizer else (None, None)
-    views = synthetic_views(sd, subj, per, args.n, embed=embed, pool=args.pool)
+    views = synthetic_views(sd, subj, per, args.n, embed=embed, pool=args.pool, copies=args.copies)
 
     def ism(x):
         return [round(float(v), 4) for v in I.identity_similarity(judge, x, a.references)]
@@ -66,6 +68,8 @@ def main(argv=None) -> int:
         res[f"ism_{k}_mean"] = round(sum(res[f"ism_{k}"]) / len(res[f"ism_{k}"]), 4)
     if embed is not None:
         res["pool"] = args.pool
+        if args.copies > 1:
+            res["copies"] = args.copies
         _, cos, unit = likeness(a.images, views, embed, "trap_views", "person 1's photos")
         res["recognizer"] = impl
         res["recognizer_cos_views"] = [round(float(c), 4) for c in cos]
