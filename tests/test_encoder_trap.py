@@ -365,6 +365,20 @@ def test_bench_protect_job_traps_synthetic_views(tiny_sd):
     assert views.shape == (2, 3, 64, 64) and len(trap_hist) == 2
     trapped = jobs.model(jobs.remember_model(tiny_sd), state).vae
     assert not torch.equal(trapped.encoder.conv_in.weight, tiny_sd.vae.encoder.conv_in.weight)
+    # protect_seed: the same seed is the same protection, another seed another draw (pictures and trap)
+    again = _protect_job(jobs.remember_model(tiny_sd), _subject(), per, ProtectConfig(outer_steps=0,
+                                                                                       checkpoint_every=0), tcfg)
+    other = _protect_job(jobs.remember_model(tiny_sd), _subject(), per, ProtectConfig(outer_steps=0,
+                                                                                       checkpoint_every=0), tcfg,
+                         seed=1)
+    torch.testing.assert_close(again[6], views, atol=0, rtol=0)
+    # no picture in common (image i of a sampling starts from noise seeded s + i: adjacent seeds must not overlap)
+    apart = (other[6][:, None] - views[None]).abs().flatten(2).amax(-1)
+    assert apart.min() > 1e-3, apart
+    w = "vae.encoder.conv_in.weight" if "vae.encoder.conv_in.weight" in state else None
+    assert w is not None, sorted(state)[:5]
+    torch.testing.assert_close(again[0][w], state[w], atol=0, rtol=0)
+    assert not torch.equal(other[0][w], state[w])
 
 
 def test_synthetic_views_keep_those_the_recognizer_finds_most_alike(tiny_sd):

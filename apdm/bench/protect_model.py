@@ -48,6 +48,9 @@ does a keep set of photos shrink what the trap costs other images (docs/results/
 personalized on the protection's photos (:func:`apdm.protect_model.encoder_trap.synthetic_views`); the JSON then has
 ``synthetic_views_ism`` (the judge's ISM of those pictures to A's references) and
 ``trap_latent_change_synthetic_views``; ``encoder_trap.synthetic_copies=C`` personalizes C copies for them.
+``protect_seed=K`` (default 0): the protection's own seed (the CLI's top-level ``seed``: L2P's draws, the
+sampling of the pictures, the trap's augmentation and batches; the copies' personalization keeps
+``personalization.seed``): how much of a protection result is the protection's draw?
 With an encoder trap the JSON also has ``trap_latent_change_<group>``: how far the trapped encoder moves the latents
 of A's photos the protection saw (``photos``), A's fresh photos and references, B's photos, class images
 (``class``: the KID reference persons) and drawn dogs (``dog``, another class), each the mean of
@@ -97,7 +100,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                                {"outer_steps", "inner_steps", "learning_rate", "samples", "long_attack", "no_naive",
                                 "attacks", "baseline", "subjects", "other_identifier", "identifier",
                                 "attack_seeds", "save_protected", "protected", "attack_photos", "protect_photos",
-                                "keep_photos"})
+                                "keep_photos", "protect_seed"})
     rc = load_config(ProtectModelRunConfig, RECIPES / "toy-protect-model.yaml", recipe_overrides)
     attacks = set(opts.get("attacks", "lora,ti,other").split(",")) - {""}
     unknown = attacks - {"lora", "ti", "other", "targets", "dog"}
@@ -139,6 +142,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     # from a third draw of the same identity (neither the attacker's fresh photos nor the references)
     n_protect = _protect_photo_count(opts)
     n_keep = _keep_photo_count(opts, tcfg)
+    protect_seed = int(opts.get("protect_seed", 0))
     subj_prot = subj_a if n_protect == 4 else dataclasses.replace(subj_a, images=torch.cat(
         [subj_a.images, heldout_subjects(1, num_images=n_protect - 4, offset=positions[0], seed=2)[0].images]))
     res: dict = {"model": sd.source, "model_fingerprint": sd.fingerprint(),
@@ -149,7 +153,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                  "gradient_leak": pcfg.gradient_leak,
                  "samples_per_prompt": n_samples, "other_identifier": other_identifier, "identifier": identifier,
                  "attack_seeds": n_seeds, "attack_photos": attack_photos, "protect_photos": n_protect,
-                 "keep_photos": n_keep, "recipe_overrides": recipe_overrides,
+                 "keep_photos": n_keep, "protect_seed": protect_seed, "recipe_overrides": recipe_overrides,
                  "attack_overrides": attack_overrides,
                  # every protection setting as it ran (the recipe file changes over time; its overrides are above)
                  "protect_config": dataclasses.asdict(pcfg), "encoder_trap_config": dataclasses.asdict(tcfg)}
@@ -161,7 +165,8 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     loaded = None
     if "protected" in opts:
         unused = recipe_overrides + [f"{k}={opts[k]}" for k in ("outer_steps", "inner_steps", "learning_rate",
-                                                                 "save_protected", "keep_photos") if k in opts]
+                                                                 "save_protected", "keep_photos", "protect_seed")
+                                                      if k in opts]
         if unused:
             raise ValueError(f"protected=FILE attacks saved weights: {', '.join(unused)} would not apply; "
                              "leave them out")
@@ -196,9 +201,9 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
         # the two protections first (the longest jobs), then every attack on the unprotected model
         keep = keep_photos(n_keep) if n_keep else None
         f_prot = None if loaded else pool.submit(_protect_job, spec, subject, per_base,
-                                                  dataclasses.replace(pcfg, loss="dpo"), tcfg, keep)
+                                                  dataclasses.replace(pcfg, loss="dpo"), tcfg, keep, protect_seed)
         f_naive = pool.submit(_protect_job, spec, subject, per_base, dataclasses.replace(pcfg, loss="naive"),
-                              tcfg, keep) if naive else None  # the same encoder trap, if any: only the loss differs
+                              tcfg, keep, protect_seed) if naive else None  # the same trap, if any: only the loss differs
         if "baseline" not in opts:
             f["class_prompt"] = pool.submit(_class_prompt_ism_job, spec, n_samples, subj_a.references,
                                             subj_b.references)
@@ -411,9 +416,10 @@ def keep_photos(n: int) -> torch.Tensor:
     return torch.stack(order)
 
 
-def _protect_job(spec, subject, per_cfg, pcfg, tcfg=None, keep=None
+def _protect_job(spec, subject, per_cfg, pcfg, tcfg=None, keep=None, seed: int = 0
                  ) -> tuple[dict, list[dict], float, float, list[dict], float, object]:
-    """Protect ``subject`` on the model of ``spec`` (L2P, then the encoder trap when ``tcfg.steps`` > 0); returns
+    """Protect ``subject`` on the model of ``spec`` (L2P, then the encoder trap when ``tcfg.steps`` > 0) with the
+    protection's seed ``seed`` (the CLI's top-level ``seed``: L2P's draws, the pictures' sampling, the trap's); returns
     (protected UNet state (and text encoder, VAE, if protected: :func:`apdm.bench.jobs.unet_state`), per-step logs,
     seconds of the whole protection, peak RSS, the trap's per-step logs, the trap's seconds (with its synthetic
     views), the views (V,3,H,W) in [0,1] or None)."""
@@ -423,7 +429,7 @@ def _protect_job(spec, subject, per_cfg, pcfg, tcfg=None, keep=None
 
     sd = jobs.model(spec)
     t0 = time.perf_counter()
-    unet, hist, text_encoder = protect(sd, [subject], per_cfg, pcfg)  # pcfg.checkpoint_every is 0 in the bench
+    unet, hist, text_encoder = protect(sd, [subject], per_cfg, pcfg, seed=seed)  # pcfg.checkpoint_every is 0 here
     vae, trap_hist, seconds_trap, views = None, [], 0.0, None
     if tcfg is not None and tcfg.steps > 0:
         from apdm.protect_model.encoder_trap import synthetic_views, trap_embedder, trap_encoder
@@ -431,9 +437,9 @@ def _protect_job(spec, subject, per_cfg, pcfg, tcfg=None, keep=None
         t1 = time.perf_counter()
         embed = trap_embedder(tcfg)  # one recognizer for the decoys and the pictures
         if tcfg.synthetic_photos > 0:
-            views = synthetic_views(sd, subject, per_cfg, tcfg.synthetic_photos, embed=embed, pool=tcfg.synthetic_pool,
-                                    copies=tcfg.synthetic_copies)
-        vae, trap_hist = trap_encoder(sd.vae, [subject], tcfg, quiet=True, embed=embed, keep_images=keep,
+            views = synthetic_views(sd, subject, per_cfg, tcfg.synthetic_photos, seed=seed, embed=embed,
+                                    pool=tcfg.synthetic_pool, copies=tcfg.synthetic_copies)
+        vae, trap_hist = trap_encoder(sd.vae, [subject], tcfg, seed=seed, quiet=True, embed=embed, keep_images=keep,
                                       views=None if views is None else [views])
         seconds_trap = time.perf_counter() - t1
     return (jobs.unet_state(unet, text_encoder, vae), hist, time.perf_counter() - t0, peak_rss_mb(), trap_hist,
@@ -469,7 +475,7 @@ PROTECTED_INFO = ("model_fingerprint", "subject_protected", "outer_steps", "inne
                   "protect_lr_phases", "beta", "gradient_leak", "recipe_overrides", "protect_config",
                   "seconds_protect", "seconds_per_outer_step", "protect_loss_first", "protect_loss_last",
                   "encoder_trap_config", "protect_photos", "decoy_identity_impl", "keep_photos",
-                  "synthetic_views_ism")
+                  "synthetic_views_ism", "protect_seed")
 
 
 def save_protected(path: str, state: dict, res: dict) -> None:
