@@ -417,16 +417,20 @@ def test_synthetic_views_from_several_copies_are_screened_together(tiny_sd):
     subj = _subject()
     per = PersonalizationConfig(steps=2, learning_rate=1e-2, batch_size=2, num_class_images=4, class_sample_steps=2,
                                 class_guidance_scale=3.0, seed=5)
-    # 2 kept, pool 3, 2 copies: each copy samples 3 (as a copy alone sampling 3 with its own seed)
-    each = [T.synthetic_views(tiny_sd, subj, dataclasses.replace(per, seed=5 + c), 3, seed=2) for c in range(2)]
+    # 2 kept, pool 3, 2 copies: each copy samples 3, copy 1 from the noises after copy 0's (one copy's 6 noises)
+    each = [T.synthetic_views(tiny_sd, subj, dataclasses.replace(per, seed=5 + c), 3 * (c + 1), seed=2)[3 * c:]
+            for c in range(2)]
     assert float((each[0] - each[1]).abs().mean()) > 1e-3  # the copies differ
+    same_noise = T.synthetic_views(tiny_sd, subj, dataclasses.replace(per, seed=6), 3, seed=2)
+    assert float((same_noise - each[1]).abs().amax()) > 1e-3  # copy 1 does not restart from copy 0's noises
     every = torch.cat(each)
     ref = F.normalize(F.normalize(_colour_embed(subj.images), dim=-1).mean(0), dim=0)
     cos = F.normalize(_colour_embed(every), dim=-1) @ ref
     kept = T.synthetic_views(tiny_sd, subj, per, 2, seed=2, embed=_colour_embed, pool=3, copies=2)
     torch.testing.assert_close(kept, every[torch.argsort(cos, descending=True)[:2]], atol=0, rtol=0)
     unscreened = T.synthetic_views(tiny_sd, subj, per, 3, seed=2, copies=2)  # ⌈3 / 2⌉ = 2 from each, first 3 kept
-    torch.testing.assert_close(unscreened, torch.cat([each[0][:2], each[1][:1]]), atol=1e-4, rtol=0)  # batch of 2 vs 3
+    copy1 = T.synthetic_views(tiny_sd, subj, dataclasses.replace(per, seed=6), 3, seed=2)[2:]  # its noise 2 of 0..3
+    torch.testing.assert_close(unscreened, torch.cat([each[0][:2], copy1]), atol=1e-4, rtol=0)  # batch of 2 vs 3
     with pytest.raises(ValueError, match="synthetic_copies"):
         T.check_trap_config(EncoderTrapConfig(synthetic_copies=0))
 

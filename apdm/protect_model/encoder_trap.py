@@ -176,7 +176,10 @@ def synthetic_views(sd, subject, per_cfg, n: int, seed: int = 0, quiet: bool = T
         embed: face recognizer ``embed(images) -> (K, D)`` or ``-> (embeddings, found)`` (pictures without a found
             face are never kept), or None (no choice: the first ``n`` are kept).
         pool: how many pictures are sampled per one kept.
-        copies: how many personalized copies sample them (``encoder_trap.synthetic_copies``).
+        copies: how many personalized copies sample them (``encoder_trap.synthetic_copies``): copy c is personalized
+            with ``per_cfg.seed + c`` and samples ⌈n·pool / copies⌉ pictures from the noises that follow copy c − 1's,
+            so C copies start from the same noises one copy would and differ from it only in the personalization
+            (they all started from the same noises before 2026-12-04).
 
     Returns:
         (n,3,H,W) in [0,1] on the CPU (fewer when the recognizer finds a face in fewer than ``n``).
@@ -195,9 +198,10 @@ def synthetic_views(sd, subject, per_cfg, n: int, seed: int = 0, quiet: bool = T
                           seed=4242 + SEED_STRIDE * seed, batch_size=8)
     class_images = subject.class_images if cfg.with_prior_preservation and cfg.method == "dreambooth" else None
     views = []
-    for c in range(copies):
+    for c in range(copies):  # copy c draws the noises c·per_copy … : C copies start from the noises one copy would
         out = personalize_and_sample(sd, subject.images, dataclasses.replace(cfg, seed=cfg.seed + c), sample.prompts,
-                                     sample, class_images=class_images, quiet=quiet)
+                                     dataclasses.replace(sample, seed=sample.seed + c * per_copy),
+                                     class_images=class_images, quiet=quiet)
         views.append(out["images"][subject.instance_prompt].float().cpu())
     views = torch.cat(views)
     if embed is None:
