@@ -12,7 +12,14 @@ against person 1's references) and, for comparison, so are the photos and the ne
 (the decoy recognizer, ``toy:R``) the pictures are screened as ``encoder_trap.synthetic_pool=P`` screens them
 (``--pool P``, default 3: the N most alike of P·N), each kept picture's cosine to the photos' mean embedding is
 recorded, and each photo's leave-one-out cosine to the others'. ``--copies C`` as
-``encoder_trap.synthetic_copies=C`` (C personalized copies share the P·N samples).
+``encoder_trap.synthetic_copies=C`` (C personalized copies share the P·N samples); ``--seed K`` as the bench's
+``protect_seed=K``.
+
+How much of what new photos vary do the pictures add? In the base VAE's latent space (posterior means), each new
+photo's distance to the nearest photo and to the nearest kept picture, relative to its own norm
+(``latent_nearest_fresh_to_photos`` / ``_to_views``: the trap sends what is near what it holds), each picture's
+distance to the nearest photo (``latent_nearest_views_to_photos``: near-copies of the photos add little), and the
+pictures' mean pairwise judge cosine (``judge_pairwise_views_mean``: higher = less varied).
 """
 
 import argparse
@@ -23,6 +30,7 @@ import torch
 
 from apdm.bench.protect_model import protection_subject
 from apdm.config import ProtectModelRunConfig, load_config
+from apdm.core import diffusion as D
 from apdm.core.images import save_grid
 from apdm.core.models import load_sd
 from apdm.evaluation.run import identity_backend
@@ -41,6 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--recognizer", default="")
     ap.add_argument("--pool", type=int, default=3)
     ap.add_argument("--copies", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--grid", default="")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
@@ -56,7 +65,8 @@ def main(argv=None) -> int:
         a = dataclasses.replace(a, images=torch.cat([a.images, extra]))
     per, subj = protection_subject(sd, rc.personalization, rc.protect, a)
     embed, impl = identity_backend("toy:" + args.recognizer) if args.recognizer else (None, None)
-    views = synthetic_views(sd, subj, per, args.n, embed=embed, pool=args.pool, copies=args.copies)
+    views = synthetic_views(sd, subj, per, args.n, embed=embed, pool=args.pool, copies=args.copies,
+                            seed=args.seed)
 
     def ism(x):
         return [round(float(v), 4) for v in I.identity_similarity(judge, x, a.references)]
@@ -66,6 +76,21 @@ def main(argv=None) -> int:
            "ism_views": ism(views), "ism_photos": ism(a.images), "ism_fresh_photos": ism(fresh)}
     for k in ("views", "photos", "fresh_photos"):
         res[f"ism_{k}_mean"] = round(sum(res[f"ism_{k}"]) / len(res[f"ism_{k}"]), 4)
+    res["seed"] = args.seed
+    with torch.no_grad():
+        mu = {k: D.vae_posterior(sd.vae, x, 32)[0].float().flatten(1) for k, x in
+              (("photos", a.images), ("views", views), ("fresh", fresh))}
+        e = torch.nn.functional.normalize(I.embed(judge, views), dim=-1)
+
+    def nearest(x, y):  # (len(x),): min_j ||x_i - y_j|| / ||x_i||
+        return (torch.cdist(mu[x], mu[y]).min(1).values / mu[x].norm(dim=1)).tolist()
+
+    for x, y in (("fresh", "photos"), ("fresh", "views"), ("views", "photos")):
+        v = nearest(x, y)
+        res[f"latent_nearest_{x}_to_{y}"] = [round(c, 4) for c in v]
+        res[f"latent_nearest_{x}_to_{y}_mean"] = round(sum(v) / len(v), 4)
+    pair = (e @ e.T)[~torch.eye(len(e), dtype=torch.bool)]
+    res["judge_pairwise_views_mean"] = round(float(pair.mean()), 4)
     if embed is not None:
         res["pool"] = args.pool
         if args.copies > 1:
