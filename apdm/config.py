@@ -275,7 +275,9 @@ class EncoderTrapConfig:
     synthetic_pool: int = 3
     #: how many copies are personalized for those pictures (seeds ``personalization.seed`` + c), sharing the
     #: P·N samples; the screen keeps the N most alike of them all. A personalization is a draw and may miss the
-    #: subject; several copies make the screen's choice less dependent on one draw.
+    #: subject; several copies make the screen's choice less dependent on one draw. On the toy world three copies
+    #: gave more alike pictures and a narrower trap: less protection on new photos (0.65 / 0.81 against 0.79–0.99)
+    #: at a third of the cost to other images (docs/protect_model.md, "Three personalized copies").
     synthetic_copies: int = 1
     #: save a resumable checkpoint every K steps (0 = never).
     checkpoint_every: int = 500
