@@ -272,6 +272,14 @@ def test_bench_baseline_reuse_is_checked(tmp_path):
     assert load_baseline(str(f), dict(res, attack_seeds=3), set())["ism_db_unprotected_runs"] == [0.4, 0.5, 0.6]
     f.write_text(json.dumps(old))
     assert "ism_db_unprotected_runs" not in load_baseline(str(f), dict(res, attack_seeds=1), set())
+    # attack_seed_stride: several runs seeded another distance apart are other draws (before it existed: 1 apart);
+    # with one run per attack it does not matter
+    f.write_text(json.dumps(dict(old, attack_seeds=3, ism_db_unprotected_runs=[0.4, 0.5, 0.6])))
+    with pytest.raises(ValueError, match="base.json: baseline ran its attacks with seeds 1 apart"):
+        load_baseline(str(f), dict(res, attack_seeds=3, attack_seed_stride=100_003), set())
+    assert load_baseline(str(f), dict(res, attack_seeds=3, attack_seed_stride=1), set())["ism_db_unprotected"] == 0.5
+    f.write_text(json.dumps(dict(old, attack_seed_stride=100_003)))
+    assert load_baseline(str(f), dict(res, attack_seed_stride=1), set())["ism_db_unprotected"] == 0.5
 
 
 def test_bench_saved_protection_round_trip_and_checks(tmp_path):
@@ -317,16 +325,35 @@ def test_bench_saved_protection_round_trip_and_checks(tmp_path):
 
 
 def test_bench_attack_seeds_runs_and_summary():
-    """attack_seeds=K: run r raises the attacker's and the sampling seed by r (run 0 = the single attack of earlier
-    results); each key is the mean of its runs, listed under <key>_runs only when there are several."""
-    from apdm.bench import attack_run
+    """attack_seeds=K: run r raises the attacker's and the sampling seed by r · attack_seed_stride (run 0 = the single
+    attack of earlier results); with the default stride no two runs share a sampling noise or a class image (both
+    seeded per image, seed + i), with stride 1 (results before 2026-12-04) they share all but one; each key is the
+    mean of its runs, listed under <key>_runs only when there are several."""
+    from apdm.bench import attack_run, attack_seed_stride
     from apdm.bench.protect_model import _attack_summary, bench_protect_model
     from apdm.config import SampleConfig
+    from apdm.core.diffusion import SEED_STRIDE
 
-    per, sample = PersonalizationConfig(seed=5), SampleConfig(seed=9)
+    per, sample = PersonalizationConfig(seed=5, num_class_images=200), SampleConfig(seed=9, num_images_per_prompt=16)
     assert attack_run(per, sample, 0) == (per, sample)
     per2, sample2 = attack_run(per, sample, 2)
-    assert (per2.seed, sample2.seed) == (7, 11) and per.seed == 5 and dataclasses.replace(per2, seed=5) == per
+    assert (per2.seed, sample2.seed) == (5 + 2 * SEED_STRIDE, 9 + 2 * SEED_STRIDE) and per.seed == 5
+    assert dataclasses.replace(per2, seed=5) == per
+    assert [s.seed for _, s in (attack_run(per, sample, r, stride=1) for r in range(3))] == [9, 10, 11]
+
+    def drawn(stride):  # per run: the seeds of its samples' initial noises and of its generated class images
+        # (apdm.core.diffusion.generate seeds image i with seed + i; the simulator samples class images at seed + 10,000)
+        runs = [attack_run(per, sample, r, stride) for r in range(3)]
+        return ([{s.seed + i for i in range(s.num_images_per_prompt)} for _, s in runs],
+                [{p.seed + 10_000 + i for i in range(p.num_class_images)} for p, _ in runs])
+
+    for sets in drawn(attack_seed_stride({})):
+        assert all(not (a & b) for i, a in enumerate(sets) for b in sets[i + 1:])
+    noises, classes = drawn(attack_seed_stride({"attack_seed_stride": "1"}))
+    assert len(noises[0] & noises[1]) == 15 and len(classes[0] & classes[1]) == 199
+    for bad in ("0", "x"):
+        with pytest.raises(ValueError, match="attack_seed_stride must be a whole number"):
+            attack_seed_stride({"attack_seed_stride": bad})
     one = _attack_summary("ism_db_protected", [{"ism": 0.25, "fdfr": 0.5}])
     assert one == {"ism_db_protected": 0.25, "fdfr_db_protected": 0.5}
     two = _attack_summary("ism_db_protected", [{"ism": 0.2, "fdfr": 0.5}, {"ism": 0.6, "fdfr": 0.25}])

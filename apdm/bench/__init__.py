@@ -65,22 +65,46 @@ def identifier_option(opts: dict, key: str) -> str:
     return word
 
 
-def attack_run(per_cfg, sample, run: int):
+def attack_run(per_cfg, sample, run: int, stride: int | None = None):
     """Run ``run`` (0, 1, …) of an attack: ``per_cfg`` and ``sample`` with the attacker's seed (its noise, timesteps,
-    prior images, …) and the sampling seed both raised by ``run``; run 0 is the attack unchanged."""
-    return dataclasses.replace(per_cfg, seed=per_cfg.seed + run), dataclasses.replace(sample, seed=sample.seed + run)
+    prior images, …) and the sampling seed both raised by ``run`` · ``stride``; run 0 is the attack unchanged.
+
+    ``stride`` defaults to :data:`apdm.core.diffusion.SEED_STRIDE`, so the runs share no sampling noise and no prior
+    (class) image: both are seeded per image (seed + i). ``stride=1`` is how runs were seeded before 2026-12-04
+    (runs r and r + 1 then shared all but one of their samples' initial noises and of their class images, so they
+    were correlated draws); the bench option ``attack_seed_stride=1`` reproduces those results."""
+    from apdm.core.diffusion import SEED_STRIDE
+
+    step = run * (SEED_STRIDE if stride is None else stride)
+    return dataclasses.replace(per_cfg, seed=per_cfg.seed + step), dataclasses.replace(sample, seed=sample.seed + step)
+
+
+def attack_seed_stride(opts: dict) -> int:
+    """``attack_seed_stride=N``: how far apart the seeds of an attack's runs are (:func:`attack_run`; default
+    :data:`apdm.core.diffusion.SEED_STRIDE`, independent runs; 1 reproduces results written before 2026-12-04)."""
+    from apdm.core.diffusion import SEED_STRIDE
+
+    text = opts.get("attack_seed_stride", str(SEED_STRIDE))
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"attack_seed_stride must be a whole number >= 1 (the seed distance between an attack's "
+                         f"runs; {SEED_STRIDE} by default, 1 as before 2026-12-04), got '{text}'")
+    return n
 
 
 def submit_attack_runs(pool, spec, state, images, references, cfg, sample, n_runs: int,
-                       keep_images: int = 0) -> list:
-    """Submit the ``n_runs`` runs of one evaluation attack (:func:`attack_run`) to ``pool`` as
-    :func:`apdm.bench.jobs.attack` jobs on the model ``spec`` with UNet ``state`` (``None`` = unchanged); run 0
+                       keep_images: int = 0, stride: int | None = None) -> list:
+    """Submit the ``n_runs`` runs of one evaluation attack (:func:`attack_run`, seeds ``stride`` apart) to ``pool``
+    as :func:`apdm.bench.jobs.attack` jobs on the model ``spec`` with UNet ``state`` (``None`` = unchanged); run 0
     keeps ``keep_images`` samples. Returns the futures, run r at index r."""
     from apdm.bench import jobs
 
     futs = []
     for r in range(n_runs):
-        run_cfg, run_sample = attack_run(cfg, sample, r)
+        run_cfg, run_sample = attack_run(cfg, sample, r, stride)
         futs.append(pool.submit(jobs.attack, spec, state, images, references, run_cfg, run_cfg.instance_prompt,
                                 run_sample, keep_images=keep_images if r == 0 else 0))
     return futs

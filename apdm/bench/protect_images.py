@@ -12,7 +12,8 @@ grid=DIR`` (``grid`` writes PNG grids of the first subject: protected photos, am
 DreamBooth samples per method), ``identifier=WORD`` (the attacker names the subject "a photo of WORD person" instead
 of the recipe's "sks"; ASPL's simulated DreamBooth keeps "sks", since a protector cannot know the attacker's word)
 and ``attack_seeds=K`` (every DreamBooth attack is run K times, run r with the attacker's seed and the sampling seed
-raised by r; each ``ism_db_*`` / ``fdfr_db_*`` key is then the mean over runs and subjects, and ``<key>_runs`` lists
+raised by r · ``attack_seed_stride``, default 100,003: runs share no sampling noise or class image; 1 reproduces
+results written before 2026-12-04); each ``ism_db_*`` / ``fdfr_db_*`` key is then the mean over runs and subjects, and ``<key>_runs`` lists
 each run's mean over subjects; default 1 with ``--quick``, 3 in the full run; one toy DreamBooth attack is one draw,
 docs/protect_model.md, "One attack is one draw").
 
@@ -35,7 +36,8 @@ from pathlib import Path
 
 
 def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
-    from apdm.bench import attack_config, attack_seeds, identifier_option, jobs, submit_attack_runs, toy_setup
+    from apdm.bench import (attack_config, attack_seed_stride, attack_seeds, identifier_option, jobs,
+                            submit_attack_runs, toy_setup)
     from apdm.attacks.diffpure import diffpure
     from apdm.attacks.transforms import gaussian_blur, jpeg
     from apdm.bench.toy_world import toy_recipe
@@ -52,7 +54,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     t_start = time.perf_counter()
     opts, sd, inst = toy_setup(overrides, {"budget", "subjects", "samples", "methods", "rho", "aspl_steps",
                                            "advdm_steps", "photoguard_steps", "robust_methods",
-                                           "grid", "identifier", "attack_seeds"})
+                                           "grid", "identifier", "attack_seeds", "attack_seed_stride"})
     budget = parse_budget(opts.get("budget", "8/255"))
     n_subjects = int(opts.get("subjects", 1 if quick else 3))
     n_samples = int(opts.get("samples", 8 if quick else 16))
@@ -60,6 +62,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     robust = opts.get("robust_methods", "ldu" if quick else ",".join(methods))
     robust = [] if robust in ("", "none") else robust.split(",")
     identifier, n_seeds = identifier_option(opts, "identifier"), attack_seeds(opts, quick)
+    stride = attack_seed_stride(opts)
     unknown = [m for m in methods if m != "ldu" and m not in METHODS] + [m for m in robust if m not in methods]
     if unknown:
         raise ValueError(f"unknown or unselected methods {unknown} (methods: ldu, {', '.join(METHODS)}; "
@@ -70,7 +73,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     res: dict = {"model": sd.source, "instruments_fingerprint": inst.config.get("fingerprint"),
                  "budget": format_budget(budget), "subjects": n_subjects,
                  "samples_per_prompt": n_samples, "method_settings": method_kw, "robust_methods": robust,
-                 "identifier": identifier, "attack_seeds": n_seeds}
+                 "identifier": identifier, "attack_seeds": n_seeds, "attack_seed_stride": stride}
     sample = toy_recipe("dreambooth").sample
     sample.num_images_per_prompt = n_samples
     db_cfg = toy_recipe("dreambooth").personalization
@@ -96,7 +99,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
         ``fdfr_db_{key}``; run 0's samples go to the grid."""
         futs = submit_attack_runs(pool, spec, None, train_images.cpu(), subj.references,
                                   attack_config(db_cfg, subj, identifier), sample, n_seeds,
-                                  keep_images=8 if keep and keep not in generated else 0)
+                                  keep_images=8 if keep and keep not in generated else 0, stride=stride)
         if keep:
             generated.setdefault(keep, None)
         attacks.append((key, keep, futs))

@@ -24,7 +24,9 @@ encode as, ``encoder_trap.targets``) instead of A's photos, on the *unprotected*
 gives; a protection that steers the attack to the x⁺ cannot do better, see docs/protect_model.md, "What the trap's
 DreamBooth learns"),
 ``attack_seeds=K`` (every attack, unprotected and protected, is run K times, repeat r with the attacker's seed and the
-sampling seed both raised by r; each ``ism_*`` / ``fdfr_*`` key is then the mean over the K runs, its runs are listed
+sampling seed both raised by r · ``attack_seed_stride`` (default 100,003, so repeats share no sampling noise or
+class image; ``attack_seed_stride=1`` reproduces results written before 2026-12-04, whose repeats shared all but one
+of them); each ``ism_*`` / ``fdfr_*`` key is then the mean over the K runs, its runs are listed
 under ``<key>_runs``, and ``protection_ratio*_runs`` pairs run r unprotected with run r protected; default 1 with
 ``--quick``, which is exactly the single attack of earlier results, and 3 in the full run: one attack's ISM moves
 by up to 0.6 with its seed on a protected model, see docs/protect_model.md, "One attack is one draw"), and any
@@ -81,7 +83,8 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     import torch
 
-    from apdm.bench import attack_config, attack_seeds, identifier_option, jobs, submit_attack_runs, toy_setup
+    from apdm.bench import (attack_config, attack_seed_stride, attack_seeds, identifier_option, jobs,
+                            submit_attack_runs, toy_setup)
     from apdm.bench.toy_world import METHOD_RECIPES, toy_recipe
     from apdm.config import EncoderTrapConfig, ProtectModelRunConfig, load_config
     from apdm.protect_model.encoder_trap import check_trap_config, trap_embedder, trap_targets
@@ -100,7 +103,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                                {"outer_steps", "inner_steps", "learning_rate", "samples", "long_attack", "no_naive",
                                 "attacks", "baseline", "subjects", "other_identifier", "identifier",
                                 "attack_seeds", "save_protected", "protected", "attack_photos", "protect_photos",
-                                "keep_photos", "protect_seed"})
+                                "keep_photos", "protect_seed", "attack_seed_stride"})
     rc = load_config(ProtectModelRunConfig, RECIPES / "toy-protect-model.yaml", recipe_overrides)
     attacks = set(opts.get("attacks", "lora,ti,other").split(",")) - {""}
     unknown = attacks - {"lora", "ti", "other", "targets", "dog"}
@@ -124,7 +127,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                          "(toy:DIR, built by `apdm toy build skip_model=true seed=1 output_dir=DIR`)")
     tcfg = dataclasses.replace(rc.encoder_trap, checkpoint_every=0)
     n_samples = int(opts.get("samples", 8 if quick else 16))
-    n_seeds = attack_seeds(opts, quick)
+    n_seeds, stride = attack_seeds(opts, quick), attack_seed_stride(opts)
     sample.num_images_per_prompt = n_samples
     positions = _subject_positions(opts)
     subj_a, subj_b = (heldout_subjects(1, num_images=4, offset=k)[0] for k in positions)
@@ -152,7 +155,8 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                  "protect_lr": pcfg.learning_rate, "protect_lr_phases": pcfg.lr_phases, "beta": pcfg.beta,
                  "gradient_leak": pcfg.gradient_leak,
                  "samples_per_prompt": n_samples, "other_identifier": other_identifier, "identifier": identifier,
-                 "attack_seeds": n_seeds, "attack_photos": attack_photos, "protect_photos": n_protect,
+                 "attack_seeds": n_seeds, "attack_seed_stride": stride, "attack_photos": attack_photos,
+                 "protect_photos": n_protect,
                  "keep_photos": n_keep, "protect_seed": protect_seed, "recipe_overrides": recipe_overrides,
                  "attack_overrides": attack_overrides,
                  # every protection setting as it ran (the recipe file changes over time; its overrides are above)
@@ -186,7 +190,8 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
         if photos is None:
             photos = photos_a if subj is subj_a else subj.images
         attack_f[key] = submit_attack_runs(pool, spec, state, photos, subj.references,
-                                           dataclasses.replace(cfg, steps=steps or cfg.steps), sample, n_seeds)
+                                           dataclasses.replace(cfg, steps=steps or cfg.steps), sample, n_seeds,
+                                           stride=stride)
 
     spec, workers = jobs.spec(sd), jobs.worker_count(opts, sd)
     res["workers"] = workers
@@ -552,6 +557,12 @@ def load_baseline(path: str, res: dict, attacks: set[str]) -> dict:
                     "attack_photos"):
             if old.get(key, defaults.get(key)) != res[key]:
                 raise ValueError(f"{f}: baseline was measured with {key}={old.get(key)!r}, this run has {res[key]!r}")
+        # with several runs per attack, their seeds' spacing makes other runs (one run is run 0 either way);
+        # results written before attack_seed_stride existed spaced them 1 apart
+        if res["attack_seeds"] > 1 and old.get("attack_seed_stride", 1) != res.get("attack_seed_stride", 1):
+            raise ValueError(f"{f}: baseline ran its attacks with seeds {old.get('attack_seed_stride', 1)} apart "
+                             f"(attack_seed_stride), this run {res.get('attack_seed_stride', 1)} apart: other draws; "
+                             f"rerun without baseline= or with attack_seed_stride={old.get('attack_seed_stride', 1)}")
         for k in [k for k in wanted if k in old] + [f"{k}_runs" for k in wanted if f"{k}_runs" in old]:
             if k in merged and merged[k] != old[k]:
                 raise ValueError(f"{f}: baseline has {k}={old[k]!r}, but {origin[k]} has {merged[k]!r}")

@@ -294,6 +294,12 @@ def ddim_invert(unet, noise_scheduler, latents: torch.Tensor, cond: torch.Tensor
 
 
 # ============================================================================ generation
+#: the distance between the seeds of two independent draws of a sampling (or of anything seeded per image): image i
+#: of a :func:`generate` seeded s starts from noise seeded s + i, so seeds s and s + 1 share all but one image;
+#: draws k = 0, 1, … seeded s + SEED_STRIDE·k share none (up to 100,003 images each)
+SEED_STRIDE = 100_003
+
+
 @torch.no_grad()
 def generate(sd, prompts: Sequence[str] | str, num_images_per_prompt: int = 1, num_inference_steps: int = 25,
              guidance_scale: float = 7.5, negative_prompt: str = "", seed: int = 0, batch_size: int = 8,
@@ -302,7 +308,8 @@ def generate(sd, prompts: Sequence[str] | str, num_images_per_prompt: int = 1, n
     """Text-to-image generation; returns (len(prompts)*num_images_per_prompt, 3, H, W) float32 in [0,1] (CPU).
 
     Images come out grouped by prompt (all images of prompt 0 first). Each image's initial noise is drawn from
-    a generator seeded with ``seed + index``, so results do not depend on ``batch_size``.
+    a generator seeded with ``seed + index``, so results do not depend on ``batch_size`` (and two samplings whose
+    seeds are less than their image count apart share images: space independent draws :data:`SEED_STRIDE` apart).
 
     Args:
         sd: :class:`apdm.core.models.SD`.

@@ -146,9 +146,6 @@ def trap_targets(subject, mode: str, embed=None, decoys: int = 0) -> tuple[torch
     return candidates[idx[turn].to(candidates.device)], cos
 
 
-SEED_STRIDE = 100_003  # sampling seeds of different protection seeds: far apart (generate seeds image i with s + i)
-
-
 def synthetic_views(sd, subject, per_cfg, n: int, seed: int = 0, quiet: bool = True, embed=None,
                     pool: int = 1, copies: int = 1) -> torch.Tensor:
     """``n`` more pictures of ``subject`` for the trap to hold (``encoder_trap.synthetic_photos``).
@@ -171,8 +168,8 @@ def synthetic_views(sd, subject, per_cfg, n: int, seed: int = 0, quiet: bool = T
         per_cfg: the recipe's ``personalization`` (:class:`apdm.config.PersonalizationConfig`).
         n: how many pictures.
         seed: sampling seed (the personalization uses ``per_cfg.seed``). Image i of a sampling seeded s starts from
-            noise seeded s + i (:func:`apdm.core.diffusion.generate`), so seeds are spaced ``SEED_STRIDE`` apart:
-            seeds k and k + 1 share no picture (with adjacent seeds, 71 of 72 pictures were the same).
+            noise seeded s + i (:func:`apdm.core.diffusion.generate`), so seeds are spaced
+            :data:`apdm.core.diffusion.SEED_STRIDE` apart: seeds k and k + 1 share no picture (with adjacent seeds, 71 of 72 pictures were the same).
         embed: face recognizer ``embed(images) -> (K, D)`` or ``-> (embeddings, found)`` (pictures without a found
             face are never kept), or None (no choice: the first ``n`` are kept).
         pool: how many pictures are sampled per one kept.
@@ -195,7 +192,7 @@ def synthetic_views(sd, subject, per_cfg, n: int, seed: int = 0, quiet: bool = T
     cfg = dataclasses.replace(per_cfg, instance_prompt=subject.instance_prompt, class_prompt=subject.class_prompt)
     sample = SampleConfig(prompts=[subject.instance_prompt], num_images_per_prompt=per_copy,
                           num_inference_steps=cfg.class_sample_steps, guidance_scale=cfg.class_guidance_scale,
-                          seed=4242 + SEED_STRIDE * seed, batch_size=8)
+                          seed=4242 + D.SEED_STRIDE * seed, batch_size=8)
     class_images = subject.class_images if cfg.with_prior_preservation and cfg.method == "dreambooth" else None
     views = []
     for c in range(copies):  # copy c draws the noises c·per_copy … : C copies start from the noises one copy would
