@@ -217,13 +217,18 @@ def test_bench_options_are_checked():
 
 
 def test_bench_protect_images_checks_attacker_options():
-    """identifier= and attack_seeds= are refused with a clear message before any protection or attack runs."""
+    """identifier=, attack_seeds= and attack_seed_stride= are refused with a clear message before any protection or
+    attack runs (in both benches that attack)."""
     from apdm.bench.protect_images import bench_protect_images
+    from apdm.bench.protect_model import bench_protect_model
 
     with pytest.raises(ValueError, match="^identifier must be one word"):
         bench_protect_images(True, ["identifier=person", "methods=ldu"])
     with pytest.raises(ValueError, match="attack_seeds must be a whole number"):
         bench_protect_images(True, ["attack_seeds=0", "methods=ldu"])
+    for bench in (bench_protect_images, bench_protect_model):
+        with pytest.raises(ValueError, match="attack_seed_stride must be a whole number >= 1"):
+            bench(True, ["attack_seed_stride=-3"])
 
 
 def test_toy_metric_backends_share_one_instrument_load():

@@ -6,7 +6,10 @@ them with the toy DreamBooth recipe under "zwx" over 3 attacker seeds (the proto
 another word"), scoring the samples against person 1 and against the target person (held-out person 7):
 
     python docs/results/checks/photoguard_target.py --targets gray,other,pattern --out F.json \
-        [--budget 8/255] [--steps 200] [--seeds 3]
+        [--budget 8/255] [--steps 200] [--seeds 3] [--seed-stride 100003]
+
+``--seed-stride 1`` reproduces the committed photoguard_target_8.json (attacker runs seeded 1 apart, as the bench did
+before 2026-12-04; the default spaces them :data:`apdm.core.diffusion.SEED_STRIDE` apart, independent draws).
 
 Targets: ``gray`` (flat 0.5), ``other`` (person 7's 4 photos, one per image: does DreamBooth learn person 7?),
 ``pattern`` (a high-contrast checker/stripe texture drawn here).
@@ -33,6 +36,7 @@ ap.add_argument("--out", required=True)
 ap.add_argument("--budget", default="8/255")
 ap.add_argument("--steps", type=int, default=200, help="PGD iterations (the quick bench's 200)")
 ap.add_argument("--seeds", type=int, default=3, help="attacker seeds")
+ap.add_argument("--seed-stride", type=int, default=D.SEED_STRIDE, help="seed distance between attacker runs")
 args = ap.parse_args()
 
 _, sd, inst = toy_setup([], set())
@@ -47,7 +51,8 @@ cfg = attack_config(db.personalization, subj, "zwx")
 db.sample.num_images_per_prompt = 8
 spec = jobs.spec(sd)
 res = {"budget": format_budget(budget), "pgd_steps": args.steps, "subject": subj.index, "target_person": other.index,
-       "identifier": "zwx", "attack_seeds": args.seeds, "metric_impl": {"ism": "ism@toy-id", "fdfr": "fdfr@toy-det"}}
+       "identifier": "zwx", "attack_seeds": args.seeds, "attack_seed_stride": args.seed_stride,
+       "metric_impl": {"ism": "ism@toy-id", "fdfr": "fdfr@toy-det"}}
 for name in args.targets.split(","):
     t0 = time.perf_counter()
     prot = protect_photoguard(sd, clean, budget=budget, steps=args.steps, target=targets[name], quiet=True)
@@ -59,7 +64,7 @@ for name in args.targets.split(","):
          "latent_distance_to_target_protected": round(dist[1], 3), "seconds_protect": round(seconds, 1),
          "ism_db_runs": [], "ism_db_to_target_person_runs": [], "fdfr_db_runs": []}
     for k in range(args.seeds):
-        run_cfg, run_sample = attack_run(cfg, db.sample, k)
+        run_cfg, run_sample = attack_run(cfg, db.sample, k, args.seed_stride)
         o = jobs.attack(spec, None, prot, subj.references, run_cfg, run_cfg.instance_prompt, run_sample,
                         keep_images=8)
         r["ism_db_runs"].append(round(o["ism"], 4))
