@@ -330,7 +330,7 @@ def test_bench_attack_seeds_runs_and_summary():
     seeded per image, seed + i), with stride 1 (results before 2026-12-04) they share all but one; each key is the
     mean of its runs, listed under <key>_runs only when there are several."""
     from apdm.bench import attack_run, attack_seed_stride
-    from apdm.bench.protect_model import _attack_summary, bench_protect_model
+    from apdm.bench.protect_model import _attack_summary, bench_protect_model, standard_error
     from apdm.config import SampleConfig
     from apdm.core.diffusion import SEED_STRIDE
 
@@ -364,6 +364,9 @@ def test_bench_attack_seeds_runs_and_summary():
     for bad in ("0", "two"):
         with pytest.raises(ValueError, match="attack_seeds must be a whole number"):
             bench_protect_model(True, [f"attack_seeds={bad}"])
+    # the standard error of the runs' mean: sample sd / sqrt(n) (0.56, 0.82, 0.44: sd 0.1942, se 0.1121)
+    assert standard_error([0.56, 0.82, 0.44]) == pytest.approx(0.1121, abs=1e-4)
+    assert standard_error([0.3, 0.3]) == 0.0
 
 
 def test_attack_recipe_overrides_leave_the_recipe_alone():

@@ -27,7 +27,8 @@ DreamBooth learns"),
 sampling seed both raised by r · ``attack_seed_stride`` (default 100,003, so repeats share no sampling noise or
 class image; ``attack_seed_stride=1`` reproduces results written before 2026-12-04, whose repeats shared all but one
 of them); each ``ism_*`` / ``fdfr_*`` key is then the mean over the K runs, its runs are listed
-under ``<key>_runs``, and ``protection_ratio*_runs`` pairs run r unprotected with run r protected; default 1 with
+under ``<key>_runs``, ``protection_ratio*_runs`` pairs run r unprotected with run r protected and
+``protection_ratio*_se`` is the standard error of their mean (:func:`standard_error`); default 1 with
 ``--quick``, which is exactly the single attack of earlier results, and 3 in the full run: one attack's ISM moves
 by up to 0.6 with its seed on a protected model, see docs/protect_model.md, "One attack is one draw"), and any
 recipe key with its section (``protect.beta=0.5``, ``protect.inner_steps=0``, ``protect.gradient_leak=true``,
@@ -297,9 +298,11 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
         if unprot in res and prot_key in res:
             res[f"protection_ratio{suffix}"] = _ratio(res[unprot], res[prot_key], res["ism_class_prompt"])
             if f"{unprot}_runs" in res and f"{prot_key}_runs" in res:  # run r against run r
-                res[f"protection_ratio{suffix}_runs"] = [
-                    _ratio(u, p, res["ism_class_prompt"])
-                    for u, p in zip(res[f"{unprot}_runs"], res[f"{prot_key}_runs"])]
+                runs = [_ratio(u, p, res["ism_class_prompt"])
+                        for u, p in zip(res[f"{unprot}_runs"], res[f"{prot_key}_runs"])]
+                res[f"protection_ratio{suffix}_runs"] = runs
+                if None not in runs:
+                    res[f"protection_ratio{suffix}_se"] = standard_error(runs)
     for name in ("other", "dog"):  # do the subjects that were not protected keep their personalization gain?
         if name in attacks:
             gap = res[f"ism_db_{name}_unprotected"] - res[f"ism_class_prompt_{name}"]
@@ -316,6 +319,16 @@ def _ratio(unprotected: float, protected: float, class_prompt: float) -> float |
     """Share of the attack's identity gain over the class prompt that the protection removes (None: no gain)."""
     gap = unprotected - class_prompt
     return round((unprotected - protected) / gap, 4) if gap > 0 else None
+
+
+def standard_error(values: list[float]) -> float:
+    """Standard error of the mean of ``values`` (sample standard deviation / √n; n ≥ 2): how far the mean of n
+    independent attacker runs may sit from the attack's expectation (mean ± 2 se covers it about 95 % of the time
+    for normal runs; with 3 runs the interval is rough). Meaningful only for independent runs
+    (``attack_seed_stride`` ≥ the sample count, the default)."""
+    import statistics
+
+    return round(statistics.stdev(values) / len(values) ** 0.5, 4)
 
 
 def _attack_summary(key: str, runs: list[dict]) -> dict:
