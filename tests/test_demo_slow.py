@@ -51,7 +51,8 @@ def test_bench_protect_images_quick_keys_and_grids(tmp_path):
 
 def test_bench_protect_images_attack_seeds_and_identifier(tmp_path):
     """attack_seeds=2 identifier=zwx: every DreamBooth attack runs twice under "zwx"; each key is the mean of its
-    runs, which are listed, and the two runs of the clean attack differ (another attacker and sampling seed)."""
+    runs, which are listed with their standard error, and the two runs of the clean attack differ (another attacker
+    and sampling seed)."""
     from apdm.cli import main
 
     out = tmp_path / "pi.json"
@@ -62,4 +63,5 @@ def test_bench_protect_images_attack_seeds_and_identifier(tmp_path):
     for key in ("ism_db_clean", "ism_db_ldu", "fdfr_db_clean"):
         runs = res[f"{key}_runs"]
         assert len(runs) == 2 and res[key] == pytest.approx(sum(runs) / 2, abs=1e-4)
+        assert res[f"{key}_se"] == pytest.approx(abs(runs[0] - runs[1]) / 2, abs=1e-4)  # sd/√2 with sd = |a−b|/√2
     assert res["ism_db_clean_runs"][0] != res["ism_db_clean_runs"][1]

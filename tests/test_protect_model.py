@@ -330,7 +330,8 @@ def test_bench_attack_seeds_runs_and_summary():
     seeded per image, seed + i), with stride 1 (results before 2026-12-04) they share all but one; each key is the
     mean of its runs, listed under <key>_runs only when there are several."""
     from apdm.bench import attack_run, attack_seed_stride
-    from apdm.bench.protect_model import _attack_summary, bench_protect_model, standard_error
+    from apdm.bench import standard_error
+    from apdm.bench.protect_model import _attack_summary, bench_protect_model
     from apdm.config import SampleConfig
     from apdm.core.diffusion import SEED_STRIDE
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 import time
 
 
@@ -93,6 +94,14 @@ def attack_seed_stride(opts: dict) -> int:
         raise ValueError(f"attack_seed_stride must be a whole number >= 1 (the seed distance between an attack's "
                          f"runs; {SEED_STRIDE} by default, 1 as before 2026-12-04), got '{text}'")
     return n
+
+
+def standard_error(values: list[float]) -> float:
+    """Standard error of the mean of ``values`` (sample standard deviation / √n; n ≥ 2): how far the mean of n
+    independent attacker runs may sit from the attack's expectation (mean ± 2 se covers it about 95 % of the time
+    for normal runs; with 3 runs the interval is rough). Meaningful only for independent runs
+    (``attack_seed_stride`` ≥ the sample count, the default)."""
+    return round(statistics.stdev(values) / len(values) ** 0.5, 4)
 
 
 def submit_attack_runs(pool, spec, state, images, references, cfg, sample, n_runs: int,

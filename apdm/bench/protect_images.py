@@ -13,8 +13,9 @@ DreamBooth samples per method), ``identifier=WORD`` (the attacker names the subj
 of the recipe's "sks"; ASPL's simulated DreamBooth keeps "sks", since a protector cannot know the attacker's word)
 and ``attack_seeds=K`` (every DreamBooth attack is run K times, run r with the attacker's seed and the sampling seed
 raised by r · ``attack_seed_stride``, default 100,003: runs share no sampling noise or class image; 1 reproduces
-results written before 2026-12-04); each ``ism_db_*`` / ``fdfr_db_*`` key is then the mean over runs and subjects, and ``<key>_runs`` lists
-each run's mean over subjects; default 1 with ``--quick``, 3 in the full run; one toy DreamBooth attack is one draw,
+results written before 2026-12-04; K is 1 by default with ``--quick``, 3 in the full run); each ``ism_db_*`` /
+``fdfr_db_*`` key is then the mean over runs and subjects, ``<key>_runs`` lists each run's mean over subjects and
+``<key>_se`` the standard error of that mean (:func:`apdm.bench.standard_error`); one toy DreamBooth attack is one draw,
 docs/protect_model.md, "One attack is one draw").
 
 ``workers=N`` runs the protections and attacks as N parallel processes (default 2 on a CPU with ≥ 2 cores, 1 on a
@@ -36,7 +37,7 @@ from pathlib import Path
 
 
 def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
-    from apdm.bench import (attack_config, attack_seed_stride, attack_seeds, identifier_option, jobs,
+    from apdm.bench import (attack_config, attack_seed_stride, attack_seeds, identifier_option, jobs, standard_error,
                             submit_attack_runs, toy_setup)
     from apdm.attacks.diffpure import diffpure
     from apdm.attacks.transforms import gaussian_blur, jpeg
@@ -154,6 +155,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
         res[k] = round(statistics.mean(v), 4)
         if n_seeds > 1 and k in acc_runs:
             res[f"{k}_runs"] = [round(statistics.mean(run), 4) for run in acc_runs[k]]
+            res[f"{k}_se"] = standard_error(res[f"{k}_runs"])
     if "ldu" in methods and "aspl" in methods:
         res["speedup_ldu_vs_aspl"] = round(res["seconds_per_image_aspl"] / max(1e-9, res["seconds_per_image_ldu"]), 1)
     if "grid" in opts:

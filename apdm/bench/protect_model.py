@@ -28,7 +28,7 @@ sampling seed both raised by r · ``attack_seed_stride`` (default 100,003, so re
 class image; ``attack_seed_stride=1`` reproduces results written before 2026-12-04, whose repeats shared all but one
 of them); each ``ism_*`` / ``fdfr_*`` key is then the mean over the K runs, its runs are listed
 under ``<key>_runs``, ``protection_ratio*_runs`` pairs run r unprotected with run r protected and
-``protection_ratio*_se`` is the standard error of their mean (:func:`standard_error`); default 1 with
+``protection_ratio*_se`` is the standard error of their mean (:func:`apdm.bench.standard_error`); default 1 with
 ``--quick``, which is exactly the single attack of earlier results, and 3 in the full run: one attack's ISM moves
 by up to 0.6 with its seed on a protected model, see docs/protect_model.md, "One attack is one draw"), and any
 recipe key with its section (``protect.beta=0.5``, ``protect.inner_steps=0``, ``protect.gradient_leak=true``,
@@ -84,7 +84,7 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     import torch
 
-    from apdm.bench import (attack_config, attack_seed_stride, attack_seeds, identifier_option, jobs,
+    from apdm.bench import (attack_config, attack_seed_stride, attack_seeds, identifier_option, jobs, standard_error,
                             submit_attack_runs, toy_setup)
     from apdm.bench.toy_world import METHOD_RECIPES, toy_recipe
     from apdm.config import EncoderTrapConfig, ProtectModelRunConfig, load_config
@@ -319,16 +319,6 @@ def _ratio(unprotected: float, protected: float, class_prompt: float) -> float |
     """Share of the attack's identity gain over the class prompt that the protection removes (None: no gain)."""
     gap = unprotected - class_prompt
     return round((unprotected - protected) / gap, 4) if gap > 0 else None
-
-
-def standard_error(values: list[float]) -> float:
-    """Standard error of the mean of ``values`` (sample standard deviation / √n; n ≥ 2): how far the mean of n
-    independent attacker runs may sit from the attack's expectation (mean ± 2 se covers it about 95 % of the time
-    for normal runs; with 3 runs the interval is rough). Meaningful only for independent runs
-    (``attack_seed_stride`` ≥ the sample count, the default)."""
-    import statistics
-
-    return round(statistics.stdev(values) / len(values) ** 0.5, 4)
 
 
 def _attack_summary(key: str, runs: list[dict]) -> dict:
