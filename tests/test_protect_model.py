@@ -229,58 +229,74 @@ def test_bench_baseline_reuse_is_checked(tmp_path):
     del old["other_identifier"], old["identifier"]  # ... and A and B personalized with "sks"
     f = tmp_path / "base.json"
     f.write_text(json.dumps(old))
-    got = load_baseline(str(f), res, {"other"})
+    got = load_baseline(str(f), res)
     assert got["ism_db_other_unprotected"] == 0.6 and got["baseline_from"] == str(f)
     assert "ism_lora_unprotected" not in got  # optional keys pass through only when the baseline has them
     f.write_text(json.dumps(dict(old, ism_lora_unprotected=0.7)))
-    assert load_baseline(str(f), res, set())["ism_lora_unprotected"] == 0.7
+    assert load_baseline(str(f), res)["ism_lora_unprotected"] == 0.7
     f.write_text(json.dumps(old))
     with pytest.raises(ValueError, match="model_fingerprint"):
-        load_baseline(str(f), dict(res, model_fingerprint="xyz"), set())
+        load_baseline(str(f), dict(res, model_fingerprint="xyz"))
     with pytest.raises(ValueError, match="instruments_fingerprint"):  # KID / FDFR come from the instruments
-        load_baseline(str(f), dict(res, instruments_fingerprint="xyz"), set())
+        load_baseline(str(f), dict(res, instruments_fingerprint="xyz"))
     with pytest.raises(ValueError, match="attack_overrides"):  # a different attacker: not comparable
-        load_baseline(str(f), dict(res, attack_overrides=["train_text_encoder=false"]), set())
+        load_baseline(str(f), dict(res, attack_overrides=["train_text_encoder=false"]))
     with pytest.raises(ValueError, match="other_identifier"):  # B personalized under another prompt
-        load_baseline(str(f), dict(res, other_identifier="zwx"), set())
+        load_baseline(str(f), dict(res, other_identifier="zwx"))
     with pytest.raises(ValueError, match="with identifier="):  # A attacked under another prompt: other ISM
-        load_baseline(str(f), dict(res, identifier="t@t"), set())
+        load_baseline(str(f), dict(res, identifier="t@t"))
     with pytest.raises(ValueError, match="attack_photos"):  # A attacked on other photos: another unprotected ISM
-        load_baseline(str(f), dict(res, attack_photos="fresh"), set())
+        load_baseline(str(f), dict(res, attack_photos="fresh"))
     f.write_text(json.dumps({k: v for k, v in old.items() if k != "ism_db_other_unprotected"}))
-    assert "ism_db_other_unprotected" not in load_baseline(str(f), res, set())
-    with pytest.raises(ValueError, match="lacks ism_db_other_unprotected"):
-        load_baseline(str(f), res, {"other"})
+    assert "ism_db_other_unprotected" not in load_baseline(str(f), res)  # the bench runs what a baseline lacks
+    f.write_text(json.dumps({k: v for k, v in old.items() if k != "kid_class_unprotected"}))
+    with pytest.raises(ValueError, match="base.json: baseline result lacks kid_class_unprotected"):
+        load_baseline(str(f), res)  # ... but not the class-prompt numbers and the DreamBooth attack
     # two files join: one with the other subject's number, one with LoRA's; a key both hold must agree
     g = tmp_path / "lora.json"
     g.write_text(json.dumps(dict({k: v for k, v in old.items() if k != "ism_db_other_unprotected"},
                                  ism_lora_unprotected=0.7, ism_lora_unprotected_runs=[0.7])))
     f.write_text(json.dumps(old))
-    both = load_baseline(f"{f},{g}", res, {"other", "lora"})
+    both = load_baseline(f"{f},{g}", res)
     assert (both["ism_db_other_unprotected"], both["ism_lora_unprotected"], both["ism_lora_unprotected_runs"]) == \
         (0.6, 0.7, [0.7])
     g.write_text(json.dumps(dict(old, ism_db_unprotected=0.55)))
     with pytest.raises(ValueError, match="lora.json: baseline has ism_db_unprotected=0.55, but .*base.json has 0.5"):
-        load_baseline(f"{f},{g}", res, set())
+        load_baseline(f"{f},{g}", res)
     f.write_text("{not json")
     with pytest.raises(ValueError, match="base.json: cannot read"):
-        load_baseline(str(f), res, set())
+        load_baseline(str(f), res)
     # attack_seeds: results written before it existed ran every attack once; the runs come along
     f.write_text(json.dumps(dict(old, attack_seeds=3, ism_db_unprotected_runs=[0.4, 0.5, 0.6])))
     with pytest.raises(ValueError, match="attack_seeds"):
-        load_baseline(str(f), dict(res, attack_seeds=1), set())
-    assert load_baseline(str(f), dict(res, attack_seeds=3), set())["ism_db_unprotected_runs"] == [0.4, 0.5, 0.6]
+        load_baseline(str(f), dict(res, attack_seeds=1))
+    assert load_baseline(str(f), dict(res, attack_seeds=3))["ism_db_unprotected_runs"] == [0.4, 0.5, 0.6]
     f.write_text(json.dumps(old))
-    assert "ism_db_unprotected_runs" not in load_baseline(str(f), dict(res, attack_seeds=1), set())
+    assert "ism_db_unprotected_runs" not in load_baseline(str(f), dict(res, attack_seeds=1))
     # attack_seed_stride: several runs seeded another distance apart are other draws (before it existed: 1 apart);
     # with one run per attack it does not matter
     f.write_text(json.dumps(dict(old, attack_seeds=3, ism_db_unprotected_runs=[0.4, 0.5, 0.6])))
     with pytest.raises(ValueError, match="base.json: baseline ran its attacks with seeds 1 apart"):
-        load_baseline(str(f), dict(res, attack_seeds=3, attack_seed_stride=100_003), set())
-    assert load_baseline(str(f), dict(res, attack_seeds=3, attack_seed_stride=1), set())["ism_db_unprotected"] == 0.5
+        load_baseline(str(f), dict(res, attack_seeds=3, attack_seed_stride=100_003))
+    assert load_baseline(str(f), dict(res, attack_seeds=3, attack_seed_stride=1))["ism_db_unprotected"] == 0.5
     f.write_text(json.dumps(dict(old, attack_seed_stride=100_003)))
-    assert load_baseline(str(f), dict(res, attack_seed_stride=1), set())["ism_db_unprotected"] == 0.5
+    assert load_baseline(str(f), dict(res, attack_seed_stride=1))["ism_db_unprotected"] == 0.5
 
+
+def test_bench_runs_the_unprotected_attacks_a_baseline_lacks():
+    from apdm.bench.protect_model import unprotected_attacks_to_run
+
+    # no baseline: every unprotected attack the options ask for
+    assert unprotected_attacks_to_run({}, {"other", "lora", "ti"}, True) == [
+        "ism_db_unprotected", "ism_db_other_unprotected", "ism_lora_unprotected", "ism_ti_unprotected",
+        "ism_db_unprotected_2x_steps"]
+    # a DreamBooth-only baseline asked for LoRA and TI: those two are run (they used to be silently skipped,
+    # leaving protection_ratio_lora / _ti out of the result)
+    base = {"ism_db_unprotected": 0.8, "ism_db_unprotected_runs": [0.8, 0.8]}
+    assert unprotected_attacks_to_run(base, {"lora", "ti"}, False) == ["ism_lora_unprotected", "ism_ti_unprotected"]
+    assert unprotected_attacks_to_run(dict(base, ism_lora_unprotected=0.7), {"lora"}, False) == []
+    assert unprotected_attacks_to_run(base, set(), True) == ["ism_db_unprotected_2x_steps"]
+    assert unprotected_attacks_to_run(base, {"dog", "targets"}, False) == []  # never from a baseline: run apart
 
 def test_bench_saved_protection_round_trip_and_checks(tmp_path):
     """save_protected= writes the weights (safetensors) with the protection's settings; protected= reads them back

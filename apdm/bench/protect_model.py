@@ -36,8 +36,8 @@ recipe key with its section (``protect.beta=0.5``, ``protect.inner_steps=0``, ``
 (applied to every attack's personalization config, unprotected and protected alike;
 ``attack.train_text_encoder=false`` is the paper's UNet-only DreamBooth); ``baseline=F.json[,G.json]`` takes the
 unprotected numbers (class-prompt ISM, unprotected DreamBooth ISM, unprotected KID; LoRA/TI/other-subject ones where
-present) from earlier results on the same model, subjects and sample count instead of recomputing them (the attacks
-are deterministic, so they would come out the same).
+present, and the unprotected attacks the files lack are run here) from earlier results on the same model, subjects
+and sample count instead of recomputing them (the attacks are deterministic, so they would come out the same).
 ``attack_photos=fresh`` (default ``same``): every attack on A trains on another draw of A's identity (4 new photos,
 same references) instead of the photos the protection saw: does the protection hold for photos it never saw?
 ``protect_photos=K`` (default 4): the protection holds K photos of A, its 4 (the attacker's ``same`` photos) and K − 4
@@ -200,7 +200,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     long_steps = 2 * attack_runs["dreambooth"].personalization.steps
     naive = opts.get("no_naive", "false") != "true"
     if "baseline" in opts:  # the unprotected numbers of an earlier run on the same model and subjects
-        res.update(load_baseline(opts["baseline"], res, attacks))
+        res.update(load_baseline(opts["baseline"], res))
     f: dict = {}  # result key -> future (class-prompt ISM, KID)
     attack_f: dict[str, list] = {}  # attack key -> its runs' futures, in seed order
     with jobs.executor(workers) as pool:
@@ -214,14 +214,15 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
             f["class_prompt"] = pool.submit(_class_prompt_ism_job, spec, n_samples, subj_a.references,
                                             subj_b.references)
             f["kid_class_unprotected"] = pool.submit(_kid_job, spec, None, real, n_samples)
-            submit_attack("ism_db_unprotected", None, subj_a, "dreambooth")
-            if "other" in attacks:
-                submit_attack("ism_db_other_unprotected", None, subj_b, "dreambooth")
-            for method in ("lora", "ti"):  # so that every attack's protection ratio can be read from this file
-                if method in attacks:
-                    submit_attack(f"ism_{method}_unprotected", None, subj_a, method)
-            if long_attack:
-                submit_attack("ism_db_unprotected_2x_steps", None, subj_a, "dreambooth", long_steps)
+        # every unprotected attack the baseline (if any) does not hold, so that each protection ratio can be read
+        # from this file
+        to_run = unprotected_attacks_to_run(res, attacks, long_attack)
+        if "baseline" in opts and to_run:
+            LOG.info("the baseline lacks %s: running those attacks on the unprotected model", ", ".join(to_run))
+        for key in to_run:
+            method = {"ism_lora_unprotected": "lora", "ism_ti_unprotected": "ti"}.get(key, "dreambooth")
+            submit_attack(key, None, subj_b if key == "ism_db_other_unprotected" else subj_a, method,
+                          long_steps if key.endswith("_2x_steps") else None)
         if "dog" in attacks:  # never from a baseline file: no earlier result has it
             f["class_prompt_dog"] = pool.submit(_class_prompt_ism_job, spec, n_samples, subj_dog.references,
                                                 prompt="a photo of a dog")
@@ -527,11 +528,22 @@ def load_protected(path: str, res: dict) -> dict:
 
 
 BASELINE_KEYS = ("ism_class_prompt", "ism_class_prompt_other", "kid_class_unprotected", "ism_db_unprotected")
-#: taken from a baseline file when present (then the matching protection ratios are computed too)
-OPTIONAL_BASELINE_KEYS = ("ism_lora_unprotected", "ism_ti_unprotected", "ism_db_unprotected_2x_steps")
+#: taken from a baseline file when present; the bench runs those it lacks (:func:`unprotected_attacks_to_run`)
+OPTIONAL_BASELINE_KEYS = ("ism_db_other_unprotected", "ism_lora_unprotected", "ism_ti_unprotected",
+                          "ism_db_unprotected_2x_steps")
 
 
-def load_baseline(path: str, res: dict, attacks: set[str]) -> dict:
+def unprotected_attacks_to_run(res: dict, attacks: set[str], long_attack: bool) -> list[str]:
+    """The unprotected attacks' result keys this run must compute: every one its ``attacks`` (and ``long_attack``)
+    ask for that ``res`` does not already hold from a ``baseline=`` file. Before 2026-12-04 a baseline without,
+    say, ``ism_lora_unprotected`` silently left ``protection_ratio_lora`` out of the result."""
+    wanted = ["ism_db_unprotected"] + (["ism_db_other_unprotected"] if "other" in attacks else []) \
+        + [f"ism_{m}_unprotected" for m in ("lora", "ti") if m in attacks] \
+        + (["ism_db_unprotected_2x_steps"] if long_attack else [])
+    return [k for k in wanted if k not in res]
+
+
+def load_baseline(path: str, res: dict) -> dict:
     """The unprotected numbers from earlier ``bench protect-model`` JSONs, checked to be comparable with ``res``.
 
     ``path`` is one file or several separated by commas (e.g. one run that attacked with LoRA and one that
@@ -540,14 +552,15 @@ def load_baseline(path: str, res: dict, attacks: set[str]) -> dict:
 
     Raises:
         ValueError: naming the file and what does not match (model, subjects, sample count, another file's value)
-            or is missing.
+            or is missing (one of :data:`BASELINE_KEYS`; the attack-specific :data:`OPTIONAL_BASELINE_KEYS` pass
+            through where present, and the bench runs the attacks the files lack).
     """
     import json
 
     # results written before attack overrides / other identifiers existed used the defaults
     defaults = {"attack_overrides": [], "other_identifier": "sks", "identifier": "sks", "attack_seeds": 1,
                 "attack_photos": "same"}
-    wanted = BASELINE_KEYS + ("ism_db_other_unprotected",) + OPTIONAL_BASELINE_KEYS
+    wanted = BASELINE_KEYS + OPTIONAL_BASELINE_KEYS
     merged: dict = {}
     origin: dict[str, Path] = {}
     for f in [Path(p) for p in path.split(",") if p]:
@@ -570,11 +583,10 @@ def load_baseline(path: str, res: dict, attacks: set[str]) -> dict:
             if k in merged and merged[k] != old[k]:
                 raise ValueError(f"{f}: baseline has {k}={old[k]!r}, but {origin[k]} has {merged[k]!r}")
             merged[k], origin[k] = old[k], f
-    keys = BASELINE_KEYS + (("ism_db_other_unprotected",) if "other" in attacks else ())
-    missing = [k for k in keys if k not in merged]
+    missing = [k for k in BASELINE_KEYS if k not in merged]
     if missing:
         raise ValueError(f"{path}: baseline result lacks {', '.join(missing)}")
-    out = {k: merged[k] for k in keys + OPTIONAL_BASELINE_KEYS if k in merged}
+    out = {k: merged[k] for k in BASELINE_KEYS + OPTIONAL_BASELINE_KEYS if k in merged}
     out.update({f"{k}_runs": merged[f"{k}_runs"] for k in list(out) if f"{k}_runs" in merged})
     out["baseline_from"] = path
     return out
