@@ -283,6 +283,29 @@ def test_bench_baseline_reuse_is_checked(tmp_path):
     assert load_baseline(str(f), dict(res, attack_seed_stride=1))["ism_db_unprotected"] == 0.5
 
 
+def test_protection_ratios_against_hand_values():
+    import statistics
+
+    from apdm.bench.protect_model import protection_ratios
+
+    res = {"ism_class_prompt": 0.1, "ism_db_unprotected": 0.8, "ism_db_protected": 0.1,
+           "ism_db_unprotected_runs": [0.7, 0.9], "ism_db_protected_runs": [0.2, 0.0],
+           "ism_ti_unprotected": 0.13, "ism_ti_protected": 0.1,
+           "ism_ti_unprotected_runs": [0.11, 0.15], "ism_ti_protected_runs": [0.0, 0.2],
+           "ism_lora_unprotected": 0.05, "ism_lora_protected": 0.0}  # LoRA gains nothing: no ratio
+    out = protection_ratios(res)
+    assert out["protection_ratio"] == pytest.approx(0.7 / 0.7)
+    assert out["protection_ratio_runs"] == pytest.approx([0.5 / 0.6, 0.9 / 0.8], abs=1e-4)
+    assert out["protection_ratio_se"] == pytest.approx(statistics.stdev([0.5 / 0.6, 0.9 / 0.8]) / 2 ** 0.5, abs=1e-4)
+    assert out["ism_drop"] == pytest.approx(0.7) and out["ism_drop_se"] == pytest.approx(statistics.stdev([0.5, 0.9]) / 2 ** 0.5, abs=1e-4)
+    # TI: tiny gains make per-run ratios wild (11.0 and -1.0) while the paired ISM drop stays readable
+    assert out["protection_ratio_ti"] == pytest.approx(0.03 / 0.03)
+    assert out["protection_ratio_ti_runs"] == pytest.approx([0.11 / 0.01, -0.05 / 0.05], abs=1e-4)
+    assert out["ism_drop_ti"] == pytest.approx(0.03) and out["ism_drop_ti_se"] == pytest.approx(0.08, abs=1e-4)
+    assert out["protection_ratio_lora"] is None and out["ism_drop_lora"] == pytest.approx(0.05)
+    assert "ism_drop_lora_se" not in out and "protection_ratio_2x_steps" not in out
+
+
 def test_bench_runs_the_unprotected_attacks_a_baseline_lacks():
     from apdm.bench.protect_model import unprotected_attacks_to_run
 

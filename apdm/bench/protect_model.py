@@ -7,7 +7,9 @@ naive loss; then attacks every model with the toy personalization recipes and sc
 * ``kid_class_*``: KID (``kid@toy-features``) of class-prompt generations vs freshly drawn persons (preservation);
 * ``fdfr_db_protected``: share of post-attack generations the toy detector rejects;
 * ``protection_ratio[_lora|_ti|_2x_steps]``: share of each attack's identity gain over the class prompt that the
-  protection removes (goal ≥ 0.85); every attack run on the protected model is also run on the unprotected one.
+  protection removes (goal ≥ 0.85); every attack run on the protected model is also run on the unprotected one;
+  ``ism_drop[...]``: the same removal in ISM units, unprotected − protected (paired per run, with ``_se``), the number
+  to read where an attack gains little (:func:`protection_ratios`).
 
 B is a second held-out subject that is *not* protected (other subjects must keep personalizing).
 Overrides: ``outer_steps=N inner_steps=N learning_rate=X samples=N long_attack=true no_naive=true``,
@@ -84,7 +86,7 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     import torch
 
-    from apdm.bench import (attack_config, attack_seed_stride, attack_seeds, identifier_option, jobs, standard_error,
+    from apdm.bench import (attack_config, attack_seed_stride, attack_seeds, identifier_option, jobs,
                             submit_attack_runs, toy_setup)
     from apdm.bench.toy_world import METHOD_RECIPES, toy_recipe
     from apdm.config import EncoderTrapConfig, ProtectModelRunConfig, load_config
@@ -290,20 +292,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
              res["ism_db_unprotected"], res["ism_class_prompt"], res["ism_db_protected"],
              res.get("ism_db_other_protected"))
 
-    # the goals of issue #5, as ratios: share of the attack's identity gain that protection removes
-    for suffix, unprot, prot_key in (("", "ism_db_unprotected", "ism_db_protected"),
-                                     ("_lora", "ism_lora_unprotected", "ism_lora_protected"),
-                                     ("_ti", "ism_ti_unprotected", "ism_ti_protected"),
-                                     ("_2x_steps", "ism_db_unprotected_2x_steps", "ism_db_protected_2x_steps"),
-                                     ("_db_on_targets", "ism_db_unprotected", "ism_db_targets")):
-        if unprot in res and prot_key in res:
-            res[f"protection_ratio{suffix}"] = _ratio(res[unprot], res[prot_key], res["ism_class_prompt"])
-            if f"{unprot}_runs" in res and f"{prot_key}_runs" in res:  # run r against run r
-                runs = [_ratio(u, p, res["ism_class_prompt"])
-                        for u, p in zip(res[f"{unprot}_runs"], res[f"{prot_key}_runs"])]
-                res[f"protection_ratio{suffix}_runs"] = runs
-                if None not in runs:
-                    res[f"protection_ratio{suffix}_se"] = standard_error(runs)
+    res.update(protection_ratios(res))
     for name in ("other", "dog"):  # do the subjects that were not protected keep their personalization gain?
         if name in attacks:
             gap = res[f"ism_db_{name}_unprotected"] - res[f"ism_class_prompt_{name}"]
@@ -314,6 +303,45 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     res["metric_impl"] = {"ism": "ism@toy-id", "kid": "kid@toy-features", "fdfr": "fdfr@toy-det"}
     res["seconds_total"] = round(time.perf_counter() - t_start, 1)
     return res
+
+
+def protection_ratios(res: dict) -> dict:
+    """The goals of issue #5 as ratios, from a result's ISM keys (means and, with several runs, ``*_runs``).
+
+    For each attack X whose unprotected and protected ISM ``res`` holds (DreamBooth, LoRA, TI, twice as long, and
+    DreamBooth on the protection's targets):
+
+    * ``protection_ratio<X>`` = (unprotected − protected) / (unprotected − class prompt) on the means: the share of the
+      attack's identity gain the protection removes (None when the attack gains nothing);
+    * with runs: ``protection_ratio<X>_runs`` (run r against run r) and ``protection_ratio<X>_se``, the standard error of
+      their mean; meaningful where every run's gain is large (DreamBooth, LoRA), not where a gain is near zero (TI on
+      new photos: a 0.02 gain makes a run's ratio anything);
+    * ``ism_drop<X>`` = mean over runs of (unprotected − protected) ISM, the gain removed in ISM units, and with runs
+      ``ism_drop<X>_se``: the paired statistic that stays stable when gains are small.
+    """
+    from apdm.bench import standard_error
+
+    out: dict = {}
+    c = res["ism_class_prompt"]
+    for suffix, unprot, prot_key in (("", "ism_db_unprotected", "ism_db_protected"),
+                                     ("_lora", "ism_lora_unprotected", "ism_lora_protected"),
+                                     ("_ti", "ism_ti_unprotected", "ism_ti_protected"),
+                                     ("_2x_steps", "ism_db_unprotected_2x_steps", "ism_db_protected_2x_steps"),
+                                     ("_db_on_targets", "ism_db_unprotected", "ism_db_targets")):
+        if unprot not in res or prot_key not in res:
+            continue
+        out[f"protection_ratio{suffix}"] = _ratio(res[unprot], res[prot_key], c)
+        out[f"ism_drop{suffix}"] = round(res[unprot] - res[prot_key], 4)
+        if f"{unprot}_runs" in res and f"{prot_key}_runs" in res:  # run r against run r
+            pairs = list(zip(res[f"{unprot}_runs"], res[f"{prot_key}_runs"]))
+            runs = [_ratio(u, p, c) for u, p in pairs]
+            out[f"protection_ratio{suffix}_runs"] = runs
+            if None not in runs:
+                out[f"protection_ratio{suffix}_se"] = standard_error(runs)
+            drops = [u - p for u, p in pairs]
+            out[f"ism_drop{suffix}"] = round(sum(drops) / len(drops), 4)
+            out[f"ism_drop{suffix}_se"] = standard_error(drops)
+    return out
 
 
 def _ratio(unprotected: float, protected: float, class_prompt: float) -> float | None:
