@@ -297,7 +297,8 @@ def test_protection_ratios_against_hand_values():
     assert out["protection_ratio"] == pytest.approx(0.7 / 0.7)
     assert out["protection_ratio_runs"] == pytest.approx([0.5 / 0.6, 0.9 / 0.8], abs=1e-4)
     assert out["protection_ratio_se"] == pytest.approx(statistics.stdev([0.5 / 0.6, 0.9 / 0.8]) / 2 ** 0.5, abs=1e-4)
-    assert out["ism_drop"] == pytest.approx(0.7) and out["ism_drop_se"] == pytest.approx(statistics.stdev([0.5, 0.9]) / 2 ** 0.5, abs=1e-4)
+    assert out["ism_drop"] == pytest.approx(0.7)
+    assert out["ism_drop_se"] == pytest.approx(statistics.stdev([0.5, 0.9]) / 2 ** 0.5, abs=1e-4)
     # TI: tiny gains make per-run ratios wild (11.0 and -1.0) while the paired ISM drop stays readable
     assert out["protection_ratio_ti"] == pytest.approx(0.03 / 0.03)
     assert out["protection_ratio_ti_runs"] == pytest.approx([0.11 / 0.01, -0.05 / 0.05], abs=1e-4)
@@ -309,17 +310,22 @@ def test_protection_ratios_against_hand_values():
 def test_bench_runs_the_unprotected_attacks_a_baseline_lacks():
     from apdm.bench.protect_model import unprotected_attacks_to_run
 
-    # no baseline: every unprotected attack the options ask for
+    def keys(*args):
+        return [key for key, *_ in unprotected_attacks_to_run(*args)]
+
+    # no baseline: every unprotected attack the options ask for, each with its method, subject and length
     assert unprotected_attacks_to_run({}, {"other", "lora", "ti"}, True) == [
-        "ism_db_unprotected", "ism_db_other_unprotected", "ism_lora_unprotected", "ism_ti_unprotected",
-        "ism_db_unprotected_2x_steps"]
+        ("ism_db_unprotected", "dreambooth", False, False), ("ism_db_other_unprotected", "dreambooth", True, False),
+        ("ism_lora_unprotected", "lora", False, False), ("ism_ti_unprotected", "ti", False, False),
+        ("ism_db_unprotected_2x_steps", "dreambooth", False, True)]
     # a DreamBooth-only baseline asked for LoRA and TI: those two are run (they used to be silently skipped,
     # leaving protection_ratio_lora / _ti out of the result)
     base = {"ism_db_unprotected": 0.8, "ism_db_unprotected_runs": [0.8, 0.8]}
-    assert unprotected_attacks_to_run(base, {"lora", "ti"}, False) == ["ism_lora_unprotected", "ism_ti_unprotected"]
-    assert unprotected_attacks_to_run(dict(base, ism_lora_unprotected=0.7), {"lora"}, False) == []
-    assert unprotected_attacks_to_run(base, set(), True) == ["ism_db_unprotected_2x_steps"]
-    assert unprotected_attacks_to_run(base, {"dog", "targets"}, False) == []  # never from a baseline: run apart
+    assert keys(base, {"lora", "ti"}, False) == ["ism_lora_unprotected", "ism_ti_unprotected"]
+    assert keys(dict(base, ism_lora_unprotected=0.7), {"lora"}, False) == []
+    assert keys(base, set(), True) == ["ism_db_unprotected_2x_steps"]
+    assert keys(base, {"dog", "targets"}, False) == []  # never from a baseline: run apart
+
 
 def test_bench_saved_protection_round_trip_and_checks(tmp_path):
     """save_protected= writes the weights (safetensors) with the protection's settings; protected= reads them back

@@ -220,11 +220,10 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
         # from this file
         to_run = unprotected_attacks_to_run(res, attacks, long_attack)
         if "baseline" in opts and to_run:
-            LOG.info("the baseline lacks %s: running those attacks on the unprotected model", ", ".join(to_run))
-        for key in to_run:
-            method = {"ism_lora_unprotected": "lora", "ism_ti_unprotected": "ti"}.get(key, "dreambooth")
-            submit_attack(key, None, subj_b if key == "ism_db_other_unprotected" else subj_a, method,
-                          long_steps if key.endswith("_2x_steps") else None)
+            LOG.info("the baseline lacks %s: running those attacks on the unprotected model",
+                     ", ".join(key for key, *_ in to_run))
+        for key, method, on_other, twice in to_run:
+            submit_attack(key, None, subj_b if on_other else subj_a, method, long_steps if twice else None)
         if "dog" in attacks:  # never from a baseline file: no earlier result has it
             f["class_prompt_dog"] = pool.submit(_class_prompt_ism_job, spec, n_samples, subj_dog.references,
                                                 prompt="a photo of a dog")
@@ -311,11 +310,11 @@ def protection_ratios(res: dict) -> dict:
     For each attack X whose unprotected and protected ISM ``res`` holds (DreamBooth, LoRA, TI, twice as long, and
     DreamBooth on the protection's targets):
 
-    * ``protection_ratio<X>`` = (unprotected − protected) / (unprotected − class prompt) on the means: the share of the
-      attack's identity gain the protection removes (None when the attack gains nothing);
-    * with runs: ``protection_ratio<X>_runs`` (run r against run r) and ``protection_ratio<X>_se``, the standard error of
-      their mean; meaningful where every run's gain is large (DreamBooth, LoRA), not where a gain is near zero (TI on
-      new photos: a 0.02 gain makes a run's ratio anything);
+    * ``protection_ratio<X>`` = (unprotected − protected) / (unprotected − class prompt) on the means: the share of
+      the attack's identity gain the protection removes (None when the attack gains nothing);
+    * with runs: ``protection_ratio<X>_runs`` (run r against run r) and ``protection_ratio<X>_se``, the standard error
+      of their mean; meaningful where every run's gain is large (DreamBooth, LoRA), not where a gain is near zero (TI
+      on new photos: a 0.02 gain makes a run's ratio anything);
     * ``ism_drop<X>`` = mean over runs of (unprotected − protected) ISM, the gain removed in ISM units, and with runs
       ``ism_drop<X>_se``: the paired statistic that stays stable when gains are small.
     """
@@ -331,16 +330,17 @@ def protection_ratios(res: dict) -> dict:
         if unprot not in res or prot_key not in res:
             continue
         out[f"protection_ratio{suffix}"] = _ratio(res[unprot], res[prot_key], c)
-        out[f"ism_drop{suffix}"] = round(res[unprot] - res[prot_key], 4)
-        if f"{unprot}_runs" in res and f"{prot_key}_runs" in res:  # run r against run r
-            pairs = list(zip(res[f"{unprot}_runs"], res[f"{prot_key}_runs"]))
-            runs = [_ratio(u, p, c) for u, p in pairs]
-            out[f"protection_ratio{suffix}_runs"] = runs
-            if None not in runs:
-                out[f"protection_ratio{suffix}_se"] = standard_error(runs)
-            drops = [u - p for u, p in pairs]
-            out[f"ism_drop{suffix}"] = round(sum(drops) / len(drops), 4)
-            out[f"ism_drop{suffix}_se"] = standard_error(drops)
+        if f"{unprot}_runs" not in res or f"{prot_key}_runs" not in res:  # one run: the means are that run
+            out[f"ism_drop{suffix}"] = round(res[unprot] - res[prot_key], 4)
+            continue
+        pairs = list(zip(res[f"{unprot}_runs"], res[f"{prot_key}_runs"]))  # run r against run r
+        runs = [_ratio(u, p, c) for u, p in pairs]
+        out[f"protection_ratio{suffix}_runs"] = runs
+        if None not in runs:
+            out[f"protection_ratio{suffix}_se"] = standard_error(runs)
+        drops = [u - p for u, p in pairs]
+        out[f"ism_drop{suffix}"] = round(sum(drops) / len(drops), 4)
+        out[f"ism_drop{suffix}_se"] = standard_error(drops)
     return out
 
 
@@ -561,14 +561,16 @@ OPTIONAL_BASELINE_KEYS = ("ism_db_other_unprotected", "ism_lora_unprotected", "i
                           "ism_db_unprotected_2x_steps")
 
 
-def unprotected_attacks_to_run(res: dict, attacks: set[str], long_attack: bool) -> list[str]:
-    """The unprotected attacks' result keys this run must compute: every one its ``attacks`` (and ``long_attack``)
-    ask for that ``res`` does not already hold from a ``baseline=`` file. Before 2026-12-04 a baseline without,
-    say, ``ism_lora_unprotected`` silently left ``protection_ratio_lora`` out of the result."""
-    wanted = ["ism_db_unprotected"] + (["ism_db_other_unprotected"] if "other" in attacks else []) \
-        + [f"ism_{m}_unprotected" for m in ("lora", "ti") if m in attacks] \
-        + (["ism_db_unprotected_2x_steps"] if long_attack else [])
-    return [k for k in wanted if k not in res]
+def unprotected_attacks_to_run(res: dict, attacks: set[str], long_attack: bool) -> list[tuple[str, str, bool, bool]]:
+    """The unprotected attacks this run must compute, as ``(result key, method, on the other subject B, twice as
+    long)``: every one its ``attacks`` (and ``long_attack``) ask for whose key ``res`` does not already hold from a
+    ``baseline=`` file. Before 2026-12-04 a baseline without, say, ``ism_lora_unprotected`` silently left
+    ``protection_ratio_lora`` out of the result."""
+    wanted = [("ism_db_unprotected", "dreambooth", False, False)] \
+        + ([("ism_db_other_unprotected", "dreambooth", True, False)] if "other" in attacks else []) \
+        + [(f"ism_{m}_unprotected", m, False, False) for m in ("lora", "ti") if m in attacks] \
+        + ([("ism_db_unprotected_2x_steps", "dreambooth", False, True)] if long_attack else [])
+    return [w for w in wanted if w[0] not in res]
 
 
 def load_baseline(path: str, res: dict) -> dict:
