@@ -296,15 +296,48 @@ def test_protection_ratios_against_hand_values():
     out = protection_ratios(res)
     assert out["protection_ratio"] == pytest.approx(0.7 / 0.7)
     assert out["protection_ratio_runs"] == pytest.approx([0.5 / 0.6, 0.9 / 0.8], abs=1e-4)
-    assert out["protection_ratio_se"] == pytest.approx(statistics.stdev([0.5 / 0.6, 0.9 / 0.8]) / 2 ** 0.5, abs=1e-4)
+    # se of the ratio of means (delta method): residuals drop − R·gain = (0.5 − 0.6, 0.9 − 0.8), R = 1
+    assert out["protection_ratio_se"] == pytest.approx(statistics.stdev([-0.1, 0.1]) / 2 ** 0.5 / 0.7, abs=1e-4)
+    assert out["protection_ratio_se"] != pytest.approx(statistics.stdev([0.5 / 0.6, 0.9 / 0.8]) / 2 ** 0.5, abs=1e-3)
+    assert out["protection_ratio_se_method"].startswith("delta method")
     assert out["ism_drop"] == pytest.approx(0.7)
     assert out["ism_drop_se"] == pytest.approx(statistics.stdev([0.5, 0.9]) / 2 ** 0.5, abs=1e-4)
     # TI: tiny gains make per-run ratios wild (11.0 and -1.0) while the paired ISM drop stays readable
     assert out["protection_ratio_ti"] == pytest.approx(0.03 / 0.03)
     assert out["protection_ratio_ti_runs"] == pytest.approx([0.11 / 0.01, -0.05 / 0.05], abs=1e-4)
     assert out["ism_drop_ti"] == pytest.approx(0.03) and out["ism_drop_ti_se"] == pytest.approx(0.08, abs=1e-4)
+    assert out["protection_ratio_ti_se"] == pytest.approx(statistics.stdev([0.1, -0.1]) / 2 ** 0.5 / 0.03, abs=1e-3)
     assert out["protection_ratio_lora"] is None and out["ism_drop_lora"] == pytest.approx(0.05)
     assert "ism_drop_lora_se" not in out and "protection_ratio_2x_steps" not in out
+    assert "protection_ratio_lora_se" not in out  # no gain, no ratio, no se
+
+
+def test_ratio_standard_error_matches_the_spread_of_simulated_ratios():
+    """The delta-method se of mean(a) / mean(b) over n paired runs is what the ratio actually scatters by when the
+    experiment is repeated: simulate 4,000 experiments of 8 correlated (removed gain, gain) pairs, as a protection's
+    runs are (a run with a large gain tends to lose a large one), and compare the spread of their ratios with the
+    mean of their se; the spread of per-run ratios' mean, what the bench wrote before, is far off when gains vary
+    near zero."""
+    import random
+    import statistics
+
+    from apdm.bench import ratio_standard_error
+
+    rng = random.Random(0)
+    ratios, ses, old = [], [], []
+    for _ in range(4000):
+        gains = [max(0.005, rng.gauss(0.10, 0.06)) for _ in range(8)]  # TI-like: gains 0.005 - 0.25
+        drops = [0.55 * g + rng.gauss(0.0, 0.03) for g in gains]
+        ratios.append(sum(drops) / sum(gains))
+        ses.append(ratio_standard_error(drops, gains))
+        old.append(statistics.stdev([d / g for d, g in zip(drops, gains)]) / 8 ** 0.5)
+    spread = statistics.stdev(ratios)
+    assert statistics.mean(ratios) == pytest.approx(0.55, abs=0.02)
+    assert statistics.median(ses) == pytest.approx(spread, rel=0.25)
+    assert statistics.median(old) > 1.5 * spread
+    assert ratio_standard_error([0.1, 0.2], [-0.1, 0.05]) is None
+    with pytest.raises(ValueError, match="paired runs"):
+        ratio_standard_error([0.1], [0.2])
 
 
 def test_bench_runs_the_unprotected_attacks_a_baseline_lacks():

@@ -104,6 +104,25 @@ def standard_error(values: list[float]) -> float:
     return round(statistics.stdev(values) / len(values) ** 0.5, 4)
 
 
+def ratio_standard_error(numerators: list[float], denominators: list[float]) -> float | None:
+    """Standard error of the ratio of means R = mean(numerators) / mean(denominators) over n ≥ 2 paired independent
+    runs (numerator r and denominator r from run r), by the delta method: se(R) ≈ sd(a_r − R·b_r) / (√n · mean(b)).
+
+    This is the uncertainty of a protection ratio computed on mean ISMs (removed gain / gain), unlike the spread of
+    per-run ratios a_r / b_r, which a run with a gain near zero makes arbitrary. First-order: it assumes the mean
+    denominator sits well away from zero relative to its own standard error. ``None`` when mean(b) ≤ 0 (no gain)."""
+    n = len(numerators)
+    if n < 2 or n != len(denominators):
+        raise ValueError(f"ratio_standard_error needs two or more paired runs, got {n} numerators and "
+                         f"{len(denominators)} denominators")
+    mean_b = sum(denominators) / n
+    if mean_b <= 0:
+        return None
+    r = sum(numerators) / n / mean_b
+    residuals = [a - r * b for a, b in zip(numerators, denominators)]  # mean exactly 0 by construction of r
+    return round(statistics.stdev(residuals) / n ** 0.5 / mean_b, 4)
+
+
 def submit_attack_runs(pool, spec, state, images, references, cfg, sample, n_runs: int,
                        keep_images: int = 0, stride: int | None = None) -> list:
     """Submit the ``n_runs`` runs of one evaluation attack (:func:`attack_run`, seeds ``stride`` apart) to ``pool``

@@ -30,7 +30,7 @@ sampling seed both raised by r · ``attack_seed_stride`` (default 100,003, so re
 class image; ``attack_seed_stride=1`` reproduces results written before 2026-12-04, whose repeats shared all but one
 of them); each ``ism_*`` / ``fdfr_*`` key is then the mean over the K runs, its runs are listed
 under ``<key>_runs``, ``protection_ratio*_runs`` pairs run r unprotected with run r protected and
-``protection_ratio*_se`` is the standard error of their mean (:func:`apdm.bench.standard_error`); default 1 with
+``protection_ratio*_se`` is the standard error of ``protection_ratio*`` (:func:`protection_ratios`); default 1 with
 ``--quick``, which is exactly the single attack of earlier results, and 3 in the full run: one attack's ISM moves
 by up to 0.6 with its seed on a protected model, see docs/protect_model.md, "One attack is one draw"), and any
 recipe key with its section (``protect.beta=0.5``, ``protect.inner_steps=0``, ``protect.gradient_leak=true``,
@@ -312,13 +312,15 @@ def protection_ratios(res: dict) -> dict:
 
     * ``protection_ratio<X>`` = (unprotected − protected) / (unprotected − class prompt) on the means: the share of
       the attack's identity gain the protection removes (None when the attack gains nothing);
-    * with runs: ``protection_ratio<X>_runs`` (run r against run r) and ``protection_ratio<X>_se``, the standard error
-      of their mean; meaningful where every run's gain is large (DreamBooth, LoRA), not where a gain is near zero (TI
-      on new photos: a 0.02 gain makes a run's ratio anything);
+    * with runs: ``protection_ratio<X>_runs`` (run r against run r; a run whose gain is near zero makes its ratio
+      anything, as TI on new photos) and ``protection_ratio<X>_se``, the standard error of ``protection_ratio<X>``
+      itself (:func:`apdm.bench.ratio_standard_error`, delta method on the paired removed gains and gains; a JSON
+      without ``protection_ratio_se_method`` was written before this and holds the standard error of the per-run
+      ratios' mean there instead);
     * ``ism_drop<X>`` = mean over runs of (unprotected − protected) ISM, the gain removed in ISM units, and with runs
       ``ism_drop<X>_se``: the paired statistic that stays stable when gains are small.
     """
-    from apdm.bench import standard_error
+    from apdm.bench import ratio_standard_error, standard_error
 
     out: dict = {}
     c = res["ism_class_prompt"]
@@ -334,11 +336,12 @@ def protection_ratios(res: dict) -> dict:
             out[f"ism_drop{suffix}"] = round(res[unprot] - res[prot_key], 4)
             continue
         pairs = list(zip(res[f"{unprot}_runs"], res[f"{prot_key}_runs"]))  # run r against run r
-        runs = [_ratio(u, p, c) for u, p in pairs]
-        out[f"protection_ratio{suffix}_runs"] = runs
-        if None not in runs:
-            out[f"protection_ratio{suffix}_se"] = standard_error(runs)
+        out[f"protection_ratio{suffix}_runs"] = [_ratio(u, p, c) for u, p in pairs]
         drops = [u - p for u, p in pairs]
+        se = ratio_standard_error(drops, [u - c for u, _ in pairs])
+        if se is not None:
+            out[f"protection_ratio{suffix}_se"] = se
+            out["protection_ratio_se_method"] = "delta method on paired runs (se of the ratio of means)"
         out[f"ism_drop{suffix}"] = round(sum(drops) / len(drops), 4)
         out[f"ism_drop{suffix}_se"] = standard_error(drops)
     return out
