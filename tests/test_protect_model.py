@@ -316,7 +316,7 @@ def test_ratio_standard_error_matches_the_spread_of_simulated_ratios():
     """The delta-method se of mean(a) / mean(b) over n paired runs is what the ratio actually scatters by when the
     experiment is repeated: simulate 4,000 experiments of 8 correlated (removed gain, gain) pairs, as a protection's
     runs are (a run with a large gain tends to lose a large one), and compare the spread of their ratios with the
-    mean of their se; the spread of per-run ratios' mean, what the bench wrote before, is far off when gains vary
+    median of their se; the spread of per-run ratios' mean, what the bench wrote before, is far off when gains vary
     near zero."""
     import random
     import statistics
