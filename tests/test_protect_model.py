@@ -312,6 +312,22 @@ def test_protection_ratios_against_hand_values():
     assert "protection_ratio_lora_se" not in out  # no gain, no ratio, no se
 
 
+def test_gains_kept_against_hand_values():
+    import statistics
+
+    from apdm.bench.protect_model import gains_kept
+
+    res = {"ism_class_prompt_other": 0.1, "ism_db_other_unprotected": 0.6, "ism_db_other_protected": 0.5,
+           "ism_db_other_unprotected_runs": [0.5, 0.7], "ism_db_other_protected_runs": [0.5, 0.5],
+           "ism_class_prompt_dog": 0.2, "ism_db_dog_unprotected": 0.15, "ism_db_dog_protected": 0.1}
+    out = gains_kept(res)
+    assert out["other_gain_kept"] == pytest.approx(0.4 / 0.5)
+    # kept gains (0.4, 0.4), gains (0.4, 0.6), R = 0.8: residuals (0.4 − 0.32, 0.4 − 0.48)
+    assert out["other_gain_kept_se"] == pytest.approx(statistics.stdev([0.08, -0.08]) / 2 ** 0.5 / 0.5, abs=1e-4)
+    assert out["dog_gain_kept"] is None and "dog_gain_kept_se" not in out  # the dog gains nothing: no share
+    assert gains_kept({"ism_class_prompt": 0.1, "ism_db_unprotected": 0.8, "ism_db_protected": 0.1}) == {}
+
+
 def test_ratio_standard_error_matches_the_spread_of_simulated_ratios():
     """The delta-method se of mean(a) / mean(b) over n paired runs is what the ratio actually scatters by when the
     experiment is repeated: simulate 4,000 experiments of 8 correlated (removed gain, gain) pairs, as a protection's

@@ -292,11 +292,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
              res.get("ism_db_other_protected"))
 
     res.update(protection_ratios(res))
-    for name in ("other", "dog"):  # do the subjects that were not protected keep their personalization gain?
-        if name in attacks:
-            gap = res[f"ism_db_{name}_unprotected"] - res[f"ism_class_prompt_{name}"]
-            res[f"{name}_gain_kept"] = round((res[f"ism_db_{name}_protected"] - res[f"ism_class_prompt_{name}"])
-                                             / gap, 4) if gap > 0 else None
+    res.update(gains_kept(res))
     res["kid_rise_fraction"] = round((res["kid_class_protected"] - res["kid_class_unprotected"])
                                      / max(1e-8, abs(res["kid_class_unprotected"])), 4)
     res["metric_impl"] = {"ism": "ism@toy-id", "kid": "kid@toy-features", "fdfr": "fdfr@toy-det"}
@@ -344,6 +340,34 @@ def protection_ratios(res: dict) -> dict:
             out["protection_ratio_se_method"] = "delta method on paired runs (se of the ratio of means)"
         out[f"ism_drop{suffix}"] = round(sum(drops) / len(drops), 4)
         out[f"ism_drop{suffix}_se"] = standard_error(drops)
+    return out
+
+
+def gains_kept(res: dict) -> dict:
+    """Do the subjects that were not protected keep their personalization gain? For ``name`` in other (a held-out
+    person) and dog (another class), when ``res`` holds ``ism_db_<name>_unprotected`` / ``_protected`` and
+    ``ism_class_prompt_<name>``:
+
+    * ``<name>_gain_kept`` = (protected − class prompt) / (unprotected − class prompt) on the mean ISMs (1 = the
+      gain is intact; None when DreamBooth gains nothing on it);
+    * with runs (``*_runs``, run r against run r), ``<name>_gain_kept_se``: the standard error of that ratio of
+      means (:func:`apdm.bench.ratio_standard_error`, delta method on the paired protected and unprotected gains).
+    """
+    from apdm.bench import ratio_standard_error
+
+    out: dict = {}
+    for name in ("other", "dog"):
+        unprot, prot, cls = f"ism_db_{name}_unprotected", f"ism_db_{name}_protected", f"ism_class_prompt_{name}"
+        if unprot not in res or prot not in res or cls not in res:
+            continue
+        c = res[cls]
+        gap = res[unprot] - c
+        out[f"{name}_gain_kept"] = round((res[prot] - c) / gap, 4) if gap > 0 else None
+        if f"{unprot}_runs" in res and f"{prot}_runs" in res:
+            pairs = list(zip(res[f"{unprot}_runs"], res[f"{prot}_runs"]))
+            se = ratio_standard_error([p - c for _, p in pairs], [u - c for u, _ in pairs])
+            if se is not None:
+                out[f"{name}_gain_kept_se"] = se
     return out
 
 
