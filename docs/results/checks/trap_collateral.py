@@ -8,7 +8,11 @@ images (the protected person's photos the trap saw, four other photos of the per
 person B, 32 freshly drawn persons, 32 drawn dogs, and 32 class-prompt generations of the base model) it writes the
 mean latent change ‖μ_θ − μ_φ‖ / ‖μ_φ‖ (:func:`apdm.protect_model.encoder_trap.latent_change`) and the PSNR of
 encode → decode with the original and with the trapped encoder: what img2img, inpainting or SDEdit (anything that
-encodes a photo with the checkpoint's VAE) would see. Nothing is trained; ~1 min per file on one core.
+encodes a photo with the checkpoint's VAE) would see. For the person's own photos (the ones the trap saw and the four
+new ones) it also writes what the attacker trains on, decode(posterior mean of the trapped encoder), as the toy
+instruments judge it: ``<group>_decoded_ism`` (ism@toy-id against the person's references; with the original
+encoder: ``_decoded_ism_base``) and ``<group>_decoded_fdfr`` (share the detector rejects, fdfr@toy-det). Nothing is
+trained; ~1 min per file on one core.
 """
 
 import argparse
@@ -18,14 +22,26 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+import torch
+
 from apdm.bench import jobs
 from apdm.bench.protect_model import drawn_dogs, load_protected
 from apdm.core import diffusion as D
 from apdm.core.models import load_sd
+from apdm.evaluation.identity import fdfr
 from apdm.protect_model.encoder_trap import latent_change, recon_psnr
 from apdm.toy import draw
+from apdm.toy import instruments as I
 from apdm.toy.world import heldout_subjects, model_path
 from apdm.utils import atomic_write_json
+
+
+@torch.no_grad()
+def decoded(vae, images: torch.Tensor) -> torch.Tensor:
+    """decode(posterior mean of ``vae``) of ``images`` ((N,3,H,W) in [0,1]): the picture a personalization trains on
+    through this encoder, (N,3,H,W) in [0,1] on the CPU."""
+    mean = D.vae_posterior(vae, images)[0]
+    return D.decode_latents(vae, D.posterior_latents(vae, mean, mean)).float().cpu()
 
 
 def main(argv=None) -> int:
@@ -34,7 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     sd = load_sd(str(model_path()), device="cpu")
-    spec = jobs.remember_model(sd)
+    spec, inst = jobs.remember_model(sd), jobs.instruments()
     generated = D.generate(sd, ["a photo of a person"], 32, 25, 3.0, seed=321, quiet=True)
     rows = {}
     for w in args.weights:
@@ -57,8 +73,18 @@ def main(argv=None) -> int:
                       for g, x in groups.items()},
                    **{f"{g}_recon_psnr_trapped": round(float(recon_psnr(trapped, x).mean()), 2)
                       for g, x in groups.items()}}
+        for g in ("photos", "fresh_photos"):  # what the attacker trains on, judged by the toy instruments
+            x_trap, x_base = decoded(trapped, groups[g]), decoded(sd.vae, groups[g])
+            rows[w][f"{g}_decoded_ism"] = round(float(I.identity_similarity(inst.encoder, x_trap, a.references)
+                                                      .mean()), 4)
+            rows[w][f"{g}_decoded_ism_base"] = round(float(I.identity_similarity(inst.encoder, x_base, a.references)
+                                                           .mean()), 4)
+            rows[w][f"{g}_decoded_fdfr"] = round(float(fdfr(I.detector_scores(inst.detector, x_trap, "person"))
+                                                       .mean()), 4)
         print(w, json.dumps(rows[w]), flush=True)
-    atomic_write_json(Path(args.out), {"model_fingerprint": sd.fingerprint(), "files": rows})
+    atomic_write_json(Path(args.out), {"model_fingerprint": sd.fingerprint(), "files": rows,
+                                       "metric_impl": {"psnr": "psnr@torchmetrics", "ism": "ism@toy-id",
+                                                       "fdfr": "fdfr@toy-det"}})
     return 0
 
 
