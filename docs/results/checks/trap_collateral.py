@@ -20,9 +20,8 @@ import json
 import sys
 from pathlib import Path
 
-from safetensors import safe_open
-
 import torch
+from safetensors import safe_open
 
 from apdm.bench import jobs
 from apdm.bench.protect_model import drawn_dogs, load_protected
