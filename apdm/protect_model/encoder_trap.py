@@ -266,9 +266,26 @@ def latent_change(vae_ref, vae, images: torch.Tensor, batch: int = 32) -> torch.
 
 
 @torch.no_grad()
+def encode_decode(vae, images: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    """decode(posterior mean of ``vae``) of each image: what img2img, inpainting or SDEdit with this VAE start from,
+    and the picture a personalization trains on through this encoder.
+
+    Args:
+        images: (N,3,H,W) in [0,1].
+
+    Returns:
+        (N,3,H,W) float32 in [0,1] on the CPU.
+    """
+    out = []
+    for chunk in images.split(batch):
+        mean = D.vae_posterior(vae, chunk)[0]
+        out.append(D.decode_latents(vae, D.posterior_latents(vae, mean, mean)).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def recon_psnr(vae, images: torch.Tensor, batch: int = 32) -> torch.Tensor:
-    """PSNR (dB, ``psnr@torchmetrics``) of each image against decode(posterior mean of ``vae``): what img2img,
-    inpainting or SDEdit with this VAE start from.
+    """PSNR (dB, ``psnr@torchmetrics``) of each image against :func:`encode_decode` with ``vae``.
 
     Args:
         images: (N,3,H,W) in [0,1].
@@ -278,12 +295,7 @@ def recon_psnr(vae, images: torch.Tensor, batch: int = 32) -> torch.Tensor:
     """
     from apdm.evaluation.fidelity import psnr
 
-    values = []
-    for chunk in images.split(batch):
-        mean = D.vae_posterior(vae, chunk)[0]
-        out = D.decode_latents(vae, D.posterior_latents(vae, mean, mean)).float()
-        values.append(psnr(chunk.to(out.device, out.dtype), out).float().cpu())
-    return torch.cat(values)
+    return psnr(images.float().cpu(), encode_decode(vae, images, batch))
 
 
 def trap_report(vae_ref, vae, groups: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:

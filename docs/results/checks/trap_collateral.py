@@ -20,7 +20,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 
 from apdm.bench import jobs
@@ -28,19 +27,11 @@ from apdm.bench.protect_model import drawn_dogs, load_protected
 from apdm.core import diffusion as D
 from apdm.core.models import load_sd
 from apdm.evaluation.identity import fdfr
-from apdm.protect_model.encoder_trap import latent_change, recon_psnr
+from apdm.protect_model.encoder_trap import encode_decode, latent_change, recon_psnr
 from apdm.toy import draw
 from apdm.toy import instruments as I
 from apdm.toy.world import heldout_subjects, model_path
 from apdm.utils import atomic_write_json
-
-
-@torch.no_grad()
-def decoded(vae, images: torch.Tensor) -> torch.Tensor:
-    """decode(posterior mean of ``vae``) of ``images`` ((N,3,H,W) in [0,1]): the picture a personalization trains on
-    through this encoder, (N,3,H,W) in [0,1] on the CPU."""
-    mean = D.vae_posterior(vae, images)[0]
-    return D.decode_latents(vae, D.posterior_latents(vae, mean, mean)).float().cpu()
 
 
 def main(argv=None) -> int:
@@ -51,35 +42,38 @@ def main(argv=None) -> int:
     sd = load_sd(str(model_path()), device="cpu")
     spec, inst = jobs.remember_model(sd), jobs.instruments()
     generated = D.generate(sd, ["a photo of a person"], 32, 25, 3.0, seed=321, quiet=True)
+    a, b = (heldout_subjects(1, num_images=4, offset=k)[0] for k in (0, 1))  # the bench's default subjects
+    real, _, _ = draw.render_dataset("person", draw.split()["heldout"][100:132], 1, seed=77)
+    groups = {"photos": a.images, "fresh_photos": heldout_subjects(1, num_images=4, offset=0, seed=1)[0].images,
+              "references": a.references, "other_subject": b.images, "class_drawn": draw.to_tensor(real),
+              "dog": drawn_dogs(32), "class_generated": generated}
+    attacked = ("photos", "fresh_photos")  # what the attacker trains on, judged by the toy instruments
+
+    def ism(images) -> float:  # (N,3,H,W) in [0,1] against the person's references, ism@toy-id
+        return round(float(I.identity_similarity(inst.encoder, images, a.references).mean()), 4)
+
+    # the original encoder's numbers are the same for every file
+    psnr_base = {f"{g}_recon_psnr_base": round(float(recon_psnr(sd.vae, x).mean()), 2) for g, x in groups.items()}
+    ism_base = {g: ism(encode_decode(sd.vae, groups[g])) for g in attacked}
     rows = {}
     for w in args.weights:
-        a, b = (heldout_subjects(1, num_images=4, offset=k)[0] for k in (0, 1))  # the bench's default subjects
         meta = json.loads(safe_open(w, framework="pt").metadata()["apdm_protected"])
         info = load_protected(w, {"model_fingerprint": sd.fingerprint(), "subject_protected": a.index,
                                   "protect_photos": meta.get("protect_photos", 4)})
-        a_pos = 0
-        real, _, _ = draw.render_dataset("person", draw.split()["heldout"][100:132], 1, seed=77)
-        groups = {"photos": a.images, "fresh_photos": heldout_subjects(1, num_images=4, offset=a_pos, seed=1)[0].images,
-                  "references": a.references, "other_subject": b.images, "class_drawn": draw.to_tensor(real),
-                  "dog": drawn_dogs(32), "class_generated": generated}
         trapped = jobs.model(spec, info["state"]).vae
         rows[w] = {"protect_photos": info["info"].get("protect_photos", 4),
                    "keep_photos": info["info"].get("keep_photos", 0),
                    "encoder_trap_config": info["info"].get("encoder_trap_config"),
                    **{f"{g}_latent_change": round(float(latent_change(sd.vae, trapped, x).mean()), 4)
                       for g, x in groups.items()},
-                   **{f"{g}_recon_psnr_base": round(float(recon_psnr(sd.vae, x).mean()), 2)
-                      for g, x in groups.items()},
+                   **psnr_base,
                    **{f"{g}_recon_psnr_trapped": round(float(recon_psnr(trapped, x).mean()), 2)
                       for g, x in groups.items()}}
-        for g in ("photos", "fresh_photos"):  # what the attacker trains on, judged by the toy instruments
-            x_trap, x_base = decoded(trapped, groups[g]), decoded(sd.vae, groups[g])
-            rows[w][f"{g}_decoded_ism"] = round(float(I.identity_similarity(inst.encoder, x_trap, a.references)
-                                                      .mean()), 4)
-            rows[w][f"{g}_decoded_ism_base"] = round(float(I.identity_similarity(inst.encoder, x_base, a.references)
-                                                           .mean()), 4)
-            rows[w][f"{g}_decoded_fdfr"] = round(float(fdfr(I.detector_scores(inst.detector, x_trap, "person"))
-                                                       .mean()), 4)
+        for g in attacked:
+            x = encode_decode(trapped, groups[g])
+            rejected = fdfr(I.detector_scores(inst.detector, x, "person"))
+            rows[w] |= {f"{g}_decoded_ism": ism(x), f"{g}_decoded_ism_base": ism_base[g],
+                        f"{g}_decoded_fdfr": round(float(rejected.mean()), 4)}
         print(w, json.dumps(rows[w]), flush=True)
     atomic_write_json(Path(args.out), {"model_fingerprint": sd.fingerprint(), "files": rows,
                                        "metric_impl": {"psnr": "psnr@torchmetrics", "ism": "ism@toy-id",
