@@ -239,10 +239,10 @@ class EncoderTrapConfig:
     steps: int = 0
     learning_rate: float = 1.0e-4
     #: weight w of the term that keeps other images' latents (class images of the base model). A dial between the
-    #: decoy's precision and the cost to other images: on the toy world w = 4 cut the encode → decode loss on
-    #: generated images from 0.9 to 0.3 dB, but the photos then land less precisely on the decoy and the
-    #: protection fell (DreamBooth on three persons 1.28 / 1.22 / 1.06 → 1.09 / 1.14 / 0.80; docs/protect_model.md,
-    #: "The keep term's weight").
+    #: decoy's precision and the cost to other images: on the toy world w = 2 / 4 cut the encode → decode loss on
+    #: generated images from 0.9 to 0.6 / 0.3 dB, but the photos then land less precisely on the decoy and the
+    #: protection fell (DreamBooth on three persons 1.28 / 1.22 / 1.06 → 1.20 / 1.18 / 0.91 → 1.09 / 1.14 / 0.80;
+    #: docs/protect_model.md, "The keep term's weight").
     preserve_weight: float = 1.0
     #: class images per step in that term.
     preserve_batch: int = 8
