@@ -163,8 +163,44 @@ def test_trap_resume_after_interruption_is_exact(tiny_sd, tmp_path):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=n)
 
 
+def test_decoded_keep_term_against_its_formula_and_its_training(tiny_sd):
+    """keep_space=decoded: mse of the decoded posterior draws (same ε) in [0,1]; zero at the original encoder; its
+    gradient reaches mean and log-variance, not the decoder; a trap trained with it still moves the subject's
+    latents and changes the encoder only."""
+    vae = tiny_sd.vae
+    x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        target = T.moments(vae, x).float()
+    params = target + 0.05 * torch.randn(target.shape, generator=torch.Generator().manual_seed(6))
+    c = target.shape[1] // 2
+    eps = torch.randn(target[:, :c].shape, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        def dec(p):  # posterior_latents scales, decode_latents unscales: the decoder sees the draw itself
+            return ((vae.decode(p[:, :c] + (0.5 * p[:, c:]).exp() * eps).sample + 1) / 2).clamp(0, 1)
+
+        want = (dec(params) - dec(target)).pow(2).mean()
+        torch.testing.assert_close(T.keep_decoded(vae, params, target, eps), want, rtol=1e-5, atol=1e-8)
+        assert float(T.keep_decoded(vae, target, target, eps)) == 0.0
+        logvar_only = torch.cat([target[:, :c], target[:, c:] + 1.0], 1)  # a wider posterior alone changes the draw
+        assert float(T.keep_decoded(vae, logvar_only, target, eps)) > 0.0
+    leaf = params.clone().requires_grad_(True)
+    T.keep_decoded(vae, leaf, target, eps).backward()
+    assert float(leaf.grad[:, :c].abs().sum()) > 0 and float(leaf.grad[:, c:].abs().sum()) > 0  # both parts pull
+    assert all(p.grad is None for p in vae.parameters())  # the frozen decoder gets no gradient
+    cfg = EncoderTrapConfig(steps=30, learning_rate=2e-3, augment=0.0, preserve_batch=4, keep_space="decoded")
+    subj = _subject()
+    out, hist = T.trap_encoder(vae, [subj], cfg, quiet=True)
+    before = dict(vae.named_parameters())
+    changed = {n.split(".")[0] for n, p in out.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"encoder", "quant_conv"}
+    assert sum(h["loss_trap"] for h in hist[-5:]) < 0.5 * sum(h["loss_trap"] for h in hist[:5])
+    change = T.latent_change(vae, out, torch.cat([subj.images, subj.class_images]))
+    assert change[2:].max() < change[:2].min(), change
+
+
 @pytest.mark.parametrize("key,value", [("steps", -1), ("preserve_batch", 0), ("learning_rate", -1.0),
-                                       ("augment", float("nan")), ("synthetic_photos", -1), ("synthetic_pool", 0)])
+                                       ("augment", float("nan")), ("synthetic_photos", -1), ("synthetic_pool", 0),
+                                       ("keep_space", "pixels")])
 def test_trap_config_is_checked(key, value):
     with pytest.raises(ValueError, match=f"encoder_trap.{key}"):
         T.check_trap_config(EncoderTrapConfig(**{key: value}))

@@ -15,10 +15,14 @@ a personalization on the subject's photos learns generic persons instead. Its li
 SD 1.5 the public ``sd-vae-ft-mse``) gets around it, so it only protects where no compatible encoder is at hand,
 and it holds for photos the encoder learned to recognise as the subject (new photos of the subject: measured).
 
-    L_trap = mse(m_θ(a(x⁻)), m_φ(a(x⁺))) + w · mse(m_θ(a(x_c)), m_φ(a(x_c)))
+    L_trap = mse(m_θ(a(x⁻)), m_φ(a(x⁺))) + w · L_keep
+    L_keep = mse(m_θ(a(x_c)), m_φ(a(x_c)))                                          (keep_space=latent)
+    L_keep = mse(D(μ_θ + σ_θ·ε), D(μ_φ + σ_φ·ε)), μ, σ of a(x_c), ε ~ N(0, I) shared    (keep_space=decoded)
 
-m(x) are the posterior's moments (mean and log-variance, ``latent_dist.parameters``), a(·) a random augmentation
-(:func:`augment`), x_c images to keep (class images, ``keep_images``) drawn per step, w = ``preserve_weight``.
+m(x) are the posterior's moments (mean μ and log-variance, ``latent_dist.parameters``), a(·) a random augmentation
+(:func:`augment`), x_c images to keep (class images, ``keep_images``) drawn per step, w = ``preserve_weight``, D the
+checkpoint's (frozen) decoder with images in [0,1]: the decoded form keeps what an encode → decode gives (img2img,
+inpainting) and leaves the encoder free in latent directions the decoder ignores (:func:`keep_decoded`).
 """
 
 from __future__ import annotations
@@ -169,7 +173,8 @@ def synthetic_views(sd, subject, per_cfg, n: int, seed: int = 0, quiet: bool = T
         n: how many pictures.
         seed: sampling seed (the personalization uses ``per_cfg.seed``). Image i of a sampling seeded s starts from
             noise seeded s + i (:func:`apdm.core.diffusion.generate`), so seeds are spaced
-            :data:`apdm.core.diffusion.SEED_STRIDE` apart: seeds k and k + 1 share no picture (with adjacent seeds, 71 of 72 pictures were the same).
+            :data:`apdm.core.diffusion.SEED_STRIDE` apart: seeds k and k + 1 share no picture (with adjacent seeds,
+            71 of 72 pictures were the same).
         embed: face recognizer ``embed(images) -> (K, D)`` or ``-> (embeddings, found)`` (pictures without a found
             face are never kept), or None (no choice: the first ``n`` are kept).
         pool: how many pictures are sampled per one kept.
@@ -345,10 +350,44 @@ def trap_loss(vae, vae_ref, subject_images: torch.Tensor, paired: torch.Tensor, 
     with torch.no_grad():
         target_trap, target_keep = moments(vae_ref, x_plus).float(), moments(vae_ref, x_c).float()
     loss_trap = F.mse_loss(moments(vae, x_minus).float(), target_trap)
-    loss_keep = F.mse_loss(moments(vae, x_c).float(), target_keep)
+    keep = moments(vae, x_c).float()
+    if cfg.keep_space == "decoded":
+        noise = torch.randn(keep[:, : keep.shape[1] // 2].shape, generator=g).to(keep.device)
+        loss_keep = keep_decoded(vae, keep, target_keep, noise)
+    else:
+        loss_keep = F.mse_loss(keep, target_keep)
     loss = loss_trap + cfg.preserve_weight * loss_keep
     return loss, {"loss_trap": float(loss_trap.detach()), "loss_preserve": float(loss_keep.detach()),
                   "loss": float(loss.detach())}
+
+
+def keep_decoded(vae, params: torch.Tensor, target: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The decoded keep term: mse(D(μ + σ·ε), D(μ_φ + σ_φ·ε)) over images in [0,1] (clamped, as
+    :func:`encode_decode` gives them), one posterior draw of each encoder with the same ε: what img2img (which
+    encodes with a draw) or a personalization starts from, in the units PSNR measures; the log-variance counts as far
+    as it changes the decoded picture. Gradients reach ``params`` through the decoder of ``vae``, whose weights are
+    not trained here.
+
+    Args:
+        params: (N, 2·C, h, w) posterior moments of the trained encoder (mean, then log-variance).
+        target: the same of the original encoder (no gradient).
+        noise: (N, C, h, w) standard normal ε.
+
+    Returns:
+        scalar float32.
+    """
+    c = params.shape[1] // 2
+
+    def decoded(p):
+        z = p[:, :c] + torch.exp(0.5 * p[:, c:].clamp(-30.0, 20.0)) * noise  # as DiagonalGaussianDistribution
+        return D.decode_latents(vae, D.posterior_latents(vae, z, z))
+
+    with torch.no_grad():
+        ref = decoded(target)
+    return F.mse_loss(decoded(params), ref)
+
+
+KEEP_SPACES = ("latent", "decoded")
 
 
 def check_trap_config(cfg: EncoderTrapConfig) -> None:
@@ -361,6 +400,8 @@ def check_trap_config(cfg: EncoderTrapConfig) -> None:
     for key in ("learning_rate", "preserve_weight", "augment"):
         if not getattr(cfg, key) >= 0:
             raise ValueError(f"encoder_trap.{key} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.keep_space not in KEEP_SPACES:
+        raise ValueError(f"encoder_trap.keep_space must be one of {', '.join(KEEP_SPACES)}, got '{cfg.keep_space}'")
     if cfg.targets not in TARGETS:
         raise ValueError(f"encoder_trap.targets must be one of {', '.join(TARGETS)}, got '{cfg.targets}'")
     if cfg.targets == "farthest" and cfg.identity in ("", "none"):
