@@ -60,10 +60,13 @@ def posterior(vae, images: torch.Tensor):
 
 
 def posterior_latents(vae, mean: torch.Tensor, std: torch.Tensor, sample: bool = False,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+                      generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
     """Scaled latents from a posterior of :func:`vae_posterior`: a draw ``mean + std·ε`` (ε from ``generator``,
-    drawn as diffusers' ``DiagonalGaussianDistribution.sample`` draws it) or the mean."""
-    if sample:
+    drawn as diffusers' ``DiagonalGaussianDistribution.sample`` draws it, or the given ``noise``, shaped as ``mean``)
+    or the mean."""
+    if noise is not None:
+        latents = mean + std * noise.to(device=mean.device, dtype=mean.dtype)
+    elif sample:
         from diffusers.utils.torch_utils import randn_tensor
 
         latents = mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)

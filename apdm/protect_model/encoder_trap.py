@@ -69,6 +69,7 @@ def augment(images: torch.Tensor, g: torch.Generator, strength: float = 1.0) -> 
 
 
 TARGETS = ("paired", "farthest")
+KEEP_SPACES = ("latent", "decoded")
 
 
 def choose_decoys(photos: torch.Tensor, candidates: torch.Tensor, embed, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -376,18 +377,15 @@ def keep_decoded(vae, params: torch.Tensor, target: torch.Tensor, noise: torch.T
     Returns:
         scalar float32.
     """
-    c = params.shape[1] // 2
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
     def decoded(p):
-        z = p[:, :c] + torch.exp(0.5 * p[:, c:].clamp(-30.0, 20.0)) * noise  # as DiagonalGaussianDistribution
-        return D.decode_latents(vae, D.posterior_latents(vae, z, z))
+        dist = DiagonalGaussianDistribution(p)  # the posterior D.posterior gives (log-variance clamped as there)
+        return D.decode_latents(vae, D.posterior_latents(vae, dist.mean, dist.std, noise=noise))
 
     with torch.no_grad():
         ref = decoded(target)
     return F.mse_loss(decoded(params), ref)
-
-
-KEEP_SPACES = ("latent", "decoded")
 
 
 def check_trap_config(cfg: EncoderTrapConfig) -> None:
