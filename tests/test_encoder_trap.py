@@ -396,9 +396,11 @@ def test_bench_protect_job_traps_synthetic_views(tiny_sd):
     per = PersonalizationConfig(steps=2, learning_rate=1e-2, batch_size=2, num_class_images=4, class_sample_steps=2,
                                 class_guidance_scale=3.0)
     tcfg = EncoderTrapConfig(steps=2, learning_rate=1e-3, preserve_batch=2, synthetic_photos=2, checkpoint_every=0)
-    state, _, _, _, trap_hist, _, views = _protect_job(jobs.remember_model(tiny_sd), _subject(), per,
-                                                       ProtectConfig(outer_steps=0, checkpoint_every=0), tcfg)
+    state, _, _, _, trap_hist, _, views, decoy_cos = _protect_job(jobs.remember_model(tiny_sd), _subject(), per,
+                                                                  ProtectConfig(outer_steps=0, checkpoint_every=0),
+                                                                  tcfg)
     assert views.shape == (2, 3, 64, 64) and len(trap_hist) == 2
+    assert decoy_cos is None  # targets=paired: no recognizer chose anything
     trapped = jobs.model(jobs.remember_model(tiny_sd), state).vae
     assert not torch.equal(trapped.encoder.conv_in.weight, tiny_sd.vae.encoder.conv_in.weight)
     # protect_seed: the same seed is the same protection, another seed another draw (pictures and trap)
@@ -415,6 +417,28 @@ def test_bench_protect_job_traps_synthetic_views(tiny_sd):
     assert w is not None, sorted(state)[:5]
     torch.testing.assert_close(again[0][w], state[w], atol=0, rtol=0)
     assert not torch.equal(other[0][w], state[w])
+
+
+def test_bench_protect_job_records_the_decoys_the_recognizer_chose(tiny_sd):
+    """``decoy_cosines`` in the bench JSON: the recognizer's cosine of each chosen decoy to the subject, the lowest
+    D of all the candidates (class images and x⁺), so a rebuilt recognizer's choice can be compared."""
+    from apdm.bench import jobs
+    from apdm.bench.protect_model import _protect_job
+    from apdm.config import PersonalizationConfig, ProtectConfig
+    from apdm.evaluation.run import identity_backend
+
+    per = PersonalizationConfig(steps=2, learning_rate=1e-2, batch_size=2, num_class_images=4, class_sample_steps=2,
+                                class_guidance_scale=3.0)
+    subj = _subject()
+    embed = identity_backend("toy")[0]
+    _, every, _ = T.likeness(subj.images, torch.cat([subj.class_images, subj.paired]), embed, "test", "photos")
+    for d in (1, 2):
+        tcfg = EncoderTrapConfig(steps=1, learning_rate=1e-3, preserve_batch=2, targets="farthest", identity="toy",
+                                 decoys=d, checkpoint_every=0)
+        got = _protect_job(jobs.remember_model(tiny_sd), subj, per, ProtectConfig(outer_steps=0, checkpoint_every=0),
+                           tcfg)[7]
+        assert len(got) == d, got
+        torch.testing.assert_close(torch.tensor(got), torch.sort(every).values[:d], atol=1e-4, rtol=0)
 
 
 def test_synthetic_views_keep_those_the_recognizer_finds_most_alike(tiny_sd):

@@ -64,7 +64,9 @@ of A's photos the protection saw (``photos``), A's fresh photos and references, 
 (:mod:`apdm.protect_model.encoder_trap`; ``protect.outer_steps=0`` for the trap alone); the saved and attacked
 state then carries the VAE too. ``encoder_trap.targets=farthest encoder_trap.identity=toy:DIR`` lets a face
 recognizer built independently of the bench's judge (``apdm toy build skip_model=true seed=1 output_dir=DIR``)
-choose the decoys (``encoder_trap.identity=toy``, the judge itself, is refused; ``decoy_identity_impl`` records it).
+choose the decoys (``encoder_trap.identity=toy``, the judge itself, is refused; ``decoy_identity_impl`` records it,
+``decoy_cosines`` the recognizer's cosine of each chosen decoy to the subject: a rebuilt recognizer is a draw of its
+recipe, and these tell whether it chose the same decoys).
 ``save_protected=F.safetensors`` writes the protected weights (with the model fingerprint, subject and protection
 settings as metadata) and ``protected=F.safetensors`` attacks such weights instead of protecting again (the
 protection of the paper's footing takes ~50 min on one core; its settings and time are then read from the file,
@@ -210,8 +212,9 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
         keep = keep_photos(n_keep) if n_keep else None
         f_prot = None if loaded else pool.submit(_protect_job, spec, subject, per_base,
                                                   dataclasses.replace(pcfg, loss="dpo"), tcfg, keep, protect_seed)
+        # the naive loss gets the same trap, if any: only the loss differs
         f_naive = pool.submit(_protect_job, spec, subject, per_base, dataclasses.replace(pcfg, loss="naive"),
-                              tcfg, keep, protect_seed) if naive else None  # the same trap, if any: only the loss differs
+                              tcfg, keep, protect_seed) if naive else None
         if "baseline" not in opts:
             f["class_prompt"] = pool.submit(_class_prompt_ism_job, spec, n_samples, subj_a.references,
                                             subj_b.references)
@@ -237,7 +240,9 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
         if loaded:
             prot, rss = loaded["state"], 0.0
         else:
-            prot, hist, seconds, rss, trap_hist, seconds_trap, views = f_prot.result()
+            prot, hist, seconds, rss, trap_hist, seconds_trap, views, decoy_cos = f_prot.result()
+            if decoy_cos is not None:  # which decoys the recognizer chose (tells whether a rebuilt one chose alike)
+                res["decoy_cosines"] = decoy_cos
             if views is not None:  # how like A the synthetic views are, by the judge (the attack's ISM scale)
                 res["synthetic_views_ism"] = round(float(I.identity_similarity(
                     jobs.instruments().encoder, views, subj_a.references).mean()), 4)
@@ -481,12 +486,13 @@ def keep_photos(n: int) -> torch.Tensor:
 
 
 def _protect_job(spec, subject, per_cfg, pcfg, tcfg=None, keep=None, seed: int = 0
-                 ) -> tuple[dict, list[dict], float, float, list[dict], float, object]:
+                 ) -> tuple[dict, list[dict], float, float, list[dict], float, object, list | None]:
     """Protect ``subject`` on the model of ``spec`` (L2P, then the encoder trap when ``tcfg.steps`` > 0) with the
     protection's seed ``seed`` (the CLI's top-level ``seed``: L2P's draws, the pictures' sampling, the trap's); returns
     (protected UNet state (and text encoder, VAE, if protected: :func:`apdm.bench.jobs.unet_state`), per-step logs,
     seconds of the whole protection, peak RSS, the trap's per-step logs, the trap's seconds (with its synthetic
-    views), the views (V,3,H,W) in [0,1] or None)."""
+    views), the views (V,3,H,W) in [0,1] or None, the decoys' recognizer cosines to the subject with
+    ``encoder_trap.targets=farthest`` or None)."""
     from apdm.bench import jobs
     from apdm.protect_model.l2p import protect
     from apdm.utils import peak_rss_mb
@@ -494,12 +500,14 @@ def _protect_job(spec, subject, per_cfg, pcfg, tcfg=None, keep=None, seed: int =
     sd = jobs.model(spec)
     t0 = time.perf_counter()
     unet, hist, text_encoder = protect(sd, [subject], per_cfg, pcfg, seed=seed)  # pcfg.checkpoint_every is 0 here
-    vae, trap_hist, seconds_trap, views = None, [], 0.0, None
+    vae, trap_hist, seconds_trap, views, decoy_cos = None, [], 0.0, None, None
     if tcfg is not None and tcfg.steps > 0:
-        from apdm.protect_model.encoder_trap import synthetic_views, trap_embedder, trap_encoder
+        from apdm.protect_model.encoder_trap import synthetic_views, trap_embedder, trap_encoder, trap_targets
 
         t1 = time.perf_counter()
         embed = trap_embedder(tcfg)  # one recognizer for the decoys and the pictures
+        if tcfg.targets == "farthest":  # the same choice trap_encoder makes, recorded: a rebuilt recognizer is a draw
+            decoy_cos = [round(float(c), 4) for c in trap_targets(subject, tcfg.targets, embed, tcfg.decoys)[1]]
         if tcfg.synthetic_photos > 0:
             views = synthetic_views(sd, subject, per_cfg, tcfg.synthetic_photos, seed=seed, embed=embed,
                                     pool=tcfg.synthetic_pool, copies=tcfg.synthetic_copies)
@@ -507,7 +515,7 @@ def _protect_job(spec, subject, per_cfg, pcfg, tcfg=None, keep=None, seed: int =
                                       views=None if views is None else [views])
         seconds_trap = time.perf_counter() - t1
     return (jobs.unet_state(unet, text_encoder, vae), hist, time.perf_counter() - t0, peak_rss_mb(), trap_hist,
-            seconds_trap, views)
+            seconds_trap, views, decoy_cos)
 
 
 def _kid_job(spec, unet_state: dict | None, real, n_samples: int) -> float:
@@ -538,7 +546,7 @@ def _class_prompt_ism_job(spec, n_samples: int, *references, prompt: str = "a ph
 PROTECTED_INFO = ("model_fingerprint", "subject_protected", "outer_steps", "inner_steps", "protect_lr",
                   "protect_lr_phases", "beta", "gradient_leak", "recipe_overrides", "protect_config",
                   "seconds_protect", "seconds_per_outer_step", "protect_loss_first", "protect_loss_last",
-                  "encoder_trap_config", "protect_photos", "decoy_identity_impl", "keep_photos",
+                  "encoder_trap_config", "protect_photos", "decoy_identity_impl", "decoy_cosines", "keep_photos",
                   "synthetic_views_ism", "protect_seed")
 
 

@@ -2,17 +2,19 @@
 
     python docs/results/checks/trap_collateral.py W.safetensors [W2.safetensors ...] --out F.json
 
-Each W is a protection saved by ``apdm bench protect-model ... save_protected=W`` with an encoder trap (of the
-bench's default subjects ``subjects=0,1``). For groups of
-images (the protected person's photos the trap saw, four other photos of the person, its references, the other
+Each W is a protection saved by ``apdm bench protect-model ... save_protected=W`` with an encoder trap, of the
+subjects ``--subjects P,O`` (the bench's ``subjects=``, default 0,1; every W must protect the same P). For groups
+of images (the protected person's photos the trap saw, four other photos of the person, its references, the other
 person B, 32 freshly drawn persons, 32 drawn dogs, and 32 class-prompt generations of the base model) it writes the
 mean latent change ‖μ_θ − μ_φ‖ / ‖μ_φ‖ (:func:`apdm.protect_model.encoder_trap.latent_change`) and the PSNR of
 encode → decode with the original and with the trapped encoder: what img2img, inpainting or SDEdit (anything that
-encodes a photo with the checkpoint's VAE) would see. For the person's own photos (the ones the trap saw and the four
-new ones) it also writes what the attacker trains on, decode(posterior mean of the trapped encoder), as the toy
-instruments judge it: ``<group>_decoded_ism`` (ism@toy-id against the person's references; with the original
-encoder: ``_decoded_ism_base``) and ``<group>_decoded_fdfr`` (share the detector rejects, fdfr@toy-det). Nothing is
-trained; ~1 min per file on one core.
+encodes a photo with the checkpoint's VAE) would see. A W trained with a keep set (``keep_photos=N``) also gets
+the group ``keep_set``: those N photos themselves (the others above are not in it), so that what the trap costs the
+photos it was told to keep can be told from what it costs photos like them that it never saw. For the person's own
+photos (the ones the trap saw and the four new ones) it also writes what the attacker trains on, decode(posterior
+mean of the trapped encoder), as the toy instruments judge it: ``<group>_decoded_ism`` (ism@toy-id against the
+person's references; with the original encoder: ``_decoded_ism_base``) and ``<group>_decoded_fdfr`` (share the
+detector rejects, fdfr@toy-det). Nothing is trained; ~1 min per file on one core.
 """
 
 import argparse
@@ -23,7 +25,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from apdm.bench import jobs
-from apdm.bench.protect_model import drawn_dogs, load_protected
+from apdm.bench.protect_model import drawn_dogs, keep_photos, load_protected
 from apdm.core import diffusion as D
 from apdm.core.models import load_sd
 from apdm.evaluation.identity import fdfr
@@ -38,13 +40,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("weights", nargs="+")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--subjects", default="0,1", help="P,O: held-out positions of the protected person and B")
     args = ap.parse_args(argv)
+    positions = [int(k) for k in args.subjects.split(",")]
     sd = load_sd(str(model_path()), device="cpu")
     spec, inst = jobs.remember_model(sd), jobs.instruments()
     generated = D.generate(sd, ["a photo of a person"], 32, 25, 3.0, seed=321, quiet=True)
-    a, b = (heldout_subjects(1, num_images=4, offset=k)[0] for k in (0, 1))  # the bench's default subjects
+    a, b = (heldout_subjects(1, num_images=4, offset=k)[0] for k in positions)  # as the bench's subjects=P,O
     real, _, _ = draw.render_dataset("person", draw.split()["heldout"][100:132], 1, seed=77)
-    groups = {"photos": a.images, "fresh_photos": heldout_subjects(1, num_images=4, offset=0, seed=1)[0].images,
+    fresh = heldout_subjects(1, num_images=4, offset=positions[0], seed=1)[0].images
+    groups = {"photos": a.images, "fresh_photos": fresh,
               "references": a.references, "other_subject": b.images, "class_drawn": draw.to_tensor(real),
               "dog": drawn_dogs(32), "class_generated": generated}
     attacked = ("photos", "fresh_photos")  # what the attacker trains on, judged by the toy instruments
@@ -61,21 +66,25 @@ def main(argv=None) -> int:
         info = load_protected(w, {"model_fingerprint": sd.fingerprint(), "subject_protected": a.index,
                                   "protect_photos": meta.get("protect_photos", 4)})
         trapped = jobs.model(spec, info["state"]).vae
+        n_keep = int(info["info"].get("keep_photos", 0) or 0)
+        own = {"keep_set": keep_photos(n_keep)} if n_keep else {}
+        own_base = {f"{g}_recon_psnr_base": round(float(recon_psnr(sd.vae, x).mean()), 2) for g, x in own.items()}
         rows[w] = {"protect_photos": info["info"].get("protect_photos", 4),
                    "keep_photos": info["info"].get("keep_photos", 0),
                    "encoder_trap_config": info["info"].get("encoder_trap_config"),
                    **{f"{g}_latent_change": round(float(latent_change(sd.vae, trapped, x).mean()), 4)
-                      for g, x in groups.items()},
-                   **psnr_base,
+                      for g, x in (groups | own).items()},
+                   **psnr_base, **own_base,
                    **{f"{g}_recon_psnr_trapped": round(float(recon_psnr(trapped, x).mean()), 2)
-                      for g, x in groups.items()}}
+                      for g, x in (groups | own).items()}}
         for g in attacked:
             x = encode_decode(trapped, groups[g])
             rejected = fdfr(I.detector_scores(inst.detector, x, "person"))
             rows[w] |= {f"{g}_decoded_ism": ism(x), f"{g}_decoded_ism_base": ism_base[g],
                         f"{g}_decoded_fdfr": round(float(rejected.mean()), 4)}
         print(w, json.dumps(rows[w]), flush=True)
-    atomic_write_json(Path(args.out), {"model_fingerprint": sd.fingerprint(), "files": rows,
+    atomic_write_json(Path(args.out), {"model_fingerprint": sd.fingerprint(), "subjects": positions,
+                                       "files": rows,
                                        "metric_impl": {"psnr": "psnr@torchmetrics", "ism": "ism@toy-id",
                                                        "fdfr": "fdfr@toy-det"}})
     return 0
