@@ -2,6 +2,7 @@
 images' and not the others', only the encoder changes, exact resume, the CLI writes it, the bench carries it."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -49,7 +50,7 @@ def test_trap_moves_the_subject_latents_and_keeps_the_rest(tiny_sd):
     subj = _subject()
     vae0 = copy.deepcopy(tiny_sd.vae)
     cfg = EncoderTrapConfig(steps=30, learning_rate=2e-3, augment=0.0, preserve_batch=4)
-    trapped, hist = T.trap_encoder(tiny_sd.vae, [subj], cfg, quiet=True)
+    trapped, hist, _ = T.trap_encoder(tiny_sd.vae, [subj], cfg, quiet=True)
     for (n, a), (_, b) in zip(tiny_sd.vae.named_parameters(), vae0.named_parameters()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=n)  # the base VAE is untouched
     changed = {n.split(".")[0] for n, p in trapped.named_parameters()
@@ -143,8 +144,17 @@ def test_trap_with_farthest_decoys_sends_the_photos_to_them(tiny_sd):
     subj = _subject()
     cfg = EncoderTrapConfig(steps=30, learning_rate=2e-3, augment=0.0, preserve_batch=4, targets="farthest",
                             identity="colour")
-    decoys, _ = T.trap_targets(subj, "farthest", _colour_embed)
-    trapped, _ = T.trap_encoder(tiny_sd.vae, [subj], cfg, quiet=True, embed=_colour_embed)
+    decoys, cos = T.trap_targets(subj, "farthest", _colour_embed)
+    trapped, _, chosen = T.trap_encoder(tiny_sd.vae, [subj], cfg, quiet=True, embed=_colour_embed)
+    # it returns the choice it trained with: one decoy per photo here, their cosines to the subject
+    assert len(chosen) == 1 and chosen[0]["subject"] == subj.name
+    assert torch.equal(chosen[0]["images"], decoys.cpu()) and chosen[0]["cosines"] == pytest.approx(cos.tolist(),
+                                                                                                    abs=1e-4)
+    one = T.trap_encoder(tiny_sd.vae, [subj], dataclasses.replace(cfg, steps=1, decoys=1), quiet=True,
+                         embed=_colour_embed)[2][0]
+    assert torch.equal(one["images"], decoys[:1].cpu()) and one["cosines"] == pytest.approx(cos[:1].tolist(), abs=1e-4)
+    paired = T.trap_encoder(tiny_sd.vae, [subj], dataclasses.replace(cfg, steps=1, targets="paired"), quiet=True)[2]
+    assert torch.equal(paired[0]["images"], subj.paired.cpu()) and paired[0]["cosines"] is None
     with torch.no_grad():
         target = D.vae_posterior(tiny_sd.vae, decoys)[0]
         before = D.vae_posterior(tiny_sd.vae, subj.images)[0]
@@ -155,9 +165,9 @@ def test_trap_with_farthest_decoys_sends_the_photos_to_them(tiny_sd):
 def test_trap_resume_after_interruption_is_exact(tiny_sd, tmp_path):
     subj = [_subject()]
     cfg = EncoderTrapConfig(steps=4, learning_rate=1e-3, preserve_batch=2, checkpoint_every=1)
-    full, _ = T.trap_encoder(tiny_sd.vae, subj, cfg, seed=3, checkpoint_dir=tmp_path / "a", quiet=True)
+    full, _, _ = T.trap_encoder(tiny_sd.vae, subj, cfg, seed=3, checkpoint_dir=tmp_path / "a", quiet=True)
     T.trap_encoder(tiny_sd.vae, subj, cfg, seed=3, checkpoint_dir=tmp_path / "b", quiet=True, stop_after=2)
-    resumed, hist = T.trap_encoder(tiny_sd.vae, subj, cfg, seed=3, checkpoint_dir=tmp_path / "b", quiet=True)
+    resumed, hist, _ = T.trap_encoder(tiny_sd.vae, subj, cfg, seed=3, checkpoint_dir=tmp_path / "b", quiet=True)
     assert [h["step"] for h in hist] == [0, 1, 2, 3]
     for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=n)
@@ -189,7 +199,7 @@ def test_decoded_keep_term_against_its_formula_and_its_training(tiny_sd):
     assert all(p.grad is None for p in vae.parameters())  # the frozen decoder gets no gradient
     cfg = EncoderTrapConfig(steps=30, learning_rate=2e-3, augment=0.0, preserve_batch=4, keep_space="decoded")
     subj = _subject()
-    out, hist = T.trap_encoder(vae, [subj], cfg, quiet=True)
+    out, hist, _ = T.trap_encoder(vae, [subj], cfg, quiet=True)
     before = dict(vae.named_parameters())
     changed = {n.split(".")[0] for n, p in out.named_parameters() if not torch.equal(p, before[n])}
     assert changed == {"encoder", "quant_conv"}
@@ -251,8 +261,8 @@ def _stripes(n: int) -> torch.Tensor:
 def test_keep_images_are_kept_and_checked(tiny_sd):
     subj, keep = _subject(), _stripes(4)
     cfg = EncoderTrapConfig(steps=30, learning_rate=2e-3, augment=0.0, preserve_batch=4)
-    without, _ = T.trap_encoder(tiny_sd.vae, [subj], cfg, quiet=True)
-    with_keep, hist = T.trap_encoder(tiny_sd.vae, [subj], cfg, quiet=True, keep_images=keep)
+    without, _, _ = T.trap_encoder(tiny_sd.vae, [subj], cfg, quiet=True)
+    with_keep, hist, _ = T.trap_encoder(tiny_sd.vae, [subj], cfg, quiet=True, keep_images=keep)
     moved_without = T.latent_change(tiny_sd.vae, without, keep)
     moved_with = T.latent_change(tiny_sd.vae, with_keep, keep)
     assert float(moved_with.mean()) < 0.7 * float(moved_without.mean()), (moved_with, moved_without)
@@ -325,8 +335,8 @@ def test_views_are_trapped_to_their_photos_decoys(tiny_sd):
     """encoder_trap.synthetic_photos: view j of a subject encodes as photo (j mod N)'s decoy after the trap."""
     subj, views = _subject(), _stripes(4)
     cfg = EncoderTrapConfig(steps=30, learning_rate=2e-3, augment=0.0, preserve_batch=4)
-    without, _ = T.trap_encoder(tiny_sd.vae, [subj], cfg, quiet=True)
-    with_views, _ = T.trap_encoder(tiny_sd.vae, [subj], cfg, quiet=True, views=[views])
+    without, _, _ = T.trap_encoder(tiny_sd.vae, [subj], cfg, quiet=True)
+    with_views, _, _ = T.trap_encoder(tiny_sd.vae, [subj], cfg, quiet=True, views=[views])
     with torch.no_grad():
         target = D.vae_posterior(tiny_sd.vae, subj.paired[torch.arange(4) % 2])[0]  # views 0, 2 -> x⁺_0; 1, 3 -> x⁺_1
 
@@ -503,3 +513,29 @@ def test_leave_one_out_cosines_against_their_formula():
                             for i in range(5)])
     torch.testing.assert_close(T.leave_one_out_cosines(unit), expected, rtol=1e-5, atol=1e-6)
     assert torch.equal(T.leave_one_out_cosines(unit[:1]), torch.ones(1))
+
+
+def test_cli_writes_the_decoys_the_recognizer_chose(tmp_path, capfd):
+    """protect_log.json and the model card record the decoys' cosines and recognizer; the decoy images are written
+    beside the model (outside model/) and are among the candidates: the class images and the DPO pairs' x⁺. With
+    quiet=true no progress bar is drawn, the text encoder's save included."""
+    from helpers import tiny_protect_model_args
+
+    from apdm.cli import main
+    from apdm.core.images import load_image
+
+    args = ["protect-model", *tiny_protect_model_args(tmp_path), "protect.outer_steps=0", "encoder_trap.steps=1",
+            "encoder_trap.targets=farthest", "encoder_trap.identity=toy", "encoder_trap.decoys=1"]
+    assert main(args) == 0
+    assert "Writing model shards" not in capfd.readouterr().err
+    out = tmp_path / "out"
+    rows = json.loads((out / "protect_log.json").read_text())["encoder_trap_decoys"]
+    assert len(rows) == 1 and rows[0]["files"] == ["subject0_decoy0.png"] and rows[0]["recognizer"] == "toy-id"
+    assert len(rows[0]["cosines"]) == 1 and -1.0 <= rows[0]["cosines"][0] <= 1.0
+    decoy = load_image(out / "encoder_trap_decoys" / "subject0_decoy0.png").pixels
+    pool = [load_image(p).pixels for p in sorted((tmp_path / "cls").rglob("*.png"))]
+    assert pool and any(p.shape == decoy.shape and float((p - decoy).abs().max()) <= 1 / 255 for p in pool)
+    card = (out / "model" / "README.md").read_text()
+    assert "The face recognizer `toy-id` chose the decoys" in card
+    assert f"subject 0: {rows[0]['cosines'][0]:+.2f}" in card
+    assert not list((out / "model").rglob("*.png"))  # the decoys are not published with the checkpoint

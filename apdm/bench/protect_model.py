@@ -233,7 +233,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
             submit_attack("ism_db_dog_unprotected", None, subj_dog, "dreambooth")
         if "targets" in attacks:  # A's attacker, trained on the protection's targets instead of A's photos
             trap = EncoderTrapConfig(**res["encoder_trap_config"])  # as it ran (also from a protected= file)
-            targets = trap_targets(subject, trap.targets, trap_embedder(trap), trap.decoys)[0] if trap.steps \
+            targets = trap_targets(subject, trap.targets, trap_embedder(trap)[0], trap.decoys)[0] if trap.steps \
                 else subject.paired
             submit_attack("ism_db_targets", None, subj_a, "dreambooth", photos=targets.cpu())
         views = None
@@ -502,17 +502,16 @@ def _protect_job(spec, subject, per_cfg, pcfg, tcfg=None, keep=None, seed: int =
     unet, hist, text_encoder = protect(sd, [subject], per_cfg, pcfg, seed=seed)  # pcfg.checkpoint_every is 0 here
     vae, trap_hist, seconds_trap, views, decoy_cos = None, [], 0.0, None, None
     if tcfg is not None and tcfg.steps > 0:
-        from apdm.protect_model.encoder_trap import synthetic_views, trap_embedder, trap_encoder, trap_targets
+        from apdm.protect_model.encoder_trap import synthetic_views, trap_embedder, trap_encoder
 
         t1 = time.perf_counter()
-        embed = trap_embedder(tcfg)  # one recognizer for the decoys and the pictures
-        if tcfg.targets == "farthest":  # the same choice trap_encoder makes, recorded: a rebuilt recognizer is a draw
-            decoy_cos = [round(float(c), 4) for c in trap_targets(subject, tcfg.targets, embed, tcfg.decoys)[1]]
+        embed = trap_embedder(tcfg)[0]  # one recognizer for the decoys and the pictures
         if tcfg.synthetic_photos > 0:
             views = synthetic_views(sd, subject, per_cfg, tcfg.synthetic_photos, seed=seed, embed=embed,
                                     pool=tcfg.synthetic_pool, copies=tcfg.synthetic_copies)
-        vae, trap_hist = trap_encoder(sd.vae, [subject], tcfg, seed=seed, quiet=True, embed=embed, keep_images=keep,
-                                      views=None if views is None else [views])
+        vae, trap_hist, chosen = trap_encoder(sd.vae, [subject], tcfg, seed=seed, quiet=True, embed=embed,
+                                              keep_images=keep, views=None if views is None else [views])
+        decoy_cos = chosen[0]["cosines"]  # recorded: a rebuilt recognizer is a draw of its decoys
         seconds_trap = time.perf_counter() - t1
     return (jobs.unet_state(unet, text_encoder, vae), hist, time.perf_counter() - t0, peak_rss_mb(), trap_hist,
             seconds_trap, views, decoy_cos)

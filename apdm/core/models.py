@@ -291,13 +291,24 @@ def tiny_sd(seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float
     return _from_components(*parts, torch.device(device), dtype, "tiny")
 
 
-def save_sd(sd: SD, out_dir: str | Path, scheduler: str = "ddim", safe_serialization: bool = True) -> Path:
+def save_sd(sd: SD, out_dir: str | Path, scheduler: str = "ddim", safe_serialization: bool = True,
+            quiet: bool = False) -> Path:
     """Save ``sd`` as a diffusers folder (safetensors) that ``StableDiffusionPipeline.from_pretrained`` loads.
 
-    Written atomically: the folder appears under its final name only once complete.
+    Written atomically: the folder appears under its final name only once complete. ``quiet`` also silences
+    transformers' "Writing model shards" bar of the text encoder.
     """
+    from transformers.utils import logging as hf_logging
+
     from apdm.utils import atomic_dir
 
-    with atomic_dir(out_dir) as tmp:
-        sd.pipeline(scheduler).save_pretrained(str(tmp), safe_serialization=safe_serialization)
+    was_on = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        with atomic_dir(out_dir) as tmp:
+            sd.pipeline(scheduler).save_pretrained(str(tmp), safe_serialization=safe_serialization)
+    finally:
+        if quiet and was_on:
+            hf_logging.enable_progress_bar()
     return Path(out_dir)

@@ -237,15 +237,20 @@ def leave_one_out_cosines(unit: torch.Tensor) -> torch.Tensor:
     return (unit * others).sum(-1)
 
 
-def trap_embedder(cfg: EncoderTrapConfig):
+def trap_embedder(cfg: EncoderTrapConfig) -> tuple:
     """The face recognizer ``cfg.identity`` (an identity backend of ``apdm evaluate``,
     :func:`apdm.evaluation.run.identity_backend`) where the trap uses one: to choose ``farthest`` decoys and to
-    choose among the synthetic pictures (:func:`synthetic_views`); else None. Loads its weights: call it once."""
+    choose among the synthetic pictures (:func:`synthetic_views`). Loads its weights: call it once.
+
+    Returns:
+        (``embed``, its implementation tag, e.g. ``toy-id:369944f6`` or ``dlib-resnet``), or (None, "") when the
+        trap uses no recognizer.
+    """
     if cfg.identity in ("", "none") or not (cfg.targets == "farthest" or cfg.synthetic_photos > 0):
-        return None
+        return None, ""
     from apdm.evaluation.run import identity_backend
 
-    return identity_backend(cfg.identity)[0]
+    return identity_backend(cfg.identity)
 
 
 def moments(vae, images: torch.Tensor) -> torch.Tensor:
@@ -410,8 +415,9 @@ def check_trap_config(cfg: EncoderTrapConfig) -> None:
 def trap_encoder(vae, subjects: list, cfg: EncoderTrapConfig, seed: int = 0,
                  checkpoint_dir: str | Path | None = None, quiet: bool = False, stop_after: int | None = None,
                  embed=None, keep_images: torch.Tensor | None = None,
-                 views: list | None = None) -> tuple[torch.nn.Module, list[dict]]:
-    """Train the encoder trap; returns (a trapped fp32 copy of ``vae``, per-step logs). ``vae`` is not modified.
+                 views: list | None = None) -> tuple[torch.nn.Module, list[dict], list[dict]]:
+    """Train the encoder trap; returns (a trapped fp32 copy of ``vae``, per-step logs, the decoys). ``vae`` is not
+    modified.
 
     Args:
         vae: the checkpoint's ``AutoencoderKL`` (the original, φ's encoder).
@@ -427,6 +433,12 @@ def trap_encoder(vae, subjects: list, cfg: EncoderTrapConfig, seed: int = 0,
             by the caller); the per-step ``cfg.preserve_batch`` is drawn from them and the subjects' class images.
         views: one entry per subject, None or (V,3,H,W) in [0,1]: more pictures of it to trap
             (:func:`synthetic_views`); view j encodes as photo (j mod N)'s decoy.
+
+    Returns:
+        The decoys are one dict per subject: ``subject`` (its name), ``images`` (D,3,H,W) in [0,1] on the CPU, the
+        D images its photos encode as (photo i as decoy i mod D), and ``cosines``: for ``cfg.targets=farthest`` the
+        recognizer's cosine of each decoy to the subject (a list of D floats; a rebuilt recognizer may choose other
+        decoys, and these tell), else None.
     """
     from apdm.protect_model.l2p import load_checkpoint, save_checkpoint
 
@@ -441,12 +453,15 @@ def trap_encoder(vae, subjects: list, cfg: EncoderTrapConfig, seed: int = 0,
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=cfg.learning_rate, weight_decay=0.0)
     if views is not None and len(views) != len(subjects):
         raise ValueError(f"encoder trap: {len(views)} sets of views for {len(subjects)} subjects")
-    trapped_images, targets = [], []
+    trapped_images, targets, chosen = [], [], []
     for k, s in enumerate(subjects):
         t, cos = trap_targets(s, cfg.targets, embed, cfg.decoys)
         if cos is not None:
             LOG.info("encoder trap: decoys for %s chosen by the face recognizer, cosine to the subject %s",
                      s.name, ", ".join(f"{c:+.2f}" for c in cos.tolist()))
+        d = t.shape[0] if cfg.decoys <= 0 else min(int(cfg.decoys), t.shape[0])  # photo i -> decoy i mod d
+        chosen.append({"subject": s.name, "images": t[:d].detach().float().cpu(),
+                       "cosines": None if cos is None else [round(float(c), 4) for c in cos]})
         trapped_images.append(s.images.to(dev))
         targets.append(t.to(dev))
         v = views[k] if views is not None else None
@@ -487,4 +502,4 @@ def trap_encoder(vae, subjects: list, cfg: EncoderTrapConfig, seed: int = 0,
             save_checkpoint(ckpt, k + 1, trainable, optimizer, history)
         if stop:
             break
-    return trapped.eval().requires_grad_(False), history
+    return trapped.eval().requires_grad_(False), history, chosen

@@ -163,6 +163,31 @@ def log_trap_report(vae_ref, trapped, subjects: list, keep_images, views: list |
     return report
 
 
+def save_decoys(folder: Path, chosen: list[dict], recognizer: str) -> list[dict]:
+    """Write the decoys the encoder trap sends each subject's photos to as ``folder/subject{k}_decoy{j}.png``
+    (generic class images of the base model, not the subject's photos: outside ``model/``, for the provider to see
+    what the photos now encode as).
+
+    Args:
+        chosen: :func:`apdm.protect_model.encoder_trap.trap_encoder`'s decoys, one dict per subject.
+        recognizer: the implementation tag of the face recognizer that chose them ("" if none did).
+
+    Returns:
+        One JSON-ready dict per subject (for protect_log.json and the model card): ``index``, ``subject``,
+        ``files``, ``cosines`` (None unless a recognizer chose) and ``recognizer``.
+    """
+    from apdm.core.images import save_image
+
+    rows = []
+    for k, c in enumerate(chosen):
+        files = [save_image(img, folder / f"subject{k}_decoy{j}.png").name for j, img in enumerate(c["images"])]
+        rows.append({"index": k, "subject": c["subject"], "files": files, "cosines": c["cosines"],
+                     "recognizer": recognizer if c["cosines"] is not None else ""})
+    if rows:
+        LOG.info("encoder trap: %d decoy image(s) written to %s", sum(len(r["files"]) for r in rows), folder)
+    return rows
+
+
 def run(cfg: ProtectModelRunConfig) -> dict:
     """Protect ``cfg.model`` against personalization of ``cfg.subjects``; write the protected model folder.
 
@@ -172,7 +197,8 @@ def run(cfg: ProtectModelRunConfig) -> dict:
         output_dir/checkpoint/          resumable state (removed when the run completes)
         output_dir/model/               the protected model (StableDiffusionPipeline.from_pretrained loads it)
         output_dir/model/README.md      model card: protected prompts (never the photos), settings
-        output_dir/protect_log.json     per-outer-step losses, timings
+        output_dir/protect_log.json     per-outer-step losses, timings; the encoder trap's check and decoys
+        output_dir/encoder_trap_decoys/ the images each subject's photos now encode as (with the encoder trap)
     """
     from apdm.core import distributed
     from apdm.core.models import load_sd, save_sd
@@ -219,7 +245,7 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     if not main:  # θ is the same on every process; the main one writes it (and trains the encoder trap)
         distributed.barrier()
         return {"seconds_protect": round(seconds, 2), "rank": rank, "world_size": world}
-    vae, trap_history, seconds_trap, trap_check = sd.vae, [], 0.0, {}
+    vae, trap_history, seconds_trap, trap_check, decoys = sd.vae, [], 0.0, {}, []
     if cfg.encoder_trap.steps > 0:
         from apdm.protect_model.encoder_trap import trap_embedder, trap_encoder
 
@@ -229,17 +255,19 @@ def run(cfg: ProtectModelRunConfig) -> dict:
                  if cfg.encoder_trap.targets == "farthest" else "the DPO pairs' x⁺",
                  f"{cfg.encoder_trap.decoys} per subject" if cfg.encoder_trap.decoys else "one per photo")
         t1 = time.perf_counter()
-        embed = trap_embedder(cfg.encoder_trap)
+        embed, recognizer = trap_embedder(cfg.encoder_trap)
         views = trap_views(sd, subjects, cfg, out / "checkpoint" / "encoder_trap_views", embed)
-        trapped, trap_history = trap_encoder(sd.vae, subjects, cfg.encoder_trap, seed=cfg.seed,
-                                             checkpoint_dir=out / "checkpoint" / "encoder_trap", quiet=cfg.quiet,
-                                             embed=embed, keep_images=keep_images, views=views)
+        trapped, trap_history, chosen = trap_encoder(sd.vae, subjects, cfg.encoder_trap, seed=cfg.seed,
+                                                     checkpoint_dir=out / "checkpoint" / "encoder_trap",
+                                                     quiet=cfg.quiet, embed=embed, keep_images=keep_images,
+                                                     views=views)
         vae, seconds_trap = trapped.to(sd.dtype), time.perf_counter() - t1
         trap_check = log_trap_report(sd.vae, trapped, subjects, keep_images, views)
+        decoys = save_decoys(out / "encoder_trap_decoys", chosen, recognizer)
     protected = dataclasses.replace(sd, unet=unet.to(sd.dtype), source=f"apdm-protected({sd.source})", vae=vae,
                                     text_encoder=sd.text_encoder if text_encoder is None else text_encoder.to(sd.dtype))
-    save_sd(protected, out / "model")
-    card = model_card(cfg, history, seconds, trap_history=trap_history, trap_check=trap_check)
+    save_sd(protected, out / "model", quiet=cfg.quiet)
+    card = model_card(cfg, history, seconds, trap_history=trap_history, trap_check=trap_check, decoys=decoys)
     atomic_write_text(out / "model" / "README.md", card)
     summary = {"seconds_protect": round(seconds, 2), "outer_steps": p.outer_steps, "inner_steps": p.inner_steps,
                "world_size": world,
@@ -247,6 +275,7 @@ def run(cfg: ProtectModelRunConfig) -> dict:
                "skipped_inputs": skipped, "peak_rss_mb": round(peak_rss_mb(), 1), "history": history}
     if trap_history:
         summary.update(seconds_encoder_trap=round(seconds_trap, 2), encoder_trap_check=trap_check,
+                       encoder_trap_decoys=decoys,
                        encoder_trap_history=trap_history)
     atomic_write_json(out / "protect_log.json", summary)
     import shutil
@@ -258,8 +287,10 @@ def run(cfg: ProtectModelRunConfig) -> dict:
 
 
 def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, results: dict | None = None,
-               trap_history: list[dict] | None = None, trap_check: dict | None = None) -> str:
-    """Markdown model card: what is protected (prompts only, never images), how, and measured results."""
+               trap_history: list[dict] | None = None, trap_check: dict | None = None,
+               decoys: list[dict] | None = None) -> str:
+    """Markdown model card: what is protected (prompts only, never images), how, and measured results;
+    ``decoys`` as :func:`save_decoys` returns them (their cosines, never the images)."""
     lines = [
         "---", "tags: [apdm, anti-personalization, stable-diffusion]", "---", "",
         "# Protected checkpoint (apdm protect-model)", "",
@@ -301,6 +332,12 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, 
                      "(`encoder_trap.synthetic_photos`)." if cfg.encoder_trap.synthetic_photos else "")
                   + " Someone who encodes the photos with another compatible VAE is not stopped by this part.",
                   "", f"Final trap losses: trap={last['loss_trap']:.4g}, preserve={last['loss_preserve']:.4g}", ""]
+        chose = [d for d in decoys or [] if d["cosines"] is not None]
+        if chose:
+            lines += [f"The face recognizer `{chose[0]['recognizer']}` chose the decoys; their cosine to the "
+                      "subject (−1 … 1; another build of the recognizer may choose others): "
+                      + "; ".join(f"subject {d['index']}: " + ", ".join(f"{c:+.2f}" for c in d["cosines"])
+                                  for d in chose) + ".", ""]
         if trap_check:
             lines += ["What the trapped encoder does to the images it trained with (latent change "
                       "‖μ_trapped − μ_original‖ / ‖μ_original‖; encode → decode PSNR with the original / trapped "
