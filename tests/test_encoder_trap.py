@@ -306,9 +306,11 @@ def test_cli_keep_images_are_read_before_the_protection(tmp_path):
     assert main([*args, f"encoder_trap.keep_images={keep}"]) == 0
     card = (tmp_path / "out" / "model" / "README.md").read_text()
     assert "a set of other photos was kept" in card and "| the keep_images photos | 1 |" in card
+    assert "| decoded picture changed at |" in card
     check = json.loads((tmp_path / "out" / "protect_log.json").read_text())["encoder_trap_check"]
     assert {k: v["images"] for k, v in check.items()} == {"protected_photos": 2, "class_images": 2, "keep_images": 1}
     assert all(v["latent_change"] > 0 for v in check.values())  # two trap steps moved the encoder
+    assert all(v["decode_change_psnr"] is not None and v["decode_change_psnr"] > 0 for v in check.values())
 
 
 def test_trap_report_against_its_formulas(tiny_sd):
@@ -318,16 +320,23 @@ def test_trap_report_against_its_formulas(tiny_sd):
         moved.encoder.conv_in.weight.mul_(1.5)
     rep = T.trap_report(tiny_sd.vae, moved, {"x": x, "none": x[:0]})
     assert set(rep) == {"x"} and rep["x"]["images"] == 3
-    assert rep["x"]["metric_impl"] == {"latent_change": "latent_change@apdm", "recon_psnr": "psnr@torchmetrics"}
+    assert rep["x"]["metric_impl"] == {"latent_change": "latent_change@apdm", "recon_psnr": "psnr@torchmetrics",
+                                       "decode_change_psnr": "psnr@torchmetrics"}
     with torch.no_grad():
         mean = D.vae_posterior(moved, x)[0]
         out = D.decode_latents(moved, D.posterior_latents(moved, mean, mean))
+        mean0 = D.vae_posterior(tiny_sd.vae, x)[0]
+        out0 = D.decode_latents(tiny_sd.vae, D.posterior_latents(tiny_sd.vae, mean0, mean0))
     want = (10 * torch.log10(1.0 / (x - out).pow(2).mean((1, 2, 3)))).mean()
     assert rep["x"]["recon_psnr_trapped"] == pytest.approx(float(want), abs=0.01)
+    # the change itself: PSNR between the original and the trapped encoder's decoded pictures
+    change = (10 * torch.log10(1.0 / (out0 - out).pow(2).mean((1, 2, 3)))).mean()
+    assert rep["x"]["decode_change_psnr"] == pytest.approx(float(change), abs=0.01)
     torch.testing.assert_close(T.recon_psnr(moved, x, batch=2), T.recon_psnr(moved, x), rtol=1e-5, atol=1e-4)
     assert rep["x"]["latent_change"] == pytest.approx(float(T.latent_change(tiny_sd.vae, moved, x).mean()), abs=1e-4)
     same = T.trap_report(tiny_sd.vae, tiny_sd.vae, {"x": x})["x"]
     assert same["latent_change"] == 0.0 and same["recon_psnr_base"] == same["recon_psnr_trapped"]
+    assert same["decode_change_psnr"] is None  # nothing changed: no PSNR to average (never inf in the JSON)
     assert rep["x"]["latent_change"] > 0.05 and rep["x"]["recon_psnr_trapped"] != same["recon_psnr_trapped"]
 
 

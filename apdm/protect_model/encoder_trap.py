@@ -309,27 +309,41 @@ def recon_psnr(vae, images: torch.Tensor, batch: int = 32) -> torch.Tensor:
     return psnr(images.float().cpu(), encode_decode(vae, images, batch))
 
 
+@torch.no_grad()
 def trap_report(vae_ref, vae, groups: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
     """What a trapped encoder does, per group of images: the mean :func:`latent_change` (≈ 1: sent to a decoy; ≈ 0:
-    left alone) and the mean :func:`recon_psnr` with the original and the trapped encoder (the same decoder).
+    left alone), the mean :func:`recon_psnr` with the original and the trapped encoder (the same decoder), and the
+    mean PSNR between the two encoders' :func:`encode_decode` pictures (``decode_change_psnr``: how much the trap
+    changes what img2img or inpainting start from, on one scale for every kind of image; a loss of reconstruction
+    PSNR in dB depends also on how well the image reconstructed before, and is larger on images that did).
 
     Args:
         vae_ref: the original VAE; vae: the trapped one.
         groups: name -> (N,3,H,W) in [0,1]; empty groups are left out.
 
     Returns:
-        {name: {"images", "latent_change", "recon_psnr_base", "recon_psnr_trapped", "metric_impl"}}, numbers
-        rounded; ``metric_impl`` names the implementations (``latent_change@apdm``, ``psnr@torchmetrics``).
+        {name: {"images", "latent_change", "recon_psnr_base", "recon_psnr_trapped", "decode_change_psnr",
+        "metric_impl"}}, numbers rounded; ``decode_change_psnr`` is the mean over the images the trap changed at
+        all (None when it changed none); ``metric_impl`` names the implementations (``latent_change@apdm``,
+        ``psnr@torchmetrics``).
     """
+    from apdm.evaluation.fidelity import psnr
+
     out = {}
     for name, images in groups.items():
         if images is None or images.shape[0] == 0:
             continue
+        x = images.float().cpu()
+        dec_ref, dec = encode_decode(vae_ref, images), encode_decode(vae, images)
+        change = psnr(dec_ref, dec)
+        change = change[torch.isfinite(change)]
         out[name] = {"images": int(images.shape[0]),
                      "latent_change": round(float(latent_change(vae_ref, vae, images).mean()), 4),
-                     "recon_psnr_base": round(float(recon_psnr(vae_ref, images).mean()), 2),
-                     "recon_psnr_trapped": round(float(recon_psnr(vae, images).mean()), 2),
-                     "metric_impl": {"latent_change": "latent_change@apdm", "recon_psnr": "psnr@torchmetrics"}}
+                     "recon_psnr_base": round(float(psnr(x, dec_ref).mean()), 2),
+                     "recon_psnr_trapped": round(float(psnr(x, dec).mean()), 2),
+                     "decode_change_psnr": round(float(change.mean()), 2) if change.numel() else None,
+                     "metric_impl": {"latent_change": "latent_change@apdm", "recon_psnr": "psnr@torchmetrics",
+                                     "decode_change_psnr": "psnr@torchmetrics"}}
     return out
 
 

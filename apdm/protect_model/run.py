@@ -157,8 +157,10 @@ def log_trap_report(vae_ref, trapped, subjects: list, keep_images, views: list |
     LOG.info("encoder trap check (latent change ‖μ_trapped − μ_original‖ / ‖μ_original‖: ≈ 1 sent to a decoy, "
              "≈ 0 left alone): %s", "; ".join(f"{TRAP_GROUPS[k]} {v['latent_change']:.2f}" for k, v in report.items()))
     LOG.info("encoder trap check (encode → decode PSNR, original → trapped encoder; what img2img / inpainting with "
-             "this checkpoint start from): %s", "; ".join(
-                 f"{TRAP_GROUPS[k]} {v['recon_psnr_base']:.1f} → {v['recon_psnr_trapped']:.1f} dB"
+             "this checkpoint start from; and the PSNR between the two encoders' decoded pictures, the change "
+             "itself): %s", "; ".join(
+                 f"{TRAP_GROUPS[k]} {v['recon_psnr_base']:.1f} → {v['recon_psnr_trapped']:.1f} dB, changed "
+                 + (f"at {v['decode_change_psnr']:.1f} dB" if v["decode_change_psnr"] is not None else "not at all")
                  for k, v in report.items() if k != "protected_photos"))
     return report
 
@@ -341,12 +343,15 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, 
         if trap_check:
             lines += ["What the trapped encoder does to the images it trained with (latent change "
                       "‖μ_trapped − μ_original‖ / ‖μ_original‖; encode → decode PSNR with the original / trapped "
-                      "encoder, what img2img and inpainting with this checkpoint start from):", "",
+                      "encoder, what img2img and inpainting with this checkpoint start from; the PSNR between the two "
+                      "encoders' decoded pictures, the change itself, on one scale for every kind of image):", "",
                       "| images | count | latent change (`latent_change@apdm`) "
-                      "| encode → decode PSNR (`psnr@torchmetrics`) |",
-                      "|---|---|---|---|"]
+                      "| encode → decode PSNR (`psnr@torchmetrics`) | decoded picture changed at |",
+                      "|---|---|---|---|---|"]
             lines += [f"| {TRAP_GROUPS.get(k, k)} | {v['images']} | {v['latent_change']:.2f} | "
-                      f"{v['recon_psnr_base']:.1f} → {v['recon_psnr_trapped']:.1f} dB |" for k, v in trap_check.items()]
+                      f"{v['recon_psnr_base']:.1f} → {v['recon_psnr_trapped']:.1f} dB | "
+                      + (f"{v['decode_change_psnr']:.1f} dB |" if v.get("decode_change_psnr") is not None
+                         else "unchanged |") for k, v in trap_check.items()]
             lines += [""]
     if results:
         lines += ["## Measured results", "", "| metric | value |", "|---|---|"]
