@@ -40,8 +40,8 @@ from apdm.bench.protect_model import drawn_dogs, keep_photos, load_protected, pr
 from apdm.config import ProtectModelRunConfig, load_config
 from apdm.core import diffusion as D
 from apdm.core.models import load_sd
-from apdm.evaluation.run import identity_backend
 from apdm.evaluation.fidelity import psnr
+from apdm.evaluation.run import identity_backend
 from apdm.protect_model.encoder_trap import encode_decode, recon_psnr, trap_targets
 from apdm.toy import draw
 from apdm.toy import instruments as I
