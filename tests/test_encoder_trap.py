@@ -306,7 +306,7 @@ def test_cli_keep_images_are_read_before_the_protection(tmp_path):
     assert main([*args, f"encoder_trap.keep_images={keep}"]) == 0
     card = (tmp_path / "out" / "model" / "README.md").read_text()
     assert "a set of other photos was kept" in card and "| the keep_images photos | 1 |" in card
-    assert "| decoded picture changed at |" in card
+    assert "| decoded picture changed at (PSNR) |" in card
     check = json.loads((tmp_path / "out" / "protect_log.json").read_text())["encoder_trap_check"]
     assert {k: v["images"] for k, v in check.items()} == {"protected_photos": 2, "class_images": 2, "keep_images": 1}
     assert all(v["latent_change"] > 0 for v in check.values())  # two trap steps moved the encoder

@@ -346,7 +346,7 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, 
                       "encoder, what img2img and inpainting with this checkpoint start from; the PSNR between the two "
                       "encoders' decoded pictures, the change itself, on one scale for every kind of image):", "",
                       "| images | count | latent change (`latent_change@apdm`) "
-                      "| encode → decode PSNR (`psnr@torchmetrics`) | decoded picture changed at |",
+                      "| encode → decode PSNR (`psnr@torchmetrics`) | decoded picture changed at (PSNR) |",
                       "|---|---|---|---|---|"]
             lines += [f"| {TRAP_GROUPS.get(k, k)} | {v['images']} | {v['latent_change']:.2f} | "
                       f"{v['recon_psnr_base']:.1f} → {v['recon_psnr_trapped']:.1f} dB | "
