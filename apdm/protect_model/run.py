@@ -179,12 +179,14 @@ def save_decoys(folder: Path, chosen: list[dict], recognizer: str) -> list[dict]
         ``files``, ``cosines`` (None unless a recognizer chose) and ``recognizer``.
     """
     from apdm.core.images import save_image
+    from apdm.utils import atomic_dir
 
     rows = []
-    for k, c in enumerate(chosen):
-        files = [save_image(img, folder / f"subject{k}_decoy{j}.png").name for j, img in enumerate(c["images"])]
-        rows.append({"index": k, "subject": c["subject"], "files": files, "cosines": c["cosines"],
-                     "recognizer": recognizer if c["cosines"] is not None else ""})
+    with atomic_dir(folder) as tmp:  # the whole folder at once: no decoy of an earlier run is left beside these
+        for k, c in enumerate(chosen):
+            files = [save_image(img, tmp / f"subject{k}_decoy{j}.png").name for j, img in enumerate(c["images"])]
+            rows.append({"index": k, "subject": c["subject"], "files": files, "cosines": c["cosines"],
+                         "recognizer": recognizer if c["cosines"] is not None else ""})
     if rows:
         LOG.info("encoder trap: %d decoy image(s) written to %s", sum(len(r["files"]) for r in rows), folder)
     return rows
