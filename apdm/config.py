@@ -275,6 +275,11 @@ class EncoderTrapConfig:
     #: to keep those images, not the photos around them (docs/protect_model.md, "A keep set of photos"; 200 photos
     #: cut the cost on other photos by two thirds). Empty = none.
     keep_images: str = ""
+    #: N more class-prompt images of the base model for the encoder to keep, per class prompt, from a seed apart from
+    #: the class images'. They add generated images to the keep term without changing the class images, which are
+    #: also the prior images of L2P and of the copy that makes ``synthetic_photos``. img2img and inpainting on
+    #: generated images encode such images; 0 = none (docs/protect_model.md, "Generated images in the keep set").
+    keep_generated: int = 0
     #: N more pictures of each subject for the trap to hold, for a provider with few photos: a copy of the base model
     #: is personalized on the subject's photos (the shared simulator with the recipe's ``personalization``, prior
     #: preservation on the subject's class images) and samples N images of its instance prompt (``class_sample_steps``,

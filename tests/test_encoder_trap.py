@@ -271,7 +271,25 @@ def test_keep_images_are_kept_and_checked(tiny_sd):
         T.trap_encoder(tiny_sd.vae, [subj], cfg, quiet=True, keep_images=torch.rand(2, 3, 32, 32))
 
 
-def test_cli_keep_images_are_read_before_the_protection(tmp_path):
+def test_generated_keep_images_are_other_images_of_the_class_prompt(tiny_sd, tmp_path):
+    from apdm.config import PersonalizationConfig
+    from apdm.protect_model.run import generated_keep_images, protection_images
+
+    per = PersonalizationConfig(class_sample_steps=2, class_data_dir=str(tmp_path / "cls"))
+    class_images, paired = protection_images(tiny_sd, per, "a photo of a person", 3, 2, quiet=True)
+    gen = generated_keep_images(tiny_sd, per, ["a photo of a person", "a photo of a person"], 3, quiet=True)
+    assert gen.shape == (3, 3, 64, 64) and 0 <= float(gen.min()) and float(gen.max()) <= 1  # one set per prompt
+    # from another seed: neither the class images (L2P's and the copy's prior images) nor the x⁺ images
+    for other in (class_images, paired):
+        assert float((gen[:, None] - other[None]).abs().flatten(2).mean(-1).min()) > 1e-3
+    again = generated_keep_images(tiny_sd, per, ["a photo of a person"], 3, quiet=True)
+    assert torch.equal(gen, again)  # cached and read back, as the class images are
+    two = generated_keep_images(tiny_sd, per, ["a photo of a person", "a photo of a dog"], 2, quiet=True)
+    assert two.shape[0] == 4 and torch.equal(two[:2], gen[:2]) and not torch.equal(two[2:], gen[:2])
+    assert generated_keep_images(tiny_sd, per, ["a photo of a person"], 0) is None
+
+
+def test_cli_keep_images_are_read_before_the_protection(tmp_path, monkeypatch):
     import logging
 
     from PIL import Image
@@ -303,12 +321,20 @@ def test_cli_keep_images_are_read_before_the_protection(tmp_path):
     assert "keep_images: no usable images in " + str(keep / "b.png") in text
     assert f"skipped {keep / 'b.png'}: not an image" in text  # the file and its problem are named
     assert not (tmp_path / "out" / "model").exists()  # refused before anything was trained
-    assert main([*args, f"encoder_trap.keep_images={keep}"]) == 0
+    seen = []  # what the trap was given to keep (the real trap runs; this only records its argument)
+    real_trap = T.trap_encoder
+    monkeypatch.setattr(T, "trap_encoder", lambda *a, **k: seen.append(k["keep_images"]) or real_trap(*a, **k))
+    assert main([*args, f"encoder_trap.keep_images={keep}", "encoder_trap.keep_generated=2"]) == 0
     card = (tmp_path / "out" / "model" / "README.md").read_text()
     assert "a set of other photos was kept" in card and "| the keep_images photos | 1 |" in card
+    assert "2 more class-prompt images of the base model were kept" in card
+    assert "| the generated images it keeps | 2 |" in card
     assert "| decoded picture changed at (PSNR) |" in card
     check = json.loads((tmp_path / "out" / "protect_log.json").read_text())["encoder_trap_check"]
-    assert {k: v["images"] for k, v in check.items()} == {"protected_photos": 2, "class_images": 2, "keep_images": 1}
+    assert {k: v["images"] for k, v in check.items()} == {"protected_photos": 2, "class_images": 2, "keep_images": 1,
+                                                          "keep_generated": 2}
+    assert len(seen) == 1 and seen[0].shape == (3, 3, 64, 64)  # the photo, then the two generated images
+    assert abs(float(seen[0][0, 1].mean()) - 200 / 255) < 1e-3
     assert all(v["latent_change"] > 0 for v in check.values())  # two trap steps moved the encoder
     assert all(v["decode_change_psnr"] is not None and v["decode_change_psnr"] > 0 for v in check.values())
 
@@ -338,6 +364,15 @@ def test_trap_report_against_its_formulas(tiny_sd):
     assert same["latent_change"] == 0.0 and same["recon_psnr_base"] == same["recon_psnr_trapped"]
     assert same["decode_change_psnr"] is None  # nothing changed: no PSNR to average (never inf in the JSON)
     assert rep["x"]["latent_change"] > 0.05 and rep["x"]["recon_psnr_trapped"] != same["recon_psnr_trapped"]
+    # the bench's flat keys carry the same numbers, per group
+    from apdm.bench.protect_model import _trap_changes
+
+    flat = _trap_changes(tiny_sd, moved, {"x": x, "kept": x[:0]})
+    assert flat == {"trap_latent_change_x": rep["x"]["latent_change"],
+                    "trap_recon_psnr_drop_x": round(rep["x"]["recon_psnr_base"] - rep["x"]["recon_psnr_trapped"], 2),
+                    "trap_decode_change_psnr_x": rep["x"]["decode_change_psnr"]}
+    assert _trap_changes(tiny_sd, tiny_sd.vae, {"x": x}) == {"trap_latent_change_x": 0.0, "trap_recon_psnr_drop_x": 0.0,
+                                                              "trap_decode_change_psnr_x": None}
 
 
 def test_views_are_trapped_to_their_photos_decoys(tiny_sd):

@@ -57,9 +57,14 @@ personalized on the protection's photos (:func:`apdm.protect_model.encoder_trap.
 sampling of the pictures, the trap's augmentation and batches; the copies' personalization keeps
 ``personalization.seed``): how much of a protection result is the protection's draw?
 With an encoder trap the JSON also has ``trap_latent_change_<group>``: how far the trapped encoder moves the latents
-of A's photos the protection saw (``photos``), A's fresh photos and references, B's photos, class images
-(``class``: the KID reference persons) and drawn dogs (``dog``, another class), each the mean of
-:func:`apdm.protect_model.encoder_trap.latent_change` (≈ 1: sent to a decoy; ≈ 0: left alone).
+of A's photos the protection saw (``photos``), A's fresh photos and references, B's photos, drawn persons
+(``class``: the KID reference persons), 32 generated persons (``class_generated``) and drawn dogs (``dog``, another
+class), each the mean of :func:`apdm.protect_model.encoder_trap.latent_change` (≈ 1: sent to a decoy; ≈ 0: left
+alone); and, per group, ``trap_recon_psnr_drop_<group>`` (dB of encode → decode PSNR lost) and
+``trap_decode_change_psnr_<group>`` (the PSNR between the original and the trapped encoder's decoded pictures):
+what the trap costs img2img and inpainting on each kind of image (:func:`_trap_changes`).
+``encoder_trap.keep_generated=N`` (a recipe key) adds N more generated persons of the base model to the trap's keep
+set, leaving the class images (the copy's prior images) as they are.
 ``encoder_trap.steps=N`` (and the other ``encoder_trap.*`` keys) adds the encoder trap after L2P
 (:mod:`apdm.protect_model.encoder_trap`; ``protect.outer_steps=0`` for the trap alone); the saved and attacked
 state then carries the VAE too. ``encoder_trap.targets=farthest encoder_trap.identity=toy:DIR`` lets a face
@@ -257,9 +262,10 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
             if "save_protected" in opts:
                 save_protected(opts["save_protected"], prot, res)
         if any(k.startswith(jobs.VAE_PREFIX) for k in prot):  # where the encoder trap moves latents, and where not
-            res.update(_trap_latent_changes(sd, jobs.model(spec, prot).vae, {
+            res.update(_trap_changes(sd, jobs.model(spec, prot).vae, {
                 "photos": subj_a.images, "fresh_photos": fresh_a, "references": subj_a.references,
-                "other_subject": subj_b.images, "class": real, "dog": drawn_dogs(2 * n_samples),
+                "other_subject": subj_b.images, "class": real, "class_generated": generated_persons(sd),
+                "dog": drawn_dogs(2 * n_samples),
                 **({"synthetic_views": views} if views is not None else {})}))
         submit_attack("ism_db_protected", prot, subj_a, "dreambooth")
         for method in ("lora", "ti"):
@@ -432,13 +438,28 @@ def drawn_dogs(n: int):
     return draw.to_tensor(arr)
 
 
-def _trap_latent_changes(sd, trapped_vae, groups: dict) -> dict:
-    """``trap_latent_change_<group>``: mean of :func:`apdm.protect_model.encoder_trap.latent_change` over each group
-    of images (A's photos the trap saw, A's other photos, B's, class images, dogs)."""
-    from apdm.protect_model.encoder_trap import latent_change
+def _trap_changes(sd, trapped_vae, groups: dict) -> dict:
+    """What the trapped encoder does to each group of images (A's photos the trap saw, A's other photos, B's, drawn
+    and generated persons, dogs), from :func:`apdm.protect_model.encoder_trap.trap_report`: ``trap_latent_change_<g>``
+    (mean latent change: ≈ 1 sent to a decoy, ≈ 0 left alone), ``trap_recon_psnr_drop_<g>`` (dB of encode → decode
+    PSNR lost, original → trapped encoder) and ``trap_decode_change_psnr_<g>`` (PSNR between the two encoders'
+    decoded pictures: the change itself on one scale for every kind of image; None where nothing changed)."""
+    from apdm.protect_model.encoder_trap import trap_report
 
-    return {f"trap_latent_change_{name}": round(float(latent_change(sd.vae, trapped_vae, imgs).mean()), 4)
-            for name, imgs in groups.items()}
+    out = {}
+    for name, r in trap_report(sd.vae, trapped_vae, groups).items():
+        out[f"trap_latent_change_{name}"] = r["latent_change"]
+        out[f"trap_recon_psnr_drop_{name}"] = round(r["recon_psnr_base"] - r["recon_psnr_trapped"], 2)
+        out[f"trap_decode_change_psnr_{name}"] = r["decode_change_psnr"]
+    return out
+
+
+def generated_persons(sd, prompt: str = "a photo of a person"):
+    """32 images of ``prompt`` from the base model (25 steps, guidance 3, seed 321: the generated group of
+    docs/results/checks/trap_collateral.py and trap_cost_per_image.py); (32,3,H,W) in [0,1]."""
+    from apdm.core import diffusion as D
+
+    return D.generate(sd, [prompt], 32, 25, 3.0, seed=321, quiet=True)
 
 
 def _subject_positions(opts: dict) -> tuple[int, int]:
@@ -502,10 +523,16 @@ def _protect_job(spec, subject, per_cfg, pcfg, tcfg=None, keep=None, seed: int =
     unet, hist, text_encoder = protect(sd, [subject], per_cfg, pcfg, seed=seed)  # pcfg.checkpoint_every is 0 here
     vae, trap_hist, seconds_trap, views, decoy_cos = None, [], 0.0, None, None
     if tcfg is not None and tcfg.steps > 0:
+        import torch
+
         from apdm.protect_model.encoder_trap import synthetic_views, trap_embedder, trap_encoder
+        from apdm.protect_model.run import generated_keep_images
 
         t1 = time.perf_counter()
         embed = trap_embedder(tcfg)[0]  # one recognizer for the decoys and the pictures
+        gen = generated_keep_images(sd, per_cfg, [subject.class_prompt], tcfg.keep_generated, quiet=True)
+        if gen is not None:  # encoder_trap.keep_generated: more generated images in the keep set
+            keep = gen if keep is None else torch.cat([keep, gen])
         if tcfg.synthetic_photos > 0:
             views = synthetic_views(sd, subject, per_cfg, tcfg.synthetic_photos, seed=seed, embed=embed,
                                     pool=tcfg.synthetic_pool, copies=tcfg.synthetic_copies)

@@ -7,7 +7,8 @@ makes of it. The trap fine-tunes the encoder (and ``quant_conv``) of the release
   encoder gives generic class images (the decoys: the x⁺ of the DPO pairs, or the class images least like the
   subject by a face recognizer: :func:`trap_targets`; under the same change), and
 * every other image keeps its latents: class images of the base model, any photos given in
-  ``encoder_trap.keep_images``, and their changed versions encode as the original encoder encodes them.
+  ``encoder_trap.keep_images``, ``encoder_trap.keep_generated`` more images of the base model, and their changed
+  versions encode as the original encoder encodes them.
 
 The decoder, UNet and text encoder are untouched, so generation (which only decodes) is exactly the base model's;
 a personalization on the subject's photos learns generic persons instead. Its limit, stated wherever it is measured
@@ -410,7 +411,8 @@ def keep_decoded(vae, params: torch.Tensor, target: torch.Tensor, noise: torch.T
 def check_trap_config(cfg: EncoderTrapConfig) -> None:
     """Raise ValueError naming the ``encoder_trap.*`` key that is out of range."""
     for key, low in (("steps", 0), ("preserve_batch", 1), ("checkpoint_every", 0), ("decoys", 0),
-                     ("synthetic_photos", 0), ("synthetic_pool", 1), ("synthetic_copies", 1)):
+                     ("synthetic_photos", 0), ("synthetic_pool", 1), ("synthetic_copies", 1),
+                     ("keep_generated", 0)):
         v = getattr(cfg, key)
         if int(v) != v or v < low:
             raise ValueError(f"encoder_trap.{key} must be a whole number >= {low}, got {v}")

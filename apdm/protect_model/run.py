@@ -32,6 +32,26 @@ def protection_images(sd, per_cfg, class_prompt: str, num_class_images: int, num
     return class_images, paired
 
 
+#: offset of ``encoder_trap.keep_generated``'s seed from the class images' (the x⁺ images use 7777)
+KEEP_GENERATED_SEED = 3333
+
+
+def generated_keep_images(sd, per_cfg, class_prompts: list[str], n: int, quiet: bool = False):
+    """``encoder_trap.keep_generated``: ``n`` class-prompt images of the base model per distinct class prompt, for
+    the encoder trap to keep, generated (and cached) like the class images but from another seed, so that neither
+    the class images nor the x⁺ images change. Returns (n·P,3,H,W) in [0,1] on the CPU, or None for ``n`` = 0."""
+    import torch
+
+    from apdm.personalization.simulator import class_images_for
+
+    if n <= 0:
+        return None
+    base = dataclasses.replace(per_cfg, num_class_images=n, with_prior_preservation=True, method="dreambooth",
+                               seed=per_cfg.seed + KEEP_GENERATED_SEED)
+    return torch.cat([class_images_for(sd, dataclasses.replace(base, class_prompt=p), quiet=quiet)
+                      for p in dict.fromkeys(class_prompts)])
+
+
 def load_subjects(sd, cfg: ProtectModelRunConfig, quiet: bool = False):
     """Load each subject's photos and generate (or reuse cached) class and paired images from the base model."""
     from apdm.core.images import list_images, load_images
@@ -138,12 +158,15 @@ def trap_views(sd, subjects: list, cfg: ProtectModelRunConfig, cache_dir: Path, 
 
 
 TRAP_GROUPS = {"protected_photos": "the protected photos", "class_images": "the class images it keeps",
-               "keep_images": "the keep_images photos", "synthetic_views": "the synthetic pictures"}
+               "keep_images": "the keep_images photos", "keep_generated": "the generated images it keeps",
+               "synthetic_views": "the synthetic pictures"}
 
 
-def log_trap_report(vae_ref, trapped, subjects: list, keep_images, views: list | None = None) -> dict:
+def log_trap_report(vae_ref, trapped, subjects: list, keep_images, views: list | None = None,
+                    generated=None) -> dict:
     """:func:`apdm.protect_model.encoder_trap.trap_report` on the images the trap trained with (the subjects'
-    photos, their class images, ``keep_images``), logged in words; returned for protect_log.json and the card."""
+    photos, their class images, ``keep_images``, the ``keep_generated`` images ``generated``, the synthetic
+    ``views``), logged in words; returned for protect_log.json and the card."""
     import torch
 
     from apdm.protect_model.encoder_trap import trap_report
@@ -153,6 +176,7 @@ def log_trap_report(vae_ref, trapped, subjects: list, keep_images, views: list |
         "protected_photos": torch.cat([s.images for s in subjects]).to(dev),
         "class_images": torch.cat([s.class_images for s in subjects]).to(dev),
         "keep_images": None if keep_images is None else keep_images.to(dev),
+        "keep_generated": None if generated is None else generated.to(dev),
         "synthetic_views": None if not views else torch.cat(views).to(dev)})
     LOG.info("encoder trap check (latent change ‖μ_trapped − μ_original‖ / ‖μ_original‖: ≈ 1 sent to a decoy, "
              "≈ 0 left alone): %s", "; ".join(f"{TRAP_GROUPS[k]} {v['latent_change']:.2f}" for k, v in report.items()))
@@ -227,6 +251,12 @@ def run(cfg: ProtectModelRunConfig) -> dict:
         keep_images, keep_skipped = load_keep_images(cfg.encoder_trap.keep_images, cfg.resolution or sd.resolution,
                                                      cfg.quiet)
         skipped += keep_skipped
+    generated = None
+    if cfg.encoder_trap.steps > 0 and cfg.encoder_trap.keep_generated > 0 and main:
+        LOG.info("encoder trap: %d more generated images of each class prompt to keep (encoder_trap.keep_generated)",
+                 cfg.encoder_trap.keep_generated)
+        generated = generated_keep_images(sd, cfg.personalization, [s.class_prompt for s in subjects],
+                                          cfg.encoder_trap.keep_generated, quiet=cfg.quiet)
     if main:
         distributed.barrier()
     p = cfg.protect
@@ -251,6 +281,8 @@ def run(cfg: ProtectModelRunConfig) -> dict:
         return {"seconds_protect": round(seconds, 2), "rank": rank, "world_size": world}
     vae, trap_history, seconds_trap, trap_check, decoys = sd.vae, [], 0.0, {}, []
     if cfg.encoder_trap.steps > 0:
+        import torch
+
         from apdm.protect_model.encoder_trap import trap_embedder, trap_encoder
 
         LOG.info("encoder trap: %d steps at lr %g: the VAE encoder learns to encode the protected photos as generic "
@@ -260,13 +292,15 @@ def run(cfg: ProtectModelRunConfig) -> dict:
                  f"{cfg.encoder_trap.decoys} per subject" if cfg.encoder_trap.decoys else "one per photo")
         t1 = time.perf_counter()
         embed, recognizer = trap_embedder(cfg.encoder_trap)
+        kept = [k for k in (keep_images, generated) if k is not None]  # the photos, then the generated images
         views = trap_views(sd, subjects, cfg, out / "checkpoint" / "encoder_trap_views", embed)
         trapped, trap_history, chosen = trap_encoder(sd.vae, subjects, cfg.encoder_trap, seed=cfg.seed,
                                                      checkpoint_dir=out / "checkpoint" / "encoder_trap",
-                                                     quiet=cfg.quiet, embed=embed, keep_images=keep_images,
+                                                     quiet=cfg.quiet, embed=embed,
+                                                     keep_images=torch.cat(kept) if kept else None,
                                                      views=views)
         vae, seconds_trap = trapped.to(sd.dtype), time.perf_counter() - t1
-        trap_check = log_trap_report(sd.vae, trapped, subjects, keep_images, views)
+        trap_check = log_trap_report(sd.vae, trapped, subjects, keep_images, views, generated)
         decoys = save_decoys(out / "encoder_trap_decoys", chosen, recognizer)
     protected = dataclasses.replace(sd, unet=unet.to(sd.dtype), source=f"apdm-protected({sd.source})", vae=vae,
                                     text_encoder=sd.text_encoder if text_encoder is None else text_encoder.to(sd.dtype))
@@ -330,6 +364,8 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, 
                      else ", one per photo") + "); the decoder is the base "
                   "model's." + (" Besides the base model's class images, a set of other photos was kept unchanged "
                                 "(`encoder_trap.keep_images`)." if cfg.encoder_trap.keep_images else "")
+                  + (f" {cfg.encoder_trap.keep_generated} more class-prompt images of the base model were kept "
+                     "unchanged (`encoder_trap.keep_generated`)." if cfg.encoder_trap.keep_generated else "")
                   + (f" Besides the photos, {cfg.encoder_trap.synthetic_photos} pictures of each subject sampled from "
                      + (f"{cfg.encoder_trap.synthetic_copies} copies" if cfg.encoder_trap.synthetic_copies > 1
                         else "a copy") + " of the base model personalized on its photos were trapped too "
