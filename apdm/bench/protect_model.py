@@ -455,8 +455,8 @@ def _trap_changes(sd, trapped_vae, groups: dict) -> dict:
 
 
 def generated_persons(sd, prompt: str = "a photo of a person"):
-    """32 images of ``prompt`` from the base model (25 steps, guidance 3, seed 321: the generated group of
-    docs/results/checks/trap_collateral.py and trap_cost_per_image.py); (32,3,H,W) in [0,1]."""
+    """32 images of ``prompt`` from the model ``sd`` (25 steps, guidance 3, seed 321): the generated group of the
+    trap's cost here and in docs/results/checks/trap_collateral.py and trap_cost_per_image.py; (32,3,H,W) in [0,1]."""
     from apdm.core import diffusion as D
 
     return D.generate(sd, [prompt], 32, 25, 3.0, seed=321, quiet=True)

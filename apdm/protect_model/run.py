@@ -22,18 +22,24 @@ def protection_images(sd, per_cfg, class_prompt: str, num_class_images: int, num
         (class_images, paired): (num_class_images,3,H,W) prior images of ``class_prompt`` and (num_paired,3,H,W)
         x⁺ images, one per subject photo, from another seed; both in [0,1] on the CPU.
     """
+    return (base_model_images(sd, per_cfg, class_prompt, num_class_images, quiet=quiet),
+            base_model_images(sd, per_cfg, class_prompt, num_paired, PAIRED_SEED, quiet))
+
+
+#: offsets from ``personalization.seed`` of the seeds of the base model's images other than the class images: the
+#: x⁺ images and ``encoder_trap.keep_generated``'s, so that no two sets share an image
+PAIRED_SEED, KEEP_GENERATED_SEED = 7777, 3333
+
+
+def base_model_images(sd, per_cfg, class_prompt: str, n: int, seed_offset: int = 0, quiet: bool = False):
+    """``n`` images of ``class_prompt`` from the base model ``sd`` with the attacker's class-sampling settings
+    (:func:`apdm.personalization.simulator.class_images_for`, cached) and seed ``per_cfg.seed + seed_offset``, made
+    whatever the attacker's method and prior-preservation setting; (n,3,H,W) in [0,1] on the CPU."""
     from apdm.personalization.simulator import class_images_for
 
-    base = dataclasses.replace(per_cfg, class_prompt=class_prompt, num_class_images=num_class_images,
-                               with_prior_preservation=True, method="dreambooth")
-    class_images = class_images_for(sd, base, quiet=quiet)
-    paired = class_images_for(sd, dataclasses.replace(base, num_class_images=num_paired, seed=base.seed + 7777),
-                              quiet=quiet)
-    return class_images, paired
-
-
-#: offset of ``encoder_trap.keep_generated``'s seed from the class images' (the x⁺ images use 7777)
-KEEP_GENERATED_SEED = 3333
+    return class_images_for(sd, dataclasses.replace(per_cfg, class_prompt=class_prompt, num_class_images=n,
+                                                    with_prior_preservation=True, method="dreambooth",
+                                                    seed=per_cfg.seed + seed_offset), quiet=quiet)
 
 
 def generated_keep_images(sd, per_cfg, class_prompts: list[str], n: int, quiet: bool = False):
@@ -42,13 +48,9 @@ def generated_keep_images(sd, per_cfg, class_prompts: list[str], n: int, quiet: 
     the class images nor the x⁺ images change. Returns (n·P,3,H,W) in [0,1] on the CPU, or None for ``n`` = 0."""
     import torch
 
-    from apdm.personalization.simulator import class_images_for
-
     if n <= 0:
         return None
-    base = dataclasses.replace(per_cfg, num_class_images=n, with_prior_preservation=True, method="dreambooth",
-                               seed=per_cfg.seed + KEEP_GENERATED_SEED)
-    return torch.cat([class_images_for(sd, dataclasses.replace(base, class_prompt=p), quiet=quiet)
+    return torch.cat([base_model_images(sd, per_cfg, p, n, KEEP_GENERATED_SEED, quiet)
                       for p in dict.fromkeys(class_prompts)])
 
 

@@ -25,8 +25,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from apdm.bench import jobs
-from apdm.bench.protect_model import drawn_dogs, keep_photos, load_protected
-from apdm.core import diffusion as D
+from apdm.bench.protect_model import drawn_dogs, generated_persons, keep_photos, load_protected
 from apdm.core.models import load_sd
 from apdm.evaluation.identity import fdfr
 from apdm.protect_model.encoder_trap import encode_decode, latent_change, recon_psnr
@@ -45,7 +44,7 @@ def main(argv=None) -> int:
     positions = [int(k) for k in args.subjects.split(",")]
     sd = load_sd(str(model_path()), device="cpu")
     spec, inst = jobs.remember_model(sd), jobs.instruments()
-    generated = D.generate(sd, ["a photo of a person"], 32, 25, 3.0, seed=321, quiet=True)
+    generated = generated_persons(sd)
     a, b = (heldout_subjects(1, num_images=4, offset=k)[0] for k in positions)  # as the bench's subjects=P,O
     real, _, _ = draw.render_dataset("person", draw.split()["heldout"][100:132], 1, seed=77)
     fresh = heldout_subjects(1, num_images=4, offset=positions[0], seed=1)[0].images

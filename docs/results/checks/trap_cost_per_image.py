@@ -37,7 +37,7 @@ import torch
 from safetensors import safe_open
 
 from apdm.bench import jobs
-from apdm.bench.protect_model import drawn_dogs, keep_photos, load_protected, protection_subject
+from apdm.bench.protect_model import drawn_dogs, generated_persons, keep_photos, load_protected, protection_subject
 from apdm.config import ProtectModelRunConfig, load_config
 from apdm.core import diffusion as D
 from apdm.core.models import load_sd
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     decoy, cos = trap_targets(subject, "farthest", embed, 1)
     decoy = decoy[:1].cpu()
 
-    generated = D.generate(sd, ["a photo of a person"], 32, 25, 3.0, seed=321, quiet=True)
+    generated = generated_persons(sd)
     real, _, _ = draw.render_dataset("person", draw.split()["heldout"][100:132], 1, seed=77)
     groups = {"class_generated": generated, "class_drawn": draw.to_tensor(real), "dog": drawn_dogs(32)}
 
