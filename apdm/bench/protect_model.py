@@ -99,7 +99,6 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     from apdm.config import EncoderTrapConfig, ProtectModelRunConfig, load_config
     from apdm.protect_model.encoder_trap import check_trap_config, trap_embedder, trap_targets
     from apdm.protect_model.l2p import check_protect_config
-    from apdm.toy import draw
     from apdm.toy import instruments as I
     from apdm.toy.world import heldout_subjects
     from apdm.utils import LOG
@@ -189,9 +188,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
         res["protected_from"] = opts["protected"]
     per_base, subject = protection_subject(sd, rc.personalization, pcfg, subj_prot)
 
-    # fresh drawn persons: the reference distribution for KID
-    real, _, _ = draw.render_dataset("person", draw.split()["heldout"][100:100 + 4 * n_samples], 1, seed=77)
-    real = draw.to_tensor(real)
+    real = drawn_persons(4 * n_samples)  # fresh drawn persons: the reference distribution for KID
 
     def submit_attack(key: str, state, subj, method: str, steps: int | None = None, photos=None) -> None:
         # the protection used subj_a's own prompt (the recipe's "sks"); the attacker may name A otherwise
@@ -428,6 +425,15 @@ def _protect_photo_count(opts: dict) -> int:
         raise ValueError(f"protect_photos must be a whole number >= 4 (the attacker's 4 photos plus any more the "
                          f"protection holds), got '{text}'")
     return int(text)
+
+
+def drawn_persons(n: int):
+    """``n`` drawn persons of held-out identities, one photo each: the bench's reference set for KID and the drawn
+    group of the trap's cost (no protected or other subject among them), (n,3,64,64) in [0,1]."""
+    from apdm.toy import draw
+
+    arr, _, _ = draw.render_dataset("person", draw.split()["heldout"][100:100 + n], 1, seed=77)
+    return draw.to_tensor(arr)
 
 
 def drawn_dogs(n: int):

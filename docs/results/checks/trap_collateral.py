@@ -25,11 +25,10 @@ from pathlib import Path
 from safetensors import safe_open
 
 from apdm.bench import jobs
-from apdm.bench.protect_model import drawn_dogs, generated_persons, keep_photos, load_protected
+from apdm.bench.protect_model import drawn_dogs, drawn_persons, generated_persons, keep_photos, load_protected
 from apdm.core.models import load_sd
 from apdm.evaluation.identity import fdfr
 from apdm.protect_model.encoder_trap import encode_decode, latent_change, recon_psnr
-from apdm.toy import draw
 from apdm.toy import instruments as I
 from apdm.toy.world import heldout_subjects, model_path
 from apdm.utils import atomic_write_json
@@ -46,10 +45,9 @@ def main(argv=None) -> int:
     spec, inst = jobs.remember_model(sd), jobs.instruments()
     generated = generated_persons(sd)
     a, b = (heldout_subjects(1, num_images=4, offset=k)[0] for k in positions)  # as the bench's subjects=P,O
-    real, _, _ = draw.render_dataset("person", draw.split()["heldout"][100:132], 1, seed=77)
     fresh = heldout_subjects(1, num_images=4, offset=positions[0], seed=1)[0].images
     groups = {"photos": a.images, "fresh_photos": fresh,
-              "references": a.references, "other_subject": b.images, "class_drawn": draw.to_tensor(real),
+              "references": a.references, "other_subject": b.images, "class_drawn": drawn_persons(32),
               "dog": drawn_dogs(32), "class_generated": generated}
     attacked = ("photos", "fresh_photos")  # what the attacker trains on, judged by the toy instruments
 

@@ -37,14 +37,14 @@ import torch
 from safetensors import safe_open
 
 from apdm.bench import jobs
-from apdm.bench.protect_model import drawn_dogs, generated_persons, keep_photos, load_protected, protection_subject
+from apdm.bench.protect_model import (drawn_dogs, drawn_persons, generated_persons, keep_photos, load_protected,
+                                      protection_subject)
 from apdm.config import ProtectModelRunConfig, load_config
 from apdm.core import diffusion as D
 from apdm.core.models import load_sd
 from apdm.evaluation.fidelity import psnr
 from apdm.evaluation.run import identity_backend
 from apdm.protect_model.encoder_trap import encode_decode, trap_targets
-from apdm.toy import draw
 from apdm.toy import instruments as I
 from apdm.toy.world import heldout_subjects, model_path
 from apdm.utils import atomic_write_json
@@ -88,8 +88,7 @@ def main(argv=None) -> int:
     decoy = decoy[:1].cpu()
 
     generated = generated_persons(sd)
-    real, _, _ = draw.render_dataset("person", draw.split()["heldout"][100:132], 1, seed=77)
-    groups = {"class_generated": generated, "class_drawn": draw.to_tensor(real), "dog": drawn_dogs(32)}
+    groups = {"class_generated": generated, "class_drawn": drawn_persons(32), "dog": drawn_dogs(32)}
 
     def latents(x: torch.Tensor) -> torch.Tensor:
         return D.vae_posterior(sd.vae, x, 32)[0].float().flatten(1).cpu()
