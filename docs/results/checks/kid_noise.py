@@ -8,6 +8,7 @@ persons, for several sampling seeds and two sample sizes, plus drawn-vs-drawn as
 
 import statistics, sys
 from apdm.bench import toy_setup
+from apdm.bench.protect_model import drawn_persons
 from apdm.core import diffusion as D
 from apdm.evaluation.distribution import kid
 from apdm.toy import draw
@@ -17,7 +18,7 @@ n = int(args.get("n", 32))
 seeds = [int(s) for s in args.get("seeds", "321,322,323,324").split(",")]
 opts, sd, inst = toy_setup([], set())
 held = draw.split()["heldout"]
-real = draw.to_tensor(draw.render_dataset("person", held[100:100 + n], 1, seed=77)[0])   # the bench's real set
+real = drawn_persons(n)   # the bench's real set
 real2 = draw.to_tensor(draw.render_dataset("person", held[200:200 + n], 1, seed=78)[0])
 print("drawn vs drawn", round(float(kid(real, real2, inst.features, subsets=50)[0]), 4))
 vals = []

@@ -7,12 +7,12 @@ base and the protected UNet, with and without guidance (docs/protect_model.md, "
 import dataclasses, sys
 from apdm.bench import toy_setup
 from apdm.config import ProtectModelRunConfig, load_config
-from apdm.bench.protect_model import RECIPES
+from apdm.bench.protect_model import RECIPES, drawn_persons
 from apdm.evaluation.protocol import with_prompts
 from apdm.personalization.simulator import class_images_for
 from apdm.protect_model.l2p import Subject, protect
 from apdm.toy.world import heldout_subjects
-from apdm.toy import draw, instruments as I
+from apdm.toy import instruments as I
 from apdm.core import diffusion as D
 from apdm.evaluation.distribution import kid
 opts, sd, inst = toy_setup([], set())
@@ -26,8 +26,7 @@ subj = Subject("A", a.images, paired, cls, a.instance_prompt, a.class_prompt)
 theta, hist, _ = protect(sd, [subj], per, dataclasses.replace(rc.protect, checkpoint_every=0))
 for h in hist[::8]: print(h)
 prot = dataclasses.replace(sd, unet=theta)
-real, _, _ = draw.render_dataset("person", draw.split()["heldout"][100:132], 1, seed=77)
-real = draw.to_tensor(real)
+real = drawn_persons(32)  # the bench's KID reference set
 for name, m in (("base", sd), ("prot", prot)):
     for g in (1.0, 3.0):
         gen = D.generate(m, ["a photo of a person"], 32, 25, g, seed=321, quiet=True)

@@ -22,11 +22,17 @@ import time
 from pathlib import Path
 
 from apdm.bench import jobs, toy_setup
-from apdm.bench.protect_model import RECIPES, _class_prompt_ism_job, _kid_job, attack_config, protection_subject
+from apdm.bench.protect_model import (
+    RECIPES,
+    _class_prompt_ism_job,
+    _kid_job,
+    attack_config,
+    drawn_persons,
+    protection_subject,
+)
 from apdm.bench.toy_world import toy_recipe
 from apdm.config import ProtectModelRunConfig, load_config
 from apdm.protect_model.l2p import check_protect_config, protect
-from apdm.toy import draw
 from apdm.toy.world import heldout_subjects
 from apdm.utils import atomic_write_json
 
@@ -63,8 +69,7 @@ def main() -> None:  # spawned worker processes import this file: nothing may ru
     attack = toy_recipe("dreambooth")
     sample = attack.sample
     sample.num_images_per_prompt = 8  # the quick bench's samples per prompt
-    real, _, _ = draw.render_dataset("person", draw.split()["heldout"][100:100 + 4 * 8], 1, seed=77)  # the bench's
-    real = draw.to_tensor(real)
+    real = drawn_persons(4 * 8)  # the bench's KID reference set
     spec = jobs.spec(sd)
 
     def attack_job(pool, state, word):
