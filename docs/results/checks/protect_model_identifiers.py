@@ -21,12 +21,11 @@ import json
 import time
 from pathlib import Path
 
-from apdm.bench import jobs, toy_setup
+from apdm.bench import attack_config, jobs, toy_setup
 from apdm.bench.protect_model import (
     RECIPES,
     _class_prompt_ism_job,
     _kid_job,
-    attack_config,
     drawn_persons,
     protection_subject,
 )

@@ -18,8 +18,7 @@ import json
 
 import torch
 
-from apdm.bench import jobs, toy_setup
-from apdm.bench.protect_model import attack_config
+from apdm.bench import attack_config, jobs, toy_setup
 from apdm.bench.toy_world import toy_recipe
 from apdm.toy.world import heldout_subjects
 from apdm.utils import atomic_write_json
