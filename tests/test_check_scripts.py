@@ -1,6 +1,6 @@
-"""The measurement scripts under docs/results/checks/ are not run by the suite (each takes minutes to hours), but the
-docs cite their commands: every name they take from apdm must still exist, or a reader's rerun dies at import.
-Read statically (the scripts run their work at import), so this stays fast."""
+"""The measurement scripts under docs/ (docs/results/checks/ and beside it) are not run by the suite (each takes
+minutes to hours), but the docs cite their commands: every name they take from apdm must still exist, or a reader's
+rerun dies at import. Read statically (the scripts run their work at import), so this stays fast."""
 
 import ast
 import importlib
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-CHECKS = Path(__file__).resolve().parents[1] / "docs" / "results" / "checks"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+SCRIPTS = sorted(p for p in DOCS.rglob("*.py") if "__pycache__" not in p.parts)
 
 
 def apdm_names(path: Path) -> list[tuple[int, str, str]]:
@@ -61,6 +62,6 @@ def test_detects_a_moved_name(tmp_path):
                                      "old_check.py:4: apdm.bench.jobs has no no_such_job"]
 
 
-@pytest.mark.parametrize("path", sorted(CHECKS.glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: str(p.relative_to(DOCS)))
 def test_check_script_imports_resolve(path):
     assert missing_names(path) == []
