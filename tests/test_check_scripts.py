@@ -5,7 +5,6 @@ rerun dies at import. Read statically (the scripts run their work at import), so
 import ast
 import importlib
 import importlib.util
-import types
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ def apdm_names(path: Path) -> list[tuple[int, str, str]]:
             for alias in node.names:
                 out.append((node.lineno, node.module, alias.name))
                 full = f"{node.module}.{alias.name}"
-                if importlib.util.find_spec(node.module) and _is_module(full):
+                if _is_module(full):
                     modules[alias.asname or alias.name] = full
         elif isinstance(node, ast.Import):
             for alias in node.names:
@@ -49,7 +48,7 @@ def missing_names(path: Path) -> list[str]:
     bad = []
     for line, module, name in apdm_names(path):
         mod = importlib.import_module(module)
-        if not hasattr(mod, name) and not (isinstance(mod, types.ModuleType) and _is_module(f"{module}.{name}")):
+        if not hasattr(mod, name) and not _is_module(f"{module}.{name}"):
             bad.append(f"{path.name}:{line}: {module} has no {name}")
     return bad
 
