@@ -3,6 +3,7 @@ images' and not the others', only the encoder changes, exact resume, the CLI wri
 
 import copy
 import dataclasses
+import importlib.util
 import json
 
 import pytest
@@ -105,6 +106,58 @@ def test_choose_decoys_takes_the_least_alike_by_the_recognizer():
         T.choose_decoys(photos, candidates, found_some, 5)
     with pytest.raises(ValueError, match="no face in the subject's photos"):
         T.choose_decoys(candidates[4:], candidates, found_some, 1)
+
+
+def _real_faces(px: int = 128, n: int = 40):
+    """Real photos for the recognizer path, from scikit-image's bundled data (nothing downloaded): four views of its
+    astronaut's face (crops, a mirror image; (4,3,px,px)), then ``n`` faces of ``lfw_subset`` (LFW, 25x25 grey) and
+    ``n`` of its non-faces, scaled to px ((2n,3,px,px)); all in [0,1]."""
+    skd = pytest.importorskip("skimage.data")
+    try:
+        lfw = torch.from_numpy(skd.lfw_subset()).float()  # rows 0-99 faces, 100-199 non-faces
+    except (OSError, ValueError) as exc:  # an install without the bundled file
+        pytest.skip(f"skimage.data.lfw_subset unavailable: {exc}")
+    a = torch.from_numpy(skd.astronaut()).permute(2, 0, 1).float().div(255)[None]
+
+    def size(t, mode="bilinear"):
+        return torch.nn.functional.interpolate(t, size=(px, px), mode=mode, antialias=mode == "bilinear").clamp(0, 1)
+
+    face = a[..., :256, 64:320]
+    photos = torch.cat([size(face), size(face.flip(-1)), size(a[..., 10:250, 80:320]), size(a[..., :288, 48:336])])
+    return photos, size(torch.cat([lfw[:n], lfw[100:100 + n]])[:, None].repeat(1, 3, 1, 1), "bicubic")
+
+
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("dlib", "face_recognition_models")),
+                    reason="extra 'faces' not installed")
+def test_decoys_on_real_faces_with_dlib():
+    """``encoder_trap.identity=dlib`` (the recognizer offered for real photos) through the trap's own path: it finds
+    the person and the candidate faces, never chooses a non-face, and its cosine ranking picks the candidates dlib's
+    own rule (L2 distance, same person below 0.6) puts farthest from the person. dlib's cosines are compressed
+    (strangers +0.7 to +0.9 here; the toy recognizer's decoys sit near -0.5): only their order means anything."""
+    from apdm.evaluation.run import identity_backend
+
+    backend, tag = identity_backend("dlib")
+    assert tag == "dlib-resnet"
+    seen = {}
+
+    def embed(images):  # each image set embedded once (the trap's calls and the checks below share it)
+        key = (images.data_ptr(), tuple(images.shape))
+        if key not in seen:
+            seen[key] = backend(images)
+        return seen[key]
+
+    photos, candidates = _real_faces()
+    rows, _, ref = T.likeness(photos, candidates, embed, "encoder_trap.targets=farthest", "the photos")
+    assert ref.shape[0] == 4 and int((rows < 40).sum()) >= 34 and int((rows >= 40).sum()) == 0
+    idx, cos = T.choose_decoys(photos, candidates, embed, 3)
+    assert bool((idx < 40).all()) and bool(cos.diff().ge(0).all())
+    e_photos, e_cand = embed(photos)[0], embed(candidates)[0]
+    assert float(torch.pdist(e_photos).max()) < 0.6  # the four views: one person by dlib's rule
+    far = (e_cand - e_photos.mean(0)).norm(dim=1)
+    # the cosine's three are among dlib's five farthest of the ~36 found (the 3rd and 4th lie 1e-4 apart)
+    assert set(idx.tolist()) <= set(rows[torch.argsort(far, descending=True)[:5]].tolist())
+    chosen = e_cand[[rows.tolist().index(k) for k in idx.tolist()]]
+    assert float(torch.cdist(chosen, e_photos).min()) > 0.6  # strangers by dlib's rule
 
 
 def test_trap_targets_modes_and_their_check():
