@@ -10,7 +10,10 @@ non-faces (25x25 grey), all scaled to ``--px``. Records what the trap's own func
 found, the decoys chosen and their cosines, and, by dlib's own rule (L2 distance between 128-d descriptors, the same
 person below 0.6), how far the decoys and every found stranger are from the person, and whether the cosine ranking
 the trap uses agrees with that distance (Spearman over the found candidates). Also the person's own face degraded as
-the candidates are (grey, 25 px, three crops): does the recognizer rank it above the strangers?
+the candidates are (grey, 25 px, three crops): does the recognizer rank it above the strangers? And with each of the
+first ``--lfw-persons`` LFW faces dlib finds as the person instead (three views: the face, its mirror image, a 90 %
+crop; candidates: the 200 images and the astronaut), the same decoy checks per person, and where the person's own
+image lands in the ranking (``own_rank`` 0 = most alike).
 """
 
 import argparse
@@ -28,6 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--px", type=int, default=256, help="every image is scaled to px x px")
     ap.add_argument("--decoys", type=int, default=3)
+    ap.add_argument("--lfw-persons", type=int, default=20, help="also protect each of the first N LFW faces found")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     import skimage.data as skd
@@ -69,8 +73,57 @@ def main() -> None:
             "crop": [lo, hi], "found": found,
             "cosine": round(float(c2[r2 == 100][0]), 4) if found else None,
             "strangers_above": int((c2[r2 < 100] > c2[r2 == 100][0]).sum()) if found else None})
+    seen = {}
+
+    def cached(images):  # the candidates are embedded once for all persons
+        key = (images.data_ptr(), tuple(images.shape))
+        if key not in seen:
+            seen[key] = (*embed(images), images)  # the images held, so their memory is not reused under the key
+        return seen[key][:2]
+
+    pool = torch.cat([lfw, photos[:1]])
+    e_pool, found_pool = cached(pool)
+    rows_pool = torch.nonzero(found_pool).flatten()
+    persons = []
+    for p in [int(r) for r in rows_pool if r < 100][:args.lfw_persons]:
+        x = pool[p:p + 1]
+        m = args.px // 20
+        views = torch.cat([x, x.flip(-1), scale(x[..., m:-m, m:-m])])
+        r, c, ref_p = likeness(views, pool, cached, "check", f"LFW face {p}")
+        if ref_p.shape[0] == 0:
+            continue
+        d_idx, _ = choose_decoys(views, pool, cached, args.decoys + 1)  # + 1: the person's own image is a candidate
+        d_idx = d_idx[:args.decoys]
+        e_views, _ = embed(views)
+        e_r = e_pool[[int((rows_pool == k).nonzero()) for k in r.tolist()]]
+        dist_p = (e_r - e_views.mean(0)).norm(dim=1)
+        by_dist = r[torch.argsort(dist_p, descending=True)].tolist()  # farthest first
+        top = by_dist[:args.decoys]
+        e_d = e_pool[[int((rows_pool == k).nonzero()) for k in d_idx.tolist()]]
+        persons.append({"lfw_face": p, "views_found": int(ref_p.shape[0]),
+                        "own_rank": int((c > c[r == p][0]).sum()),
+                        "decoys_are_dlib_farthest": sorted(top) == sorted(d_idx.tolist()),
+                        "decoy_dlib_ranks": sorted(by_dist.index(k) for k in d_idx.tolist()),  # 0 = farthest
+                        "decoy_distance_mean": round(float(dist_p[[r.tolist().index(k) for k in d_idx.tolist()]]
+                                                           .mean()), 4),
+                        "dlib_farthest_distance_mean": round(float(dist_p.sort(descending=True).values[:args.decoys]
+                                                                   .mean()), 4),
+                        "decoy_distance_min": round(float(torch.cdist(e_d, e_views).min()), 4),
+                        "spearman": round(float(spearmanr(c.numpy(), (-dist_p).numpy()).correlation), 4)})
+    res["lfw_persons"] = persons
+    if persons:
+        res["lfw_persons_summary"] = {
+            "n": len(persons), "own_rank_0": sum(q["own_rank"] == 0 for q in persons),
+            "decoys_are_dlib_farthest": sum(q["decoys_are_dlib_farthest"] for q in persons),
+            "decoy_distance_min": min(q["decoy_distance_min"] for q in persons),
+            "decoy_dlib_rank_max": max(max(q["decoy_dlib_ranks"]) for q in persons),
+            "decoy_vs_dlib_farthest_distance_mean": [
+                round(sum(q["decoy_distance_mean"] for q in persons) / len(persons), 4),
+                round(sum(q["dlib_farthest_distance_mean"] for q in persons) / len(persons), 4)],
+            "spearman_min_median": [min(q["spearman"] for q in persons),
+                                    sorted(q["spearman"] for q in persons)[len(persons) // 2]]}
     atomic_write_json(args.out, res)
-    print(res)
+    print({k: v for k, v in res.items() if k != "lfw_persons"})
 
 
 if __name__ == "__main__":
