@@ -92,8 +92,7 @@ def main() -> None:
         r, c, ref_p = likeness(views, pool, cached, "check", f"LFW face {p}")
         if ref_p.shape[0] == 0:
             continue
-        d_idx, _ = choose_decoys(views, pool, cached, args.decoys + 1)  # + 1: the person's own image is a candidate
-        d_idx = d_idx[:args.decoys]
+        d_idx, _ = choose_decoys(views, pool, cached, args.decoys)  # the person's own image is a candidate too
         e_views, _ = embed(views)
         e_r = e_pool[[int((rows_pool == k).nonzero()) for k in r.tolist()]]
         dist_p = (e_r - e_views.mean(0)).norm(dim=1)
