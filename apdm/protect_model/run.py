@@ -377,8 +377,8 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, 
         chose = [d for d in decoys or [] if d["cosines"] is not None]
         if chose:
             lines += [f"The face recognizer `{chose[0]['recognizer']}` chose the decoys; their cosine to the "
-                      "subject (−1 … 1, lowest first; only the order means something: each recognizer has its own scale, dlib's "
-                      "puts strangers near +0.8; another build of the recognizer may choose others): "
+                      "subject (−1 … 1, lowest first; only the order means something: each recognizer has its own "
+                      "scale, dlib's puts strangers near +0.8; another build of the recognizer may choose others): "
                       + "; ".join(f"subject {d['index']}: " + ", ".join(f"{c:+.2f}" for c in d["cosines"])
                                   for d in chose) + ".", ""]
         if trap_check:
