@@ -16,18 +16,17 @@ SCRIPTS = sorted(p for p in DOCS.rglob("*.py") if "__pycache__" not in p.parts)
 
 
 def _apdm_bindings(tree: ast.AST) -> tuple[dict[str, tuple[int, str, str]], dict[str, str]]:
-    """``(names, modules)``: local name -> ``(line, module, name)`` for each ``from apdm.x import name`` that is not
-    a module, and local name -> module path for each apdm module imported (``from apdm.bench import jobs``,
+    """``(names, modules)``: local name -> ``(line, module, name)`` for each ``from apdm.x import name`` (modules
+    too), and local name -> module path for each apdm module imported (``from apdm.bench import jobs``,
     ``import apdm.core.diffusion as D``)."""
     names, modules = {}, {}
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "apdm":
             for alias in node.names:
                 local, full = alias.asname or alias.name, f"{node.module}.{alias.name}"
+                names[local] = (node.lineno, node.module, alias.name)
                 if _is_module(full):
                     modules[local] = full
-                else:
-                    names[local] = (node.lineno, node.module, alias.name)
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.split(".")[0] == "apdm" and alias.asname:
@@ -43,8 +42,6 @@ def apdm_names(path: Path) -> list[tuple[int, str, str]]:
     names, modules = _apdm_bindings(tree)
     out = list(names.values())
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "apdm":
-            out += [(node.lineno, node.module, a.name) for a in node.names if (a.asname or a.name) in modules]
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules:
             out.append((node.lineno, modules[node.value.id], node.attr))
     return sorted(out)
@@ -86,7 +83,7 @@ def bad_calls(path: Path) -> list[str]:
         else:
             continue
         obj = getattr(importlib.import_module(module), name, None)
-        if obj is None or not callable(obj):
+        if obj is None or not callable(obj):  # unresolved, or a module imported by name
             continue
         try:
             sig = inspect.signature(obj)
