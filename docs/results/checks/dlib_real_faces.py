@@ -36,7 +36,14 @@ def main() -> None:
     args = ap.parse_args()
     import skimage.data as skd
 
-    embed, tag = identity_backend("dlib")
+    backend, tag = identity_backend("dlib")
+    seen = {}
+
+    def embed(images):  # each image set embedded once, for the trap's calls and the checks alike
+        key = (images.data_ptr(), tuple(images.shape))
+        if key not in seen:
+            seen[key] = (*backend(images), images)  # the images held, so their memory is not reused under the key
+        return seen[key][:2]
 
     def scale(t, mode="bilinear"):
         return F.interpolate(t, size=(args.px, args.px), mode=mode, antialias=mode == "bilinear").clamp(0, 1)
@@ -49,7 +56,7 @@ def main() -> None:
     rows, cos, ref = likeness(photos, lfw, embed, "encoder_trap.targets=farthest", "the astronaut")
     idx, dcos = choose_decoys(photos, lfw, embed, args.decoys)
     e_photos, _ = embed(photos)
-    e_cand, _ = embed(lfw[rows])
+    e_cand, _ = embed(lfw)  # (K, 128): the found candidates, in the order of rows
     dist = (e_cand - e_photos.mean(0)).norm(dim=1)  # dlib's distance of each found stranger to the person
     at = {int(r): k for k, r in enumerate(rows.tolist())}
     far = rows[torch.argsort(dist, descending=True)[:args.decoys]].tolist()
@@ -73,32 +80,25 @@ def main() -> None:
             "crop": [lo, hi], "found": found,
             "cosine": round(float(c2[r2 == 100][0]), 4) if found else None,
             "strangers_above": int((c2[r2 < 100] > c2[r2 == 100][0]).sum()) if found else None})
-    seen = {}
-
-    def cached(images):  # the candidates are embedded once for all persons
-        key = (images.data_ptr(), tuple(images.shape))
-        if key not in seen:
-            seen[key] = (*embed(images), images)  # the images held, so their memory is not reused under the key
-        return seen[key][:2]
-
     pool = torch.cat([lfw, photos[:1]])
-    e_pool, found_pool = cached(pool)
+    e_pool, found_pool = embed(pool)
     rows_pool = torch.nonzero(found_pool).flatten()
+    at_pool = {int(r): k for k, r in enumerate(rows_pool.tolist())}  # pool row -> row of e_pool
     persons = []
     for p in [int(r) for r in rows_pool if r < 100][:args.lfw_persons]:
         x = pool[p:p + 1]
         m = args.px // 20
         views = torch.cat([x, x.flip(-1), scale(x[..., m:-m, m:-m])])
-        r, c, ref_p = likeness(views, pool, cached, "check", f"LFW face {p}")
+        r, c, ref_p = likeness(views, pool, embed, "check", f"LFW face {p}")
         if ref_p.shape[0] == 0:
             continue
-        d_idx, _ = choose_decoys(views, pool, cached, args.decoys)  # the person's own image is a candidate too
+        d_idx, _ = choose_decoys(views, pool, embed, args.decoys)  # the person's own image is a candidate too
         e_views, _ = embed(views)
-        e_r = e_pool[[int((rows_pool == k).nonzero()) for k in r.tolist()]]
+        e_r = e_pool[[at_pool[k] for k in r.tolist()]]
         dist_p = (e_r - e_views.mean(0)).norm(dim=1)
         by_dist = r[torch.argsort(dist_p, descending=True)].tolist()  # farthest first
         top = by_dist[:args.decoys]
-        e_d = e_pool[[int((rows_pool == k).nonzero()) for k in d_idx.tolist()]]
+        e_d = e_pool[[at_pool[k] for k in d_idx.tolist()]]
         persons.append({"lfw_face": p, "views_found": int(ref_p.shape[0]),
                         "own_rank": int((c > c[r == p][0]).sum()),
                         "decoys_are_dlib_farthest": sorted(top) == sorted(d_idx.tolist()),
