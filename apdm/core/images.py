@@ -98,6 +98,12 @@ def _is_image_name(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
 
 
+def split_spec(spec: str) -> str | list[str]:
+    """A command's image argument as :func:`list_images` takes it: ``"a.png,b.png"`` (comma-separated files, folders
+    or globs, the form every ``*_data`` / ``--input`` option accepts) -> a list; anything else unchanged."""
+    return spec.split(",") if "," in spec else spec
+
+
 def list_images(inputs: str | os.PathLike | Sequence[str | os.PathLike], recursive: bool = False) -> list[Path]:
     """Resolve the user's ``--input`` into a list of image files.
 

@@ -61,7 +61,7 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
         the manifest dict (method, budget, per-image PSNR/SSIM/L∞ and time, skipped files).
     """
     from apdm.core.images import (JPEG_WARNING, ImageLoadError, list_images, load_image, output_metadata,
-                                  protect_output_path, save_image, to_model_resolution)
+                                  protect_output_path, save_image, split_spec, to_model_resolution)
     from apdm.core.models import load_sd
     from apdm.protect_images.budget import apply_delta_to_original, budget_report, format_budget, parse_budget
 
@@ -85,7 +85,7 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
-    paths = list_images(cfg.input.split(",") if "," in cfg.input else cfg.input)
+    paths = list_images(split_spec(cfg.input))
     sd = load_sd(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.revision)
     rho = None
     if cfg.method == "ldu":
