@@ -130,6 +130,10 @@ class SubjectConfig:
     #: empty = ``personalization.instance_prompt`` / ``personalization.class_prompt`` of the recipe.
     instance_prompt: str = ""
     class_prompt: str = ""
+    #: other photos of the subject, held back: never trained on, only used to check that the encoder trap reaches
+    #: photos it never saw (folder or comma-separated files; empty = no check). docs/protect_model.md, "Checking
+    #: the trap on held-back photos".
+    check_data: str = ""
 
 
 @dataclass

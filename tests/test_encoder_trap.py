@@ -636,3 +636,114 @@ def test_cli_writes_the_decoys_the_recognizer_chose(tmp_path, capfd):
     assert "The face recognizer `toy-id` chose the decoys" in card
     assert f"subject 0: {rows[0]['cosines'][0]:+.2f}" in card
     assert not list((out / "model").rglob("*.png"))  # the decoys are not published with the checkpoint
+
+
+def test_held_back_check_measures_reach_and_warns(tiny_sd):
+    """subjects[].check_data: near copies of the trained photos are reached (no warning); the kept class images,
+    which the trap holds in place, are not, and the warning names the subject."""
+    import logging
+
+    from apdm.protect_model.run import HELD_BACK_WARN, check_held_back
+    from apdm.utils import LOG
+
+    subj = _subject()
+    cfg = EncoderTrapConfig(steps=30, learning_rate=2e-3, augment=0.0, preserve_batch=4)
+    trapped, _, _ = T.trap_encoder(tiny_sd.vae, [subj], cfg, quiet=True)
+    near = (subj.images + 0.03 * torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))).clamp(0, 1)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    LOG.addHandler(handler)
+    try:
+        rows = check_held_back(tiny_sd.vae, trapped, [subj, subj, subj], [near, None, subj.class_images])
+    finally:
+        LOG.removeHandler(handler)
+    assert [r["index"] for r in rows] == [0, 2] and [r["images"] for r in rows] == [2, 4]
+    seen = float(T.latent_change(tiny_sd.vae, trapped, subj.images).mean())
+    assert rows[0]["latent_change_trained"] == pytest.approx(seen, abs=1e-4) and seen > 0.3
+    assert rows[1]["latent_change"] == pytest.approx(
+        float(T.latent_change(tiny_sd.vae, trapped, subj.class_images).mean()), abs=1e-4)
+    assert rows[0]["reach"] == pytest.approx(rows[0]["latent_change"] / seen, abs=2e-3)
+    assert rows[0]["reach"] > 0.9 and rows[1]["reach"] < HELD_BACK_WARN  # near copies moved, kept images held
+    warned = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "subject 2 (s): photos it never saw moved only" in warned[0]
+
+
+def test_cli_held_back_photos_are_checked_not_trained(tmp_path):
+    """The held-back photos change nothing the trap learns; they are reported per subject (JSON and card), a bad
+    file among them is skipped and named, and a held-back file that is also a training photo is refused."""
+    import logging
+
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from helpers import tiny_protect_model_args
+
+    from apdm.cli import main
+    from apdm.utils import LOG
+
+    held = tmp_path / "held"
+    held.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (30 + 60 * i, 140, 190)).save(held / f"h{i}.png")
+    (held / "bad.png").write_bytes(b"not an image")
+    base = [*tiny_protect_model_args(tmp_path), "protect.outer_steps=0", "encoder_trap.steps=2"]
+    subject = tmp_path / "subject"
+    assert main(["protect-model", *base]) == 0
+    vae = tmp_path / "out" / "model" / "vae" / "diffusion_pytorch_model.safetensors"
+    without = load_file(vae)
+    args = ["protect-model", *base, f"subjects=[{{instance_data: {subject}, check_data: {held}}}]"]
+    assert main(args) == 0
+    with_held = load_file(vae)
+    assert all(torch.equal(without[k], with_held[k]) for k in without)  # never trained on
+    log = json.loads((tmp_path / "out" / "protect_log.json").read_text())
+    (row,) = log["encoder_trap_held_back"]
+    assert row["images"] == 2 and row["index"] == 0 and 0 < row["latent_change"]
+    assert row["latent_change_trained"] == log["encoder_trap_check"]["protected_photos"]["latent_change"]
+    assert [s["path"] for s in log["skipped_inputs"]] == [str(held / "bad.png")]
+    card = (tmp_path / "out" / "model" / "README.md").read_text()
+    assert f"subject 0: 2 photos, latent change {row['latent_change']:.2f} against" in card
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    LOG.addHandler(handler)
+    try:
+        overlap = f"subjects=[{{instance_data: {subject}, check_data: {subject / '1.png'}}}]"
+        assert main(["protect-model", *base, "output_dir=" + str(tmp_path / "out2"), overlap]) == 1
+    finally:
+        LOG.removeHandler(handler)
+    text = "\n".join(r.getMessage() for r in records)
+    assert f"subjects[0].check_data: {(subject / '1.png').resolve()} also in its instance_data" in text
+    assert not (tmp_path / "out2" / "model").exists()
+
+
+def test_trap_reach_script_against_scipy(tmp_path):
+    """docs/results/checks/trap_reach.py, which calibrates the held-back warning: its rank correlation equals
+    scipy's, each trap counts once (its LoRA / TI variants share the trap and the DreamBooth result), and the
+    threshold counts are right on a hand-made sweep."""
+    from pathlib import Path
+
+    stats = pytest.importorskip("scipy.stats")
+    path = Path(__file__).resolve().parents[1] / "docs" / "results" / "checks" / "trap_reach.py"
+    spec = importlib.util.spec_from_file_location("trap_reach", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    x, y = [0.3, 0.9, 0.9, 0.1, 0.5, 0.7], [0.2, 1.1, 0.8, 0.5, 0.4, 1.0]
+    assert mod.ranks(x) == list(stats.rankdata(x) - 1)  # ties share their mean rank
+    assert mod.pearson(mod.ranks(x), mod.ranks(y)) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
+    assert mod.pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0], abs=1e-12)
+    for i, (fresh, ratio) in enumerate([(0.5, 0.4), (0.95, 1.2), (0.7, 0.9), (1.0, 1.1)]):
+        row = {"trap_latent_change_fresh_photos": fresh, "trap_latent_change_photos": 1.0, "protection_ratio": ratio,
+               "attack_seeds": 8}
+        (tmp_path / f"t{i}_attack_seeds8_fresh_photos.json").write_text(json.dumps(row))
+        if i == 1:  # the same trap attacked by LoRA: counted once
+            (tmp_path / f"t{i}_attack_seeds8_fresh_photos_lora.json").write_text(json.dumps(row))
+    (tmp_path / "x_attack_seeds1_fresh_photos.json").write_text(json.dumps(row | {"attack_seeds": 1}))  # too few runs
+    rows = mod.traps(str(tmp_path))
+    assert sorted(r["reach"] for r in rows) == [0.5, 0.7, 0.95, 1.0]
+    out = mod.summarize(rows)
+    assert out["met_goal"] == 3 and out["spearman_reach"] == 0.8  # one swapped pair among four: 1 − 6·2 / 60
+    at = {t["threshold"]: t for t in out["thresholds"]}[0.75]
+    assert (at["above"], at["above_met_goal"], at["below"], at["below_met_goal"]) == (2, 2, 2, 1)
+    assert mod.main(["--sweep", str(tmp_path), "--out", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["all"]["traps"] == 4

@@ -56,7 +56,7 @@ def generated_keep_images(sd, per_cfg, class_prompts: list[str], n: int, quiet: 
 
 def load_subjects(sd, cfg: ProtectModelRunConfig, quiet: bool = False):
     """Load each subject's photos and generate (or reuse cached) class and paired images from the base model."""
-    from apdm.core.images import list_images, load_images
+    from apdm.core.images import list_images, load_images, split_spec
     from apdm.protect_model.l2p import Subject
 
     if not cfg.subjects:
@@ -67,7 +67,7 @@ def load_subjects(sd, cfg: ProtectModelRunConfig, quiet: bool = False):
     for k, sc in enumerate(cfg.subjects):
         if not sc.instance_data:
             raise ValueError(f"subjects[{k}].instance_data is empty")
-        src = sc.instance_data.split(",") if "," in sc.instance_data else sc.instance_data
+        src = split_spec(sc.instance_data)
         images, ok, errors = load_images(list_images(src), size=size)
         for e in errors:
             LOG.warning("skipped %s: %s", e["path"], e["error"])
@@ -101,11 +101,11 @@ def load_keep_images(spec: str, size: int, quiet: bool = False):
     Raises:
         ValueError: when ``spec`` names no usable image.
     """
-    from apdm.core.images import list_images, load_images
+    from apdm.core.images import list_images, load_images, split_spec
 
     if not spec:
         return None, []
-    src = spec.split(",") if "," in spec else spec
+    src = split_spec(spec)
     images, ok, errors = load_images(list_images(src, recursive=True), size=size, quiet=quiet)
     for e in errors:
         LOG.warning("skipped %s: %s", e["path"], e["error"])
@@ -113,6 +113,81 @@ def load_keep_images(spec: str, size: int, quiet: bool = False):
         raise ValueError(f"encoder_trap.keep_images: no usable images in {spec}")
     LOG.info("encoder trap: %d photos to keep from %s", len(ok), spec)
     return images, errors
+
+
+def load_held_back(cfg: ProtectModelRunConfig, size: int, quiet: bool = False):
+    """``subjects[k].check_data``: photos of each subject held back from the protection, to check the encoder trap
+    on photos it never saw (as an attacker's own photos would be).
+
+    Args:
+        size: model resolution (images are resized and center-cropped to it).
+
+    Returns:
+        (one (M,3,size,size) tensor in [0,1] on the CPU, or None, per subject; the skipped files as
+        ``{"path", "error"}``).
+
+    Raises:
+        ValueError: when a subject's ``check_data`` names no usable image, or a file that is also one of its
+            training photos (the check would then measure nothing new).
+    """
+    from apdm.core.images import list_images, load_images, split_spec
+
+    held, skipped = [], []
+    for k, sc in enumerate(cfg.subjects):
+        if not sc.check_data:
+            held.append(None)
+            continue
+        paths = list_images(split_spec(sc.check_data))
+        both = sorted({p.resolve() for p in paths} & {p.resolve() for p in list_images(split_spec(sc.instance_data))})
+        if both:
+            raise ValueError(f"subjects[{k}].check_data: {', '.join(map(str, both))} also in its instance_data; "
+                             "held-back photos must be photos the protection does not train on")
+        images, ok, errors = load_images(paths, size=size, quiet=quiet)
+        for e in errors:
+            LOG.warning("skipped %s: %s", e["path"], e["error"])
+        skipped += errors
+        if not ok:
+            raise ValueError(f"subjects[{k}].check_data: no usable images in {sc.check_data}")
+        LOG.info("subject %d: %d held-back photos from %s to check the encoder trap with (never trained on)", k,
+                 len(ok), sc.check_data)
+        held.append(images)
+    return held, skipped
+
+
+#: below this share of the trained photos' latent change, the trap is said not to reach the held-back photos
+#: (docs/protect_model.md, "Checking the trap on held-back photos": measured on the toy world)
+HELD_BACK_WARN = 0.75
+
+
+def check_held_back(vae_ref, trapped, subjects: list, held: list) -> list[dict]:
+    """The encoder trap on each subject's held-back photos (:func:`load_held_back`) against its trained photos:
+    their mean :func:`~apdm.protect_model.encoder_trap.latent_change` and the ratio held-back / trained, logged in
+    words, with a warning when the ratio is below ``HELD_BACK_WARN``.
+
+    Returns:
+        one dict per subject with held-back photos: ``index``, ``subject``, ``images``, ``latent_change``,
+        ``latent_change_trained``, ``reach`` (the ratio), ``metric_impl``.
+    """
+    from apdm.protect_model.encoder_trap import latent_change
+
+    rows = []
+    for k, (s, h) in enumerate(zip(subjects, held)):
+        if h is None:
+            continue
+        seen = float(latent_change(vae_ref, trapped, s.images).mean())
+        unseen = float(latent_change(vae_ref, trapped, h.to(s.images.device)).mean())
+        reach = unseen / seen if seen > 0 else 0.0
+        rows.append({"index": k, "subject": s.name, "images": int(h.shape[0]), "latent_change": round(unseen, 4),
+                     "latent_change_trained": round(seen, 4), "reach": round(reach, 3),
+                     "metric_impl": "latent_change@apdm"})
+        LOG.info("encoder trap check, subject %d (%s): its %d held-back photos moved %.2f, its trained photos %.2f "
+                 "(%.0f %%)", k, s.name, h.shape[0], unseen, seen, 100 * reach)
+        if reach < HELD_BACK_WARN:
+            LOG.warning("encoder trap: subject %d (%s): photos it never saw moved only %.0f %% as far as its trained "
+                        "photos (below %.0f %%): other photos of this person may personalize almost as before. "
+                        "Protect with more photos (16 held on the toy world) or with encoder_trap.synthetic_photos",
+                        k, s.name, 100 * reach, 100 * HELD_BACK_WARN)
+    return rows
 
 
 def trap_views(sd, subjects: list, cfg: ProtectModelRunConfig, cache_dir: Path, embed=None) -> list | None:
@@ -245,9 +320,17 @@ def run(cfg: ProtectModelRunConfig) -> dict:
         atomic_write_text(out / "config.yaml", to_yaml(cfg))
     seed_everything(cfg.seed)
     sd = load_sd(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.revision)
+    held, held_skipped = [None] * len(cfg.subjects), []
+    if main and any(sc.check_data for sc in cfg.subjects):  # before the class images: a bad path fails in seconds
+        if cfg.encoder_trap.steps > 0:
+            held, held_skipped = load_held_back(cfg, cfg.resolution or sd.resolution, cfg.quiet)
+        else:
+            LOG.warning("subjects[].check_data is not used: it checks the encoder trap, which is off "
+                        "(encoder_trap.steps=0)")
     if not main:
         distributed.barrier()  # the main process generates the class images; the others read them from its cache
     subjects, skipped = load_subjects(sd, cfg, cfg.quiet or not main)
+    skipped += held_skipped
     keep_images = None
     if cfg.encoder_trap.steps > 0 and main:  # read before the protection, so a bad path fails in seconds, not hours
         keep_images, keep_skipped = load_keep_images(cfg.encoder_trap.keep_images, cfg.resolution or sd.resolution,
@@ -281,7 +364,7 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     if not main:  # θ is the same on every process; the main one writes it (and trains the encoder trap)
         distributed.barrier()
         return {"seconds_protect": round(seconds, 2), "rank": rank, "world_size": world}
-    vae, trap_history, seconds_trap, trap_check, decoys = sd.vae, [], 0.0, {}, []
+    vae, trap_history, seconds_trap, trap_check, decoys, held_check = sd.vae, [], 0.0, {}, [], []
     if cfg.encoder_trap.steps > 0:
         import torch
 
@@ -303,11 +386,13 @@ def run(cfg: ProtectModelRunConfig) -> dict:
                                                      views=views)
         vae, seconds_trap = trapped.to(sd.dtype), time.perf_counter() - t1
         trap_check = log_trap_report(sd.vae, trapped, subjects, keep_images, views, generated)
+        held_check = check_held_back(sd.vae, trapped, subjects, held)
         decoys = save_decoys(out / "encoder_trap_decoys", chosen, recognizer)
     protected = dataclasses.replace(sd, unet=unet.to(sd.dtype), source=f"apdm-protected({sd.source})", vae=vae,
                                     text_encoder=sd.text_encoder if text_encoder is None else text_encoder.to(sd.dtype))
     save_sd(protected, out / "model", quiet=cfg.quiet)
-    card = model_card(cfg, history, seconds, trap_history=trap_history, trap_check=trap_check, decoys=decoys)
+    card = model_card(cfg, history, seconds, trap_history=trap_history, trap_check=trap_check, decoys=decoys,
+                      held_check=held_check)
     atomic_write_text(out / "model" / "README.md", card)
     summary = {"seconds_protect": round(seconds, 2), "outer_steps": p.outer_steps, "inner_steps": p.inner_steps,
                "world_size": world,
@@ -315,7 +400,7 @@ def run(cfg: ProtectModelRunConfig) -> dict:
                "skipped_inputs": skipped, "peak_rss_mb": round(peak_rss_mb(), 1), "history": history}
     if trap_history:
         summary.update(seconds_encoder_trap=round(seconds_trap, 2), encoder_trap_check=trap_check,
-                       encoder_trap_decoys=decoys,
+                       encoder_trap_decoys=decoys, encoder_trap_held_back=held_check,
                        encoder_trap_history=trap_history)
     atomic_write_json(out / "protect_log.json", summary)
     import shutil
@@ -328,9 +413,10 @@ def run(cfg: ProtectModelRunConfig) -> dict:
 
 def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, results: dict | None = None,
                trap_history: list[dict] | None = None, trap_check: dict | None = None,
-               decoys: list[dict] | None = None) -> str:
+               decoys: list[dict] | None = None, held_check: list[dict] | None = None) -> str:
     """Markdown model card: what is protected (prompts only, never images), how, and measured results;
-    ``decoys`` as :func:`save_decoys` returns them (their cosines, never the images)."""
+    ``decoys`` as :func:`save_decoys` returns them (their cosines, never the images); ``held_check`` as
+    :func:`check_held_back` returns it."""
     lines = [
         "---", "tags: [apdm, anti-personalization, stable-diffusion]", "---", "",
         "# Protected checkpoint (apdm protect-model)", "",
@@ -394,6 +480,15 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, 
                       + (f"{v['decode_change_psnr']:.1f} dB |" if v.get("decode_change_psnr") is not None
                          else "unchanged |") for k, v in trap_check.items()]
             lines += [""]
+        if held_check:
+            lines += ["On photos of the subjects it never saw (held back, `subjects[].check_data`; an attacker's "
+                      "photos are such photos): "
+                      + "; ".join(f"subject {r['index']}: {r['images']} photos, latent change {r['latent_change']:.2f}"
+                                  f" against {r['latent_change_trained']:.2f} on its trained photos "
+                                  f"({100 * r['reach']:.0f} %)" for r in held_check)
+                      + f". On the toy world, most traps whose unseen photos moved less than {100 * HELD_BACK_WARN:.0f}"
+                      " % as far as the trained ones did not hold on new photos (apdm's docs/protect_model.md, "
+                      "\"Checking the trap on held-back photos\").", ""]
     if results:
         lines += ["## Measured results", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in results.items()]
