@@ -138,7 +138,8 @@ def load_held_back(cfg: ProtectModelRunConfig, size: int, quiet: bool = False):
             held.append(None)
             continue
         paths = list_images(split_spec(sc.check_data))
-        both = sorted({p.resolve() for p in paths} & {p.resolve() for p in list_images(split_spec(sc.instance_data))})
+        train = list_images(split_spec(sc.instance_data)) if sc.instance_data else []  # empty: load_subjects says so
+        both = sorted({p.resolve() for p in paths} & {p.resolve() for p in train})
         if both:
             raise ValueError(f"subjects[{k}].check_data: {', '.join(map(str, both))} also in its instance_data; "
                              "held-back photos must be photos the protection does not train on")
