@@ -361,6 +361,20 @@ def resize_center_crop(pixels: torch.Tensor, size: int | tuple[int, int]) -> tor
     return x[..., top:top + th, left:left + tw].contiguous()
 
 
+def load_spec(spec: str, size: int | tuple[int, int] | None = None, recursive: bool = False,
+              quiet: bool = True) -> tuple[torch.Tensor, list[Path], list[dict]]:
+    """A command's image argument (a folder, file or glob, or several comma-separated: :func:`split_spec`) listed
+    with :func:`list_images` and loaded with :func:`load_images`; each skipped file is logged with its reason.
+
+    Returns:
+        :func:`load_images`'s ``(images, ok_paths, errors)``.
+    """
+    images, ok, errors = load_images(list_images(split_spec(spec), recursive=recursive), size=size, quiet=quiet)
+    for e in errors:
+        LOG.warning("skipped %s: %s", e["path"], e["error"])
+    return images, ok, errors
+
+
 def load_images(paths: str | os.PathLike | Sequence[str | os.PathLike], size: int | tuple[int, int] | None = None,
                 quiet: bool = True) -> tuple[torch.Tensor, list[Path], list[dict]]:
     """Load a training/evaluation set; bad files are reported, never fatal.

@@ -59,12 +59,9 @@ def apply_attack(images: torch.Tensor, spec: str, sd, seed: int = 0) -> torch.Te
 
 
 def _load_folder(spec: str, size: int):
-    from apdm.core.images import list_images, load_images, split_spec
+    from apdm.core.images import load_spec
 
-    images, ok, errors = load_images(list_images(split_spec(spec)), size=size)
-    for e in errors:
-        LOG.warning("skipped %s: %s", e["path"], e["error"])
-    return images, ok, errors
+    return load_spec(spec, size=size)
 
 
 # ============================================================================ metric backends

@@ -21,7 +21,7 @@ def run(cfg: PersonalizeRunConfig) -> dict:
         output_dir/summary.json           timings, loss curve, skipped input files
     """
     from apdm.core import diffusion as D
-    from apdm.core.images import list_images, load_images, save_grid, save_image, split_spec
+    from apdm.core.images import load_spec, save_grid, save_image
     from apdm.core.models import load_sd
     from apdm.personalization import simulator as S
 
@@ -34,10 +34,7 @@ def run(cfg: PersonalizeRunConfig) -> dict:
 
     sd = load_sd(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.revision)
     size = cfg.resolution or sd.resolution
-    paths = list_images(split_spec(cfg.instance_data))
-    images, ok, errors = load_images(paths, size=size)
-    for err in errors:
-        LOG.warning("skipped %s: %s", err["path"], err["error"])
+    images, ok, errors = load_spec(cfg.instance_data, size=size)
     if len(ok) == 0:
         raise ValueError(f"no usable images in {cfg.instance_data}")
     LOG.info("personalizing with %s on %d images of %s", cfg.personalization.method, len(ok), cfg.instance_data)

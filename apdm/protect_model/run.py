@@ -56,7 +56,7 @@ def generated_keep_images(sd, per_cfg, class_prompts: list[str], n: int, quiet: 
 
 def load_subjects(sd, cfg: ProtectModelRunConfig, quiet: bool = False):
     """Load each subject's photos and generate (or reuse cached) class and paired images from the base model."""
-    from apdm.core.images import list_images, load_images, split_spec
+    from apdm.core.images import load_spec, split_spec
     from apdm.protect_model.l2p import Subject
 
     if not cfg.subjects:
@@ -67,10 +67,7 @@ def load_subjects(sd, cfg: ProtectModelRunConfig, quiet: bool = False):
     for k, sc in enumerate(cfg.subjects):
         if not sc.instance_data:
             raise ValueError(f"subjects[{k}].instance_data is empty")
-        src = split_spec(sc.instance_data)
-        images, ok, errors = load_images(list_images(src), size=size)
-        for e in errors:
-            LOG.warning("skipped %s: %s", e["path"], e["error"])
+        images, ok, errors = load_spec(sc.instance_data, size=size)
         skipped += errors
         if not ok:
             raise ValueError(f"subjects[{k}]: no usable images in {sc.instance_data}")
@@ -78,6 +75,7 @@ def load_subjects(sd, cfg: ProtectModelRunConfig, quiet: bool = False):
         class_prompt = sc.class_prompt or cfg.personalization.class_prompt
         class_images, paired = protection_images(sd, cfg.personalization, class_prompt,
                                                  cfg.protect.num_class_images, len(ok), quiet=quiet)
+        src = split_spec(sc.instance_data)
         subjects.append(Subject(name=Path(str(src)).name if isinstance(src, str) else f"subject{k}",
                                 images=images.to(sd.device), paired=paired.to(sd.device),
                                 class_images=class_images.to(sd.device), instance_prompt=instance_prompt,
@@ -101,14 +99,11 @@ def load_keep_images(spec: str, size: int, quiet: bool = False):
     Raises:
         ValueError: when ``spec`` names no usable image.
     """
-    from apdm.core.images import list_images, load_images, split_spec
+    from apdm.core.images import load_spec
 
     if not spec:
         return None, []
-    src = split_spec(spec)
-    images, ok, errors = load_images(list_images(src, recursive=True), size=size, quiet=quiet)
-    for e in errors:
-        LOG.warning("skipped %s: %s", e["path"], e["error"])
+    images, ok, errors = load_spec(spec, size=size, recursive=True, quiet=quiet)
     if not ok:
         raise ValueError(f"encoder_trap.keep_images: no usable images in {spec}")
     LOG.info("encoder trap: %d photos to keep from %s", len(ok), spec)
@@ -130,22 +125,19 @@ def load_held_back(cfg: ProtectModelRunConfig, size: int, quiet: bool = False):
         ValueError: when a subject's ``check_data`` names no usable image, or a file that is also one of its
             training photos (the check would then measure nothing new).
     """
-    from apdm.core.images import list_images, load_images, split_spec
+    from apdm.core.images import list_images, load_spec, split_spec
 
     held, skipped = [], []
     for k, sc in enumerate(cfg.subjects):
         if not sc.check_data:
             held.append(None)
             continue
-        paths = list_images(split_spec(sc.check_data))
+        images, ok, errors = load_spec(sc.check_data, size=size, quiet=quiet)
         train = list_images(split_spec(sc.instance_data)) if sc.instance_data else []  # empty: load_subjects says so
-        both = sorted({p.resolve() for p in paths} & {p.resolve() for p in train})
+        both = sorted({p.resolve() for p in ok} & {p.resolve() for p in train})
         if both:
             raise ValueError(f"subjects[{k}].check_data: {', '.join(map(str, both))} also in its instance_data; "
                              "held-back photos must be photos the protection does not train on")
-        images, ok, errors = load_images(paths, size=size, quiet=quiet)
-        for e in errors:
-            LOG.warning("skipped %s: %s", e["path"], e["error"])
         skipped += errors
         if not ok:
             raise ValueError(f"subjects[{k}].check_data: no usable images in {sc.check_data}")
