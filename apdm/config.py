@@ -301,6 +301,14 @@ class EncoderTrapConfig:
     synthetic_copies: int = 1
     #: save a resumable checkpoint every K steps (0 = never).
     checkpoint_every: int = 500
+    #: images per encoder forward / backward within a step (0 = all of the step's images at once). The gradient is
+    #: the same (summed over chunks, each weighted by its share of the batch); only peak memory changes. A step holds
+    #: every subject photo and picture plus ``preserve_batch`` kept images: at 512 px set 2–8 (``apdm bench speed
+    #: parts=encoder-trap`` measures a setting).
+    micro_batch: int = 0
+    #: recompute the VAE's activations in the backward pass (diffusers' gradient checkpointing) instead of keeping
+    #: them: less memory, more time.
+    gradient_checkpointing: bool = False
 
 
 @dataclass

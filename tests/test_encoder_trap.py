@@ -261,9 +261,48 @@ def test_decoded_keep_term_against_its_formula_and_its_training(tiny_sd):
     assert change[2:].max() < change[:2].min(), change
 
 
+@pytest.mark.parametrize("keep_space,checkpointing", [("latent", False), ("decoded", True)])
+def test_micro_batched_step_has_the_whole_steps_gradient(tiny_sd, keep_space, checkpointing):
+    """encoder_trap.micro_batch: the encoder sees at most B images per call, the gradient and the logged losses are
+    the whole step's (uneven chunks included), and the draws are the same (so is a trained trap, to rounding);
+    gradient checkpointing changes nothing but memory."""
+    g0 = torch.Generator().manual_seed(11)
+    photos, paired = torch.rand(5, 3, 64, 64, generator=g0), torch.rand(5, 3, 64, 64, generator=g0)
+    keep = torch.rand(6, 3, 64, 64, generator=g0)
+    whole = EncoderTrapConfig(preserve_batch=3, keep_space=keep_space, preserve_weight=2.0)
+    micro = dataclasses.replace(whole, micro_batch=2, gradient_checkpointing=checkpointing)
+    grads, logs, sizes = [], [], []
+    for cfg in (whole, micro):
+        trapped, trainable = T.trainable_copy(tiny_sd.vae, cfg)
+        hook = trapped.encoder.register_forward_hook(
+            lambda m, i, o, b=cfg.micro_batch: sizes.append((b, i[0].shape[0])))
+        logs.append(T.trap_step(trapped, tiny_sd.vae, photos, paired, keep, cfg, torch.Generator().manual_seed(4)))
+        hook.remove()
+        grads.append({n: p.grad.clone() for n, p in trainable.items()})
+    assert max(n for b, n in sizes if b == 2) == 2 and max(n for b, n in sizes if b == 0) == 5
+    assert logs[0].keys() == logs[1].keys()
+    for k in logs[0]:
+        assert logs[1][k] == pytest.approx(logs[0][k], rel=1e-5), k
+    assert sum(float(g.abs().sum()) for g in grads[0].values()) > 0
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-7, msg=n)
+    subj = [_subject()]
+    runs = [T.trap_encoder(tiny_sd.vae, subj, dataclasses.replace(c, steps=3, learning_rate=1e-3), quiet=True)
+            for c in (whole, dataclasses.replace(micro, micro_batch=1))]
+    assert not runs[1][0].encoder.gradient_checkpointing  # off again in the returned VAE
+    assert [h["loss"] for h in runs[1][1]] == pytest.approx([h["loss"] for h in runs[0][1]], rel=1e-4)
+    # compared through what the encoders do, not weight by weight: Adam turns the rounding noise of a gradient that
+    # is zero in exact arithmetic (a bias ahead of a GroupNorm) into a step of ±lr
+    x = torch.cat([subj[0].images, subj[0].class_images])
+    with torch.no_grad():
+        base, a, b = (T.moments(v, x) for v in (tiny_sd.vae, runs[0][0], runs[1][0]))
+    assert float((a - base).abs().max()) > 0.1  # the three steps moved the latents
+    torch.testing.assert_close(b, a, rtol=0, atol=5e-4)
+
+
 @pytest.mark.parametrize("key,value", [("steps", -1), ("preserve_batch", 0), ("learning_rate", -1.0),
                                        ("augment", float("nan")), ("synthetic_photos", -1), ("synthetic_pool", 0),
-                                       ("keep_space", "pixels")])
+                                       ("keep_space", "pixels"), ("micro_batch", -1)])
 def test_trap_config_is_checked(key, value):
     with pytest.raises(ValueError, match=f"encoder_trap.{key}"):
         T.check_trap_config(EncoderTrapConfig(**{key: value}))

@@ -88,6 +88,24 @@ def test_l2p_on_cuda_changes_theta_not_phi(gpu_sd, trainable):
     assert any(not torch.equal(p.to(phi[n].dtype), phi[n]) for n, p in theta.named_parameters())
 
 
+def test_encoder_trap_on_cuda(gpu_sd):
+    """The trap's fp32 encoder copy trains on the GPU against the bf16 original, micro-batched and checkpointed, and
+    sends the photos' latents away while the class images' stay (as on the CPU, tests/test_encoder_trap.py)."""
+    from apdm.config import EncoderTrapConfig
+    from apdm.protect_model import encoder_trap as T
+    from apdm.protect_model import l2p
+
+    subj = l2p.Subject("s", _images(3).cuda(), _images(3, seed=1).cuda(), _images(4, seed=2).cuda(),
+                       "a photo of sks person", "a photo of a person")
+    cfg = EncoderTrapConfig(steps=30, learning_rate=2e-3, augment=0.0, preserve_batch=4, micro_batch=2,
+                            gradient_checkpointing=True)
+    trapped, hist, _ = T.trap_encoder(gpu_sd.vae, [subj], cfg, quiet=True)
+    assert trapped.device.type == "cuda" and next(trapped.parameters()).dtype == torch.float32
+    assert sum(h["loss_trap"] for h in hist[-5:]) < 0.5 * sum(h["loss_trap"] for h in hist[:5])
+    change = T.latent_change(gpu_sd.vae, trapped, torch.cat([subj.images, subj.class_images]))
+    assert change[3:].max() < change[:3].min(), change
+
+
 def test_image_protection_on_cuda_keeps_the_budget(gpu_sd):
     from apdm.protect_images import ldu
     from apdm.protect_images.baselines import METHODS

@@ -9,7 +9,11 @@ What is timed (each after one warm-up call, median of ``repeats`` timed calls, C
 * ``protect-images``: LDU per image (inversion + ρ + k-step denoise at model resolution, a fresh ρ: the cost does
   not depend on ρ's weights), one ρ training step, one ASPL outer iteration (3 surrogate + 6 PGD + 3 DreamBooth
   steps on the ``images`` photos), one AdvDM and one PhotoGuard PGD step; each with its projected seconds per image
-  at the method's default step count.
+  at the method's default step count;
+* ``encoder-trap``: one step of the encoder trap (apdm's addition, ``encoder_trap.*``: ``trap_images`` photos and
+  pictures of the subject plus ``preserve_batch`` (8) kept images through the VAE encoder, forward and backward, and
+  the AdamW step), with ``micro_batch`` images per encoder call, and the projected hours of ``trap_steps`` steps
+  (the toy recipes' 1,500). ``gradient_checkpointing`` applies here too.
 
 With ``model=random:sd15`` (or ``random:sd21base``) the model is the real architecture with random weights
 (:func:`apdm.core.models.random_sd`): its numbers are real-size costs, measurable where no weights can be
@@ -18,7 +22,9 @@ downloaded. Efficacy is not measured here (see the toy-world benchmarks).
 Options: ``model=PATH|tiny|toy|random:sd15`` ``device=auto|cpu|cuda`` ``dtype=auto|fp32|bf16|fp16``
 ``parts=personalize,protect-model,protect-images`` ``repeats=N`` ``batch_size=N`` ``images=N``
 ``inner_steps=N`` ``outer_steps=N`` ``mixed_precision=no|bf16|fp16`` ``gradient_checkpointing=true|false``
-``trainable=all|lora|NAMES`` (what θ trains, as ``protect.trainable``).
+``trainable=all|lora|NAMES`` (what θ trains, as ``protect.trainable``) ``trap_images=N`` (default: ``images``)
+``trap_steps=N`` ``micro_batch=N`` ``keep_space=latent|decoded`` ``preserve_batch=N`` (as ``encoder_trap.*``).
+``peak_rss_mb`` is the process's peak resident memory (the cost on a CPU).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import statistics
 import time
 from typing import Callable
 
-PARTS = ("personalize", "protect-model", "protect-images")
+PARTS = ("personalize", "protect-model", "protect-images", "encoder-trap")
 
 
 def _sync(device) -> None:
@@ -141,16 +147,53 @@ def _protect_images(sd, images, class_images, opts: dict, repeats: int) -> dict:
     return out
 
 
+def _encoder_trap(sd, class_images, opts: dict, repeats: int) -> dict:
+    import torch
+
+    from apdm.config import EncoderTrapConfig
+    from apdm.protect_model import encoder_trap as T
+
+    res = sd.resolution
+    n = int(opts.get("trap_images", opts.get("images", 4)))
+    g = torch.Generator().manual_seed(1)
+    photos = torch.rand(n, 3, res, res, generator=g).to(sd.device)
+    paired = class_images[torch.arange(n) % class_images.shape[0]]  # each photo's decoy
+    cfg = EncoderTrapConfig(steps=int(opts.get("trap_steps", 1500)), micro_batch=int(opts.get("micro_batch", 0)),
+                            keep_space=opts.get("keep_space", "latent"),
+                            preserve_batch=int(opts.get("preserve_batch", 8)),
+                            gradient_checkpointing=opts.get("gradient_checkpointing", "false").lower() in ("1", "true"))
+    T.check_trap_config(cfg)
+    trapped, trainable = T.trainable_copy(sd.vae, cfg)
+    trapped.train()
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=cfg.learning_rate, weight_decay=0.0)
+    step = iter(range(10**6))
+
+    def one_step():  # the body of trap_encoder's loop
+        optimizer.zero_grad(set_to_none=True)
+        T.trap_step(trapped, sd.vae, photos, paired, class_images, cfg, torch.Generator().manual_seed(next(step)))
+        optimizer.step()
+
+    seconds, peak = timed(one_step, sd.device, repeats)
+    out = {"trap_images": n, "trap_preserve_batch": cfg.preserve_batch, "trap_micro_batch": cfg.micro_batch,
+           "trap_keep_space": cfg.keep_space, "trap_gradient_checkpointing": cfg.gradient_checkpointing,
+           "trap_steps": cfg.steps}
+    _record(out, "per_step_encoder_trap", seconds, peak)
+    out["hours_encoder_trap_projected"] = round(seconds * cfg.steps / 3600, 3)
+    return out
+
+
 def bench_speed(quick: bool, overrides: list[str]) -> dict:
     """See the module docstring."""
     import torch
 
     from apdm.bench import parse_options
     from apdm.core.models import load_sd
+    from apdm.utils import peak_rss_mb
 
     opts = parse_options(overrides, {"model", "device", "dtype", "parts", "repeats", "batch_size", "images",
                                      "inner_steps", "outer_steps", "mixed_precision", "gradient_checkpointing",
-                                     "trainable"})
+                                     "trainable", "trap_images", "trap_steps", "micro_batch", "keep_space",
+                                     "preserve_batch"})
     parts = opts.get("parts", ",".join(PARTS)).split(",")
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
@@ -178,4 +221,7 @@ def bench_speed(quick: bool, overrides: list[str]) -> dict:
         result.update(_protect_model(sd, images, class_images, opts, repeats))
     if "protect-images" in parts:
         result.update(_protect_images(sd, images, class_images, opts, repeats))
+    if "encoder-trap" in parts:
+        result.update(_encoder_trap(sd, class_images, opts, repeats))
+    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return result

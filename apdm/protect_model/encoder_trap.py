@@ -311,7 +311,7 @@ def recon_psnr(vae, images: torch.Tensor, batch: int = 32) -> torch.Tensor:
 
 
 @torch.no_grad()
-def trap_report(vae_ref, vae, groups: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+def trap_report(vae_ref, vae, groups: dict[str, torch.Tensor], batch: int = 32) -> dict[str, dict[str, float]]:
     """What a trapped encoder does, per group of images: the mean :func:`latent_change` (≈ 1: sent to a decoy; ≈ 0:
     left alone), the mean :func:`recon_psnr` with the original and the trapped encoder (the same decoder), and the
     mean PSNR between the two encoders' :func:`encode_decode` pictures (``decode_change_psnr``: how much the trap
@@ -321,6 +321,7 @@ def trap_report(vae_ref, vae, groups: dict[str, torch.Tensor]) -> dict[str, dict
     Args:
         vae_ref: the original VAE; vae: the trapped one.
         groups: name -> (N,3,H,W) in [0,1]; empty groups are left out.
+        batch: images per encoder / decoder call.
 
     Returns:
         {name: {"images", "latent_change", "recon_psnr_base", "recon_psnr_trapped", "decode_change_psnr",
@@ -335,11 +336,11 @@ def trap_report(vae_ref, vae, groups: dict[str, torch.Tensor]) -> dict[str, dict
         if images is None or images.shape[0] == 0:
             continue
         x = images.float().cpu()
-        dec_ref, dec = encode_decode(vae_ref, images), encode_decode(vae, images)
+        dec_ref, dec = encode_decode(vae_ref, images, batch), encode_decode(vae, images, batch)
         change = psnr(dec_ref, dec)
         change = change[torch.isfinite(change)]
         out[name] = {"images": int(images.shape[0]),
-                     "latent_change": round(float(latent_change(vae_ref, vae, images).mean()), 4),
+                     "latent_change": round(float(latent_change(vae_ref, vae, images, batch).mean()), 4),
                      "recon_psnr_base": round(float(psnr(x, dec_ref).mean()), 2),
                      "recon_psnr_trapped": round(float(psnr(x, dec).mean()), 2),
                      "decode_change_psnr": round(float(change.mean()), 2) if change.numel() else None,
@@ -348,9 +349,24 @@ def trap_report(vae_ref, vae, groups: dict[str, torch.Tensor]) -> dict[str, dict
     return out
 
 
+def trap_inputs(subject_images: torch.Tensor, paired: torch.Tensor, class_images: torch.Tensor,
+                cfg: EncoderTrapConfig, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step's augmented images (:func:`trap_loss`'s arguments): (a(x⁻), a(x⁺), a(x_c)), x⁺ under the very change
+    its x⁻ got, x_c ``cfg.preserve_batch`` images drawn from ``class_images`` and moved to the subject images'
+    device. Draws from ``g`` in that order."""
+    state = g.get_state()
+    x_minus = augment(subject_images, g, cfg.augment)
+    g.set_state(state)  # x⁺ gets the very change its x⁻ got
+    x_plus = augment(paired, g, cfg.augment)
+    idx = torch.randint(class_images.shape[0], (cfg.preserve_batch,), generator=g)
+    x_c = augment(class_images[idx.to(class_images.device)].to(subject_images.device), g, cfg.augment)
+    return x_minus, x_plus, x_c
+
+
 def trap_loss(vae, vae_ref, subject_images: torch.Tensor, paired: torch.Tensor, class_images: torch.Tensor,
               cfg: EncoderTrapConfig, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
     """L_trap at the trainable ``vae`` (differentiable w.r.t. its encoder); ``vae_ref`` is the frozen original.
+    Every image of the step goes through the encoder at once; :func:`trap_step` gives the same gradient in chunks.
 
     Args:
         subject_images: (N,3,H,W) in [0,1], the protected photos x⁻ (all subjects).
@@ -362,12 +378,7 @@ def trap_loss(vae, vae_ref, subject_images: torch.Tensor, paired: torch.Tensor, 
     Returns:
         (loss, {"loss_trap", "loss_preserve", "loss"}).
     """
-    state = g.get_state()
-    x_minus = augment(subject_images, g, cfg.augment)
-    g.set_state(state)  # x⁺ gets the very change its x⁻ got
-    x_plus = augment(paired, g, cfg.augment)
-    idx = torch.randint(class_images.shape[0], (cfg.preserve_batch,), generator=g)
-    x_c = augment(class_images[idx.to(class_images.device)].to(subject_images.device), g, cfg.augment)
+    x_minus, x_plus, x_c = trap_inputs(subject_images, paired, class_images, cfg, g)
     with torch.no_grad():
         target_trap, target_keep = moments(vae_ref, x_plus).float(), moments(vae_ref, x_c).float()
     loss_trap = F.mse_loss(moments(vae, x_minus).float(), target_trap)
@@ -380,6 +391,57 @@ def trap_loss(vae, vae_ref, subject_images: torch.Tensor, paired: torch.Tensor, 
     loss = loss_trap + cfg.preserve_weight * loss_keep
     return loss, {"loss_trap": float(loss_trap.detach()), "loss_preserve": float(loss_keep.detach()),
                   "loss": float(loss.detach())}
+
+
+def trap_step(vae, vae_ref, subject_images: torch.Tensor, paired: torch.Tensor, class_images: torch.Tensor,
+              cfg: EncoderTrapConfig, g: torch.Generator) -> dict[str, float]:
+    """Accumulate the gradient of :func:`trap_loss` into ``vae``'s trainable parameters (``.grad``; the caller zeroes
+    it and steps the optimizer) and return its logs. With ``cfg.micro_batch`` = B > 0 the encoder sees B images at a
+    time: each chunk's mse is weighted by its share of its term's images and back-propagated on its own, so the
+    gradient is the whole step's (to float rounding) at the memory of B images; the random draws are the same.
+    Arguments as :func:`trap_loss`."""
+    b = int(cfg.micro_batch)
+    if b <= 0 or max(subject_images.shape[0], cfg.preserve_batch) <= b:
+        loss, logs = trap_loss(vae, vae_ref, subject_images, paired, class_images, cfg, g)
+        loss.backward()
+        return logs
+    x_minus, x_plus, x_c = trap_inputs(subject_images, paired, class_images, cfg, g)
+    with torch.no_grad():
+        target_trap = torch.cat([moments(vae_ref, c).float() for c in x_plus.split(b)])
+        target_keep = torch.cat([moments(vae_ref, c).float() for c in x_c.split(b)])
+    noise = None
+    if cfg.keep_space == "decoded":  # drawn where trap_loss draws it: after the inputs, before any other draw
+        noise = torch.randn(target_keep[:, : target_keep.shape[1] // 2].shape, generator=g).to(target_keep.device)
+    n, m = x_minus.shape[0], x_c.shape[0]
+    loss_trap = loss_keep = 0.0
+    for x, t in zip(x_minus.split(b), target_trap.split(b)):
+        part = F.mse_loss(moments(vae, x).float(), t) * (x.shape[0] / n)
+        part.backward()
+        loss_trap += float(part.detach())
+    for i, (x, t) in enumerate(zip(x_c.split(b), target_keep.split(b))):
+        keep = moments(vae, x).float()
+        if noise is not None:
+            part = keep_decoded(vae, keep, t, noise[i * b: i * b + x.shape[0]])
+        else:
+            part = F.mse_loss(keep, t)
+        part = part * (x.shape[0] / m)
+        (cfg.preserve_weight * part).backward()
+        loss_keep += float(part.detach())
+    return {"loss_trap": loss_trap, "loss_preserve": loss_keep, "loss": loss_trap + cfg.preserve_weight * loss_keep}
+
+
+def trainable_copy(vae, cfg: EncoderTrapConfig) -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]:
+    """An fp32 copy of ``vae`` whose encoder (and ``quant_conv``) train, the rest frozen: (copy, {name: parameter}),
+    names as in the VAE's state dict. ``cfg.gradient_checkpointing`` turns on diffusers' checkpointing in it."""
+    trapped = copy.deepcopy(vae).float().requires_grad_(False)
+    trainable = {f"encoder.{n}": p for n, p in trapped.encoder.named_parameters()}
+    if getattr(trapped, "quant_conv", None) is not None:
+        trainable.update({f"quant_conv.{n}": p for n, p in trapped.quant_conv.named_parameters()})
+    for p in trainable.values():
+        p.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        trapped.enable_gradient_checkpointing()
+    return trapped, trainable
 
 
 def keep_decoded(vae, params: torch.Tensor, target: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -412,7 +474,7 @@ def check_trap_config(cfg: EncoderTrapConfig) -> None:
     """Raise ValueError naming the ``encoder_trap.*`` key that is out of range."""
     for key, low in (("steps", 0), ("preserve_batch", 1), ("checkpoint_every", 0), ("decoys", 0),
                      ("synthetic_photos", 0), ("synthetic_pool", 1), ("synthetic_copies", 1),
-                     ("keep_generated", 0)):
+                     ("keep_generated", 0), ("micro_batch", 0)):
         v = getattr(cfg, key)
         if int(v) != v or v < low:
             raise ValueError(f"encoder_trap.{key} must be a whole number >= {low}, got {v}")
@@ -460,12 +522,7 @@ def trap_encoder(vae, subjects: list, cfg: EncoderTrapConfig, seed: int = 0,
 
     check_trap_config(cfg)
     dev = vae.device
-    trapped = copy.deepcopy(vae).float().requires_grad_(False)
-    trainable = {f"encoder.{n}": p for n, p in trapped.encoder.named_parameters()}
-    if getattr(trapped, "quant_conv", None) is not None:
-        trainable.update({f"quant_conv.{n}": p for n, p in trapped.quant_conv.named_parameters()})
-    for p in trainable.values():
-        p.requires_grad_(True)
+    trapped, trainable = trainable_copy(vae, cfg)
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=cfg.learning_rate, weight_decay=0.0)
     if views is not None and len(views) != len(subjects):
         raise ValueError(f"encoder trap: {len(views)} sets of views for {len(subjects)} subjects")
@@ -506,9 +563,8 @@ def trap_encoder(vae, subjects: list, cfg: EncoderTrapConfig, seed: int = 0,
     done = 0
     for k in bar:
         g = torch.Generator().manual_seed(seed * 1_000_003 + k)
-        loss, logs = trap_loss(trapped, vae, subject_images, paired, keep, cfg, g)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        logs = trap_step(trapped, vae, subject_images, paired, keep, cfg, g)
         optimizer.step()
         history.append({"step": k, **{n: round(v, 6) for n, v in logs.items()}})
         bar.set_postfix(trap=f"{logs['loss_trap']:.4f}", keep=f"{logs['loss_preserve']:.4f}")
@@ -518,4 +574,6 @@ def trap_encoder(vae, subjects: list, cfg: EncoderTrapConfig, seed: int = 0,
             save_checkpoint(ckpt, k + 1, trainable, optimizer, history)
         if stop:
             break
+    if cfg.gradient_checkpointing:
+        trapped.disable_gradient_checkpointing()
     return trapped.eval().requires_grad_(False), history, chosen

@@ -152,10 +152,10 @@ def load_held_back(cfg: ProtectModelRunConfig, size: int, quiet: bool = False):
 HELD_BACK_WARN = 0.75
 
 
-def check_held_back(vae_ref, trapped, subjects: list, held: list) -> list[dict]:
+def check_held_back(vae_ref, trapped, subjects: list, held: list, batch: int = 32) -> list[dict]:
     """The encoder trap on each subject's held-back photos (:func:`load_held_back`) against its trained photos:
-    their mean :func:`~apdm.protect_model.encoder_trap.latent_change` and the ratio held-back / trained, logged in
-    words, with a warning when the ratio is below ``HELD_BACK_WARN``.
+    their mean :func:`~apdm.protect_model.encoder_trap.latent_change` (``batch`` images per encoder call) and the
+    ratio held-back / trained, logged in words, with a warning when the ratio is below ``HELD_BACK_WARN``.
 
     Returns:
         one dict per subject with held-back photos: ``index``, ``subject``, ``images``, ``latent_change``,
@@ -167,8 +167,8 @@ def check_held_back(vae_ref, trapped, subjects: list, held: list) -> list[dict]:
     for k, (s, h) in enumerate(zip(subjects, held)):
         if h is None:
             continue
-        seen = float(latent_change(vae_ref, trapped, s.images).mean())
-        unseen = float(latent_change(vae_ref, trapped, h.to(s.images.device)).mean())
+        seen = float(latent_change(vae_ref, trapped, s.images, batch).mean())
+        unseen = float(latent_change(vae_ref, trapped, h.to(s.images.device), batch).mean())
         reach = unseen / seen if seen > 0 else 0.0
         rows.append({"index": k, "subject": s.name, "images": int(h.shape[0]), "latent_change": round(unseen, 4),
                      "latent_change_trained": round(seen, 4), "reach": round(reach, 3),
@@ -233,10 +233,10 @@ TRAP_GROUPS = {"protected_photos": "the protected photos", "class_images": "the 
 
 
 def log_trap_report(vae_ref, trapped, subjects: list, keep_images, views: list | None = None,
-                    generated=None) -> dict:
+                    generated=None, batch: int = 32) -> dict:
     """:func:`apdm.protect_model.encoder_trap.trap_report` on the images the trap trained with (the subjects'
     photos, their class images, ``keep_images``, the ``keep_generated`` images ``generated``, the synthetic
-    ``views``), logged in words; returned for protect_log.json and the card."""
+    ``views``; ``batch`` images per VAE call), logged in words; returned for protect_log.json and the card."""
     import torch
 
     from apdm.protect_model.encoder_trap import trap_report
@@ -247,7 +247,7 @@ def log_trap_report(vae_ref, trapped, subjects: list, keep_images, views: list |
         "class_images": torch.cat([s.class_images for s in subjects]).to(dev),
         "keep_images": None if keep_images is None else keep_images.to(dev),
         "keep_generated": None if generated is None else generated.to(dev),
-        "synthetic_views": None if not views else torch.cat(views).to(dev)})
+        "synthetic_views": None if not views else torch.cat(views).to(dev)}, batch)
     LOG.info("encoder trap check (latent change ‖μ_trapped − μ_original‖ / ‖μ_original‖: ≈ 1 sent to a decoy, "
              "≈ 0 left alone): %s", "; ".join(f"{TRAP_GROUPS[k]} {v['latent_change']:.2f}" for k, v in report.items()))
     LOG.info("encoder trap check (encode → decode PSNR, original → trapped encoder; what img2img / inpainting with "
@@ -378,8 +378,9 @@ def run(cfg: ProtectModelRunConfig) -> dict:
                                                      keep_images=torch.cat(kept) if kept else None,
                                                      views=views)
         vae, seconds_trap = trapped.to(sd.dtype), time.perf_counter() - t1
-        trap_check = log_trap_report(sd.vae, trapped, subjects, keep_images, views, generated)
-        held_check = check_held_back(sd.vae, trapped, subjects, held)
+        batch = cfg.encoder_trap.micro_batch or 32  # images per VAE call of the checks (no gradient)
+        trap_check = log_trap_report(sd.vae, trapped, subjects, keep_images, views, generated, batch)
+        held_check = check_held_back(sd.vae, trapped, subjects, held, batch)
         decoys = save_decoys(out / "encoder_trap_decoys", chosen, recognizer)
     protected = dataclasses.replace(sd, unet=unet.to(sd.dtype), source=f"apdm-protected({sd.source})", vae=vae,
                                     text_encoder=sd.text_encoder if text_encoder is None else text_encoder.to(sd.dtype))

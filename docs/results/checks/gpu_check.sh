@@ -5,7 +5,8 @@
 #     steps, one L2P outer step at the paper's N_per = 20, LDU / ASPL / AdvDM / PhotoGuard per image;
 #   - the L2P outer step again with bf16 autocast + gradient checkpointing (the memory options).
 # Usage on the GPU machine, from the repo root: bash docs/results/checks/gpu_check.sh OUT_DIR [more|lora]
-# ("more": instead, SD-2.1-base image-method timings and LoRA-θ protection; "lora": LoRA-θ with a bf16 base)
+# ("more": instead, SD-2.1-base image-method timings and LoRA-θ protection; "lora": LoRA-θ with a bf16 base;
+# "trap": the encoder trap's step at 512 px with 16 and 36 photos, whole and micro-batched, and its GPU test)
 # (where pip cannot reach an index, install diffusers first, e.g. from wheels: see docs/install.md).
 set -u
 out=${1:-gpu-check}
@@ -39,4 +40,13 @@ if [ "${2:-}" = "lora" ]; then
     timeout 120 python3 -m pytest -q -m gpu tests/test_gpu.py -k l2p 2>&1 | tail -5 | tee "$out/gpu_tests_l2p.log"
     run sd15_protect_model_lora_theta_bf16base 100 parts=protect-model repeats=2 inner_steps=20 trainable=lora
     cat "$out"/speed_*.json
+fi
+# fourth call: the encoder trap (apdm's addition) at 512 px: the recommended 16 photos, and 12 photos + 24 pictures
+if [ "${2:-}" = "trap" ]; then
+    timeout 90 python3 -m pytest -q -m gpu tests/test_gpu.py -k trap 2>&1 | tail -5 | tee "$out/gpu_tests_trap.log"
+    run sd15_trap16 100 parts=encoder-trap repeats=2 trap_images=16
+    run sd15_trap16_mb4 100 parts=encoder-trap repeats=2 trap_images=16 micro_batch=4
+    run sd15_trap36_mb4 150 parts=encoder-trap repeats=2 trap_images=36 micro_batch=4
+    run sd15_trap36_mb4_ckpt 150 parts=encoder-trap repeats=2 trap_images=36 micro_batch=4 gradient_checkpointing=true
+    cat "$out"/speed_*trap*.json
 fi
