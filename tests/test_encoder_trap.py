@@ -317,7 +317,8 @@ def test_cli_protect_model_writes_the_trapped_encoder(tmp_path):
     from apdm.core.models import load_sd
 
     assert main(["protect-model", *tiny_protect_model_args(tmp_path), "protect.outer_steps=0",
-                 "encoder_trap.steps=3", "encoder_trap.learning_rate=1e-3"]) == 0  # the trap alone (its recipe)
+                 "encoder_trap.steps=3", "encoder_trap.learning_rate=1e-3",  # the trap alone (its recipe),
+                 "encoder_trap.micro_batch=1", "encoder_trap.gradient_checkpointing=true"]) == 0  # as at 512 px
     saved = AutoencoderKL.from_pretrained(str(tmp_path / "out" / "model" / "vae"))
     base = load_sd("tiny", device="cpu").vae
     assert not torch.equal(saved.encoder.conv_in.weight, base.encoder.conv_in.weight)
@@ -325,6 +326,8 @@ def test_cli_protect_model_writes_the_trapped_encoder(tmp_path):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=n)
     card = (tmp_path / "out" / "model" / "README.md").read_text()
     assert "Encoder trap" in card and "no APDM steps" in card
+    log = json.loads((tmp_path / "out" / "protect_log.json").read_text())
+    assert log["encoder_trap_check"]["protected_photos"]["latent_change"] > 0  # the checks ran, one image a call
     unet, base_unet = load_sd(str(tmp_path / "out" / "model"), device="cpu").unet, load_sd("tiny", device="cpu").unet
     assert all(torch.equal(a, b) for a, b in zip(unet.parameters(), base_unet.parameters()))
     assert not (tmp_path / "out" / "checkpoint").exists()

@@ -553,6 +553,9 @@ def trap_encoder(vae, subjects: list, cfg: EncoderTrapConfig, seed: int = 0,
                              f"subjects' photos are {tuple(subject_images.shape[1:])}")
         keep.append(keep_images)
     keep = torch.cat([k.cpu() for k in keep])  # stays on the CPU (a large keep set need not fit on the GPU)
+    LOG.info("encoder trap: each step passes %d photos and pictures of the subjects and %d of %d kept images "
+             "through the encoder, %s (encoder_trap.micro_batch)", subject_images.shape[0], cfg.preserve_batch,
+             keep.shape[0], f"{cfg.micro_batch} at a time" if cfg.micro_batch > 0 else "all at once")
     start, history = 0, []
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     if ckpt is not None and (ckpt / "progress.json").is_file():
