@@ -20,7 +20,7 @@ With ``model=random:sd15`` (or ``random:sd21base``) the model is the real archit
 downloaded. Efficacy is not measured here (see the toy-world benchmarks).
 
 Options: ``model=PATH|tiny|toy|random:sd15`` ``device=auto|cpu|cuda`` ``dtype=auto|fp32|bf16|fp16``
-``parts=personalize,protect-model,protect-images`` ``repeats=N`` ``batch_size=N`` ``images=N``
+``parts=personalize,protect-model,protect-images,encoder-trap`` ``repeats=N`` ``batch_size=N`` ``images=N``
 ``inner_steps=N`` ``outer_steps=N`` ``mixed_precision=no|bf16|fp16`` ``gradient_checkpointing=true|false``
 ``trainable=all|lora|NAMES`` (what θ trains, as ``protect.trainable``) ``trap_images=N`` (default: ``images``)
 ``trap_steps=N`` ``micro_batch=N`` ``keep_space=latent|decoded`` ``preserve_batch=N`` (as ``encoder_trap.*``).
