@@ -300,6 +300,15 @@ def test_micro_batched_step_has_the_whole_steps_gradient(tiny_sd, keep_space, ch
     torch.testing.assert_close(b, a, rtol=0, atol=5e-4)
 
 
+def test_trap_out_of_memory_names_the_setting_that_helps(tiny_sd, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+
+    monkeypatch.setattr(T, "trap_step", no_memory)
+    with pytest.raises(RuntimeError, match=r"up to 6 images of \(64, 64\) px.*encoder_trap.micro_batch"):
+        T.trap_encoder(tiny_sd.vae, [_subject()], EncoderTrapConfig(steps=2, preserve_batch=4), quiet=True)
+
+
 @pytest.mark.parametrize("key,value", [("steps", -1), ("preserve_batch", 0), ("learning_rate", -1.0),
                                        ("augment", float("nan")), ("synthetic_photos", -1), ("synthetic_pool", 0),
                                        ("keep_space", "pixels"), ("micro_batch", -1)])

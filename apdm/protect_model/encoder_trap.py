@@ -567,7 +567,15 @@ def trap_encoder(vae, subjects: list, cfg: EncoderTrapConfig, seed: int = 0,
     for k in bar:
         g = torch.Generator().manual_seed(seed * 1_000_003 + k)
         optimizer.zero_grad(set_to_none=True)
-        logs = trap_step(trapped, vae, subject_images, paired, keep, cfg, g)
+        try:
+            logs = trap_step(trapped, vae, subject_images, paired, keep, cfg, g)
+        except torch.OutOfMemoryError as exc:
+            per_pass = cfg.micro_batch or subject_images.shape[0] + cfg.preserve_batch
+            raise RuntimeError(
+                f"encoder trap: out of memory with up to {per_pass} images of {tuple(subject_images.shape[2:])} px "
+                "per encoder pass; set encoder_trap.micro_batch to fewer (the same gradient, less memory; each "
+                "image held costs about 3 GB at 512 px) and/or encoder_trap.gradient_checkpointing=true. A "
+                "checkpoint, if any, is kept: the run resumes from it") from exc
         optimizer.step()
         history.append({"step": k, **{n: round(v, 6) for n, v in logs.items()}})
         bar.set_postfix(trap=f"{logs['loss_trap']:.4f}", keep=f"{logs['loss_preserve']:.4f}")
