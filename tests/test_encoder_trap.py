@@ -273,7 +273,7 @@ def test_micro_batched_step_has_the_whole_steps_gradient(tiny_sd, keep_space, ch
     micro = dataclasses.replace(whole, micro_batch=2, gradient_checkpointing=checkpointing)
     grads, logs, sizes = [], [], []
     for cfg in (whole, micro):
-        trapped, trainable = T.trainable_copy(tiny_sd.vae, cfg)
+        trapped, trainable, _ = T.trainable_copy(tiny_sd.vae, cfg)
         hook = trapped.encoder.register_forward_hook(
             lambda m, i, o, b=cfg.micro_batch: sizes.append((b, i[0].shape[0])))
         logs.append(T.trap_step(trapped, tiny_sd.vae, photos, paired, keep, cfg, torch.Generator().manual_seed(4)))

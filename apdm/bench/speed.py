@@ -84,6 +84,11 @@ def personalize_step_times(sd, images, class_images, batch_size: int, repeats: i
     return out
 
 
+def _checkpointing(opts: dict) -> bool:
+    """The ``gradient_checkpointing=true|false`` option (both parts that train read it)."""
+    return opts.get("gradient_checkpointing", "false").lower() in ("1", "true")
+
+
 def _protect_model(sd, images, class_images, opts: dict, repeats: int) -> dict:
     from apdm.config import PersonalizationConfig, ProtectConfig
     from apdm.protect_model import l2p
@@ -92,7 +97,7 @@ def _protect_model(sd, images, class_images, opts: dict, repeats: int) -> dict:
     outer = int(opts.get("outer_steps", 800))
     pcfg = ProtectConfig(inner_steps=inner, checkpoint_every=0, trainable=opts.get("trainable", "all"),
                          mixed_precision=opts.get("mixed_precision", "no"),
-                         gradient_checkpointing=opts.get("gradient_checkpointing", "false").lower() in ("1", "true"))
+                         gradient_checkpointing=_checkpointing(opts))
     per = PersonalizationConfig(method="dreambooth", learning_rate=5e-6, batch_size=1)
     n = images.shape[0]
     subject = l2p.Subject("speed", images, class_images[:n], class_images, "a photo of sks person",
@@ -161,19 +166,13 @@ def _encoder_trap(sd, class_images, opts: dict, repeats: int) -> dict:
     cfg = EncoderTrapConfig(steps=int(opts.get("trap_steps", 1500)), micro_batch=int(opts.get("micro_batch", 0)),
                             keep_space=opts.get("keep_space", "latent"),
                             preserve_batch=int(opts.get("preserve_batch", 8)),
-                            gradient_checkpointing=opts.get("gradient_checkpointing", "false").lower() in ("1", "true"))
+                            gradient_checkpointing=_checkpointing(opts))
     T.check_trap_config(cfg)
-    trapped, trainable = T.trainable_copy(sd.vae, cfg)
+    trapped, _, optimizer = T.trainable_copy(sd.vae, cfg)
     trapped.train()
-    optimizer = torch.optim.AdamW(list(trainable.values()), lr=cfg.learning_rate, weight_decay=0.0)
     step = iter(range(10**6))
-
-    def one_step():  # the body of trap_encoder's loop
-        optimizer.zero_grad(set_to_none=True)
-        T.trap_step(trapped, sd.vae, photos, paired, class_images, cfg, torch.Generator().manual_seed(next(step)))
-        optimizer.step()
-
-    seconds, peak = timed(one_step, sd.device, repeats)
+    seconds, peak = timed(lambda: T.train_step(trapped, sd.vae, optimizer, photos, paired, class_images, cfg,
+                                               torch.Generator().manual_seed(next(step))), sd.device, repeats)
     out = {"trap_images": n, "trap_preserve_batch": cfg.preserve_batch, "trap_micro_batch": cfg.micro_batch,
            "trap_keep_space": cfg.keep_space, "trap_gradient_checkpointing": cfg.gradient_checkpointing,
            "trap_steps": cfg.steps}

@@ -58,12 +58,6 @@ def apply_attack(images: torch.Tensor, spec: str, sd, seed: int = 0) -> torch.Te
     return parse_attack(spec)(images)
 
 
-def _load_folder(spec: str, size: int):
-    from apdm.core.images import load_spec
-
-    return load_spec(spec, size=size)
-
-
 # ============================================================================ metric backends
 @functools.lru_cache(maxsize=1)
 def _toy_instruments():
@@ -198,7 +192,7 @@ def run(cfg: EvaluateRunConfig) -> dict:
         ``{"records": [...], "output_dir": str}``.
     """
     from apdm.core import diffusion as D
-    from apdm.core.images import save_grid
+    from apdm.core.images import load_spec, save_grid
     from apdm.core.models import load_sd
     from apdm.evaluation.protocol import personalize_and_sample, with_prompts
     from apdm.evaluation.report import write_report
@@ -221,16 +215,16 @@ def run(cfg: EvaluateRunConfig) -> dict:
 
     for si, subj in enumerate(cfg.subjects):
         name = subj.name or Path(subj.clean_data.split(",")[0]).name or f"subject{si}"
-        clean, clean_paths, _ = _load_folder(subj.clean_data, size)
+        clean, clean_paths, _ = load_spec(subj.clean_data, size=size)
         if not clean_paths:
             raise ValueError(f"subject '{name}': no usable clean images in {subj.clean_data}")
         protected = None
         if subj.protected_data:
-            protected, prot_paths, _ = _load_folder(subj.protected_data, size)
+            protected, prot_paths, _ = load_spec(subj.protected_data, size=size)
             if len(prot_paths) != len(clean_paths):
                 raise ValueError(f"subject '{name}': {len(prot_paths)} protected vs {len(clean_paths)} clean images; "
                                  "they must pair up (same sorted order)")
-        refs = _load_folder(subj.reference_data, size)[0] if subj.reference_data else clean
+        refs = load_spec(subj.reference_data, size=size)[0] if subj.reference_data else clean
         backends = _backends(cfg, subj.subject_class)
         base = {"label": cfg.label, "subject": name}
         save_grid(refs, out / "images" / f"{name}-references.png", nrow=min(8, len(refs)))

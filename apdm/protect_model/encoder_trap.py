@@ -29,6 +29,7 @@ inpainting) and leaves the encoder free in latent directions the decoder ignores
 from __future__ import annotations
 
 import copy
+import itertools
 from pathlib import Path
 
 import torch
@@ -418,21 +419,39 @@ def trap_step(vae, vae_ref, subject_images: torch.Tensor, paired: torch.Tensor, 
         part = F.mse_loss(moments(vae, x).float(), t) * (x.shape[0] / n)
         part.backward()
         loss_trap += float(part.detach())
-    for i, (x, t) in enumerate(zip(x_c.split(b), target_keep.split(b))):
+    noises = noise.split(b) if noise is not None else itertools.repeat(None)
+    for x, t, eps in zip(x_c.split(b), target_keep.split(b), noises):
         keep = moments(vae, x).float()
-        if noise is not None:
-            part = keep_decoded(vae, keep, t, noise[i * b: i * b + x.shape[0]])
-        else:
-            part = F.mse_loss(keep, t)
+        part = F.mse_loss(keep, t) if eps is None else keep_decoded(vae, keep, t, eps)
         part = part * (x.shape[0] / m)
         (cfg.preserve_weight * part).backward()
         loss_keep += float(part.detach())
     return {"loss_trap": loss_trap, "loss_preserve": loss_keep, "loss": loss_trap + cfg.preserve_weight * loss_keep}
 
 
-def trainable_copy(vae, cfg: EncoderTrapConfig) -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]:
-    """An fp32 copy of ``vae`` whose encoder (and ``quant_conv``) train, the rest frozen: (copy, {name: parameter}),
-    names as in the VAE's state dict. ``cfg.gradient_checkpointing`` turns on diffusers' checkpointing in it."""
+def train_step(trapped, vae_ref, optimizer, subject_images: torch.Tensor, paired: torch.Tensor,
+               class_images: torch.Tensor, cfg: EncoderTrapConfig, g: torch.Generator) -> dict[str, float]:
+    """One optimizer step of the trap: zero the gradients, :func:`trap_step`, step ``optimizer``; returns the logs.
+    Out of memory, it says which setting helps. Arguments as :func:`trap_loss`."""
+    optimizer.zero_grad(set_to_none=True)
+    try:
+        logs = trap_step(trapped, vae_ref, subject_images, paired, class_images, cfg, g)
+    except torch.OutOfMemoryError as exc:
+        held = cfg.micro_batch or subject_images.shape[0] + cfg.preserve_batch
+        raise RuntimeError(
+            f"encoder trap: out of memory holding up to {held} images of {tuple(subject_images.shape[2:])} px for "
+            "a backward pass; set encoder_trap.micro_batch to fewer (the same gradient, less memory; each image "
+            "held costs about 3 GB at 512 px) and/or encoder_trap.gradient_checkpointing=true. A checkpoint, if "
+            "any, is kept: the run resumes from it") from exc
+    optimizer.step()
+    return logs
+
+
+def trainable_copy(vae, cfg: EncoderTrapConfig) -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter],
+                                                          torch.optim.Optimizer]:
+    """An fp32 copy of ``vae`` whose encoder (and ``quant_conv``) train, the rest frozen, and their optimizer
+    (AdamW at ``cfg.learning_rate``, no weight decay): (copy, {name: parameter}, optimizer), names as in the VAE's
+    state dict. ``cfg.gradient_checkpointing`` turns on diffusers' checkpointing in the copy."""
     trapped = copy.deepcopy(vae).float().requires_grad_(False)
     trainable = {f"encoder.{n}": p for n, p in trapped.encoder.named_parameters()}
     if getattr(trapped, "quant_conv", None) is not None:
@@ -441,7 +460,8 @@ def trainable_copy(vae, cfg: EncoderTrapConfig) -> tuple[torch.nn.Module, dict[s
         p.requires_grad_(True)
     if cfg.gradient_checkpointing:
         trapped.enable_gradient_checkpointing()
-    return trapped, trainable
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=cfg.learning_rate, weight_decay=0.0)
+    return trapped, trainable, optimizer
 
 
 def keep_decoded(vae, params: torch.Tensor, target: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -522,8 +542,7 @@ def trap_encoder(vae, subjects: list, cfg: EncoderTrapConfig, seed: int = 0,
 
     check_trap_config(cfg)
     dev = vae.device
-    trapped, trainable = trainable_copy(vae, cfg)
-    optimizer = torch.optim.AdamW(list(trainable.values()), lr=cfg.learning_rate, weight_decay=0.0)
+    trapped, trainable, optimizer = trainable_copy(vae, cfg)
     if views is not None and len(views) != len(subjects):
         raise ValueError(f"encoder trap: {len(views)} sets of views for {len(subjects)} subjects")
     trapped_images, targets, chosen = [], [], []
@@ -566,17 +585,7 @@ def trap_encoder(vae, subjects: list, cfg: EncoderTrapConfig, seed: int = 0,
     done = 0
     for k in bar:
         g = torch.Generator().manual_seed(seed * 1_000_003 + k)
-        optimizer.zero_grad(set_to_none=True)
-        try:
-            logs = trap_step(trapped, vae, subject_images, paired, keep, cfg, g)
-        except torch.OutOfMemoryError as exc:
-            per_pass = cfg.micro_batch or subject_images.shape[0] + cfg.preserve_batch
-            raise RuntimeError(
-                f"encoder trap: out of memory with up to {per_pass} images of {tuple(subject_images.shape[2:])} px "
-                "per encoder pass; set encoder_trap.micro_batch to fewer (the same gradient, less memory; each "
-                "image held costs about 3 GB at 512 px) and/or encoder_trap.gradient_checkpointing=true. A "
-                "checkpoint, if any, is kept: the run resumes from it") from exc
-        optimizer.step()
+        logs = train_step(trapped, vae, optimizer, subject_images, paired, keep, cfg, g)
         history.append({"step": k, **{n: round(v, 6) for n, v in logs.items()}})
         bar.set_postfix(trap=f"{logs['loss_trap']:.4f}", keep=f"{logs['loss_preserve']:.4f}")
         done += 1
