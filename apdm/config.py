@@ -367,6 +367,10 @@ class ProtectImagesRunConfig:
     personalization: PersonalizationConfig = field(default_factory=lambda: PersonalizationConfig(
         learning_rate=5e-6, with_prior_preservation=True, train_text_encoder=True, num_class_images=50))
     seed: int = 0
+    #: skip the photos that ``output_dir/manifest.json`` lists as protected with the same settings (same input
+    #: bytes, output file present), e.g. after a killed run; other settings there are refused. false = protect
+    #: every photo again.
+    resume: bool = True
     quiet: bool = False
 
 
@@ -404,7 +408,9 @@ class EvalSubjectConfig:
     name: str = ""
     #: folder/files of the clean photos (the attacker's clean data and, by default, the ISM/DINO references).
     clean_data: str = ""
-    #: folder/files of the protected photos, same order (sorted names) as clean_data; empty = none.
+    #: folder/files of the protected photos, same order (sorted names) as clean_data; empty = none. An
+    #: ``apdm protect-images`` output folder is paired through its manifest instead (each clean photo with the
+    #: file made from it, matched by content).
     protected_data: str = ""
     #: separate reference photos for identity metrics; empty = clean_data.
     reference_data: str = ""

@@ -117,6 +117,89 @@ def test_protect_images_messy_folder(tmp_path):
     assert rotated["size_hw"] == [40, 37]
 
 
+def test_protect_images_resumes_after_a_kill(tmp_path, monkeypatch):
+    """A run killed after its first group leaves a manifest of what is done; the rerun protects only the rest, in
+    the same groups, and writes the same bytes as an uninterrupted run. Other settings in the folder are refused
+    (naming them); resume=false protects everything again; a photo edited since is protected again into its file."""
+    from apdm.config import ModelConfig, ProtectImagesRunConfig
+    from apdm.protect_images import run as runner
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    g = torch.Generator().manual_seed(5)
+    for i, (h, w) in enumerate([(20, 24), (17, 30), (32, 32), (25, 19), (21, 21)]):
+        Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy()).save(src / f"p{i}.png")
+    (src / "p2b_corrupt.png").write_bytes(b"\x89PNG broken")
+
+    def cfg(out, **kw):
+        return ProtectImagesRunConfig(model=ModelConfig(path="tiny", device="cpu"), method="advdm", steps=2,
+                                      batch_size=2, input=str(src), output_dir=str(tmp_path / out), quiet=True, **kw)
+
+    full = runner.run(cfg("full"))
+    assert full["complete"] and full["num_protected"] == 5 and full["num_failed"] == 1
+
+    calls = []
+    real_protect = runner.protect_batch
+
+    def killed_on_second_group(sd, images, *args, **kwargs):
+        calls.append(len(images))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_protect(sd, images, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "protect_batch", killed_on_second_group)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run(cfg("part"))
+    partial = json.loads((tmp_path / "part" / "manifest.json").read_text())
+    assert not partial["complete"] and [Path(e["input"]).name for e in partial["images"]] == ["p0.png", "p1.png"]
+    first = {n: (tmp_path / "part" / n).stat().st_mtime_ns for n in ("p0.png", "p1.png")}
+
+    calls.clear()
+    monkeypatch.setattr(runner, "protect_batch", lambda *a, **k: calls.append(len(a[1])) or real_protect(*a, **k))
+    resumed = runner.run(cfg("part"))
+    assert calls == [2, 1]  # p2, p3 (the corrupt file between them is skipped) and p4
+    assert resumed["complete"] and resumed["num_resumed"] == 2 and resumed["num_protected"] == 5
+    assert resumed["num_failed"] == 1 and "p2b_corrupt.png" in resumed["failed"][0]["input"]
+    assert [Path(e["output"]).name for e in resumed["images"]] == [f"p{i}.png" for i in range(5)]
+    for i in range(5):
+        assert (tmp_path / "part" / f"p{i}.png").read_bytes() == (tmp_path / "full" / f"p{i}.png").read_bytes()
+    assert {n: (tmp_path / "part" / n).stat().st_mtime_ns for n in first} == first  # not written again
+
+    calls.clear()
+    with pytest.raises(ValueError, match=r"manifest.json was written with other settings \(differing: budget\)"):
+        runner.run(cfg("part", budget="4/255"))
+    assert calls == []
+    again = runner.run(cfg("part", budget="4/255", resume=False))
+    assert calls == [2, 2, 1] and again["num_resumed"] == 0
+    assert max(e["linf_255@apdm"] for e in again["images"]) <= 4
+
+    calls.clear()
+    Image.fromarray((torch.rand(20, 24, 3, generator=g) * 255).byte().numpy()).save(src / "p0.png")
+    edited = runner.run(cfg("part", budget="4/255"))
+    assert calls == [1] and edited["num_resumed"] == 4
+    assert Path(edited["images"][0]["output"]).name == "p0.png"  # protected again into its own file
+    assert edited["images"][0]["input_sha256"] == hashlib.sha256((src / "p0.png").read_bytes()).hexdigest()
+
+
+def test_protect_images_loads_one_group_at_a_time(tmp_path):
+    """The runner's loader reads files only as groups are asked for (a large folder is never decoded at once)."""
+    from apdm.protect_images.run import _groups
+
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(paths[-1])
+    (tmp_path / "bad.png").write_bytes(b"no")
+    paths.insert(1, tmp_path / "bad.png")
+    paths.append(tmp_path / "made_later.png")  # does not exist yet when the first group is read
+    errors: list[dict] = []
+    groups = _groups(paths, 2, errors)
+    first = next(groups)
+    assert [im.path.name for im in first] == ["0.png", "1.png"] and len(errors) == 1
+    Image.new("RGB", (8, 8)).save(tmp_path / "made_later.png")
+    assert [[im.path.name for im in grp] for grp in groups] == [["2.png", "made_later.png"]] and len(errors) == 1
+
+
 def test_protect_images_photoguard_target(tmp_path):
     """``--target IMAGE`` reaches PhotoGuard (a different output than the gray default, recorded in the manifest);
     a target for another method or an unreadable target is a clear error."""
@@ -204,6 +287,34 @@ def test_evaluate_end_to_end_and_resume(tmp_path):
     assert main(args) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == stamps
     assert json.loads((out / "results.json").read_text())["records"] == recs
+
+
+def test_evaluate_pairs_a_protect_images_folder_by_its_manifest(tmp_path):
+    """Clean photos are paired with the files protect-images made from them (by content), not by sorted names:
+    a.jpg and a.png become a.png and a-2.png, which sorted order would swap. A clean photo the manifest lacks is an
+    error naming it; a plain folder keeps sorted-order pairing."""
+    from apdm.core.images import list_images, load_image
+    from apdm.evaluation.run import protected_pairs
+
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    g = torch.Generator().manual_seed(7)
+    for name in ("a.jpg", "a.png", "b.png"):
+        Image.fromarray((torch.rand(24, 24, 3, generator=g) * 255).byte().numpy()).save(clean / name, quality=95)
+    out = tmp_path / "protected"
+    assert main(["protect-images", "--method", "advdm", "--input", str(clean), "--output", str(out),
+                 "model.path=tiny", "model.device=cpu", "steps=1", "quiet=true"]) == 0
+    clean_paths = list_images(clean)
+    pairs = protected_pairs(clean_paths, str(out))
+    assert [p.name for p in pairs] == ["a.png", "a-2.png", "b.png"]
+    assert [p.name for p in list_images(out)] == ["a-2.png", "a.png", "b.png"]  # what sorted pairing would use
+    for c, p in zip(clean_paths, pairs):
+        assert (load_image(c).pixels - load_image(p).pixels).abs().max() <= 8 / 255 + 1e-6
+    extra = clean / "c.png"
+    Image.fromarray((torch.rand(24, 24, 3, generator=g) * 255).byte().numpy()).save(extra)
+    with pytest.raises(ValueError, match=r"manifest.json lists no protected version of 1 clean photo\(s\): .*c.png"):
+        protected_pairs(list_images(clean), str(out))
+    assert protected_pairs(clean_paths, str(clean)) is None  # no manifest: the caller pairs by sorted names
 
 
 def test_bench_options_are_checked():

@@ -185,6 +185,43 @@ def _cell_key(*parts) -> str:
     return f"{slug}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
+def protected_pairs(clean_paths: list[Path], protected_data: str) -> list[Path] | None:
+    """The protected version of each clean photo, when ``protected_data`` is an ``apdm protect-images`` output folder.
+
+    Its ``manifest.json`` records each input's SHA-256, so each clean photo is matched by content to the file made
+    from it, whatever the names (``a.jpg`` and ``a.png`` give ``a.png`` and ``a-2.png``, which sorted order would
+    pair the wrong way round) and wherever the folders have moved since.
+
+    Returns:
+        protected files in ``clean_paths``' order, or ``None`` when ``protected_data`` is not such a folder (the
+        caller then pairs by sorted names).
+
+    Raises:
+        ValueError: a clean photo has no protected version in the manifest (named, with the manifest).
+    """
+    folder = Path(protected_data)
+    manifest_path = folder / "manifest.json"
+    if "," in protected_data or not manifest_path.is_file():
+        return None
+    try:
+        images = json.loads(manifest_path.read_text(encoding="utf-8"))["images"]
+        by_content = {e["input_sha256"]: folder / Path(e["output"]).name for e in images}
+    except (ValueError, KeyError, TypeError):
+        return None  # not written by protect-images, or by a version without input hashes
+    out, missing = [], []
+    for p in clean_paths:
+        match = by_content.get(hashlib.sha256(Path(p).read_bytes()).hexdigest())
+        if match is None:
+            missing.append(str(p))
+        else:
+            out.append(match)
+    if missing:
+        raise ValueError(f"{manifest_path} lists no protected version of {len(missing)} clean photo(s): "
+                         f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''} (protect them into that folder, "
+                         f"or leave them out of clean_data)")
+    return out
+
+
 def run(cfg: EvaluateRunConfig) -> dict:
     """Run the protocol; write ``results.json``, ``report.html``, image grids and per-cell caches.
 
@@ -192,7 +229,7 @@ def run(cfg: EvaluateRunConfig) -> dict:
         ``{"records": [...], "output_dir": str}``.
     """
     from apdm.core import diffusion as D
-    from apdm.core.images import load_spec, save_grid
+    from apdm.core.images import load_images, load_spec, save_grid
     from apdm.core.models import load_sd
     from apdm.evaluation.protocol import personalize_and_sample, with_prompts
     from apdm.evaluation.report import write_report
@@ -220,7 +257,13 @@ def run(cfg: EvaluateRunConfig) -> dict:
             raise ValueError(f"subject '{name}': no usable clean images in {subj.clean_data}")
         protected = None
         if subj.protected_data:
-            protected, prot_paths, _ = load_spec(subj.protected_data, size=size)
+            paired = protected_pairs(clean_paths, subj.protected_data)
+            if paired is not None:
+                protected, prot_paths, errors = load_images(paired, size=size)
+                if errors:
+                    raise ValueError(f"subject '{name}': protected image {errors[0]['path']}: {errors[0]['error']}")
+            else:
+                protected, prot_paths, _ = load_spec(subj.protected_data, size=size)
             if len(prot_paths) != len(clean_paths):
                 raise ValueError(f"subject '{name}': {len(prot_paths)} protected vs {len(clean_paths)} clean images; "
                                  "they must pair up (same sorted order)")

@@ -10,6 +10,8 @@ the manifest and skipped; outputs are written atomically.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from pathlib import Path
 
@@ -54,8 +56,90 @@ def protect_batch(sd, images: torch.Tensor, cfg: ProtectImagesRunConfig, budget:
     return METHODS[cfg.method](sd, images, budget=budget, seed=cfg.seed, quiet=cfg.quiet, **(extra or {}))
 
 
+def _sha256(path: str | Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def run_settings(cfg: ProtectImagesRunConfig, sd) -> dict:
+    """Everything that decides a protected file's pixels, for resuming: the config without where the photos come
+    from, where they go, how loud the run is and which device runs it, plus the model's fingerprint and the hashes
+    of the files the config names (ρ's weights, PhotoGuard's target), so retraining ρ into the same folder or
+    editing the target is a change of settings."""
+    import dataclasses
+
+    settings = dataclasses.asdict(cfg)
+    for key in ("input", "output_dir", "quiet", "resume"):
+        settings.pop(key)
+    settings["model"].pop("device")
+    settings["model_fingerprint"] = sd.fingerprint()
+    if cfg.method == "ldu":
+        from apdm.protect_images.ldu import RHO_WEIGHTS
+
+        settings["rho_sha256"] = _sha256(Path(cfg.rho_path) / RHO_WEIGHTS)
+    if cfg.target:
+        settings["target_sha256"] = _sha256(cfg.target)
+    return json.loads(json.dumps(settings, default=str))  # the form it takes in manifest.json
+
+
+def _previous_run(out: Path, settings: dict, resume: bool) -> tuple[dict, float]:
+    """What an earlier run left in ``out``: ``({real input path: manifest entry}, seconds it took)``.
+
+    Raises:
+        ValueError: ``out/manifest.json`` was written with other settings (and ``resume`` is on): mixing two
+            protections in one folder is refused, naming what differs.
+    """
+    path = out / "manifest.json"
+    if not resume or not path.is_file():
+        return {}, 0.0
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        old = manifest["settings"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} exists but cannot be resumed from ({exc.__class__.__name__}: it was not written "
+                         f"by this version of `apdm protect-images`); choose another output folder, or pass "
+                         f"resume=false to protect every photo again into this one") from exc
+    if old != settings:
+        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        raise ValueError(f"{path} was written with other settings (differing: {', '.join(changed)}); choose another "
+                         f"output folder, or pass resume=false to protect every photo again into this one")
+    entries = {os.path.realpath(e["input"]): e for e in manifest.get("images", [])}
+    return entries, float(manifest.get("seconds_total", 0.0))
+
+
+def _groups(paths: list[Path], batch_size: int, errors: list[dict]):
+    """Load ``paths`` lazily, ``batch_size`` readable photos at a time (so a folder of any size needs memory for one
+    group only); unreadable files are logged, appended to ``errors`` and left out of the groups."""
+    from apdm.core.images import ImageLoadError, load_image
+
+    group = []
+    for p in paths:
+        try:
+            group.append(load_image(p))
+        except ImageLoadError as exc:
+            LOG.warning("skipping %s", exc)
+            errors.append({"input": str(p), "error": exc.reason})
+            continue
+        if len(group) == batch_size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
 def run(cfg: ProtectImagesRunConfig) -> dict:
     """Protect every image of ``cfg.input`` into ``cfg.output_dir``; write ``manifest.json``.
+
+    Photos are loaded one group (``batch_size``) at a time. ``manifest.json`` is rewritten (atomically) after every
+    group with ``"complete": false`` until the last one, so a killed run leaves a record of what is done, and a
+    rerun with the same settings (``resume``, default on) skips every photo the manifest lists whose input bytes are
+    unchanged and whose output file exists. Each group starts from ``seed``, so a resumed run writes the same files
+    as an uninterrupted one.
 
     Returns:
         the manifest dict (method, budget, per-image PSNR/SSIM/L∞ and time, skipped files).
@@ -69,6 +153,8 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
         raise ValueError(f"unknown method '{cfg.method}'; choose one of {', '.join(METHOD_NAMES)}")
     if not cfg.input:
         raise ValueError("no input: pass --input DIR_OR_FILES (or input=...)")
+    if cfg.batch_size < 1:
+        raise ValueError(f"batch_size={cfg.batch_size}: must be at least 1")
     target = None
     if cfg.target:  # checked before the model loads
         if cfg.method != "photoguard":
@@ -78,65 +164,93 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
             target = load_image(cfg.target).pixels
         except ImageLoadError as exc:
             raise ValueError(f"PhotoGuard target: {exc}") from exc
+    if cfg.method == "ldu" and not cfg.rho_path:
+        raise ValueError("method ldu needs a trained perturbation network: rho_path=FOLDER (train one with "
+                         "`apdm train-perturber`)")
     budget = parse_budget(cfg.budget)
     fmt = {"jpg": "jpeg"}.get(cfg.format.lower(), cfg.format.lower())
     if fmt == "jpeg":
         LOG.warning(JPEG_WARNING)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
     paths = list_images(split_spec(cfg.input))
     sd = load_sd(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.revision)
     rho = None
     if cfg.method == "ldu":
         from apdm.protect_images import ldu
 
-        if not cfg.rho_path:
-            raise ValueError("method ldu needs a trained perturbation network: rho_path=FOLDER (train one with "
-                             "`apdm train-perturber`)")
         rho = ldu.load_rho(cfg.rho_path, device=sd.device)
-    LOG.info("protecting %d file(s) with %s at budget %s (model %s)", len(paths), cfg.method,
+    settings = run_settings(cfg, sd)
+    previous, seconds_before = _previous_run(out, settings, cfg.resume)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # photos already protected with these settings are kept; the others get an output name in input order
+    taken = {os.path.realpath(p) for p in paths} | {os.path.realpath(e["output"]) for e in previous.values()}
+    done, todo, dest_of = {}, [], {}
+    for p in paths:
+        real = os.path.realpath(p)
+        entry = previous.get(real)
+        if entry is not None and Path(entry["output"]).is_file() and entry.get("input_sha256") == _sha256(p):
+            done[real] = entry
+        else:
+            todo.append(p)
+            if entry is not None:  # changed since, or its output is gone: protected again into the same file
+                dest_of[real] = Path(entry["output"])
+    others = [e for real, e in previous.items() if real not in done and real not in dest_of
+              and Path(e["output"]).is_file()]  # earlier inputs not in this run: their files stay listed
+    if done:
+        LOG.info("resuming: %d of %d photo(s) are already protected in %s with these settings; protecting the "
+                 "other %d", len(done), len(paths), out, len(todo))
+    LOG.info("protecting %d file(s) with %s at budget %s (model %s)", len(todo), cfg.method,
              format_budget(budget), sd.source)
 
-    # load everything first: bad files are reported, the rest go on
-    loaded, errors = [], []
-    for p in paths:
-        try:
-            loaded.append(load_image(p))
-        except ImageLoadError as exc:
-            LOG.warning("skipping %s", exc)
-            errors.append({"input": str(p), "error": exc.reason})
-    extra = _method_kwargs(cfg, sd, target) if cfg.method != "ldu" and loaded else {}
-    taken = {str(Path(p).resolve()) for p in paths}
-    entries = []
+    extra = _method_kwargs(cfg, sd, target) if cfg.method != "ldu" and todo else {}
+    new: dict[str, dict] = {}  # real input path -> entry, for the photos protected in this run
+    errors: list[dict] = []
     size = sd.resolution
     t_all = time.perf_counter()
-    for start in progress(range(0, len(loaded), cfg.batch_size), desc=f"protect-images ({cfg.method})"):
-        group = loaded[start:start + cfg.batch_size]
+
+    def write_manifest(complete: bool) -> dict:
+        seconds = seconds_before + time.perf_counter() - t_all
+        ordered = [done.get(os.path.realpath(p)) or new.get(os.path.realpath(p)) for p in paths]
+        images = [e for e in ordered if e is not None] + others
+        manifest = {
+            "method": cfg.method, "budget": format_budget(budget), "budget_float": budget, "model": sd.source,
+            **({"target": cfg.target or "flat gray (0.5)"} if cfg.method == "photoguard" else {}),
+            "device": str(sd.device), "format": fmt, "metadata": "EXIF kept" if cfg.keep_exif else
+            ("all stripped" if cfg.strip_metadata else "EXIF stripped, ICC profile kept"),
+            "complete": complete, "num_protected": len(images), "num_failed": len(errors),
+            "num_resumed": len(done), "images": images, "failed": errors,
+            "seconds_total": round(seconds, 2),
+            "seconds_per_image": round(seconds / max(1, len(images)), 3),
+            "peak_rss_mb": round(peak_rss_mb(), 1), "settings": settings, "config": to_yaml(cfg),
+        }
+        atomic_write_json(out / "manifest.json", manifest)
+        return manifest
+
+    bar = progress(total=len(todo), desc=f"protect-images ({cfg.method})", unit="photo")
+    for group in _groups(todo, cfg.batch_size, errors):
+        seed_everything(cfg.seed)  # each group as if it were the run's first: resuming changes no pixel
         t0 = time.perf_counter()
         clean = torch.stack([to_model_resolution(im.pixels, size) for im in group]).to(sd.device)
         protected = protect_batch(sd, clean, cfg, budget, rho, extra)
         per_image = (time.perf_counter() - t0) / len(group)
         for im, c, p in zip(group, clean, protected):
             final = apply_delta_to_original(im.pixels, (p - c).cpu(), budget)
-            dest = protect_output_path(im.path, out, cfg.suffix, fmt, taken)
+            real = os.path.realpath(im.path)
+            dest = dest_of.get(real) or protect_output_path(im.path, out, cfg.suffix, fmt, taken)
             save_image(final, dest, format=fmt, quality=cfg.jpeg_quality, alpha=im.alpha, source=im.path,
                        **output_metadata(im, cfg.keep_exif, cfg.strip_metadata))
             report = budget_report(im.pixels, final, budget)
-            entries.append({"input": str(im.path), "output": str(dest), "size_hw": list(im.size),
-                            "mode": im.mode, "seconds": round(per_image, 3), **report})
-    manifest = {
-        "method": cfg.method, "budget": format_budget(budget), "budget_float": budget, "model": sd.source,
-        **({"target": cfg.target or "flat gray (0.5)"} if cfg.method == "photoguard" else {}),
-        "device": str(sd.device), "format": fmt, "metadata": "EXIF kept" if cfg.keep_exif else
-        ("all stripped" if cfg.strip_metadata else "EXIF stripped, ICC profile kept"),
-        "num_protected": len(entries), "num_failed": len(errors), "images": entries, "failed": errors,
-        "seconds_total": round(time.perf_counter() - t_all, 2),
-        "seconds_per_image": round((time.perf_counter() - t_all) / max(1, len(entries)), 3),
-        "peak_rss_mb": round(peak_rss_mb(), 1), "config": to_yaml(cfg),
-    }
-    atomic_write_json(out / "manifest.json", manifest)
-    LOG.info("protected %d image(s) into %s (%d skipped); manifest.json written", len(entries), out, len(errors))
+            entry = {"input": str(im.path), "output": str(dest), "input_sha256": _sha256(im.path),
+                     "size_hw": list(im.size), "mode": im.mode, "seconds": round(per_image, 3), **report}
+            new[real] = entry
+        write_manifest(complete=False)
+        bar.update(len(new) + len(errors) - bar.n)  # unreadable files count as handled
+        del group, clean, protected
+    bar.close()
+    manifest = write_manifest(complete=True)
+    LOG.info("protected %d image(s) into %s (%d already there, %d skipped); manifest.json written", len(new), out,
+             len(done), len(errors))
     return manifest
 
 
