@@ -363,6 +363,10 @@ class ProtectImagesRunConfig:
     rho_path: str = ""
     #: images per forward pass (LDU) / per protection group (pixel methods protect each group jointly).
     batch_size: int = 8
+    #: the size each photo is protected at: ``aspect`` (short side = the model's resolution, aspect ratio kept up
+    #: to 2:1, as an attacker resizes) or ``squeeze`` (the whole photo squeezed to a square). ASPL/FSMG protect a
+    #: group at one size: its photos' most common one.
+    resolution_policy: str = "aspect"
     #: the surrogate personalization of ASPL/FSMG (Anti-DreamBooth uses DreamBooth with prior preservation).
     personalization: PersonalizationConfig = field(default_factory=lambda: PersonalizationConfig(
         learning_rate=5e-6, with_prior_preservation=True, train_text_encoder=True, num_class_images=50))

@@ -127,7 +127,7 @@ def test_protect_images_resumes_after_a_kill(tmp_path, monkeypatch):
     src = tmp_path / "photos"
     src.mkdir()
     g = torch.Generator().manual_seed(5)
-    for i, (h, w) in enumerate([(20, 24), (17, 30), (32, 32), (25, 19), (21, 21)]):
+    for i, (h, w) in enumerate([(20, 24), (25, 30), (30, 36), (15, 18), (40, 48)]):  # one shape at the model
         Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy()).save(src / f"p{i}.png")
     (src / "p2b_corrupt.png").write_bytes(b"\x89PNG broken")
 
@@ -179,6 +179,55 @@ def test_protect_images_resumes_after_a_kill(tmp_path, monkeypatch):
     assert calls == [1] and edited["num_resumed"] == 4
     assert Path(edited["images"][0]["output"]).name == "p0.png"  # protected again into its own file
     assert edited["images"][0]["input_sha256"] == hashlib.sha256((src / "p0.png").read_bytes()).hexdigest()
+
+
+def test_protect_images_keeps_the_aspect_ratio(tmp_path, monkeypatch):
+    """Photos are protected at the model's short side with their aspect ratio kept (rounded to a side the model
+    takes), per-image methods in one batch per shape, ASPL/FSMG at the group's most common shape; resolution_policy=
+    squeeze protects every photo as a square. The budget holds on every saved file."""
+    from apdm.config import ModelConfig, PersonalizationConfig, ProtectImagesRunConfig
+    from apdm.core.images import load_image, model_shape
+    from apdm.protect_images import run as runner
+
+    assert model_shape((192, 288), 64, 16) == (64, 96) and model_shape((288, 192), 64, 16) == (96, 64)
+    assert model_shape((3000, 4000), 512, 64) == (512, 704)        # 4:3 -> 682.7, rounded to a multiple of 64
+    assert model_shape((100, 1000), 64, 16) == (64, 128)           # aspect capped at 2:1
+    assert model_shape((50, 50), 64, 16) == (64, 64) == model_shape((192, 288), 64, 16, "squeeze")
+    with pytest.raises(ValueError, match="unknown resolution policy 'crop'"):
+        model_shape((50, 60), 64, 16, "crop")
+    assert runner.group_shapes([(20, 30), (30, 20), (40, 60)], 64, 16, "aspect", joint=False) == [
+        ((64, 96), [0, 2]), ((96, 64), [1])]
+    assert runner.group_shapes([(20, 30), (30, 20), (40, 60)], 64, 16, "aspect", joint=True) == [
+        ((64, 96), [0, 1, 2])]
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    g = torch.Generator().manual_seed(2)
+    for name, (h, w) in {"a_wide.png": (40, 60), "b_tall.png": (60, 40), "c_wide.png": (20, 30)}.items():
+        Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy()).save(src / name)
+    shapes = []
+    real_protect = runner.protect_batch
+    monkeypatch.setattr(runner, "protect_batch",
+                        lambda sd, x, *a, **k: shapes.append(tuple(x.shape)) or real_protect(sd, x, *a, **k))
+
+    def protect(out, **kw):
+        cfg = ProtectImagesRunConfig(model=ModelConfig(path="tiny", device="cpu"), steps=1, input=str(src),
+                                     output_dir=str(tmp_path / out), quiet=True, **kw)
+        manifest = runner.run(cfg)
+        for e in manifest["images"]:
+            orig, prot = load_image(e["input"]).pixels, load_image(e["output"]).pixels
+            assert prot.shape == orig.shape and ((prot - orig) * 255).round().abs().max() <= 8
+        return manifest
+
+    protect("advdm", method="advdm")
+    assert shapes == [(2, 3, 64, 96), (1, 3, 96, 64)]
+    shapes.clear()
+    protect("fsmg", method="fsmg", personalization=PersonalizationConfig(
+        method="lora", steps=1, with_prior_preservation=False))
+    assert shapes == [(3, 3, 64, 96)]
+    shapes.clear()
+    protect("squeeze", method="advdm", resolution_policy="squeeze")
+    assert shapes == [(3, 3, 64, 64)]
 
 
 def test_protect_images_loads_one_group_at_a_time(tmp_path):

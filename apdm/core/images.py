@@ -10,13 +10,17 @@ the embedded ICC profile to sRGB when there is one (littleCMS), else PIL's naive
 palette or grey transparency) is kept *separately* as ``(1, H, W)`` and never composited: the RGB values are the
 stored colour values. Multi-frame files: first frame. Files over :data:`MAX_PIXELS` are refused.
 
-Resolution policy (:func:`to_model_resolution`, :func:`perturbation_to_original`). Protection runs at the model's
-square resolution ``s``: the WHOLE image is resized to ``s×s`` (bicubic, antialiased; the aspect distortion exists
-only inside the model), the perturbation ``δ = protected − clean`` is computed there, resized back to the
-original ``H×W`` (bicubic) and added to the full-resolution original, which is then projected onto the budget ball
-and quantized with :func:`apdm.protect_images.budget.apply_delta_to_original`. Every original pixel is covered and
-the L∞ budget holds exactly on the saved 8-bit file. Training/evaluation sets use :func:`load_images` instead,
-which resizes the short side to ``s`` and center-crops (the DreamBooth convention).
+Resolution policy (:func:`model_shape`, :func:`to_model_resolution`, :func:`perturbation_to_original`). Protection
+runs on the WHOLE image resized (bicubic, antialiased) to the model's resolution ``s``: with the ``aspect`` policy
+(default) the short side becomes ``s`` and the long side keeps the aspect ratio, rounded to a side the model takes
+(aspect capped at 2:1); with ``squeeze`` the image becomes ``s×s``. The perturbation ``δ = protected − clean`` is
+computed there, resized back to the original ``H×W`` (bicubic) and added to the full-resolution original, which is
+then projected onto the budget ball and quantized with :func:`apdm.protect_images.budget.apply_delta_to_original`.
+Every original pixel is covered and the L∞ budget holds exactly on the saved 8-bit file. Keeping the aspect ratio
+matters because an attacker resizes a photo isotropically (DreamBooth: short side to ``s``, center crop): a
+perturbation optimized on a squeezed copy reaches them stretched (docs/protect_images.md, "Non-square photos").
+Training/evaluation sets use :func:`load_images` instead, which resizes the short side to ``s`` and center-crops (the
+DreamBooth convention).
 
 Saving and metadata (:func:`save_image`, :func:`output_metadata`). PNG by default (lossless, so the perturbation
 survives); JPEG only on request (:data:`JPEG_WARNING`). 8-bit quantization rounds half up. Writes are atomic and
@@ -314,25 +318,50 @@ def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
     return (int(size), int(size)) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
 
 
-def to_model_resolution(pixels: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Resize the WHOLE image to the model's ``size×size`` (bicubic, antialiased, clipped to ``[0, 1]``).
+def model_shape(hw: tuple[int, int], size: int, multiple: int = 8, policy: str = "aspect",
+                max_aspect: float = 2.0) -> tuple[int, int]:
+    """The ``(h, w)`` a photo of upright size ``hw`` is protected at.
 
-    No cropping: the aspect ratio is distorted inside the model only, and every original pixel contributes, so
-    a perturbation computed at this resolution maps back onto the full image with
-    :func:`perturbation_to_original`.
+    Args:
+        hw: the photo's ``(H, W)``.
+        size: the model's resolution ``s`` (its short side).
+        multiple: sides must be multiples of this (``SD.size_multiple``: 64 for SD).
+        policy: ``"aspect"``: short side ``s``, long side ``s·H/W`` (or ``s·W/H``) rounded to ``multiple``, at most
+            ``max_aspect·s``; ``"squeeze"``: ``(s, s)`` whatever the photo.
+        max_aspect: cap on long/short side (a panorama is squeezed down to it, which bounds the compute).
+
+    Returns:
+        ``(h, w)``; ``(s, s)`` for a square photo under either policy.
+    """
+    if policy == "squeeze":
+        return size, size
+    if policy != "aspect":
+        raise ValueError(f"unknown resolution policy '{policy}'; choose aspect or squeeze")
+    h, w = int(hw[0]), int(hw[1])
+    ratio = min(max(h, w) / max(1, min(h, w)), max_aspect)
+    long = max(size, round(size * ratio / multiple) * multiple)
+    long = min(long, int(size * max_aspect) // multiple * multiple) if long > size else long
+    return (long, size) if h > w else (size, long)
+
+
+def to_model_resolution(pixels: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Resize the WHOLE image to ``size`` (bicubic, antialiased, clipped to ``[0, 1]``).
+
+    No cropping: every original pixel contributes, so a perturbation computed at this resolution maps back onto the
+    full image with :func:`perturbation_to_original`. :func:`model_shape` picks ``size`` for a photo.
 
     Args:
         pixels: ``(3, H, W)`` or ``(N, 3, H, W)`` float32 in ``[0, 1]``.
-        size: model resolution ``s`` (or ``(h, w)``).
+        size: ``(h, w)``, or ``s`` for ``s×s``.
 
     Returns:
-        ``(3, s, s)`` or ``(N, 3, s, s)`` float32 in ``[0, 1]``.
+        ``(3, h, w)`` or ``(N, 3, h, w)`` float32 in ``[0, 1]``.
     """
     return resize(pixels, _hw(size), "bicubic", clamp=True)
 
 
 def perturbation_to_original(delta: torch.Tensor, orig_hw: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
-    """Resize a model-resolution perturbation ``(3, s, s)`` to the original ``(3, H, W)`` (no clamping).
+    """Resize a model-resolution perturbation ``(3, h, w)`` to the original ``(3, H, W)`` (no clamping).
 
     The result may exceed the budget slightly (bicubic overshoot); project afterwards
     (:func:`apdm.protect_images.budget.apply_delta_to_original` does all steps).

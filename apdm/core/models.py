@@ -69,6 +69,12 @@ class SD:
         """Native image resolution in pixels (512 for SD-1.5, 64 for the toy world)."""
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
+    @property
+    def size_multiple(self) -> int:
+        """Image sides the model takes are multiples of this (pixels per latent cell × the UNet's downsampling:
+        64 for SD, 16 for the toy world)."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
     def pipeline(self, scheduler: str = "ddim"):
         """A diffusers ``StableDiffusionPipeline`` sharing these modules (no copies)."""
         from diffusers import StableDiffusionPipeline

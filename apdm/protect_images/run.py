@@ -1,7 +1,8 @@
 """``apdm protect-images`` and ``apdm train-perturber``: protect a folder of photos with one command.
 
-Resolution policy: every photo is resized (whole image, aspect ratio not kept) to the model resolution, the
-method computes a perturbation there, and the perturbation (``protected − clean`` at model resolution) is
+Resolution policy: every photo is resized (whole image, no crop) to the model resolution, its short side to the
+model's and its aspect ratio kept (``resolution_policy=aspect``, up to 2:1) or squeezed to a square (``squeeze``);
+the method computes a perturbation there, and the perturbation (``protected − clean`` at model resolution) is
 upsampled bicubically to the photo's own size, added to the *original* pixels, projected onto the L∞ budget
 ball and [0,1], and quantized to 8 bits so that the saved file itself satisfies ``|saved − original| ≤ budget``
 (:func:`apdm.protect_images.budget.apply_delta_to_original`). Inputs are never modified; a bad file is reported in
@@ -21,10 +22,30 @@ from apdm.config import ProtectImagesRunConfig, TrainPerturberRunConfig, to_yaml
 from apdm.utils import LOG, atomic_write_json, atomic_write_text, peak_rss_mb, progress, seed_everything
 
 METHOD_NAMES = ("ldu", "aspl", "fsmg", "advdm", "photoguard")
+#: methods that protect a group of photos together (one surrogate trained on all of them), so at one size
+JOINT_METHODS = ("aspl", "fsmg")
+
+
+def group_shapes(sizes: list[tuple[int, int]], size: int, multiple: int, policy: str, joint: bool
+                 ) -> list[tuple[tuple[int, int], list[int]]]:
+    """How a group of photos is protected: ``[(model (h, w), [indices of the photos protected at it]), ...]``.
+
+    Each photo gets :func:`apdm.core.images.model_shape`; photos sharing a shape go in one batch, in order of first
+    appearance. ``joint`` (ASPL/FSMG): the whole group at its most common shape (the first such on a tie), since
+    their surrogate is trained on all the photos together.
+    """
+    from apdm.core.images import model_shape
+
+    shapes = [model_shape(hw, size, multiple, policy) for hw in sizes]
+    if joint and shapes:
+        shapes = [max(dict.fromkeys(shapes), key=shapes.count)] * len(shapes)
+    order = list(dict.fromkeys(shapes))
+    return [(shape, [i for i, s in enumerate(shapes) if s == shape]) for shape in order]
 
 
 def _method_kwargs(cfg: ProtectImagesRunConfig, sd, target: torch.Tensor | None = None) -> dict:
-    """The pixel method's keyword arguments from ``cfg``; ``target``: PhotoGuard's (3,H,W) target image in [0,1]."""
+    """The pixel method's keyword arguments from ``cfg``; ``target``: PhotoGuard's (3,H,W) target image in [0,1]
+    (kept at its own size; :func:`protect_batch` resizes it to each batch's)."""
     kw: dict = {}
     if cfg.steps:
         kw["steps"] = cfg.steps
@@ -33,9 +54,7 @@ def _method_kwargs(cfg: ProtectImagesRunConfig, sd, target: torch.Tensor | None 
     if cfg.eot:
         kw["eot_transforms"] = list(cfg.eot)
     if target is not None:
-        from apdm.core.images import to_model_resolution
-
-        kw["target"] = to_model_resolution(target, sd.resolution)[None]
+        kw["target"] = target[None]  # resized to each batch's size by protect_batch
     if cfg.method in ("aspl", "fsmg"):
         from apdm.personalization.simulator import class_images_for
 
@@ -46,14 +65,19 @@ def _method_kwargs(cfg: ProtectImagesRunConfig, sd, target: torch.Tensor | None 
 
 def protect_batch(sd, images: torch.Tensor, cfg: ProtectImagesRunConfig, budget: float, rho=None,
                   extra: dict | None = None) -> torch.Tensor:
-    """Protect (N,3,s,s) images at model resolution with ``cfg.method``; returns the same shape in [0,1]."""
+    """Protect (N,3,h,w) images at a size the model takes with ``cfg.method``; returns the same shape in [0,1]."""
     if cfg.method == "ldu":
         from apdm.protect_images import ldu
 
         return ldu.apply(sd, rho, images, budget, batch_size=cfg.batch_size, quiet=cfg.quiet)
     from apdm.protect_images.baselines import METHODS
 
-    return METHODS[cfg.method](sd, images, budget=budget, seed=cfg.seed, quiet=cfg.quiet, **(extra or {}))
+    extra = dict(extra or {})
+    if extra.get("target") is not None:  # PhotoGuard's target, at the size these photos are protected at
+        from apdm.core.images import to_model_resolution
+
+        extra["target"] = to_model_resolution(extra["target"], tuple(images.shape[-2:])).to(images.device)
+    return METHODS[cfg.method](sd, images, budget=budget, seed=cfg.seed, quiet=cfg.quiet, **extra)
 
 
 def _sha256(path: str | Path) -> str:
@@ -155,6 +179,8 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
         raise ValueError("no input: pass --input DIR_OR_FILES (or input=...)")
     if cfg.batch_size < 1:
         raise ValueError(f"batch_size={cfg.batch_size}: must be at least 1")
+    if cfg.resolution_policy not in ("aspect", "squeeze"):
+        raise ValueError(f"resolution_policy={cfg.resolution_policy}: choose aspect or squeeze")
     target = None
     if cfg.target:  # checked before the model loads
         if cfg.method != "photoguard":
@@ -231,11 +257,16 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
     for group in _groups(todo, cfg.batch_size, errors):
         seed_everything(cfg.seed)  # each group as if it were the run's first: resuming changes no pixel
         t0 = time.perf_counter()
-        clean = torch.stack([to_model_resolution(im.pixels, size) for im in group]).to(sd.device)
-        protected = protect_batch(sd, clean, cfg, budget, rho, extra)
+        deltas = {}
+        for shape, members in group_shapes([im.size for im in group], size, sd.size_multiple, cfg.resolution_policy,
+                                           joint=cfg.method in JOINT_METHODS):
+            clean = torch.stack([to_model_resolution(group[i].pixels, shape) for i in members]).to(sd.device)
+            protected = protect_batch(sd, clean, cfg, budget, rho, extra)
+            deltas.update({i: (p - c).cpu() for i, p, c in zip(members, protected, clean)})
+            del clean, protected
         per_image = (time.perf_counter() - t0) / len(group)
-        for im, c, p in zip(group, clean, protected):
-            final = apply_delta_to_original(im.pixels, (p - c).cpu(), budget)
+        for i, im in enumerate(group):
+            final = apply_delta_to_original(im.pixels, deltas[i], budget)
             real = os.path.realpath(im.path)
             dest = dest_of.get(real) or protect_output_path(im.path, out, cfg.suffix, fmt, taken)
             save_image(final, dest, format=fmt, quality=cfg.jpeg_quality, alpha=im.alpha, source=im.path,
@@ -246,7 +277,7 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
             new[real] = entry
         write_manifest(complete=False)
         bar.update(len(new) + len(errors) - bar.n)  # unreadable files count as handled
-        del group, clean, protected
+        del group, deltas
     bar.close()
     manifest = write_manifest(complete=True)
     LOG.info("protected %d image(s) into %s (%d already there, %d skipped); manifest.json written", len(new), out,
