@@ -133,7 +133,8 @@ def test_protect_images_resumes_after_a_kill(tmp_path, monkeypatch):
 
     def cfg(out, **kw):
         return ProtectImagesRunConfig(model=ModelConfig(path="tiny", device="cpu"), method="advdm", steps=2,
-                                      batch_size=2, input=str(src), output_dir=str(tmp_path / out), quiet=True, **kw)
+                                      input=str(src), output_dir=str(tmp_path / out), quiet=True,
+                                      **{"batch_size": 2, **kw})
 
     full = runner.run(cfg("full"))
     assert full["complete"] and full["num_protected"] == 5 and full["num_failed"] == 1
@@ -164,6 +165,8 @@ def test_protect_images_resumes_after_a_kill(tmp_path, monkeypatch):
     for i in range(5):
         assert (tmp_path / "part" / f"p{i}.png").read_bytes() == (tmp_path / "full" / f"p{i}.png").read_bytes()
     assert {n: (tmp_path / "part" / n).stat().st_mtime_ns for n in first} == first  # not written again
+    calls.clear()
+    assert runner.run(cfg("part", batch_size=1))["num_resumed"] == 5 and calls == []  # fewer per batch: allowed
 
     calls.clear()
     with pytest.raises(ValueError, match=r"manifest.json was written with other settings \(differing: budget\)"):
@@ -228,6 +231,25 @@ def test_protect_images_keeps_the_aspect_ratio(tmp_path, monkeypatch):
     shapes.clear()
     protect("squeeze", method="advdm", resolution_policy="squeeze")
     assert shapes == [(3, 3, 64, 64)]
+
+
+def test_protect_images_out_of_memory_says_what_to_do(tmp_path, monkeypatch):
+    from apdm.config import ModelConfig, ProtectImagesRunConfig
+    from apdm.protect_images import run as runner
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    Image.new("RGB", (30, 20), (200, 100, 50)).save(src / "a.png")
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(runner, "protect_batch", no_memory)
+    cfg = ProtectImagesRunConfig(model=ModelConfig(path="tiny", device="cpu"), method="advdm", steps=1,
+                                 input=str(src), output_dir=str(tmp_path / "out"), quiet=True, batch_size=4)
+    with pytest.raises(RuntimeError, match=r"out of memory protecting 1 photo\(s\) at 64x96 px with advdm.*"
+                                           r"lower batch_size \(now 4\).*0 photo\(s\) already protected"):
+        runner.run(cfg)
 
 
 def test_protect_images_loads_one_group_at_a_time(tmp_path):

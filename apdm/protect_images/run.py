@@ -91,14 +91,16 @@ def _sha256(path: str | Path) -> str:
 
 
 def run_settings(cfg: ProtectImagesRunConfig, sd) -> dict:
-    """Everything that decides a protected file's pixels, for resuming: the config without where the photos come
-    from, where they go, how loud the run is and which device runs it, plus the model's fingerprint and the hashes
-    of the files the config names (ρ's weights, PhotoGuard's target), so retraining ρ into the same folder or
-    editing the target is a change of settings."""
+    """Everything that decides what protection a file gets, for resuming: the config without where the photos come
+    from, where they go, how loud the run is, which device runs it and how many photos go per batch (lowering
+    ``batch_size`` is the cure for running out of memory, so a resumed run may change it; its new groups then
+    differ from an uninterrupted run's), plus the model's fingerprint and the hashes of the files the config names
+    (ρ's weights, PhotoGuard's target), so retraining ρ into the same folder or editing the target is a change of
+    settings."""
     import dataclasses
 
     settings = dataclasses.asdict(cfg)
-    for key in ("input", "output_dir", "quiet", "resume"):
+    for key in ("input", "output_dir", "quiet", "resume", "batch_size"):
         settings.pop(key)
     settings["model"].pop("device")
     settings["model_fingerprint"] = sd.fingerprint()
@@ -253,7 +255,7 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
         atomic_write_json(out / "manifest.json", manifest)
         return manifest
 
-    bar = progress(total=len(todo), desc=f"protect-images ({cfg.method})", unit="photo")
+    bar = progress(total=len(todo), desc=f"protect-images ({cfg.method})", unit="photo", disable=cfg.quiet)
     for group in _groups(todo, cfg.batch_size, errors):
         seed_everything(cfg.seed)  # each group as if it were the run's first: resuming changes no pixel
         t0 = time.perf_counter()
@@ -261,7 +263,13 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
         for shape, members in group_shapes([im.size for im in group], size, sd.size_multiple, cfg.resolution_policy,
                                            joint=cfg.method in JOINT_METHODS):
             clean = torch.stack([to_model_resolution(group[i].pixels, shape) for i in members]).to(sd.device)
-            protected = protect_batch(sd, clean, cfg, budget, rho, extra)
+            try:
+                protected = protect_batch(sd, clean, cfg, budget, rho, extra)
+            except torch.OutOfMemoryError as exc:
+                raise RuntimeError(
+                    f"protect-images: out of memory protecting {len(members)} photo(s) at {shape[0]}x{shape[1]} px "
+                    f"with {cfg.method} on {sd.device}; lower batch_size (now {cfg.batch_size}) and run the same "
+                    f"command again: the {len(done) + len(new)} photo(s) already protected in {out} are kept") from exc
             deltas.update({i: (p - c).cpu() for i, p, c in zip(members, protected, clean)})
             del clean, protected
         per_image = (time.perf_counter() - t0) / len(group)
