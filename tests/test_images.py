@@ -126,6 +126,46 @@ def test_list_images_folder_file_glob_and_errors(messy_folder, tmp_path):
 
 
 # ----------------------------------------------------------------------------- loading
+def test_phone_and_camera_formats(tmp_path, caplog):
+    """HEIC (iPhone; through pillow-heif, a test dependency) and AVIF photos are listed and load upright at their
+    size; camera RAW files are not read, and a folder holding some says so instead of skipping them silently."""
+    pillow_heif = pytest.importorskip("pillow_heif")
+    pillow_heif.register_heif_opener()
+    g = np.random.default_rng(0)
+    arr = np.zeros((30, 40, 3), np.uint8)
+    arr[:, :20] = (200, 30, 30)                                   # red left half, blue right half
+    arr[:, 20:] = (30, 30, 200)
+    arr = np.clip(arr.astype(int) + g.integers(-5, 6, arr.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(arr).save(tmp_path / "IMG_0001.HEIC", quality=95)
+    Image.fromarray(arr).save(tmp_path / "b.avif", quality=95)
+    (tmp_path / "IMG_0002.CR2").write_bytes(b"II*\x00 raw sensor data")
+    with caplog.at_level("WARNING", logger="apdm"):
+        listed = list_images(tmp_path)
+    assert [q.name for q in listed] == ["IMG_0001.HEIC", "b.avif"]
+    assert "ignoring 1 camera RAW file(s)" in caplog.text and "IMG_0002.CR2" in caplog.text
+    for q in listed:
+        im = load_image(q)
+        assert im.size == (30, 40) and im.pixels.shape == (3, 30, 40)
+        left, right = im.pixels[:, :, :18].mean((1, 2)), im.pixels[:, :, 22:].mean((1, 2))
+        assert left[0] > 0.7 > left[2] and right[2] > 0.7 > right[0], q.name  # the colours, not transposed
+
+
+def test_heic_without_pillow_heif_is_a_clear_error(tmp_path):
+    """Without pillow-heif a HEIC photo is reported with the install hint, not as 'not an image'."""
+    import subprocess
+    import sys
+
+    pillow_heif = pytest.importorskip("pillow_heif")
+    pillow_heif.register_heif_opener()
+    Image.new("RGB", (16, 16), (10, 200, 10)).save(tmp_path / "a.heic")
+    code = ("import sys; sys.modules['pillow_heif'] = None\n"
+            "from apdm.core.images import ImageLoadError, load_image\n"
+            f"try:\n    load_image({str(tmp_path / 'a.heic')!r})\n"
+            "except ImageLoadError as e:\n    print('ERROR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+    assert "ERROR" in out and "a.heic" in out and "HEIC/HEIF photo" in out and "apdm[heif]" in out
+
+
 def test_load_gray_cmyk_rgba_palette_and_16bit(messy_folder):
     d, data = messy_folder
     g = load_image(d / "b_gray.png")

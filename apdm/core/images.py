@@ -8,7 +8,9 @@ are the upright size. Colour modes: RGB as is; L / 1 / P / YCbCr are converted t
 16-bit grey (``I;16``, ``I``) is scaled by 1/65535, float (``F``) is clipped to ``[0, 1]``; CMYK goes through
 the embedded ICC profile to sRGB when there is one (littleCMS), else PIL's naive formula. Alpha (RGBA, LA, PA,
 palette or grey transparency) is kept *separately* as ``(1, H, W)`` and never composited: the RGB values are the
-stored colour values. Multi-frame files: first frame. Files over :data:`MAX_PIXELS` are refused.
+stored colour values. Multi-frame files: first frame. Files over :data:`MAX_PIXELS` are refused. HEIC/HEIF photos
+are read when the optional ``pillow-heif`` is installed (else reported with the install hint); AVIF by Pillow
+itself; camera RAW files are not read (:data:`RAW_EXTENSIONS`).
 
 Resolution policy (:func:`model_shape`, :func:`to_model_resolution`, :func:`perturbation_to_original`). Protection
 runs on the WHOLE image resized (bicubic, antialiased) to the model's resolution ``s``: with the ``aspect`` policy
@@ -48,8 +50,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from apdm.utils import LOG, atomic_write_bytes, progress
 
-#: File extensions recognised when listing folders and globs (lower case, with the dot).
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+#: File extensions recognised when listing folders and globs (lower case, with the dot). HEIC/HEIF (phone photos)
+#: are read through the optional ``pillow-heif`` (``pip install "apdm[heif]"``); without it they are reported, not
+#: skipped silently.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif")
+#: Camera RAW files: not read (export them to JPEG/PNG/TIFF); a folder holding some says so once when listed.
+RAW_EXTENSIONS = (".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2")
+#: ISO-BMFF brands of HEIF still images (bytes 8-12 of the file, after ``ftyp``).
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+_HEIF_STATE: list[bool] = []  # [whether pillow-heif's opener is registered], filled on first use
 #: Largest image accepted, in pixels (about 100 megapixels); bigger files are reported, not loaded.
 MAX_PIXELS = 100_000_000
 #: Output formats :func:`save_image` writes, with their file extension.
@@ -135,9 +144,14 @@ def list_images(inputs: str | os.PathLike | Sequence[str | os.PathLike], recursi
                             if q.is_file() and _is_image_name(q))
         elif p.is_dir():
             walker = p.rglob("*") if recursive else p.iterdir()
-            found += sorted((q for q in walker if q.is_file() and _is_image_name(q)
-                             and not any(part.startswith(".") for part in q.relative_to(p).parts)),
-                            key=lambda q: q.as_posix())
+            files = [q for q in walker if q.is_file() and not any(part.startswith(".")
+                                                                  for part in q.relative_to(p).parts)]
+            found += sorted((q for q in files if _is_image_name(q)), key=lambda q: q.as_posix())
+            raw = sorted(q.name for q in files if q.suffix.lower() in RAW_EXTENSIONS)
+            if raw:
+                LOG.warning("ignoring %d camera RAW file(s) in %s (%s%s): apdm does not read RAW; export them as "
+                            "JPEG, PNG or TIFF to include them", len(raw), p, ", ".join(raw[:3]),
+                            ", …" if len(raw) > 3 else "")
         elif p.exists():
             found.append(p)
         else:
@@ -210,6 +224,28 @@ def pil_to_tensor(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
 
 
+def _heif_available() -> bool:
+    """Register pillow-heif's HEIC/HEIF opener with Pillow once, if it is installed."""
+    if not _HEIF_STATE:
+        try:
+            from pillow_heif import register_heif_opener
+
+            register_heif_opener()
+            _HEIF_STATE.append(True)
+        except ImportError:
+            _HEIF_STATE.append(False)
+    return _HEIF_STATE[0]
+
+
+def _is_heif(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return False
+    return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
+
+
 def load_image(path: str | os.PathLike) -> LoadedImage:
     """Load one photo robustly (see the module docstring for the colour and orientation policy).
 
@@ -234,6 +270,7 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
         raise ImageLoadError(path, f"cannot read file ({exc})") from exc
     if nbytes == 0:
         raise ImageLoadError(path, "empty file (0 bytes)")
+    _heif_available()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -256,6 +293,9 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
     except ImageLoadError:
         raise
     except UnidentifiedImageError as exc:
+        if _is_heif(path) and not _heif_available():
+            raise ImageLoadError(path, "a HEIC/HEIF photo: reading it needs pillow-heif (pip install "
+                                       "\"apdm[heif]\"), or export it as JPEG/PNG") from exc
         raise ImageLoadError(path, "not an image, or an unsupported image format") from exc
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(path, f"too large ({exc})") from exc
