@@ -138,6 +138,11 @@ def test_protect_images_resumes_after_a_kill(tmp_path, monkeypatch):
 
     full = runner.run(cfg("full"))
     assert full["complete"] and full["num_protected"] == 5 and full["num_failed"] == 1
+    psnrs = [e["psnr@apdm"] for e in full["images"]]
+    assert full["summary"]["psnr_min@apdm"] == round(min(psnrs), 2) < full["summary"]["psnr_mean@apdm"]
+    assert full["summary"]["psnr_mean@apdm"] == round(sum(psnrs) / 5, 2) and full["summary"]["num"] == 5
+    assert full["summary"]["linf_255_max@apdm"] == max(e["linf_255@apdm"] for e in full["images"]) <= 8
+    assert full["summary"]["all_within_budget"]
 
     calls = []
     real_protect = runner.protect_batch

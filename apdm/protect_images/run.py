@@ -80,6 +80,20 @@ def protect_batch(sd, images: torch.Tensor, cfg: ProtectImagesRunConfig, budget:
     return METHODS[cfg.method](sd, images, budget=budget, seed=cfg.seed, quiet=cfg.quiet, **extra)
 
 
+def closeness_summary(entries: list[dict]) -> dict:
+    """Over a manifest's image entries: how many, mean and lowest PSNR (dB; identical images, whose PSNR is
+    infinite, are left out of both), lowest SSIM, the largest L∞ change in grey levels, and whether all are within
+    the budget."""
+    psnr = [e["psnr@apdm"] for e in entries if e.get("psnr@apdm") is not None]
+    ssim = [e["ssim@skimage"] for e in entries if e.get("ssim@skimage") is not None]
+    return {"num": len(entries),
+            "psnr_mean@apdm": round(sum(psnr) / len(psnr), 2) if psnr else None,
+            "psnr_min@apdm": round(min(psnr), 2) if psnr else None,
+            "ssim_min@skimage": round(min(ssim), 4) if ssim else None,
+            "linf_255_max@apdm": max((e["linf_255@apdm"] for e in entries), default=None),
+            "all_within_budget": all(e.get("within_budget", True) for e in entries)}
+
+
 def _sha256(path: str | Path) -> str:
     import hashlib
 
@@ -247,7 +261,7 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
             "device": str(sd.device), "format": fmt, "metadata": "EXIF kept" if cfg.keep_exif else
             ("all stripped" if cfg.strip_metadata else "EXIF stripped, ICC profile kept"),
             "complete": complete, "num_protected": len(images), "num_failed": len(errors),
-            "num_resumed": len(done), "images": images, "failed": errors,
+            "num_resumed": len(done), "summary": closeness_summary(images), "images": images, "failed": errors,
             "seconds_total": round(seconds, 2),
             "seconds_per_image": round(seconds / max(1, len(images)), 3),
             "peak_rss_mb": round(peak_rss_mb(), 1), "settings": settings, "config": to_yaml(cfg),
@@ -290,6 +304,11 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
     manifest = write_manifest(complete=True)
     LOG.info("protected %d image(s) into %s (%d already there, %d skipped); manifest.json written", len(new), out,
              len(done), len(errors))
+    summary = manifest["summary"]
+    if summary["num"]:
+        LOG.info("all %d: PSNR %s dB mean, %s dB lowest; largest change %s/255 (budget %s)%s", summary["num"],
+                 summary["psnr_mean@apdm"], summary["psnr_min@apdm"], summary["linf_255_max@apdm"],
+                 format_budget(budget), "" if summary["all_within_budget"] else " -- OVER BUDGET, see manifest.json")
     return manifest
 
 
