@@ -342,6 +342,9 @@ class ProtectImagesRunConfig:
     #: folder, file, or comma-separated files.
     input: str = ""
     output_dir: str = "outputs/protected"
+    #: also protect the photos in sub-folders of an input folder; the outputs keep the sub-folder structure under
+    #: ``output_dir``. The output folder itself is never read as input.
+    recursive: bool = False
     #: ``png`` (default, lossless) or ``jpeg`` (weakens the protection; a warning is printed).
     format: str = "png"
     jpeg_quality: int = 95

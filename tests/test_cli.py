@@ -238,6 +238,34 @@ def test_protect_images_keeps_the_aspect_ratio(tmp_path, monkeypatch):
     assert shapes == [(3, 3, 64, 64)]
 
 
+def test_protect_images_recursive_keeps_the_folders_and_never_reads_its_output(tmp_path):
+    """recursive=true protects sub-folders into the same structure; an output folder inside the input folder is
+    not read back as input (a rerun does not protect the protected copies); evaluate pairs through the manifest."""
+    from apdm.core.images import list_images
+    from apdm.evaluation.run import protected_pairs
+
+    src = tmp_path / "photos"
+    g = torch.Generator().manual_seed(4)
+    for rel in ("a.png", "2023/a.png", "2023/trip/b.png"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((torch.rand(20, 20, 3, generator=g) * 255).byte().numpy()).save(src / rel)
+    out = src / "protected"
+    args = ["protect-images", "--method", "advdm", "--input", str(src), "--output", str(out), "model.path=tiny",
+            "model.device=cpu", "steps=1", "quiet=true", "recursive=true"]
+    assert main(args) == 0
+    made = sorted(q.relative_to(out).as_posix() for q in out.rglob("*.png"))
+    assert made == ["2023/a.png", "2023/trip/b.png", "a.png"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(e["file"] for e in manifest["images"]) == made
+    assert main(args) == 0  # rerun: the 3 photos are kept, the outputs inside photos/ are not inputs
+    again = json.loads((out / "manifest.json").read_text())
+    assert again["num_protected"] == 3 and again["num_resumed"] == 3 and not again["failed"]
+    clean = list_images(src, recursive=True)
+    clean = [c for c in clean if out not in c.parents]
+    assert [q.relative_to(out).as_posix() for q in protected_pairs(clean, str(out))] == [
+        "2023/a.png", "2023/trip/b.png", "a.png"]
+
+
 def test_protect_images_out_of_memory_says_what_to_do(tmp_path, monkeypatch):
     from apdm.config import ModelConfig, ProtectImagesRunConfig
     from apdm.protect_images import run as runner

@@ -205,7 +205,7 @@ def protected_pairs(clean_paths: list[Path], protected_data: str) -> list[Path] 
         return None
     try:
         images = json.loads(manifest_path.read_text(encoding="utf-8"))["images"]
-        by_content = {e["input_sha256"]: folder / Path(e["output"]).name for e in images}
+        by_content = {e["input_sha256"]: folder / e.get("file", Path(e["output"]).name) for e in images}
     except (ValueError, KeyError, TypeError):
         return None  # not written by protect-images, or by a version without input hashes
     out, missing = [], []

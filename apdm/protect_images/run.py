@@ -214,7 +214,18 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
     if fmt == "jpeg":
         LOG.warning(JPEG_WARNING)
     out = Path(cfg.output_dir)
-    paths = list_images(split_spec(cfg.input))
+    paths = list_images(split_spec(cfg.input), recursive=cfg.recursive)
+    inside = os.path.realpath(out) + os.sep
+    kept = [p for p in paths if not os.path.realpath(p).startswith(inside)]
+    if len(kept) < len(paths):
+        LOG.info("leaving out %d file(s) inside the output folder %s", len(paths) - len(kept), out)
+        if not kept:
+            raise ValueError(f"every input file is inside the output folder {out}; choose another --output")
+    paths = kept
+    root = Path(cfg.input) if cfg.recursive and Path(cfg.input).is_dir() else None
+
+    def dest_folder(photo: Path) -> Path:  # with recursive=true the sub-folder structure is kept
+        return out / os.path.relpath(photo.parent, root) if root is not None else out
     sd = load_sd(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.revision)
     rho = None
     if cfg.method == "ldu":
@@ -290,11 +301,12 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
         for i, im in enumerate(group):
             final = apply_delta_to_original(im.pixels, deltas[i], budget)
             real = os.path.realpath(im.path)
-            dest = dest_of.get(real) or protect_output_path(im.path, out, cfg.suffix, fmt, taken)
+            dest = dest_of.get(real) or protect_output_path(im.path, dest_folder(im.path), cfg.suffix, fmt, taken)
             save_image(final, dest, format=fmt, quality=cfg.jpeg_quality, alpha=im.alpha, source=im.path,
                        **output_metadata(im, cfg.keep_exif, cfg.strip_metadata))
             report = budget_report(im.pixels, final, budget)
-            entry = {"input": str(im.path), "output": str(dest), "input_sha256": _sha256(im.path),
+            entry = {"input": str(im.path), "output": str(dest), "file": Path(os.path.relpath(dest, out)).as_posix(),
+                     "input_sha256": _sha256(im.path),
                      "size_hw": list(im.size), "mode": im.mode, "seconds": round(per_image, 3), **report}
             new[real] = entry
         write_manifest(complete=False)
