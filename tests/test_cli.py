@@ -188,6 +188,15 @@ def test_protect_images_resumes_after_a_kill(tmp_path, monkeypatch):
     assert Path(edited["images"][0]["output"]).name == "p0.png"  # protected again into its own file
     assert edited["images"][0]["input_sha256"] == hashlib.sha256((src / "p0.png").read_bytes()).hexdigest()
 
+    # both folders moved: the photos are found by content and their outputs through the manifest's relative names
+    src = src.rename(tmp_path / "photos-moved")
+    (tmp_path / "part").rename(tmp_path / "part-moved")
+    calls.clear()
+    moved = runner.run(cfg("part-moved", budget="4/255"))
+    assert calls == [] and moved["num_resumed"] == 5
+    assert {Path(e["input"]).parent.name for e in moved["images"]} == {"photos-moved"}
+    assert all(Path(e["output"]).is_file() and "part-moved" in e["output"] for e in moved["images"])
+
 
 def test_protect_images_keeps_the_aspect_ratio(tmp_path, monkeypatch):
     """Photos are protected at the model's short side with their aspect ratio kept (rounded to a side the model

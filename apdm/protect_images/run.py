@@ -152,6 +152,48 @@ def _previous_run(out: Path, settings: dict, resume: bool) -> tuple[dict, float]
     return entries, float(manifest.get("seconds_total", 0.0))
 
 
+def _output_of(entry: dict, out: Path) -> Path:
+    """A manifest entry's output file, found through its path relative to the output folder (so a moved folder
+    still resumes); entries without one name their output as written."""
+    return out / entry["file"] if "file" in entry else Path(entry["output"])
+
+
+def _match_previous(paths: list[Path], previous: dict[str, dict], out: Path):
+    """Split this run's inputs against an earlier run's manifest entries (``{real input path: entry}``).
+
+    An input is *done* when an entry with its bytes (SHA-256) has an existing output: found by its path, or by its
+    content alone when the input folder has moved (each entry is claimed once, so duplicate photos each get their
+    own output). An input whose entry no longer matches (edited since, or its output deleted) is protected again
+    into the same file.
+
+    Returns:
+        ``(done, todo, dest_of, others)``: ``{real path: entry}`` of the kept photos (with ``input`` updated),
+        the paths to protect, ``{real path: output Path}`` for those to write over their earlier output, and the
+        entries of earlier inputs not in this run whose files still exist (kept in the manifest).
+    """
+    by_content = {}
+    for e in previous.values():
+        by_content.setdefault(e.get("input_sha256"), []).append(e)
+    claimed: set[int] = set()
+    done, todo, dest_of = {}, [], {}
+    for p in paths:
+        real = os.path.realpath(p)
+        sha = _sha256(p) if previous else None
+        entry = previous.get(real)
+        if entry is None or id(entry) in claimed or entry.get("input_sha256") != sha:
+            moved = [e for e in by_content.get(sha, []) if id(e) not in claimed and _output_of(e, out).is_file()]
+            entry = moved[0] if moved else entry
+        if entry is not None and id(entry) not in claimed:
+            claimed.add(id(entry))
+            if entry.get("input_sha256") == sha and _output_of(entry, out).is_file():
+                done[real] = {**entry, "input": str(p), "output": str(_output_of(entry, out))}
+                continue
+            dest_of[real] = _output_of(entry, out)
+        todo.append(p)
+    others = [e for e in previous.values() if id(e) not in claimed and _output_of(e, out).is_file()]
+    return done, todo, dest_of, others
+
+
 def _groups(paths: list[Path], batch_size: int, errors: list[dict]):
     """Load ``paths`` lazily, ``batch_size`` readable photos at a time (so a folder of any size needs memory for one
     group only); unreadable files are logged, appended to ``errors`` and left out of the groups."""
@@ -222,7 +264,8 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
         if not kept:
             raise ValueError(f"every input file is inside the output folder {out}; choose another --output")
     paths = kept
-    root = Path(cfg.input) if cfg.recursive and Path(cfg.input).is_dir() else None
+    root = Path(os.path.expanduser(cfg.input)) if cfg.recursive and Path(os.path.expanduser(cfg.input)).is_dir() \
+        else None
 
     def dest_folder(photo: Path) -> Path:  # with recursive=true the sub-folder structure is kept
         return out / os.path.relpath(photo.parent, root) if root is not None else out
@@ -237,19 +280,9 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     # photos already protected with these settings are kept; the others get an output name in input order
-    taken = {os.path.realpath(p) for p in paths} | {os.path.realpath(e["output"]) for e in previous.values()}
-    done, todo, dest_of = {}, [], {}
-    for p in paths:
-        real = os.path.realpath(p)
-        entry = previous.get(real)
-        if entry is not None and Path(entry["output"]).is_file() and entry.get("input_sha256") == _sha256(p):
-            done[real] = entry
-        else:
-            todo.append(p)
-            if entry is not None:  # changed since, or its output is gone: protected again into the same file
-                dest_of[real] = Path(entry["output"])
-    others = [e for real, e in previous.items() if real not in done and real not in dest_of
-              and Path(e["output"]).is_file()]  # earlier inputs not in this run: their files stay listed
+    done, todo, dest_of, others = _match_previous(paths, previous, out)
+    taken = ({os.path.realpath(p) for p in paths}
+             | {os.path.realpath(_output_of(e, out)) for e in previous.values()})
     if done:
         LOG.info("resuming: %d of %d photo(s) are already protected in %s with these settings; protecting the "
                  "other %d", len(done), len(paths), out, len(todo))
