@@ -109,6 +109,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Atomic JSON write, pretty-printed, keys kept in insertion order."""
     return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from apdm.config import EvaluateRunConfig, to_yaml
-from apdm.utils import LOG, atomic_write_json, atomic_write_text, peak_rss_mb, progress, seed_everything
+from apdm.utils import LOG, atomic_write_json, atomic_write_text, file_sha256, peak_rss_mb, progress, seed_everything
 
 SCENARIOS = ("all_clean", "all_perturbed", "one_clean", "one_perturbed")
 
@@ -210,7 +210,7 @@ def protected_pairs(clean_paths: list[Path], protected_data: str) -> list[Path] 
         return None  # not written by protect-images, or by a version without input hashes
     out, missing = [], []
     for p in clean_paths:
-        match = by_content.get(hashlib.sha256(Path(p).read_bytes()).hexdigest())
+        match = by_content.get(file_sha256(p))
         if match is None:
             missing.append(str(p))
         else:

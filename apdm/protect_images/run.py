@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from apdm.config import ProtectImagesRunConfig, TrainPerturberRunConfig, to_yaml
-from apdm.utils import LOG, atomic_write_json, atomic_write_text, peak_rss_mb, progress, seed_everything
+from apdm.utils import LOG, atomic_write_json, atomic_write_text, file_sha256, peak_rss_mb, progress, seed_everything
 
 METHOD_NAMES = ("ldu", "aspl", "fsmg", "advdm", "photoguard")
 #: methods that protect a group of photos together (one surrogate trained on all of them), so at one size
@@ -94,16 +94,6 @@ def closeness_summary(entries: list[dict]) -> dict:
             "all_within_budget": all(e.get("within_budget", True) for e in entries)}
 
 
-def _sha256(path: str | Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def run_settings(cfg: ProtectImagesRunConfig, sd) -> dict:
     """Everything that decides what protection a file gets, for resuming: the config without where the photos come
     from, where they go, how loud the run is, which device runs it and how many photos go per batch (lowering
@@ -121,9 +111,9 @@ def run_settings(cfg: ProtectImagesRunConfig, sd) -> dict:
     if cfg.method == "ldu":
         from apdm.protect_images.ldu import RHO_WEIGHTS
 
-        settings["rho_sha256"] = _sha256(Path(cfg.rho_path) / RHO_WEIGHTS)
+        settings["rho_sha256"] = file_sha256(Path(cfg.rho_path) / RHO_WEIGHTS)
     if cfg.target:
-        settings["target_sha256"] = _sha256(cfg.target)
+        settings["target_sha256"] = file_sha256(cfg.target)
     return json.loads(json.dumps(settings, default=str))  # the form it takes in manifest.json
 
 
@@ -178,7 +168,7 @@ def _match_previous(paths: list[Path], previous: dict[str, dict], out: Path):
     done, todo, dest_of = {}, [], {}
     for p in paths:
         real = os.path.realpath(p)
-        sha = _sha256(p) if previous else None
+        sha = file_sha256(p) if previous else None
         entry = previous.get(real)
         if entry is None or id(entry) in claimed or entry.get("input_sha256") != sha:
             moved = [e for e in by_content.get(sha, []) if id(e) not in claimed and _output_of(e, out).is_file()]
@@ -226,8 +216,17 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
     Returns:
         the manifest dict (method, budget, per-image PSNR/SSIM/L∞ and time, skipped files).
     """
-    from apdm.core.images import (JPEG_WARNING, ImageLoadError, list_images, load_image, output_metadata,
-                                  protect_output_path, save_image, split_spec, to_model_resolution)
+    from apdm.core.images import (
+        JPEG_WARNING,
+        ImageLoadError,
+        list_images,
+        load_image,
+        output_metadata,
+        protect_output_path,
+        save_image,
+        split_spec,
+        to_model_resolution,
+    )
     from apdm.core.models import load_sd
     from apdm.protect_images.budget import apply_delta_to_original, budget_report, format_budget, parse_budget
 
@@ -339,7 +338,7 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
                        **output_metadata(im, cfg.keep_exif, cfg.strip_metadata))
             report = budget_report(im.pixels, final, budget)
             entry = {"input": str(im.path), "output": str(dest), "file": Path(os.path.relpath(dest, out)).as_posix(),
-                     "input_sha256": _sha256(im.path),
+                     "input_sha256": file_sha256(im.path),
                      "size_hw": list(im.size), "mode": im.mode, "seconds": round(per_image, 3), **report}
             new[real] = entry
         write_manifest(complete=False)
