@@ -180,7 +180,8 @@ def _match_previous(paths: list[Path], previous: dict[str, dict], out: Path):
                 continue
             dest_of[real] = _output_of(entry, out)
         todo.append(p)
-    others = [e for e in previous.values() if id(e) not in claimed and _output_of(e, out).is_file()]
+    others = [{**e, "output": str(_output_of(e, out))} for e in previous.values()
+              if id(e) not in claimed and _output_of(e, out).is_file()]
     return done, todo, dest_of, others
 
 
