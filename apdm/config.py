@@ -404,6 +404,11 @@ class TrainPerturberRunConfig:
     denoise_steps: int = 4
     width: int = 32
     output_dir: str = "outputs/rho"
+    #: save a resumable checkpoint (ρ, Adam, λ, random states; TI anchors as they finish) in
+    #: ``output_dir/checkpoint`` every K steps (0 = anchors only); removed when the training completes.
+    checkpoint_every: int = 100
+    #: continue from ``output_dir/checkpoint`` if there is one (false: start over).
+    resume: bool = True
     seed: int = 0
     quiet: bool = False
 

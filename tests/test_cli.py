@@ -488,8 +488,9 @@ def test_train_perturber_with_dreambooth_anchors(tmp_path):
                f"output_dir={out}", "steps=2", "batch_size=2", "denoise_steps=2", "anchor_steps=1", "min_psnr=40",
                "personalization.method=dreambooth", "personalization.with_prior_preservation=true",
                "personalization.num_class_images=2", "personalization.class_sample_steps=2",
-               f"personalization.class_data_dir={tmp_path / 'cls'}", "quiet=true"])
+               f"personalization.class_data_dir={tmp_path / 'cls'}", "quiet=true", "checkpoint_every=1"])
     assert rc == 0
+    assert not (out / "checkpoint").exists()  # checkpointed every step (model anchors' generators), removed at the end
     meta = json.loads((out / "rho.json").read_text())
     assert meta["training"]["personalization_method"] == "dreambooth" and meta["training"]["min_psnr"] == 40
     assert len(json.loads((out / "train_log.json").read_text())["history"]) == 2

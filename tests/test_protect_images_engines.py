@@ -282,6 +282,34 @@ def test_ldu_training_raises_personalization_loss(tiny_sd):
     assert after > before + 1e-3, (before, after)
 
 
+def test_ldu_training_resumes_exactly_after_a_kill(tiny_sd, tmp_path, monkeypatch):
+    """A ρ training killed after 3 of 6 steps resumes from its checkpoint to the same ρ, history and λ as an
+    uninterrupted run (resample=True: the anchor's and the step's random draws are restored); finished TI anchors
+    are reused, not trained again."""
+    g = torch.Generator().manual_seed(4)
+    ids = {"a": torch.rand(2, 3, 64, 64, generator=g), "b": torch.rand(2, 3, 64, 64, generator=g)}
+    kw = {"budget": 8 / 255, "steps": 6, "batch_size": 2, "learning_rate": 1e-3, "personalization": _ti_cfg(),
+          "anchor_steps": 2, "denoise_steps": 2, "lambda_step": 0.05, "seed": 5, "quiet": True}
+    h_whole = []
+    rho_whole = ldu.train_perturber(tiny_sd, ids, history=h_whole, **kw)
+    ckpt = tmp_path / "ckpt"
+    ldu.train_perturber(tiny_sd, ids, checkpoint_dir=ckpt, checkpoint_every=2, stop_after=3, **kw)
+    assert json.loads((ckpt / "rho" / "progress.json").read_text())["next_step"] == 3
+    assert len(list((ckpt / "anchors").glob("anchor-*.safetensors"))) == 2
+    setups = []
+    real_setup = ldu.S.setup
+    monkeypatch.setattr(ldu.S, "setup", lambda *a, **k: setups.append(1) or real_setup(*a, **k))
+    h_resumed = []
+    rho_resumed = ldu.train_perturber(tiny_sd, ids, checkpoint_dir=ckpt, checkpoint_every=2, history=h_resumed, **kw)
+    assert len(setups) == 1  # the frozen TI state only: both anchors came from the checkpoint
+    assert [h["loss"] for h in h_resumed] == [h["loss"] for h in h_whole] and len(h_resumed) == 6
+    assert [h["lambda"] for h in h_resumed] == [h["lambda"] for h in h_whole]
+    for (name, p), q in zip(rho_whole.named_parameters(), rho_resumed.parameters()):
+        assert torch.equal(p, q), name
+    with pytest.raises(ValueError, match="a checkpoint of another ρ training"):
+        ldu.train_perturber(tiny_sd, ids, checkpoint_dir=ckpt, **{**kw, "seed": 6})
+
+
 def test_ldu_psnr_floor_is_a_second_constraint(tiny_sd):
     """min_psnr adds a penalty that keeps the perturbation's RMS lower, and λ also grows on PSNR violations."""
     g = torch.Generator().manual_seed(3)

@@ -294,14 +294,32 @@ def default_personalization() -> PersonalizationConfig:
                                  with_prior_preservation=False, adam_weight_decay=0.0)
 
 
+def _anchor_key(sd: SD, identities: Sequence[torch.Tensor], personalization: PersonalizationConfig, n_steps: int,
+                seed: int, index: int) -> str:
+    """What identity ``index``'s anchor depends on: the model, its images, the anchor config, steps and seed."""
+    import dataclasses
+    import hashlib
+
+    h = hashlib.sha256(f"{sd.fingerprint()}|{n_steps}|{seed}|{index}|".encode())
+    h.update(json.dumps(dataclasses.asdict(personalization), sort_keys=True, default=str).encode())
+    h.update(identities[index].detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
 def train_anchors(sd: SD, identities: Sequence[torch.Tensor], personalization: PersonalizationConfig,
                   class_images: torch.Tensor | None = None, steps: int | None = None, seed: int = 0,
-                  quiet: bool = False) -> dict:
+                  quiet: bool = False, cache_dir: str | Path | None = None) -> dict:
     """Pre-train one frozen personalization anchor per identity on its clean images (paper App. A3.0.1).
 
     Textual Inversion: one token embedding τ_i per identity, learned on a fresh copy of the text encoder each
     (one copy alive at a time), then held by one frozen state whose token row is swapped per use.
     DreamBooth/LoRA: one fine-tuned model per identity (memory grows with the number of identities).
+
+    Args:
+        cache_dir: TI only: each finished τ_i is saved there (``anchor-<key>.safetensors``, the key hashing the
+            model, the identity's images, the config, steps and seed) and reused by a later call, so a killed
+            ρ training does not train its anchors again. Each anchor has its own seed, so a reused one equals a
+            retrained one.
 
     Returns:
         ``{"kind": "ti", "state": state, "embeddings": [τ_i (D,)]}`` or ``{"kind": "model", "states": [...]}``.
@@ -309,14 +327,25 @@ def train_anchors(sd: SD, identities: Sequence[torch.Tensor], personalization: P
     n_steps = personalization.steps if steps is None else steps
     method = personalization.method
     if method == "ti":
+        from safetensors.torch import load_file
+        from safetensors.torch import save as save_safetensors
+
         embeddings = []
         for i, imgs in enumerate(identities):
+            cached = (Path(cache_dir) / f"anchor-{_anchor_key(sd, identities, personalization, n_steps, seed, i)}"
+                      ".safetensors") if cache_dir else None
+            if cached is not None and cached.is_file():
+                embeddings.append(load_file(str(cached))["embedding"].to(sd.device))
+                LOG.info("ti anchor %d/%d: reused %s", i + 1, len(identities), cached)
+                continue
             st = S.setup(sd, personalization)
             st.generator.manual_seed(seed * 7919 + i)
             for _ in progress(range(n_steps), desc=f"ti anchor {i + 1}/{len(identities)}", disable=quiet):
                 S.step(st, imgs)
             embeddings.append(st.sd.text_encoder.get_input_embeddings().weight[st.ti_token_id].detach().clone())
             del st
+            if cached is not None:
+                atomic_write_bytes(cached, save_safetensors({"embedding": embeddings[-1].cpu().contiguous()}))
         state = S.setup(sd, personalization)
         S.finish(state)
         # The anchor's token row is swapped per identity. Leaving the embedding matrix requiring grad makes the
@@ -355,7 +384,9 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
                     lambda_init: float = 1.0, lambda_step: float = 0.01, min_psnr: float | None = None,
                     denoise_steps: int = 4, inversion_steps: int | None = None, prompt: str = "",
                     output_mode: str = "delta", width: int = 32, rho: RhoUNet | None = None, resample: bool = True,
-                    seed: int = 0, quiet: bool = False, history: list[dict] | None = None) -> RhoUNet:
+                    seed: int = 0, quiet: bool = False, history: list[dict] | None = None,
+                    checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
+                    stop_after: int | None = None) -> RhoUNet:
     """Train ρ to maximize a frozen personalization loss under the image budget (paper eq. 11).
 
     Args:
@@ -385,6 +416,11 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
         resample: fresh personalization-loss draws (t, ε) every step (normal training). ``False`` reseeds the
             anchor's generator with ``seed + 1`` before every loss, a deterministic objective (debugging, tests).
         history: if given, one dict per step is appended (loss, l_pers, penalty, linf, lambda, identity, anchor).
+        checkpoint_dir: resumable state: TI anchors as they finish in ``anchors/`` (:func:`train_anchors`'
+            ``cache_dir``), and every ``checkpoint_every`` steps ρ, Adam's moments, λ, the random generators and
+            the history in ``rho/``. A call finding a checkpoint there continues from it and ends with the same ρ
+            as an uninterrupted run.
+        stop_after: stop (after checkpointing) once this many steps ran in this call: a simulated kill, for tests.
 
     Returns:
         the trained ρ (eval mode, on the model device) with ``sampling`` and ``training_info`` filled in.
@@ -401,8 +437,10 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
                                 "prompt": prompt, "output_mode": output_mode})
     identities = [x.detach().float().to(sd.device) for x in identities]
     pcfg = personalization or default_personalization()
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     if anchors is None:
-        anchors = train_anchors(sd, identities, pcfg, class_images, anchor_steps, seed, quiet)
+        anchors = train_anchors(sd, identities, pcfg, class_images, anchor_steps, seed, quiet,
+                                cache_dir=ckpt / "anchors" if ckpt is not None else None)
 
     prepared = [_prepare_batched(sd, x, sampling, batch_size, quiet) for x in identities]
 
@@ -414,7 +452,27 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
     gen = torch.Generator().manual_seed(seed)
     lam = float(lambda_init)
     k_ids = len(identities)
-    bar = progress(range(steps), desc="ldu train", disable=quiet)
+    anchor_gens = ([anchors["state"].generator] if anchors["kind"] == "ti"
+                   else [st.generator for st in anchors["states"]])
+    trainable = dict(rho.named_parameters())
+    start, past = 0, []
+    if ckpt is not None and (ckpt / "rho" / "progress.json").is_file():
+        from apdm.protect_model.l2p import load_checkpoint
+
+        extra: dict = {}
+        start, past = load_checkpoint(ckpt / "rho", trainable, optimizer, extra)
+        if extra.get("identities") != names or extra.get("budget") != budget or extra.get("seed") != seed:
+            raise ValueError(f"{ckpt}: a checkpoint of another ρ training (identities, budget or seed differ); "
+                             "remove it or train into another folder")
+        lam = float(extra["lambda"])
+        gen.set_state(extra["tensors"]["generator"])
+        for k, g in enumerate(anchor_gens):
+            g.set_state(extra["tensors"][f"anchor_generator_{k}"])
+        LOG.info("resuming the ρ training from step %d/%d (%s)", start, steps, ckpt)
+    if history is not None:
+        history.extend(past)
+    records = list(past)
+    bar = progress(range(start, steps), desc="ldu train", total=steps - start, disable=quiet)
     for step in bar:
         i = step % k_ids
         n_i = identities[i].shape[0]
@@ -448,11 +506,23 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
                   "lambda": lam, "identity": names[i], "anchor": names[j]}
         if history is not None:
             history.append(record)
+        records.append(record)
         if linf > budget or psnr_low:
             lam += lambda_step
         if step % 10 == 0:
             bar.set_postfix(l_pers=f"{record['l_pers']:.4f}", linf=f"{linf * 255:.1f}/255",
                             psnr=f"{min_psnr_step:.1f}", lam=f"{lam:.2f}")
+        stop = stop_after is not None and step + 1 - start >= stop_after
+        if ckpt is not None and (stop or checkpoint_every > 0 and (step + 1) % checkpoint_every == 0):
+            from apdm.protect_model.l2p import save_checkpoint
+
+            save_checkpoint(ckpt / "rho", step + 1, trainable, optimizer, records,
+                            extra={"lambda": lam, "identities": names, "budget": budget, "seed": seed},
+                            extra_tensors={"generator": gen.get_state(),
+                                           **{f"anchor_generator_{k}": g.get_state()
+                                              for k, g in enumerate(anchor_gens)}})
+        if stop:
+            break
     rho.eval()
     rho.training_info = {
         "budget": budget, "steps": steps, "learning_rate": learning_rate, "batch_size": batch_size,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -380,6 +381,9 @@ def train(cfg: TrainPerturberRunConfig) -> dict:
         raise ValueError(f"{root}: expected one sub-folder of photos per identity, found none with images")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint"
+    if not cfg.resume and ckpt.exists():
+        shutil.rmtree(ckpt)
     atomic_write_text(out / "train_config.yaml", to_yaml(cfg))
     LOG.info("training the LDU perturbation network on %d identities for %d steps", len(identities), cfg.steps)
     history: list[dict] = []
@@ -390,8 +394,10 @@ def train(cfg: TrainPerturberRunConfig) -> dict:
         batch_size=cfg.batch_size, personalization=cfg.personalization, anchor_steps=cfg.anchor_steps or None,
         class_images=class_images, shuffle_prob=cfg.shuffle_prob, lambda_init=cfg.lambda_init,
         lambda_step=cfg.lambda_step, min_psnr=cfg.min_psnr or None, denoise_steps=cfg.denoise_steps,
-        width=cfg.width, seed=cfg.seed, quiet=cfg.quiet, history=history)
+        width=cfg.width, seed=cfg.seed, quiet=cfg.quiet, history=history, checkpoint_dir=ckpt,
+        checkpoint_every=cfg.checkpoint_every)
     ldu.save_rho(rho, out)
+    shutil.rmtree(ckpt, ignore_errors=True)
     summary = {"seconds": round(time.perf_counter() - t0, 1), "identities": list(identities),
                "parameters": ldu.count_parameters(rho), "history": history}
     atomic_write_json(out / "train_log.json", summary)

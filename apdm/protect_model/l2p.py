@@ -473,14 +473,20 @@ def _all_reduce_grads(trainable: dict) -> None:
 
 # ============================================================================ checkpoints
 def save_checkpoint(folder: Path, step: int, trainable: dict, optimizer: torch.optim.Optimizer,
-                    history: list[dict]) -> None:
-    """Write θ's trainable tensors and the optimizer state as safetensors, plus progress as JSON (atomically)."""
+                    history: list[dict], extra: dict | None = None,
+                    extra_tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Write θ's trainable tensors and the optimizer state as safetensors, plus progress as JSON (atomically).
+
+    ``extra`` (JSON values) and ``extra_tensors`` (e.g. generator states) are what a caller needs besides these
+    to resume exactly; :func:`load_checkpoint` gives them back.
+    """
     from safetensors.torch import save_file
 
     from apdm.utils import atomic_dir
 
     names = list(trainable)
     tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in trainable.items()}
+    tensors.update({f"extra/{k}": v.detach().cpu().contiguous() for k, v in (extra_tensors or {}).items()})
     osd = optimizer.state_dict()
     for idx, st in osd["state"].items():
         for k, v in st.items():
@@ -489,15 +495,22 @@ def save_checkpoint(folder: Path, step: int, trainable: dict, optimizer: torch.o
     with atomic_dir(folder) as tmp:
         save_file(tensors, str(tmp / "state.safetensors"))
         atomic_write_json(tmp / "progress.json", {"next_step": step, "param_groups": osd["param_groups"],
-                                                  "history": history})
+                                                  "history": history, "extra": extra or {}})
 
 
-def load_checkpoint(folder: Path, trainable: dict, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]]:
-    """Restore what :func:`save_checkpoint` wrote; returns (next outer step, history)."""
+def load_checkpoint(folder: Path, trainable: dict, optimizer: torch.optim.Optimizer,
+                    extra: dict | None = None) -> tuple[int, list[dict]]:
+    """Restore what :func:`save_checkpoint` wrote; returns (next outer step, history).
+
+    ``extra``, if given, is filled with the saved ``extra`` values and ``extra_tensors`` (under ``"tensors"``).
+    """
     from safetensors.torch import load_file
 
     meta = json.loads((folder / "progress.json").read_text())
     tensors = load_file(str(folder / "state.safetensors"))
+    if extra is not None:
+        extra.update(meta.get("extra", {}))
+        extra["tensors"] = {k[len("extra/"):]: v for k, v in tensors.items() if k.startswith("extra/")}
     names = list(trainable)
     with torch.no_grad():
         for n, p in trainable.items():
