@@ -269,6 +269,9 @@ def test_protect_images_recursive_keeps_the_folders_and_never_reads_its_output(t
     assert main(args) == 0  # rerun: the 3 photos are kept, the outputs inside photos/ are not inputs
     again = json.loads((out / "manifest.json").read_text())
     assert again["num_protected"] == 3 and again["num_resumed"] == 3 and not again["failed"]
+    assert main(args[:-1]) == 0  # without recursive=true: the top-level photo is kept, the others stay listed
+    top = json.loads((out / "manifest.json").read_text())
+    assert top["num_resumed"] == 1 and sorted(e["file"] for e in top["images"]) == made
     clean = list_images(src, recursive=True)
     clean = [c for c in clean if out not in c.parents]
     assert [q.relative_to(out).as_posix() for q in protected_pairs(clean, str(out))] == [
