@@ -294,15 +294,16 @@ def default_personalization() -> PersonalizationConfig:
                                  with_prior_preservation=False, adam_weight_decay=0.0)
 
 
-def _anchor_key(sd: SD, identities: Sequence[torch.Tensor], personalization: PersonalizationConfig, n_steps: int,
-                seed: int, index: int) -> str:
-    """What identity ``index``'s anchor depends on: the model, its images, the anchor config, steps and seed."""
+def _anchor_key(sd: SD, images: torch.Tensor, personalization: PersonalizationConfig, n_steps: int, seed: int,
+                index: int) -> str:
+    """What the anchor of identity ``index`` (photos ``images``) depends on: the model, its images, the anchor
+    config, steps and seed (its generator is seeded from ``seed`` and ``index``)."""
     import dataclasses
     import hashlib
 
     h = hashlib.sha256(f"{sd.fingerprint()}|{n_steps}|{seed}|{index}|".encode())
     h.update(json.dumps(dataclasses.asdict(personalization), sort_keys=True, default=str).encode())
-    h.update(identities[index].detach().float().cpu().contiguous().numpy().tobytes())
+    h.update(images.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:24]
 
 
@@ -332,7 +333,7 @@ def train_anchors(sd: SD, identities: Sequence[torch.Tensor], personalization: P
 
         embeddings = []
         for i, imgs in enumerate(identities):
-            cached = (Path(cache_dir) / f"anchor-{_anchor_key(sd, identities, personalization, n_steps, seed, i)}"
+            cached = (Path(cache_dir) / f"anchor-{_anchor_key(sd, imgs, personalization, n_steps, seed, i)}"
                       ".safetensors") if cache_dir else None
             if cached is not None and cached.is_file():
                 embeddings.append(load_file(str(cached))["embedding"].to(sd.device))
@@ -469,9 +470,7 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
         for k, g in enumerate(anchor_gens):
             g.set_state(extra["tensors"][f"anchor_generator_{k}"])
         LOG.info("resuming the ρ training from step %d/%d (%s)", start, steps, ckpt)
-    if history is not None:
-        history.extend(past)
-    records = list(past)
+    records = list(past)  # every step's record, the resumed ones first (checkpointed; handed to ``history``)
     bar = progress(range(start, steps), desc="ldu train", total=steps - start, disable=quiet)
     for step in bar:
         i = step % k_ids
@@ -504,8 +503,6 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
         record = {"step": step, "loss": float(total.detach()), "l_pers": float(l_pers.detach()),
                   "penalty": float(penalty.detach()), "linf": linf, "psnr_min": round(min_psnr_step, 3),
                   "lambda": lam, "identity": names[i], "anchor": names[j]}
-        if history is not None:
-            history.append(record)
         records.append(record)
         if linf > budget or psnr_low:
             lam += lambda_step
@@ -523,6 +520,8 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
                                               for k, g in enumerate(anchor_gens)}})
         if stop:
             break
+    if history is not None:
+        history.extend(records)
     rho.eval()
     rho.training_info = {
         "budget": budget, "steps": steps, "learning_rate": learning_rate, "batch_size": batch_size,

@@ -265,8 +265,8 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
         if not kept:
             raise ValueError(f"every input file is inside the output folder {out}; choose another --output")
     paths = kept
-    root = Path(os.path.expanduser(cfg.input)) if cfg.recursive and Path(os.path.expanduser(cfg.input)).is_dir() \
-        else None
+    root = Path(os.path.expanduser(cfg.input))
+    root = root if cfg.recursive and root.is_dir() else None
 
     def dest_folder(photo: Path) -> Path:  # with recursive=true the sub-folder structure is kept
         return out / os.path.relpath(photo.parent, root) if root is not None else out
