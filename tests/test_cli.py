@@ -453,6 +453,12 @@ def test_bench_protect_images_checks_attacker_options():
         bench_protect_images(True, ["identifier=person", "methods=ldu"])
     with pytest.raises(ValueError, match="attack_seeds must be a whole number"):
         bench_protect_images(True, ["attack_seeds=0", "methods=ldu"])
+    with pytest.raises(ValueError, match="no parameter 'round'"):
+        bench_protect_images(True, ["purifiers=impress;gridpure:round=2", "methods=ldu"])
+    with pytest.raises(ValueError, match="at most once"):
+        bench_protect_images(True, ["purifiers=impress;impress:steps=3", "methods=ldu"])
+    with pytest.raises(ValueError, match="give each model attack"):
+        bench_protect_images(True, ["purifiers=jpeg:quality=50", "methods=ldu"])
     for bench in (bench_protect_images, bench_protect_model):
         with pytest.raises(ValueError, match="attack_seed_stride must be a whole number >= 1"):
             bench(True, ["attack_seed_stride=-3"])

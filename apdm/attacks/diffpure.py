@@ -29,6 +29,13 @@ def diffpure(images: torch.Tensor, sd, strength: float = 0.2, num_inference_step
     """
     import torch.nn.functional as F
 
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"diffpure: strength must be in (0, 1], got {strength}")
+    if num_inference_steps < 1 or batch_size < 1:
+        raise ValueError(f"diffpure: num_inference_steps and batch_size must be >= 1, got {num_inference_steps} "
+                         f"and {batch_size}")
+    if len(images) == 0:
+        return images.detach().float().cpu()
     h, w = images.shape[-2:]
     res = sd.resolution
     x = images if (h, w) == (res, res) else F.interpolate(images, size=(res, res), mode="bicubic", antialias=True)

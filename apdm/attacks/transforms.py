@@ -5,10 +5,10 @@ device, in ``[0, 1]``. The robustness suite of the field: JPEG q = 75/50/25, Gau
 back, center crop and back, horizontal flip, Gaussian noise.
 
 :data:`TRANSFORMS` maps suite names to ready callables; :func:`parse_attack` turns a user string such as
-``"jpeg:quality=60"`` or ``"blur:kernel_size=5,sigma=2"`` into a callable. Purifiers that need a diffusion model
-(DiffPure, in :mod:`apdm.attacks.diffpure`) are not in this dict: the evaluation harness resolves those names
-itself (they need the model) and falls back to :func:`parse_attack` for everything else; see
-:data:`MODEL_ATTACKS`.
+``"jpeg:quality=60"`` or ``"blur:kernel_size=5,sigma=2"`` into a callable. Purifiers that need the diffusion model
+(:data:`MODEL_ATTACKS`: DiffPure, GrIDPure, IMPRESS, each in its own module) are not in this dict:
+:func:`parse_model_attack` resolves them to ``(function, kwargs)`` and the caller passes the model;
+:func:`check_attack` validates either kind of spec before a long run starts.
 """
 
 from __future__ import annotations
@@ -207,9 +207,15 @@ TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "noise": functools.partial(gaussian_noise, std=0.05, seed=0),
 }
 
-#: Attack names that need the diffusion model; implemented in :mod:`apdm.attacks.diffpure`, resolved by the
-#: evaluation harness, never by :func:`parse_attack`.
-MODEL_ATTACKS = ("diffpure",)
+#: Attacks that need the diffusion model: name -> module (the function has the module's last name). Resolved by
+#: :func:`parse_model_attack`, never by :func:`parse_attack`.
+MODEL_ATTACKS = {
+    "diffpure": "apdm.attacks.diffpure",   # SDEdit/DiffPure regeneration at one noise level
+    "gridpure": "apdm.attacks.gridpure",   # small DiffPure steps on a patch grid, iterated (GrIDPure)
+    "impress": "apdm.attacks.impress",     # make the image consistent with the VAE (IMPRESS)
+}
+#: parameters of model attacks the caller supplies
+_MODEL_NOT_PARAMS = {"images", "sd", "seed", "quiet"}
 
 _NOT_PARAMS = {"images", "generator"}
 
@@ -217,6 +223,8 @@ _NOT_PARAMS = {"images", "generator"}
 def _convert(name: str, key: str, value: str, default):
     """Parse ``value`` to the type of the parameter's default (int, float, or int/None for ``seed``)."""
     try:
+        if isinstance(default, str):
+            return value
         if isinstance(default, bool):
             if value.lower() not in ("true", "false", "1", "0"):
                 raise ValueError
@@ -231,7 +239,8 @@ def _convert(name: str, key: str, value: str, default):
             raise ValueError
         return f
     except ValueError:
-        kind = "an integer" if isinstance(default, int) or key == "seed" else "a number"
+        kind = ("true or false" if isinstance(default, bool) else
+                "an integer" if isinstance(default, int) or key == "seed" else "a number")
         raise ValueError(f"attack '{name}': parameter {key}={value!r} is not {kind}") from None
 
 
@@ -257,7 +266,7 @@ def parse_attack(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
     name = name.strip().lower()
     if name in MODEL_ATTACKS:
         raise ValueError(f"attack '{name}' needs the diffusion model: it is provided by apdm.attacks.{name} and "
-                         f"resolved by the evaluation harness, not by parse_attack")
+                         f"resolved by parse_model_attack, not by parse_attack")
     if not params.strip() and name in TRANSFORMS and ":" not in spec:
         fn = TRANSFORMS[name]
     else:
@@ -268,22 +277,11 @@ def parse_attack(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
         if name not in BASE:
             raise ValueError(f"unknown attack '{name}'. Known: {', '.join(sorted(set(TRANSFORMS) | set(BASE)))} "
                              f"(parameterised form: one of {', '.join(BASE)} followed by ':key=value,...'), and "
-                             f"model attacks {', '.join(MODEL_ATTACKS)}")
+                             f"model attacks {', '.join(MODEL_ATTACKS)} (name:key=value,...)")
         base = BASE[name]
         sig = inspect.signature(base)
         allowed = {k: p.default for k, p in sig.parameters.items() if k not in _NOT_PARAMS}
-        kwargs = {}
-        for item in filter(None, (s.strip() for s in params.split(","))):
-            key, eq, value = item.partition("=")
-            key, value = key.strip(), value.strip()
-            if not eq or not key or not value:
-                raise ValueError(f"attack '{spec}': expected key=value, got {item!r}")
-            if key not in allowed:
-                opts = ", ".join(allowed) or "none"
-                raise ValueError(f"attack '{name}' has no parameter '{key}' (parameters: {opts})")
-            if key in kwargs:
-                raise ValueError(f"attack '{spec}': parameter '{key}' given twice")
-            kwargs[key] = _convert(name, key, value, allowed[key])
+        kwargs = _parse_params(spec, name, params, allowed)
         fn = functools.partial(base, **kwargs) if kwargs else base
         try:  # validate values now rather than in the middle of an evaluation run
             fn(torch.full((1, 3, 8, 8), 0.5))
@@ -293,3 +291,78 @@ def parse_attack(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
     out.spec = spec
     out.name = name
     return out
+
+
+def _parse_params(spec: str, name: str, params: str, allowed: dict) -> dict:
+    """``key=value,...`` -> kwargs typed like the defaults in ``allowed`` (parameter -> default)."""
+    kwargs = {}
+    for item in filter(None, (s.strip() for s in params.split(","))):
+        key, eq, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or not key or not value:
+            raise ValueError(f"attack '{spec}': expected key=value, got {item!r}")
+        if key not in allowed:
+            opts = ", ".join(allowed) or "none"
+            raise ValueError(f"attack '{name}' has no parameter '{key}' (parameters: {opts})")
+        if key in kwargs:
+            raise ValueError(f"attack '{spec}': parameter '{key}' given twice")
+        kwargs[key] = _convert(name, key, value, allowed[key])
+    return kwargs
+
+
+def parse_model_attack(spec: str) -> tuple[Callable, dict]:
+    """A model attack from a user string: ``(function, kwargs)``; call ``function(images, sd, seed=..., **kwargs)``.
+
+    Forms: ``"diffpure"``, ``"diffpure:strength=0.1"``, ``"gridpure:rounds=10,gamma=0.2"``,
+    ``"impress:steps=500,radius=0.0627"``. Parameters are the function's keyword arguments except ``images``,
+    ``sd``, ``seed`` and ``quiet``, typed like their defaults (a ``k/255`` value is accepted for a float).
+
+    Raises:
+        ValueError: not a model attack, unknown or malformed parameter, value of the wrong type.
+    """
+    import importlib
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"attack spec must be a non-empty string, got {spec!r}")
+    spec = spec.strip()
+    name, _, params = spec.partition(":")
+    name = name.strip().lower()
+    if name not in MODEL_ATTACKS:
+        raise ValueError(f"'{name}' is not a model attack (model attacks: {', '.join(MODEL_ATTACKS)})")
+    fn = getattr(importlib.import_module(MODEL_ATTACKS[name]), name)
+    allowed = {k: p.default for k, p in inspect.signature(fn).parameters.items() if k not in _MODEL_NOT_PARAMS}
+    params = _fractions(params)
+    return fn, _parse_params(spec, name, params, allowed)
+
+
+def _fractions(params: str) -> str:
+    """Rewrite ``key=a/b`` values as decimals (so ``radius=16/255`` reads as a budget is written everywhere)."""
+    out = []
+    for item in params.split(","):
+        key, eq, value = item.partition("=")
+        num, slash, den = value.strip().partition("/")
+        if eq and slash:
+            try:
+                value = repr(float(num) / float(den))
+            except (ValueError, ZeroDivisionError):
+                pass
+        out.append(f"{key}{eq}{value}")
+    return ",".join(out)
+
+
+def check_attack(spec: str) -> str:
+    """Validate an attack spec (model-free or model attack) without running it; returns the stripped spec.
+
+    Raises:
+        ValueError: as :func:`parse_attack` / :func:`parse_model_attack`.
+    """
+    name = spec.strip().partition(":")[0].strip().lower() if isinstance(spec, str) else ""
+    if name in MODEL_ATTACKS:
+        fn, kwargs = parse_model_attack(spec)
+        try:  # every model attack checks its values first and returns at once on zero images, before the model
+            fn(torch.zeros(0, 3, 8, 8), None, **kwargs)
+        except ValueError as exc:
+            raise ValueError(f"attack '{spec.strip()}': {exc}") from None
+    else:
+        parse_attack(spec)
+    return spec.strip()

@@ -26,6 +26,12 @@ Each DreamBooth attack costs ~1–3 min on 2 CPU cores, and the full grid is 1 +
 ``--quick`` therefore runs the four robustness attacks (JPEG-75, blur, DiffPure, one clean photo) only for the
 methods in ``robust_methods`` (default ``ldu`` with ``--quick``, every method without); every method still gets
 its fidelity, cost and plain ``ism_db_m``.
+
+``purifiers='impress:steps=300;gridpure'`` adds model purifiers (:data:`apdm.attacks.transforms.MODEL_ATTACKS`,
+specs separated by ``;``, none by default) to the robustness attacks: for the clean photos and for every method in
+``robust_methods``, ``ism_db_{m}_{name}`` / ``fdfr_db_{m}_{name}`` (m = ``clean`` or the method) and
+``psnr_clean_{m}_{name}``, the purified photos' PSNR to the clean photos (how much of the protection, and of the
+photo, the purifier leaves).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     from apdm.bench import (attack_config, attack_seed_stride, attack_seeds, identifier_option, jobs, standard_error,
                             submit_attack_runs, toy_setup)
     from apdm.attacks.diffpure import diffpure
-    from apdm.attacks.transforms import gaussian_blur, jpeg
+    from apdm.attacks.transforms import MODEL_ATTACKS, check_attack, gaussian_blur, jpeg, parse_model_attack
     from apdm.bench.toy_world import toy_recipe
     from apdm.core import diffusion as D
     from apdm.evaluation.fidelity import psnr, ssim
@@ -55,7 +61,8 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     t_start = time.perf_counter()
     opts, sd, inst = toy_setup(overrides, {"budget", "subjects", "samples", "methods", "rho", "aspl_steps",
                                            "advdm_steps", "photoguard_steps", "robust_methods",
-                                           "grid", "identifier", "attack_seeds", "attack_seed_stride"})
+                                           "grid", "identifier", "attack_seeds", "attack_seed_stride",
+                                           "purifiers"})
     budget = parse_budget(opts.get("budget", "8/255"))
     n_subjects = int(opts.get("subjects", 1 if quick else 3))
     n_samples = int(opts.get("samples", 8 if quick else 16))
@@ -68,13 +75,21 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     if unknown:
         raise ValueError(f"unknown or unselected methods {unknown} (methods: ldu, {', '.join(METHODS)}; "
                          "robust_methods must be among methods)")
+    purifiers = [p.strip() for p in opts.get("purifiers", "").split(";") if p.strip()]
+    for p in purifiers:
+        check_attack(p)
+    pur_names = [p.partition(":")[0].strip().lower() for p in purifiers]
+    if len(set(pur_names)) != len(pur_names) or any(n not in MODEL_ATTACKS for n in pur_names):
+        raise ValueError(f"purifiers={opts.get('purifiers')!r}: give each model attack ({', '.join(MODEL_ATTACKS)}) "
+                         f"at most once, specs separated by ';', e.g. purifiers='impress:steps=300;gridpure'")
     method_kw = {"aspl": {"steps": int(opts.get("aspl_steps", 20 if quick else 50))},
                  "advdm": {"steps": int(opts.get("advdm_steps", 50 if quick else 100))},
                  "photoguard": {"steps": int(opts.get("photoguard_steps", 200 if quick else 1000))}}
     res: dict = {"model": sd.source, "instruments_fingerprint": inst.config.get("fingerprint"),
                  "budget": format_budget(budget), "subjects": n_subjects,
                  "samples_per_prompt": n_samples, "method_settings": method_kw, "robust_methods": robust,
-                 "identifier": identifier, "attack_seeds": n_seeds, "attack_seed_stride": stride}
+                 "identifier": identifier, "attack_seeds": n_seeds, "attack_seed_stride": stride,
+                 "purifiers": purifiers}
     sample = toy_recipe("dreambooth").sample
     sample.num_images_per_prompt = n_samples
     db_cfg = toy_recipe("dreambooth").personalization
@@ -112,6 +127,19 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
             add("ism_class_prompt", I.identity_similarity(inst.encoder, cls_gen, subj.references).mean())
             attack_db(pool, subj, clean, "clean", keep="clean")
             shown.setdefault("clean", clean.cpu())
+
+            def purified(pool, subj, clean, images, m):
+                """Each purifier on ``images`` (method m's protected photos, or m = clean): its DreamBooth attack
+                (``ism_db_{m}_{name}``) and the purified photos' PSNR to the clean ones (``psnr_clean_{m}_{name}``)."""
+                for spec_p, name in zip(purifiers, pur_names):
+                    fn, kw = parse_model_attack(spec_p)
+                    out = fn(images.cpu(), sd, seed=0, **kw)
+                    add(f"psnr_clean_{m}_{name}", psnr(clean.cpu(), out).mean())
+                    attack_db(pool, subj, out, f"{m}_{name}")
+                    LOG.info("subject %d, %s after %s: PSNR to the clean photos %.1f dB", subj.index, m, spec_p,
+                             acc[f"psnr_clean_{m}_{name}"][-1])
+
+            purified(pool, subj, clean, clean, "clean")
             kws = {}
             for m in methods:
                 kw = dict(method_kw.get(m, {}))
@@ -137,6 +165,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
                 attack_db(pool, subj, jpeg(prot.cpu(), 75), f"{m}_jpeg75")
                 attack_db(pool, subj, gaussian_blur(prot.cpu(), 7), f"{m}_blur")
                 attack_db(pool, subj, diffpure(prot, sd, strength=0.2), f"{m}_diffpure")
+                purified(pool, subj, clean, prot, m)
                 mixed = prot.clone()
                 mixed[0] = clean[0]
                 attack_db(pool, subj, mixed, f"{m}_one_clean")

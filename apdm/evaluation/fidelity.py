@@ -136,6 +136,24 @@ def linf_255(clean: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
     return (d * 255.0).float().cpu()
 
 
+def lpips_model(net: str = "alex"):
+    """The ``lpips`` package's LPIPS network (cached, eval mode, frozen), taking images in ``[-1, 1]``.
+
+    Raises:
+        MissingDependency: ``lpips`` is not installed.
+        MetricUnavailable: the backbone weights cannot be obtained (offline).
+    """
+    lp = optional_import("lpips", "lpips", "the LPIPS metric")
+    if net not in _LPIPS_CACHE:
+        try:
+            model = lp.LPIPS(net=net, verbose=False)
+        except Exception as exc:  # URLError / RuntimeError when torchvision weights cannot be downloaded
+            raise MetricUnavailable(f"LPIPS({net}) could not load its torchvision backbone weights "
+                                    f"({type(exc).__name__}: {exc})") from exc
+        _LPIPS_CACHE[net] = model.eval().requires_grad_(False)
+    return _LPIPS_CACHE[net]
+
+
 def lpips(clean: torch.Tensor, protected: torch.Tensor, net: str = "alex") -> torch.Tensor:
     """Per-image LPIPS distance (the ``lpips`` package, inputs mapped to ``[-1, 1]``).
 
@@ -150,15 +168,7 @@ def lpips(clean: torch.Tensor, protected: torch.Tensor, net: str = "alex") -> to
         MetricUnavailable: the backbone weights cannot be obtained (offline).
     """
     check_pair(clean, protected)
-    lp = optional_import("lpips", "lpips", "the LPIPS metric")
-    if net not in _LPIPS_CACHE:
-        try:
-            model = lp.LPIPS(net=net, verbose=False)
-        except Exception as exc:  # URLError / RuntimeError when torchvision weights cannot be downloaded
-            raise MetricUnavailable(f"LPIPS({net}) could not load its torchvision backbone weights "
-                                    f"({type(exc).__name__}: {exc})") from exc
-        _LPIPS_CACHE[net] = model.eval()
-    model = _LPIPS_CACHE[net]
+    model = lpips_model(net)
     with torch.no_grad():
         out = model(clean.detach().float().cpu() * 2 - 1, protected.detach().float().cpu() * 2 - 1)
     return out.flatten().float()

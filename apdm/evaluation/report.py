@@ -2,7 +2,8 @@
 
 Sections: summary table (mean of each metric per cell), per-subject image grids (references, protected inputs,
 generations of every cell), and plots of each metric against attack strength for parameterised attacks
-(``jpeg:quality=…``, ``diffpure:strength=…``), drawn as inline SVG so no plotting library is needed.
+(``jpeg:quality=…``, ``diffpure:strength=…``, ``impress:radius=k/255``), drawn as inline SVG so no plotting
+library is needed.
 """
 
 from __future__ import annotations
@@ -48,10 +49,15 @@ def summary_table(records: list[dict]) -> tuple[list[str], list[tuple], dict]:
 
 
 def _strength(attack: str) -> tuple[str, float] | None:
-    m = re.match(r"^([a-z_]+):([a-z_]+)=([0-9.]+)$", attack or "")
+    """(family, value) of a one-parameter attack such as ``jpeg:quality=60`` or ``impress:radius=16/255``."""
+    m = re.match(r"^([a-z_]+):([a-z_]+)=([0-9.]+)(?:/([0-9.]+))?$", attack or "")
     if not m:
         return None
-    return f"{m.group(1)} {m.group(2)}", float(m.group(3))
+    try:
+        value = float(m.group(3)) / (float(m.group(4)) if m.group(4) else 1.0)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return f"{m.group(1)} {m.group(2)}", value
 
 
 def _svg_plot(title: str, series: dict[str, list[tuple[float, float]]], xlabel: str) -> str:

@@ -45,16 +45,13 @@ def scenario_images(clean: torch.Tensor, protected: torch.Tensor | None, scenari
 
 
 def apply_attack(images: torch.Tensor, spec: str, sd, seed: int = 0) -> torch.Tensor:
-    """Apply one robustness attack ``spec`` (``none``, ``jpeg:quality=75``, ``diffpure:strength=0.2`` ...)."""
-    name, _, args = spec.partition(":")
-    if name == "diffpure":
-        from apdm.attacks.diffpure import diffpure
+    """Apply one robustness attack ``spec`` (``none``, ``jpeg:quality=75``, ``diffpure:strength=0.2``,
+    ``gridpure``, ``impress:steps=500`` ...) to images (N,3,H,W) in [0,1]; model attacks use ``sd``."""
+    from apdm.attacks.transforms import MODEL_ATTACKS, parse_attack, parse_model_attack
 
-        kwargs = {k: float(v) if k == "strength" else int(v) for k, v in
-                  (a.split("=") for a in args.split(",") if a)}
-        return diffpure(images, sd, seed=seed, **kwargs)
-    from apdm.attacks.transforms import parse_attack
-
+    if spec.strip().partition(":")[0].strip().lower() in MODEL_ATTACKS:
+        fn, kwargs = parse_model_attack(spec)
+        return fn(images, sd, seed=seed, **kwargs)
     return parse_attack(spec)(images)
 
 
@@ -239,6 +236,10 @@ def run(cfg: EvaluateRunConfig) -> dict:
     for s in cfg.scenarios:
         if s not in SCENARIOS:
             raise ValueError(f"unknown scenario '{s}'; choose from {', '.join(SCENARIOS)}")
+    from apdm.attacks.transforms import check_attack
+
+    for spec in cfg.attacks:  # a typo should stop the run now, not after hours of personalization
+        check_attack(spec)
     out = Path(cfg.output_dir)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)

@@ -1,0 +1,146 @@
+"""Model purification attacks (DiffPure, GrIDPure, IMPRESS) and how evaluate resolves them, on the tiny SD."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from apdm.attacks import transforms as T
+from apdm.attacks.gridpure import grid_boxes, gridpure
+from apdm.attacks.impress import consistency_error, impress
+
+
+def test_parse_model_attack_types_fractions_and_defaults():
+    fn, kw = T.parse_model_attack(" impress:steps=5, radius=16/255,tie=none ")
+    assert fn is impress and kw == {"steps": 5, "radius": pytest.approx(16 / 255), "tie": "none"}
+    fn, kw = T.parse_model_attack("gridpure:rounds=3,gamma=0.25,prompt=a photo of a person")
+    assert fn is gridpure and kw == {"rounds": 3, "gamma": 0.25, "prompt": "a photo of a person"}
+    fn, kw = T.parse_model_attack("DiffPure")
+    assert fn.__name__ == "diffpure" and kw == {}
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("impress:foo=1", r"no parameter 'foo' \(parameters: steps, lr, radius"),
+    ("impress:steps=1.5", "not an integer"),
+    ("impress:steps=-1", "steps must be >= 0"),
+    ("impress:radius=0", "nothing keeps the result near the input"),
+    ("impress:tie=ssim", "tie must be 'none' or 'lpips'"),
+    ("impress:seed=3", "no parameter 'seed'"),  # the harness passes the seed
+    ("gridpure:rounds=x", "not an integer"),
+    ("gridpure:gamma=1", r"gamma must be in \[0, 1\)"),
+    ("diffpure:strength=0", r"strength must be in \(0, 1\]"),
+    ("diffpure:strength", "expected key=value"),
+    ("impres", "unknown attack 'impres'.*model attacks diffpure, gridpure, impress"),
+])
+def test_check_attack_refuses_bad_specs_before_any_model_is_loaded(spec, message):
+    with pytest.raises(ValueError, match=message):
+        T.check_attack(spec)
+
+
+def test_check_attack_accepts_both_kinds():
+    assert T.check_attack(" jpeg:quality=60 ") == "jpeg:quality=60"
+    assert T.check_attack("gridpure:rounds=2") == "gridpure:rounds=2"
+    with pytest.raises(ValueError, match="needs the diffusion model"):
+        T.parse_attack("impress")
+
+
+def test_consistency_error_is_the_vae_round_trip_mse(tiny_sd, rand_images):
+    x = rand_images[:2]
+    with torch.no_grad():
+        z = tiny_sd.vae.encode(x * 2 - 1).latent_dist.mean
+        recon = ((tiny_sd.vae.decode(z).sample + 1) / 2).clamp(0, 1)
+        expected = (recon - x).pow(2).mean(dim=(1, 2, 3))
+        got = consistency_error(tiny_sd.vae, x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_impress_lowers_the_inconsistency_within_its_box(tiny_sd, rand_images):
+    x = rand_images[:3]
+    vae_before = {k: v.clone() for k, v in tiny_sd.vae.state_dict().items()}
+    radius = 8 / 255
+    out = impress(x, tiny_sd, steps=15, lr=0.01, radius=radius, batch_size=2)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    assert (out - x).abs().max() <= radius + 1e-6
+    assert (out - x).abs().max() > radius / 2  # it moved
+    with torch.no_grad():
+        before, after = consistency_error(tiny_sd.vae, x), consistency_error(tiny_sd.vae, out)
+    assert (after < 0.9 * before).all(), (before, after)
+    for k, v in tiny_sd.vae.state_dict().items():  # the attacker's VAE is used, never trained
+        assert torch.equal(v, vae_before[k])
+    assert not any(p.requires_grad for p in tiny_sd.vae.parameters())
+
+
+def test_impress_on_an_odd_size_keeps_the_box_at_the_original_size(tiny_sd):
+    x = torch.rand(1, 3, 50, 70, generator=torch.Generator().manual_seed(4))
+    radius = 6 / 255
+    out = impress(x, tiny_sd, steps=5, radius=radius)
+    assert out.shape == x.shape
+    assert (out - x).abs().max() <= radius + 1e-6 and (out - x).abs().max() > 0
+
+
+@pytest.mark.parametrize("h, w", [(64, 64), (48, 80), (8, 9)])
+def test_grid_boxes_cover_every_pixel(h, w):
+    p, corners = grid_boxes(h, w)
+    assert p == min(h, w) // 2
+    count = torch.zeros(h, w)
+    for y, x in corners:
+        assert 0 <= y <= h - p and 0 <= x <= w - p
+        count[y:y + p, x:x + p] += 1
+    assert count.min() >= 1
+    if (h, w) == (64, 64):  # 3 x 3 patches at stride p/2, as GrIDPure's 256 patches at stride 128 on 512 px
+        assert len(corners) == 9 and count.max() == 4
+
+
+def test_grid_boxes_refuses_tiny_images():
+    with pytest.raises(ValueError, match="too small"):
+        grid_boxes(3, 64)
+
+
+def test_gridpure_blends_with_its_input_and_is_seeded(tiny_sd, rand_images):
+    x = rand_images[:2, :, :48, :]  # non-square: 48 x 64
+    plain = gridpure(x, tiny_sd, rounds=1, gamma=0.0, seed=3)
+    assert plain.shape == x.shape and plain.min() >= 0 and plain.max() <= 1
+    assert (plain - x).abs().mean() > 1e-3  # the random model regenerates the patches
+    # one round: out = (1 - γ) · merged + γ · x, and merged does not depend on γ
+    g = 0.3
+    blended = gridpure(x, tiny_sd, rounds=1, gamma=g, seed=3)
+    torch.testing.assert_close(blended, (1 - g) * plain + g * x, rtol=0, atol=1e-5)
+    assert torch.equal(gridpure(x, tiny_sd, rounds=1, gamma=0.0, seed=3), plain)
+    assert not torch.equal(gridpure(x, tiny_sd, rounds=1, gamma=0.0, seed=4), plain)
+    two = gridpure(x, tiny_sd, rounds=2, gamma=0.0, seed=3)
+    assert not torch.allclose(two, plain, atol=1e-4)  # the second round works on the first's output
+
+
+def test_evaluate_applies_model_attacks_by_spec(tiny_sd, rand_images):
+    from apdm.evaluation.run import apply_attack
+
+    x = rand_images[:2]
+    got = apply_attack(x, "impress:steps=3,radius=4/255", tiny_sd, seed=0)
+    torch.testing.assert_close(got, impress(x, tiny_sd, steps=3, radius=4 / 255))
+    got = apply_attack(x, "gridpure:rounds=1", tiny_sd, seed=5)
+    torch.testing.assert_close(got, gridpure(x, tiny_sd, rounds=1, seed=5))
+    assert torch.equal(apply_attack(x, "jpeg:quality=60", tiny_sd), T.jpeg(x, 60))
+
+
+def test_evaluate_stops_on_a_misspelt_attack_before_loading_the_model(tmp_path):
+    from apdm.config import EvalSubjectConfig, EvaluateRunConfig, ModelConfig
+    from apdm.evaluation.run import run
+
+    cfg = EvaluateRunConfig(model=ModelConfig(path=str(tmp_path / "no-such-model")),
+                            subjects=[EvalSubjectConfig(clean_data=str(tmp_path))],
+                            attacks=["none", "gridpure:round=3"], output_dir=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="no parameter 'round'"):
+        run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_plots_attack_strength_written_as_a_fraction():
+    from apdm.evaluation.report import _strength, strength_plots
+
+    assert _strength("impress:radius=16/255") == ("impress radius", pytest.approx(16 / 255))
+    assert _strength("jpeg:quality=60") == ("jpeg quality", 60.0)
+    assert _strength("gridpure:rounds=2,gamma=0.1") is None and _strength("impress:radius=1/0") is None
+    recs = [{"attack": f"impress:radius={k}/255", "scenario": "all_perturbed", "personalization": "dreambooth",
+             "metric": "ism", "value": v} for k, v in ((4, 0.2), (8, 0.4), (16, 0.6))]
+    plots = strength_plots(recs)
+    assert len(plots) == 1 and "impress radius" in plots[0]
