@@ -76,10 +76,16 @@ def test_every_recipe_loads(recipe):
     errors = []
     for cls in classes:
         try:
-            C.load_config(cls, recipe)
-            return
+            cfg = C.load_config(cls, recipe)
         except C.ConfigError as exc:
             errors.append(str(exc))
+            continue
+        if isinstance(cfg, C.EvaluateRunConfig):  # every attack of an evaluation recipe parses
+            from apdm.attacks.transforms import check_attack
+
+            for spec in cfg.attacks:
+                check_attack(spec)
+        return
     pytest.fail(f"{recipe.name} fits no command config: {errors}")
 
 

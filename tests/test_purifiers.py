@@ -144,3 +144,50 @@ def test_report_plots_attack_strength_written_as_a_fraction():
              "metric": "ism", "value": v} for k, v in ((4, 0.2), (8, 0.4), (16, 0.6))]
     plots = strength_plots(recs)
     assert len(plots) == 1 and "impress radius" in plots[0]
+
+
+def test_evaluate_purifies_each_training_set_once_and_shows_it(tmp_path, monkeypatch):
+    """Model purifiers take minutes per photo at real size: evaluate runs each (scenario, attack) once for all
+    personalizations, and the report shows what the attacker trained on (also after a resumed run)."""
+    from PIL import Image
+
+    from apdm.cli import main
+    from apdm.evaluation import run as R
+
+    clean, prot = tmp_path / "clean", tmp_path / "prot"
+    clean.mkdir()
+    prot.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        x = (torch.rand(64, 64, 3, generator=g) * 255).byte().numpy()
+        Image.fromarray(x).save(clean / f"{i}.png")
+        Image.fromarray(255 - x).save(prot / f"{i}.png")
+    calls = []
+    real = R.apply_attack
+
+    def counted(images, spec, sd, seed=0):
+        calls.append(spec)
+        return real(images, spec, sd, seed=seed)
+
+    monkeypatch.setattr(R, "apply_attack", counted)
+    out = tmp_path / "eval"
+    args = ["evaluate", "model.path=tiny", "model.device=cpu", f"output_dir={out}", "quiet=true",
+            f"subjects=[{{name: s1, clean_data: {clean}, protected_data: {prot}}}]",
+            "scenarios=[all_clean, all_perturbed]", "attacks=[none, 'impress:steps=2,radius=8/255']",
+            "personalizations=[{method: lora, steps: 1, with_prior_preservation: false}, "
+            "{method: lora, steps: 2, with_prior_preservation: false}]",
+            "sample.num_images_per_prompt=1", "sample.num_inference_steps=2", "sample.prompts=[a photo of sks person]",
+            "metrics.features=none", "metrics.brisque=false", "class_prompt_baseline=false"]
+    assert main(args) == 0
+    assert calls == ["impress:steps=2,radius=8/255"] * 2  # two scenarios, not four cells
+    grids = sorted(p.name for p in out.glob("images/attacked-*.png"))
+    assert len(grids) == 2
+
+    def shown():
+        import re
+
+        return sorted(re.findall(r"src='images/(attacked-[^']+)'", (out / "report.html").read_text()))
+
+    assert shown() == grids
+    assert main(args) == 0  # resumed: nothing recomputed, the grids still in the report
+    assert len(calls) == 2 and shown() == grids
