@@ -174,8 +174,8 @@ def test_evaluate_purifies_each_training_set_once_and_shows_it(tmp_path, monkeyp
     args = ["evaluate", "model.path=tiny", "model.device=cpu", f"output_dir={out}", "quiet=true",
             f"subjects=[{{name: s1, clean_data: {clean}, protected_data: {prot}}}]",
             "scenarios=[all_clean, all_perturbed]", "attacks=[none, 'impress:steps=2,radius=8/255']",
-            "personalizations=[{method: lora, steps: 1, with_prior_preservation: false}, "
-            "{method: lora, steps: 2, with_prior_preservation: false}]",
+            ("personalizations=[{method: lora, steps: 1, with_prior_preservation: false}, "
+             "{method: lora, steps: 2, with_prior_preservation: false}]"),
             "sample.num_images_per_prompt=1", "sample.num_inference_steps=2", "sample.prompts=[a photo of sks person]",
             "metrics.features=none", "metrics.brisque=false", "class_prompt_baseline=false"]
     assert main(args) == 0

@@ -251,6 +251,33 @@ def run(cfg: EvaluateRunConfig) -> dict:
     gallery: list[dict] = []
     t_start = time.perf_counter()
 
+    attacked: dict[tuple[str, str], torch.Tensor] = {}  # one subject's purified photos, shared by its cells
+    shown: set[str] = set()
+
+    def show_attacked(name: str, scenario: str, attack: str, train: torch.Tensor | None = None) -> None:
+        """Put the grid of the attacked training photos in the report (written when ``train`` is given)."""
+        file = f"images/attacked-{_cell_key(name, scenario, attack, cfg.seed)}.png"
+        if train is not None:
+            save_grid(train, out / file, nrow=8)
+        if file not in shown and (out / file).is_file():
+            shown.add(file)
+            gallery.append({"subject": name, "title": f"what the attacker trains on: {scenario} · {attack}",
+                            "file": file})
+
+    def training_images(name: str, clean, protected, scenario: str, attack: str) -> torch.Tensor:
+        """The scenario's photos after the attack, computed once per subject and shared by every personalization
+        (model purifiers take minutes per photo)."""
+        if (scenario, attack) not in attacked:
+            train = scenario_images(clean, protected, scenario)
+            if attack != "none":
+                t_attack = time.perf_counter()
+                train = apply_attack(train, attack, sd, seed=cfg.seed)
+                LOG.info("subject '%s', %s photos after %s: %.1f s", name, scenario, attack,
+                         time.perf_counter() - t_attack)
+                show_attacked(name, scenario, attack, train)
+            attacked[(scenario, attack)] = train
+        return attacked[(scenario, attack)]
+
     for si, subj in enumerate(cfg.subjects):
         name = subj.name or Path(subj.clean_data.split(",")[0]).name or f"subject{si}"
         clean, clean_paths, _ = load_spec(subj.clean_data, size=size)
@@ -305,33 +332,7 @@ def run(cfg: EvaluateRunConfig) -> dict:
         skipped = [sc for sc in cfg.scenarios if sc != "all_clean" and protected is None]
         if skipped:
             LOG.warning("subject '%s' has no protected_data: skipping scenarios %s", name, ", ".join(sorted(set(skipped))))
-        attacked: dict[tuple[str, str], torch.Tensor] = {}  # the attacker's purified photos, once per subject
-        shown: set[str] = set()
-
-        def show_attacked(scenario: str, attack: str, train: torch.Tensor | None = None) -> None:
-            """Put the grid of the attacked training photos in the report (written when ``train`` is given)."""
-            file = f"images/attacked-{_cell_key(name, scenario, attack, cfg.seed)}.png"
-            if train is not None:
-                save_grid(train, out / file, nrow=8)
-            if file not in shown and (out / file).is_file():
-                shown.add(file)
-                gallery.append({"subject": name, "title": f"what the attacker trains on: {scenario} · {attack}",
-                                "file": file})
-
-        def training_images(scenario: str, attack: str) -> torch.Tensor:
-            """The scenario's photos after the attack, computed once and shared by every personalization (model
-            purifiers take minutes per photo)."""
-            if (scenario, attack) not in attacked:
-                train = scenario_images(clean, protected, scenario)
-                if attack != "none":
-                    t_attack = time.perf_counter()
-                    train = apply_attack(train, attack, sd, seed=cfg.seed)
-                    LOG.info("subject '%s', %s photos after %s: %.1f s", name, scenario, attack,
-                             time.perf_counter() - t_attack)
-                    show_attacked(scenario, attack, train)
-                attacked[(scenario, attack)] = train
-            return attacked[(scenario, attack)]
-
+        attacked.clear()
         for scenario, attack, per in progress(cells, desc=f"evaluating {name}"):
             key = _cell_key(name, scenario, attack, per.method, per.steps, per.learning_rate, cfg.seed,
                             cfg.sample.num_images_per_prompt, "|".join(cfg.sample.prompts))
@@ -339,13 +340,13 @@ def run(cfg: EvaluateRunConfig) -> dict:
             if cfg.resume and cell_file.is_file():
                 LOG.info("cell %s/%s/%s/%s already done; skipping", name, scenario, attack, per.method)
                 if attack != "none":
-                    show_attacked(scenario, attack)
+                    show_attacked(name, scenario, attack)
                 records += json.loads(cell_file.read_text())
                 gallery += [{"subject": name, "title": f"{scenario} · {attack} · {per.method} · '{p}'",
                              "file": f"images/{key}-{i}.png"} for i, p in enumerate(cfg.sample.prompts)]
                 continue
             t0 = time.perf_counter()
-            train = training_images(scenario, attack)
+            train = training_images(name, clean, protected, scenario, attack)
             pcfg = with_prompts(per, subj.instance_prompt, subj.class_prompt)
             pcfg = dataclasses.replace(pcfg, seed=cfg.seed)
             result = personalize_and_sample(sd, train, pcfg, list(cfg.sample.prompts), cfg.sample, quiet=cfg.quiet)
