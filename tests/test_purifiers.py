@@ -165,9 +165,9 @@ def test_evaluate_purifies_each_training_set_once_and_shows_it(tmp_path, monkeyp
     calls = []
     real = R.apply_attack
 
-    def counted(images, spec, sd, seed=0):
+    def counted(images, spec, sd, seed=0, quiet=True):
         calls.append(spec)
-        return real(images, spec, sd, seed=seed)
+        return real(images, spec, sd, seed=seed, quiet=quiet)
 
     monkeypatch.setattr(R, "apply_attack", counted)
     out = tmp_path / "eval"

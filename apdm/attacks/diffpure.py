@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 
 from apdm.core import diffusion as D
+from apdm.utils import progress
 
 
 def diffpure(images: torch.Tensor, sd, strength: float = 0.2, num_inference_steps: int = 50, prompt: str = "",
-             guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 8) -> torch.Tensor:
+             guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 8, quiet: bool = True) -> torch.Tensor:
     """Purify images with the diffusion model ``sd``.
 
     Args:
@@ -23,6 +24,7 @@ def diffpure(images: torch.Tensor, sd, strength: float = 0.2, num_inference_step
         strength: fraction of the DDIM grid regenerated (0 < strength ≤ 1).
         num_inference_steps: DDIM grid size.
         prompt: conditioning (the image caption if known; empty = unconditional).
+        quiet: no progress bar over the batches.
 
     Returns:
         (N,3,H,W) float in [0,1] on the CPU.
@@ -40,7 +42,7 @@ def diffpure(images: torch.Tensor, sd, strength: float = 0.2, num_inference_step
     res = sd.resolution
     x = images if (h, w) == (res, res) else F.interpolate(images, size=(res, res), mode="bicubic", antialias=True)
     outs = []
-    for i in range(0, x.shape[0], batch_size):
+    for i in progress(range(0, x.shape[0], batch_size), desc="DiffPure batches", disable=quiet):
         chunk = x[i:i + batch_size].to(sd.device).clamp(0, 1)
         outs.append(D.img2img(sd, chunk, strength, prompt, guidance_scale, num_inference_steps, seed=seed + i))
     out = torch.cat(outs)

@@ -67,7 +67,7 @@ def gridpure(images: torch.Tensor, sd, strength: float = 0.02, num_inference_ste
         rounds: purification rounds (published 20).
         gamma: weight of the attack's input in each round's output (published 0.1).
         prompt: conditioning (empty = unconditional).
-        seed: noise seed; round r uses ``seed + r``.
+        seed: noise seed (round r, patch batch starting at i: ``seed + 100003·r + i``).
         batch_size: patches regenerated per call.
 
     Returns:

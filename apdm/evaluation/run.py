@@ -44,14 +44,14 @@ def scenario_images(clean: torch.Tensor, protected: torch.Tensor | None, scenari
     return mixed
 
 
-def apply_attack(images: torch.Tensor, spec: str, sd, seed: int = 0) -> torch.Tensor:
+def apply_attack(images: torch.Tensor, spec: str, sd, seed: int = 0, quiet: bool = True) -> torch.Tensor:
     """Apply one robustness attack ``spec`` (``none``, ``jpeg:quality=75``, ``diffpure:strength=0.2``,
     ``gridpure``, ``impress:steps=500`` ...) to images (N,3,H,W) in [0,1]; model attacks use ``sd``."""
     from apdm.attacks.transforms import MODEL_ATTACKS, parse_attack, parse_model_attack
 
     if spec.strip().partition(":")[0].strip().lower() in MODEL_ATTACKS:
         fn, kwargs = parse_model_attack(spec)
-        return fn(images, sd, seed=seed, **kwargs)
+        return fn(images, sd, seed=seed, quiet=quiet, **kwargs)
     return parse_attack(spec)(images)
 
 
@@ -271,7 +271,7 @@ def run(cfg: EvaluateRunConfig) -> dict:
             train = scenario_images(clean, protected, scenario)
             if attack != "none":
                 t_attack = time.perf_counter()
-                train = apply_attack(train, attack, sd, seed=cfg.seed)
+                train = apply_attack(train, attack, sd, seed=cfg.seed, quiet=cfg.quiet)
                 LOG.info("subject '%s', %s photos after %s: %.1f s", name, scenario, attack,
                          time.perf_counter() - t_attack)
                 show_attacked(name, scenario, attack, train)
