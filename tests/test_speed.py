@@ -66,8 +66,8 @@ def test_speed_bench_times_every_engine(tmp_path):
     assert (r["model"], r["device"], r["resolution"], r["images"]) == ("tiny", "cpu", 64, 2)
     timed = [k for k in r if k.startswith("seconds_per_")]
     # 3 personalization steps, the L2P outer step, LDU apply and train step, ASPL, AdvDM, PhotoGuard (+ projections),
-    # the encoder trap's step
-    assert len(timed) == 13 and all(r[k] > 0 for k in timed if k != "seconds_per_step_ldu_train")
+    # the encoder trap's step, the purifiers (IMPRESS step, GrIDPure round, DiffPure call, + projections)
+    assert len(timed) == 19 and all(r[k] > 0 for k in timed if k != "seconds_per_step_ldu_train")
     assert r["seconds_per_step_ldu_train"] >= 0  # a difference of two timings: noise can make it tiny
     # projections follow from the measured unit: 10 outer steps, 50 ASPL iterations over 2 images
     assert r["hours_protect_model_projected"] == pytest.approx(r["seconds_per_outer_step"] * 10 / 3600, abs=1e-3)
@@ -75,6 +75,11 @@ def test_speed_bench_times_every_engine(tmp_path):
     assert r["hours_encoder_trap_projected"] == pytest.approx(r["seconds_per_step_encoder_trap"] * 100 / 3600,
                                                               abs=1e-3)
     assert (r["trap_images"], r["trap_micro_batch"], r["trap_steps"], r["trap_preserve_batch"]) == (3, 2, 100, 8)
+    # IMPRESS's 3000 steps and GrIDPure's 20 rounds, per image of the 2
+    assert r["seconds_per_image_impress_projected"] == pytest.approx(r["seconds_per_step_impress"] * 3000 / 2,
+                                                                     rel=1e-2)
+    assert r["seconds_per_image_gridpure_projected"] == pytest.approx(r["seconds_per_round_gridpure"] * 20 / 2,
+                                                                      rel=1e-2)
     assert r["peak_rss_mb"] > 100  # torch and the models are resident
     assert not any(k.startswith("peak_gpu_mb") for k in r)  # CPU run: no GPU memory keys
 

@@ -13,14 +13,17 @@ What is timed (each after one warm-up call, median of ``repeats`` timed calls, C
 * ``encoder-trap``: one step of the encoder trap (apdm's addition, ``encoder_trap.*``: ``trap_images`` photos and
   pictures of the subject plus ``preserve_batch`` (8) kept images through the VAE encoder, forward and backward, and
   the AdamW step), with ``micro_batch`` images per encoder call, and the projected hours of ``trap_steps`` steps
-  (the toy recipes' 1,500). ``gradient_checkpointing`` applies here too.
+  (the toy recipes' 1,500). ``gradient_checkpointing`` applies here too;
+* ``purifiers``: the attacker's model purifiers on the ``images`` photos: one IMPRESS step (VAE encode + decode,
+  forward and backward, one Adam step), one GrIDPure round (10 patch regenerations per photo) and one DiffPure call;
+  each with its projected seconds per image at the attack's default (IMPRESS 3000 steps, GrIDPure 20 rounds).
 
 With ``model=random:sd15`` (or ``random:sd21base``) the model is the real architecture with random weights
 (:func:`apdm.core.models.random_sd`): its numbers are real-size costs, measurable where no weights can be
 downloaded. Efficacy is not measured here (see the toy-world benchmarks).
 
 Options: ``model=PATH|tiny|toy|random:sd15`` ``device=auto|cpu|cuda`` ``dtype=auto|fp32|bf16|fp16``
-``parts=personalize,protect-model,protect-images,encoder-trap`` ``repeats=N`` ``batch_size=N`` ``images=N``
+``parts=personalize,protect-model,protect-images,encoder-trap,purifiers`` ``repeats=N`` ``batch_size=N`` ``images=N``
 ``inner_steps=N`` ``outer_steps=N`` ``mixed_precision=no|bf16|fp16`` ``gradient_checkpointing=true|false``
 ``trainable=all|lora|NAMES`` (what θ trains, as ``protect.trainable``) ``trap_images=N`` (default: ``images``)
 ``trap_steps=N`` ``micro_batch=N`` ``keep_space=latent|decoded`` ``preserve_batch=N`` (as ``encoder_trap.*``).
@@ -35,7 +38,7 @@ import statistics
 import time
 from typing import Callable
 
-PARTS = ("personalize", "protect-model", "protect-images", "encoder-trap")
+PARTS = ("personalize", "protect-model", "protect-images", "encoder-trap", "purifiers")
 
 
 def _sync(device) -> None:
@@ -181,6 +184,25 @@ def _encoder_trap(sd, class_images, opts: dict, repeats: int) -> dict:
     return out
 
 
+def _purifiers(sd, images, repeats: int) -> dict:
+    from apdm.attacks.diffpure import diffpure
+    from apdm.attacks.gridpure import gridpure
+    from apdm.attacks.impress import impress
+
+    n = images.shape[0]
+    out: dict = {}
+    for name, fn, unit, default in (
+            ("impress", lambda: impress(images, sd, steps=1, batch_size=n), "per_step_impress",
+             _default_steps(impress)),
+            ("gridpure", lambda: gridpure(images, sd, rounds=1), "per_round_gridpure",
+             int(inspect.signature(gridpure).parameters["rounds"].default)),
+            ("diffpure", lambda: diffpure(images, sd), "per_call_diffpure", 1)):
+        seconds, peak = timed(fn, sd.device, repeats)
+        _record(out, unit, seconds, peak)
+        out[f"seconds_per_image_{name}_projected"] = round(seconds * default / n, 3)
+    return out
+
+
 def bench_speed(quick: bool, overrides: list[str]) -> dict:
     """See the module docstring."""
     import torch
@@ -222,5 +244,7 @@ def bench_speed(quick: bool, overrides: list[str]) -> dict:
         result.update(_protect_images(sd, images, class_images, opts, repeats))
     if "encoder-trap" in parts:
         result.update(_encoder_trap(sd, class_images, opts, repeats))
+    if "purifiers" in parts:
+        result.update(_purifiers(sd, images, repeats))
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return result
