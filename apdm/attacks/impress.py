@@ -47,8 +47,8 @@ def impress(images: torch.Tensor, sd, steps: int = 3000, lr: float = 0.01, radiu
     """Purify images by making them consistent with ``sd``'s autoencoder.
 
     Args:
-        images: (N,3,H,W) float in [0,1], any size; resized to the model's resolution for the optimisation when the
-            side is not a multiple of the VAE factor, and the *change* is resized back and added to the original.
+        images: (N,3,H,W) float in [0,1], any size; a side that is not a multiple of the VAE factor is rounded to
+            the nearest one for the optimisation, and the *change* is resized back and added to the original.
         sd: :class:`apdm.core.models.SD` whose VAE the attacker uses (the model it will personalize).
         steps: Adam steps (the published attack uses 3000).
         lr: Adam learning rate on [0,1] pixels (published 0.01).
@@ -82,7 +82,7 @@ def impress(images: torch.Tensor, sd, steps: int = 3000, lr: float = 0.01, radiu
         return images.detach().float().cpu()
     h, w = images.shape[-2:]
     f = sd.vae_scale_factor
-    shape = (h, w) if h % f == 0 and w % f == 0 else (sd.resolution, sd.resolution)
+    shape = (max(f, round(h / f) * f), max(f, round(w / f) * f))  # the VAE needs multiples of its factor
     src = images.float().clamp(0, 1)
     x_in = src if shape == (h, w) else F.interpolate(src, size=shape, mode="bicubic", antialias=True).clamp(0, 1)
     vae = sd.vae

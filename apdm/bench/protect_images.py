@@ -120,6 +120,17 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
             generated.setdefault(keep, None)
         attacks.append((key, keep, futs))
 
+    def purified(pool, subj, clean, images, m):
+        """Each purifier on ``images`` (method m's protected photos, or m = clean): its DreamBooth attack
+        (``ism_db_{m}_{name}``) and the purified photos' PSNR to the clean ones (``psnr_clean_{m}_{name}``)."""
+        for spec_p, name in zip(purifiers, pur_names):
+            fn, kw = parse_model_attack(spec_p)
+            out = fn(images.cpu(), sd, seed=0, **kw)
+            add(f"psnr_clean_{m}_{name}", psnr(clean.cpu(), out).mean())
+            attack_db(pool, subj, out, f"{m}_{name}")
+            LOG.info("subject %d, %s after %s: PSNR to the clean photos %.1f dB", subj.index, m, spec_p,
+                     acc[f"psnr_clean_{m}_{name}"][-1])
+
     cls_gen = D.generate(sd, ["a photo of a person"], n_samples, 25, 3.0, seed=123, quiet=True)
     with jobs.executor(workers) as pool:
         for subj in heldout_subjects(n_subjects, num_images=4):
@@ -127,18 +138,6 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
             add("ism_class_prompt", I.identity_similarity(inst.encoder, cls_gen, subj.references).mean())
             attack_db(pool, subj, clean, "clean", keep="clean")
             shown.setdefault("clean", clean.cpu())
-
-            def purified(pool, subj, clean, images, m):
-                """Each purifier on ``images`` (method m's protected photos, or m = clean): its DreamBooth attack
-                (``ism_db_{m}_{name}``) and the purified photos' PSNR to the clean ones (``psnr_clean_{m}_{name}``)."""
-                for spec_p, name in zip(purifiers, pur_names):
-                    fn, kw = parse_model_attack(spec_p)
-                    out = fn(images.cpu(), sd, seed=0, **kw)
-                    add(f"psnr_clean_{m}_{name}", psnr(clean.cpu(), out).mean())
-                    attack_db(pool, subj, out, f"{m}_{name}")
-                    LOG.info("subject %d, %s after %s: PSNR to the clean photos %.1f dB", subj.index, m, spec_p,
-                             acc[f"psnr_clean_{m}_{name}"][-1])
-
             purified(pool, subj, clean, clean, "clean")
             kws = {}
             for m in methods:
