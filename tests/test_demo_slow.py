@@ -37,7 +37,8 @@ def test_bench_protect_images_quick_keys_and_grids(tmp_path):
 
     out = tmp_path / "pi.json"
     assert main(["bench", "protect-images", "--quick", "--out", str(out), "methods=ldu,advdm", "advdm_steps=5",
-                 "robust_methods=ldu", "samples=2", f"grid={tmp_path / 'grids'}"]) == 0
+                 "robust_methods=ldu", "samples=2", f"grid={tmp_path / 'grids'}",
+                 "purifiers=impress:steps=3;gridpure:rounds=1"]) == 0
     res = json.loads(out.read_text())
     for m in ("ldu", "advdm"):
         assert res[f"linf255_{m}"] <= 8 and res[f"psnr_{m}"] > 25 and f"ism_db_{m}" in res
@@ -45,6 +46,12 @@ def test_bench_protect_images_quick_keys_and_grids(tmp_path):
     assert {"ism_db_ldu_jpeg75", "ism_db_ldu_blur", "ism_db_ldu_diffpure", "ism_db_ldu_one_clean"} <= set(res)
     assert "ism_db_advdm_jpeg75" not in res  # robustness attacks only for robust_methods
     assert "fdfr_db_ldu_jpeg75" in res and "fdfr_db_clean" in res
+    # model purifiers: for the clean photos and the robust method, with the purified photos' PSNR to the clean ones
+    for m in ("clean", "ldu"):
+        for p in ("impress", "gridpure"):
+            assert 0 <= res[f"fdfr_db_{m}_{p}"] <= 1 and -1 <= res[f"ism_db_{m}_{p}"] <= 1
+    assert res["psnr_clean_clean_impress"] > 25 > res["psnr_clean_clean_gridpure"]  # 3 steps move a photo little
+    assert "ism_db_advdm_impress" not in res and res["purifiers"] == ["impress:steps=3", "gridpure:rounds=1"]
     for name in ("protected.png", "perturbation.png", "dreambooth.png"):
         assert (tmp_path / "grids" / name).is_file()
 

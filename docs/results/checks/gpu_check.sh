@@ -6,7 +6,8 @@
 #   - the L2P outer step again with bf16 autocast + gradient checkpointing (the memory options).
 # Usage on the GPU machine, from the repo root: bash docs/results/checks/gpu_check.sh OUT_DIR [more|lora]
 # ("more": instead, SD-2.1-base image-method timings and LoRA-θ protection; "lora": LoRA-θ with a bf16 base;
-# "trap": the encoder trap's step at 512 px with 16 and 36 photos, whole and micro-batched, and its GPU test)
+# "trap": the encoder trap's step at 512 px with 16 and 36 photos, whole and micro-batched, and its GPU test;
+# "purifiers": one IMPRESS step, one GrIDPure round and one DiffPure call at 512 px on 4 photos, fp32 and bf16)
 # (where pip cannot reach an index, install diffusers first, e.g. from wheels: see docs/install.md).
 set -u
 out=${1:-gpu-check}
@@ -49,4 +50,10 @@ if [ "${2:-}" = "trap" ]; then
     run sd15_trap36_mb4 150 parts=encoder-trap repeats=2 trap_images=36 micro_batch=4
     run sd15_trap36_mb4_ckpt 150 parts=encoder-trap repeats=2 trap_images=36 micro_batch=4 gradient_checkpointing=true
     cat "$out"/speed_*trap*.json
+fi
+# fifth call: the attacker's model purifiers at 512 px (IMPRESS 3000 steps, GrIDPure 20 rounds per photo, projected)
+if [ "${2:-}" = "purifiers" ]; then
+    run sd15_purifiers 150 parts=purifiers repeats=2 images=4
+    run sd15_purifiers_bf16 150 parts=purifiers repeats=2 images=4 dtype=bf16
+    cat "$out"/speed_*purifiers*.json
 fi
