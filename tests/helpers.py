@@ -29,3 +29,19 @@ def tiny_protect_model_args(tmp_path) -> list[str]:
             f"subjects=[{{instance_data: {imgs}}}]", "protect.outer_steps=2", "protect.inner_steps=1",
             "protect.num_class_images=2", "personalization.class_sample_steps=2",
             f"personalization.class_data_dir={tmp_path / 'cls'}", "protect.learning_rate=1e-3"]
+
+
+def clean_and_protected_folders(tmp_path, n: int = 2):
+    """``tmp_path/clean`` with ``n`` random 64x64 PNGs and ``tmp_path/prot`` with their negatives (same names), as a
+    subject's clean and "protected" photos for evaluate; returns the two folders."""
+    from PIL import Image
+
+    clean, prot = tmp_path / "clean", tmp_path / "prot"
+    clean.mkdir()
+    prot.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        x = (torch.rand(64, 64, 3, generator=g) * 255).byte().numpy()
+        Image.fromarray(x).save(clean / f"{i}.png")
+        Image.fromarray(255 - x).save(prot / f"{i}.png")
+    return clean, prot

@@ -359,14 +359,9 @@ def test_protect_images_photoguard_target(tmp_path):
 def test_evaluate_end_to_end_and_resume(tmp_path):
     from html.parser import HTMLParser
 
-    clean = tmp_path / "clean"
-    prot = tmp_path / "prot"
-    clean.mkdir(); prot.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i in range(2):
-        x = (torch.rand(64, 64, 3, generator=g) * 255).byte().numpy()
-        Image.fromarray(x).save(clean / f"{i}.png")
-        Image.fromarray((255 - x)).save(prot / f"{i}.png")
+    from helpers import clean_and_protected_folders
+
+    clean, prot = clean_and_protected_folders(tmp_path)
     out = tmp_path / "eval"
     args = ["evaluate", "model.path=tiny", "model.device=cpu", f"output_dir={out}", "quiet=true", "label=test",
             f"subjects=[{{name: s1, clean_data: {clean}, protected_data: {prot}}}]",

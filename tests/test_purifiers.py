@@ -149,19 +149,12 @@ def test_report_plots_attack_strength_written_as_a_fraction():
 def test_evaluate_purifies_each_training_set_once_and_shows_it(tmp_path, monkeypatch):
     """Model purifiers take minutes per photo at real size: evaluate runs each (scenario, attack) once for all
     personalizations, and the report shows what the attacker trained on (also after a resumed run)."""
-    from PIL import Image
+    from helpers import clean_and_protected_folders
 
     from apdm.cli import main
     from apdm.evaluation import run as R
 
-    clean, prot = tmp_path / "clean", tmp_path / "prot"
-    clean.mkdir()
-    prot.mkdir()
-    g = torch.Generator().manual_seed(0)
-    for i in range(2):
-        x = (torch.rand(64, 64, 3, generator=g) * 255).byte().numpy()
-        Image.fromarray(x).save(clean / f"{i}.png")
-        Image.fromarray(255 - x).save(prot / f"{i}.png")
+    clean, prot = clean_and_protected_folders(tmp_path)
     calls = []
     real = R.apply_attack
 

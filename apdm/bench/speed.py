@@ -118,9 +118,9 @@ def _protect_model(sd, images, class_images, opts: dict, repeats: int) -> dict:
     return out
 
 
-def _default_steps(method) -> int:
-    """The method's own default step count (its signature's ``steps=``)."""
-    return int(inspect.signature(method).parameters["steps"].default)
+def _default_steps(method, param: str = "steps") -> int:
+    """The method's own default step count (its signature's ``steps=``, or another parameter's)."""
+    return int(inspect.signature(method).parameters[param].default)
 
 
 def _protect_images(sd, images, class_images, opts: dict, repeats: int) -> dict:
@@ -195,7 +195,7 @@ def _purifiers(sd, images, repeats: int) -> dict:
             ("impress", lambda: impress(images, sd, steps=1, batch_size=n), "per_step_impress",
              _default_steps(impress)),
             ("gridpure", lambda: gridpure(images, sd, rounds=1), "per_round_gridpure",
-             int(inspect.signature(gridpure).parameters["rounds"].default)),
+             _default_steps(gridpure, "rounds")),
             ("diffpure", lambda: diffpure(images, sd), "per_call_diffpure", 1)):
         seconds, peak = timed(fn, sd.device, repeats)
         _record(out, unit, seconds, peak)

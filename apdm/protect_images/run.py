@@ -158,18 +158,21 @@ def _match_previous(paths: list[Path], previous: dict[str, dict], out: Path):
     into the same file.
 
     Returns:
-        ``(done, todo, dest_of, others)``: ``{real path: entry}`` of the kept photos (with ``input`` updated),
-        the paths to protect, ``{real path: output Path}`` for those to write over their earlier output, and the
-        entries of earlier inputs not in this run whose files still exist (kept in the manifest).
+        ``(done, todo, dest_of, others, sha_of)``: ``{real path: entry}`` of the kept photos (with ``input``
+        updated), the paths to protect, ``{real path: output Path}`` for those to write over their earlier output,
+        the entries of earlier inputs not in this run whose files still exist (kept in the manifest), and
+        ``{real path: SHA-256}`` of the inputs hashed here (all of them when there is an earlier run, else none).
     """
     by_content = {}
     for e in previous.values():
         by_content.setdefault(e.get("input_sha256"), []).append(e)
     claimed: set[int] = set()
-    done, todo, dest_of = {}, [], {}
+    done, todo, dest_of, sha_of = {}, [], {}, {}
     for p in paths:
         real = os.path.realpath(p)
         sha = file_sha256(p) if previous else None
+        if sha is not None:
+            sha_of[real] = sha
         entry = previous.get(real)
         if entry is None or id(entry) in claimed or entry.get("input_sha256") != sha:
             moved = [e for e in by_content.get(sha, []) if id(e) not in claimed and _output_of(e, out).is_file()]
@@ -183,7 +186,7 @@ def _match_previous(paths: list[Path], previous: dict[str, dict], out: Path):
         todo.append(p)
     others = [{**e, "output": str(_output_of(e, out))} for e in previous.values()
               if id(e) not in claimed and _output_of(e, out).is_file()]
-    return done, todo, dest_of, others
+    return done, todo, dest_of, others, sha_of
 
 
 def _groups(paths: list[Path], batch_size: int, errors: list[dict]):
@@ -281,7 +284,7 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
 
     # photos already protected with these settings are kept; the others get an output name in input order
-    done, todo, dest_of, others = _match_previous(paths, previous, out)
+    done, todo, dest_of, others, sha_of = _match_previous(paths, previous, out)
     taken = ({os.path.realpath(p) for p in paths}
              | {os.path.realpath(_output_of(e, out)) for e in previous.values()})
     if done:
@@ -340,7 +343,7 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
                        **output_metadata(im, cfg.keep_exif, cfg.strip_metadata))
             report = budget_report(im.pixels, final, budget)
             entry = {"input": str(im.path), "output": str(dest), "file": Path(os.path.relpath(dest, out)).as_posix(),
-                     "input_sha256": file_sha256(im.path),
+                     "input_sha256": sha_of.get(real) or file_sha256(im.path),  # hashed once
                      "size_hw": list(im.size), "mode": im.mode, "seconds": round(per_image, 3), **report}
             new[real] = entry
         write_manifest(complete=False)
