@@ -464,7 +464,8 @@ class EvaluateRunConfig:
     scenarios: list[str] = field(default_factory=lambda: ["all_clean"])
     #: attacks applied to the training images before personalization: ``none``, ``jpeg:quality=75``, ``blur``,
     #: ``resize``, ``crop``, ``flip``, ``noise``, and the model purifiers ``diffpure:strength=0.2``, ``gridpure``,
-    #: ``impress:steps=3000,radius=16/255`` (docs/evaluate.md, "Robustness attacks"). Checked before the run starts.
+    #: ``impress:steps=3000,radius=16/255``, ``noisy_upscale:upscaler=PATH`` (docs/evaluate.md, "Robustness
+    #: attacks"). Checked before the run starts.
     attacks: list[str] = field(default_factory=lambda: ["none"])
     #: personalization methods (the shared simulator); each entry a full PersonalizationConfig.
     personalizations: list[PersonalizationConfig] = field(default_factory=lambda: [PersonalizationConfig()])

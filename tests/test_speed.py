@@ -61,14 +61,15 @@ def test_speed_bench_times_every_engine(tmp_path):
     out = tmp_path / "speed.json"
     assert main(["bench", "speed", "--quick", "--out", str(out), "quiet=true", "repeats=1", "device=cpu",
                  "inner_steps=1", "outer_steps=10", "images=2", "trap_images=3", "trap_steps=100",
-                 "micro_batch=2"]) == 0
+                 "micro_batch=2", "upscaler=tiny"]) == 0
     r = json.loads(out.read_text())
     assert (r["model"], r["device"], r["resolution"], r["images"]) == ("tiny", "cpu", 64, 2)
     timed = [k for k in r if k.startswith("seconds_per_")]
     # 3 personalization steps, the L2P outer step, LDU apply and train step, ASPL, AdvDM, PhotoGuard (+ projections),
-    # the encoder trap's step, the purifiers (IMPRESS step, GrIDPure round, DiffPure call, + projections)
-    assert len(timed) == 19 and all(r[k] > 0 for k in timed if k != "seconds_per_step_ldu_train")
-    assert r["seconds_per_step_ldu_train"] >= 0  # a difference of two timings: noise can make it tiny
+    # the encoder trap's step, the purifiers (IMPRESS step, GrIDPure round, DiffPure call, upscaler step, + projections)
+    differences = ("seconds_per_step_ldu_train", "seconds_per_step_noisy_upscale")  # of two timings: can be tiny
+    assert len(timed) == 22 and all(r[k] > 0 for k in timed if k not in differences)
+    assert all(r[k] >= 0 for k in differences)
     # projections follow from the measured unit: 10 outer steps, 50 ASPL iterations over 2 images
     assert r["hours_protect_model_projected"] == pytest.approx(r["seconds_per_outer_step"] * 10 / 3600, abs=1e-3)
     assert r["seconds_per_image_aspl_projected"] == pytest.approx(r["seconds_per_iteration_aspl"] * 50 / 2, rel=1e-2)
@@ -80,6 +81,8 @@ def test_speed_bench_times_every_engine(tmp_path):
                                                                      rel=1e-2)
     assert r["seconds_per_image_gridpure_projected"] == pytest.approx(r["seconds_per_round_gridpure"] * 20 / 2,
                                                                       rel=1e-2)
+    one, step = r["seconds_per_call_noisy_upscale_1step"], r["seconds_per_step_noisy_upscale"]
+    assert r["seconds_per_image_noisy_upscale_projected"] == pytest.approx((one + 74 * step) / 2, rel=1e-2, abs=2e-3)
     assert r["peak_rss_mb"] > 100  # torch and the models are resident
     assert not any(k.startswith("peak_gpu_mb") for k in r)  # CPU run: no GPU memory keys
 

@@ -6,7 +6,7 @@ back, center crop and back, horizontal flip, Gaussian noise.
 
 :data:`TRANSFORMS` maps suite names to ready callables; :func:`parse_attack` turns a user string such as
 ``"jpeg:quality=60"`` or ``"blur:kernel_size=5,sigma=2"`` into a callable. Purifiers that need the diffusion model
-(:data:`MODEL_ATTACKS`: DiffPure, GrIDPure, IMPRESS, each in its own module) are not in this dict:
+(:data:`MODEL_ATTACKS`: DiffPure, GrIDPure, IMPRESS, Noisy Upscaling, each in its own module) are not in this dict:
 :func:`parse_model_attack` resolves them to ``(function, kwargs)`` and the caller passes the model;
 :func:`check_attack` validates either kind of spec before a long run starts.
 """
@@ -213,6 +213,7 @@ MODEL_ATTACKS = {
     "diffpure": "apdm.attacks.diffpure",   # SDEdit/DiffPure regeneration at one noise level
     "gridpure": "apdm.attacks.gridpure",   # small DiffPure steps on a patch grid, iterated (GrIDPure)
     "impress": "apdm.attacks.impress",     # make the image consistent with the VAE (IMPRESS)
+    "noisy_upscale": "apdm.attacks.noisy_upscale",  # Gaussian noise, then a x4 diffusion upscaler (Hönig et al.)
 }
 #: parameters of model attacks the caller supplies
 _MODEL_NOT_PARAMS = {"images", "sd", "seed", "quiet"}
@@ -331,17 +332,18 @@ def parse_model_attack(spec: str) -> tuple[Callable, dict]:
         raise ValueError(f"'{name}' is not a model attack (model attacks: {', '.join(MODEL_ATTACKS)})")
     fn = getattr(importlib.import_module(MODEL_ATTACKS[name]), name)
     allowed = {k: p.default for k, p in inspect.signature(fn).parameters.items() if k not in _MODEL_NOT_PARAMS}
-    params = _fractions(params)
+    params = _fractions(params, {k for k, v in allowed.items() if isinstance(v, float)})
     return fn, _parse_params(spec, name, params, allowed)
 
 
-def _fractions(params: str) -> str:
-    """Rewrite ``key=a/b`` values as decimals (so ``radius=16/255`` reads as a budget is written everywhere)."""
+def _fractions(params: str, floats: set) -> str:
+    """Rewrite ``key=a/b`` values of the float parameters ``floats`` as decimals (so ``radius=16/255`` reads as a
+    budget is written everywhere; a path such as ``upscaler=models/x4`` is left alone)."""
     out = []
     for item in params.split(","):
         key, eq, value = item.partition("=")
         num, slash, den = value.strip().partition("/")
-        if eq and slash:
+        if eq and slash and key.strip() in floats:
             try:
                 value = repr(float(num) / float(den))
             except (ValueError, ZeroDivisionError):

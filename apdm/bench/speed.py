@@ -16,7 +16,9 @@ What is timed (each after one warm-up call, median of ``repeats`` timed calls, C
   (the toy recipes' 1,500). ``gradient_checkpointing`` applies here too;
 * ``purifiers``: the attacker's model purifiers on the ``images`` photos: one IMPRESS step (VAE encode + decode,
   forward and backward, one Adam step), one GrIDPure round (10 patch regenerations per photo) and one DiffPure call;
-  each with its projected seconds per image at the attack's default (IMPRESS 3000 steps, GrIDPure 20 rounds).
+  each with its projected seconds per image at the attack's default (IMPRESS 3000 steps, GrIDPure 20 rounds). With
+  ``upscaler=PATH|toy|tiny`` also one sampling step of Noisy Upscaling's ×4 upscaler (a separate model, so only
+  when named) and its projection at the pipeline's 75 steps.
 
 With ``model=random:sd15`` (or ``random:sd21base``) the model is the real architecture with random weights
 (:func:`apdm.core.models.random_sd`): its numbers are real-size costs, measurable where no weights can be
@@ -26,7 +28,8 @@ Options: ``model=PATH|tiny|toy|random:sd15`` ``device=auto|cpu|cuda`` ``dtype=au
 ``parts=personalize,protect-model,protect-images,encoder-trap,purifiers`` ``repeats=N`` ``batch_size=N`` ``images=N``
 ``inner_steps=N`` ``outer_steps=N`` ``mixed_precision=no|bf16|fp16`` ``gradient_checkpointing=true|false``
 ``trainable=all|lora|NAMES`` (what θ trains, as ``protect.trainable``) ``trap_images=N`` (default: ``images``)
-``trap_steps=N`` ``micro_batch=N`` ``keep_space=latent|decoded`` ``preserve_batch=N`` (as ``encoder_trap.*``).
+``trap_steps=N`` ``micro_batch=N`` ``keep_space=latent|decoded`` ``preserve_batch=N`` (as ``encoder_trap.*``)
+``upscaler=PATH|toy|tiny`` (Noisy Upscaling's upscaler, timed with ``purifiers``).
 ``peak_rss_mb`` is the process's peak resident memory (the cost on a CPU).
 """
 
@@ -184,22 +187,34 @@ def _encoder_trap(sd, class_images, opts: dict, repeats: int) -> dict:
     return out
 
 
-def _purifiers(sd, images, repeats: int) -> dict:
+def _purifiers(sd, images, repeats: int, upscaler: str = "") -> dict:
     from apdm.attacks.diffpure import diffpure
     from apdm.attacks.gridpure import gridpure
     from apdm.attacks.impress import impress
+    from apdm.attacks.noisy_upscale import noisy_upscale
 
     n = images.shape[0]
     out: dict = {}
-    for name, fn, unit, default in (
-            ("impress", lambda: impress(images, sd, steps=1, batch_size=n), "per_step_impress",
-             _default_steps(impress)),
-            ("gridpure", lambda: gridpure(images, sd, rounds=1), "per_round_gridpure",
-             _default_steps(gridpure, "rounds")),
-            ("diffpure", lambda: diffpure(images, sd), "per_call_diffpure", 1)):
+    units = [("impress", lambda: impress(images, sd, steps=1, batch_size=n), "per_step_impress",
+              _default_steps(impress)),
+             ("gridpure", lambda: gridpure(images, sd, rounds=1), "per_round_gridpure",
+              _default_steps(gridpure, "rounds")),
+             ("diffpure", lambda: diffpure(images, sd), "per_call_diffpure", 1)]
+    for name, fn, unit, default in units:
         seconds, peak = timed(fn, sd.device, repeats)
         _record(out, unit, seconds, peak)
         out[f"seconds_per_image_{name}_projected"] = round(seconds * default / n, 3)
+    if upscaler:  # a call = prompt encoding + steps x UNet + one x4 VAE decode: time 1 and 2 steps, split the two
+        out["upscaler"] = upscaler
+        one, peak = timed(lambda: noisy_upscale(images, sd, upscaler=upscaler, num_inference_steps=1, batch_size=n),
+                          sd.device, repeats)
+        two, _ = timed(lambda: noisy_upscale(images, sd, upscaler=upscaler, num_inference_steps=2, batch_size=n),
+                       sd.device, repeats)
+        step = max(two - one, 0.0)
+        _record(out, "per_call_noisy_upscale_1step", one, peak)
+        _record(out, "per_step_noisy_upscale", step, None)
+        steps = _default_steps(noisy_upscale, "num_inference_steps")
+        out["seconds_per_image_noisy_upscale_projected"] = round((one - step + steps * step) / n, 3)
     return out
 
 
@@ -214,7 +229,7 @@ def bench_speed(quick: bool, overrides: list[str]) -> dict:
     opts = parse_options(overrides, {"model", "device", "dtype", "parts", "repeats", "batch_size", "images",
                                      "inner_steps", "outer_steps", "mixed_precision", "gradient_checkpointing",
                                      "trainable", "trap_images", "trap_steps", "micro_batch", "keep_space",
-                                     "preserve_batch"})
+                                     "preserve_batch", "upscaler"})
     parts = opts.get("parts", ",".join(PARTS)).split(",")
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
@@ -245,6 +260,6 @@ def bench_speed(quick: bool, overrides: list[str]) -> dict:
     if "encoder-trap" in parts:
         result.update(_encoder_trap(sd, class_images, opts, repeats))
     if "purifiers" in parts:
-        result.update(_purifiers(sd, images, repeats))
+        result.update(_purifiers(sd, images, repeats, opts.get("upscaler", "")))
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return result

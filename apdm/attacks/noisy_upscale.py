@@ -1,0 +1,193 @@
+"""Noisy Upscaling (Hönig et al., "Adversarial perturbations cannot reliably protect artists from generative AI",
+ICLR 2025): add Gaussian noise to the photo, then regenerate it with a diffusion ×4 upscaler.
+
+The noise drowns the protective perturbation; the upscaler, conditioned on the noisy photo, draws a clean photo at
+four times the size, which the attacker's fine-tuning then resizes to the model's resolution. Hönig et al. found it
+the strongest of their simple purifiers. Their recipe, and our defaults:
+
+1. Gaussian noise of standard deviation ``sigma`` = 0.1 on [0, 1] pixels, clipped, saved as 8-bit (scikit-image
+   ``random_noise(var=σ²)``, then a PNG);
+2. ``stabilityai/stable-diffusion-x4-upscaler`` (diffusers ``StableDiffusionUpscalePipeline``) with
+   ``noise_level=320``, the pipeline's 75 steps and guidance 9.0, the image's caption as prompt;
+3. the ×4 output, here resized back to the input's size so that the attack keeps shapes (the personalization
+   simulator resizes to the model's resolution in any case).
+
+``downscale=4`` first shrinks the photo four times, so that the upscaler returns it at its own size: MetaCloak's
+"resize to 128, then the SD ×4 upscaler" robustness hook (at 512 px), with noise added. It costs 16× less than the
+default, which runs the upscaler's UNet at the photo's full size (a 512-px photo gives a 2048-px result).
+
+The upscaler is a separate model, not the one under attack: ``upscaler`` is a diffusers folder or hub id, or
+``toy`` (the toy world's, built by ``apdm toy upscaler``) or ``tiny`` (random weights of the real
+classes, for tests). Weights load from safetensors only.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from apdm.utils import LOG, progress
+
+DEFAULT_UPSCALER = "stabilityai/stable-diffusion-x4-upscaler"
+
+
+def tiny_upscaler(seed: int = 0):
+    """A ×4 ``StableDiffusionUpscalePipeline`` with random weights and tiny configs of the real classes.
+
+    Same structure as the published upscaler (UNet with 7 input channels, the noise level as class label, a ×4 VAE,
+    a DDPM scheduler for the low-resolution noise, v-prediction), about 0.4 M parameters. For tests and smoke runs.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DDPMScheduler,
+        StableDiffusionUpscalePipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from apdm.core.tokenizer import build_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=7, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8, num_class_embeds=1000)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16), layers_per_block=1,
+        norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        scaling_factor=0.08333)
+    tokenizer = build_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    low_res = DDPMScheduler(beta_schedule="scaled_linear", num_train_timesteps=1000)
+    sched = DDIMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction", num_train_timesteps=1000)
+    return StableDiffusionUpscalePipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                          low_res_scheduler=low_res, scheduler=sched, max_noise_level=350)
+
+
+@functools.lru_cache(maxsize=2)
+def load_upscaler(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """The ×4 upscaler pipeline at ``path`` (diffusers folder, hub id, ``toy`` or ``tiny``), cached per process.
+
+    Raises:
+        ValueError: with the path and the reason when the folder is missing or is not a diffusers upscaler.
+    """
+    from diffusers import StableDiffusionUpscalePipeline
+
+    if path == "tiny":
+        pipe = tiny_upscaler()
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
+    else:
+        if path == "toy":
+            path = str(_toy_upscaler())
+        p = _check_upscaler(path)
+        try:
+            pipe = StableDiffusionUpscalePipeline.from_pretrained(
+                str(p) if p.exists() else path, torch_dtype=dtype, use_safetensors=True,
+                local_files_only=p.exists())
+        except (OSError, ValueError) as exc:
+            raise ValueError(
+                f"noisy_upscale: could not load the upscaler '{path}' ({type(exc).__name__}: {exc}). Without network "
+                f"access it must be a local folder (e.g. `huggingface-cli download {DEFAULT_UPSCALER} --local-dir "
+                f"./x4`, then upscaler=./x4)") from exc
+        LOG.info("loaded the upscaler %s", path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def _toy_upscaler():
+    """The toy world's upscaler folder (``apdm toy upscaler`` writes it)."""
+    from apdm.toy.world import _part
+
+    p = _part("upscaler", "model_index.json")
+    if p is None:
+        raise ValueError("noisy_upscale: upscaler=toy, but no toy upscaler is built: run `apdm toy upscaler` "
+                         "(about 15 minutes on 2 CPU cores)")
+    return p
+
+
+def _check_upscaler(path: str):
+    """``path`` as a Path; raises ValueError for a local folder that is missing or is not a diffusers model."""
+    from pathlib import Path
+
+    if not path.strip():
+        raise ValueError("noisy_upscale: upscaler is empty (a diffusers folder, hub id, 'toy' or 'tiny')")
+    if path == "toy":
+        return _toy_upscaler()
+    p = Path(path).expanduser()
+    if p.exists() and not (p / "model_index.json").is_file():
+        raise ValueError(f"noisy_upscale: {p} is not a diffusers model folder (model_index.json is missing)")
+    if not p.exists() and path != "tiny" and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+        raise ValueError(f"noisy_upscale: upscaler folder not found: {p}")
+    return p
+
+
+def noisy_upscale(images: torch.Tensor, sd, sigma: float = 0.1, noise_level: int = 320,
+                  upscaler: str = DEFAULT_UPSCALER, downscale: int = 1, prompt: str = "",
+                  num_inference_steps: int = 75, guidance_scale: float = 9.0, seed: int = 0, batch_size: int = 4,
+                  quiet: bool = True) -> torch.Tensor:
+    """Purify images by noising them and regenerating them with a ×4 diffusion upscaler.
+
+    Args:
+        images: (N,3,H,W) float in [0,1].
+        sd: the attacked :class:`apdm.core.models.SD`; only its device and dtype are used (``None``: CPU, fp32).
+        sigma: standard deviation of the pixel noise on [0,1] (0.1 in Hönig et al.; 0.05 for their plain noising).
+        noise_level: the upscaler's own noise augmentation of its low-resolution input, 0..``max_noise_level``
+            (350 for the published model); 320 as in Hönig et al.
+        upscaler: diffusers folder or hub id of a ``StableDiffusionUpscalePipeline``, ``toy`` or ``tiny``.
+        downscale: shrink the photo by this factor first (1 = Hönig et al.; 4 = back at the input size).
+        prompt: the caption (empty: unconditional; guidance is then skipped, as it would change nothing).
+        num_inference_steps, guidance_scale: the upscaler's sampling (pipeline defaults 75 and 9.0).
+        seed: seeds the pixel noise and the upscaler's sampling (batch ``b`` uses ``seed + b``).
+        batch_size: photos per upscaler call.
+        quiet: no progress bar over the batches.
+
+    Returns:
+        (N,3,H,W) float in [0,1] on the CPU, on the 1/255 grid of an 8-bit image.
+    """
+    import torch.nn.functional as F
+
+    if not 0.0 <= sigma <= 1.0:
+        raise ValueError(f"noisy_upscale: sigma must be in [0, 1] (pixels on [0, 1]), got {sigma}")
+    if not 0 <= noise_level <= 1000:
+        raise ValueError(f"noisy_upscale: noise_level must be in 0..1000 (the published upscaler allows up to 350), "
+                         f"got {noise_level}")
+    if downscale < 1 or num_inference_steps < 1 or batch_size < 1:
+        raise ValueError(f"noisy_upscale: downscale, num_inference_steps and batch_size must be >= 1, got "
+                         f"{downscale}, {num_inference_steps} and {batch_size}")
+    if guidance_scale < 0:
+        raise ValueError(f"noisy_upscale: guidance_scale must be >= 0, got {guidance_scale}")
+    _check_upscaler(upscaler.strip())
+    if len(images) == 0:
+        return images.detach().float().cpu()
+    device = str(sd.device) if sd is not None else "cpu"
+    dtype = sd.dtype if sd is not None else torch.float32
+    pipe = load_upscaler(upscaler.strip(), device, dtype)
+    if noise_level > pipe.config.max_noise_level:
+        raise ValueError(f"noisy_upscale: noise_level {noise_level} exceeds the upscaler's max_noise_level "
+                         f"{pipe.config.max_noise_level}")
+    h, w = images.shape[-2:]
+    lh, lw = max(1, round(h / downscale)), max(1, round(w / downscale))
+    x = images.detach().float().cpu().clamp(0, 1)
+    if (lh, lw) != (h, w):
+        x = F.interpolate(x, size=(lh, lw), mode="bicubic", antialias=True).clamp(0, 1)
+    scale = guidance_scale if prompt else 1.0
+    outs = []
+    for i in progress(range(0, x.shape[0], batch_size), desc="Noisy Upscaling batches", disable=quiet):
+        chunk = x[i:i + batch_size]
+        g = torch.Generator().manual_seed(seed + i)
+        noisy = (chunk + sigma * torch.randn(chunk.shape, generator=g)).clamp(0, 1).mul(255).round().div(255)
+        with torch.no_grad():
+            up = pipe(prompt=[prompt] * len(chunk), image=noisy.to(device=device, dtype=dtype),
+                      noise_level=noise_level, num_inference_steps=num_inference_steps, guidance_scale=scale,
+                      generator=torch.Generator(device).manual_seed(seed + i), output_type="pt").images
+        up = up.float().cpu().clamp(0, 1)
+        if tuple(up.shape[-2:]) != (h, w):
+            up = F.interpolate(up, size=(h, w), mode="bicubic", antialias=True)
+        outs.append(up.clamp(0, 1))
+    return torch.cat(outs).mul(255).round().div(255)
