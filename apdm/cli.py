@@ -62,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     ts.add_argument("--seed", type=int, default=0)
     ts.add_argument("--model", default="toy", help="model path (default: the toy model)")
     ts.add_argument("--out", default="toy_samples.png", help="grid PNG to write")
+    tu = toy_sub.add_parser("upscaler", epilog=EPILOG,
+                            help="train a toy x4 diffusion upscaler for the noisy_upscale purifier (about 15 min; "
+                                 "resumable)")
+    tu.add_argument("--config", help="YAML recipe (default: the ToyUpscalerConfig values)")
+    tu.add_argument("--print-config", action="store_true")
+    tu.add_argument("overrides", nargs="*", metavar="key=value")
     te = toy_sub.add_parser("export", help="write held-out toy subjects (and training identities) as image folders")
     te.add_argument("--out", required=True, help="destination folder")
     te.add_argument("--subjects", type=int, default=2)
@@ -174,7 +180,7 @@ def _load_config(command: str, cls, args):
 
 
 def _toy(args) -> int:
-    """``apdm toy build`` / ``apdm toy sample`` / ``apdm toy export``."""
+    """``apdm toy build`` / ``apdm toy sample`` / ``apdm toy upscaler`` / ``apdm toy export``."""
     if args.toy_command == "build":
         from apdm.toy.world import ToyBuildConfig, build
 
@@ -207,7 +213,20 @@ def _toy(args) -> int:
         print(f"wrote {len(written['subjects'])} subject folder(s) and {written['training_identities']} training "
               f"identities under {args.out}")
         return 0
-    print("apdm toy: choose build, sample or export", file=sys.stderr)
+    if args.toy_command == "upscaler":
+        from apdm.toy.upscaler import ToyUpscalerConfig, build_upscaler
+
+        cfg = _load_config("toy upscaler", ToyUpscalerConfig, args)
+        if isinstance(cfg, int):
+            return cfg
+        try:
+            out = build_upscaler(cfg)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"apdm toy upscaler: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote the toy upscaler to {out} (use it as noisy_upscale:upscaler={out})")
+        return 0
+    print("apdm toy: choose build, sample, upscaler or export", file=sys.stderr)
     return 2
 
 
