@@ -140,10 +140,12 @@ def noisy_upscale(images: torch.Tensor, sd, sigma: float = 0.1, noise_level: int
         noise_level: the upscaler's own noise augmentation of its low-resolution input, 0..``max_noise_level``
             (350 for the published model); 320 as in Hönig et al.
         upscaler: diffusers folder or hub id of a ``StableDiffusionUpscalePipeline``, ``toy`` or ``tiny``.
-        downscale: shrink the photo by this factor first (1 = Hönig et al.; 4 = back at the input size).
+        downscale: shrink the photo by this factor first (1 = Hönig et al.; with 4 the ×4 result has the input's
+            size, so the final resize does nothing).
         prompt: the caption (empty: unconditional; guidance is then skipped, as it would change nothing).
         num_inference_steps, guidance_scale: the upscaler's sampling (pipeline defaults 75 and 9.0).
-        seed: seeds the pixel noise and the upscaler's sampling (batch ``b`` uses ``seed + b``).
+        seed: seeds the pixel noise and the upscaler's sampling (the batch starting at photo ``i`` uses
+            ``seed + i``, as :func:`apdm.attacks.diffpure.diffpure`).
         batch_size: photos per upscaler call.
         quiet: no progress bar over the batches.
 

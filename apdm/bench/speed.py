@@ -17,8 +17,9 @@ What is timed (each after one warm-up call, median of ``repeats`` timed calls, C
 * ``purifiers``: the attacker's model purifiers on the ``images`` photos: one IMPRESS step (VAE encode + decode,
   forward and backward, one Adam step), one GrIDPure round (10 patch regenerations per photo) and one DiffPure call;
   each with its projected seconds per image at the attack's default (IMPRESS 3000 steps, GrIDPure 20 rounds). With
-  ``upscaler=PATH|toy|tiny`` also one sampling step of Noisy Upscaling's ×4 upscaler (a separate model, so only
-  when named) and its projection at the pipeline's 75 steps.
+  ``upscaler=PATH|toy|tiny`` also Noisy Upscaling (its ×4 upscaler is a separate model, so only when named): a
+  one-step and a two-step call, split into the call's fixed cost (prompt, ×4 VAE decode) and one sampling step,
+  and the projection at the pipeline's 75 steps.
 
 With ``model=random:sd15`` (or ``random:sd21base``) the model is the real architecture with random weights
 (:func:`apdm.core.models.random_sd`): its numbers are real-size costs, measurable where no weights can be
@@ -195,12 +196,12 @@ def _purifiers(sd, images, repeats: int, upscaler: str = "") -> dict:
 
     n = images.shape[0]
     out: dict = {}
-    units = [("impress", lambda: impress(images, sd, steps=1, batch_size=n), "per_step_impress",
-              _default_steps(impress)),
-             ("gridpure", lambda: gridpure(images, sd, rounds=1), "per_round_gridpure",
-              _default_steps(gridpure, "rounds")),
-             ("diffpure", lambda: diffpure(images, sd), "per_call_diffpure", 1)]
-    for name, fn, unit, default in units:
+    for name, fn, unit, default in (
+            ("impress", lambda: impress(images, sd, steps=1, batch_size=n), "per_step_impress",
+             _default_steps(impress)),
+            ("gridpure", lambda: gridpure(images, sd, rounds=1), "per_round_gridpure",
+             _default_steps(gridpure, "rounds")),
+            ("diffpure", lambda: diffpure(images, sd), "per_call_diffpure", 1)):
         seconds, peak = timed(fn, sd.device, repeats)
         _record(out, unit, seconds, peak)
         out[f"seconds_per_image_{name}_projected"] = round(seconds * default / n, 3)
