@@ -2,8 +2,8 @@
 ICLR 2025): add Gaussian noise to the photo, then regenerate it with a diffusion ×4 upscaler.
 
 The noise drowns the protective perturbation; the upscaler, conditioned on the noisy photo, draws a clean photo at
-four times the size, which the attacker's fine-tuning then resizes to the model's resolution. Hönig et al. found it
-the strongest of their simple purifiers. Their recipe, and our defaults:
+four times the size, which the attacker's fine-tuning then resizes to the model's resolution. It is one of the simple
+purifiers with which Hönig et al. undid the protections they tested. Their recipe, and our defaults:
 
 1. Gaussian noise of standard deviation ``sigma`` = 0.1 on [0, 1] pixels, clipped, saved as 8-bit (scikit-image
    ``random_noise(var=σ²)``, then a PNG);

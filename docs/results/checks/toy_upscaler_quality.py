@@ -27,7 +27,7 @@ x = torch.cat([s.images for s in heldout_subjects(2)])
 out = {"upscaler": UPS, "photos": len(x)}
 for name, kw in [("sigma0_level0", {"sigma": 0.0, "noise_level": 0}), ("sigma0_level320", {"sigma": 0.0}),
                  ("sigma0.05", {"sigma": 0.05}), ("default", {}), ("default_steps25", {"num_inference_steps": 25}),
-                 ("downscale4", {"downscale": 4})]:
+                 ("downscale4", {"downscale": 4}), ("level100", {"noise_level": 100})]:
     t = time.time()
     y = noisy_upscale(x, sd, upscaler=UPS, **kw)
     out[name] = {"psnr": round(psnr(y, x).mean().item(), 2), "seconds": round(time.time() - t, 1)}
