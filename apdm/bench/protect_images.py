@@ -46,11 +46,12 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     from apdm.bench import (attack_config, attack_seed_stride, attack_seeds, identifier_option, jobs, standard_error,
                             submit_attack_runs, toy_setup)
     from apdm.attacks.diffpure import diffpure
-    from apdm.attacks.transforms import MODEL_ATTACKS, check_attack, gaussian_blur, jpeg, parse_model_attack
+    from apdm.attacks.transforms import MODEL_ATTACKS, check_attack, gaussian_blur, jpeg
     from apdm.bench.toy_world import toy_recipe
     from apdm.core import diffusion as D
     from apdm.evaluation.fidelity import psnr, ssim
     from apdm.evaluation.protocol import with_prompts
+    from apdm.evaluation.run import apply_attack
     from apdm.protect_images import ldu
     from apdm.protect_images.baselines import METHODS
     from apdm.protect_images.budget import format_budget, parse_budget
@@ -124,8 +125,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
         """Each purifier on ``images`` (method m's protected photos, or m = clean): its DreamBooth attack
         (``ism_db_{m}_{name}``) and the purified photos' PSNR to the clean ones (``psnr_clean_{m}_{name}``)."""
         for spec_p, name in zip(purifiers, pur_names):
-            fn, kw = parse_model_attack(spec_p)
-            out = fn(images.cpu(), sd, seed=0, **kw)
+            out = apply_attack(images.cpu(), spec_p, sd, seed=0)
             add(f"psnr_clean_{m}_{name}", psnr(clean.cpu(), out).mean())
             attack_db(pool, subj, out, f"{m}_{name}")
             LOG.info("subject %d, %s after %s: PSNR to the clean photos %.1f dB", subj.index, m, spec_p,

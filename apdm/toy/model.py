@@ -114,6 +114,17 @@ def _lr_lambda(warmup: int, total: int):
     return f
 
 
+def _optimizer_step(loss: torch.Tensor, opt, sched, params) -> float:
+    """One training step of the toy recipes: backward, gradient norm clipped to 1, optimizer and schedule step.
+    Returns the loss as a float."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
 def train_vae(vae, images: torch.Tensor, tcfg: ToyTrainConfig, steps: int | None = None) -> list[float]:
     """Train the VAE on images (N,3,H,W) in [0,1]; sets ``scaling_factor``; returns the loss history."""
     steps = tcfg.vae_steps if steps is None else steps
@@ -129,12 +140,7 @@ def train_vae(vae, images: torch.Tensor, tcfg: ToyTrainConfig, steps: int | None
         recon = vae.decode(dist.sample(generator=g)).sample
         kl = dist.kl().mean() / x[0].numel()
         loss = (recon - x).abs().mean() + F.mse_loss(recon, x) + tcfg.vae_kl_weight * kl * x[0].numel()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        history.append(loss.item())
+        history.append(_optimizer_step(loss, opt, sched, vae.parameters()))
         if i % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval().requires_grad_(False)
@@ -240,16 +246,11 @@ def train_diffusion(unet, text_encoder, tokenizer, scheduler, latent_mean: torch
             texts.append("" if drop[j] else options[int(torch.randint(len(options), (1,), generator=g))])
         cond = D.encode_prompt(text_encoder, tokenizer, texts)
         loss = D.noise_prediction_loss(unet, scheduler, latents, cond, generator=g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
-        opt.step()
-        sched.step()
+        history.append(_optimizer_step(loss, opt, sched, list(unet.parameters()) + list(text_encoder.parameters())))
         decay = min(tcfg.ema_decay, (1 + i) / (10 + i))
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), unet.parameters()):
                 pe.lerp_(p, 1 - decay)
-        history.append(loss.item())
         if i % 20 == 0:
             bar.set_postfix(loss=f"{sum(history[-20:]) / len(history[-20:]):.4f}")
         if ckpt is not None and (i + 1) % checkpoint_every == 0 and i + 1 < steps:

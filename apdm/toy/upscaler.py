@@ -92,15 +92,15 @@ def build_upscaler(cfg: ToyUpscalerConfig) -> Path:
         the output folder.
     """
     from diffusers import (
-        AutoencoderKL,
         DDIMScheduler,
         DDPMScheduler,
         StableDiffusionUpscalePipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextModel, CLIPTokenizer
 
-    from apdm.toy.model import _load_train_state, _lr_lambda, _save_train_state
+    from apdm.core import diffusion as D
+    from apdm.core.models import load_sd
+    from apdm.toy.model import _load_train_state, _lr_lambda, _optimizer_step, _save_train_state
     from apdm.toy.world import model_path
     from apdm.utils import atomic_dir, cache_dir, set_progress
 
@@ -113,11 +113,8 @@ def build_upscaler(cfg: ToyUpscalerConfig) -> Path:
     work = out.parent / (out.name + ".work")
     src = model_path()
     torch.manual_seed(cfg.seed)
-    vae = rescale_vae(AutoencoderKL.from_pretrained(src / "vae", torch_dtype=torch.float32, use_safetensors=True))
-    vae.requires_grad_(False).eval()
-    tokenizer = CLIPTokenizer.from_pretrained(src / "tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(src / "text_encoder", torch_dtype=torch.float32,
-                                                 use_safetensors=True).requires_grad_(False).eval()
+    toy = load_sd(str(src), device="cpu", dtype="fp32")   # frozen, in eval mode
+    vae, tokenizer, text_encoder = rescale_vae(toy.vae), toy.tokenizer, toy.text_encoder
     ch = tuple(int(c) for c in cfg.channels)
     unet = UNet2DConditionModel(
         sample_size=cfg.crop // 4, in_channels=4 + 3, out_channels=4, block_out_channels=ch, layers_per_block=1,
@@ -130,8 +127,7 @@ def build_upscaler(cfg: ToyUpscalerConfig) -> Path:
     low_res = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
     max_noise = 350
     with torch.no_grad():
-        ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
-        empty = text_encoder(ids.input_ids)[0]
+        empty = D.encode_prompt(text_encoder, tokenizer, [""])
     t0 = time.perf_counter()
     mean, std, lo = _data(cfg, vae)
     LOG.info("toy upscaler: %d drawings, UNet %.2f M parameters, %d steps", len(lo),
@@ -161,12 +157,7 @@ def build_upscaler(cfg: ToyUpscalerConfig) -> Path:
         zt = scheduler.add_noise(z, eps, t)
         pred = unet(torch.cat([zt, low], 1), t, empty.expand(cfg.batch, -1, -1), class_labels=level).sample
         loss = F.mse_loss(pred, scheduler.get_velocity(z, eps, t))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        history.append(loss.item())
+        history.append(_optimizer_step(loss, opt, sched, unet.parameters()))
         if step % 20 == 0:
             bar.set_postfix(loss=f"{sum(history[-20:]) / len(history[-20:]):.4f}")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:

@@ -27,12 +27,13 @@ import time
 import torch
 
 from apdm.attacks.diffpure import diffpure
-from apdm.attacks.transforms import gaussian_blur, jpeg, parse_model_attack
+from apdm.attacks.transforms import gaussian_blur, jpeg
 from apdm.bench import toy_setup
 from apdm.bench.toy_world import toy_recipe
 from apdm.core import diffusion as D
 from apdm.evaluation.fidelity import psnr
 from apdm.evaluation.protocol import with_prompts
+from apdm.evaluation.run import apply_attack
 from apdm.protect_images import ldu
 from apdm.protect_images.baselines import METHODS, advdm_loss
 from apdm.protect_images.budget import parse_budget
@@ -56,8 +57,7 @@ steps = {"aspl": 20, "advdm": 50, "photoguard": 200}
 
 
 def model_purifier(spec):
-    fn, kw = parse_model_attack(spec)
-    return lambda x: fn(x, sd, seed=0, **kw)
+    return lambda x: apply_attack(x, spec, sd, seed=0)
 
 
 purifiers = {"jpeg75": lambda x: jpeg(x, 75), "blur": lambda x: gaussian_blur(x, 7),
