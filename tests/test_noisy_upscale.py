@@ -133,3 +133,8 @@ def test_toy_upscaler_cli_prints_its_config_and_refuses_bad_values(capsys, tmp_p
     assert "steps: 7" in printed and "crop: 32" in printed
     assert main(["toy", "upscaler", "crop=40", f"out={tmp_path / 'u'}", "quiet=true"]) == 2
     assert "crop must be a multiple of 16" in capsys.readouterr().err and not (tmp_path / "u").exists()
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "me.png").write_bytes(b"not replaced")
+    assert main(["toy", "upscaler", f"out={tmp_path / 'photos'}", "quiet=true"]) == 2
+    assert "is not a diffusers model folder" in capsys.readouterr().err
+    assert (tmp_path / "photos" / "me.png").read_bytes() == b"not replaced"

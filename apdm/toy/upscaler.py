@@ -110,6 +110,9 @@ def build_upscaler(cfg: ToyUpscalerConfig) -> Path:
     if cfg.steps < 1 or cfg.batch < 1:
         raise ValueError(f"toy upscaler: steps and batch must be >= 1, got {cfg.steps} and {cfg.batch}")
     out = Path(cfg.out).expanduser() if cfg.out else cache_dir() / "toy" / "upscaler"
+    if out.exists() and any(out.iterdir()) and not (out / "model_index.json").is_file():
+        raise ValueError(f"toy upscaler: {out} exists and is not a diffusers model folder; the upscaler replaces its "
+                         f"output folder, so choose a new or empty one")
     work = out.parent / (out.name + ".work")
     src = model_path()
     torch.manual_seed(cfg.seed)
