@@ -335,7 +335,7 @@ class ProtectImagesRunConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     #: ``ldu`` (trajectory-shifted latent perturbation, needs a trained ρ), ``aspl``, ``fsmg``, ``advdm``,
-    #: ``photoguard``.
+    #: ``photoguard``, ``sds`` (Diff-Protect's SDS(−)), ``mist`` (Mist's fused mode), ``pid``.
     method: str = "ldu"
     #: L∞ budget on [0,1] images: ``8/255``, ``8`` (= 8/255) or ``0.0314``.
     budget: str = "8/255"
@@ -353,15 +353,20 @@ class ProtectImagesRunConfig:
     #: keep EXIF (including GPS if present); default strips it and keeps the ICC profile.
     keep_exif: bool = False
     strip_metadata: bool = False
-    #: iterations of the method; 0 = its published default (ASPL 50, FSMG/AdvDM 100, PhotoGuard 1000).
+    #: iterations of the method; 0 = its published default (ASPL 50, FSMG/AdvDM/SDS/Mist 100, PhotoGuard/PID
+    #: 1000).
     steps: int = 0
     #: PGD step size on [0,1]; 0 = the method's default.
     pgd_alpha: float = 0.0
     #: expectation over transformation during PGD: any of ``blur``, ``jpeg``, ``resize``, ``flip``.
     eot: list[str] = field(default_factory=list)
-    #: PhotoGuard: an image file the encoder attack pulls the photos' latents towards (resized to the model
+    #: PhotoGuard and Mist: an image file the attack pulls the photos' latents towards (resized to the model
     #: resolution); empty = a flat gray image (0.5), the default.
     target: str = ""
+    #: SDS: ``-`` descends the denoising loss (SDS(−), the default and the paper's best) or ``+`` ascends it.
+    sds_direction: str = "-"
+    #: PID: the posterior distance it raises: ``add-log`` (default), ``mean``, ``var``, ``add`` or ``kl``.
+    pid_loss: str = "add-log"
     #: LDU: folder of a trained perturbation network ρ (``apdm train-perturber``).
     rho_path: str = ""
     #: images per forward pass (LDU) / per protection group (pixel methods protect each group jointly).

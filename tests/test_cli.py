@@ -346,15 +346,58 @@ def test_protect_images_photoguard_target(tmp_path):
                                       input=str(src), output_dir=str(tmp_path / out), target=str(target_path),
                                       quiet=True)
 
-    with pytest.raises(ValueError, match="used by method photoguard only, not advdm"):
+    with pytest.raises(ValueError, match="used by methods photoguard, mist only, not advdm"):
         run(cfg("advdm", target, "x"))
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
-    with pytest.raises(ValueError, match="PhotoGuard target: .*bad.png"):
+    with pytest.raises(ValueError, match="photoguard target: .*bad.png"):
         run(cfg("photoguard", bad, "y"))
     assert main(common + ["--output", str(tmp_path / "z"), "--target", str(bad)]) == 1
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # refused before any output
 
+
+
+def test_protect_images_sds_mist_pid_from_the_command_line(tmp_path):
+    """The three field baselines run from the CLI with their options (recorded in the manifest's settings, a
+    change of option is a change of settings), keep the budget and differ; bad options are refused up front."""
+    from apdm.config import ModelConfig, ProtectImagesRunConfig
+    from apdm.core.images import load_image
+    from apdm.protect_images.run import run
+
+    src = tmp_path / "photos"
+    src.mkdir()
+    g = torch.Generator().manual_seed(5)
+    Image.fromarray((torch.rand(24, 20, 3, generator=g) * 255).byte().numpy()).save(src / "a.png")
+    target = tmp_path / "target.png"
+    Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).byte().numpy()).save(target)
+    outs = {}
+    for name, extra in (("sds", []), ("sds", ["sds_direction=+"]), ("mist", ["--target", str(target)]),
+                        ("pid", ["pid_loss=kl"])):
+        out = tmp_path / f"{name}{len(outs)}"
+        assert main(["protect-images", "--method", name, "--budget", "8/255", "--input", str(src), "--output",
+                     str(out), "model.path=tiny", "model.device=cpu", "steps=3", "quiet=true", *extra]) == 0
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["method"] == name and manifest["images"][0]["linf_255@apdm"] <= 8
+        settings = manifest["settings"]
+        assert ("sds_direction" in settings) == (name == "sds") and ("pid_loss" in settings) == (name == "pid")
+        outs[f"{name}{extra}"] = load_image(manifest["images"][0]["output"]).pixels
+    assert json.loads((tmp_path / "mist2" / "manifest.json").read_text())["target"] == str(target)
+    assert json.loads((tmp_path / "sds1" / "manifest.json").read_text())["settings"]["sds_direction"] == "+"
+    assert json.loads((tmp_path / "pid3" / "manifest.json").read_text())["settings"]["pid_loss"] == "kl"
+    images = list(outs.values())
+    assert all((a - b).abs().max() > 0.5 / 255 for i, a in enumerate(images) for b in images[i + 1:])
+
+    def cfg(out, **kw):
+        return ProtectImagesRunConfig(model=ModelConfig(path="tiny", device="cpu"), steps=2, input=str(src),
+                                      output_dir=str(tmp_path / out), quiet=True, **kw)
+
+    with pytest.raises(ValueError, match="used by methods photoguard, mist only, not sds"):
+        run(cfg("x", method="sds", target=str(target)))
+    with pytest.raises(ValueError, match="sds_direction='down'"):
+        run(cfg("y", method="sds", sds_direction="down"))
+    with pytest.raises(ValueError, match="pid_loss='logvar'.*add-log"):
+        run(cfg("z", method="pid", pid_loss="logvar"))
+    assert not any((tmp_path / d).exists() for d in "xyz")
 
 def test_evaluate_end_to_end_and_resume(tmp_path):
     from html.parser import HTMLParser

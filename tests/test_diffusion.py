@@ -49,6 +49,36 @@ def test_noise_prediction_loss_equals_manual(tiny_sd):
     torch.testing.assert_close(mean, manual.mean())
 
 
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_noise_residual_is_eps_hat_minus_eps_for_every_prediction_type(tiny_sd, kind):
+    """SDS's direction ε̂ − ε: the UNet output converted to ε̂ at each sample's level, by hand; for ε-prediction
+    its squared mean is the denoising loss on the same draws (ε, then t, from one generator)."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_config(tiny_sd.noise_scheduler.config, prediction_type=kind)
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([30, 900])
+    cond = D.encode_prompt(tiny_sd.text_encoder, tiny_sd.tokenizer, ["a photo", "a dog"]).detach()
+    residual = D.noise_residual(tiny_sd.unet, sched, latents, cond, noise, t)
+    assert residual.shape == latents.shape and not residual.requires_grad
+    with torch.no_grad():
+        xt = D.add_noise(sched, latents, noise, t)
+        out = tiny_sd.unet(xt, t, cond).sample
+    ab = D.alphas_cumprod(sched)[t].float().view(-1, 1, 1, 1)
+    eps_hat = {"epsilon": out, "v_prediction": ab.sqrt() * out + (1 - ab).sqrt() * xt,
+               "sample": (xt - ab.sqrt() * out) / (1 - ab).sqrt()}[kind]
+    torch.testing.assert_close(residual, eps_hat - noise, atol=1e-4, rtol=1e-4)
+    if kind == "v_prediction":  # the same direction as the v-error, scaled by sqrt(ᾱ_t)
+        v = D.training_target(sched, latents, noise, t)
+        torch.testing.assert_close(residual, ab.sqrt() * (out - v), atol=1e-4, rtol=1e-4)
+    if kind == "epsilon":
+        loss = D.noise_prediction_loss(tiny_sd.unet, sched, latents, cond, generator=torch.Generator().manual_seed(4),
+                                       reduction="none")
+        drawn = D.noise_residual(tiny_sd.unet, sched, latents, cond, generator=torch.Generator().manual_seed(4))
+        torch.testing.assert_close(drawn.pow(2).mean(dim=(1, 2, 3)), loss.detach())
+
 def test_ddim_grid_matches_diffusers(tiny_sd):
     from diffusers import DDIMScheduler
 

@@ -123,6 +123,12 @@ def _run_method(name, sd, images):
         return B.protect_advdm(sd, images, budget=BUDGET, steps=3, pgd_alpha=2 / 255, random_start=True, quiet=True)
     if name == "photoguard":
         return B.protect_photoguard(sd, images, budget=BUDGET, steps=3, quiet=True)
+    if name == "sds":
+        return B.protect_sds(sd, images, budget=BUDGET, steps=3, pgd_alpha=2 / 255, quiet=True)
+    if name == "mist":
+        return B.protect_mist(sd, images, budget=BUDGET, steps=3, pgd_alpha=2 / 255, quiet=True)
+    if name == "pid":
+        return B.protect_pid(sd, images, budget=BUDGET, steps=3, quiet=True)
     if name == "ldu":
         rho = ldu.build_rho(sd.unet.config.in_channels, 32, seed=3)
         with torch.no_grad():  # a large random ρ, so the raw output exceeds the budget and projection must act
@@ -144,7 +150,8 @@ def test_budget_guarantee(tiny_sd, name):
 def test_methods_dict_is_literal_and_uniform():
     import inspect
 
-    assert set(B.METHODS) == {"aspl", "fsmg", "advdm", "photoguard"}
+    assert set(B.METHODS) == {"aspl", "fsmg", "advdm", "photoguard", "sds", "mist", "pid"}
+    assert set(B.METHODS) == set(B.STEPS_MEANING)
     for fn in B.METHODS.values():
         params = inspect.signature(fn).parameters
         for p in ("budget", "steps", "quiet", "seed"):
@@ -202,6 +209,71 @@ def test_photoguard_pulls_latent_to_target(tiny_sd, rand_images):
         after = B.encoder_distance(tiny_sd, out, z_target)
     assert bool((after < before).all()), (before, after)
 
+
+
+@pytest.mark.parametrize("direction", ["-", "+"])
+def test_sds_step_moves_the_latent_along_minus_or_plus_the_residual(tiny_sd, rand_images, direction):
+    """One SDS step changes the photo's latent z by Δz with ⟨ε̂ − ε, Δz⟩ < 0 for SDS(−) and > 0 for SDS(+): the
+    encoder's first-order response to x ∓ α·sign(J_Eᵀ(ε̂ − ε)), at the draw the step used."""
+    out = B.protect_sds(tiny_sd, rand_images, budget=BUDGET, steps=1, pgd_alpha=0.5 / 255, direction=direction,
+                        resample=False, seed=2, quiet=True)
+    _assert_budget(out, rand_images, BUDGET)
+    with torch.no_grad():
+        z0, z1 = D.encode_images(tiny_sd.vae, rand_images), D.encode_images(tiny_sd.vae, out)
+        cond = D.encode_prompt(tiny_sd.text_encoder, tiny_sd.tokenizer, ["a photo"]).expand(4, -1, -1)
+    residual = D.noise_residual(tiny_sd.unet, tiny_sd.noise_scheduler, z0, cond,
+                                generator=torch.Generator().manual_seed(2 + 1))  # the draw (documented: seed + 1)
+    inner = float((residual * (z1 - z0)).sum())
+    assert (inner < 0) if direction == "-" else (inner > 0), inner
+    # the loss's value is the denoising error at that draw, its gradient the SDS gradient J_Eᵀ(ε̂ − ε)
+    x = rand_images.clone().requires_grad_(True)
+    value = B.sds_loss(tiny_sd, seed=3, resample=False)(x)
+    torch.testing.assert_close(value.detach(), residual.pow(2).mean())
+    g, = torch.autograd.grad(value, x)
+    x2 = rand_images.clone().requires_grad_(True)
+    g_ref, = torch.autograd.grad((residual * D.encode_images(tiny_sd.vae, x2).float()).sum(), x2)
+    torch.testing.assert_close(g, g_ref)
+    with pytest.raises(ValueError, match="direction"):
+        B.protect_sds(tiny_sd, rand_images, budget=BUDGET, steps=1, direction="down", quiet=True)
+
+
+def test_mist_lowers_its_fused_objective_and_weighs_both_terms(tiny_sd, rand_images):
+    out = B.protect_mist(tiny_sd, rand_images, budget=BUDGET, steps=4, pgd_alpha=2 / 255, random_start=False,
+                         resample=False, seed=1, quiet=True)
+    _assert_budget(out, rand_images)
+    z_target = B.target_latents(tiny_sd, rand_images)
+    judge = B.mist_loss(tiny_sd, z_target, seed=1 + 1, resample=False)  # the draw the attack used
+    with torch.no_grad():
+        before, after = judge(rand_images).item(), judge(out).item()
+        assert after < before - 1e-4, (before, after)
+        # with weight 0 it is the mean squared latent distance to the target (PhotoGuard's term, squared)
+        textural = B.mist_loss(tiny_sd, z_target, semantic_weight=0.0, seed=2, resample=False)(rand_images)
+        dist = B.encoder_distance(tiny_sd, rand_images, z_target)
+        torch.testing.assert_close(textural, (dist ** 2).mean() / z_target[0].numel())
+        # and the semantic term is AdvDM's loss on the same draw
+        both = B.mist_loss(tiny_sd, z_target, semantic_weight=2.0, seed=2, resample=False)(rand_images)
+        advdm = B.advdm_loss(tiny_sd, seed=2, resample=False)(rand_images)
+        torch.testing.assert_close(both, textural - 2.0 * advdm)
+    assert B.MIST_SEMANTIC_WEIGHT == pytest.approx(1e4 / 16384)
+
+
+def test_pid_pushes_the_posterior_further_than_a_random_start(tiny_sd, rand_images):
+    random_only = B.protect_pid(tiny_sd, rand_images, budget=BUDGET, steps=0, seed=4, quiet=True)
+    out = B.protect_pid(tiny_sd, rand_images, budget=BUDGET, steps=6, seed=4, quiet=True)
+    _assert_budget(out, rand_images)
+    judge = B.pid_loss(tiny_sd, rand_images)
+    with torch.no_grad():
+        assert judge(rand_images).item() == 0.0
+        assert judge(out).item() > 1.5 * judge(random_only).item(), (judge(out).item(), judge(random_only).item())
+        # the KL variant against torch's Gaussian KL(q(z|clean) || q(z|x))
+        q0, q = D.posterior(tiny_sd.vae, rand_images), D.posterior(tiny_sd.vae, out)
+        kl = torch.distributions.kl_divergence(torch.distributions.Normal(q0.mean, q0.std),
+                                               torch.distributions.Normal(q.mean, q.std)).mean()
+        torch.testing.assert_close(B.pid_loss(tiny_sd, rand_images, "kl")(out), kl, atol=1e-5, rtol=1e-4)
+        var = B.pid_loss(tiny_sd, rand_images, "var")(out)
+        torch.testing.assert_close(var, (q.std - q0.std).pow(2).mean())
+    with pytest.raises(ValueError, match="add-log"):
+        B.pid_loss(tiny_sd, rand_images, "logvar")
 
 # ============================================================================ LDU
 def test_rho_parameter_count():

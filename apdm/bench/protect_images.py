@@ -1,15 +1,18 @@
 """``apdm bench protect-images``: image protection on the toy world (issue #6).
 
-For held-out subjects (4 photos each) and every method m in {ldu, aspl, advdm, photoguard} at the budget
+For held-out subjects (4 photos each) and every method m in ``methods`` (default ldu, aspl, advdm, photoguard; also
+fsmg, sds, mist, pid) at the budget
 (8/255 unless ``budget=``): imperceptibility (``psnr_m``, ``ssim_m``, ``linf255_m``), cost (``seconds_per_image_m``)
 and protection: identity similarity (``ism@toy-id``) of DreamBooth generations trained on the protected photos
 (``ism_db_m``), after JPEG-75 / blur / DiffPure purification of the protected photos, and with one clean photo
 among them (``ism_db_m_one_clean``); each ``ism_db_*`` key has an ``fdfr_db_*`` twin (share of those generations
 the toy detector rejects, ``fdfr@toy-det``). ``ism_db_clean`` and ``ism_class_prompt`` are the unprotected references.
 LDU uses the ρ given by ``rho=`` (default: the toy world's shipped ρ).
-Overrides: ``subjects=N samples=N methods=ldu,aspl robust_methods=ldu|none budget=8/255 rho=DIR aspl_steps=N
-grid=DIR`` (``grid`` writes PNG grids of the first subject: protected photos, amplified perturbations and
-DreamBooth samples per method), ``identifier=WORD`` (the attacker names the subject "a photo of WORD person" instead
+Overrides: ``subjects=N samples=N methods=ldu,aspl robust_methods=ldu|none budget=8/255 rho=DIR <m>_steps=N
+grid=DIR`` (``<m>_steps``: PGD or outer iterations of method m; by default ASPL 20 / 50, AdvDM 50 / 100 and
+PhotoGuard 200 / 1000 with / without ``--quick``, the other methods their published defaults; ``grid`` writes PNG
+grids of the first subject: protected photos, amplified perturbations and DreamBooth samples per method),
+``identifier=WORD`` (the attacker names the subject "a photo of WORD person" instead
 of the recipe's "sks"; ASPL's simulated DreamBooth keeps "sks", since a protector cannot know the attacker's word)
 and ``attack_seeds=K`` (every DreamBooth attack is run K times, run r with the attacker's seed and the sampling seed
 raised by r · ``attack_seed_stride``, default 100,003: runs share no sampling noise or class image; 1 reproduces
@@ -60,8 +63,8 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     from apdm.utils import LOG
 
     t_start = time.perf_counter()
-    opts, sd, inst = toy_setup(overrides, {"budget", "subjects", "samples", "methods", "rho", "aspl_steps",
-                                           "advdm_steps", "photoguard_steps", "robust_methods",
+    opts, sd, inst = toy_setup(overrides, {"budget", "subjects", "samples", "methods", "rho",
+                                           *(f"{m}_steps" for m in METHODS), "robust_methods",
                                            "grid", "identifier", "attack_seeds", "attack_seed_stride",
                                            "purifiers"})
     budget = parse_budget(opts.get("budget", "8/255"))
@@ -86,6 +89,9 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     method_kw = {"aspl": {"steps": int(opts.get("aspl_steps", 20 if quick else 50))},
                  "advdm": {"steps": int(opts.get("advdm_steps", 50 if quick else 100))},
                  "photoguard": {"steps": int(opts.get("photoguard_steps", 200 if quick else 1000))}}
+    for m in methods:  # the other methods at their published defaults unless <m>_steps= is given
+        if m != "ldu" and m not in method_kw and f"{m}_steps" in opts:
+            method_kw[m] = {"steps": int(opts[f"{m}_steps"])}
     res: dict = {"model": sd.source, "instruments_fingerprint": inst.config.get("fingerprint"),
                  "budget": format_budget(budget), "subjects": n_subjects,
                  "samples_per_prompt": n_samples, "method_settings": method_kw, "robust_methods": robust,

@@ -129,7 +129,7 @@ def _default_steps(method, param: str = "steps") -> int:
 
 def _protect_images(sd, images, class_images, opts: dict, repeats: int) -> dict:
     from apdm.protect_images import ldu
-    from apdm.protect_images.baselines import protect_advdm, protect_aspl, protect_photoguard
+    from apdm.protect_images.baselines import METHODS, protect_aspl
 
     n = images.shape[0]
     budget = 8 / 255
@@ -152,7 +152,8 @@ def _protect_images(sd, images, class_images, opts: dict, repeats: int) -> dict:
                                                quiet=True), sd.device, repeats)
     _record(out, "per_iteration_aspl", seconds, peak)
     out["seconds_per_image_aspl_projected"] = round(seconds * _default_steps(protect_aspl) / n, 3)
-    for name, fn in (("advdm", protect_advdm), ("photoguard", protect_photoguard)):
+    for name in ("advdm", "photoguard", "sds", "mist", "pid"):
+        fn = METHODS[name]
         seconds, peak = timed(lambda: fn(sd, images, budget=budget, steps=1, quiet=True), sd.device, repeats)
         _record(out, f"per_step_{name}", seconds, peak)
         out[f"seconds_per_image_{name}_projected"] = round(seconds * _default_steps(fn) / n, 3)

@@ -179,6 +179,39 @@ def noise_prediction_loss(unet, noise_scheduler, latents: torch.Tensor, encoder_
     raise ValueError(f"reduction must be 'mean', 'none' or 'elementwise', got '{reduction}'")
 
 
+@torch.no_grad()
+def noise_residual(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                   noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """``ε̂(x_t, t, c) − ε`` at per-sample levels t: the score-distillation (SDS) direction, without the UNet's
+    Jacobian (computed under ``no_grad``).
+
+    For an ε-prediction model it is ``C·h·w / 2`` times the gradient of the per-sample
+    :func:`noise_prediction_loss` w.r.t. the model output. v- and x_0-prediction outputs are converted to ε̂ first
+    (:func:`eps_and_x0`), so the direction means the same for every model (for v-prediction it is
+    ``sqrt(ᾱ_t)·(v̂ − v)``). Draws (ε, then t) from ``generator`` as :func:`noise_prediction_loss` does.
+
+    Args:
+        latents: (N,4,h,w) clean scaled latents x_0 (any grad they carry is ignored).
+        encoder_hidden_states: (N,L,D) conditioning.
+        noise, timesteps: as :func:`noise_prediction_loss`.
+
+    Returns:
+        (N,4,h,w) float32, no grad.
+    """
+    if noise is None:
+        noise = torch.randn(latents.shape, generator=generator, device=generator.device if generator else "cpu",
+                            dtype=latents.dtype).to(latents.device)
+    if timesteps is None:
+        timesteps = sample_timesteps(noise_scheduler, latents.shape[0], latents.device, generator)
+    noisy = add_noise(noise_scheduler, latents.detach(), noise, timesteps)
+    dtype = getattr(unet, "dtype", noisy.dtype)
+    out = unet(noisy.to(dtype), timesteps, encoder_hidden_states.to(dtype)).sample.float()
+    a = alphas_cumprod(noise_scheduler, latents.device)[timesteps.to(latents.device)].float()
+    eps, _ = eps_and_x0(noise_scheduler, out, noisy.float(), a)
+    return eps - noise.float()
+
+
 # ============================================================================ DDIM (deterministic)
 def ddim_timesteps(noise_scheduler, num_steps: int) -> list[int]:
     """The descending timestep grid DDIM uses (diffusers' "leading" spacing + ``steps_offset``)."""
@@ -202,17 +235,25 @@ def _predict(unet, noise_scheduler, x: torch.Tensor, t: int, cond: torch.Tensor,
     else:
         out = unet(inp, tt, cond.to(unet.dtype)).sample.float()
     a = alphas_cumprod(noise_scheduler, x.device)[t].float()
-    xf = x.float()
+    return eps_and_x0(noise_scheduler, out, x.float(), a)
+
+
+def eps_and_x0(noise_scheduler, out: torch.Tensor, x: torch.Tensor, a: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ε̂, x̂_0) from the model output ``out`` at the noisy latents ``x`` (both (N,4,h,w) float32) and ᾱ ``a``
+    (a scalar or (N,) per sample), for each ``prediction_type``."""
+    if a.ndim == 1:
+        a = _bcast(a, x)
     kind = noise_scheduler.config.prediction_type
     if kind == "epsilon":
         eps = out
-        x0 = (xf - (1 - a).sqrt() * eps) / a.sqrt()
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
     elif kind == "v_prediction":
-        x0 = a.sqrt() * xf - (1 - a).sqrt() * out
-        eps = a.sqrt() * out + (1 - a).sqrt() * xf
+        x0 = a.sqrt() * x - (1 - a).sqrt() * out
+        eps = a.sqrt() * out + (1 - a).sqrt() * x
     elif kind == "sample":
         x0 = out
-        eps = (xf - a.sqrt() * x0) / (1 - a).sqrt()
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
     else:
         raise ValueError(f"unsupported prediction_type '{kind}'")
     return eps, x0

@@ -1,4 +1,4 @@
-"""Pixel-space image-protection baselines: ASPL, FSMG, AdvDM and the PhotoGuard encoder attack.
+"""Pixel-space image-protection baselines: ASPL, FSMG, AdvDM, the PhotoGuard encoder attack, SDS, Mist and PID.
 
 Every method has the same shape::
 
@@ -26,6 +26,14 @@ Methods (see docs/protect_images.md for sources):
 * ``photoguard`` — PhotoGuard's encoder attack (Salman et al., ICML 2023): PGD *minimizing*
   ``‖E(x + δ) - z_target‖₂`` with ``z_target`` the latent of a target image (flat gray by default), step size
   decaying linearly to 1/100 of its start as in their notebook.
+* ``sds`` — Diff-Protect's score-distillation attack (Xue et al., ICLR 2024): AdvDM's gradient with the UNet's
+  Jacobian skipped, ``J_E(x)ᵀ (ε̂ − ε)`` (a forward pass of the UNet and a backward pass of the encoder only), and
+  by default *descending* the denoising loss, SDS(−), the variant that paper found most effective; ``direction="+"``
+  ascends it, SDS(+).
+* ``mist`` — Mist's fused mode (Liang et al., ICML 2023, Mist v1 / Diff-Protect ``mode=mist``): PGD minimizing the
+  PhotoGuard-style latent distance to a target image while maximizing AdvDM's denoising loss.
+* ``pid`` — Prompt-Independent Defense (Li et al., ICML 2024): PGD pushing the VAE posterior of the photos away
+  from that of the clean photos (mean and log-variance, ``add-log``); no UNet, no prompt.
 """
 
 from __future__ import annotations
@@ -210,13 +218,23 @@ def advdm_loss(sd: SD, prompt: str = "a photo", mc_samples: int = 1, seed: int =
     ``mc_samples`` (t, ε) draws per call, t ~ U{0..T-1}. ``resample=True`` continues one RNG stream (seeded
     with ``seed``) across calls (fresh draws each PGD step); ``False`` restarts it at every call (fixed draws).
     """
+    on_latents = _denoising_loss(sd, prompt, mc_samples, seed, resample)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return on_latents(D.encode_images(sd.vae, x).float())
+
+    return fn
+
+
+def _denoising_loss(sd: SD, prompt: str, mc_samples: int, seed: int, resample: bool
+                    ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`advdm_loss` on latents: ``z (N,4,h,w) -> E_{t,ε} ‖ε̂_θ(z_t, t, c) − ε‖²`` (same draws)."""
     with torch.no_grad():
         cond1 = D.encode_prompt(sd.text_encoder, sd.tokenizer, [prompt])
     stream = torch.Generator().manual_seed(seed)
 
-    def fn(x: torch.Tensor) -> torch.Tensor:
+    def fn(z: torch.Tensor) -> torch.Tensor:
         gen = stream if resample else torch.Generator().manual_seed(seed)
-        z = D.encode_images(sd.vae, x).float()
         cond = cond1.expand(z.shape[0], -1, -1)
         losses = [D.noise_prediction_loss(sd.unet, sd.noise_scheduler, z, cond, generator=gen)
                   for _ in range(mc_samples)]
@@ -261,6 +279,15 @@ def gray_target(images: torch.Tensor, value: float = 0.5) -> torch.Tensor:
     return torch.full_like(images, value)
 
 
+def target_latents(sd: SD, clean: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+    """Latents (posterior mean, scaled) of the target image(s) ``target`` ((1 or N,3,H,W) in [0,1]; default flat
+    gray), expanded to the N images of ``clean``. No grad."""
+    target = gray_target(clean[:1]) if target is None else target.detach().float().to(clean.device)
+    with torch.no_grad():
+        z_target = D.encode_images(sd.vae, target).float()
+    return z_target.expand(clean.shape[0], -1, -1, -1) if z_target.shape[0] == 1 else z_target
+
+
 def encoder_distance(sd: SD, images: torch.Tensor, z_target: torch.Tensor) -> torch.Tensor:
     """Per-image ``‖E(x) − z_target‖₂`` over the latent (VAE posterior mean, scaled latents). Returns (N,)."""
     z = D.encode_images(sd.vae, images).float()
@@ -286,11 +313,7 @@ def protect_photoguard(sd: SD, images: torch.Tensor, *, budget: float, steps: in
     """
     _check(images, budget)
     clean = images.detach().float().to(sd.device)
-    target = gray_target(clean[:1]) if target is None else target.detach().float().to(sd.device)
-    with torch.no_grad():
-        z_target = D.encode_images(sd.vae, target).float()
-    if z_target.shape[0] == 1:
-        z_target = z_target.expand(clean.shape[0], -1, -1, -1)
+    z_target = target_latents(sd, clean, target)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         return encoder_distance(sd, x, z_target).mean()
@@ -302,12 +325,179 @@ def protect_photoguard(sd: SD, images: torch.Tensor, *, budget: float, steps: in
     return _finalize(x_adv, images, budget)
 
 
+# ============================================================================ SDS (Diff-Protect)
+def sds_loss(sd: SD, prompt: str = "a photo", seed: int = 0, resample: bool = True
+             ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> scalar`` whose *value* is the frozen model's denoising error ``mean ‖ε̂ − ε‖²`` at one (t, ε) draw
+    per image and whose *gradient* w.r.t. ``x`` is the SDS gradient ``Σ_i J_E(x_i)ᵀ (ε̂_i − ε_i)``: the UNet is run
+    forward only (:func:`apdm.core.diffusion.noise_residual`), the encoder backward (Xue et al. 2024, Eq. 5 with
+    weight 1, as their code). ``resample`` as :func:`advdm_loss`; t ~ U{0..T-1}, one draw per image per call."""
+    with torch.no_grad():
+        cond1 = D.encode_prompt(sd.text_encoder, sd.tokenizer, [prompt])
+    stream = torch.Generator().manual_seed(seed)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        gen = stream if resample else torch.Generator().manual_seed(seed)
+        z = D.encode_images(sd.vae, x).float()
+        residual = D.noise_residual(sd.unet, sd.noise_scheduler, z, cond1.expand(z.shape[0], -1, -1),
+                                    generator=gen)
+        surrogate = (residual * z).sum()  # d/dz = ε̂ − ε, the UNet's Jacobian left out
+        return residual.pow(2).mean() + (surrogate - surrogate.detach())
+
+    return fn
+
+
+def protect_sds(sd: SD, images: torch.Tensor, *, budget: float, steps: int = 100, pgd_alpha: float = 1 / 255,
+                direction: str = "-", prompt: str = "a photo", eot_transforms: Sequence[str] | None = None,
+                random_start: bool = False, resample: bool = True, seed: int = 0, quiet: bool = False
+                ) -> torch.Tensor:
+    """Diff-Protect's SDS attack: PGD along the score-distillation gradient of the frozen model's denoising loss.
+
+    Defaults = Diff-Protect's config: 100 steps at α = 1/255 (constant), no random start, prompt "a photo", and
+    ``direction="-"``: each step *descends* the loss, SDS(−), which Xue et al. (ICLR 2024) report as the most
+    effective of their variants (the perturbation makes the photo "easy" for the model, so fine-tuning on it learns
+    little); ``"+"`` ascends it, SDS(+), a cheaper AdvDM. Their ε = 16/255 is the caller's ``budget``. A step costs
+    a UNet forward and an encoder backward, about half of AdvDM's.
+
+    Args:
+        direction: ``"-"`` (SDS(−)) or ``"+"`` (SDS(+)).
+        prompt: conditioning of the frozen model.
+        resample: fresh (t, ε) every step (the paper); ``False`` reuses one draw (``sds_loss(sd, prompt, seed + 1,
+            resample=False)`` is that objective).
+        Other arguments as :func:`protect_aspl`.
+
+    Returns:
+        (N,3,H,W) float32 in [0,1], ‖out − images‖∞ ≤ budget.
+    """
+    _check(images, budget)
+    if direction not in ("-", "+"):
+        raise ValueError(f"direction={direction!r}: '-' descends the denoising loss (SDS(-), the default), '+' "
+                         "ascends it (SDS(+))")
+    clean = images.detach().float().to(sd.device)
+    x_adv = pgd_attack(clean, sds_loss(sd, prompt, seed + 1, resample), budget, pgd_alpha, steps,
+                       maximize=direction == "+", eot_transforms=eot_transforms,
+                       generator=torch.Generator().manual_seed(seed), random_start=random_start, quiet=quiet,
+                       desc=f"sds({direction}) pgd")
+    return _finalize(x_adv, images, budget)
+
+
+# ============================================================================ Mist (fused)
+#: Mist's fused weight, 1e4 on a *summed* squared latent distance of one 512-px image (4·64·64 latent elements),
+#: as a weight on the *mean* squared distance: the same balance at every resolution.
+MIST_SEMANTIC_WEIGHT = 1e4 / (4 * 64 * 64)
+
+
+def mist_loss(sd: SD, z_target: torch.Tensor, prompt: str = "a photo", semantic_weight: float = MIST_SEMANTIC_WEIGHT,
+              seed: int = 0, resample: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> mean_i mean‖E(x_i) − z_target_i‖² − semantic_weight · L_DM(x)``, Mist's fused objective (to be
+    minimized). ``z_target`` (N,4,h,w) scaled latents (:func:`target_latents`); ``L_DM`` is :func:`advdm_loss` with
+    one (t, ε) draw, ``resample`` as there."""
+    semantic = _denoising_loss(sd, prompt, 1, seed, resample)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        z = D.encode_images(sd.vae, x).float()
+        textural = (z - z_target.float()).pow(2).mean()
+        return textural - semantic_weight * semantic(z)
+
+    return fn
+
+
+def protect_mist(sd: SD, images: torch.Tensor, *, budget: float, steps: int = 100, pgd_alpha: float = 1 / 255,
+                 target: torch.Tensor | None = None, semantic_weight: float = MIST_SEMANTIC_WEIGHT,
+                 prompt: str = "a photo", eot_transforms: Sequence[str] | None = None, random_start: bool = True,
+                 resample: bool = True, seed: int = 0, quiet: bool = False) -> torch.Tensor:
+    """Mist (fused mode): PGD minimizing :func:`mist_loss`, pulling the latents towards a target's while raising
+    the frozen model's denoising loss.
+
+    Defaults = Mist v1 / Diff-Protect ``mode=mist``: 100 steps at α = 1/255, a random start (their PGD's
+    default), prompt "a photo", the fused weight 1e4 (:data:`MIST_SEMANTIC_WEIGHT`). Mist's target is a texture
+    image of its own that apdm does not ship; the default here is PhotoGuard's flat gray, and ``target`` takes any
+    image. Their ε = 16/255 is the caller's ``budget``.
+
+    Args:
+        target: (1 or N,3,H,W) target image(s) in [0,1]; default flat gray (0.5).
+        semantic_weight: weight of the denoising loss against the mean squared latent distance.
+        Other arguments as :func:`protect_aspl`.
+
+    Returns:
+        (N,3,H,W) float32 in [0,1], ‖out − images‖∞ ≤ budget.
+    """
+    _check(images, budget)
+    clean = images.detach().float().to(sd.device)
+    fn = mist_loss(sd, target_latents(sd, clean, target), prompt, semantic_weight, seed + 1, resample)
+    x_adv = pgd_attack(clean, fn, budget, pgd_alpha, steps, maximize=False, eot_transforms=eot_transforms,
+                       generator=torch.Generator().manual_seed(seed), random_start=random_start, quiet=quiet,
+                       desc="mist pgd")
+    return _finalize(x_adv, images, budget)
+
+
+# ============================================================================ PID
+#: PID's objectives: what of the VAE posterior q(z|x) = N(μ, σ²) the perturbation pushes away from the clean one's.
+PID_LOSSES = ("add-log", "mean", "var", "add", "kl")
+
+
+def pid_loss(sd: SD, clean: torch.Tensor, kind: str = "add-log") -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> distance between q(z|x) and q(z|clean)`` (to be maximized), unscaled posteriors, means over elements:
+
+    * ``add-log`` (PID's recommended): ``mse(log σ²(x), log σ²(clean)) + mse(μ(x), μ(clean))``;
+    * ``mean``: ``mse(μ)``; ``var``: ``mse(σ)`` (their "var" compares standard deviations); ``add``: both;
+    * ``kl``: ``mean KL(q(z|clean) ‖ q(z|x))`` per element.
+    """
+    if kind not in PID_LOSSES:
+        raise ValueError(f"PID loss '{kind}': choose one of {', '.join(PID_LOSSES)}")
+    with torch.no_grad():
+        ref = D.posterior(sd.vae, clean)
+        mu0, logvar0, std0 = ref.mean.float(), ref.logvar.float(), ref.std.float()
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        q = D.posterior(sd.vae, x)
+        mu, logvar, std = q.mean.float(), q.logvar.float(), q.std.float()
+        if kind == "add-log":
+            return (logvar - logvar0).pow(2).mean() + (mu - mu0).pow(2).mean()
+        if kind == "mean":
+            return (mu - mu0).pow(2).mean()
+        if kind == "var":
+            return (std - std0).pow(2).mean()
+        if kind == "add":
+            return (mu - mu0).pow(2).mean() + (std - std0).pow(2).mean()
+        return (0.5 * (logvar - logvar0) + (std0.pow(2) + (mu0 - mu).pow(2)) / (2 * std.pow(2)) - 0.5).mean()
+
+    return fn
+
+
+def protect_pid(sd: SD, images: torch.Tensor, *, budget: float, steps: int = 1000, pgd_alpha: float = 1 / 255,
+                loss: str = "add-log", eot_transforms: Sequence[str] | None = None, random_start: bool = True,
+                seed: int = 0, quiet: bool = False) -> torch.Tensor:
+    """PID: PGD maximizing :func:`pid_loss`, the distance of the photos' VAE posterior from the clean photos'.
+
+    Defaults = PID's script: 1000 steps at α = 1/255, a uniform random start in the ball, ``add-log``; their
+    ε = 12.75/255 is the caller's ``budget``. It needs only the VAE's encoder (no UNet, no prompt), so it protects
+    against any prompt; a step costs an encoder forward and backward, like PhotoGuard's.
+
+    Args:
+        loss: one of :data:`PID_LOSSES`.
+        Other arguments as :func:`protect_aspl`.
+
+    Returns:
+        (N,3,H,W) float32 in [0,1], ‖out − images‖∞ ≤ budget.
+    """
+    _check(images, budget)
+    clean = images.detach().float().to(sd.device)
+    x_adv = pgd_attack(clean, pid_loss(sd, clean, loss), budget, pgd_alpha, steps, maximize=True,
+                       eot_transforms=eot_transforms, generator=torch.Generator().manual_seed(seed),
+                       random_start=random_start, quiet=quiet, desc="pid pgd")
+    return _finalize(x_adv, images, budget)
+
+
 #: method name -> ``protect(sd, images, *, budget, steps, ..., quiet)``.
 METHODS = {
     "aspl": protect_aspl,
     "fsmg": protect_fsmg,
     "advdm": protect_advdm,
     "photoguard": protect_photoguard,
+    "sds": protect_sds,
+    "mist": protect_mist,
+    "pid": protect_pid,
 }
 
 #: what ``steps`` counts for each method, and its published default (for help texts and the runner).
@@ -316,8 +506,12 @@ STEPS_MEANING = {
     "fsmg": ("PGD iterations against the fixed surrogate", 100),
     "advdm": ("PGD iterations", 100),
     "photoguard": ("PGD iterations", 1000),
+    "sds": ("PGD iterations", 100),
+    "mist": ("PGD iterations", 100),
+    "pid": ("PGD iterations", 1000),
 }
 
 __all__ = ["METHODS", "STEPS_MEANING", "protect_aspl", "protect_fsmg", "protect_advdm", "protect_photoguard",
-           "train_surrogate", "advdm_loss", "encoder_distance", "gray_target", "antidreambooth_personalization",
-           "ANTIDB_PGD_ALPHA", "PHOTOGUARD_PGD_ALPHA"]
+           "protect_sds", "protect_mist", "protect_pid", "train_surrogate", "advdm_loss", "sds_loss", "mist_loss",
+           "pid_loss", "encoder_distance", "gray_target", "target_latents", "antidreambooth_personalization",
+           "ANTIDB_PGD_ALPHA", "PHOTOGUARD_PGD_ALPHA", "MIST_SEMANTIC_WEIGHT", "PID_LOSSES"]

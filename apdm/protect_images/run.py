@@ -22,7 +22,9 @@ import torch
 from apdm.config import ProtectImagesRunConfig, TrainPerturberRunConfig, to_yaml
 from apdm.utils import LOG, atomic_write_json, atomic_write_text, file_sha256, peak_rss_mb, progress, seed_everything
 
-METHOD_NAMES = ("ldu", "aspl", "fsmg", "advdm", "photoguard")
+METHOD_NAMES = ("ldu", "aspl", "fsmg", "advdm", "photoguard", "sds", "mist", "pid")
+#: methods that pull the photos towards a target image (``target=``)
+TARGET_METHODS = ("photoguard", "mist")
 #: methods that protect a group of photos together (one surrogate trained on all of them), so at one size
 JOINT_METHODS = ("aspl", "fsmg")
 
@@ -56,6 +58,10 @@ def _method_kwargs(cfg: ProtectImagesRunConfig, sd, target: torch.Tensor | None 
         kw["eot_transforms"] = list(cfg.eot)
     if target is not None:
         kw["target"] = target[None]  # resized to each batch's size by protect_batch
+    if cfg.method == "sds":
+        kw["direction"] = cfg.sds_direction
+    if cfg.method == "pid":
+        kw["loss"] = cfg.pid_loss
     if cfg.method in ("aspl", "fsmg"):
         from apdm.personalization.simulator import class_images_for
 
@@ -107,6 +113,9 @@ def run_settings(cfg: ProtectImagesRunConfig, sd) -> dict:
     settings = dataclasses.asdict(cfg)
     for key in ("input", "output_dir", "recursive", "quiet", "resume", "batch_size"):
         settings.pop(key)
+    for key, method in (("sds_direction", "sds"), ("pid_loss", "pid")):  # one method's option
+        if cfg.method != method:
+            settings.pop(key)
     settings["model"].pop("device")
     settings["model_fingerprint"] = sd.fingerprint()
     if cfg.method == "ldu":
@@ -245,13 +254,19 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
         raise ValueError(f"resolution_policy={cfg.resolution_policy}: choose aspect or squeeze")
     target = None
     if cfg.target:  # checked before the model loads
-        if cfg.method != "photoguard":
-            raise ValueError(f"target={cfg.target}: a target image is used by method photoguard only, "
-                             f"not {cfg.method}")
+        if cfg.method not in TARGET_METHODS:
+            raise ValueError(f"target={cfg.target}: a target image is used by methods {', '.join(TARGET_METHODS)} "
+                             f"only, not {cfg.method}")
         try:
             target = load_image(cfg.target).pixels
         except ImageLoadError as exc:
-            raise ValueError(f"PhotoGuard target: {exc}") from exc
+            raise ValueError(f"{cfg.method} target: {exc}") from exc
+    if cfg.sds_direction not in ("-", "+"):
+        raise ValueError(f"sds_direction={cfg.sds_direction!r}: '-' (SDS(-), the default) or '+' (SDS(+))")
+    from apdm.protect_images.baselines import PID_LOSSES
+
+    if cfg.pid_loss not in PID_LOSSES:
+        raise ValueError(f"pid_loss={cfg.pid_loss!r}: choose one of {', '.join(PID_LOSSES)}")
     if cfg.method == "ldu" and not cfg.rho_path:
         raise ValueError("method ldu needs a trained perturbation network: rho_path=FOLDER (train one with "
                          "`apdm train-perturber`)")
@@ -305,7 +320,7 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
         images = [e for e in ordered if e is not None] + others
         manifest = {
             "method": cfg.method, "budget": format_budget(budget), "budget_float": budget, "model": sd.source,
-            **({"target": cfg.target or "flat gray (0.5)"} if cfg.method == "photoguard" else {}),
+            **({"target": cfg.target or "flat gray (0.5)"} if cfg.method in TARGET_METHODS else {}),
             "device": str(sd.device), "format": fmt, "metadata": "EXIF kept" if cfg.keep_exif else
             ("all stripped" if cfg.strip_metadata else "EXIF stripped, ICC profile kept"),
             "complete": complete, "num_protected": len(images), "num_failed": len(errors),
