@@ -497,6 +497,10 @@ def test_bench_protect_images_checks_attacker_options():
         bench_protect_images(True, ["purifiers=impress;impress:steps=3", "methods=ldu"])
     with pytest.raises(ValueError, match="give each model attack"):
         bench_protect_images(True, ["purifiers=jpeg:quality=50", "methods=ldu"])
+    with pytest.raises(ValueError, match="sds_direction='down'"):
+        bench_protect_images(True, ["sds_direction=down", "methods=sds", "robust_methods=none"])
+    with pytest.raises(ValueError, match="pid_loss='logvar'"):
+        bench_protect_images(True, ["pid_loss=logvar", "methods=pid", "robust_methods=none"])
     for bench in (bench_protect_images, bench_protect_model):
         with pytest.raises(ValueError, match="attack_seed_stride must be a whole number >= 1"):
             bench(True, ["attack_seed_stride=-3"])

@@ -10,7 +10,8 @@ the toy detector rejects, ``fdfr@toy-det``). ``ism_db_clean`` and ``ism_class_pr
 LDU uses the ρ given by ``rho=`` (default: the toy world's shipped ρ).
 Overrides: ``subjects=N samples=N methods=ldu,aspl robust_methods=ldu|none budget=8/255 rho=DIR <m>_steps=N
 grid=DIR`` (``<m>_steps``: PGD or outer iterations of method m; by default ASPL 20 / 50, AdvDM 50 / 100 and
-PhotoGuard 200 / 1000 with / without ``--quick``, the other methods their published defaults; ``grid`` writes PNG
+PhotoGuard 200 / 1000 with / without ``--quick``, the other methods their published defaults;
+``sds_direction=-|+`` and ``pid_loss=...`` as in ``apdm protect-images``; ``grid`` writes PNG
 grids of the first subject: protected photos, amplified perturbations and DreamBooth samples per method),
 ``identifier=WORD`` (the attacker names the subject "a photo of WORD person" instead
 of the recipe's "sks"; ASPL's simulated DreamBooth keeps "sks", since a protector cannot know the attacker's word)
@@ -56,7 +57,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     from apdm.evaluation.protocol import with_prompts
     from apdm.evaluation.run import apply_attack
     from apdm.protect_images import ldu
-    from apdm.protect_images.baselines import METHODS
+    from apdm.protect_images.baselines import METHODS, PID_LOSSES
     from apdm.protect_images.budget import format_budget, parse_budget
     from apdm.toy import instruments as I
     from apdm.toy.world import heldout_subjects, rho_path, toy_root
@@ -66,7 +67,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     opts, sd, inst = toy_setup(overrides, {"budget", "subjects", "samples", "methods", "rho",
                                            *(f"{m}_steps" for m in METHODS), "robust_methods",
                                            "grid", "identifier", "attack_seeds", "attack_seed_stride",
-                                           "purifiers"})
+                                           "purifiers", "sds_direction", "pid_loss"})
     budget = parse_budget(opts.get("budget", "8/255"))
     n_subjects = int(opts.get("subjects", 1 if quick else 3))
     n_samples = int(opts.get("samples", 8 if quick else 16))
@@ -92,6 +93,11 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     for m in methods:  # the other methods at their published defaults unless <m>_steps= is given
         if m != "ldu" and m not in method_kw and f"{m}_steps" in opts:
             method_kw[m] = {"steps": int(opts[f"{m}_steps"])}
+    for key, m, name in (("sds_direction", "sds", "direction"), ("pid_loss", "pid", "loss")):
+        if key in opts:  # checked here, before any work
+            if opts[key] not in {"sds_direction": ("-", "+"), "pid_loss": PID_LOSSES}[key]:
+                raise ValueError(f"{key}={opts[key]!r}: see apdm protect-images")
+            method_kw.setdefault(m, {})[name] = opts[key]
     res: dict = {"model": sd.source, "instruments_fingerprint": inst.config.get("fingerprint"),
                  "budget": format_budget(budget), "subjects": n_subjects,
                  "samples_per_prompt": n_samples, "method_settings": method_kw, "robust_methods": robust,

@@ -8,8 +8,8 @@ What is timed (each after one warm-up call, median of ``repeats`` timed calls, C
   (the paper: 800 × 20);
 * ``protect-images``: LDU per image (inversion + ρ + k-step denoise at model resolution, a fresh ρ: the cost does
   not depend on ρ's weights), one ρ training step, one ASPL outer iteration (3 surrogate + 6 PGD + 3 DreamBooth
-  steps on the ``images`` photos), one AdvDM and one PhotoGuard PGD step; each with its projected seconds per image
-  at the method's default step count;
+  steps on the ``images`` photos), one PGD step of AdvDM, PhotoGuard, SDS, Mist and PID; each with its projected
+  seconds per image at the method's default step count;
 * ``encoder-trap``: one step of the encoder trap (apdm's addition, ``encoder_trap.*``: ``trap_images`` photos and
   pictures of the subject plus ``preserve_batch`` (8) kept images through the VAE encoder, forward and backward, and
   the AdamW step), with ``micro_batch`` images per encoder call, and the projected hours of ``trap_steps`` steps
