@@ -85,6 +85,10 @@ class PersonalizationConfig:
     lora_rank: int = 4
     lora_alpha: float = 4.0
     lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    #: DreamBooth: train only the UNet parameters whose names contain one of these strings (e.g.
+    #: ``[attn2.to_k, attn2.to_v]``, the cross-attention keys and values that Custom Diffusion and CAAT train);
+    #: empty = every UNet parameter.
+    unet_trainable: list[str] = field(default_factory=list)
     #: TI: token whose embedding initialises the new token.
     ti_initializer_token: str = "person"
     #: ``adamw`` or ``adamw8bit`` (bitsandbytes, CUDA only).
@@ -335,7 +339,7 @@ class ProtectImagesRunConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     #: ``ldu`` (trajectory-shifted latent perturbation, needs a trained ρ), ``aspl``, ``fsmg``, ``advdm``,
-    #: ``photoguard``, ``sds`` (Diff-Protect's SDS(−)), ``mist`` (Mist's fused mode), ``pid``.
+    #: ``photoguard``, ``sds`` (Diff-Protect's SDS(−)), ``mist`` (Mist's fused mode), ``pid``, ``caat``.
     method: str = "ldu"
     #: L∞ budget on [0,1] images: ``8/255``, ``8`` (= 8/255) or ``0.0314``.
     budget: str = "8/255"
@@ -353,8 +357,8 @@ class ProtectImagesRunConfig:
     #: keep EXIF (including GPS if present); default strips it and keeps the ICC profile.
     keep_exif: bool = False
     strip_metadata: bool = False
-    #: iterations of the method; 0 = its published default (ASPL 50, FSMG/AdvDM/SDS/Mist 100, PhotoGuard/PID
-    #: 1000).
+    #: iterations of the method; 0 = its published default (ASPL 50, FSMG/AdvDM/SDS/Mist 100, CAAT 250,
+    #: PhotoGuard/PID 1000).
     steps: int = 0
     #: PGD step size on [0,1]; 0 = the method's default.
     pgd_alpha: float = 0.0
@@ -375,7 +379,8 @@ class ProtectImagesRunConfig:
     #: to 2:1, as an attacker resizes) or ``squeeze`` (the whole photo squeezed to a square). ASPL/FSMG protect a
     #: group at one size: its photos' most common one.
     resolution_policy: str = "aspect"
-    #: the surrogate personalization of ASPL/FSMG (Anti-DreamBooth uses DreamBooth with prior preservation).
+    #: the surrogate personalization of ASPL/FSMG (Anti-DreamBooth uses DreamBooth with prior preservation). CAAT
+    #: keeps its own published surrogate (cross-attention K/V, lr 1e-5: ``baselines.caat_personalization``).
     personalization: PersonalizationConfig = field(default_factory=lambda: PersonalizationConfig(
         learning_rate=5e-6, with_prior_preservation=True, train_text_encoder=True, num_class_images=50))
     seed: int = 0

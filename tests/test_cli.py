@@ -357,8 +357,8 @@ def test_protect_images_photoguard_target(tmp_path):
 
 
 
-def test_protect_images_sds_mist_pid_from_the_command_line(tmp_path):
-    """The three field baselines run from the CLI with their options (recorded in the manifest's settings, a
+def test_protect_images_sds_mist_pid_caat_from_the_command_line(tmp_path):
+    """The later field baselines run from the CLI with their options (recorded in the manifest's settings, a
     change of option is a change of settings), keep the budget and differ; bad options are refused up front."""
     from apdm.config import ModelConfig, ProtectImagesRunConfig
     from apdm.core.images import load_image
@@ -372,7 +372,7 @@ def test_protect_images_sds_mist_pid_from_the_command_line(tmp_path):
     Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).byte().numpy()).save(target)
     outs = {}
     for name, extra in (("sds", []), ("sds", ["sds_direction=+"]), ("mist", ["--target", str(target)]),
-                        ("pid", ["pid_loss=kl"])):
+                        ("pid", ["pid_loss=kl"]), ("caat", [])):
         out = tmp_path / f"{name}{len(outs)}"
         assert main(["protect-images", "--method", name, "--budget", "8/255", "--input", str(src), "--output",
                      str(out), "model.path=tiny", "model.device=cpu", "steps=3", "quiet=true", *extra]) == 0

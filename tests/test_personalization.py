@@ -52,6 +52,42 @@ def test_dreambooth_with_text_encoder(tiny_sd, rand_images, class_images):
     assert not _changed(te0, tiny_sd.text_encoder)
 
 
+
+def test_dreambooth_unet_trainable_trains_only_the_named_parameters(tiny_sd, rand_images):
+    """``unet_trainable`` (Custom Diffusion's / CAAT's cross-attention K/V): exactly those tensors learn."""
+    unet0 = _snapshot(tiny_sd.unet)
+    cfg = PersonalizationConfig(method="dreambooth", learning_rate=1e-3, batch_size=4, with_prior_preservation=False,
+                                unet_trainable=["attn2.to_k", "attn2.to_v"])
+    state = S.setup(tiny_sd, cfg)
+    _train(state, rand_images, 2)
+    kv = {n for n in unet0 if "attn2.to_k" in n or "attn2.to_v" in n}
+    assert kv and _changed(unet0, state.sd.unet) == kv
+    assert {id(p) for p in state.params} == {id(p) for n, p in state.sd.unet.named_parameters() if n in kv}
+    with pytest.raises(ValueError, match="no UNet parameter name contains"):
+        S.setup(tiny_sd, PersonalizationConfig(method="dreambooth", with_prior_preservation=False,
+                                               unet_trainable=["attn9.to_z"]))
+
+
+def test_step_with_pixel_grad_leaves_the_losss_image_gradient(tiny_sd, rand_images):
+    """CAAT's joint step: the step's one backward pass gives the images the gradient of that step's loss (same
+    draw), and the model still takes its step."""
+    cfg = PersonalizationConfig(method="dreambooth", learning_rate=1e-3, batch_size=4, with_prior_preservation=False,
+                                random_flip=True, unet_trainable=["attn2.to_k", "attn2.to_v"])
+    reference = S.setup(tiny_sd, cfg)
+    reference.generator.manual_seed(11)
+    x_ref = rand_images.clone().requires_grad_(True)
+    expected, = torch.autograd.grad(S.loss(reference, x_ref)[0], x_ref)
+    state = S.setup(tiny_sd, cfg)
+    state.generator.manual_seed(11)
+    unet0 = _snapshot(state.sd.unet)
+    x = rand_images.clone().requires_grad_(True)
+    S.step(state, x, pixel_grad=True)
+    torch.testing.assert_close(x.grad, expected)
+    assert _changed(unet0, state.sd.unet)
+    y = rand_images.clone().requires_grad_(True)  # without pixel_grad the images get no gradient
+    S.step(state, y)
+    assert y.grad is None
+
 def test_prior_preservation_requires_class_images(tiny_sd):
     with pytest.raises(ValueError, match="class images"):
         S.setup(tiny_sd, PersonalizationConfig(method="dreambooth"))

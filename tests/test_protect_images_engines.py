@@ -1,6 +1,7 @@
 """Image-protection engines on the tiny pipeline: PGD arithmetic, the budget guarantee of every method, each
 attack moving its own objective the intended way, and LDU's ρ (size, gradient path, training, save/load)."""
 
+import dataclasses
 import json
 import os
 
@@ -129,6 +130,9 @@ def _run_method(name, sd, images):
         return B.protect_mist(sd, images, budget=BUDGET, steps=3, pgd_alpha=2 / 255, quiet=True)
     if name == "pid":
         return B.protect_pid(sd, images, budget=BUDGET, steps=3, quiet=True)
+    if name == "caat":
+        return B.protect_caat(sd, images, budget=BUDGET, steps=3, pgd_alpha=2 / 255,
+                              personalization=B.caat_personalization(learning_rate=1e-3), quiet=True)
     if name == "ldu":
         rho = ldu.build_rho(sd.unet.config.in_channels, 32, seed=3)
         with torch.no_grad():  # a large random ρ, so the raw output exceeds the budget and projection must act
@@ -150,7 +154,7 @@ def test_budget_guarantee(tiny_sd, name):
 def test_methods_dict_is_literal_and_uniform():
     import inspect
 
-    assert set(B.METHODS) == {"aspl", "fsmg", "advdm", "photoguard", "sds", "mist", "pid"}
+    assert set(B.METHODS) == {"aspl", "fsmg", "advdm", "photoguard", "sds", "mist", "pid", "caat"}
     assert set(B.METHODS) == set(B.STEPS_MEANING)
     for fn in B.METHODS.values():
         params = inspect.signature(fn).parameters
@@ -274,6 +278,29 @@ def test_pid_pushes_the_posterior_further_than_a_random_start(tiny_sd, rand_imag
         torch.testing.assert_close(var, (q.std - q0.std).pow(2).mean())
     with pytest.raises(ValueError, match="add-log"):
         B.pid_loss(tiny_sd, rand_images, "logvar")
+
+
+def test_caat_ascends_the_loss_its_surrogate_descends(tiny_sd, rand_images):
+    """CAAT's first step moves the photos up the surrogate's loss at that step's draw (the simulator's tests check
+    that only the K/V learn); the step's loss is recorded; EOT runs through the same step."""
+    cfg = B.caat_personalization(learning_rate=1e-3)
+    history = []
+    out = B.protect_caat(tiny_sd, rand_images, budget=BUDGET, steps=1, pgd_alpha=1 / 255, personalization=cfg,
+                         seed=3, quiet=True, history=history)
+    _assert_budget(out, rand_images)
+    assert len(history) == 1
+    judge = S.setup(tiny_sd, dataclasses.replace(cfg, batch_size=4))  # the surrogate before its step, same draw
+    with torch.no_grad():
+        judge.generator.manual_seed(3)
+        before = S.loss(judge, rand_images)[0].item()
+        judge.generator.manual_seed(3)
+        after = S.loss(judge, out)[0].item()
+    assert before == pytest.approx(history[0], rel=1e-5)
+    assert after > before, (before, after)
+    assert len(B.protect_caat(tiny_sd, rand_images, budget=BUDGET, steps=2, personalization=cfg, quiet=True,
+                              eot_transforms=["flip", "blur"])) == 4
+    with pytest.raises(ValueError, match="dreambooth"):
+        B.protect_caat(tiny_sd, rand_images, budget=BUDGET, steps=1, personalization=_ti_cfg(), quiet=True)
 
 # ============================================================================ LDU
 def test_rho_parameter_count():

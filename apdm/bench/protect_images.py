@@ -1,7 +1,7 @@
 """``apdm bench protect-images``: image protection on the toy world (issue #6).
 
 For held-out subjects (4 photos each) and every method m in ``methods`` (default ldu, aspl, advdm, photoguard; also
-fsmg, sds, mist, pid) at the budget
+fsmg, sds, mist, pid, caat) at the budget
 (8/255 unless ``budget=``): imperceptibility (``psnr_m``, ``ssim_m``, ``linf255_m``), cost (``seconds_per_image_m``)
 and protection: identity similarity (``ism@toy-id``) of DreamBooth generations trained on the protected photos
 (``ism_db_m``), after JPEG-75 / blur / DiffPure purification of the protected photos, and with one clean photo
@@ -57,7 +57,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     from apdm.evaluation.protocol import with_prompts
     from apdm.evaluation.run import apply_attack
     from apdm.protect_images import ldu
-    from apdm.protect_images.baselines import METHODS, PID_LOSSES
+    from apdm.protect_images.baselines import METHODS, PID_LOSSES, caat_personalization
     from apdm.protect_images.budget import format_budget, parse_budget
     from apdm.toy import instruments as I
     from apdm.toy.world import heldout_subjects, rho_path, toy_root
@@ -157,6 +157,9 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
                 if m == "aspl":
                     kw["personalization"] = dataclasses.replace(
                         with_prompts(db_cfg, subj.instance_prompt, subj.class_prompt), with_prior_preservation=False)
+                if m == "caat":  # CAAT's surrogate at the toy DreamBooth's learning rate (tiny models need larger)
+                    kw["personalization"] = caat_personalization(
+                        method_kw.get("caat", {}).get("steps", 250), db_cfg.learning_rate, subj.class_prompt)
                 kws[m] = kw
             protections = {m: pool.submit(_protect_job, spec, m, rho_dir, clean.cpu(), budget, kws[m])
                            for m in methods}

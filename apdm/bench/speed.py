@@ -8,8 +8,9 @@ What is timed (each after one warm-up call, median of ``repeats`` timed calls, C
   (the paper: 800 × 20);
 * ``protect-images``: LDU per image (inversion + ρ + k-step denoise at model resolution, a fresh ρ: the cost does
   not depend on ρ's weights), one ρ training step, one ASPL outer iteration (3 surrogate + 6 PGD + 3 DreamBooth
-  steps on the ``images`` photos), one PGD step of AdvDM, PhotoGuard, SDS, Mist and PID; each with its projected
-  seconds per image at the method's default step count;
+  steps on the ``images`` photos), one PGD step of AdvDM, PhotoGuard, SDS, Mist and PID, one CAAT joint step
+  (the difference of a 1 + ``repeats`` and a 1-step run; the projection adds the 1-step run's surrogate setup);
+  each with its projected seconds per image at the method's default step count;
 * ``encoder-trap``: one step of the encoder trap (apdm's addition, ``encoder_trap.*``: ``trap_images`` photos and
   pictures of the subject plus ``preserve_batch`` (8) kept images through the VAE encoder, forward and backward, and
   the AdamW step), with ``micro_batch`` images per encoder call, and the projected hours of ``trap_steps`` steps
@@ -157,6 +158,16 @@ def _protect_images(sd, images, class_images, opts: dict, repeats: int) -> dict:
         seconds, peak = timed(lambda: fn(sd, images, budget=budget, steps=1, quiet=True), sd.device, repeats)
         _record(out, f"per_step_{name}", seconds, peak)
         out[f"seconds_per_image_{name}_projected"] = round(seconds * _default_steps(fn) / n, 3)
+
+    # CAAT = its surrogate's setup (a copy of the UNet) + joint steps: the difference of 1 + r and 1 steps is r steps
+    def caat(steps):
+        return METHODS["caat"](sd, images, budget=budget, steps=steps, quiet=True)
+
+    one, _ = timed(lambda: caat(1), sd.device, 1)
+    more, peak = timed(lambda: caat(1 + repeats), sd.device, 1)
+    per_step = max(more - one, 0.0) / repeats
+    _record(out, "per_step_caat", per_step, peak)
+    out["seconds_per_image_caat_projected"] = round((one + per_step * (_default_steps(METHODS["caat"]) - 1)) / n, 3)
     return out
 
 

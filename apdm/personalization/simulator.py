@@ -151,8 +151,15 @@ def setup(sd: SD, cfg: PersonalizationConfig, class_images: torch.Tensor | None 
     token_id = original = None
 
     if cfg.method == "dreambooth":
-        work.unet.requires_grad_(True).train()
-        groups.append({"params": [p for p in work.unet.parameters()], "lr": cfg.learning_rate})
+        work.unet.requires_grad_(not cfg.unet_trainable).train()
+        unet_params = [p for n, p in work.unet.named_parameters()
+                       if not cfg.unet_trainable or any(key in n for key in cfg.unet_trainable)]
+        if not unet_params:
+            raise ValueError(f"unet_trainable={list(cfg.unet_trainable)}: no UNet parameter name contains any of "
+                             "these (e.g. attn2.to_k, attn2.to_v)")
+        for p in unet_params:
+            p.requires_grad_(True)
+        groups.append({"params": unet_params, "lr": cfg.learning_rate})
         if cfg.train_text_encoder:
             work.text_encoder.requires_grad_(True).train()
             groups.append({"params": list(work.text_encoder.parameters()),
@@ -351,14 +358,18 @@ def _autocast(state: PersonalizationState):
     return contextlib.nullcontext()
 
 
-def step(state: PersonalizationState, instance_images: torch.Tensor) -> float:
+def step(state: PersonalizationState, instance_images: torch.Tensor, pixel_grad: bool = False) -> float:
     """One optimizer step of the personalization method on ``instance_images`` ((N,3,H,W) in [0,1]).
+
+    With ``pixel_grad`` the images are not detached: the step's one backward pass also leaves the loss's gradient
+    w.r.t. the images in whatever leaf they were computed from (CAAT's joint step: the same loss, the same draw,
+    trains the model and attacks the pixels). The model's gradients are clipped, the pixels' are not.
 
     Returns:
         the step's total loss (float).
     """
     state.optimizer.zero_grad(set_to_none=True)
-    total, _ = loss(state, instance_images.detach())
+    total, _ = loss(state, instance_images if pixel_grad else instance_images.detach())
     if state.scaler is not None:
         state.scaler.scale(total).backward()
         state.scaler.unscale_(state.optimizer)

@@ -34,6 +34,9 @@ Methods (see docs/protect_images.md for sources):
   PhotoGuard-style latent distance to a target image while maximizing AdvDM's denoising loss.
 * ``pid`` — Prompt-Independent Defense (Li et al., ICML 2024): PGD pushing the VAE posterior of the photos away
   from that of the clean photos (mean and log-variance, ``add-log``); no UNet, no prompt.
+* ``caat`` — Cross-Attention Adversarial Training (Xu et al., CVPR 2024): one loss, one backward pass per step,
+  descended by the cross-attention keys and values of a DreamBooth surrogate (all else frozen) and ascended by
+  the pixels.
 """
 
 from __future__ import annotations
@@ -489,6 +492,80 @@ def protect_pid(sd: SD, images: torch.Tensor, *, budget: float, steps: int = 100
     return _finalize(x_adv, images, budget)
 
 
+# ============================================================================ CAAT
+#: the cross-attention key and value projections CAAT trains (Custom Diffusion's parameters).
+CAAT_TRAINABLE = ["attn2.to_k", "attn2.to_v"]
+
+
+def caat_personalization(steps: int = 250, learning_rate: float = 1e-5,
+                         instance_prompt: str = "a photo of a person") -> PersonalizationConfig:
+    """CAAT's surrogate: DreamBooth on the cross-attention K/V only (:data:`CAAT_TRAINABLE`), lr 1e-5, random
+    horizontal flips, no prior preservation, the text encoder frozen, the instance prompt without an identifier
+    ("a photo of a person", as their script: a protector cannot know the attacker's word). The batch is set to all
+    the photos by :func:`protect_caat`. Real-size models: on tiny/toy models pass a learning rate that moves them."""
+    return PersonalizationConfig(method="dreambooth", instance_prompt=instance_prompt, learning_rate=learning_rate,
+                                 steps=steps, unet_trainable=list(CAAT_TRAINABLE), train_text_encoder=False,
+                                 with_prior_preservation=False, random_flip=True, max_grad_norm=1.0)
+
+
+def protect_caat(sd: SD, images: torch.Tensor, *, budget: float, steps: int = 250, pgd_alpha: float = ANTIDB_PGD_ALPHA,
+                 personalization: PersonalizationConfig | None = None, class_images: torch.Tensor | None = None,
+                 eot_transforms: Sequence[str] | None = None, seed: int = 0, quiet: bool = False,
+                 history: list[float] | None = None) -> torch.Tensor:
+    """CAAT: adversarial training of the cross-attention against the pixels, one joint step at a time.
+
+    Each step draws (t, ε, flips) once, computes the surrogate's DreamBooth loss on *all* the current protected
+    photos, and with one backward pass (:func:`apdm.personalization.simulator.step` with ``pixel_grad``) moves
+    the photos one signed step up the loss (projected onto the ball) and the surrogate one AdamW step down it.
+    Defaults = their script: 250 steps, α = 5e-3 on [-1,1] (0.64/255), :func:`caat_personalization`; their
+    ε = 0.05 on [-1,1] (6.4/255) is the caller's ``budget``.
+
+    Args:
+        personalization: the surrogate's simulator config; must be ``dreambooth`` (default
+            :func:`caat_personalization`, whose ``unet_trainable`` picks the K/V); its ``batch_size`` is set to
+            the number of photos.
+        class_images: prior-preservation images, when the config uses prior preservation.
+        eot_transforms: optional EOT: each step's loss is taken on the photos through one transform drawn from
+            the list (see :mod:`apdm.protect_images.pgd`); the gradient reaches the pixels through it.
+        history: if given, each step's surrogate loss is appended.
+        Other arguments as :func:`protect_aspl`.
+
+    Returns:
+        (N,3,H,W) float32 in [0,1], ‖out − images‖∞ ≤ budget.
+    """
+    import dataclasses
+
+    from apdm.protect_images.pgd import resolve_transforms
+
+    _check(images, budget)
+    cfg = personalization or caat_personalization(steps)
+    if cfg.method != "dreambooth":
+        raise ValueError(f"CAAT trains a DreamBooth surrogate's cross-attention; personalization.method must be "
+                         f"'dreambooth', got '{cfg.method}'")
+    clean = images.detach().float().to(sd.device)
+    cfg = dataclasses.replace(cfg, batch_size=clean.shape[0])
+    state = S.setup(sd, cfg, class_images)
+    state.generator.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    transforms = resolve_transforms(eot_transforms)
+    x_adv = clean.clone()
+    bar = progress(range(steps), desc="caat", disable=quiet)
+    for _ in bar:
+        x = x_adv.clone().requires_grad_(True)
+        seen = x
+        if transforms:
+            seen = transforms[int(torch.randint(len(transforms), (), generator=gen))](x, gen)
+        value = S.step(state, seen, pixel_grad=True)
+        with torch.no_grad():
+            x_adv = project_linf(x_adv + pgd_alpha * x.grad.sign(), clean, budget).clamp(0.0, 1.0)
+        if history is not None:
+            history.append(value)
+        bar.set_postfix(loss=f"{value:.4f}")
+    S.finish(state)
+    del state
+    return _finalize(x_adv, images, budget)
+
+
 #: method name -> ``protect(sd, images, *, budget, steps, ..., quiet)``.
 METHODS = {
     "aspl": protect_aspl,
@@ -498,6 +575,7 @@ METHODS = {
     "sds": protect_sds,
     "mist": protect_mist,
     "pid": protect_pid,
+    "caat": protect_caat,
 }
 
 #: what ``steps`` counts for each method, and its published default (for help texts and the runner).
@@ -509,9 +587,10 @@ STEPS_MEANING = {
     "sds": ("PGD iterations", 100),
     "mist": ("PGD iterations", 100),
     "pid": ("PGD iterations", 1000),
+    "caat": ("joint steps (one surrogate step and one PGD step each)", 250),
 }
 
 __all__ = ["METHODS", "STEPS_MEANING", "protect_aspl", "protect_fsmg", "protect_advdm", "protect_photoguard",
-           "protect_sds", "protect_mist", "protect_pid", "train_surrogate", "advdm_loss", "sds_loss", "mist_loss",
+           "protect_sds", "protect_mist", "protect_pid", "protect_caat", "caat_personalization", "train_surrogate", "advdm_loss", "sds_loss", "mist_loss",
            "pid_loss", "encoder_distance", "gray_target", "target_latents", "antidreambooth_personalization",
-           "ANTIDB_PGD_ALPHA", "PHOTOGUARD_PGD_ALPHA", "MIST_SEMANTIC_WEIGHT", "PID_LOSSES"]
+           "ANTIDB_PGD_ALPHA", "PHOTOGUARD_PGD_ALPHA", "MIST_SEMANTIC_WEIGHT", "PID_LOSSES", "CAAT_TRAINABLE"]
