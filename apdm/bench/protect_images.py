@@ -106,6 +106,9 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     sample = toy_recipe("dreambooth").sample
     sample.num_images_per_prompt = n_samples
     db_cfg = toy_recipe("dreambooth").personalization
+    if "caat" in methods:  # CAAT's surrogate, as set per subject below
+        res["caat_surrogate"] = {"learning_rate": db_cfg.learning_rate, "prompt": "the class prompt",
+                                 "unet_trainable": caat_personalization().unet_trainable}
 
     shown: dict = {}      # first subject's protected photos and DreamBooth samples, for grid=DIR
     generated: dict = {}
