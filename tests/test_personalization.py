@@ -68,7 +68,7 @@ def test_dreambooth_unet_trainable_trains_only_the_named_parameters(tiny_sd, ran
                                                unet_trainable=["attn9.to_z"]))
 
 
-def test_step_with_pixel_grad_leaves_the_losss_image_gradient(tiny_sd, rand_images):
+def test_step_with_pixel_grad_gives_the_images_the_loss_gradient(tiny_sd, rand_images):
     """CAAT's joint step: the step's one backward pass gives the images the gradient of that step's loss (same
     draw), and the model still takes its step."""
     cfg = PersonalizationConfig(method="dreambooth", learning_rate=1e-3, batch_size=4, with_prior_preservation=False,

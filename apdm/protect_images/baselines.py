@@ -358,9 +358,8 @@ def protect_sds(sd: SD, images: torch.Tensor, *, budget: float, steps: int = 100
 
     Defaults = Diff-Protect's config: 100 steps at α = 1/255 (constant), no random start, prompt "a photo", and
     ``direction="-"``: each step *descends* the loss, SDS(−), which Xue et al. (ICLR 2024) report as the most
-    effective of their variants (the perturbation makes the photo "easy" for the model, so fine-tuning on it learns
-    little); ``"+"`` ascends it, SDS(+), a cheaper AdvDM. Their ε = 16/255 is the caller's ``budget``. A step costs
-    a UNet forward and an encoder backward, about half of AdvDM's.
+    effective of their variants; ``"+"`` ascends it, SDS(+), a cheaper AdvDM. Their ε = 16/255 is the caller's
+    ``budget``. A step costs a UNet forward and an encoder backward, about half of AdvDM's.
 
     Args:
         direction: ``"-"`` (SDS(−)) or ``"+"`` (SDS(+)).
