@@ -316,17 +316,23 @@ def test_protect_images_loads_one_group_at_a_time(tmp_path):
     assert [[im.path.name for im in grp] for grp in groups] == [["2.png", "made_later.png"]] and len(errors) == 1
 
 
+def _photo_and_target(tmp_path, seed: int, size: tuple[int, int]):
+    """A folder ``photos/`` with one random (h, w) photo ``a.png``, and a random 16×16 ``target.png``."""
+    src = tmp_path / "photos"
+    src.mkdir()
+    g = torch.Generator().manual_seed(seed)
+    Image.fromarray((torch.rand(*size, 3, generator=g) * 255).byte().numpy()).save(src / "a.png")
+    target = tmp_path / "target.png"
+    Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).byte().numpy()).save(target)
+    return src, target
+
+
 def test_protect_images_photoguard_target(tmp_path):
     """``--target IMAGE`` reaches PhotoGuard (a different output than the gray default, recorded in the manifest);
     a target for another method or an unreadable target is a clear error."""
     from apdm.core.images import load_image
 
-    src = tmp_path / "photos"
-    src.mkdir()
-    g = torch.Generator().manual_seed(3)
-    Image.fromarray((torch.rand(20, 24, 3, generator=g) * 255).byte().numpy()).save(src / "a.png")
-    target = tmp_path / "target.png"
-    Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).byte().numpy()).save(target)
+    src, target = _photo_and_target(tmp_path, seed=3, size=(20, 24))
     common = ["protect-images", "--method", "photoguard", "--input", str(src), "model.path=tiny",
               "model.device=cpu", "steps=4", "quiet=true"]
     outs = {}
@@ -356,7 +362,6 @@ def test_protect_images_photoguard_target(tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # refused before any output
 
 
-
 def test_protect_images_sds_mist_pid_caat_from_the_command_line(tmp_path):
     """The later field baselines run from the CLI with their options (recorded in the manifest's settings, a
     change of option is a change of settings), keep the budget and differ; bad options are refused up front."""
@@ -364,12 +369,7 @@ def test_protect_images_sds_mist_pid_caat_from_the_command_line(tmp_path):
     from apdm.core.images import load_image
     from apdm.protect_images.run import run
 
-    src = tmp_path / "photos"
-    src.mkdir()
-    g = torch.Generator().manual_seed(5)
-    Image.fromarray((torch.rand(24, 20, 3, generator=g) * 255).byte().numpy()).save(src / "a.png")
-    target = tmp_path / "target.png"
-    Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).byte().numpy()).save(target)
+    src, target = _photo_and_target(tmp_path, seed=5, size=(24, 20))
     outs = {}
     for name, extra in (("sds", []), ("sds", ["sds_direction=+"]), ("mist", ["--target", str(target)]),
                         ("pid", ["pid_loss=kl"]), ("caat", [])):

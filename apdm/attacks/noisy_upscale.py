@@ -83,9 +83,9 @@ def load_upscaler(path: str, device: str = "cpu", dtype: torch.dtype = torch.flo
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     else:
+        p = _check_upscaler(path)  # "toy" resolves to the toy world's folder, named from here on
         if path == "toy":
-            path = str(_toy_upscaler())
-        p = _check_upscaler(path)
+            path = str(p)
         try:
             pipe = StableDiffusionUpscalePipeline.from_pretrained(
                 str(p) if p.exists() else path, torch_dtype=dtype, use_safetensors=True,

@@ -57,7 +57,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     from apdm.evaluation.protocol import with_prompts
     from apdm.evaluation.run import apply_attack
     from apdm.protect_images import ldu
-    from apdm.protect_images.baselines import METHODS, PID_LOSSES, caat_personalization
+    from apdm.protect_images.baselines import METHOD_OPTIONS, METHODS, caat_personalization, check_method_option
     from apdm.protect_images.budget import format_budget, parse_budget
     from apdm.toy import instruments as I
     from apdm.toy.world import heldout_subjects, rho_path, toy_root
@@ -67,7 +67,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     opts, sd, inst = toy_setup(overrides, {"budget", "subjects", "samples", "methods", "rho",
                                            *(f"{m}_steps" for m in METHODS), "robust_methods",
                                            "grid", "identifier", "attack_seeds", "attack_seed_stride",
-                                           "purifiers", "sds_direction", "pid_loss"})
+                                           "purifiers", *METHOD_OPTIONS})
     budget = parse_budget(opts.get("budget", "8/255"))
     n_subjects = int(opts.get("subjects", 1 if quick else 3))
     n_samples = int(opts.get("samples", 8 if quick else 16))
@@ -93,10 +93,9 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     for m in methods:  # the other methods at their published defaults unless <m>_steps= is given
         if m != "ldu" and m not in method_kw and f"{m}_steps" in opts:
             method_kw[m] = {"steps": int(opts[f"{m}_steps"])}
-    for key, m, name in (("sds_direction", "sds", "direction"), ("pid_loss", "pid", "loss")):
+    for key, (m, name, _) in METHOD_OPTIONS.items():
         if key in opts:  # checked here, before any work
-            if opts[key] not in {"sds_direction": ("-", "+"), "pid_loss": PID_LOSSES}[key]:
-                raise ValueError(f"{key}={opts[key]!r}: see apdm protect-images")
+            check_method_option(key, opts[key])
             method_kw.setdefault(m, {})[name] = opts[key]
     res: dict = {"model": sd.source, "instruments_fingerprint": inst.config.get("fingerprint"),
                  "budget": format_budget(budget), "subjects": n_subjects,

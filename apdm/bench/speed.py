@@ -128,6 +128,14 @@ def _default_steps(method, param: str = "steps") -> int:
     return int(inspect.signature(method).parameters[param].default)
 
 
+def _step_by_difference(run, device, repeats: int) -> tuple[float, float, float | None]:
+    """For ``run(steps)`` = a fixed setup + ``steps`` steps: ``(seconds of run(1), seconds per step, peak memory)``,
+    the step from the difference of ``run(1 + repeats)`` and ``run(1)`` (each timed once after a warm-up)."""
+    one, _ = timed(lambda: run(1), device, 1)
+    more, peak = timed(lambda: run(1 + repeats), device, 1)
+    return one, max(more - one, 0.0) / repeats, peak
+
+
 def _protect_images(sd, images, class_images, opts: dict, repeats: int) -> dict:
     from apdm.protect_images import ldu
     from apdm.protect_images.baselines import METHODS, protect_aspl
@@ -144,10 +152,9 @@ def _protect_images(sd, images, class_images, opts: dict, repeats: int) -> dict:
     def train(steps):
         ldu.train_perturber(sd, [images], budget=budget, steps=steps, batch_size=n, anchors=anchors, quiet=True)
 
-    # ρ training = preparation (inversion of the photos) + steps: the difference of 1 + r and 1 steps is r steps
-    one, _ = timed(lambda: train(1), sd.device, 1)
-    more, peak = timed(lambda: train(1 + repeats), sd.device, 1)
-    _record(out, "per_step_ldu_train", max(more - one, 0.0) / repeats, peak)
+    # ρ training = preparation (inversion of the photos) + steps
+    _, per_step, peak = _step_by_difference(train, sd.device, repeats)
+    _record(out, "per_step_ldu_train", per_step, peak)
 
     seconds, peak = timed(lambda: protect_aspl(sd, images, budget=budget, steps=1, class_images=class_images,
                                                quiet=True), sd.device, repeats)
@@ -159,13 +166,11 @@ def _protect_images(sd, images, class_images, opts: dict, repeats: int) -> dict:
         _record(out, f"per_step_{name}", seconds, peak)
         out[f"seconds_per_image_{name}_projected"] = round(seconds * _default_steps(fn) / n, 3)
 
-    # CAAT = its surrogate's setup (a copy of the UNet) + joint steps: the difference of 1 + r and 1 steps is r steps
+    # CAAT = its surrogate's setup (a copy of the UNet) + joint steps
     def caat(steps):
         return METHODS["caat"](sd, images, budget=budget, steps=steps, quiet=True)
 
-    one, _ = timed(lambda: caat(1), sd.device, 1)
-    more, peak = timed(lambda: caat(1 + repeats), sd.device, 1)
-    per_step = max(more - one, 0.0) / repeats
+    one, per_step, peak = _step_by_difference(caat, sd.device, repeats)
     _record(out, "per_step_caat", per_step, peak)
     out["seconds_per_image_caat_projected"] = round((one + per_step * (_default_steps(METHODS["caat"]) - 1)) / n, 3)
     return out

@@ -372,7 +372,7 @@ def protect_sds(sd: SD, images: torch.Tensor, *, budget: float, steps: int = 100
         (N,3,H,W) float32 in [0,1], ‖out − images‖∞ ≤ budget.
     """
     _check(images, budget)
-    if direction not in ("-", "+"):
+    if direction not in METHOD_OPTIONS["sds_direction"][2]:
         raise ValueError(f"direction={direction!r}: '-' descends the denoising loss (SDS(-), the default), '+' "
                          "ascends it (SDS(+))")
     clean = images.detach().float().to(sd.device)
@@ -565,6 +565,21 @@ def protect_caat(sd: SD, images: torch.Tensor, *, budget: float, steps: int = 25
     return _finalize(x_adv, images, budget)
 
 
+#: option of ``apdm protect-images`` / the bench -> (the method it belongs to, its keyword there, its choices).
+METHOD_OPTIONS = {
+    "sds_direction": ("sds", "direction", ("-", "+")),
+    "pid_loss": ("pid", "loss", PID_LOSSES),
+}
+
+
+def check_method_option(key: str, value: str) -> None:
+    """Raise a ValueError naming ``key=value`` and the choices when ``value`` is not one of
+    :data:`METHOD_OPTIONS`'s for ``key`` (checked before a model loads)."""
+    choices = METHOD_OPTIONS[key][2]
+    if value not in choices:
+        raise ValueError(f"{key}={value!r}: choose one of {', '.join(choices)}")
+
+
 #: method name -> ``protect(sd, images, *, budget, steps, ..., quiet)``.
 METHODS = {
     "aspl": protect_aspl,
@@ -592,4 +607,5 @@ STEPS_MEANING = {
 __all__ = ["METHODS", "STEPS_MEANING", "protect_aspl", "protect_fsmg", "protect_advdm", "protect_photoguard",
            "protect_sds", "protect_mist", "protect_pid", "protect_caat", "caat_personalization", "train_surrogate", "advdm_loss", "sds_loss", "mist_loss",
            "pid_loss", "encoder_distance", "gray_target", "target_latents", "antidreambooth_personalization",
-           "ANTIDB_PGD_ALPHA", "PHOTOGUARD_PGD_ALPHA", "MIST_SEMANTIC_WEIGHT", "PID_LOSSES", "CAAT_TRAINABLE"]
+           "ANTIDB_PGD_ALPHA", "PHOTOGUARD_PGD_ALPHA", "MIST_SEMANTIC_WEIGHT", "PID_LOSSES", "CAAT_TRAINABLE", "METHOD_OPTIONS",
+           "check_method_option"]

@@ -58,10 +58,11 @@ def _method_kwargs(cfg: ProtectImagesRunConfig, sd, target: torch.Tensor | None 
         kw["eot_transforms"] = list(cfg.eot)
     if target is not None:
         kw["target"] = target[None]  # resized to each batch's size by protect_batch
-    if cfg.method == "sds":
-        kw["direction"] = cfg.sds_direction
-    if cfg.method == "pid":
-        kw["loss"] = cfg.pid_loss
+    from apdm.protect_images.baselines import METHOD_OPTIONS
+
+    for key, (method, name, _) in METHOD_OPTIONS.items():
+        if cfg.method == method:
+            kw[name] = getattr(cfg, key)
     if cfg.method in ("aspl", "fsmg"):
         from apdm.personalization.simulator import class_images_for
 
@@ -113,7 +114,9 @@ def run_settings(cfg: ProtectImagesRunConfig, sd) -> dict:
     settings = dataclasses.asdict(cfg)
     for key in ("input", "output_dir", "recursive", "quiet", "resume", "batch_size"):
         settings.pop(key)
-    for key, method in (("sds_direction", "sds"), ("pid_loss", "pid")):  # one method's option
+    from apdm.protect_images.baselines import METHOD_OPTIONS
+
+    for key, (method, _, _) in METHOD_OPTIONS.items():  # one method's option
         if cfg.method != method:
             settings.pop(key)
     settings["model"].pop("device")
@@ -261,12 +264,10 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
             target = load_image(cfg.target).pixels
         except ImageLoadError as exc:
             raise ValueError(f"{cfg.method} target: {exc}") from exc
-    if cfg.sds_direction not in ("-", "+"):
-        raise ValueError(f"sds_direction={cfg.sds_direction!r}: '-' (SDS(-), the default) or '+' (SDS(+))")
-    from apdm.protect_images.baselines import PID_LOSSES
+    from apdm.protect_images.baselines import METHOD_OPTIONS, check_method_option
 
-    if cfg.pid_loss not in PID_LOSSES:
-        raise ValueError(f"pid_loss={cfg.pid_loss!r}: choose one of {', '.join(PID_LOSSES)}")
+    for key in METHOD_OPTIONS:
+        check_method_option(key, getattr(cfg, key))
     if cfg.method == "ldu" and not cfg.rho_path:
         raise ValueError("method ldu needs a trained perturbation network: rho_path=FOLDER (train one with "
                          "`apdm train-perturber`)")

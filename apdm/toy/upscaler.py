@@ -169,6 +169,7 @@ def build_upscaler(cfg: ToyUpscalerConfig) -> Path:
     pipe = StableDiffusionUpscalePipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, low_res_scheduler=low_res,
         scheduler=DDIMScheduler.from_config(scheduler.config), max_noise_level=max_noise)
+    first, last = (sum(h) / max(1, len(h)) for h in (history[:100], history[-100:]))
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         import json
@@ -176,12 +177,10 @@ def build_upscaler(cfg: ToyUpscalerConfig) -> Path:
         (tmp / "train_log.json").write_text(json.dumps({
             "config": dict(vars(cfg)), "steps": len(history), "steps_run_here": cfg.steps - start,
             "seconds_this_run": round(time.perf_counter() - t0, 1),
-            "loss_first_100": sum(history[:100]) / max(1, len(history[:100])),
-            "loss_last_100": sum(history[-100:]) / max(1, len(history[-100:])), "source_model": str(src)}, indent=1))
+            "loss_first_100": first, "loss_last_100": last, "source_model": str(src)}, indent=1))
     if work.exists():
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
-    LOG.info("toy upscaler written to %s (loss %.4f -> %.4f)", out, sum(history[:100]) / max(1, len(history[:100])),
-             sum(history[-100:]) / max(1, len(history[-100:])))
+    LOG.info("toy upscaler written to %s (loss %.4f -> %.4f)", out, first, last)
     return out
