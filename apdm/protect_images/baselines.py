@@ -605,7 +605,7 @@ STEPS_MEANING = {
 }
 
 __all__ = ["METHODS", "STEPS_MEANING", "protect_aspl", "protect_fsmg", "protect_advdm", "protect_photoguard",
-           "protect_sds", "protect_mist", "protect_pid", "protect_caat", "caat_personalization", "train_surrogate", "advdm_loss", "sds_loss", "mist_loss",
-           "pid_loss", "encoder_distance", "gray_target", "target_latents", "antidreambooth_personalization",
-           "ANTIDB_PGD_ALPHA", "PHOTOGUARD_PGD_ALPHA", "MIST_SEMANTIC_WEIGHT", "PID_LOSSES", "CAAT_TRAINABLE", "METHOD_OPTIONS",
-           "check_method_option"]
+           "protect_sds", "protect_mist", "protect_pid", "protect_caat", "caat_personalization", "train_surrogate",
+           "advdm_loss", "sds_loss", "mist_loss", "pid_loss", "encoder_distance", "gray_target", "target_latents",
+           "antidreambooth_personalization", "ANTIDB_PGD_ALPHA", "PHOTOGUARD_PGD_ALPHA", "MIST_SEMANTIC_WEIGHT",
+           "PID_LOSSES", "CAAT_TRAINABLE", "METHOD_OPTIONS", "check_method_option"]
