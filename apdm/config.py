@@ -339,7 +339,8 @@ class ProtectImagesRunConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     #: ``ldu`` (trajectory-shifted latent perturbation, needs a trained ρ), ``aspl``, ``fsmg``, ``advdm``,
-    #: ``photoguard``, ``sds`` (Diff-Protect's SDS(−)), ``mist`` (Mist's fused mode), ``pid``, ``caat``.
+    #: ``photoguard``, ``sds`` (Diff-Protect's SDS(−)), ``mist`` (Mist's fused mode), ``pid``, ``caat``,
+    #: ``metacloak``.
     method: str = "ldu"
     #: L∞ budget on [0,1] images: ``8/255``, ``8`` (= 8/255) or ``0.0314``.
     budget: str = "8/255"
@@ -358,11 +359,12 @@ class ProtectImagesRunConfig:
     keep_exif: bool = False
     strip_metadata: bool = False
     #: iterations of the method; 0 = its published default (ASPL 50, FSMG/AdvDM/SDS/Mist 100, CAAT 250,
-    #: PhotoGuard/PID 1000).
+    #: PhotoGuard/PID 1000, MetaCloak 2400).
     steps: int = 0
     #: PGD step size on [0,1]; 0 = the method's default.
     pgd_alpha: float = 0.0
-    #: expectation over transformation during PGD: any of ``blur``, ``jpeg``, ``resize``, ``flip``.
+    #: expectation over transformation during PGD: any of ``blur``, ``jpeg``, ``resize``, ``flip``, ``blur+flip``
+    #: (empty: none; MetaCloak then keeps its own ``blur+flip``).
     eot: list[str] = field(default_factory=list)
     #: PhotoGuard and Mist: an image file the attack pulls the photos' latents towards (resized to the model
     #: resolution); empty = a flat gray image (0.5), the default.
@@ -379,7 +381,8 @@ class ProtectImagesRunConfig:
     #: to 2:1, as an attacker resizes) or ``squeeze`` (the whole photo squeezed to a square). ASPL/FSMG protect a
     #: group at one size: its photos' most common one.
     resolution_policy: str = "aspect"
-    #: the surrogate personalization of ASPL/FSMG (Anti-DreamBooth uses DreamBooth with prior preservation). CAAT
+    #: the surrogate personalization of ASPL/FSMG/MetaCloak (Anti-DreamBooth uses DreamBooth with prior
+    #: preservation; its ``steps`` is MetaCloak's horizon, the training its pool spans). CAAT
     #: keeps its own published surrogate (cross-attention K/V, lr 1e-5: ``baselines.caat_personalization``).
     personalization: PersonalizationConfig = field(default_factory=lambda: PersonalizationConfig(
         learning_rate=5e-6, with_prior_preservation=True, train_text_encoder=True, num_class_images=50))

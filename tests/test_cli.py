@@ -362,7 +362,7 @@ def test_protect_images_photoguard_target(tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # refused before any output
 
 
-def test_protect_images_sds_mist_pid_caat_from_the_command_line(tmp_path):
+def test_protect_images_sds_mist_pid_caat_metacloak_from_the_command_line(tmp_path):
     """The later field baselines run from the CLI with their options (recorded in the manifest's settings, a
     change of option is a change of settings), keep the budget and differ; bad options are refused up front."""
     from apdm.config import ModelConfig, ProtectImagesRunConfig
@@ -372,7 +372,8 @@ def test_protect_images_sds_mist_pid_caat_from_the_command_line(tmp_path):
     src, target = _photo_and_target(tmp_path, seed=5, size=(24, 20))
     outs = {}
     for name, extra in (("sds", []), ("sds", ["sds_direction=+"]), ("mist", ["--target", str(target)]),
-                        ("pid", ["pid_loss=kl"]), ("caat", [])):
+                        ("pid", ["pid_loss=kl"]), ("caat", []),
+                        ("metacloak", ["personalization.steps=2", "personalization.with_prior_preservation=false"])):
         out = tmp_path / f"{name}{len(outs)}"
         assert main(["protect-images", "--method", name, "--budget", "8/255", "--input", str(src), "--output",
                      str(out), "model.path=tiny", "model.device=cpu", "steps=3", "quiet=true", *extra]) == 0

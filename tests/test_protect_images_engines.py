@@ -133,6 +133,9 @@ def _run_method(name, sd, images):
     if name == "caat":
         return B.protect_caat(sd, images, budget=BUDGET, steps=3, pgd_alpha=2 / 255,
                               personalization=B.caat_personalization(learning_rate=1e-3), quiet=True)
+    if name == "metacloak":  # its default EOT (blur+flip) on
+        return B.protect_metacloak(sd, images, budget=BUDGET, steps=2, pgd_steps=2, advance_steps=1, pool_size=2,
+                                   pgd_alpha=2 / 255, personalization=_db_cfg(steps=2), quiet=True)
     if name == "ldu":
         rho = ldu.build_rho(sd.unet.config.in_channels, 32, seed=3)
         with torch.no_grad():  # a large random ρ, so the raw output exceeds the budget and projection must act
@@ -154,7 +157,7 @@ def test_budget_guarantee(tiny_sd, name):
 def test_methods_dict_is_literal_and_uniform():
     import inspect
 
-    assert set(B.METHODS) == {"aspl", "fsmg", "advdm", "photoguard", "sds", "mist", "pid", "caat"}
+    assert set(B.METHODS) == {"aspl", "fsmg", "advdm", "photoguard", "sds", "mist", "pid", "caat", "metacloak"}
     assert set(B.METHODS) == set(B.STEPS_MEANING)
     for fn in B.METHODS.values():
         params = inspect.signature(fn).parameters
@@ -301,6 +304,41 @@ def test_caat_ascends_the_loss_its_surrogate_descends(tiny_sd, rand_images):
                               eot_transforms=["flip", "blur"])) == 4
     with pytest.raises(ValueError, match="dreambooth"):
         B.protect_caat(tiny_sd, rand_images, budget=BUDGET, steps=1, personalization=_ti_cfg(), quiet=True)
+
+def test_metacloak_pool_spans_the_surrogates_training(tiny_sd, rand_images):
+    """The pool holds the weights at steps 0, H/2 and H of one DreamBooth run on the clean photos: the first equal
+    to the model's, the last to the run's end, the middle one different from both; pool_size=1 trains nothing."""
+    cfg = _db_cfg(steps=4, batch_size=4)
+    state = S.setup(tiny_sd, cfg)
+    state.generator.manual_seed(0)
+    pool = B.metacloak_pool(state, rand_images, 3)
+    assert [age for _, age in pool] == [0, 2, 4]
+    original = [p.detach() for p in tiny_sd.unet.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(pool[0][0], original))
+    assert all(torch.equal(a, b.detach()) for a, b in zip(pool[2][0], state.params))
+    for other in (pool[0][0], pool[2][0]):
+        assert max(float((a - b).abs().max()) for a, b in zip(pool[1][0], other)) > 1e-6
+    single = S.setup(tiny_sd, cfg)
+    assert [age for _, age in B.metacloak_pool(single, rand_images, 1)] == [0] and single.global_step == 0
+
+
+def test_metacloak_ascends_each_advanced_member_and_restarts_trained_ones(tiny_sd, rand_images):
+    """Every iteration's PGD ascends the loss of the member it drew (one fixed draw, no EOT); a member drawn at
+    age a comes back at a + advance_steps, or at 0 (the pretrained weights) once that reaches the horizon."""
+    history = []
+    out = B.protect_metacloak(tiny_sd, rand_images, budget=BUDGET, steps=8, pgd_steps=3, advance_steps=2,
+                              pool_size=3, pgd_alpha=2 / 255, personalization=_db_cfg(steps=4, batch_size=4),
+                              eot_transforms=[], resample=False, seed=1, quiet=True, history=history)
+    _assert_budget(out, rand_images)
+    ages = [0, 2, 4]
+    for h in history:
+        assert h["age"] == ages[h["member"]], (h, ages)
+        ages[h["member"]] = h["age"] + 2 if h["age"] + 2 < 4 else 0
+        assert len(h["pgd_loss"]) == 3 and h["pgd_loss"][-1] > h["pgd_loss"][0], h
+    assert len(history) == 8 and any(h["age"] == 4 for h in history), history  # a restart was exercised
+    with pytest.raises(ValueError, match="pool_size"):
+        B.protect_metacloak(tiny_sd, rand_images, budget=BUDGET, steps=1, pool_size=0, personalization=_db_cfg())
+
 
 # ============================================================================ LDU
 def test_rho_parameter_count():

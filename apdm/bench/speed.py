@@ -173,6 +173,27 @@ def _protect_images(sd, images, class_images, opts: dict, repeats: int) -> dict:
     one, per_step, peak = _step_by_difference(caat, sd.device, repeats)
     _record(out, "per_step_caat", per_step, peak)
     out["seconds_per_image_caat_projected"] = round((one + per_step * (_default_steps(METHODS["caat"]) - 1)) / n, 3)
+
+    # MetaCloak = its pool (the surrogate's setup + H DreamBooth steps on the clean photos) + iterations
+    from apdm.personalization import simulator as S
+    from apdm.protect_images.baselines import antidreambooth_personalization, metacloak_pool
+
+    def pool(steps):
+        state = S.setup(sd, antidreambooth_personalization(class_images is not None, steps), class_images)
+        return metacloak_pool(state, images, 2)
+
+    setup_and_step, db_step, peak = _step_by_difference(pool, sd.device, repeats)
+    _record(out, "per_step_metacloak_pool", db_step, peak)
+
+    def metacloak(steps):  # a pool of the pretrained weights only: no pool training timed here
+        return METHODS["metacloak"](sd, images, budget=budget, steps=steps, pool_size=1, class_images=class_images,
+                                    quiet=True)
+
+    _, per_iteration, peak = _step_by_difference(metacloak, sd.device, repeats)
+    _record(out, "per_iteration_metacloak", per_iteration, peak)
+    horizon = antidreambooth_personalization().steps
+    out["seconds_per_image_metacloak_projected"] = round(
+        (setup_and_step + db_step * (horizon - 1) + per_iteration * _default_steps(METHODS["metacloak"])) / n, 3)
     return out
 
 

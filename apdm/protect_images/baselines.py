@@ -1,4 +1,5 @@
-"""Pixel-space image-protection baselines: ASPL, FSMG, AdvDM, the PhotoGuard encoder attack, SDS, Mist and PID.
+"""Pixel-space image-protection baselines: ASPL, FSMG, AdvDM, the PhotoGuard encoder attack, SDS, Mist, PID, CAAT
+and MetaCloak.
 
 Every method has the same shape::
 
@@ -37,6 +38,8 @@ Methods (see docs/protect_images.md for sources):
 * ``caat`` — Cross-Attention Adversarial Training (Xu et al., CVPR 2024): one loss, one backward pass per step,
   descended by the cross-attention keys and values of a DreamBooth surrogate (all else frozen) and ascended by
   the pixels.
+* ``metacloak`` — MetaCloak (Liu et al., CVPR 2024): PGD with EOT (blur + flip) against a pool of DreamBooth
+  surrogates taken along training, each advanced a few steps on the protected photos before it is attacked.
 """
 
 from __future__ import annotations
@@ -565,6 +568,126 @@ def protect_caat(sd: SD, images: torch.Tensor, *, budget: float, steps: int = 25
     return _finalize(x_adv, images, budget)
 
 
+# ============================================================================ MetaCloak
+#: MetaCloak's PGD step: r/10 with r = 11 on 0–255, i.e. 1.1/255 on [0,1].
+METACLOAK_PGD_ALPHA = 1.1 / 255
+
+
+def _snapshot(state: S.PersonalizationState, device: torch.device | str | None) -> list[torch.Tensor]:
+    return [p.detach().to(device or p.device, copy=True) for p in state.params]
+
+
+def _restore(state: S.PersonalizationState, snapshot: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p, v in zip(state.params, snapshot):
+            p.copy_(v)
+
+
+def metacloak_pool(state: S.PersonalizationState, clean: torch.Tensor, pool_size: int,
+                   device: torch.device | str | None = None, quiet: bool = True
+                   ) -> list[tuple[list[torch.Tensor], int]]:
+    """MetaCloak's surrogate pool: ``state`` (fresh from :func:`~apdm.personalization.simulator.setup`) takes
+    ``state.cfg.steps`` (``H``) steps on the ``clean`` photos ((N,3,H,W) in [0,1]) and its trainable weights are
+    kept at ``pool_size`` evenly spaced steps ``0, H/(pool_size−1), …, H`` (rounded; duplicates dropped).
+
+    Returns:
+        ``[(weights, steps taken), ...]`` in order of steps, the first the untouched weights (step 0); ``weights``
+        is one tensor per ``state.params`` entry, on ``device`` (default: the parameter's).
+    """
+    horizon = max(1, state.cfg.steps)
+    at = sorted({round(i * horizon / (pool_size - 1)) for i in range(pool_size)}) if pool_size > 1 else [0]
+    pool = [(_snapshot(state, device), 0)]
+    for k in progress(range(1, at[-1] + 1), desc="metacloak pool", disable=quiet or at[-1] == 0):
+        S.step(state, clean)
+        if k in at:
+            pool.append((_snapshot(state, device), k))
+    return pool
+
+
+def protect_metacloak(sd: SD, images: torch.Tensor, *, budget: float, steps: int = 2400, pgd_steps: int = 6,
+                      advance_steps: int = 2, pool_size: int = 6, pgd_alpha: float = METACLOAK_PGD_ALPHA,
+                      personalization: PersonalizationConfig | None = None, class_images: torch.Tensor | None = None,
+                      eot_transforms: Sequence[str] | None = None, pool_device: str | None = None,
+                      resample: bool = True, seed: int = 0, quiet: bool = False, history: list[dict] | None = None
+                      ) -> torch.Tensor:
+    """MetaCloak (Liu et al., CVPR 2024): PGD against a pool of surrogates spread along DreamBooth training, each
+    advanced a few steps on the perturbed photos before it is attacked, with EOT over blur and flip.
+
+    1. **The pool.** A surrogate is fine-tuned on the clean photos for ``personalization.steps`` steps (the
+       attacker's horizon, ``H``); its trainable weights are kept at ``pool_size`` evenly spaced steps
+       ``0, H/(pool_size−1), …, H`` (their defaults: 6 states, every 200 of 1000 steps).
+    2. **Each of** ``steps`` **iterations** (their code: 4 trials × 6 models × 100 = 2,400):
+
+       * a pool member is drawn at random and loaded into the surrogate (a fresh optimizer);
+       * it takes ``advance_steps`` DreamBooth steps on the *current protected* photos (MetaCloak's unrolled
+         inner steps, first order: the photos' gradient is taken at the advanced weights);
+       * ``pgd_steps`` PGD steps maximize its DreamBooth loss, each through one ``blur+flip`` draw
+         (:func:`apdm.protect_images.pgd.eot_blur_flip`, their ``gau`` mode), resumed from the current photos;
+       * the advanced weights replace the member; a member that has reached ``H`` steps restarts from the
+         pretrained weights, so the pool keeps covering the whole of training, as an attacker's run does.
+
+    Defaults = their scripts: r = 11/255 is the caller's ``budget``, α = 1.1/255, 6 PGD and 2 surrogate steps per
+    iteration, 2,400 iterations, a 1000-step DreamBooth surrogate (:func:`antidreambooth_personalization`; they fine-
+    tune SD-2.1 at lr 5e-7). That is ≈ 14,400 PGD and ≈ 5,800 surrogate steps, ~48× ASPL's cost.
+
+    Args:
+        steps: iterations (member draw, ``advance_steps`` surrogate steps, ``pgd_steps`` PGD steps).
+        pool_size: surrogate states kept (≥ 1; 1 keeps only the pretrained weights).
+        personalization: the surrogate's simulator config (any method; default
+            :func:`antidreambooth_personalization`); its ``steps`` is the horizon ``H``.
+        class_images: prior-preservation images, when the config uses prior preservation.
+        eot_transforms: the EOT of each PGD step; ``None`` = ``["blur+flip"]`` (MetaCloak's), ``[]`` = none.
+        pool_device: where the pool's weights are kept (default: with the model). The pool holds ``pool_size``
+            copies of the trainable weights: for SD DreamBooth, 6 × 3.9 GB in float32; ``"cpu"`` moves them off the
+            GPU at the cost of two copies per iteration.
+        resample: fresh timesteps/noise every PGD step (their code); ``False`` fixes one draw per iteration
+            (surrogate generator seed ``seed * 1_000_003 + k + 1``), making each PGD run a deterministic ascent when
+            ``eot_transforms=[]``.
+        history: if given, one dict per iteration: ``{"iteration", "member", "age", "pgd_loss": [...]}`` (``age``:
+            the DreamBooth steps the member had taken when drawn).
+        Other arguments as :func:`protect_aspl`.
+
+    Returns:
+        (N,3,H,W) float32 in [0,1], ‖out − images‖∞ ≤ budget.
+    """
+    _check(images, budget)
+    if pool_size < 1 or steps < 0 or pgd_steps < 0 or advance_steps < 0:
+        raise ValueError(f"MetaCloak needs pool_size ≥ 1 and non-negative step counts, got pool_size={pool_size}, "
+                         f"steps={steps}, pgd_steps={pgd_steps}, advance_steps={advance_steps}")
+    cfg = personalization or antidreambooth_personalization(class_images is not None)
+    eot = ["blur+flip"] if eot_transforms is None else list(eot_transforms)
+    clean = images.detach().float().to(sd.device)
+    n = clean.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    state = S.setup(sd, cfg, class_images)
+    state.generator.manual_seed(seed)
+    horizon = max(1, cfg.steps)
+    pool = metacloak_pool(state, clean, pool_size, pool_device, quiet)
+    initial = pool[0][0]
+    x_adv = clean.clone()
+    bar = progress(range(steps), desc="metacloak", disable=quiet)
+    for k in bar:
+        member = int(torch.randint(len(pool), (), generator=gen))
+        weights, drawn_at = pool[member]
+        _restore(state, weights)
+        state.optimizer.state.clear()
+        for _ in range(advance_steps):
+            S.step(state, x_adv)
+        age = drawn_at + advance_steps
+        losses: list[float] = []
+        fixed = None if resample else seed * 1_000_003 + k + 1
+        x_adv = pgd_attack(clean, _pers_loss(state, n, fixed), budget, pgd_alpha, pgd_steps, maximize=True,
+                           eot_transforms=eot, eot_samples=1, generator=gen, x_init=x_adv, history=losses)
+        pool[member] = (initial, 0) if age >= horizon else (_snapshot(state, pool_device), age)
+        if history is not None:
+            history.append({"iteration": k, "member": member, "age": drawn_at, "pgd_loss": losses})
+        if losses:
+            bar.set_postfix(pgd_loss=f"{losses[-1]:.4f}")
+    S.finish(state)
+    del state, pool
+    return _finalize(x_adv, images, budget)
+
+
 #: option of ``apdm protect-images`` / the bench -> (the method it belongs to, its keyword there, its choices).
 METHOD_OPTIONS = {
     "sds_direction": ("sds", "direction", ("-", "+")),
@@ -590,6 +713,7 @@ METHODS = {
     "mist": protect_mist,
     "pid": protect_pid,
     "caat": protect_caat,
+    "metacloak": protect_metacloak,
 }
 
 #: what ``steps`` counts for each method, and its published default (for help texts and the runner).
@@ -602,10 +726,12 @@ STEPS_MEANING = {
     "mist": ("PGD iterations", 100),
     "pid": ("PGD iterations", 1000),
     "caat": ("joint steps (one surrogate step and one PGD step each)", 250),
+    "metacloak": ("iterations of (advance_steps surrogate + pgd_steps PGD) on a pool member", 2400),
 }
 
 __all__ = ["METHODS", "STEPS_MEANING", "protect_aspl", "protect_fsmg", "protect_advdm", "protect_photoguard",
            "protect_sds", "protect_mist", "protect_pid", "protect_caat", "caat_personalization", "train_surrogate",
            "advdm_loss", "sds_loss", "mist_loss", "pid_loss", "encoder_distance", "gray_target", "target_latents",
            "antidreambooth_personalization", "ANTIDB_PGD_ALPHA", "PHOTOGUARD_PGD_ALPHA", "MIST_SEMANTIC_WEIGHT",
-           "PID_LOSSES", "CAAT_TRAINABLE", "METHOD_OPTIONS", "check_method_option"]
+           "PID_LOSSES", "CAAT_TRAINABLE", "METHOD_OPTIONS", "check_method_option", "protect_metacloak",
+           "metacloak_pool", "METACLOAK_PGD_ALPHA"]

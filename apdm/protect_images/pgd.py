@@ -1,6 +1,7 @@
 """L∞ projected gradient descent (PGD) on images, shared by every pixel-space protection baseline.
 
-One loop, used by ASPL, FSMG, AdvDM and the PhotoGuard encoder attack (:mod:`apdm.protect_images.baselines`)::
+One loop, used by every pixel baseline (ASPL, FSMG, AdvDM, PhotoGuard, SDS, Mist, PID, MetaCloak;
+:mod:`apdm.protect_images.baselines`; CAAT's joint step projects with the same function)::
 
     x_0 = x_init (+ U(-ε, ε) when random_start), projected
     x_{i+1} = Proj_{‖x - images‖∞ ≤ ε, x ∈ [0,1]} ( x_i ± α_i · sign(∇_x L(x_i)) )      (+ to maximize)
@@ -22,6 +23,7 @@ the mean of ``eot_samples`` gradients, each taken through one robustness transfo
   the true JPEG image, the backward pass treats the codec as the identity
   (``x + (jpeg(x) - x).detach()``). The loss is thus evaluated on real JPEG output while its gradient is the
   gradient at the decoded image, passed straight to the input.
+* ``blur+flip``: ``blur`` then ``flip`` in one draw (MetaCloak's ``gau`` EOT, the default of its method).
 
 Images are float32 ``(N, 3, H, W)`` in ``[0, 1]`` throughout.
 """
@@ -71,12 +73,18 @@ def eot_jpeg(images: torch.Tensor, generator: torch.Generator | None = None) -> 
     return images + (jpeg(images, quality) - images).detach()
 
 
+def eot_blur_flip(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """MetaCloak's ``gau`` draw: :func:`eot_blur`, then :func:`eot_flip` (both in one draw)."""
+    return eot_flip(eot_blur(images, generator), generator)
+
+
 #: name -> ``fn(images, generator) -> images``; every entry keeps shape, dtype and device.
 EOT_TRANSFORMS: dict[str, Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]] = {
     "flip": eot_flip,
     "blur": eot_blur,
     "resize": eot_resize,
     "jpeg": eot_jpeg,
+    "blur+flip": eot_blur_flip,
 }
 
 
