@@ -62,7 +62,8 @@ class PersonalizationConfig:
     LoRA lr 1e-4; TI lr 5e-4); tiny recipes override them for CPU models.
     """
 
-    #: ``dreambooth`` | ``lora`` | ``ti`` (textual inversion).
+    #: ``dreambooth`` | ``lora`` | ``ti`` (textual inversion) | ``custom_diffusion`` (cross-attention K/V + a new
+    #: token, Kumari et al. 2023).
     method: str = "dreambooth"
     instance_prompt: str = "a photo of sks person"
     class_prompt: str = "a photo of a person"
@@ -80,16 +81,16 @@ class PersonalizationConfig:
     class_sample_steps: int = 25
     class_guidance_scale: float = 7.5
     train_text_encoder: bool = False
-    #: learning rate of the text encoder when trained; ``None`` = ``learning_rate``.
+    #: learning rate of the text encoder when trained (Custom Diffusion: of its token); ``None`` = ``learning_rate``.
     text_encoder_lr: Optional[float] = None
     lora_rank: int = 4
     lora_alpha: float = 4.0
     lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     #: DreamBooth: train only the UNet parameters whose names contain one of these strings (e.g.
     #: ``[attn2.to_k, attn2.to_v]``, the cross-attention keys and values that Custom Diffusion and CAAT train);
-    #: empty = every UNet parameter.
+    #: empty = every UNet parameter. Custom Diffusion: empty = ``[attn2.to_k, attn2.to_v]``.
     unet_trainable: list[str] = field(default_factory=list)
-    #: TI: token whose embedding initialises the new token.
+    #: TI, Custom Diffusion: token whose embedding initialises the new token.
     ti_initializer_token: str = "person"
     #: ``adamw`` or ``adamw8bit`` (bitsandbytes, CUDA only).
     optimizer: str = "adamw"
@@ -340,7 +341,7 @@ class ProtectImagesRunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     #: ``ldu`` (trajectory-shifted latent perturbation, needs a trained ρ), ``aspl``, ``fsmg``, ``advdm``,
     #: ``photoguard``, ``sds`` (Diff-Protect's SDS(−)), ``mist`` (Mist's fused mode), ``pid``, ``caat``,
-    #: ``metacloak``.
+    #: ``metacloak``, ``simac``.
     method: str = "ldu"
     #: L∞ budget on [0,1] images: ``8/255``, ``8`` (= 8/255) or ``0.0314``.
     budget: str = "8/255"
@@ -359,7 +360,7 @@ class ProtectImagesRunConfig:
     keep_exif: bool = False
     strip_metadata: bool = False
     #: iterations of the method; 0 = its published default (ASPL 50, FSMG/AdvDM/SDS/Mist 100, CAAT 250,
-    #: PhotoGuard/PID 1000, MetaCloak 2400).
+    #: PhotoGuard/PID 1000, MetaCloak 2400, SimAC 50).
     steps: int = 0
     #: PGD step size on [0,1]; 0 = the method's default.
     pgd_alpha: float = 0.0
@@ -373,6 +374,9 @@ class ProtectImagesRunConfig:
     sds_direction: str = "-"
     #: PID: the posterior distance it raises: ``add-log`` (default), ``mean``, ``var``, ``add`` or ``kl``.
     pid_loss: str = "add-log"
+    #: SimAC: the weight of its feature-interference term (1 = as the denoising loss; 0 = what SimAC's code
+    #: computes).
+    simac_feature_weight: float = 1.0
     #: LDU: folder of a trained perturbation network ρ (``apdm train-perturber``).
     rho_path: str = ""
     #: images per forward pass (LDU) / per protection group (pixel methods protect each group jointly).
@@ -381,7 +385,7 @@ class ProtectImagesRunConfig:
     #: to 2:1, as an attacker resizes) or ``squeeze`` (the whole photo squeezed to a square). ASPL/FSMG protect a
     #: group at one size: its photos' most common one.
     resolution_policy: str = "aspect"
-    #: the surrogate personalization of ASPL/FSMG/MetaCloak (Anti-DreamBooth uses DreamBooth with prior
+    #: the surrogate personalization of ASPL/FSMG/MetaCloak/SimAC (Anti-DreamBooth uses DreamBooth with prior
     #: preservation; its ``steps`` is MetaCloak's horizon, the training its pool spans). CAAT
     #: keeps its own published surrogate (cross-attention K/V, lr 1e-5: ``baselines.caat_personalization``).
     personalization: PersonalizationConfig = field(default_factory=lambda: PersonalizationConfig(

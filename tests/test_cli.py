@@ -362,7 +362,7 @@ def test_protect_images_photoguard_target(tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # refused before any output
 
 
-def test_protect_images_sds_mist_pid_caat_metacloak_from_the_command_line(tmp_path):
+def test_protect_images_later_baselines_from_the_command_line(tmp_path):
     """The later field baselines run from the CLI with their options (recorded in the manifest's settings, a
     change of option is a change of settings), keep the budget and differ; bad options are refused up front."""
     from apdm.config import ModelConfig, ProtectImagesRunConfig
@@ -373,7 +373,9 @@ def test_protect_images_sds_mist_pid_caat_metacloak_from_the_command_line(tmp_pa
     outs = {}
     for name, extra in (("sds", []), ("sds", ["sds_direction=+"]), ("mist", ["--target", str(target)]),
                         ("pid", ["pid_loss=kl"]), ("caat", []),
-                        ("metacloak", ["personalization.steps=2", "personalization.with_prior_preservation=false"])):
+                        ("metacloak", ["personalization.steps=2", "personalization.with_prior_preservation=false"]),
+                        ("simac", ["personalization.steps=2", "personalization.with_prior_preservation=false",
+                                   "simac_feature_weight=0.5"])):
         out = tmp_path / f"{name}{len(outs)}"
         assert main(["protect-images", "--method", name, "--budget", "8/255", "--input", str(src), "--output",
                      str(out), "model.path=tiny", "model.device=cpu", "steps=3", "quiet=true", *extra]) == 0
@@ -381,10 +383,12 @@ def test_protect_images_sds_mist_pid_caat_metacloak_from_the_command_line(tmp_pa
         assert manifest["method"] == name and manifest["images"][0]["linf_255@apdm"] <= 8
         settings = manifest["settings"]
         assert ("sds_direction" in settings) == (name == "sds") and ("pid_loss" in settings) == (name == "pid")
+        assert ("simac_feature_weight" in settings) == (name == "simac")
         outs[f"{name}{extra}"] = load_image(manifest["images"][0]["output"]).pixels
     assert json.loads((tmp_path / "mist2" / "manifest.json").read_text())["target"] == str(target)
     assert json.loads((tmp_path / "sds1" / "manifest.json").read_text())["settings"]["sds_direction"] == "+"
     assert json.loads((tmp_path / "pid3" / "manifest.json").read_text())["settings"]["pid_loss"] == "kl"
+    assert json.loads((tmp_path / "simac6" / "manifest.json").read_text())["settings"]["simac_feature_weight"] == 0.5
     images = list(outs.values())
     assert all((a - b).abs().max() > 0.5 / 255 for i, a in enumerate(images) for b in images[i + 1:])
 
@@ -398,6 +402,8 @@ def test_protect_images_sds_mist_pid_caat_metacloak_from_the_command_line(tmp_pa
         run(cfg("y", method="sds", sds_direction="down"))
     with pytest.raises(ValueError, match="pid_loss='logvar'.*add-log"):
         run(cfg("z", method="pid", pid_loss="logvar"))
+    with pytest.raises(ValueError, match="simac_feature_weight=-1.0: give a non-negative number"):
+        run(cfg("z", method="simac", simac_feature_weight=-1.0))
     assert not any((tmp_path / d).exists() for d in "xyz")
 
 def test_evaluate_end_to_end_and_resume(tmp_path):
@@ -502,6 +508,8 @@ def test_bench_protect_images_checks_attacker_options():
         bench_protect_images(True, ["sds_direction=down", "methods=sds", "robust_methods=none"])
     with pytest.raises(ValueError, match="pid_loss='logvar'"):
         bench_protect_images(True, ["pid_loss=logvar", "methods=pid", "robust_methods=none"])
+    with pytest.raises(ValueError, match="simac_feature_weight='much'"):
+        bench_protect_images(True, ["simac_feature_weight=much", "methods=simac", "robust_methods=none"])
     for bench in (bench_protect_images, bench_protect_model):
         with pytest.raises(ValueError, match="attack_seed_stride must be a whole number >= 1"):
             bench(True, ["attack_seed_stride=-3"])

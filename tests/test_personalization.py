@@ -134,7 +134,32 @@ def test_ti_trains_only_the_new_row(tiny_sd, rand_images):
     assert len(tiny_sd.tokenizer) == n_vocab  # the caller's tokenizer did not gain the token
 
 
-@pytest.mark.parametrize("method", ["dreambooth", "lora", "ti"])
+def test_custom_diffusion_trains_the_cross_attention_kv_and_the_new_row_only(tiny_sd, rand_images, class_images):
+    """Custom Diffusion: the loss falls; of the UNet only attn2.to_k/to_v move, of the text encoder only the new
+    token's row (at text_encoder_lr); prompts name the token; the caller's model is untouched."""
+    unet0, te0 = _snapshot(tiny_sd.unet), _snapshot(tiny_sd.text_encoder)
+    cfg = PersonalizationConfig(method="custom_diffusion", learning_rate=1e-2, text_encoder_lr=5e-2, batch_size=4,
+                                max_grad_norm=0, adam_weight_decay=0.0, sample_vae_posterior=False)
+    state = S.setup(tiny_sd, cfg, class_images)
+    assert state.instance_prompt == "a photo of <sks> person"
+    assert S.prompt_for(state, "a photo of sks person on a beach") == "a photo of <sks> person on a beach"
+    assert [g["lr"] for g in state.optimizer.param_groups] == [5e-2, 1e-2]
+    emb0 = state.sd.text_encoder.get_input_embeddings().weight.detach().clone()
+    before = fixed_personalization_loss(state, rand_images)
+    _train(state, rand_images, 15)
+    after = fixed_personalization_loss(state, rand_images)
+    assert after < before
+    kv = {n for n in unet0 if "attn2.to_k" in n or "attn2.to_v" in n}
+    assert kv and _changed(unet0, state.sd.unet) == kv
+    emb = state.sd.text_encoder.get_input_embeddings().weight.detach()
+    assert (emb != emb0).any(dim=1).nonzero().flatten().tolist() == [state.ti_token_id]
+    assert not _changed({n: p for n, p in te0.items() if "token_embedding" not in n}, state.sd.text_encoder)
+    assert not _changed(unet0, tiny_sd.unet) and not _changed(te0, tiny_sd.text_encoder)
+    with pytest.raises(ValueError, match="no UNet parameter name contains"):
+        S.setup(tiny_sd, PersonalizationConfig(method="custom_diffusion", unet_trainable=["attn9.to_z"]), class_images)
+
+
+@pytest.mark.parametrize("method", ["dreambooth", "lora", "ti", "custom_diffusion"])
 def test_finish_frees_gradients_and_optimizer_moments(tiny_sd, rand_images, class_images, method):
     """A finished attacker keeps only its weights: no gradients, no AdamW moments (ASPL's PGD and sampling after
     an attack would otherwise carry ~3× the trainable weights), and nothing that could train any more."""
@@ -163,7 +188,7 @@ def test_saved_outputs_reload_in_plain_diffusers(tiny_sd, rand_images, class_ima
     from apdm.core.models import save_sd
 
     base_dir = save_sd(tiny_sd, tmp_path / "base")
-    for method in ("dreambooth", "lora", "ti"):
+    for method in ("dreambooth", "lora", "ti", "custom_diffusion"):
         cfg = PersonalizationConfig(method=method, learning_rate=1e-2, steps=2,
                                     with_prior_preservation=method == "dreambooth")
         state = S.setup(tiny_sd, cfg, class_images)
@@ -179,7 +204,13 @@ def test_saved_outputs_reload_in_plain_diffusers(tiny_sd, rand_images, class_ima
             if method == "lora":
                 pipe.load_lora_weights(str(out / "lora"))
             else:
-                pipe.load_textual_inversion(str(out / "ti"), token="<sks>")
+                pipe.load_textual_inversion(str(out / method), token="<sks>")
+            if method == "custom_diffusion":
+                from safetensors.torch import load_file
+
+                kv = load_file(str(out / method / "unet_kv.safetensors"))
+                assert kv and all("attn2.to_k" in n or "attn2.to_v" in n for n in kv)
+                assert not pipe.unet.load_state_dict(kv, strict=False).unexpected_keys
         pipe.set_progress_bar_config(disable=True)
         img = pipe([prompt], num_inference_steps=2, height=64, width=64, output_type="np").images
         assert img.shape == (1, 64, 64, 3)

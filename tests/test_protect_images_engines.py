@@ -133,6 +133,9 @@ def _run_method(name, sd, images):
     if name == "caat":
         return B.protect_caat(sd, images, budget=BUDGET, steps=3, pgd_alpha=2 / 255,
                               personalization=B.caat_personalization(learning_rate=1e-3), quiet=True)
+    if name == "simac":
+        return B.protect_simac(sd, images, budget=BUDGET, steps=1, surrogate_steps=1, pgd_steps=2, select_steps=3,
+                               pgd_alpha=2 / 255, personalization=_db_cfg(), quiet=True)
     if name == "metacloak":  # its default EOT (blur+flip) on
         return B.protect_metacloak(sd, images, budget=BUDGET, steps=2, pgd_steps=2, advance_steps=1, pool_size=2,
                                    pgd_alpha=2 / 255, personalization=_db_cfg(steps=2), quiet=True)
@@ -157,7 +160,8 @@ def test_budget_guarantee(tiny_sd, name):
 def test_methods_dict_is_literal_and_uniform():
     import inspect
 
-    assert set(B.METHODS) == {"aspl", "fsmg", "advdm", "photoguard", "sds", "mist", "pid", "caat", "metacloak"}
+    assert set(B.METHODS) == {"aspl", "fsmg", "advdm", "photoguard", "sds", "mist", "pid", "caat", "metacloak",
+                              "simac"}
     assert set(B.METHODS) == set(B.STEPS_MEANING)
     for fn in B.METHODS.values():
         params = inspect.signature(fn).parameters
@@ -304,6 +308,49 @@ def test_caat_ascends_the_loss_its_surrogate_descends(tiny_sd, rand_images):
                               eot_transforms=["flip", "blur"])) == 4
     with pytest.raises(ValueError, match="dreambooth"):
         B.protect_caat(tiny_sd, rand_images, budget=BUDGET, steps=1, personalization=_ti_cfg(), quiet=True)
+
+def test_simac_greedy_selection_removes_the_least_useful_timesteps(tiny_sd, rand_images):
+    """Each round keeps the probe that raised its loss most (it did raise it) and removes ±delta_t around the one
+    that raised it least; later probes come only from what is left, and every photo keeps ≥ probes timesteps."""
+    T = tiny_sd.noise_scheduler.config.num_train_timesteps
+    history = []
+    sets = B.simac_timesteps(tiny_sd, rand_images[:2], "a photo of sks person", budget=BUDGET, steps=40, probes=5,
+                             delta_t=20, pgd_alpha=2 / 255, history=history)
+    assert len(sets) == 2 and len(history) == 80
+    for i, allowed in enumerate(sets):
+        left = set(range(T))
+        for h in (h for h in history if h["image"] == i):
+            assert set(h["probes"]) <= left and len(set(h["probes"])) == 5
+            assert max(h["gains"]) > 0, h  # one signed step up the gradient raised that probe's loss
+            if h["removed"] is not None:
+                assert h["removed"] == h["probes"][h["gains"].index(min(h["gains"]))]
+                left -= set(range(h["removed"] - 20, h["removed"] + 21))
+        assert set(allowed.tolist()) == left and 5 <= len(left) < T - 41
+    assert [t.numel() for t in B.simac_timesteps(tiny_sd, rand_images[:1], "a photo", budget=BUDGET, steps=0)] == [T]
+
+
+def test_simac_loss_noises_each_photo_in_its_set_and_adds_a_live_feature_term(tiny_sd, rand_images):
+    """Photo i is noised only at timesteps of its set; the feature term is 0 at the clean photos, positive elsewhere,
+    and carries a gradient (SimAC's code adds it detached)."""
+    state = S.setup(tiny_sd, _db_cfg(batch_size=4))
+    S.finish(state)
+    sets = [torch.tensor([900, 901]), torch.tensor([5]), torch.tensor([400, 600]), torch.tensor([999])]
+    seen = []
+    handle = state.sd.unet.register_forward_pre_hook(lambda _m, args: seen.append(args[1].tolist()))
+    try:
+        with_features, without = (B.simac_loss(state, rand_images, sets, w, fixed_seed=7) for w in (1.0, 0.0))
+        x = (rand_images + BUDGET * torch.randn_like(rand_images).sign()).clamp(0, 1).requires_grad_(True)
+        assert with_features(rand_images).item() == pytest.approx(without(rand_images).item(), rel=1e-6)
+        term = with_features(x) - without(x)
+        grad, = torch.autograd.grad(term, x)
+    finally:
+        handle.remove()
+    assert term.item() > 0 and grad.abs().sum() > 0
+    for ts in seen:
+        assert all(t in s.tolist() for t, s in zip(ts, sets)), ts
+    with pytest.raises(ValueError, match="one non-empty set"):
+        B.simac_loss(state, rand_images, sets[:3])
+
 
 def test_metacloak_pool_spans_the_surrogates_training(tiny_sd, rand_images):
     """The pool holds the weights at steps 0, H/2 and H of one DreamBooth run on the clean photos: the first equal

@@ -66,16 +66,18 @@ def test_speed_bench_times_every_engine(tmp_path):
     assert (r["model"], r["device"], r["resolution"], r["images"]) == ("tiny", "cpu", 64, 2)
     timed = [k for k in r if k.startswith("seconds_per_")]
     # 3 personalization steps, the L2P outer step, LDU apply and train step, ASPL, AdvDM, PhotoGuard, SDS, Mist,
-    # PID, CAAT, MetaCloak's pool step and iteration (+ projections),
+    # PID, CAAT, SimAC's selection round and iteration, MetaCloak's pool step and iteration (+ projections),
     # the encoder trap's step, the purifiers (IMPRESS step, GrIDPure round, DiffPure call, upscaler step, + projections)
     differences = ("seconds_per_step_ldu_train", "seconds_per_step_noisy_upscale",  # of two timings: can be tiny
                    "seconds_per_step_caat", "seconds_per_step_metacloak_pool", "seconds_per_iteration_metacloak")
-    assert len(timed) == 33 and all(r[k] > 0 for k in timed if k not in differences)
+    assert len(timed) == 36 and all(r[k] > 0 for k in timed if k not in differences)
     assert all(r[k] >= 0 for k in differences)
     # projections follow from the measured unit: 10 outer steps, 50 ASPL iterations over 2 images
     assert r["hours_protect_model_projected"] == pytest.approx(r["seconds_per_outer_step"] * 10 / 3600, abs=1e-3)
     assert r["seconds_per_image_aspl_projected"] == pytest.approx(r["seconds_per_iteration_aspl"] * 50 / 2, rel=1e-2)
     assert r["seconds_per_image_caat_projected"] >= r["seconds_per_step_caat"] * 249 / 2 - 2e-3
+    assert r["seconds_per_image_simac_projected"] == pytest.approx(
+        r["seconds_per_round_simac_selection"] * 50 + r["seconds_per_iteration_simac"] * 50 / 2, rel=1e-2, abs=2e-3)
     # MetaCloak: the pool's setup and first step (≥ 0) + 999 more steps + 2,400 iterations (the recorded units
     # are rounded to 1e-4 s, hence the tolerance)
     assert r["seconds_per_image_metacloak_projected"] >= (r["seconds_per_step_metacloak_pool"] * 999

@@ -1,7 +1,7 @@
 """``apdm bench protect-images``: image protection on the toy world (issue #6).
 
 For held-out subjects (4 photos each) and every method m in ``methods`` (default ldu, aspl, advdm, photoguard; also
-fsmg, sds, mist, pid, caat, metacloak) at the budget
+fsmg, sds, mist, pid, caat, metacloak, simac) at the budget
 (8/255 unless ``budget=``): imperceptibility (``psnr_m``, ``ssim_m``, ``linf255_m``), cost (``seconds_per_image_m``)
 and protection: identity similarity (``ism@toy-id``) of DreamBooth generations trained on the protected photos
 (``ism_db_m``), after JPEG-75 / blur / DiffPure purification of the protected photos, and with one clean photo
@@ -9,11 +9,11 @@ among them (``ism_db_m_one_clean``); each ``ism_db_*`` key has an ``fdfr_db_*`` 
 the toy detector rejects, ``fdfr@toy-det``). ``ism_db_clean`` and ``ism_class_prompt`` are the unprotected references.
 LDU uses the ρ given by ``rho=`` (default: the toy world's shipped ρ).
 Overrides: ``subjects=N samples=N methods=ldu,aspl robust_methods=ldu|none budget=8/255 rho=DIR <m>_steps=N
-grid=DIR`` (``<m>_steps``: PGD or outer iterations of method m; by default ASPL 20 / 50, AdvDM 50 / 100,
+grid=DIR`` (``<m>_steps``: PGD or outer iterations of method m; by default ASPL and SimAC 20 / 50, AdvDM 50 / 100,
 PhotoGuard 200 / 1000 and MetaCloak 100 / 400 (of its 2,400) with / without ``--quick``, the other methods their
-published defaults; ASPL's and MetaCloak's surrogate is the toy DreamBooth without prior preservation;
-``sds_direction=-|+`` and ``pid_loss=...`` as in ``apdm protect-images``; ``grid`` writes PNG
-grids of the first subject: protected photos, amplified perturbations and DreamBooth samples per method),
+published defaults; ASPL's, SimAC's and MetaCloak's surrogate is the toy DreamBooth without prior preservation;
+``sds_direction=-|+``, ``pid_loss=...`` and ``simac_feature_weight=W`` as in ``apdm protect-images``; ``grid``
+writes PNG grids of the first subject: protected photos, amplified perturbations and DreamBooth samples per method),
 ``identifier=WORD`` (the attacker names the subject "a photo of WORD person" instead
 of the recipe's "sks"; ASPL's simulated DreamBooth keeps "sks", since a protector cannot know the attacker's word)
 and ``attack_seeds=K`` (every DreamBooth attack is run K times, run r with the attacker's seed and the sampling seed
@@ -91,6 +91,8 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     method_kw = {"aspl": {"steps": int(opts.get("aspl_steps", 20 if quick else 50))},
                  "advdm": {"steps": int(opts.get("advdm_steps", 50 if quick else 100))},
                  "photoguard": {"steps": int(opts.get("photoguard_steps", 200 if quick else 1000))}}
+    if "simac" in methods:  # ASPL's outer loop: as ASPL
+        method_kw["simac"] = {"steps": int(opts.get("simac_steps", 20 if quick else 50))}
     if "metacloak" in methods:  # its published 2,400 iterations take ~45 min per subject here
         method_kw["metacloak"] = {"steps": int(opts.get("metacloak_steps", 100 if quick else 400))}
     for m in methods:  # the other methods at their published defaults unless <m>_steps= is given
@@ -98,8 +100,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
             method_kw[m] = {"steps": int(opts[f"{m}_steps"])}
     for key, (m, name, _) in METHOD_OPTIONS.items():
         if key in opts:  # checked here, before any work
-            check_method_option(key, opts[key])
-            method_kw.setdefault(m, {})[name] = opts[key]
+            method_kw.setdefault(m, {})[name] = check_method_option(key, opts[key])
     res: dict = {"model": sd.source, "instruments_fingerprint": inst.config.get("fingerprint"),
                  "budget": format_budget(budget), "subjects": n_subjects,
                  "samples_per_prompt": n_samples, "method_settings": method_kw, "robust_methods": robust,
@@ -159,7 +160,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
             kws = {}
             for m in methods:
                 kw = dict(method_kw.get(m, {}))
-                if m in ("aspl", "metacloak"):  # the toy DreamBooth (its 300 steps: MetaCloak's horizon)
+                if m in ("aspl", "simac", "metacloak"):  # the toy DreamBooth (its 300 steps: MetaCloak's horizon)
                     kw["personalization"] = dataclasses.replace(
                         with_prompts(db_cfg, subj.instance_prompt, subj.class_prompt), with_prior_preservation=False)
                 if m == "caat":  # CAAT's surrogate at the toy DreamBooth's learning rate (tiny models need larger)

@@ -174,6 +174,19 @@ def _protect_images(sd, images, class_images, opts: dict, repeats: int) -> dict:
     _record(out, "per_step_caat", per_step, peak)
     out["seconds_per_image_caat_projected"] = round((one + per_step * (_default_steps(METHODS["caat"]) - 1)) / n, 3)
 
+    # SimAC = its timestep selection (rounds per photo) + ASPL iterations on its objective
+    from apdm.protect_images.baselines import protect_simac, simac_timesteps
+
+    seconds, peak = timed(lambda: simac_timesteps(sd, images[:1], "a photo of sks person", budget=budget, steps=1),
+                          sd.device, repeats)
+    _record(out, "per_round_simac_selection", seconds, peak)
+    sets = simac_timesteps(sd, images, "a photo of sks person", budget=budget, steps=1)
+    iteration, peak = timed(lambda: protect_simac(sd, images, budget=budget, steps=1, class_images=class_images,
+                                                  timesteps=sets, quiet=True), sd.device, repeats)
+    _record(out, "per_iteration_simac", iteration, peak)
+    out["seconds_per_image_simac_projected"] = round(
+        seconds * _default_steps(protect_simac, "select_steps") + iteration * _default_steps(protect_simac) / n, 3)
+
     # MetaCloak = its pool (the surrogate's setup + H DreamBooth steps on the clean photos) + iterations
     from apdm.personalization import simulator as S
     from apdm.protect_images.baselines import antidreambooth_personalization, metacloak_pool

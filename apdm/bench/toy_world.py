@@ -3,7 +3,8 @@
 Measures, on held-out subjects never seen in pretraining: the detector's pass rate on class-prompt generations,
 the identity encoder's verification AUC, and the identity similarity (ISM analog) of class-prompt generations
 vs generations after DreamBooth / LoRA / Textual Inversion with the default toy recipes
-(``recipes/toy-dreambooth.yaml``, ``toy-lora.yaml``, ``toy-ti.yaml``).
+(``recipes/toy-dreambooth.yaml``, ``toy-lora.yaml``, ``toy-ti.yaml``; ``methods=custom_diffusion`` adds
+``toy-custom-diffusion.yaml``), as ``ism_<method>``.
 Overrides: ``subjects=N samples=N methods=dreambooth,lora,ti workers=N`` (the attacks run as N parallel processes,
 default 2 on a CPU with ≥ 2 cores; :mod:`apdm.bench.jobs`).
 """
@@ -15,7 +16,8 @@ import time
 from pathlib import Path
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-METHOD_RECIPES = {"dreambooth": "toy-dreambooth.yaml", "lora": "toy-lora.yaml", "ti": "toy-ti.yaml"}
+METHOD_RECIPES = {"dreambooth": "toy-dreambooth.yaml", "lora": "toy-lora.yaml", "ti": "toy-ti.yaml",
+                  "custom_diffusion": "toy-custom-diffusion.yaml"}
 
 
 def toy_recipe(method: str, overrides=()):
@@ -81,7 +83,7 @@ def bench_toy_world(quick: bool, overrides: list[str]) -> dict:
             attr[m].append(out["attr_match"])
             seconds[m].append(out["seconds_train"])
             LOG.info("subject %d %s: ISM %.3f", subj.index, m, out["ism"])
-    key = {"class_prompt": "ism_class_prompt", "dreambooth": "ism_dreambooth", "lora": "ism_lora", "ti": "ism_ti"}
+    key = {m: f"ism_{m}" for m in per_subject}
     for m, vals in per_subject.items():
         res[key[m]] = round(statistics.mean(vals), 4)
         res[key[m] + "_per_subject"] = [round(v, 4) for v in vals]

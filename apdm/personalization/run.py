@@ -15,7 +15,8 @@ def run(cfg: PersonalizeRunConfig) -> dict:
     Output folder layout::
 
         output_dir/config.yaml            the resolved config
-        output_dir/model|lora|ti/         diffusers-loadable weights (see simulator.save)
+        output_dir/model|lora|ti|custom_diffusion/
+                                          diffusers-loadable weights (see simulator.save)
         output_dir/personalization.json   method, prompts, steps
         output_dir/samples/*.png          sample images, plus grid.png
         output_dir/summary.json           timings, loss curve, skipped input files

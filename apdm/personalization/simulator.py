@@ -1,4 +1,4 @@
-"""The personalization simulator: DreamBooth, LoRA and Textual Inversion behind one step-level API.
+"""The personalization simulator: DreamBooth, LoRA, Textual Inversion and Custom Diffusion behind one step-level API.
 
 This is the *attacker* every apdm engine simulates. protect-model's L2P loop, the pixel attacks (ASPL) and
 ``apdm evaluate`` all use these functions; nothing else in apdm fine-tunes a model for personalization.
@@ -8,7 +8,7 @@ Life cycle::
     state = setup(sd, cfg, class_images)           # copies what will be trained; sd itself is never modified
     for _ in range(cfg.steps):
         step(state, instance_images)               # one optimizer step (or call loss() yourself)
-    save(state, "out/")                            # diffusers-loadable: full pipeline / LoRA / TI embedding
+    save(state, "out/")                            # diffusers-loadable: pipeline / LoRA / TI embedding / K,V
     images = generate(state.sd, ["a photo of sks person"], ...)
 
 Methods (Ruiz et al. 2023 DreamBooth; Hu et al. 2022 LoRA; Gal et al. 2023 Textual Inversion):
@@ -21,6 +21,10 @@ Methods (Ruiz et al. 2023 DreamBooth; Hu et al. 2022 LoRA; Gal et al. 2023 Textu
 * ``ti``: add the token ``<identifier>`` to the tokenizer, initialise its embedding from
   ``ti_initializer_token`` and train only that row of the embedding matrix; prompts have the identifier word
   replaced by the new token. No prior loss (the rest of the model is frozen).
+* ``custom_diffusion`` (Kumari et al. 2023): the cross-attention keys and values of the UNet (``attn2.to_k``,
+  ``attn2.to_v``, or ``unet_trainable``) *and* a new token's embedding, as TI's, trained together (the token at
+  ``text_encoder_lr`` when set, else at ``learning_rate`` as in the paper), with the prior loss when enabled;
+  prompts have the identifier word replaced by the new token.
 """
 
 from __future__ import annotations
@@ -38,7 +42,11 @@ from apdm.core import diffusion as D
 from apdm.core.models import SD
 from apdm.utils import LOG, atomic_write_json, dtype_name, progress, seeded_global_rng
 
-METHODS = ("dreambooth", "lora", "ti")
+METHODS = ("dreambooth", "lora", "ti", "custom_diffusion")
+#: methods that learn a new token ``<identifier>`` (their prompts name it instead of the identifier word)
+TOKEN_METHODS = ("ti", "custom_diffusion")
+#: the UNet parameters Custom Diffusion trains when ``unet_trainable`` is empty: the cross-attention K/V
+CUSTOM_DIFFUSION_TRAINABLE = ("attn2.to_k", "attn2.to_v")
 #: images per VAE encoder call when posteriors are cached. On CPU, batches of 2 to 8 give bit-identical
 #: latents (larger ones use other kernels and differ in the last bit), so 8 keeps every recorded number of the
 #: per-minibatch encoding this cache replaced.
@@ -120,9 +128,9 @@ def ti_prompt(prompt: str, cfg: PersonalizationConfig) -> str:
 def _trainable_dtype_copy(sd: SD, cfg: PersonalizationConfig) -> SD:
     """Copy the parts this method trains (fp32 master weights), share the rest."""
     method = cfg.method
-    train_te = method == "ti" or (method == "dreambooth" and cfg.train_text_encoder)
-    work = sd.clone(unet=method in ("dreambooth", "lora"), text_encoder=train_te)
-    if method == "dreambooth" and work.unet.dtype != torch.float32:
+    train_te = method in TOKEN_METHODS or (method == "dreambooth" and cfg.train_text_encoder)
+    work = sd.clone(unet=method in ("dreambooth", "lora", "custom_diffusion"), text_encoder=train_te)
+    if method in ("dreambooth", "custom_diffusion") and work.unet.dtype != torch.float32:
         work.unet.to(torch.float32)
     if train_te and work.text_encoder.dtype != torch.float32:
         work.text_encoder.to(torch.float32)
@@ -181,7 +189,7 @@ def setup(sd: SD, cfg: PersonalizationConfig, class_images: torch.Tensor | None 
         groups.append({"params": lora_params, "lr": cfg.learning_rate})
         if cfg.gradient_checkpointing:
             work.unet.enable_gradient_checkpointing()
-    else:  # textual inversion
+    else:  # textual inversion, or Custom Diffusion: a new token (first group, so state.params[0]) ...
         token = ti_token(cfg)
         if work.tokenizer.add_tokens([token]) == 0:
             raise ValueError(f"token {token} already exists in the tokenizer; choose another identifier")
@@ -198,10 +206,24 @@ def setup(sd: SD, cfg: PersonalizationConfig, class_images: torch.Tensor | None 
         emb.requires_grad_(True)
         work.text_encoder.train()
         original = emb.detach().clone()
-        groups.append({"params": [emb], "lr": cfg.learning_rate, "weight_decay": 0.0})
+        token_lr = cfg.learning_rate
+        if cfg.method == "custom_diffusion" and cfg.text_encoder_lr:
+            token_lr = cfg.text_encoder_lr
+        groups.append({"params": [emb], "lr": token_lr, "weight_decay": 0.0})
         instance_prompt = ti_prompt(cfg.instance_prompt, cfg)
+        if cfg.method == "custom_diffusion":  # ... and the cross-attention K/V
+            keys = list(cfg.unet_trainable) or list(CUSTOM_DIFFUSION_TRAINABLE)
+            work.unet.requires_grad_(False).train()
+            kv = [p for n, p in work.unet.named_parameters() if any(key in n for key in keys)]
+            if not kv:
+                raise ValueError(f"unet_trainable={keys}: no UNet parameter name contains any of these")
+            for p in kv:
+                p.requires_grad_(True)
+            groups.append({"params": kv, "lr": cfg.learning_rate})
+            if cfg.gradient_checkpointing:
+                work.unet.enable_gradient_checkpointing()
 
-    if cfg.with_prior_preservation and cfg.method != "ti" and class_images is None:
+    if cfg.with_prior_preservation and cfg.method != "ti" and class_images is None:  # (Custom Diffusion: yes)
         raise ValueError("with_prior_preservation=true needs class images: pass class_images (see class_images_for)")
     optimizer = make_optimizer(cfg.optimizer, groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay)
@@ -375,7 +397,7 @@ def step(state: PersonalizationState, instance_images: torch.Tensor, pixel_grad:
         state.scaler.unscale_(state.optimizer)
     else:
         total.backward()
-    if state.cfg.method == "ti":
+    if state.ti_token_id is not None:
         # only the new token's row may learn: zero the other rows' gradient
         grad = state.params[0].grad
         mask = torch.zeros(grad.shape[0], 1, device=grad.device, dtype=grad.dtype)
@@ -388,7 +410,7 @@ def step(state: PersonalizationState, instance_images: torch.Tensor, pixel_grad:
         state.scaler.update()
     else:
         state.optimizer.step()
-    if state.cfg.method == "ti":
+    if state.ti_token_id is not None:
         # AdamW's weight decay and momentum must not move the frozen rows either: restore them exactly
         with torch.no_grad():
             emb = state.params[0]
@@ -472,6 +494,9 @@ def save(state: PersonalizationState, out_dir: str | Path) -> Path:
     * dreambooth: a full pipeline folder (``StableDiffusionPipeline.from_pretrained(out_dir)``);
     * lora: ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(out_dir)``);
     * ti: ``learned_embeds.safetensors`` (``pipe.load_textual_inversion(out_dir, token="<sks>")``).
+    * custom_diffusion: ``custom_diffusion/learned_embeds.safetensors`` (as TI's) and
+      ``custom_diffusion/unet_kv.safetensors``, the trained UNet tensors under the UNet's own parameter names
+      (``pipe.unet.load_state_dict(safetensors.torch.load_file(...), strict=False)``).
 
     A ``personalization.json`` beside them records the method, prompts and steps.
     """
@@ -496,16 +521,22 @@ def save(state: PersonalizationState, out_dir: str | Path) -> Path:
     else:
         from safetensors.torch import save_file
 
+        where = "ti" if cfg.method == "ti" else "custom_diffusion"
         emb = sd.text_encoder.get_input_embeddings().weight[state.ti_token_id].detach().float().cpu()
-        (out / "ti").mkdir(exist_ok=True)
-        tmp = out / "ti" / ".learned_embeds.tmp"
+        (out / where).mkdir(exist_ok=True)
+        tmp = out / where / ".learned_embeds.tmp"
         save_file({ti_token(cfg): emb.unsqueeze(0).contiguous()}, str(tmp))
-        tmp.replace(out / "ti" / "learned_embeds.safetensors")
-        where = "ti"
+        tmp.replace(out / where / "learned_embeds.safetensors")
+        if cfg.method == "custom_diffusion":
+            trained = {id(p) for p in state.params[1:]}
+            kv = {n: p.detach().float().cpu().contiguous() for n, p in sd.unet.named_parameters() if id(p) in trained}
+            tmp = out / where / ".unet_kv.tmp"
+            save_file(kv, str(tmp))
+            tmp.replace(out / where / "unet_kv.safetensors")
     atomic_write_json(out / "personalization.json", {
         "method": cfg.method, "weights": where, "base_model": sd.source,
         "instance_prompt": state.instance_prompt, "class_prompt": state.class_prompt,
-        "ti_token": ti_token(cfg) if cfg.method == "ti" else None, "steps": state.global_step,
+        "ti_token": ti_token(cfg) if cfg.method in TOKEN_METHODS else None, "steps": state.global_step,
         "final_loss": state.history[-1] if state.history else None,
     })
     return out
@@ -522,22 +553,35 @@ def load_personalized(base: SD, out_dir: str | Path) -> SD:
         from apdm.core.models import load_sd
 
         return load_sd(str(out / "model"), device=str(base.device), dtype=dtype_name(base.dtype))
-    work = base.clone(unet=meta["method"] == "lora", text_encoder=meta["method"] == "ti")
+    method = meta["method"]
+    work = base.clone(unet=method in ("lora", "custom_diffusion"), text_encoder=method in TOKEN_METHODS)
     pipe = work.pipeline()
-    if meta["method"] == "lora":
+    if method == "lora":
         pipe.load_lora_weights(str(out / "lora"))
         pipe.fuse_lora()
         pipe.unload_lora_weights()
     else:
-        pipe.load_textual_inversion(str(out / "ti"), token=meta["ti_token"])
+        pipe.load_textual_inversion(str(out / method), token=meta["ti_token"])
+    if method == "custom_diffusion":
+        from safetensors.torch import load_file
+
+        kv = load_file(str(out / method / "unet_kv.safetensors"))
+        own = dict(pipe.unet.named_parameters())
+        bad = [n for n, v in kv.items() if n not in own or own[n].shape != v.shape]
+        if bad:
+            raise ValueError(f"{out / method / 'unet_kv.safetensors'}: {len(bad)} tensor(s) do not fit this model's "
+                             f"UNet (e.g. {bad[0]}); was it personalized from another base model?")
+        with torch.no_grad():
+            for n, v in kv.items():
+                own[n].copy_(v.to(own[n].dtype))
     work.unet, work.text_encoder, work.tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
     return work
 
 
 def prompt_for(state_or_cfg, prompt: str) -> str:
-    """Adapt a sampling prompt to the method (TI: identifier word -> learned token)."""
+    """Adapt a sampling prompt to the method (TI, Custom Diffusion: identifier word -> learned token)."""
     cfg = state_or_cfg.cfg if isinstance(state_or_cfg, PersonalizationState) else state_or_cfg
-    if cfg.method == "ti" and cfg.identifier in prompt.split(" "):
+    if cfg.method in TOKEN_METHODS and cfg.identifier in prompt.split(" "):
         return ti_prompt(prompt, cfg)
     return prompt
 

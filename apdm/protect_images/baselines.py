@@ -1,5 +1,5 @@
-"""Pixel-space image-protection baselines: ASPL, FSMG, AdvDM, the PhotoGuard encoder attack, SDS, Mist, PID, CAAT
-and MetaCloak.
+"""Pixel-space image-protection baselines: ASPL, FSMG, AdvDM, the PhotoGuard encoder attack, SDS, Mist, PID, CAAT,
+MetaCloak and SimAC.
 
 Every method has the same shape::
 
@@ -21,6 +21,8 @@ Methods (see docs/protect_images.md for sources):
 * ``aspl`` — Anti-DreamBooth's Alternating Surrogate and Perturbation Learning (Van Le et al., ICCV 2023,
   Algorithm 2): per outer iteration, a copy θ' of the current surrogate θ is fine-tuned on the *clean* images,
   PGD maximizes θ''s DreamBooth loss w.r.t. the pixels, and θ is fine-tuned on the *perturbed* images.
+* ``simac`` — SimAC (Wang et al., CVPR 2024): ASPL with, per photo, the timesteps a greedy search found the attack
+  most effective at, and a feature-interference term on the UNet decoder's features.
 * ``fsmg`` — Fully-trained Surrogate Model Guidance: PGD against a fixed surrogate fine-tuned on the clean images.
 * ``advdm`` — AdvDM / Mist v1 "semantic" mode (Liang et al., ICML 2023): PGD maximizing the frozen model's
   noise-prediction loss, Monte Carlo over ``t`` and ``ε`` (fresh draws every step); no fine-tuning.
@@ -106,7 +108,9 @@ def protect_aspl(sd: SD, images: torch.Tensor, *, budget: float, steps: int = 50
                  pgd_steps: int = 6, pgd_alpha: float = ANTIDB_PGD_ALPHA,
                  personalization: PersonalizationConfig | None = None, class_images: torch.Tensor | None = None,
                  eot_transforms: Sequence[str] | None = None, resample: bool = True, seed: int = 0,
-                 quiet: bool = False, history: list[dict] | None = None) -> torch.Tensor:
+                 quiet: bool = False, history: list[dict] | None = None,
+                 objective: Callable[[S.PersonalizationState, int | None], Callable] | None = None,
+                 desc: str = "aspl") -> torch.Tensor:
     """Anti-DreamBooth ASPL. Defaults = the official script: 50 × (3 surrogate + 6 PGD), α = 0.64/255.
 
     Per outer iteration ``k`` (the paper's Algorithm 2, with set A = clean copies of the images)::
@@ -130,6 +134,10 @@ def protect_aspl(sd: SD, images: torch.Tensor, *, budget: float, steps: int = 50
             iteration (generator seed ``seed * 1_000_003 + 2k + 2``), making each PGD run a deterministic ascent.
         history: if given, one dict per outer iteration is appended: ``{"iteration", "pgd_loss": [...]}`` (the
             loss before each PGD step).
+        objective: ``(surrogate, fixed_seed) -> (x -> scalar)``, what PGD ascends against each surrogate θ'
+            (``fixed_seed``: ``None``, or the seed that fixes its draw when ``resample=False``); default the
+            surrogate's DreamBooth loss on all the photos. SimAC passes its own (:func:`simac_loss`).
+        desc: the progress bar's label.
 
     Returns:
         (N,3,H,W) float32 in [0,1], ‖out − images‖∞ ≤ budget.
@@ -145,7 +153,8 @@ def protect_aspl(sd: SD, images: torch.Tensor, *, budget: float, steps: int = 50
     theta = S.setup(sd, cfg, class_images)
     theta.generator.manual_seed(seed)
     x_adv = clean.clone()
-    bar = progress(range(steps), desc="aspl", disable=quiet)
+    objective = objective or (lambda state, fixed: _pers_loss(state, n, fixed))
+    bar = progress(range(steps), desc=desc, disable=quiet)
     for k in bar:
         surrogate = S.setup(theta.sd, cfg, class_images)  # θ' = copy of θ (fresh optimizer, as each paper step)
         surrogate.generator.manual_seed(seed * 1_000_003 + 2 * k + 1)
@@ -154,7 +163,7 @@ def protect_aspl(sd: SD, images: torch.Tensor, *, budget: float, steps: int = 50
         S.finish(surrogate)  # frozen: PGD gradients go to the pixels only
         losses: list[float] = []
         fixed = None if resample else seed * 1_000_003 + 2 * k + 2
-        x_adv = pgd_attack(clean, _pers_loss(surrogate, n, fixed), budget, pgd_alpha, pgd_steps, maximize=True,
+        x_adv = pgd_attack(clean, objective(surrogate, fixed), budget, pgd_alpha, pgd_steps, maximize=True,
                            eot_transforms=eot_transforms, generator=gen, x_init=x_adv, history=losses)
         del surrogate
         for _ in range(surrogate_steps):
@@ -214,6 +223,183 @@ def protect_fsmg(sd: SD, images: torch.Tensor, *, budget: float, steps: int = 10
                        generator=torch.Generator().manual_seed(seed), random_start=random_start, quiet=quiet,
                        desc="fsmg pgd")
     return _finalize(x_adv, images, budget)
+
+
+# ============================================================================ SimAC
+def _up_block_features(unet, sink: list[torch.Tensor]) -> list:
+    """Forward hooks appending each of ``unet.up_blocks``' outputs (the UNet's decoder) to ``sink``; returns the
+    handles (``.remove()`` them)."""
+    def hook(_module, _inputs, output):
+        sink.append(output if torch.is_tensor(output) else output[0])
+
+    return [block.register_forward_hook(hook) for block in unet.up_blocks]
+
+
+def simac_loss(state: S.PersonalizationState, clean: torch.Tensor, timesteps: Sequence[torch.Tensor],
+               feature_weight: float = 1.0, fixed_seed: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """SimAC's PGD objective against a (frozen) surrogate: ``x -> L_DB + feature_weight · L_FI`` on all N photos.
+
+    * ``L_DB``: the surrogate's denoising loss on the photos under the instance prompt, photo ``i`` at a timestep
+      drawn uniformly from ``timesteps[i]`` (its interval from :func:`simac_timesteps`), noise ε fresh per call;
+    * ``L_FI``, SimAC's feature interference: the mean squared difference between the UNet decoder's features
+      (the output of each of ``unet.up_blocks``) on the photos and on the clean photos at the same t and ε, summed
+      over the blocks. It carries a gradient (SimAC's code adds it as a detached float, so it acts there as 0).
+
+    Args:
+        state: the surrogate (its ``sd``, ``cfg`` and ``instance_prompt``; its ``generator`` draws t and ε).
+        clean: (N,3,H,W) in [0,1], the unprotected photos.
+        timesteps: N 1-D integer tensors, the timesteps each photo may be noised at.
+        fixed_seed: reseed the generator before every call (one fixed draw), as :func:`_pers_loss`.
+
+    Returns:
+        ``x -> scalar`` for x (N,3,H,W) in [0,1], differentiable w.r.t. x.
+    """
+    sd, cfg, n = state.sd, state.cfg, clean.shape[0]
+    if len(timesteps) != n or any(t.numel() == 0 for t in timesteps):
+        raise ValueError(f"simac_loss needs one non-empty set of timesteps per photo ({n}), got "
+                         f"{[t.numel() for t in timesteps]}")
+    with torch.no_grad():
+        cond = D.encode_prompt(sd.text_encoder, sd.tokenizer, [state.instance_prompt]).expand(n, -1, -1)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        g = state.generator
+        if fixed_seed is not None:
+            g.manual_seed(fixed_seed)
+        t = torch.stack([ts[torch.randint(ts.numel(), (), generator=g)] for ts in timesteps]).to(sd.device)
+        vae_seed = int(torch.randint(2**31, (), generator=g))
+        z = D.encode_images(sd.vae, x, cfg.sample_vae_posterior,
+                            torch.Generator(device=sd.vae.device).manual_seed(vae_seed)).float()
+        noise = torch.randn(z.shape, generator=g).to(z.device)
+        feats: list[torch.Tensor] = []
+        hooks = _up_block_features(sd.unet, feats) if feature_weight else []
+        try:
+            value = D.noise_prediction_loss(sd.unet, sd.noise_scheduler, z, cond, noise, t)
+            if feature_weight:
+                with torch.no_grad():
+                    z0 = D.encode_images(sd.vae, clean, cfg.sample_vae_posterior,
+                                         torch.Generator(device=sd.vae.device).manual_seed(vae_seed)).float()
+                    D.noise_prediction_loss(sd.unet, sd.noise_scheduler, z0, cond, noise, t)
+        finally:
+            for h in hooks:
+                h.remove()
+        if feature_weight:
+            k = len(feats) // 2
+            value = value + feature_weight * sum(
+                torch.nn.functional.mse_loss(a.float(), b.float()) for a, b in zip(feats[:k], feats[k:]))
+        return value
+
+    return fn
+
+
+def simac_timesteps(sd: SD, images: torch.Tensor, prompt: str, *, budget: float, steps: int = 50, probes: int = 5,
+                    delta_t: int = 20, pgd_alpha: float = ANTIDB_PGD_ALPHA, seed: int = 0, quiet: bool = True,
+                    history: list[dict] | None = None) -> list[torch.Tensor]:
+    """SimAC's adaptive greedy time-interval selection: for each photo, the timesteps its attack should use.
+
+    Per photo, starting from all ``T`` training timesteps and an unperturbed photo, each of ``steps`` rounds:
+
+    1. draws ``probes`` distinct timesteps from those still allowed (and one ε per probe);
+    2. for each probe t, takes one signed gradient step of the frozen model's denoising loss at (t, ε) from the
+       current photo (ascending, projected onto the ball), and measures how much it raised that loss;
+    3. keeps the photo of the probe that raised it most (the perturbation grows as the search goes), and removes
+       the timesteps within ``delta_t`` of the probe that raised it least from the allowed set.
+
+    A removal that would leave fewer than ``probes`` timesteps is skipped, so every photo keeps some. Defaults =
+    their script (50 rounds, 5 probes, ±20). The perturbation found here is dropped; only the sets are kept.
+
+    Args:
+        sd: the frozen model (the pretrained weights, before any surrogate training).
+        images: (N,3,H,W) in [0,1].
+        prompt: the conditioning prompt (the surrogate's instance prompt).
+        budget, pgd_alpha: the ball and step of the probes' steps, on [0,1].
+        history: if given, one dict per photo and round: ``{"image", "round", "probes", "gains", "removed"}``.
+
+    Returns:
+        N sorted 1-D int64 tensors (on CPU) of allowed timesteps.
+    """
+    _check(images, budget)
+    if probes < 1 or delta_t < 0:
+        raise ValueError(f"simac_timesteps needs probes ≥ 1 and delta_t ≥ 0, got {probes}, {delta_t}")
+    T = sd.noise_scheduler.config.num_train_timesteps
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        cond = D.encode_prompt(sd.text_encoder, sd.tokenizer, [prompt]).expand(probes, -1, -1)
+    out = []
+    for i in progress(range(images.shape[0]), desc="simac timesteps", disable=quiet):
+        clean = images[i:i + 1].detach().float().to(sd.device)
+        x = clean.clone()
+        with torch.no_grad():
+            latent_shape = D.encode_images(sd.vae, clean).shape[1:]
+        allowed = torch.ones(T, dtype=torch.bool)
+        for r in range(steps):
+            pool = allowed.nonzero().flatten()
+            k = min(probes, pool.numel())
+            t = pool[torch.randperm(pool.numel(), generator=gen)[:k]]
+            noise = torch.randn((k, *latent_shape), generator=gen).to(sd.device)
+
+            def losses(batch: torch.Tensor) -> torch.Tensor:  # (k,) denoising loss of each probe at its (t, ε)
+                z = D.encode_images(sd.vae, batch).float()
+                return D.noise_prediction_loss(sd.unet, sd.noise_scheduler, z, cond[:k], noise, t.to(sd.device),
+                                               reduction="none")
+
+            xs = x.expand(k, -1, -1, -1).clone().requires_grad_(True)
+            before = losses(xs)
+            grad, = torch.autograd.grad(before.sum(), xs)
+            with torch.no_grad():
+                stepped = project_linf(xs + pgd_alpha * grad.sign(), clean, budget).clamp(0.0, 1.0)
+                gains = (losses(stepped) - before).cpu()
+            x = stepped[int(gains.argmax())][None].detach()
+            worst = int(t[int(gains.argmin())])
+            cut = allowed.clone()
+            cut[max(0, worst - delta_t):worst + delta_t + 1] = False
+            removed = int(cut.sum()) >= probes
+            if removed:
+                allowed = cut
+            if history is not None:
+                history.append({"image": i, "round": r, "probes": t.tolist(), "gains": gains.tolist(),
+                                "removed": worst if removed else None})
+        out.append(allowed.nonzero().flatten())
+    return out
+
+
+def protect_simac(sd: SD, images: torch.Tensor, *, budget: float, steps: int = 50, surrogate_steps: int = 3,
+                  pgd_steps: int = 6, pgd_alpha: float = ANTIDB_PGD_ALPHA, select_steps: int = 50,
+                  probes: int = 5, delta_t: int = 20, feature_weight: float = 1.0,
+                  personalization: PersonalizationConfig | None = None, class_images: torch.Tensor | None = None,
+                  eot_transforms: Sequence[str] | None = None, resample: bool = True, seed: int = 0,
+                  quiet: bool = False, history: list[dict] | None = None,
+                  timesteps: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """SimAC (Wang et al., CVPR 2024): ASPL whose PGD noises each photo only at the timesteps
+    :func:`simac_timesteps` selected for it, and ascends the feature interference term too (:func:`simac_loss`).
+
+    Defaults = their script: ASPL's 50 × (3 + 6) at α = 0.64/255, 50 selection rounds of 5 probes removing ±20
+    timesteps; their budget ("16" on [-1,1]) is 8/255, the caller's ``budget``. ``feature_weight`` = 1 weighs the
+    feature term as the denoising loss (the paper's weight is not in our notes; 0 gives what their code computes).
+
+    Args:
+        timesteps: the per-photo timestep sets to use instead of selecting them (e.g. from a previous run).
+        history: as :func:`protect_aspl`'s, plus a first entry ``{"timesteps": [set sizes]}``.
+        Other arguments as :func:`protect_aspl` and :func:`simac_timesteps`.
+
+    Returns:
+        (N,3,H,W) float32 in [0,1], ‖out − images‖∞ ≤ budget.
+    """
+    _check(images, budget)
+    cfg = personalization or antidreambooth_personalization(class_images is not None)
+    clean = images.detach().float().to(sd.device)
+    if timesteps is None:
+        timesteps = simac_timesteps(sd, clean, cfg.instance_prompt, budget=budget, steps=select_steps,
+                                    probes=probes, delta_t=delta_t, pgd_alpha=pgd_alpha, seed=seed, quiet=quiet)
+    if history is not None:
+        history.append({"timesteps": [int(t.numel()) for t in timesteps]})
+
+    def objective(surrogate: S.PersonalizationState, fixed: int | None):
+        return simac_loss(surrogate, clean, timesteps, feature_weight, fixed)
+
+    return protect_aspl(sd, images, budget=budget, steps=steps, surrogate_steps=surrogate_steps, pgd_steps=pgd_steps,
+                        pgd_alpha=pgd_alpha, personalization=cfg, class_images=class_images,
+                        eot_transforms=eot_transforms, resample=resample, seed=seed, quiet=quiet, history=history,
+                        objective=objective, desc="simac")
 
 
 # ============================================================================ AdvDM
@@ -688,19 +874,30 @@ def protect_metacloak(sd: SD, images: torch.Tensor, *, budget: float, steps: int
     return _finalize(x_adv, images, budget)
 
 
-#: option of ``apdm protect-images`` / the bench -> (the method it belongs to, its keyword there, its choices).
+#: option of ``apdm protect-images`` / the bench -> (the method it belongs to, its keyword there, its choices, or
+#: ``float`` for a non-negative number).
 METHOD_OPTIONS = {
     "sds_direction": ("sds", "direction", ("-", "+")),
     "pid_loss": ("pid", "loss", PID_LOSSES),
+    "simac_feature_weight": ("simac", "feature_weight", float),
 }
 
 
-def check_method_option(key: str, value: str) -> None:
-    """Raise a ValueError naming ``key=value`` and the choices when ``value`` is not one of
-    :data:`METHOD_OPTIONS`'s for ``key`` (checked before a model loads)."""
+def check_method_option(key: str, value):
+    """``value`` as the method takes it (a number parsed from text); a ValueError naming ``key=value`` and the
+    choices when it is not one of :data:`METHOD_OPTIONS`'s for ``key`` (checked before a model loads)."""
     choices = METHOD_OPTIONS[key][2]
+    if choices is float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if not number >= 0:
+            raise ValueError(f"{key}={value!r}: give a non-negative number")
+        return number
     if value not in choices:
         raise ValueError(f"{key}={value!r}: choose one of {', '.join(choices)}")
+    return value
 
 
 #: method name -> ``protect(sd, images, *, budget, steps, ..., quiet)``.
@@ -714,6 +911,7 @@ METHODS = {
     "pid": protect_pid,
     "caat": protect_caat,
     "metacloak": protect_metacloak,
+    "simac": protect_simac,
 }
 
 #: what ``steps`` counts for each method, and its published default (for help texts and the runner).
@@ -727,6 +925,7 @@ STEPS_MEANING = {
     "pid": ("PGD iterations", 1000),
     "caat": ("joint steps (one surrogate step and one PGD step each)", 250),
     "metacloak": ("iterations of (advance_steps surrogate + pgd_steps PGD) on a pool member", 2400),
+    "simac": ("outer iterations of ASPL (surrogate_steps + pgd_steps), after the timestep selection", 50),
 }
 
 __all__ = ["METHODS", "STEPS_MEANING", "protect_aspl", "protect_fsmg", "protect_advdm", "protect_photoguard",
@@ -734,4 +933,4 @@ __all__ = ["METHODS", "STEPS_MEANING", "protect_aspl", "protect_fsmg", "protect_
            "advdm_loss", "sds_loss", "mist_loss", "pid_loss", "encoder_distance", "gray_target", "target_latents",
            "antidreambooth_personalization", "ANTIDB_PGD_ALPHA", "PHOTOGUARD_PGD_ALPHA", "MIST_SEMANTIC_WEIGHT",
            "PID_LOSSES", "CAAT_TRAINABLE", "METHOD_OPTIONS", "check_method_option", "protect_metacloak",
-           "metacloak_pool", "METACLOAK_PGD_ALPHA"]
+           "metacloak_pool", "METACLOAK_PGD_ALPHA", "protect_simac", "simac_timesteps", "simac_loss"]

@@ -22,11 +22,12 @@ import torch
 from apdm.config import ProtectImagesRunConfig, TrainPerturberRunConfig, to_yaml
 from apdm.utils import LOG, atomic_write_json, atomic_write_text, file_sha256, peak_rss_mb, progress, seed_everything
 
-METHOD_NAMES = ("ldu", "aspl", "fsmg", "advdm", "photoguard", "sds", "mist", "pid", "caat", "metacloak")
+METHOD_NAMES = ("ldu", "aspl", "fsmg", "advdm", "photoguard", "sds", "mist", "pid", "caat", "metacloak",
+                "simac")
 #: methods that pull the photos towards a target image (``target=``)
 TARGET_METHODS = ("photoguard", "mist")
 #: methods that protect a group of photos together (one surrogate trained on all of them), so at one size
-JOINT_METHODS = ("aspl", "fsmg", "caat", "metacloak")
+JOINT_METHODS = ("aspl", "fsmg", "caat", "metacloak", "simac")
 
 
 def group_shapes(sizes: list[tuple[int, int]], size: int, multiple: int, policy: str, joint: bool
@@ -63,7 +64,7 @@ def _method_kwargs(cfg: ProtectImagesRunConfig, sd, target: torch.Tensor | None 
     for key, (method, name, _) in METHOD_OPTIONS.items():
         if cfg.method == method:
             kw[name] = getattr(cfg, key)
-    if cfg.method in ("aspl", "fsmg", "metacloak"):
+    if cfg.method in ("aspl", "fsmg", "metacloak", "simac"):
         from apdm.personalization.simulator import class_images_for
 
         kw["personalization"] = cfg.personalization

@@ -584,9 +584,10 @@ def check_protect_config(per_cfg: PersonalizationConfig, pcfg: ProtectConfig) ->
     if pcfg.text_encoder_lr is not None and not pcfg.train_text_encoder:  # e.g. a recipe's TE protection switched off
         LOG.warning("protect.text_encoder_lr=%g is ignored: protect.train_text_encoder is false, so the text encoder "
                     "is not protected", pcfg.text_encoder_lr)
-    if pcfg.train_text_encoder and pcfg.inner_steps > 0 and any(a.method == "ti" for a in per_cfgs):
-        raise ValueError("protect.train_text_encoder cannot be combined with a Textual Inversion attacker in the "
-                         "inner loop (it adds a token to the text encoder); use a dreambooth or lora attacker")
+    if pcfg.train_text_encoder and pcfg.inner_steps > 0 and any(a.method in S.TOKEN_METHODS for a in per_cfgs):
+        raise ValueError("protect.train_text_encoder cannot be combined with a Textual Inversion or Custom Diffusion "
+                         "attacker in the inner loop (it adds a token to the text encoder); use a dreambooth or lora "
+                         "attacker")
     return per_cfgs
 
 
