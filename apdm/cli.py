@@ -24,8 +24,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "evaluate": ("EvaluateRunConfig", "apdm.evaluation.run:run",
                  "personalize, attack and score a model/images; JSON + HTML report"),
     "personalize": ("PersonalizeRunConfig", "apdm.personalization.run:run",
-                    "run a personalization attack (DreamBooth/LoRA/TI/Custom Diffusion) on images; save model and "
-                    "samples"),
+                    ("run a personalization attack (DreamBooth/LoRA/TI/Custom Diffusion) on images; save model and "
+                     "samples")),
 }
 
 

@@ -324,6 +324,13 @@ def simac_timesteps(sd: SD, images: torch.Tensor, prompt: str, *, budget: float,
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         cond = D.encode_prompt(sd.text_encoder, sd.tokenizer, [prompt]).expand(probes, -1, -1)
+
+    def losses(batch: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """(k,) denoising loss of each probe photo at its own (t, ε)."""
+        z = D.encode_images(sd.vae, batch).float()
+        return D.noise_prediction_loss(sd.unet, sd.noise_scheduler, z, cond[:len(t)], noise, t.to(sd.device),
+                                       reduction="none")
+
     out = []
     for i in progress(range(images.shape[0]), desc="simac timesteps", disable=quiet):
         clean = images[i:i + 1].detach().float().to(sd.device)
@@ -336,18 +343,12 @@ def simac_timesteps(sd: SD, images: torch.Tensor, prompt: str, *, budget: float,
             k = min(probes, pool.numel())
             t = pool[torch.randperm(pool.numel(), generator=gen)[:k]]
             noise = torch.randn((k, *latent_shape), generator=gen).to(sd.device)
-
-            def losses(batch: torch.Tensor) -> torch.Tensor:  # (k,) denoising loss of each probe at its (t, ε)
-                z = D.encode_images(sd.vae, batch).float()
-                return D.noise_prediction_loss(sd.unet, sd.noise_scheduler, z, cond[:k], noise, t.to(sd.device),
-                                               reduction="none")
-
             xs = x.expand(k, -1, -1, -1).clone().requires_grad_(True)
-            before = losses(xs)
+            before = losses(xs, t, noise)
             grad, = torch.autograd.grad(before.sum(), xs)
             with torch.no_grad():
                 stepped = project_linf(xs + pgd_alpha * grad.sign(), clean, budget).clamp(0.0, 1.0)
-                gains = (losses(stepped) - before).cpu()
+                gains = (losses(stepped, t, noise) - before).cpu()
             x = stepped[int(gains.argmax())][None].detach()
             worst = int(t[int(gains.argmin())])
             cut = allowed.clone()
