@@ -223,7 +223,7 @@ def setup(sd: SD, cfg: PersonalizationConfig, class_images: torch.Tensor | None 
             if cfg.gradient_checkpointing:
                 work.unet.enable_gradient_checkpointing()
 
-    if cfg.with_prior_preservation and cfg.method != "ti" and class_images is None:  # (Custom Diffusion: yes)
+    if cfg.with_prior_preservation and cfg.method != "ti" and class_images is None:  # TI alone has no prior term
         raise ValueError("with_prior_preservation=true needs class images: pass class_images (see class_images_for)")
     optimizer = make_optimizer(cfg.optimizer, groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                eps=cfg.adam_epsilon, weight_decay=cfg.adam_weight_decay)
