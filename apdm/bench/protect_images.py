@@ -93,7 +93,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
                  "photoguard": {"steps": int(opts.get("photoguard_steps", 200 if quick else 1000))}}
     if "simac" in methods:  # ASPL's outer loop: as ASPL
         method_kw["simac"] = {"steps": int(opts.get("simac_steps", 20 if quick else 50))}
-    if "metacloak" in methods:  # its published 2,400 iterations take ~45 min per subject here
+    if "metacloak" in methods:  # its published 2,400 iterations would take ~55 min per subject here
         method_kw["metacloak"] = {"steps": int(opts.get("metacloak_steps", 100 if quick else 400))}
     for m in methods:  # the other methods at their published defaults unless <m>_steps= is given
         if m != "ldu" and m not in method_kw and f"{m}_steps" in opts:
