@@ -508,6 +508,8 @@ def test_bench_protect_images_checks_attacker_options():
         bench_protect_images(True, ["sds_direction=down", "methods=sds", "robust_methods=none"])
     with pytest.raises(ValueError, match="pid_loss='logvar'"):
         bench_protect_images(True, ["pid_loss=logvar", "methods=pid", "robust_methods=none"])
+    with pytest.raises(ValueError, match="attacker='dreamboth': choose one of dreambooth, lora, ti, custom_diffusion"):
+        bench_protect_images(True, ["attacker=dreamboth", "methods=ldu"])
     with pytest.raises(ValueError, match="simac_feature_weight='much'"):
         bench_protect_images(True, ["simac_feature_weight=much", "methods=simac", "robust_methods=none"])
     for bench in (bench_protect_images, bench_protect_model):

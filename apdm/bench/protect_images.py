@@ -14,7 +14,10 @@ PhotoGuard 200 / 1000 and MetaCloak 100 / 400 (of its 2,400) with / without ``--
 published defaults; ASPL's, SimAC's and MetaCloak's surrogate is the toy DreamBooth without prior preservation;
 ``sds_direction=-|+``, ``pid_loss=...`` and ``simac_feature_weight=W`` as in ``apdm protect-images``; ``grid``
 writes PNG grids of the first subject: protected photos, amplified perturbations and DreamBooth samples per method),
-``identifier=WORD`` (the attacker names the subject "a photo of WORD person" instead
+``attacker=dreambooth|lora|ti|custom_diffusion`` (the evaluation attacker's toy recipe, DreamBooth by default; the
+keys keep their ``ism_db_*`` names and the JSON records ``attacker``; the surrogates of ASPL, SimAC and MetaCloak
+stay DreamBooth, since a protector cannot know the attack), ``identifier=WORD`` (the attacker names the subject
+"a photo of WORD person" instead
 of the recipe's "sks"; ASPL's simulated DreamBooth keeps "sks", since a protector cannot know the attacker's word)
 and ``attack_seeds=K`` (every DreamBooth attack is run K times, run r with the attacker's seed and the sampling seed
 raised by r · ``attack_seed_stride``, default 100,003: runs share no sampling noise or class image; 1 reproduces
@@ -52,7 +55,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
                             submit_attack_runs, toy_setup)
     from apdm.attacks.diffpure import diffpure
     from apdm.attacks.transforms import MODEL_ATTACKS, check_attack, gaussian_blur, jpeg
-    from apdm.bench.toy_world import toy_recipe
+    from apdm.bench.toy_world import METHOD_RECIPES, toy_recipe
     from apdm.core import diffusion as D
     from apdm.evaluation.fidelity import psnr, ssim
     from apdm.evaluation.protocol import with_prompts
@@ -67,7 +70,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     t_start = time.perf_counter()
     opts, sd, inst = toy_setup(overrides, {"budget", "subjects", "samples", "methods", "rho",
                                            *(f"{m}_steps" for m in METHODS), "robust_methods",
-                                           "grid", "identifier", "attack_seeds", "attack_seed_stride",
+                                           "grid", "identifier", "attack_seeds", "attack_seed_stride", "attacker",
                                            "purifiers", *METHOD_OPTIONS})
     budget = parse_budget(opts.get("budget", "8/255"))
     n_subjects = int(opts.get("subjects", 1 if quick else 3))
@@ -81,6 +84,10 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     if unknown:
         raise ValueError(f"unknown or unselected methods {unknown} (methods: ldu, {', '.join(METHODS)}; "
                          "robust_methods must be among methods)")
+    attacker = opts.get("attacker", "dreambooth")
+    if attacker not in METHOD_RECIPES:
+        raise ValueError(f"attacker={attacker!r}: choose one of {', '.join(METHOD_RECIPES)} (the toy recipe the "
+                         f"evaluation attack personalizes with)")
     purifiers = [p.strip() for p in opts.get("purifiers", "").split(";") if p.strip()]
     for p in purifiers:
         check_attack(p)
@@ -104,11 +111,12 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     res: dict = {"model": sd.source, "instruments_fingerprint": inst.config.get("fingerprint"),
                  "budget": format_budget(budget), "subjects": n_subjects,
                  "samples_per_prompt": n_samples, "method_settings": method_kw, "robust_methods": robust,
-                 "identifier": identifier, "attack_seeds": n_seeds, "attack_seed_stride": stride,
+                 "identifier": identifier, "attacker": attacker, "attack_seeds": n_seeds, "attack_seed_stride": stride,
                  "purifiers": purifiers}
     sample = toy_recipe("dreambooth").sample
     sample.num_images_per_prompt = n_samples
-    db_cfg = toy_recipe("dreambooth").personalization
+    db_cfg = toy_recipe("dreambooth").personalization  # the surrogate of ASPL, SimAC, MetaCloak (and CAAT's rate)
+    attack_cfg = toy_recipe(attacker).personalization  # the evaluation attacker
     if "caat" in methods:  # CAAT's surrogate, as set per subject below
         res["caat_surrogate"] = {"learning_rate": db_cfg.learning_rate, "prompt": "the class prompt",
                                  "unet_trainable": caat_personalization().unet_trainable}
@@ -133,7 +141,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
         """DreamBooth on ``train_images`` (``n_seeds`` runs), as jobs; records ``ism_db_{key}`` and
         ``fdfr_db_{key}``; run 0's samples go to the grid."""
         futs = submit_attack_runs(pool, spec, None, train_images.cpu(), subj.references,
-                                  attack_config(db_cfg, subj, identifier), sample, n_seeds,
+                                  attack_config(attack_cfg, subj, identifier), sample, n_seeds,
                                   keep_images=8 if keep and keep not in generated else 0, stride=stride)
         if keep:
             generated.setdefault(keep, None)
