@@ -28,6 +28,8 @@ METHOD_NAMES = ("ldu", "aspl", "fsmg", "advdm", "photoguard", "sds", "mist", "pi
 TARGET_METHODS = ("photoguard", "mist")
 #: methods that protect a group of photos together (one surrogate trained on all of them), so at one size
 JOINT_METHODS = ("aspl", "fsmg", "caat", "metacloak", "simac")
+#: methods whose surrogate is ``cfg.personalization`` (with its class images); CAAT keeps its own
+SURROGATE_METHODS = ("aspl", "fsmg", "metacloak", "simac")
 
 
 def group_shapes(sizes: list[tuple[int, int]], size: int, multiple: int, policy: str, joint: bool
@@ -64,7 +66,7 @@ def _method_kwargs(cfg: ProtectImagesRunConfig, sd, target: torch.Tensor | None 
     for key, (method, name, _) in METHOD_OPTIONS.items():
         if cfg.method == method:
             kw[name] = getattr(cfg, key)
-    if cfg.method in ("aspl", "fsmg", "metacloak", "simac"):
+    if cfg.method in SURROGATE_METHODS:
         from apdm.personalization.simulator import class_images_for
 
         kw["personalization"] = cfg.personalization
