@@ -19,7 +19,7 @@ keys keep their ``ism_db_*`` names and the JSON records ``attacker``; the surrog
 stay DreamBooth, since a protector cannot know the attack), ``identifier=WORD`` (the attacker names the subject
 "a photo of WORD person" instead
 of the recipe's "sks"; ASPL's simulated DreamBooth keeps "sks", since a protector cannot know the attacker's word)
-and ``attack_seeds=K`` (every DreamBooth attack is run K times, run r with the attacker's seed and the sampling seed
+and ``attack_seeds=K`` (every evaluation attack is run K times, run r with the attacker's seed and the sampling seed
 raised by r · ``attack_seed_stride``, default 100,003: runs share no sampling noise or class image; 1 reproduces
 results written before 2026-12-04; K is 1 by default with ``--quick``, 3 in the full run); each ``ism_db_*`` /
 ``fdfr_db_*`` key is then the mean over runs and subjects, ``<key>_runs`` lists each run's mean over subjects and
@@ -30,7 +30,8 @@ docs/protect_model.md, "One attack is one draw").
 GPU; :mod:`apdm.bench.jobs`); ``seconds_per_image_m`` is then measured on one of N processes sharing the machine,
 alike for every method.
 
-Each DreamBooth attack costs ~1–3 min on 2 CPU cores, and the full grid is 1 + 5 attacks per method and subject.
+Each DreamBooth attack costs ~1–3 min on 2 CPU cores (Custom Diffusion ~1 min), and the full grid is 1 + 5 attacks
+per method and subject.
 ``--quick`` therefore runs the four robustness attacks (JPEG-75, blur, DiffPure, one clean photo) only for the
 methods in ``robust_methods`` (default ``ldu`` with ``--quick``, every method without); every method still gets
 its fidelity, cost and plain ``ism_db_m``.
