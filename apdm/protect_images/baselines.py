@@ -260,6 +260,8 @@ def simac_loss(state: S.PersonalizationState, clean: torch.Tensor, timesteps: Se
                          f"{[t.numel() for t in timesteps]}")
     with torch.no_grad():
         cond = D.encode_prompt(sd.text_encoder, sd.tokenizer, [state.instance_prompt]).expand(n, -1, -1)
+        # the clean photos' posterior, encoded once: each call draws its clean latents from it with the photos' seed
+        clean_posterior = D.vae_posterior(sd.vae, clean.to(sd.device)) if feature_weight else None
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         g = state.generator
@@ -276,8 +278,8 @@ def simac_loss(state: S.PersonalizationState, clean: torch.Tensor, timesteps: Se
             value = D.noise_prediction_loss(sd.unet, sd.noise_scheduler, z, cond, noise, t)
             if feature_weight:
                 with torch.no_grad():
-                    z0 = D.encode_images(sd.vae, clean, cfg.sample_vae_posterior,
-                                         torch.Generator(device=sd.vae.device).manual_seed(vae_seed)).float()
+                    z0 = D.posterior_latents(sd.vae, *clean_posterior, cfg.sample_vae_posterior,
+                                             torch.Generator(device=sd.vae.device).manual_seed(vae_seed)).float()
                     D.noise_prediction_loss(sd.unet, sd.noise_scheduler, z0, cond, noise, t)
         finally:
             for h in hooks:
