@@ -137,6 +137,19 @@ def _trainable_dtype_copy(sd: SD, cfg: PersonalizationConfig) -> SD:
     return work
 
 
+def _train_unet(work: SD, keys) -> list[torch.Tensor]:
+    """Put ``work.unet`` in training mode with only the parameters whose names contain one of ``keys`` trainable
+    (every parameter when ``keys`` is empty); returns them. Raises a ValueError naming ``keys`` when none match."""
+    work.unet.requires_grad_(not keys).train()
+    params = [p for n, p in work.unet.named_parameters() if not keys or any(key in n for key in keys)]
+    if not params:
+        raise ValueError(f"unet_trainable={list(keys)}: no UNet parameter name contains any of these (e.g. "
+                         "attn2.to_k, attn2.to_v)")
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
 def setup(sd: SD, cfg: PersonalizationConfig, class_images: torch.Tensor | None = None,
           copy_model: bool = True) -> PersonalizationState:
     """Prepare a personalization run on a private copy of ``sd``.
@@ -159,15 +172,7 @@ def setup(sd: SD, cfg: PersonalizationConfig, class_images: torch.Tensor | None 
     token_id = original = None
 
     if cfg.method == "dreambooth":
-        work.unet.requires_grad_(not cfg.unet_trainable).train()
-        unet_params = [p for n, p in work.unet.named_parameters()
-                       if not cfg.unet_trainable or any(key in n for key in cfg.unet_trainable)]
-        if not unet_params:
-            raise ValueError(f"unet_trainable={list(cfg.unet_trainable)}: no UNet parameter name contains any of "
-                             "these (e.g. attn2.to_k, attn2.to_v)")
-        for p in unet_params:
-            p.requires_grad_(True)
-        groups.append({"params": unet_params, "lr": cfg.learning_rate})
+        groups.append({"params": _train_unet(work, cfg.unet_trainable), "lr": cfg.learning_rate})
         if cfg.train_text_encoder:
             work.text_encoder.requires_grad_(True).train()
             groups.append({"params": list(work.text_encoder.parameters()),
@@ -212,13 +217,7 @@ def setup(sd: SD, cfg: PersonalizationConfig, class_images: torch.Tensor | None 
         groups.append({"params": [emb], "lr": token_lr, "weight_decay": 0.0})
         instance_prompt = ti_prompt(cfg.instance_prompt, cfg)
         if cfg.method == "custom_diffusion":  # ... and the cross-attention K/V
-            keys = list(cfg.unet_trainable) or list(CUSTOM_DIFFUSION_TRAINABLE)
-            work.unet.requires_grad_(False).train()
-            kv = [p for n, p in work.unet.named_parameters() if any(key in n for key in keys)]
-            if not kv:
-                raise ValueError(f"unet_trainable={keys}: no UNet parameter name contains any of these")
-            for p in kv:
-                p.requires_grad_(True)
+            kv = _train_unet(work, list(cfg.unet_trainable) or list(CUSTOM_DIFFUSION_TRAINABLE))
             groups.append({"params": kv, "lr": cfg.learning_rate})
             if cfg.gradient_checkpointing:
                 work.unet.enable_gradient_checkpointing()

@@ -684,8 +684,8 @@ def protect_pid(sd: SD, images: torch.Tensor, *, budget: float, steps: int = 100
 
 
 # ============================================================================ CAAT
-#: the cross-attention key and value projections CAAT trains (Custom Diffusion's parameters).
-CAAT_TRAINABLE = ["attn2.to_k", "attn2.to_v"]
+#: the cross-attention key and value projections CAAT trains: Custom Diffusion's (the simulator's one list).
+CAAT_TRAINABLE = list(S.CUSTOM_DIFFUSION_TRAINABLE)
 
 
 def caat_personalization(steps: int = 250, learning_rate: float = 1e-5,
