@@ -377,6 +377,10 @@ class ProtectImagesRunConfig:
     #: SimAC: the weight of its feature-interference term (1 = as the denoising loss; 0 = what SimAC's code
     #: computes).
     simac_feature_weight: float = 1.0
+    #: MetaCloak: where its pool of surrogate weights is kept, ``model`` (with the model, the default) or ``cpu``
+    #: (for SD DreamBooth the pool is 6 × 3.9 GB in float32; ``cpu`` frees that GPU memory for two copies per
+    #: iteration). The protected photos are the same either way, so a resumed run may change it.
+    metacloak_pool_device: str = "model"
     #: LDU: folder of a trained perturbation network ρ (``apdm train-perturber``).
     rho_path: str = ""
     #: images per forward pass (LDU) / per protection group (pixel methods protect each group jointly).

@@ -373,7 +373,8 @@ def test_protect_images_later_baselines_from_the_command_line(tmp_path):
     outs = {}
     for name, extra in (("sds", []), ("sds", ["sds_direction=+"]), ("mist", ["--target", str(target)]),
                         ("pid", ["pid_loss=kl"]), ("caat", []),
-                        ("metacloak", ["personalization.steps=2", "personalization.with_prior_preservation=false"]),
+                        ("metacloak", ["personalization.steps=2", "personalization.with_prior_preservation=false",
+                                       "metacloak_pool_device=cpu"]),
                         ("simac", ["personalization.steps=2", "personalization.with_prior_preservation=false",
                                    "simac_feature_weight=0.5"])):
         out = tmp_path / f"{name}{len(outs)}"
@@ -383,7 +384,7 @@ def test_protect_images_later_baselines_from_the_command_line(tmp_path):
         assert manifest["method"] == name and manifest["images"][0]["linf_255@apdm"] <= 8
         settings = manifest["settings"]
         assert ("sds_direction" in settings) == (name == "sds") and ("pid_loss" in settings) == (name == "pid")
-        assert ("simac_feature_weight" in settings) == (name == "simac")
+        assert ("simac_feature_weight" in settings) == (name == "simac") and "metacloak_pool_device" not in settings
         outs[f"{name}{extra}"] = load_image(manifest["images"][0]["output"]).pixels
     assert json.loads((tmp_path / "mist2" / "manifest.json").read_text())["target"] == str(target)
     assert json.loads((tmp_path / "sds1" / "manifest.json").read_text())["settings"]["sds_direction"] == "+"
@@ -404,7 +405,16 @@ def test_protect_images_later_baselines_from_the_command_line(tmp_path):
         run(cfg("z", method="pid", pid_loss="logvar"))
     with pytest.raises(ValueError, match="simac_feature_weight=-1.0: give a non-negative number"):
         run(cfg("z", method="simac", simac_feature_weight=-1.0))
+    with pytest.raises(ValueError, match="metacloak_pool_device='gpu': choose one of model, cpu"):
+        run(cfg("z", method="metacloak", metacloak_pool_device="gpu"))
     assert not any((tmp_path / d).exists() for d in "xyz")
+    # where MetaCloak keeps its pool is a memory setting: resuming with the pool on the model is not refused
+    mc = tmp_path / "metacloak5"
+    before = (mc / "manifest.json").read_bytes()
+    assert main(["protect-images", "--method", "metacloak", "--budget", "8/255", "--input", str(src), "--output",
+                 str(mc), "model.path=tiny", "model.device=cpu", "steps=3", "quiet=true", "personalization.steps=2",
+                 "personalization.with_prior_preservation=false", "metacloak_pool_device=model"]) == 0
+    assert json.loads((mc / "manifest.json").read_bytes())["images"] == json.loads(before)["images"]
 
 def test_evaluate_end_to_end_and_resume(tmp_path):
     from html.parser import HTMLParser

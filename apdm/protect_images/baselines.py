@@ -826,9 +826,9 @@ def protect_metacloak(sd: SD, images: torch.Tensor, *, budget: float, steps: int
             :func:`antidreambooth_personalization`); its ``steps`` is the horizon ``H``.
         class_images: prior-preservation images, when the config uses prior preservation.
         eot_transforms: the EOT of each PGD step; ``None`` = ``["blur+flip"]`` (MetaCloak's), ``[]`` = none.
-        pool_device: where the pool's weights are kept (default: with the model). The pool holds ``pool_size``
-            copies of the trainable weights: for SD DreamBooth, 6 × 3.9 GB in float32; ``"cpu"`` moves them off the
-            GPU at the cost of two copies per iteration.
+        pool_device: where the pool's weights are kept (``None`` or ``"model"``: with the model). The pool holds
+            ``pool_size`` copies of the trainable weights: for SD DreamBooth, 6 × 3.9 GB in float32; ``"cpu"`` moves
+            them off the GPU at the cost of two copies per iteration (exact copies: the output does not change).
         resample: fresh timesteps/noise every PGD step (their code); ``False`` fixes one draw per iteration
             (surrogate generator seed ``seed * 1_000_003 + k + 1``), making each PGD run a deterministic ascent when
             ``eot_transforms=[]``.
@@ -851,6 +851,7 @@ def protect_metacloak(sd: SD, images: torch.Tensor, *, budget: float, steps: int
     state = S.setup(sd, cfg, class_images)
     state.generator.manual_seed(seed)
     horizon = max(1, cfg.steps)
+    pool_device = None if pool_device == "model" else pool_device
     pool = metacloak_pool(state, clean, pool_size, pool_device, quiet)
     initial = pool[0][0]
     x_adv = clean.clone()
@@ -883,6 +884,7 @@ METHOD_OPTIONS = {
     "sds_direction": ("sds", "direction", ("-", "+")),
     "pid_loss": ("pid", "loss", PID_LOSSES),
     "simac_feature_weight": ("simac", "feature_weight", float),
+    "metacloak_pool_device": ("metacloak", "pool_device", ("model", "cpu")),
 }
 
 

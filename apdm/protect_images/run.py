@@ -109,19 +109,20 @@ def run_settings(cfg: ProtectImagesRunConfig, sd) -> dict:
     """Everything that decides what protection a file gets, for resuming: the config without where the photos come
     from (``input``, ``recursive``), where they go, how loud the run is, which device runs it and how many photos
     go per batch (lowering ``batch_size`` is the cure for running out of memory, so a resumed run may change it;
-    its new groups then differ from an uninterrupted run's), plus the model's fingerprint and the hashes of the
-    files the config names (ρ's weights, PhotoGuard's target), so retraining ρ into the same folder or editing the
-    target is a change of settings."""
+    its new groups then differ from an uninterrupted run's) and where MetaCloak keeps its pool (also a memory
+    setting, with the same outputs), plus the model's fingerprint and the hashes of the files the config names (ρ's
+    weights, PhotoGuard's target), so retraining ρ into the same folder or editing the target is a change of
+    settings."""
     import dataclasses
 
     settings = dataclasses.asdict(cfg)
-    for key in ("input", "output_dir", "recursive", "quiet", "resume", "batch_size"):
+    for key in ("input", "output_dir", "recursive", "quiet", "resume", "batch_size", "metacloak_pool_device"):
         settings.pop(key)
     from apdm.protect_images.baselines import METHOD_OPTIONS
 
     for key, (method, _, _) in METHOD_OPTIONS.items():  # one method's option
         if cfg.method != method:
-            settings.pop(key)
+            settings.pop(key, None)
     settings["model"].pop("device")
     settings["model_fingerprint"] = sd.fingerprint()
     if cfg.method == "ldu":
