@@ -416,6 +416,7 @@ def test_protect_images_later_baselines_from_the_command_line(tmp_path):
                  "personalization.with_prior_preservation=false", "metacloak_pool_device=model"]) == 0
     assert json.loads((mc / "manifest.json").read_bytes())["images"] == json.loads(before)["images"]
 
+
 def test_evaluate_end_to_end_and_resume(tmp_path):
     from html.parser import HTMLParser
 

@@ -12,8 +12,9 @@ Overrides: ``subjects=N samples=N methods=ldu,aspl robust_methods=ldu|none budge
 grid=DIR`` (``<m>_steps``: PGD or outer iterations of method m; by default ASPL and SimAC 20 / 50, AdvDM 50 / 100,
 PhotoGuard 200 / 1000 and MetaCloak 100 / 400 (of its 2,400) with / without ``--quick``, the other methods their
 published defaults; ASPL's, SimAC's and MetaCloak's surrogate is the toy DreamBooth without prior preservation;
-``sds_direction=-|+``, ``pid_loss=...`` and ``simac_feature_weight=W`` as in ``apdm protect-images``; ``grid``
-writes PNG grids of the first subject: protected photos, amplified perturbations and DreamBooth samples per method),
+``sds_direction=-|+``, ``pid_loss=...``, ``simac_feature_weight=W`` and ``metacloak_pool_device=model|cpu`` as in
+``apdm protect-images``; ``grid`` writes PNG grids of the first subject: protected photos, amplified perturbations
+and DreamBooth samples per method),
 ``attacker=dreambooth|lora|ti|custom_diffusion`` (the evaluation attacker's toy recipe, DreamBooth by default; the
 keys keep their ``ism_db_*`` names and the JSON records ``attacker``; the surrogates of ASPL, SimAC and MetaCloak
 stay DreamBooth, since a protector cannot know the attack), ``identifier=WORD`` (the attacker names the subject
