@@ -417,6 +417,22 @@ def test_protect_images_later_baselines_from_the_command_line(tmp_path):
     assert json.loads((mc / "manifest.json").read_bytes())["images"] == json.loads(before)["images"]
 
 
+def test_bench_protect_images_summary_keeps_each_subject_and_each_run():
+    """The bench's JSON keys: the mean over subjects, each subject's value when there are several, and each attack
+    run's mean over subjects with their standard error when there are several runs."""
+    from apdm.bench import standard_error
+    from apdm.bench.protect_images import summarize
+
+    acc = {"ism_db_clean": [0.7, 0.5, 0.6], "psnr_ldu": [44.0]}
+    runs = {"ism_db_clean": [[0.72, 0.52, 0.61], [0.68, 0.48, 0.59]]}
+    out = summarize(acc, runs, 2)
+    assert out["ism_db_clean"] == 0.6 and out["ism_db_clean_subjects"] == [0.7, 0.5, 0.6]
+    assert out["ism_db_clean_runs"] == [round((0.72 + 0.52 + 0.61) / 3, 4), round((0.68 + 0.48 + 0.59) / 3, 4)]
+    assert out["ism_db_clean_se"] == standard_error(out["ism_db_clean_runs"]) > 0
+    assert out["psnr_ldu"] == 44.0 and not {"psnr_ldu_subjects", "psnr_ldu_runs"} & set(out)
+    assert "ism_db_clean_runs" not in summarize(acc, runs, 1)
+
+
 def test_evaluate_end_to_end_and_resume(tmp_path):
     from html.parser import HTMLParser
 

@@ -25,7 +25,8 @@ raised by r · ``attack_seed_stride``, default 100,003: runs share no sampling n
 results written before 2026-12-04; K is 1 by default with ``--quick``, 3 in the full run); each ``ism_db_*`` /
 ``fdfr_db_*`` key is then the mean over runs and subjects, ``<key>_runs`` lists each run's mean over subjects and
 ``<key>_se`` the standard error of that mean (:func:`apdm.bench.standard_error`); one toy DreamBooth attack is one draw,
-docs/protect_model.md, "One attack is one draw").
+docs/protect_model.md, "One attack is one draw"). With several subjects every key also has a ``<key>_subjects``
+twin listing each subject's value (since 2026-12-07).
 
 ``workers=N`` runs the protections and attacks as N parallel processes (default 2 on a CPU with ≥ 2 cores, 1 on a
 GPU; :mod:`apdm.bench.jobs`); ``seconds_per_image_m`` is then measured on one of N processes sharing the machine,
@@ -53,7 +54,7 @@ from pathlib import Path
 
 
 def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
-    from apdm.bench import (attack_config, attack_seed_stride, attack_seeds, identifier_option, jobs, standard_error,
+    from apdm.bench import (attack_config, attack_seed_stride, attack_seeds, identifier_option, jobs,
                             submit_attack_runs, toy_setup)
     from apdm.attacks.diffpure import diffpure
     from apdm.attacks.transforms import MODEL_ATTACKS, check_attack, gaussian_blur, jpeg
@@ -210,11 +211,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
             if keep and outs[0]["images"] is not None:
                 generated[keep] = outs[0]["images"]
     generated = {k: v for k, v in generated.items() if v is not None}
-    for k, v in acc.items():
-        res[k] = round(statistics.mean(v), 4)
-        if n_seeds > 1 and k in acc_runs:
-            res[f"{k}_runs"] = [round(statistics.mean(run), 4) for run in acc_runs[k]]
-            res[f"{k}_se"] = standard_error(res[f"{k}_runs"])
+    res.update(summarize(acc, acc_runs, n_seeds))
     if "ldu" in methods and "aspl" in methods:
         res["speedup_ldu_vs_aspl"] = round(res["seconds_per_image_aspl"] / max(1e-9, res["seconds_per_image_ldu"]), 1)
     if "grid" in opts:
@@ -223,6 +220,24 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     res["metric_impl"] = {"ism": "ism@toy-id", "fdfr": "fdfr@toy-det", "psnr": "psnr@torchmetrics",
                           "ssim": "ssim@apdm"}
     res["seconds_total"] = round(time.perf_counter() - t_start, 1)
+    return res
+
+
+def summarize(acc: dict[str, list[float]], acc_runs: dict[str, list[list[float]]], n_seeds: int) -> dict:
+    """The bench's keys from its per-subject values: ``key`` the mean over subjects (``acc[key]``, one value per
+    subject, each the mean over its attack runs); with several subjects ``key_subjects`` lists them; with
+    ``n_seeds`` > 1, ``key_runs`` is each attack run's mean over subjects (``acc_runs[key][r]``) and ``key_se`` the
+    standard error of their mean. Values rounded to 4 decimals."""
+    from apdm.bench import standard_error
+
+    res: dict = {}
+    for k, v in acc.items():
+        res[k] = round(statistics.mean(v), 4)
+        if len(v) > 1:
+            res[f"{k}_subjects"] = [round(x, 4) for x in v]
+        if n_seeds > 1 and k in acc_runs:
+            res[f"{k}_runs"] = [round(statistics.mean(run), 4) for run in acc_runs[k]]
+            res[f"{k}_se"] = standard_error(res[f"{k}_runs"])
     return res
 
 
