@@ -31,6 +31,17 @@ from apdm.toy.world import REPO_ASSETS, heldout_subjects
 from apdm.utils import progress
 
 
+class LatentShift(torch.nn.Module):
+    """ρ's place in :func:`apdm.protect_images.ldu.perturb`: z_T (N,C,h,w) -> z_T + s, one free shift per photo."""
+
+    def __init__(self, z_T: torch.Tensor):
+        super().__init__()
+        self.s = torch.nn.Parameter(torch.zeros_like(z_T))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z + self.s
+
+
 def main() -> None:  # under a main guard: the attack workers are spawned processes that import this file
     out_path = sys.argv[1]
     attacker = sys.argv[2] if len(sys.argv) > 2 else "custom_diffusion"
@@ -46,24 +57,26 @@ def main() -> None:  # under a main guard: the attack workers are spawned proces
     clean = subj.images.to(sd.device)
     rho = ldu.load_rho(rho_dir, device=sd.device)
 
-    # the latent optimum: Adam on the shift s of z_T, for each photo at once (the objective is a mean over photos)
+    # the latent optimum: Adam on the shift s of z_T, for each photo at once (the objective is a mean over photos),
+    # through LDU's own path (ldu.perturb with the shift in ρ's place) and its hard projection
     prepared = ldu.prepare(sd, clean, rho.sampling)
-    shift = torch.zeros_like(prepared["z_T"], requires_grad=True)
-    opt = torch.optim.Adam([shift], lr=lr)
+    shift = LatentShift(prepared["z_T"])
+    opt = torch.optim.Adam(shift.parameters(), lr=lr)
     objective = advdm_loss(sd, "a photo", seed=1)
+
+    def protected(checkpoint: bool) -> torch.Tensor:
+        out = ldu.perturb(sd, shift, prepared, rho.sampling, checkpoint=checkpoint)
+        return project_linf(out, prepared["images"], budget).clamp(0, 1)
+
     trace = []
     for _ in progress(range(steps), desc="latent shift"):
-        x_bar = ldu.denoise_decode(sd, prepared["z_T"] + shift, prepared["cond"], rho.sampling["denoise_steps"],
-                                   checkpoint=True)
-        x = project_linf(prepared["images"] + (x_bar - prepared["x_ref"]), prepared["images"], budget).clamp(0, 1)
-        loss = objective(x)
+        loss = objective(protected(checkpoint=True))
         opt.zero_grad()
         (-loss).backward()
         opt.step()
         trace.append(float(loss.detach()))
     with torch.no_grad():
-        x_bar = ldu.denoise_decode(sd, prepared["z_T"] + shift, prepared["cond"], rho.sampling["denoise_steps"])
-        latent = project_linf(prepared["images"] + (x_bar - prepared["x_ref"]), prepared["images"], budget).clamp(0, 1)
+        latent = protected(checkpoint=False)
     sets = {"clean": clean, "ldu_rho": ldu.apply(sd, rho, clean, budget, quiet=True), "ldu_latent_optimum": latent,
             "advdm_pixels": protect_advdm(sd, clean, budget=budget, steps=steps, quiet=True)}
     fixed = advdm_loss(sd, "a photo", mc_samples=32, seed=12345, resample=False)
