@@ -14,12 +14,11 @@ PhotoGuard 200 / 1000 and MetaCloak 100 / 400 (of its 2,400) with / without ``--
 published defaults; ASPL's, SimAC's and MetaCloak's surrogate is the toy DreamBooth without prior preservation;
 ``sds_direction=-|+``, ``pid_loss=...``, ``simac_feature_weight=W`` and ``metacloak_pool_device=model|cpu`` as in
 ``apdm protect-images``; ``grid`` writes PNG grids of the first subject: protected photos, amplified perturbations
-and DreamBooth samples per method),
-``attacker=dreambooth|lora|ti|custom_diffusion`` (the evaluation attacker's toy recipe, DreamBooth by default; the
-keys keep their ``ism_db_*`` names and the JSON records ``attacker``; the surrogates of ASPL, SimAC and MetaCloak
-stay DreamBooth, since a protector cannot know the attack), ``identifier=WORD`` (the attacker names the subject
-"a photo of WORD person" instead
-of the recipe's "sks"; ASPL's simulated DreamBooth keeps "sks", since a protector cannot know the attacker's word)
+and DreamBooth samples per method), ``attacker=dreambooth|lora|ti|custom_diffusion`` (the evaluation attacker's toy
+recipe, DreamBooth by default; the keys keep their ``ism_db_*`` names and the JSON records ``attacker``; the
+surrogates of ASPL, SimAC and MetaCloak stay DreamBooth, since a protector cannot know the attack),
+``identifier=WORD`` (the attacker names the subject "a photo of WORD person" instead of the recipe's "sks"; ASPL's
+simulated DreamBooth keeps "sks", since a protector cannot know the attacker's word)
 and ``attack_seeds=K`` (every evaluation attack is run K times, run r with the attacker's seed and the sampling seed
 raised by r · ``attack_seed_stride``, default 100,003: runs share no sampling noise or class image; 1 reproduces
 results written before 2026-12-04; K is 1 by default with ``--quick``, 3 in the full run); each ``ism_db_*`` /
