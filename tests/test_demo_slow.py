@@ -45,6 +45,9 @@ def test_bench_protect_images_quick_keys_and_grids(tmp_path):
         assert 0 <= res[f"fdfr_db_{m}"] <= 1
     assert {"ism_db_ldu_jpeg75", "ism_db_ldu_blur", "ism_db_ldu_diffpure", "ism_db_ldu_one_clean"} <= set(res)
     assert "ism_db_advdm_jpeg75" not in res  # robustness attacks only for robust_methods
+    for name in ("jpeg75", "blur", "diffpure"):  # and on the clean photos, as the reference
+        assert -1 <= res[f"ism_db_clean_{name}"] <= 1 and 0 <= res[f"fdfr_db_clean_{name}"] <= 1
+    assert "ism_db_clean_one_clean" not in res
     assert "fdfr_db_ldu_jpeg75" in res and "fdfr_db_clean" in res
     # model purifiers: for the clean photos and the robust method, with the purified photos' PSNR to the clean ones
     for m in ("clean", "ldu"):
@@ -67,6 +70,7 @@ def test_bench_protect_images_attack_seeds_and_identifier(tmp_path):
                  "samples=2", "attack_seeds=2", "identifier=zwx"]) == 0
     res = json.loads(out.read_text())
     assert res["identifier"] == "zwx" and res["attack_seeds"] == 2
+    assert "ism_db_clean_jpeg75" not in res  # no robust method: no clean reference attacks either
     for key in ("ism_db_clean", "ism_db_ldu", "fdfr_db_clean"):
         runs = res[f"{key}_runs"]
         assert len(runs) == 2 and res[key] == pytest.approx(sum(runs) / 2, abs=1e-4)

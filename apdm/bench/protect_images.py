@@ -5,8 +5,11 @@ fsmg, sds, mist, pid, caat, metacloak, simac) at the budget
 (8/255 unless ``budget=``): imperceptibility (``psnr_m``, ``ssim_m``, ``linf255_m``), cost (``seconds_per_image_m``)
 and protection: identity similarity (``ism@toy-id``) of DreamBooth generations trained on the protected photos
 (``ism_db_m``), after JPEG-75 / blur / DiffPure purification of the protected photos, and with one clean photo
-among them (``ism_db_m_one_clean``); each ``ism_db_*`` key has an ``fdfr_db_*`` twin (share of those generations
-the toy detector rejects, ``fdfr@toy-det``). ``ism_db_clean`` and ``ism_class_prompt`` are the unprotected references.
+among them (``ism_db_m_one_clean``); each robustness attack is also run on the clean photos
+(``ism_db_clean_jpeg75``, ``_blur``, ``_diffpure``, whenever ``robust_methods`` is not empty, since 2026-12-07), the
+reference that separates what the protection keeps from what the transform alone does. Each ``ism_db_*`` key has an
+``fdfr_db_*`` twin (share of those generations the toy detector rejects, ``fdfr@toy-det``). ``ism_db_clean`` and
+``ism_class_prompt`` are the unprotected references.
 LDU uses the ρ given by ``rho=`` (default: the toy world's shipped ρ).
 Overrides: ``subjects=N samples=N methods=ldu,aspl robust_methods=ldu|none budget=8/255 rho=DIR <m>_steps=N
 grid=DIR`` (``<m>_steps``: PGD or outer iterations of method m; by default ASPL and SimAC 20 / 50, AdvDM 50 / 100,
@@ -159,6 +162,15 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
             LOG.info("subject %d, %s after %s: PSNR to the clean photos %.1f dB", subj.index, m, spec_p,
                      acc[f"psnr_clean_{m}_{name}"][-1])
 
+    def robustness(pool, subj, clean, images, m):
+        """The robustness attacks on ``images`` (method m's protected photos, or m = clean: the reference each
+        method's row is read against, separating the protection from what the transform alone does):
+        ``ism_db_{m}_jpeg75``, ``_blur``, ``_diffpure`` and the model purifiers."""
+        attack_db(pool, subj, jpeg(images.cpu(), 75), f"{m}_jpeg75")
+        attack_db(pool, subj, gaussian_blur(images.cpu(), 7), f"{m}_blur")
+        attack_db(pool, subj, diffpure(images.to(sd.device), sd, strength=0.2), f"{m}_diffpure")
+        purified(pool, subj, clean, images, m)
+
     cls_gen = D.generate(sd, ["a photo of a person"], n_samples, 25, 3.0, seed=123, quiet=True)
     with jobs.executor(workers) as pool:
         for subj in heldout_subjects(n_subjects, num_images=4):
@@ -166,7 +178,10 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
             add("ism_class_prompt", I.identity_similarity(inst.encoder, cls_gen, subj.references).mean())
             attack_db(pool, subj, clean, "clean", keep="clean")
             shown.setdefault("clean", clean.cpu())
-            purified(pool, subj, clean, clean, "clean")
+            if robust:  # each robustness attack also on the clean photos (since 2026-12-07)
+                robustness(pool, subj, clean, clean, "clean")
+            else:
+                purified(pool, subj, clean, clean, "clean")
             kws = {}
             for m in methods:
                 kw = dict(method_kw.get(m, {}))
@@ -192,10 +207,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
                 shown.setdefault(m, prot.cpu())
                 if m not in robust:
                     continue
-                attack_db(pool, subj, jpeg(prot.cpu(), 75), f"{m}_jpeg75")
-                attack_db(pool, subj, gaussian_blur(prot.cpu(), 7), f"{m}_blur")
-                attack_db(pool, subj, diffpure(prot, sd, strength=0.2), f"{m}_diffpure")
-                purified(pool, subj, clean, prot, m)
+                robustness(pool, subj, clean, prot, m)
                 mixed = prot.clone()
                 mixed[0] = clean[0]
                 attack_db(pool, subj, mixed, f"{m}_one_clean")
