@@ -14,12 +14,14 @@ LDU uses the ρ given by ``rho=`` (default: the toy world's shipped ρ).
 Overrides: ``subjects=N samples=N methods=ldu,aspl robust_methods=ldu|none budget=8/255 rho=DIR <m>_steps=N
 grid=DIR`` (``<m>_steps``: PGD or outer iterations of method m; by default ASPL and SimAC 20 / 50, AdvDM 50 / 100,
 PhotoGuard 200 / 1000 and MetaCloak 100 / 400 (of its 2,400) with / without ``--quick``, the other methods their
-published defaults; ASPL's, SimAC's and MetaCloak's surrogate is the toy DreamBooth without prior preservation;
+published defaults; ASPL's, FSMG's (since 2026-12-07; before, Anti-DreamBooth's SD surrogate: 1,000 steps at lr
+5e-7, 400× below the toy DreamBooth's rate), SimAC's and MetaCloak's surrogate is the toy DreamBooth without prior
+preservation;
 ``sds_direction=-|+``, ``pid_loss=...``, ``simac_feature_weight=W`` and ``metacloak_pool_device=model|cpu`` as in
 ``apdm protect-images``; ``grid`` writes PNG grids of the first subject: protected photos, amplified perturbations
 and DreamBooth samples per method), ``attacker=dreambooth|lora|ti|custom_diffusion`` (the evaluation attacker's toy
 recipe, DreamBooth by default; the keys keep their ``ism_db_*`` names and the JSON records ``attacker``; the
-surrogates of ASPL, SimAC and MetaCloak stay DreamBooth, since a protector cannot know the attack),
+surrogates of ASPL, FSMG, SimAC and MetaCloak stay DreamBooth, since a protector cannot know the attack),
 ``identifier=WORD`` (the attacker names the subject "a photo of WORD person" instead of the recipe's "sks"; ASPL's
 simulated DreamBooth keeps "sks", since a protector cannot know the attacker's word)
 and ``attack_seeds=K`` (every evaluation attack is run K times, run r with the attacker's seed and the sampling seed
@@ -120,7 +122,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
                  "purifiers": purifiers}
     sample = toy_recipe("dreambooth").sample
     sample.num_images_per_prompt = n_samples
-    db_cfg = toy_recipe("dreambooth").personalization  # the surrogate of ASPL, SimAC, MetaCloak (and CAAT's rate)
+    db_cfg = toy_recipe("dreambooth").personalization  # the surrogate of ASPL, FSMG, SimAC, MetaCloak (CAAT's rate)
     attack_cfg = toy_recipe(attacker).personalization  # the evaluation attacker
     if "caat" in methods:  # CAAT's surrogate, as set per subject below
         res["caat_surrogate"] = {"learning_rate": db_cfg.learning_rate, "prompt": "the class prompt",
@@ -185,7 +187,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
             kws = {}
             for m in methods:
                 kw = dict(method_kw.get(m, {}))
-                if m in ("aspl", "simac", "metacloak"):  # the toy DreamBooth (its 300 steps: MetaCloak's horizon)
+                if m in ("aspl", "fsmg", "simac", "metacloak"):  # the toy DreamBooth (FSMG's steps, MetaCloak's horizon)
                     kw["personalization"] = dataclasses.replace(
                         with_prompts(db_cfg, subj.instance_prompt, subj.class_prompt), with_prior_preservation=False)
                 if m == "caat":  # CAAT's surrogate at the toy DreamBooth's learning rate (tiny models need larger)
