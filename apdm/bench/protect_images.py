@@ -187,7 +187,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
             kws = {}
             for m in methods:
                 kw = dict(method_kw.get(m, {}))
-                if m in ("aspl", "fsmg", "simac", "metacloak"):  # the toy DreamBooth (FSMG's steps, MetaCloak's horizon)
+                if m in ("aspl", "fsmg", "simac", "metacloak"):  # the toy DreamBooth (FSMG's steps, MetaCloak's span)
                     kw["personalization"] = dataclasses.replace(
                         with_prompts(db_cfg, subj.instance_prompt, subj.class_prompt), with_prior_preservation=False)
                 if m == "caat":  # CAAT's surrogate at the toy DreamBooth's learning rate (tiny models need larger)
