@@ -37,7 +37,7 @@ GPU; :mod:`apdm.bench.jobs`); ``seconds_per_image_m`` is then measured on one of
 alike for every method.
 
 Each DreamBooth attack costs ~1–3 min on 2 CPU cores (Custom Diffusion ~1 min), and the full grid is 1 + 5 attacks
-per method and subject.
+per method and subject, plus 1 + 3 for the clean photos.
 ``--quick`` therefore runs the four robustness attacks (JPEG-75, blur, DiffPure, one clean photo) only for the
 methods in ``robust_methods`` (default ``ldu`` with ``--quick``, every method without); every method still gets
 its fidelity, cost and plain ``ism_db_m``.
