@@ -539,6 +539,8 @@ def test_bench_protect_images_checks_attacker_options():
         bench_protect_images(True, ["attacker=dreamboth", "methods=ldu"])
     with pytest.raises(ValueError, match="simac_feature_weight='much'"):
         bench_protect_images(True, ["simac_feature_weight=much", "methods=simac", "robust_methods=none"])
+    with pytest.raises(ValueError, match="clean_references='yes please': true or false"):
+        bench_protect_images(True, ["clean_references=yes please", "methods=ldu"])
     for bench in (bench_protect_images, bench_protect_model):
         with pytest.raises(ValueError, match="attack_seed_stride must be a whole number >= 1"):
             bench(True, ["attack_seed_stride=-3"])

@@ -37,7 +37,7 @@ def test_bench_protect_images_quick_keys_and_grids(tmp_path):
 
     out = tmp_path / "pi.json"
     assert main(["bench", "protect-images", "--quick", "--out", str(out), "methods=ldu,advdm", "advdm_steps=5",
-                 "robust_methods=ldu", "samples=2", f"grid={tmp_path / 'grids'}",
+                 "robust_methods=ldu", "samples=2", f"grid={tmp_path / 'grids'}", "clean_references=true",
                  "purifiers=impress:steps=3;gridpure:rounds=1"]) == 0
     res = json.loads(out.read_text())
     for m in ("ldu", "advdm"):
@@ -70,7 +70,7 @@ def test_bench_protect_images_attack_seeds_and_identifier(tmp_path):
                  "samples=2", "attack_seeds=2", "identifier=zwx"]) == 0
     res = json.loads(out.read_text())
     assert res["identifier"] == "zwx" and res["attack_seeds"] == 2
-    assert "ism_db_clean_jpeg75" not in res  # no robust method: no clean reference attacks either
+    assert "ism_db_clean_jpeg75" not in res and not res["clean_references"]  # no robust method: no references
     for key in ("ism_db_clean", "ism_db_ldu", "fdfr_db_clean"):
         runs = res[f"{key}_runs"]
         assert len(runs) == 2 and res[key] == pytest.approx(sum(runs) / 2, abs=1e-4)
