@@ -28,7 +28,7 @@ from apdm.protect_images import ldu
 from apdm.protect_images.baselines import advdm_loss, protect_advdm
 from apdm.protect_images.budget import project_linf
 from apdm.toy.world import REPO_ASSETS, heldout_subjects
-from apdm.utils import progress
+from apdm.utils import atomic_write_json, progress
 
 
 class LatentShift(torch.nn.Module):
@@ -103,8 +103,7 @@ def main() -> None:  # under a main guard: the attack workers are spawned proces
                 res["sets"][name][key] = round(statistics.mean(runs), 4)
     res["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(res, indent=1))
-    with open(out_path, "w") as f:
-        json.dump(res, f, indent=1)
+    atomic_write_json(out_path, res)
 
 
 if __name__ == "__main__":
