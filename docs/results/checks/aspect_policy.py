@@ -15,7 +15,6 @@ latent distance to the target that it closes; AdvDM (50 steps) as the rise of th
 """
 
 import argparse
-import json
 import time
 
 import torch
@@ -27,6 +26,7 @@ from apdm.core.images import model_shape, resize, resize_center_crop, to_model_r
 from apdm.protect_images.baselines import advdm_loss, protect_advdm, protect_photoguard
 from apdm.protect_images.budget import apply_delta_to_original
 from apdm.toy.world import heldout_subjects
+from apdm.utils import atomic_write_json
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--subjects", type=int, default=2)
@@ -91,5 +91,4 @@ for method in ("photoguard", "advdm"):
         result[f"{method}_{policy}_model_hw"] = list(hw)
         print(f"{method:10s} {policy:8s} at {hw}: {value:.4f}  ({time.time() - t0:.0f} s)", flush=True)
 if args.out:
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    atomic_write_json(args.out, result)

@@ -21,7 +21,6 @@ plus the PSNR of P(x) and of P(x̄) to the clean photo x. Each value is a mean o
 
 import argparse
 import dataclasses
-import json
 import time
 
 import torch
@@ -38,6 +37,7 @@ from apdm.protect_images import ldu
 from apdm.protect_images.baselines import METHODS, advdm_loss
 from apdm.protect_images.budget import parse_budget
 from apdm.toy.world import heldout_subjects, rho_path, toy_root
+from apdm.utils import atomic_write_json
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--subjects", type=int, default=3)
@@ -128,5 +128,4 @@ for k, r in out["rows"].items():
     print(f"{k:24s} {r['pixel']:7.3f} {r['latent']:7.3f} {obj:>7s} {r['psnr_clean_purified']:10.2f} "
           f"{r['psnr_protected_purified']:10.2f}")
 if args.out:
-    with open(args.out, "w") as fh:
-        json.dump(out, fh, indent=1)
+    atomic_write_json(args.out, out)

@@ -8,7 +8,6 @@ to the clean ones and the wall time of the whole batch (2 CPU threads), next to 
 alone (σ 0.1) and a bicubic ×¼-and-back resize.
 """
 
-import json
 import sys
 import time
 
@@ -19,6 +18,7 @@ from apdm.attacks.noisy_upscale import noisy_upscale
 from apdm.core.models import load_sd
 from apdm.evaluation.fidelity import psnr
 from apdm.toy.world import heldout_subjects
+from apdm.utils import atomic_write_json
 
 torch.manual_seed(0)
 UPS = sys.argv[2] if len(sys.argv) > 2 else "toy"
@@ -37,5 +37,4 @@ out["noisy_only"] = round(psnr(noisy, x).mean().item(), 2)
 small = F.interpolate(x, size=16, mode="bicubic", antialias=True)
 out["bicubic_down4_up"] = round(psnr(F.interpolate(small, size=64, mode="bicubic").clamp(0, 1), x).mean().item(), 2)
 print(out)
-with open(sys.argv[1], "w") as f:
-    json.dump(out, f, indent=1)
+atomic_write_json(sys.argv[1], out)

@@ -25,6 +25,8 @@ import math
 import os
 import sys
 
+from apdm.utils import atomic_write_json
+
 GOAL = 0.85
 THRESHOLDS = (0.6, 0.7, 0.75, 0.8, 0.9)
 
@@ -100,8 +102,7 @@ def main(argv=None) -> int:
                   f"ratio {row['above_min_ratio']}); below: {row['below_met_goal']} / {row['below']} (highest "
                   f"{row['below_max_ratio']})")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out | {"rows": every}, f, indent=1)
+        atomic_write_json(args.out, out | {"rows": every})
     return 0
 
 
