@@ -47,6 +47,21 @@ def optional_import(module: str, extra: str, purpose: str = ""):
         ) from exc
 
 
+_TRUE_WORDS, _FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def parse_bool(text: str) -> bool:
+    """``"true"``/``"1"``/``"yes"``/``"on"`` -> True, ``"false"``/``"0"``/``"no"``/``"off"`` -> False (any case,
+    outer spaces ignored: the words YAML reads as booleans in recipes, and 1/0); anything else raises ValueError,
+    so a typo such as ``long_attack=ture`` is refused instead of silently read as false."""
+    word = text.strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise ValueError(f"{text!r} is not true or false")
+
+
 def set_progress(enabled: bool) -> None:
     """Globally enable or disable tqdm progress bars (``quiet=true`` disables them)."""
     global _PROGRESS_DISABLED

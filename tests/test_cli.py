@@ -546,6 +546,30 @@ def test_bench_protect_images_checks_attacker_options():
             bench(True, ["attack_seed_stride=-3"])
 
 
+def test_bench_boolean_options_take_yaml_words_and_refuse_typos():
+    """Every true/false benchmark option goes through one parser: the YAML boolean words and 1/0 in any case are
+    read, a typo is refused with the option's name before any work (before, ``long_attack=ture`` and
+    ``gradient_checkpointing=yes`` were silently read as false)."""
+    from apdm.bench import option_bool, run_benchmark
+    from apdm.bench.protect_model import bench_protect_model
+    from apdm.bench.speed import bench_speed
+    from apdm.utils import parse_bool
+
+    for word, want in [("true", True), ("Yes", True), (" 1 ", True), ("ON", True),
+                       ("false", False), ("No", False), ("0", False), ("off", False)]:
+        assert parse_bool(word) is want
+        assert option_bool({"k": word}, "k", not want) is want
+    assert option_bool({}, "k", True) is True and option_bool({}, "k", False) is False
+    with pytest.raises(ValueError, match=r"^long_attack='ture': true or false \(twice the steps\)$"):
+        option_bool({"long_attack": "ture"}, "long_attack", False, "twice the steps")
+    for bench, option in [(bench_protect_model, "long_attack=ture"), (bench_protect_model, "no_naive=y"),
+                          (bench_speed, "gradient_checkpointing=2")]:
+        with pytest.raises(ValueError, match=f"^{option.split('=')[0]}='{option.split('=')[1]}': true or false"):
+            bench(True, [option])
+    with pytest.raises(ValueError, match="^quiet='loud': true or false"):
+        run_benchmark("speed", None, True, ["quiet=loud"])
+
+
 def test_toy_metric_backends_share_one_instrument_load():
     from apdm.evaluation import run as R
 

@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from apdm.utils import parse_bool
+
 
 def _check(images: torch.Tensor) -> None:
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
@@ -227,9 +229,7 @@ def _convert(name: str, key: str, value: str, default):
         if isinstance(default, str):
             return value
         if isinstance(default, bool):
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return value.lower() in ("true", "1")
+            return parse_bool(value)
         if isinstance(default, int) or (default is None and key in ("seed", "kernel_size", "quality")):
             f = float(value)
             if not f.is_integer():

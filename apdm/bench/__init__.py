@@ -25,6 +25,20 @@ def parse_options(overrides: list[str], known: set[str]) -> dict[str, str]:
     return opts
 
 
+def option_bool(opts: dict[str, str], key: str, default: bool, meaning: str = "") -> bool:
+    """A ``key=true|false`` benchmark option (also 1/0, yes/no, on/off, any case; see
+    :func:`apdm.utils.parse_bool`), ``default`` when absent; any other value is a ValueError naming the option and,
+    when given, what it means."""
+    from apdm.utils import parse_bool
+
+    if key not in opts:
+        return default
+    try:
+        return parse_bool(opts[key])
+    except ValueError:
+        raise ValueError(f"{key}={opts[key]!r}: true or false" + (f" ({meaning})" if meaning else "")) from None
+
+
 def toy_setup(overrides: list[str], known: set[str]):
     """Shared preamble of the toy-world benchmarks: options (``known`` plus ``model``, ``device``, ``workers``),
     seeding, the model and the instruments.
@@ -197,7 +211,7 @@ def run_benchmark(name: str, out: str | None, quick: bool, overrides: list[str])
 
     quiet = [o for o in overrides if o.split("=", 1)[0] == "quiet"]
     if quiet:
-        set_progress(quiet[-1].split("=", 1)[-1].lower() not in ("true", "1", "yes"))
+        set_progress(not option_bool({"quiet": quiet[-1].split("=", 1)[-1]}, "quiet", False, "hide progress bars"))
         overrides = [o for o in overrides if o not in quiet]
     t0 = time.perf_counter()
     result = BENCHMARKS[name](quick, overrides)

@@ -60,7 +60,7 @@ from pathlib import Path
 
 def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     from apdm.bench import (attack_config, attack_seed_stride, attack_seeds, identifier_option, jobs,
-                            submit_attack_runs, toy_setup)
+                            option_bool, submit_attack_runs, toy_setup)
     from apdm.attacks.diffpure import diffpure
     from apdm.attacks.transforms import MODEL_ATTACKS, check_attack, gaussian_blur, jpeg
     from apdm.bench.toy_world import METHOD_RECIPES, toy_recipe
@@ -86,11 +86,8 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     methods = opts.get("methods", "ldu,aspl,advdm,photoguard").split(",")
     robust = opts.get("robust_methods", "ldu" if quick else ",".join(methods))
     robust = [] if robust in ("", "none") else robust.split(",")
-    clean_refs = opts.get("clean_references", "false" if quick else "true").lower()
-    if clean_refs not in ("true", "false"):
-        raise ValueError(f"clean_references={opts['clean_references']!r}: true or false (whether JPEG-75, blur and "
-                         "DiffPure also attack the clean photos, the reference the robust methods are read against)")
-    clean_refs = clean_refs == "true" and bool(robust)
+    clean_refs = option_bool(opts, "clean_references", not quick, "whether JPEG-75, blur and DiffPure also attack "
+                             "the clean photos, the reference the robust methods are read against") and bool(robust)
     identifier, n_seeds = identifier_option(opts, "identifier"), attack_seeds(opts, quick)
     stride = attack_seed_stride(opts)
     unknown = [m for m in methods if m != "ldu" and m not in METHODS] + [m for m in robust if m not in methods]

@@ -94,7 +94,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     import torch
 
     from apdm.bench import (attack_config, attack_seed_stride, attack_seeds, identifier_option, jobs,
-                            submit_attack_runs, toy_setup)
+                            option_bool, submit_attack_runs, toy_setup)
     from apdm.bench.toy_world import METHOD_RECIPES, toy_recipe
     from apdm.config import EncoderTrapConfig, ProtectModelRunConfig, load_config
     from apdm.protect_model.encoder_trap import check_trap_config, trap_embedder, trap_targets
@@ -118,6 +118,8 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     unknown = attacks - {"lora", "ti", "other", "targets", "dog"}
     if unknown:
         raise ValueError(f"unknown attacks {sorted(unknown)} (known: lora, ti, other, targets, dog)")
+    long_attack = option_bool(opts, "long_attack", not quick, "also attack with twice the DreamBooth steps")
+    naive = not option_bool(opts, "no_naive", False, "skip the naive-loss baseline")
     # the evaluation attacker's recipes, loaded once (this also rejects a bad attack.* key before any work)
     attack_runs = {m: toy_recipe(m, attack_recipe) for m in METHOD_RECIPES}
     sample = attack_runs["dreambooth"].sample
@@ -202,9 +204,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
 
     spec, workers = jobs.spec(sd), jobs.worker_count(opts, sd)
     res["workers"] = workers
-    long_attack = opts.get("long_attack", "false" if quick else "true") == "true"
     long_steps = 2 * attack_runs["dreambooth"].personalization.steps
-    naive = opts.get("no_naive", "false") != "true"
     if "baseline" in opts:  # the unprotected numbers of an earlier run on the same model and subjects
         res.update(load_baseline(opts["baseline"], res))
     f: dict = {}  # result key -> future (class-prompt ISM, KID)

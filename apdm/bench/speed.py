@@ -94,7 +94,9 @@ def personalize_step_times(sd, images, class_images, batch_size: int, repeats: i
 
 def _checkpointing(opts: dict) -> bool:
     """The ``gradient_checkpointing=true|false`` option (both parts that train read it)."""
-    return opts.get("gradient_checkpointing", "false").lower() in ("1", "true")
+    from apdm.bench import option_bool
+
+    return option_bool(opts, "gradient_checkpointing", False, "recompute activations in the backward pass")
 
 
 def _protect_model(sd, images, class_images, opts: dict, repeats: int) -> dict:
@@ -282,6 +284,7 @@ def bench_speed(quick: bool, overrides: list[str]) -> dict:
                                      "inner_steps", "outer_steps", "mixed_precision", "gradient_checkpointing",
                                      "trainable", "trap_images", "trap_steps", "micro_batch", "keep_space",
                                      "preserve_batch", "upscaler"})
+    _checkpointing(opts)  # a bad value is refused before any timing
     parts = opts.get("parts", ",".join(PARTS)).split(",")
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
