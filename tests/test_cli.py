@@ -197,6 +197,18 @@ def test_protect_images_resumes_after_a_kill(tmp_path, monkeypatch):
     assert {Path(e["input"]).parent.name for e in moved["images"]} == {"photos-moved"}
     assert all(Path(e["output"]).is_file() and "part-moved" in e["output"] for e in moved["images"])
 
+    # a manifest from before entries named their file relative to the folder (outputs then lay directly in it):
+    # moved again, it still resumes, reading the outputs through their names (as evaluate pairs them)
+    manifest = tmp_path / "part-moved" / "manifest.json"
+    old = json.loads(manifest.read_text())
+    for e in old["images"]:
+        del e["file"]
+    manifest.write_text(json.dumps(old))
+    (tmp_path / "part-moved").rename(tmp_path / "part-old")
+    old_style = runner.run(cfg("part-old", budget="4/255"))
+    assert calls == [] and old_style["num_resumed"] == 5
+    assert all(Path(e["output"]).is_file() and "part-old" in e["output"] for e in old_style["images"])
+
 
 def test_protect_images_keeps_the_aspect_ratio(tmp_path, monkeypatch):
     """Photos are protected at the model's short side with their aspect ratio kept (rounded to a side the model
@@ -503,6 +515,14 @@ def test_evaluate_pairs_a_protect_images_folder_by_its_manifest(tmp_path):
     with pytest.raises(ValueError, match=r"manifest.json lists no protected version of 1 clean photo\(s\): .*c.png"):
         protected_pairs(list_images(clean), str(out))
     assert protected_pairs(clean_paths, str(clean)) is None  # no manifest: the caller pairs by sorted names
+    # a manifest written before entries named their file (outputs directly in the folder), the folder moved since
+    manifest = json.loads((out / "manifest.json").read_text())
+    for e in manifest["images"]:
+        del e["file"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    moved = out.rename(tmp_path / "moved")
+    assert [p.relative_to(moved).as_posix() for p in protected_pairs(clean_paths, str(moved))] == [
+        "a.png", "a-2.png", "b.png"]
 
 
 def test_bench_options_are_checked():

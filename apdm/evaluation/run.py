@@ -196,13 +196,15 @@ def protected_pairs(clean_paths: list[Path], protected_data: str) -> list[Path] 
     Raises:
         ValueError: a clean photo has no protected version in the manifest (named, with the manifest).
     """
+    from apdm.protect_images.run import manifest_output
+
     folder = Path(protected_data)
     manifest_path = folder / "manifest.json"
     if "," in protected_data or not manifest_path.is_file():
         return None
     try:
         images = json.loads(manifest_path.read_text(encoding="utf-8"))["images"]
-        by_content = {e["input_sha256"]: folder / e.get("file", Path(e["output"]).name) for e in images}
+        by_content = {e["input_sha256"]: manifest_output(e, folder) for e in images}
     except (ValueError, KeyError, TypeError):
         return None  # not written by protect-images, or by a version without input hashes
     out, missing = [], []

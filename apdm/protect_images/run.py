@@ -159,10 +159,13 @@ def _previous_run(out: Path, settings: dict, resume: bool) -> tuple[dict, float]
     return entries, float(manifest.get("seconds_total", 0.0))
 
 
-def _output_of(entry: dict, out: Path) -> Path:
-    """A manifest entry's output file, found through its path relative to the output folder (so a moved folder
-    still resumes); entries without one name their output as written."""
-    return out / entry["file"] if "file" in entry else Path(entry["output"])
+def manifest_output(entry: dict, folder: Path) -> Path:
+    """A manifest entry's output file inside the output ``folder`` it was read from, so a moved folder still resumes
+    and still pairs: through the entry's path relative to the folder (``file``), else, in manifests written before
+    ``file`` (and ``recursive=true``) existed, whose outputs all lie directly in the folder, through the recorded
+    output's name. The one reading of a manifest's outputs, for resuming here and for evaluate's pairing
+    (:func:`apdm.evaluation.run.protected_pairs`)."""
+    return folder / entry["file"] if "file" in entry else folder / Path(entry["output"]).name
 
 
 def _match_previous(paths: list[Path], previous: dict[str, dict], out: Path):
@@ -191,17 +194,17 @@ def _match_previous(paths: list[Path], previous: dict[str, dict], out: Path):
             sha_of[real] = sha
         entry = previous.get(real)
         if entry is None or id(entry) in claimed or entry.get("input_sha256") != sha:
-            moved = [e for e in by_content.get(sha, []) if id(e) not in claimed and _output_of(e, out).is_file()]
+            moved = [e for e in by_content.get(sha, []) if id(e) not in claimed and manifest_output(e, out).is_file()]
             entry = moved[0] if moved else entry
         if entry is not None and id(entry) not in claimed:
             claimed.add(id(entry))
-            if entry.get("input_sha256") == sha and _output_of(entry, out).is_file():
-                done[real] = {**entry, "input": str(p), "output": str(_output_of(entry, out))}
+            if entry.get("input_sha256") == sha and manifest_output(entry, out).is_file():
+                done[real] = {**entry, "input": str(p), "output": str(manifest_output(entry, out))}
                 continue
-            dest_of[real] = _output_of(entry, out)
+            dest_of[real] = manifest_output(entry, out)
         todo.append(p)
-    others = [{**e, "output": str(_output_of(e, out))} for e in previous.values()
-              if id(e) not in claimed and _output_of(e, out).is_file()]
+    others = [{**e, "output": str(manifest_output(e, out))} for e in previous.values()
+              if id(e) not in claimed and manifest_output(e, out).is_file()]
     return done, todo, dest_of, others, sha_of
 
 
@@ -306,7 +309,7 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
     # photos already protected with these settings are kept; the others get an output name in input order
     done, todo, dest_of, others, sha_of = _match_previous(paths, previous, out)
     taken = ({os.path.realpath(p) for p in paths}
-             | {os.path.realpath(_output_of(e, out)) for e in previous.values()})
+             | {os.path.realpath(manifest_output(e, out)) for e in previous.values()})
     if done:
         LOG.info("resuming: %d of %d photo(s) are already protected in %s with these settings; protecting the "
                  "other %d", len(done), len(paths), out, len(todo))
