@@ -210,6 +210,32 @@ def test_exif_orientation_applied_and_reset(messy_folder):
     assert ex.get(ExifTags.Base.Orientation, 1) == 1 and ex.get(ExifTags.Base.Make) == "TestCam"
 
 
+def test_animated_and_multi_page_files_are_refused_still_ones_load(tmp_path):
+    """An animated GIF / PNG / WebP or a multi-page TIFF is a clear error (its first frame alone would be protected
+    into a still PNG, dropping the rest); the same formats with one frame load, a still GIF is listed with the
+    photos, and a JPEG with an embedded preview (MPO) gives its primary image."""
+    g = np.random.default_rng(3)
+    frames = [Image.fromarray(g.integers(0, 256, (20, 24, 3), dtype=np.uint8)) for _ in range(3)]
+    for ext in ("gif", "png", "webp", "tiff"):
+        frames[0].save(tmp_path / f"anim.{ext}", save_all=True, append_images=frames[1:])
+        with pytest.raises(ImageLoadError, match=r"(animated|multi-page) .*\(3 frames\): apdm protects still") as e:
+            load_image(tmp_path / f"anim.{ext}")
+        assert f"anim.{ext}" in str(e.value)
+        frames[1].save(tmp_path / f"still.{ext}", **({"lossless": True} if ext == "webp" else {}))
+        still = load_image(tmp_path / f"still.{ext}")
+        assert still.size == (20, 24)
+        if ext != "gif":  # GIF quantizes to a palette; the others store these pixels as they are
+            assert torch.equal((still.pixels * 255).round().byte().permute(1, 2, 0),
+                               torch.from_numpy(np.array(frames[1])))
+    assert "still.gif" in [q.name for q in list_images(tmp_path)]
+    main_image, preview = (Image.new("RGB", (24, 20), c) for c in ((200, 40, 40), (40, 40, 200)))
+    main_image.save(tmp_path / "camera.jpg", format="MPO", save_all=True, append_images=[preview], quality=95)
+    with Image.open(tmp_path / "camera.jpg") as im:
+        assert im.format == "MPO" and im.n_frames == 2  # the file is what a camera writes
+    primary = load_image(tmp_path / "camera.jpg").pixels.mean((1, 2)) * 255
+    assert (primary - torch.tensor([200.0, 40.0, 40.0])).abs().max() < 4  # the red primary, not the blue preview
+
+
 def test_load_errors_name_the_file_and_reason(messy_folder, tmp_path):
     d, _ = messy_folder
     cases = {"a_corrupt.png": "corrupt", "i_text.jpg": "not an image", "j_empty.png": "empty",
