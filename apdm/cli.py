@@ -32,6 +32,20 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 #: protect-images flags that are shorthands for overrides
 SHORTCUTS = {"--method": "method", "--budget": "budget", "--input": "input", "--output": "output_dir",
              "--model": "model.path", "--rho": "rho_path", "--target": "target"}
+#: protect-images methods, for --help (which must not import torch; a test keeps it equal to the engines' list)
+PROTECT_METHODS = ("ldu", "aspl", "fsmg", "advdm", "photoguard", "sds", "mist", "pid", "caat", "metacloak", "simac")
+SHORTCUT_HELP = {
+    "--method": f"one of {', '.join(PROTECT_METHODS)} (default ldu; docs/protect_images_guide.md says which to use)",
+    "--budget": "largest change of any pixel, L-inf on [0,1]: 8/255 (default), 8 (= 8/255) or 0.0314",
+    "--input": "a folder, an image file, a glob, or comma-separated files; the originals are never modified",
+    "--output": "folder for the protected PNGs and manifest.json (default outputs/protected)",
+    "--model": "the model an attacker would use: diffusers folder or hub id (the default, tiny, is a random-weight "
+               "test pipeline that protects against nothing; toy is the toy world)",
+    "--rho": "the trained LDU perturbation network (ldu only; default: the one shipped for the model)",
+    "--target": "PhotoGuard/Mist: image the latents are pulled towards (default: flat gray)",
+}
+PROTECT_IMAGES_EPILOG = ("Example: apdm protect-images --method ldu --budget 8/255 --input photos/ --output "
+                         "protected/\n" + EPILOG + "\n--print-config shows every setting with its default.")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,13 +55,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, _, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EPILOG)
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           epilog=PROTECT_IMAGES_EPILOG if name == "protect-images" else EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", help="YAML recipe (see recipes/)")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
         if name == "protect-images":  # the one-command form: --method ldu --budget 8/255 --input DIR --output DIR
             for flag, key in SHORTCUTS.items():
-                p.add_argument(flag, dest=key.replace(".", "_"), metavar=key.upper(), help=f"same as {key}=...")
+                p.add_argument(flag, dest=key.replace(".", "_"), metavar=key.upper(),
+                               help=f"{SHORTCUT_HELP[flag]} (same as {key}=...)")
     toy = sub.add_parser("toy", help="the toy world (our CPU-sized measuring instrument): build, sample, export")
     toy_sub = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND")
     tb = toy_sub.add_parser("build", epilog=EPILOG,

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,35 @@ def test_help_is_fast_and_lists_commands():
         assert cmd in out.stdout
     heavy = [line for line in out.stderr.splitlines() if line.rstrip().endswith(("| torch", "| diffusers"))]
     assert not heavy, "apdm --help must not import torch/diffusers"
+
+
+def test_protect_images_help_lists_the_engines_methods_and_warns_about_the_test_model(tmp_path):
+    """``--help`` names every method the engine has (kept without importing torch, so checked here against the
+    engines' list), and protecting against the random-weight default model says in the log that it protects
+    against nothing; the toy model does not."""
+    from apdm.cli import PROTECT_METHODS, _parser
+    from apdm.core.models import warn_if_untrained
+    from apdm.protect_images.baselines import METHODS
+    from apdm.utils import LOG
+
+    assert set(PROTECT_METHODS) == {"ldu", *METHODS}
+    text = _parser()._subparsers._group_actions[0].choices["protect-images"].format_help()
+    assert all(m in text for m in PROTECT_METHODS) and "Example: apdm protect-images" in text
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray((torch.rand(16, 16, 3) * 255).byte().numpy()).save(photos / "a.png")
+    records: list = []
+    catch = logging.Handler(logging.WARNING)
+    catch.emit = records.append  # main() sets the apdm logger not to propagate, so caplog would not see it
+    LOG.addHandler(catch)
+    try:
+        assert main(["protect-images", "--method", "advdm", "--input", str(photos), "--output", str(tmp_path / "o"),
+                     "model.path=tiny", "model.device=cpu", "steps=1", "quiet=true"]) == 0
+    finally:
+        LOG.removeHandler(catch)
+    text = " ".join(r.getMessage() for r in records)
+    assert "model.path=tiny is a random-weight pipeline" in text and "the protected photos" in text
+    assert warn_if_untrained("random:sd15", "x") and not warn_if_untrained("toy", "x")
 
 
 def test_config_errors_exit_2(capsys):

@@ -251,7 +251,7 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
         split_spec,
         to_model_resolution,
     )
-    from apdm.core.models import load_sd
+    from apdm.core.models import load_sd, warn_if_untrained
     from apdm.protect_images.budget import apply_delta_to_original, budget_report, format_budget, parse_budget
 
     if cfg.method not in METHOD_NAMES:
@@ -296,6 +296,7 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
 
     def dest_folder(photo: Path) -> Path:  # with recursive=true the sub-folder structure is kept
         return out / os.path.relpath(photo.parent, root) if root is not None else out
+    warn_if_untrained(cfg.model.path, "the protected photos")
     sd = load_sd(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.revision)
     rho = None
     if cfg.method == "ldu":
@@ -387,7 +388,7 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
 def train(cfg: TrainPerturberRunConfig) -> dict:
     """Train ρ on ``cfg.data`` (one sub-folder per identity) and save it to ``cfg.output_dir``."""
     from apdm.core.images import list_images, load_images
-    from apdm.core.models import load_sd
+    from apdm.core.models import load_sd, warn_if_untrained
     from apdm.personalization.simulator import class_images_for
     from apdm.protect_images import ldu
     from apdm.protect_images.budget import parse_budget
@@ -395,6 +396,7 @@ def train(cfg: TrainPerturberRunConfig) -> dict:
     root = Path(cfg.data)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {root}")
+    warn_if_untrained(cfg.model.path, "the trained perturbation network")
     sd = load_sd(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.revision)
     identities = {}
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):

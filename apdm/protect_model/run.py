@@ -299,7 +299,7 @@ def run(cfg: ProtectModelRunConfig) -> dict:
         output_dir/encoder_trap_decoys/ the images each subject's photos now encode as (with the encoder trap)
     """
     from apdm.core import distributed
-    from apdm.core.models import load_sd, save_sd
+    from apdm.core.models import load_sd, save_sd, warn_if_untrained
     from apdm.protect_model.encoder_trap import check_trap_config
     from apdm.protect_model.l2p import check_protect_config, protect
 
@@ -312,6 +312,8 @@ def run(cfg: ProtectModelRunConfig) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", to_yaml(cfg))
     seed_everything(cfg.seed)
+    if main:
+        warn_if_untrained(cfg.model.path, "the protected checkpoint")
     sd = load_sd(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.revision)
     held, held_skipped = [None] * len(cfg.subjects), []
     if main and any(sc.check_data for sc in cfg.subjects):  # before the class images: a bad path fails in seconds
