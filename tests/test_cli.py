@@ -51,7 +51,7 @@ def test_protect_images_help_lists_the_engines_methods_and_warns_about_the_test_
     finally:
         LOG.removeHandler(catch)
     text = " ".join(r.getMessage() for r in records)
-    assert "model.path=tiny is a random-weight pipeline" in text and "the protected photos" in text
+    assert "model.path=tiny is a random-weight pipeline" in text and "protect against no real model" in text
     assert warn_if_untrained("random:sd15", "x") and not warn_if_untrained("toy", "x")
 
 

@@ -145,13 +145,13 @@ def _from_components(unet, vae, text_encoder, tokenizer, scheduler, device, dtyp
     return SD(unet, vae, text_encoder, tokenizer, noise_scheduler, device, dtype, source)
 
 
-def warn_if_untrained(path: str, what: str) -> bool:
+def warn_if_untrained(path: str, consequence: str) -> bool:
     """Warn (and return True) when ``path`` names a random-weight pipeline (``tiny``, ``random:...``; the model
-    default), against which ``what`` (e.g. "the protected photos") protects against no real model: a user who
-    forgets ``--model`` learns it from the log, not from an attacker."""
+    default), saying what that means for the command's output (``consequence``, e.g. "the protected photos will
+    protect against no real model"): a user who forgets ``--model`` learns it from the log, not from an attacker."""
     if path == "tiny" or path.startswith("random:"):
-        LOG.warning("model.path=%s is a random-weight pipeline for tests and timing: %s will protect against no "
-                    "real model; name the model an attacker would use (--model / model.path=)", path, what)
+        LOG.warning("model.path=%s is a random-weight pipeline for tests and timing: %s; name the model an attacker "
+                    "would use (--model / model.path=)", path, consequence)
         return True
     return False
 

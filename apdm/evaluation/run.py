@@ -229,7 +229,7 @@ def run(cfg: EvaluateRunConfig) -> dict:
     """
     from apdm.core import diffusion as D
     from apdm.core.images import load_images, load_spec, save_grid
-    from apdm.core.models import load_sd
+    from apdm.core.models import load_sd, warn_if_untrained
     from apdm.evaluation.protocol import personalize_and_sample, with_prompts
     from apdm.evaluation.report import write_report
 
@@ -247,6 +247,7 @@ def run(cfg: EvaluateRunConfig) -> dict:
     (out / "images").mkdir(exist_ok=True)
     atomic_write_text(out / "config.yaml", to_yaml(cfg))
     seed_everything(cfg.seed)
+    warn_if_untrained(cfg.model.path, "the evaluation's numbers say nothing about protection on a real model")
     sd = load_sd(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.revision)
     size = cfg.resolution or sd.resolution
     records: list[dict] = []

@@ -296,7 +296,7 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
 
     def dest_folder(photo: Path) -> Path:  # with recursive=true the sub-folder structure is kept
         return out / os.path.relpath(photo.parent, root) if root is not None else out
-    warn_if_untrained(cfg.model.path, "the protected photos")
+    warn_if_untrained(cfg.model.path, "the protected photos will protect against no real model")
     sd = load_sd(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.revision)
     rho = None
     if cfg.method == "ldu":
@@ -396,7 +396,7 @@ def train(cfg: TrainPerturberRunConfig) -> dict:
     root = Path(cfg.data)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {root}")
-    warn_if_untrained(cfg.model.path, "the trained perturbation network")
+    warn_if_untrained(cfg.model.path, "the trained perturbation network will protect against no real model")
     sd = load_sd(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.revision)
     identities = {}
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):

@@ -313,7 +313,7 @@ def run(cfg: ProtectModelRunConfig) -> dict:
         atomic_write_text(out / "config.yaml", to_yaml(cfg))
     seed_everything(cfg.seed)
     if main:
-        warn_if_untrained(cfg.model.path, "the protected checkpoint")
+        warn_if_untrained(cfg.model.path, "the protected checkpoint protects no real model")
     sd = load_sd(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.revision)
     held, held_skipped = [None] * len(cfg.subjects), []
     if main and any(sc.check_data for sc in cfg.subjects):  # before the class images: a bad path fails in seconds
