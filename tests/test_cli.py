@@ -620,6 +620,27 @@ def test_bench_boolean_options_take_yaml_words_and_refuse_typos():
         run_benchmark("speed", None, True, ["quiet=loud"])
 
 
+def test_bench_whole_number_options_name_the_option():
+    """Every whole-number benchmark option goes through one reader: ``3.5``, ``abc`` or a number below the option's
+    minimum is refused with the option's name (before: ``invalid literal for int()``, naming nothing, or a silent
+    ``subjects=0``), before any protection or timing."""
+    import re
+
+    from apdm.bench import option_int
+    from apdm.bench.protect_images import bench_protect_images
+    from apdm.bench.speed import bench_speed
+
+    assert option_int({"k": "12"}, "k", 3) == 12 and option_int({}, "k", 3) == 3
+    assert option_int({"k": "0"}, "k", 5, minimum=0) == 0
+    for text in ("3.5", "abc", "0", "-2"):
+        with pytest.raises(ValueError, match=rf"^k must be a whole number >= 1 \(how many\), got '{re.escape(text)}'$"):
+            option_int({"k": text}, "k", 3, 1, "how many")
+    with pytest.raises(ValueError, match="^subjects must be a whole number >= 1, got '2.5'$"):
+        bench_protect_images(True, ["subjects=2.5", "methods=ldu"])
+    with pytest.raises(ValueError, match="^micro_batch must be a whole number >= 0, got '-1'$"):
+        bench_speed(True, ["micro_batch=-1"])
+
+
 def test_toy_metric_backends_share_one_instrument_load():
     from apdm.evaluation import run as R
 

@@ -39,6 +39,23 @@ def option_bool(opts: dict[str, str], key: str, default: bool, meaning: str = ""
         raise ValueError(f"{key}={opts[key]!r}: true or false" + (f" ({meaning})" if meaning else "")) from None
 
 
+def option_int(opts: dict[str, str], key: str, default: int, minimum: int = 1, meaning: str = "") -> int:
+    """A whole-number benchmark option ``key=N`` with N ≥ ``minimum``, ``default`` when absent; anything else
+    (``3.5``, ``abc``, a number below ``minimum``) is a ValueError naming the option and, when given, what it
+    means, raised before any work."""
+    if key not in opts:
+        return default
+    text = opts[key]
+    try:
+        n = int(text)
+    except ValueError:
+        n = None
+    if n is None or n < minimum:
+        raise ValueError(f"{key} must be a whole number >= {minimum}{f' ({meaning})' if meaning else ''}, "
+                         f"got '{text}'")
+    return n
+
+
 def toy_setup(overrides: list[str], known: set[str]):
     """Shared preamble of the toy-world benchmarks: options (``known`` plus ``model``, ``device``, ``workers``),
     seeding, the model and the instruments.
@@ -99,15 +116,8 @@ def attack_seed_stride(opts: dict) -> int:
     :data:`apdm.core.diffusion.SEED_STRIDE`, independent runs; 1 reproduces results written before 2026-12-04)."""
     from apdm.core.diffusion import SEED_STRIDE
 
-    text = opts.get("attack_seed_stride", str(SEED_STRIDE))
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise ValueError(f"attack_seed_stride must be a whole number >= 1 (the seed distance between an attack's "
-                         f"runs; {SEED_STRIDE} by default, 1 as before 2026-12-04), got '{text}'")
-    return n
+    return option_int(opts, "attack_seed_stride", SEED_STRIDE, 1, f"the seed distance between an attack's runs; "
+                      f"{SEED_STRIDE} by default, 1 as before 2026-12-04")
 
 
 def standard_error(values: list[float]) -> float:
@@ -154,15 +164,7 @@ def submit_attack_runs(pool, spec, state, images, references, cfg, sample, n_run
 
 def attack_seeds(opts: dict, quick: bool = True) -> int:
     """``attack_seeds=K``: how many times every attack is run (K ≥ 1; default 1 with ``--quick``, else 3)."""
-    text = opts.get("attack_seeds", "1" if quick else "3")
-    try:
-        k = int(text)
-    except ValueError:
-        k = 0
-    if k < 1:
-        raise ValueError(f"attack_seeds must be a whole number >= 1 (how many seeds each attack is run with), "
-                         f"got '{text}'")
-    return k
+    return option_int(opts, "attack_seeds", 1 if quick else 3, 1, "how many seeds each attack is run with")
 
 
 def _personalize_steps(quick: bool, overrides: list[str]) -> dict:

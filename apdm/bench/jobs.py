@@ -99,7 +99,9 @@ def remember_model(sd) -> tuple[str, str]:
 
 def worker_count(opts: dict, sd) -> int:
     """The benchmark option ``workers=N``, else :func:`default_workers` for the model's device."""
-    return int(opts.get("workers", default_workers(str(sd.device))))
+    from apdm.bench import option_int
+
+    return option_int(opts, "workers", default_workers(str(sd.device)), 1, "parallel job processes")
 
 
 def model(model_spec: tuple[str, str], unet_state: dict | None = None):

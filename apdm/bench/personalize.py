@@ -13,15 +13,15 @@ def bench_personalize_steps(quick: bool, overrides: list[str]) -> dict:
     """
     import torch
 
-    from apdm.core.models import load_sd
-    from apdm.bench import parse_options
+    from apdm.bench import option_int, parse_options
     from apdm.bench.speed import personalize_step_times
+    from apdm.core.models import load_sd
 
     opts = parse_options(overrides, {"model", "resolution", "steps", "batch_size", "device", "dtype"})
     sd = load_sd(opts.get("model", "tiny"), opts.get("device", "auto"), opts.get("dtype", "auto"))
-    steps = int(opts.get("steps", 5 if quick else 20))
-    bs = int(opts.get("batch_size", 1))
-    res = int(opts.get("resolution", sd.resolution))
+    steps = option_int(opts, "steps", 5 if quick else 20)
+    bs = option_int(opts, "batch_size", 1)
+    res = option_int(opts, "resolution", sd.resolution, 8)
     g = torch.Generator().manual_seed(0)
     images = torch.rand(4, 3, res, res, generator=g).to(sd.device)
     class_images = torch.rand(8, 3, res, res, generator=g).to(sd.device)

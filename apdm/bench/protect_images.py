@@ -60,7 +60,7 @@ from pathlib import Path
 
 def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     from apdm.bench import (attack_config, attack_seed_stride, attack_seeds, identifier_option, jobs,
-                            option_bool, submit_attack_runs, toy_setup)
+                            option_bool, option_int, submit_attack_runs, toy_setup)
     from apdm.attacks.diffpure import diffpure
     from apdm.attacks.transforms import MODEL_ATTACKS, check_attack, gaussian_blur, jpeg
     from apdm.bench.toy_world import METHOD_RECIPES, toy_recipe
@@ -81,8 +81,8 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
                                            "grid", "identifier", "attack_seeds", "attack_seed_stride", "attacker",
                                            "purifiers", "clean_references", *METHOD_OPTIONS})
     budget = parse_budget(opts.get("budget", "8/255"))
-    n_subjects = int(opts.get("subjects", 1 if quick else 3))
-    n_samples = int(opts.get("samples", 8 if quick else 16))
+    n_subjects = option_int(opts, "subjects", 1 if quick else 3)
+    n_samples = option_int(opts, "samples", 8 if quick else 16)
     methods = opts.get("methods", "ldu,aspl,advdm,photoguard").split(",")
     robust = opts.get("robust_methods", "ldu" if quick else ",".join(methods))
     robust = [] if robust in ("", "none") else robust.split(",")
@@ -105,16 +105,16 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     if len(set(pur_names)) != len(pur_names) or any(n not in MODEL_ATTACKS for n in pur_names):
         raise ValueError(f"purifiers={opts.get('purifiers')!r}: give each model attack ({', '.join(MODEL_ATTACKS)}) "
                          f"at most once, specs separated by ';', e.g. purifiers='impress:steps=300;gridpure'")
-    method_kw = {"aspl": {"steps": int(opts.get("aspl_steps", 20 if quick else 50))},
-                 "advdm": {"steps": int(opts.get("advdm_steps", 50 if quick else 100))},
-                 "photoguard": {"steps": int(opts.get("photoguard_steps", 200 if quick else 1000))}}
+    method_kw = {"aspl": {"steps": option_int(opts, "aspl_steps", 20 if quick else 50)},
+                 "advdm": {"steps": option_int(opts, "advdm_steps", 50 if quick else 100)},
+                 "photoguard": {"steps": option_int(opts, "photoguard_steps", 200 if quick else 1000)}}
     if "simac" in methods:  # ASPL's outer loop: as ASPL
-        method_kw["simac"] = {"steps": int(opts.get("simac_steps", 20 if quick else 50))}
+        method_kw["simac"] = {"steps": option_int(opts, "simac_steps", 20 if quick else 50)}
     if "metacloak" in methods:  # its published 2,400 iterations would take ~55 min per subject here
-        method_kw["metacloak"] = {"steps": int(opts.get("metacloak_steps", 100 if quick else 400))}
+        method_kw["metacloak"] = {"steps": option_int(opts, "metacloak_steps", 100 if quick else 400)}
     for m in methods:  # the other methods at their published defaults unless <m>_steps= is given
         if m != "ldu" and m not in method_kw and f"{m}_steps" in opts:
-            method_kw[m] = {"steps": int(opts[f"{m}_steps"])}
+            method_kw[m] = {"steps": option_int(opts, f"{m}_steps", 0)}
     for key, (m, name, _) in METHOD_OPTIONS.items():
         if key in opts:  # checked here, before any work
             method_kw.setdefault(m, {})[name] = check_method_option(key, opts[key])

@@ -94,7 +94,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     import torch
 
     from apdm.bench import (attack_config, attack_seed_stride, attack_seeds, identifier_option, jobs,
-                            option_bool, submit_attack_runs, toy_setup)
+                            option_bool, option_int, submit_attack_runs, toy_setup)
     from apdm.bench.toy_world import METHOD_RECIPES, toy_recipe
     from apdm.config import EncoderTrapConfig, ProtectModelRunConfig, load_config
     from apdm.protect_model.encoder_trap import check_trap_config, trap_embedder, trap_targets
@@ -126,7 +126,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     pcfg = rc.protect
     for key in ("outer_steps", "inner_steps"):
         if key in opts:
-            setattr(pcfg, key, int(opts[key]))
+            setattr(pcfg, key, option_int(opts, key, 0, 0))
     if "learning_rate" in opts:
         pcfg.learning_rate = float(opts["learning_rate"])
     pcfg.checkpoint_every = 0  # the bench keeps no checkpoints
@@ -137,7 +137,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
                          "decoys with it would grade the protection with its own judge; use an independent one "
                          "(toy:DIR, built by `apdm toy build skip_model=true seed=1 output_dir=DIR`)")
     tcfg = dataclasses.replace(rc.encoder_trap, checkpoint_every=0)
-    n_samples = int(opts.get("samples", 8 if quick else 16))
+    n_samples = option_int(opts, "samples", 8 if quick else 16)
     n_seeds, stride = attack_seeds(opts, quick), attack_seed_stride(opts)
     sample.num_images_per_prompt = n_samples
     positions = _subject_positions(opts)
@@ -156,7 +156,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     # from a third draw of the same identity (neither the attacker's fresh photos nor the references)
     n_protect = _protect_photo_count(opts)
     n_keep = _keep_photo_count(opts, tcfg)
-    protect_seed = int(opts.get("protect_seed", 0))
+    protect_seed = option_int(opts, "protect_seed", 0, 0)
     subj_prot = subj_a if n_protect == 4 else dataclasses.replace(subj_a, images=torch.cat(
         [subj_a.images, heldout_subjects(1, num_images=n_protect - 4, offset=positions[0], seed=2)[0].images]))
     res: dict = {"model": sd.source, "model_fingerprint": sd.fingerprint(),

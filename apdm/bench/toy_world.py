@@ -29,7 +29,7 @@ def toy_recipe(method: str, overrides=()):
 
 
 def bench_toy_world(quick: bool, overrides: list[str]) -> dict:
-    from apdm.bench import jobs, toy_setup
+    from apdm.bench import jobs, option_int, toy_setup
     from apdm.core import diffusion as D
     from apdm.evaluation.identity import wilson_interval
     from apdm.evaluation.protocol import with_prompts
@@ -39,8 +39,8 @@ def bench_toy_world(quick: bool, overrides: list[str]) -> dict:
 
     t0 = time.perf_counter()
     opts, sd, inst = toy_setup(overrides, {"subjects", "samples", "methods"})
-    n_subjects = int(opts.get("subjects", 3 if quick else 8))
-    n_samples = int(opts.get("samples", 8 if quick else 16))
+    n_subjects = option_int(opts, "subjects", 3 if quick else 8)
+    n_samples = option_int(opts, "samples", 8 if quick else 16)
     methods = opts.get("methods", "dreambooth,lora,ti").split(",")
     res: dict = {"model": sd.source, "instruments_fingerprint": inst.config.get("fingerprint"),
                  "subjects": n_subjects, "samples_per_prompt": n_samples}
