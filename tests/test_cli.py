@@ -508,9 +508,18 @@ def test_evaluate_end_to_end_and_resume(tmp_path):
                 self.srcs.append(dict(attrs)["src"])
 
     parser = Imgs()
-    parser.feed((out / "report.html").read_text())
+    report = (out / "report.html").read_text()
+    parser.feed(report)
     assert len(parser.srcs) >= 6
     assert all((out / s).is_file() for s in parser.srcs)
+    # the random-weight test model is flagged in the report; a real model folder (here the toy world) is not
+    from apdm.config import EvaluateRunConfig
+    from apdm.evaluation.report import write_report
+
+    assert "is a random-weight pipeline" in report
+    real = EvaluateRunConfig(label="test")
+    real.model.path = "toy"
+    assert "random-weight" not in write_report(tmp_path / "real.html", real, recs, []).read_text()
 
     # resume: a second run recomputes nothing (cell files untouched)
     stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}

@@ -145,11 +145,16 @@ def _from_components(unet, vae, text_encoder, tokenizer, scheduler, device, dtyp
     return SD(unet, vae, text_encoder, tokenizer, noise_scheduler, device, dtype, source)
 
 
+def is_untrained(path: str) -> bool:
+    """Whether a ``model.path`` names a random-weight pipeline (``tiny``, the default, or ``random:...``)."""
+    return path == "tiny" or path.startswith("random:")
+
+
 def warn_if_untrained(path: str, consequence: str) -> bool:
-    """Warn (and return True) when ``path`` names a random-weight pipeline (``tiny``, ``random:...``; the model
-    default), saying what that means for the command's output (``consequence``, e.g. "the protected photos will
-    protect against no real model"): a user who forgets ``--model`` learns it from the log, not from an attacker."""
-    if path == "tiny" or path.startswith("random:"):
+    """Warn (and return True) when ``path`` names a random-weight pipeline (:func:`is_untrained`), saying what that
+    means for the command's output (``consequence``, e.g. "the protected photos will protect against no real
+    model"): a user who forgets ``--model`` learns it from the log, not from an attacker."""
+    if is_untrained(path):
         LOG.warning("model.path=%s is a random-weight pipeline for tests and timing: %s; name the model an attacker "
                     "would use (--model / model.path=)", path, consequence)
         return True

@@ -20,7 +20,7 @@ body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f3f3f3}td.l{text-align:left}.na{color:#999}figure{display:inline-block;margin:6px;vertical-align:top}
 figcaption{font-size:12px;max-width:520px}img{image-rendering:pixelated;max-width:520px;border:1px solid #ddd}
-.note{color:#555;font-size:13px}
+.note{color:#555;font-size:13px}.warn{background:#fff3cd;border:1px solid #e0c36c;padding:6px 10px}
 """
 
 
@@ -125,10 +125,15 @@ def strength_plots(records: list[dict]) -> list[str]:
 
 def write_report(path: str | Path, cfg, records: list[dict], gallery: list[dict]) -> Path:
     """Write the report; ``gallery`` items are ``{"subject", "title", "file"}`` with ``file`` relative to it."""
+    from apdm.core.models import is_untrained
+
     metrics, keys, rows = summary_table(records)
     h = [f"<!doctype html><html><head><meta charset='utf-8'><title>apdm evaluate: {html.escape(cfg.label)}</title>"
          f"<style>{_CSS}</style></head><body>",
          f"<h1>apdm evaluate — {html.escape(cfg.label)}</h1>",
+         *([(f"<p class='warn'>model <code>{html.escape(cfg.model.path)}</code> is a random-weight pipeline for "
+             "tests and timing: these numbers say nothing about protection on a real model.</p>")]
+           if is_untrained(cfg.model.path) else []),
          f"<p class='note'>model <code>{html.escape(cfg.model.path)}</code>; scenarios {', '.join(cfg.scenarios)}; "
          f"attacks {', '.join(cfg.attacks)}; personalization {', '.join(p.method for p in cfg.personalizations)}; "
          f"{cfg.sample.num_images_per_prompt} images per prompt. Every metric is tagged <code>name@implementation</code>; "
