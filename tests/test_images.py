@@ -211,20 +211,20 @@ def test_exif_orientation_applied_and_reset(messy_folder):
 
 
 def test_animated_and_multi_page_files_are_refused_still_ones_load(tmp_path):
-    """An animated GIF / PNG / WebP or a multi-page TIFF is a clear error (its first frame alone would be protected
-    into a still PNG, dropping the rest); the same formats with one frame load, a still GIF is listed with the
-    photos, and a JPEG with an embedded preview (MPO) gives its primary image."""
+    """An animated GIF / PNG / WebP / AVIF or a multi-page TIFF is a clear error (its first frame alone would be
+    protected into a still PNG, dropping the rest); the same formats with one frame load, a still GIF is listed with
+    the photos, and a JPEG with an embedded preview (MPO) gives its primary image."""
     g = np.random.default_rng(3)
     frames = [Image.fromarray(g.integers(0, 256, (20, 24, 3), dtype=np.uint8)) for _ in range(3)]
-    for ext in ("gif", "png", "webp", "tiff"):
+    for ext in ("gif", "png", "webp", "avif", "tiff"):
         frames[0].save(tmp_path / f"anim.{ext}", save_all=True, append_images=frames[1:])
-        with pytest.raises(ImageLoadError, match=r"(animated|multi-page) .*\(3 frames\): apdm protects still") as e:
+        with pytest.raises(ImageLoadError, match=r"(animated|multi-page) .*\(3 frames\): apdm protects") as e:
             load_image(tmp_path / f"anim.{ext}")
         assert f"anim.{ext}" in str(e.value)
         frames[1].save(tmp_path / f"still.{ext}", **({"lossless": True} if ext == "webp" else {}))
         still = load_image(tmp_path / f"still.{ext}")
         assert still.size == (20, 24)
-        if ext != "gif":  # GIF quantizes to a palette; the others store these pixels as they are
+        if ext not in ("gif", "avif"):  # GIF quantizes to a palette, AVIF is lossy; the others store these pixels
             assert torch.equal((still.pixels * 255).round().byte().permute(1, 2, 0),
                                torch.from_numpy(np.array(frames[1])))
     assert "still.gif" in [q.name for q in list_images(tmp_path)]

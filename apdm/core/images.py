@@ -8,10 +8,10 @@ are the upright size. Colour modes: RGB as is; L / 1 / P / YCbCr are converted t
 16-bit grey (``I;16``, ``I``) is scaled by 1/65535, float (``F``) is clipped to ``[0, 1]``; CMYK goes through
 the embedded ICC profile to sRGB when there is one (littleCMS), else PIL's naive formula. Alpha (RGBA, LA, PA,
 palette or grey transparency) is kept *separately* as ``(1, H, W)`` and never composited: the RGB values are the
-stored colour values. Multi-frame files: an animated GIF, PNG or WebP and a multi-page TIFF are refused (protecting
-their first frame into a still PNG would silently drop the rest); a JPEG carrying a preview (MPO, as many cameras
-and phones write) and a HEIF with several images give their primary image. Files over :data:`MAX_PIXELS` are
-refused. HEIC/HEIF photos
+stored colour values. Multi-frame files: an animated GIF, PNG, WebP or AVIF and a multi-page TIFF are refused
+(protecting their first frame into a still PNG would silently drop the rest); a JPEG carrying a preview (MPO, as
+many cameras and phones write) and a HEIF with several images give their primary image. Files over
+:data:`MAX_PIXELS` are refused. HEIC/HEIF photos
 are read when the optional ``pillow-heif`` is installed (else reported with the install hint); AVIF by Pillow
 itself; camera RAW files are not read (:data:`RAW_EXTENSIONS`).
 
@@ -58,7 +58,7 @@ from apdm.utils import LOG, atomic_write_bytes, progress
 #: skipped silently.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic", ".heif", ".avif")
 #: formats whose extra frames are content (animation, pages), so a file with more than one is refused
-MULTI_FRAME_REFUSED = ("GIF", "PNG", "WEBP", "TIFF")
+MULTI_FRAME_REFUSED = ("GIF", "PNG", "WEBP", "AVIF", "TIFF")
 #: Camera RAW files: not read (export them to JPEG/PNG/TIFF); a folder holding some says so once when listed.
 RAW_EXTENSIONS = (".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2")
 #: ISO-BMFF brands of HEIF still images (bytes 8-12 of the file, after ``ftyp``).
