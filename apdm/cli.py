@@ -38,10 +38,12 @@ SHORTCUT_HELP = {
     "--method": f"one of {', '.join(PROTECT_METHODS)} (default ldu; docs/protect_images_guide.md says which to use)",
     "--budget": "largest change of any pixel, L-inf on [0,1]: 8/255 (default), 8 (= 8/255) or 0.0314",
     "--input": "a folder, an image file, a glob, or comma-separated files; the originals are never modified",
-    "--output": "folder for the protected PNGs and manifest.json (default outputs/protected)",
+    "--output": "folder for the protected images (PNG unless format=jpeg) and manifest.json (default "
+                "outputs/protected)",
     "--model": "the model an attacker would use: diffusers folder or hub id (the default, tiny, is a random-weight "
                "test pipeline that protects against nothing; toy is the toy world)",
-    "--rho": "the trained LDU perturbation network (ldu only; default: the one shipped for the model)",
+    "--rho": "folder of a trained LDU perturbation network, from apdm train-perturber (needed by ldu; the toy "
+             "world's is assets/toy/rho)",
     "--target": "PhotoGuard/Mist: image the latents are pulled towards (default: flat gray)",
 }
 PROTECT_IMAGES_EPILOG = ("Example: apdm protect-images --method ldu --budget 8/255 --input photos/ --output "
