@@ -46,8 +46,8 @@ SHORTCUT_HELP = {
              "world's is assets/toy/rho)",
     "--target": "PhotoGuard/Mist: image the latents are pulled towards (default: flat gray)",
 }
-PROTECT_IMAGES_EPILOG = ("Example: apdm protect-images --method ldu --budget 8/255 --input photos/ --output "
-                         "protected/\n" + EPILOG + "\n--print-config shows every setting with its default.")
+PROTECT_IMAGES_EPILOG = ("Example: apdm protect-images --method advdm --budget 8/255 --model ./sd15 --input photos/ "
+                         "--output protected/\n" + EPILOG + "\n--print-config shows every setting with its default.")
 
 
 def _parser() -> argparse.ArgumentParser:
