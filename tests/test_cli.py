@@ -648,6 +648,15 @@ def test_bench_whole_number_options_name_the_option():
         bench_protect_images(True, ["subjects=2.5", "methods=ldu"])
     with pytest.raises(ValueError, match="^micro_batch must be a whole number >= 0, got '-1'$"):
         bench_speed(True, ["micro_batch=-1"])
+    from apdm.bench import option_positive
+    from apdm.bench.protect_model import bench_protect_model
+
+    assert option_positive({"lr": "2e-4"}, "lr", 1.0) == 2e-4 and option_positive({}, "lr", 0.5) == 0.5
+    for text in ("abc", "0", "-1e-4", "nan", "inf"):
+        with pytest.raises(ValueError, match=rf"^lr must be a number > 0, got '{text}'$"):
+            option_positive({"lr": text}, "lr", 1.0)
+    with pytest.raises(ValueError, match=r"^learning_rate must be a number > 0 \(the protection's learning rate\)"):
+        bench_protect_model(True, ["learning_rate=2e-4x"])
 
 
 def test_toy_metric_backends_share_one_instrument_load():

@@ -56,6 +56,23 @@ def option_int(opts: dict[str, str], key: str, default: int, minimum: int = 1, m
     return n
 
 
+def option_positive(opts: dict[str, str], key: str, default: float, meaning: str = "") -> float:
+    """A positive finite number option ``key=X`` (``1e-4``, ``0.0002``), ``default`` when absent; anything else is a
+    ValueError naming the option and, when given, what it means."""
+    import math
+
+    if key not in opts:
+        return default
+    text = opts[key]
+    try:
+        x = float(text)
+    except ValueError:
+        x = math.nan
+    if not (math.isfinite(x) and x > 0):
+        raise ValueError(f"{key} must be a number > 0{f' ({meaning})' if meaning else ''}, got '{text}'")
+    return x
+
+
 def toy_setup(overrides: list[str], known: set[str]):
     """Shared preamble of the toy-world benchmarks: options (``known`` plus ``model``, ``device``, ``workers``),
     seeding, the model and the instruments.

@@ -94,7 +94,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     import torch
 
     from apdm.bench import (attack_config, attack_seed_stride, attack_seeds, identifier_option, jobs,
-                            option_bool, option_int, submit_attack_runs, toy_setup)
+                            option_bool, option_int, option_positive, submit_attack_runs, toy_setup)
     from apdm.bench.toy_world import METHOD_RECIPES, toy_recipe
     from apdm.config import EncoderTrapConfig, ProtectModelRunConfig, load_config
     from apdm.protect_model.encoder_trap import check_trap_config, trap_embedder, trap_targets
@@ -127,8 +127,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     for key in ("outer_steps", "inner_steps"):
         if key in opts:
             setattr(pcfg, key, option_int(opts, key, 0, 0))
-    if "learning_rate" in opts:
-        pcfg.learning_rate = float(opts["learning_rate"])
+    pcfg.learning_rate = option_positive(opts, "learning_rate", pcfg.learning_rate, "the protection's learning rate")
     pcfg.checkpoint_every = 0  # the bench keeps no checkpoints
     check_protect_config(rc.personalization, pcfg)  # before any job starts
     check_trap_config(rc.encoder_trap)
