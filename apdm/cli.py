@@ -29,22 +29,22 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
-#: protect-images flags that are shorthands for overrides
-SHORTCUTS = {"--method": "method", "--budget": "budget", "--input": "input", "--output": "output_dir",
-             "--model": "model.path", "--rho": "rho_path", "--target": "target"}
 #: protect-images methods, for --help (which must not import torch; a test keeps it equal to the engines' list)
 PROTECT_METHODS = ("ldu", "aspl", "fsmg", "advdm", "photoguard", "sds", "mist", "pid", "caat", "metacloak", "simac")
-SHORTCUT_HELP = {
-    "--method": f"one of {', '.join(PROTECT_METHODS)} (default ldu; docs/protect_images_guide.md says which to use)",
-    "--budget": "largest change of any pixel, L-inf on [0,1]: 8/255 (default), 8 (= 8/255) or 0.0314",
-    "--input": "a folder, an image file, a glob, or comma-separated files; the originals are never modified",
-    "--output": "folder for the protected images (PNG unless format=jpeg) and manifest.json (default "
-                "outputs/protected)",
-    "--model": "the model an attacker would use: diffusers folder or hub id (the default, tiny, is a random-weight "
-               "test pipeline that protects against nothing; toy is the toy world)",
-    "--rho": "folder of a trained LDU perturbation network, from apdm train-perturber (needed by ldu; the toy "
-             "world's is assets/toy/rho)",
-    "--target": "PhotoGuard/Mist: image the latents are pulled towards (default: flat gray)",
+#: protect-images flags that are shorthands for overrides: flag -> (config key, help)
+SHORTCUTS = {
+    "--method": ("method", (f"one of {', '.join(PROTECT_METHODS)} (default ldu; docs/protect_images_guide.md says "
+                            "which to use)")),
+    "--budget": ("budget", "largest change of any pixel, L-inf on [0,1]: 8/255 (default), 8 (= 8/255) or 0.0314"),
+    "--input": ("input", ("a folder, an image file, a glob, or comma-separated files; the originals are never "
+                          "modified")),
+    "--output": ("output_dir", ("folder for the protected images (PNG unless format=jpeg) and manifest.json "
+                                "(default outputs/protected)")),
+    "--model": ("model.path", ("the model an attacker would use: diffusers folder or hub id (the default, tiny, is "
+                               "a random-weight test pipeline that protects against nothing; toy is the toy world)")),
+    "--rho": ("rho_path", ("folder of a trained LDU perturbation network, from apdm train-perturber (needed by ldu; "
+                           "the toy world's is assets/toy/rho)")),
+    "--target": ("target", "PhotoGuard/Mist: image the latents are pulled towards (default: flat gray)"),
 }
 PROTECT_IMAGES_EPILOG = ("Example: apdm protect-images --method advdm --budget 8/255 --model ./sd15 --input photos/ "
                          "--output protected/\n" + EPILOG + "\n--print-config shows every setting with its default.")
@@ -64,9 +64,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
         if name == "protect-images":  # the one-command form: --method ldu --budget 8/255 --input DIR --output DIR
-            for flag, key in SHORTCUTS.items():
+            for flag, (key, text) in SHORTCUTS.items():
                 p.add_argument(flag, dest=key.replace(".", "_"), metavar=key.upper(),
-                               help=f"{SHORTCUT_HELP[flag]} (same as {key}=...)")
+                               help=f"{text} (same as {key}=...)")
     toy = sub.add_parser("toy", help="the toy world (our CPU-sized measuring instrument): build, sample, export")
     toy_sub = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND")
     tb = toy_sub.add_parser("build", epilog=EPILOG,
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cls_name, target, _ = COMMANDS[args.command]
     if args.command == "protect-images":
-        args.overrides = [f"{key}={getattr(args, key.replace('.', '_'))}" for key in SHORTCUTS.values()
+        args.overrides = [f"{key}={getattr(args, key.replace('.', '_'))}" for key, _ in SHORTCUTS.values()
                           if getattr(args, key.replace(".", "_"), None) is not None] + list(args.overrides)
     cfg = _load_config(args.command, getattr(C, cls_name), args)
     if isinstance(cfg, int):

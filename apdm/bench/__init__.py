@@ -39,21 +39,29 @@ def option_bool(opts: dict[str, str], key: str, default: bool, meaning: str = ""
         raise ValueError(f"{key}={opts[key]!r}: true or false" + (f" ({meaning})" if meaning else "")) from None
 
 
+def _option_number(opts: dict[str, str], key: str, default, parse, requirement: str, meaning: str):
+    """``default`` when ``key`` is absent, else ``parse(text)``; a ValueError from ``parse`` (a malformed or
+    out-of-range value) becomes one naming the option, its ``requirement``, what it means (if given) and the value."""
+    if key not in opts:
+        return default
+    try:
+        return parse(opts[key])
+    except ValueError:
+        raise ValueError(f"{key} must be {requirement}{f' ({meaning})' if meaning else ''}, "
+                         f"got '{opts[key]}'") from None
+
+
 def option_int(opts: dict[str, str], key: str, default: int, minimum: int = 1, meaning: str = "") -> int:
     """A whole-number benchmark option ``key=N`` with N ≥ ``minimum``, ``default`` when absent; anything else
     (``3.5``, ``abc``, a number below ``minimum``) is a ValueError naming the option and, when given, what it
     means, raised before any work."""
-    if key not in opts:
-        return default
-    text = opts[key]
-    try:
+    def parse(text: str) -> int:
         n = int(text)
-    except ValueError:
-        n = None
-    if n is None or n < minimum:
-        raise ValueError(f"{key} must be a whole number >= {minimum}{f' ({meaning})' if meaning else ''}, "
-                         f"got '{text}'")
-    return n
+        if n < minimum:
+            raise ValueError
+        return n
+
+    return _option_number(opts, key, default, parse, f"a whole number >= {minimum}", meaning)
 
 
 def option_positive(opts: dict[str, str], key: str, default: float, meaning: str = "") -> float:
@@ -61,16 +69,13 @@ def option_positive(opts: dict[str, str], key: str, default: float, meaning: str
     ValueError naming the option and, when given, what it means."""
     import math
 
-    if key not in opts:
-        return default
-    text = opts[key]
-    try:
+    def parse(text: str) -> float:
         x = float(text)
-    except ValueError:
-        x = math.nan
-    if not (math.isfinite(x) and x > 0):
-        raise ValueError(f"{key} must be a number > 0{f' ({meaning})' if meaning else ''}, got '{text}'")
-    return x
+        if not (math.isfinite(x) and x > 0):
+            raise ValueError
+        return x
+
+    return _option_number(opts, key, default, parse, "a number > 0", meaning)
 
 
 def toy_setup(overrides: list[str], known: set[str]):

@@ -125,8 +125,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     sample = attack_runs["dreambooth"].sample
     pcfg = rc.protect
     for key in ("outer_steps", "inner_steps"):
-        if key in opts:
-            setattr(pcfg, key, option_int(opts, key, 0, 0))
+        setattr(pcfg, key, option_int(opts, key, getattr(pcfg, key), 0))
     pcfg.learning_rate = option_positive(opts, "learning_rate", pcfg.learning_rate, "the protection's learning rate")
     pcfg.checkpoint_every = 0  # the bench keeps no checkpoints
     check_protect_config(rc.personalization, pcfg)  # before any job starts

@@ -46,6 +46,14 @@ from typing import Callable
 from apdm.bench import option_bool, option_int
 
 PARTS = ("personalize", "protect-model", "protect-images", "encoder-trap", "purifiers")
+#: the whole-number options and the smallest value each takes (all checked before the model loads)
+INT_OPTIONS = {"repeats": 1, "batch_size": 1, "images": 1, "inner_steps": 1, "outer_steps": 1, "trap_images": 1,
+               "trap_steps": 1, "micro_batch": 0, "preserve_batch": 0}
+
+
+def _int(opts: dict, key: str, default: int) -> int:
+    """A whole-number option of :data:`INT_OPTIONS`, at least its minimum there."""
+    return option_int(opts, key, default, INT_OPTIONS[key])
 
 
 def _sync(device) -> None:
@@ -103,8 +111,8 @@ def _protect_model(sd, images, class_images, opts: dict, repeats: int) -> dict:
     from apdm.config import PersonalizationConfig, ProtectConfig
     from apdm.protect_model import l2p
 
-    inner = option_int(opts, "inner_steps", 20)
-    outer = option_int(opts, "outer_steps", 800)
+    inner = _int(opts, "inner_steps", 20)
+    outer = _int(opts, "outer_steps", 800)
     pcfg = ProtectConfig(inner_steps=inner, checkpoint_every=0, trainable=opts.get("trainable", "all"),
                          mixed_precision=opts.get("mixed_precision", "no"),
                          gradient_checkpointing=_checkpointing(opts))
@@ -219,14 +227,14 @@ def _encoder_trap(sd, class_images, opts: dict, repeats: int) -> dict:
     from apdm.protect_model import encoder_trap as T
 
     res = sd.resolution
-    n = option_int(opts, "trap_images", option_int(opts, "images", 4))
+    n = _int(opts, "trap_images", _int(opts, "images", 4))
     g = torch.Generator().manual_seed(1)
     photos = torch.rand(n, 3, res, res, generator=g).to(sd.device)
     paired = class_images[torch.arange(n) % class_images.shape[0]]  # each photo's decoy
-    cfg = EncoderTrapConfig(steps=option_int(opts, "trap_steps", 1500),
-                            micro_batch=option_int(opts, "micro_batch", 0, 0),
+    cfg = EncoderTrapConfig(steps=_int(opts, "trap_steps", 1500),
+                            micro_batch=_int(opts, "micro_batch", 0),
                             keep_space=opts.get("keep_space", "latent"),
-                            preserve_batch=option_int(opts, "preserve_batch", 8, 0),
+                            preserve_batch=_int(opts, "preserve_batch", 8),
                             gradient_checkpointing=_checkpointing(opts))
     T.check_trap_config(cfg)
     trapped, _, optimizer = T.trainable_copy(sd.vae, cfg)
@@ -286,22 +294,21 @@ def bench_speed(quick: bool, overrides: list[str]) -> dict:
                                      "trainable", "trap_images", "trap_steps", "micro_batch", "keep_space",
                                      "preserve_batch", "upscaler"})
     _checkpointing(opts)  # bad values are refused before any timing
-    for key, minimum in (("repeats", 1), ("batch_size", 1), ("images", 1), ("inner_steps", 1), ("outer_steps", 1),
-                         ("trap_images", 1), ("trap_steps", 1), ("micro_batch", 0), ("preserve_batch", 0)):
-        option_int(opts, key, minimum, minimum)
+    for key in INT_OPTIONS:
+        _int(opts, key, 0)  # only checks: the parts read them where they are used
     parts = opts.get("parts", ",".join(PARTS)).split(",")
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise ValueError(f"unknown parts {unknown} (choose from {', '.join(PARTS)})")
     if quick:
         opts.setdefault("inner_steps", "2")
-    repeats = option_int(opts, "repeats", 2 if quick else 5)
+    repeats = _int(opts, "repeats", 2 if quick else 5)
     t0 = time.perf_counter()
     sd = load_sd(opts.get("model", "tiny"), opts.get("device", "auto"), opts.get("dtype", "auto"))
     seconds_load = time.perf_counter() - t0
     res = sd.resolution
     g = torch.Generator().manual_seed(0)
-    images = torch.rand(option_int(opts, "images", 4), 3, res, res, generator=g).to(sd.device)
+    images = torch.rand(_int(opts, "images", 4), 3, res, res, generator=g).to(sd.device)
     class_images = torch.rand(8, 3, res, res, generator=g).to(sd.device)
     result = {"model": sd.source, "device": str(sd.device), "dtype": str(sd.dtype).replace("torch.", ""),
               "resolution": res, "repeats": repeats, "torch": torch.__version__,
@@ -309,7 +316,7 @@ def bench_speed(quick: bool, overrides: list[str]) -> dict:
               "cpu": platform.processor() or platform.machine()}
     if sd.device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name(sd.device)
-    bs = option_int(opts, "batch_size", 1)
+    bs = _int(opts, "batch_size", 1)
     if "personalize" in parts:
         result.update(personalize_step_times(sd, images, class_images, bs, repeats))
     if "protect-model" in parts:
