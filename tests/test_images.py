@@ -236,6 +236,22 @@ def test_animated_and_multi_page_files_are_refused_still_ones_load(tmp_path):
     assert (primary - torch.tensor([200.0, 40.0, 40.0])).abs().max() < 4  # the red primary, not the blue preview
 
 
+def test_multi_image_heif_gives_its_primary_image(tmp_path):
+    """A HEIF holding several images (a phone's burst or depth companion) is read as its *primary* image, also when
+    the primary is not the first one stored: the photo the phone shows, at its own size."""
+    pillow_heif = pytest.importorskip("pillow_heif")
+    light = Image.new("RGB", (24, 20), (210, 200, 190))
+    dark = Image.new("RGB", (16, 12), (30, 40, 50))
+    for primary, (want_size, want_rgb) in ((0, ((20, 24), (210, 200, 190))), (1, ((12, 16), (30, 40, 50)))):
+        heif = pillow_heif.from_pillow(light)
+        heif.add_from_pillow(dark)
+        heif.save(tmp_path / f"burst{primary}.heic", quality=95, primary_index=primary)
+        assert len(pillow_heif.open_heif(tmp_path / f"burst{primary}.heic")) == 2
+        im = load_image(tmp_path / f"burst{primary}.heic")
+        assert im.size == want_size
+        assert (im.pixels.mean((1, 2)) * 255 - torch.tensor(want_rgb, dtype=torch.float32)).abs().max() < 6
+
+
 def test_load_errors_name_the_file_and_reason(messy_folder, tmp_path):
     d, _ = messy_folder
     cases = {"a_corrupt.png": "corrupt", "i_text.jpg": "not an image", "j_empty.png": "empty",
