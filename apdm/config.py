@@ -438,12 +438,15 @@ class TrainPerturberRunConfig:
 class EvalSubjectConfig:
     """One subject of an evaluation: clean photos (and their protected versions, if any)."""
 
+    #: the subject's name in results and file names; empty = its clean_data folder's name. Two subjects may not
+    #: share one.
     name: str = ""
     #: folder/files of the clean photos (the attacker's clean data and, by default, the ISM/DINO references).
     clean_data: str = ""
-    #: folder/files of the protected photos, same order (sorted names) as clean_data; empty = none. An
-    #: ``apdm protect-images`` output folder is paired through its manifest instead (each clean photo with the
-    #: file made from it, matched by content).
+    #: folder/files of the protected photos; empty = none. Each clean photo is paired with the protected file of
+    #: its name (any extension), else in sorted order when both are as many; an ``apdm protect-images`` output
+    #: folder through its manifest (each clean photo with the file made from it, matched by content). A photo
+    #: that fails to load is skipped with its twin.
     protected_data: str = ""
     #: separate reference photos for identity metrics; empty = clean_data.
     reference_data: str = ""

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -475,9 +476,23 @@ def test_bench_protect_images_summary_keeps_each_subject_and_each_run():
     assert "ism_db_clean_runs" not in summarize(acc, runs, 1)
 
 
-def test_evaluate_end_to_end_and_resume(tmp_path):
+def report_images(report: str) -> list[str]:
+    """The files an HTML report's <img> tags show (their ``src``, URL-decoded)."""
     from html.parser import HTMLParser
+    from urllib.parse import unquote
 
+    srcs: list[str] = []
+
+    class Imgs(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                srcs.append(unquote(dict(attrs)["src"]))
+
+    Imgs().feed(report)
+    return srcs
+
+
+def test_evaluate_end_to_end_and_resume(tmp_path):
     from helpers import clean_and_protected_folders
 
     clean, prot = clean_and_protected_folders(tmp_path)
@@ -500,18 +515,9 @@ def test_evaluate_end_to_end_and_resume(tmp_path):
     assert any(r["name"] == "psnr" and r["scenario"] == "-" for r in recs)     # clean vs protected fidelity
     assert any(r["name"] == "dino" and r["available"] is False and r["reason"] for r in recs)
 
-    class Imgs(HTMLParser):
-        srcs: list = []
-
-        def handle_starttag(self, tag, attrs):
-            if tag == "img":
-                self.srcs.append(dict(attrs)["src"])
-
-    parser = Imgs()
     report = (out / "report.html").read_text()
-    parser.feed(report)
-    assert len(parser.srcs) >= 6
-    assert all((out / s).is_file() for s in parser.srcs)
+    srcs = report_images(report)
+    assert len(srcs) >= 6 and all((out / s).is_file() for s in srcs)
     # the random-weight test model is flagged in the report; a real model folder (here the toy world) is not
     from apdm.config import EvaluateRunConfig
     from apdm.evaluation.report import write_report
@@ -526,6 +532,68 @@ def test_evaluate_end_to_end_and_resume(tmp_path):
     assert main(args) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == stamps
     assert json.loads((out / "results.json").read_text())["records"] == recs
+    # ... but a setting that changes the numbers is never answered from the cache: another LoRA rank recomputes the
+    # four personalization cells, another sampler setting also the class-prompt cell, a changed photo all five
+    lora8 = [a.replace("with_prior_preservation: false", "with_prior_preservation: false, lora_rank: 8") for a in args]
+    assert main(lora8) == 0
+    assert len(set((out / "cells").glob("*.json")) - set(stamps)) == 4
+    assert main(args + ["sample.guidance_scale=3.0"]) == 0
+    assert len(set((out / "cells").glob("*.json")) - set(stamps)) == 4 + 5
+    Image.open(prot / "0.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(prot / "0.png")
+    assert main(args) == 0
+    assert len(set((out / "cells").glob("*.json")) - set(stamps)) == 4 + 5 + 5
+
+
+def test_evaluate_pairs_photos_by_name_and_keeps_subjects_apart(tmp_path):
+    """A plain protected folder pairs by name, so a photo that fails to load takes only itself and its twin out
+    (before: the rest paired by position, one off, and the 'protection' measured 150/255); two subjects of one
+    folder name are refused before any work; a name with '/' or '#' stays inside the output folder and shows in
+    the report."""
+    from apdm.config import EvalSubjectConfig, EvaluateRunConfig
+    from apdm.core.images import list_images
+    from apdm.evaluation.run import pair_by_name, run
+
+    clean, prot = tmp_path / "alice" / "clean", tmp_path / "alice" / "prot"
+    clean.mkdir(parents=True)
+    prot.mkdir()
+    g = torch.Generator().manual_seed(1)
+    for i in range(4):
+        x = (torch.rand(32, 32, 3, generator=g) * 200).byte()
+        Image.fromarray(x.numpy()).save(clean / f"{i}.png")
+        Image.fromarray((x + 6).numpy()).save(prot / (f"{i}.bmp" if i == 2 else f"{i}.png"))
+    (clean / "1.png").write_bytes(b"not a png")           # a corrupt clean photo ...
+    (prot / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")  # ... and another corrupt protected one
+    listed_c, listed_p = list_images(clean), list_images(prot)
+    assert [p.name for p in pair_by_name(listed_c, listed_p, "s")] == ["0.png", "1.png", "2.bmp", "3.png"]
+    renamed = [p.with_name(f"x{i}.png") for i, p in enumerate(listed_p)]
+    assert pair_by_name(listed_c, renamed, "s") == renamed                      # no shared names: sorted order
+    with pytest.raises(ValueError, match=r"subject 'me': 3 protected vs 4 clean images, .*no protected file named "
+                                         r"like 3.png"):
+        pair_by_name(listed_c, listed_p[:3], "subject 'me'")
+
+    out = tmp_path / "eval"
+    common = ["evaluate", "model.path=tiny", "model.device=cpu", f"output_dir={out}", "quiet=true",
+              "scenarios=[all_clean, all_perturbed]", "class_prompt_baseline=false",
+              "personalizations=[{method: lora, steps: 1, learning_rate: 0.001, with_prior_preservation: false}]",
+              "sample.num_images_per_prompt=1", "sample.num_inference_steps=1",
+              "sample.prompts=[a photo of sks person]", "metrics.brisque=false"]
+    assert main(common + [f"subjects=[{{name: 'a/../#1', clean_data: {clean}, protected_data: {prot}}}]"]) == 0
+    recs = json.loads((out / "results.json").read_text())["records"]
+    linf = next(r for r in recs if r["name"] == "linf_255")
+    assert linf["n"] == 2 and linf["max"] == pytest.approx(6, abs=1.01)   # pairs 0 and 2: the true 6/255
+    assert {r["subject"] for r in recs} == {"a/../#1"}
+    assert all(p.resolve().is_relative_to(out.resolve()) for p in out.rglob("*"))
+    assert not list(tmp_path.glob("*.png")) and not list((tmp_path / "alice").glob("*.png"))
+
+    srcs = report_images((out / "report.html").read_text())
+    assert srcs and all((out / s).is_file() for s in srcs)
+
+    bob = tmp_path / "bob" / "clean"
+    shutil.copytree(clean, bob)
+    two = [EvalSubjectConfig(clean_data=str(clean)), EvalSubjectConfig(clean_data=str(bob))]
+    with pytest.raises(ValueError, match=r"subjects 1 and 2 are both named 'clean'"):
+        run(EvaluateRunConfig(subjects=two, output_dir=str(tmp_path / "never")))
+    assert not (tmp_path / "never").exists()
 
 
 def test_evaluate_pairs_a_protect_images_folder_by_its_manifest(tmp_path):

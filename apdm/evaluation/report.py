@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import re
+import urllib.parse
 from collections import defaultdict
 from pathlib import Path
 
@@ -173,7 +174,7 @@ def write_report(path: str | Path, cfg, records: list[dict], gallery: list[dict]
     for subject, items in by_subject.items():
         h.append(f"<h3>{html.escape(subject)}</h3>")
         for g in items:
-            h.append(f"<figure><img src='{html.escape(g['file'])}' alt='{html.escape(g['title'])}'>"
+            h.append(f"<figure><img src='{html.escape(urllib.parse.quote(g['file']))}' alt='{html.escape(g['title'])}'>"
                      f"<figcaption>{html.escape(g['title'])}</figcaption></figure>")
     h.append("</body></html>")
     return atomic_write_text(path, "\n".join(h))

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -176,10 +177,83 @@ def _backends(cfg: EvaluateRunConfig, subject_class: str) -> dict:
 
 
 # ============================================================================ the runner
+def safe_name(text: str) -> str:
+    """``text`` as a file-name part: letters, digits, ``.``, ``-`` and ``_`` kept, any other run of characters
+    (``/``, ``#``, spaces, ``..``) one ``_``; never empty, never a path out of the folder."""
+    return re.sub(r"[^\w.-]+", "_", str(text)).replace("..", "_").strip("._") or "_"
+
+
 def _cell_key(*parts) -> str:
-    text = "|".join(str(p) for p in parts)
-    slug = "-".join(str(p).replace("/", "_").replace(":", "_").replace("=", "")[:24] for p in parts)
+    """A cell's file name: a readable slug of ``parts`` and a hash of all of them (``parts`` may hold a fingerprint
+    dict, hashed and left out of the slug)."""
+    text = "|".join(json.dumps(p, sort_keys=True, default=str) if isinstance(p, dict) else str(p) for p in parts)
+    slug = "-".join(safe_name(str(p).replace("=", ""))[:24] for p in parts if not isinstance(p, dict))
     return f"{slug}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
+def model_fingerprint(model) -> dict:
+    """What identifies a model's weights for the evaluation's cache: its path, revision and dtype, and for a local
+    folder each file's relative path, size and modification time (cheap for a 4 GB checkpoint; a model saved
+    again into the same folder gets a new fingerprint, so no cell computed on the old one is reused)."""
+    fp: dict = {"path": model.path, "revision": model.revision, "dtype": model.dtype}
+    root = Path(model.path)
+    if root.is_dir():
+        fp["files"] = sorted([f.relative_to(root).as_posix(), f.stat().st_size, f.stat().st_mtime_ns]
+                             for f in root.rglob("*") if f.is_file())
+    return fp
+
+
+def subject_names(subjects) -> list[str]:
+    """Each evaluation subject's name: its ``name``, else its clean folder's name, else ``subject<i>``.
+
+    Raises:
+        ValueError: two subjects would share a name (or its file-name form), so one would read the other's cached
+            cells and overwrite its images; names both and says to set ``name:``.
+    """
+    names = [s.name or Path(s.clean_data.split(",")[0]).name or f"subject{i}" for i, s in enumerate(subjects)]
+    seen: dict[str, int] = {}
+    for i, n in enumerate(names):
+        j = seen.setdefault(safe_name(n).lower(), i)
+        if j != i:
+            raise ValueError(f"subjects {j + 1} and {i + 1} are both named '{names[j]}'" +
+                             (f" / '{n}'" if n != names[j] else "") + " (from their clean_data folders unless set): "
+                             "give each a distinct name, e.g. subjects=[{name: alice, clean_data: ...}, "
+                             "{name: bob, clean_data: ...}]")
+    return names
+
+
+def pair_by_name(clean: list[Path], protected: list[Path], where: str) -> list[Path]:
+    """The protected file of each clean photo, for a protected folder without a protect-images manifest.
+
+    By name when every clean photo has exactly one protected file of its stem (``a.jpg`` ↔ ``a.png``: protect-images
+    keeps the stem; protected files of no clean photo are left out, with a warning); else by sorted position when
+    both lists are as long (both as listed, before any file is read, so a file that fails to load cannot shift the
+    pairs after it).
+
+    Returns:
+        protected paths in ``clean``'s order.
+
+    Raises:
+        ValueError: neither rule pairs them; names ``where`` and the clean photos without a namesake.
+    """
+    by_stem: dict[str, list[Path]] = {}
+    for p in protected:
+        by_stem.setdefault(p.stem, []).append(p)
+    stems = [c.stem for c in clean]
+    if len(set(stems)) == len(stems) and all(len(by_stem.get(s, [])) == 1 for s in stems):
+        if len(protected) > len(clean):
+            LOG.warning("%s: %d protected file(s) have no clean photo of the same name; not used", where,
+                        len(protected) - len(clean))
+        return [by_stem[s][0] for s in stems]
+    if len(protected) == len(clean):
+        LOG.info("%s: clean and protected photos do not share names; pairing them in sorted order", where)
+        return list(protected)
+    lonely = [c.name for c in clean if c.stem not in by_stem]
+    raise ValueError(f"{where}: {len(protected)} protected vs {len(clean)} clean images, and they do not pair by name"
+                     + (f" (no protected file named like {', '.join(lonely[:5])}{' …' if len(lonely) > 5 else ''})"
+                        if lonely else "")
+                     + ": give each protected photo its clean photo's name (any extension), or the same number of "
+                       "photos in the same sorted order")
 
 
 def protected_pairs(clean_paths: list[Path], protected_data: str) -> list[Path] | None:
@@ -228,7 +302,7 @@ def run(cfg: EvaluateRunConfig) -> dict:
         ``{"records": [...], "output_dir": str}``.
     """
     from apdm.core import diffusion as D
-    from apdm.core.images import load_images, load_spec, save_grid
+    from apdm.core.images import list_images, load_images, load_spec, save_grid, split_spec
     from apdm.core.models import load_sd, warn_if_untrained
     from apdm.evaluation.protocol import personalize_and_sample, with_prompts
     from apdm.evaluation.report import write_report
@@ -242,6 +316,7 @@ def run(cfg: EvaluateRunConfig) -> dict:
 
     for spec in cfg.attacks:  # a typo should stop the run now, not after hours of personalization
         check_attack(spec)
+    names = subject_names(cfg.subjects)
     out = Path(cfg.output_dir)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)
@@ -259,7 +334,7 @@ def run(cfg: EvaluateRunConfig) -> dict:
 
     def show_attacked(name: str, scenario: str, attack: str, train: torch.Tensor | None = None) -> None:
         """Put the grid of the attacked training photos in the report (written when ``train`` is given)."""
-        file = f"images/attacked-{_cell_key(name, scenario, attack, cfg.seed)}.png"
+        file = f"images/attacked-{_cell_key(safe_name(name), scenario, attack, cfg.seed)}.png"
         if train is not None:
             save_grid(train, out / file, nrow=8)
         if file not in shown and (out / file).is_file():
@@ -281,31 +356,47 @@ def run(cfg: EvaluateRunConfig) -> dict:
             attacked[(scenario, attack)] = train
         return attacked[(scenario, attack)]
 
-    for si, subj in enumerate(cfg.subjects):
-        name = subj.name or Path(subj.clean_data.split(",")[0]).name or f"subject{si}"
-        clean, clean_paths, _ = load_spec(subj.clean_data, size=size)
+    model_fp = model_fingerprint(cfg.model)
+    for subj, name in zip(cfg.subjects, names):
+        slug = safe_name(name)
+        clean_listed = list_images(split_spec(subj.clean_data))
+        clean, clean_paths, errors = load_images(clean_listed, size=size, quiet=True)
+        for e in errors:
+            LOG.warning("subject '%s': skipped clean photo %s: %s", name, e["path"], e["error"])
         if not clean_paths:
             raise ValueError(f"subject '{name}': no usable clean images in {subj.clean_data}")
-        protected = None
+        protected, prot_paths = None, []
         if subj.protected_data:
             paired = protected_pairs(clean_paths, subj.protected_data)
-            if paired is not None:
-                protected, prot_paths, errors = load_images(paired, size=size)
-                if errors:
-                    raise ValueError(f"subject '{name}': protected image {errors[0]['path']}: {errors[0]['error']}")
-            else:
-                protected, prot_paths, _ = load_spec(subj.protected_data, size=size)
-            if len(prot_paths) != len(clean_paths):
-                raise ValueError(f"subject '{name}': {len(prot_paths)} protected vs {len(clean_paths)} clean images; "
-                                 "they must pair up (same sorted order)")
-        refs = load_spec(subj.reference_data, size=size)[0] if subj.reference_data else clean
+            if paired is None:  # a plain folder: pairs fixed on the listings, before a failed file could shift them
+                twin = dict(zip(clean_listed, pair_by_name(clean_listed, list_images(split_spec(subj.protected_data)),
+                                                           f"subject '{name}'")))
+                paired = [twin[c] for c in clean_paths]
+            protected, prot_ok, errors = load_images(paired, size=size, quiet=True)
+            if errors:  # drop each failed protected photo with its clean twin, so every scenario trains on pairs
+                loaded = set(prot_ok)
+                keep = [i for i, p in enumerate(paired) if p in loaded]
+                for e in errors:
+                    LOG.warning("subject '%s': skipped protected photo %s (%s), and its clean photo with it", name,
+                                e["path"], e["error"])
+                if not keep:
+                    raise ValueError(f"subject '{name}': no usable protected images in {subj.protected_data}")
+                clean, clean_paths = clean[keep], [clean_paths[i] for i in keep]
+            prot_paths = prot_ok
+        refs, ref_paths = (load_spec(subj.reference_data, size=size)[:2] if subj.reference_data
+                           else (clean, clean_paths))
+        # everything a cell's numbers depend on besides its scenario, attack and personalization: a changed model,
+        # photo, prompt, sampler or metric never reuses a cached cell
+        subject_fp = {"model": model_fp, "subject": dataclasses.asdict(subj), "resolution": size, "seed": cfg.seed,
+                      "sample": dataclasses.asdict(cfg.sample), "metrics": dataclasses.asdict(cfg.metrics),
+                      "photos": [[file_sha256(p) for p in paths] for paths in (clean_paths, prot_paths, ref_paths)]}
         backends = _backends(cfg, subj.subject_class)
         base = {"label": cfg.label, "subject": name}
-        save_grid(refs, out / "images" / f"{name}-references.png", nrow=min(8, len(refs)))
-        gallery.append({"subject": name, "title": "references (clean photos)", "file": f"images/{name}-references.png"})
+        save_grid(refs, out / "images" / f"{slug}-references.png", nrow=min(8, len(refs)))
+        gallery.append({"subject": name, "title": "references (clean photos)", "file": f"images/{slug}-references.png"})
         if protected is not None:
-            save_grid(protected, out / "images" / f"{name}-protected.png", nrow=min(8, len(protected)))
-            gallery.append({"subject": name, "title": "protected inputs", "file": f"images/{name}-protected.png"})
+            save_grid(protected, out / "images" / f"{slug}-protected.png", nrow=min(8, len(protected)))
+            gallery.append({"subject": name, "title": "protected inputs", "file": f"images/{slug}-protected.png"})
             if cfg.metrics.fidelity:
                 from apdm.evaluation.fidelity import fidelity_records
 
@@ -313,7 +404,7 @@ def run(cfg: EvaluateRunConfig) -> dict:
                     records.append({**base, "scenario": "-", "attack": "-", "personalization": "-", "prompt": "-", **r})
 
         if cfg.class_prompt_baseline:
-            key = _cell_key(name, "class_prompt", subj.class_prompt, cfg.sample.num_images_per_prompt, cfg.seed)
+            key = _cell_key(slug, "class_prompt", subj.class_prompt, subject_fp)
             cell_file = out / "cells" / f"{key}.json"
             if cfg.resume and cell_file.is_file():
                 recs = json.loads(cell_file.read_text())
@@ -337,8 +428,7 @@ def run(cfg: EvaluateRunConfig) -> dict:
             LOG.warning("subject '%s' has no protected_data: skipping scenarios %s", name, ", ".join(sorted(set(skipped))))
         attacked.clear()
         for scenario, attack, per in progress(cells, desc=f"evaluating {name}"):
-            key = _cell_key(name, scenario, attack, per.method, per.steps, per.learning_rate, cfg.seed,
-                            cfg.sample.num_images_per_prompt, "|".join(cfg.sample.prompts))
+            key = _cell_key(slug, scenario, attack, per.method, subject_fp, dataclasses.asdict(per))
             cell_file = out / "cells" / f"{key}.json"
             if cfg.resume and cell_file.is_file():
                 LOG.info("cell %s/%s/%s/%s already done; skipping", name, scenario, attack, per.method)
