@@ -514,7 +514,8 @@ def load_config(cls, path: str | Path | None = None, overrides: typing.Sequence[
         cls: a config dataclass type.
         path: YAML recipe (mapping at top level) or ``None`` for defaults only.
         overrides: strings ``a.b.c=value``; the value is parsed as YAML (``steps=10``, ``flag=true``,
-            ``prompts=[a, b]``), then checked against the field type.
+            ``prompts=[a, b]``), then checked against the field type; for a text field it is the text as typed
+            (``output_dir=010``, ``mixed_precision=no``, a prompt with ``: ``) unless quoted or a ``[...]`` list.
 
     Raises:
         ConfigError: unreadable file, unknown key, wrong type; the message names the file/override and key.
@@ -530,6 +531,10 @@ def load_config(cls, path: str | Path | None = None, overrides: typing.Sequence[
             loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start}); save the recipe as UTF-8") from exc
+        except OSError as exc:
+            raise ConfigError(f"{p}: cannot read ({exc})") from exc
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -547,9 +552,14 @@ def apply_override(cfg, item: str):
         raise ConfigError(f"override '{item}' must look like key=value (e.g. output_dir=out/)")
     key, raw = item.split("=", 1)
     key = key.strip()
+    text = raw.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() != "" else ""
-    except yaml.YAMLError:
+        value = yaml.safe_load(raw) if text != "" else ""
+    except yaml.YAMLError as exc:
+        if text[:1] in "[{":  # meant as a list or mapping: taking it as one string would run with the brackets
+            raise ConfigError(f"override '{item}': not a valid YAML list/mapping ({str(exc).splitlines()[0]}); quote "
+                              "items holding ': ', '#', '?' or commas, e.g. \"sample.prompts=['is it sks?', b]\"") \
+                from exc
         value = raw
     parts = key.split(".")
     target = cfg
@@ -563,8 +573,17 @@ def apply_override(cfg, item: str):
     if leaf not in fields:
         raise ConfigError(_unknown_key_msg(key, target, f"override '{item}'"))
     hints = typing.get_type_hints(type(target))
+    if _is_text(hints[leaf]) and not (text[:1] in "[{" or (len(text) > 1 and text[0] == text[-1] and text[0] in "'\"")
+                                      or (hints[leaf] is not str and text in ("null", "~"))):
+        value = text  # a text setting is the text as typed: output_dir=010 stays 010 (YAML: 8), no stays no (False)
     setattr(target, leaf, _coerce(hints[leaf], value, f"override '{item}'", key))
     return cfg
+
+
+def _is_text(tp) -> bool:
+    """Whether a field of type ``tp`` holds text: ``str``, ``Optional[str]`` or ``list[str]``."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return tp is str or (typing.get_origin(tp) in (Union, types.UnionType, list) and args == [str])
 
 
 def replace_checked(cfg, changes: dict, source: str):
@@ -667,7 +686,9 @@ def _coerce(tp, value, source: str, key: str):
                 raise bad from None
         raise bad
     if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, bool):  # YAML 1.1 reads a recipe's `mixed_precision: no` as False; the word was meant
+            return "yes" if value else "no"
+        if isinstance(value, (str, int, float)):
             return str(value)
         raise bad
     return value

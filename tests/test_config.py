@@ -44,6 +44,34 @@ def test_override_errors_are_clear(override, fragment):
     assert fragment in str(exc.value)
 
 
+def test_text_settings_keep_the_text_as_typed(tmp_path):
+    """An override of a text field is its text, not YAML's reading of it: a folder '010' (YAML: the octal 8), a hub
+    revision '0123' (83), mixed_precision 'no' (False), a prompt holding ': ' (a mapping) or starting with '#'
+    (a comment: None) all arrive as typed; quoted text and null (for an optional one) still read as YAML. A list
+    that is not valid YAML is an error, not one string with its brackets; a recipe's `mixed_precision: no` is 'no';
+    a recipe that is not UTF-8 is named."""
+    cfg = C.load_config(C.PersonalizeRunConfig, None, [
+        "output_dir=010", "model.revision=0123", "personalization.mixed_precision=no",
+        "personalization.instance_prompt=a photo of sks person: smiling", "personalization.class_prompt=#1 person",
+        "personalization.identifier=on", "sample.prompts=a dslr photo of sks person: close-up"])
+    assert (cfg.output_dir, cfg.model.revision, cfg.personalization.mixed_precision) == ("010", "0123", "no")
+    assert cfg.personalization.instance_prompt == "a photo of sks person: smiling"
+    assert (cfg.personalization.class_prompt, cfg.personalization.identifier) == ("#1 person", "on")
+    assert cfg.sample.prompts == ["a dslr photo of sks person: close-up"]
+    cfg = C.load_config(C.PersonalizeRunConfig, None, ["sample.prompts=[a, 'is it sks?']", "output_dir='a b'",
+                                                       "model.revision=0123", "model.revision=null"])
+    assert (cfg.sample.prompts, cfg.output_dir, cfg.model.revision) == (["a", "is it sks?"], "a b", None)
+    for broken in ("sample.prompts=[is this sks person?, a photo of sks person]", "sample.prompts=[a, b"):
+        with pytest.raises(C.ConfigError, match=r"not a valid YAML list/mapping.*quote items"):
+            C.load_config(C.PersonalizeRunConfig, None, [broken])
+    f = tmp_path / "mp.yaml"
+    f.write_text("personalization:\n  mixed_precision: no\n")
+    assert C.load_config(C.PersonalizeRunConfig, f).personalization.mixed_precision == "no"
+    f.write_bytes("label: café\n".encode("latin-1"))
+    with pytest.raises(C.ConfigError, match=r"mp\.yaml: not UTF-8 text"):
+        C.load_config(C.EvaluateRunConfig, f)
+
+
 def test_yaml_errors_name_the_file(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("personalization:\n  lerning_rate: 1\n")
