@@ -11,7 +11,22 @@ import argparse
 import sys
 from typing import Callable
 
-EPILOG = "Overrides: key=value pairs after the options, e.g.  personalization.steps=10 output_dir=out/"
+#: an override example per command that exists in its config (a test applies each)
+OVERRIDE_EXAMPLES = {
+    "protect-model": "protect.outer_steps=10 output_dir=out/",
+    "protect-images": "steps=100 format=png",
+    "train-perturber": "steps=100 output_dir=rho/",
+    "evaluate": "label=aspl output_dir=out/ \"personalizations=[{method: lora, steps: 100}]\"",
+    "personalize": "personalization.method=lora personalization.steps=100 output_dir=out/",
+    "toy build": "train.unet_steps=100 output_dir=toy/",
+    "toy upscaler": "steps=100 out=upscaler/",
+}
+
+
+def epilog(command: str) -> str:
+    """The help's closing lines for ``command``: how overrides look, with an example valid for its config."""
+    lists = " (a list is given whole)" if "[" in OVERRIDE_EXAMPLES[command] else ""
+    return f"Overrides: key=value pairs after the options, e.g.  {OVERRIDE_EXAMPLES[command]}{lists}"
 
 # command -> (config class name in apdm.config, "module:function" to run, help text)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -47,7 +62,8 @@ SHORTCUTS = {
     "--target": ("target", "PhotoGuard/Mist: image the latents are pulled towards (default: flat gray)"),
 }
 PROTECT_IMAGES_EPILOG = ("Example: apdm protect-images --method advdm --budget 8/255 --model ./sd15 --input photos/ "
-                         "--output protected/\n" + EPILOG + "\n--print-config shows every setting with its default.")
+                         "--output protected/\n" + epilog("protect-images") +
+                         "\n--print-config shows every setting with its default.")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, _, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text,
-                           epilog=PROTECT_IMAGES_EPILOG if name == "protect-images" else EPILOG,
+                           epilog=PROTECT_IMAGES_EPILOG if name == "protect-images" else epilog(name),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", help="YAML recipe (see recipes/)")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -69,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
                                help=f"{text} (same as {key}=...)")
     toy = sub.add_parser("toy", help="the toy world (our CPU-sized measuring instrument): build, sample, export")
     toy_sub = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND")
-    tb = toy_sub.add_parser("build", epilog=EPILOG,
+    tb = toy_sub.add_parser("build", epilog=epilog("toy build"),
                             help="pretrain the toy model and train its instruments (60-80 min on 2 cores; resumable)")
     tb.add_argument("--config", help="YAML recipe (default: recipes/toy-build.yaml values)")
     tb.add_argument("--print-config", action="store_true")
@@ -82,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     ts.add_argument("--seed", type=int, default=0)
     ts.add_argument("--model", default="toy", help="model path (default: the toy model)")
     ts.add_argument("--out", default="toy_samples.png", help="grid PNG to write")
-    tu = toy_sub.add_parser("upscaler", epilog=EPILOG,
+    tu = toy_sub.add_parser("upscaler", epilog=epilog("toy upscaler"),
                             help="train a toy x4 diffusion upscaler for the noisy_upscale purifier (about 15 min; "
                                  "resumable)")
     tu.add_argument("--config", help="YAML recipe (default: the ToyUpscalerConfig values)")
@@ -168,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     set_progress(not getattr(cfg, "quiet", False))
     try:
         _resolve(target)(cfg)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        # user-facing failures (bad input folder, unloadable model, ...): one clear line, no traceback
+    except (OSError, ValueError, RuntimeError) as exc:
+        # user-facing failures (bad input folder, unloadable model, an output path that is a file, a full disk...):
+        # one clear line, no traceback
         from apdm.utils import LOG
 
         LOG.error("%s failed: %s", args.command, exc)
@@ -213,23 +230,37 @@ def _toy(args) -> int:
         build(cfg)
         return 0
     if args.toy_command == "sample":
+        from pathlib import Path
+
+        bad = (f"--n must be at least 1, got {args.n}" if args.n < 1 else
+               f"--steps must be between 1 and 1000, got {args.steps}" if not 1 <= args.steps <= 1000 else
+               f"--out {args.out}: give a .png or .jpg file name" if Path(args.out).suffix.lower() not in
+               (".png", ".jpg", ".jpeg") or Path(args.out).is_dir() else "")
+        if bad:
+            print(f"apdm toy sample: {bad}", file=sys.stderr)
+            return 2
         from apdm.core import diffusion as D
         from apdm.core.images import save_grid
         from apdm.core.models import load_sd
 
-        sd = load_sd(args.model)
-        images = D.generate(sd, args.prompt, args.n, args.steps, args.guidance, seed=args.seed)
-        save_grid(images, args.out, nrow=args.n)
+        try:
+            sd = load_sd(args.model)
+            images = D.generate(sd, args.prompt, args.n, args.steps, args.guidance, seed=args.seed)
+            save_grid(images, args.out, nrow=args.n)
+        except (OSError, ValueError, RuntimeError) as exc:
+            print(f"apdm toy sample: {exc}", file=sys.stderr)
+            return 1
         print(f"wrote {len(images)} images to {args.out}")
         return 0
     if args.toy_command == "export":
         from apdm.toy.world import export
 
-        if args.images < 1:
-            print(f"apdm toy export: --images must be at least 1, got {args.images}", file=sys.stderr)
+        try:
+            written = export(args.out, args.subjects, args.cls, num_images=args.images,
+                             training_identities=args.training_identities)
+        except (OSError, ValueError) as exc:
+            print(f"apdm toy export: {exc}", file=sys.stderr)
             return 2
-        written = export(args.out, args.subjects, args.cls, num_images=args.images,
-                         training_identities=args.training_identities)
         print(f"wrote {len(written['subjects'])} subject folder(s) and {written['training_identities']} training "
               f"identities under {args.out}")
         return 0

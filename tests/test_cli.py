@@ -100,6 +100,77 @@ def test_personalize_dreambooth_recipe_end_to_end(tmp_path):
     assert (out / "samples" / "grid.png").is_file() and len(list((out / "samples").glob("0*_*.png"))) == 4
     pipe = StableDiffusionPipeline.from_pretrained(str(out / "model"))
     assert pipe.unet is not None
+    # again into the same folder with fewer samples: none of the first run's is left beside the new ones
+    assert main(["personalize", "--config", str(ROOT / "recipes/tiny-dreambooth.yaml"), f"output_dir={out}",
+                 f"instance_data={ROOT / 'assets/examples/subject'}", "personalization.steps=1", "quiet=true",
+                 f"personalization.class_data_dir={tmp_path / 'cls'}", "sample.num_images_per_prompt=1"]) == 0
+    assert sorted(q.name for q in (out / "samples").glob("*.png")) == ["00_000.png", "01_000.png", "grid.png"]
+
+
+def _logged(level: int = logging.ERROR) -> tuple[list, logging.Handler]:
+    """A handler to add to the apdm logger (main() stops it propagating to caplog) and the records it gathers."""
+    records: list = []
+    catch = logging.Handler(level)
+    catch.emit = records.append
+    return records, catch
+
+
+def test_bad_settings_are_refused_before_any_work(tmp_path):
+    """A setting a run could only fail on late (after the training: a sampler typo, zero images per prompt; or a
+    method typo after the class images) is refused before the model loads, naming the key: the model path here
+    does not exist, so reaching the model would say so instead. An output_dir that is a file is one line too."""
+    from apdm.utils import LOG
+
+    photos = ROOT / "assets/examples/subject"
+    nowhere = [f"model.path={tmp_path / 'no-model'}", "quiet=true", f"output_dir={tmp_path / 'o'}"]
+    cases = [(["personalize", f"instance_data={photos}", "sample.sampler=bogus"], "sample.sampler='bogus' is unknown"),
+             (["personalize", f"instance_data={photos}", "sample.num_images_per_prompt=0"],
+              "sample.num_images_per_prompt must be a whole number >= 1, got 0"),
+             (["personalize", f"instance_data={photos}", "sample.batch_size=0"], "sample.batch_size must be"),
+             (["personalize", f"instance_data={photos}", "personalization.method=lora_typo"],
+              "personalization.method='lora_typo' is unknown; choose one of dreambooth, lora"),
+             (["personalize", f"instance_data={photos}", "personalization.optimizer=sgd"],
+              "personalization.optimizer='sgd' is unknown"),
+             (["personalize", f"instance_data={photos}", "personalization.batch_size=0"],
+              "personalization.batch_size must be a whole number >= 1"),
+             (["personalize", f"instance_data={photos}", "personalization.learning_rate=0"],
+              "personalization.learning_rate must be a positive number"),
+             (["personalize", f"instance_data={photos}", "personalization.mixed_precision=fp8"],
+              "personalization.mixed_precision='fp8' is unknown"),
+             (["evaluate", f"subjects=[{{clean_data: {photos}}}]", "personalizations=[{method: lora}, {lora_rank: 0}]"],
+              "personalizations[1].lora_rank must be a whole number >= 1"),
+             (["evaluate", f"subjects=[{{clean_data: {photos}}}]", "sample.num_inference_steps=0"],
+              "sample.num_inference_steps must be")]
+    (tmp_path / "afile").write_text("x")
+    cases += [(["personalize", f"instance_data={photos}", f"output_dir={tmp_path / 'afile'}"], "afile is a file"),
+              (["evaluate", f"subjects=[{{clean_data: {photos}}}]", "model.path=tiny",
+                f"output_dir={tmp_path / 'afile'}"], "afile")]
+    for args, said in cases:
+        records, catch = _logged()
+        LOG.addHandler(catch)
+        try:
+            assert main(args[:1] + nowhere + args[1:]) == 1, args
+        finally:
+            LOG.removeHandler(catch)
+        text = " ".join(r.getMessage() for r in records)
+        assert said in text and "no-model" not in text, (args, text)
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.safetensors"))
+
+
+def test_help_override_examples_apply():
+    """The override example each command's --help shows is valid for that command's config."""
+    import shlex
+
+    from apdm import config as C
+    from apdm.cli import COMMANDS, OVERRIDE_EXAMPLES
+    from apdm.toy.upscaler import ToyUpscalerConfig
+    from apdm.toy.world import ToyBuildConfig
+
+    classes = {name: getattr(C, cls) for name, (cls, _, _) in COMMANDS.items()}
+    classes.update({"toy build": ToyBuildConfig, "toy upscaler": ToyUpscalerConfig})
+    assert set(OVERRIDE_EXAMPLES) == set(classes)
+    for command, example in OVERRIDE_EXAMPLES.items():
+        C.load_config(classes[command], None, shlex.split(example))
 
 
 def test_personalize_missing_data_is_a_clear_error(tmp_path, caplog):
@@ -776,4 +847,40 @@ def test_toy_export_writes_the_asked_number_of_photos(tmp_path, capsys):
     assert len(list((root / "train").glob("*.png"))) == 6 and len(list((root / "references").glob("*.png"))) == 8
     assert json.loads((root / "subject.json").read_text())["index"] == int(root.name.split("-")[1])
     assert main(["toy", "export", "--out", str(tmp_path / "none"), "--images", "0"]) == 2
-    assert "--images must be at least 1" in capsys.readouterr().err
+    assert "photos per subject must be at least 1, got 0 (train)" in capsys.readouterr().err
+    # a second export with fewer photos replaces train/ whole: no photo of the first is left to be trained on
+    # (before: 02-05.png stayed, identical to references/00-03.png, leaking references into the training set)
+    (root / "train" / "notes.txt").write_text("mine")
+    (root / "protected").mkdir()
+    assert main(["toy", "export", "--out", str(tmp_path), "--subjects", "1", "--images", "2",
+                 "--training-identities", "2"]) == 0
+    assert sorted(q.name for q in (root / "train").iterdir()) == ["00.png", "01.png"]
+    assert (root / "protected").is_dir()  # what is not the export's own is left alone
+    ids = sorted((tmp_path / "train-identities").iterdir())
+    assert len(ids) == 2 and all(sorted(q.name for q in d.iterdir()) == [f"{k:02d}.png" for k in range(4)]
+                                 for d in ids)
+    for bad, said in ((["--subjects", "-1"], "subjects must be between 1 and"),
+                      (["--subjects", "100000"], "subjects must be between 1 and"),
+                      (["--training-identities", "-2"], "training identities must be between 0 and")):
+        assert main(["toy", "export", "--out", str(tmp_path / "none")] + bad) == 2
+        assert said in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")
+    assert main(["toy", "export", "--out", str(tmp_path / "afile")]) == 2
+    assert "afile is a file, not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
+def test_toy_sample_refuses_bad_arguments_before_loading(tmp_path, capsys):
+    """apdm toy sample: a count, step number or output name it cannot use is one line before any work (exit 2); a
+    model folder that is not there is one line too (exit 1), no traceback."""
+    base = ["toy", "sample", "--prompt", "a photo of a person", "--model", "tiny"]
+    for bad, said in ((["--n", "0"], "--n must be at least 1"), (["--steps", "0"], "--steps must be between 1"),
+                      (["--out", str(tmp_path / "grid.txt")], "give a .png or .jpg file name"),
+                      (["--out", str(tmp_path)], "give a .png or .jpg file name")):
+        assert main(base + bad) == 2
+        assert said in capsys.readouterr().err
+    assert main(["toy", "sample", "--prompt", "a", "--model", str(tmp_path / "nope"), "--out",
+                 str(tmp_path / "g.png")]) == 1
+    assert "nope" in capsys.readouterr().err and not (tmp_path / "g.png").exists()
+    assert main(base + ["--n", "1", "--steps", "1", "--out", str(tmp_path / "g.png")]) == 0
+    assert (tmp_path / "g.png").is_file()

@@ -344,6 +344,24 @@ def ddim_invert(unet, noise_scheduler, latents: torch.Tensor, cond: torch.Tensor
 SEED_STRIDE = 100_003
 
 
+def check_sample(cfg, key: str = "sample") -> None:
+    """The checks of a :class:`apdm.config.SampleConfig` that need no model (a known sampler, counts >= 1, at least
+    one prompt), for commands to run before any work: a typo found after training loses the training.
+
+    Raises:
+        ValueError: names ``key`` and the field.
+    """
+    from apdm.core.models import SCHEDULERS
+
+    if cfg.sampler not in SCHEDULERS:
+        raise ValueError(f"{key}.sampler={cfg.sampler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
+    for name in ("num_images_per_prompt", "num_inference_steps", "batch_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{key}.{name} must be a whole number >= 1, got {getattr(cfg, name)}")
+    if not cfg.prompts or not all(isinstance(p, str) and p.strip() for p in cfg.prompts):
+        raise ValueError(f"{key}.prompts must list at least one non-empty prompt, got {cfg.prompts!r}")
+
+
 @torch.no_grad()
 def generate(sd, prompts: Sequence[str] | str, num_images_per_prompt: int = 1, num_inference_steps: int = 25,
              guidance_scale: float = 7.5, negative_prompt: str = "", seed: int = 0, batch_size: int = 8,

@@ -317,6 +317,11 @@ def run(cfg: EvaluateRunConfig) -> dict:
     for spec in cfg.attacks:  # a typo should stop the run now, not after hours of personalization
         check_attack(spec)
     names = subject_names(cfg.subjects)
+    from apdm.personalization.simulator import check_personalization
+
+    for i, per in enumerate(cfg.personalizations):
+        check_personalization(per, f"personalizations[{i}]")
+    D.check_sample(cfg.sample)
     out = Path(cfg.output_dir)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)

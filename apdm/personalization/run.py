@@ -28,7 +28,11 @@ def run(cfg: PersonalizeRunConfig) -> dict:
 
     if not cfg.instance_data:
         raise ValueError("instance_data is empty: pass instance_data=FOLDER (the subject's photos)")
+    S.check_personalization(cfg.personalization)  # a typo stops here, not after the training
+    D.check_sample(cfg.sample)
     out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", to_yaml(cfg))
     seed_everything(cfg.seed)
@@ -48,13 +52,15 @@ def run(cfg: PersonalizeRunConfig) -> dict:
     t1 = time.perf_counter()
     history = S.train(state, images)
     t_train = time.perf_counter() - t1
-    S.save(state, out)
+    S.save(state, out, quiet=cfg.quiet)
 
     prompts = [S.prompt_for(state, p) for p in cfg.sample.prompts]
     samples = D.generate(state.sd, prompts, cfg.sample.num_images_per_prompt, cfg.sample.num_inference_steps,
                          cfg.sample.guidance_scale, cfg.sample.negative_prompt, cfg.sample.seed,
                          cfg.sample.batch_size, cfg.sample.sampler, quiet=cfg.quiet)
     (out / "samples").mkdir(exist_ok=True)
+    for old in (out / "samples").glob("[0-9][0-9]_[0-9][0-9][0-9].png"):  # an earlier run's, which could outnumber ours
+        old.unlink()
     for i, img in enumerate(samples):
         save_image(img, out / "samples" / f"{i // cfg.sample.num_images_per_prompt:02d}_{i % cfg.sample.num_images_per_prompt:03d}.png")
     save_grid(samples, out / "samples" / "grid.png", nrow=cfg.sample.num_images_per_prompt)

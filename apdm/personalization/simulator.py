@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,31 @@ def make_optimizer(name: str, params, **kwargs) -> torch.optim.Optimizer:
         bnb = optional_import("bitsandbytes", "gpu", "8-bit Adam")
         return bnb.optim.AdamW8bit(params, **kwargs)
     raise ValueError(f"unknown optimizer '{name}'; choose adamw or adamw8bit")
+
+
+def check_personalization(cfg: PersonalizationConfig, key: str = "personalization") -> None:
+    """Every check of a personalization config that needs no model, so that a typo stops a run before the model
+    loads, class images are drawn or hours of training are spent. ``key`` names the config in the message
+    (``personalization``, ``personalizations[1]``).
+
+    Raises:
+        ValueError: an unknown method, optimizer or mixed precision, or a count or rate out of range; names the key.
+    """
+    choices = {"method": METHODS, "optimizer": ("adamw", "adamw8bit"), "mixed_precision": ("no", "fp16", "bf16")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{key}.{name}={getattr(cfg, name)!r} is unknown; choose one of {', '.join(allowed)}")
+    minimum = {"steps": 0, "batch_size": 1, "lora_rank": 1, "class_sample_steps": 1,
+               "num_class_images": 1 if cfg.with_prior_preservation and cfg.method != "ti" else 0}
+    for name, least in minimum.items():
+        if getattr(cfg, name) < least:
+            raise ValueError(f"{key}.{name} must be a whole number >= {least}, got {getattr(cfg, name)}")
+    for name in ("learning_rate", "text_encoder_lr"):
+        value = getattr(cfg, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{key}.{name} must be a positive number, got {value}")
+    if not cfg.identifier or any(ch.isspace() for ch in cfg.identifier):
+        raise ValueError(f"{key}.identifier must be one word without spaces (e.g. sks), got {cfg.identifier!r}")
 
 
 def ti_token(cfg: PersonalizationConfig) -> str:
@@ -487,7 +513,7 @@ def class_images_for(sd: SD, cfg: PersonalizationConfig, cache_dir: str | Path |
 
 
 # ============================================================================ saving / loading
-def save(state: PersonalizationState, out_dir: str | Path) -> Path:
+def save(state: PersonalizationState, out_dir: str | Path, quiet: bool = False) -> Path:
     """Save the personalized components in the form diffusers loads.
 
     * dreambooth: a full pipeline folder (``StableDiffusionPipeline.from_pretrained(out_dir)``);
@@ -497,7 +523,8 @@ def save(state: PersonalizationState, out_dir: str | Path) -> Path:
       ``custom_diffusion/unet_kv.safetensors``, the trained UNet tensors under the UNet's own parameter names
       (``pipe.unet.load_state_dict(safetensors.torch.load_file(...), strict=False)``).
 
-    A ``personalization.json`` beside them records the method, prompts and steps.
+    A ``personalization.json`` beside them records the method, prompts and steps. ``quiet`` hides the progress bar
+    of a full pipeline's save.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -505,7 +532,7 @@ def save(state: PersonalizationState, out_dir: str | Path) -> Path:
     if cfg.method == "dreambooth":
         from apdm.core.models import save_sd
 
-        save_sd(sd, out / "model")
+        save_sd(sd, out / "model", quiet=quiet)
         where = "model"
     elif cfg.method == "lora":
         from diffusers import StableDiffusionPipeline

@@ -17,7 +17,7 @@ import torch
 
 from apdm.toy import draw
 from apdm.toy.model import ToyModelConfig, ToyTrainConfig
-from apdm.utils import LOG, atomic_write_json, cache_dir
+from apdm.utils import LOG, atomic_dir, atomic_write_json, cache_dir
 
 REPO_ASSETS = Path(__file__).resolve().parents[2] / "assets" / "toy"
 
@@ -123,26 +123,50 @@ def export(out_dir: str | Path, subjects: int = 2, cls: str = "person", num_imag
     ``out/heldout-XXXX/train/*.png`` (the subject's photos), ``out/heldout-XXXX/references/*.png`` (other photos
     of the same identity) and, if ``training_identities`` > 0, ``out/train-identities/id-XXXX/*.png`` drawn from
     *pretraining* identities (e.g. to train the LDU perturbation network without touching held-out subjects).
+    Each ``train``, ``references`` and ``id-XXXX`` folder is written whole and replaces an earlier export's
+    (so a second export with fewer photos leaves none of the first's behind); other files are left alone.
+
+    Raises:
+        ValueError: ``subjects`` or ``training_identities`` outside what the world holds, ``num_images`` < 1, or
+            ``out_dir`` an existing file.
     """
     from apdm.core.images import save_image
 
+    split = draw.split()
+    if not 1 <= subjects <= len(split["heldout"]):
+        raise ValueError(f"subjects must be between 1 and {len(split['heldout'])} (the held-out identities), "
+                         f"got {subjects}")
+    if not 0 <= training_identities <= len(split["pretrain"]):
+        raise ValueError(f"training identities must be between 0 and {len(split['pretrain'])}, got "
+                         f"{training_identities}")
+    if num_images < 1 or num_references < 1 or images_per_training_identity < 1:
+        raise ValueError(f"photos per subject must be at least 1, got {num_images} (train), {num_references} "
+                         f"(references), {images_per_training_identity} (per training identity)")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder")
     written = {"subjects": [], "training_identities": 0}
     for subj in heldout_subjects(subjects, cls, num_images, num_references):
         root = out / f"heldout-{subj.index:04d}"
         for part, imgs in (("train", subj.images), ("references", subj.references)):
-            for i, img in enumerate(imgs):
-                save_image(img, root / part / f"{i:02d}.png")
+            with atomic_dir(root / part) as tmp:
+                for i, img in enumerate(imgs):
+                    save_image(img, tmp / f"{i:02d}.png")
         atomic_write_json(root / "subject.json", {"class": cls, "index": subj.index, "identity": subj.identity,
                                                   "instance_prompt": subj.instance_prompt,
                                                   "class_prompt": subj.class_prompt, "caption": subj.full_caption})
         written["subjects"].append(str(root))
     if training_identities > 0:
-        ids = draw.split()["pretrain"][:training_identities]
+        ids = split["pretrain"][:training_identities]
         arr, idx, _ = draw.render_dataset(cls, ids, images_per_training_identity, seed=5)
         imgs = draw.to_tensor(arr)
-        for k, (img, ident) in enumerate(zip(imgs, idx.tolist())):
-            save_image(img, out / "train-identities" / f"id-{ident:04d}" / f"{k % images_per_training_identity:02d}.png")
+        per_identity: dict[int, list[torch.Tensor]] = {}
+        for img, ident in zip(imgs, idx.tolist()):
+            per_identity.setdefault(ident, []).append(img)
+        for ident, photos in per_identity.items():
+            with atomic_dir(out / "train-identities" / f"id-{ident:04d}") as tmp:
+                for k, img in enumerate(photos):
+                    save_image(img, tmp / f"{k:02d}.png")
         written["training_identities"] = len(ids)
     return written
 
