@@ -659,6 +659,13 @@ def test_evaluate_pairs_photos_by_name_and_keeps_subjects_apart(tmp_path):
     srcs = report_images((out / "report.html").read_text())
     assert srcs and all((out / s).is_file() for s in srcs)
 
+    from apdm.config import PersonalizationConfig
+    from apdm.evaluation.run import personalization_labels
+
+    two_loras = [PersonalizationConfig(method="lora", lora_rank=4), PersonalizationConfig(method="lora", lora_rank=16),
+                 PersonalizationConfig(method="dreambooth")]
+    assert personalization_labels(two_loras) == ["lora (lora_rank=4)", "lora (lora_rank=16)", "dreambooth"]
+
     bob = tmp_path / "bob" / "clean"
     shutil.copytree(clean, bob)
     two = [EvalSubjectConfig(clean_data=str(clean)), EvalSubjectConfig(clean_data=str(bob))]

@@ -127,6 +127,7 @@ def strength_plots(records: list[dict]) -> list[str]:
 def write_report(path: str | Path, cfg, records: list[dict], gallery: list[dict]) -> Path:
     """Write the report; ``gallery`` items are ``{"subject", "title", "file"}`` with ``file`` relative to it."""
     from apdm.core.models import is_untrained
+    from apdm.evaluation.run import personalization_labels
 
     metrics, keys, rows = summary_table(records)
     h = [f"<!doctype html><html><head><meta charset='utf-8'><title>apdm evaluate: {html.escape(cfg.label)}</title>"
@@ -136,7 +137,8 @@ def write_report(path: str | Path, cfg, records: list[dict], gallery: list[dict]
              "tests and timing: these numbers say nothing about protection on a real model.</p>")]
            if is_untrained(cfg.model.path) else []),
          f"<p class='note'>model <code>{html.escape(cfg.model.path)}</code>; scenarios {', '.join(cfg.scenarios)}; "
-         f"attacks {', '.join(cfg.attacks)}; personalization {', '.join(p.method for p in cfg.personalizations)}; "
+         f"attacks {', '.join(cfg.attacks)}; personalization "
+         f"{html.escape(', '.join(personalization_labels(cfg.personalizations)))}; "
          f"{cfg.sample.num_images_per_prompt} images per prompt. Every metric is tagged <code>name@implementation</code>; "
          "↑/↓ give the metric's own direction (for identity metrics, <em>lower</em> means better protected).</p>",
          "<h2>Metrics</h2><table><tr><th>label</th><th>subject</th><th>scenario</th><th>attack</th>"

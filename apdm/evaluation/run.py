@@ -222,6 +222,18 @@ def subject_names(subjects) -> list[str]:
     return names
 
 
+def personalization_labels(pers) -> list[str]:
+    """Each personalization's name in records and the report: its method, and when another entry has the same
+    method, the settings in which they differ (``lora (lora_rank=16)``), so that two LoRAs stay apart."""
+    dicts = [dataclasses.asdict(p) for p in pers]
+    labels = []
+    for d in dicts:
+        twins = [o for o in dicts if o["method"] == d["method"] and o is not d]
+        differ = [k for k in d if any(o[k] != d[k] for o in twins)]
+        labels.append(d["method"] + (f" ({', '.join(f'{k}={d[k]}' for k in differ)})" if twins else ""))
+    return labels
+
+
 def pair_by_name(clean: list[Path], protected: list[Path], where: str) -> list[Path]:
     """The protected file of each clean photo, for a protected folder without a protect-images manifest.
 
@@ -362,6 +374,7 @@ def run(cfg: EvaluateRunConfig) -> dict:
         return attacked[(scenario, attack)]
 
     model_fp = model_fingerprint(cfg.model)
+    per_label = {id(p): label for p, label in zip(cfg.personalizations, personalization_labels(cfg.personalizations))}
     for subj, name in zip(cfg.subjects, names):
         slug = safe_name(name)
         clean_listed = list_images(split_spec(subj.clean_data))
@@ -433,14 +446,15 @@ def run(cfg: EvaluateRunConfig) -> dict:
             LOG.warning("subject '%s' has no protected_data: skipping scenarios %s", name, ", ".join(sorted(set(skipped))))
         attacked.clear()
         for scenario, attack, per in progress(cells, desc=f"evaluating {name}"):
+            method = per_label[id(per)]
             key = _cell_key(slug, scenario, attack, per.method, subject_fp, dataclasses.asdict(per))
             cell_file = out / "cells" / f"{key}.json"
             if cfg.resume and cell_file.is_file():
-                LOG.info("cell %s/%s/%s/%s already done; skipping", name, scenario, attack, per.method)
+                LOG.info("cell %s/%s/%s/%s already done; skipping", name, scenario, attack, method)
                 if attack != "none":
                     show_attacked(name, scenario, attack)
-                records += json.loads(cell_file.read_text())
-                gallery += [{"subject": name, "title": f"{scenario} · {attack} · {per.method} · '{p}'",
+                records += [{**r, "personalization": method} for r in json.loads(cell_file.read_text())]
+                gallery += [{"subject": name, "title": f"{scenario} · {attack} · {method} · '{p}'",
                              "file": f"images/{key}-{i}.png"} for i, p in enumerate(cfg.sample.prompts)]
                 continue
             t0 = time.perf_counter()
@@ -451,12 +465,12 @@ def run(cfg: EvaluateRunConfig) -> dict:
             cell_recs = []
             for i, (prompt, gen) in enumerate(result["images"].items()):
                 save_grid(gen, out / "images" / f"{key}-{i}.png", nrow=8)
-                gallery.append({"subject": name, "title": f"{scenario} · {attack} · {per.method} · '{prompt}'",
+                gallery.append({"subject": name, "title": f"{scenario} · {attack} · {method} · '{prompt}'",
                                 "file": f"images/{key}-{i}.png"})
                 for r in score_generations(gen, refs, cfg, backends, prompt):
-                    cell_recs.append({**base, "scenario": scenario, "attack": attack, "personalization": per.method,
+                    cell_recs.append({**base, "scenario": scenario, "attack": attack, "personalization": method,
                                       "prompt": prompt, **r})
-            cell_recs.append({**base, "scenario": scenario, "attack": attack, "personalization": per.method,
+            cell_recs.append({**base, "scenario": scenario, "attack": attack, "personalization": method,
                               "prompt": "-", "metric": "seconds@apdm", "name": "seconds", "impl": "apdm",
                               "value": round(time.perf_counter() - t0, 2), "higher_is_better": None, "n": 1,
                               "available": True})
