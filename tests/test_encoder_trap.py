@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import importlib.util
 import json
+import re
 
 import pytest
 import torch
@@ -13,6 +14,29 @@ from apdm.config import EncoderTrapConfig
 from apdm.core import diffusion as D
 from apdm.protect_model import encoder_trap as T
 from apdm.protect_model import l2p
+
+
+@pytest.fixture
+def apdm_log():
+    """``apdm_log()``: the apdm logger's warnings and errors so far, as one string (and forgets them). main() stops
+    that logger propagating, so caplog would not see them; a stream handler made in an earlier test may hold a closed
+    capture stream, so capfd does not either."""
+    import logging
+
+    from apdm.utils import LOG
+
+    records: list = []
+    catch = logging.Handler(logging.WARNING)
+    catch.emit = records.append
+    LOG.addHandler(catch)
+
+    def text() -> str:
+        out = " | ".join(r.getMessage() for r in records)
+        records.clear()
+        return out
+
+    yield text
+    LOG.removeHandler(catch)
 
 
 def _subject():
@@ -220,6 +244,14 @@ def test_trap_resume_after_interruption_is_exact(tiny_sd, tmp_path):
     cfg = EncoderTrapConfig(steps=4, learning_rate=1e-3, preserve_batch=2, checkpoint_every=1)
     full, _, _ = T.trap_encoder(tiny_sd.vae, subj, cfg, seed=3, checkpoint_dir=tmp_path / "a", quiet=True)
     T.trap_encoder(tiny_sd.vae, subj, cfg, seed=3, checkpoint_dir=tmp_path / "b", quiet=True, stop_after=2)
+    # a trap of other settings or other images is refused, naming what differs (before, it was resumed)
+    for other, kw, differ in [(cfg, {"seed": 4}, "seed: 3 there, 4 now"),
+                              (dataclasses.replace(cfg, preserve_weight=2.0), {},
+                               "encoder_trap.preserve_weight: 1.0 there, 2.0 now"),
+                              (cfg, {"keep_images": torch.rand(2, 3, 64, 64)}, "kept_images: ")]:
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'b'}: a checkpoint of another encoder trap, made "
+                                                       f"with other settings ({differ}")):
+            T.trap_encoder(tiny_sd.vae, subj, other, **{"seed": 3, **kw}, checkpoint_dir=tmp_path / "b", quiet=True)
     resumed, hist, _ = T.trap_encoder(tiny_sd.vae, subj, cfg, seed=3, checkpoint_dir=tmp_path / "b", quiet=True)
     assert [h["step"] for h in hist] == [0, 1, 2, 3]
     for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
@@ -315,6 +347,23 @@ def test_trap_out_of_memory_names_the_setting_that_helps(tiny_sd, monkeypatch):
 def test_trap_config_is_checked(key, value):
     with pytest.raises(ValueError, match=f"encoder_trap.{key}"):
         T.check_trap_config(EncoderTrapConfig(**{key: value}))
+
+
+def test_cli_unknown_face_recognizer_is_refused_before_any_work(tmp_path, apdm_log):
+    """Before, a misspelt encoder_trap.identity was refused only after the whole L2P protection."""
+    from helpers import tiny_protect_model_args
+
+    from apdm.cli import main
+
+    args = ["protect-model", *tiny_protect_model_args(tmp_path), "encoder_trap.steps=1", "encoder_trap.targets=farthest"]
+    for name, message in [("facenet", "encoder_trap.identity must be one of toy, dlib, toy:DIR or none, got 'facenet'"),
+                          (f"toy:{tmp_path}", (f"encoder_trap.identity='toy:{tmp_path}': {tmp_path} holds no toy "
+                                               "instruments (instruments.json)"))]:
+        assert main([*args, f"encoder_trap.identity={name}"]) == 1
+        assert message in apdm_log()
+        assert not (tmp_path / "out").exists() and not (tmp_path / "cls").exists()  # no model, no class images
+    T.check_trap_config(EncoderTrapConfig(identity="toy"))  # names only: no weights loaded
+    T.check_trap_config(EncoderTrapConfig(identity="dlib"))
 
 
 def test_cli_protect_model_writes_the_trapped_encoder(tmp_path):

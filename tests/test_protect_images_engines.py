@@ -483,6 +483,18 @@ def test_ldu_training_resumes_exactly_after_a_kill(tiny_sd, tmp_path, monkeypatc
     setups = []
     real_setup = ldu.S.setup
     monkeypatch.setattr(ldu.S, "setup", lambda *a, **k: setups.append(1) or real_setup(*a, **k))
+    # other settings are refused before the anchors (before, a new lr was ignored: Adam kept the checkpoint's
+    # while rho.json recorded the new one)
+    for change, differ in [({"learning_rate": 2e-3}, "learning_rate: 0.001 there, 0.002 now"),
+                           ({"denoise_steps": 1}, "denoise_steps: 2 there, 1 now"),
+                           ({"personalization": _ti_cfg(learning_rate=0.1)},
+                            "personalization.learning_rate: 0.05 there, 0.1 now")]:
+        with pytest.raises(ValueError) as err:
+            ldu.train_perturber(tiny_sd, ids, checkpoint_dir=ckpt, **{**kw, **change})
+        assert str(err.value).startswith(f"{ckpt / 'rho'}: a checkpoint of another ρ training, made with other "
+                                         f"settings ({differ}")
+        assert str(err.value).endswith(f"start over with resume=false or delete {ckpt / 'rho'}")
+    assert not setups
     h_resumed = []
     rho_resumed = ldu.train_perturber(tiny_sd, ids, checkpoint_dir=ckpt, checkpoint_every=2, history=h_resumed, **kw)
     assert len(setups) == 1  # the frozen TI state only: both anchors came from the checkpoint
@@ -492,6 +504,83 @@ def test_ldu_training_resumes_exactly_after_a_kill(tiny_sd, tmp_path, monkeypatc
         assert torch.equal(p, q), name
     with pytest.raises(ValueError, match="a checkpoint of another ρ training"):
         ldu.train_perturber(tiny_sd, ids, checkpoint_dir=ckpt, **{**kw, "seed": 6})
+
+
+@pytest.fixture
+def apdm_log():
+    """``apdm_log()``: the apdm logger's warnings and errors so far, as one string (and forgets them). main() stops
+    that logger propagating, so caplog would not see them; a stream handler made in an earlier test may hold a closed
+    capture stream, so capfd does not either."""
+    import logging
+
+    from apdm.utils import LOG
+
+    records: list = []
+    catch = logging.Handler(logging.WARNING)
+    catch.emit = records.append
+    LOG.addHandler(catch)
+
+    def text() -> str:
+        out = " | ".join(r.getMessage() for r in records)
+        records.clear()
+        return out
+
+    yield text
+    LOG.removeHandler(catch)
+
+
+def _identity_folders(root, names, n=2):
+    """``root/<name>`` with ``n`` small PNG photos each (64x64, one colour per folder)."""
+    from PIL import Image
+
+    for k, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (64, 64), (60 * k % 256, 30 * i, 200)).save(root / name / f"{i}.png")
+
+
+def _train_perturber_args(data, out):
+    return ["train-perturber", "model.path=tiny", "model.device=cpu", f"data={data}", f"output_dir={out}", "steps=1",
+            "batch_size=1", "denoise_steps=1", "anchor_steps=1", "quiet=true"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("steps=0", "steps must be a whole number >= 1, got 0"),
+    ("batch_size=0", "batch_size must be a whole number >= 1, got 0"),
+    ("anchor_steps=-1", "anchor_steps must be a whole number >= 0, got -1"),
+    ("denoise_steps=0", "denoise_steps must be a whole number >= 1, got 0"),
+    ("learning_rate=0", "learning_rate must be > 0, got 0.0"),
+    ("shuffle_prob=1.5", "shuffle_prob must be in [0, 1], got 1.5")])
+def test_train_perturber_refuses_out_of_range_settings_before_any_work(tmp_path, apdm_log, override, message):
+    """Before, steps=0 saved an untrained ρ with exit 0 and a zero batch failed inside the training."""
+    from apdm.cli import main
+
+    _identity_folders(tmp_path / "data", ["id-a"])
+    assert main([*_train_perturber_args(tmp_path / "data", tmp_path / "rho"), override]) == 1
+    assert message in apdm_log()
+    assert not (tmp_path / "rho").exists()
+
+
+def test_train_perturber_skips_folders_without_photos_and_its_own_output(tmp_path, apdm_log):
+    """An empty sub-folder, a folder of other files, a hidden folder and the output folder (inside the data folder)
+    are not identities (before, each stopped the run, and a run writing into its data folder could never run again);
+    with no identity left it stops, naming what it skipped."""
+    from apdm.cli import main
+
+    data = tmp_path / "ids"
+    _identity_folders(data, ["id-a", "id-b", ".ipynb_checkpoints"])
+    (data / "id-empty").mkdir()
+    (data / "notes").mkdir()
+    (data / "notes" / "readme.txt").write_text("not a photo")
+    args = _train_perturber_args(data, data / "rho")
+    for _ in range(2):  # the second run finds its own output folder among the sub-folders
+        assert main(args) == 0
+        err = apdm_log()
+        assert f"skipped {data / 'id-empty'}: no photos in it" in err and f"skipped {data / 'notes'}" in err
+        assert json.loads((data / "rho" / "train_log.json").read_text())["identities"] == ["id-a", "id-b"]
+    (tmp_path / "none" / "empty").mkdir(parents=True)
+    assert main(_train_perturber_args(tmp_path / "none", tmp_path / "out")) == 1
+    assert "expected one sub-folder of photos per identity, found none with photos (skipped: empty)" in apdm_log()
 
 
 def test_ldu_psnr_floor_is_a_second_constraint(tiny_sd):

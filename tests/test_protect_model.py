@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
@@ -55,6 +56,29 @@ def _subject(tiny_sd):
 
 
 PER = PersonalizationConfig(method="dreambooth", learning_rate=1e-3, batch_size=1)
+
+
+@pytest.fixture
+def apdm_log():
+    """``apdm_log()``: the apdm logger's warnings and errors so far, as one string (and forgets them). main() stops
+    that logger propagating, so caplog would not see them; a stream handler made in an earlier test may hold a closed
+    capture stream, so capfd does not either."""
+    import logging
+
+    from apdm.utils import LOG
+
+    records: list = []
+    catch = logging.Handler(logging.WARNING)
+    catch.emit = records.append
+    LOG.addHandler(catch)
+
+    def text() -> str:
+        out = " | ".join(r.getMessage() for r in records)
+        records.clear()
+        return out
+
+    yield text
+    LOG.removeHandler(catch)
 
 
 def test_one_outer_step_changes_theta_not_phi(tiny_sd):
@@ -141,13 +165,98 @@ def test_resume_after_interruption_is_exact(tiny_sd, tmp_path):
     full, hist_full, _ = l2p.protect(tiny_sd, subj, PER, pcfg, seed=3, checkpoint_dir=tmp_path / "a")
     # interrupted after 2 steps, then resumed from the checkpoint in a new call
     l2p.protect(tiny_sd, subj, PER, pcfg, seed=3, checkpoint_dir=tmp_path / "b", stop_after=2)
+    # a run of other settings is refused (before, it resumed and mixed two runs): the folder, the differing keys with
+    # both values, and how to start over are named, and the checkpoint is left as it was
+    saved = (tmp_path / "b" / "progress.json").read_bytes()
+    other_photos = [dataclasses.replace(subj[0], images=subj[0].images.flip(0))]
+    for subjects, per, p, seed, differ in [
+            (subj, PER, dataclasses.replace(pcfg, loss="naive"), 3, 'protect.loss: "dpo" there, "naive" now'),
+            (subj, PER, pcfg, 4, "seed: 3 there, 4 now"),
+            (other_photos, PER, pcfg, 3, "subjects[0].photos: "),
+            (subj, PER, dataclasses.replace(pcfg, weight_decay=0.5), 3, "protect.weight_decay: 0.01 there, 0.5 now"),
+            (subj, dataclasses.replace(PER, learning_rate=5e-3), pcfg, 3,
+             "personalization.learning_rate: 0.001 there, 0.005 now")]:
+        with pytest.raises(l2p.CheckpointError) as err:
+            l2p.protect(tiny_sd, subjects, per, p, seed=seed, checkpoint_dir=tmp_path / "b")
+        msg = str(err.value)
+        assert msg.startswith(f"{tmp_path / 'b'}: a checkpoint of another protection, made with other settings (")
+        assert differ in msg and f"start over with protect.resume=false or delete {tmp_path / 'b'}" in msg, msg
+    assert (tmp_path / "b" / "progress.json").read_bytes() == saved
     resumed, hist_res, _ = l2p.protect(tiny_sd, subj, PER, pcfg, seed=3, checkpoint_dir=tmp_path / "b")
     assert [h["step"] for h in hist_res] == [0, 1, 2]
     for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=n)
+    # outer_steps is not part of the settings: a finished run extended by one step equals a 4-step run
+    longer = dataclasses.replace(pcfg, outer_steps=4)
+    four, _, _ = l2p.protect(tiny_sd, subj, PER, longer, seed=3, checkpoint_dir=tmp_path / "c")
+    extended, hist_ext, _ = l2p.protect(tiny_sd, subj, PER, longer, seed=3, checkpoint_dir=tmp_path / "b")
+    assert [h["step"] for h in hist_ext] == [0, 1, 2, 3]
+    for (n, a), (_, b) in zip(four.named_parameters(), extended.named_parameters()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=n)
 
 
-def test_finished_protection_is_checkpointed_and_not_redone(tiny_sd, tmp_path, monkeypatch):
+def test_checkpoint_keeps_the_configured_optimizer_hyperparameters(tmp_path):
+    """Only the optimizer's state (moments, step count) comes from a checkpoint; its lr, betas and weight decay stay
+    this run's (before, the checkpoint's param_groups silently replaced them)."""
+    w = torch.nn.Parameter(torch.ones(2, 3))
+    opt = torch.optim.AdamW([w], lr=0.1, betas=(0.5, 0.6), weight_decay=0.5)
+    w.grad = torch.full((2, 3), 0.5)
+    opt.step()
+    l2p.save_checkpoint(tmp_path, 1, {"w": w}, opt, [{"step": 0}])
+    w2 = torch.nn.Parameter(torch.zeros(2, 3))
+    opt2 = torch.optim.AdamW([w2], lr=1e-3, weight_decay=0.01)
+    assert l2p.load_checkpoint(tmp_path, {"w": w2}, opt2) == (1, [{"step": 0}])
+    group = opt2.param_groups[0]
+    assert (group["lr"], tuple(group["betas"]), group["weight_decay"]) == (1e-3, (0.9, 0.999), 0.01)
+    assert torch.equal(w2, w)
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(opt2.state[w2][key], opt.state[w][key]), key
+
+
+def test_corrupt_or_foreign_checkpoint_is_refused_naming_its_file(tiny_sd, tmp_path):
+    """A damaged checkpoint file, or one of another model, is a CheckpointError (a ValueError: the CLI prints it in
+    one line) naming the file and how to start over, not a raw SafetensorError / JSON error / size mismatch."""
+    import json
+    import shutil
+
+    subj = [_subject(tiny_sd)]
+    pcfg = ProtectConfig(outer_steps=2, inner_steps=1, learning_rate=1e-3, checkpoint_every=1)
+    good = tmp_path / "good"
+    l2p.protect(tiny_sd, subj, PER, pcfg, seed=3, checkpoint_dir=good, stop_after=1)
+    start_over = "protect.resume=false or delete"
+    for name, match in [("state.safetensors", ("the protection checkpoint's tensors cannot be read, the file is "
+                                               "corrupt or missing (SafetensorError")),
+                        ("progress.json", "the protection checkpoint is corrupt (JSONDecodeError")]:
+        bad = tmp_path / f"bad-{name}"
+        shutil.copytree(good, bad)
+        data = (bad / name).read_bytes()
+        (bad / name).write_bytes(data[:len(data) // 2])  # truncated
+        with pytest.raises(l2p.CheckpointError) as err:
+            l2p.protect(tiny_sd, subj, PER, pcfg, seed=3, checkpoint_dir=bad)
+        assert str(err.value).startswith(f"{bad / name}: {match}") and start_over in str(err.value), err.value
+    # another model: its fingerprint differs
+    from apdm.core.models import tiny_sd as build
+
+    with pytest.raises(l2p.CheckpointError, match=r"another protection, made with other settings \(model: "):
+        l2p.protect(build(seed=1), subj, PER, pcfg, seed=3, checkpoint_dir=good)
+    # a checkpoint written before the settings were recorded, of other tensor shapes or other tensors
+    meta = json.loads((good / "progress.json").read_text())
+    del meta["settings"]
+    (good / "progress.json").write_text(json.dumps(meta))
+    unet = {n: torch.nn.Parameter(p.detach().clone()) for n, p in tiny_sd.unet.named_parameters()}
+    shape = tuple(unet["conv_in.weight"].shape)
+    for trainable, why in [({**unet, "conv_in.weight": torch.nn.Parameter(torch.zeros(3, 3))},
+                            f"conv_in.weight has shape {shape} there, (3, 3) here"),
+                           ({"w": torch.nn.Parameter(torch.zeros(3, 3))},
+                            f"it lacks w; it holds {min(unet)} and {len(unet) - 1} more, which this run does not train")]:
+        with pytest.raises(l2p.CheckpointError) as err:
+            l2p.load_checkpoint(good, trainable, torch.optim.AdamW(list(trainable.values())), what="protection",
+                                start_over="protect.resume=false")
+        assert str(err.value) == (f"{good / 'state.safetensors'}: a protection checkpoint of another model or settings "
+                                  f"({why}); start over with protect.resume=false or delete {good}")
+
+
+def test_finished_protection_is_checkpointed_and_not_redone(tiny_sd, tmp_path, monkeypatch, apdm_log):
     """The last outer step is checkpointed even off the checkpoint_every grid, so a run killed afterwards (in the
     encoder trap) resumes with θ as it ended instead of redoing outer steps."""
     import json
@@ -165,6 +274,18 @@ def test_finished_protection_is_checkpointed_and_not_redone(tiny_sd, tmp_path, m
     assert [h["step"] for h in hist] == [0, 1, 2]  # the history comes back from the checkpoint
     for (n, a), (_, b) in zip(full.named_parameters(), again.named_parameters()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=n)
+    # fewer outer steps than the checkpoint has done: refused (before, θ after 3 steps came out as a 2-step run)
+    with pytest.raises(l2p.CheckpointError, match=r"at outer step 3, past protect.outer_steps=2; set "
+                                                  r"protect.outer_steps to 3 or more to continue it, or start over"):
+        l2p.protect(tiny_sd, subj, PER, dataclasses.replace(pcfg, outer_steps=2), seed=3, checkpoint_dir=tmp_path)
+    # a checkpoint of an apdm that did not record its settings is resumed, with a warning
+    meta = json.loads((tmp_path / "progress.json").read_text())
+    del meta["settings"]
+    (tmp_path / "progress.json").write_text(json.dumps(meta))
+    _, hist, _ = l2p.protect(tiny_sd, subj, PER, pcfg, seed=9, checkpoint_dir=tmp_path)  # (another seed)
+    assert [h["step"] for h in hist] == [0, 1, 2]
+    assert (f"{tmp_path}: a protection checkpoint written before apdm recorded its settings: resumed without "
+            "checking") in apdm_log()
 
 
 def test_cli_protect_model_writes_loadable_model(tmp_path):
@@ -182,6 +303,33 @@ def test_cli_protect_model_writes_loadable_model(tmp_path):
     card = (out / "model" / "README.md").read_text()
     assert "a photo of sks person" in card and "DPO" in card
     assert not (out / "checkpoint").exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("protect.outer_steps=0", ("protect.outer_steps must be a whole number >= 1 (0 only for the encoder trap alone, "
+                               "with encoder_trap.steps > 0: without either the model would be released unprotected), "
+                               "got 0")),
+    ("protect.inner_steps=-1", "protect.inner_steps must be a whole number >= 0, got -1"),
+    ("protect.batch_size=0", "protect.batch_size must be a whole number >= 1, got 0"),
+    ("protect.num_class_images=0", "protect.num_class_images must be a whole number >= 1, got 0"),
+    ("protect.loss=dpoo", "protect.loss must be one of dpo, naive, got 'dpoo'")])
+def test_cli_protect_model_refuses_out_of_range_settings_before_any_work(tmp_path, apdm_log, override, message):
+    """Before, outer_steps=0 and inner_steps=-1 released an unprotected model with exit 0, num_class_images=0 ended
+    in a raw AttributeError and a bad batch_size or loss only after the model and its class images."""
+    from helpers import tiny_protect_model_args
+
+    from apdm.cli import main
+
+    assert main(["protect-model", *tiny_protect_model_args(tmp_path), override]) == 1
+    assert message in apdm_log()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cls").exists()  # no output, no class images
+    key, value = override[len("protect."):].split("=")
+    pcfg = ProtectConfig(**{key: value if key == "loss" else int(value)})
+    with pytest.raises(ValueError, match=re.escape(message)):  # the same check, for the library's callers
+        l2p.check_protect_config(PER, pcfg, encoder_trap_steps=0)
+    if key == "outer_steps":  # the encoder trap alone, and a benchmark's protection job, may run no L2P step
+        l2p.check_protect_config(PER, pcfg, encoder_trap_steps=5)
+        l2p.check_protect_config(PER, pcfg)
 
 
 def test_bf16_base_model_runs_with_fp32_master_weights():

@@ -420,7 +420,9 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
         checkpoint_dir: resumable state: TI anchors as they finish in ``anchors/`` (:func:`train_anchors`'
             ``cache_dir``), and every ``checkpoint_every`` steps ρ, Adam's moments, λ, the random generators and
             the history in ``rho/``. A call finding a checkpoint there continues from it and ends with the same ρ
-            as an uninterrupted run.
+            as an uninterrupted run, if it was made with the same settings (:func:`training_settings`; ``steps``
+            may differ: a training can be extended); one of other settings is refused before the anchors train
+            (:class:`apdm.protect_model.l2p.CheckpointError`, as is a corrupt one).
         stop_after: stop (after checkpointing) once this many steps ran in this call: a simulated kill, for tests.
 
     Returns:
@@ -439,6 +441,17 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
     identities = [x.detach().float().to(sd.device) for x in identities]
     pcfg = personalization or default_personalization()
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    settings = None
+    if ckpt is not None:
+        settings = training_settings(sd, names, identities, pcfg, budget=budget, learning_rate=learning_rate,
+                                     batch_size=batch_size, anchor_steps=anchor_steps, anchors=anchors,
+                                     class_images=class_images, shuffle_prob=shuffle_prob, lambda_init=lambda_init,
+                                     lambda_step=lambda_step, min_psnr=min_psnr, sampling=sampling, width=width,
+                                     rho=rho, resample=resample, seed=seed)
+        if (ckpt / "rho" / "progress.json").is_file():  # a checkpoint of other settings: refused before the anchors
+            from apdm.protect_model.l2p import read_progress
+
+            read_progress(ckpt / "rho", settings, "ρ training", "resume=false")
     if anchors is None:
         anchors = train_anchors(sd, identities, pcfg, class_images, anchor_steps, seed, quiet,
                                 cache_dir=ckpt / "anchors" if ckpt is not None else None)
@@ -458,13 +471,24 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
     trainable = dict(rho.named_parameters())
     start, past = 0, []
     if ckpt is not None and (ckpt / "rho" / "progress.json").is_file():
-        from apdm.protect_model.l2p import load_checkpoint
+        from apdm.protect_model.l2p import CheckpointError, load_checkpoint
 
         extra: dict = {}
-        start, past = load_checkpoint(ckpt / "rho", trainable, optimizer, extra)
+        start, past = load_checkpoint(ckpt / "rho", trainable, optimizer, extra, what="ρ training",
+                                      start_over="resume=false")  # (its settings were checked before the anchors)
+        # all that checkpoints recorded of their settings before they recorded them
         if extra.get("identities") != names or extra.get("budget") != budget or extra.get("seed") != seed:
-            raise ValueError(f"{ckpt}: a checkpoint of another ρ training (identities, budget or seed differ); "
-                             "remove it or train into another folder")
+            raise CheckpointError(f"{ckpt}: a checkpoint of another ρ training (identities, budget or seed "
+                                  "differ); start over with resume=false or train into another folder")
+        if start > steps:
+            raise CheckpointError(f"{ckpt}: the ρ training checkpoint is at step {start}, past steps={steps}; set "
+                                  f"steps to {start} or more to continue it, or start over with resume=false")
+        missing = [k for k in ["lambda", "tensors"] if k not in extra] + [
+            k for k in ["generator", *(f"anchor_generator_{i}" for i in range(len(anchor_gens)))]
+            if k not in extra.get("tensors", {})]
+        if missing:
+            raise CheckpointError(f"{ckpt / 'rho'}: the ρ training checkpoint lacks {', '.join(missing)} (corrupt or "
+                                  "of another ρ training); start over with resume=false")
         lam = float(extra["lambda"])
         gen.set_state(extra["tensors"]["generator"])
         for k, g in enumerate(anchor_gens):
@@ -517,7 +541,8 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
                             extra={"lambda": lam, "identities": names, "budget": budget, "seed": seed},
                             extra_tensors={"generator": gen.get_state(),
                                            **{f"anchor_generator_{k}": g.get_state()
-                                              for k, g in enumerate(anchor_gens)}})
+                                              for k, g in enumerate(anchor_gens)}},
+                            settings=settings)
         if stop:
             break
     if history is not None:
@@ -532,6 +557,35 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
     }
     LOG.debug("ldu: trained rho for %d steps, final lambda %.3f", steps, lam)
     return rho
+
+
+#: personalization.* keys left out of a ρ training's settings (they change no number)
+PERSONALIZATION_RESUMABLE = ("class_data_dir", "gradient_checkpointing")
+
+
+def training_settings(sd: SD, names: list[str], identities: Sequence[torch.Tensor], pcfg: PersonalizationConfig, *,
+                      budget: float, learning_rate: float, batch_size: int, anchor_steps: int | None,
+                      anchors: dict | None, class_images: torch.Tensor | None, shuffle_prob: float, lambda_init: float,
+                      lambda_step: float, min_psnr: float | None, sampling: Mapping, width: int, rho: RhoUNet | None,
+                      resample: bool, seed: int) -> dict:
+    """What determines a ρ training's result, as flat JSON keyed like ``apdm train-perturber``'s config (the
+    fingerprint its checkpoint records and a resumed training must match): the model (:meth:`SD.fingerprint`,
+    dtype), the identities' names and photos (digests of each (N_i,3,H,W) tensor), the class images, every
+    argument of :func:`train_perturber` that changes the numbers, and ``personalization.*`` (the anchors) but
+    :data:`PERSONALIZATION_RESUMABLE`. Left out: ``steps`` (a training may be extended), checkpointing, ``quiet``."""
+    from apdm.protect_model.l2p import config_settings, tensor_digest
+
+    out = {"model": sd.fingerprint(), "model.dtype": str(sd.dtype).replace("torch.", ""), "identities": list(names),
+           **{f"photos.{n}": tensor_digest(x) for n, x in zip(names, identities)},
+           "class_images": None if class_images is None else tensor_digest(class_images),
+           "budget": budget, "learning_rate": learning_rate, "batch_size": batch_size, "shuffle_prob": shuffle_prob,
+           "lambda_init": lambda_init, "lambda_step": lambda_step, "min_psnr": min_psnr, "width": width,
+           **{k: sampling[k] for k in sorted(sampling)}, "resample": resample, "seed": seed,
+           "anchors": "given" if anchors is not None else "trained",
+           "anchor_steps": None if anchors is not None else (pcfg.steps if anchor_steps is None else anchor_steps),
+           "rho": "fresh" if rho is None else "given"}
+    out.update(config_settings("personalization", pcfg, PERSONALIZATION_RESUMABLE))
+    return json.loads(json.dumps(out))
 
 
 def _prepare_batched(sd: SD, images: torch.Tensor, sampling: Mapping, batch_size: int, quiet: bool) -> dict:

@@ -385,28 +385,93 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
     return manifest
 
 
+def check_train_config(cfg: TrainPerturberRunConfig) -> float:
+    """Raise ValueError naming the ``apdm train-perturber`` key whose value is out of range (before any model
+    loads); returns the budget as an L∞ radius on [0, 1]."""
+    from apdm.personalization.simulator import check_personalization
+    from apdm.protect_images.budget import parse_budget
+
+    per = cfg.personalization
+    check_personalization(per)  # the anchors' personalization
+    for key, value, low in (("steps", cfg.steps, 1), ("batch_size", cfg.batch_size, 1),
+                            ("anchor_steps", cfg.anchor_steps, 0), ("denoise_steps", cfg.denoise_steps, 1),
+                            ("width", cfg.width, 1), ("checkpoint_every", cfg.checkpoint_every, 0),
+                            ("personalization.batch_size", per.batch_size, 1),
+                            # the anchors train anchor_steps steps, or personalization.steps when it is 0
+                            ("personalization.steps" if not cfg.anchor_steps else "anchor_steps",
+                             cfg.anchor_steps or per.steps, 1)):
+        if isinstance(value, bool) or int(value) != value or value < low:
+            why = " (the anchors' steps when anchor_steps is 0)" if key == "personalization.steps" else ""
+            raise ValueError(f"{key} must be a whole number >= {low}{why}, got {value}")
+    for key, value in (("learning_rate", cfg.learning_rate), ("personalization.learning_rate", per.learning_rate)):
+        if not value > 0:  # also refuses NaN
+            raise ValueError(f"{key} must be > 0, got {value}")
+    for key, value in (("lambda_init", cfg.lambda_init), ("lambda_step", cfg.lambda_step), ("min_psnr", cfg.min_psnr)):
+        if not value >= 0:
+            raise ValueError(f"{key} must be >= 0, got {value}")
+    if not 0 <= cfg.shuffle_prob <= 1:
+        raise ValueError(f"shuffle_prob must be in [0, 1], got {cfg.shuffle_prob}")
+    return parse_budget(cfg.budget)  # its errors name the budget
+
+
+def identity_folders(root: Path, output_dir: Path) -> list[Path]:
+    """The sub-folders of ``root`` (sorted by name) that hold image files: one per identity. Hidden folders and
+    ``output_dir`` (when it lies in ``root``) are left out; a folder without image files is skipped with a warning.
+
+    Raises:
+        ValueError: no sub-folder holds an image file.
+    """
+    from apdm.core.images import list_images
+
+    out = output_dir.resolve()
+    found, skipped = [], []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        if sub.name.startswith("."):
+            continue
+        if sub.resolve() == out:
+            LOG.info("train-perturber: %s is the output folder (output_dir), not an identity", sub)
+            continue
+        try:
+            list_images(sub)
+        except FileNotFoundError:
+            LOG.warning("train-perturber: skipped %s: no photos in it", sub)
+            skipped.append(sub.name)
+            continue
+        found.append(sub)
+    if not found:
+        raise ValueError(f"{root}: expected one sub-folder of photos per identity, found none with photos"
+                         + (f" (skipped: {', '.join(skipped)})" if skipped else ""))
+    return found
+
+
 def train(cfg: TrainPerturberRunConfig) -> dict:
-    """Train ρ on ``cfg.data`` (one sub-folder per identity) and save it to ``cfg.output_dir``."""
+    """Train ρ on ``cfg.data`` (one sub-folder per identity; hidden folders, folders without photos and
+    ``cfg.output_dir`` are skipped) and save it to ``cfg.output_dir``."""
     from apdm.core.images import list_images, load_images
     from apdm.core.models import load_sd, warn_if_untrained
     from apdm.personalization.simulator import class_images_for
     from apdm.protect_images import ldu
-    from apdm.protect_images.budget import parse_budget
 
+    budget = check_train_config(cfg)
     root = Path(cfg.data)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {root}")
+    folders = identity_folders(root, Path(cfg.output_dir))
     warn_if_untrained(cfg.model.path, "the trained perturbation network will protect against no real model")
     sd = load_sd(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.revision)
-    identities = {}
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+    identities, unusable = {}, []
+    for sub in folders:
         images, ok, errors = load_images(list_images(sub), size=sd.resolution)
         for e in errors:
             LOG.warning("skipped %s: %s", e["path"], e["error"])
         if ok:
             identities[sub.name] = images.to(sd.device)
+        else:
+            LOG.warning("train-perturber: skipped %s: none of its photos could be read", sub)
+            unusable.append(sub.name)
     if not identities:
-        raise ValueError(f"{root}: expected one sub-folder of photos per identity, found none with images")
+        raise ValueError(f"{root}: expected one sub-folder of photos per identity, found none with usable photos "
+                         f"(unreadable: {', '.join(unusable)})")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
@@ -418,7 +483,7 @@ def train(cfg: TrainPerturberRunConfig) -> dict:
     t0 = time.perf_counter()
     class_images = class_images_for(sd, cfg.personalization, quiet=cfg.quiet)  # None unless the anchors need them
     rho = ldu.train_perturber(
-        sd, identities, budget=parse_budget(cfg.budget), steps=cfg.steps, learning_rate=cfg.learning_rate,
+        sd, identities, budget=budget, steps=cfg.steps, learning_rate=cfg.learning_rate,
         batch_size=cfg.batch_size, personalization=cfg.personalization, anchor_steps=cfg.anchor_steps or None,
         class_images=class_images, shuffle_prob=cfg.shuffle_prob, lambda_init=cfg.lambda_init,
         lambda_step=cfg.lambda_step, min_psnr=cfg.min_psnr or None, denoise_steps=cfg.denoise_steps,

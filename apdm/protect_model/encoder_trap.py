@@ -490,8 +490,28 @@ def keep_decoded(vae, params: torch.Tensor, target: torch.Tensor, noise: torch.T
     return F.mse_loss(decoded(params), ref)
 
 
-def check_trap_config(cfg: EncoderTrapConfig) -> None:
-    """Raise ValueError naming the ``encoder_trap.*`` key that is out of range."""
+#: the face recognizers ``encoder_trap.identity`` names (those of :func:`apdm.evaluation.run.identity_backend`;
+#: ``toy:DIR`` besides)
+IDENTITY_BACKENDS = ("toy", "dlib")
+
+
+def check_identity_name(name: str) -> None:
+    """Raise ValueError unless ``name`` (``encoder_trap.identity``) is empty, ``none``, a known recognizer or
+    ``toy:DIR`` with toy instruments in DIR (or DIR/instruments). Loads no weights."""
+    if name in ("", "none") or name in IDENTITY_BACKENDS:
+        return
+    if name.startswith("toy:"):
+        path = Path(name[len("toy:"):])
+        if not any((p / "instruments.json").is_file() for p in (path, path / "instruments")):
+            raise ValueError(f"encoder_trap.identity='{name}': {path} holds no toy instruments (instruments.json)")
+        return
+    raise ValueError(f"encoder_trap.identity must be one of {', '.join(IDENTITY_BACKENDS)}, toy:DIR or none, "
+                     f"got '{name}'")
+
+
+def check_trap_config(cfg: EncoderTrapConfig, identity: bool = True) -> None:
+    """Raise ValueError naming the ``encoder_trap.*`` key that is out of range; with ``identity``, also an
+    ``encoder_trap.identity`` that names no face recognizer (:func:`check_identity_name`), before any work."""
     for key, low in (("steps", 0), ("preserve_batch", 1), ("checkpoint_every", 0), ("decoys", 0),
                      ("synthetic_photos", 0), ("synthetic_pool", 1), ("synthetic_copies", 1),
                      ("keep_generated", 0), ("micro_batch", 0)):
@@ -508,12 +528,31 @@ def check_trap_config(cfg: EncoderTrapConfig) -> None:
     if cfg.targets == "farthest" and cfg.identity in ("", "none"):
         raise ValueError("encoder_trap.targets=farthest needs encoder_trap.identity, the face recognizer that "
                          "chooses the decoys (dlib, toy or toy:DIR)")
+    if identity:
+        check_identity_name(cfg.identity)
+
+
+#: encoder_trap.* keys left out of the settings a trap checkpoint must match: its length (it may be extended), where
+#: its keep photos are read from (their pixels are in the settings), and options that change only memory
+TRAP_RESUMABLE = ("steps", "checkpoint_every", "micro_batch", "gradient_checkpointing", "keep_images")
+
+
+def trap_settings(cfg: EncoderTrapConfig, seed: int, subject_images: torch.Tensor, decoys: torch.Tensor,
+                  keep: torch.Tensor) -> dict:
+    """What determines the trap's result, as flat JSON (the fingerprint its checkpoint records): ``encoder_trap.*``
+    but :data:`TRAP_RESUMABLE`, the seed, and digests of the images it traps, their decoys and the images it keeps
+    (each (N,3,H,W))."""
+    from apdm.protect_model.l2p import config_settings, tensor_digest
+
+    return {**config_settings("encoder_trap", cfg, TRAP_RESUMABLE), "seed": seed,
+            "trapped_images": tensor_digest(subject_images), "decoys": tensor_digest(decoys),
+            "kept_images": tensor_digest(keep)}
 
 
 def trap_encoder(vae, subjects: list, cfg: EncoderTrapConfig, seed: int = 0,
                  checkpoint_dir: str | Path | None = None, quiet: bool = False, stop_after: int | None = None,
                  embed=None, keep_images: torch.Tensor | None = None,
-                 views: list | None = None) -> tuple[torch.nn.Module, list[dict], list[dict]]:
+                 views: list | None = None, start_over: str = "") -> tuple[torch.nn.Module, list[dict], list[dict]]:
     """Train the encoder trap; returns (a trapped fp32 copy of ``vae``, per-step logs, the decoys). ``vae`` is not
     modified.
 
@@ -524,13 +563,16 @@ def trap_encoder(vae, subjects: list, cfg: EncoderTrapConfig, seed: int = 0,
         cfg: ``encoder_trap`` settings; ``cfg.steps`` steps, each over every subject photo and
             ``cfg.preserve_batch`` class images.
         seed: step k's randomness depends only on (seed, k), so a resumed run matches an uninterrupted one.
-        checkpoint_dir: resumable state every ``cfg.checkpoint_every`` steps (safetensors + JSON).
+        checkpoint_dir: resumable state every ``cfg.checkpoint_every`` steps (safetensors + JSON). A checkpoint
+            found there is continued when it was made with the same settings (:func:`trap_settings`; ``cfg.steps``
+            may differ) and refused otherwise (:class:`apdm.protect_model.l2p.CheckpointError`).
         stop_after: stop after this many steps of this call (for tests of interruption).
         embed: the face recognizer of ``cfg.targets=farthest`` (:func:`choose_decoys`).
         keep_images: (K,3,H,W) in [0,1], more images whose latents must not change (``cfg.keep_images``, loaded
             by the caller); the per-step ``cfg.preserve_batch`` is drawn from them and the subjects' class images.
         views: one entry per subject, None or (V,3,H,W) in [0,1]: more pictures of it to trap
             (:func:`synthetic_views`); view j encodes as photo (j mod N)'s decoy.
+        start_over: the option that starts the command afresh, named when a checkpoint is refused.
 
     Returns:
         The decoys are one dict per subject: ``subject`` (its name), ``images`` (D,3,H,W) in [0,1] on the CPU, the
@@ -538,9 +580,9 @@ def trap_encoder(vae, subjects: list, cfg: EncoderTrapConfig, seed: int = 0,
         recognizer's cosine of each decoy to the subject (a list of D floats; a rebuilt recognizer may choose other
         decoys, and these tell), else None.
     """
-    from apdm.protect_model.l2p import load_checkpoint, save_checkpoint
+    from apdm.protect_model.l2p import CheckpointError, load_checkpoint, save_checkpoint
 
-    check_trap_config(cfg)
+    check_trap_config(cfg, identity=False)  # the recognizer, if any, is ``embed``
     dev = vae.device
     trapped, trainable, optimizer = trainable_copy(vae, cfg)
     if views is not None and len(views) != len(subjects):
@@ -577,8 +619,15 @@ def trap_encoder(vae, subjects: list, cfg: EncoderTrapConfig, seed: int = 0,
              keep.shape[0], f"{cfg.micro_batch} at a time" if cfg.micro_batch > 0 else "all at once")
     start, history = 0, []
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    settings = trap_settings(cfg, seed, subject_images, paired, keep) if ckpt is not None else None
     if ckpt is not None and (ckpt / "progress.json").is_file():
-        start, history = load_checkpoint(ckpt, trainable, optimizer)
+        start, history = load_checkpoint(ckpt, trainable, optimizer, settings=settings, what="encoder trap",
+                                         start_over=start_over)
+        if start > cfg.steps:
+            raise CheckpointError(f"{ckpt}: the encoder trap checkpoint is at step {start}, past encoder_trap.steps="
+                                  f"{cfg.steps}; set encoder_trap.steps to {start} or more to continue it, or "
+                                  + (f"start over with {start_over} or " if start_over else "")
+                                  + f"delete {ckpt}")
         LOG.info("resuming the encoder trap from step %d/%d (%s)", start, cfg.steps, ckpt)
     trapped.train()
     bar = progress(range(start, cfg.steps), desc="encoder trap", total=cfg.steps - start, disable=quiet)
@@ -591,7 +640,7 @@ def trap_encoder(vae, subjects: list, cfg: EncoderTrapConfig, seed: int = 0,
         done += 1
         stop = stop_after is not None and done >= stop_after
         if ckpt is not None and (stop or cfg.checkpoint_every > 0 and (k + 1) % cfg.checkpoint_every == 0):
-            save_checkpoint(ckpt, k + 1, trainable, optimizer, history)
+            save_checkpoint(ckpt, k + 1, trainable, optimizer, history, settings=settings)
         if stop:
             break
     if cfg.gradient_checkpointing:

@@ -472,13 +472,129 @@ def _all_reduce_grads(trainable: dict) -> None:
 
 
 # ============================================================================ checkpoints
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed: corrupt, from another model, or made with other settings."""
+
+
+def tensor_digest(x: torch.Tensor) -> str:
+    """A short sha256 of a tensor's dtype, shape and bytes (any device or dtype): the fingerprint of a set of images in
+    a checkpoint's settings. The same images loaded the same way give the same digest."""
+    import hashlib
+
+    x = x.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{x.dtype}{tuple(x.shape)}".encode())
+    h.update(memoryview(x.view(torch.uint8).reshape(-1).numpy()))
+    return h.hexdigest()[:16]
+
+
+def config_settings(section: str, cfg, leave_out: tuple[str, ...] = ()) -> dict:
+    """The fields of the config dataclass ``cfg`` as ``{"section.key": JSON value}`` (``section`` empty: bare keys),
+    without ``leave_out``: a part of a checkpoint's settings (:func:`save_checkpoint`)."""
+    prefix = f"{section}." if section else ""
+    return {prefix + k: json.loads(json.dumps(v, default=str)) for k, v in dataclasses.asdict(cfg).items()
+            if k not in leave_out}
+
+
+#: protect.* keys left out of the settings a protection checkpoint must match: the run's length (a run may be
+#: extended), checkpointing and memory options that do not change the numbers
+PROTECT_RESUMABLE = ("outer_steps", "checkpoint_every", "resume", "gradient_checkpointing")
+#: personalization.* keys left out likewise (the class images' cache folder; the images are the model's)
+PERSONALIZATION_RESUMABLE = ("class_data_dir", "gradient_checkpointing")
+
+
+def protection_settings(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcfg: ProtectConfig,
+                        seed: int) -> dict:
+    """What determines a protection's result, as flat JSON (the fingerprint a checkpoint records and a resumed run
+    must match): the model (:meth:`SD.fingerprint`, dtype), each subject's photos (:func:`tensor_digest`) and prompts,
+    ``protect.*`` but :data:`PROTECT_RESUMABLE`, ``personalization.*`` but :data:`PERSONALIZATION_RESUMABLE`, the
+    seed and the number of processes (each draws its own noise)."""
+    out = {"model": sd.fingerprint(), "model.dtype": str(sd.dtype).replace("torch.", ""), "seed": seed,
+           "processes": distributed.rank_world()[1], "subjects": len(subjects)}
+    for k, s in enumerate(subjects):
+        out.update({f"subjects[{k}].photos": tensor_digest(s.images),
+                    f"subjects[{k}].instance_prompt": s.instance_prompt,
+                    f"subjects[{k}].class_prompt": s.class_prompt})
+    out.update(config_settings("protect", pcfg, PROTECT_RESUMABLE))
+    out.update(config_settings("personalization", per_cfg, PERSONALIZATION_RESUMABLE))
+    return out
+
+
+def _short(v) -> str:
+    text = json.dumps(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _a(what: str) -> str:
+    return f"{'an' if what[:1] in 'aeiou' else 'a'} {what}"
+
+
+def _start_over(folder: Path, how: str) -> str:
+    return f"start over with {how} or delete {folder}" if how else f"delete {folder} to start over"
+
+
+def read_progress(folder: Path, settings: dict | None = None, what: str = "run", start_over: str = "") -> dict:
+    """Read ``folder/progress.json`` (written by :func:`save_checkpoint`) and check it against this run.
+
+    Args:
+        folder: the checkpoint folder.
+        settings: this run's settings (flat JSON; e.g. :func:`protection_settings`); the checkpoint's must have the
+            same value at every key both record. A key recorded on one side only (another apdm version) and a
+            checkpoint that records none (written before apdm recorded them) are resumed with a warning.
+        what: what the checkpoint is of, for the messages ("protection", "ρ training", "encoder trap").
+        start_over: the option that starts the run afresh (e.g. ``protect.resume=false``), for the messages.
+
+    Returns:
+        the parsed progress (``next_step``, ``param_groups``, ``history``, ``extra``, ``settings``).
+
+    Raises:
+        CheckpointError: the file is unreadable or incomplete, or the settings differ (the message names the
+            differing keys with both values, the folder, and how to start over).
+    """
+    path = folder / "progress.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise TypeError(f"a JSON {type(meta).__name__}, not an object")
+        missing = [k for k in ("next_step", "history") if k not in meta]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+        meta["next_step"] = int(meta["next_step"])
+        if meta["next_step"] < 0 or not isinstance(meta["history"], list) or not isinstance(meta.get("extra", {}),
+                                                                                              dict):
+            raise ValueError("next_step, history or extra out of form")
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: the {what} checkpoint is corrupt ({type(exc).__name__}: {exc}); "
+                              f"{_start_over(folder, start_over)}") from None
+    saved = meta.get("settings")
+    if settings is None:
+        return meta
+    if not isinstance(saved, dict):
+        LOG.warning("%s: %s checkpoint written before apdm recorded its settings: resumed without checking that "
+                    "they are this run's (if they are not, %s)", folder, _a(what), _start_over(folder, start_over))
+        return meta
+    now = json.loads(json.dumps(settings, default=str))
+    differ = [k for k in now if k in saved and saved[k] != now[k]]
+    if differ:
+        shown = "; ".join(f"{k}: {_short(saved[k])} there, {_short(now[k])} now" for k in differ[:8])
+        more = f"; and {len(differ) - 8} more" if len(differ) > 8 else ""
+        raise CheckpointError(
+            f"{folder}: a checkpoint of another {what}, made with other settings ({shown}{more}); resuming it would "
+            f"mix two runs. Run with the checkpoint's settings to continue it, or {_start_over(folder, start_over)}")
+    one_side = sorted(set(now) ^ set(saved))
+    if one_side:
+        LOG.warning("%s: settings recorded by this run or by the checkpoint only (another apdm version?): %s; "
+                    "resuming", folder, ", ".join(one_side))
+    return meta
+
+
 def save_checkpoint(folder: Path, step: int, trainable: dict, optimizer: torch.optim.Optimizer,
                     history: list[dict], extra: dict | None = None,
-                    extra_tensors: dict[str, torch.Tensor] | None = None) -> None:
+                    extra_tensors: dict[str, torch.Tensor] | None = None, settings: dict | None = None) -> None:
     """Write θ's trainable tensors and the optimizer state as safetensors, plus progress as JSON (atomically).
 
     ``extra`` (JSON values) and ``extra_tensors`` (e.g. generator states) are what a caller needs besides these
-    to resume exactly; :func:`load_checkpoint` gives them back.
+    to resume exactly; :func:`load_checkpoint` gives them back. ``settings`` (flat JSON) is what determines the
+    run's result; :func:`load_checkpoint` refuses a run whose settings differ.
     """
     from safetensors.torch import save_file
 
@@ -492,41 +608,75 @@ def save_checkpoint(folder: Path, step: int, trainable: dict, optimizer: torch.o
         for k, v in st.items():
             t = v if torch.is_tensor(v) else torch.tensor(v)
             tensors[f"opt/{names[idx]}/{k}"] = t.detach().cpu().contiguous()
+    progress_json = {"next_step": step, "param_groups": osd["param_groups"], "history": history,
+                     "extra": extra or {}}
+    if settings is not None:
+        progress_json["settings"] = settings
     with atomic_dir(folder) as tmp:
         save_file(tensors, str(tmp / "state.safetensors"))
-        atomic_write_json(tmp / "progress.json", {"next_step": step, "param_groups": osd["param_groups"],
-                                                  "history": history, "extra": extra or {}})
+        atomic_write_json(tmp / "progress.json", progress_json)
 
 
 def load_checkpoint(folder: Path, trainable: dict, optimizer: torch.optim.Optimizer,
-                    extra: dict | None = None) -> tuple[int, list[dict]]:
+                    extra: dict | None = None, settings: dict | None = None, what: str = "run",
+                    start_over: str = "") -> tuple[int, list[dict]]:
     """Restore what :func:`save_checkpoint` wrote; returns (next outer step, history).
 
     ``extra``, if given, is filled with the saved ``extra`` values and ``extra_tensors`` (under ``"tensors"``).
+    ``settings``, ``what`` and ``start_over`` as :func:`read_progress`. The optimizer keeps its own (configured)
+    hyperparameters: only its state (moments, step counts) comes from the checkpoint.
+
+    Raises:
+        CheckpointError: the checkpoint is corrupt, of another model (other tensors or shapes), or made with other
+            settings; the message names the file or folder and how to start over.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    meta = json.loads((folder / "progress.json").read_text())
-    tensors = load_file(str(folder / "state.safetensors"))
+    meta = read_progress(folder, settings, what, start_over)
+    path = folder / "state.safetensors"
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:  # truncated or not safetensors; missing
+        raise CheckpointError(f"{path}: the {what} checkpoint's tensors cannot be read, the file is corrupt or "
+                              f"missing ({type(exc).__name__}: {exc}); {_start_over(folder, start_over)}") from None
+
+    def foreign(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: {_a(what)} checkpoint of another model or settings ({why}); "
+                               f"{_start_over(folder, start_over)}")
+
+    names = list(trainable)
+    saved = {k[len("param/"):] for k in tensors if k.startswith("param/")}
+    lacks, more = sorted(set(names) - saved), sorted(saved - set(names))
+    if lacks or more:
+        def some(keys: list[str]) -> str:
+            return keys[0] + (f" and {len(keys) - 1} more" if len(keys) > 1 else "")
+
+        raise foreign("; ".join(([f"it lacks {some(lacks)}"] if lacks else [])
+                                + ([f"it holds {some(more)}, which this run does not train"] if more else [])))
+    state = {}
+    for i, n in enumerate(names):
+        p = trainable[n]
+        if tuple(tensors[f"param/{n}"].shape) != tuple(p.shape):
+            raise foreign(f"{n} has shape {tuple(tensors[f'param/{n}'].shape)} there, {tuple(p.shape)} here")
+        st = {k.split("/")[-1]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt/{n}/")}
+        for k, v in st.items():  # AdamW's moments (8-bit Adam keeps block-wise tensors of other shapes)
+            if k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") and tuple(v.shape) != tuple(p.shape):
+                raise foreign(f"the optimizer's {k} of {n} has shape {tuple(v.shape)}, the parameter {tuple(p.shape)}")
+        if st:
+            if "step" not in st:
+                raise foreign(f"the optimizer state of {n} has no step count")
+            st["step"] = st["step"].cpu()
+            state[i] = st
+    with torch.no_grad():
+        for n, p in trainable.items():
+            p.copy_(tensors[f"param/{n}"].to(p.device, p.dtype))
     if extra is not None:
         extra.update(meta.get("extra", {}))
         extra["tensors"] = {k[len("extra/"):]: v for k, v in tensors.items() if k.startswith("extra/")}
-    names = list(trainable)
-    with torch.no_grad():
-        for n, p in trainable.items():
-            key = f"param/{n}"
-            if key not in tensors:
-                raise RuntimeError(f"{folder}: checkpoint does not match this model/config (missing {n})")
-            p.copy_(tensors[key].to(p.device, p.dtype))
-    state = {}
-    for i, n in enumerate(names):
-        st = {k.split("/")[-1]: v.to(trainable[n].device) for k, v in tensors.items()
-              if k.startswith(f"opt/{n}/")}
-        if st:
-            st["step"] = st["step"].cpu()
-            state[i] = st
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return int(meta["next_step"]), list(meta["history"])
+    # this run's param_groups: its configured lr, betas, weight decay (never the checkpoint's)
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+    return meta["next_step"], list(meta["history"])
 
 
 # ============================================================================ the loop
@@ -559,10 +709,44 @@ def attackers(per_cfg: PersonalizationConfig, pcfg: ProtectConfig) -> list[Perso
     return out
 
 
-def check_protect_config(per_cfg: PersonalizationConfig, pcfg: ProtectConfig) -> list[PersonalizationConfig]:
-    """Every check that needs no model: lr phases, attackers, the attacker restart period, identifiers, extra DPO
+#: the choices of the ``protect.*`` keys that take one of a few words
+PROTECT_CHOICES = {"loss": ("dpo", "naive"), "dpo_form": ("elementwise", "summed"), "grad_accum": ("sum", "mean"),
+                   "mixed_precision": ("no", "fp16", "bf16")}
+
+
+def check_protect_ranges(pcfg: ProtectConfig, encoder_trap_steps: int | None = None) -> None:
+    """Raise ValueError naming the ``protect.*`` key whose value is out of range or not one of its choices.
+
+    Args:
+        pcfg: protection settings.
+        encoder_trap_steps: the run's ``encoder_trap.steps`` when the caller runs the whole command: then
+            ``outer_steps=0`` (the encoder trap alone) needs a trap, or the model would come out unprotected.
+            ``None`` (a library call, e.g. a benchmark job): ``outer_steps=0`` is allowed.
+    """
+    low_outer = 0 if encoder_trap_steps is None or encoder_trap_steps > 0 else 1
+    for key, low in (("outer_steps", low_outer), ("inner_steps", 0), ("batch_size", 1), ("num_class_images", 1),
+                     ("checkpoint_every", 0), ("lora_rank", 1)):
+        v = getattr(pcfg, key)
+        if isinstance(v, bool) or int(v) != v or v < low:
+            why = (" (0 only for the encoder trap alone, with encoder_trap.steps > 0: without either the model would "
+                   "be released unprotected)" if key == "outer_steps" and low == 1 else "")
+            raise ValueError(f"protect.{key} must be a whole number >= {low}{why}, got {v}")
+    for key, choices in PROTECT_CHOICES.items():
+        if getattr(pcfg, key) not in choices:
+            raise ValueError(f"protect.{key} must be one of {', '.join(choices)}, got '{getattr(pcfg, key)}'")
+    for key in ("learning_rate", "weight_decay", "beta", "prior_loss_weight", "anchor_weight"):
+        if not getattr(pcfg, key) >= 0:  # also refuses NaN
+            raise ValueError(f"protect.{key} must be >= 0, got {getattr(pcfg, key)}")
+
+
+def check_protect_config(per_cfg: PersonalizationConfig, pcfg: ProtectConfig, encoder_trap_steps: int | None = None
+                         ) -> list[PersonalizationConfig]:
+    """Every check that needs no model: ranges and choices (:func:`check_protect_ranges`, where
+    ``encoder_trap_steps`` is explained), lr phases, attackers, the attacker restart period, identifiers, extra DPO
     prompts and the conditioning attack only with the DPO loss, no TI attacker when the text encoder is protected.
     Raises before any work starts; returns the simulated attackers (:func:`attackers`)."""
+    check_protect_ranges(pcfg, encoder_trap_steps)
+    S.check_personalization(per_cfg)  # the simulated attacker
     check_lr_phases(pcfg)
     check_restart(pcfg)
     bad = [w for w in pcfg.identifiers if not isinstance(w, str) or not w or any(ch.isspace() for ch in w)]
@@ -653,20 +837,35 @@ def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcf
             taken in turn (see :func:`attackers`).
         pcfg: protection settings.
         seed: base seed; outer step j's randomness depends only on (seed, j).
-        checkpoint_dir: where resumable checkpoints go (every ``pcfg.checkpoint_every`` steps).
+        checkpoint_dir: where resumable checkpoints go (every ``pcfg.checkpoint_every`` steps). A checkpoint found
+            there (with ``pcfg.resume``) is continued when it was made with the same settings
+            (:func:`protection_settings`; ``outer_steps`` may differ: a run can be extended) and refused otherwise.
         stop_after: stop after this many outer steps *of this call* (for tests of interruption).
+
+    Raises:
+        CheckpointError: the checkpoint in ``checkpoint_dir`` is corrupt, of another model, of other settings, or
+            past ``pcfg.outer_steps``.
     """
     per_cfgs = check_protect_config(per_cfg, pcfg)
     for subject in subjects if pcfg.identifiers else []:  # every instance prompt has a word to replace
         for cfg in per_cfgs:
             with_identifier(subject, cfg, pcfg.identifiers[0])
+    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
+    settings = protection_settings(sd, subjects, per_cfg, pcfg, seed) if ckpt is not None else None
+    resume = ckpt is not None and pcfg.resume and (ckpt / "progress.json").is_file()
+    if resume:  # a checkpoint of other settings is refused before any work
+        read_progress(ckpt, settings, "protection", "protect.resume=false")
     theta, trainable, phi, optimizer, text_encoder = init_protection(sd, pcfg, seed)
     restart = int(pcfg.inner_restart_every)
     carry: dict | None = {} if restart > 1 and pcfg.inner_steps > 0 else None
     start, history = 0, []
-    ckpt = Path(checkpoint_dir) if checkpoint_dir else None
-    if ckpt is not None and pcfg.resume and (ckpt / "progress.json").is_file():
-        start, history = load_checkpoint(ckpt, trainable, optimizer)
+    if resume:
+        start, history = load_checkpoint(ckpt, trainable, optimizer, what="protection",  # (settings checked above)
+                                         start_over="protect.resume=false")
+        if start > pcfg.outer_steps:
+            raise CheckpointError(f"{ckpt}: the protection checkpoint is at outer step {start}, past "
+                                  f"protect.outer_steps={pcfg.outer_steps}; set protect.outer_steps to {start} or more "
+                                  f"to continue it, or {_start_over(ckpt, 'protect.resume=false')}")
         LOG.info("resuming protection from outer step %d/%d (%s)", start, pcfg.outer_steps, ckpt)
         if carry is not None and start % restart:
             LOG.warning("resuming at outer step %d, between two restarts of the simulated attacker (every %d "
@@ -695,7 +894,7 @@ def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcf
         due = pcfg.checkpoint_every > 0 and ((j + 1) % pcfg.checkpoint_every == 0 or j + 1 == pcfg.outer_steps)
         if ckpt is not None and (stop or due):
             if main:
-                save_checkpoint(ckpt, j + 1, trainable, optimizer, history)
+                save_checkpoint(ckpt, j + 1, trainable, optimizer, history, settings=settings)
             distributed.barrier()
         if stop:
             break

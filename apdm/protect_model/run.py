@@ -292,7 +292,9 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     Output::
 
         output_dir/config.yaml          resolved config
-        output_dir/checkpoint/          resumable state (removed when the run completes)
+        output_dir/checkpoint/          resumable state (removed when the run completes): a rerun continues it if
+                                        it was made with the same settings and refuses it otherwise;
+                                        protect.resume=false removes it and starts over
         output_dir/model/               the protected model (StableDiffusionPipeline.from_pretrained loads it)
         output_dir/model/README.md      model card: protected prompts (never the photos), settings
         output_dir/protect_log.json     per-outer-step losses, timings; the encoder trap's check and decoys
@@ -303,13 +305,19 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     from apdm.protect_model.encoder_trap import check_trap_config
     from apdm.protect_model.l2p import check_protect_config, protect
 
-    check_protect_config(cfg.personalization, cfg.protect)  # before any model loading or class-image generation
+    # before any model loading or class-image generation
+    check_protect_config(cfg.personalization, cfg.protect, encoder_trap_steps=cfg.encoder_trap.steps)
     check_trap_config(cfg.encoder_trap)
     rank, world = distributed.init_from_env()  # several processes under torchrun / accelerate launch
     main = rank == 0
     out = Path(cfg.output_dir)
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        if not cfg.protect.resume and (out / "checkpoint").exists():  # start over: L2P, encoder trap and its views
+            import shutil
+
+            LOG.info("protect.resume=false: removing the checkpoint %s", out / "checkpoint")
+            shutil.rmtree(out / "checkpoint")
         atomic_write_text(out / "config.yaml", to_yaml(cfg))
     seed_everything(cfg.seed)
     if main:
@@ -378,7 +386,7 @@ def run(cfg: ProtectModelRunConfig) -> dict:
                                                      checkpoint_dir=out / "checkpoint" / "encoder_trap",
                                                      quiet=cfg.quiet, embed=embed,
                                                      keep_images=torch.cat(kept) if kept else None,
-                                                     views=views)
+                                                     views=views, start_over="protect.resume=false")
         vae, seconds_trap = trapped.to(sd.dtype), time.perf_counter() - t1
         batch = cfg.encoder_trap.micro_batch or 32  # images per VAE call of the checks (no gradient)
         trap_check = log_trap_report(sd.vae, trapped, subjects, keep_images, views, generated, batch)
