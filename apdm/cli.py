@@ -152,11 +152,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "toy":
         return _toy(args)
     if args.command == "demo":
+        from pathlib import Path
+
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            print(f"apdm demo: --out {args.out} is a file, not a folder", file=sys.stderr)
+            return 2
         from apdm.demo import run_demo
         from apdm.utils import set_progress
 
         set_progress(False)
-        print(f"report: {run_demo(args.out, args.quick)}")
+        try:
+            print(f"report: {run_demo(args.out, args.quick)}")
+        except (OSError, ValueError, RuntimeError) as exc:
+            print(f"apdm demo failed: {exc}", file=sys.stderr)
+            if "--debug" in (argv or sys.argv):
+                raise
+            return 1
         return 0
     if args.command == "bench":
         from apdm.bench import BENCHMARKS, run_benchmark

@@ -877,6 +877,13 @@ def test_toy_export_writes_the_asked_number_of_photos(tmp_path, capsys):
     assert not (tmp_path / "none").exists()
 
 
+def test_demo_refuses_an_output_path_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "demofile").write_text("x")
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demofile")]) == 2
+    assert "demofile is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "demofile").read_text() == "x"
+
+
 def test_toy_sample_refuses_bad_arguments_before_loading(tmp_path, capsys):
     """apdm toy sample: a count, step number or output name it cannot use is one line before any work (exit 2); a
     model folder that is not there is one line too (exit 1), no traceback."""
