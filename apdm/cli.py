@@ -16,7 +16,7 @@ OVERRIDE_EXAMPLES = {
     "protect-model": "protect.outer_steps=10 output_dir=out/",
     "protect-images": "steps=100 format=png",
     "train-perturber": "steps=100 output_dir=rho/",
-    "evaluate": "label=aspl output_dir=out/ \"personalizations=[{method: lora, steps: 100}]\"",
+    "evaluate": "label=aspl personalizations.0.steps=100 \"attacks=[none, 'jpeg:quality=75']\"",
     "personalize": "personalization.method=lora personalization.steps=100 output_dir=out/",
     "toy build": "train.unet_steps=100 output_dir=toy/",
     "toy upscaler": "steps=100 out=upscaler/",

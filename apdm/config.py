@@ -513,7 +513,8 @@ def load_config(cls, path: str | Path | None = None, overrides: typing.Sequence[
     Args:
         cls: a config dataclass type.
         path: YAML recipe (mapping at top level) or ``None`` for defaults only.
-        overrides: strings ``a.b.c=value``; the value is parsed as YAML (``steps=10``, ``flag=true``,
+        overrides: strings ``a.b.c=value`` (``a.0.c=value`` for a key of a list's entry, e.g.
+            ``personalizations.1.steps=10``); the value is parsed as YAML (``steps=10``, ``flag=true``,
             ``prompts=[a, b]``), then checked against the field type; for a text field it is the text as typed
             (``output_dir=010``, ``mixed_precision=no``, a prompt with ``: ``) unless quoted or a ``[...]`` list.
 
@@ -564,10 +565,29 @@ def apply_override(cfg, item: str):
     parts = key.split(".")
     target = cfg
     for i, part in enumerate(parts[:-1]):
+        if isinstance(target, list):  # an entry of a list of sections: personalizations.1.steps=10
+            where = ".".join(parts[:i])
+            if not part.isdigit() or int(part) >= len(target):
+                raise ConfigError(f"override '{item}': '{where}' has {len(target)} entries; address one by its index "
+                                  f"0..{len(target) - 1} (e.g. {where}.0.{parts[-1]}=...), or give the whole list")
+            target = target[int(part)]
+            continue
         names = {f.name for f in dataclasses.fields(target)}
-        if part not in names or not dataclasses.is_dataclass(getattr(target, part)):
+        value_here = getattr(target, part, None)
+        if part in names and isinstance(value_here, list) and value_here \
+                and all(dataclasses.is_dataclass(v) for v in value_here):
+            if not parts[i + 1].isdigit():
+                raise ConfigError(f"override '{item}': '{'.'.join(parts[:i + 1])}' is a list; address an entry by "
+                                  f"its index (e.g. {'.'.join(parts[:i + 1])}.0.{parts[-1]}=...), or give the whole "
+                                  "list")
+            target = value_here
+            continue
+        if part not in names or not dataclasses.is_dataclass(value_here):
             raise ConfigError(_unknown_key_msg(".".join(parts[: i + 1]), target, f"override '{item}'"))
-        target = getattr(target, part)
+        target = value_here
+    if isinstance(target, list):
+        raise ConfigError(f"override '{item}': an entry of '{'.'.join(parts[:-1])}' is a section; set one of its "
+                          f"keys ({key}.KEY=...), or give the whole list")
     leaf = parts[-1]
     fields = {f.name: f for f in dataclasses.fields(target)}
     if leaf not in fields:

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,20 @@ def test_text_settings_keep_the_text_as_typed(tmp_path):
     f.write_bytes("label: café\n".encode("latin-1"))
     with pytest.raises(C.ConfigError, match=r"mp\.yaml: not UTF-8 text"):
         C.load_config(C.EvaluateRunConfig, f)
+
+
+def test_override_a_key_of_a_list_entry():
+    """personalizations.1.steps=10 changes that entry alone; a list addressed without an index, an index past its
+    end or an entry set whole is an error saying how to address it."""
+    cfg = C.load_config(C.EvaluateRunConfig, None, ["personalizations=[{method: lora}, {method: ti}]",
+                                                     "personalizations.1.steps=7", "personalizations.0.lora_rank=8"])
+    assert [(p.method, p.steps, p.lora_rank) for p in cfg.personalizations] == [("lora", 800, 8), ("ti", 7, 4)]
+    for bad, said in (("personalizations.steps=10", "'personalizations' is a list; address an entry by its index"),
+                      ("personalizations.5.steps=1", "'personalizations' has 1 entries; address one by its index"),
+                      ("personalizations.0.stepz=1", "unknown key 'personalizations.0.stepz'"),
+                      ("personalizations.0=3", "an entry of 'personalizations' is a section")):
+        with pytest.raises(C.ConfigError, match=re.escape(said)):
+            C.load_config(C.EvaluateRunConfig, None, [bad])
 
 
 def test_yaml_errors_name_the_file(tmp_path):
