@@ -211,6 +211,17 @@ def test_identity_records_with_callables(photos):
     assert recs["fdfr"]["metric"] == "fdfr@bright"
     none = I.identity_records(torch.zeros(2, 3, 96, 96), photos, embed_some, None, "proj")
     assert none[0]["available"] is False and "no face" in none[0]["reason"]
+    # an embedder that embeds every image (the toy world's) takes the detector's verdict: the dark image, which the
+    # detector rejects, does not enter ISM (before: it did, and ISM was the mean over all three)
+    recs = {r["name"]: r for r in I.identity_records(gen, photos, embed, lambda x: x.mean((1, 2, 3)) > 0.2,
+                                                     "proj", "bright")}
+    every = I.ism(embed(gen), embed(photos))
+    assert recs["ism"]["value"] == pytest.approx(every[:2].mean().item(), abs=1e-5)
+    assert recs["ism"]["n"] == 2 and recs["ism"]["n_no_face"] == 1 and recs["ism"]["faces_from"] == "bright"
+    assert recs["ism"]["value_all_images"] == pytest.approx(every.mean().item(), abs=1e-5)
+    assert abs(every[2].item() - every[:2].mean().item()) > 1e-3  # the two conventions differ here
+    alone = {r["name"]: r for r in I.identity_records(gen, photos, embed, None, "proj")}  # no detector: every image
+    assert alone["ism"]["value"] == pytest.approx(every.mean().item(), abs=1e-5) and alone["ism"]["n"] == 3
 
 
 def test_mean_pairwise_cosine_is_all_pairs_mean():

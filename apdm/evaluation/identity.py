@@ -137,7 +137,11 @@ def run_embed(embed: Callable, images: torch.Tensor) -> tuple[torch.Tensor, torc
     Returns:
         (embeddings (K, D), found (N,) bool): K = N and every entry True for the first form.
     """
-    out = embed(images)
+    return embed_output(embed(images))
+
+
+def embed_output(out) -> tuple[torch.Tensor, torch.Tensor]:
+    """An embedder's output of either form as (embeddings (K, D), found (N,) bool) (see :func:`run_embed`)."""
     if isinstance(out, tuple):
         emb, found = out
         return torch.as_tensor(emb), torch.as_tensor(found, dtype=torch.bool)
@@ -159,34 +163,48 @@ def identity_records(generated: torch.Tensor, references: torch.Tensor, embed: C
         threshold: detection probability threshold for FDFR.
 
     Returns:
-        list of records; the ISM record has ``n`` = generated images with an embedding and ``n_no_face``. A
-        missing backend (``MissingDependency``) gives unavailable records.
+        list of records; the ISM record has ``n`` = generated images with an embedding and ``n_no_face``. An
+        embedder that embeds every image (no ``found`` mask, e.g. the toy world's identity encoder) takes the
+        detector's verdict instead, when one is given: ISM is then averaged over the images the detector accepts
+        (the Anti-DreamBooth convention; ``faces_from`` names the detector) and ``value_all_images`` keeps the mean
+        over every image (the toy benchmarks' ISM). A missing backend (``MissingDependency``) gives unavailable
+        records.
     """
     check_images(generated, "generated images")
     check_images(references, "reference images")
     recs = []
+    det, det_error = None, None
+    if detect is not None:
+        try:
+            det = detect(generated)
+        except (MetricUnavailable, ImportError) as exc:
+            det_error = str(exc)
     if embed is not None:
         try:
-            ge, gfound = run_embed(embed, generated)
+            out = embed(generated)
+            ge, gfound = embed_output(out)
             re, rfound = run_embed(embed, references)
         except (MetricUnavailable, ImportError) as exc:  # incl. MissingDependency from a lazy backend
             recs.append(unavailable("ism", embed_impl, str(exc), True))
         else:
-            extra = {"n_no_face": int((~gfound).sum()), "n_generated": int(generated.shape[0]),
-                     "n_references": int(rfound.sum()), "n_references_no_face": int((~rfound).sum())}
+            extra: dict = {}
+            if not isinstance(out, tuple) and det is not None:  # no mask of its own: the detector's
+                every = ism(ge, re, normalize_refs=normalize_refs)
+                gfound = fdfr(det, threshold) == 0
+                ge = ge[gfound.to(ge.device)]
+                extra = {"faces_from": detect_impl, "value_all_images": float(every.mean())}
+            extra.update({"n_no_face": int((~gfound).sum()), "n_generated": int(generated.shape[0]),
+                          "n_references": int(rfound.sum()), "n_references_no_face": int((~rfound).sum())})
             if ge.shape[0] == 0:
                 recs.append(unavailable("ism", embed_impl, "no face found in any generated image", True, 0,
                                         **extra))
             else:
                 recs.append(measure("ism", embed_impl, True, ism, ge, re, normalize_refs=normalize_refs, extra=extra))
-    if detect is not None:
-        try:
-            det = detect(generated)
-        except (MetricUnavailable, ImportError) as exc:
-            recs += [unavailable("fdfr", detect_impl, str(exc), False), unavailable("sds", detect_impl, str(exc), True)]
-        else:
-            recs.append(summarize("fdfr", detect_impl, fdfr(det, threshold), False, threshold=threshold))
-            recs.append(summarize("sds", detect_impl, sds(det), True))
+    if det_error is not None:
+        recs += [unavailable("fdfr", detect_impl, det_error, False), unavailable("sds", detect_impl, det_error, True)]
+    elif det is not None:
+        recs.append(summarize("fdfr", detect_impl, fdfr(det, threshold), False, threshold=threshold))
+        recs.append(summarize("sds", detect_impl, sds(det), True))
     return recs
 
 
