@@ -608,6 +608,8 @@ def test_evaluate_end_to_end_and_resume(tmp_path):
     lora8 = [a.replace("with_prior_preservation: false", "with_prior_preservation: false, lora_rank: 8") for a in args]
     assert main(lora8) == 0
     assert len(set((out / "cells").glob("*.json")) - set(stamps)) == 4
+    assert main([a.replace("label=test", "label=renamed") for a in lora8]) == 0  # cached cells, this run's label
+    assert {r["label"] for r in json.loads((out / "results.json").read_text())["records"]} == {"renamed"}
     assert main(args + ["sample.guidance_scale=3.0"]) == 0
     assert len(set((out / "cells").glob("*.json")) - set(stamps)) == 4 + 5
     Image.open(prot / "0.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(prot / "0.png")
@@ -665,6 +667,8 @@ def test_evaluate_pairs_photos_by_name_and_keeps_subjects_apart(tmp_path):
     two_loras = [PersonalizationConfig(method="lora", lora_rank=4), PersonalizationConfig(method="lora", lora_rank=16),
                  PersonalizationConfig(method="dreambooth")]
     assert personalization_labels(two_loras) == ["lora (lora_rank=4)", "lora (lora_rank=16)", "dreambooth"]
+    with pytest.raises(ValueError, match=r"personalizations\[0\] and \[1\] run the same personalization"):
+        personalization_labels([PersonalizationConfig(seed=1), PersonalizationConfig(seed=2)])  # the run sets seeds
 
     bob = tmp_path / "bob" / "clean"
     shutil.copytree(clean, bob)

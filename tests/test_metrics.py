@@ -357,6 +357,24 @@ def test_local_model_loading(tiny_vit, tiny_clip, tmp_path):
     assert torch.allclose(I.clip_t(m2, t2, x, "a photo"), I.clip_t(model, tok, x, "a photo"), atol=1e-6)
     with pytest.raises(MetricUnavailable, match="local path"):
         I.load_vit(tmp_path / "missing")
+    # through evaluate: each tag names the model folder that produced it (two backbones never share one), and with
+    # no path the CLIP metrics are reported unavailable rather than left out
+    from apdm.config import EvaluateRunConfig
+    from apdm.evaluation.run import _backends, score_generations
+
+    cfg = EvaluateRunConfig()
+    cfg.metrics.brisque = False
+    cfg.metrics.clip_iqa = True
+    cfg.metrics.dino_path, cfg.metrics.clip_path = str(tmp_path / "vit"), str(tmp_path / "clip") + "/"
+    gen, ref = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    recs = score_generations(gen, ref, cfg, _backends(cfg, "person"), "a photo")
+    assert sorted(r["metric"] for r in recs) == ["clip_i@clip", "clip_iqa@clip", "clip_t@clip", "dino@vit"]
+    assert all(r["available"] for r in recs)
+    cfg = EvaluateRunConfig()
+    cfg.metrics.brisque = False
+    recs = score_generations(gen, ref, cfg, _backends(cfg, "person"), "a photo")
+    assert {r["name"]: r["available"] for r in recs} == {"dino": False, "clip_i": False, "clip_t": False}
+    assert all("not set" in r["reason"] for r in recs)
 
 
 # --------------------------------------------------------------------------------------------- IQA

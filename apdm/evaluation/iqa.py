@@ -18,7 +18,7 @@ Both quantise to uint8 first, as images read from disk are.
 
 **CLIP-IQA** (Wang et al., 2023; higher = better quality): :func:`clip_iqa` computes the antonym-prompt score
 with any transformers ``CLIPModel`` loaded from a local path: ``softmax(100 * [cos(img, "Good photo."),
-cos(img, "Bad photo.")])[0]`` (the torchmetrics/piq formulation; tag e.g. ``clipiqa@clip-vit-b32``).
+cos(img, "Bad photo.")])[0]`` (the torchmetrics/piq formulation; tag e.g. ``clip_iqa@clip-vit-b32``).
 :func:`clipiqa_pyiqa` and :func:`liqe_pyiqa` wrap pyiqa (extra ``iqa``, pulls torchvision, downloads weights):
 they raise :class:`MetricUnavailable` with the reason when pyiqa or its weights are missing.
 """
@@ -345,7 +345,7 @@ def _pyiqa(images: torch.Tensor, metric: str, device: str = "cpu") -> torch.Tens
 
 
 def clipiqa_pyiqa(images: torch.Tensor, device: str = "cpu") -> torch.Tensor:
-    """pyiqa ``clipiqa`` (tag ``clipiqa@pyiqa``); higher = better quality. Needs extra ``iqa`` + weights."""
+    """pyiqa ``clipiqa`` (tag ``clip_iqa@pyiqa``); higher = better quality. Needs extra ``iqa`` + weights."""
     return _pyiqa(images, "clipiqa", device)
 
 

@@ -136,8 +136,8 @@ def write_report(path: str | Path, cfg, records: list[dict], gallery: list[dict]
          *([(f"<p class='warn'>model <code>{html.escape(cfg.model.path)}</code> is a random-weight pipeline for "
              "tests and timing: these numbers say nothing about protection on a real model.</p>")]
            if is_untrained(cfg.model.path) else []),
-         f"<p class='note'>model <code>{html.escape(cfg.model.path)}</code>; scenarios {', '.join(cfg.scenarios)}; "
-         f"attacks {', '.join(cfg.attacks)}; personalization "
+         f"<p class='note'>model <code>{html.escape(cfg.model.path)}</code>; scenarios "
+         f"{html.escape(', '.join(cfg.scenarios))}; attacks {html.escape(', '.join(cfg.attacks))}; personalization "
          f"{html.escape(', '.join(personalization_labels(cfg.personalizations)))}; "
          f"{cfg.sample.num_images_per_prompt} images per prompt. Every metric is tagged <code>name@implementation</code>; "
          "↑/↓ give the metric's own direction (for identity metrics, <em>lower</em> means better protected).</p>",

@@ -106,7 +106,7 @@ def detector_backend(name: str, subject_class: str) -> tuple[Callable | None, st
     table = {"dlib-hog": ID.dlib_face_detect, "haar": ID.haar_face_detect, "mtcnn": ID.mtcnn_face_detect}
     if name not in table:
         raise ValueError(f"unknown detector backend '{name}' (toy, dlib-hog, haar, mtcnn, none)")
-    return table[name], name
+    return table[name], {"haar": "opencv-haar"}.get(name, name)  # the tags docs/metrics.md gives
 
 
 def feature_backend(spec: str) -> tuple[Callable | None, str]:
@@ -135,13 +135,17 @@ def score_generations(generated: torch.Tensor, references: torch.Tensor, cfg: Ev
     if backends["features"] is not None:
         recs += distribution_records(references, generated, backends["features"], backends["features_impl"])
     if m.dino_path:
-        recs.append(measure("dino", "dino-vits16", True, ID.dino, backends["dino"], generated, references))
+        recs.append(measure("dino", model_tag(m.dino_path), True, ID.dino, backends["dino"], generated, references))
     else:
-        recs.append(unavailable("dino", "dino-vits16", "metrics.dino_path not set (needs local ViT weights)", True))
+        recs.append(unavailable("dino", "dino", "metrics.dino_path not set (needs local ViT weights)", True))
     if m.clip_path:
-        recs.append(measure("clip_i", "clip", True, ID.clip_i, backends["clip"][0], generated, references))
-        recs.append(measure("clip_t", "clip", True, ID.clip_t, backends["clip"][0], backends["clip"][1],
+        tag = model_tag(m.clip_path)
+        recs.append(measure("clip_i", tag, True, ID.clip_i, backends["clip"][0], generated, references))
+        recs.append(measure("clip_t", tag, True, ID.clip_t, backends["clip"][0], backends["clip"][1],
                             generated, prompt))
+    else:
+        for name in ("clip_i", "clip_t"):
+            recs.append(unavailable(name, "clip", "metrics.clip_path not set (needs local CLIP weights)", True))
     if m.brisque:
         from apdm.evaluation import iqa
 
@@ -150,7 +154,7 @@ def score_generations(generated: torch.Tensor, references: torch.Tensor, cfg: Ev
         from apdm.evaluation import iqa
 
         if "clip" in backends:  # transformers CLIP from a local path
-            recs.append(measure("clip_iqa", "clip-transformers", True, iqa.clip_iqa, backends["clip"][0],
+            recs.append(measure("clip_iqa", model_tag(m.clip_path), True, iqa.clip_iqa, backends["clip"][0],
                                 backends["clip"][1], generated))
         else:
             recs.append(measure("clip_iqa", "pyiqa", True, iqa.clipiqa_pyiqa, generated))
@@ -159,6 +163,12 @@ def score_generations(generated: torch.Tensor, references: torch.Tensor, cfg: Ev
 
         recs.append(measure("liqe", "pyiqa-liqe_mix", True, iqa.liqe_pyiqa, generated))
     return recs
+
+
+def model_tag(path: str) -> str:
+    """The implementation tag of a metric computed with the local model at ``path``: its folder name
+    (``/models/dinov2-small`` -> ``dinov2-small``), so that numbers of two backbones never share a tag."""
+    return Path(path.rstrip("/\\")).name or path
 
 
 def _backends(cfg: EvaluateRunConfig, subject_class: str) -> dict:
@@ -222,13 +232,26 @@ def subject_names(subjects) -> list[str]:
     return names
 
 
+#: personalization keys an evaluation sets itself (each subject's prompts, the run's seed)
+RUN_SET_KEYS = ("instance_prompt", "class_prompt", "seed")
+
+
 def personalization_labels(pers) -> list[str]:
     """Each personalization's name in records and the report: its method, and when another entry has the same
-    method, the settings in which they differ (``lora (lora_rank=16)``), so that two LoRAs stay apart."""
-    dicts = [dataclasses.asdict(p) for p in pers]
+    method, the settings in which they differ (``lora (lora_rank=16)``), so that two LoRAs stay apart. The keys
+    the run sets itself (:data:`RUN_SET_KEYS`) do not tell entries apart.
+
+    Raises:
+        ValueError: two entries that would run the same personalization (naming both).
+    """
+    dicts = [{k: v for k, v in dataclasses.asdict(p).items() if k not in RUN_SET_KEYS} for p in pers]
     labels = []
-    for d in dicts:
+    for i, d in enumerate(dicts):
         twins = [o for o in dicts if o["method"] == d["method"] and o is not d]
+        same = next((j for j, o in enumerate(dicts) if o == d and j != i), None)
+        if same is not None:
+            raise ValueError(f"personalizations[{min(i, same)}] and [{max(i, same)}] run the same personalization "
+                             f"(the prompts and seed come from the subjects and the run): remove one")
         differ = [k for k in d if any(o[k] != d[k] for o in twins)]
         labels.append(d["method"] + (f" ({', '.join(f'{k}={d[k]}' for k in differ)})" if twins else ""))
     return labels
@@ -333,6 +356,7 @@ def run(cfg: EvaluateRunConfig) -> dict:
 
     for i, per in enumerate(cfg.personalizations):
         check_personalization(per, f"personalizations[{i}]")
+    per_label = {id(p): label for p, label in zip(cfg.personalizations, personalization_labels(cfg.personalizations))}
     D.check_sample(cfg.sample)
     out = Path(cfg.output_dir)
     (out / "cells").mkdir(parents=True, exist_ok=True)
@@ -374,7 +398,6 @@ def run(cfg: EvaluateRunConfig) -> dict:
         return attacked[(scenario, attack)]
 
     model_fp = model_fingerprint(cfg.model)
-    per_label = {id(p): label for p, label in zip(cfg.personalizations, personalization_labels(cfg.personalizations))}
     for subj, name in zip(cfg.subjects, names):
         slug = safe_name(name)
         clean_listed = list_images(split_spec(subj.clean_data))
@@ -425,7 +448,7 @@ def run(cfg: EvaluateRunConfig) -> dict:
             key = _cell_key(slug, "class_prompt", subj.class_prompt, subject_fp)
             cell_file = out / "cells" / f"{key}.json"
             if cfg.resume and cell_file.is_file():
-                recs = json.loads(cell_file.read_text())
+                recs = [{**r, "label": cfg.label} for r in json.loads(cell_file.read_text())]
             else:
                 gen = D.generate(sd, [subj.class_prompt], cfg.sample.num_images_per_prompt,
                                  cfg.sample.num_inference_steps, cfg.sample.guidance_scale, cfg.sample.negative_prompt,
@@ -453,7 +476,8 @@ def run(cfg: EvaluateRunConfig) -> dict:
                 LOG.info("cell %s/%s/%s/%s already done; skipping", name, scenario, attack, method)
                 if attack != "none":
                     show_attacked(name, scenario, attack)
-                records += [{**r, "personalization": method} for r in json.loads(cell_file.read_text())]
+                records += [{**r, "label": cfg.label, "personalization": method}  # this run's names
+                            for r in json.loads(cell_file.read_text())]
                 gallery += [{"subject": name, "title": f"{scenario} · {attack} · {method} · '{p}'",
                              "file": f"images/{key}-{i}.png"} for i, p in enumerate(cfg.sample.prompts)]
                 continue
