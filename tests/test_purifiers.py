@@ -109,6 +109,15 @@ def test_gridpure_blends_with_its_input_and_is_seeded(tiny_sd, rand_images):
     assert not torch.equal(gridpure(x, tiny_sd, rounds=1, gamma=0.0, seed=4), plain)
     two = gridpure(x, tiny_sd, rounds=2, gamma=0.0, seed=3)
     assert not torch.allclose(two, plain, atol=1e-4)  # the second round works on the first's output
+    # round 2 blends with round 1's output (the published attack: the photo's weight falls as γ^r), or with
+    # blend=photo with the protected photo every round (apdm's earlier reading, a weaker attacker)
+    merged2 = gridpure(blended, tiny_sd, rounds=1, gamma=0.0, seed=3 + 100_003)  # round 2's patches and seed
+    torch.testing.assert_close(gridpure(x, tiny_sd, rounds=2, gamma=g, seed=3),
+                               (1 - g) * merged2 + g * blended, rtol=0, atol=1e-5)
+    torch.testing.assert_close(gridpure(x, tiny_sd, rounds=2, gamma=g, seed=3, blend="photo"),
+                               (1 - g) * merged2 + g * x, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="blend must be round or photo"):
+        gridpure(x, tiny_sd, rounds=1, blend="input")
 
 
 def test_evaluate_applies_model_attacks_by_spec(tiny_sd, rand_images):

@@ -55,7 +55,7 @@ def _mosaic(x: torch.Tensor, p: int) -> torch.Tensor:
 
 
 def gridpure(images: torch.Tensor, sd, strength: float = 0.02, num_inference_steps: int = 100, rounds: int = 20,
-             gamma: float = 0.1, prompt: str = "", seed: int = 0, batch_size: int = 16,
+             gamma: float = 0.1, blend: str = "round", prompt: str = "", seed: int = 0, batch_size: int = 16,
              quiet: bool = True) -> torch.Tensor:
     """Purify images with ``rounds`` rounds of patch-wise DiffPure.
 
@@ -65,7 +65,10 @@ def gridpure(images: torch.Tensor, sd, strength: float = 0.02, num_inference_ste
         strength: fraction of the DDIM grid regenerated per round (see :func:`apdm.core.diffusion.img2img`).
         num_inference_steps: DDIM grid size.
         rounds: purification rounds (published 20).
-        gamma: weight of the attack's input in each round's output (published 0.1).
+        gamma: weight of the blended image in each round's output (published 0.1).
+        blend: what each round blends with: ``round`` (its own input, so the photo's weight shrinks as γ^r: the
+            published code) or ``photo`` (the attack's input, the protected photo, kept at γ every round: apdm's
+            reading before 2026-12-07, a weaker attack).
         prompt: conditioning (empty = unconditional).
         seed: noise seed (round r, patch batch starting at i: ``seed + 100003·r + i``).
         batch_size: patches regenerated per call.
@@ -79,6 +82,8 @@ def gridpure(images: torch.Tensor, sd, strength: float = 0.02, num_inference_ste
         raise ValueError(f"gridpure: rounds must be >= 1, got {rounds}")
     if not 0.0 <= gamma < 1.0:
         raise ValueError(f"gridpure: gamma must be in [0, 1), got {gamma}")
+    if blend not in ("round", "photo"):
+        raise ValueError(f"gridpure: blend must be round or photo, got {blend!r}")
     if batch_size < 1:
         raise ValueError(f"gridpure: batch_size must be >= 1, got {batch_size}")
     if not 0.0 < strength <= 1.0 or num_inference_steps < 1:
@@ -115,5 +120,5 @@ def gridpure(images: torch.Tensor, sd, strength: float = 0.02, num_inference_ste
             acc[..., ys, xs] += mos[..., yb, xb]
             cnt[..., ys, xs] += 1
         merged = (acc / cnt).clamp(0, 1)
-        x = ((1 - gamma) * merged + gamma * x0).clamp(0, 1)
+        x = ((1 - gamma) * merged + gamma * (x if blend == "round" else x0)).clamp(0, 1)
     return x
