@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from apdm.attacks import transforms as T
+from apdm.attacks.diffpure import diffpure
 from apdm.attacks.gridpure import grid_boxes, gridpure
 from apdm.attacks.impress import consistency_error, impress
 
@@ -31,6 +32,9 @@ def test_parse_model_attack_types_fractions_and_defaults():
     ("diffpure:strength=0", r"strength must be in \(0, 1\]"),
     ("diffpure:strength", "expected key=value"),
     ("impres", "unknown attack 'impres'.*model attacks diffpure, gridpure, impress"),
+    ("diffpure:num_inference_steps=2000", "num_inference_steps must be at most 1000"),  # was: after the model
+    ("gridpure:num_inference_steps=1001", "num_inference_steps must be at most 1000"),
+    ("gridpure:blend=input", "blend must be round or photo"),
 ])
 def test_check_attack_refuses_bad_specs_before_any_model_is_loaded(spec, message):
     with pytest.raises(ValueError, match=message):
@@ -129,6 +133,22 @@ def test_evaluate_applies_model_attacks_by_spec(tiny_sd, rand_images):
     got = apply_attack(x, "gridpure:rounds=1", tiny_sd, seed=5)
     torch.testing.assert_close(got, gridpure(x, tiny_sd, rounds=1, seed=5))
     assert torch.equal(apply_attack(x, "jpeg:quality=60", tiny_sd), T.jpeg(x, 60))
+    # noise follows the run's seed unless its spec sets one (before: always seed 0, or the global RNG)
+    assert not torch.equal(apply_attack(x, "noise", tiny_sd, seed=1), apply_attack(x, "noise", tiny_sd, seed=2))
+    assert torch.equal(apply_attack(x, "noise:std=0.1", None, seed=4), apply_attack(x, "noise:std=0.1", None, seed=4))
+    assert torch.equal(apply_attack(x, "noise:std=0.1,seed=7", None, seed=1), T.gaussian_noise(x, 0.1, seed=7))
+
+
+def test_purification_does_not_depend_on_the_batch_size(tiny_sd, rand_images):
+    """DiffPure and GrIDPure draw their noise for the whole set, so regenerating in batches of one gives what one
+    batch gives (before: each batch drew its own noise from seed + offset, and image 0 changed by up to 0.9)."""
+    x = rand_images[:3]
+    whole = diffpure(x, tiny_sd, strength=0.5, num_inference_steps=4, seed=2)
+    torch.testing.assert_close(diffpure(x, tiny_sd, strength=0.5, num_inference_steps=4, seed=2, batch_size=1),
+                               whole, rtol=0, atol=1e-5)
+    assert not torch.allclose(diffpure(x, tiny_sd, strength=0.5, num_inference_steps=4, seed=3), whole, atol=1e-3)
+    grid = gridpure(x[:1], tiny_sd, rounds=2, seed=2)
+    torch.testing.assert_close(gridpure(x[:1], tiny_sd, rounds=2, seed=2, batch_size=3), grid, rtol=0, atol=1e-5)
 
 
 def test_evaluate_stops_on_a_misspelt_attack_before_loading_the_model(tmp_path):

@@ -49,6 +49,7 @@ def test_blur_constant_reference_and_strength(photo):
     # variance (sharpness) drops monotonically with sigma
     hp = [float((T.gaussian_blur(photo, 7, s) - photo).abs().mean()) for s in (0.5, 1.0, 2.0)]
     assert hp[0] < hp[1] < hp[2]
+    assert torch.allclose(T.gaussian_blur(photo, 7, 1e-300), photo)  # a vanishing sigma: no blur (was NaN)
     # same as OpenCV's GaussianBlur with sigma 1.4 (BORDER_REFLECT_101 == torch 'reflect'); OpenCV's sigma=0
     # for k=7 uses a fixed binomial-like table instead of the formula, torchvision uses the formula like us
     cv2 = pytest.importorskip("cv2")

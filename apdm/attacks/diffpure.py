@@ -36,15 +36,19 @@ def diffpure(images: torch.Tensor, sd, strength: float = 0.2, num_inference_step
     if num_inference_steps < 1 or batch_size < 1:
         raise ValueError(f"diffpure: num_inference_steps and batch_size must be >= 1, got {num_inference_steps} "
                          f"and {batch_size}")
+    if num_inference_steps > 1000:  # DDIM grids lie on the schedulers' 1000 training steps
+        raise ValueError(f"diffpure: num_inference_steps must be at most 1000, got {num_inference_steps}")
     if len(images) == 0:
         return images.detach().float().cpu()
     h, w = images.shape[-2:]
     res = sd.resolution
     x = images if (h, w) == (res, res) else F.interpolate(images, size=(res, res), mode="bicubic", antialias=True)
     outs = []
+    noise = D.purification_noise(sd, x.shape[0], seed)  # drawn for the set: the batch size changes nothing
     for i in progress(range(0, x.shape[0], batch_size), desc="DiffPure batches", disable=quiet):
         chunk = x[i:i + batch_size].to(sd.device).clamp(0, 1)
-        outs.append(D.img2img(sd, chunk, strength, prompt, guidance_scale, num_inference_steps, seed=seed + i))
+        outs.append(D.img2img(sd, chunk, strength, prompt, guidance_scale, num_inference_steps,
+                              noise=noise[i:i + batch_size]))
     out = torch.cat(outs)
     if (h, w) != (res, res):
         out = F.interpolate(out, size=(h, w), mode="bicubic", antialias=True).clamp(0, 1)

@@ -70,7 +70,8 @@ def gridpure(images: torch.Tensor, sd, strength: float = 0.02, num_inference_ste
             published code) or ``photo`` (the attack's input, the protected photo, kept at γ every round: apdm's
             reading before 2026-12-07, a weaker attack).
         prompt: conditioning (empty = unconditional).
-        seed: noise seed (round r, patch batch starting at i: ``seed + 100003·r + i``).
+        seed: noise seed (round r draws the noise of all its patches from ``seed + 100003·r``, so ``batch_size``
+            does not change the result).
         batch_size: patches regenerated per call.
 
     Returns:
@@ -89,6 +90,8 @@ def gridpure(images: torch.Tensor, sd, strength: float = 0.02, num_inference_ste
     if not 0.0 < strength <= 1.0 or num_inference_steps < 1:
         raise ValueError(f"gridpure: strength must be in (0, 1] and num_inference_steps >= 1, got {strength} and "
                          f"{num_inference_steps}")
+    if num_inference_steps > 1000:  # DDIM grids lie on the schedulers' 1000 training steps
+        raise ValueError(f"gridpure: num_inference_steps must be at most 1000, got {num_inference_steps}")
     x0 = images.detach().float().clamp(0, 1).cpu()
     if len(x0) == 0:
         return x0
@@ -103,9 +106,11 @@ def gridpure(images: torch.Tensor, sd, strength: float = 0.02, num_inference_ste
         batch = torch.cat([F.interpolate(c, size=(res, res), mode="bicubic", antialias=True) for c in crops])
         batch = batch.clamp(0, 1)
         outs = []
+        noise = D.purification_noise(sd, len(batch), seed + r * 100_003)  # per round, for all its patches
         for i in range(0, len(batch), batch_size):
             chunk = batch[i:i + batch_size].to(sd.device)
-            outs.append(D.img2img(sd, chunk, strength, prompt, 1.0, num_inference_steps, seed=seed + r * 100_003 + i))
+            outs.append(D.img2img(sd, chunk, strength, prompt, 1.0, num_inference_steps,
+                                  noise=noise[i:i + batch_size]))
         pur = torch.cat(outs).float().cpu().split(n)
         acc = torch.zeros_like(x)
         cnt = torch.zeros(1, 1, h, w)

@@ -100,7 +100,7 @@ def gaussian_blur(images: torch.Tensor, kernel_size: int = 7, sigma: float | Non
         return images.clamp(0, 1).clone()
     half = kernel_size // 2
     x = torch.arange(kernel_size, dtype=torch.float64) - half
-    k = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    k = torch.exp(-0.5 * (x / sigma) ** 2)  # (x/σ)², not x²/σ²: a tiny σ gives a delta, not 0/0
     k = (k / k.sum()).to(images.dtype).to(images.device)
     n, c, h, w = images.shape
     # reflect padding needs pad < size; fall back to replicate on tiny images

@@ -422,8 +422,16 @@ def _diffusers_sample(sd, sampler: str, noise, cond, uncond, guidance_scale: flo
 
 
 @torch.no_grad()
+def purification_noise(sd, n: int, seed: int) -> torch.Tensor:
+    """The noise :func:`img2img` adds to ``n`` images at the model's resolution, drawn at once from ``seed``:
+    (n, C, res/f, res/f) on the CPU. Slice it per batch, so that regenerating a set in batches of any size gives
+    the set's result (and a batch of all n images gives exactly ``img2img(..., seed=seed)``)."""
+    side = sd.resolution // sd.vae_scale_factor
+    return torch.randn((n, sd.vae.config.latent_channels, side, side), generator=torch.Generator().manual_seed(seed))
+
+
 def img2img(sd, images: torch.Tensor, strength: float, prompt: str = "", guidance_scale: float = 1.0,
-            num_inference_steps: int = 50, seed: int = 0) -> torch.Tensor:
+            num_inference_steps: int = 50, seed: int = 0, noise: torch.Tensor | None = None) -> torch.Tensor:
     """SDEdit-style regeneration: noise images to level ``strength·T`` and DDIM-denoise them back.
 
     This is the purification primitive (DiffPure with a latent diffusion model). ``strength`` in (0, 1]:
@@ -431,6 +439,8 @@ def img2img(sd, images: torch.Tensor, strength: float, prompt: str = "", guidanc
 
     Args:
         images: (N,3,H,W) in [0,1]. Returns the same shape in [0,1].
+        noise: the latents' noise (N,C,h,w) (see :func:`purification_noise`, which a caller regenerating a set in
+            batches uses so that the batch size does not change the result); ``None`` = drawn from ``seed``.
     """
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
@@ -439,8 +449,11 @@ def img2img(sd, images: torch.Tensor, strength: float, prompt: str = "", guidanc
     n_run = max(1, int(round(strength * num_inference_steps)))
     start = num_inference_steps - n_run
     t_start = torch.full((latents.shape[0],), grid[start], device=latents.device, dtype=torch.long)
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(latents.shape, generator=g).to(latents.device, latents.dtype)
+    if noise is None:
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+    elif tuple(noise.shape) != tuple(latents.shape):
+        raise ValueError(f"img2img: noise of shape {tuple(noise.shape)} for latents {tuple(latents.shape)}")
+    noise = noise.to(latents.device, latents.dtype)
     noisy = add_noise(sd.noise_scheduler, latents.float(), noise.float(), t_start)
     cond = encode_prompt(sd.text_encoder, sd.tokenizer, [prompt] * len(images))
     uncond = encode_prompt(sd.text_encoder, sd.tokenizer, [""] * len(images)) if guidance_scale != 1.0 else None

@@ -47,13 +47,20 @@ def scenario_images(clean: torch.Tensor, protected: torch.Tensor | None, scenari
 
 def apply_attack(images: torch.Tensor, spec: str, sd, seed: int = 0, quiet: bool = True) -> torch.Tensor:
     """Apply one robustness attack ``spec`` (``none``, ``jpeg:quality=75``, ``diffpure:strength=0.2``,
-    ``gridpure``, ``impress:steps=500`` ...) to images (N,3,H,W) in [0,1]; model attacks use ``sd``."""
+    ``gridpure``, ``impress:steps=500`` ...) to images (N,3,H,W) in [0,1]; model attacks use ``sd``. A random
+    attack (model attacks, ``noise``) draws from ``seed`` unless its spec sets ``seed=``, so a run's attacks
+    follow its seed and a rerun draws the same."""
+    import inspect
+
     from apdm.attacks.transforms import MODEL_ATTACKS, parse_attack, parse_model_attack
 
     if spec.strip().partition(":")[0].strip().lower() in MODEL_ATTACKS:
         fn, kwargs = parse_model_attack(spec)
         return fn(images, sd, seed=seed, quiet=quiet, **kwargs)
-    return parse_attack(spec)(images)
+    fn = parse_attack(spec)
+    if "seed" in inspect.signature(fn).parameters and "seed=" not in spec.replace(" ", ""):
+        return fn(images, seed=seed)
+    return fn(images)
 
 
 # ============================================================================ metric backends
