@@ -112,6 +112,35 @@ def test_quantize_with_budget_matches_integer_reference():
         assert int((q.int() - orig.int()).abs().max()) == k  # the random image reaches the bound
 
 
+def test_quantize_keeps_the_budget_against_a_16bit_original():
+    """A 16-bit original lies between 8-bit levels: each saved level must be within the budget of the 16-bit value
+    itself, ``q ∈ [ceil(255·(o − b)), floor(255·(o + b))]``, the nearest level when that is empty. Before, the
+    bound was taken around the original rounded to 8 bits, up to half a level more (8.49/255 on a flat 16-bit gray
+    photo at budget 8/255)."""
+    g = torch.Generator().manual_seed(4)
+    values = torch.randint(0, 65536, (3, 17, 33), generator=g)
+    values[0, :4] = 25826  # a flat patch at 100.49 grey levels, the audit's photo
+    orig = (values.double() / 65535).float()  # as load_image reads it
+    prot = torch.rand(3, 17, 33, generator=g)  # far outside the ball: heavy clipping
+    o = values.numpy() / 257.0  # the original in grey levels, exactly
+    for b in (8 / 255, 6.4 / 255, 0.0314, 0.3 / 255, 0.0):
+        q = quantize_with_budget(prot, orig, b).numpy().astype(np.int64)
+        lo = np.clip(np.ceil(o - 255 * b - 1e-6), 0, 255)
+        hi = np.clip(np.floor(o + 255 * b + 1e-6), 0, 255)
+        empty = lo > hi  # no level within the budget (b under half a level): the nearest one
+        lo, hi = np.where(empty, np.floor(o + 0.5), lo), np.where(empty, np.floor(o + 0.5), hi)
+        ref = np.clip(np.floor(prot.numpy().astype(np.float64) * 255 + 0.5), lo, hi)
+        np.testing.assert_array_equal(q, ref.astype(np.int64))
+        assert (np.abs(q - o)[~empty] <= 255 * b + 1e-4).all()
+        assert empty.any() == (b < 0.5 / 255)
+        if b >= 1 / 255:  # the random protected image reaches the bound
+            assert np.abs(q - o).max() > 255 * b - 1
+    flat = torch.full((3, 4, 4), 25826 / 65535)
+    up = quantize_with_budget(torch.ones(3, 4, 4), flat, 8 / 255)
+    down = quantize_with_budget(torch.zeros(3, 4, 4), flat, 8 / 255)
+    assert (up == 108).all() and (down == 93).all()  # 100.49 ± 8 -> [92.49, 108.49]: 93..108, not 92..108
+
+
 def test_to_uint8_rounds_half_up_and_rejects_nan():
     x = torch.tensor([0.0, 0.5 / 255, 1.49 / 255, 1.5 / 255, 254.6 / 255, 1.2, -0.3])
     assert to_uint8(x).tolist() == [0, 1, 1, 2, 255, 255, 0]

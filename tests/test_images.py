@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import math
+import struct
+import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +29,7 @@ from apdm.core.images import (
     resize_center_crop,
     save_grid,
     save_image,
+    split_spec,
     tensor_to_pil,
     to_model_resolution,
 )
@@ -103,6 +108,57 @@ def _hashes(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+@contextmanager
+def apdm_messages(level=logging.INFO):
+    """The apdm logger's messages at ``level`` and above while the block runs, as a list of strings (a handler on
+    the logger itself: main() stops it propagating, so caplog may not see them)."""
+    from apdm.utils import LOG
+
+    records: list = []
+    catch = logging.Handler(level)
+    catch.emit = records.append
+    old = LOG.level
+    LOG.addHandler(catch)
+    LOG.setLevel(min(level, old or logging.WARNING))
+    messages: list[str] = []
+    try:
+        yield messages
+    finally:
+        LOG.removeHandler(catch)
+        LOG.setLevel(old)
+        messages += [r.getMessage() for r in records]
+
+
+def write_png16(path, values: np.ndarray, exif: bytes | None = None) -> Path:
+    """A 16-bit PNG written by the specification, not by Pillow (which cannot write 16-bit colour): ``values``
+    ``(H, W, C)`` uint16 with C = 2 (grey and alpha), 3 (RGB) or 4 (RGBA); row ``y`` uses filter ``y % 5`` (None,
+    Sub, Up, Average, Paeth), so a decoder's unfiltering with 4, 6 or 8 bytes per pixel is exercised; ``exif`` goes
+    in an eXIf chunk."""
+    h, w, c = values.shape
+    raw = values.astype(">u2").view(np.uint8).reshape(h, w * c * 2).astype(np.int64)
+    bpp = 2 * c
+    prev = np.zeros(w * c * 2, np.int64)
+    rows = []
+    for y in range(h):
+        cur = raw[y]
+        left = np.concatenate([np.zeros(bpp, np.int64), cur[:-bpp]])
+        upleft = np.concatenate([np.zeros(bpp, np.int64), prev[:-bpp]])
+        p = left + prev - upleft
+        pa, pb, pc = np.abs(p - left), np.abs(p - prev), np.abs(p - upleft)
+        paeth = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, prev, upleft))
+        pred = [np.zeros_like(cur), left, prev, (left + prev) // 2, paeth][y % 5]
+        rows.append(bytes([y % 5]) + ((cur - pred) % 256).astype(np.uint8).tobytes())
+        prev = cur
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 16, {2: 4, 3: 2, 4: 6}[c], 0, 0, 0)
+    Path(path).write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + (chunk(b"eXIf", exif) if exif else b"")
+                           + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b""))
+    return Path(path)
+
+
 # ----------------------------------------------------------------------------- listing
 def test_list_images_folder_file_glob_and_errors(messy_folder, tmp_path):
     d, _ = messy_folder
@@ -125,7 +181,90 @@ def test_list_images_folder_file_glob_and_errors(messy_folder, tmp_path):
         list_images(empty)
 
 
+def test_split_spec_keeps_paths_with_commas_and_drops_empty_entries(tmp_path, monkeypatch):
+    """``--input "mine.png,"`` protected every photo of the current folder (the empty entry was Path("") = ".");
+    a file or folder whose name holds a comma was split apart."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("mine.png", "other.png", "x,y.png"):
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    (tmp_path / "co,mma").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "co,mma" / "in.png")
+    with apdm_messages(logging.WARNING) as log:
+        assert split_spec("mine.png,") == ["mine.png"]
+    assert log == ["input 'mine.png,': ignoring 1 empty entry (a comma at an end or two commas in a row)"]
+    assert [p.name for p in list_images(split_spec("mine.png,"))] == ["mine.png"]
+    assert split_spec("mine.png,, other.png") == ["mine.png", " other.png"]
+    assert split_spec("x,y.png") == "x,y.png"  # an existing path is taken whole
+    assert split_spec("co,mma/in.png,mine.png") == ["co,mma/in.png", "mine.png"]
+    assert split_spec("co,mma,x,y.png") == ["co,mma", "x,y.png"]
+    assert split_spec("a.png,b.png") == ["a.png", "b.png"]  # nothing exists: split at every comma
+    assert split_spec("one.png") == "one.png"
+    assert split_spec(" , ") == []
+    with pytest.raises(FileNotFoundError, match="no input given"):
+        list_images(split_spec(","))
+    with pytest.raises(FileNotFoundError, match="an input path is empty"):
+        list_images(["mine.png", ""])  # never the current folder
+
+
+def test_list_images_drops_a_link_to_a_listed_file(tmp_path):
+    """A symbolic link to a photo already listed is the same photo: listed once (the first path), with an info log.
+    Before, duplicates were compared by absolute path and protect-images keyed them by real path, so the link and
+    its target made one manifest entry twice."""
+    d = tmp_path / "sl"
+    d.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (4, 4)).save(d / name)
+    (d / "link.png").symlink_to("a.png")
+    with apdm_messages() as log:
+        listed = list_images(d)
+        assert [p.name for p in list_images([d / "b.png", d / "link.png", d / "a.png"])] == ["b.png", "link.png"]
+    assert [p.name for p in listed] == ["a.png", "b.png"]
+    assert any("leaving out" in m and "link.png" in m and "a.png" in m for m in log)
+
+
 # ----------------------------------------------------------------------------- loading
+def test_16bit_colour_is_read_at_full_depth(tmp_path):
+    """16-bit RGB and RGBA PNGs (every row filter) and TIFFs (either byte order, raw or zlib) give the stored 16-bit
+    values, ``bit_depth`` 16. Pillow reads them as 8-bit RGB keeping the high byte, which moved a value by up to
+    255/65535 (≈ 1 grey level) from the original the budget is measured against."""
+    tifffile = pytest.importorskip("tifffile")  # a dependency of scikit-image
+    g = np.random.default_rng(3)
+    rgb = g.integers(0, 65536, (11, 13, 3), dtype=np.uint16)
+    rgba = g.integers(0, 65536, (7, 9, 4), dtype=np.uint16)
+    files = {"rgb.png": (write_png16(tmp_path / "rgb.png", rgb), rgb),
+             "rgba.png": (write_png16(tmp_path / "rgba.png", rgba), rgba)}
+    for name, kw in {"le.tif": {}, "be.tif": {"byteorder": ">"}, "zip.tif": {"compression": "zlib"}}.items():
+        tifffile.imwrite(tmp_path / name, rgb, photometric="rgb", **kw)
+        files[name] = (tmp_path / name, rgb)
+    tifffile.imwrite(tmp_path / "rgba.tif", rgba, photometric="rgb", extrasamples=["unassalpha"])
+    files["rgba.tif"] = (tmp_path / "rgba.tif", rgba)
+    for name, (path, values) in files.items():
+        im = load_image(path)
+        assert im.bit_depth == 16 and im.pixels.shape == (3, *values.shape[:2]), name
+        np.testing.assert_array_equal(np.round(im.pixels.double().numpy() * 65535).astype(np.int64),
+                                      values[..., :3].transpose(2, 0, 1).astype(np.int64), err_msg=name)
+        if values.shape[2] == 4:  # alpha as 8 bits, as it is saved
+            np.testing.assert_array_equal(to_uint8(im.alpha[0]).numpy(), (values[..., 3] >> 8).astype(np.uint8))
+    # the EXIF orientation turns the low bytes with the high ones
+    ex = Image.Exif()
+    ex[ExifTags.Base.Orientation] = 6  # display = stored turned 90° clockwise
+    rot = load_image(write_png16(tmp_path / "rot.png", rgb, exif=ex.tobytes()))
+    assert rot.size == (13, 11) and rot.bit_depth == 16
+    np.testing.assert_array_equal(np.round(rot.pixels.double().numpy() * 65535).astype(np.int64),
+                                  np.rot90(rgb, k=-1).transpose(2, 0, 1).astype(np.int64))
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "g.png")
+    gray = load_image(tmp_path / "g.png")
+    assert gray.bit_depth == 16 and gray.mode == "I;16"
+    Image.new("RGB", (3, 3)).save(tmp_path / "eight.png")
+    assert load_image(tmp_path / "eight.png").bit_depth == 8
+    # 16-bit grey with alpha: Pillow has no way to its low bytes; read at 8 bits, and said so
+    with apdm_messages(logging.WARNING) as log:
+        la = load_image(write_png16(tmp_path / "la.png", rgba[..., 2:]))
+    assert la.bit_depth == 8 and (to_uint8(la.pixels[0]).numpy() == rgba[..., 2] >> 8).all()
+    assert log == [(f"{tmp_path / 'la.png'}: a 16-bit LA image is read at 8 bits (its high bytes); the budget is "
+                    "measured against the 8-bit values read")]
+
+
 def test_phone_and_camera_formats(tmp_path, caplog):
     """HEIC (iPhone; through pillow-heif, a test dependency) and AVIF photos are listed and load upright at their
     size; camera RAW files are not read, and a folder holding some says so instead of skipping them silently."""

@@ -5,9 +5,11 @@ a batch ``(N, 3, H, W)``. No torchvision.
 
 Loading (:func:`load_image`). The EXIF orientation is applied first (``PIL.ImageOps.exif_transpose``), so ``H, W``
 are the upright size. Colour modes: RGB as is; L / 1 / P / YCbCr are converted to RGB (grey replicated);
-16-bit grey (``I;16``, ``I``) is scaled by 1/65535, float (``F``) is clipped to ``[0, 1]``; CMYK goes through
-the embedded ICC profile to sRGB when there is one (littleCMS), else PIL's naive formula. Alpha (RGBA, LA, PA,
-palette or grey transparency) is kept *separately* as ``(1, H, W)`` and never composited: the RGB values are the
+16-bit grey (``I;16``, ``I``) is scaled by 1/65535, and so is 16-bit RGB/RGBA (PNG, TIFF), which Pillow reads as
+8-bit keeping each value's high byte: the file is decoded a second time for the low bytes (``bit_depth`` says what
+was read; 16-bit grey with alpha stays at 8 bits, with a warning); float (``F``) is clipped to ``[0, 1]``; CMYK
+goes through the embedded ICC profile to sRGB when there is one (littleCMS), else PIL's naive formula. Alpha (RGBA,
+LA, PA, palette or grey transparency) is kept *separately* as ``(1, H, W)`` and never composited: the RGB values are the
 stored colour values. Multi-frame files: an animated GIF, PNG, WebP or AVIF and a multi-page TIFF are refused
 (protecting their first frame into a still PNG would silently drop the rest); a JPEG carrying a preview (MPO, as
 many cameras and phones write) and a HEIF with several images give their primary image. Files over
@@ -21,7 +23,8 @@ runs on the WHOLE image resized (bicubic, antialiased) to the model's resolution
 (aspect capped at 2:1); with ``squeeze`` the image becomes ``s×s``. The perturbation ``δ = protected − clean`` is
 computed there, resized back to the original ``H×W`` (bicubic) and added to the full-resolution original, which is
 then projected onto the budget ball and quantized with :func:`apdm.protect_images.budget.apply_delta_to_original`.
-Every original pixel is covered and the L∞ budget holds exactly on the saved 8-bit file. Keeping the aspect ratio
+Every original pixel is covered and the L∞ budget holds exactly on the saved 8-bit PNG file, against the original at
+the precision it was read (16 bits included). Keeping the aspect ratio
 matters because an attacker resizes a photo isotropically (DreamBooth: short side to ``s``, center crop): a
 perturbation optimized on a squeezed copy reaches them stretched (docs/protect_images.md, "Non-square photos").
 Training/evaluation sets use :func:`load_images` instead, which resizes the short side to ``s`` and center-crops (the
@@ -43,6 +46,8 @@ import glob
 import io
 import math
 import os
+import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -70,7 +75,8 @@ MAX_PIXELS = 100_000_000
 FORMATS = {"png": ".png", "jpeg": ".jpg"}
 #: Printed when the user asks for JPEG output.
 JPEG_WARNING = ("JPEG output re-compresses the protected pixels and weakens the protection (JPEG compression is "
-                "one of the standard purification attacks); prefer PNG unless you need JPEG files")
+                "one of the standard purification attacks), and the saved files may change the photos by more than "
+                "the budget (manifest.json measures each file as written); prefer PNG unless you need JPEG files")
 
 _EXIF_ORIENTATION = 0x0112
 
@@ -99,6 +105,9 @@ class LoadedImage:
         exif: EXIF as bytes with the orientation reset to 1, or ``None``.
         path: the file.
         size: ``(H, W)`` after orientation, i.e. ``pixels.shape[1:]``.
+        bit_depth: bits per colour value that ``pixels`` holds from the file: 8 for most photos (palette and
+            bilevel ones too), 16 for 16-bit PNG/TIFF (grey, RGB or RGBA; ``round(65535 * pixels)`` recovers the
+            stored values), 32 for floating-point TIFF.
     """
 
     pixels: torch.Tensor
@@ -109,6 +118,7 @@ class LoadedImage:
     exif: bytes | None
     path: Path
     size: tuple[int, int]
+    bit_depth: int = 8
 
 
 # ============================================================================ listing
@@ -116,10 +126,36 @@ def _is_image_name(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
 
 
+def _spec_exists(text: str) -> bool:
+    return bool(text.strip()) and os.path.exists(os.path.expanduser(text.strip()))
+
+
 def split_spec(spec: str) -> str | list[str]:
     """A command's image argument as :func:`list_images` takes it: ``"a.png,b.png"`` (comma-separated files, folders
-    or globs, the form every ``*_data`` / ``--input`` option accepts) -> a list; anything else unchanged."""
-    return spec.split(",") if "," in spec else spec
+    or globs, the form every ``*_data`` / ``--input`` option accepts) -> a list; anything else unchanged.
+
+    A path that itself contains a comma is kept whole: the whole argument when it names an existing file or folder
+    (``"photos/x,y.png"``), else each run of pieces whose joined text exists (``"co,mma/x.png,b.png"`` ->
+    ``["co,mma/x.png", "b.png"]``). Empty entries (a comma at an end, two in a row) are dropped with a warning: an
+    empty path would mean the current folder (``"mine.png,"`` protected every photo there). Only empty entries:
+    ``[]``, which :func:`list_images` refuses.
+    """
+    if "," not in spec or _spec_exists(spec):
+        return spec
+    pieces = spec.split(",")
+    out: list[str] = []
+    i = 0
+    while i < len(pieces):
+        end = i + 1
+        if pieces[i].strip() and not _spec_exists(pieces[i]):  # the longest run of pieces naming one path
+            end = next((k for k in range(len(pieces), i + 1, -1) if _spec_exists(",".join(pieces[i:k]))), end)
+        out.append(",".join(pieces[i:end]))
+        i = end
+    kept = [e for e in out if e.strip()]
+    if len(kept) < len(out):
+        LOG.warning("input '%s': ignoring %d empty entr%s (a comma at an end or two commas in a row)", spec,
+                    len(out) - len(kept), "y" if len(out) - len(kept) == 1 else "ies")
+    return kept
 
 
 def list_images(inputs: str | os.PathLike | Sequence[str | os.PathLike], recursive: bool = False) -> list[Path]:
@@ -131,11 +167,12 @@ def list_images(inputs: str | os.PathLike | Sequence[str | os.PathLike], recursi
         recursive: descend into sub-folders of folders (and let ``**`` in globs match across folders).
 
     Returns:
-        Paths in input order (folders and globs sorted), duplicates removed.
+        Paths in input order (folders and globs sorted), duplicates removed: one path per file, the first listed,
+        so a symbolic link to a file already listed (or a file listed twice) is left out, with an info log.
 
     Raises:
-        FileNotFoundError: a listed path does not exist, or nothing at all was found (the message names the
-            path(s) searched and the accepted extensions).
+        FileNotFoundError: a listed path does not exist or is empty (``""`` would mean the current folder), or
+            nothing at all was found (the message names the path(s) searched and the accepted extensions).
     """
     entries = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if not entries:
@@ -143,6 +180,9 @@ def list_images(inputs: str | os.PathLike | Sequence[str | os.PathLike], recursi
     found: list[Path] = []
     for entry in entries:
         text = os.path.expanduser(os.fspath(entry)).strip()
+        if not text:
+            raise FileNotFoundError("an input path is empty: name a folder, an image file or a glob (an empty path "
+                                    "would mean the current folder)")
         p = Path(text)
         if any(ch in text for ch in "*?["):
             found += sorted(q for q in (Path(m) for m in glob.glob(text, recursive=recursive))
@@ -161,13 +201,15 @@ def list_images(inputs: str | os.PathLike | Sequence[str | os.PathLike], recursi
             found.append(p)
         else:
             raise FileNotFoundError(f"input '{text}' does not exist")
-    seen: set[str] = set()
+    seen: dict[str, Path] = {}
     out = []
     for q in found:
-        key = os.path.abspath(q)
+        key = os.path.realpath(q)  # the one file a path names, as protect-images keys its manifest
         if key not in seen:
-            seen.add(key)
+            seen[key] = q
             out.append(q)
+        elif os.path.abspath(q) != os.path.abspath(seen[key]):
+            LOG.info("leaving out %s: the same file as %s (a link to it)", q, seen[key])
     if not out:
         where = ", ".join(f"'{os.fspath(e)}'" for e in entries)
         raise FileNotFoundError(f"no image files found in {where} (looked for {' '.join(IMAGE_EXTENSIONS)}"
@@ -227,6 +269,36 @@ def pil_to_tensor(im: Image.Image) -> torch.Tensor:
     """
     rgb, _ = _pil_to_arrays(im, im.info.get("icc_profile"))
     return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
+
+
+#: the other byte order of a 16-bit raw mode (``N``: this machine's), to decode a 16-bit file's low bytes
+_OTHER_16 = {"B": "L", "L": "B", "N": "B" if sys.byteorder == "little" else "L"}
+_RGB16_RAWMODE = re.compile(r"^(RGB|RGBA|RGBX|RGBa);16([BLN])$")
+
+
+def _rawmode(tile) -> str:
+    args = tile[3]
+    return args if isinstance(args, str) else str(args[0]) if args else ""
+
+
+def _is_rgb16(tiles: list) -> bool:
+    """Whether a file's decoder tiles (``im.tile`` before loading) read 16-bit RGB(A) samples into 8-bit RGB(A)."""
+    return bool(tiles) and all(_RGB16_RAWMODE.match(_rawmode(t)) for t in tiles)
+
+
+def _low_bytes(path: Path) -> Image.Image:
+    """A 16-bit RGB(A) file (PNG, TIFF), which Pillow reads as 8-bit RGB(A) keeping each value's high byte, decoded
+    a second time with the other byte order: each value's low byte, upright (EXIF orientation applied)."""
+    with Image.open(path) as im:
+        tiles = []
+        for t in im.tile:
+            raw = _rawmode(t)
+            swapped = raw[:-1] + _OTHER_16[raw[-1]]
+            args = swapped if isinstance(t[3], str) else (swapped, *tuple(t[3])[1:])
+            tiles.append(t._replace(args=args) if hasattr(t, "_replace") else (t[0], t[1], t[2], args))
+        im.tile = tiles
+        im.load()
+        return ImageOps.exif_transpose(im)
 
 
 def _heif_available() -> bool:
@@ -292,6 +364,10 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
                     kind = "a multi-page TIFF" if fmt == "TIFF" else f"an animated {fmt}"
                     raise ImageLoadError(path, f"{kind} ({frames} frames): apdm protects still photos; save the "
                                                "frames you want protected as separate images")
+                tiles = list(getattr(im, "tile", None) or [])
+                rgb16 = im.mode in ("RGB", "RGBA") and _is_rgb16(tiles)
+                raw16 = [_rawmode(t).split(";")[0] for t in tiles if ";16" in _rawmode(t)]
+                other16 = raw16[0] if raw16 and not rgb16 and im.mode != "F" and not im.mode.startswith("I") else None
                 try:
                     im.load()
                 except Exception as exc:
@@ -320,6 +396,21 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
         raise ImageLoadError(path, str(exc)) from exc
     except Exception as exc:
         raise ImageLoadError(path, f"cannot convert {mode} image to RGB ({type(exc).__name__}: {exc})") from exc
+    bit_depth = 16 if mode.startswith("I") else 32 if mode == "F" else 8
+    if other16:
+        LOG.warning("%s: a 16-bit %s image is read at 8 bits (its high bytes); the budget is measured against the "
+                    "8-bit values read", path, other16)
+    if rgb16:  # Pillow kept each value's high byte; the low bytes make the full 16-bit values
+        try:
+            low = _low_bytes(path)
+        except (OSError, ValueError, KeyError, SyntaxError) as exc:
+            LOG.warning("%s: a 16-bit %s image is read at 8 bits (its high bytes; the low bytes could not be decoded: "
+                        "%s); the budget is measured against the 8-bit values read", path, mode, exc)
+        else:
+            high = np.asarray(upright, dtype=np.uint16)[..., :3]
+            full = (high << 8) | np.asarray(low, dtype=np.uint16)[..., :3]
+            rgb = (full.astype(np.float64) / 65535.0).astype(np.float32)
+            bit_depth = 16
 
     exif_bytes = None
     try:
@@ -335,7 +426,8 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
     alpha_t = torch.from_numpy(alpha)[None] if alpha is not None else None
     keep_icc = icc if _icc_colorspace(icc) == b"RGB " and mode != "CMYK" else None
     return LoadedImage(pixels=pixels, alpha=alpha_t, mode=mode, format=fmt, icc_profile=keep_icc,
-                       exif=exif_bytes, path=path, size=(int(pixels.shape[1]), int(pixels.shape[2])))
+                       exif=exif_bytes, path=path, size=(int(pixels.shape[1]), int(pixels.shape[2])),
+                       bit_depth=bit_depth)
 
 
 # ============================================================================ resizing

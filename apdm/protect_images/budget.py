@@ -6,13 +6,17 @@ on ``[-1, 1]`` images (Anti-DreamBooth ``pgd_eps=0.05``) are half as large here:
 The guarantee. Image attacks run at the model's resolution (e.g. 512x512) and project with :func:`project_linf`
 after every step. ``apdm protect-images`` then maps the perturbation back onto the full-resolution photo with
 :func:`apply_delta_to_original`, which upsamples δ, adds it, projects again at the output resolution and finally
-quantizes to 8 bits with :func:`quantize_with_budget`, computed in integer space so that the *saved file* satisfies
+quantizes to 8 bits with :func:`quantize_with_budget`, computed in grey levels so that the *saved PNG file*
+satisfies
 
-    max |saved_uint8 - original_uint8| <= floor(255 * budget)
+    max |saved_uint8 / 255 - original| <= budget
 
-exactly (for ``budget = 8/255`` that is 8 grey levels; for ``6.4/255`` it is 6: rounding never goes above the
-budget). ``original_uint8`` is the 8-bit RGB rendition of the input after EXIF orientation (see
-:func:`apdm.core.images.load_image`).
+exactly, ``original`` being the input as read at its own precision (after EXIF orientation, see
+:func:`apdm.core.images.load_image`): for an 8-bit photo that is
+``max |saved − original_uint8| ≤ floor(255·budget)`` (8 grey levels for ``8/255``, 6 for ``6.4/255``: rounding
+never goes above the budget); for a 16-bit photo each saved level is chosen within the budget of the 16-bit value,
+not of its 8-bit rounding (which could add half a level). A JPEG file re-compresses the pixels after this step and
+keeps no such bound; :func:`budget_report` on the decoded file says how far it went.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from apdm.utils import LOG
 
 #: Tolerance used when turning a float budget into whole 8-bit levels: ``8/255`` must give 8, not 7.
 _LEVEL_EPS = 1e-6
+#: A float original this close to an 8-bit level (in grey levels) is that level: float32 stores ``n/255`` with an
+#: error of ~2e-5 levels, while a 16-bit value lies at least 1/257 ≈ 0.004 levels from any other 8-bit level.
+_GRID_TOL = 1e-3
 
 _NUM = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
 _FRACTION = re.compile(rf"^\s*({_NUM})\s*/\s*({_NUM})\s*$")
@@ -152,29 +159,49 @@ def to_uint8(x: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 
 def quantize_with_budget(protected: torch.Tensor, orig: torch.Tensor | np.ndarray, budget: float) -> torch.Tensor:
-    """Quantize a protected image to 8 bits so that the saved file keeps the budget exactly.
+    """Quantize a protected image to 8 bits so that the saved file keeps the budget exactly, against the original at
+    its own precision.
 
-    Computed in integer space: ``q = clip(round(255·protected), orig − k, orig + k) ∩ [0, 255]`` with
-    ``k = floor(255·budget)`` (:func:`budget_levels`), hence ``max |q − orig| ≤ k`` holds exactly.
+    With ``o = 255·orig`` in grey levels (a whole number for an 8-bit original, a fraction for a 16-bit one) and
+    ``r = 255·budget``: ``q = clip(round(255·protected), ceil(o − r), floor(o + r)) ∩ [0, 255]``, so every saved
+    value satisfies ``|q/255 − orig| ≤ budget``. For an 8-bit original the bounds are ``o ± k`` with
+    ``k = floor(255·budget)`` (:func:`budget_levels`), so ``max |q − orig_uint8| ≤ k``. Where no 8-bit level lies
+    within the budget of a value (a budget under half a grey level, 0 included, on a 16-bit original), ``q`` is the
+    level nearest to it, the closest an 8-bit file can come.
 
     Args:
         protected: ``(3, H, W)`` or ``(N, 3, H, W)`` float in ``[0, 1]`` (values outside are clipped).
-        orig: the original as uint8 (same shape), or float in ``[0, 1]`` (then rounded with :func:`to_uint8`).
+        orig: the original, same shape: uint8, or float in ``[0, 1]`` at full precision (``value/65535`` for a
+            16-bit file; float32 values within 0.001 grey levels of an 8-bit level count as that level).
         budget: L∞ radius on ``[0, 1]``.
 
     Returns:
         uint8 tensor, same shape as ``protected``, on CPU; ``protected_float = q / 255``.
     """
-    k = budget_levels(budget)
-    if k == 0 and budget > 0:
-        LOG.warning("budget %s is below one 8-bit grey level: the saved image will equal the original",
-                    format_budget(budget))
-    o = to_uint8(orig).cpu().to(torch.int16)
+    if budget_levels(budget) == 0 and budget > 0:
+        LOG.warning("budget %s is below one 8-bit grey level: the saved image of an 8-bit original will equal the "
+                    "original", format_budget(budget))
+    t = torch.as_tensor(orig).detach().cpu()
+    if t.dtype == torch.uint8:
+        o = t.to(torch.float32)
+    else:
+        o = t.to(torch.float32)
+        if not torch.isfinite(o).all():
+            raise ValueError("original image contains NaN or inf values")
+        o = o.clamp(0.0, 1.0).mul_(255.0)
+        level = o.round()
+        o = torch.where((o - level).abs() < _GRID_TOL, level, o)  # 8-bit values stored as float32
     if tuple(o.shape) != tuple(protected.shape):
         raise ValueError(f"shape mismatch: protected {tuple(protected.shape)} vs original {tuple(o.shape)}")
-    q = to_uint8(protected).to(torch.int16)
-    q = torch.clamp(q, (o - k).clamp_(min=0), (o + k).clamp_(max=255))
-    return q.to(torch.uint8)
+    r = 255.0 * float(budget)
+    lo = (o - (r + _LEVEL_EPS)).ceil_().clamp_(min=0.0)
+    hi = (o + (r + _LEVEL_EPS)).floor_().clamp_(max=255.0)
+    empty = lo > hi
+    if bool(empty.any()):  # no level within the budget: the nearest one
+        nearest = (o + 0.5).floor_()
+        lo, hi = torch.where(empty, nearest, lo), torch.where(empty, nearest, hi)
+    q = to_uint8(protected).to(torch.float32)
+    return torch.min(torch.max(q, lo), hi).to(torch.uint8)
 
 
 def upsample_delta(delta: torch.Tensor, hw: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
@@ -200,10 +227,12 @@ def apply_delta_to_original(orig: torch.Tensor, delta_model: torch.Tensor, budge
     :func:`apdm.core.images.to_model_resolution`, so every original pixel receives a perturbation), added,
     projected onto the budget ball around ``orig`` and ``[0, 1]`` (:func:`project_linf`), and, with
     ``quantize=True``, snapped to the 8-bit grid with :func:`quantize_with_budget`, so saving the result as PNG
-    keeps ``max |saved − round(255·orig)| ≤ floor(255·budget)`` exactly.
+    keeps ``max |saved/255 − orig| ≤ budget`` exactly (for an 8-bit original: ``max |saved − round(255·orig)| ≤
+    floor(255·budget)``).
 
     Args:
-        orig: ``(3, H, W)`` float32 in ``[0, 1]``, the original at full resolution.
+        orig: ``(3, H, W)`` float32 in ``[0, 1]``, the original at full resolution and precision (16-bit values
+            as ``value/65535``).
         delta_model: ``(3, s, s)`` (or ``(1, 3, s, s)``) float perturbation at model resolution.
         budget: L∞ radius on ``[0, 1]``.
         mode: interpolation for δ (``"bicubic"`` or ``"bilinear"``).
@@ -242,8 +271,10 @@ def budget_report(orig: torch.Tensor, protected: torch.Tensor, budget: float | N
     """Per-image closeness of a protected image to its original, for the run manifest.
 
     Args:
-        orig: ``(3, H, W)`` (or ``(1, 3, H, W)``) float in ``[0, 1]`` or uint8, any device.
-        protected: same shape; float in ``[0, 1]`` or uint8 (pass what was saved).
+        orig: ``(3, H, W)`` (or ``(1, 3, H, W)``) float in ``[0, 1]`` or uint8, any device: the original at the
+            precision it was read (16-bit values as ``value/65535``).
+        protected: same shape; float in ``[0, 1]`` or uint8: what was saved, as decoded from the file (a JPEG's
+            pixels differ from those it was encoded from).
         budget: if given, also report whether the images respect it.
 
     Returns:

@@ -5,12 +5,14 @@ model's and its aspect ratio kept (``resolution_policy=aspect``, up to 2:1) or s
 the method computes a perturbation there, and the perturbation (``protected − clean`` at model resolution) is
 upsampled bicubically to the photo's own size, added to the *original* pixels, projected onto the L∞ budget
 ball and [0,1], and quantized to 8 bits so that the saved file itself satisfies ``|saved − original| ≤ budget``
-(:func:`apdm.protect_images.budget.apply_delta_to_original`). Inputs are never modified; a bad file is reported in
-the manifest and skipped; outputs are written atomically.
+(:func:`apdm.protect_images.budget.apply_delta_to_original`; ``original`` at its own precision, 16 bits included).
+PNG keeps that exactly; a JPEG re-compresses afterwards, and the manifest measures each file as written. Inputs
+are never modified; a bad file is reported in the manifest and skipped; outputs are written atomically.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -94,7 +96,7 @@ def protect_batch(sd, images: torch.Tensor, cfg: ProtectImagesRunConfig, budget:
 def closeness_summary(entries: list[dict]) -> dict:
     """Over a manifest's image entries: how many, mean and lowest PSNR (dB; identical images, whose PSNR is
     infinite, are left out of both), lowest SSIM, the largest L∞ change in grey levels, and whether all are within
-    the budget."""
+    the budget, and how many were saved unchanged (a photo of a few pixels cannot carry the perturbation)."""
     psnr = [e["psnr@apdm"] for e in entries if e.get("psnr@apdm") is not None]
     ssim = [e["ssim@skimage"] for e in entries if e.get("ssim@skimage") is not None]
     return {"num": len(entries),
@@ -102,7 +104,113 @@ def closeness_summary(entries: list[dict]) -> dict:
             "psnr_min@apdm": round(min(psnr), 2) if psnr else None,
             "ssim_min@skimage": round(min(ssim), 4) if ssim else None,
             "linf_255_max@apdm": max((e["linf_255@apdm"] for e in entries), default=None),
-            "all_within_budget": all(e.get("within_budget", True) for e in entries)}
+            "all_within_budget": all(e.get("within_budget", True) for e in entries),
+            "num_unchanged": sum(1 for e in entries if e.get("unchanged"))}
+
+
+#: the options only the pixel methods use (LDU's ρ makes its perturbation in one forward pass)
+PIXEL_OPTIONS = ("steps", "pgd_alpha", "eot")
+
+
+def output_format(name: str) -> str:
+    """``format=`` as :func:`apdm.core.images.save_image` takes it: lower case, ``jpg`` read as ``jpeg``."""
+    name = str(name).strip().lower()
+    return "jpeg" if name == "jpg" else name
+
+
+def _shown(value) -> str:
+    """An option's value as typed on the command line (``[jpeg, blur]``, not ``['jpeg', 'blur']``)."""
+    return f"[{', '.join(map(str, value))}]" if isinstance(value, (list, tuple)) else str(value)
+
+
+def check_protect_config(cfg: ProtectImagesRunConfig) -> tuple[float, str]:
+    """Raise ValueError naming the ``apdm protect-images`` key whose value is out of range or unused by the method
+    (before any model loads); warn about settings the method ignores. Returns ``(budget, format)``: the budget as
+    an L∞ radius on [0, 1] and the output format (``png`` or ``jpeg``)."""
+    from apdm.core.images import FORMATS
+    from apdm.protect_images.baselines import METHOD_OPTIONS, check_method_option
+    from apdm.protect_images.budget import parse_budget
+    from apdm.protect_images.pgd import EOT_TRANSFORMS
+
+    if cfg.method not in METHOD_NAMES:
+        raise ValueError(f"unknown method '{cfg.method}'; choose one of {', '.join(METHOD_NAMES)}")
+    if not str(cfg.input).strip():
+        raise ValueError("no input: pass --input DIR_OR_FILES (or input=...)")
+    for key, value, low, high, why in (
+            ("batch_size", cfg.batch_size, 1, None, ""), ("steps", cfg.steps, 0, None, " (0 = the method's default)"),
+            ("jpeg_quality", cfg.jpeg_quality, 1, 100, "")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            span = f"from {low} to {high}" if high is not None else f">= {low}"
+            raise ValueError(f"{key}={value}: must be a whole number {span}{why}")
+    alpha = cfg.pgd_alpha
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:  # NaN fails too
+        raise ValueError(f"pgd_alpha={alpha}: must be a number from 0 to 1, the PGD step on [0,1] images (e.g. "
+                         f"{1 / 255:.5f} = 1/255; 0 = the method's default)")
+    eot = [cfg.eot] if isinstance(cfg.eot, str) else list(cfg.eot or [])
+    for name in eot:
+        if name not in EOT_TRANSFORMS:
+            raise ValueError(f"eot={_shown(eot)}: unknown transform '{name}'; choose from "
+                             f"{', '.join(EOT_TRANSFORMS)}")
+    fmt = output_format(cfg.format)
+    if fmt not in FORMATS:
+        raise ValueError(f"format={cfg.format}: choose png (lossless, the default) or jpeg (jpg)")
+    if any(sep in cfg.suffix for sep in {"/", "\\", os.sep, os.altsep} - {None}) or ".." in cfg.suffix:
+        raise ValueError(f"suffix={cfg.suffix!r}: a suffix is appended to each output's name and must not contain a "
+                         f"path separator or '..' (the outputs stay in the output folder)")
+    if cfg.resolution_policy not in ("aspect", "squeeze"):
+        raise ValueError(f"resolution_policy={cfg.resolution_policy}: choose aspect or squeeze")
+    for key in METHOD_OPTIONS:
+        check_method_option(key, getattr(cfg, key))
+    if cfg.method == "ldu":
+        if not cfg.rho_path:
+            raise ValueError("method ldu needs a trained perturbation network: rho_path=FOLDER (train one with "
+                             "`apdm train-perturber`)")
+        unused = [f"{key}={_shown(getattr(cfg, key))}" for key in PIXEL_OPTIONS if getattr(cfg, key)]
+        if unused:
+            raise ValueError(f"method ldu does not use {', '.join(unused)}: its network ρ makes the perturbation in "
+                             f"one forward pass ({', '.join(PIXEL_OPTIONS)} are the pixel methods' options); leave "
+                             f"{'it' if len(unused) == 1 else 'them'} out")
+    default = ProtectImagesRunConfig()
+    ignored = [f"{key}={_shown(getattr(cfg, key))}" for key, (method, _, _) in METHOD_OPTIONS.items()
+               if method != cfg.method and getattr(cfg, key) != getattr(default, key)]
+    if cfg.method not in SURROGATE_METHODS:
+        ignored += [f"personalization.{f.name}={_shown(getattr(cfg.personalization, f.name))}"
+                    for f in dataclasses.fields(cfg.personalization)
+                    if getattr(cfg.personalization, f.name) != getattr(default.personalization, f.name)]
+    if ignored:
+        LOG.warning("method %s does not use %s: ignored, and left out of the settings a resumed run must match",
+                    cfg.method, ", ".join(ignored))
+    return parse_budget(cfg.budget), fmt  # its errors name the budget
+
+
+def budget_setting(budget: float) -> str:
+    """A budget as the manifest's settings record it: ``k/255`` with ``k`` to 6 digits, however it was given
+    (``8/255``, ``8`` and ``0.0313725`` all give ``8/255``)."""
+    return f"{round(float(budget) * 255.0, 6):g}/255"
+
+
+def normalized_settings(settings: dict) -> dict:
+    """A run's settings (:func:`run_settings`, or an earlier manifest's) in the one form that compares equal when
+    the outputs would be equal: the budget as parsed and printed ``k/255`` (:func:`budget_setting`), the format in
+    lower case (``jpg`` = ``jpeg``), and only what the method uses: ``personalization`` for the surrogate methods
+    (:data:`SURROGATE_METHODS`), ``rho_path`` for LDU, ``steps``/``pgd_alpha``/``eot`` for the pixel methods,
+    ``jpeg_quality`` for JPEG output. So a manifest written before this form still resumes when it agrees."""
+    from apdm.protect_images.budget import parse_budget
+
+    out = json.loads(json.dumps(settings, default=str))
+    method = out.get("method")
+    try:
+        out["budget"] = budget_setting(parse_budget(out["budget"]))
+    except (KeyError, ValueError):
+        pass
+    if isinstance(out.get("format"), str):
+        out["format"] = output_format(out["format"])
+    drop = [] if method in SURROGATE_METHODS else ["personalization"]
+    drop += list(PIXEL_OPTIONS) if method == "ldu" else ["rho_path"]
+    drop += [] if out.get("format") == "jpeg" else ["jpeg_quality"]
+    for key in drop:
+        out.pop(key, None)
+    return out
 
 
 def run_settings(cfg: ProtectImagesRunConfig, sd) -> dict:
@@ -112,9 +220,7 @@ def run_settings(cfg: ProtectImagesRunConfig, sd) -> dict:
     its new groups then differ from an uninterrupted run's) and where MetaCloak keeps its pool (also a memory
     setting, with the same outputs), plus the model's fingerprint and the hashes of the files the config names (ρ's
     weights, PhotoGuard's target), so retraining ρ into the same folder or editing the target is a change of
-    settings."""
-    import dataclasses
-
+    settings; in the form of :func:`normalized_settings` (what the method does not use left out)."""
     settings = dataclasses.asdict(cfg)
     for key in ("input", "output_dir", "recursive", "quiet", "resume", "batch_size", "metacloak_pool_device"):
         settings.pop(key)
@@ -131,7 +237,7 @@ def run_settings(cfg: ProtectImagesRunConfig, sd) -> dict:
         settings["rho_sha256"] = file_sha256(Path(cfg.rho_path) / RHO_WEIGHTS)
     if cfg.target:
         settings["target_sha256"] = file_sha256(cfg.target)
-    return json.loads(json.dumps(settings, default=str))  # the form it takes in manifest.json
+    return normalized_settings(settings)  # the form it takes in manifest.json
 
 
 def _previous_run(out: Path, settings: dict, resume: bool) -> tuple[dict, float]:
@@ -146,8 +252,8 @@ def _previous_run(out: Path, settings: dict, resume: bool) -> tuple[dict, float]
         return {}, 0.0
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-        old = manifest["settings"]
-    except (ValueError, KeyError, TypeError) as exc:
+        old = normalized_settings(manifest["settings"])
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{path} exists but cannot be resumed from ({exc.__class__.__name__}: it was not written "
                          f"by this version of `apdm protect-images`); choose another output folder, or pass "
                          f"resume=false to protect every photo again into this one") from exc
@@ -168,13 +274,33 @@ def manifest_output(entry: dict, folder: Path) -> Path:
     return folder / entry["file"] if "file" in entry else folder / Path(entry["output"]).name
 
 
+def usable_output(path: Path) -> bool:
+    """Whether an earlier run's output file is there and whole: not empty, and its image data readable (a PNG's
+    chunks and checksums; other formats decoded at reduced size). A missing, emptied or cut-short output is not, and
+    its photo is protected again."""
+    from PIL import Image
+
+    try:
+        if not path.is_file() or path.stat().st_size == 0:
+            return False
+        with Image.open(path) as im:
+            if im.format == "PNG":
+                im.verify()
+            else:
+                im.draft(im.mode, (1, 1))
+                im.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False
+    return True
+
+
 def _match_previous(paths: list[Path], previous: dict[str, dict], out: Path):
     """Split this run's inputs against an earlier run's manifest entries (``{real input path: entry}``).
 
-    An input is *done* when an entry with its bytes (SHA-256) has an existing output: found by its path, or by its
-    content alone when the input folder has moved (each entry is claimed once, so duplicate photos each get their
-    own output). An input whose entry no longer matches (edited since, or its output deleted) is protected again
-    into the same file.
+    An input is *done* when an entry with its bytes (SHA-256) has a usable output (:func:`usable_output`): found by
+    its path, or by its content alone when the input folder has moved (each entry is claimed once, so duplicate
+    photos each get their own output). An input whose entry no longer matches (edited since, or its output deleted,
+    emptied or damaged) is protected again into the same file.
 
     Returns:
         ``(done, todo, dest_of, others, sha_of)``: ``{real path: entry}`` of the kept photos (with ``input``
@@ -185,6 +311,12 @@ def _match_previous(paths: list[Path], previous: dict[str, dict], out: Path):
     by_content = {}
     for e in previous.values():
         by_content.setdefault(e.get("input_sha256"), []).append(e)
+    usable: dict[int, bool] = {}
+
+    def ok(e: dict) -> bool:  # each output checked once
+        if id(e) not in usable:
+            usable[id(e)] = usable_output(manifest_output(e, out))
+        return usable[id(e)]
     claimed: set[int] = set()
     done, todo, dest_of, sha_of = {}, [], {}, {}
     for p in paths:
@@ -194,17 +326,17 @@ def _match_previous(paths: list[Path], previous: dict[str, dict], out: Path):
             sha_of[real] = sha
         entry = previous.get(real)
         if entry is None or id(entry) in claimed or entry.get("input_sha256") != sha:
-            moved = [e for e in by_content.get(sha, []) if id(e) not in claimed and manifest_output(e, out).is_file()]
+            moved = [e for e in by_content.get(sha, []) if id(e) not in claimed and ok(e)]
             entry = moved[0] if moved else entry
         if entry is not None and id(entry) not in claimed:
             claimed.add(id(entry))
-            if entry.get("input_sha256") == sha and manifest_output(entry, out).is_file():
+            if entry.get("input_sha256") == sha and ok(entry):
                 done[real] = {**entry, "input": str(p), "output": str(manifest_output(entry, out))}
                 continue
             dest_of[real] = manifest_output(entry, out)
         todo.append(p)
     others = [{**e, "output": str(manifest_output(e, out))} for e in previous.values()
-              if id(e) not in claimed and manifest_output(e, out).is_file()]
+              if id(e) not in claimed and ok(e)]
     return done, todo, dest_of, others, sha_of
 
 
@@ -233,12 +365,15 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
 
     Photos are loaded one group (``batch_size``) at a time. ``manifest.json`` is rewritten (atomically) after every
     group with ``"complete": false`` until the last one, so a killed run leaves a record of what is done, and a
-    rerun with the same settings (``resume``, default on) skips every photo the manifest lists whose input bytes are
-    unchanged and whose output file exists. Each group starts from ``seed``, so a resumed run writes the same files
-    as an uninterrupted one.
+    rerun with the same settings (``resume``, default on; :func:`normalized_settings`) skips every photo the
+    manifest lists whose input bytes are unchanged and whose output file is usable (:func:`usable_output`). Each
+    group starts from ``seed``, so a resumed run writes the same files as an uninterrupted one.
 
     Returns:
-        the manifest dict (method, budget, per-image PSNR/SSIM/L∞ and time, skipped files).
+        the manifest dict (method, budget, skipped files, and per image PSNR/SSIM/L∞, whether it is within the
+        budget, measured on the file as written (decoded again, so a JPEG's re-compression counts) against the
+        original at the precision it was read (``bit_depth``), its time, and ``unchanged`` with the reason when the
+        saved photo equals the original rounded to 8 bits).
     """
     from apdm.core.images import (
         JPEG_WARNING,
@@ -252,16 +387,15 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
         to_model_resolution,
     )
     from apdm.core.models import load_sd, warn_if_untrained
-    from apdm.protect_images.budget import apply_delta_to_original, budget_report, format_budget, parse_budget
+    from apdm.protect_images.budget import (
+        apply_delta_to_original,
+        budget_levels,
+        budget_report,
+        format_budget,
+        to_uint8,
+    )
 
-    if cfg.method not in METHOD_NAMES:
-        raise ValueError(f"unknown method '{cfg.method}'; choose one of {', '.join(METHOD_NAMES)}")
-    if not cfg.input:
-        raise ValueError("no input: pass --input DIR_OR_FILES (or input=...)")
-    if cfg.batch_size < 1:
-        raise ValueError(f"batch_size={cfg.batch_size}: must be at least 1")
-    if cfg.resolution_policy not in ("aspect", "squeeze"):
-        raise ValueError(f"resolution_policy={cfg.resolution_policy}: choose aspect or squeeze")
+    budget, fmt = check_protect_config(cfg)  # every option checked before any model loads
     target = None
     if cfg.target:  # checked before the model loads
         if cfg.method not in TARGET_METHODS:
@@ -271,19 +405,11 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
             target = load_image(cfg.target).pixels
         except ImageLoadError as exc:
             raise ValueError(f"{cfg.method} target: {exc}") from exc
-    from apdm.protect_images.baselines import METHOD_OPTIONS, check_method_option
-
-    for key in METHOD_OPTIONS:
-        check_method_option(key, getattr(cfg, key))
-    if cfg.method == "ldu" and not cfg.rho_path:
-        raise ValueError("method ldu needs a trained perturbation network: rho_path=FOLDER (train one with "
-                         "`apdm train-perturber`)")
-    budget = parse_budget(cfg.budget)
-    fmt = {"jpg": "jpeg"}.get(cfg.format.lower(), cfg.format.lower())
     if fmt == "jpeg":
         LOG.warning(JPEG_WARNING)
     out = Path(cfg.output_dir)
-    paths = list_images(split_spec(cfg.input), recursive=cfg.recursive)
+    spec = split_spec(cfg.input)
+    paths = list_images(spec, recursive=cfg.recursive)
     inside = os.path.realpath(out) + os.sep
     kept = [p for p in paths if not os.path.realpath(p).startswith(inside)]
     if len(kept) < len(paths):
@@ -291,8 +417,9 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
         if not kept:
             raise ValueError(f"every input file is inside the output folder {out}; choose another --output")
     paths = kept
-    root = Path(os.path.expanduser(cfg.input))
-    root = root if cfg.recursive and root.is_dir() else None
+    one = spec if isinstance(spec, str) else spec[0] if len(spec) == 1 else ""  # "photos/," is photos/ too
+    root = Path(os.path.expanduser(one.strip())) if one.strip() else None
+    root = root if cfg.recursive and root is not None and root.is_dir() else None
 
     def dest_folder(photo: Path) -> Path:  # with recursive=true the sub-folder structure is kept
         return out / os.path.relpath(photo.parent, root) if root is not None else out
@@ -365,10 +492,20 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
             dest = dest_of.get(real) or protect_output_path(im.path, dest_folder(im.path), cfg.suffix, fmt, taken)
             save_image(final, dest, format=fmt, quality=cfg.jpeg_quality, alpha=im.alpha, source=im.path,
                        **output_metadata(im, cfg.keep_exif, cfg.strip_metadata))
-            report = budget_report(im.pixels, final, budget)
+            # measured on the file as written (a JPEG is not what was encoded), against the original as read
+            report = budget_report(im.pixels, load_image(dest).pixels, budget)
             entry = {"input": str(im.path), "output": str(dest), "file": Path(os.path.relpath(dest, out)).as_posix(),
                      "input_sha256": sha_of.get(real) or file_sha256(im.path),  # hashed once
-                     "size_hw": list(im.size), "mode": im.mode, "seconds": round(per_image, 3), **report}
+                     "size_hw": list(im.size), "mode": im.mode, "bit_depth": im.bit_depth,
+                     "seconds": round(per_image, 3), **report}
+            if budget_levels(budget) and torch.equal(to_uint8(final), to_uint8(im.pixels)):
+                h, w = deltas[i].shape[-2:]
+                small = im.size[0] < h and im.size[1] < w
+                entry["unchanged"] = (f"the perturbation, computed at {h}x{w} px and shrunk to the photo's "
+                                      f"{im.size[0]}x{im.size[1]} px (height x width), rounds to nothing: too small "
+                                      f"a photo to carry one" if small else
+                                      f"{cfg.method}'s perturbation rounds to less than one grey level everywhere")
+                LOG.warning("%s: saved unchanged (rounded to 8 bits): %s", im.path, entry["unchanged"])
             new[real] = entry
         write_manifest(complete=False)
         bar.update(len(new) + len(errors) - bar.n)  # unreadable files count as handled
@@ -379,9 +516,14 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
              len(done), len(errors))
     summary = manifest["summary"]
     if summary["num"]:
-        LOG.info("all %d: PSNR %s dB mean, %s dB lowest; largest change %s/255 (budget %s)%s", summary["num"],
+        over = "" if summary["all_within_budget"] else " -- OVER BUDGET, see manifest.json" + (
+            " (JPEG re-compression changes the saved pixels by more than the budget; PNG keeps it)"
+            if fmt == "jpeg" else "")
+        small = (f"; {summary['num_unchanged']} of them saved unchanged (see their 'unchanged' note)"
+                 if summary["num_unchanged"] else "")
+        LOG.info("all %d: PSNR %s dB mean, %s dB lowest; largest change %s/255 (budget %s)%s%s", summary["num"],
                  summary["psnr_mean@apdm"], summary["psnr_min@apdm"], summary["linf_255_max@apdm"],
-                 format_budget(budget), "" if summary["all_within_budget"] else " -- OVER BUDGET, see manifest.json")
+                 format_budget(budget), small, over)
     return manifest
 
 
