@@ -88,6 +88,115 @@ def test_ddim_grid_matches_diffusers(tiny_sd):
         assert D.ddim_timesteps(tiny_sd.noise_scheduler, n) == s.timesteps.tolist()
 
 
+def _scheduler(tiny_sd, **changes):
+    """The tiny model's DDPMScheduler with config keys changed; keys DDPM does not take (``set_alpha_to_one``) are
+    kept in its config, as diffusers keeps them when ``load_sd`` converts a PNDM/DDIM config (diffusers would drop
+    a changed key that ``_use_default_values`` lists: it is left out)."""
+    from diffusers import DDPMScheduler
+
+    config = {k: v for k, v in tiny_sd.noise_scheduler.config.items() if k != "_use_default_values"}
+    return DDPMScheduler.from_config({**config, **changes})
+
+
+def test_ddim_default_grid_and_levels_are_pinned(tiny_sd):
+    """The leading grid with steps_offset=1 of the tiny and toy models (every recorded number depends on it): the grid,
+    each step to the next grid level, the last one to the clean end at ᾱ = 1."""
+    from diffusers import DDPMScheduler
+
+    toy_like = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False,
+                             prediction_type="epsilon", steps_offset=1)
+    expected = {1: [1], 3: [667, 334, 1], 4: [751, 501, 251, 1], 10: list(range(901, 0, -100)),
+                50: list(range(981, 0, -20)), 1000: [999] + list(range(999, 0, -1))}
+    for sched in (tiny_sd.noise_scheduler, toy_like):
+        assert "set_alpha_to_one" not in sched.config and sched.config.timestep_spacing == "leading"
+        for n, grid in expected.items():
+            assert D.ddim_timesteps(sched, n) == grid
+            assert D.ddim_steps(sched, n) == list(zip(grid, grid[1:] + [-1]))
+        assert D.final_alpha_cumprod(sched).item() == 1.0
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_ddim_grid_follows_timestep_spacing_as_diffusers(tiny_sd, spacing):
+    from diffusers import DDIMScheduler
+
+    sched = _scheduler(tiny_sd, timestep_spacing=spacing)
+    ref = DDIMScheduler.from_config(sched.config)
+    for n in (1, 3, 4, 6, 7, 10, 50, 61, 999):
+        ref.set_timesteps(n)
+        # diffusers' trailing arange yields an extra level -1 for some n (61): the first n are the grid
+        assert D.ddim_timesteps(sched, n) == ref.timesteps.tolist()[:n], n
+    assert D.ddim_timesteps(sched, 3) == {"leading": [667, 334, 1], "trailing": [999, 666, 332],
+                                          "linspace": [999, 500, 0]}[spacing]
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("alpha_to_one", [True, False])
+def test_ddim_sample_equals_diffusers_ddim_for_each_spacing_and_clean_end(tiny_sd, kind, spacing, alpha_to_one):
+    """Step by step as diffusers' DDIMScheduler (eta=0) built from the same config: its grid, its levels
+    (t - T//n), and its clean end (ᾱ_0 with set_alpha_to_one=false, as SD-1.x/2.x configs set it)."""
+    from diffusers import DDIMScheduler
+
+    sched = _scheduler(tiny_sd, prediction_type=kind, timestep_spacing=spacing, set_alpha_to_one=alpha_to_one)
+    zT = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    cond = D.encode_prompt(tiny_sd.text_encoder, tiny_sd.tokenizer, ["a photo of a person"] * 2)
+    ref = DDIMScheduler.from_config(sched.config)
+    with torch.no_grad():
+        for n in (3, 10):
+            ours = D.ddim_sample(tiny_sd.unet, sched, zT, cond, num_steps=n)
+            ref.set_timesteps(n)
+            x = zT.clone()
+            for t in ref.timesteps:
+                x = ref.step(tiny_sd.unet(x, t, cond).sample, t, x, eta=0.0).prev_sample
+            torch.testing.assert_close(ours, x, atol=1e-5, rtol=1e-5)
+    assert ref.final_alpha_cumprod.item() == D.final_alpha_cumprod(sched).item()
+
+
+def test_generate_ddim_equals_the_diffusers_pipeline_of_an_sd2_style_config(tiny_sd):
+    """Trailing spacing, v-prediction, set_alpha_to_one=false, with guidance: the whole generate() against diffusers'
+    DDIM pipeline (before: 4e-1 apart for trailing, 2.5e-2 for the clean end of v-prediction)."""
+    from dataclasses import replace
+
+    sd = replace(tiny_sd, noise_scheduler=_scheduler(tiny_sd, prediction_type="v_prediction",
+                                                      timestep_spacing="trailing", set_alpha_to_one=False))
+    ours = D.generate(sd, "a photo of a person", 1, 3, 3.0, seed=0, quiet=True)
+    pipe = sd.pipeline("ddim")
+    pipe.set_progress_bar_config(disable=True)
+    latents = torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(0))[None]
+    ref = pipe("a photo of a person", num_inference_steps=3, guidance_scale=3.0, latents=latents,
+               output_type="pt").images
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_load_sd_keeps_set_alpha_to_one_of_an_sd15_scheduler_config(tiny_sd, tmp_path):
+    """An SD-1.5 folder ships a PNDMScheduler config with set_alpha_to_one=false; load_sd converts it to a
+    DDPMScheduler, which must keep the key, so that DDIM ends at ᾱ_0 as diffusers' DDIM built from that folder."""
+    import json
+
+    from diffusers import DDIMScheduler
+
+    from apdm.core.models import load_sd, save_sd
+
+    folder = save_sd(tiny_sd, tmp_path / "sd15", quiet=True)
+    config = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+              "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+              "steps_offset": 1, "trained_betas": None, "clip_sample": False}
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    sd = load_sd(str(folder), "cpu")
+    assert sd.noise_scheduler.config["set_alpha_to_one"] is False
+    ref = DDIMScheduler.from_pretrained(str(folder / "scheduler"))
+    zT = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    cond = D.encode_prompt(sd.text_encoder, sd.tokenizer, ["a photo of a person"])
+    with torch.no_grad():
+        ours = D.ddim_sample(sd.unet, sd.noise_scheduler, zT, cond, num_steps=4)
+        ref.set_timesteps(4)
+        x = zT.clone()
+        for t in ref.timesteps:
+            x = ref.step(sd.unet(x, t, cond).sample, t, x).prev_sample
+    torch.testing.assert_close(ours, x, atol=1e-5, rtol=1e-5)
+    assert D.final_alpha_cumprod(sd.noise_scheduler).item() == sd.noise_scheduler.alphas_cumprod[0].item() < 1
+
+
 def test_ddim_sample_matches_diffusers_ddim(tiny_sd):
     """Our DDIM (eta=0) equals diffusers' DDIMScheduler step by step (no guidance)."""
     from diffusers import DDIMScheduler
@@ -127,6 +236,28 @@ def test_ddim_inversion_is_exact_inverse_when_eps_is_input_free(tiny_sd):
         back = D.ddim_sample(unet, tiny_sd.noise_scheduler, zT, cond, num_steps=20)
     assert (zT - z0).abs().mean() > 0.5  # it really went somewhere
     torch.testing.assert_close(back, z0, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_ddim_inversion_follows_set_alpha_to_one_as_diffusers_inverse(tiny_sd, spacing):
+    """With set_alpha_to_one=false the inversion starts from ᾱ_0, as diffusers' DDIMInverseScheduler (ε-prediction;
+    before apdm started from ᾱ = 1), on the levels of the sampler's steps; and it stays the sampler's exact inverse
+    when ε̂ does not depend on x."""
+    from diffusers import DDIMInverseScheduler
+
+    sched = _scheduler(tiny_sd, timestep_spacing=spacing, set_alpha_to_one=False)
+    z0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = D.encode_prompt(tiny_sd.text_encoder, tiny_sd.tokenizer, [""] * 2)
+    inverse = DDIMInverseScheduler.from_config(sched.config)
+    inverse.set_timesteps(3)
+    x = z0.clone()
+    unet = _InputFreeUNet(tiny_sd.unet)
+    with torch.no_grad():
+        for t in inverse.timesteps:
+            x = inverse.step(tiny_sd.unet(x, t, cond).sample, t, x).prev_sample
+        torch.testing.assert_close(D.ddim_invert(tiny_sd.unet, sched, z0, cond, num_steps=3), x, atol=1e-5, rtol=1e-5)
+        zT = D.ddim_invert(unet, sched, z0, cond, num_steps=3)
+        torch.testing.assert_close(D.ddim_sample(unet, sched, zT, cond, num_steps=3), z0, atol=1e-4, rtol=1e-4)
 
 
 def test_ddim_round_trip_reconstructs_latents_with_smooth_unet(tiny_sd):
@@ -175,6 +306,56 @@ def test_generate_is_seeded_and_batch_independent(tiny_sd):
     assert a.shape == (3, 3, 64, 64)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert (a - c).abs().max() > 1e-3
+
+
+def test_generate_ddpm_follows_the_seed_and_diffusers(tiny_sd):
+    """DDPM's step noise comes from the image's own generator (seeded seed + index, as its initial noise), not from
+    torch's global RNG: same seed, same images whatever ran before; another seed, other images; batch size does not
+    matter; and it equals diffusers' pipeline given that generator. The deterministic samplers are unchanged
+    (equal to their pipelines)."""
+    torch.manual_seed(123)
+    a = D.generate(tiny_sd, "a photo of a person", 2, 4, 3.0, seed=0, batch_size=2, sampler="ddpm", quiet=True)
+    torch.manual_seed(456)
+    b = D.generate(tiny_sd, "a photo of a person", 2, 4, 3.0, seed=0, batch_size=1, sampler="ddpm", quiet=True)
+    c = D.generate(tiny_sd, "a photo of a person", 2, 4, 3.0, seed=1, batch_size=2, sampler="ddpm", quiet=True)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a[1], c[0], atol=1e-5, rtol=1e-4)  # image 1 of seed 0 is image 0 of seed 1
+    assert (a[0] - c[1]).abs().max() > 1e-2
+    for sampler in ("ddpm", "pndm", "euler", "dpmsolver"):
+        ours = D.generate(tiny_sd, "a photo of a person", 1, 4, 3.0, seed=0, sampler=sampler, quiet=True)
+        pipe = tiny_sd.pipeline(sampler)
+        pipe.set_progress_bar_config(disable=True)
+        g = torch.Generator().manual_seed(0)
+        latents = torch.randn((4, 8, 8), generator=g)[None]
+        torch.manual_seed(789)
+        ref = pipe("a photo of a person", num_inference_steps=4, guidance_scale=3.0, latents=latents, generator=[g],
+                   output_type="pt").images
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5, msg=sampler)
+
+
+def test_img2img_runs_the_steps_diffusers_img2img_runs(tiny_sd, rand_images):
+    """int(strength·N) of the grid's last steps, at least 1, as diffusers' img2img pipeline (before: round(), 4 of 5
+    steps at 0.7, half-to-even at .5); whole-number products (DiffPure's 0.2 of 50, GrIDPure's 0.02 of 100) as
+    before, also where the float product falls a hair short."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = StableDiffusionImg2ImgPipeline(**tiny_sd.pipeline("ddim").components)
+    grid = D.ddim_timesteps(tiny_sd.noise_scheduler, 5)
+    seen = []
+    hook = tiny_sd.unet.register_forward_pre_hook(lambda module, args: seen.append(int(args[1][0])))
+    try:
+        for strength in (0.1, 0.3, 0.5, 0.7, 0.9, 1.0):
+            seen.clear()
+            D.img2img(tiny_sd, rand_images[:1], strength, num_inference_steps=5)
+            pipe.scheduler.set_timesteps(5)
+            expected, count = pipe.get_timesteps(5, strength, "cpu")
+            assert seen == (expected.tolist() if count else grid[-1:]), strength  # diffusers runs none at 0.1
+    finally:
+        hook.remove()
+    assert [D.img2img_steps(s, n) for s, n in [(0.7, 5), (0.3, 5), (0.5, 5), (0.9, 5), (0.1, 5), (1.0, 5)]] == \
+        [3, 1, 2, 4, 1, 5]
+    assert [D.img2img_steps(s, n) for s, n in [(0.2, 50), (0.02, 100), (0.29, 100), (0.57, 100), (0.1, 10)]] == \
+        [10, 2, 29, 57, 1]
 
 
 def test_img2img_strength(tiny_sd, rand_images):

@@ -113,6 +113,41 @@ def test_lora_trains_only_adapters(tiny_sd, rand_images):
     assert not any("lora_" in n for n, _ in tiny_sd.unet.named_parameters())  # caller's UNet has no adapter
 
 
+def test_lora_alpha_survives_save_and_reload(tiny_sd, rand_images, tmp_path):
+    """The scaling alpha/rank (here 16/4) is saved with the weights: apdm's loader and plain diffusers rebuild the
+    in-memory UNet (before, diffusers fell back to alpha = rank: 0.37 apart)."""
+    cfg = PersonalizationConfig(method="lora", learning_rate=1e-2, steps=2, lora_rank=4, lora_alpha=16.0,
+                                with_prior_preservation=False)
+    state = S.setup(tiny_sd, cfg)
+    _train(state, rand_images, 2)
+    S.finish(state)
+    out = S.save(state, tmp_path / "lora", quiet=True)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500])
+    cond = D.encode_prompt(tiny_sd.text_encoder, tiny_sd.tokenizer, ["a photo of sks person"])
+    pipe = tiny_sd.clone().pipeline()  # plain diffusers, on a copy of the base UNet
+    pipe.load_lora_weights(str(out / "lora"))
+    with torch.no_grad():
+        expected = state.sd.unet(x, t, cond).sample
+        assert (expected - tiny_sd.unet(x, t, cond).sample).abs().max() > 1e-2  # the LoRA changed the model
+        torch.testing.assert_close(S.load_personalized(tiny_sd, out).unet(x, t, cond).sample, expected,
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pipe.unet(x, t, cond).sample, expected, atol=1e-5, rtol=1e-5)
+    assert S.lora_metadata(state.sd.unet)["lora_alpha"] == 16.0 and S.lora_metadata(state.sd.unet)["r"] == 4
+
+
+def test_lora_with_train_text_encoder_is_named(tiny_sd):
+    """LoRA adapts only the UNet: train_text_encoder=true is ignored, and check_personalization says so (naming both
+    keys) instead of leaving it silent; the text encoder indeed stays the base model's."""
+    cfg = PersonalizationConfig(method="lora", train_text_encoder=True, with_prior_preservation=False)
+    said = S.check_method_options(cfg, "personalizations[1]")
+    assert len(said) == 1 and "personalizations[1].train_text_encoder=true is ignored" in said[0]
+    assert "personalizations[1].method=lora" in said[0]
+    assert S.check_method_options(PersonalizationConfig(method="dreambooth", train_text_encoder=True)) == []
+    state = S.setup(tiny_sd, cfg)
+    assert not any(p.requires_grad for p in state.sd.text_encoder.parameters())
+
+
 def test_ti_trains_only_the_new_row(tiny_sd, rand_images):
     unet0 = _snapshot(tiny_sd.unet)
     n_vocab = len(tiny_sd.tokenizer)

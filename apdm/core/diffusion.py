@@ -213,14 +213,55 @@ def noise_residual(unet, noise_scheduler, latents: torch.Tensor, encoder_hidden_
 
 
 # ============================================================================ DDIM (deterministic)
+#: the ``timestep_spacing`` values of a scheduler config that :func:`ddim_timesteps` builds (diffusers' names)
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
 def ddim_timesteps(noise_scheduler, num_steps: int) -> list[int]:
-    """The descending timestep grid DDIM uses (diffusers' "leading" spacing + ``steps_offset``)."""
-    T = noise_scheduler.config.num_train_timesteps
+    """The descending timestep grid DDIM uses: n = ``num_steps`` levels in [0, T-1], built from the scheduler
+    config's ``timestep_spacing`` as diffusers' ``DDIMScheduler.set_timesteps`` builds it:
+
+    * ``leading`` (the default, also when the key is absent): ``i·(T//n) + steps_offset``, i = n-1 … 0 (clamped to
+      T-1; the tiny and toy models, e.g. 3 steps -> [667, 334, 1]);
+    * ``trailing``: ``round(T - k·T/n) - 1``, k = 0 … n-1 (3 steps -> [999, 666, 332]; diffusers' float ``arange``
+      gives one level too many, -1, for some n, e.g. 61: that level is left out here);
+    * ``linspace``: ``round(linspace(0, T-1, n))`` descending (3 steps -> [999, 500, 0]).
+    """
+    import numpy as np
+
+    config = noise_scheduler.config
+    T = config.num_train_timesteps
     if not 1 <= num_steps <= T:
         raise ValueError(f"num_steps must be in [1, {T}], got {num_steps}")
-    ratio = T // num_steps
-    offset = getattr(noise_scheduler.config, "steps_offset", 0) or 0
-    return [min(i * ratio + offset, T - 1) for i in range(num_steps)][::-1]
+    spacing = config.get("timestep_spacing") or "leading"
+    if spacing == "leading":
+        ratio = T // num_steps
+        offset = config.get("steps_offset") or 0
+        return [min(i * ratio + offset, T - 1) for i in range(num_steps)][::-1]
+    if spacing == "trailing":  # the same float arithmetic as diffusers' np.arange(T, 0, -T/n)
+        grid = np.round(T + np.arange(num_steps) * -(T / num_steps)).astype(np.int64) - 1
+    elif spacing == "linspace":
+        grid = np.linspace(0, T - 1, num_steps).round()[::-1].astype(np.int64)
+    else:
+        raise ValueError(f"timestep_spacing={spacing!r} of the scheduler config is not supported; "
+                         f"choose one of {', '.join(TIMESTEP_SPACINGS)}")
+    return [int(t) for t in grid]
+
+
+def ddim_steps(noise_scheduler, num_steps: int) -> list[tuple[int, int]]:
+    """The steps of the ``num_steps`` DDIM grid in sampling order, as (t, t_prev) pairs: step i denoises from level
+    ``t = ddim_timesteps(...)[i]`` to level ``t_prev``; -1 is the clean end (ᾱ of :func:`final_alpha_cumprod`).
+
+    ``t_prev = t - T//n``, the level diffusers' ``DDIMScheduler.step`` steps to (for the leading spacing the next
+    grid level; for trailing and linspace grids it can lie a level or more above it), and the last step always ends
+    at the clean end. That differs from diffusers only where its last step stops at level 0 instead (t_last = T//n:
+    leading grids with n > T/2, some trailing ones, e.g. n = 6), and only with ``set_alpha_to_one`` true (false:
+    both end at ᾱ_0). :func:`ddim_invert` walks the same steps backwards.
+    """
+    grid = ddim_timesteps(noise_scheduler, num_steps)
+    ratio = noise_scheduler.config.num_train_timesteps // num_steps
+    # max(): the clamped top level of a leading grid with n = T (999 twice) stays one level, as before
+    return [(t, max(t - ratio, grid[i + 1]) if i + 1 < len(grid) else -1) for i, t in enumerate(grid)]
 
 
 def _predict(unet, noise_scheduler, x: torch.Tensor, t: int, cond: torch.Tensor, uncond: torch.Tensor | None,
@@ -259,10 +300,20 @@ def eps_and_x0(noise_scheduler, out: torch.Tensor, x: torch.Tensor, a: torch.Ten
     return eps, x0
 
 
-def _level_alpha(noise_scheduler, t: int, device) -> torch.Tensor:
-    """ᾱ at level t; t < 0 is the clean end (ᾱ = 1, as ``set_alpha_to_one``)."""
-    if t < 0:
+def final_alpha_cumprod(noise_scheduler, device=None) -> torch.Tensor:
+    """ᾱ at the clean end of a DDIM grid (float32 scalar): 1 when the scheduler config's ``set_alpha_to_one`` is true
+    or absent, else ``alphas_cumprod[0]``, as diffusers' ``DDIMScheduler`` (``final_alpha_cumprod``) and
+    ``DDIMInverseScheduler`` (``initial_alpha_cumprod``). SD-1.x/2.x configs set it false; ``load_sd`` keeps the key
+    on its ``DDPMScheduler`` (diffusers registers a compatible scheduler's keys)."""
+    if noise_scheduler.config.get("set_alpha_to_one", True):
         return torch.ones((), device=device)
+    return alphas_cumprod(noise_scheduler, device)[0].float()
+
+
+def _level_alpha(noise_scheduler, t: int, device) -> torch.Tensor:
+    """ᾱ at level t; t < 0 is the clean end (:func:`final_alpha_cumprod`)."""
+    if t < 0:
+        return final_alpha_cumprod(noise_scheduler, device)
     return alphas_cumprod(noise_scheduler, device)[t].float()
 
 
@@ -286,11 +337,10 @@ def ddim_sample(unet, noise_scheduler, latents: torch.Tensor, cond: torch.Tensor
     Returns:
         (N,4,h,w) float32 latents z_0.
     """
-    grid = ddim_timesteps(noise_scheduler, num_steps)
+    steps = ddim_steps(noise_scheduler, num_steps)
     x = latents.float()
-    for i in range(start_step, len(grid)):
-        t = grid[i]
-        t_next = grid[i + 1] if i + 1 < len(grid) else -1
+    for i in range(start_step, len(steps)):
+        t, t_next = steps[i]
         if checkpoint and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint as ckpt
 
@@ -300,7 +350,7 @@ def ddim_sample(unet, noise_scheduler, latents: torch.Tensor, cond: torch.Tensor
         a_next = _level_alpha(noise_scheduler, t_next, x.device)
         x = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
         if callback is not None:
-            callback(i, len(grid))
+            callback(i, len(steps))
     return x
 
 
@@ -308,9 +358,11 @@ def ddim_invert(unet, noise_scheduler, latents: torch.Tensor, cond: torch.Tensor
                 end_step: int | None = None, callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """DDIM inversion (η = 0): clean latents ``z_0`` -> ``z_T`` along the deterministic ODE.
 
-    Walks the grid of :func:`ddim_timesteps` upwards; at each step the noise is predicted at the *target* level
-    from the current latents (the standard approximation ``ε(x_{t+1}, t+1) ≈ ε(x_t, t+1)``), so that
-    ``ddim_sample(ddim_invert(z0))`` ≈ ``z0``. Use no guidance (``cond`` is usually the empty prompt).
+    Walks the steps of :func:`ddim_steps` backwards (each from its ``t_prev`` up to its ``t``, the first from the
+    clean end, ᾱ of :func:`final_alpha_cumprod`, as diffusers' ``DDIMInverseScheduler``); at each step the noise is
+    predicted at the *target* level from the current latents (the standard approximation
+    ``ε(x_{t+1}, t+1) ≈ ε(x_t, t+1)``), so that ``ddim_sample(ddim_invert(z0))`` ≈ ``z0`` (exactly when ε̂ does not
+    depend on the latents). Use no guidance (``cond`` is usually the empty prompt).
 
     Args:
         latents: (N,4,h,w) clean scaled latents.
@@ -321,12 +373,11 @@ def ddim_invert(unet, noise_scheduler, latents: torch.Tensor, cond: torch.Tensor
     Returns:
         (N,4,h,w) float32 latents at the top level (or at level ``end_step``).
     """
-    grid = ddim_timesteps(noise_scheduler, num_steps)[::-1]  # ascending
-    stop = len(grid) if end_step is None else end_step
+    steps = ddim_steps(noise_scheduler, num_steps)[::-1]  # ascending
+    stop = len(steps) if end_step is None else end_step
     x = latents.float()
     for i in range(stop):
-        t = grid[i]
-        t_prev = grid[i - 1] if i > 0 else -1
+        t, t_prev = steps[i]
         a_prev = _level_alpha(noise_scheduler, t_prev, x.device)
         a_t = _level_alpha(noise_scheduler, t, x.device)
         eps, _ = _predict(unet, noise_scheduler, x, t, cond, None, 1.0)
@@ -370,7 +421,8 @@ def generate(sd, prompts: Sequence[str] | str, num_images_per_prompt: int = 1, n
     """Text-to-image generation; returns (len(prompts)*num_images_per_prompt, 3, H, W) float32 in [0,1] (CPU).
 
     Images come out grouped by prompt (all images of prompt 0 first). Each image's initial noise is drawn from
-    a generator seeded with ``seed + index``, so results do not depend on ``batch_size`` (and two samplings whose
+    a generator seeded with ``seed + index``, and a stochastic sampler (``ddpm``) draws that image's step noise from
+    the same generator, so results do not depend on ``batch_size`` nor on torch's global RNG (and two samplings whose
     seeds are less than their image count apart share images: space independent draws :data:`SEED_STRIDE` apart).
 
     Args:
@@ -392,32 +444,44 @@ def generate(sd, prompts: Sequence[str] | str, num_images_per_prompt: int = 1, n
         chunk = jobs[start:start + batch_size]
         cond = encode_prompt(sd.text_encoder, sd.tokenizer, [p for p, _ in chunk])
         uncond = uncond_all.expand(len(chunk), -1, -1)
-        noise = torch.stack([
-            torch.randn((sd.unet.config.in_channels, h, w), generator=torch.Generator().manual_seed(seed + start + i))
-            for i in range(len(chunk))
-        ]).to(sd.device)
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
+        noise = torch.stack([torch.randn((sd.unet.config.in_channels, h, w), generator=g) for g in generators])
+        noise = noise.to(sd.device)
         if sampler == "ddim":
             latents = ddim_sample(sd.unet, sd.noise_scheduler, noise, cond, uncond, guidance_scale, num_inference_steps)
         else:
-            latents = _diffusers_sample(sd, sampler, noise, cond, uncond, guidance_scale, num_inference_steps)
+            latents = _diffusers_sample(sd, sampler, noise, cond, uncond, guidance_scale, num_inference_steps,
+                                        generators)
         out.append(decode_latents(sd.vae, latents).cpu())
         bar.update(len(chunk))
     bar.close()
     return torch.cat(out)
 
 
-def _diffusers_sample(sd, sampler: str, noise, cond, uncond, guidance_scale: float, num_steps: int) -> torch.Tensor:
-    """Sampling loop with a diffusers scheduler (for protocols that specify e.g. PNDM 20 steps)."""
+def _diffusers_sample(sd, sampler: str, noise, cond, uncond, guidance_scale: float, num_steps: int,
+                      generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    """Sampling loop with a diffusers scheduler (for protocols that specify e.g. PNDM 20 steps).
+
+    ``generators`` (one per image of ``noise`` (N,C,h,w)) feed every scheduler whose ``step`` takes a ``generator``
+    (``ddpm`` draws its step noise from it; ``euler`` and ``dpmsolver`` draw nothing that changes their result in
+    their default settings), as diffusers' pipelines pass theirs; without it ``step`` would draw from torch's global
+    RNG. ``pndm`` takes none.
+    """
+    import inspect
+
     from apdm.core.models import make_scheduler
 
     scheduler = make_scheduler(sd.noise_scheduler, sampler)
     scheduler.set_timesteps(num_steps, device=sd.device)
+    step_kwargs = {}
+    if generators is not None and "generator" in inspect.signature(scheduler.step).parameters:
+        step_kwargs["generator"] = generators
     x = noise * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         inp = scheduler.scale_model_input(torch.cat([x, x]), t).to(sd.unet.dtype)
         out = sd.unet(inp, t, torch.cat([uncond, cond]).to(sd.unet.dtype)).sample.float()
         out_u, out_c = out.chunk(2)
-        x = scheduler.step(out_u + guidance_scale * (out_c - out_u), t, x).prev_sample
+        x = scheduler.step(out_u + guidance_scale * (out_c - out_u), t, x, **step_kwargs).prev_sample
     return x
 
 
@@ -430,12 +494,25 @@ def purification_noise(sd, n: int, seed: int) -> torch.Tensor:
     return torch.randn((n, sd.vae.config.latent_channels, side, side), generator=torch.Generator().manual_seed(seed))
 
 
+def img2img_steps(strength: float, num_inference_steps: int) -> int:
+    """How many of the last steps of a ``num_inference_steps`` DDIM grid :func:`img2img` runs at ``strength``:
+    ``int(strength·N)`` as diffusers' img2img pipelines count them (strength 0.7 of 5 steps: 3), at least 1 and at
+    most N. The product is floored after adding 1e-9, so that one whose float is a hair below a whole number
+    counts as that number (0.29·100 = 28.999999999999996 -> 29, where diffusers runs 28).
+
+    Until 2026-12-07 apdm rounded (``round(strength·N)``: 4 of 5 steps at 0.7, and Python's half-to-even rounding
+    gave 2 at 0.3 and 0.5 alike); strengths whose product is a whole number (0.2 of 50, 0.02 of 100) run as before.
+    """
+    return min(max(1, int(strength * num_inference_steps + 1e-9)), num_inference_steps)
+
+
 def img2img(sd, images: torch.Tensor, strength: float, prompt: str = "", guidance_scale: float = 1.0,
             num_inference_steps: int = 50, seed: int = 0, noise: torch.Tensor | None = None) -> torch.Tensor:
-    """SDEdit-style regeneration: noise images to level ``strength·T`` and DDIM-denoise them back.
+    """SDEdit-style regeneration: noise images to a level of the DDIM grid and DDIM-denoise them back.
 
     This is the purification primitive (DiffPure with a latent diffusion model). ``strength`` in (0, 1]:
-    the fraction of the DDIM grid that is re-generated.
+    the fraction of the ``num_inference_steps`` DDIM grid that is re-generated, :func:`img2img_steps` of its last
+    steps (as diffusers' img2img; strength 0.2 of 50 steps: the last 10, from t = 181 on the tiny and toy grids).
 
     Args:
         images: (N,3,H,W) in [0,1]. Returns the same shape in [0,1].
@@ -446,8 +523,7 @@ def img2img(sd, images: torch.Tensor, strength: float, prompt: str = "", guidanc
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     latents = encode_images(sd.vae, images)
     grid = ddim_timesteps(sd.noise_scheduler, num_inference_steps)
-    n_run = max(1, int(round(strength * num_inference_steps)))
-    start = num_inference_steps - n_run
+    start = num_inference_steps - img2img_steps(strength, num_inference_steps)
     t_start = torch.full((latents.shape[0],), grid[start], device=latents.device, dtype=torch.long)
     if noise is None:
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))

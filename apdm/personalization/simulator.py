@@ -127,6 +127,25 @@ def check_personalization(cfg: PersonalizationConfig, key: str = "personalizatio
             raise ValueError(f"{key}.{name} must be a positive number, got {value}")
     if not cfg.identifier or any(ch.isspace() for ch in cfg.identifier):
         raise ValueError(f"{key}.identifier must be one word without spaces (e.g. sks), got {cfg.identifier!r}")
+    check_method_options(cfg, key)
+
+
+def check_method_options(cfg: PersonalizationConfig, key: str = "personalization") -> list[str]:
+    """Name an option the method ignores, in a warning: ``train_text_encoder`` with ``lora`` (the LoRA attacker
+    adapts only the UNet; a text-encoder LoRA is not implemented). A warning, not an error: recipes that train the
+    text encoder for DreamBooth surrogates stay usable with ``method=lora``, and their numbers were measured so.
+
+    Returns:
+        the warnings given (empty when none).
+    """
+    said = []
+    if cfg.method == "lora" and cfg.train_text_encoder:
+        said.append(f"{key}.train_text_encoder=true is ignored with {key}.method=lora: apdm's LoRA adapts only the "
+                    f"UNet (no text-encoder LoRA is implemented); use {key}.method=dreambooth to train the text "
+                    "encoder")
+    for text in said:
+        LOG.warning("%s", text)
+    return said
 
 
 def ti_token(cfg: PersonalizationConfig) -> str:
@@ -517,7 +536,9 @@ def save(state: PersonalizationState, out_dir: str | Path, quiet: bool = False) 
     """Save the personalized components in the form diffusers loads.
 
     * dreambooth: a full pipeline folder (``StableDiffusionPipeline.from_pretrained(out_dir)``);
-    * lora: ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(out_dir)``);
+    * lora: ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(out_dir)``), with the adapter's rank,
+      ``lora_alpha`` and target modules in its metadata (:func:`lora_metadata`; diffusers reads them back, so the
+      scaling alpha/rank survives. LoRAs saved before 2026-12-07 lack them and reload with alpha = rank);
     * ti: ``learned_embeds.safetensors`` (``pipe.load_textual_inversion(out_dir, token="<sks>")``).
     * custom_diffusion: ``custom_diffusion/learned_embeds.safetensors`` (as TI's) and
       ``custom_diffusion/unet_kv.safetensors``, the trained UNet tensors under the UNet's own parameter names
@@ -542,7 +563,8 @@ def save(state: PersonalizationState, out_dir: str | Path, quiet: bool = False) 
 
         lora_sd = get_peft_model_state_dict(sd.unet)
         with atomic_dir(out / "lora") as tmp:
-            StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=lora_sd, safe_serialization=True)
+            StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=lora_sd, safe_serialization=True,
+                                                      unet_lora_adapter_metadata=lora_metadata(sd.unet))
         where = "lora"
     else:
         from safetensors.torch import save_file
@@ -566,6 +588,18 @@ def save(state: PersonalizationState, out_dir: str | Path, quiet: bool = False) 
         "final_loss": state.history[-1] if state.history else None,
     })
     return out
+
+
+def lora_metadata(unet, adapter: str = "default") -> dict:
+    """The peft ``LoraConfig`` keys of ``unet``'s LoRA ``adapter`` that set what the adapter computes: ``r``,
+    ``lora_alpha`` (the scaling is alpha/r), ``target_modules``, and the per-module ``rank_pattern``/``alpha_pattern``.
+    diffusers' ``save_lora_weights(..., unet_lora_adapter_metadata=...)`` stores them in the safetensors header and
+    ``load_lora_weights`` builds its ``LoraConfig`` from them; without them it assumes alpha = rank."""
+    config = unet.peft_config[adapter]
+    targets = config.target_modules
+    return {"r": config.r, "lora_alpha": config.lora_alpha,
+            "target_modules": targets if isinstance(targets, str) else sorted(targets),
+            "rank_pattern": dict(config.rank_pattern), "alpha_pattern": dict(config.alpha_pattern)}
 
 
 def load_personalized(base: SD, out_dir: str | Path) -> SD:
