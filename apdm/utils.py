@@ -226,11 +226,34 @@ def seeded_global_rng(seed: int, device=None) -> Iterator[None]:
 
 
 def select_device(device: str = "auto"):
-    """``"auto"`` -> CUDA if available, else MPS, else CPU. Returns a ``torch.device``."""
+    """``"auto"`` -> CUDA if available, else MPS, else CPU. Returns a ``torch.device``.
+
+    A device this machine does not have (``cuda`` without CUDA, ``cuda:3`` with two GPUs, ``mps`` off Apple
+    silicon) is refused here, before any model is loaded, rather than failing inside torch later.
+
+    Raises:
+        RuntimeError: the device is unknown or not available here; the message says which devices are.
+    """
     import torch
 
     if device != "auto":
-        return torch.device(device)
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise RuntimeError(f"unknown device '{device}': use auto, cpu, cuda, cuda:N or mps") from exc
+        fallback = "use model.device=cpu or model.device=auto"
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                build = " (this torch is a CPU-only build)" if torch.version.cuda is None else ""
+                raise RuntimeError(f"device '{device}': CUDA is not available here{build}; {fallback}")
+            count = torch.cuda.device_count()
+            if dev.index is not None and dev.index >= count:
+                raise RuntimeError(f"device '{device}': CUDA device index {dev.index} does not exist; there are "
+                                   f"{count} (cuda:0 to cuda:{count - 1}); use one of them, cuda, or auto")
+        elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None
+                                        and torch.backends.mps.is_available()):
+            raise RuntimeError(f"device '{device}': MPS (Apple silicon) is not available here; {fallback}")
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

@@ -93,7 +93,7 @@ def load_upscaler(path: str, device: str = "cpu", dtype: torch.dtype = torch.flo
         except (OSError, ValueError) as exc:
             raise ValueError(
                 f"noisy_upscale: could not load the upscaler '{path}' ({type(exc).__name__}: {exc}). Without network "
-                f"access it must be a local folder (e.g. `huggingface-cli download {DEFAULT_UPSCALER} --local-dir "
+                f"access it must be a local folder (e.g. `hf download {DEFAULT_UPSCALER} --local-dir "
                 f"./x4`, then upscaler=./x4)") from exc
         LOG.info("loaded the upscaler %s", path)
     pipe.set_progress_bar_config(disable=True)

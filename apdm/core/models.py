@@ -6,7 +6,7 @@
 modules, and ``save_sd`` writes a directory that plain ``StableDiffusionPipeline.from_pretrained`` loads.
 
 Model sources (``load_sd(path)``):
-    * a local diffusers directory (``model_index.json``) — the normal case;
+    * a local diffusers directory (``model_index.json``, safetensors weights) of SD 1.x/2.x — the normal case;
     * a hub id such as ``runwayml/stable-diffusion-v1-5`` — works with network or a warm HF cache; offline it
       fails with a message saying weights must be a local path;
     * ``tiny`` — :func:`tiny_sd`, a random-weight pipeline of real diffusers/transformers classes (tests, smoke);
@@ -20,7 +20,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,17 +162,163 @@ def warn_if_untrained(path: str, consequence: str) -> bool:
     return False
 
 
+#: What apdm runs: the components it loads from a diffusers folder, and the message when a model is something else.
+SUPPORTED = "apdm supports Stable Diffusion 1.x/2.x (a UNet on the VAE's latents, one CLIP text encoder)"
+_REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_WEIGHTED = ("unet", "vae", "text_encoder")
+#: Optional pipeline components apdm never uses: passed as None, so they are neither required nor loaded.
+_UNUSED = ("safety_checker", "feature_extractor", "image_encoder")
+#: File endings of single-file checkpoints, and of the ones that are pickles.
+_SINGLE_FILE = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin")
+_PICKLE = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+_HUB_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*/[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{file}: could not read it as JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{file}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _listed(index: dict, name: str) -> bool:
+    """Whether ``model_index.json`` lists component ``name`` with a class (``[null, null]`` means absent)."""
+    entry = index.get(name)
+    return isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
+
+
+def _check_index(index: dict, name: str) -> None:
+    """Refuse a pipeline that is not SD 1.x/2.x from its ``model_index.json`` alone (before any weight is read)."""
+    cls = str(index.get("_class_name", "a pipeline"))
+    if _listed(index, "text_encoder_2") or _listed(index, "tokenizer_2") or cls.startswith("StableDiffusionXL"):
+        raise ModelLoadError(f"{name}: an SDXL pipeline (two text encoders): {SUPPORTED}")
+    missing = [c for c in _REQUIRED if not _listed(index, c)]
+    if missing:
+        raise ModelLoadError(f"{name}: a {cls} whose model_index.json lists no {', '.join(missing)}: {SUPPORTED}")
+
+
+def _check_unet(folder: Path, name: str) -> None:
+    """Refuse a UNet that takes inputs apdm does not give it (extra input channels, extra conditioning)."""
+    file = folder / "unet" / "config.json"
+    if not file.is_file():
+        return
+    unet = _read_json(file)
+    vae_file = folder / "vae" / "config.json"
+    latent = _read_json(vae_file).get("latent_channels", 4) if vae_file.is_file() else 4
+    channels = unet.get("in_channels", 4)
+    if channels == 9 and latent == 4:
+        raise ModelLoadError(f"{name}: an inpainting UNet (9 input channels: latents, mask and masked image): "
+                             f"{SUPPORTED}")
+    if channels != latent:
+        raise ModelLoadError(f"{name}: a UNet with {channels} input channels for {latent} latent channels (an "
+                             f"image-conditioned model such as InstructPix2Pix or an upscaler): {SUPPORTED}")
+    for key, what in (("addition_embed_type", "extra SDXL-style conditioning"),
+                      ("class_embed_type", "class or image-embedding conditioning, as in unCLIP")):
+        if unet.get(key) is not None:
+            raise ModelLoadError(f"{name}: a UNet with {key}={unet[key]!r} ({what}), which apdm does not feed: "
+                                 f"{SUPPORTED}")
+
+
+def _weight_files(component: Path) -> tuple[bool, set[str], list[str]]:
+    """(non-variant safetensors present, variants of the safetensors present, pickle weight files) of a folder."""
+    plain, variants, pickles = False, set(), []
+    for f in sorted(component.iterdir()):
+        if f.name.endswith(_PICKLE):
+            pickles.append(f.name)
+        elif f.name.endswith(".safetensors"):
+            # diffusion_pytorch_model[-00001-of-00002][.fp16].safetensors, or the legacy .fp16-00001-of-00002 form
+            parts = re.sub(r"-\d+-of-\d+", "", f.name[: -len(".safetensors")]).split(".")
+            if len(parts) == 1:
+                plain = True
+            else:
+                variants.add(parts[-1])
+    return plain, variants, pickles
+
+
+def _check_folder(folder: Path, index: dict) -> str | None:
+    """Check a local diffusers folder before loading it: every component ``model_index.json`` lists has its
+    sub-folder (the unused optional ones aside), and every weighted component has safetensors weights.
+
+    Returns:
+        The weight variant to load (``"fp16"`` for a folder saved with ``save_pretrained(variant="fp16")``), or
+        None for the plain files.
+
+    Raises:
+        ModelLoadError: naming the missing sub-folder, or the component whose weights are only pickles.
+    """
+    listed = [c for c in index if not c.startswith("_") and c not in _UNUSED and _listed(index, c)]
+    missing = [c for c in listed if not (folder / c).is_dir()]
+    if missing:
+        names, paths = ", ".join(f"'{c}'" for c in missing), ", ".join(str(folder / c) for c in missing)
+        s, verb = ("s", "are") if len(missing) > 1 else ("", "is")
+        raise ModelLoadError(f"{folder}: model_index.json lists {names}, but the sub-folder{s} {paths} {verb} missing "
+                             f"(an incomplete download or copy?)")
+    for comp, config in (("unet", "config.json"), ("vae", "config.json"), ("text_encoder", "config.json"),
+                         ("scheduler", "scheduler_config.json")):
+        if not (folder / comp / config).is_file():
+            raise ModelLoadError(f"{folder / comp}: {config} is missing (an incomplete download or copy?)")
+    found = {c: _weight_files(folder / c) for c in _WEIGHTED}
+    pickled = [c for c, (plain, variants, pickles) in found.items() if not plain and not variants and pickles]
+    if pickled:
+        where = "; ".join(f"{folder / c}: {', '.join(found[c][2])}" for c in pickled)
+        raise ModelLoadError(
+            f"{folder}: weights only as pickles ({where}); apdm loads safetensors only and never unpickles a "
+            f"model's weights. Convert the folder once, in an environment where you trust the file, e.g. `python -c "
+            f"\"from diffusers import StableDiffusionPipeline as P; P.from_pretrained('{folder}').save_pretrained("
+            f"'{folder}-safetensors', safe_serialization=True)\"`, and pass model.path={folder}-safetensors")
+    empty = [c for c, (plain, variants, _) in found.items() if not plain and not variants]
+    if empty:
+        raise ModelLoadError(f"{folder / empty[0]}: no weights (no .safetensors file)")
+    lacking = [c for c, (plain, _, _) in found.items() if not plain]
+    if not lacking:
+        return None
+    common = set.intersection(*(found[c][1] for c in lacking))
+    if not common:
+        raise ModelLoadError(f"{folder}: no variant of the weights is there for every component "
+                             f"({'; '.join(f'{c}: {sorted(found[c][1])}' for c in lacking)})")
+    return "fp16" if "fp16" in common else min(common)
+
+
+def _looks_local(path: str) -> bool:
+    """Whether a path that does not exist was meant as a local file or folder rather than a hub id (owner/name)."""
+    p = Path(path).expanduser()
+    return (path.startswith((".", "/", "~", "\\")) or "\\" in path or p.suffix.lower() in _SINGLE_FILE + (".json",)
+            or not _HUB_ID.fullmatch(path) or "--" in path or ".." in path or p.parent.is_dir())
+
+
+def _single_file_error(p: Path) -> ModelLoadError:
+    out = p.with_name(p.stem + "-diffusers")
+    pickle = f" (a {p.suffix} file is a pickle: convert only one you trust)" if p.suffix.lower() in _PICKLE else ""
+    return ModelLoadError(
+        f"{p}: a single-file checkpoint, which apdm does not load: it loads diffusers model folders (model_index.json "
+        f"with unet/, vae/, text_encoder/, tokenizer/, scheduler/). Convert it once{pickle}, on a machine that has "
+        f"the model's original config (diffusers fetches it from the hub, or pass original_config=): `python -c "
+        f"\"from diffusers import StableDiffusionPipeline as P; P.from_single_file('{p}').save_pretrained('{out}')\"`, "
+        f"and pass model.path={out}")
+
+
 def load_sd(path: str = "tiny", device: str = "auto", dtype: str = "auto", revision: str | None = None) -> SD:
     """Load a Stable Diffusion model (see module docstring for accepted sources).
 
+    A folder (or hub id) is checked before any weight is read: an SDXL, inpainting or otherwise conditioned model,
+    a missing component sub-folder and weights stored only as pickles (``.bin``) are refused with a
+    :class:`ModelLoadError`; weights are read from safetensors only, the ``fp16`` variant
+    (``*.fp16.safetensors``) where the plain files are absent.
+
     Args:
         path: local diffusers directory, hub id, ``tiny``, ``toy`` or ``random:sd15`` / ``random:sd21base``.
-        device: ``auto`` | ``cpu`` | ``cuda[:i]`` | ``mps``.
+        device: ``auto`` | ``cpu`` | ``cuda[:i]`` | ``mps``; one this machine lacks is refused first
+            (:func:`apdm.utils.select_device`, a RuntimeError).
         dtype: ``auto`` | ``fp32`` | ``fp16`` | ``bf16`` for the frozen weights.
-        revision: hub revision (ignored for local folders).
+        revision: hub revision (ignored, with a warning, for local folders).
 
     Raises:
-        ModelLoadError: with a message naming the path and the reason (missing folder, offline hub id, ...).
+        ModelLoadError: with a message naming the path and the reason (missing folder, single-file checkpoint,
+            unsupported pipeline, pickled weights, offline hub id, ...).
+        RuntimeError: the device is not available here.
     """
     dev = select_device(device)
     dt = select_dtype(dtype, dev)
@@ -184,31 +331,66 @@ def load_sd(path: str = "tiny", device: str = "auto", dtype: str = "auto", revis
 
         path = str(model_path())
     p = Path(path).expanduser()
-    from diffusers import StableDiffusionPipeline
-
+    kwargs: dict[str, Any] = {"use_safetensors": True}
+    if p.is_file():
+        if p.suffix.lower() in _SINGLE_FILE:
+            raise _single_file_error(p)
+        raise ModelLoadError(f"{p}: a file, not a diffusers model folder (a folder with model_index.json)")
     if p.exists():
         if not (p / "model_index.json").is_file():
             raise ModelLoadError(f"{p}: not a diffusers model folder (model_index.json is missing)")
-        kwargs: dict[str, Any] = {"local_files_only": True}
+        index = _read_json(p / "model_index.json")
+        _check_index(index, str(p))
+        _check_unet(p, str(p))
+        kwargs["variant"] = _check_folder(p, index)
+        if revision:
+            LOG.warning("model.revision=%s is ignored: %s is a local folder", revision, p)
+        if kwargs["variant"]:
+            LOG.info("%s: loading the %s variant of the weights (the plain files are not there)", p, kwargs["variant"])
+        kwargs["local_files_only"] = True
+        source = str(p)
+    elif _looks_local(path):
+        raise ModelLoadError(f"model {'file' if p.suffix.lower() in _SINGLE_FILE else 'folder'} not found: "
+                             f"{p.absolute()}")
     else:
-        if path.startswith((".", "/", "~")) or os.sep in path and path.count("/") != 1:
-            raise ModelLoadError(f"model folder not found: {p}")
-        kwargs = {"revision": revision}
+        _check_hub(path, revision)
+        kwargs["revision"] = revision
+        source = path
+    from diffusers import StableDiffusionPipeline
+
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(p) if p.exists() else path, safety_checker=None, requires_safety_checker=False, torch_dtype=dt,
-            **kwargs,
-        )
+        with warnings.catch_warnings():  # newer diffusers call torch_dtype deprecated; older ones know nothing else
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = StableDiffusionPipeline.from_pretrained(
+                source, safety_checker=None, feature_extractor=None, image_encoder=None,
+                requires_safety_checker=False, torch_dtype=dt, **kwargs,
+            )
     except (OSError, ValueError) as exc:
-        if p.exists():
-            raise ModelLoadError(f"{p}: could not load the diffusers model: {exc}") from exc
-        raise ModelLoadError(
-            f"could not load '{path}' from the Hugging Face hub ({type(exc).__name__}). Without network access "
-            f"the weights must be a local path: download the model elsewhere (e.g. `huggingface-cli download "
-            f"{path} --local-dir ./sd`) and pass model.path=./sd"
-        ) from exc
+        where = p if p.exists() else f"'{path}' (from the Hugging Face hub)"
+        raise ModelLoadError(f"{where}: could not load the diffusers model: {exc}") from exc
     LOG.info("loaded %s on %s (%s)", path, dev, str(dt).replace("torch.", ""))
     return _from_components(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, dev, dt, str(path))
+
+
+def _check_hub(path: str, revision: str | None) -> None:
+    """Fetch only the configs of hub id ``path`` (or find them in the HF cache) and refuse an unsupported model
+    before its weights are downloaded; without network or cache, say how to get the weights as a local folder."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        configs = Path(snapshot_download(path, revision=revision, allow_patterns=["model_index.json", "*/config.json"]))
+    except Exception as exc:  # offline, unknown repo, no access: all end the same way for the user
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ModelLoadError(
+            f"could not load '{path}': not found as a local folder ({Path(path).absolute()}), and the Hugging Face "
+            f"hub did not give it ({type(exc).__name__}: {first}). Without network access the weights must be a "
+            f"local path: download the model elsewhere (e.g. `hf download {path} --local-dir ./sd`) and pass "
+            f"model.path=./sd"
+        ) from exc
+    if not (configs / "model_index.json").is_file():
+        raise ModelLoadError(f"'{path}' on the Hugging Face hub: not a diffusers model (model_index.json is missing)")
+    _check_index(_read_json(configs / "model_index.json"), f"'{path}' on the Hugging Face hub")
+    _check_unet(configs, f"'{path}' on the Hugging Face hub")
 
 
 #: Real architectures (component configs as published with the models; parameter counts checked in the tests:
