@@ -1124,3 +1124,104 @@ def test_bench_keep_photos_alternate_persons_and_dogs_of_unused_identities():
     torch.testing.assert_close(keep[0::2], draw.to_tensor(persons), atol=0, rtol=0)
     torch.testing.assert_close(keep[1::2], draw.to_tensor(dogs), atol=0, rtol=0)
     assert not any(torch.equal(k, d) for k in keep for d in drawn_dogs(4))
+
+
+def test_model_card_redacts_local_paths_and_lists_steps_per_subject(tmp_path):
+    """The card promised "prompts only, never the photos" but pasted the settings with the photo folders
+    (subjects[].instance_data, check_data, encoder_trap.keep_images) and other local paths; a subject that got no
+    outer step (round robin) was listed like the others."""
+    from apdm.config import ProtectModelRunConfig, load_config
+    from apdm.protect_model.run import model_card
+
+    src = tmp_path / "models" / "my_sd"
+    src.mkdir(parents=True)
+    cfg = load_config(ProtectModelRunConfig, None, [
+        f"model.path={src}", "output_dir=/home/alice_smith/out", "encoder_trap.keep_images=/home/x/bob_jones_keep",
+        "personalization.class_data_dir=/home/x/carol_cls",
+        ("subjects=[{instance_data: photos/alice_smith, check_data: held/alice_smith_2, "
+         "instance_prompt: a photo of sks person}, "
+         "{instance_data: photos/dan_doe, instance_prompt: a photo of zwx man}]")])
+    card = model_card(cfg, [{"step": 0, "subject": 0, "seconds": 1.5, "loss_protect": 0.5}], 1.5)
+    for name in ("alice_smith", "bob_jones", "carol_cls", "dan_doe", str(tmp_path)):
+        assert name not in card, name
+    assert card.count("<redacted: a local path>") == 6 and "Base model: `my_sd`" in card and "path: my_sd" in card
+    assert "- instance prompt `a photo of sks person`, class prompt `a photo of a person`: 1 protection step" in card
+    assert ("- instance prompt `a photo of zwx man`, class prompt `a photo of a person`: 0 protection steps (NOT "
+            "protected by the UNet: it got no step)") in card
+    assert "Final protection losses: loss_protect=0.5" in card  # the subject index and seconds are not losses
+
+
+@pytest.mark.parametrize("where", ["inside", "model"])
+def test_cli_protect_model_refuses_to_overwrite_its_source(tmp_path, apdm_log, where):
+    """Before, model.path=re/model output_dir=re replaced the source model with the protected one (and
+    output_dir=re wrote into the source folder)."""
+    from helpers import tiny_protect_model_args
+
+    from apdm.cli import main
+    from apdm.core.models import save_sd, tiny_sd
+
+    src = tmp_path / "re" / "model"
+    save_sd(tiny_sd(seed=0), src, quiet=True)
+    before = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    out = src if where == "inside" else src.parent
+    assert main(["protect-model", *tiny_protect_model_args(tmp_path), f"model.path={src}", f"output_dir={out}"]) == 1
+    assert (f"output_dir={out} would overwrite the source model model.path={src}: the protected model is written to "
+            f"{out / 'model'}, and {src} is the source model folder; choose an output_dir outside the source model "
+            "folder") in apdm_log()
+    assert {p: p.read_bytes() for p in src.rglob("*") if p.is_file()} == before
+    assert not (tmp_path / "cls").exists()  # refused before any work
+
+
+def test_cli_protect_model_kill_before_the_card_leaves_no_model_and_resume_counts_all_time(tmp_path, monkeypatch):
+    """The card and protect_log.json were written after the model folder was renamed into place, so a kill in
+    between left model/ without its card and a stale log; and a resumed run reported only its own seconds (0 s when
+    the kill came after the protection)."""
+    import json
+
+    from helpers import tiny_protect_model_args
+
+    from apdm.cli import main
+    from apdm.protect_model import run as R
+
+    def killed(path, data):
+        raise KeyboardInterrupt("killed while writing " + str(path))
+
+    out, args = tmp_path / "out", [*tiny_protect_model_args(tmp_path), "protect.checkpoint_every=1"]
+    monkeypatch.setattr(R, "atomic_write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(["protect-model", *args])
+    assert not (out / "model").exists() and (out / "checkpoint").exists()
+    assert not [p for p in out.iterdir() if p.name.startswith(".model")]  # no temporary folder left either
+    monkeypatch.undo()
+
+    def no_step(*args, **kwargs):
+        raise AssertionError("an outer step ran again")
+
+    monkeypatch.setattr(l2p, "outer_step", no_step)  # the rerun resumes the finished protection
+    assert main(["protect-model", *args]) == 0
+    log = json.loads((out / "protect_log.json").read_text())
+    assert [h["subject"] for h in log["history"]] == [0, 0] and log["subject_steps"] == [2]
+    total = sum(h["seconds"] for h in log["history"])
+    assert total > 0 and log["seconds_protect"] == round(total, 2)
+    assert f"Protection took {total:.0f} s for 2 outer steps." in (out / "model" / "README.md").read_text()
+
+
+def test_cli_protect_model_warns_of_a_subject_without_steps(tmp_path, apdm_log):
+    """outer_steps=1 with two subjects: the second got no step (round robin) but was listed as protected."""
+    import json
+
+    from helpers import tiny_protect_model_args
+
+    from apdm.cli import main
+
+    args = tiny_protect_model_args(tmp_path)
+    photos = tmp_path / "subject"
+    assert main(["protect-model", *args, "protect.outer_steps=1",
+                 (f"subjects=[{{instance_data: {photos}}}, {{instance_data: {photos}, "
+                  "instance_prompt: a photo of zwx man}]")]) == 0
+    assert ("subject 1 (subject, prompt 'a photo of zwx man') got no protection step: 1 outer steps went round robin "
+            "over 2 subjects; set protect.outer_steps to at least 2") in apdm_log()
+    out = tmp_path / "out"
+    assert json.loads((out / "protect_log.json").read_text())["subject_steps"] == [1, 0]
+    assert "`a photo of zwx man`, class prompt `a photo of a person`: 0 protection steps (NOT protected" in (
+        out / "model" / "README.md").read_text()

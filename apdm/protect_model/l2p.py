@@ -39,6 +39,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -830,6 +831,10 @@ def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcf
     """Run APDM protection; returns (protected UNet (fp32, adapters merged), per-step logs, protected text encoder
     (fp32) or ``None`` unless ``pcfg.train_text_encoder``).
 
+    Each per-step log holds ``step``, ``lr``, ``subject`` (the index of the subject it protected), ``attacker`` (with
+    several), ``seconds`` (the step's wall time, kept across a resume: the sum is the whole protection's time) and
+    the step's losses. Logs from a checkpoint of an older apdm may lack ``subject`` and ``seconds``.
+
     Args:
         sd: the base model; it is not modified.
         subjects: the subjects to protect (see :class:`Subject`).
@@ -883,9 +888,13 @@ def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcf
         k = (j // len(subjects)) % len(per_cfgs)  # subjects, then attackers, in turn: every pair comes up
         if carry is not None and j % restart == 0:
             carry.clear()  # every simulated attacker starts again from θ
+        t_step = time.perf_counter()
         logs = outer_step(j, theta, trainable, phi, sd, subjects, per_cfgs[k], pcfg, optimizer, seed,
                           carry=carry, carry_key=(j % len(subjects), k), text_encoder=text_encoder)
-        history.append({"step": j, "lr": lr, **({"attacker": k} if len(per_cfgs) > 1 else {}),
+        # the subject this step protected and its seconds (a resumed run's time sums them: apdm.protect_model.run)
+        history.append({"step": j, "lr": lr, "subject": j % len(subjects),
+                        **({"attacker": k} if len(per_cfgs) > 1 else {}),
+                        "seconds": round(time.perf_counter() - t_step, 3),
                         **{n: round(v, 6) for n, v in logs.items()}})
         bar.set_postfix(protect=f"{logs.get('loss_protect', 0):.4f}", subj=f"{logs.get('mse_subject', 0):.3f}")
         done += 1

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 from apdm.config import ProtectModelRunConfig, to_yaml
-from apdm.utils import LOG, atomic_write_json, atomic_write_text, peak_rss_mb, seed_everything
+from apdm.utils import LOG, atomic_dir, atomic_write_json, atomic_write_text, peak_rss_mb, seed_everything
 
 
 def protection_images(sd, per_cfg, class_prompt: str, num_class_images: int, num_paired: int,
@@ -273,7 +273,6 @@ def save_decoys(folder: Path, chosen: list[dict], recognizer: str) -> list[dict]
         ``files``, ``cosines`` (None unless a recognizer chose) and ``recognizer``.
     """
     from apdm.core.images import save_image
-    from apdm.utils import atomic_dir
 
     rows = []
     with atomic_dir(folder) as tmp:  # the whole folder at once: no decoy of an earlier run is left beside these
@@ -284,6 +283,74 @@ def save_decoys(folder: Path, chosen: list[dict], recognizer: str) -> list[dict]
     if rows:
         LOG.info("encoder trap: %d decoy image(s) written to %s", sum(len(r["files"]) for r in rows), folder)
     return rows
+
+
+def check_output_dir(cfg: ProtectModelRunConfig) -> None:
+    """Raise ValueError, before any work, when the protected model would overwrite its own source: when
+    ``output_dir/model`` is the local ``model.path`` folder, lies inside it or holds it, or when ``output_dir`` lies
+    inside it (the model folder is replaced as a whole when the run ends). A hub id or ``tiny`` is never checked."""
+    src = Path(cfg.model.path).expanduser()
+    if not src.is_dir():
+        return
+    src, out = src.resolve(), Path(cfg.output_dir).expanduser().resolve()
+    model = out / "model"
+    if out.is_relative_to(src) or model.is_relative_to(src) or src.is_relative_to(model):
+        raise ValueError(f"output_dir={cfg.output_dir} would overwrite the source model model.path={cfg.model.path}: "
+                         f"the protected model is written to {model}, and {src} is the source model folder; choose "
+                         "an output_dir outside the source model folder")
+
+
+#: what the model card shows instead of a local path (a folder name can be a person's name)
+REDACTED = "<redacted: a local path>"
+
+
+def card_settings(cfg: ProtectModelRunConfig) -> dict:
+    """The settings for the model card: ``to_dict(cfg)`` with every local path that can name a person redacted
+    (``subjects[].instance_data`` / ``check_data``, ``encoder_trap.keep_images``, ``class_data_dir`` (also in
+    ``protect.attacker_mix``), ``output_dir``, and a local ``model.path`` cut to its folder name); prompts are kept.
+    ``output_dir/config.yaml`` (not part of the model folder) keeps them all."""
+    from apdm.config import to_dict
+
+    d = to_dict(cfg)
+
+    def hide(where: dict, key: str) -> None:
+        if where.get(key):
+            where[key] = REDACTED
+
+    for sc in d.get("subjects") or []:
+        hide(sc, "instance_data")
+        hide(sc, "check_data")
+    hide(d.get("encoder_trap") or {}, "keep_images")
+    hide(d.get("personalization") or {}, "class_data_dir")
+    for changes in (d.get("protect") or {}).get("attacker_mix") or []:
+        if isinstance(changes, dict):
+            hide(changes, "class_data_dir")
+    hide(d, "output_dir")
+    d["model"]["path"] = base_model_name(cfg.model.path)
+    return d
+
+
+def base_model_name(path: str) -> str:
+    """``model.path`` as the card shows it: a hub id or ``tiny`` as is, a local folder by its own name only."""
+    p = Path(path).expanduser()
+    return p.resolve().name if p.exists() else path
+
+
+def subject_steps_of(history: list[dict], n: int) -> list[int]:
+    """The number of outer steps each of ``n`` subjects got (``history`` entries' ``subject``; round robin,
+    ``step mod n``, for entries of an older checkpoint without it)."""
+    counts = [0] * n
+    for h in history:
+        counts[int(h.get("subject", h["step"] % n))] += 1
+    return counts
+
+
+def protection_seconds(history: list[dict], this_run: float) -> float:
+    """The protection's time over every process that worked on it (a resumed run included): the sum of the
+    outer steps' ``seconds``; ``this_run`` (this process's time) when that is more, as when older checkpoint entries
+    lack them."""
+    return max(sum(h.get("seconds", 0.0) for h in history), this_run if not history or any(
+        "seconds" not in h for h in history) else 0.0)
 
 
 def run(cfg: ProtectModelRunConfig) -> dict:
@@ -306,6 +373,7 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     from apdm.protect_model.l2p import check_protect_config, protect
 
     # before any model loading or class-image generation
+    check_output_dir(cfg)
     check_protect_config(cfg.personalization, cfg.protect, encoder_trap_steps=cfg.encoder_trap.steps)
     check_trap_config(cfg.encoder_trap)
     rank, world = distributed.init_from_env()  # several processes under torchrun / accelerate launch
@@ -363,7 +431,7 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     t0 = time.perf_counter()
     unet, history, text_encoder = protect(sd, subjects, cfg.personalization, p, seed=cfg.seed,
                                           checkpoint_dir=out / "checkpoint")
-    seconds = time.perf_counter() - t0
+    seconds = protection_seconds(history, time.perf_counter() - t0)
     if not main:  # θ is the same on every process; the main one writes it (and trains the encoder trap)
         distributed.barrier()
         return {"seconds_protect": round(seconds, 2), "rank": rank, "world_size": world}
@@ -394,19 +462,29 @@ def run(cfg: ProtectModelRunConfig) -> dict:
         decoys = save_decoys(out / "encoder_trap_decoys", chosen, recognizer)
     protected = dataclasses.replace(sd, unet=unet.to(sd.dtype), source=f"apdm-protected({sd.source})", vae=vae,
                                     text_encoder=sd.text_encoder if text_encoder is None else text_encoder.to(sd.dtype))
-    save_sd(protected, out / "model", quiet=cfg.quiet)
+    steps = subject_steps_of(history, len(subjects))
+    for k, n in enumerate(steps):
+        if n == 0:
+            LOG.warning("subject %d (%s, prompt '%s') got no protection step: %d outer steps went round robin over %d "
+                        "subjects; set protect.outer_steps to at least %d (a multiple of it protects each equally)", k,
+                        subjects[k].name, subjects[k].instance_prompt, len(history), len(subjects), len(subjects))
     card = model_card(cfg, history, seconds, trap_history=trap_history, trap_check=trap_check, decoys=decoys,
-                      held_check=held_check)
-    atomic_write_text(out / "model" / "README.md", card)
+                      held_check=held_check, subject_steps=steps)
     summary = {"seconds_protect": round(seconds, 2), "outer_steps": p.outer_steps, "inner_steps": p.inner_steps,
                "world_size": world,
                "seconds_per_outer_step": round(seconds / max(1, len(history)), 3) if history else None,
+               "subject_steps": steps,
                "skipped_inputs": skipped, "peak_rss_mb": round(peak_rss_mb(), 1), "history": history}
     if trap_history:
         summary.update(seconds_encoder_trap=round(seconds_trap, 2), encoder_trap_check=trap_check,
                        encoder_trap_decoys=decoys, encoder_trap_held_back=held_check,
                        encoder_trap_history=trap_history)
-    atomic_write_json(out / "protect_log.json", summary)
+    # one folder operation: the weights and the card appear together under model/, and the log is written just
+    # before; a kill before the rename leaves the previous model/ (or none) and the checkpoint, which a rerun resumes
+    with atomic_dir(out / "model") as tmp:
+        save_sd(protected, tmp, quiet=cfg.quiet)  # (replaces the empty tmp folder as a whole)
+        atomic_write_text(tmp / "README.md", card)
+        atomic_write_json(out / "protect_log.json", summary)
     import shutil
 
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
@@ -417,32 +495,44 @@ def run(cfg: ProtectModelRunConfig) -> dict:
 
 def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, results: dict | None = None,
                trap_history: list[dict] | None = None, trap_check: dict | None = None,
-               decoys: list[dict] | None = None, held_check: list[dict] | None = None) -> str:
-    """Markdown model card: what is protected (prompts only, never images), how, and measured results;
-    ``decoys`` as :func:`save_decoys` returns them (their cosines, never the images); ``held_check`` as
-    :func:`check_held_back` returns it."""
+               decoys: list[dict] | None = None, held_check: list[dict] | None = None,
+               subject_steps: list[int] | None = None) -> str:
+    """Markdown model card: what is protected (prompts only, never images or their paths: the settings are
+    :func:`card_settings`), how, and measured results; ``seconds`` the protection's time over all its runs
+    (:func:`protection_seconds`); ``decoys`` as :func:`save_decoys` returns them (their cosines, never the images);
+    ``held_check`` as :func:`check_held_back` returns it; ``subject_steps`` the outer steps each subject got
+    (:func:`subject_steps_of`; counted from ``history`` when not given)."""
+    import yaml
+
     lines = [
         "---", "tags: [apdm, anti-personalization, stable-diffusion]", "---", "",
         "# Protected checkpoint (apdm protect-model)", "",
-        (f"Base model: `{cfg.model.path}`. This UNet"
+        (f"Base model: `{base_model_name(cfg.model.path)}`. This UNet"
          f"{' and its text encoder were' if cfg.protect.train_text_encoder else ' was'} fine-tuned with APDM "
          "(DPO loss + Learning-to-Protect) so that personalizing it on the protected subject(s) fails, while other "
          "prompts keep working." if cfg.protect.outer_steps > 0 else
-         f"Base model: `{cfg.model.path}`. Its UNet and text encoder are unchanged (no APDM steps); only the VAE "
+         f"Base model: `{base_model_name(cfg.model.path)}`. Its UNet and text encoder are unchanged (no APDM steps); "
+         "only the VAE "
          "encoder was changed (see \"Encoder trap\")."), "",
         "## Protected subjects (prompts only; the photos are not included)", "",
     ]
     per = cfg.personalization
+    if subject_steps is None:
+        subject_steps = subject_steps_of(history, len(cfg.subjects)) if cfg.subjects else []
     lines += [f"- instance prompt `{s.instance_prompt or per.instance_prompt}`, class prompt "
-              f"`{s.class_prompt or per.class_prompt}`" for s in cfg.subjects]
+              f"`{s.class_prompt or per.class_prompt}`"
+              + (f": {n} protection step{'s' if n != 1 else ''}" if cfg.protect.outer_steps > 0 else "")
+              + (" (NOT protected by the UNet: it got no step)" if cfg.protect.outer_steps > 0 and n == 0 else "")
+              for s, n in zip(cfg.subjects, subject_steps)]
     if cfg.protect.identifiers:
         lines += ["", f"The identifier `{per.identifier}` of these prompts was replaced, one protection step at a "
                   f"time, by one drawn from {', '.join(f'`{w}`' for w in cfg.protect.identifiers)}."]
-    lines += ["", "## Settings", "", "```yaml", to_yaml(cfg).strip(), "```", "",
+    lines += ["", "## Settings", "", "(Local paths redacted: the photos and their folders are not part of this model.)",
+              "", "```yaml", yaml.safe_dump(card_settings(cfg), sort_keys=False).strip(), "```", "",
               f"Protection took {seconds:.0f} s for {len(history)} outer steps.", ""]
     if history:
         last = history[-1]
-        not_losses = ("step", "lr", "attacker", "attack_depth", "identifier_index")
+        not_losses = ("step", "lr", "subject", "seconds", "attacker", "attack_depth", "identifier_index")
         lines += ["Final protection losses: "
                   + ", ".join(f"{k}={v:.4g}" for k, v in last.items() if k not in not_losses), ""]
     if trap_history:
@@ -496,5 +586,7 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, 
     if results:
         lines += ["## Measured results", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in results.items()]
-    lines += ["", "Settings as a dict are also in `../config.yaml`.", ""]
+    where = ("Settings as a dict, with the local paths, are also in `../config.yaml` (beside the model folder, "
+             "not part of it).")
+    lines += ["", where, ""]
     return "\n".join(lines)
