@@ -1225,3 +1225,29 @@ def test_cli_protect_model_warns_of_a_subject_without_steps(tmp_path, apdm_log):
     assert json.loads((out / "protect_log.json").read_text())["subject_steps"] == [1, 0]
     assert "`a photo of zwx man`, class prompt `a photo of a person`: 0 protection steps (NOT protected" in (
         out / "model" / "README.md").read_text()
+
+
+def test_cli_protect_model_saves_in_the_source_dtype(tmp_path):
+    """An fp16 source, protected in fp32 on the CPU, comes out fp16 (before: fp32, twice the size), and what the
+    protection did not touch (here the VAE and the text encoder) is the source's to the bit."""
+    from helpers import tiny_protect_model_args
+    from safetensors.torch import load_file
+
+    from apdm.cli import main
+    from apdm.core.models import save_sd, stored_dtype, tiny_sd
+
+    src = tmp_path / "src"
+    save_sd(tiny_sd(seed=0), src, quiet=True, dtype=torch.float16)
+    assert stored_dtype(str(src)) == torch.float16 and stored_dtype("tiny") is None
+    assert main(["protect-model", *tiny_protect_model_args(tmp_path), f"model.path={src}", "model.dtype=fp32"]) == 0
+    out = tmp_path / "out" / "model"
+    assert stored_dtype(str(out)) == torch.float16
+    for part, name in (("vae", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors"),
+                       ("unet", "diffusion_pytorch_model.safetensors")):
+        got, was = load_file(out / part / name), load_file(src / part / name)
+        assert all(t.dtype == torch.float16 for t in got.values()), part
+        if part != "unet":
+            assert all(torch.equal(got[k], was[k]) for k in was), part
+    unet_got, unet_was = load_file(out / "unet" / "diffusion_pytorch_model.safetensors"), load_file(
+        src / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(unet_got[k], unet_was[k]) for k in unet_was)  # the protection did change the UNet

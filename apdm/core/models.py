@@ -238,6 +238,27 @@ def _weight_files(component: Path) -> tuple[bool, set[str], list[str]]:
     return plain, variants, pickles
 
 
+def stored_dtype(path: str) -> torch.dtype | None:
+    """The dtype a local diffusers folder stores its UNet weights in (read from the safetensors header, no tensor
+    loaded; the plain files, else the ``fp16`` variant), or None for ``tiny``/``random:``/hub ids or when unreadable.
+    A command that writes a model derived from ``path`` saves in this dtype, whatever dtype it computed in."""
+    from safetensors import SafetensorError, safe_open
+
+    unet = Path(path).expanduser() / "unet"
+    if not unet.is_dir():
+        return None
+    files = sorted(unet.glob("*.safetensors"), key=lambda f: (".fp16." in f.name, f.name))
+    names = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+    for f in files[:1]:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                keys = list(h.keys())
+                return names.get(h.get_slice(keys[0]).get_dtype()) if keys else None
+        except (OSError, ValueError, SafetensorError):  # unreadable header: the caller keeps its own dtype
+            return None
+    return None
+
+
 def _check_folder(folder: Path, index: dict) -> str | None:
     """Check a local diffusers folder before loading it: every component ``model_index.json`` lists has its
     sub-folder (the unused optional ones aside), and every weighted component has safetensors weights.
@@ -496,11 +517,12 @@ def tiny_sd(seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float
 
 
 def save_sd(sd: SD, out_dir: str | Path, scheduler: str = "ddim", safe_serialization: bool = True,
-            quiet: bool = False) -> Path:
+            quiet: bool = False, dtype: torch.dtype | None = None) -> Path:
     """Save ``sd`` as a diffusers folder (safetensors) that ``StableDiffusionPipeline.from_pretrained`` loads.
 
     Written atomically: the folder appears under its final name only once complete. ``quiet`` also silences
-    transformers' "Writing model shards" bar of the text encoder.
+    transformers' "Writing model shards" bar of the text encoder. ``dtype`` (e.g. :func:`stored_dtype` of the
+    source) saves the weights in that dtype; ``sd``'s modules are cast in place to it.
     """
     from transformers.utils import logging as hf_logging
 
@@ -511,7 +533,10 @@ def save_sd(sd: SD, out_dir: str | Path, scheduler: str = "ddim", safe_serializa
         hf_logging.disable_progress_bar()
     try:
         with atomic_dir(out_dir) as tmp:
-            sd.pipeline(scheduler).save_pretrained(str(tmp), safe_serialization=safe_serialization)
+            pipe = sd.pipeline(scheduler)
+            if dtype is not None:
+                pipe.to(dtype=dtype)
+            pipe.save_pretrained(str(tmp), safe_serialization=safe_serialization)
     finally:
         if quiet and was_on:
             hf_logging.enable_progress_bar()

@@ -367,8 +367,10 @@ def run(cfg: ProtectModelRunConfig) -> dict:
         output_dir/protect_log.json     per-outer-step losses, timings; the encoder trap's check and decoys
         output_dir/encoder_trap_decoys/ the images each subject's photos now encode as (with the encoder trap)
     """
+    import torch
+
     from apdm.core import distributed
-    from apdm.core.models import load_sd, save_sd, warn_if_untrained
+    from apdm.core.models import load_sd, save_sd, stored_dtype, warn_if_untrained
     from apdm.protect_model.encoder_trap import check_trap_config
     from apdm.protect_model.l2p import check_protect_config, protect
 
@@ -437,8 +439,6 @@ def run(cfg: ProtectModelRunConfig) -> dict:
         return {"seconds_protect": round(seconds, 2), "rank": rank, "world_size": world}
     vae, trap_history, seconds_trap, trap_check, decoys, held_check = sd.vae, [], 0.0, {}, [], []
     if cfg.encoder_trap.steps > 0:
-        import torch
-
         from apdm.protect_model.encoder_trap import trap_embedder, trap_encoder
 
         LOG.info("encoder trap: %d steps at lr %g: the VAE encoder learns to encode the protected photos as generic "
@@ -481,8 +481,16 @@ def run(cfg: ProtectModelRunConfig) -> dict:
                        encoder_trap_history=trap_history)
     # one folder operation: the weights and the card appear together under model/, and the log is written just
     # before; a kill before the rename leaves the previous model/ (or none) and the checkpoint, which a rerun resumes
+    keep = stored_dtype(cfg.model.path)  # the source's own dtype: an fp16 model stays fp16
+    if keep is not None and keep != protected.dtype:
+        finer = torch.finfo(keep).eps < torch.finfo(protected.dtype).eps
+        (LOG.warning if finer else LOG.info)(
+            "saving the protected model in the source's %s (computed in %s)%s", str(keep).replace("torch.", ""),
+            str(protected.dtype).replace("torch.", ""),
+            ": the untouched weights were rounded to the lower precision when loaded; model.dtype=fp32 keeps them "
+            "exact" if finer else "")
     with atomic_dir(out / "model") as tmp:
-        save_sd(protected, tmp, quiet=cfg.quiet)  # (replaces the empty tmp folder as a whole)
+        save_sd(protected, tmp, quiet=cfg.quiet, dtype=keep)  # (replaces the empty tmp folder as a whole)
         atomic_write_text(tmp / "README.md", card)
         atomic_write_json(out / "protect_log.json", summary)
     import shutil
