@@ -1251,3 +1251,25 @@ def test_cli_protect_model_saves_in_the_source_dtype(tmp_path):
     unet_got, unet_was = load_file(out / "unet" / "diffusion_pytorch_model.safetensors"), load_file(
         src / "unet" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(unet_got[k], unet_was[k]) for k in unet_was)  # the protection did change the UNet
+
+
+def test_cli_protect_model_rerun_of_a_finished_run_does_nothing(tmp_path):
+    """The same command again (hours on SD) found the finished model and protected it all over again; now it
+    leaves it as is, while another photo, another setting or protect.resume=false protect again."""
+    from helpers import tiny_protect_model_args
+    from PIL import Image
+
+    from apdm.cli import main
+
+    args = ["protect-model", *tiny_protect_model_args(tmp_path)]
+    weights = tmp_path / "out" / "model" / "unet" / "diffusion_pytorch_model.safetensors"
+    assert main(args) == 0
+    stamp = weights.stat().st_mtime_ns
+    assert main(args + ["quiet=false"]) == 0 and weights.stat().st_mtime_ns == stamp  # nothing to do
+    for again in (["protect.resume=false"], ["protect.learning_rate=2e-3"]):
+        assert main(args + again) == 0 and weights.stat().st_mtime_ns != stamp, again
+        stamp = weights.stat().st_mtime_ns
+    assert main(args) == 0 and weights.stat().st_mtime_ns != stamp  # back to the first settings: a new model
+    stamp = weights.stat().st_mtime_ns
+    Image.new("RGB", (70, 60), (200, 10, 10)).save(tmp_path / "subject" / "0.png")  # a changed photo
+    assert main(args) == 0 and weights.stat().st_mtime_ns != stamp

@@ -238,6 +238,19 @@ def _weight_files(component: Path) -> tuple[bool, set[str], list[str]]:
     return plain, variants, pickles
 
 
+def model_fingerprint(model) -> dict:
+    """What identifies a model (a ``ModelConfig``) for a cache of results computed on it: its path, revision and
+    dtype, and for a local folder each file's relative path, size and modification time (cheap for a 4 GB
+    checkpoint; a model saved again into the same folder gets a new fingerprint, so no result computed on the old
+    one is reused). Used by evaluate's cells and protect-model's "already done"."""
+    fp: dict = {"path": model.path, "revision": model.revision, "dtype": model.dtype}
+    root = Path(model.path)
+    if root.is_dir():
+        fp["files"] = sorted([f.relative_to(root).as_posix(), f.stat().st_size, f.stat().st_mtime_ns]
+                             for f in root.rglob("*") if f.is_file())
+    return fp
+
+
 def stored_dtype(path: str) -> torch.dtype | None:
     """The dtype a local diffusers folder stores its UNet weights in (read from the safetensors header, no tensor
     loaded; the plain files, else the ``fp16`` variant), or None for ``tiny``/``random:``/hub ids or when unreadable.

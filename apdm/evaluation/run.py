@@ -208,18 +208,6 @@ def _cell_key(*parts) -> str:
     return f"{slug}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
-def model_fingerprint(model) -> dict:
-    """What identifies a model's weights for the evaluation's cache: its path, revision and dtype, and for a local
-    folder each file's relative path, size and modification time (cheap for a 4 GB checkpoint; a model saved
-    again into the same folder gets a new fingerprint, so no cell computed on the old one is reused)."""
-    fp: dict = {"path": model.path, "revision": model.revision, "dtype": model.dtype}
-    root = Path(model.path)
-    if root.is_dir():
-        fp["files"] = sorted([f.relative_to(root).as_posix(), f.stat().st_size, f.stat().st_mtime_ns]
-                             for f in root.rglob("*") if f.is_file())
-    return fp
-
-
 def subject_names(subjects) -> list[str]:
     """Each evaluation subject's name: its ``name``, else its clean folder's name, else ``subject<i>``.
 
@@ -345,7 +333,7 @@ def run(cfg: EvaluateRunConfig) -> dict:
     """
     from apdm.core import diffusion as D
     from apdm.core.images import list_images, load_images, load_spec, save_grid, split_spec
-    from apdm.core.models import load_sd, warn_if_untrained
+    from apdm.core.models import load_sd, model_fingerprint, warn_if_untrained
     from apdm.evaluation.protocol import personalize_and_sample, with_prompts
     from apdm.evaluation.report import write_report
 
@@ -404,7 +392,7 @@ def run(cfg: EvaluateRunConfig) -> dict:
             attacked[(scenario, attack)] = train
         return attacked[(scenario, attack)]
 
-    model_fp = model_fingerprint(cfg.model)
+    model_fp = model_fingerprint(cfg.model)  # (apdm.core.models)
     for subj, name in zip(cfg.subjects, names):
         slug = safe_name(name)
         clean_listed = list_images(split_spec(subj.clean_data))

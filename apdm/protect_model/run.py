@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -300,6 +301,47 @@ def check_output_dir(cfg: ProtectModelRunConfig) -> None:
                          "an output_dir outside the source model folder")
 
 
+def run_identity(cfg: ProtectModelRunConfig) -> dict:
+    """What decides a protect-model run's output, recorded in ``protect_log.json`` so that a rerun can tell it has
+    nothing to do: the config without what does not change the model (``quiet``, ``output_dir``,
+    ``protect.resume``, ``protect.checkpoint_every``), the source model's files (:func:`model_fingerprint`) and the
+    SHA-256 of every photo the run reads (the subjects', their held-back photos, ``encoder_trap.keep_images``)."""
+    from apdm.config import to_dict
+    from apdm.core.images import list_images, split_spec
+    from apdm.core.models import model_fingerprint
+    from apdm.utils import file_sha256
+
+    settings = to_dict(cfg)
+    for key in ("quiet", "output_dir"):
+        settings.pop(key, None)
+    for key in ("resume", "checkpoint_every"):
+        settings["protect"].pop(key, None)
+    photos = {}
+    for spec in [s.instance_data for s in cfg.subjects] + [s.check_data for s in cfg.subjects] + \
+            [cfg.encoder_trap.keep_images]:
+        if spec:
+            try:
+                photos.update({str(p): file_sha256(p) for p in list_images(split_spec(spec))})
+            except (FileNotFoundError, OSError):
+                photos[spec] = None
+    return json.loads(json.dumps({"settings": settings, "model": model_fingerprint(cfg.model), "photos": photos},
+                                 default=str))
+
+
+def finished_run(cfg: ProtectModelRunConfig) -> dict | None:
+    """The ``protect_log.json`` of a finished run in ``cfg.output_dir`` made with the same settings, model and
+    photos (:func:`run_identity`), or None: then there is work to do."""
+    out = Path(cfg.output_dir)
+    log_file = out / "protect_log.json"
+    if not (cfg.protect.resume and log_file.is_file() and (out / "model" / "README.md").is_file()):
+        return None
+    try:
+        log = json.loads(log_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return log if isinstance(log, dict) and log.get("run") == run_identity(cfg) else None
+
+
 #: what the model card shows instead of a local path (a folder name can be a person's name)
 REDACTED = "<redacted: a local path>"
 
@@ -381,6 +423,11 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     rank, world = distributed.init_from_env()  # several processes under torchrun / accelerate launch
     main = rank == 0
     out = Path(cfg.output_dir)
+    done = finished_run(cfg)
+    if done is not None:  # the same command again: hours on SD, for the same model
+        LOG.info("%s already holds this protection (same settings, model and photos): nothing to do; "
+                 "protect.resume=false protects again", out / "model")
+        return done
     if main:
         out.mkdir(parents=True, exist_ok=True)
         if not cfg.protect.resume and (out / "checkpoint").exists():  # start over: L2P, encoder trap and its views
@@ -474,7 +521,8 @@ def run(cfg: ProtectModelRunConfig) -> dict:
                "world_size": world,
                "seconds_per_outer_step": round(seconds / max(1, len(history)), 3) if history else None,
                "subject_steps": steps,
-               "skipped_inputs": skipped, "peak_rss_mb": round(peak_rss_mb(), 1), "history": history}
+               "skipped_inputs": skipped, "peak_rss_mb": round(peak_rss_mb(), 1), "history": history,
+               "run": run_identity(cfg)}
     if trap_history:
         summary.update(seconds_encoder_trap=round(seconds_trap, 2), encoder_trap_check=trap_check,
                        encoder_trap_decoys=decoys, encoder_trap_held_back=held_check,
