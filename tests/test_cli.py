@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import logging
 import shutil
 import subprocess
 import sys
@@ -27,14 +26,13 @@ def test_help_is_fast_and_lists_commands():
     assert not heavy, "apdm --help must not import torch/diffusers"
 
 
-def test_protect_images_help_lists_the_engines_methods_and_warns_about_the_test_model(tmp_path):
+def test_protect_images_help_lists_the_engines_methods_and_warns_about_the_test_model(tmp_path, apdm_log):
     """``--help`` names every method the engine has (kept without importing torch, so checked here against the
     engines' list), and protecting against the random-weight default model says in the log that it protects
     against nothing; the toy model does not."""
     from apdm.cli import PROTECT_METHODS, _parser
     from apdm.core.models import warn_if_untrained
     from apdm.protect_images.baselines import METHODS
-    from apdm.utils import LOG
 
     assert set(PROTECT_METHODS) == {"ldu", *METHODS}
     text = _parser()._subparsers._group_actions[0].choices["protect-images"].format_help()
@@ -42,16 +40,9 @@ def test_protect_images_help_lists_the_engines_methods_and_warns_about_the_test_
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.fromarray((torch.rand(16, 16, 3) * 255).byte().numpy()).save(photos / "a.png")
-    records: list = []
-    catch = logging.Handler(logging.WARNING)
-    catch.emit = records.append  # main() sets the apdm logger not to propagate, so caplog would not see it
-    LOG.addHandler(catch)
-    try:
-        assert main(["protect-images", "--method", "advdm", "--input", str(photos), "--output", str(tmp_path / "o"),
-                     "model.path=tiny", "model.device=cpu", "steps=1", "quiet=true"]) == 0
-    finally:
-        LOG.removeHandler(catch)
-    text = " ".join(r.getMessage() for r in records)
+    assert main(["protect-images", "--method", "advdm", "--input", str(photos), "--output", str(tmp_path / "o"),
+                 "model.path=tiny", "model.device=cpu", "steps=1", "quiet=true"]) == 0
+    text = apdm_log()
     assert "model.path=tiny is a random-weight pipeline" in text and "protect against no real model" in text
     assert warn_if_untrained("random:sd15", "x") and not warn_if_untrained("toy", "x")
 
@@ -107,20 +98,10 @@ def test_personalize_dreambooth_recipe_end_to_end(tmp_path):
     assert sorted(q.name for q in (out / "samples").glob("*.png")) == ["00_000.png", "01_000.png", "grid.png"]
 
 
-def _logged(level: int = logging.ERROR) -> tuple[list, logging.Handler]:
-    """A handler to add to the apdm logger (main() stops it propagating to caplog) and the records it gathers."""
-    records: list = []
-    catch = logging.Handler(level)
-    catch.emit = records.append
-    return records, catch
-
-
-def test_bad_settings_are_refused_before_any_work(tmp_path):
+def test_bad_settings_are_refused_before_any_work(tmp_path, apdm_log):
     """A setting a run could only fail on late (after the training: a sampler typo, zero images per prompt; or a
     method typo after the class images) is refused before the model loads, naming the key: the model path here
     does not exist, so reaching the model would say so instead. An output_dir that is a file is one line too."""
-    from apdm.utils import LOG
-
     photos = ROOT / "assets/examples/subject"
     nowhere = [f"model.path={tmp_path / 'no-model'}", "quiet=true", f"output_dir={tmp_path / 'o'}"]
     cases = [(["personalize", f"instance_data={photos}", "sample.sampler=bogus"], "sample.sampler='bogus' is unknown"),
@@ -146,13 +127,8 @@ def test_bad_settings_are_refused_before_any_work(tmp_path):
               (["evaluate", f"subjects=[{{clean_data: {photos}}}]", "model.path=tiny",
                 f"output_dir={tmp_path / 'afile'}"], "afile")]
     for args, said in cases:
-        records, catch = _logged()
-        LOG.addHandler(catch)
-        try:
-            assert main(args[:1] + nowhere + args[1:]) == 1, args
-        finally:
-            LOG.removeHandler(catch)
-        text = " ".join(r.getMessage() for r in records)
+        assert main(args[:1] + nowhere + args[1:]) == 1, args
+        text = apdm_log()
         assert said in text and "no-model" not in text, (args, text)
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.safetensors"))
 

@@ -16,29 +16,6 @@ from apdm.protect_model import encoder_trap as T
 from apdm.protect_model import l2p
 
 
-@pytest.fixture
-def apdm_log():
-    """``apdm_log()``: the apdm logger's warnings and errors so far, as one string (and forgets them). main() stops
-    that logger propagating, so caplog would not see them; a stream handler made in an earlier test may hold a closed
-    capture stream, so capfd does not either."""
-    import logging
-
-    from apdm.utils import LOG
-
-    records: list = []
-    catch = logging.Handler(logging.WARNING)
-    catch.emit = records.append
-    LOG.addHandler(catch)
-
-    def text() -> str:
-        out = " | ".join(r.getMessage() for r in records)
-        records.clear()
-        return out
-
-    yield text
-    LOG.removeHandler(catch)
-
-
 def _subject():
     g = torch.Generator().manual_seed(0)
     return l2p.Subject(name="s", images=torch.rand(2, 3, 64, 64, generator=g),

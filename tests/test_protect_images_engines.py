@@ -3,7 +3,6 @@ attack moving its own objective the intended way, and LDU's ρ (size, gradient p
 
 import dataclasses
 import json
-import os
 
 import pytest
 import torch
@@ -18,17 +17,6 @@ from apdm.protect_images.pgd import EOT_TRANSFORMS, eot_jpeg, gaussian_blur, lin
 
 BUDGET = 8 / 255
 TOL = 1e-6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _honour_omp_num_threads():
-    """Use OMP_NUM_THREADS torch threads when set (two threads on a busy 2-core machine run ~20x slower)."""
-    old = torch.get_num_threads()
-    n = os.environ.get("OMP_NUM_THREADS", "")
-    if n.isdigit() and int(n) > 0:
-        torch.set_num_threads(int(n))
-    yield
-    torch.set_num_threads(old)
 
 
 def _db_cfg(**kw):
@@ -219,7 +207,6 @@ def test_photoguard_pulls_latent_to_target(tiny_sd, rand_images):
     with torch.no_grad():
         after = B.encoder_distance(tiny_sd, out, z_target)
     assert bool((after < before).all()), (before, after)
-
 
 
 @pytest.mark.parametrize("direction", ["-", "+"])
@@ -504,29 +491,6 @@ def test_ldu_training_resumes_exactly_after_a_kill(tiny_sd, tmp_path, monkeypatc
         assert torch.equal(p, q), name
     with pytest.raises(ValueError, match="a checkpoint of another ρ training"):
         ldu.train_perturber(tiny_sd, ids, checkpoint_dir=ckpt, **{**kw, "seed": 6})
-
-
-@pytest.fixture
-def apdm_log():
-    """``apdm_log()``: the apdm logger's warnings and errors so far, as one string (and forgets them). main() stops
-    that logger propagating, so caplog would not see them; a stream handler made in an earlier test may hold a closed
-    capture stream, so capfd does not either."""
-    import logging
-
-    from apdm.utils import LOG
-
-    records: list = []
-    catch = logging.Handler(logging.WARNING)
-    catch.emit = records.append
-    LOG.addHandler(catch)
-
-    def text() -> str:
-        out = " | ".join(r.getMessage() for r in records)
-        records.clear()
-        return out
-
-    yield text
-    LOG.removeHandler(catch)
 
 
 def _identity_folders(root, names, n=2):

@@ -6,53 +6,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from apdm.config import ModelConfig, PersonalizationConfig, ProtectImagesRunConfig
 from apdm.protect_images import run as runner
 
 BUDGET_LEVELS = 8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _honour_omp_num_threads():
-    """Use OMP_NUM_THREADS torch threads when set (two threads on a busy 2-core machine run ~20x slower)."""
-    old = torch.get_num_threads()
-    n = os.environ.get("OMP_NUM_THREADS", "")
-    if n.isdigit() and int(n) > 0:
-        torch.set_num_threads(int(n))
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture
-def apdm_log():
-    """``apdm_log()``: the apdm logger's messages (info and above) so far, as one string (and forgets them); a
-    handler on the logger itself, since main() stops it propagating."""
-    from apdm.utils import LOG
-
-    records: list = []
-    catch = logging.Handler(logging.INFO)
-    catch.emit = records.append
-    old = LOG.level
-    LOG.addHandler(catch)
-    LOG.setLevel(logging.INFO)
-
-    def text() -> str:
-        out = " | ".join(r.getMessage() for r in records)
-        records.clear()
-        return out
-
-    yield text
-    LOG.removeHandler(catch)
-    LOG.setLevel(old)
 
 
 def _cfg(src, out, **kw) -> ProtectImagesRunConfig:
@@ -115,7 +78,7 @@ def test_16bit_photos_keep_the_budget_against_their_own_values(tmp_path):
     assert m["summary"]["all_within_budget"]
 
 
-def test_too_small_photos_are_reported_unchanged(tmp_path, apdm_log):
+def test_too_small_photos_are_reported_unchanged(tmp_path, apdm_info_log):
     """A 1x1 or 2x3 photo receives the perturbation averaged down to one or six pixels, which rounds to nothing:
     the manifest and the log say so (before: saved unchanged without a word)."""
     src = tmp_path / "small"
@@ -128,7 +91,7 @@ def test_too_small_photos_are_reported_unchanged(tmp_path, apdm_log):
     assert "too small a photo to carry one" in by_name["one.png"]["unchanged"]
     assert "photo's 2x3 px" in by_name["two.png"]["unchanged"]
     assert "unchanged" not in by_name["wide.png"] and m["summary"]["num_unchanged"] == 2
-    log = apdm_log()
+    log = apdm_info_log()
     assert "one.png: saved unchanged" in log and "two.png: saved unchanged" in log
     assert "2 of them saved unchanged (see their 'unchanged' note)" in log
 
@@ -167,14 +130,14 @@ def test_options_are_refused_before_the_model_loads(tmp_path, override, message)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("**/escaped*"))
 
 
-def test_options_a_method_ignores_are_named(tmp_path, apdm_log):
+def test_options_a_method_ignores_are_named(tmp_path, apdm_info_log):
     """AdvDM trains no surrogate: a personalization setting is said to be ignored (and, below, not recorded)."""
     src = tmp_path / "photos"
     src.mkdir()
     _noise(src / "a.png")
     personalization = dataclasses.replace(ProtectImagesRunConfig().personalization, steps=5)
     runner.run(_cfg(src, tmp_path / "out", personalization=personalization, pid_loss="mean"))
-    log = apdm_log()
+    log = apdm_info_log()
     assert ("method advdm does not use pid_loss=mean, personalization.steps=5: ignored, and left out of the "
             "settings a resumed run must match") in log
 

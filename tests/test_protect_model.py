@@ -58,29 +58,6 @@ def _subject(tiny_sd):
 PER = PersonalizationConfig(method="dreambooth", learning_rate=1e-3, batch_size=1)
 
 
-@pytest.fixture
-def apdm_log():
-    """``apdm_log()``: the apdm logger's warnings and errors so far, as one string (and forgets them). main() stops
-    that logger propagating, so caplog would not see them; a stream handler made in an earlier test may hold a closed
-    capture stream, so capfd does not either."""
-    import logging
-
-    from apdm.utils import LOG
-
-    records: list = []
-    catch = logging.Handler(logging.WARNING)
-    catch.emit = records.append
-    LOG.addHandler(catch)
-
-    def text() -> str:
-        out = " | ".join(r.getMessage() for r in records)
-        records.clear()
-        return out
-
-    yield text
-    LOG.removeHandler(catch)
-
-
 def test_one_outer_step_changes_theta_not_phi(tiny_sd):
     phi_before = {n: p.clone() for n, p in tiny_sd.unet.named_parameters()}
     pcfg = ProtectConfig(outer_steps=1, inner_steps=2, learning_rate=1e-3, checkpoint_every=0)
@@ -1027,7 +1004,6 @@ def test_protected_text_encoder_resumes_exactly_and_ti_is_refused(tiny_sd, tmp_p
     assert [g["lr"] for g in groups] == [5e-4, 3e-3] and groups[1]["apdm_text_encoder"]
     with pytest.raises(ValueError, match="Textual Inversion"):
         l2p.check_protect_config(dataclasses.replace(PER, method="ti"), pcfg)
-
 
 
 def test_text_encoder_lr_without_protected_text_encoder_is_ignored_with_a_warning(caplog):
