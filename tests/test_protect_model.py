@@ -1249,3 +1249,32 @@ def test_cli_protect_model_rerun_of_a_finished_run_does_nothing(tmp_path):
     stamp = weights.stat().st_mtime_ns
     Image.new("RGB", (70, 60), (200, 10, 10)).save(tmp_path / "subject" / "0.png")  # a changed photo
     assert main(args) == 0 and weights.stat().st_mtime_ns != stamp
+
+
+def test_cli_protect_model_in_bf16_keeps_the_fp32_sources_precision(tmp_path):
+    """An fp32 source protected in bf16 was saved as the bf16 rounding of every weight (7 bits of mantissa), the
+    untouched VAE and text encoder included; now each weight is the source's plus the protection's change, so what
+    the protection did not change is the source's to the bit, and what it changed moved by the same amount."""
+    from helpers import tiny_protect_model_args
+    from safetensors.torch import load_file
+
+    from apdm.cli import main
+    from apdm.core.models import save_sd, tiny_sd
+
+    src = tmp_path / "src"
+    save_sd(tiny_sd(seed=0), src, quiet=True)
+    args = ["protect-model", *tiny_protect_model_args(tmp_path), f"model.path={src}", "protect.trainable=up_blocks"]
+    assert main(args + ["model.dtype=bf16"]) == 0
+    out = tmp_path / "out" / "model"
+    for part, name in (("vae", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors"),
+                       ("unet", "diffusion_pytorch_model.safetensors")):
+        got, was = load_file(out / part / name), load_file(src / part / name)
+        assert all(t.dtype == torch.float32 for t in got.values()), part
+        frozen = [k for k in was if part != "unet" or not k.startswith("up_blocks")]
+        assert frozen and all(torch.equal(got[k], was[k]) for k in frozen), part
+        assert any(not torch.equal(was[k], was[k].bfloat16().float()) for k in frozen), part  # rounding would show
+    got = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+    trained = [k for k in was if k.startswith("up_blocks")]
+    # the protected weights differ from the source by the protection's change, not by the rounding of the source
+    change = max((got[k] - was[k]).abs().max().item() for k in trained)
+    assert change > 0

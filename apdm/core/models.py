@@ -272,6 +272,43 @@ def stored_dtype(path: str) -> torch.dtype | None:
     return None
 
 
+def restore_source_precision(module: torch.nn.Module, component: Path, computed: torch.dtype) -> int:
+    """Put back the precision a run lost by computing in a coarser dtype than its source stores.
+
+    ``module`` (already cast to the source's dtype, e.g. fp32) holds weights that were loaded from ``component``
+    (the source's sub-folder, e.g. ``sd15/unet``) at ``computed`` precision (bf16/fp16) and then changed by the run.
+    Each tensor becomes ``source + (module − round(source))``, with ``round`` the cast to ``computed``: the run's
+    change added to the source's own weights, so whatever the run did not change (a frozen block, the VAE, an
+    element no update reached) is the source's to the bit instead of its rounding. Reads the source's non-variant
+    safetensors files (sharded too); tensors the files lack or hold in another shape are left as they are.
+
+    Returns:
+        How many of the module's tensors were restored (0 when ``component`` holds no plain safetensors file).
+    """
+    from safetensors import safe_open
+
+    if not component.is_dir():
+        return 0
+    files = [f for f in sorted(component.glob("*.safetensors"))
+             if len(re.sub(r"-\d+-of-\d+", "", f.name[: -len(".safetensors")]).split(".")) == 1]
+    state = module.state_dict()
+    done = 0
+    with torch.no_grad():
+        for f in files:
+            with safe_open(str(f), framework="pt") as h:
+                for key in h.keys():
+                    t = state.get(key)
+                    if t is None or not t.is_floating_point():
+                        continue
+                    src = h.get_tensor(key)
+                    if tuple(src.shape) != tuple(t.shape):
+                        continue
+                    src = src.to(t.dtype)
+                    t.copy_((src + (t.detach().cpu() - src.to(computed).to(t.dtype))).to(t.device))
+                    done += 1
+    return done
+
+
 def _check_folder(folder: Path, index: dict) -> str | None:
     """Check a local diffusers folder before loading it: every component ``model_index.json`` lists has its
     sub-folder (the unused optional ones aside), and every weighted component has safetensors weights.

@@ -412,7 +412,7 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     import torch
 
     from apdm.core import distributed
-    from apdm.core.models import load_sd, save_sd, stored_dtype, warn_if_untrained
+    from apdm.core.models import load_sd, restore_source_precision, save_sd, stored_dtype, warn_if_untrained
     from apdm.protect_model.encoder_trap import check_trap_config
     from apdm.protect_model.l2p import check_protect_config, protect
 
@@ -532,11 +532,15 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     keep = stored_dtype(cfg.model.path)  # the source's own dtype: an fp16 model stays fp16
     if keep is not None and keep != protected.dtype:
         finer = torch.finfo(keep).eps < torch.finfo(protected.dtype).eps
-        (LOG.warning if finer else LOG.info)(
-            "saving the protected model in the source's %s (computed in %s)%s", str(keep).replace("torch.", ""),
-            str(protected.dtype).replace("torch.", ""),
-            ": the untouched weights were rounded to the lower precision when loaded; model.dtype=fp32 keeps them "
-            "exact" if finer else "")
+        LOG.info("saving the protected model in the source's %s (computed in %s)%s", str(keep).replace("torch.", ""),
+                 str(protected.dtype).replace("torch.", ""),
+                 ": the protection's changes are added to the source's own weights, so what it did not change "
+                 "keeps the source's precision" if finer else "")
+        if finer:  # loading rounded every weight to the coarser dtype; undo that where the protection did nothing
+            for part in ("unet", "vae", "text_encoder"):
+                module = getattr(protected, part).to(keep)
+                protected = dataclasses.replace(protected, **{part: module})
+                restore_source_precision(module, Path(cfg.model.path).expanduser() / part, protected.dtype)
     with atomic_dir(out / "model") as tmp:
         save_sd(protected, tmp, quiet=cfg.quiet, dtype=keep)  # (replaces the empty tmp folder as a whole)
         atomic_write_text(tmp / "README.md", card)
