@@ -553,12 +553,12 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     return summary
 
 
-def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, results: dict | None = None,
+def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float,
                trap_history: list[dict] | None = None, trap_check: dict | None = None,
                decoys: list[dict] | None = None, held_check: list[dict] | None = None,
                subject_steps: list[int] | None = None) -> str:
     """Markdown model card: what is protected (prompts only, never images or their paths: the settings are
-    :func:`card_settings`), how, and measured results; ``seconds`` the protection's time over all its runs
+    :func:`card_settings`), how, and the encoder trap's checks; ``seconds`` the protection's time over all its runs
     (:func:`protection_seconds`); ``decoys`` as :func:`save_decoys` returns them (their cosines, never the images);
     ``held_check`` as :func:`check_held_back` returns it; ``subject_steps`` the outer steps each subject got
     (:func:`subject_steps_of`; counted from ``history`` when not given)."""
@@ -643,9 +643,6 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float, 
                       + f". On the toy world, most traps whose unseen photos moved less than {100 * HELD_BACK_WARN:.0f}"
                       " % as far as the trained ones did not hold on new photos (apdm's docs/protect_model.md, "
                       "\"Checking the trap on held-back photos\").", ""]
-    if results:
-        lines += ["## Measured results", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in results.items()]
     where = ("Settings as a dict, with the local paths, are also in `../config.yaml` (beside the model folder, "
              "not part of it).")
     lines += ["", where, ""]
