@@ -29,7 +29,7 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False) -> Path:
     from apdm.protect_images.run import run as protect_images
     from apdm.protect_model.run import run as protect_model
     from apdm.toy.world import export, model_path, rho_path
-    from apdm.utils import LOG, atomic_write_json
+    from apdm.utils import LOG, atomic_write_json, provenance
 
     out = Path(out_dir)
     LOG.info("demo 1/4: exporting a held-out toy subject to %s", out / "data")
@@ -81,8 +81,12 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False) -> Path:
         sub = Path(cfg.output_dir).relative_to(out)
         gallery += [{"subject": f"{label}", "title": g["title"], "file": str(sub / g["file"])}
                     for g in _gallery(Path(cfg.output_dir))]
-    atomic_write_json(out / "results.json", {"records": records})
-    summary_cfg = EvaluateRunConfig(model=model, label="apdm toy-world demo", sample=sample,
+    attacks = list(dict.fromkeys(r["attack"] for r in records if r.get("attack") not in (None, "-")))
+    atomic_write_json(out / "results.json", {"label": "apdm toy-world demo", "quick": quick,
+                                             "models": {label: path for label, path, _ in runs},
+                                             "provenance": provenance(), "records": records})
+    summary_cfg = EvaluateRunConfig(model=ModelConfig(path=" and ".join(dict.fromkeys(p for _, p, _ in runs))),
+                                    label="apdm toy-world demo", sample=sample, attacks=attacks,
                                     scenarios=["all_clean", "all_perturbed"], personalizations=[db.personalization])
     report = write_report(out / "report.html", summary_cfg, records, gallery)
     LOG.info("demo done: open %s", report)

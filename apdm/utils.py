@@ -292,3 +292,40 @@ def peak_rss_mb() -> float:
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def provenance() -> dict:
+    """What produced a result file, for anyone who reads it later: apdm's version and git commit (when run from a
+    checkout), the versions of torch, diffusers and transformers, Python, and the machine (platform, CPU, GPU).
+    Cheap (no model loaded); the git commit is None outside a checkout or without git."""
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    import torch
+
+    import apdm
+
+    def version(package: str) -> str | None:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    commit = None
+    try:
+        here = Path(apdm.__file__).resolve().parent.parent
+        if (here / ".git").exists():
+            out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
+                                 timeout=10)
+            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10, check=False)
+            if out.returncode == 0:
+                commit = out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"apdm": apdm.__version__, "git_commit": commit, "torch": torch.__version__,
+            "diffusers": version("diffusers"), "transformers": version("transformers"),
+            "python": platform.python_version(), "platform": platform.platform(),
+            "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

@@ -576,9 +576,14 @@ def test_evaluate_end_to_end_and_resume(tmp_path):
 
     # resume: a second run recomputes nothing (cell files untouched)
     stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    assert res["seed"] == 0 and res["config"]["label"] == "test"  # what produced the numbers, in the file itself
+    assert res["provenance"]["apdm"] and res["provenance"]["torch"] == torch.__version__
     assert main(args) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")} == stamps
-    assert json.loads((out / "results.json").read_text())["records"] == recs
+    again = json.loads((out / "results.json").read_text())["records"]
+    assert [{k: v for k, v in r.items() if k != "cached"} for r in again] == recs
+    assert {r.get("cached", False) for r in again if r["scenario"] != "-"} == {True}  # answered from the cache
+    assert not any(r.get("cached") for r in recs)
     # ... but a setting that changes the numbers is never answered from the cache: another LoRA rank recomputes the
     # four personalization cells, another sampler setting also the class-prompt cell, a changed photo all five
     lora8 = [a.replace("with_prior_preservation: false", "with_prior_preservation: false, lora_rank: 8") for a in args]

@@ -503,3 +503,47 @@ def test_kid_matches_direct_mmd_and_adapts_subset_size():
     assert m1 == D.kid(real, torch.cat([fake, fake + 0.1]), subsets=5, seed=3)  # seeded subsets, reproducible
     with pytest.raises(MetricUnavailable, match="at least 2"):
         D.kid(real[:1], fake)
+
+
+def test_psnr_record_leaves_identical_pairs_out_of_its_mean(photos):
+    """One unchanged photo made the subject's PSNR infinite (hiding the others') and wrote a bare ``Infinity`` into
+    results.json, which strict JSON parsers reject; now the mean is over the pairs that differ, n_identical beside."""
+    import json
+
+    changed = (photos + 16 / 255 * torch.sign(photos - 0.5)).clamp(0, 1)
+    mixed = torch.stack([changed[0], photos[1]])
+    rec = {r["name"]: r for r in FI.fidelity_records(photos, mixed, with_lpips=False)}["psnr"]
+    assert rec["value"] == pytest.approx(float(FI.psnr(photos[:1], changed[:1])[0]), rel=1e-6)
+    assert rec["n_identical"] == 1 and rec["n"] == 1
+    same = {r["name"]: r for r in FI.fidelity_records(photos, photos, with_lpips=False)}["psnr"]
+    assert same["value"] is None and same["identical"] is True and same["n_identical"] == 2
+    json.dumps([rec, same], allow_nan=False)  # strict JSON
+
+
+def test_report_states_what_protection_wants_and_the_records_qualifiers(tmp_path):
+    """The report said "lower means better protected" for identity metrics, which read FDFR backwards and said
+    nothing of FID/KID/BRISQUE; it showed L∞'s mean (8) where one photo was 16/255 over an 8/255 budget, and an
+    unreliable FID as a plain number. Now a row says what protection wants of each metric, L∞ shows its max, an
+    unreliable value carries a '*' and its note, an all-identical PSNR reads 'identical'."""
+    import html
+    import re
+
+    from apdm.config import EvaluateRunConfig
+    from apdm.evaluation.metrics import metric_record
+    from apdm.evaluation.report import write_report
+
+    cell = {"label": "L", "subject": "s", "scenario": "all_clean", "attack": "none", "personalization": "db",
+            "prompt": "p"}
+    recs = [{**cell, **metric_record("ism", "toy-id", 0.5, True, 8, n_no_face=3)},
+            {**cell, **metric_record("fdfr", "toy-det", 0.25, False, 8)},
+            {**cell, **metric_record("fid", "toy-features", 28.2, False, 8, reliable=False, note="fewer than 50")},
+            {**cell, "scenario": "-", **metric_record("linf_255", "apdm", 8.0, False, 2, max=16.0)},
+            {**cell, "scenario": "-", **metric_record("psnr", "torchmetrics", None, True, 2, identical=True)}]
+    page = write_report(tmp_path / "r.html", EvaluateRunConfig(label="L"), recs, []).read_text()
+    heads = [html.unescape(re.sub("<[^>]+>", "", c)) for c in re.findall(r"<th>(.*?)</th>", page)]
+    wants = dict(zip(heads[6:11], heads[11:16]))  # after label, subject, scenario, attack, personalization, prompt
+    assert wants == {"ism@toy-id ↑": "low", "fdfr@toy-det ↓": "high", "fid@toy-features ↓": "high",
+                     "linf_255@apdm ↓": "≤ budget", "psnr@torchmetrics ↑": "high"}
+    assert "8/255 (max 16/255)" in page and ">28.2*<" in page and "fewer than 50" in page
+    assert ">identical<" in page and "n_no_face=3" in page
+    assert "lower</em> means better protected" not in page

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from apdm.evaluation.metrics import MetricUnavailable, check_pair, measure, unavailable
+from apdm.evaluation.metrics import MetricUnavailable, check_pair, measure, metric_record, summarize, unavailable
 from apdm.utils import optional_import
 
 #: MS-SSIM scale weights (Wang et al. 2003), as in torchmetrics / the original paper.
@@ -174,6 +174,20 @@ def lpips(clean: torch.Tensor, protected: torch.Tensor, net: str = "alex") -> to
     return out.flatten().float()
 
 
+def psnr_record(clean: torch.Tensor, protected: torch.Tensor) -> dict:
+    """The ``psnr@torchmetrics`` record: the mean over the pairs that differ, and ``n_identical``, the pairs that
+    do not (their PSNR is infinite). One unchanged photo (a method that skipped it) made the mean infinite, hiding
+    every other photo's PSNR, and wrote a bare ``Infinity`` that strict JSON parsers reject. Every pair identical:
+    ``value`` None, ``identical`` True."""
+    values = psnr(clean, protected)
+    finite = values[torch.isfinite(values)]
+    n_identical = int(values.numel() - finite.numel())
+    if finite.numel() == 0:
+        return metric_record("psnr", "torchmetrics", None, True, int(values.numel()), std=None,
+                             n_identical=n_identical, identical=True)
+    return summarize("psnr", "torchmetrics", finite, True, n_identical=n_identical)
+
+
 def fidelity_records(clean: torch.Tensor, protected: torch.Tensor, with_lpips: bool = True) -> list[dict]:
     """All imperceptibility records for one clean/protected pair of batches.
 
@@ -184,8 +198,7 @@ def fidelity_records(clean: torch.Tensor, protected: torch.Tensor, with_lpips: b
     """
     check_pair(clean, protected)
     h, w = clean.shape[-2:]
-    recs = [measure("psnr", "torchmetrics", True, psnr, clean, protected),
-            measure("ssim", "apdm", True, ssim, clean, protected)]
+    recs = [psnr_record(clean, protected), measure("ssim", "apdm", True, ssim, clean, protected)]
     s = ms_ssim_scales(h, w)
     tag = "torchmetrics" if s == 5 else f"torchmetrics-s{s}"
     recs.append(measure("ms_ssim", tag, True, ms_ssim, clean, protected, extra={"scales": s}))

@@ -28,6 +28,14 @@ from typing import Any, Callable
 
 from apdm.utils import LOG, MissingDependency
 
+#: What protection wants of each metric (docs/metrics.md, last column), by metric name: ``"high"``, ``"low"``,
+#: ``"≤ budget"`` (L∞), or absent (utility metrics such as CLIP-T). A metric's own ``higher_is_better`` is its
+#: direction of quality or similarity; for identity metrics protection wants the opposite, for FDFR, FID, KID and
+#: BRISQUE it wants the metric's "worse" direction too (the personalized model fails to produce the subject).
+PROTECTION_WANTS = {"psnr": "high", "ssim": "high", "ms_ssim": "high", "linf_255": "≤ budget", "lpips": "low",
+                    "ism": "low", "fdfr": "high", "sds": "low", "dino": "low", "clip_i": "low", "brisque": "high",
+                    "clip_iqa": "low", "liqe": "low", "fid": "high", "kid": "high"}
+
 
 class MetricUnavailable(RuntimeError):
     """A metric cannot be computed here (weights missing, input unsuitable, ...); the message says why."""
@@ -44,7 +52,8 @@ def metric_record(name: str, impl: str, value: float | None, higher_is_better: b
     Args:
         name: metric name, e.g. ``"psnr"``, ``"ism"``, ``"fid"``.
         impl: implementation tag, e.g. ``"torchmetrics"``, ``"dlib-resnet"``, ``"toy-features"``.
-        value: the (mean) value; ``float('inf')`` is kept (identical images have infinite PSNR), NaN -> ``None``.
+        value: the (mean) value; NaN -> ``None`` (PSNR leaves identical pairs out of its mean:
+            :func:`apdm.evaluation.fidelity.psnr_record`).
         higher_is_better: direction of *quality/similarity* for this metric (protection wants the opposite for
             identity metrics; the record states the metric's own direction).
         n: number of items the value is computed over (images, or generated images for set metrics).

@@ -14,6 +14,7 @@ import urllib.parse
 from collections import defaultdict
 from pathlib import Path
 
+from apdm.evaluation.metrics import PROTECTION_WANTS
 from apdm.utils import atomic_write_text
 
 _CSS = """
@@ -31,6 +32,22 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def _cell(r: dict) -> tuple[str, str]:
+    """(text, tooltip) of one record in the summary table: the value, the budget check's max for L∞, ``*`` where
+    the record says it is unreliable; the tooltip holds n, std and the record's qualifiers."""
+    v = r.get("value")
+    text = "identical" if v is None and r.get("identical") else _fmt(v)
+    if r.get("name") == "linf_255" and r.get("max") is not None:
+        text = f"{_fmt(v)}/255 (max {_fmt(r['max'])}/255)"
+    if r.get("reliable") is False:
+        text += "*"
+    tip = [f"{k}={_fmt(r[k])}" for k in ("n", "std", "n_identical", "n_no_face", "value_all_images")
+           if r.get(k) is not None]
+    if r.get("note"):
+        tip.append(str(r["note"]))
+    return text, "; ".join(tip)
 
 
 def summary_table(records: list[dict]) -> tuple[list[str], list[tuple], dict]:
@@ -139,15 +156,22 @@ def write_report(path: str | Path, cfg, records: list[dict], gallery: list[dict]
          f"<p class='note'>model <code>{html.escape(cfg.model.path)}</code>; scenarios "
          f"{html.escape(', '.join(cfg.scenarios))}; attacks {html.escape(', '.join(cfg.attacks))}; personalization "
          f"{html.escape(', '.join(personalization_labels(cfg.personalizations)))}; "
-         f"{cfg.sample.num_images_per_prompt} images per prompt. Every metric is tagged <code>name@implementation</code>; "
-         "↑/↓ give the metric's own direction (for identity metrics, <em>lower</em> means better protected).</p>",
+         f"{cfg.sample.num_images_per_prompt} images per prompt. Every metric is tagged "
+         "<code>name@implementation</code>; ↑/↓ give the metric's own direction (of quality or similarity), the row below what protection wants "
+         "(docs/metrics.md). Each cell is a mean: hover for n, std and the record's notes; <code>*</code> marks a "
+         "value the metric calls unreliable (e.g. FID on fewer than 50 images); L∞ is in k/255 with its max over "
+         "the images, the budget check.</p>",
          "<h2>Metrics</h2><table><tr><th>label</th><th>subject</th><th>scenario</th><th>attack</th>"
          "<th>personalization</th><th>prompt</th>"]
+    wants = []
     for m in metrics:
-        hib = next((r.get("higher_is_better") for k in keys for t, r in rows[k].items() if t == m), None)
+        first = next((r for k in keys for t, r in rows[k].items() if t == m), {})
+        hib = first.get("higher_is_better")
         arrow = "" if hib is None else (" ↑" if hib else " ↓")
         h.append(f"<th>{html.escape(m)}{arrow}</th>")
-    h.append("</tr>")
+        wants.append(PROTECTION_WANTS.get(first.get("name") or m.split("@")[0], ""))
+    h.append("</tr><tr><th class='l' colspan='6'>protection wants</th>"
+             + "".join(f"<th>{html.escape(w)}</th>" for w in wants) + "</tr>")
     for k in keys:
         h.append("<tr>" + "".join(f"<td class='l'>{html.escape(_fmt(v))}</td>" for v in k))
         for m in metrics:
@@ -157,7 +181,8 @@ def write_report(path: str | Path, cfg, records: list[dict], gallery: list[dict]
             elif not r.get("available", True):
                 h.append(f"<td class='na' title='{html.escape(str(r.get('reason', '')))}'>n/a</td>")
             else:
-                h.append(f"<td>{_fmt(r.get('value'))}</td>")
+                text, tip = _cell(r)
+                h.append(f"<td title='{html.escape(tip)}'>{html.escape(text)}</td>")
         h.append("</tr>")
     h.append("</table>")
     unavailable = {(r["metric"], r.get("reason", "")) for r in records if not r.get("available", True)}

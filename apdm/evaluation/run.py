@@ -23,8 +23,17 @@ from typing import Callable
 
 import torch
 
-from apdm.config import EvaluateRunConfig, to_yaml
-from apdm.utils import LOG, atomic_write_json, atomic_write_text, file_sha256, peak_rss_mb, progress, seed_everything
+from apdm.config import EvaluateRunConfig, to_dict, to_yaml
+from apdm.utils import (
+    LOG,
+    atomic_write_json,
+    atomic_write_text,
+    file_sha256,
+    peak_rss_mb,
+    progress,
+    provenance,
+    seed_everything,
+)
 
 SCENARIOS = ("all_clean", "all_perturbed", "one_clean", "one_perturbed")
 
@@ -443,7 +452,7 @@ def run(cfg: EvaluateRunConfig) -> dict:
             key = _cell_key(slug, "class_prompt", subj.class_prompt, subject_fp)
             cell_file = out / "cells" / f"{key}.json"
             if cfg.resume and cell_file.is_file():
-                recs = [{**r, "label": cfg.label} for r in json.loads(cell_file.read_text())]
+                recs = [{**r, "label": cfg.label, "cached": True} for r in json.loads(cell_file.read_text())]
             else:
                 gen = D.generate(sd, [subj.class_prompt], cfg.sample.num_images_per_prompt,
                                  cfg.sample.num_inference_steps, cfg.sample.guidance_scale, cfg.sample.negative_prompt,
@@ -471,7 +480,7 @@ def run(cfg: EvaluateRunConfig) -> dict:
                 LOG.info("cell %s/%s/%s/%s already done; skipping", name, scenario, attack, method)
                 if attack != "none":
                     show_attacked(name, scenario, attack)
-                records += [{**r, "label": cfg.label, "personalization": method}  # this run's names
+                records += [{**r, "label": cfg.label, "personalization": method, "cached": True}  # this run's names
                             for r in json.loads(cell_file.read_text())]
                 gallery += [{"subject": name, "title": f"{scenario} · {attack} · {method} · '{p}'",
                              "file": f"images/{key}-{i}.png"} for i, p in enumerate(cfg.sample.prompts)]
@@ -497,8 +506,9 @@ def run(cfg: EvaluateRunConfig) -> dict:
             records += cell_recs
             del result
 
-    summary = {"label": cfg.label, "model": sd.source, "seconds_total": round(time.perf_counter() - t_start, 1),
-               "peak_rss_mb": round(peak_rss_mb(), 1), "records": records}
+    summary = {"label": cfg.label, "model": sd.source, "seed": cfg.seed,
+               "seconds_total": round(time.perf_counter() - t_start, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+               "provenance": provenance(), "config": to_dict(cfg), "records": records}
     atomic_write_json(out / "results.json", summary)
     write_report(out / "report.html", cfg, records, gallery)
     LOG.info("evaluation done: %d records; report at %s", len(records), out / "report.html")

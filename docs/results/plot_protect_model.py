@@ -26,18 +26,24 @@ ORDER = sys.argv[1:] or None
 def main() -> None:
     runs = {p.stem: json.loads(p.read_text()) for p in sorted((HERE / "protect-model-sweep").glob("*.json"))}
     runs = {k: v for k, v in runs.items() if "protection_ratio" in v}  # base = Algorithm 1 at lr 2e-5
-    names = [n for n in (ORDER or runs) if n in runs]
+    missing = [n for n in ORDER or [] if n not in runs]
+    if missing:
+        sys.exit(f"no run named {', '.join(missing)} in protect-model-sweep/ (with a protection_ratio)")
+    # without names: the runs that measured all three numbers (many early runs did not measure the other subject)
+    three = ("protection_ratio", "other_gain_kept", "kid_rise_fraction")
+    names = ORDER or [n for n, r in runs.items() if all(r.get(k) is not None for k in three)]
     keys = [("protection_ratio", "protection ratio (goal ≥ 0.85)"),
             ("other_gain_kept", "other subject's gain kept (goal ≥ 0.9)"),
             ("kid_rise_fraction", "class-prompt KID rise (goal ≤ 0.1)")]
     fig, axes = plt.subplots(1, 3, figsize=(13, 0.45 * len(names) + 1.6), sharey=True)
     for ax, (key, title) in zip(axes, keys):
-        vals = [runs[n].get(key) or 0.0 for n in names]
-        ax.barh(range(len(names)), vals, color=["#4477aa" if v >= 0 else "#cc6677" for v in vals])
+        vals = [runs[n].get(key) for n in names]  # None: not measured in that run, drawn as "n/a", not as 0
+        ax.barh(range(len(names)), [v or 0.0 for v in vals],
+                color=["#4477aa" if (v or 0.0) >= 0 else "#cc6677" for v in vals])
         ax.set_title(title, fontsize=10)
         ax.axvline(0, color="k", lw=0.6)
         for i, v in enumerate(vals):
-            ax.text(v, i, f" {v:.2f}", va="center", fontsize=8)
+            ax.text(v or 0.0, i, " n/a" if v is None else f" {v:.2f}", va="center", fontsize=8)
     axes[0].set_yticks(range(len(names)), names, fontsize=8)
     axes[0].invert_yaxis()
     fig.tight_layout()
