@@ -17,7 +17,7 @@ OVERRIDE_EXAMPLES = {
     "protect-images": "steps=100 format=png",
     "train-perturber": "steps=100 output_dir=rho/",
     "evaluate": "label=aspl personalizations.0.steps=100 \"attacks=[none, 'jpeg:quality=75']\"",
-    "personalize": "personalization.method=lora personalization.steps=100 output_dir=out/",
+    "personalize": "personalization.method=lora personalization.learning_rate=1e-4 output_dir=out/",
     "toy build": "train.unet_steps=100 output_dir=toy/",
     "toy upscaler": "steps=100 out=upscaler/",
 }

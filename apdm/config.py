@@ -48,7 +48,8 @@ class SampleConfig:
     num_inference_steps: int = 25
     guidance_scale: float = 7.5
     negative_prompt: str = ""
-    #: ``ddim`` (apdm's own, deterministic) or a diffusers scheduler: ``pndm``, ``dpmsolver``, ``euler``.
+    #: ``ddim`` (apdm's own, deterministic), ``ddpm`` (apdm's own, seeded) or a diffusers scheduler: ``pndm``,
+    #: ``dpmsolver``, ``euler``.
     sampler: str = "ddim"
     batch_size: int = 8
     seed: int = 0
@@ -58,8 +59,9 @@ class SampleConfig:
 class PersonalizationConfig:
     """The attacker's personalization (the shared simulator): DreamBooth, LoRA or Textual Inversion.
 
-    Defaults follow the field for Stable Diffusion (DreamBooth lr 5e-6, 800 steps, prior weight 1;
-    LoRA lr 1e-4; TI lr 5e-4); tiny recipes override them for CPU models.
+    Defaults are DreamBooth's for Stable Diffusion (lr 5e-6, 800 steps, prior weight 1: the attack of the APDM
+    paper). There is one ``learning_rate`` for every method: set it with the method (LoRA: 1e-4, TI: 5e-4 are the
+    field's usual rates; the sd15-lora / sd21-ti recipes do). Tiny recipes override them for CPU models.
     """
 
     #: ``dreambooth`` | ``lora`` | ``ti`` (textual inversion) | ``custom_diffusion`` (cross-attention K/V + a new
@@ -389,11 +391,14 @@ class ProtectImagesRunConfig:
     #: to 2:1, as an attacker resizes) or ``squeeze`` (the whole photo squeezed to a square). ASPL/FSMG protect a
     #: group at one size: its photos' most common one.
     resolution_policy: str = "aspect"
-    #: the surrogate personalization of ASPL/FSMG/MetaCloak/SimAC (Anti-DreamBooth uses DreamBooth with prior
-    #: preservation; its ``steps`` is MetaCloak's horizon, the training its pool spans). CAAT
-    #: keeps its own published surrogate (cross-attention K/V, lr 1e-5: ``baselines.caat_personalization``).
+    #: the surrogate personalization of ASPL/FSMG/MetaCloak/SimAC; the default is Anti-DreamBooth's published one
+    #: (``baselines.antidreambooth_personalization``: DreamBooth with prior preservation, 200 class images, text
+    #: encoder trained, lr 5e-7, batch 1; ``steps`` 1000 is FSMG's surrogate training and MetaCloak's horizon, the
+    #: training its pool spans). CAAT keeps its own published surrogate (cross-attention K/V, lr 1e-5:
+    #: ``baselines.caat_personalization``). Tiny and toy models need a larger learning rate (toy recipes set one).
     personalization: PersonalizationConfig = field(default_factory=lambda: PersonalizationConfig(
-        learning_rate=5e-6, with_prior_preservation=True, train_text_encoder=True, num_class_images=50))
+        learning_rate=5e-7, with_prior_preservation=True, train_text_encoder=True, batch_size=1, steps=1000,
+        prior_loss_weight=1.0, max_grad_norm=1.0, num_class_images=200))
     seed: int = 0
     #: skip the photos that ``output_dir/manifest.json`` lists as protected with the same settings (same input
     #: bytes, output file present), e.g. after a killed run; other settings there are refused. false = protect
@@ -488,8 +493,8 @@ class EvaluateRunConfig:
     scenarios: list[str] = field(default_factory=lambda: ["all_clean"])
     #: attacks applied to the training images before personalization: ``none``, ``jpeg:quality=75``, ``blur``,
     #: ``resize``, ``crop``, ``flip``, ``noise``, and the model purifiers ``diffpure:strength=0.2``, ``gridpure``,
-    #: ``impress:steps=3000,radius=16/255``, ``noisy_upscale:upscaler=PATH`` (docs/evaluate.md, "Robustness
-    #: attacks"). Checked before the run starts.
+    #: ``impress:steps=3000,radius=16/255``, ``noisy_upscale:upscaler=PATH`` (docs/evaluate.md, "Protocol"
+    #: and "Adaptive purification"; docs/metrics.md lists them all). Checked before the run starts.
     attacks: list[str] = field(default_factory=lambda: ["none"])
     #: personalization methods (the shared simulator); each entry a full PersonalizationConfig.
     personalizations: list[PersonalizationConfig] = field(default_factory=lambda: [PersonalizationConfig()])

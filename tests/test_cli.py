@@ -851,8 +851,12 @@ def test_toy_export_writes_the_asked_number_of_photos(tmp_path, capsys):
     ids = sorted((tmp_path / "train-identities").iterdir())
     assert len(ids) == 2 and all(sorted(q.name for q in d.iterdir()) == [f"{k:02d}.png" for k in range(4)]
                                  for d in ids)
-    for bad, said in ((["--subjects", "-1"], "subjects must be between 1 and"),
-                      (["--subjects", "100000"], "subjects must be between 1 and"),
+    # only training identities (the toy perturbation network's data, the encoder trap's keep set): no subject
+    assert main(["toy", "export", "--out", str(tmp_path / "ids"), "--subjects", "0", "--training-identities", "1"]) == 0
+    assert [q.name for q in (tmp_path / "ids").iterdir()] == ["train-identities"]
+    for bad, said in ((["--subjects", "-1"], "subjects must be between 0 and"),
+                      (["--subjects", "100000"], "subjects must be between 0 and"),
+                      (["--subjects", "0"], "nothing to export"),
                       (["--training-identities", "-2"], "training identities must be between 0 and")):
         assert main(["toy", "export", "--out", str(tmp_path / "none")] + bad) == 2
         assert said in capsys.readouterr().err

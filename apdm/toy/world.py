@@ -133,12 +133,14 @@ def export(out_dir: str | Path, subjects: int = 2, cls: str = "person", num_imag
     from apdm.core.images import save_image
 
     split = draw.split()
-    if not 1 <= subjects <= len(split["heldout"]):
-        raise ValueError(f"subjects must be between 1 and {len(split['heldout'])} (the held-out identities), "
+    if not 0 <= subjects <= len(split["heldout"]):
+        raise ValueError(f"subjects must be between 0 and {len(split['heldout'])} (the held-out identities), "
                          f"got {subjects}")
     if not 0 <= training_identities <= len(split["pretrain"]):
         raise ValueError(f"training identities must be between 0 and {len(split['pretrain'])}, got "
                          f"{training_identities}")
+    if subjects == 0 and training_identities == 0:
+        raise ValueError("nothing to export: subjects and training identities are both 0")
     if num_images < 1 or num_references < 1 or images_per_training_identity < 1:
         raise ValueError(f"photos per subject must be at least 1, got {num_images} (train), {num_references} "
                          f"(references), {images_per_training_identity} (per training identity)")
