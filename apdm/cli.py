@@ -8,6 +8,7 @@ returns instantly.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable
 
@@ -148,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     if args.command is None:
         parser.print_help()
+        return 2
+    processes = os.environ.get("WORLD_SIZE", "1")
+    if args.command != "protect-model" and processes.strip() not in ("", "0", "1"):
+        # every process would do the whole job and write the same files (and on a GPU machine all on GPU 0)
+        print(f"apdm {args.command} runs in one process (WORLD_SIZE={processes}: started by torchrun or accelerate "
+              "launch?); only protect-model runs data parallel over several processes", file=sys.stderr)
         return 2
     if args.command == "toy":
         return _toy(args)

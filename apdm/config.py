@@ -230,7 +230,8 @@ class ProtectConfig:
     #: the protected text encoder's learning rate, constant (``lr_phases`` apply to the UNet only); unset = the
     #: UNet's learning rate at each step.
     text_encoder_lr: Optional[float] = None
-    #: autocast for the frozen reference φ and the protection forward passes (CUDA only).
+    #: autocast for the frozen reference φ and the protection forward passes (CUDA only): ``no`` or ``bf16``
+    #: (``fp16`` is refused: without loss scaling its small protection gradients flush to zero).
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     #: save a resumable checkpoint every K outer steps (0 = never).

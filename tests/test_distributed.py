@@ -117,3 +117,44 @@ def test_torchrun_protect_model_cli(tmp_path):
     assert log["world_size"] == 2 and len(log["history"]) == 2
     assert (out / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert not (out / "checkpoint").exists()
+    # the same command in one process is another protection (each step averaged two processes' draws), not "done"
+    assert log["run"]["processes"] == 2
+
+
+def _disagree_worker(rank: int, world: int, port: int, folder: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from apdm.core import distributed
+
+    distributed.init_from_env()
+    distributed.agree({"photos": ["a", "b"]}, "the photos")  # the same on both: passes
+    try:
+        distributed.agree({"photos": ["a", "b"][: 2 - rank]}, "the photos")  # rank 1 could not read one photo
+        said = "no error"
+    except RuntimeError as exc:
+        said = str(exc)
+    with open(os.path.join(folder, f"said{rank}.txt"), "w") as f:
+        f.write(said)
+    distributed.finish()
+
+
+def test_processes_that_see_other_photos_are_refused(tmp_path):
+    """A process that cannot read a photo (or finds no checkpoint where the main one resumes) trained on other data,
+    its gradients averaged with the others' and no error anywhere; now every process stops, naming the ones that
+    differ."""
+    mp.spawn(_disagree_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        said = (tmp_path / f"said{rank}.txt").read_text()
+        assert "the 2 processes disagree on the photos: process(es) [1] differ from process 0" in said, said
+
+
+def test_other_commands_refuse_several_processes(monkeypatch, capsys):
+    """Under torchrun every process ran the whole protect-images / evaluate / personalize job and wrote the same
+    files (on a GPU machine all on GPU 0); only protect-model runs data parallel, the others now refuse."""
+    from apdm.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for command in (["protect-images", "--method", "advdm", "--input", "x", "--output", "y"], ["evaluate"],
+                    ["personalize"], ["train-perturber"]):
+        assert main(command) == 2
+        assert f"apdm {command[0]} runs in one process (WORLD_SIZE=2" in capsys.readouterr().err

@@ -289,7 +289,9 @@ def test_cli_protect_model_writes_loadable_model(tmp_path):
     ("protect.inner_steps=-1", "protect.inner_steps must be a whole number >= 0, got -1"),
     ("protect.batch_size=0", "protect.batch_size must be a whole number >= 1, got 0"),
     ("protect.num_class_images=0", "protect.num_class_images must be a whole number >= 1, got 0"),
-    ("protect.loss=dpoo", "protect.loss must be one of dpo, naive, got 'dpoo'")])
+    ("protect.loss=dpoo", "protect.loss must be one of dpo, naive, got 'dpoo'"),
+    # fp16 autocast without loss scaling flushed the small protection gradients to zero (no GradScaler)
+    ("protect.mixed_precision=fp16", "protect.mixed_precision=fp16 is refused: the protection loss is a mean")])
 def test_cli_protect_model_refuses_out_of_range_settings_before_any_work(tmp_path, apdm_log, override, message):
     """Before, outer_steps=0 and inner_steps=-1 released an unprotected model with exit 0, num_class_images=0 ended
     in a raw AttributeError and a bad batch_size or loss only after the model and its class images."""
@@ -301,7 +303,7 @@ def test_cli_protect_model_refuses_out_of_range_settings_before_any_work(tmp_pat
     assert message in apdm_log()
     assert not (tmp_path / "out").exists() and not (tmp_path / "cls").exists()  # no output, no class images
     key, value = override[len("protect."):].split("=")
-    pcfg = ProtectConfig(**{key: value if key == "loss" else int(value)})
+    pcfg = ProtectConfig(**{key: value if key in ("loss", "mixed_precision") else int(value)})
     with pytest.raises(ValueError, match=re.escape(message)):  # the same check, for the library's callers
         l2p.check_protect_config(PER, pcfg, encoder_trap_steps=0)
     if key == "outer_steps":  # the encoder trap alone, and a benchmark's protection job, may run no L2P step

@@ -65,9 +65,47 @@ def init_from_env() -> tuple[int, int]:
         raise RuntimeError(f"WORLD_SIZE={world} but {', '.join(missing)} not set: start several processes with "
                            "`torchrun --nproc_per_node N -m apdm.cli ...` or `accelerate launch -m apdm.cli ...`")
     cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if cuda:  # modulo: a cluster that shows each process only its own GPU (CUDA_VISIBLE_DEVICES) has one device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     # generous: the other processes wait at a barrier while the main one generates the class images (hundreds of
-    # 50-step samples on SD), longer than the default 10-minute collective timeout
-    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
+    # 50-step samples on SD), longer than the default 10-minute collective timeout. On a CUDA machine both
+    # backends: NCCL for CUDA tensors, gloo for CPU ones (model.device=cpu there, and all_gather_object)
+    dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
     return rank_world()
+
+
+def finish() -> None:
+    """Leave the process group (no-op in a single process). The processes besides the main one call it as soon as
+    the protection is done, so they never wait on the main one's solo work (encoder trap, saving) under the
+    collective timeout."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def agree(obj, what: str) -> None:
+    """Check that every process holds the same ``obj`` (JSON-able: settings, photo digests, the step a resume
+    starts from); no-op in a single process.
+
+    Raises:
+        RuntimeError: naming ``what`` and the processes that differ from the main one (e.g. one that could not
+            read a photo, or found no checkpoint where the main one resumes): their gradients would be averaged
+            over different data or different weights without any other error.
+    """
+    import hashlib
+    import json
+
+    import torch.distributed as dist
+
+    world = rank_world()[1]
+    if world <= 1:
+        return
+    digest = hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    digests: list = [None] * world
+    dist.all_gather_object(digests, digest)
+    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise RuntimeError(f"the {world} processes disagree on {what}: process(es) {differ} differ from process 0 "
+                           "(a photo one of them cannot read, a checkpoint folder that is not shared, ...); every "
+                           "process must see the same files")

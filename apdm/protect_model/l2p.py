@@ -732,6 +732,10 @@ def check_protect_ranges(pcfg: ProtectConfig, encoder_trap_steps: int | None = N
             why = (" (0 only for the encoder trap alone, with encoder_trap.steps > 0: without either the model would "
                    "be released unprotected)" if key == "outer_steps" and low == 1 else "")
             raise ValueError(f"protect.{key} must be a whole number >= {low}{why}, got {v}")
+    if pcfg.mixed_precision == "fp16":
+        raise ValueError("protect.mixed_precision=fp16 is refused: the protection loss is a mean over every latent "
+                         "element, and its gradient in fp16 without loss scaling flushes to zero where it is small; "
+                         "use bf16 (Ampere GPUs and later) or no")
     for key, choices in PROTECT_CHOICES.items():
         if getattr(pcfg, key) not in choices:
             raise ValueError(f"protect.{key} must be one of {', '.join(choices)}, got '{getattr(pcfg, key)}'")
@@ -860,6 +864,10 @@ def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcf
     resume = ckpt is not None and pcfg.resume and (ckpt / "progress.json").is_file()
     if resume:  # a checkpoint of other settings is refused before any work
         read_progress(ckpt, settings, "protection", "protect.resume=false")
+    if distributed.rank_world()[1] > 1:  # every process the same photos, settings and starting point
+        distributed.agree({"settings": settings or protection_settings(sd, subjects, per_cfg, pcfg, seed),
+                           "resume": resume, "checkpoint": None if ckpt is None else str(ckpt.resolve())},
+                          "the protection's photos, settings or checkpoint")
     theta, trainable, phi, optimizer, text_encoder = init_protection(sd, pcfg, seed)
     restart = int(pcfg.inner_restart_every)
     carry: dict | None = {} if restart > 1 and pcfg.inner_steps > 0 else None

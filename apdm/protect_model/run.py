@@ -324,8 +324,11 @@ def run_identity(cfg: ProtectModelRunConfig) -> dict:
                 photos.update({str(p): file_sha256(p) for p in list_images(split_spec(spec))})
             except (FileNotFoundError, OSError):
                 photos[spec] = None
-    return json.loads(json.dumps({"settings": settings, "model": model_fingerprint(cfg.model), "photos": photos},
-                                 default=str))
+    from apdm.core import distributed
+
+    # the number of processes changes the model (each step averages the gradients of that many draws)
+    return json.loads(json.dumps({"settings": settings, "model": model_fingerprint(cfg.model), "photos": photos,
+                                  "processes": distributed.rank_world()[1]}, default=str))
 
 
 def finished_run(cfg: ProtectModelRunConfig) -> dict | None:
@@ -481,8 +484,8 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     unet, history, text_encoder = protect(sd, subjects, cfg.personalization, p, seed=cfg.seed,
                                           checkpoint_dir=out / "checkpoint")
     seconds = protection_seconds(history, time.perf_counter() - t0)
-    if not main:  # θ is the same on every process; the main one writes it (and trains the encoder trap)
-        distributed.barrier()
+    if not main:  # θ is the same on every process; the main one writes it (and trains the encoder trap) alone
+        distributed.finish()
         return {"seconds_protect": round(seconds, 2), "rank": rank, "world_size": world}
     vae, trap_history, seconds_trap, trap_check, decoys, held_check = sd.vae, [], 0.0, {}, [], []
     if cfg.encoder_trap.steps > 0:
@@ -549,7 +552,7 @@ def run(cfg: ProtectModelRunConfig) -> dict:
 
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
     LOG.info("protected model written to %s (%.1f s)", out / "model", seconds)
-    distributed.barrier()
+    distributed.finish()
     return summary
 
 
