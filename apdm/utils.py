@@ -285,12 +285,13 @@ def dtype_name(dtype) -> str:
     return {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16"}.get(str(dtype), "fp32")
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (Linux/macOS)."""
+def peak_rss_mb(children: bool = False) -> float:
+    """Peak resident set size of this process in MiB (Linux/macOS); ``children``: of the largest of its child
+    processes that have ended (e.g. a benchmark's spawned workers)."""
     import resource
     import sys
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 

@@ -521,6 +521,26 @@ def test_bench_protect_images_summary_keeps_each_subject_and_each_run():
     assert out["ism_db_clean_se"] == standard_error(out["ism_db_clean_runs"]) > 0
     assert out["psnr_ldu"] == 44.0 and not {"psnr_ldu_subjects", "psnr_ldu_runs"} & set(out)
     assert "ism_db_clean_runs" not in summarize(acc, runs, 1)
+    # L-inf is the budget check: the largest change of any subject (the mean, 7.33, read as within 8/255)
+    assert summarize({"linf255_ldu": [8.0, 6.0, 8.0], "linf255_aspl": [9.0, 6.0, 7.0]}, {}, 1)["linf255_aspl"] == 9.0
+
+
+def test_bench_refuses_what_it_could_not_finish_before_any_work(tmp_path, capsys):
+    """A bad --out was found only when the result was written, after the whole benchmark (a folder: a traceback);
+    held-out subjects past the toy world's 410 were measured as fewer than the JSON said; an unknown toy-world
+    method failed with a KeyError after the first attacks."""
+    from apdm.bench import check_subjects
+    from apdm.bench.toy_world import bench_toy_world
+
+    for out, said in ((tmp_path, "is a folder"), (tmp_path / "afile" / "r.json", "could not be written there")):
+        (tmp_path / "afile").write_text("x")
+        assert main(["bench", "personalize-steps", "--out", str(out), "steps=1"]) == 2
+        assert said in capsys.readouterr().err
+    with pytest.raises(ValueError, match="the toy world holds 410 held-out subjects"):
+        check_subjects(411)
+    check_subjects(410)
+    with pytest.raises(ValueError, match="methods: unknown foo; choose from dreambooth"):
+        bench_toy_world(True, ["methods=dreambooth,foo", "workers=1"])
 
 
 def report_images(report: str) -> list[str]:

@@ -296,3 +296,27 @@ def test_lora_init_depends_on_the_seed_only(tiny_sd):
     assert torch.equal(torch.random.get_rng_state(), before)
     assert torch.equal(a, b)
     assert not torch.equal(a, adapters(PersonalizationConfig(method="lora", with_prior_preservation=False, seed=1)))
+
+
+def test_class_images_of_a_model_changed_only_in_its_cross_attention_are_its_own(tmp_path):
+    """The class-image cache was keyed on a sample of the UNet's weights: a protected model whose protection changed
+    only the cross-attention (protect.trainable=attn2) or the text encoder reused the unprotected model's cached
+    class images, and the benchmark's attack on it trained with the wrong prior."""
+    from apdm.config import PersonalizationConfig
+    from apdm.core.models import tiny_sd
+    from apdm.personalization.simulator import class_images_for
+
+    cfg = PersonalizationConfig(num_class_images=1, class_sample_steps=1, class_data_dir=str(tmp_path))
+    base, cross, text = tiny_sd(seed=0), tiny_sd(seed=0), tiny_sd(seed=0)
+    with torch.no_grad():
+        for n, p in cross.unet.named_parameters():
+            if "attn2" in n:
+                p.add_(0.05)
+        for p in text.text_encoder.parameters():
+            p.add_(0.01)
+    assert cross.fingerprint() == base.fingerprint()  # the sampled weights miss attn2: the old key collided
+    for sd in (base, cross, text):
+        class_images_for(sd, cfg, quiet=True)
+    assert len(list(tmp_path.iterdir())) == 3  # one cache folder per model
+    assert class_images_for(tiny_sd(seed=0), cfg, quiet=True).shape == (1, 3, 64, 64)  # the same model: cached
+    assert len(list(tmp_path.iterdir())) == 3

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import statistics
 import time
 
@@ -93,8 +94,24 @@ def toy_setup(overrides: list[str], known: set[str]):
     opts = parse_options(overrides, known | {"model", "device", "workers"})
     seed_everything(0)
     sd = load_sd(opts.get("model", str(model_path())), device=opts.get("device", "auto"))
+    jobs.worker_count(opts, sd)  # a bad workers= is refused now, not after the first measurements
     jobs.remember_model(sd)  # jobs run in this process (workers=1) reuse the model and instruments loaded here
     return opts, sd, jobs.instruments()
+
+
+def check_subjects(n: int, offset: int = 0, key: str = "subjects") -> None:
+    """Refuse ``n`` held-out toy subjects from position ``offset`` when the toy world holds fewer (it would silently
+    measure fewer than the result says).
+
+    Raises:
+        ValueError: naming ``key`` and the number of held-out identities.
+    """
+    from apdm.toy import draw
+
+    total = len(draw.split()["heldout"])
+    if n < 1 or offset < 0 or offset + n > total:
+        raise ValueError(f"{key}: the toy world holds {total} held-out subjects (positions 0 to {total - 1}); "
+                         f"asked for {n} from position {offset}")
 
 
 # ---------------------------------------------------------------------------- the evaluation attacker's options
@@ -229,10 +246,36 @@ BENCHMARKS = {
 }
 
 
-def run_benchmark(name: str, out: str | None, quick: bool, overrides: list[str]) -> int:
-    """Run one benchmark, print its JSON and write it atomically to ``out``. ``quiet=true`` hides progress bars."""
-    from apdm.utils import atomic_write_json, peak_rss_mb, set_progress
+def check_out(out: str) -> None:
+    """Refuse an ``--out`` the result could not be written to, before hours of benchmark: a folder, or a file in a
+    folder that cannot be created or written (checked by creating and removing a temporary file there).
 
+    Raises:
+        ValueError: naming the path and the problem.
+    """
+    import tempfile
+    from pathlib import Path
+
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name such as {path / 'result.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: the result could not be written there ({exc.strerror or exc})") from exc
+
+
+def run_benchmark(name: str, out: str | None, quick: bool, overrides: list[str]) -> int:
+    """Run one benchmark, print its JSON and write it atomically to ``out`` (checked first). ``quiet=true`` hides
+    progress bars. Every result records what produced it (``provenance``: versions, git commit, machine, torch
+    threads) and the peak memory of this process and of the worker processes it started."""
+    from apdm.utils import atomic_write_json, peak_rss_mb, provenance, set_progress
+
+    if out:
+        check_out(out)
     quiet = [o for o in overrides if o.split("=", 1)[0] == "quiet"]
     if quiet:
         set_progress(not option_bool({"quiet": quiet[-1].split("=", 1)[-1]}, "quiet", False, "hide progress bars"))
@@ -241,7 +284,9 @@ def run_benchmark(name: str, out: str | None, quick: bool, overrides: list[str])
     result = BENCHMARKS[name](quick, overrides)
     result.setdefault("seconds_total", round(time.perf_counter() - t0, 2))
     result.setdefault("peak_rss_mb", round(peak_rss_mb(), 1))
-    result = {"benchmark": name, "quick": quick, **result}
+    # the largest worker process that has ended (benchmark jobs run in spawned workers when workers > 1)
+    result.setdefault("peak_rss_mb_workers", round(peak_rss_mb(children=True), 1))
+    result = {"benchmark": name, "quick": quick, **result, "provenance": provenance()}
     text = json.dumps(result, indent=2)
     print(text)
     if out:

@@ -29,7 +29,7 @@ def toy_recipe(method: str, overrides=()):
 
 
 def bench_toy_world(quick: bool, overrides: list[str]) -> dict:
-    from apdm.bench import jobs, option_int, toy_setup
+    from apdm.bench import check_subjects, jobs, option_int, toy_setup
     from apdm.core import diffusion as D
     from apdm.evaluation.identity import wilson_interval
     from apdm.evaluation.protocol import with_prompts
@@ -42,7 +42,12 @@ def bench_toy_world(quick: bool, overrides: list[str]) -> dict:
     n_subjects = option_int(opts, "subjects", 3 if quick else 8)
     n_samples = option_int(opts, "samples", 8 if quick else 16)
     methods = opts.get("methods", "dreambooth,lora,ti").split(",")
-    res: dict = {"model": sd.source, "instruments_fingerprint": inst.config.get("fingerprint"),
+    unknown = [m for m in methods if m not in METHOD_RECIPES]
+    if unknown:
+        raise ValueError(f"methods: unknown {', '.join(unknown)}; choose from {', '.join(METHOD_RECIPES)}")
+    check_subjects(n_subjects)
+    res: dict = {"model": sd.source, "model_fingerprint": sd.fingerprint(),
+                 "instruments_fingerprint": inst.config.get("fingerprint"),
                  "subjects": n_subjects, "samples_per_prompt": n_samples}
 
     # instruments' own held-out quality

@@ -114,6 +114,19 @@ class SD:
                     h.update(p.detach().float().flatten()[:64].cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
+    def weights_digest(self) -> str:
+        """A short SHA-256 of every weight of the UNet, the text encoder and the VAE (and the UNet config): the key
+        of what the model generates (class images). :meth:`fingerprint` samples a few UNet weights only, so a
+        protection that changed only the cross-attention, or only the text encoder, kept the unprotected model's
+        fingerprint and reused its cached class images. Seconds on SD (2 GB read once)."""
+        h = hashlib.sha256(self.fingerprint().encode())
+        with torch.no_grad():
+            for part in (self.unet, self.text_encoder, self.vae):
+                for name, t in part.state_dict().items():
+                    h.update(name.encode())
+                    h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
