@@ -330,7 +330,8 @@ class ProtectModelRunConfig:
     encoder_trap: EncoderTrapConfig = field(default_factory=EncoderTrapConfig)
     #: the simulated attacker of the L2P inner loop (DreamBooth by default; ``lora``/``ti`` as options).
     personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
-    #: resolution images are brought to; 0 = the model's native resolution.
+    #: resolution images are brought to: 0 or the model's native resolution (another is refused: the class images
+    #: are generated at the native one).
     resolution: int = 0
     output_dir: str = "outputs/protect-model"
     seed: int = 0

@@ -555,23 +555,6 @@ def test_cli_synthetic_photos_are_trapped_and_reported(tmp_path):
     assert not (tmp_path / "out" / "checkpoint").exists()
 
 
-def test_trap_views_are_reused_from_their_cache(tiny_sd, tmp_path):
-    """A resumed run reads the pictures it made before instead of personalizing again."""
-    from safetensors.torch import save_file
-
-    from apdm.config import ProtectModelRunConfig
-    from apdm.protect_model.run import trap_views
-
-    cfg = ProtectModelRunConfig()
-    cfg.encoder_trap.synthetic_photos = 2
-    cached = torch.rand(2, 3, 64, 64)
-    save_file({"views": cached}, str(tmp_path / "views_0.safetensors"), metadata={"request": "2x1"})
-    views = trap_views(tiny_sd, [_subject()], cfg, tmp_path)
-    torch.testing.assert_close(views[0], cached, atol=0, rtol=0)
-    cfg.encoder_trap.synthetic_photos = 0
-    assert trap_views(tiny_sd, [_subject()], cfg, tmp_path) is None
-
-
 def test_bench_protect_job_traps_synthetic_views(tiny_sd):
     from apdm.bench import jobs
     from apdm.bench.protect_model import _protect_job
@@ -824,3 +807,93 @@ def test_trap_reach_script_against_scipy(tmp_path):
     assert (at["above"], at["above_met_goal"], at["below"], at["below_met_goal"]) == (2, 2, 2, 1)
     assert mod.main(["--sweep", str(tmp_path), "--out", str(tmp_path / "r.json")]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["all"]["traps"] == 4
+
+
+def test_micro_batch_bounds_the_images_held_for_one_backward(tiny_sd, monkeypatch):
+    """micro_batch=B took the whole-step path whenever the photos and the kept images each fit in B, holding both in
+    one graph: up to 2B images (48 GB instead of 24 at 512 px with B=8). Now the whole step is taken only when
+    together they fit."""
+    g0 = torch.Generator().manual_seed(1)
+    photos, paired = torch.rand(4, 3, 64, 64, generator=g0), torch.rand(4, 3, 64, 64, generator=g0)
+    keep = torch.rand(6, 3, 64, 64, generator=g0)
+    whole_steps = []
+    real = T.trap_loss
+    monkeypatch.setattr(T, "trap_loss", lambda *a, **k: whole_steps.append(1) or real(*a, **k))
+    for b, whole in ((4, False), (8, True), (0, True)):
+        cfg = EncoderTrapConfig(preserve_batch=4, micro_batch=b)
+        trapped, _, _ = T.trainable_copy(tiny_sd.vae, cfg)
+        whole_steps.clear()
+        T.trap_step(trapped, tiny_sd.vae, photos, paired, keep, cfg, torch.Generator().manual_seed(4))
+        assert bool(whole_steps) == whole, b
+
+
+def test_a_trap_that_did_not_take_reports_no_reach_and_warns(tiny_sd, apdm_log):
+    """reach = held-back / trained latent change: a trap that moved nothing read 100 % (0.00 / 0.00) and passed the
+    check; now the reach is None with a warning that the trap did not take, and so is a trap whose kept images
+    moved with the photos (not specific to the subject)."""
+    import copy
+
+    from apdm.protect_model.run import check_held_back, log_trap_report
+
+    subj = _subject()
+    untouched = copy.deepcopy(tiny_sd.vae)
+    (row,) = check_held_back(tiny_sd.vae, untouched, [subj], [subj.images.flip(-1)])
+    assert row["reach"] is None and row["latent_change_trained"] == 0.0
+    assert "its own trained photos moved only 0.00" in apdm_log()
+    log_trap_report(tiny_sd.vae, untouched, [subj], None)
+    assert "the protected photos moved only 0.00" in apdm_log()
+    scrambled = copy.deepcopy(tiny_sd.vae)  # every image moves about as much: not a trap of this subject
+    with torch.no_grad():
+        for p in scrambled.encoder.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    log_trap_report(tiny_sd.vae, scrambled, [subj], None)
+    assert "the class images it keeps moved" in apdm_log()
+
+
+def test_synthetic_pictures_are_made_again_for_other_photos(tiny_sd, tmp_path, monkeypatch):
+    """A resumed run reads the pictures it made before instead of personalizing again; but the cache was keyed on
+    their count only: after the photos changed (another person in the folder, subjects reordered) a resumed run
+    trapped the first person's pictures as the second's."""
+    from apdm.config import ProtectModelRunConfig
+    from apdm.protect_model.run import trap_views
+
+    made = []
+
+    def fake_views(sd, s, per, n, **kw):
+        made.append(float(s.images.mean()))
+        return s.images[:1].repeat(n, 1, 1, 1)
+
+    monkeypatch.setattr(T, "synthetic_views", fake_views)
+    cfg = ProtectModelRunConfig()
+    cfg.encoder_trap.synthetic_photos = 2
+    alice, bob = _subject(), _subject()
+    bob.images = 1 - bob.images
+    first = trap_views(tiny_sd, [alice], cfg, tmp_path)
+    assert trap_views(tiny_sd, [alice], cfg, tmp_path)[0].equal(first[0]) and len(made) == 1  # cached
+    second = trap_views(tiny_sd, [bob], cfg, tmp_path)
+    assert len(made) == 2 and second[0].equal(bob.images[:1].repeat(2, 1, 1, 1))  # bob's own, not alice's
+    cfg.encoder_trap.synthetic_photos = 0
+    assert trap_views(tiny_sd, [alice], cfg, tmp_path) is None
+
+
+def test_cli_keep_set_holding_a_subjects_photo_is_refused(tmp_path, apdm_log):
+    """encoder_trap.keep_images that contains a protected photo (here the subject's folder itself) asked the trap to
+    move and to keep the same photo, silently; now it is refused before the protection, naming the subject."""
+    import shutil
+
+    from helpers import tiny_protect_model_args
+
+    from apdm.cli import main
+
+    base = tiny_protect_model_args(tmp_path)
+    keep = tmp_path / "keep"
+    shutil.copytree(tmp_path / "subject", keep)
+    (keep / "1.png").rename(keep / "someone-else.png")  # a copy under another name counts too
+    assert main(["protect-model", *base, "protect.outer_steps=0", "encoder_trap.steps=2",
+                 f"encoder_trap.keep_images={keep}"]) == 1
+    assert "encoder_trap.keep_images holds 2 of subject 0's (subject) photos" in apdm_log()
+    assert not (tmp_path / "out" / "model").exists()
+    # not the tiny model's 64 px: refused up front, before any class image
+    assert main(["protect-model", *base, "resolution=128", f"personalization.class_data_dir={tmp_path / 'c2'}"]) == 1
+    assert "resolution=128: protect-model works at the model's own resolution (64 px" in apdm_log()
+    assert not (tmp_path / "out" / "model").exists() and not (tmp_path / "c2").exists()

@@ -402,7 +402,8 @@ def trap_step(vae, vae_ref, subject_images: torch.Tensor, paired: torch.Tensor, 
     gradient is the whole step's (to float rounding) at the memory of B images; the random draws are the same.
     Arguments as :func:`trap_loss`."""
     b = int(cfg.micro_batch)
-    if b <= 0 or max(subject_images.shape[0], cfg.preserve_batch) <= b:
+    # the whole step holds the photos and the kept images in one graph: only when together they fit in B
+    if b <= 0 or subject_images.shape[0] + cfg.preserve_batch <= b:
         loss, logs = trap_loss(vae, vae_ref, subject_images, paired, class_images, cfg, g)
         loss.backward()
         return logs

@@ -151,6 +151,36 @@ def load_held_back(cfg: ProtectModelRunConfig, size: int, quiet: bool = False):
 #: below this share of the trained photos' latent change, the trap is said not to reach the held-back photos
 #: (docs/protect_model.md, "Checking the trap on held-back photos": measured on the toy world)
 HELD_BACK_WARN = 0.75
+#: below this latent change of its own trained photos the trap did not send them to their decoys (≈ 1 when it did;
+#: 0.47-0.57 were the weakest traps of the toy world's tables that still moved photos): a reach is then meaningless
+TRAINED_FLOOR = 0.4
+#: above this share of the protected photos' latent change, the images the trap was to keep moved with them: the
+#: trap is not specific to the subjects
+KEPT_MOVED_WARN = 0.5
+
+
+def check_keep_apart(keep_images, subjects: list, held: list) -> None:
+    """Refuse a keep set (``encoder_trap.keep_images``) that holds a protected subject's photo or held-back photo
+    (compared by content, so a copy under another name counts): the trap would be asked to send the photo to its
+    decoy and to leave it alone, and a held-back photo trained on makes the held-back check meaningless.
+
+    Raises:
+        ValueError: naming how many of the keep set's photos are whose.
+    """
+    if keep_images is None:
+        return
+    from apdm.protect_model.l2p import tensor_digest
+
+    def digests(images) -> set[str]:
+        return {tensor_digest(x[None].float().cpu()) for x in images} if images is not None else set()
+
+    keep = [tensor_digest(x[None].float().cpu()) for x in keep_images]
+    for k, s in enumerate(subjects):
+        for what, own in (("photos", digests(s.images)), ("held-back photos (check_data)", digests(held[k]))):
+            n = sum(d in own for d in keep)
+            if n:
+                raise ValueError(f"encoder_trap.keep_images holds {n} of subject {k}'s ({s.name}) {what}: the trap "
+                                 "would be told to move them and to keep them; keep other people's photos only")
 
 
 def check_held_back(vae_ref, trapped, subjects: list, held: list, batch: int = 32) -> list[dict]:
@@ -170,13 +200,19 @@ def check_held_back(vae_ref, trapped, subjects: list, held: list, batch: int = 3
             continue
         seen = float(latent_change(vae_ref, trapped, s.images, batch).mean())
         unseen = float(latent_change(vae_ref, trapped, h.to(s.images.device), batch).mean())
-        reach = unseen / seen if seen > 0 else 0.0
+        # a ratio of two tiny numbers says nothing: a trap that moved nothing read 100 %
+        reach = unseen / seen if seen >= TRAINED_FLOOR else None
         rows.append({"index": k, "subject": s.name, "images": int(h.shape[0]), "latent_change": round(unseen, 4),
-                     "latent_change_trained": round(seen, 4), "reach": round(reach, 3),
+                     "latent_change_trained": round(seen, 4), "reach": None if reach is None else round(reach, 3),
                      "metric_impl": "latent_change@apdm"})
         LOG.info("encoder trap check, subject %d (%s): its %d held-back photos moved %.2f, its trained photos %.2f "
-                 "(%.0f %%)", k, s.name, h.shape[0], unseen, seen, 100 * reach)
-        if reach < HELD_BACK_WARN:
+                 "(%s)", k, s.name, h.shape[0], unseen, seen, "no reach" if reach is None else f"{100 * reach:.0f} %")
+        if reach is None:
+            LOG.warning("encoder trap: subject %d (%s): its own trained photos moved only %.2f (about 1 when they "
+                        "land on their decoys; below %.1f the trap did not take): the held-back check means nothing. "
+                        "Train the trap longer or at a higher encoder_trap.learning_rate", k, s.name, seen,
+                        TRAINED_FLOOR)
+        elif reach < HELD_BACK_WARN:
             LOG.warning("encoder trap: subject %d (%s): photos it never saw moved only %.0f %% as far as its trained "
                         "photos (below %.0f %%): other photos of this person may personalize almost as before. "
                         "Protect with more photos (16 held on the toy world) or with encoder_trap.synthetic_photos",
@@ -205,16 +241,30 @@ def trap_views(sd, subjects: list, cfg: ProtectModelRunConfig, cache_dir: Path, 
     if embed is None:
         LOG.warning("encoder trap: the synthetic pictures are not screened (no face recognizer: set "
                     "encoder_trap.identity); a personalization that misses the subject teaches the trap other people")
-    key = f"{tc.synthetic_photos}x{tc.synthetic_pool if embed is not None else 1}" + (
+    import hashlib
+
+    from apdm.protect_model.l2p import tensor_digest
+
+    count = f"{tc.synthetic_photos}x{tc.synthetic_pool if embed is not None else 1}" + (
         f"x{tc.synthetic_copies}c" if tc.synthetic_copies > 1 else "")
     views = []
     for k, s in enumerate(subjects):
         path = cache_dir / f"views_{k}.safetensors"
+        # everything the pictures depend on: a cache of another person's (changed photos, reordered subjects) or of
+        # another personalization, seed or recognizer was reused before, and the trap sent the wrong pictures
+        made_of = json.dumps({"photos": tensor_digest(s.images), "prompts": [s.instance_prompt, s.class_prompt],
+                              "personalization": dataclasses.asdict(per), "seed": cfg.seed + k,
+                              "model": sd.weights_digest(), "identity": tc.identity if embed is not None else None},
+                             sort_keys=True, default=str)
+        key = f"{count}-{hashlib.sha256(made_of.encode()).hexdigest()[:16]}"
         v = None
         if path.is_file():
             with safe_open(str(path), framework="pt") as f:
                 if (f.metadata() or {}).get("request") == key:
                     v = f.get_tensor("views")
+                else:
+                    LOG.info("encoder trap: the cached pictures %s were made for other photos or settings; making "
+                             "them again", path)
         if v is None:
             LOG.info("encoder trap: %d pictures of %s from %s of the model personalized on its %d photos (%s, "
                      "%d steps), prompt '%s'", tc.synthetic_photos, s.name,
@@ -257,6 +307,16 @@ def log_trap_report(vae_ref, trapped, subjects: list, keep_images, views: list |
                  f"{TRAP_GROUPS[k]} {v['recon_psnr_base']:.1f} → {v['recon_psnr_trapped']:.1f} dB, changed "
                  + (f"at {v['decode_change_psnr']:.1f} dB" if v["decode_change_psnr"] is not None else "not at all")
                  for k, v in report.items() if k != "protected_photos"))
+    moved = report["protected_photos"]["latent_change"]
+    if moved < TRAINED_FLOOR:
+        LOG.warning("encoder trap: the protected photos moved only %.2f (about 1 when they land on their decoys): "
+                    "the trap did not take; train it longer or at a higher encoder_trap.learning_rate", moved)
+    for k, v in report.items():
+        if k not in ("protected_photos", "synthetic_views") and v["latent_change"] > KEPT_MOVED_WARN * moved:
+            LOG.warning("encoder trap: %s moved %.2f, more than %.0f %% of the protected photos' %.2f: the trap is "
+                        "not specific to the subjects (other people's images encode differently too); lower "
+                        "encoder_trap.learning_rate or raise its keep weight", TRAP_GROUPS[k], v["latent_change"],
+                        100 * KEPT_MOVED_WARN, moved)
     return report
 
 
@@ -443,6 +503,10 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     if main:
         warn_if_untrained(cfg.model.path, "the protected checkpoint protects no real model")
     sd = load_sd(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.revision)
+    if cfg.resolution and cfg.resolution != sd.resolution:  # before the class images, generated at the model's
+        raise ValueError(f"resolution={cfg.resolution}: protect-model works at the model's own resolution "
+                         f"({sd.resolution} px for {cfg.model.path}), the size of the class images it generates; set "
+                         f"resolution=0 (or {sd.resolution})")
     held, held_skipped = [None] * len(cfg.subjects), []
     if main and any(sc.check_data for sc in cfg.subjects):  # before the class images: a bad path fails in seconds
         if cfg.encoder_trap.steps > 0:
@@ -459,6 +523,7 @@ def run(cfg: ProtectModelRunConfig) -> dict:
         keep_images, keep_skipped = load_keep_images(cfg.encoder_trap.keep_images, cfg.resolution or sd.resolution,
                                                      cfg.quiet)
         skipped += keep_skipped
+        check_keep_apart(keep_images, subjects, held)
     generated = None
     if cfg.encoder_trap.steps > 0 and cfg.encoder_trap.keep_generated > 0 and main:
         LOG.info("encoder trap: %d more generated images of each class prompt to keep (encoder_trap.keep_generated)",
@@ -642,7 +707,8 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float,
                       "photos are such photos): "
                       + "; ".join(f"subject {r['index']}: {r['images']} photos, latent change {r['latent_change']:.2f}"
                                   f" against {r['latent_change_trained']:.2f} on its trained photos "
-                                  f"({100 * r['reach']:.0f} %)" for r in held_check)
+                                  + ("(the trap did not take on its own photos)" if r["reach"] is None
+                                     else f"({100 * r['reach']:.0f} %)") for r in held_check)
                       + f". On the toy world, most traps whose unseen photos moved less than {100 * HELD_BACK_WARN:.0f}"
                       " % as far as the trained ones did not hold on new photos (apdm's docs/protect_model.md, "
                       "\"Checking the trap on held-back photos\").", ""]
