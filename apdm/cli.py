@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             return run_benchmark(args.name, args.out, args.quick, args.overrides)
-        except (ValueError, FileNotFoundError) as exc:
+        except (ValueError, OSError) as exc:
             print(f"apdm bench {args.name}: {exc}", file=sys.stderr)
             return 2
 
@@ -245,7 +245,11 @@ def _toy(args) -> int:
         from apdm.utils import set_progress
 
         set_progress(not cfg.quiet)
-        build(cfg)
+        try:
+            build(cfg)
+        except (OSError, ValueError) as exc:  # an output_dir that is a file, a missing init_from, a bad stage
+            print(f"apdm toy build: {exc}", file=sys.stderr)
+            return 2
         return 0
     if args.toy_command == "sample":
         from pathlib import Path

@@ -541,6 +541,11 @@ def test_bench_refuses_what_it_could_not_finish_before_any_work(tmp_path, capsys
     check_subjects(410)
     with pytest.raises(ValueError, match="methods: unknown foo; choose from dreambooth"):
         bench_toy_world(True, ["methods=dreambooth,foo", "workers=1"])
+    # protected=F: the naive baseline would be protected with this run's settings, not the file's
+    from apdm.bench.protect_model import bench_protect_model
+
+    with pytest.raises(ValueError, match="protected=F with no_naive=false"):
+        bench_protect_model(True, [f"protected={tmp_path / 'p.safetensors'}", "no_naive=false"])
 
 
 def report_images(report: str) -> list[str]:

@@ -89,12 +89,19 @@ def test_committed_toy_model_round_trips_and_inverts():
 def test_a_cache_without_rho_still_finds_the_shipped_one(tmp_path, monkeypatch):
     """`apdm toy build` writes a model and instruments to the cache but no ρ: the demo and the bench must then
     use the shipped ρ, not report none (as they did)."""
+    import json
+
     from apdm.toy import world
 
     monkeypatch.setenv("APDM_CACHE", str(tmp_path))
     assert world.toy_root() == world.REPO_ASSETS and world.rho_path() == world.REPO_ASSETS / "rho"
     (tmp_path / "toy" / "model").mkdir(parents=True)
     (tmp_path / "toy" / "model" / "model_index.json").write_text("{}")
+    # a finished build (every stage recorded done, instruments present): only then is the cache the toy world
+    (tmp_path / "toy" / "build_state.json").write_text(json.dumps({"settings": {"stages": [{}]}, "done": [{}]}))
+    (tmp_path / "toy" / "instruments").mkdir()
+    (tmp_path / "toy" / "instruments" / "instruments.json").write_text("{}")
+    (tmp_path / "toy" / "instruments" / "encoder.safetensors").write_bytes(b"")
     assert world.toy_root() == tmp_path / "toy"
     assert world.rho_path() == world.REPO_ASSETS / "rho"
     (tmp_path / "toy" / "rho").mkdir()
@@ -167,11 +174,11 @@ def test_toy_build_runs_its_stages_and_resumes_after_a_kill(tmp_path, monkeypatc
     real = toy_model.pretrain
 
     def fake_pretrain(kill_in_stage2):
-        def f(out_dir, mcfg, tcfg, fp16=True):
+        def f(out_dir, mcfg, tcfg, fp16=True, **kw):
             calls.append(tcfg.init_from)
             if kill_in_stage2 and tcfg.init_from:
                 raise KeyboardInterrupt
-            return real(out_dir, mcfg, tcfg, fp16)
+            return real(out_dir, mcfg, tcfg, fp16, **kw)
         return f
 
     monkeypatch.setattr(toy_model, "pretrain", fake_pretrain(kill_in_stage2=True))

@@ -100,7 +100,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     from apdm.protect_model.encoder_trap import check_trap_config, trap_embedder, trap_targets
     from apdm.protect_model.l2p import check_protect_config
     from apdm.toy import instruments as I
-    from apdm.toy.world import heldout_subjects
+    from apdm.toy.world import heldout_subjects, instruments_path
     from apdm.utils import LOG
 
     t_start = time.perf_counter()
@@ -119,7 +119,12 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     if unknown:
         raise ValueError(f"unknown attacks {sorted(unknown)} (known: lora, ti, other, targets, dog)")
     long_attack = option_bool(opts, "long_attack", not quick, "also attack with twice the DreamBooth steps")
-    naive = not option_bool(opts, "no_naive", False, "skip the naive-loss baseline")
+    # with protected=F the naive baseline would be protected with this run's recipe settings, not the file's:
+    # numbers beside settings that describe another protection; so it is off there unless asked for (and refused)
+    naive = not option_bool(opts, "no_naive", "protected" in opts, "skip the naive-loss baseline")
+    if naive and "protected" in opts:
+        raise ValueError("protected=F with no_naive=false: the naive baseline would be protected with this run's "
+                         "settings, not those of the loaded protection; leave no_naive at its default there")
     # the evaluation attacker's recipes, loaded once (this also rejects a bad attack.* key before any work)
     attack_runs = {m: toy_recipe(m, attack_recipe) for m in METHOD_RECIPES}
     sample = attack_runs["dreambooth"].sample
@@ -130,10 +135,16 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     pcfg.checkpoint_every = 0  # the bench keeps no checkpoints
     check_protect_config(rc.personalization, pcfg)  # before any job starts
     check_trap_config(rc.encoder_trap)
-    if rc.encoder_trap.targets == "farthest" and rc.encoder_trap.identity == "toy":
-        raise ValueError("encoder_trap.identity=toy is the identity encoder this bench scores ISM with: choosing the "
-                         "decoys with it would grade the protection with its own judge; use an independent one "
-                         "(toy:DIR, built by `apdm toy build skip_model=true seed=1 output_dir=DIR`)")
+    # the recognizer choosing the decoys (farthest) or screening the synthetic photos must not be the judge: "toy"
+    # or "toy:DIR" with DIR (or DIR/instruments) the judge's own instruments folder
+    trap_id, judge = rc.encoder_trap.identity, Path(instruments_path()).resolve()
+    if (rc.encoder_trap.targets == "farthest" or rc.encoder_trap.synthetic_photos > 0) and (trap_id == "toy" or (
+            trap_id.startswith("toy:") and judge in {Path(trap_id[4:]).expanduser().resolve(),
+                                                     (Path(trap_id[4:]).expanduser() / "instruments").resolve()})):
+        raise ValueError(f"encoder_trap.identity={trap_id} is the identity encoder this bench scores ISM with "
+                         f"({judge}): choosing the decoys (targets=farthest) or screening the synthetic photos with "
+                         "it would grade the protection with its own judge; use an independent one (toy:DIR, built "
+                         "by `apdm toy build skip_model=true seed=1 output_dir=DIR`)")
     tcfg = dataclasses.replace(rc.encoder_trap, checkpoint_every=0)
     n_samples = option_int(opts, "samples", 8 if quick else 16)
     n_seeds, stride = attack_seeds(opts, quick), attack_seed_stride(opts)
@@ -477,6 +488,11 @@ def _subject_positions(opts: dict) -> tuple[int, int]:
     if a == b or min(a, b) < 0:
         raise ValueError(f"subjects: the protected and the other subject must be two different positions >= 0, "
                          f"got '{text}'")
+    from apdm.toy.draw import split
+
+    if max(a, b) >= len(split()["heldout"]):
+        raise ValueError(f"subjects: positions must be below {len(split()['heldout'])} (the toy world's held-out "
+                         f"identities), got '{text}'")
     return a, b
 
 

@@ -49,7 +49,9 @@ class ToyModelConfig:
 class ToyTrainConfig:
     """Pretraining schedule of the toy model."""
 
-    num_identities: int = 4000          # per class
+    #: pretraining identities per class, at most all 3,686 (4,096 less the 410 held out; the committed model
+    #: used all of them, its recipe then saying 4000, which was silently capped)
+    num_identities: int = 3686
     images_per_identity: int = 3
     vae_steps: int = 1200
     vae_batch: int = 32
@@ -164,8 +166,11 @@ def encode_dataset(vae, images: torch.Tensor, batch: int = 128) -> tuple[torch.T
     return torch.cat(means), torch.cat(stds)
 
 
-def _save_train_state(path: Path, modules: dict, opt, sched, g: torch.Generator, step: int, history: list) -> None:
-    """Checkpoint of a training stage: module/optimizer tensors as safetensors, the rest as JSON (atomic)."""
+def _save_train_state(path: Path, modules: dict, opt, sched, g: torch.Generator, step: int, history: list,
+                      settings: dict | None = None) -> None:
+    """Checkpoint of a training stage: module/optimizer tensors as safetensors, the rest as JSON (atomic).
+    ``settings``: what the training ran with, kept in ``state.json`` (:func:`train_state_settings`) so that a
+    resume can tell whether the checkpoint belongs to its settings."""
     import json
 
     from safetensors.torch import save_file
@@ -182,7 +187,18 @@ def _save_train_state(path: Path, modules: dict, opt, sched, g: torch.Generator,
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps({"step": step, "history": history,
                                                     "param_groups": osd["param_groups"],
-                                                    "sched": sched.state_dict()}))
+                                                    "sched": sched.state_dict(), "settings": settings}))
+
+
+def train_state_settings(path: Path) -> dict | None:
+    """The ``settings`` a checkpoint of :func:`_save_train_state` was saved with (None: it records none)."""
+    import json
+
+    try:
+        return json.loads((Path(path) / "state.json").read_text()).get("settings")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{Path(path) / 'state.json'}: unreadable training checkpoint ({exc}); delete {path} to "
+                         "start over") from None
 
 
 def _load_train_state(path: Path, modules: dict, opt, sched, g: torch.Generator) -> tuple[int, list]:
@@ -260,8 +276,10 @@ def train_diffusion(unet, text_encoder, tokenizer, scheduler, latent_mean: torch
     return ema, history
 
 
-def save_toy_model(vae, text_encoder, tokenizer, unet, scheduler, out_dir: str | Path, fp16: bool = True) -> Path:
-    """Save as a diffusers folder (safetensors; fp16 weights when ``fp16`` to keep the committed copy small)."""
+def save_toy_model(vae, text_encoder, tokenizer, unet, scheduler, out_dir: str | Path, fp16: bool = True,
+                   extra_json: dict[str, dict] | None = None) -> Path:
+    """Save as a diffusers folder (safetensors; fp16 weights when ``fp16`` to keep the committed copy small).
+    ``extra_json``: file name -> object, written into the folder as JSON in the same atomic step."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from apdm.utils import atomic_dir
@@ -279,20 +297,34 @@ def save_toy_model(vae, text_encoder, tokenizer, unet, scheduler, out_dir: str |
             cfg = json.loads(cfg_file.read_text())
             if cfg.pop("_name_or_path", None) is not None:
                 cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        for name, obj in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
     return Path(out_dir)
 
 
+def check_init_from(path: str | Path) -> Path:
+    """``init_from`` as a Path; raises FileNotFoundError naming it when it is no diffusers model folder."""
+    path = Path(path).expanduser()
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"init_from: {path} is not a diffusers model folder (no model_index.json)")
+    return path
+
+
 def _load_stage(path: str | Path, mcfg: ToyModelConfig):
-    """(vae, text_encoder, unet) of an existing toy model folder, in float32, checked against ``mcfg``."""
+    """(vae, text_encoder, unet) of an existing toy model folder, in float32, checked against ``mcfg``.
+    Safetensors weights only (a pickled ``*.bin`` is refused, never unpickled)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    path = Path(path)
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"init_from: {path} is not a diffusers model folder (no model_index.json)")
-    vae = AutoencoderKL.from_pretrained(str(path / "vae"), torch_dtype=torch.float32)
-    text_encoder = CLIPTextModel.from_pretrained(str(path / "text_encoder"), torch_dtype=torch.float32)
-    unet = UNet2DConditionModel.from_pretrained(str(path / "unet"), torch_dtype=torch.float32)
+    path = check_init_from(path)
+    parts = []
+    for name, cls in (("vae", AutoencoderKL), ("text_encoder", CLIPTextModel), ("unet", UNet2DConditionModel)):
+        try:
+            parts.append(cls.from_pretrained(str(path / name), torch_dtype=torch.float32, use_safetensors=True))
+        except (OSError, ValueError) as exc:  # missing folder or no safetensors weights (e.g. only a pickle)
+            raise FileNotFoundError(f"init_from: {path / name} holds no loadable safetensors weights "
+                                    f"(pickled weights are never loaded): {exc}") from None
+    vae, text_encoder, unet = parts
     if list(unet.config.block_out_channels) != list(mcfg.unet_channels):
         raise ValueError(f"init_from: {path} has UNet channels {list(unet.config.block_out_channels)}, the recipe "
                          f"says {list(mcfg.unet_channels)}")
@@ -304,11 +336,25 @@ def work_dir(out_dir: str | Path) -> Path:
     return Path(out_dir).with_name(Path(out_dir).name + ".build")
 
 
-def pretrain(out_dir: str | Path, mcfg: ToyModelConfig, tcfg: ToyTrainConfig, fp16: bool = True) -> dict:
-    """Draw the dataset, train VAE then UNet + text encoder, save the model. Returns a report dict."""
+#: written into a build's model folder together with the model (one atomic step), removed once
+#: ``build_state.json`` records the stage: a build killed in between finds the finished stage there
+STAGE_MARKER = "build_stage.json"
+
+
+def pretrain(out_dir: str | Path, mcfg: ToyModelConfig, tcfg: ToyTrainConfig, fp16: bool = True,
+             stage_record: dict | None = None) -> dict:
+    """Draw the dataset, train VAE then UNet + text encoder, save the model. Returns a report dict.
+
+    Args:
+        stage_record: if given, saved with the model as ``<out_dir>/build_stage.json`` (:data:`STAGE_MARKER`),
+            with the report added under ``"report"``, in the same atomic step as the model.
+    """
     from apdm.toy import draw
     from apdm.toy.world import pretraining_set
+    from apdm.utils import atomic_dir
 
+    if tcfg.init_from:  # before the (long) drawing
+        check_init_from(tcfg.init_from)
     t0 = time.perf_counter()
     images, captions = pretraining_set(tcfg.num_identities, tcfg.images_per_identity, tcfg.seed, mcfg.image_size)
     t_draw = time.perf_counter() - t0
@@ -320,26 +366,23 @@ def pretrain(out_dir: str | Path, mcfg: ToyModelConfig, tcfg: ToyTrainConfig, fp
         vae, text_encoder, unet = _load_stage(tcfg.init_from, mcfg)
         vae_hist = []
         LOG.info("continuing from %s: VAE kept, %d more UNet steps", tcfg.init_from, tcfg.unet_steps)
-    elif (work / "vae" / "config.json").is_file():
+    elif (work / "vae" / "config.json").is_file() and (work / "vae" / "diffusion_pytorch_model.safetensors").is_file():
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(str(work / "vae")).eval().requires_grad_(False)
+        vae = AutoencoderKL.from_pretrained(str(work / "vae"), use_safetensors=True).eval().requires_grad_(False)
         vae_hist = []
         LOG.info("reusing the VAE trained earlier (%s)", work / "vae")
     else:
         vae_hist = train_vae(vae, images, tcfg)
-        vae.save_pretrained(str(work / "vae"))
+        with atomic_dir(work / "vae") as tmp:  # whole or not at all: a kill mid-save leaves no half a VAE
+            vae.save_pretrained(str(tmp), safe_serialization=True)
     t_vae = time.perf_counter() - t1
     mean, std = encode_dataset(vae, images)
     t2 = time.perf_counter()
     ema, unet_hist = train_diffusion(unet, text_encoder, tokenizer, scheduler, mean, std, captions, tcfg,
                                      checkpoint_dir=work / "unet_checkpoint")
     t_unet = time.perf_counter() - t2
-    save_toy_model(vae, text_encoder, tokenizer, ema, scheduler, out_dir, fp16=fp16)
-    import shutil
-
-    shutil.rmtree(work, ignore_errors=True)
-    return {
+    report = {
         "num_images": len(images), "seconds_draw": round(t_draw, 1), "seconds_vae": round(t_vae, 1),
         "seconds_unet": round(t_unet, 1),
         "vae_loss_final": sum(vae_hist[-50:]) / len(vae_hist[-50:]) if vae_hist else None,  # None: VAE reused
@@ -348,3 +391,9 @@ def pretrain(out_dir: str | Path, mcfg: ToyModelConfig, tcfg: ToyTrainConfig, fp
         "params_vae": sum(p.numel() for p in vae.parameters()),
         "params_text_encoder": sum(p.numel() for p in text_encoder.parameters()),
     }
+    extra = None if stage_record is None else {STAGE_MARKER: {**stage_record, "report": report}}
+    save_toy_model(vae, text_encoder, tokenizer, ema, scheduler, out_dir, fp16=fp16, extra_json=extra)
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    return report

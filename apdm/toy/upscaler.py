@@ -19,11 +19,14 @@ small enough for CPU:
   ``apdm evaluate`` calls every purifier.
 
 Usage: ``apdm toy upscaler`` (about 15 minutes on 2 CPU cores; writes ``~/.cache/apdm/toy/upscaler``), then
-``noisy_upscale:upscaler=toy``. Checkpoints every ``checkpoint_every`` steps and resumes.
+``noisy_upscale:upscaler=toy``. Checkpoints every ``checkpoint_every`` steps and resumes; a checkpoint records the
+settings it was trained with, and a run with other settings starts over (as ``apdm toy build`` does).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -100,7 +103,7 @@ def build_upscaler(cfg: ToyUpscalerConfig) -> Path:
 
     from apdm.core import diffusion as D
     from apdm.core.models import load_sd
-    from apdm.toy.model import _load_train_state, _lr_lambda, _optimizer_step, _save_train_state
+    from apdm.toy.model import _load_train_state, _lr_lambda, _optimizer_step, _save_train_state, train_state_settings
     from apdm.toy.world import model_path
     from apdm.utils import atomic_dir, cache_dir, set_progress
 
@@ -109,6 +112,11 @@ def build_upscaler(cfg: ToyUpscalerConfig) -> Path:
         raise ValueError(f"toy upscaler: crop must be a multiple of 16 in 16..256, got {cfg.crop}")
     if cfg.steps < 1 or cfg.batch < 1:
         raise ValueError(f"toy upscaler: steps and batch must be >= 1, got {cfg.steps} and {cfg.batch}")
+    from apdm.toy.draw import split
+
+    if not 1 <= cfg.identities <= len(split()["pretrain"]):
+        raise ValueError(f"toy upscaler: identities must be between 1 and {len(split()['pretrain'])} (the toy "
+                         f"world's pretraining identities per class), got {cfg.identities}")
     out = Path(cfg.out).expanduser() if cfg.out else cache_dir() / "toy" / "upscaler"
     if out.exists() and any(out.iterdir()) and not (out / "model_index.json").is_file():
         raise ValueError(f"toy upscaler: {out} exists and is not a diffusers model folder; the upscaler replaces its "
@@ -139,9 +147,24 @@ def build_upscaler(cfg: ToyUpscalerConfig) -> Path:
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(200, cfg.steps // 10 + 1), cfg.steps))
     start, history = 0, []
+    # what the training depends on (not where it writes, how often it checkpoints or whether it shows progress)
+    settings = json.loads(json.dumps({**{k: v for k, v in dataclasses.asdict(cfg).items()
+                                         if k not in ("out", "checkpoint_every", "quiet")},
+                                      "source_model": str(src)}))
     if (work / "state.json").is_file():
-        start, history = _load_train_state(work, {"unet": unet}, opt, sched, g)
-        LOG.info("toy upscaler: resuming at step %d from %s", start, work)
+        saved = train_state_settings(work)
+        if saved != settings:
+            old = saved or {}
+            changed = [f"{k} {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(settings.keys() | old.keys())
+                       if old.get(k) != settings.get(k)]
+            LOG.info("toy upscaler: the checkpoint in %s is from other settings (%s); starting over", work,
+                     ", ".join(changed) if saved else "it records none")
+            import shutil
+
+            shutil.rmtree(work)
+        else:
+            start, history = _load_train_state(work, {"unet": unet}, opt, sched, g)
+            LOG.info("toy upscaler: resuming at step %d from %s", start, work)
     unet.train()
     zc = cfg.crop // 4      # latent crop side: the latents of a 4·64-px drawing and its 64-px photo align 1:1
     side = lo.shape[-1]
@@ -164,7 +187,7 @@ def build_upscaler(cfg: ToyUpscalerConfig) -> Path:
         if step % 20 == 0:
             bar.set_postfix(loss=f"{sum(history[-20:]) / len(history[-20:]):.4f}")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            _save_train_state(work, {"unet": unet}, opt, sched, g, step + 1, history)
+            _save_train_state(work, {"unet": unet}, opt, sched, g, step + 1, history, settings=settings)
     unet.eval().requires_grad_(False)
     pipe = StableDiffusionUpscalePipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, low_res_scheduler=low_res,
@@ -172,8 +195,6 @@ def build_upscaler(cfg: ToyUpscalerConfig) -> Path:
     first, last = (sum(h) / max(1, len(h)) for h in (history[:100], history[-100:]))
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        import json
-
         (tmp / "train_log.json").write_text(json.dumps({
             "config": dict(vars(cfg)), "steps": len(history), "steps_run_here": cfg.steps - start,
             "seconds_this_run": round(time.perf_counter() - t0, 1),

@@ -8,6 +8,7 @@ and the tests need no rebuild. Engines never import this module: they receive a 
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +23,40 @@ from apdm.utils import LOG, atomic_dir, atomic_write_json, cache_dir
 REPO_ASSETS = Path(__file__).resolve().parents[2] / "assets" / "toy"
 
 
+_ANNOUNCED: set[str] = set()  # the toy_root() log lines already given in this process
+
+
+def _announce(message: str, *args) -> None:
+    text = message % args
+    if text not in _ANNOUNCED:
+        _ANNOUNCED.add(text)
+        LOG.info(text)
+
+
+def build_complete(root: Path) -> bool:
+    """Whether ``root`` holds a finished ``apdm toy build``: its ``build_state.json`` records every model stage
+    done, and the model and the instruments exist."""
+    try:
+        state = json.loads((root / "build_state.json").read_text())
+        complete = len(state["done"]) == len(state["settings"]["stages"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return (complete and (root / "model" / "model_index.json").is_file()
+            and (root / "instruments" / "instruments.json").is_file()
+            and any((root / "instruments").glob("*.safetensors")))
+
+
 def toy_root(prefer_cache: bool = True) -> Path:
-    """Folder holding ``model/`` and ``instruments/``: the user cache if built there, else the repo's assets."""
+    """Folder holding ``model/`` and ``instruments/``: the user cache if a *finished* build is there
+    (:func:`build_complete`: a half-built cache never replaces the committed world), else the repo's assets."""
     cached = cache_dir() / "toy"
     if prefer_cache and (cached / "model" / "model_index.json").is_file():
-        return cached
+        if build_complete(cached):
+            _announce("toy world: using the build in %s (not the committed %s)", cached, REPO_ASSETS)
+            return cached
+        if (REPO_ASSETS / "model" / "model_index.json").is_file():
+            _announce("toy world: %s holds an unfinished build (its build_state.json does not record every stage "
+                      "done, or it has no instruments); using the committed %s", cached, REPO_ASSETS)
     if (REPO_ASSETS / "model" / "model_index.json").is_file():
         return REPO_ASSETS
     return cached
@@ -72,6 +102,9 @@ def pretraining_set(num_identities: int, images_per_identity: int, seed: int = 0
         detail: the class caption, the full attribute caption and two partial ones).
     """
     ids_all = draw.split()["pretrain"]
+    if not 1 <= num_identities <= len(ids_all):
+        raise ValueError(f"pretraining identities per class must be between 1 and {len(ids_all)} (the world's "
+                         f"pretraining identities), got {num_identities}")
     images, captions = [], []
     for cls in classes:
         ids = ids_all[:num_identities]
@@ -127,8 +160,9 @@ def export(out_dir: str | Path, subjects: int = 2, cls: str = "person", num_imag
     (so a second export with fewer photos leaves none of the first's behind); other files are left alone.
 
     Raises:
-        ValueError: ``subjects`` or ``training_identities`` outside what the world holds, ``num_images`` < 1, or
-            ``out_dir`` an existing file.
+        ValueError: ``subjects`` or ``training_identities`` outside what the world holds, ``num_images`` < 1,
+            ``out_dir`` an existing file, or ``out_dir`` holding the other class's subjects (``subject.json``) or
+            training identities (recorded in their photos' EXIF description) that this export would replace.
     """
     from apdm.core.images import save_image
 
@@ -147,6 +181,7 @@ def export(out_dir: str | Path, subjects: int = 2, cls: str = "person", num_imag
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file, not a folder")
+    _check_export_class(out, cls, split["heldout"][:subjects], training_identities > 0)
     written = {"subjects": [], "training_identities": 0}
     for subj in heldout_subjects(subjects, cls, num_images, num_references):
         root = out / f"heldout-{subj.index:04d}"
@@ -165,12 +200,58 @@ def export(out_dir: str | Path, subjects: int = 2, cls: str = "person", num_imag
         per_identity: dict[int, list[torch.Tensor]] = {}
         for img, ident in zip(imgs, idx.tolist()):
             per_identity.setdefault(ident, []).append(img)
+        exif = _class_exif(cls)  # the class, recorded in each photo (the folder holds nothing but photos)
         for ident, photos in per_identity.items():
             with atomic_dir(out / "train-identities" / f"id-{ident:04d}") as tmp:
                 for k, img in enumerate(photos):
-                    save_image(img, tmp / f"{k:02d}.png")
+                    save_image(img, tmp / f"{k:02d}.png", exif=exif)
         written["training_identities"] = len(ids)
     return written
+
+
+#: EXIF ImageDescription of an exported training identity's photos: the prefix, then the class
+_CLASS_TAG = "apdm toy export, class: "
+
+
+def _class_exif(cls: str) -> bytes:
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x010E] = _CLASS_TAG + cls  # ImageDescription
+    return exif.tobytes()
+
+
+def _check_export_class(out: Path, cls: str, heldout_ids: list[int], training_identities: bool) -> None:
+    """Refuse an export of ``cls`` that would replace (or join) the other class's subjects or training identities
+    in ``out``: the folder names carry no class (docs and recipes name ``heldout-0001``), so a dog export would
+    silently replace a person's photos."""
+    from PIL import Image
+
+    for idx in heldout_ids:
+        f = out / f"heldout-{idx:04d}" / "subject.json"
+        if not f.is_file():
+            continue
+        try:
+            other = json.loads(f.read_text()).get("class")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{f}: not a readable toy-export subject.json ({exc}); an export of {cls} subjects "
+                             f"would replace that folder: choose another --out or remove it") from None
+        if other != cls:
+            raise ValueError(f"{f} is a {other} subject; exporting {cls} subjects would replace it (the folder "
+                             f"names carry no class): choose another --out")
+    if not training_identities:
+        return
+    for folder in sorted((out / "train-identities").glob("id-*")):
+        for photo in sorted(folder.glob("*.png"))[:1]:
+            try:
+                with Image.open(photo) as im:
+                    said = str(im.getexif().get(0x010E, ""))
+            except OSError:
+                continue  # not an image we can read: nothing recorded
+            if said.startswith(_CLASS_TAG) and said[len(_CLASS_TAG):] != cls:
+                raise ValueError(f"{out / 'train-identities'} holds {said[len(_CLASS_TAG):]} training identities "
+                                 f"({photo}); exporting {cls} ones there would mix or replace them (the folder "
+                                 f"names carry no class): choose another --out")
 
 
 # ============================================================================ build
@@ -201,6 +282,22 @@ class ToyBuildConfig:
     quiet: bool = False
 
 
+def _check_stages(cfg: ToyBuildConfig) -> None:
+    """The model stages' settings that can be checked before any work (ValueError naming the key)."""
+    for k, stage in enumerate(cfg.more_stages, start=2):
+        if stage.init_from:
+            raise ValueError(f"more_stages: stage {k} has init_from={stage.init_from!r}; a later stage always "
+                             "continues the stage before it (set train.init_from to start from a model)")
+    split = draw.split()
+    n = len(split["pretrain"])
+    named = [("train", cfg.train)] + [(f"more_stages[{i}]", s) for i, s in enumerate(cfg.more_stages)]
+    for name, stage in named:
+        if not 1 <= stage.num_identities <= n:
+            raise ValueError(f"{name}.num_identities={stage.num_identities}: the toy world has {n} pretraining "
+                             f"identities per class ({n + len(split['heldout'])} less the {len(split['heldout'])} "
+                             f"held out); give 1 to {n}")
+
+
 def build(cfg: ToyBuildConfig) -> dict:
     """Build the toy world (model and instruments) and return a report (also written as ``build_report.json``).
 
@@ -210,23 +307,23 @@ def build(cfg: ToyBuildConfig) -> dict:
     settings starts over.
     """
     import dataclasses
-    import json
     import shutil
 
-    from apdm.toy.model import pretrain, work_dir
+    from apdm.toy.model import STAGE_MARKER, check_init_from, pretrain, work_dir
 
     root = Path(cfg.output_dir) if cfg.output_dir else cache_dir() / "toy"
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"output_dir {root} is a file, not a folder")
+    if not cfg.skip_model:
+        _check_stages(cfg)
     root.mkdir(parents=True, exist_ok=True)
     report: dict = {}
     t0 = time.perf_counter()
     if not cfg.skip_model:
         stages = [cfg.train] + list(cfg.more_stages)
-        for k, stage in enumerate(cfg.more_stages, start=2):
-            if stage.init_from:
-                raise ValueError(f"more_stages: stage {k} has init_from={stage.init_from!r}; a later stage always "
-                                 "continues the stage before it (set train.init_from to start from a model)")
         settings = {"model": dataclasses.asdict(cfg.model), "stages": [dataclasses.asdict(s) for s in stages]}
         state_file = root / "build_state.json"
+        marker_file = root / "model" / STAGE_MARKER
         state = json.loads(state_file.read_text()) if state_file.is_file() else None
         if state is not None and (state["settings"] != settings or
                                   (state["done"] and not (root / "model" / "model_index.json").is_file())):
@@ -234,7 +331,21 @@ def build(cfg: ToyBuildConfig) -> dict:
             shutil.rmtree(work_dir(root / "model"), ignore_errors=True)  # its checkpoints belong to those settings
             state = None
         done = state["done"] if state else []
+        try:  # written with the model in one atomic step; anything else is no marker
+            marker = json.loads(marker_file.read_text()) if marker_file.is_file() else None
+        except (OSError, ValueError):
+            marker = None
+        if isinstance(marker, dict) and marker.get("settings") == settings and marker.get("stage") == len(done) + 1:
+            # the stage's model was saved (with this marker, in one step) but the build was killed before
+            # build_state.json recorded it: record it now instead of training it again on its own output
+            LOG.info("toy build: model stage %d was saved but not recorded (killed in between); recording it",
+                     len(done) + 1)
+            done.append(marker["report"])
+            shutil.rmtree(work_dir(root / "model"), ignore_errors=True)
+        if not done and cfg.train.init_from:
+            check_init_from(cfg.train.init_from)
         atomic_write_json(state_file, {"settings": settings, "done": done})
+        marker_file.unlink(missing_ok=True)
         if done:
             LOG.info("toy build: %d of %d model stage(s) already done in %s; continuing", len(done), len(stages), root)
         for k in range(len(done), len(stages)):
@@ -242,8 +353,10 @@ def build(cfg: ToyBuildConfig) -> dict:
             LOG.info("toy build: model stage %d of %d (%s; this takes a while; progress bars follow)", k + 1,
                      len(stages), "VAE, then UNet + text encoder" if k == 0 and not stage.init_from
                      else f"{stage.unet_steps} more UNet + text encoder steps")
-            done.append(pretrain(root / "model", cfg.model, stage, fp16=True))
+            done.append(pretrain(root / "model", cfg.model, stage, fp16=True,
+                                 stage_record={"stage": k + 1, "settings": settings}))
             atomic_write_json(state_file, {"settings": settings, "done": done})
+            marker_file.unlink(missing_ok=True)
         report["model_stages"] = done
     if not cfg.skip_instruments:
         from apdm.toy.instruments import train_instruments
@@ -252,7 +365,8 @@ def build(cfg: ToyBuildConfig) -> dict:
         if (root / "model" / "vae").is_dir():  # the detector also learns the world's VAE round trip
             from diffusers import AutoencoderKL
 
-            vae = AutoencoderKL.from_pretrained(root / "model" / "vae", torch_dtype=torch.float32).eval()
+            vae = AutoencoderKL.from_pretrained(root / "model" / "vae", torch_dtype=torch.float32,
+                                                use_safetensors=True).eval()
         LOG.info("toy build: training the instruments (identity encoder, detector%s, features)",
                  " with VAE round trips" if vae is not None else "")
         _, report["instruments"] = train_instruments(root / "instruments", seed=cfg.seed,
