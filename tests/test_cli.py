@@ -90,7 +90,12 @@ def test_personalize_dreambooth_recipe_end_to_end(tmp_path):
     assert summary["steps"] == 3 and summary["num_instance_images"] == 4
     assert (out / "samples" / "grid.png").is_file() and len(list((out / "samples").glob("0*_*.png"))) == 4
     pipe = StableDiffusionPipeline.from_pretrained(str(out / "model"))
-    assert pipe.unet is not None
+    from apdm.core.models import tiny_sd
+
+    # the saved UNet is the trained one: it loads, and three DreamBooth steps moved it off the base model
+    base = dict(tiny_sd(seed=0).unet.named_parameters())
+    assert base.keys() == dict(pipe.unet.named_parameters()).keys()
+    assert any(not torch.equal(p, base[n]) for n, p in pipe.unet.named_parameters())
     # again into the same folder with fewer samples: none of the first run's is left beside the new ones
     assert main(["personalize", "--config", str(ROOT / "recipes/tiny-dreambooth.yaml"), f"output_dir={out}",
                  f"instance_data={ROOT / 'assets/examples/subject'}", "personalization.steps=1", "quiet=true",
@@ -149,10 +154,12 @@ def test_help_override_examples_apply():
         C.load_config(classes[command], None, shlex.split(example))
 
 
-def test_personalize_missing_data_is_a_clear_error(tmp_path, caplog):
+def test_personalize_missing_data_is_a_clear_error(tmp_path, apdm_log):
     rc = main(["personalize", "--config", str(ROOT / "recipes/tiny-ti.yaml"), f"output_dir={tmp_path}",
                f"instance_data={tmp_path / 'nothing'}", "quiet=true"])
     assert rc == 1
+    assert f"input '{tmp_path / 'nothing'}' does not exist" in apdm_log()
+    assert not (tmp_path / "model").exists()
 
 
 def _make_messy_folder(folder: Path) -> dict:

@@ -88,11 +88,17 @@ def test_variants_run_and_update(tiny_sd, variant):
 
 @pytest.mark.parametrize("method", ["lora", "ti"])
 def test_other_attackers_in_the_inner_loop(tiny_sd, method):
+    """A LoRA / TI attacker runs its steps in the inner loop and its trajectory reaches θ: the protection differs
+    from the one without inner steps (the outer DPO step alone also changes θ, so θ ≠ φ alone proved nothing)."""
     per = PersonalizationConfig(method=method, learning_rate=1e-2, with_prior_preservation=False)
     pcfg = ProtectConfig(outer_steps=1, inner_steps=2, learning_rate=1e-3, checkpoint_every=0)
-    theta, _, _ = l2p.protect(tiny_sd, [_subject(tiny_sd)], per, pcfg)
+    theta, hist, _ = l2p.protect(tiny_sd, [_subject(tiny_sd)], per, pcfg)
     base = dict(tiny_sd.unet.named_parameters())
     assert any(not torch.equal(p, base[n]) for n, p in theta.named_parameters())
+    assert hist[0]["attack_depth"] == 2 and hist[0]["loss_personalization"] > 0
+    alone, _, _ = l2p.protect(tiny_sd, [_subject(tiny_sd)], per, dataclasses.replace(pcfg, inner_steps=0))
+    gap = max(float((p - q).abs().max()) for p, q in zip(theta.parameters(), alone.parameters()))
+    assert gap > 1e-6  # the attacker's steps changed what the protection did
     assert len(tiny_sd.tokenizer) == len(tiny_sd.tokenizer.get_vocab())  # base tokenizer untouched
 
 
@@ -320,6 +326,7 @@ def test_bf16_base_model_runs_with_fp32_master_weights():
     theta, hist, _ = l2p.protect(sd16, [_subject(sd16)], PER, pcfg)
     assert theta.dtype == torch.float32 and sd16.unet.dtype == torch.bfloat16
     assert all(math.isfinite(v) for k, v in hist[0].items() if k != "step")
+    assert any(not torch.equal(p, q.float()) for p, q in zip(theta.parameters(), sd16.unet.parameters()))  # stepped
 
 
 def test_lora_theta_keeps_its_base_in_the_model_dtype():

@@ -106,3 +106,14 @@ def test_speed_bench_rejects_unknown_parts():
 
     with pytest.raises(ValueError, match="unknown parts"):
         bench_speed(True, ["parts=protect-everything"])
+
+
+def test_step_by_difference_separates_setup_from_steps(monkeypatch):
+    """The speed bench times MetaCloak's pool, CAAT and the upscaler by difference: (setup + 1 step) and (setup +
+    1 + repeats steps). With a clock that charges 0.05 s of setup and 0.02 s per step the two come out exactly (the
+    bench's own test could only check them >= 0, which the code's clamp guarantees)."""
+    from apdm.bench import speed
+
+    monkeypatch.setattr(speed, "timed", lambda fn, device, repeats: (fn(), 123.0))  # fn() returns its "seconds"
+    one, per_step, peak = speed._step_by_difference(lambda steps: 0.05 + 0.02 * steps, torch.device("cpu"), 5)
+    assert (one, peak) == (pytest.approx(0.07), 123.0) and per_step == pytest.approx(0.02)
