@@ -117,3 +117,11 @@ def test_step_by_difference_separates_setup_from_steps(monkeypatch):
     monkeypatch.setattr(speed, "timed", lambda fn, device, repeats: (fn(), 123.0))  # fn() returns its "seconds"
     one, per_step, peak = speed._step_by_difference(lambda steps: 0.05 + 0.02 * steps, torch.device("cpu"), 5)
     assert (one, peak) == (pytest.approx(0.07), 123.0) and per_step == pytest.approx(0.02)
+
+
+def test_speed_bench_refuses_what_protect_model_refuses():
+    """mixed_precision=fp16 timed a protection step protect-model no longer runs (no loss scaling)."""
+    from apdm.bench.speed import bench_speed
+
+    with pytest.raises(ValueError, match="mixed_precision must be no or bf16"):
+        bench_speed(True, ["mixed_precision=fp16"])

@@ -75,7 +75,8 @@ recipe, and these tell whether it chose the same decoys).
 ``save_protected=F.safetensors`` writes the protected weights (with the model fingerprint, subject and protection
 settings as metadata) and ``protected=F.safetensors`` attacks such weights instead of protecting again (the
 protection of the paper's footing takes ~50 min on one core; its settings and time are then read from the file,
-and protection overrides and ``save_protected=`` are refused since they would not apply).
+and protection overrides and ``save_protected=`` are refused since they would not apply; so is the naive baseline,
+off there by default since 2026-12-07: it would be protected with this run's settings, not the file's).
 ``workers=N`` runs the protections and attacks as N parallel processes (default 2 on a CPU with ≥ 2 cores, 1 on a
 GPU; :mod:`apdm.bench.jobs`); the numbers do not depend on it, ``seconds_protect`` is then the protection's own
 time on one of N processes sharing the machine.

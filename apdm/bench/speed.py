@@ -28,7 +28,8 @@ downloaded. Efficacy is not measured here (see the toy-world benchmarks).
 
 Options: ``model=PATH|tiny|toy|random:sd15`` ``device=auto|cpu|cuda`` ``dtype=auto|fp32|bf16|fp16``
 ``parts=personalize,protect-model,protect-images,encoder-trap,purifiers`` ``repeats=N`` ``batch_size=N`` ``images=N``
-``inner_steps=N`` ``outer_steps=N`` ``mixed_precision=no|bf16|fp16`` ``gradient_checkpointing=true|false``
+``inner_steps=N`` ``outer_steps=N`` ``mixed_precision=no|bf16`` (of the protection; fp16 is refused, as
+protect-model refuses it) ``gradient_checkpointing=true|false``
 ``trainable=all|lora|NAMES`` (what θ trains, as ``protect.trainable``) ``trap_images=N`` (default: ``images``)
 ``trap_steps=N`` ``micro_batch=N`` ``keep_space=latent|decoded`` ``preserve_batch=N`` (as ``encoder_trap.*``)
 ``upscaler=PATH|toy|tiny`` (Noisy Upscaling's upscaler, timed with ``purifiers``).
@@ -294,6 +295,9 @@ def bench_speed(quick: bool, overrides: list[str]) -> dict:
                                      "trainable", "trap_images", "trap_steps", "micro_batch", "keep_space",
                                      "preserve_batch", "upscaler"})
     _checkpointing(opts)  # bad values are refused before any timing
+    if opts.get("mixed_precision", "no") not in ("no", "bf16"):
+        raise ValueError(f"mixed_precision must be no or bf16 (protect-model refuses fp16: no loss scaling), got "
+                         f"'{opts['mixed_precision']}'")
     for key in INT_OPTIONS:
         _int(opts, key, 0)  # only checks: the parts read them where they are used
     parts = opts.get("parts", ",".join(PARTS)).split(",")
