@@ -431,6 +431,10 @@ class TrainPerturberRunConfig:
     min_psnr: float = 0.0
     denoise_steps: int = 4
     width: int = 32
+    #: training augmentations the personalization loss sees the published image through, one drawn per step
+    #: (``blur+flip``, ``blur``, ``flip``, ``resize``, ``jpeg``; the paper trains with Gaussian blur and flips, as
+    #: MetaCloak); empty = none (as every ρ before 2026-12-07, the shipped toy ρ included).
+    eot: list[str] = field(default_factory=list)
     output_dir: str = "outputs/rho"
     #: save a resumable checkpoint (ρ, Adam, λ, random states; TI anchors as they finish) in
     #: ``output_dir/checkpoint`` every K steps (0 = anchors only); removed when the training completes.

@@ -588,3 +588,33 @@ def test_rho_save_load_roundtrip(tiny_sd, rand_images, tmp_path):
     assert torch.equal(a, b)
     with pytest.raises(FileNotFoundError):
         ldu.load_rho(tmp_path / "missing")
+
+
+def test_ldu_training_scores_the_published_image_through_its_augmentations(tiny_sd, monkeypatch):
+    """ρ's personalization loss scored its raw output, which could leave the budget (and [0, 1]) by far and earn loss
+    from pixels the projection then removes; it now scores the image as published: within the budget, in [0, 1].
+    ``eot`` (the paper's training blur + flip) puts one augmentation between them each step."""
+    g = torch.Generator().manual_seed(2)
+    ids = {"a": torch.rand(3, 3, 64, 64, generator=g)}
+    cfg = _ti_cfg()
+    anchors = ldu.train_anchors(tiny_sd, list(ids.values()), cfg, steps=1, quiet=True)
+    budget = 4 / 255
+    scored, real = [], S.loss
+    monkeypatch.setattr(S, "loss", lambda state, images, **kw: scored.append(images.detach().clone())
+                        or real(state, images, **kw))
+    history: list[dict] = []
+    kw = {"budget": budget, "steps": 4, "batch_size": 3, "learning_rate": 5e-2, "anchors": anchors,
+          "personalization": cfg, "denoise_steps": 2, "seed": 2, "quiet": True}
+    ldu.train_perturber(tiny_sd, ids, history=history, **kw)
+    assert any(h["linf"] > budget + 1 / 255 for h in history)  # the raw output did leave the budget
+    for s in scored:
+        assert float((s - ids["a"]).abs().max()) <= budget + 1e-6 and 0 <= float(s.min()) <= float(s.max()) <= 1
+    plain = list(scored)
+    scored.clear()
+    ldu.train_perturber(tiny_sd, ids, eot=["flip"], **kw)
+    # each image flips with probability 1/2: until the first flip the two trainings are the same, and then a
+    # flipped copy of the plain training's image was scored
+    pairs = [(a, b) for s, p in zip(scored, plain) for a, b in zip(s, p)]
+    assert any(torch.equal(a, b.flip(-1)) and not torch.equal(a, b) for a, b in pairs)
+    with pytest.raises(ValueError, match="unknown EOT transform 'spin'"):
+        ldu.train_perturber(tiny_sd, ids, eot=["spin"], **kw)

@@ -495,8 +495,10 @@ def protect_photoguard(sd: SD, images: torch.Tensor, *, budget: float, steps: in
                        random_start: bool = True, seed: int = 0, quiet: bool = False) -> torch.Tensor:
     """PhotoGuard encoder attack: PGD minimizing ``‖E(x + δ) − E(target)‖₂`` (mean over the batch).
 
-    Defaults = their img2img notebook: 1000 iterations, step 0.02 on [-1,1] (0.01 on [0,1]) decaying linearly to
-    1/100 of it, random start in the ball; their ε = 0.06 on [-1,1] (7.65/255) is the caller's ``budget``.
+    Step settings = their img2img notebook: 1000 iterations, step 0.02 on [-1,1] (0.01 on [0,1]) decaying linearly
+    to 1/100 of it, random start in the ball; their ε = 0.06 on [-1,1] (7.65/255) is the caller's ``budget``. That
+    notebook pulls towards the zero latent; the target image (flat gray by default) is their target-image
+    variant's (reference notes §2.5).
 
     Args:
         target: (1 or N,3,H,W) target image(s) in [0,1]; default flat gray (0.5).

@@ -46,7 +46,8 @@ Where this differs from the paper, and why (also in docs/protect_images.md):
    pixel per image, so we penalise the per-pixel excess over δ (zero exactly when ‖·‖∞ ≤ δ); and the hard
    projection is always applied when protecting, so the budget is a guarantee, not a soft target.
 5. **Loss on images.** Eq. 10 scores the latent z̄0 directly; we score the decoded image with the simulator's
-   loss (re-encoded by the VAE, as a real attacker would), so training sees exactly what gets published.
+   loss (re-encoded by the VAE, as a real attacker would), projected onto the budget and into [0, 1] as it is
+   published (since 2026-12-07; the raw output before), optionally through training augmentations (``eot``).
 6. Denoising is unconditional by default (``prompt=""``, same as the inversion, for a faithful round trip); the
    paper conditions it on a prompt c, available through ``prompt``.
 
@@ -387,7 +388,7 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
                     output_mode: str = "delta", width: int = 32, rho: RhoUNet | None = None, resample: bool = True,
                     seed: int = 0, quiet: bool = False, history: list[dict] | None = None,
                     checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
-                    stop_after: int | None = None) -> RhoUNet:
+                    stop_after: int | None = None, eot: Sequence[str] = ()) -> RhoUNet:
     """Train ρ to maximize a frozen personalization loss under the image budget (paper eq. 11).
 
     Args:
@@ -424,10 +425,20 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
             may differ: a training can be extended); one of other settings is refused before the anchors train
             (:class:`apdm.protect_model.l2p.CheckpointError`, as is a corrupt one).
         stop_after: stop (after checkpointing) once this many steps ran in this call: a simulated kill, for tests.
+        eot: names of :data:`apdm.protect_images.pgd.EOT_TRANSFORMS` (e.g. ``["blur+flip"]``, the paper's
+            "Gaussian filtering ... horizontal flipping" during training); each step scores the published image
+            through one of them, drawn at random (none by default).
+
+    The personalization loss scores the image as it is published: ρ's output projected onto the L∞ ball and into
+    [0, 1] (before 2026-12-07 the raw output, which could earn loss from pixels the projection removes); the budget
+    penalty acts on the raw output.
 
     Returns:
         the trained ρ (eval mode, on the model device) with ``sampling`` and ``training_info`` filled in.
     """
+    from apdm.protect_images.pgd import resolve_transforms
+
+    transforms = resolve_transforms(list(eot))
     if isinstance(images_by_identity, Mapping):
         names = list(images_by_identity)
         identities = [images_by_identity[k] for k in names]
@@ -447,7 +458,7 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
                                      batch_size=batch_size, anchor_steps=anchor_steps, anchors=anchors,
                                      class_images=class_images, shuffle_prob=shuffle_prob, lambda_init=lambda_init,
                                      lambda_step=lambda_step, min_psnr=min_psnr, sampling=sampling, width=width,
-                                     rho=rho, resample=resample, seed=seed)
+                                     rho=rho, resample=resample, seed=seed, eot=eot)
         if (ckpt / "rho" / "progress.json").is_file():  # a checkpoint of other settings: refused before the anchors
             from apdm.protect_model.l2p import read_progress
 
@@ -509,7 +520,10 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
         out = perturb(sd, rho, batch, sampling, checkpoint=True)
         if not resample:
             anchor.generator.manual_seed(seed + 1)
-        l_pers, _ = S.loss(anchor, out, batch_size=len(idx))
+        scored = project_linf(out, batch["images"], budget).clamp(0.0, 1.0)  # what gets published
+        if transforms:  # one of the training augmentations, drawn per step
+            scored = transforms[int(torch.randint(len(transforms), (), generator=gen))](scored, gen)
+        l_pers, _ = S.loss(anchor, scored, batch_size=len(idx))
         diff = out - batch["images"]
         penalty = F.relu(diff.abs() - budget).mean() / max(budget, 1e-12)
         rms = diff.flatten(1).pow(2).mean(1).sqrt()  # (B,) per-image RMS perturbation on [0,1]
@@ -567,7 +581,7 @@ def training_settings(sd: SD, names: list[str], identities: Sequence[torch.Tenso
                       budget: float, learning_rate: float, batch_size: int, anchor_steps: int | None,
                       anchors: dict | None, class_images: torch.Tensor | None, shuffle_prob: float, lambda_init: float,
                       lambda_step: float, min_psnr: float | None, sampling: Mapping, width: int, rho: RhoUNet | None,
-                      resample: bool, seed: int) -> dict:
+                      resample: bool, seed: int, eot: Sequence[str] = ()) -> dict:
     """What determines a ρ training's result, as flat JSON keyed like ``apdm train-perturber``'s config (the
     fingerprint its checkpoint records and a resumed training must match): the model (:meth:`SD.fingerprint`,
     dtype), the identities' names and photos (digests of each (N_i,3,H,W) tensor), the class images, every
@@ -583,7 +597,7 @@ def training_settings(sd: SD, names: list[str], identities: Sequence[torch.Tenso
            **{k: sampling[k] for k in sorted(sampling)}, "resample": resample, "seed": seed,
            "anchors": "given" if anchors is not None else "trained",
            "anchor_steps": None if anchors is not None else (pcfg.steps if anchor_steps is None else anchor_steps),
-           "rho": "fresh" if rho is None else "given"}
+           "rho": "fresh" if rho is None else "given", "eot": list(eot), "scored": "published"}
     out.update(config_settings("personalization", pcfg, PERSONALIZATION_RESUMABLE))
     return json.loads(json.dumps(out))
 

@@ -553,6 +553,11 @@ def check_train_config(cfg: TrainPerturberRunConfig) -> float:
             raise ValueError(f"{key} must be >= 0, got {value}")
     if not 0 <= cfg.shuffle_prob <= 1:
         raise ValueError(f"shuffle_prob must be in [0, 1], got {cfg.shuffle_prob}")
+    from apdm.protect_images.pgd import EOT_TRANSFORMS
+
+    unknown = [t for t in cfg.eot if t not in EOT_TRANSFORMS]
+    if unknown:
+        raise ValueError(f"eot: unknown {', '.join(map(str, unknown))}; choose from {', '.join(EOT_TRANSFORMS)}")
     return parse_budget(cfg.budget)  # its errors name the budget
 
 
@@ -630,7 +635,7 @@ def train(cfg: TrainPerturberRunConfig) -> dict:
         class_images=class_images, shuffle_prob=cfg.shuffle_prob, lambda_init=cfg.lambda_init,
         lambda_step=cfg.lambda_step, min_psnr=cfg.min_psnr or None, denoise_steps=cfg.denoise_steps,
         width=cfg.width, seed=cfg.seed, quiet=cfg.quiet, history=history, checkpoint_dir=ckpt,
-        checkpoint_every=cfg.checkpoint_every)
+        checkpoint_every=cfg.checkpoint_every, eot=cfg.eot)
     ldu.save_rho(rho, out)
     shutil.rmtree(ckpt, ignore_errors=True)
     summary = {"seconds": round(time.perf_counter() - t0, 1), "identities": list(identities),
