@@ -27,7 +27,9 @@ OVERRIDE_EXAMPLES = {
 def epilog(command: str) -> str:
     """The help's closing lines for ``command``: how overrides look, with an example valid for its config."""
     lists = " (a list is given whole)" if "[" in OVERRIDE_EXAMPLES[command] else ""
-    return f"Overrides: key=value pairs after the options, e.g.  {OVERRIDE_EXAMPLES[command]}{lists}"
+    return (f"Overrides: key=value pairs after the options, e.g.  {OVERRIDE_EXAMPLES[command]}{lists}\n"
+            "--print-config shows every setting with its default; quiet=true hides the progress bars; --debug "
+            "shows the full traceback of a failure.")
 
 # command -> (config class name in apdm.config, "module:function" to run, help text)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -63,14 +65,28 @@ SHORTCUTS = {
     "--target": ("target", "PhotoGuard/Mist: image the latents are pulled towards (default: flat gray)"),
 }
 PROTECT_IMAGES_EPILOG = ("Example: apdm protect-images --method advdm --budget 8/255 --model ./sd15 --input photos/ "
-                         "--output protected/\n" + epilog("protect-images") +
-                         "\n--print-config shows every setting with its default.")
+                         "--output protected/\n" + epilog("protect-images"))
+
+
+#: what a command interrupted with Ctrl-C does when run again (each keeps its finished work)
+RESUME_HINT = {
+    "protect-model": "The same command again continues from its checkpoint in output_dir (protect.resume=false "
+                     "starts over).",
+    "protect-images": "The same command again skips the photos already protected (manifest.json; resume=false "
+                      "protects every photo again).",
+    "train-perturber": "The same command again continues from its checkpoint in output_dir (resume=false starts "
+                       "over).",
+    "evaluate": "The same command again reuses the finished cells in output_dir/cells (resume=false recomputes).",
+    "personalize": "Run the command again: it starts over (class images already generated are reused).",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="apdm",
         description="Anti-personalization for diffusion models: protect a model, protect images, evaluate.",
+        epilog="--debug anywhere on the line shows the full traceback of a failure. The commands with a config "
+               "take --print-config (every setting with its default) and quiet=true (no progress bars).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, _, help_text) in COMMANDS.items():
@@ -116,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the toy-world demo: protect images and model, attack, evaluate, report")
     demo.add_argument("--out", default="outputs/demo", help="output folder (report.html inside)")
     demo.add_argument("--quick", action="store_true", help="fewer methods and samples (a few minutes)")
+    demo.add_argument("--quiet", action="store_true", help="hide the progress bars (the step lines stay)")
     bench = sub.add_parser("bench", help="benchmarks that write JSON (speed, memory, efficacy on the toy world)")
     # one positional list: argparse cannot interleave two positionals with options (NAME --quick k=v)
     bench.add_argument("args", nargs="*", metavar="NAME [key=value ...]", help="benchmark name, then its options")
@@ -136,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     from apdm import config as C
     from apdm.utils import setup_logging
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # anywhere on the line: the full traceback of a failure
+    argv = [a for a in argv if a != "--debug"]
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
@@ -167,12 +187,15 @@ def main(argv: list[str] | None = None) -> int:
         from apdm.demo import run_demo
         from apdm.utils import set_progress
 
-        set_progress(False)
+        set_progress(not args.quiet)
         try:
-            print(f"report: {run_demo(args.out, args.quick)}")
+            print(f"report: {run_demo(args.out, args.quick, quiet=args.quiet)}")
+        except KeyboardInterrupt:
+            print(f"apdm demo: interrupted; outputs so far are in {args.out}", file=sys.stderr)
+            return 130
         except (OSError, ValueError, RuntimeError) as exc:
             print(f"apdm demo failed: {exc}", file=sys.stderr)
-            if "--debug" in (argv or sys.argv):
+            if debug:
                 raise
             return 1
         return 0
@@ -189,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError) as exc:
             print(f"apdm bench {args.name}: {exc}", file=sys.stderr)
             return 2
+        except RuntimeError as exc:  # a model that does not load, a device that is not there
+            print(f"apdm bench {args.name} failed: {exc}", file=sys.stderr)
+            if debug:
+                raise
+            return 1
 
     cls_name, target, _ = COMMANDS[args.command]
     if args.command == "protect-images":
@@ -200,15 +228,18 @@ def main(argv: list[str] | None = None) -> int:
     from apdm.utils import set_progress
 
     set_progress(not getattr(cfg, "quiet", False))
+    from apdm.utils import LOG
+
     try:
         _resolve(target)(cfg)
+    except KeyboardInterrupt:  # Ctrl-C: one line, and how to go on
+        LOG.error("%s interrupted. %s", args.command, RESUME_HINT.get(args.command, ""))
+        return 130
     except (OSError, ValueError, RuntimeError) as exc:
         # user-facing failures (bad input folder, unloadable model, an output path that is a file, a full disk...):
-        # one clear line, no traceback
-        from apdm.utils import LOG
-
+        # one clear line, no traceback (--debug shows it)
         LOG.error("%s failed: %s", args.command, exc)
-        if "--debug" in (argv or sys.argv):
+        if debug:
             raise
         return 1
     return 0

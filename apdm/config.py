@@ -635,8 +635,20 @@ def to_yaml(cfg) -> str:
 
 # ---------------------------------------------------------------------------- internals
 def _unknown_key_msg(key: str, target, where: str) -> str:
-    known = ", ".join(f.name for f in dataclasses.fields(target))
-    return f"{where}: unknown key '{key}' (known keys here: {known})"
+    names = [f.name for f in dataclasses.fields(target)]
+    return f"{where}: unknown key '{key}'{_did_you_mean(key, names)} (known keys here: {', '.join(names)})"
+
+
+def _did_you_mean(key: str, names: list[str]) -> str:
+    """``; did you mean 'outer_steps'?`` for a near miss of one of ``names``; a hint for ``key:value`` (YAML needs a
+    space after the colon); else empty."""
+    import difflib
+
+    last = key.rsplit(".", 1)[-1]
+    if ":" in last and last.split(":", 1)[0] in names:
+        return f"; YAML needs a space after the colon: '{last.split(':', 1)[0]}: {last.split(':', 1)[1]}'"
+    close = difflib.get_close_matches(last, names, n=1, cutoff=0.75)
+    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def _build(cls, data: dict, source: str, prefix: str):
@@ -653,7 +665,8 @@ def _checked_kwargs(cls, data: dict, source: str, prefix: str) -> dict:
     for key, value in data.items():
         if key not in fields:
             known = ", ".join(fields)
-            raise ConfigError(f"{source}: unknown key '{prefix}{key}' (known keys here: {known})")
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{_did_you_mean(str(key), list(fields))} "
+                              f"(known keys here: {known})")
         kwargs[key] = _coerce(hints[key], value, source, prefix + key)
     return kwargs
 

@@ -19,8 +19,8 @@ from pathlib import Path
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-def run_demo(out_dir: str = "outputs/demo", quick: bool = False) -> Path:
-    """Run the demo into ``out_dir``; returns the report path."""
+def run_demo(out_dir: str = "outputs/demo", quick: bool = False, quiet: bool = True) -> Path:
+    """Run the demo into ``out_dir``; returns the report path. ``quiet=False`` shows each step's progress bars."""
     from apdm.bench.toy_world import toy_recipe
     from apdm.config import (EvalSubjectConfig, EvaluateRunConfig, MetricsConfig, ModelConfig, ProtectImagesRunConfig,
                              ProtectModelRunConfig, SubjectConfig, load_config)
@@ -44,7 +44,7 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False) -> Path:
     for m in methods:
         cfg = ProtectImagesRunConfig(model=model, method=m, budget="8/255", input=str(subject / "train"),
                                      output_dir=str(out / f"protected-{m}"), rho_path=str(rho or ""),
-                                     steps=20 if m == "aspl" else 0, quiet=True)
+                                     steps=20 if m == "aspl" else 0, quiet=quiet)
         if m == "aspl":
             cfg.personalization = dataclasses.replace(toy_recipe("dreambooth").personalization,
                                                       with_prior_preservation=False)
@@ -52,7 +52,7 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False) -> Path:
 
     LOG.info("demo 3/4: protecting the model itself (APDM)")
     pm = load_config(ProtectModelRunConfig, RECIPES / "toy-protect-model.yaml",
-                     [f"output_dir={out / 'apdm'}", "quiet=true"])
+                     [f"output_dir={out / 'apdm'}", f"quiet={str(quiet).lower()}"])
     pm.model = model
     pm.subjects = [SubjectConfig(instance_data=str(subject / "train"))]
     if quick:
@@ -75,7 +75,7 @@ def run_demo(out_dir: str = "outputs/demo", quick: bool = False) -> Path:
             scenarios=["all_perturbed"] if protected else ["all_clean"],
             attacks=(["none", "jpeg:quality=75", "diffpure:strength=0.2"] if protected and not quick else ["none"]),
             personalizations=[db.personalization], class_prompt_baseline=label == "unprotected",
-            output_dir=str(out / "evaluate" / label.replace(" ", "-")), quiet=True)
+            output_dir=str(out / "evaluate" / label.replace(" ", "-")), quiet=quiet)
         result = evaluate.run(cfg)
         records += result["records"]
         sub = Path(cfg.output_dir).relative_to(out)

@@ -83,14 +83,40 @@ def progress(iterable: Iterable | None = None, desc: str = "", total: int | None
     return tqdm(iterable, desc=desc, total=total, **kwargs)
 
 
+class _TqdmHandler(logging.Handler):
+    """Writes each record to stderr through ``tqdm.write``, so a log line printed while a progress bar is open gets
+    its own line (and the bar is redrawn below it) instead of landing on the bar's line. stderr is looked up at
+    each record (where the bars go too)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        import sys
+
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 (logging must never raise)
+            self.handleError(record)
+
+
+def _no_torchvision_notice(record: logging.LogRecord) -> bool:
+    """transformers says on every model load that its image processors fall back to PIL without torchvision, which
+    apdm leaves out of the default install on purpose (its image processors are never used)."""
+    return "requires torchvision (not installed)" not in record.getMessage()
+
+
 def setup_logging(level: str = "INFO") -> None:
-    """Configure the ``apdm`` logger to print plain ``[apdm] message`` lines on stderr."""
+    """Configure the ``apdm`` logger to print plain ``[apdm] message`` lines on stderr (through ``tqdm.write``:
+    never on a progress bar's line), and drop transformers' notice that torchvision is not installed."""
     if not LOG.handlers:
-        handler = logging.StreamHandler()
+        handler = _TqdmHandler()
         handler.setFormatter(logging.Formatter("[apdm] %(message)s"))
         LOG.addHandler(handler)
     LOG.setLevel(level.upper())
     LOG.propagate = False
+    notices = logging.getLogger("transformers.utils.import_utils")
+    if _no_torchvision_notice not in notices.filters:
+        notices.addFilter(_no_torchvision_notice)
 
 
 # --------------------------------------------------------------------------------------------- files

@@ -919,3 +919,55 @@ def test_toy_sample_refuses_bad_arguments_before_loading(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err and not (tmp_path / "g.png").exists()
     assert main(base + ["--n", "1", "--steps", "1", "--out", str(tmp_path / "g.png")]) == 0
     assert (tmp_path / "g.png").is_file()
+
+
+def test_the_terminal_gets_one_line_for_ctrl_c_and_a_traceback_only_with_debug(tmp_path, monkeypatch, apdm_log):
+    """Ctrl-C printed a 70-line traceback and never said that the same command continues; --debug, which the code
+    looked for, was refused by the parser; train-perturber without data= trained on the current folder."""
+    import apdm.protect_images.run as pi
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pi, "run", interrupted)
+    src = tmp_path / "in"
+    src.mkdir()
+    assert main(["protect-images", "--input", str(src), "--output", str(tmp_path / "out")]) == 130
+    assert "protect-images interrupted. The same command again skips the photos already protected" in apdm_log()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        main(["personalize", "--debug", f"instance_data={tmp_path / 'nothing'}", "quiet=true"])
+    assert main(["personalize", f"instance_data={tmp_path / 'nothing'}", "quiet=true"]) == 1
+    monkeypatch.chdir(tmp_path)
+    assert main(["train-perturber", "model.device=cpu", "quiet=true"]) == 1
+    assert "set data=FOLDER: one sub-folder of photos per training identity" in apdm_log()
+
+
+def test_log_lines_never_land_on_a_progress_bar_and_library_noise_is_dropped(capfd):
+    """A log line written while a bar was open landed on the bar's line ("evaluating s1: 25%|██▌ | 1/4[apdm] ..");
+    transformers' notice that torchvision is missing (left out on purpose) came with every model load; quiet=true
+    left diffusers' and transformers' loading bars on."""
+    import logging
+
+    from tqdm import tqdm
+
+    from apdm.core.models import load_sd
+    from apdm.utils import LOG, set_progress, setup_logging
+
+    handlers = LOG.handlers[:]
+    LOG.handlers[:] = []
+    setup_logging()
+    try:
+        with tqdm(total=4, desc="evaluating", file=sys.stderr) as bar:
+            bar.update(1)
+            LOG.info("subject 's1' attacked")
+        logging.getLogger("transformers.utils.import_utils").warning(
+            "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`")
+        err = capfd.readouterr().err.replace("\r", "\n")
+        assert any(line.startswith("[apdm] subject 's1' attacked") for line in err.splitlines()), err
+        assert "requires torchvision" not in err
+        set_progress(False)
+        load_sd("toy", device="cpu")
+        assert "Loading pipeline components" not in capfd.readouterr().err
+    finally:
+        set_progress(True)
+        LOG.handlers[:] = handlers

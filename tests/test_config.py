@@ -155,3 +155,15 @@ def test_encoder_trap_recipe_is_the_measured_setting():
     recipe = C.load_config(C.ProtectModelRunConfig, str(root / "toy-protect-model-encoder-trap.yaml"), [])
     assert recipe.encoder_trap.steps == 1500 and recipe.protect.outer_steps == 0
     assert dataclasses.replace(recipe, output_dir=measured.output_dir) == measured
+
+
+def test_unknown_keys_suggest_the_near_miss_and_the_missing_space():
+    """protect.outer_step=3 listed 35 keys and no hint; {instance_data:/path} (no space after the colon, so YAML
+    reads one key) named the key 'instance_data:/path'."""
+    with pytest.raises(C.ConfigError, match="unknown key 'protect.outer_step'; did you mean 'outer_steps'"):
+        C.load_config(C.ProtectModelRunConfig, None, ["protect.outer_step=3"])
+    with pytest.raises(C.ConfigError, match="YAML needs a space after the colon: 'instance_data: /p'"):
+        C.load_config(C.ProtectModelRunConfig, None, ["subjects=[{instance_data:/p}]"])
+    with pytest.raises(C.ConfigError) as far:
+        C.load_config(C.ProtectModelRunConfig, None, ["nonsense=1"])
+    assert "did you mean" not in str(far.value)

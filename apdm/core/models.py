@@ -309,7 +309,7 @@ def restore_source_precision(module: torch.nn.Module, component: Path, computed:
     with torch.no_grad():
         for f in files:
             with safe_open(str(f), framework="pt") as h:
-                for key in h.keys():
+                for key in h.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                     t = state.get(key)
                     if t is None or not t.is_floating_point():
                         continue
@@ -441,8 +441,17 @@ def load_sd(path: str = "tiny", device: str = "auto", dtype: str = "auto", revis
         kwargs["revision"] = revision
         source = path
     from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
+    from apdm.utils import progress_enabled
+
+    quiet = not progress_enabled()  # quiet=true also hides diffusers' and transformers' loading bars
+    bars = [(m, m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
     try:
+        if quiet:
+            for m, _ in bars:
+                m.disable_progress_bar()
         with warnings.catch_warnings():  # newer diffusers call torch_dtype deprecated; older ones know nothing else
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             pipe = StableDiffusionPipeline.from_pretrained(
@@ -452,6 +461,10 @@ def load_sd(path: str = "tiny", device: str = "auto", dtype: str = "auto", revis
     except (OSError, ValueError) as exc:
         where = p if p.exists() else f"'{path}' (from the Hugging Face hub)"
         raise ModelLoadError(f"{where}: could not load the diffusers model: {exc}") from exc
+    finally:
+        for m, was_on in bars:
+            if quiet and was_on:
+                m.enable_progress_bar()
     LOG.info("loaded %s on %s (%s)", path, dev, str(dt).replace("torch.", ""))
     return _from_components(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler, dev, dt, str(path))
 

@@ -506,7 +506,7 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
             g.set_state(extra["tensors"][f"anchor_generator_{k}"])
         LOG.info("resuming the ρ training from step %d/%d (%s)", start, steps, ckpt)
     records = list(past)  # every step's record, the resumed ones first (checkpointed; handed to ``history``)
-    bar = progress(range(start, steps), desc="ldu train", total=steps - start, disable=quiet)
+    bar = progress(range(start, steps), desc="ldu train", total=steps, initial=start, disable=quiet)
     for step in bar:
         i = step % k_ids
         n_i = identities[i].shape[0]

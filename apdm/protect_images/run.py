@@ -533,6 +533,9 @@ def check_train_config(cfg: TrainPerturberRunConfig) -> float:
     from apdm.personalization.simulator import check_personalization
     from apdm.protect_images.budget import parse_budget
 
+    if not str(cfg.data).strip():  # it read the current folder, and trained on whatever sub-folders it held
+        raise ValueError("set data=FOLDER: one sub-folder of photos per training identity (never the people you "
+                         "will protect)")
     per = cfg.personalization
     check_personalization(per)  # the anchors' personalization
     for key, value, low in (("steps", cfg.steps, 1), ("batch_size", cfg.batch_size, 1),
@@ -641,4 +644,6 @@ def train(cfg: TrainPerturberRunConfig) -> dict:
     summary = {"seconds": round(time.perf_counter() - t0, 1), "identities": list(identities),
                "parameters": ldu.count_parameters(rho), "history": history}
     atomic_write_json(out / "train_log.json", summary)
+    LOG.info("perturbation network written to %s (%.0f s); protect photos with it: apdm protect-images --method ldu "
+             "--rho %s --model %s ...", out, summary["seconds"], out, cfg.model.path)
     return summary

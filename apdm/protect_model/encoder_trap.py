@@ -631,7 +631,7 @@ def trap_encoder(vae, subjects: list, cfg: EncoderTrapConfig, seed: int = 0,
                                   + f"delete {ckpt}")
         LOG.info("resuming the encoder trap from step %d/%d (%s)", start, cfg.steps, ckpt)
     trapped.train()
-    bar = progress(range(start, cfg.steps), desc="encoder trap", total=cfg.steps - start, disable=quiet)
+    bar = progress(range(start, cfg.steps), desc="encoder trap", total=cfg.steps, initial=start, disable=quiet)
     done = 0
     for k in bar:
         g = torch.Generator().manual_seed(seed * 1_000_003 + k)

@@ -112,8 +112,8 @@ def prepare_theta(sd: SD, pcfg: ProtectConfig, seed: int = 0
         (theta_unet, {name: parameter} of the trainable parameters).
     """
     theta = copy.deepcopy(sd.unet)
-    if pcfg.trainable != "lora":
-        theta.to(torch.float32)
+    if pcfg.trainable != "lora":  # torch's own Module.to: diffusers' override adds a notice about nothing here
+        torch.nn.Module.to(theta, torch.float32)
     theta.requires_grad_(False)
     if pcfg.trainable == "lora":
         from peft import LoraConfig
@@ -886,7 +886,7 @@ def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcf
                         start, restart)
     theta.train()
     main = distributed.is_main()  # with several processes, only the main one shows progress and checkpoints
-    bar = progress(range(start, pcfg.outer_steps), desc="protecting (L2P)", total=pcfg.outer_steps - start,
+    bar = progress(range(start, pcfg.outer_steps), desc="protecting (L2P)", total=pcfg.outer_steps, initial=start,
                    disable=not main)
     done = 0
     for j in bar:

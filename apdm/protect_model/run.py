@@ -24,7 +24,8 @@ def protection_images(sd, per_cfg, class_prompt: str, num_class_images: int, num
         x⁺ images, one per subject photo, from another seed; both in [0,1] on the CPU.
     """
     return (base_model_images(sd, per_cfg, class_prompt, num_class_images, quiet=quiet),
-            base_model_images(sd, per_cfg, class_prompt, num_paired, PAIRED_SEED, quiet))
+            base_model_images(sd, per_cfg, class_prompt, num_paired, PAIRED_SEED, quiet,
+                              "paired images (the DPO pairs' x⁺, one per photo)"))
 
 
 #: offsets from ``personalization.seed`` of the seeds of the base model's images other than the class images: the
@@ -32,7 +33,8 @@ def protection_images(sd, per_cfg, class_prompt: str, num_class_images: int, num
 PAIRED_SEED, KEEP_GENERATED_SEED = 7777, 3333
 
 
-def base_model_images(sd, per_cfg, class_prompt: str, n: int, seed_offset: int = 0, quiet: bool = False):
+def base_model_images(sd, per_cfg, class_prompt: str, n: int, seed_offset: int = 0, quiet: bool = False,
+                      what: str = "class images"):
     """``n`` images of ``class_prompt`` from the base model ``sd`` with the attacker's class-sampling settings
     (:func:`apdm.personalization.simulator.class_images_for`, cached) and seed ``per_cfg.seed + seed_offset``, made
     whatever the attacker's method and prior-preservation setting; (n,3,H,W) in [0,1] on the CPU."""
@@ -40,7 +42,7 @@ def base_model_images(sd, per_cfg, class_prompt: str, n: int, seed_offset: int =
 
     return class_images_for(sd, dataclasses.replace(per_cfg, class_prompt=class_prompt, num_class_images=n,
                                                     with_prior_preservation=True, method="dreambooth",
-                                                    seed=per_cfg.seed + seed_offset), quiet=quiet)
+                                                    seed=per_cfg.seed + seed_offset), quiet=quiet, what=what)
 
 
 def generated_keep_images(sd, per_cfg, class_prompts: list[str], n: int, quiet: bool = False):
@@ -51,7 +53,8 @@ def generated_keep_images(sd, per_cfg, class_prompts: list[str], n: int, quiet: 
 
     if n <= 0:
         return None
-    return torch.cat([base_model_images(sd, per_cfg, p, n, KEEP_GENERATED_SEED, quiet)
+    return torch.cat([base_model_images(sd, per_cfg, p, n, KEEP_GENERATED_SEED, quiet,
+                                        "generated images to keep (encoder_trap.keep_generated)")
                       for p in dict.fromkeys(class_prompts)])
 
 
