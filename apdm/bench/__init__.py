@@ -291,4 +291,7 @@ def run_benchmark(name: str, out: str | None, quick: bool, overrides: list[str])
     print(text)
     if out:
         atomic_write_json(out, result)
+        from apdm.utils import LOG
+
+        LOG.info("bench %s: result written to %s (%.0f s)", name, out, result["seconds_total"])
     return 0 if result else 1
