@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
               "launch?); only protect-model runs data parallel over several processes", file=sys.stderr)
         return 2
     if args.command == "toy":
-        return _toy(args)
+        return _toy(args, debug)
     if args.command == "demo":
         from pathlib import Path
 
@@ -209,8 +209,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             return run_benchmark(args.name, args.out, args.quick, args.overrides)
+        except KeyboardInterrupt:
+            print(f"apdm bench {args.name}: interrupted; nothing was written", file=sys.stderr)
+            return 130
         except (ValueError, OSError) as exc:
             print(f"apdm bench {args.name}: {exc}", file=sys.stderr)
+            if debug:
+                raise
             return 2
         except RuntimeError as exc:  # a model that does not load, a device that is not there
             print(f"apdm bench {args.name} failed: {exc}", file=sys.stderr)
@@ -265,7 +270,7 @@ def _load_config(command: str, cls, args):
     return cfg
 
 
-def _toy(args) -> int:
+def _toy(args, debug: bool = False) -> int:
     """``apdm toy build`` / ``apdm toy sample`` / ``apdm toy upscaler`` / ``apdm toy export``."""
     if args.toy_command == "build":
         from apdm.toy.world import ToyBuildConfig, build
@@ -278,8 +283,14 @@ def _toy(args) -> int:
         set_progress(not cfg.quiet)
         try:
             build(cfg)
-        except (OSError, ValueError) as exc:  # an output_dir that is a file, a missing init_from, a bad stage
+        except KeyboardInterrupt:
+            print("apdm toy build: interrupted; the same command again continues from the last checkpoint",
+                  file=sys.stderr)
+            return 130
+        except (OSError, ValueError) as exc:  # an output_dir that is a file, a missing init_from, a bad stage, ...
             print(f"apdm toy build: {exc}", file=sys.stderr)
+            if debug:
+                raise
             return 2
         return 0
     if args.toy_command == "sample":

@@ -667,7 +667,15 @@ def _checked_kwargs(cls, data: dict, source: str, prefix: str) -> dict:
             known = ", ".join(fields)
             raise ConfigError(f"{source}: unknown key '{prefix}{key}'{_did_you_mean(str(key), list(fields))} "
                               f"(known keys here: {known})")
-        kwargs[key] = _coerce(hints[key], value, source, prefix + key)
+        factory = fields[key].default_factory
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints[key]) and factory is not dataclasses.MISSING:
+            # a recipe's section sets only the keys it names on the field's own default, as an override does:
+            # protect-images' surrogate keeps its published lr 5e-7 when a recipe sets only the prompts (before,
+            # the section was built on the class defaults and lr 5e-6 came back)
+            base = factory()
+            kwargs[key] = dataclasses.replace(base, **_checked_kwargs(type(base), value, source, prefix + key + "."))
+        else:
+            kwargs[key] = _coerce(hints[key], value, source, prefix + key)
     return kwargs
 
 

@@ -167,3 +167,16 @@ def test_unknown_keys_suggest_the_near_miss_and_the_missing_space():
     with pytest.raises(C.ConfigError) as far:
         C.load_config(C.ProtectModelRunConfig, None, ["nonsense=1"])
     assert "did you mean" not in str(far.value)
+
+
+def test_a_recipe_section_sets_only_its_keys_on_the_fields_own_default(tmp_path):
+    """A recipe's personalization: section was built on PersonalizationConfig's class defaults, so protect-images'
+    published surrogate (lr 5e-7, text encoder trained, 1000 steps) fell back to lr 5e-6 / 800 steps as soon as a
+    recipe set a prompt; an override on the command line kept it. Both now agree."""
+    recipe = tmp_path / "p.yaml"
+    recipe.write_text("method: aspl\npersonalization:\n  class_prompt: a photo of a dog\n")
+    from_yaml = C.load_config(C.ProtectImagesRunConfig, recipe).personalization
+    from_cli = C.load_config(C.ProtectImagesRunConfig, None, ["personalization.class_prompt=a photo of a dog"])
+    assert from_yaml == from_cli.personalization
+    assert (from_yaml.learning_rate, from_yaml.steps, from_yaml.train_text_encoder) == (5e-7, 1000, True)
+    assert from_yaml.class_prompt == "a photo of a dog"

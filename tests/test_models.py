@@ -240,3 +240,18 @@ def test_loading_does_not_warn_about_torch_dtype(tiny_sd, tmp_path):
         warnings.simplefilter("always")
         load_sd(str(folder), device="cpu", dtype="fp32")
     assert not [w for w in caught if "torch_dtype" in str(w.message)]
+
+
+def test_local_folder_resolves_what_a_model_path_loads_from(tmp_path, monkeypatch):
+    """protect-model keeps the source's dtype and precision by reading the source's files; for ``toy`` and a hub id
+    there were none (stored_dtype(model.path) was None), so the protected model came out in the computing dtype."""
+    from pathlib import Path
+
+    from apdm.core.models import local_folder, stored_dtype
+    from apdm.toy import model_path
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert local_folder("toy") == Path(model_path()) and stored_dtype(str(local_folder("toy"))) is not None
+    assert local_folder("tiny") is None and local_folder("random:sd15") is None
+    assert local_folder(str(tmp_path)) == tmp_path
+    assert local_folder("someone/not-downloaded-model") is None  # nothing is fetched

@@ -611,7 +611,8 @@ def test_ldu_training_scores_the_published_image_through_its_augmentations(tiny_
         assert float((s - ids["a"]).abs().max()) <= budget + 1e-6 and 0 <= float(s.min()) <= float(s.max()) <= 1
     plain = list(scored)
     scored.clear()
-    ldu.train_perturber(tiny_sd, ids, eot=["flip"], **kw)
+    rho = ldu.train_perturber(tiny_sd, ids, eot=["flip"], **kw)
+    assert (rho.training_info["scored"], rho.training_info["eot"]) == ("published", ["flip"])  # saved with ρ
     # each image flips with probability 1/2: until the first flip the two trainings are the same, and then a
     # flipped copy of the plain training's image was scored
     pairs = [(a, b) for s, p in zip(scored, plain) for a, b in zip(s, p)]

@@ -1250,6 +1250,13 @@ def test_cli_protect_model_rerun_of_a_finished_run_does_nothing(tmp_path):
     assert main(args) == 0
     stamp = weights.stat().st_mtime_ns
     assert main(args + ["quiet=false"]) == 0 and weights.stat().st_mtime_ns == stamp  # nothing to do
+    import json
+
+    log_file = tmp_path / "out" / "protect_log.json"  # a log from before the number of processes was recorded
+    log = json.loads(log_file.read_text())
+    del log["run"]["processes"]
+    log_file.write_text(json.dumps(log))
+    assert main(args) == 0 and weights.stat().st_mtime_ns == stamp  # still the same run: one process
     for again in (["protect.resume=false"], ["protect.learning_rate=2e-3"]):
         assert main(args + again) == 0 and weights.stat().st_mtime_ns != stamp, again
         stamp = weights.stat().st_mtime_ns

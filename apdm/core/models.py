@@ -251,6 +251,29 @@ def _weight_files(component: Path) -> tuple[bool, set[str], list[str]]:
     return plain, variants, pickles
 
 
+def local_folder(path: str, revision: str | None = None) -> Path | None:
+    """The local diffusers folder ``model.path`` loads from: the folder itself, the toy world's for ``toy``, the
+    Hugging Face cache's snapshot for a hub id already downloaded (nothing is fetched); None for ``tiny`` /
+    ``random:`` pipelines or a hub id not in the cache."""
+    if is_untrained(path):
+        return None
+    if path == "toy":
+        from apdm.toy import model_path
+
+        return Path(model_path())
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p
+    if _looks_local(path):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(path, revision=revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 (not in the cache, not a hub id, no huggingface_hub: nothing local)
+        return None
+
+
 def model_fingerprint(model) -> dict:
     """What identifies a model (a ``ModelConfig``) for a cache of results computed on it: its path, revision and
     dtype, and for a local folder each file's relative path, size and modification time (cheap for a 4 GB

@@ -568,6 +568,8 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
         "shuffle_prob": shuffle_prob, "lambda_init": lambda_init, "lambda_step": lambda_step, "lambda_final": lam,
         "min_psnr": min_psnr,
         "base_model": sd.source, "seed": seed,
+        # how the loss saw ρ's output: as published (projected, clamped; since 2026-12-07), through these augmentations
+        "scored": "published", "eot": list(eot),
     }
     LOG.debug("ldu: trained rho for %d steps, final lambda %.3f", steps, lam)
     return rho

@@ -7,7 +7,6 @@ import json
 import time
 from pathlib import Path
 
-
 from apdm.config import ProtectModelRunConfig, to_yaml
 from apdm.utils import LOG, atomic_dir, atomic_write_json, atomic_write_text, peak_rss_mb, seed_everything
 
@@ -405,7 +404,10 @@ def finished_run(cfg: ProtectModelRunConfig) -> dict | None:
         log = json.loads(log_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return log if isinstance(log, dict) and log.get("run") == run_identity(cfg) else None
+    if not isinstance(log, dict) or not isinstance(log.get("run"), dict):
+        return None
+    # logs written before the number of processes was recorded (2026-12-07) came from one process
+    return log if {"processes": 1, **log["run"]} == run_identity(cfg) else None
 
 
 #: what the model card shows instead of a local path (a folder name can be a person's name)
@@ -478,7 +480,14 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     import torch
 
     from apdm.core import distributed
-    from apdm.core.models import load_sd, restore_source_precision, save_sd, stored_dtype, warn_if_untrained
+    from apdm.core.models import (
+        load_sd,
+        local_folder,
+        restore_source_precision,
+        save_sd,
+        stored_dtype,
+        warn_if_untrained,
+    )
     from apdm.protect_model.encoder_trap import check_trap_config
     from apdm.protect_model.l2p import check_protect_config, protect
 
@@ -600,7 +609,8 @@ def run(cfg: ProtectModelRunConfig) -> dict:
                        encoder_trap_history=trap_history)
     # one folder operation: the weights and the card appear together under model/, and the log is written just
     # before; a kill before the rename leaves the previous model/ (or none) and the checkpoint, which a rerun resumes
-    keep = stored_dtype(cfg.model.path)  # the source's own dtype: an fp16 model stays fp16
+    source = local_folder(cfg.model.path, cfg.model.revision)  # toy and a cached hub id resolve to their folder
+    keep = stored_dtype(str(source)) if source is not None else None  # the source's own dtype: fp16 stays fp16
     if keep is not None and keep != protected.dtype:
         finer = torch.finfo(keep).eps < torch.finfo(protected.dtype).eps
         LOG.info("saving the protected model in the source's %s (computed in %s)%s", str(keep).replace("torch.", ""),
@@ -611,7 +621,12 @@ def run(cfg: ProtectModelRunConfig) -> dict:
             for part in ("unet", "vae", "text_encoder"):
                 module = getattr(protected, part).to(keep)
                 protected = dataclasses.replace(protected, **{part: module})
-                restore_source_precision(module, Path(cfg.model.path).expanduser() / part, protected.dtype)
+                n = restore_source_precision(module, source / part, protected.dtype)
+                floats = sum(1 for t in module.state_dict().values() if t.is_floating_point())
+                if n < floats:
+                    LOG.warning("%s: %d of its %d weight tensors were not found in %s at the same shape; they keep "
+                                "the %s rounding", part, floats - n, floats, source / part,
+                                str(protected.dtype).replace("torch.", ""))
     with atomic_dir(out / "model") as tmp:
         save_sd(protected, tmp, quiet=cfg.quiet, dtype=keep)  # (replaces the empty tmp folder as a whole)
         atomic_write_text(tmp / "README.md", card)
