@@ -512,8 +512,6 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
         del group, deltas
     bar.close()
     manifest = write_manifest(complete=True)
-    LOG.info("protected %d image(s) into %s (%d already there, %d skipped); manifest.json written", len(new), out,
-             len(done), len(errors))
     summary = manifest["summary"]
     if summary["num"]:
         over = "" if summary["all_within_budget"] else " -- OVER BUDGET, see manifest.json" + (
@@ -524,6 +522,9 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
         LOG.info("all %d: PSNR %s dB mean, %s dB lowest; largest change %s/255 (budget %s)%s%s", summary["num"],
                  summary["psnr_mean@apdm"], summary["psnr_min@apdm"], summary["linf_255_max@apdm"],
                  format_budget(budget), small, over)
+    # the last line: where the photos are
+    LOG.info("protected %d image(s) into %s (%d already there, %d skipped); manifest.json written", len(new), out,
+             len(done), len(errors))
     return manifest
 
 
