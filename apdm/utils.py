@@ -267,7 +267,7 @@ def select_device(device: str = "auto"):
             dev = torch.device(device)
         except (RuntimeError, TypeError) as exc:
             raise RuntimeError(f"unknown device '{device}': use auto, cpu, cuda, cuda:N or mps") from exc
-        fallback = "use model.device=cpu or model.device=auto"
+        fallback = "use model.device=cpu or model.device=auto (in apdm bench: device=cpu or device=auto)"
         if dev.type == "cuda":
             if not torch.cuda.is_available():
                 build = " (this torch is a CPU-only build)" if torch.version.cuda is None else ""

@@ -101,7 +101,7 @@ def test_a_device_this_machine_lacks_is_refused_before_loading(tmp_path):
     for device in ("cuda", "cuda:3"):
         with pytest.raises(RuntimeError, match=re.escape(f"device '{device}': CUDA is not available here")) as info:
             select_device(device)
-        assert "use model.device=cpu or model.device=auto" in str(info.value)
+        assert "use model.device=cpu or model.device=auto (in apdm bench: device=cpu" in str(info.value)
     if not torch.backends.mps.is_available():
         with pytest.raises(RuntimeError, match="MPS .* is not available here"):
             select_device("mps")
