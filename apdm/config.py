@@ -338,6 +338,15 @@ class ProtectModelRunConfig:
     quiet: bool = False
 
 
+def antidreambooth_surrogate() -> PersonalizationConfig:
+    """Anti-DreamBooth's published surrogate DreamBooth (its scripts): lr 5e-7, text encoder trained, batch 1,
+    prior weight 1.0 with 200 class images, 1000 steps. The default surrogate of ``apdm protect-images``, and what
+    :func:`apdm.protect_images.baselines.antidreambooth_personalization` gives."""
+    return PersonalizationConfig(method="dreambooth", learning_rate=5e-7, train_text_encoder=True, batch_size=1,
+                                 steps=1000, with_prior_preservation=True, prior_loss_weight=1.0, max_grad_norm=1.0,
+                                 num_class_images=200)
+
+
 @dataclass
 class ProtectImagesRunConfig:
     """``apdm protect-images``: perturb photos so that personalization on them fails."""
@@ -394,13 +403,11 @@ class ProtectImagesRunConfig:
     #: group at one size: its photos' most common one.
     resolution_policy: str = "aspect"
     #: the surrogate personalization of ASPL/FSMG/MetaCloak/SimAC; the default is Anti-DreamBooth's published one
-    #: (``baselines.antidreambooth_personalization``: DreamBooth with prior preservation, 200 class images, text
-    #: encoder trained, lr 5e-7, batch 1; ``steps`` 1000 is FSMG's surrogate training and MetaCloak's horizon, the
-    #: training its pool spans). CAAT keeps its own published surrogate (cross-attention K/V, lr 1e-5:
+    #: (:func:`antidreambooth_surrogate`: DreamBooth with prior preservation, 200 class images, text encoder trained,
+    #: lr 5e-7, batch 1; ``steps`` 1000 is FSMG's surrogate training and MetaCloak's horizon, the training its pool
+    #: spans). CAAT keeps its own published surrogate (cross-attention K/V, lr 1e-5:
     #: ``baselines.caat_personalization``). Tiny and toy models need a larger learning rate (toy recipes set one).
-    personalization: PersonalizationConfig = field(default_factory=lambda: PersonalizationConfig(
-        learning_rate=5e-7, with_prior_preservation=True, train_text_encoder=True, batch_size=1, steps=1000,
-        prior_loss_weight=1.0, max_grad_norm=1.0, num_class_images=200))
+    personalization: PersonalizationConfig = field(default_factory=antidreambooth_surrogate)
     seed: int = 0
     #: skip the photos that ``output_dir/manifest.json`` lists as protected with the same settings (same input
     #: bytes, output file present), e.g. after a killed run; other settings there are refused. false = protect
@@ -664,9 +671,7 @@ def _checked_kwargs(cls, data: dict, source: str, prefix: str) -> dict:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            known = ", ".join(fields)
-            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{_did_you_mean(str(key), list(fields))} "
-                              f"(known keys here: {known})")
+            raise ConfigError(_unknown_key_msg(f"{prefix}{key}", cls, source))
         factory = fields[key].default_factory
         if isinstance(value, dict) and dataclasses.is_dataclass(hints[key]) and factory is not dataclasses.MISSING:
             # a recipe's section sets only the keys it names on the field's own default, as an override does:

@@ -339,16 +339,17 @@ def provenance() -> dict:
         except metadata.PackageNotFoundError:
             return None
 
+    here = Path(apdm.__file__).resolve().parent.parent
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=10, check=False)
+
     commit = None
     try:
-        here = Path(apdm.__file__).resolve().parent.parent
         if (here / ".git").exists():
-            out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
-                                 timeout=10)
-            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=10, check=False)
-            if out.returncode == 0:
-                commit = out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+            head, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+            if head.returncode == 0:
+                commit = head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         pass
     return {"apdm": apdm.__version__, "git_commit": commit, "torch": torch.__version__,

@@ -45,3 +45,22 @@ def clean_and_protected_folders(tmp_path, n: int = 2):
         Image.fromarray(x).save(clean / f"{i}.png")
         Image.fromarray(255 - x).save(prot / f"{i}.png")
     return clean, prot
+
+
+def stop_after_first_checkpoint(monkeypatch, run, *args):
+    """Run ``run(*args)`` (a toy training: the toy upscaler) until it has saved its first checkpoint, then stop it
+    there as Ctrl-C would (the KeyboardInterrupt is asserted); checkpointing is restored afterwards."""
+    import pytest
+
+    import apdm.toy.model as M
+
+    saved = M._save_train_state
+
+    def save_then_stop(*a, **kw):
+        saved(*a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(M, "_save_train_state", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(*args)
+    monkeypatch.setattr(M, "_save_train_state", saved)

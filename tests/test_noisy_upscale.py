@@ -101,21 +101,12 @@ def test_rescale_vae_scales_the_latents_and_decodes_the_same(tiny_sd, rand_image
 
 
 def test_toy_upscaler_trains_saves_a_pipeline_and_resumes(tmp_path, monkeypatch, rand_images):
-    import apdm.toy.model as M
+    from helpers import stop_after_first_checkpoint
 
     cfg = ToyUpscalerConfig(out=str(tmp_path / "ups"), steps=4, batch=2, identities=1, images_per_identity=1,
                             crop=32, channels=[8, 16], checkpoint_every=2, quiet=True)
-    saved = M._save_train_state
-
-    def save_then_stop(*args, **kwargs):
-        saved(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(M, "_save_train_state", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        build_upscaler(cfg)
+    stop_after_first_checkpoint(monkeypatch, build_upscaler, cfg)
     assert (tmp_path / "ups.work" / "state.json").is_file() and not (tmp_path / "ups").exists()
-    monkeypatch.setattr(M, "_save_train_state", saved)
     out = build_upscaler(cfg)
     log = json.loads((out / "train_log.json").read_text())
     assert log["steps_run_here"] == 2 and log["steps"] == 4        # resumed at step 2

@@ -226,3 +226,17 @@ def test_the_commands_surrogate_is_the_published_one():
     from apdm.protect_images.baselines import antidreambooth_personalization
 
     assert ProtectImagesRunConfig().personalization == antidreambooth_personalization()
+    per = ProtectImagesRunConfig().personalization  # the published values (reference notes, Anti-DreamBooth [C])
+    assert (per.method, per.learning_rate, per.steps, per.train_text_encoder, per.batch_size, per.num_class_images,
+            per.with_prior_preservation, per.prior_loss_weight) == ("dreambooth", 5e-7, 1000, True, 1, 200, True, 1.0)
+
+
+def test_train_perturber_refuses_an_unknown_augmentation_as_protect_images_does():
+    """train-perturber's eot= (the training augmentations) is checked before any model loads, with protect-images'
+    own check and message."""
+    from apdm.config import TrainPerturberRunConfig
+    from apdm.protect_images.run import check_train_config
+
+    with pytest.raises(ValueError, match=r"^eot=\[spin\]: unknown transform 'spin'; choose from flip, blur"):
+        check_train_config(TrainPerturberRunConfig(data="photos", eot=["spin"]))
+    assert check_train_config(TrainPerturberRunConfig(data="photos", eot=["blur+flip"])) == pytest.approx(10 / 255)

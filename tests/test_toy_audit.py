@@ -137,23 +137,16 @@ def test_export_refuses_to_replace_the_other_class(tmp_path, capsys):
 def test_the_upscaler_starts_over_when_its_checkpoint_is_from_other_settings(tmp_path, monkeypatch, caplog):
     """A killed `apdm toy upscaler` resumed its checkpoint under another seed or learning rate (and logged the new
     ones as its config); the checkpoint now records its settings and a run with others starts over."""
+    from helpers import stop_after_first_checkpoint
+
     from apdm.toy.upscaler import ToyUpscalerConfig, build_upscaler
 
     monkeypatch.setenv("APDM_CACHE", str(tmp_path / "cache"))
     base = {"out": str(tmp_path / "up"), "steps": 4, "batch": 2, "identities": 1, "images_per_identity": 1,
             "crop": 16, "channels": [8, 16], "checkpoint_every": 2, "quiet": True}
-    saved = toy_model._save_train_state
-
-    def save_then_stop(*args, **kwargs):
-        saved(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(toy_model, "_save_train_state", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        build_upscaler(ToyUpscalerConfig(**base))
+    stop_after_first_checkpoint(monkeypatch, build_upscaler, ToyUpscalerConfig(**base))
     state = json.loads((tmp_path / "up.work" / "state.json").read_text())
     assert state["step"] == 2 and state["settings"]["lr"] == 1e-3 and state["settings"]["seed"] == 0
-    monkeypatch.setattr(toy_model, "_save_train_state", saved)
     with caplog.at_level(logging.INFO, logger="apdm"):
         out = build_upscaler(ToyUpscalerConfig(**base, seed=5, lr=0.5))
     log = json.loads((out / "train_log.json").read_text())
@@ -213,7 +206,8 @@ def test_the_protect_model_bench_refuses_its_judge_and_positions_past_the_heldou
     with pytest.raises(_Stop):  # another recognizer passes
         bench_protect_model(True, ["encoder_trap.steps=1", "encoder_trap.targets=farthest", "workers=1",
                                    f"encoder_trap.identity=toy:{tmp_path / 'other'}"])
-    with pytest.raises(ValueError, match=r"subjects: positions must be below 410 .* got '0,410'"):
+    with pytest.raises(ValueError, match=r"subjects: the toy world holds 410 held-out subjects \(positions 0 to 409\); "
+                                         r"asked for 1 from position 410"):
         bench_protect_model(True, ["subjects=0,410", "workers=1"])
 
 

@@ -489,11 +489,9 @@ def _subject_positions(opts: dict) -> tuple[int, int]:
     if a == b or min(a, b) < 0:
         raise ValueError(f"subjects: the protected and the other subject must be two different positions >= 0, "
                          f"got '{text}'")
-    from apdm.toy.draw import split
+    from apdm.bench import check_subjects
 
-    if max(a, b) >= len(split()["heldout"]):
-        raise ValueError(f"subjects: positions must be below {len(split()['heldout'])} (the toy world's held-out "
-                         f"identities), got '{text}'")
+    check_subjects(1, max(a, b))  # both within the toy world's held-out list
     return a, b
 
 

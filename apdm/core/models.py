@@ -235,6 +235,13 @@ def _check_unet(folder: Path, name: str) -> None:
                                  f"{SUPPORTED}")
 
 
+def _safetensors_variant(name: str) -> str | None:
+    """The weight variant of a ``.safetensors`` file name (``"fp16"``), or None for the plain weights:
+    diffusion_pytorch_model[-00001-of-00002][.fp16].safetensors, or the legacy .fp16-00001-of-00002 form."""
+    parts = re.sub(r"-\d+-of-\d+", "", name[: -len(".safetensors")]).split(".")
+    return parts[-1] if len(parts) > 1 else None
+
+
 def _weight_files(component: Path) -> tuple[bool, set[str], list[str]]:
     """(non-variant safetensors present, variants of the safetensors present, pickle weight files) of a folder."""
     plain, variants, pickles = False, set(), []
@@ -242,12 +249,11 @@ def _weight_files(component: Path) -> tuple[bool, set[str], list[str]]:
         if f.name.endswith(_PICKLE):
             pickles.append(f.name)
         elif f.name.endswith(".safetensors"):
-            # diffusion_pytorch_model[-00001-of-00002][.fp16].safetensors, or the legacy .fp16-00001-of-00002 form
-            parts = re.sub(r"-\d+-of-\d+", "", f.name[: -len(".safetensors")]).split(".")
-            if len(parts) == 1:
+            variant = _safetensors_variant(f.name)
+            if variant is None:
                 plain = True
             else:
-                variants.add(parts[-1])
+                variants.add(variant)
     return plain, variants, pickles
 
 
@@ -325,8 +331,7 @@ def restore_source_precision(module: torch.nn.Module, component: Path, computed:
 
     if not component.is_dir():
         return 0
-    files = [f for f in sorted(component.glob("*.safetensors"))
-             if len(re.sub(r"-\d+-of-\d+", "", f.name[: -len(".safetensors")]).split(".")) == 1]
+    files = [f for f in sorted(component.glob("*.safetensors")) if _safetensors_variant(f.name) is None]
     state = module.state_dict()
     done = 0
     with torch.no_grad():
@@ -563,7 +568,8 @@ def build_components(unet_cfg: dict, vae_cfg: dict, text_cfg: dict, words=(), se
     vae = AutoencoderKL(**vae_cfg)
     torch.manual_seed(seed)
     text = {"vocab_size": len(tokenizer), **text_cfg}
-    text_encoder = CLIPTextModel(CLIPTextConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    text_encoder = CLIPTextModel(CLIPTextConfig(bos_token_id=tokenizer.bos_token_id,
+                                                eos_token_id=tokenizer.eos_token_id,
                                                 pad_token_id=tokenizer.pad_token_id, **text))
     return unet, vae, text_encoder, tokenizer, DDPMScheduler(**_SD_SCHEDULER)
 

@@ -157,10 +157,10 @@ def write_report(path: str | Path, cfg, records: list[dict], gallery: list[dict]
          f"{html.escape(', '.join(cfg.scenarios))}; attacks {html.escape(', '.join(cfg.attacks))}; personalization "
          f"{html.escape(', '.join(personalization_labels(cfg.personalizations)))}; "
          f"{cfg.sample.num_images_per_prompt} images per prompt. Every metric is tagged "
-         "<code>name@implementation</code>; ↑/↓ give the metric's own direction (of quality or similarity), the row below what protection wants "
-         "(docs/metrics.md). Each cell is a mean: hover for n, std and the record's notes; <code>*</code> marks a "
-         "value the metric calls unreliable (e.g. FID on fewer than 50 images); L∞ is in k/255 with its max over "
-         "the images, the budget check.</p>",
+         "<code>name@implementation</code>; ↑/↓ give the metric's own direction (of quality or similarity), the row "
+         "below what protection wants (docs/metrics.md). Each cell is a mean: hover for n, std and the record's "
+         "notes; <code>*</code> marks a value the metric calls unreliable (e.g. FID on fewer than 50 images); L∞ is "
+         "in k/255 with its max over the images, the budget check.</p>",
          "<h2>Metrics</h2><table><tr><th>label</th><th>subject</th><th>scenario</th><th>attack</th>"
          "<th>personalization</th><th>prompt</th>"]
     wants = []

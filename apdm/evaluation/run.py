@@ -470,7 +470,8 @@ def run(cfg: EvaluateRunConfig) -> dict:
                  if not (sc != "all_clean" and protected is None)]
         skipped = [sc for sc in cfg.scenarios if sc != "all_clean" and protected is None]
         if skipped:
-            LOG.warning("subject '%s' has no protected_data: skipping scenarios %s", name, ", ".join(sorted(set(skipped))))
+            LOG.warning("subject '%s' has no protected_data: skipping scenarios %s", name,
+                        ", ".join(sorted(set(skipped))))
         attacked.clear()
         for scenario, attack, per in progress(cells, desc=f"evaluating {name}"):
             method = per_label[id(per)]

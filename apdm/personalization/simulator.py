@@ -229,8 +229,8 @@ def setup(sd: SD, cfg: PersonalizationConfig, class_images: torch.Tensor | None 
 
         work.unet.requires_grad_(False)
         with seeded_global_rng(cfg.seed, work.device):  # the adapters' init follows cfg.seed, not what ran before
-            work.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                                             init_lora_weights="gaussian", target_modules=list(cfg.lora_target_modules)))
+            work.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                                             target_modules=list(cfg.lora_target_modules)))
         lora_params = [p for n, p in work.unet.named_parameters() if "lora_" in n]
         for p in lora_params:
             p.data = p.data.float()

@@ -46,11 +46,12 @@ Methods (see docs/protect_images.md for sources):
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Sequence
 
 import torch
 
-from apdm.config import PersonalizationConfig
+from apdm.config import PersonalizationConfig, antidreambooth_surrogate
 from apdm.core import diffusion as D
 from apdm.core.models import SD
 from apdm.personalization import simulator as S
@@ -65,14 +66,14 @@ PHOTOGUARD_PGD_ALPHA = 0.02 / 2
 
 
 def antidreambooth_personalization(with_prior_preservation: bool = True, steps: int = 1000) -> PersonalizationConfig:
-    """The surrogate DreamBooth of Anti-DreamBooth's scripts: lr 5e-7, text encoder trained, batch 1, prior 1.0.
+    """The surrogate DreamBooth of Anti-DreamBooth's scripts (:func:`apdm.config.antidreambooth_surrogate`: lr 5e-7,
+    text encoder trained, batch 1, prior 1.0) with ``steps`` and prior preservation as given.
 
     Used when a baseline is called without a ``personalization`` config. Real-size models only: on tiny/toy
     models pass a config with a learning rate that moves them.
     """
-    return PersonalizationConfig(method="dreambooth", learning_rate=5e-7, train_text_encoder=True, batch_size=1,
-                                 steps=steps, with_prior_preservation=with_prior_preservation, prior_loss_weight=1.0,
-                                 max_grad_norm=1.0)
+    return dataclasses.replace(antidreambooth_surrogate(), steps=steps,
+                               with_prior_preservation=with_prior_preservation)
 
 
 def _finalize(protected: torch.Tensor, images: torch.Tensor, budget: float) -> torch.Tensor:
@@ -726,8 +727,6 @@ def protect_caat(sd: SD, images: torch.Tensor, *, budget: float, steps: int = 25
     Returns:
         (N,3,H,W) float32 in [0,1], ‖out − images‖∞ ≤ budget.
     """
-    import dataclasses
-
     from apdm.protect_images.pgd import resolve_transforms
 
     _check(images, budget)

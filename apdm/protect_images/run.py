@@ -130,7 +130,6 @@ def check_protect_config(cfg: ProtectImagesRunConfig) -> tuple[float, str]:
     from apdm.core.images import FORMATS
     from apdm.protect_images.baselines import METHOD_OPTIONS, check_method_option
     from apdm.protect_images.budget import parse_budget
-    from apdm.protect_images.pgd import EOT_TRANSFORMS
 
     if cfg.method not in METHOD_NAMES:
         raise ValueError(f"unknown method '{cfg.method}'; choose one of {', '.join(METHOD_NAMES)}")
@@ -146,11 +145,7 @@ def check_protect_config(cfg: ProtectImagesRunConfig) -> tuple[float, str]:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:  # NaN fails too
         raise ValueError(f"pgd_alpha={alpha}: must be a number from 0 to 1, the PGD step on [0,1] images (e.g. "
                          f"{1 / 255:.5f} = 1/255; 0 = the method's default)")
-    eot = [cfg.eot] if isinstance(cfg.eot, str) else list(cfg.eot or [])
-    for name in eot:
-        if name not in EOT_TRANSFORMS:
-            raise ValueError(f"eot={_shown(eot)}: unknown transform '{name}'; choose from "
-                             f"{', '.join(EOT_TRANSFORMS)}")
+    check_eot(cfg.eot)
     fmt = output_format(cfg.format)
     if fmt not in FORMATS:
         raise ValueError(f"format={cfg.format}: choose png (lossless, the default) or jpeg (jpg)")
@@ -557,12 +552,20 @@ def check_train_config(cfg: TrainPerturberRunConfig) -> float:
             raise ValueError(f"{key} must be >= 0, got {value}")
     if not 0 <= cfg.shuffle_prob <= 1:
         raise ValueError(f"shuffle_prob must be in [0, 1], got {cfg.shuffle_prob}")
+    check_eot(cfg.eot)
+    return parse_budget(cfg.budget)  # its errors name the budget
+
+
+def check_eot(eot) -> None:
+    """Refuse an ``eot=`` (protect-images' PGD, train-perturber's training augmentations) that names a transform
+    :data:`apdm.protect_images.pgd.EOT_TRANSFORMS` lacks, naming it and the choices."""
     from apdm.protect_images.pgd import EOT_TRANSFORMS
 
-    unknown = [t for t in cfg.eot if t not in EOT_TRANSFORMS]
-    if unknown:
-        raise ValueError(f"eot: unknown {', '.join(map(str, unknown))}; choose from {', '.join(EOT_TRANSFORMS)}")
-    return parse_budget(cfg.budget)  # its errors name the budget
+    eot = [eot] if isinstance(eot, str) else list(eot or [])
+    for name in eot:
+        if name not in EOT_TRANSFORMS:
+            raise ValueError(f"eot={_shown(eot)}: unknown transform '{name}'; choose from "
+                             f"{', '.join(EOT_TRANSFORMS)}")
 
 
 def identity_folders(root: Path, output_dir: Path) -> list[Path]:

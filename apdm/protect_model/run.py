@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from apdm.config import ProtectModelRunConfig, to_yaml
-from apdm.utils import LOG, atomic_dir, atomic_write_json, atomic_write_text, peak_rss_mb, seed_everything
+from apdm.utils import LOG, atomic_dir, atomic_write_json, atomic_write_text, dtype_name, peak_rss_mb, seed_everything
 
 
 def protection_images(sd, per_cfg, class_prompt: str, num_class_images: int, num_paired: int,
@@ -249,6 +249,7 @@ def trap_views(sd, subjects: list, cfg: ProtectModelRunConfig, cache_dir: Path, 
 
     count = f"{tc.synthetic_photos}x{tc.synthetic_pool if embed is not None else 1}" + (
         f"x{tc.synthetic_copies}c" if tc.synthetic_copies > 1 else "")
+    model = sd.weights_digest()  # once: it reads every weight
     views = []
     for k, s in enumerate(subjects):
         path = cache_dir / f"views_{k}.safetensors"
@@ -256,7 +257,7 @@ def trap_views(sd, subjects: list, cfg: ProtectModelRunConfig, cache_dir: Path, 
         # another personalization, seed or recognizer was reused before, and the trap sent the wrong pictures
         made_of = json.dumps({"photos": tensor_digest(s.images), "prompts": [s.instance_prompt, s.class_prompt],
                               "personalization": dataclasses.asdict(per), "seed": cfg.seed + k,
-                              "model": sd.weights_digest(), "identity": tc.identity if embed is not None else None},
+                              "model": model, "identity": tc.identity if embed is not None else None},
                              sort_keys=True, default=str)
         key = f"{count}-{hashlib.sha256(made_of.encode()).hexdigest()[:16]}"
         v = None
@@ -369,6 +370,7 @@ def run_identity(cfg: ProtectModelRunConfig) -> dict:
     ``protect.resume``, ``protect.checkpoint_every``), the source model's files (:func:`model_fingerprint`) and the
     SHA-256 of every photo the run reads (the subjects', their held-back photos, ``encoder_trap.keep_images``)."""
     from apdm.config import to_dict
+    from apdm.core import distributed
     from apdm.core.images import list_images, split_spec
     from apdm.core.models import model_fingerprint
     from apdm.utils import file_sha256
@@ -386,8 +388,6 @@ def run_identity(cfg: ProtectModelRunConfig) -> dict:
                 photos.update({str(p): file_sha256(p) for p in list_images(split_spec(spec))})
             except (FileNotFoundError, OSError):
                 photos[spec] = None
-    from apdm.core import distributed
-
     # the number of processes changes the model (each step averages the gradients of that many draws)
     return json.loads(json.dumps({"settings": settings, "model": model_fingerprint(cfg.model), "photos": photos,
                                   "processes": distributed.rank_world()[1]}, default=str))
@@ -613,8 +613,8 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     keep = stored_dtype(str(source)) if source is not None else None  # the source's own dtype: fp16 stays fp16
     if keep is not None and keep != protected.dtype:
         finer = torch.finfo(keep).eps < torch.finfo(protected.dtype).eps
-        LOG.info("saving the protected model in the source's %s (computed in %s)%s", str(keep).replace("torch.", ""),
-                 str(protected.dtype).replace("torch.", ""),
+        LOG.info("saving the protected model in the source's %s (computed in %s)%s", dtype_name(keep),
+                 dtype_name(protected.dtype),
                  ": the protection's changes are added to the source's own weights, so what it did not change "
                  "keeps the source's precision" if finer else "")
         if finer:  # loading rounded every weight to the coarser dtype; undo that where the protection did nothing
@@ -625,8 +625,7 @@ def run(cfg: ProtectModelRunConfig) -> dict:
                 floats = sum(1 for t in module.state_dict().values() if t.is_floating_point())
                 if n < floats:
                     LOG.warning("%s: %d of its %d weight tensors were not found in %s at the same shape; they keep "
-                                "the %s rounding", part, floats - n, floats, source / part,
-                                str(protected.dtype).replace("torch.", ""))
+                                "the %s rounding", part, floats - n, floats, source / part, dtype_name(protected.dtype))
     with atomic_dir(out / "model") as tmp:
         save_sd(protected, tmp, quiet=cfg.quiet, dtype=keep)  # (replaces the empty tmp folder as a whole)
         atomic_write_text(tmp / "README.md", card)
