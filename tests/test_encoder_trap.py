@@ -897,3 +897,31 @@ def test_cli_keep_set_holding_a_subjects_photo_is_refused(tmp_path, apdm_log):
     assert main(["protect-model", *base, "resolution=128", f"personalization.class_data_dir={tmp_path / 'c2'}"]) == 1
     assert "resolution=128: protect-model works at the model's own resolution (64 px" in apdm_log()
     assert not (tmp_path / "out" / "model").exists() and not (tmp_path / "c2").exists()
+
+
+def test_load_subjects_reads_the_base_models_weights_once(tiny_sd, tmp_path, monkeypatch):
+    """weights_digest reads every weight (GBs on SD): protect-model asks for it once for all subjects' class and
+    paired images, not twice per subject; the images are those of the per-set digest."""
+    from PIL import Image
+
+    from apdm.config import ProtectModelRunConfig, SubjectConfig
+    from apdm.protect_model.run import load_subjects, protection_images
+
+    folders = []
+    for k in range(3):
+        d = tmp_path / f"s{k}"
+        d.mkdir()
+        Image.new("RGB", (64, 64), (60 * k, 100, 30)).save(d / "a.png")
+        folders.append(d)
+    cfg = ProtectModelRunConfig(subjects=[SubjectConfig(instance_data=str(d)) for d in folders])
+    cfg.protect.num_class_images = 2
+    cfg.personalization.class_sample_steps = 2
+    cfg.personalization.class_data_dir = str(tmp_path / "cls")
+    calls = []
+    real = type(tiny_sd).weights_digest
+    monkeypatch.setattr(type(tiny_sd), "weights_digest", lambda self: calls.append(1) or real(self))
+    subjects, skipped = load_subjects(tiny_sd, cfg, quiet=True)
+    assert len(subjects) == 3 and not skipped and len(calls) == 1
+    class_images, paired = protection_images(tiny_sd, cfg.personalization, subjects[0].class_prompt, 2, 1, quiet=True)
+    assert len(calls) == 2  # one more, for both sets
+    assert torch.equal(class_images, subjects[0].class_images) and torch.equal(paired, subjects[0].paired)

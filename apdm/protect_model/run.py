@@ -12,7 +12,7 @@ from apdm.utils import LOG, atomic_dir, atomic_write_json, atomic_write_text, dt
 
 
 def protection_images(sd, per_cfg, class_prompt: str, num_class_images: int, num_paired: int,
-                      quiet: bool = False):
+                      quiet: bool = False, weights_key: str | None = None):
     """The class-prompt images a protection needs from the base model, generated once and cached.
 
     Whatever the simulated attacker (LoRA without prior preservation, TI), L_ppl and the DPO winners need them,
@@ -21,10 +21,14 @@ def protection_images(sd, per_cfg, class_prompt: str, num_class_images: int, num
     Returns:
         (class_images, paired): (num_class_images,3,H,W) prior images of ``class_prompt`` and (num_paired,3,H,W)
         x⁺ images, one per subject photo, from another seed; both in [0,1] on the CPU.
+
+    ``weights_key``: ``sd.weights_digest()`` when the caller has it (it reads every weight: once per run, not
+    once per image set).
     """
-    return (base_model_images(sd, per_cfg, class_prompt, num_class_images, quiet=quiet),
+    weights_key = weights_key or sd.weights_digest()
+    return (base_model_images(sd, per_cfg, class_prompt, num_class_images, quiet=quiet, weights_key=weights_key),
             base_model_images(sd, per_cfg, class_prompt, num_paired, PAIRED_SEED, quiet,
-                              "paired images (the DPO pairs' x⁺, one per photo)"))
+                              "paired images (the DPO pairs' x⁺, one per photo)", weights_key))
 
 
 #: offsets from ``personalization.seed`` of the seeds of the base model's images other than the class images: the
@@ -33,7 +37,7 @@ PAIRED_SEED, KEEP_GENERATED_SEED = 7777, 3333
 
 
 def base_model_images(sd, per_cfg, class_prompt: str, n: int, seed_offset: int = 0, quiet: bool = False,
-                      what: str = "class images"):
+                      what: str = "class images", weights_key: str | None = None):
     """``n`` images of ``class_prompt`` from the base model ``sd`` with the attacker's class-sampling settings
     (:func:`apdm.personalization.simulator.class_images_for`, cached) and seed ``per_cfg.seed + seed_offset``, made
     whatever the attacker's method and prior-preservation setting; (n,3,H,W) in [0,1] on the CPU."""
@@ -41,7 +45,8 @@ def base_model_images(sd, per_cfg, class_prompt: str, n: int, seed_offset: int =
 
     return class_images_for(sd, dataclasses.replace(per_cfg, class_prompt=class_prompt, num_class_images=n,
                                                     with_prior_preservation=True, method="dreambooth",
-                                                    seed=per_cfg.seed + seed_offset), quiet=quiet, what=what)
+                                                    seed=per_cfg.seed + seed_offset), quiet=quiet, what=what,
+                            weights_key=weights_key)
 
 
 def generated_keep_images(sd, per_cfg, class_prompts: list[str], n: int, quiet: bool = False):
@@ -52,8 +57,9 @@ def generated_keep_images(sd, per_cfg, class_prompts: list[str], n: int, quiet: 
 
     if n <= 0:
         return None
+    key = sd.weights_digest()
     return torch.cat([base_model_images(sd, per_cfg, p, n, KEEP_GENERATED_SEED, quiet,
-                                        "generated images to keep (encoder_trap.keep_generated)")
+                                        "generated images to keep (encoder_trap.keep_generated)", key)
                       for p in dict.fromkeys(class_prompts)])
 
 
@@ -66,7 +72,7 @@ def load_subjects(sd, cfg: ProtectModelRunConfig, quiet: bool = False):
         raise ValueError("no subjects to protect: set subjects=[{instance_data: DIR, instance_prompt: ..., "
                          "class_prompt: ...}] in the recipe")
     size = cfg.resolution or sd.resolution
-    subjects, skipped = [], []
+    subjects, skipped, weights_key = [], [], sd.weights_digest()  # the base model's, read once for all subjects
     for k, sc in enumerate(cfg.subjects):
         if not sc.instance_data:
             raise ValueError(f"subjects[{k}].instance_data is empty")
@@ -77,7 +83,8 @@ def load_subjects(sd, cfg: ProtectModelRunConfig, quiet: bool = False):
         instance_prompt = sc.instance_prompt or cfg.personalization.instance_prompt
         class_prompt = sc.class_prompt or cfg.personalization.class_prompt
         class_images, paired = protection_images(sd, cfg.personalization, class_prompt,
-                                                 cfg.protect.num_class_images, len(ok), quiet=quiet)
+                                                 cfg.protect.num_class_images, len(ok), quiet=quiet,
+                                                 weights_key=weights_key)
         src = split_spec(sc.instance_data)
         subjects.append(Subject(name=Path(str(src)).name if isinstance(src, str) else f"subject{k}",
                                 images=images.to(sd.device), paired=paired.to(sd.device),
