@@ -229,7 +229,8 @@ def test_toy_build_errors_are_one_line_before_any_work(tmp_path, monkeypatch, ca
     assert f"init_from: {tmp_path / 'nope'} is not a diffusers model folder" in capsys.readouterr().err
     assert main(["toy", "build", f"output_dir={out}", "train.num_identities=4000", "quiet=true"]) == 2
     err = capsys.readouterr().err
-    assert "train.num_identities=4000: the toy world has 3686 pretraining identities per class" in err
+    assert ("train.num_identities must be between 1 and 3686 (the toy world's pretraining identities per class: "
+            "4096 less the 410 held out), got 4000") in err
     assert not (out / "build_state.json").exists()
     monkeypatch.undo()
     with pytest.raises(ValueError, match="between 1 and 3686"):

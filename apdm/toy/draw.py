@@ -205,6 +205,19 @@ def _inverse_permutation(cls: str, seed: int) -> np.ndarray:
     return inv
 
 
+def pretraining_ids(n: int, what: str, low: int = 1) -> list[int]:
+    """The first ``n`` pretraining identities of :func:`split` (the same indices for every class), after checking
+    ``low <= n <=`` their count; ``what`` names the setting in the error (the one bound of the model's pretraining,
+    the upscaler's and the export's training identities)."""
+    parts = split()
+    ids = parts["pretrain"]
+    if not low <= n <= len(ids):
+        raise ValueError(f"{what} must be between {low} and {len(ids)} (the toy world's pretraining identities per "
+                         f"class: {len(ids) + len(parts['heldout'])} less the {len(parts['heldout'])} held out), "
+                         f"got {n}")
+    return ids[:n]
+
+
 def split(num_identities: int = WORLD_SIZE, heldout_fraction: float = HELDOUT_FRACTION,
           seed: int = SPLIT_SEED) -> dict[str, list[int]]:
     """Fixed, deterministic partition of identity indices ``0 .. num_identities-1``.

@@ -112,11 +112,9 @@ def build_upscaler(cfg: ToyUpscalerConfig) -> Path:
         raise ValueError(f"toy upscaler: crop must be a multiple of 16 in 16..256, got {cfg.crop}")
     if cfg.steps < 1 or cfg.batch < 1:
         raise ValueError(f"toy upscaler: steps and batch must be >= 1, got {cfg.steps} and {cfg.batch}")
-    from apdm.toy.draw import split
+    from apdm.toy.draw import pretraining_ids
 
-    if not 1 <= cfg.identities <= len(split()["pretrain"]):
-        raise ValueError(f"toy upscaler: identities must be between 1 and {len(split()['pretrain'])} (the toy "
-                         f"world's pretraining identities per class), got {cfg.identities}")
+    pretraining_ids(cfg.identities, "toy upscaler: identities")
     out = Path(cfg.out).expanduser() if cfg.out else cache_dir() / "toy" / "upscaler"
     if out.exists() and any(out.iterdir()) and not (out / "model_index.json").is_file():
         raise ValueError(f"toy upscaler: {out} exists and is not a diffusers model folder; the upscaler replaces its "

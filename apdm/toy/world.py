@@ -101,13 +101,9 @@ def pretraining_set(num_identities: int, images_per_identity: int, seed: int = 0
         (images (N,3,size,size) float32 in [0,1], captions: per image a list of caption strings of varying
         detail: the class caption, the full attribute caption and two partial ones).
     """
-    ids_all = draw.split()["pretrain"]
-    if not 1 <= num_identities <= len(ids_all):
-        raise ValueError(f"pretraining identities per class must be between 1 and {len(ids_all)} (the world's "
-                         f"pretraining identities), got {num_identities}")
+    ids = draw.pretraining_ids(num_identities, "pretraining identities per class")
     images, captions = [], []
     for cls in classes:
-        ids = ids_all[:num_identities]
         arr, idx, _ = draw.render_dataset(cls, ids, images_per_identity, seed=seed, size=size, detail="class")
         images.append(draw.to_tensor(arr))
         for i, ident_idx in enumerate(idx.tolist()):
@@ -170,9 +166,7 @@ def export(out_dir: str | Path, subjects: int = 2, cls: str = "person", num_imag
     if not 0 <= subjects <= len(split["heldout"]):
         raise ValueError(f"subjects must be between 0 and {len(split['heldout'])} (the held-out identities), "
                          f"got {subjects}")
-    if not 0 <= training_identities <= len(split["pretrain"]):
-        raise ValueError(f"training identities must be between 0 and {len(split['pretrain'])}, got "
-                         f"{training_identities}")
+    train_ids = draw.pretraining_ids(training_identities, "training identities", low=0)
     if subjects == 0 and training_identities == 0:
         raise ValueError("nothing to export: subjects and training identities are both 0")
     if num_images < 1 or num_references < 1 or images_per_training_identity < 1:
@@ -194,8 +188,7 @@ def export(out_dir: str | Path, subjects: int = 2, cls: str = "person", num_imag
                                                   "class_prompt": subj.class_prompt, "caption": subj.full_caption})
         written["subjects"].append(str(root))
     if training_identities > 0:
-        ids = split["pretrain"][:training_identities]
-        arr, idx, _ = draw.render_dataset(cls, ids, images_per_training_identity, seed=5)
+        arr, idx, _ = draw.render_dataset(cls, train_ids, images_per_training_identity, seed=5)
         imgs = draw.to_tensor(arr)
         per_identity: dict[int, list[torch.Tensor]] = {}
         for img, ident in zip(imgs, idx.tolist()):
@@ -205,7 +198,7 @@ def export(out_dir: str | Path, subjects: int = 2, cls: str = "person", num_imag
             with atomic_dir(out / "train-identities" / f"id-{ident:04d}") as tmp:
                 for k, img in enumerate(photos):
                     save_image(img, tmp / f"{k:02d}.png", exif=exif)
-        written["training_identities"] = len(ids)
+        written["training_identities"] = len(train_ids)
     return written
 
 
@@ -288,14 +281,9 @@ def _check_stages(cfg: ToyBuildConfig) -> None:
         if stage.init_from:
             raise ValueError(f"more_stages: stage {k} has init_from={stage.init_from!r}; a later stage always "
                              "continues the stage before it (set train.init_from to start from a model)")
-    split = draw.split()
-    n = len(split["pretrain"])
     named = [("train", cfg.train)] + [(f"more_stages[{i}]", s) for i, s in enumerate(cfg.more_stages)]
     for name, stage in named:
-        if not 1 <= stage.num_identities <= n:
-            raise ValueError(f"{name}.num_identities={stage.num_identities}: the toy world has {n} pretraining "
-                             f"identities per class ({n + len(split['heldout'])} less the {len(split['heldout'])} "
-                             f"held out); give 1 to {n}")
+        draw.pretraining_ids(stage.num_identities, f"{name}.num_identities")
 
 
 def build(cfg: ToyBuildConfig) -> dict:
