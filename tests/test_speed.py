@@ -66,6 +66,7 @@ def test_speed_bench_times_every_engine(tmp_path):
     assert (r["model"], r["device"], r["resolution"], r["images"]) == ("tiny", "cpu", 64, 2)
     # what produced the numbers, in every benchmark's JSON
     assert r["provenance"]["torch"] == torch.__version__ and r["provenance"]["apdm"] and "peak_rss_mb_workers" in r
+    assert r["provenance"]["torch_threads"] >= 1 and not {"torch", "torch_threads", "cpu"} & set(r)  # said once
     timed = [k for k in r if k.startswith("seconds_per_")]
     # 3 personalization steps, the L2P outer step, LDU apply and train step, ASPL, AdvDM, PhotoGuard, SDS, Mist,
     # PID, CAAT, SimAC's selection round and iteration, MetaCloak's pool step and iteration (+ projections),

@@ -39,7 +39,6 @@ protect-model refuses it) ``gradient_checkpointing=true|false``
 from __future__ import annotations
 
 import inspect
-import platform
 import statistics
 import time
 from typing import Callable
@@ -315,9 +314,8 @@ def bench_speed(quick: bool, overrides: list[str]) -> dict:
     images = torch.rand(_int(opts, "images", 4), 3, res, res, generator=g).to(sd.device)
     class_images = torch.rand(8, 3, res, res, generator=g).to(sd.device)
     result = {"model": sd.source, "device": str(sd.device), "dtype": str(sd.dtype).replace("torch.", ""),
-              "resolution": res, "repeats": repeats, "torch": torch.__version__,
-              "torch_threads": torch.get_num_threads(), "seconds_load": round(seconds_load, 2),
-              "cpu": platform.processor() or platform.machine()}
+              "resolution": res, "repeats": repeats, "seconds_load": round(seconds_load, 2)}  # torch, its threads
+    # and the CPU are in the result's provenance; the GPU that ran is named here (provenance names the first)
     if sd.device.type == "cuda":
         result["gpu"] = torch.cuda.get_device_name(sd.device)
     bs = _int(opts, "batch_size", 1)
