@@ -492,6 +492,8 @@ class MetricsConfig:
     liqe: bool = False
     #: imperceptibility of protected vs clean inputs (PSNR/SSIM/MS-SSIM/L∞/LPIPS).
     fidelity: bool = True
+    #: LPIPS among the fidelity records (extra ``lpips`` + torchvision backbone weights; else reported unavailable).
+    lpips: bool = False
 
 
 @dataclass

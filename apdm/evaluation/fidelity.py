@@ -1,7 +1,8 @@
 """Imperceptibility metrics: how close the protected images are to the clean ones.
 
 All functions take two batches ``(N, 3, H, W)`` float32 in ``[0, 1]`` of identical shape (clean, protected) and
-return one value per image, a ``(N,)`` float tensor on CPU. Records: :func:`fidelity_records`.
+return one value per image, a ``(N,)`` float tensor on CPU. Records: :func:`fidelity_records` (one batch),
+:func:`fidelity_records_pairs` (pairs of any size, one at a time: ``apdm evaluate`` measures the files as they are).
 
 | metric | impl tag | direction |
 |---|---|---|
@@ -14,10 +15,12 @@ return one value per image, a ``(N,)`` float tensor on CPU. Records: :func:`fide
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
-from apdm.evaluation.metrics import MetricUnavailable, check_pair, measure, metric_record, summarize, unavailable
-from apdm.utils import optional_import
+from apdm.evaluation.metrics import MetricUnavailable, check_pair, metric_record, summarize, unavailable
+from apdm.utils import LOG, MissingDependency, optional_import
 
 #: MS-SSIM scale weights (Wang et al. 2003), as in torchmetrics / the original paper.
 MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
@@ -174,18 +177,24 @@ def lpips(clean: torch.Tensor, protected: torch.Tensor, net: str = "alex") -> to
     return out.flatten().float()
 
 
+def _psnr_summary(values: torch.Tensor) -> dict:
+    """The ``psnr@torchmetrics`` record of per-image PSNR values (see :func:`psnr_record`)."""
+    finite = values[torch.isfinite(values)]
+    n_identical = int(values.numel() - finite.numel())
+    if values.numel() == 0:
+        return unavailable("psnr", "torchmetrics", "no image pairs", True, 0)
+    if finite.numel() == 0:
+        return metric_record("psnr", "torchmetrics", None, True, int(values.numel()), std=None,
+                             n_identical=n_identical, identical=True)
+    return summarize("psnr", "torchmetrics", finite, True, n_identical=n_identical)
+
+
 def psnr_record(clean: torch.Tensor, protected: torch.Tensor) -> dict:
     """The ``psnr@torchmetrics`` record: the mean over the pairs that differ, and ``n_identical``, the pairs that
     do not (their PSNR is infinite). One unchanged photo (a method that skipped it) made the mean infinite, hiding
     every other photo's PSNR, and wrote a bare ``Infinity`` that strict JSON parsers reject. Every pair identical:
     ``value`` None, ``identical`` True."""
-    values = psnr(clean, protected)
-    finite = values[torch.isfinite(values)]
-    n_identical = int(values.numel() - finite.numel())
-    if finite.numel() == 0:
-        return metric_record("psnr", "torchmetrics", None, True, int(values.numel()), std=None,
-                             n_identical=n_identical, identical=True)
-    return summarize("psnr", "torchmetrics", finite, True, n_identical=n_identical)
+    return _psnr_summary(psnr(clean, protected))
 
 
 def fidelity_records(clean: torch.Tensor, protected: torch.Tensor, with_lpips: bool = True) -> list[dict]:
@@ -197,17 +206,79 @@ def fidelity_records(clean: torch.Tensor, protected: torch.Tensor, with_lpips: b
         (usually unavailable offline).
     """
     check_pair(clean, protected)
-    h, w = clean.shape[-2:]
-    recs = [psnr_record(clean, protected), measure("ssim", "apdm", True, ssim, clean, protected)]
-    s = ms_ssim_scales(h, w)
-    tag = "torchmetrics" if s == 5 else f"torchmetrics-s{s}"
-    recs.append(measure("ms_ssim", tag, True, ms_ssim, clean, protected, extra={"scales": s}))
-    linf = linf_255(clean, protected)
-    rec = measure("linf_255", "apdm", False, lambda: linf)
+    return fidelity_records_pairs([(clean, protected)], with_lpips=with_lpips)
+
+
+def fidelity_records_pairs(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], with_lpips: bool = True,
+                           lpips_off: str = "disabled (with_lpips=False)") -> list[dict]:
+    """:func:`fidelity_records` for pairs of batches that may differ in size from one pair to the next (photos
+    measured at their own resolution, ``apdm evaluate``): per-image values are computed pair by pair, so only
+    one pair is held at a time (``pairs`` may be a generator loading them), and summarised together.
+
+    Args:
+        pairs: ``(clean, protected)`` batches, each ``(N, 3, H, W)`` float in ``[0, 1]``, the two of a pair of
+            one shape.
+        with_lpips: compute LPIPS; otherwise its record is unavailable with reason ``lpips_off``.
+
+    Returns:
+        the records of :func:`fidelity_records`. MS-SSIM gives one record per number of scales that the pairs'
+        sizes allow (``ms_ssim@torchmetrics`` for the pairs of >= 176 px, ``ms_ssim@torchmetrics-s3`` for
+        smaller ones, ...: values with different scales are different metrics); SSIM leaves out pairs too small
+        for its window (counted in ``n_too_small``).
+    """
+    psnr_v, linf_v, ssim_v, lpips_v = [], [], [], []
+    ssim_small, ssim_reason = 0, ""
+    ms: dict[int, list[torch.Tensor]] = {}   # scales -> values
+    ms_fail: dict[int, list] = {}             # scales -> [pairs, reason] where MS-SSIM cannot run
+    lpips_reason = None if with_lpips else lpips_off
+    for clean, protected in pairs:
+        check_pair(clean, protected)
+        n = int(clean.shape[0])
+        psnr_v.append(psnr(clean, protected))
+        linf_v.append(linf_255(clean, protected))
+        try:
+            ssim_v.append(ssim(clean, protected))
+        except MetricUnavailable as exc:
+            ssim_small, ssim_reason = ssim_small + n, str(exc)
+        s = ms_ssim_scales(*clean.shape[-2:])
+        try:
+            value = ms_ssim(clean, protected)
+        except MetricUnavailable as exc:
+            fail = ms_fail.setdefault(s, [0, ""])
+            fail[0], fail[1] = fail[0] + n, str(exc)
+        else:
+            ms.setdefault(s, []).append(value)
+        if lpips_reason is None:
+            try:
+                lpips_v.append(lpips(clean, protected))
+            except (MetricUnavailable, MissingDependency) as exc:
+                lpips_reason = str(exc)
+                LOG.info("lpips@lpips-alex unavailable: %s", exc)
+
+    def cat(values: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(values) if values else torch.zeros(0)
+
+    recs = [_psnr_summary(cat(psnr_v))]
+    if ssim_v:
+        recs.append(summarize("ssim", "apdm", cat(ssim_v), True,
+                              **({"n_too_small": ssim_small, "note": ssim_reason} if ssim_small else {})))
+    else:
+        recs.append(unavailable("ssim", "apdm", ssim_reason or "no image pairs", True))
+    for s in sorted(set(ms) | set(ms_fail), reverse=True):
+        tag = "torchmetrics" if s == 5 else f"torchmetrics-s{s}"
+        if ms.get(s):
+            recs.append(summarize("ms_ssim", tag, cat(ms[s]), True, scales=s))
+        else:
+            recs.append(unavailable("ms_ssim", tag, ms_fail[s][1], True, scales=s,
+                                    **({"n_too_small": ms_fail[s][0]} if ms else {})))
+    if not ms and not ms_fail:
+        recs.append(unavailable("ms_ssim", "torchmetrics", "no image pairs", True))
+    linf = cat(linf_v)
+    rec = summarize("linf_255", "apdm", linf, False)
     rec["max"] = float(linf.max()) if linf.numel() else None
     recs.append(rec)
-    if with_lpips:
-        recs.append(measure("lpips", "lpips-alex", False, lpips, clean, protected))
+    if lpips_reason is not None:
+        recs.append(unavailable("lpips", "lpips-alex", lpips_reason, False))
     else:
-        recs.append(unavailable("lpips", "lpips-alex", "disabled (with_lpips=False)", False))
+        recs.append(summarize("lpips", "lpips-alex", cat(lpips_v), False))
     return recs

@@ -12,9 +12,10 @@ The metrics operate on embeddings and detector outputs, so any backend plugs in:
 
 Conventions (Anti-DreamBooth / APDM):
 
-- **ISM**: cosine of each generated embedding with the *mean* of the L2-normalised reference embeddings,
-  averaged over the generated images in which a face was found (images without one count toward FDFR and are
-  reported as ``n_no_face``). Lower = better protection.
+- **ISM**: cosine of each generated embedding with the *mean* reference embedding, averaged over the generated
+  images in which a face was found (images without one count toward FDFR and are reported as ``n_no_face``).
+  Lower = better protection. apdm L2-normalises the reference embeddings before averaging (``normalize_refs=True``,
+  its own choice); Anti-DreamBooth averages the raw embeddings (``normalize_refs=False``).
 - **FDFR**: fraction of generated images where the detector finds no face/subject. Higher = better protection.
 - **SDS**: mean detector confidence over generated images (detection not enforced). Lower = better protection.
   Detectors that only give yes/no (dlib HOG, Haar) make SDS the detection rate, ``1 - FDFR``.
@@ -27,7 +28,7 @@ Conventions (Anti-DreamBooth / APDM):
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +51,9 @@ def ism(gen_embeddings: torch.Tensor, ref_embeddings: torch.Tensor, normalize_re
     Args:
         gen_embeddings: ``(N, D)`` embeddings of generated images (only those with a detected face).
         ref_embeddings: ``(M, D)`` embeddings of the subject's clean reference photos, ``M >= 1``.
-        normalize_refs: L2-normalise each reference embedding before averaging (the usual convention; ``False``
-            averages raw embeddings, as the toy world's ``identity_similarity`` does).
+        normalize_refs: L2-normalise each reference embedding before averaging (apdm's choice, so that no
+            reference photo weighs more for a larger embedding norm); ``False`` averages the raw embeddings, which
+            is Anti-DreamBooth's ISM and what the toy world's ``identity_similarity`` does.
 
     Returns:
         ``(N,)`` float32 cosines in ``[-1, 1]``; the mean is ISM (higher = same identity).
@@ -188,14 +190,21 @@ def identity_records(generated: torch.Tensor, references: torch.Tensor, embed: C
             recs.append(unavailable("ism", embed_impl, str(exc), True))
         else:
             extra: dict = {}
+            every_error = None
             if not isinstance(out, tuple) and det is not None:  # no mask of its own: the detector's
-                every = ism(ge, re, normalize_refs=normalize_refs)
+                try:
+                    every = ism(ge, re, normalize_refs=normalize_refs)
+                except MetricUnavailable as exc:  # e.g. no reference embedding: the record says so
+                    every, every_error = None, str(exc)
                 gfound = fdfr(det, threshold) == 0
                 ge = ge[gfound.to(ge.device)]
-                extra = {"faces_from": detect_impl, "value_all_images": float(every.mean())}
+                extra = {"faces_from": detect_impl,
+                         "value_all_images": None if every is None else float(every.mean())}
             extra.update({"n_no_face": int((~gfound).sum()), "n_generated": int(generated.shape[0]),
                           "n_references": int(rfound.sum()), "n_references_no_face": int((~rfound).sum())})
-            if ge.shape[0] == 0:
+            if every_error is not None:
+                recs.append(unavailable("ism", embed_impl, every_error, True, **extra))
+            elif ge.shape[0] == 0:
                 recs.append(unavailable("ism", embed_impl, "no face found in any generated image", True, 0,
                                         **extra))
             else:

@@ -18,8 +18,8 @@ import hashlib
 import json
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -148,13 +148,21 @@ def score_generations(generated: torch.Tensor, references: torch.Tensor, cfg: Ev
     recs = ID.identity_records(generated, references, backends["embed"], backends["detect"],
                                backends["embed_impl"], backends["detect_impl"])
     m = cfg.metrics
-    if backends["features"] is not None:
+    if backends.get("features_error"):
+        recs += [unavailable(name, backends["features_impl"], backends["features_error"], False)
+                 for name in ("fid", "kid")]
+    elif backends["features"] is not None:
         recs += distribution_records(references, generated, backends["features"], backends["features_impl"])
-    if m.dino_path:
+    if m.dino_path and "dino" not in backends:
+        recs.append(unavailable("dino", model_tag(m.dino_path), backends.get("dino_error", "not loaded"), True))
+    elif m.dino_path:
         recs.append(measure("dino", model_tag(m.dino_path), True, ID.dino, backends["dino"], generated, references))
     else:
         recs.append(unavailable("dino", "dino", "metrics.dino_path not set (needs local ViT weights)", True))
-    if m.clip_path:
+    if m.clip_path and "clip" not in backends:
+        for name in ("clip_i", "clip_t"):
+            recs.append(unavailable(name, model_tag(m.clip_path), backends.get("clip_error", "not loaded"), True))
+    elif m.clip_path:
         tag = model_tag(m.clip_path)
         recs.append(measure("clip_i", tag, True, ID.clip_i, backends["clip"][0], generated, references))
         recs.append(measure("clip_t", tag, True, ID.clip_t, backends["clip"][0], backends["clip"][1],
@@ -172,6 +180,9 @@ def score_generations(generated: torch.Tensor, references: torch.Tensor, cfg: Ev
         if "clip" in backends:  # transformers CLIP from a local path
             recs.append(measure("clip_iqa", model_tag(m.clip_path), True, iqa.clip_iqa, backends["clip"][0],
                                 backends["clip"][1], generated))
+        elif m.clip_path:  # the local CLIP failed to load: say why, never another implementation's number
+            recs.append(unavailable("clip_iqa", model_tag(m.clip_path), backends.get("clip_error", "not loaded"),
+                                    True))
         else:
             recs.append(measure("clip_iqa", "pyiqa", True, iqa.clipiqa_pyiqa, generated))
     if m.liqe:
@@ -187,19 +198,98 @@ def model_tag(path: str) -> str:
     return Path(path.rstrip("/\\")).name or path
 
 
-def _backends(cfg: EvaluateRunConfig, subject_class: str) -> dict:
+def metric_models(cfg: EvaluateRunConfig) -> dict:
+    """The run's model-backed metric backends (FID/KID features, DINO, CLIP), loaded once and shared by every
+    subject. One that cannot load (an extra not installed, a bad local path) is kept as its reason
+    (``features_error``, ``dino_error``, ``clip_error``): the metrics it feeds are reported unavailable with that
+    reason and the run goes on (docs/metrics.md). A misspelt backend name still raises ``ValueError``."""
     from apdm.evaluation import identity as ID
+    from apdm.evaluation.metrics import MetricUnavailable
+    from apdm.utils import MissingDependency
 
+    m = cfg.metrics
+    b: dict = {}
+    try:
+        b["features"], b["features_impl"] = feature_backend(m.features)
+    except (MetricUnavailable, MissingDependency) as exc:
+        b["features"], b["features_impl"] = None, m.features.partition(":")[0]
+        b["features_error"] = f"metrics.features={m.features}: {exc}"
+    for key, path, load in (("dino", m.dino_path, ID.load_vit), ("clip", m.clip_path, ID.load_clip)):
+        if path:
+            try:
+                b[key] = load(path)
+            except (MetricUnavailable, MissingDependency) as exc:
+                b[f"{key}_error"] = f"metrics.{key}_path={path}: {exc}"
+    for key in ("features_error", "dino_error", "clip_error"):
+        if key in b:
+            LOG.warning("reported unavailable: %s", b[key])
+    return b
+
+
+def _backends(cfg: EvaluateRunConfig, subject_class: str, models: dict | None = None) -> dict:
+    """Every metric backend for one subject: the run's ``models`` (:func:`metric_models`, loaded here when not
+    given) and the identity embedder and detector (the toy detector scores ``subject_class``)."""
     embed, embed_impl = identity_backend(cfg.metrics.identity)
     detect, detect_impl = detector_backend(cfg.metrics.detector, subject_class)
-    feats, feats_impl = feature_backend(cfg.metrics.features)
-    b = {"embed": embed, "embed_impl": embed_impl, "detect": detect, "detect_impl": detect_impl,
-         "features": feats, "features_impl": feats_impl}
-    if cfg.metrics.dino_path:
-        b["dino"] = ID.load_vit(cfg.metrics.dino_path)
-    if cfg.metrics.clip_path:
-        b["clip"] = ID.load_clip(cfg.metrics.clip_path)
-    return b
+    return {**(metric_models(cfg) if models is None else models), "embed": embed, "embed_impl": embed_impl,
+            "detect": detect, "detect_impl": detect_impl}
+
+
+#: metrics settings that change only the clean-vs-protected fidelity records, never a cell's generated images or
+#: scores: left out of the cells' cache keys, so toggling them reuses every finished cell
+FIDELITY_ONLY = ("fidelity", "lpips")
+
+
+def cell_metrics(cfg: EvaluateRunConfig) -> dict:
+    """The metrics settings a cell's records depend on (its part of the cache key): all but :data:`FIDELITY_ONLY`."""
+    return {k: v for k, v in dataclasses.asdict(cfg.metrics).items() if k not in FIDELITY_ONLY}
+
+
+def file_fidelity_records(clean_paths: list[Path], prot_paths: list[Path], clean: torch.Tensor,
+                          protected: torch.Tensor, with_lpips: bool, where: str) -> list[dict]:
+    """Clean-vs-protected fidelity records measured on the files as they are, pair by pair (one pair in memory at
+    a time), not on the model-resolution copies that personalization trains on: a resize changes the
+    perturbation (a 12/255 change on 256-px photos read 10/255 at most and 13 dB too high at 64 px).
+
+    A pair whose two files differ in size is measured on its model-resolution copies (``clean``/``protected``, in
+    ``clean_paths``' order), with a warning; the records count such pairs in ``n_resized`` (with a ``note``) and
+    give the sizes measured in ``sizes`` (``{"WxH": pairs}``).
+    """
+    from apdm.core.images import ImageLoadError, load_image
+    from apdm.evaluation.fidelity import fidelity_records_pairs
+
+    sizes: dict[str, int] = {}
+    resized: list[str] = []
+
+    def pairs():
+        for i, (cp, pp) in enumerate(zip(clean_paths, prot_paths)):
+            try:
+                c, p = load_image(cp).pixels, load_image(pp).pixels
+                why = "" if c.shape == p.shape else f"{c.shape[2]}x{c.shape[1]} vs {p.shape[2]}x{p.shape[1]}"
+            except ImageLoadError as exc:  # changed on disk since it was loaded for personalization
+                c, p, why = None, None, str(exc)
+            if why:
+                LOG.warning("%s: clean photo %s and protected photo %s (%s): fidelity measured at model resolution",
+                            where, cp.name, pp.name, why)
+                resized.append(cp.name)
+                c, p = clean[i], protected[i]
+            hw = f"{c.shape[2]}x{c.shape[1]}"
+            sizes[hw] = sizes.get(hw, 0) + 1
+            yield c[None], p[None]
+            del c, p
+
+    recs = fidelity_records_pairs(pairs(), with_lpips=with_lpips,
+                                  lpips_off="disabled (metrics.lpips=false; needs the extra 'lpips')")
+    extra: dict = {"sizes": sizes, "n_resized": len(resized)}
+    note = ""
+    if resized:
+        note = (f"{len(resized)} pair(s) whose clean and protected files differ in size measured at model "
+                f"resolution: {', '.join(resized[:5])}{' …' if len(resized) > 5 else ''}")
+    out = []
+    for r in recs:
+        notes = "; ".join(n for n in (r.get("note", ""), note) if n)
+        out.append({**r, **extra, **({"note": notes} if notes else {})})
+    return out
 
 
 # ============================================================================ the runner
@@ -362,6 +452,8 @@ def run(cfg: EvaluateRunConfig) -> dict:
         check_personalization(per, f"personalizations[{i}]")
     per_label = {id(p): label for p, label in zip(cfg.personalizations, personalization_labels(cfg.personalizations))}
     D.check_sample(cfg.sample)
+    models = metric_models(cfg)  # once per run; a misspelt backend stops the run here, before the model loads
+    backends_of = {name: _backends(cfg, subj.subject_class, models) for subj, name in zip(cfg.subjects, names)}
     out = Path(cfg.output_dir)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)
@@ -377,9 +469,10 @@ def run(cfg: EvaluateRunConfig) -> dict:
     attacked: dict[tuple[str, str], torch.Tensor] = {}  # one subject's purified photos, shared by its cells
     shown: set[str] = set()
 
-    def show_attacked(name: str, scenario: str, attack: str, train: torch.Tensor | None = None) -> None:
-        """Put the grid of the attacked training photos in the report (written when ``train`` is given)."""
-        file = f"images/attacked-{_cell_key(safe_name(name), scenario, attack, cfg.seed)}.png"
+    def show_attacked(name: str, scenario: str, attack: str, fp: dict, train: torch.Tensor | None = None) -> None:
+        """Put the grid of the attacked training photos in the report (written when ``train`` is given). Its file
+        name carries the subject's fingerprint ``fp``, so a cached cell shows the photos of its own run."""
+        file = f"images/attacked-{_cell_key(safe_name(name), scenario, attack, cfg.seed, fp)}.png"
         if train is not None:
             save_grid(train, out / file, nrow=8)
         if file not in shown and (out / file).is_file():
@@ -387,7 +480,7 @@ def run(cfg: EvaluateRunConfig) -> dict:
             gallery.append({"subject": name, "title": f"what the attacker trains on: {scenario} · {attack}",
                             "file": file})
 
-    def training_images(name: str, clean, protected, scenario: str, attack: str) -> torch.Tensor:
+    def training_images(name: str, clean, protected, scenario: str, attack: str, fp: dict) -> torch.Tensor:
         """The scenario's photos after the attack, computed once per subject and shared by every personalization
         (model purifiers take minutes per photo)."""
         if (scenario, attack) not in attacked:
@@ -397,7 +490,7 @@ def run(cfg: EvaluateRunConfig) -> dict:
                 train = apply_attack(train, attack, sd, seed=cfg.seed, quiet=cfg.quiet)
                 LOG.info("subject '%s', %s photos after %s: %.1f s", name, scenario, attack,
                          time.perf_counter() - t_attack)
-                show_attacked(name, scenario, attack, train)
+                show_attacked(name, scenario, attack, fp, train)
             attacked[(scenario, attack)] = train
         return attacked[(scenario, attack)]
 
@@ -428,24 +521,29 @@ def run(cfg: EvaluateRunConfig) -> dict:
                     raise ValueError(f"subject '{name}': no usable protected images in {subj.protected_data}")
                 clean, clean_paths = clean[keep], [clean_paths[i] for i in keep]
             prot_paths = prot_ok
-        refs, ref_paths = (load_spec(subj.reference_data, size=size)[:2] if subj.reference_data
-                           else (clean, clean_paths))
+        refs, ref_paths = clean, clean_paths
+        if subj.reference_data:
+            refs, ref_paths, errors = load_spec(subj.reference_data, size=size)
+            if not ref_paths:
+                why = "; ".join(f"{Path(e['path']).name}: {e['error']}" for e in errors[:3])
+                raise ValueError(f"subject '{name}': no usable reference images in {subj.reference_data}"
+                                 + (f" ({why}{' …' if len(errors) > 3 else ''})" if why else ""))
         # everything a cell's numbers depend on besides its scenario, attack and personalization: a changed model,
-        # photo, prompt, sampler or metric never reuses a cached cell
+        # photo, prompt, sampler or metric never reuses a cached cell (the fidelity-only settings are left out: they
+        # change no cell)
         subject_fp = {"model": model_fp, "subject": dataclasses.asdict(subj), "resolution": size, "seed": cfg.seed,
-                      "sample": dataclasses.asdict(cfg.sample), "metrics": dataclasses.asdict(cfg.metrics),
+                      "sample": dataclasses.asdict(cfg.sample), "metrics": cell_metrics(cfg),
                       "photos": [[file_sha256(p) for p in paths] for paths in (clean_paths, prot_paths, ref_paths)]}
-        backends = _backends(cfg, subj.subject_class)
+        backends = backends_of[name]
         base = {"label": cfg.label, "subject": name}
         save_grid(refs, out / "images" / f"{slug}-references.png", nrow=min(8, len(refs)))
         gallery.append({"subject": name, "title": "references (clean photos)", "file": f"images/{slug}-references.png"})
         if protected is not None:
             save_grid(protected, out / "images" / f"{slug}-protected.png", nrow=min(8, len(protected)))
             gallery.append({"subject": name, "title": "protected inputs", "file": f"images/{slug}-protected.png"})
-            if cfg.metrics.fidelity:
-                from apdm.evaluation.fidelity import fidelity_records
-
-                for r in fidelity_records(clean, protected, with_lpips=False):
+            if cfg.metrics.fidelity:  # on the files as they are, not the model-resolution copies
+                for r in file_fidelity_records(clean_paths, prot_paths, clean, protected, cfg.metrics.lpips,
+                                               f"subject '{name}'"):
                     records.append({**base, "scenario": "-", "attack": "-", "personalization": "-", "prompt": "-", **r})
 
         if cfg.class_prompt_baseline:
@@ -480,14 +578,14 @@ def run(cfg: EvaluateRunConfig) -> dict:
             if cfg.resume and cell_file.is_file():
                 LOG.info("cell %s/%s/%s/%s already done; skipping", name, scenario, attack, method)
                 if attack != "none":
-                    show_attacked(name, scenario, attack)
+                    show_attacked(name, scenario, attack, subject_fp)
                 records += [{**r, "label": cfg.label, "personalization": method, "cached": True}  # this run's names
                             for r in json.loads(cell_file.read_text())]
                 gallery += [{"subject": name, "title": f"{scenario} · {attack} · {method} · '{p}'",
                              "file": f"images/{key}-{i}.png"} for i, p in enumerate(cfg.sample.prompts)]
                 continue
             t0 = time.perf_counter()
-            train = training_images(name, clean, protected, scenario, attack)
+            train = training_images(name, clean, protected, scenario, attack, subject_fp)
             pcfg = with_prompts(per, subj.instance_prompt, subj.class_prompt)
             pcfg = dataclasses.replace(pcfg, seed=cfg.seed)
             result = personalize_and_sample(sd, train, pcfg, list(cfg.sample.prompts), cfg.sample, quiet=cfg.quiet)
