@@ -151,7 +151,7 @@ def _resolve(target: str) -> Callable:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (0 success, 1 failure, 2 usage/config error)."""
     from apdm import config as C
-    from apdm.utils import setup_logging
+    from apdm.utils import MissingDependency, setup_logging
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # anywhere on the line: the full traceback of a failure
@@ -193,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"apdm demo: interrupted; outputs so far are in {args.out}", file=sys.stderr)
             return 130
+        except MissingDependency as exc:  # an optional package a setting needs: one line, how to install it
+            print(f"apdm demo failed: {exc}", file=sys.stderr)
+            if debug:
+                raise
+            return 2
         except (OSError, ValueError, RuntimeError) as exc:
             print(f"apdm demo failed: {exc}", file=sys.stderr)
             if debug:
@@ -212,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"apdm bench {args.name}: interrupted; nothing was written", file=sys.stderr)
             return 130
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, MissingDependency) as exc:
             print(f"apdm bench {args.name}: {exc}", file=sys.stderr)
             if debug:
                 raise
@@ -240,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: one line, and how to go on
         LOG.error("%s interrupted. %s", args.command, RESUME_HINT.get(args.command, ""))
         return 130
+    except MissingDependency as exc:  # an optional package a setting needs (impress:tie=lpips without lpips): one
+        LOG.error("%s failed: %s", args.command, exc)  # line naming the pip extra, exit 2 as for a bad config
+        if debug:
+            raise
+        return 2
     except (OSError, ValueError, RuntimeError) as exc:
         # user-facing failures (bad input folder, unloadable model, an output path that is a file, a full disk...):
         # one clear line, no traceback (--debug shows it)

@@ -1,7 +1,9 @@
 """DiffPure-style purification with the loaded latent diffusion model (Nie et al. 2022; SDEdit, Meng et al. 2022).
 
-The attacker's cleaning step before personalization: encode the (protected) images, noise them to level
-``t* = strength·T`` and denoise them back with DDIM (:func:`apdm.core.diffusion.img2img`, the one copy of that math).
+The attacker's cleaning step before personalization: encode the (protected) images, noise them to a level t* of the
+DDIM grid and denoise them back with DDIM (:func:`apdm.core.diffusion.img2img`, the one copy of that math). t* is
+the grid's timestep at which the last ``strength`` of its ``num_inference_steps`` steps begin, not ``strength·T``:
+strength 0.2 of 50 runs the last 10 steps from t* = 181 (SD's "leading" spacing with ``steps_offset`` 1), not 200.
 Default ``strength=0.2`` follows the SD img2img DiffPure used in the protection literature (Hönig et al.); the
 original DiffPure used t* = 0.1–0.15 with a pixel-space model.
 """

@@ -1,7 +1,7 @@
 """GrIDPure-style purification (Zhao et al., CVPR 2024): small DiffPure steps on a grid of patches, iterated.
 
 Plain DiffPure at a strength that removes a protection also blurs the face; GrIDPure instead regenerates
-half-size patches at a *small* noise level many times, blending each round with the input so the structure stays.
+half-size patches at a *small* noise level many times, blending each round with its input so the structure stays.
 One round on images ``x`` (N,3,H,W):
 
 1. patches of side ``p = min(H, W) // 2`` at stride ``p // 2`` (3×3 on a square image; the last row/column is
@@ -9,8 +9,9 @@ One round on images ``x`` (N,3,H,W):
    twice like the rest of the image;
 2. each patch is resized to the model's resolution, regenerated with :func:`apdm.core.diffusion.img2img`
    (``strength`` of a ``num_inference_steps`` DDIM grid), resized back;
-3. overlapping patches are averaged pixel by pixel; the round's output is ``(1 − γ)·merged + γ·x₀`` with ``x₀`` the
-   attack's input.
+3. overlapping patches are averaged pixel by pixel; the round's output is ``(1 − γ)·merged + γ·x`` with ``x`` the
+   round's own input (``blend="round"``, the default and the published code: the protected photo's weight falls as
+   γ^r); ``blend="photo"`` blends with the attack's input ``x₀`` in every round instead.
 
 Published defaults: 10 of 1000 diffusion steps per round (t* = 0.01, with a 256-px pixel-space model), 20 rounds,
 γ = 0.1. With apdm's latent model the defaults are ``strength=0.02`` on a 100-step grid (two DDIM steps from

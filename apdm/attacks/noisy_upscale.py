@@ -23,7 +23,9 @@ classes, for tests). Weights load from safetensors only.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from pathlib import Path
 
 import torch
 
@@ -91,13 +93,79 @@ def load_upscaler(path: str, device: str = "cpu", dtype: torch.dtype = torch.flo
                 str(p) if p.exists() else path, torch_dtype=dtype, use_safetensors=True,
                 local_files_only=p.exists())
         except (OSError, ValueError) as exc:
-            raise ValueError(
-                f"noisy_upscale: could not load the upscaler '{path}' ({type(exc).__name__}: {exc}). Without network "
-                f"access it must be a local folder (e.g. `hf download {DEFAULT_UPSCALER} --local-dir "
-                f"./x4`, then upscaler=./x4)") from exc
+            raise ValueError(_unloadable(path, f"{type(exc).__name__}: {exc}")) from exc
         LOG.info("loaded the upscaler %s", path)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _unloadable(path: str, why: str) -> str:
+    """The message for an upscaler that cannot be loaded, at check time or at run time."""
+    return (f"noisy_upscale: could not load the upscaler '{path}' ({why}). Without network access it must be a "
+            f"local folder (e.g. `hf download {DEFAULT_UPSCALER} --local-dir ./x4`, then upscaler=./x4)")
+
+
+def _hub_offline() -> bool:
+    """Whether Hugging Face Hub downloads are switched off (``HF_HUB_OFFLINE``, now or when the hub was imported)."""
+    import os
+
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in (
+        "1", "true", "yes", "on")
+
+
+def _hub_index(path: str) -> Path | None:
+    """The cached ``model_index.json`` of the hub id ``path``, or None (not cached, or not a valid repo id)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(path, "model_index.json")
+    except ValueError:  # not a valid repo id: the loader will say so
+        return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def max_noise_level(path: str) -> int | None:
+    """The upscaler's ``max_noise_level`` as far as it can be known without loading it, or None.
+
+    Read from ``model_index.json`` (where ``StableDiffusionUpscalePipeline`` keeps it; 350, the pipeline's default,
+    when the file does not say) in a local folder, the toy world's folder, or the Hugging Face cache for a hub id;
+    350 for ``tiny`` and for the published upscaler when it is not cached.
+
+    Raises:
+        ValueError: a local folder that is missing or is not a diffusers model (as the loader would).
+    """
+    import json
+
+    path = path.strip()
+    if path == "tiny":
+        return 350  # tiny_upscaler's
+    p = _check_upscaler(path)
+    index = p / "model_index.json" if p.exists() else _hub_index(path)
+    if index is None:  # a hub id that is not cached
+        return 350 if path == DEFAULT_UPSCALER else None
+    try:
+        level = json.loads(index.read_text()).get("max_noise_level", 350)
+    except (OSError, ValueError, AttributeError):  # unreadable: the loader will report it
+        return None
+    return level if isinstance(level, int) else None
+
+
+def check_loadable(upscaler: str = DEFAULT_UPSCALER, **_) -> None:
+    """Refuse an upscaler that cannot be loaded here, before a run: a hub id that is not in the Hugging Face cache
+    while ``HF_HUB_OFFLINE`` is set (the loader would fail with this message, after the run's earlier work).
+    Called by :func:`apdm.attacks.transforms.check_attack` with ``loadable=True`` (the other keyword arguments of
+    the spec are ignored).
+
+    Raises:
+        ValueError: as :func:`max_noise_level`, or the hub id is not cached while offline.
+    """
+    path = upscaler.strip()
+    if path == "tiny" or _check_upscaler(path).exists():
+        return
+    if _hub_offline() and _hub_index(path) is None:
+        raise ValueError(_unloadable(path, "it is not in the Hugging Face cache and HF_HUB_OFFLINE is set"))
 
 
 def _toy_upscaler():
@@ -113,8 +181,6 @@ def _toy_upscaler():
 
 def _check_upscaler(path: str):
     """``path`` as a Path; raises ValueError for a local folder that is missing or is not a diffusers model."""
-    from pathlib import Path
-
     if not path.strip():
         raise ValueError("noisy_upscale: upscaler is empty (a diffusers folder, hub id, 'toy' or 'tiny')")
     if path == "toy":
@@ -125,6 +191,36 @@ def _check_upscaler(path: str):
     if not p.exists() and path != "tiny" and (path.startswith((".", "/", "~")) or path.count("/") != 1):
         raise ValueError(f"noisy_upscale: upscaler folder not found: {p}")
     return p
+
+
+def _pipeline_noise(pipe, noisy: torch.Tensor, seed: int, device: str, dtype: torch.dtype):
+    """The noise ``pipe`` draws when called once on all of ``noisy`` with a generator seeded ``seed``: first the
+    noise augmentation of the (preprocessed) low-resolution photos, then the starting latents."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    n = len(noisy)
+    lh, lw = pipe.image_processor.preprocess(noisy[:1]).shape[-2:]  # the pipeline's size for its input
+    g = torch.Generator(device).manual_seed(seed)
+    low_res = randn_tensor((n, noisy.shape[1], lh, lw), generator=g, device=torch.device(device), dtype=dtype)
+    latents = randn_tensor((n, pipe.vae.config.latent_channels, lh, lw), generator=g, device=torch.device(device),
+                           dtype=dtype)
+    return low_res, latents
+
+
+@contextlib.contextmanager
+def _low_res_noise(pipe, noise: torch.Tensor):
+    """Within the block, ``pipe``'s noise augmentation of its input uses ``noise`` instead of its own draw (the
+    pipeline takes the starting latents as an argument, but not this noise)."""
+    sched = pipe.low_res_scheduler
+
+    def add_noise(original_samples, _drawn, timesteps):
+        return type(sched).add_noise(sched, original_samples, noise.to(original_samples), timesteps)
+
+    sched.add_noise = add_noise
+    try:
+        yield
+    finally:
+        del sched.add_noise
 
 
 def noisy_upscale(images: torch.Tensor, sd, sigma: float = 0.1, noise_level: int = 320,
@@ -144,8 +240,12 @@ def noisy_upscale(images: torch.Tensor, sd, sigma: float = 0.1, noise_level: int
             size, so the final resize does nothing).
         prompt: the caption (empty: unconditional; guidance is then skipped, as it would change nothing).
         num_inference_steps, guidance_scale: the upscaler's sampling (pipeline defaults 75 and 9.0).
-        seed: seeds the pixel noise and the upscaler's sampling (the batch starting at photo ``i`` uses
-            ``seed + i``, as :func:`apdm.attacks.diffpure.diffpure`).
+        seed: seeds the pixel noise (drawn for the whole set from ``seed``) and the upscaler's own noise: its noise
+            augmentation of the low-resolution photos and its starting latents, drawn for the whole set from one
+            generator seeded ``seed`` in the pipeline's order, as one call on every photo would draw them. So, as
+            in :func:`apdm.attacks.diffpure.diffpure`, ``batch_size`` changes nothing (a batch holding every photo
+            gives what it gave before 2026-12-07). A stochastic sampler (not the published DDIM at its default
+            eta 0) draws its step noise per photo, from ``seed + 1 + i`` for photo ``i``.
         batch_size: photos per upscaler call.
         quiet: no progress bar over the batches.
 
@@ -164,7 +264,9 @@ def noisy_upscale(images: torch.Tensor, sd, sigma: float = 0.1, noise_level: int
                          f"{downscale}, {num_inference_steps} and {batch_size}")
     if guidance_scale < 0:
         raise ValueError(f"noisy_upscale: guidance_scale must be >= 0, got {guidance_scale}")
-    _check_upscaler(upscaler.strip())
+    known = max_noise_level(upscaler)  # also refuses a missing folder or one that is not a model
+    if known is not None and noise_level > known:
+        raise ValueError(f"noisy_upscale: noise_level {noise_level} exceeds the upscaler's max_noise_level {known}")
     if len(images) == 0:
         return images.detach().float().cpu()
     device = str(sd.device) if sd is not None else "cpu"
@@ -179,15 +281,18 @@ def noisy_upscale(images: torch.Tensor, sd, sigma: float = 0.1, noise_level: int
     if (lh, lw) != (h, w):
         x = F.interpolate(x, size=(lh, lw), mode="bicubic", antialias=True).clamp(0, 1)
     scale = guidance_scale if prompt else 1.0
+    # every draw is made for the whole set, so batch_size changes nothing (see ``seed``)
+    g = torch.Generator().manual_seed(seed)
+    noisy_all = (x + sigma * torch.randn(x.shape, generator=g)).clamp(0, 1).mul(255).round().div(255)
+    low_res_noise, latents = _pipeline_noise(pipe, noisy_all, seed, device, dtype)
     outs = []
     for i in progress(range(0, x.shape[0], batch_size), desc="Noisy Upscaling batches", disable=quiet):
-        chunk = x[i:i + batch_size]
-        g = torch.Generator().manual_seed(seed + i)
-        noisy = (chunk + sigma * torch.randn(chunk.shape, generator=g)).clamp(0, 1).mul(255).round().div(255)
-        with torch.no_grad():
-            up = pipe(prompt=[prompt] * len(chunk), image=noisy.to(device=device, dtype=dtype),
+        noisy = noisy_all[i:i + batch_size]
+        steps_g = [torch.Generator(device).manual_seed(seed + 1 + j) for j in range(i, i + len(noisy))]
+        with torch.no_grad(), _low_res_noise(pipe, low_res_noise[i:i + batch_size]):
+            up = pipe(prompt=[prompt] * len(noisy), image=noisy.to(device=device, dtype=dtype),
                       noise_level=noise_level, num_inference_steps=num_inference_steps, guidance_scale=scale,
-                      generator=torch.Generator(device).manual_seed(seed + i), output_type="pt").images
+                      generator=steps_g, latents=latents[i:i + batch_size], output_type="pt").images
         up = up.float().cpu().clamp(0, 1)
         if tuple(up.shape[-2:]) != (h, w):
             up = F.interpolate(up, size=(h, w), mode="bicubic", antialias=True)

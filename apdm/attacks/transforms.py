@@ -17,7 +17,8 @@ import functools
 import inspect
 import io
 import math
-from typing import Callable
+import re
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -294,10 +295,28 @@ def parse_attack(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return out
 
 
+_KEY = re.compile(r"\s*[A-Za-z_]\w*\s*=")
+
+
+def _split_params(params: str, text: set) -> list[str]:
+    """``key=value,...`` split at its commas, except that a piece which does not start with ``key=`` continues the
+    value of the text parameter (one of ``text``) before it: ``prompt=a photo of a person, smiling`` is one item. A
+    comma followed by ``word=`` always starts a new parameter, and a number's stray piece stays an error."""
+    items: list[str] = []
+    for piece in params.split(","):
+        if items and piece.strip() and not _KEY.match(piece) and items[-1].partition("=")[0].strip() in text:
+            items[-1] += "," + piece
+        else:
+            items.append(piece)
+    return items
+
+
 def _parse_params(spec: str, name: str, params: str, allowed: dict) -> dict:
-    """``key=value,...`` -> kwargs typed like the defaults in ``allowed`` (parameter -> default)."""
+    """``key=value,...`` -> kwargs typed like the defaults in ``allowed`` (parameter -> default); a text
+    parameter's value may hold commas (see :func:`_split_params`)."""
     kwargs = {}
-    for item in filter(None, (s.strip() for s in params.split(","))):
+    text = {k for k, v in allowed.items() if isinstance(v, str)}
+    for item in filter(None, (s.strip() for s in _split_params(params, text))):
         key, eq, value = item.partition("=")
         key, value = key.strip(), value.strip()
         if not eq or not key or not value:
@@ -316,7 +335,8 @@ def parse_model_attack(spec: str) -> tuple[Callable, dict]:
 
     Forms: ``"diffpure"``, ``"diffpure:strength=0.1"``, ``"gridpure:rounds=10,gamma=0.2"``,
     ``"impress:steps=500,radius=0.0627"``. Parameters are the function's keyword arguments except ``images``,
-    ``sd``, ``seed`` and ``quiet``, typed like their defaults (a ``k/255`` value is accepted for a float).
+    ``sd``, ``seed`` and ``quiet``, typed like their defaults (a ``k/255`` value is accepted for a float). A text
+    value may hold commas (``gridpure:prompt=a photo of a person, smiling,rounds=2``) but no ``, word=``.
 
     Raises:
         ValueError: not a model attack, unknown or malformed parameter, value of the wrong type.
@@ -332,15 +352,17 @@ def parse_model_attack(spec: str) -> tuple[Callable, dict]:
         raise ValueError(f"'{name}' is not a model attack (model attacks: {', '.join(MODEL_ATTACKS)})")
     fn = getattr(importlib.import_module(MODEL_ATTACKS[name]), name)
     allowed = {k: p.default for k, p in inspect.signature(fn).parameters.items() if k not in _MODEL_NOT_PARAMS}
-    params = _fractions(params, {k for k, v in allowed.items() if isinstance(v, float)})
+    params = _fractions(params, {k for k, v in allowed.items() if isinstance(v, float)},
+                        {k for k, v in allowed.items() if isinstance(v, str)})
     return fn, _parse_params(spec, name, params, allowed)
 
 
-def _fractions(params: str, floats: set) -> str:
+def _fractions(params: str, floats: set, text: set = frozenset()) -> str:
     """Rewrite ``key=a/b`` values of the float parameters ``floats`` as decimals (so ``radius=16/255`` reads as a
-    budget is written everywhere; a path such as ``upscaler=models/x4`` is left alone)."""
+    budget is written everywhere; a path such as ``upscaler=models/x4`` is left alone). Items are split as
+    :func:`_parse_params` splits them (``text``: the text parameters, whose values may hold commas)."""
     out = []
-    for item in params.split(","):
+    for item in _split_params(params, text):
         key, eq, value = item.partition("=")
         num, slash, den = value.strip().partition("/")
         if eq and slash and key.strip() in floats:
@@ -352,19 +374,34 @@ def _fractions(params: str, floats: set) -> str:
     return ",".join(out)
 
 
-def check_attack(spec: str) -> str:
+def check_attack(spec: str, loadable: bool = False) -> str:
     """Validate an attack spec (model-free or model attack) without running it; returns the stripped spec.
 
+    ``loadable=True`` also refuses a spec whose extra model cannot be loaded here (a model attack module's
+    ``check_loadable``: Noisy Upscaling's hub upscaler that is not in the Hugging Face cache while
+    ``HF_HUB_OFFLINE`` is set). A run checks that; a recipe's spec is valid without it.
+
     Raises:
-        ValueError: as :func:`parse_attack` / :func:`parse_model_attack`.
+        ValueError: as :func:`parse_attack` / :func:`parse_model_attack`, or a value the attack refuses.
+        apdm.utils.MissingDependency: the spec needs an optional package that is not installed
+            (``impress:tie=lpips`` without the ``lpips`` extra).
     """
+    import importlib
+
+    from apdm.utils import MissingDependency
+
     name = spec.strip().partition(":")[0].strip().lower() if isinstance(spec, str) else ""
     if name in MODEL_ATTACKS:
         fn, kwargs = parse_model_attack(spec)
-        try:  # every model attack checks its values first and returns at once on zero images, before the model
-            fn(torch.zeros(0, 3, 8, 8), None, **kwargs)
+        check = getattr(importlib.import_module(MODEL_ATTACKS[name]), "check_loadable", None) if loadable else None
+        try:  # every model attack checks its values (and optional packages) first and returns at once on zero
+            fn(torch.zeros(0, 3, 8, 8), None, **kwargs)  # images, before any model loads
+            if check is not None:
+                check(**kwargs)
         except ValueError as exc:
             raise ValueError(f"attack '{spec.strip()}': {exc}") from None
+        except MissingDependency as exc:
+            raise MissingDependency(f"attack '{spec.strip()}': {exc}") from exc
     else:
         parse_attack(spec)
     return spec.strip()

@@ -106,7 +106,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
                          f"evaluation attack personalizes with)")
     purifiers = [p.strip() for p in opts.get("purifiers", "").split(";") if p.strip()]
     for p in purifiers:
-        check_attack(p)
+        check_attack(p, loadable=True)
     pur_names = [p.partition(":")[0].strip().lower() for p in purifiers]
     if len(set(pur_names)) != len(pur_names) or any(n not in MODEL_ATTACKS for n in pur_names):
         raise ValueError(f"purifiers={opts.get('purifiers')!r}: give each model attack ({', '.join(MODEL_ATTACKS)}) "

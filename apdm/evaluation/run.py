@@ -443,8 +443,8 @@ def run(cfg: EvaluateRunConfig) -> dict:
             raise ValueError(f"unknown scenario '{s}'; choose from {', '.join(SCENARIOS)}")
     from apdm.attacks.transforms import check_attack
 
-    for spec in cfg.attacks:  # a typo should stop the run now, not after hours of personalization
-        check_attack(spec)
+    for spec in cfg.attacks:  # a typo, or an upscaler not here, should stop the run now, not after hours of work
+        check_attack(spec, loadable=True)
     names = subject_names(cfg.subjects)
     from apdm.personalization.simulator import check_personalization
 
