@@ -1157,10 +1157,11 @@ def test_cli_protect_model_refuses_to_overwrite_its_source(tmp_path, apdm_log, w
     assert not (tmp_path / "cls").exists()  # refused before any work
 
 
-def test_cli_protect_model_kill_before_the_card_leaves_no_model_and_resume_counts_all_time(tmp_path, monkeypatch):
-    """The card and protect_log.json were written after the model folder was renamed into place, so a kill in
-    between left model/ without its card and a stale log; and a resumed run reported only its own seconds (0 s when
-    the kill came after the protection)."""
+def test_cli_protect_model_kill_before_the_log_leaves_no_log_and_resume_counts_all_time(tmp_path, monkeypatch):
+    """The card was written after the model folder was renamed into place, so a kill in between left model/ without
+    its card beside a stale log; and a resumed run reported only its own seconds (0 s when the kill came after the
+    protection). The card is in the folder operation now, and the log, which says the run finished, comes after
+    it: a kill before the log leaves the complete model/, no log, and the checkpoint, which the rerun resumes."""
     import json
 
     from helpers import tiny_protect_model_args
@@ -1174,7 +1175,8 @@ def test_cli_protect_model_kill_before_the_card_leaves_no_model_and_resume_count
     out, args = tmp_path / "out", [*tiny_protect_model_args(tmp_path), "protect.checkpoint_every=1"]
     monkeypatch.setattr(R, "atomic_write_json", killed)
     assert main(["protect-model", *args]) == 130  # Ctrl-C or a kill signal: exit 130, one line
-    assert not (out / "model").exists() and (out / "checkpoint").exists()
+    assert (out / "model" / "README.md").is_file() and (out / "checkpoint").exists()
+    assert not (out / "protect_log.json").exists()  # so the run is not taken as finished
     assert not [p for p in out.iterdir() if p.name.startswith(".model")]  # no temporary folder left either
     monkeypatch.undo()
 
@@ -1264,6 +1266,47 @@ def test_cli_protect_model_rerun_of_a_finished_run_does_nothing(tmp_path):
     stamp = weights.stat().st_mtime_ns
     Image.new("RGB", (70, 60), (200, 10, 10)).save(tmp_path / "subject" / "0.png")  # a changed photo
     assert main(args) == 0 and weights.stat().st_mtime_ns != stamp
+
+
+def test_cli_protect_model_killed_at_the_model_swap_never_reports_another_runs_model_as_done(tmp_path, monkeypatch):
+    """Run A finished; run B (other settings) into the same folder is killed just before (or just after) its model
+    replaces A's. The new log was written first, so rerunning B found "its" log beside A's model: nothing to do, and
+    A's weights stayed. Now the log comes after the swap: both reruns give B's model."""
+    import hashlib
+    import os
+
+    from helpers import tiny_protect_model_args
+
+    import apdm.utils as U
+    from apdm.cli import main
+
+    args = ["protect-model", *tiny_protect_model_args(tmp_path)]
+    out = tmp_path / "out"
+    weights = out / "model" / "unet" / "diffusion_pytorch_model.safetensors"
+
+    def digest():
+        return hashlib.sha256(weights.read_bytes()).hexdigest()
+
+    assert main(args) == 0
+    a = digest()
+    b_args = args + ["protect.learning_rate=5e-3"]
+    real = os.replace
+    for when in ("before", "after"):
+        def kill(src, dst, when=when):
+            swap = str(dst) == str(out / "model") and str(src).startswith(str(out / ".model"))
+            if swap and when == "before":
+                raise KeyboardInterrupt
+            real(src, dst)
+            if swap:  # the new model is in place; the kill comes before anything else is written
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(U.os, "replace", kill)
+        assert main(b_args) == 130
+        monkeypatch.setattr(U.os, "replace", real)
+        assert main(b_args) == 0
+        b = digest()
+        assert b != a, when
+        assert main(args) == 0 and digest() == a, when  # and back to A for the next round
 
 
 def test_cli_protect_model_in_bf16_keeps_the_fp32_sources_precision(tmp_path):

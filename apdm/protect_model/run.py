@@ -614,8 +614,11 @@ def run(cfg: ProtectModelRunConfig) -> dict:
         summary.update(seconds_encoder_trap=round(seconds_trap, 2), encoder_trap_check=trap_check,
                        encoder_trap_decoys=decoys, encoder_trap_held_back=held_check,
                        encoder_trap_history=trap_history)
-    # one folder operation: the weights and the card appear together under model/, and the log is written just
-    # before; a kill before the rename leaves the previous model/ (or none) and the checkpoint, which a rerun resumes
+    # one folder operation: the weights and the card appear together under model/. The previous run's log goes
+    # first and this run's comes after the rename, so a log always describes the model/ beside it: a kill between
+    # the two leaves no log (and the checkpoint, which a rerun resumes), never a log of one run beside another's
+    # weights (before 2026-12-07 the new log came first, and a kill before the rename made a rerun of the new
+    # settings report "nothing to do" beside the old model)
     source = local_folder(cfg.model.path, cfg.model.revision)  # toy and a cached hub id resolve to their folder
     keep = stored_dtype(str(source)) if source is not None else None  # the source's own dtype: fp16 stays fp16
     if keep is not None and keep != protected.dtype:
@@ -636,7 +639,8 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     with atomic_dir(out / "model") as tmp:
         save_sd(protected, tmp, quiet=cfg.quiet, dtype=keep)  # (replaces the empty tmp folder as a whole)
         atomic_write_text(tmp / "README.md", card)
-        atomic_write_json(out / "protect_log.json", summary)
+        (out / "protect_log.json").unlink(missing_ok=True)
+    atomic_write_json(out / "protect_log.json", summary)
     import shutil
 
     shutil.rmtree(out / "checkpoint", ignore_errors=True)
