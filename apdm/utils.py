@@ -186,7 +186,9 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Build a directory under a temporary name and move it to ``final`` only when the block succeeds.
 
     An existing ``final`` is replaced only after the new one is complete (it is renamed aside, then
-    deleted), so a crash never leaves a half-written model directory under the final name.
+    deleted), so a crash never leaves a half-written model directory under the final name. Its files get the
+    permissions ``open()`` would give them: safetensors writes its files 0600 (owner only), which kept a model from
+    another account that serves it.
     """
     import shutil
 
@@ -196,6 +198,10 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; give the folder the permissions mkdir() would
     try:
         yield tmp
+        mode = 0o666 & ~_umask()
+        for f in tmp.rglob("*"):
+            if f.is_file() and not f.is_symlink():
+                os.chmod(f, mode)
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             if old.exists():

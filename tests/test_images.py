@@ -586,6 +586,8 @@ def test_grid_shape_and_placement(tmp_path):
 def test_atomic_outputs_get_umask_permissions_not_tempfile_0600(tmp_path):
     import os
 
+    from safetensors.torch import save_file
+
     from apdm.utils import atomic_dir, atomic_write_text
 
     old = os.umask(0o022)
@@ -593,7 +595,10 @@ def test_atomic_outputs_get_umask_permissions_not_tempfile_0600(tmp_path):
         f = atomic_write_text(tmp_path / "a.json", "{}")
         with atomic_dir(tmp_path / "model") as d:
             (d / "x").write_text("1")
+            (d / "unet").mkdir()  # safetensors writes its files 0600: a served model was unreadable to others
+            save_file({"w": torch.zeros(2)}, str(d / "unet" / "w.safetensors"))
     finally:
         os.umask(old)
     assert f.stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "model" / "unet" / "w.safetensors").stat().st_mode & 0o777 == 0o644

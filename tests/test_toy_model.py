@@ -30,6 +30,13 @@ def test_saved_toy_model_loads_in_plain_diffusers(tmp_path):
     sd = load_sd(str(tmp_path / "m"), device="cpu")  # fp16 on disk -> fp32 on CPU
     assert sd.unet.dtype == torch.float32 and sd.resolution == 64
     assert len(tok.tokenize("a photo of sks person")) == 5  # whole-word tokens, sks included
+    # transformers 4's CLIPTokenizer reads vocab.json + merges.txt, which transformers 5 no longer writes itself
+    assert {"vocab.json", "merges.txt"} <= {f.name for f in (tmp_path / "m" / "tokenizer").iterdir()}
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)  # safetensors writes 0600; the model folder's files get what open() gives
+    assert (tmp_path / "m" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_unet_training_resumes_exactly(tmp_path):

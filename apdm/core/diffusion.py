@@ -103,9 +103,20 @@ def encode_prompt(text_encoder, tokenizer, prompts: Sequence[str] | str) -> torc
 
 
 # ============================================================================ noise schedule
+#: Device types without float64 tensors (Apple's MPS): :func:`alphas_cumprod` gives float32 there.
+NO_FLOAT64 = ("mps",)
+
+
 def alphas_cumprod(noise_scheduler, device=None) -> torch.Tensor:
-    """ᾱ for t = 0..T-1 as float64 on ``device`` (float64 keeps DDIM round trips exact to ~1e-6)."""
-    return noise_scheduler.alphas_cumprod.to(device=device, dtype=torch.float64)
+    """ᾱ for t = 0..T-1 as float64 on ``device`` (float64 keeps DDIM round trips exact to ~1e-6).
+
+    On a device without float64 (:data:`NO_FLOAT64`: Apple MPS) it is float32 (the dtype diffusers computes the
+    schedule in, so no value changes; only what is derived from it is computed in float32 there); nothing is ever
+    asked of such a device in float64. CPU and CUDA get float64 as always."""
+    ac = noise_scheduler.alphas_cumprod
+    if device is not None and torch.device(device).type in NO_FLOAT64:
+        return ac.to(device=device, dtype=torch.float32)
+    return ac.to(device=device, dtype=torch.float64)
 
 
 def _bcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -529,8 +540,8 @@ def img2img(sd, images: torch.Tensor, strength: float, prompt: str = "", guidanc
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
     elif tuple(noise.shape) != tuple(latents.shape):
         raise ValueError(f"img2img: noise of shape {tuple(noise.shape)} for latents {tuple(latents.shape)}")
-    noise = noise.to(latents.device, latents.dtype)
-    noisy = add_noise(sd.noise_scheduler, latents.float(), noise.float(), t_start)
+    noise = noise.to(latents.device, torch.float32)  # not rounded to a bf16/fp16 model's dtype: add_noise is fp32
+    noisy = add_noise(sd.noise_scheduler, latents.float(), noise, t_start)
     cond = encode_prompt(sd.text_encoder, sd.tokenizer, [prompt] * len(images))
     uncond = encode_prompt(sd.text_encoder, sd.tokenizer, [""] * len(images)) if guidance_scale != 1.0 else None
     z0 = ddim_sample(sd.unet, sd.noise_scheduler, noisy, cond, uncond, guidance_scale, num_inference_steps,

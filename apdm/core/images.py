@@ -15,7 +15,9 @@ stored colour values. Multi-frame files: an animated GIF, PNG, WebP or AVIF and 
 many cameras and phones write) and a HEIF with several images give their primary image. Files over
 :data:`MAX_PIXELS` are refused. HEIC/HEIF photos
 are read when the optional ``pillow-heif`` is installed (else reported with the install hint); AVIF by Pillow
-itself; camera RAW files are not read (:data:`RAW_EXTENSIONS`).
+itself; camera RAW files are not read (:data:`RAW_EXTENSIONS`, and a DNG under another name), nor files of any
+format outside :data:`PHOTO_FORMATS` (Pillow's other plugins never see them), nor 16-bit TIFFs in planar
+(per-channel) pixel order, which Pillow decodes wrongly.
 
 Resolution policy (:func:`model_shape`, :func:`to_model_resolution`, :func:`perturbation_to_original`). Protection
 runs on the WHOLE image resized (bicubic, antialiased) to the model's resolution ``s``: with the ``aspect`` policy
@@ -64,8 +66,15 @@ from apdm.utils import LOG, atomic_write_bytes, progress
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic", ".heif", ".avif")
 #: formats whose extra frames are content (animation, pages), so a file with more than one is refused
 MULTI_FRAME_REFUSED = ("GIF", "PNG", "WEBP", "AVIF", "TIFF")
-#: Camera RAW files: not read (export them to JPEG/PNG/TIFF); a folder holding some says so once when listed.
+#: Camera RAW files: not read (export them to JPEG/PNG/TIFF); a folder holding some says so once when listed, and
+#: :func:`load_image` refuses one given by name (Pillow would read a DNG's small preview as a TIFF).
 RAW_EXTENSIONS = (".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2")
+#: The formats (as Pillow names them) :func:`load_image` opens: photo formats only, so that a file of another kind,
+#: whatever its name, never reaches Pillow's other plugins (EPS runs Ghostscript). MPO comes through JPEG's opener;
+#: HEIF is there once pillow-heif registers it, AVIF when Pillow (or a plugin) reads it.
+PHOTO_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "TIFF", "BMP", "GIF", "AVIF", "HEIF")
+_DNG_VERSION = 50706  # TIFF tag of a DNG (camera RAW) file
+_PLANAR_CONFIGURATION, _BITS_PER_SAMPLE, _SAMPLES_PER_PIXEL = 284, 258, 277
 #: ISO-BMFF brands of HEIF still images (bytes 8-12 of the file, after ``ftyp``).
 _HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
 _HEIF_STATE: list[bool] = []  # [whether pillow-heif's opener is registered], filled on first use
@@ -289,7 +298,7 @@ def _is_rgb16(tiles: list) -> bool:
 def _low_bytes(path: Path) -> Image.Image:
     """A 16-bit RGB(A) file (PNG, TIFF), which Pillow reads as 8-bit RGB(A) keeping each value's high byte, decoded
     a second time with the other byte order: each value's low byte, upright (EXIF orientation applied)."""
-    with Image.open(path) as im:
+    with Image.open(path, formats=_photo_formats()) as im:
         tiles = []
         for t in im.tile:
             raw = _rawmode(t)
@@ -323,6 +332,48 @@ def _is_heif(path: Path) -> bool:
     return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
 
 
+def _photo_formats() -> list[str]:
+    """:data:`PHOTO_FORMATS` that Pillow can open here, in Pillow's own order of trying them."""
+    Image.init()
+    return [f for f in Image.ID if f in PHOTO_FORMATS and f in Image.OPEN]
+
+
+def _detected_format(path: Path) -> str | None:
+    """The format Pillow would take ``path`` for, judged from its first bytes only (no plugin opens the file)."""
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(16)
+    except OSError:
+        return None
+    Image.init()
+    for name in Image.ID:
+        accept = Image.OPEN.get(name, (None, None))[1]
+        try:
+            hit = accept is not None and accept(prefix) is True
+        except Exception:  # noqa: BLE001 (a plugin's check failing on odd bytes: not that format)
+            hit = False
+        if hit:
+            return name
+    return None
+
+
+def _refused_tiff(im: Image.Image) -> str | None:
+    """Why a TIFF (or a file Pillow reads as one) is refused: a DNG (camera RAW, whose preview Pillow would read),
+    or 16-bit samples in planar order, which Pillow decodes into scrambled pixels (8-bit planar it reads right)."""
+    tags = getattr(im, "tag_v2", None)
+    if tags is None:
+        return None
+    if _DNG_VERSION in tags:
+        return ("a camera RAW file (DNG): apdm does not read RAW (only its small embedded preview would be read); "
+                "export it as JPEG, PNG or TIFF")
+    bits = tags.get(_BITS_PER_SAMPLE, 8)
+    bits = max(bits) if isinstance(bits, (tuple, list)) and bits else bits
+    if tags.get(_PLANAR_CONFIGURATION, 1) == 2 and tags.get(_SAMPLES_PER_PIXEL, 1) > 1 and int(bits) > 8:
+        return (f"{int(bits)}-bit TIFF with planar (per-channel) pixel order, which cannot be read correctly; save it "
+                "with interleaved pixel order or as PNG")
+    return None
+
+
 def load_image(path: str | os.PathLike) -> LoadedImage:
     """Load one photo robustly (see the module docstring for the colour and orientation policy).
 
@@ -333,8 +384,10 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
         :class:`LoadedImage` with ``pixels`` ``(3, H, W)`` float32 in ``[0, 1]``.
 
     Raises:
-        ImageLoadError: missing, empty, not an image, unsupported mode, corrupt/truncated data, zero size, or more
-            than :data:`MAX_PIXELS` pixels. The message names the file and the problem.
+        ImageLoadError: missing, empty, not an image, not a photo format (:data:`PHOTO_FORMATS`: a PostScript or
+            PDF file is refused unopened, whatever its name), a camera RAW file (:data:`RAW_EXTENSIONS`, or a TIFF
+            that is a DNG), a 16-bit TIFF in planar pixel order, unsupported mode, corrupt/truncated data, zero
+            size, or more than :data:`MAX_PIXELS` pixels. The message names the file and the problem.
     """
     path = Path(path)
     if not path.exists():
@@ -347,12 +400,18 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
         raise ImageLoadError(path, f"cannot read file ({exc})") from exc
     if nbytes == 0:
         raise ImageLoadError(path, "empty file (0 bytes)")
+    if path.suffix.lower() in RAW_EXTENSIONS:
+        raise ImageLoadError(path, f"a camera RAW file ({path.suffix}): apdm does not read RAW; export it as JPEG, "
+                                   "PNG or TIFF")
     _heif_available()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(path, formats=_photo_formats()) as im:
                 fmt = im.format
+                refused = _refused_tiff(im) if fmt == "TIFF" else None
+                if refused:
+                    raise ImageLoadError(path, refused)
                 w, h = im.size
                 if w == 0 or h == 0:
                     raise ImageLoadError(path, f"zero-size image ({w}x{h})")
@@ -382,6 +441,9 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
         if _is_heif(path) and not _heif_available():
             raise ImageLoadError(path, "a HEIC/HEIF photo: reading it needs pillow-heif (pip install "
                                        "\"apdm[heif]\"), or export it as JPEG/PNG") from exc
+        other = _detected_format(path)
+        if other is not None and other not in PHOTO_FORMATS:
+            raise ImageLoadError(path, f"not a supported photo format ({other})") from exc
         raise ImageLoadError(path, "not an image, or an unsupported image format") from exc
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(path, f"too large ({exc})") from exc

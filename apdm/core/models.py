@@ -284,10 +284,16 @@ def model_fingerprint(model) -> dict:
     """What identifies a model (a ``ModelConfig``) for a cache of results computed on it: its path, revision and
     dtype, and for a local folder each file's relative path, size and modification time (cheap for a 4 GB
     checkpoint; a model saved again into the same folder gets a new fingerprint, so no result computed on the old
-    one is reused). Used by evaluate's cells and protect-model's "already done"."""
-    fp: dict = {"path": model.path, "revision": model.revision, "dtype": model.dtype}
-    root = Path(model.path)
-    if root.is_dir():
+    one is reused). The folder is the one :func:`load_sd` reads (:func:`local_folder`: ``~`` expanded, ``toy`` and a
+    hub id already in the Hugging Face cache resolved), so ``~/m`` and its absolute path fingerprint alike, and a
+    model saved again there is told apart. Used by evaluate's cells and protect-model's "already done"."""
+    path = str(Path(model.path).expanduser()) if model.path.startswith("~") else model.path
+    fp: dict = {"path": path, "revision": model.revision, "dtype": model.dtype}
+    try:
+        root = local_folder(model.path, model.revision)
+    except FileNotFoundError:  # no toy model built: nothing to list (loading it says what to do)
+        root = None
+    if root is not None and root.is_dir():
         fp["files"] = sorted([f.relative_to(root).as_posix(), f.stat().st_size, f.stat().st_mtime_ns]
                              for f in root.rglob("*") if f.is_file())
     return fp
@@ -350,16 +356,27 @@ def restore_source_precision(module: torch.nn.Module, component: Path, computed:
     return done
 
 
+def _check_tokenizer(folder: Path) -> None:
+    """Refuse a tokenizer folder without a vocabulary: transformers loads one holding only tokenizer_config.json
+    as a 2-token tokenizer (every prompt the same ids: silently wrong results), and an empty one fails later."""
+    if (folder / "tokenizer.json").is_file() or all((folder / f).is_file() for f in ("vocab.json", "merges.txt")):
+        return
+    present = sorted(f.name for f in folder.iterdir()) if folder.is_dir() else []
+    raise ModelLoadError(f"{folder}: no vocabulary: it needs tokenizer.json, or vocab.json and merges.txt (it holds "
+                         f"{', '.join(present) if present else 'nothing'}; an incomplete download or copy?)")
+
+
 def _check_folder(folder: Path, index: dict) -> str | None:
     """Check a local diffusers folder before loading it: every component ``model_index.json`` lists has its
-    sub-folder (the unused optional ones aside), and every weighted component has safetensors weights.
+    sub-folder (the unused optional ones aside), every weighted component has safetensors weights, and the
+    tokenizer its vocabulary (tokenizer.json, or vocab.json + merges.txt).
 
     Returns:
         The weight variant to load (``"fp16"`` for a folder saved with ``save_pretrained(variant="fp16")``), or
         None for the plain files.
 
     Raises:
-        ModelLoadError: naming the missing sub-folder, or the component whose weights are only pickles.
+        ModelLoadError: naming the missing sub-folder or file, or the component whose weights are only pickles.
     """
     listed = [c for c in index if not c.startswith("_") and c not in _UNUSED and _listed(index, c)]
     missing = [c for c in listed if not (folder / c).is_dir()]
@@ -372,6 +389,7 @@ def _check_folder(folder: Path, index: dict) -> str | None:
                          ("scheduler", "scheduler_config.json")):
         if not (folder / comp / config).is_file():
             raise ModelLoadError(f"{folder / comp}: {config} is missing (an incomplete download or copy?)")
+    _check_tokenizer(folder / "tokenizer")
     found = {c: _weight_files(folder / c) for c in _WEIGHTED}
     pickled = [c for c, (plain, variants, pickles) in found.items() if not plain and not variants and pickles]
     if pickled:
@@ -621,11 +639,36 @@ def tiny_sd(seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float
     return _from_components(*parts, torch.device(device), dtype, "tiny")
 
 
+def save_slow_vocabulary(tokenizer, folder: str | Path) -> list[str]:
+    """Write a BPE tokenizer's ``vocab.json`` and ``merges.txt`` (and ``added_tokens.json`` for tokens added past
+    the vocabulary) into ``folder`` where they are missing, from its ``tokenizer.json`` model.
+
+    transformers 5 saves a tokenizer as ``tokenizer.json`` only; transformers 4's ``CLIPTokenizer`` (the class a
+    Stable Diffusion ``model_index.json`` names, loaded by diffusers under transformers 4) reads these files instead.
+    Returns the files written (none when they are there already, or for a tokenizer that is not a BPE).
+    """
+    folder = Path(folder)
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        return []  # transformers 4 wrote them itself
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.model).__name__ != "BPE":
+        return []
+    written = [str(f) for f in backend.model.save(str(folder))]
+    vocab_size = backend.get_vocab_size(with_added_tokens=False)
+    added = {tok: i for tok, i in tokenizer.added_tokens_encoder.items() if i >= vocab_size}
+    if added and not (folder / "added_tokens.json").is_file():
+        (folder / "added_tokens.json").write_text(json.dumps(added, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
+                                                  encoding="utf-8")
+        written.append(str(folder / "added_tokens.json"))
+    return written
+
+
 def save_sd(sd: SD, out_dir: str | Path, scheduler: str = "ddim", safe_serialization: bool = True,
             quiet: bool = False, dtype: torch.dtype | None = None) -> Path:
     """Save ``sd`` as a diffusers folder (safetensors) that ``StableDiffusionPipeline.from_pretrained`` loads.
 
-    Written atomically: the folder appears under its final name only once complete. ``quiet`` also silences
+    Written atomically: the folder appears under its final name only once complete. The tokenizer is saved both
+    ways (:func:`save_slow_vocabulary`), so transformers 4 loads the folder as well as 5. ``quiet`` also silences
     transformers' "Writing model shards" bar of the text encoder. ``dtype`` (e.g. :func:`stored_dtype` of the
     source) saves the weights in that dtype; ``sd``'s modules are cast in place to it.
     """
@@ -642,6 +685,7 @@ def save_sd(sd: SD, out_dir: str | Path, scheduler: str = "ddim", safe_serializa
             if dtype is not None:
                 pipe.to(dtype=dtype)
             pipe.save_pretrained(str(tmp), safe_serialization=safe_serialization)
+            save_slow_vocabulary(sd.tokenizer, Path(tmp) / "tokenizer")
     finally:
         if quiet and was_on:
             hf_logging.enable_progress_bar()

@@ -282,6 +282,7 @@ def save_toy_model(vae, text_encoder, tokenizer, unet, scheduler, out_dir: str |
     ``extra_json``: file name -> object, written into the folder as JSON in the same atomic step."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    from apdm.core.models import save_slow_vocabulary
     from apdm.utils import atomic_dir
 
     pipe = StableDiffusionPipeline(
@@ -293,6 +294,7 @@ def save_toy_model(vae, text_encoder, tokenizer, unet, scheduler, out_dir: str |
         pipe.to(torch.float16)
     with atomic_dir(out_dir) as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
+        save_slow_vocabulary(tokenizer, tmp / "tokenizer")  # so transformers 4 reads it too
         for cfg_file in tmp.glob("*/config.json"):  # a model continued from a stage-1 folder records its path
             cfg = json.loads(cfg_file.read_text())
             if cfg.pop("_name_or_path", None) is not None:

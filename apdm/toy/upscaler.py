@@ -102,7 +102,7 @@ def build_upscaler(cfg: ToyUpscalerConfig) -> Path:
     )
 
     from apdm.core import diffusion as D
-    from apdm.core.models import load_sd
+    from apdm.core.models import load_sd, save_slow_vocabulary
     from apdm.toy.model import _load_train_state, _lr_lambda, _optimizer_step, _save_train_state, train_state_settings
     from apdm.toy.world import model_path
     from apdm.utils import atomic_dir, cache_dir, set_progress
@@ -193,6 +193,7 @@ def build_upscaler(cfg: ToyUpscalerConfig) -> Path:
     first, last = (sum(h) / max(1, len(h)) for h in (history[:100], history[-100:]))
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        save_slow_vocabulary(tokenizer, tmp / "tokenizer")  # so transformers 4 reads it too
         (tmp / "train_log.json").write_text(json.dumps({
             "config": dict(vars(cfg)), "steps": len(history), "steps_run_here": cfg.steps - start,
             "seconds_this_run": round(time.perf_counter() - t0, 1),
