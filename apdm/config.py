@@ -195,7 +195,7 @@ class ProtectConfig:
     #: weight of an extra prior-preservation term taken at θ itself (not at the personalized θ′), per inner
     #: term. 0 = Algorithm 1 as published. Needed when the simulated attacker's lr is much larger than the
     #: protection lr: θ is then only ever judged through θ′ and can drift into weights that are broken until
-    #: personalized (docs/protect_model.md, "anchor").
+    #: personalized (docs/protect_model.md, "anchor"). Only with ``inner_steps`` > 0 (without, θ′ is θ).
     anchor_weight: float = 0.0
     #: λ of the naive loss.
     naive_lambda: float = 1.0
@@ -206,11 +206,12 @@ class ProtectConfig:
     #: lora_alpha: 8, with_prior_preservation: false}]``. With K subjects, outer step j simulates attacker
     #: ``(j // K) mod (1 + len(attacker_mix))`` (0 = ``personalization``). Empty = one attacker (the paper).
     attacker_mix: list[dict[str, Any]] = field(default_factory=list)
-    #: R: the simulated attacker restarts from θ every R outer steps and otherwise *continues* where it stopped
-    #: (its weights follow θ's updates, its optimizer state carries over), so L2P sees the protected subject at
-    #: attack depths up to R·N_per steps for the cost of N_per. 1 = Algorithm 1 (a fresh copy of θ every outer
-    #: step). Our addition (docs/protect_model.md, "A continuing attacker"). With K subjects and A attackers each
-    #: (subject, attacker) pair keeps its own continuing copy. ``checkpoint_every`` must be a multiple of R.
+    #: R: the simulated attacker restarts from θ every R of its outer steps and otherwise *continues* where it
+    #: stopped (its weights follow θ's updates, its optimizer state carries over), so L2P sees the protected
+    #: subject at attack depths up to R·N_per steps for the cost of N_per. 1 = Algorithm 1 (a fresh copy of θ every
+    #: outer step). Our addition (docs/protect_model.md, "A continuing attacker"). With K subjects and A attackers
+    #: each (subject, attacker) pair keeps its own continuing copy and comes up every K·A outer steps, so all
+    #: restart every R·K·A outer steps (R visits each); ``checkpoint_every`` must be a multiple of R·K·A.
     inner_restart_every: int = 1
     #: how the N_per protection gradients are combined: ``sum`` (Algorithm 1) or ``mean``.
     grad_accum: str = "sum"

@@ -924,6 +924,24 @@ def test_continuing_attacker_follows_theta(tiny_sd, monkeypatch):
     assert len(carry[(0, 0)][0].history) == 2
 
 
+def test_continuing_attacker_counts_restarts_in_visits_of_each_subject(tiny_sd):
+    """R counted outer steps, while each of K subjects comes up every K steps: with R = 2 and two subjects no
+    attacker ever continued (depth 1 every step). Now each subject's attacker continues for R visits."""
+    def mk(seed):
+        g = torch.Generator().manual_seed(seed)
+        return l2p.Subject(f"s{seed}", torch.rand(2, 3, 64, 64, generator=g), torch.rand(2, 3, 64, 64, generator=g),
+                           torch.rand(2, 3, 64, 64, generator=g), "a photo of sks person", "a photo of a person")
+
+    pcfg = ProtectConfig(outer_steps=8, inner_steps=1, learning_rate=1e-3, checkpoint_every=0, inner_restart_every=2,
+                         batch_size=1, num_class_images=2)
+    _, hist, _ = l2p.protect(tiny_sd, [mk(0), mk(1)], PER, pcfg, seed=0)
+    assert [h["attack_depth"] for h in hist] == [1, 1, 2, 2, 1, 1, 2, 2]
+    assert l2p.restart_period(pcfg, 2) == 4
+    with pytest.raises(ValueError, match="multiple of 4 .*2 \\(subject, attacker\\) pairs"):
+        l2p.check_protect_config(PER, dataclasses.replace(pcfg, checkpoint_every=2), num_subjects=2)
+    l2p.check_protect_config(PER, dataclasses.replace(pcfg, checkpoint_every=4), num_subjects=2)
+
+
 def test_continuing_attacker_checks_and_exact_resume(tiny_sd, tmp_path):
     with pytest.raises(ValueError, match="multiple of"):
         l2p.check_protect_config(PER, ProtectConfig(inner_restart_every=3, checkpoint_every=10))

@@ -23,7 +23,8 @@ Design choices (see docs/protect_model.md):
   ``seed + 1_000_003 r`` and the gradients are averaged (:mod:`apdm.core.distributed`);
 * several subjects: outer step j protects subject ``j mod K`` (round robin); several simulated attackers
   (``attacker_mix``, our addition) are taken in turn in the same way;
-* ``anchor_weight > 0`` adds L_ppl taken at θ itself to every outer step (our addition, off by default);
+* ``anchor_weight > 0`` adds L_ppl taken at θ itself to every outer step with ``inner_steps > 0`` (our addition,
+  off by default; with no inner step θ′ is θ, whose L_ppl is in the loss already);
 * θ trained as LoRA: φ is θ with its adapters disabled (no extra full copy), and the adapters are merged into
   the UNet at the end;
 * ``train_text_encoder`` (our addition) makes θ's text encoder trainable too: its parameters are in the trainable
@@ -744,16 +745,20 @@ def check_protect_ranges(pcfg: ProtectConfig, encoder_trap_steps: int | None = N
             raise ValueError(f"protect.{key} must be >= 0, got {getattr(pcfg, key)}")
 
 
-def check_protect_config(per_cfg: PersonalizationConfig, pcfg: ProtectConfig, encoder_trap_steps: int | None = None
-                         ) -> list[PersonalizationConfig]:
+def check_protect_config(per_cfg: PersonalizationConfig, pcfg: ProtectConfig, encoder_trap_steps: int | None = None,
+                         num_subjects: int = 1) -> list[PersonalizationConfig]:
     """Every check that needs no model: ranges and choices (:func:`check_protect_ranges`, where
-    ``encoder_trap_steps`` is explained), lr phases, attackers, the attacker restart period, identifiers, extra DPO
-    prompts and the conditioning attack only with the DPO loss, no TI attacker when the text encoder is protected.
-    Raises before any work starts; returns the simulated attackers (:func:`attackers`)."""
+    ``encoder_trap_steps`` is explained), lr phases, attackers, the attacker restart period (for ``num_subjects``
+    subjects), identifiers, extra DPO prompts and the conditioning attack only with the DPO loss, no TI attacker
+    when the text encoder is protected. Raises before any work starts; returns the simulated attackers
+    (:func:`attackers`)."""
     check_protect_ranges(pcfg, encoder_trap_steps)
     S.check_personalization(per_cfg)  # the simulated attacker
     check_lr_phases(pcfg)
-    check_restart(pcfg)
+    check_restart(pcfg, num_subjects)
+    if pcfg.anchor_weight > 0 and pcfg.inner_steps == 0:
+        LOG.warning("protect.anchor_weight=%g does nothing with protect.inner_steps=0: with no simulated attack θ′ is "
+                    "θ, whose prior-preservation term is in the protection loss already", pcfg.anchor_weight)
     bad = [w for w in pcfg.identifiers if not isinstance(w, str) or not w or any(ch.isspace() for ch in w)]
     if bad:
         raise ValueError(f"protect.identifiers: each must be one word without spaces (e.g. zwx), got {bad}")
@@ -780,16 +785,28 @@ def check_protect_config(per_cfg: PersonalizationConfig, pcfg: ProtectConfig, en
     return per_cfgs
 
 
-def check_restart(pcfg: ProtectConfig) -> None:
+def restart_period(pcfg: ProtectConfig, num_subjects: int) -> int:
+    """Outer steps between two restarts of the simulated attackers: ``inner_restart_every`` (R) visits of each
+    (subject, attacker) pair, which come up in turn, so R · K subjects · A attackers. Counting R in outer steps (as
+    before 2026-12-07) restarted each pair after R/(K·A) visits: with R ≤ K·A none ever continued."""
+    return int(pcfg.inner_restart_every) * max(1, num_subjects) * (1 + len(pcfg.attacker_mix))
+
+
+def check_restart(pcfg: ProtectConfig, num_subjects: int = 1) -> None:
     """Raise ValueError unless ``inner_restart_every`` ≥ 1 and checkpoints fall on attacker restarts (a resumed
-    run must restart its simulated attackers exactly where an uninterrupted run does)."""
+    run must restart its simulated attackers exactly where an uninterrupted run does: every
+    :func:`restart_period` outer steps)."""
     r = pcfg.inner_restart_every
     if int(r) != r or r < 1:
         raise ValueError(f"protect.inner_restart_every must be a whole number >= 1, got {r}")
-    if r > 1 and pcfg.checkpoint_every > 0 and pcfg.checkpoint_every % r:
-        raise ValueError(f"protect.checkpoint_every={pcfg.checkpoint_every} must be a multiple of "
-                         f"protect.inner_restart_every={r} (or 0), so that a resumed run restarts its simulated "
-                         f"attackers where an uninterrupted run does")
+    period = restart_period(pcfg, num_subjects)
+    if r > 1 and pcfg.checkpoint_every > 0 and pcfg.checkpoint_every % period:
+        pairs = period // int(r)
+        raise ValueError(f"protect.checkpoint_every={pcfg.checkpoint_every} must be a multiple of {period} "
+                         f"(protect.inner_restart_every={r}" + (f" visits of each of the {pairs} (subject, attacker) "
+                                                                f"pairs" if pairs > 1 else "")
+                         + ") or 0, so that a resumed run restarts its simulated attackers where an uninterrupted run "
+                           "does")
 
 
 def check_lr_phases(pcfg: ProtectConfig) -> None:
@@ -855,7 +872,7 @@ def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcf
         CheckpointError: the checkpoint in ``checkpoint_dir`` is corrupt, of another model, of other settings, or
             past ``pcfg.outer_steps``.
     """
-    per_cfgs = check_protect_config(per_cfg, pcfg)
+    per_cfgs = check_protect_config(per_cfg, pcfg, num_subjects=len(subjects))
     for subject in subjects if pcfg.identifiers else []:  # every instance prompt has a word to replace
         for cfg in per_cfgs:
             with_identifier(subject, cfg, pcfg.identifiers[0])
@@ -869,8 +886,8 @@ def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcf
                            "resume": resume, "checkpoint": None if ckpt is None else str(ckpt.resolve())},
                           "the protection's photos, settings or checkpoint")
     theta, trainable, phi, optimizer, text_encoder = init_protection(sd, pcfg, seed)
-    restart = int(pcfg.inner_restart_every)
-    carry: dict | None = {} if restart > 1 and pcfg.inner_steps > 0 else None
+    restart = restart_period(pcfg, len(subjects))  # outer steps: R visits of every (subject, attacker) pair
+    carry: dict | None = {} if pcfg.inner_restart_every > 1 and pcfg.inner_steps > 0 else None
     start, history = 0, []
     if resume:
         start, history = load_checkpoint(ckpt, trainable, optimizer, what="protection",  # (settings checked above)

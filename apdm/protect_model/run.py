@@ -500,7 +500,8 @@ def run(cfg: ProtectModelRunConfig) -> dict:
 
     # before any model loading or class-image generation
     check_output_dir(cfg)
-    check_protect_config(cfg.personalization, cfg.protect, encoder_trap_steps=cfg.encoder_trap.steps)
+    check_protect_config(cfg.personalization, cfg.protect, encoder_trap_steps=cfg.encoder_trap.steps,
+                         num_subjects=len(cfg.subjects))
     check_trap_config(cfg.encoder_trap)
     rank, world = distributed.init_from_env()  # several processes under torchrun / accelerate launch
     main = rank == 0
@@ -594,7 +595,8 @@ def run(cfg: ProtectModelRunConfig) -> dict:
         trap_check = log_trap_report(sd.vae, trapped, subjects, keep_images, views, generated, batch)
         held_check = check_held_back(sd.vae, trapped, subjects, held, batch)
         decoys = save_decoys(out / "encoder_trap_decoys", chosen, recognizer)
-    protected = dataclasses.replace(sd, unet=unet.to(sd.dtype), source=f"apdm-protected({sd.source})", vae=vae,
+    unet = torch.nn.Module.to(unet, sd.dtype)  # (diffusers' own .to warns of its empty keep-in-fp32 list)
+    protected = dataclasses.replace(sd, unet=unet, source=f"apdm-protected({sd.source})", vae=vae,
                                     text_encoder=sd.text_encoder if text_encoder is None else text_encoder.to(sd.dtype))
     steps = subject_steps_of(history, len(subjects))
     for k, n in enumerate(steps):
