@@ -571,15 +571,19 @@ def test_bench_attack_seeds_runs_and_summary():
     assert [s.seed for _, s in (attack_run(per, sample, r, stride=1) for r in range(3))] == [9, 10, 11]
 
     def drawn(stride):  # per run: the seeds of its samples' initial noises and of its generated class images
-        # (apdm.core.diffusion.generate seeds image i with seed + i; the simulator samples class images at seed + 10,000)
+        # (apdm.core.diffusion.generate seeds image i with seed + i; the simulator's class images start at
+        # 10,000 + class_draw(seed))
+        from apdm.personalization.simulator import class_draw
+
         runs = [attack_run(per, sample, r, stride) for r in range(3)]
         return ([{s.seed + i for i in range(s.num_images_per_prompt)} for _, s in runs],
-                [{p.seed + 10_000 + i for i in range(p.num_class_images)} for p, _ in runs])
+                [{10_000 + class_draw(p.seed) + i for i in range(p.num_class_images)} for p, _ in runs])
 
     for sets in drawn(attack_seed_stride({})):
         assert all(not (a & b) for i, a in enumerate(sets) for b in sets[i + 1:])
     noises, classes = drawn(attack_seed_stride({"attack_seed_stride": "1"}))
-    assert len(noises[0] & noises[1]) == 15 and len(classes[0] & classes[1]) == 199
+    # stride 1 (the old default) still shares the samples' noises; no longer the class images (class_draw, 2026-12-07)
+    assert len(noises[0] & noises[1]) == 15 and len(classes[0] & classes[1]) == 0
     for bad in ("0", "x"):
         with pytest.raises(ValueError, match="attack_seed_stride must be a whole number"):
             attack_seed_stride({"attack_seed_stride": bad})

@@ -29,24 +29,27 @@ def personalize_and_sample(sd: SD, instance_images: torch.Tensor, per_cfg: Perso
         per_cfg: the personalization method and settings.
         prompts: sampling prompts written with the identifier word (``a photo of sks person``).
         sample: sampling settings.
-        class_images: prior-preservation images; generated (and cached) from ``sd`` when needed and ``None``.
+        class_images: prior-preservation images; generated (and cached) from ``sd`` when needed and ``None``, at
+            the size of ``instance_images``.
+        quiet: no progress bars (class images, training, sampling).
 
     Returns:
-        dict with ``images`` {prompt: (n,3,H,W) [0,1] CPU}, ``seconds_train``, ``seconds_sample``,
-        ``loss_first``, ``loss_last``, ``state`` (the personalization state, for saving).
+        dict with ``images`` {prompt: (n,3,H,W) [0,1] CPU, H×W that of ``instance_images``}, ``seconds_train``,
+        ``seconds_sample``, ``loss_first``, ``loss_last``, ``state`` (the personalization state, for saving).
     """
+    h, w = (int(n) for n in instance_images.shape[-2:])
     if class_images is None:  # class_images_for returns None when the config needs none
-        class_images = S.class_images_for(sd, per_cfg, quiet=quiet)
+        class_images = S.class_images_for(sd, per_cfg, quiet=quiet, size=(h, w))
     dev = sd.device
     state = S.setup(sd, per_cfg, class_images.to(dev) if class_images is not None else None)
     t0 = time.perf_counter()
-    S.train(state, instance_images.to(dev))
+    S.train(state, instance_images.to(dev), quiet=quiet)
     t1 = time.perf_counter()
     images = {}
     for p in prompts:
         images[p] = D.generate(state.sd, [S.prompt_for(state, p)], sample.num_images_per_prompt,
                                sample.num_inference_steps, sample.guidance_scale, sample.negative_prompt,
-                               sample.seed, sample.batch_size, sample.sampler, quiet=quiet)
+                               sample.seed, sample.batch_size, sample.sampler, height=h, width=w, quiet=quiet)
     return {"images": images, "seconds_train": t1 - t0, "seconds_sample": time.perf_counter() - t1,
             "loss_first": state.history[0] if state.history else None,
             "loss_last": state.history[-1] if state.history else None, "state": state}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -20,6 +21,10 @@ def run(cfg: PersonalizeRunConfig) -> dict:
         output_dir/personalization.json   method, prompts, steps
         output_dir/samples/*.png          sample images, plus grid.png
         output_dir/summary.json           timings, loss curve, skipped input files
+
+    ``cfg.seed`` is the attacker's seed: it replaces ``personalization.seed`` (its noise, timesteps, minibatches,
+    LoRA init and class images), as ``apdm evaluate``'s ``seed`` does; samples follow ``sample.seed``. Images are
+    trained, class images generated and samples drawn at ``cfg.resolution`` (0 = the model's).
     """
     from apdm.core import diffusion as D
     from apdm.core.images import load_spec, save_grid, save_image
@@ -28,7 +33,11 @@ def run(cfg: PersonalizeRunConfig) -> dict:
 
     if not cfg.instance_data:
         raise ValueError("instance_data is empty: pass instance_data=FOLDER (the subject's photos)")
-    S.check_personalization(cfg.personalization)  # a typo stops here, not after the training
+    if cfg.personalization.seed not in (0, cfg.seed):
+        LOG.warning("personalization.seed=%d is replaced by seed=%d (the attacker's seed of apdm personalize)",
+                    cfg.personalization.seed, cfg.seed)
+    per = dataclasses.replace(cfg.personalization, seed=cfg.seed)
+    S.check_personalization(per)  # a typo stops here, not after the training
     D.check_sample(cfg.sample)
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
@@ -42,22 +51,22 @@ def run(cfg: PersonalizeRunConfig) -> dict:
     images, ok, errors = load_spec(cfg.instance_data, size=size)
     if len(ok) == 0:
         raise ValueError(f"no usable images in {cfg.instance_data}")
-    LOG.info("personalizing with %s on %d images of %s", cfg.personalization.method, len(ok), cfg.instance_data)
+    LOG.info("personalizing with %s on %d images of %s", per.method, len(ok), cfg.instance_data)
     images = images.to(sd.device)
 
     t0 = time.perf_counter()
-    class_images = S.class_images_for(sd, cfg.personalization, quiet=cfg.quiet)
+    class_images = S.class_images_for(sd, per, quiet=cfg.quiet, size=size)
     t_class = time.perf_counter() - t0
-    state = S.setup(sd, cfg.personalization, class_images.to(sd.device) if class_images is not None else None)
+    state = S.setup(sd, per, class_images.to(sd.device) if class_images is not None else None)
     t1 = time.perf_counter()
-    history = S.train(state, images)
+    history = S.train(state, images, quiet=cfg.quiet)
     t_train = time.perf_counter() - t1
     S.save(state, out, quiet=cfg.quiet)
 
     prompts = [S.prompt_for(state, p) for p in cfg.sample.prompts]
     samples = D.generate(state.sd, prompts, cfg.sample.num_images_per_prompt, cfg.sample.num_inference_steps,
                          cfg.sample.guidance_scale, cfg.sample.negative_prompt, cfg.sample.seed,
-                         cfg.sample.batch_size, cfg.sample.sampler, quiet=cfg.quiet)
+                         cfg.sample.batch_size, cfg.sample.sampler, height=size, width=size, quiet=cfg.quiet)
     (out / "samples").mkdir(exist_ok=True)
     for old in (out / "samples").glob("[0-9][0-9]_[0-9][0-9][0-9].png"):  # an earlier run's, which could outnumber ours
         old.unlink()
@@ -65,7 +74,7 @@ def run(cfg: PersonalizeRunConfig) -> dict:
         save_image(img, out / "samples" / f"{i // cfg.sample.num_images_per_prompt:02d}_{i % cfg.sample.num_images_per_prompt:03d}.png")
     save_grid(samples, out / "samples" / "grid.png", nrow=cfg.sample.num_images_per_prompt)
     summary = {
-        "method": cfg.personalization.method, "model": sd.source, "device": str(sd.device),
+        "method": per.method, "seed": per.seed, "model": sd.source, "device": str(sd.device),
         "num_instance_images": len(ok), "skipped_inputs": errors, "steps": state.global_step,
         "seconds_class_images": round(t_class, 3), "seconds_train": round(t_train, 3),
         "seconds_per_step": round(t_train / max(1, state.global_step), 4),

@@ -5,7 +5,7 @@ This is the *attacker* every apdm engine simulates. protect-model's L2P loop, th
 
 Life cycle::
 
-    state = setup(sd, cfg, class_images)           # copies what will be trained; sd itself is never modified
+    state = setup(sd, cfg, class_images)           # copies what will be trained; sd is left as it was (below)
     for _ in range(cfg.steps):
         step(state, instance_images)               # one optimizer step (or call loss() yourself)
     save(state, "out/")                            # diffusers-loadable: pipeline / LoRA / TI embedding / K,V
@@ -25,6 +25,12 @@ Methods (Ruiz et al. 2023 DreamBooth; Hu et al. 2022 LoRA; Gal et al. 2023 Textu
   ``attn2.to_v``, or ``unet_trainable``) *and* a new token's embedding, as TI's, trained together (the token at
   ``text_encoder_lr`` when set, else at ``learning_rate`` as in the paper), with the prior loss when enabled;
   prompts have the identifier word replaced by the new token.
+
+The caller's model: :func:`setup` copies the modules the method trains and shares the others (the VAE, and the
+UNet or the text encoder when the method leaves it alone). A shared module whose parameters require grad is
+frozen from :func:`setup` to :func:`finish`, which gives it back its ``requires_grad`` flags: the simulator's
+steps leave no gradient in it, and neither call changes its train/eval mode. (A caller that wants the
+personalization gradient in a shared module, as L2P's leak does, turns its parameters back on after ``setup``.)
 """
 
 from __future__ import annotations
@@ -87,6 +93,12 @@ class PersonalizationState:
     history: list[float] = field(default_factory=list)
     _cached_cond: dict[str, torch.Tensor] = field(default_factory=dict)
     scaler: Any = None
+    #: the modules of ``sd`` the state owns (copies it made, or all of them with ``copy_model=False``):
+    #: :func:`finish` puts only these in eval mode without gradients
+    owned: tuple[str, ...] = ("unet", "text_encoder")
+    #: per shared module (the caller's, frozen by :func:`setup`): its parameters' ``requires_grad`` flags before,
+    #: given back by :func:`finish`
+    _shared_flags: list[tuple[torch.nn.Module, list[bool]]] = field(default_factory=list)
     #: VAE posteriors of the instance and class images (and their mirror images), see :func:`_posteriors`
     _cached_posteriors: dict[str, tuple] = field(default_factory=dict)
 
@@ -110,7 +122,8 @@ def check_personalization(cfg: PersonalizationConfig, key: str = "personalizatio
     (``personalization``, ``personalizations[1]``).
 
     Raises:
-        ValueError: an unknown method, optimizer or mixed precision, or a count or rate out of range; names the key.
+        ValueError: an unknown method, optimizer or mixed precision, a count or rate out of range, or an empty
+            ``ti_initializer_token`` for a method that learns a token; names the key.
     """
     choices = {"method": METHODS, "optimizer": ("adamw", "adamw8bit"), "mixed_precision": ("no", "fp16", "bf16")}
     for name, allowed in choices.items():
@@ -127,6 +140,9 @@ def check_personalization(cfg: PersonalizationConfig, key: str = "personalizatio
             raise ValueError(f"{key}.{name} must be a positive number, got {value}")
     if not cfg.identifier or any(ch.isspace() for ch in cfg.identifier):
         raise ValueError(f"{key}.identifier must be one word without spaces (e.g. sks), got {cfg.identifier!r}")
+    if cfg.method in TOKEN_METHODS and not cfg.ti_initializer_token.strip():
+        raise ValueError(f"{key}.ti_initializer_token must name a word whose embedding starts the new token (e.g. "
+                         f"person), got {cfg.ti_initializer_token!r}")
     check_method_options(cfg, key)
 
 
@@ -207,7 +223,12 @@ def setup(sd: SD, cfg: PersonalizationConfig, class_images: torch.Tensor | None 
         copy_model: set ``False`` to train ``sd``'s own modules in place (L2P's θ' is already a copy).
 
     Returns:
-        a :class:`PersonalizationState` ready for :func:`step`.
+        a :class:`PersonalizationState` ready for :func:`step`. The modules it shares with ``sd`` are frozen until
+        :func:`finish` (see the module's docstring).
+
+    Raises:
+        ValueError: an unknown method, an identifier the tokenizer already has, a ``ti_initializer_token`` that
+            encodes to no token, ``unet_trainable`` matching nothing, or missing class images.
     """
     if cfg.method not in METHODS:
         raise ValueError(f"unknown personalization method '{cfg.method}'; choose one of {', '.join(METHODS)}")
@@ -241,6 +262,9 @@ def setup(sd: SD, cfg: PersonalizationConfig, class_images: torch.Tensor | None 
             work.unet.enable_gradient_checkpointing()
     else:  # textual inversion, or Custom Diffusion: a new token (first group, so state.params[0]) ...
         token = ti_token(cfg)
+        if not work.tokenizer.encode(cfg.ti_initializer_token, add_special_tokens=False):  # (before adding a token)
+            raise ValueError(f"personalization.ti_initializer_token={cfg.ti_initializer_token!r} encodes to no token: "
+                             "name a word whose embedding starts the new token (e.g. person)")
         if work.tokenizer.add_tokens([token]) == 0:
             raise ValueError(f"token {token} already exists in the tokenizer; choose another identifier")
         token_id = work.tokenizer.convert_tokens_to_ids(token)
@@ -281,11 +305,23 @@ def setup(sd: SD, cfg: PersonalizationConfig, class_images: torch.Tensor | None 
     scaler = None
     if cfg.mixed_precision == "fp16" and work.device.type == "cuda":
         scaler = torch.amp.GradScaler("cuda")
+    # what the state owns (its copies; everything with copy_model=False); the caller's modules it shares, frozen
+    # here (the steps leave no gradient in them) and given back their flags by finish()
+    owned = tuple(n for n in ("unet", "text_encoder") if not copy_model or getattr(work, n) is not getattr(sd, n))
+    shared_flags = []
+    if copy_model:
+        for name in ("unet", "vae", "text_encoder"):
+            module = getattr(work, name)
+            flags = [p.requires_grad for p in module.parameters()]
+            if name not in owned and any(flags):
+                shared_flags.append((module, flags))
+                module.requires_grad_(False)
     return PersonalizationState(
         sd=work, cfg=cfg, params=[p for g in groups for p in g["params"]], optimizer=optimizer,
         class_images=class_images if cfg.method != "ti" and cfg.with_prior_preservation else None,
         instance_prompt=instance_prompt, class_prompt=class_prompt, ti_token_id=token_id,
         ti_original_embeddings=original, generator=torch.Generator().manual_seed(cfg.seed), scaler=scaler,
+        owned=owned, _shared_flags=shared_flags,
     )
 
 
@@ -436,15 +472,26 @@ def step(state: PersonalizationState, instance_images: torch.Tensor, pixel_grad:
 
     With ``pixel_grad`` the images are not detached: the step's one backward pass also leaves the loss's gradient
     w.r.t. the images in whatever leaf they were computed from (CAAT's joint step: the same loss, the same draw,
-    trains the model and attacks the pixels). The model's gradients are clipped, the pixels' are not.
+    trains the model and attacks the pixels). The model's gradients are clipped, the pixels' are not. With fp16's
+    loss scaling (``state.scaler``) the images' gradient is unscaled as it leaves ``instance_images`` (a gradient
+    the leaf held before is left alone), and when it is not finite (the overflow for which the scaler skips the
+    model's step) the step adds zeros instead: a sign-PGD step on it then leaves the pixels where they are.
 
     Returns:
         the step's total loss (float).
     """
     state.optimizer.zero_grad(set_to_none=True)
-    total, _ = loss(state, instance_images if pixel_grad else instance_images.detach())
+    images = instance_images if pixel_grad else instance_images.detach()
+    unscale = None
+    if state.scaler is not None and images.requires_grad:
+        unscale = images.register_hook(_unscaled(state.scaler.get_scale()))
+    total, _ = loss(state, images)
     if state.scaler is not None:
-        state.scaler.scale(total).backward()
+        try:
+            state.scaler.scale(total).backward()
+        finally:
+            if unscale is not None:
+                unscale.remove()
         state.scaler.unscale_(state.optimizer)
     else:
         total.backward()
@@ -474,11 +521,20 @@ def step(state: PersonalizationState, instance_images: torch.Tensor, pixel_grad:
     return value
 
 
+def _unscaled(scale: float):
+    """A tensor hook for :func:`step`: the gradient divided by the loss ``scale``, or zeros when not finite."""
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        return torch.where(torch.isfinite(grad).all(), grad / scale, torch.zeros_like(grad))
+
+    return hook
+
+
 def train(state: PersonalizationState, instance_images: torch.Tensor, steps: int | None = None,
-          desc: str = "personalizing") -> list[float]:
-    """Run ``steps`` (default ``cfg.steps``) optimizer steps with a progress bar; returns the loss history."""
+          desc: str = "personalizing", quiet: bool = False) -> list[float]:
+    """Run ``steps`` (default ``cfg.steps``) optimizer steps with a progress bar (none when ``quiet``), then
+    :func:`finish`; returns the loss history."""
     steps = state.cfg.steps if steps is None else steps
-    bar = progress(range(steps), desc=f"{desc} ({state.cfg.method})")
+    bar = progress(range(steps), desc=f"{desc} ({state.cfg.method})", disable=quiet)
     for _ in bar:
         value = step(state, instance_images)
         if state.global_step % 10 == 0:
@@ -490,53 +546,81 @@ def train(state: PersonalizationState, instance_images: torch.Tensor, steps: int
 def finish(state: PersonalizationState) -> SD:
     """End training: the personalized model in eval mode without gradients; returns ``state.sd``.
 
+    Only the modules the state owns (:attr:`PersonalizationState.owned`) are switched; those it shares with the
+    caller's model get back the ``requires_grad`` flags :func:`setup` found, and keep their train/eval mode.
     Also drops the last step's gradients and the optimizer's moments, ~3× the trainable weights (for SD
     DreamBooth ~10 GB of GPU memory that ASPL's and FSMG's PGD, and every sampling after an attack, would otherwise
     hold for nothing). A finished state cannot take further steps.
     """
-    for m in (state.sd.unet, state.sd.text_encoder):
+    for name in state.owned:
+        m = getattr(state.sd, name)
         m.eval()
         m.requires_grad_(False)
+    for module, flags in state._shared_flags:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+    state._shared_flags = []
     state.optimizer.zero_grad(set_to_none=True)
     state.optimizer.state.clear()
     return state.sd
 
 
 # ============================================================================ class images
+def class_draw(seed: int) -> int:
+    """Where the class images of attacker ``seed`` start, above 10,000: for ``seed = q·S + r`` (S =
+    :data:`apdm.core.diffusion.SEED_STRIDE`, 0 ≤ r < S) it is ``q·S + r·S²``, so no two seeds (below S²) share a class
+    image (up to S of them). Seeds that are multiples of S (0, and the runs of the bench's ``attack_seeds``) keep the
+    ``seed`` they had until 2026-12-07, and so their images and cache folders; another seed's images were then those
+    of ``seed``, all but one shared with seed + 1's."""
+    q, r = divmod(seed, D.SEED_STRIDE)
+    return q * D.SEED_STRIDE + r * D.SEED_STRIDE ** 2
+
+
 @torch.no_grad()
 def class_images_for(sd: SD, cfg: PersonalizationConfig, cache_dir: str | Path | None = None,
                      quiet: bool = False, what: str = "class images",
-                     weights_key: str | None = None) -> torch.Tensor | None:
+                     weights_key: str | None = None, size: int | tuple[int, int] | None = None,
+                     seed_offset: int = 0) -> torch.Tensor | None:
     """Prior-preservation images of ``cfg.class_prompt`` generated by ``sd`` itself, cached on disk.
 
     The cache key is a digest of every weight of the model (:meth:`SD.weights_digest`) + prompt + sampling
-    settings + seed, so a different model (a protected one too) never reuses another's images. Returns
-    (num_class_images,3,H,W) in [0,1], or ``None`` when not needed. ``what`` names them in the log (protect-model
-    makes its DPO pairs' images through this function too). ``weights_key``: ``sd.weights_digest()`` when the
-    caller already has it for the model as it is now (it reads every weight; protect-model asks once per run).
+    settings + seed (+ size, when not the model's own), so a different model (a protected one too) never reuses
+    another's images. Returns (num_class_images,3,H,W) in [0,1], or ``None`` when not needed. ``what`` names them in
+    the log (protect-model makes its DPO pairs' images through this function too). ``weights_key``:
+    ``sd.weights_digest()`` when the caller already has it for the model as it is now (it reads every weight;
+    protect-model asks once per run). ``size``: ``s`` or ``(H, W)``, the size of the instance images they will be
+    trained with (default: the model's resolution); they are generated at that size.
+
+    Image i is generated from seed ``10_000 + seed_offset + class_draw(cfg.seed) + i`` (:func:`class_draw`): two
+    attacker seeds share no class image, and ``seed_offset`` (less than SEED_STRIDE minus the image count) draws
+    another set for the same seed that shares none of them either (protect-model's x⁺ and kept images).
     """
     if not cfg.with_prior_preservation or cfg.method == "ti" or cfg.num_class_images <= 0:
         return None
     from apdm.core.images import load_images, save_image
     from apdm.utils import cache_dir as apdm_cache
 
-    settings = f"{cfg.class_prompt}|{cfg.class_sample_steps}|{cfg.class_guidance_scale}|{cfg.seed}"
+    h, w = (size, size) if isinstance(size, int) else tuple(size or (sd.resolution, sd.resolution))
+    draw = seed_offset + class_draw(cfg.seed)  # (the key's seed field was cfg.seed: the same where the images are)
+    settings = f"{cfg.class_prompt}|{cfg.class_sample_steps}|{cfg.class_guidance_scale}|{draw}"
+    if (h, w) != (sd.resolution, sd.resolution):
+        settings += f"|{h}x{w}"
     key = f"{weights_key or sd.weights_digest()}-{hashlib.sha256(settings.encode()).hexdigest()[:10]}"
     folder = Path(cfg.class_data_dir or cache_dir or apdm_cache() / "class_images") / key
     existing = sorted(folder.glob("*.png")) if folder.is_dir() else []
     if len(existing) >= cfg.num_class_images:
-        images, _, errors = load_images(existing[: cfg.num_class_images], size=sd.resolution)
+        images, _, errors = load_images(existing[: cfg.num_class_images], size=(h, w))
         if not errors:
             return images
     LOG.info("generating %d %s for '%s' (cached in %s)", cfg.num_class_images, what, cfg.class_prompt, folder)
     images = D.generate(sd, [cfg.class_prompt], cfg.num_class_images, cfg.class_sample_steps,
-                        cfg.class_guidance_scale, seed=cfg.seed + 10_000, quiet=quiet)
+                        cfg.class_guidance_scale, seed=10_000 + draw, height=h, width=w, quiet=quiet)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "prompt.txt").write_text(cfg.class_prompt + "\n")
     paths = [save_image(img, folder / f"{i:05d}.png") for i, img in enumerate(images)]
     # return them as every later (cached) call will: 8-bit, read back from the files. A run then does not depend
     # on whether the cache was warm, or on which of several processes generated the images first.
-    images, _, errors = load_images(paths, size=sd.resolution)
+    images, _, errors = load_images(paths, size=(h, w))
     if errors:
         raise RuntimeError(f"{folder}: cannot read back the class images just written ({errors[0]})")
     return images

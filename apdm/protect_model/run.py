@@ -39,14 +39,14 @@ PAIRED_SEED, KEEP_GENERATED_SEED = 7777, 3333
 def base_model_images(sd, per_cfg, class_prompt: str, n: int, seed_offset: int = 0, quiet: bool = False,
                       what: str = "class images", weights_key: str | None = None):
     """``n`` images of ``class_prompt`` from the base model ``sd`` with the attacker's class-sampling settings
-    (:func:`apdm.personalization.simulator.class_images_for`, cached) and seed ``per_cfg.seed + seed_offset``, made
+    (:func:`apdm.personalization.simulator.class_images_for`, cached), drawn ``seed_offset`` above the class
+    images of seed ``per_cfg.seed`` (so that no two sets share an image), made
     whatever the attacker's method and prior-preservation setting; (n,3,H,W) in [0,1] on the CPU."""
     from apdm.personalization.simulator import class_images_for
 
     return class_images_for(sd, dataclasses.replace(per_cfg, class_prompt=class_prompt, num_class_images=n,
-                                                    with_prior_preservation=True, method="dreambooth",
-                                                    seed=per_cfg.seed + seed_offset), quiet=quiet, what=what,
-                            weights_key=weights_key)
+                                                    with_prior_preservation=True, method="dreambooth"),
+                            quiet=quiet, what=what, weights_key=weights_key, seed_offset=seed_offset)
 
 
 def generated_keep_images(sd, per_cfg, class_prompts: list[str], n: int, quiet: bool = False):

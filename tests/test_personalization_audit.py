@@ -1,0 +1,195 @@
+"""Regression tests for audited faults of the personalization simulator, ``apdm personalize`` and the evaluation
+protocol: another training resolution with prior preservation, the fp16 loss scale in a pixel gradient, the
+personalize seed, an empty TI initializer, class-image seeds, quiet training, and the caller's shared modules."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from apdm.config import ModelConfig, PersonalizationConfig, PersonalizeRunConfig, SampleConfig
+from apdm.core import diffusion as D
+from apdm.personalization import simulator as S
+
+
+def _photos(folder, n: int = 2, size: int = 100):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (size, size), (40 * i, 120, 200)).save(folder / f"{i}.png")
+    return folder
+
+
+def _run_cfg(tmp_path, name: str, **kw) -> PersonalizeRunConfig:
+    per = kw.pop("personalization", PersonalizationConfig(steps=1, num_class_images=1, class_sample_steps=1,
+                                                          class_data_dir=str(tmp_path / "cls")))
+    return PersonalizeRunConfig(model=ModelConfig(path="tiny", device="cpu"), instance_data=str(tmp_path / "img"),
+                                output_dir=str(tmp_path / name), quiet=True, personalization=per,
+                                sample=SampleConfig(num_images_per_prompt=1, num_inference_steps=1), **kw)
+
+
+# ---------------------------------------------------------------- 1: a resolution other than the model's
+def test_resolution_other_than_native_with_prior_preservation(tiny_sd, tmp_path):
+    """Instance photos, class images and samples all at ``resolution`` (128 on the 64-pixel tiny model): the run
+    trains (it crashed at the first step on latents of two sizes); protocol.personalize_and_sample too."""
+    from apdm.evaluation.protocol import personalize_and_sample
+    from apdm.personalization.run import run
+
+    _photos(tmp_path / "img")
+    summary = run(_run_cfg(tmp_path, "out", resolution=128))
+    assert summary["steps"] == 1
+    pngs = sorted((tmp_path / "cls").glob("*/*.png"))
+    assert len(pngs) == 1 and Image.open(pngs[0]).size == (128, 128)
+    assert Image.open(tmp_path / "out" / "samples" / "00_000.png").size == (128, 128)
+    # class_images_for: at the size asked, under another key than the native size's
+    cfg = PersonalizationConfig(num_class_images=1, class_sample_steps=1, class_data_dir=str(tmp_path / "cls2"))
+    assert S.class_images_for(tiny_sd, cfg, quiet=True, size=128).shape == (1, 3, 128, 128)
+    assert S.class_images_for(tiny_sd, cfg, quiet=True).shape == (1, 3, 64, 64)
+    assert len(list((tmp_path / "cls2").iterdir())) == 2
+    # the protocol (apdm evaluate): class images at the training images' size, samples too
+    out = personalize_and_sample(tiny_sd, torch.rand(2, 3, 128, 128), dataclasses.replace(cfg, steps=1),
+                                 ["a photo of sks person"], SampleConfig(num_images_per_prompt=1, num_inference_steps=1))
+    assert out["state"].class_images.shape[-2:] == (128, 128)
+    assert out["images"]["a photo of sks person"].shape == (1, 3, 128, 128)
+
+
+# ---------------------------------------------------------------- 2: the fp16 loss scale in the pixel gradient
+def test_pixel_grad_with_grad_scaler_is_unscaled(tiny_sd):
+    """step(pixel_grad=True) with a GradScaler (built on CUDA for fp16; the CPU one runs the same code): the images'
+    gradient is the one without the scaler (it was ×65,536), a gradient the leaf held is kept, and an overflow
+    leaves zeros there (and the model's step skipped)."""
+    imgs = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    cfg = PersonalizationConfig(method="dreambooth", with_prior_preservation=False, batch_size=2,
+                                unet_trainable=["attn2.to_k", "attn2.to_v"], learning_rate=1e-3)
+    grads = []
+    for scaler in (None, torch.amp.GradScaler("cpu"), torch.amp.GradScaler("cpu")):
+        st = S.setup(tiny_sd, cfg)
+        st.scaler = scaler
+        x = imgs.clone().requires_grad_(True)
+        if len(grads) == 2:
+            x.grad = torch.ones_like(x)  # held before the step: left alone
+        S.step(st, x, pixel_grad=True)
+        grads.append(x.grad.clone())
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-9)
+    torch.testing.assert_close(grads[2] - 1, grads[0], rtol=1e-3, atol=1e-6)
+    st = S.setup(tiny_sd, cfg)
+    st.scaler = torch.amp.GradScaler("cpu", init_scale=float("inf"))  # every scaled gradient overflows
+    before = [p.detach().clone() for p in st.params]
+    x = imgs.clone().requires_grad_(True)
+    S.step(st, x, pixel_grad=True)
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    assert all(torch.equal(a, b) for a, b in zip(before, st.params))
+
+
+# ---------------------------------------------------------------- 3: apdm personalize seed=N
+def test_personalize_seed_is_the_attackers(tmp_path, apdm_log):
+    """``seed`` of apdm personalize reaches the attacker (as apdm evaluate's does): two seeds, two loss curves;
+    a personalization.seed it replaces is named in a warning."""
+    from apdm.personalization.run import run
+
+    _photos(tmp_path / "img", size=64)
+    per = PersonalizationConfig(method="lora", steps=2, with_prior_preservation=False)
+    runs = [run(_run_cfg(tmp_path, f"out{s}", seed=s, personalization=per)) for s in (0, 5)]
+    assert runs[0]["loss_history"] != runs[1]["loss_history"]
+    assert [r["seed"] for r in runs] == [0, 5]
+    assert "replaced" not in apdm_log()
+    again = run(_run_cfg(tmp_path, "out3", seed=5, personalization=dataclasses.replace(per, seed=3)))
+    assert again["loss_history"] == runs[1]["loss_history"]
+    assert "personalization.seed=3 is replaced by seed=5" in apdm_log()
+    assert json.loads((tmp_path / "out3" / "summary.json").read_text())["seed"] == 5
+
+
+# ---------------------------------------------------------------- 4: an empty TI initializer
+@pytest.mark.parametrize("method", ["ti", "custom_diffusion"])
+def test_empty_ti_initializer_token_is_refused(tiny_sd, method):
+    """An initializer that encodes to no token gave the new token a NaN embedding (the mean of none): refused by
+    check_personalization (empty or blank) and by setup (no token), naming the key."""
+    for token in ("", "  "):
+        cfg = PersonalizationConfig(method=method, ti_initializer_token=token, with_prior_preservation=False)
+        with pytest.raises(ValueError, match="personalization.ti_initializer_token"):
+            S.check_personalization(cfg)
+        with pytest.raises(ValueError, match="personalization.ti_initializer_token"):
+            S.setup(tiny_sd, cfg)
+    # an option the method does not use is not checked
+    S.check_personalization(PersonalizationConfig(method="lora", ti_initializer_token=""))
+    st = S.setup(tiny_sd, PersonalizationConfig(method=method, with_prior_preservation=False))
+    assert torch.isfinite(st.sd.text_encoder.get_input_embeddings().weight[st.ti_token_id]).all()
+
+
+# ---------------------------------------------------------------- 5: class-image seeds
+def test_class_images_of_two_seeds_share_none(tiny_sd, tmp_path):
+    """Attacker seed 1's class image i was seed 0's image i+1 (seeds seed + 10,000 + i): now they share none. Seed 0's
+    images and cache folder are those of before, and so are those of a seed SEED_STRIDE apart (the bench's runs)."""
+    kw = {"num_class_images": 4, "class_sample_steps": 1, "class_data_dir": str(tmp_path)}
+    cfg0 = PersonalizationConfig(seed=0, **kw)
+    a = S.class_images_for(tiny_sd, cfg0, quiet=True)
+    b = S.class_images_for(tiny_sd, PersonalizationConfig(seed=1, **kw), quiet=True)
+    assert not any(torch.equal(x, y) for x in a for y in b)
+    ref = D.generate(tiny_sd, [cfg0.class_prompt], 4, 1, cfg0.class_guidance_scale, seed=10_000, quiet=True)
+    torch.testing.assert_close(a, ref, rtol=0, atol=0.5 / 255 + 1e-6)  # (read back from 8-bit files)
+    settings = f"{cfg0.class_prompt}|1|{cfg0.class_guidance_scale}|0"
+    key = f"{tiny_sd.weights_digest()}-{hashlib.sha256(settings.encode()).hexdigest()[:10]}"
+    assert len(list((tmp_path / key).glob("*.png"))) == 4
+    one = dataclasses.replace(cfg0, num_class_images=1)
+    run1 = S.class_images_for(tiny_sd, dataclasses.replace(one, seed=D.SEED_STRIDE), quiet=True)
+    ref = D.generate(tiny_sd, [cfg0.class_prompt], 1, 1, cfg0.class_guidance_scale, seed=10_000 + D.SEED_STRIDE,
+                     quiet=True)
+    torch.testing.assert_close(run1, ref, rtol=0, atol=0.5 / 255 + 1e-6)
+    # seed_offset: another set of the same seed (protect-model's x⁺), the key of its old cfg.seed = offset
+    c = S.class_images_for(tiny_sd, one, quiet=True, seed_offset=7777)
+    ref = D.generate(tiny_sd, [cfg0.class_prompt], 1, 1, cfg0.class_guidance_scale, seed=17_777, quiet=True)
+    torch.testing.assert_close(c, ref, rtol=0, atol=0.5 / 255 + 1e-6)
+    settings = f"{cfg0.class_prompt}|1|{cfg0.class_guidance_scale}|7777"
+    assert (tmp_path / f"{tiny_sd.weights_digest()}-{hashlib.sha256(settings.encode()).hexdigest()[:10]}").is_dir()
+
+
+# ---------------------------------------------------------------- 6: quiet training
+def test_train_quiet_hides_the_bar(tiny_sd, rand_images, capfd):
+    """train(quiet=True) shows no progress bar even when bars are on; personalize_and_sample(quiet=True) neither."""
+    from apdm.evaluation.protocol import personalize_and_sample
+    from apdm.utils import progress_enabled, set_progress
+
+    was = progress_enabled()
+    set_progress(True)
+    try:
+        cfg = PersonalizationConfig(method="lora", steps=2, with_prior_preservation=False)
+        S.train(S.setup(tiny_sd, cfg), rand_images)
+        assert "personalizing (lora)" in capfd.readouterr().err  # (bars are on)
+        S.train(S.setup(tiny_sd, cfg), rand_images, quiet=True)
+        assert "personalizing" not in capfd.readouterr().err
+        personalize_and_sample(tiny_sd, rand_images, cfg, ["a photo of sks person"],
+                               SampleConfig(num_images_per_prompt=1, num_inference_steps=1), quiet=True)
+        assert capfd.readouterr().err == ""
+    finally:
+        set_progress(was)
+
+
+# ---------------------------------------------------------------- 7: the caller's shared modules
+@pytest.mark.parametrize("method,part", [("ti", "unet"), ("lora", "text_encoder"), ("dreambooth", "text_encoder")])
+def test_train_and_finish_leave_the_callers_shared_modules_as_they_were(tiny_sd, rand_images, method, part):
+    """A module the state shares with the caller (TI: the UNet; LoRA and DreamBooth without the text encoder: the
+    text encoder; the VAE) keeps its mode and requires_grad flags and gets no gradient; the state's own copies
+    end in eval mode without gradients, as before."""
+    sd = tiny_sd.clone(unet=True, text_encoder=True)  # modules of the test's own, to mark trainable
+    mods = {name: getattr(sd, name) for name in (part, "vae")}
+    for m in mods.values():
+        m.train().requires_grad_(True)
+        next(m.parameters()).requires_grad_(False)  # mixed flags
+    flags = {name: [p.requires_grad for p in m.parameters()] for name, m in mods.items()}
+    st = S.setup(sd, PersonalizationConfig(method=method, with_prior_preservation=False, steps=1))
+    assert getattr(st.sd, part) is mods[part]
+    S.step(st, rand_images)
+    S.finish(st)
+    for name, m in mods.items():
+        assert m.training, name
+        assert [p.requires_grad for p in m.parameters()] == flags[name], name
+        assert all(p.grad is None for p in m.parameters()), name
+    for name in st.owned:
+        own = getattr(st.sd, name)
+        assert not own.training and not any(p.requires_grad for p in own.parameters())
+    assert part not in st.owned
