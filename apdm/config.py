@@ -124,6 +124,8 @@ class PersonalizeRunConfig:
     #: resolution the images are brought to; 0 = the model's native resolution.
     resolution: int = 0
     output_dir: str = "outputs/personalize"
+    #: the attacker's seed: replaces personalization.seed (noise, timesteps, minibatches, LoRA init, class images),
+    #: as apdm evaluate's seed does; the samples follow sample.seed.
     seed: int = 0
     quiet: bool = False
 
@@ -363,7 +365,8 @@ class ProtectImagesRunConfig:
     input: str = ""
     output_dir: str = "outputs/protected"
     #: also protect the photos in sub-folders of an input folder; the outputs keep the sub-folder structure under
-    #: ``output_dir``. The output folder itself is never read as input.
+    #: ``output_dir``. The output folder itself is never read as input (with a ``suffix``, only this command's outputs
+    #: in it are left out, so it may be the input folder).
     recursive: bool = False
     #: ``png`` (default, lossless) or ``jpeg`` (weakens the protection; a warning is printed).
     format: str = "png"

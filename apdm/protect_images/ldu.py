@@ -61,6 +61,7 @@ projection (not an MSE hinge).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -388,7 +389,7 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
                     output_mode: str = "delta", width: int = 32, rho: RhoUNet | None = None, resample: bool = True,
                     seed: int = 0, quiet: bool = False, history: list[dict] | None = None,
                     checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
-                    stop_after: int | None = None, eot: Sequence[str] = ()) -> RhoUNet:
+                    stop_after: int | None = None, eot: Sequence[str] = (), timing: dict | None = None) -> RhoUNet:
     """Train ρ to maximize a frozen personalization loss under the image budget (paper eq. 11).
 
     Args:
@@ -428,6 +429,11 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
         eot: names of :data:`apdm.protect_images.pgd.EOT_TRANSFORMS` (e.g. ``["blur+flip"]``, the paper's
             "Gaussian filtering ... horizontal flipping" during training); each step scores the published image
             through one of them, drawn at random (none by default).
+        timing: if given, filled with ``resumed_at`` (the step a checkpoint resumed from, 0 for a fresh training)
+            and ``seconds_before``: the seconds the earlier sessions of a resumed training spent until its
+            checkpoint (each checkpoint records the time spent since the training began, this call's anchors and
+            inversions included), 0.0 for a fresh training, None when the checkpoint was written before apdm
+            recorded it.
 
     The personalization loss scores the image as it is published: ρ's output projected onto the L∞ ball and into
     [0, 1] (before 2026-12-07 the raw output, which could earn loss from pixels the projection removes); the budget
@@ -438,6 +444,7 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
     """
     from apdm.protect_images.pgd import resolve_transforms
 
+    t_call = time.perf_counter()
     transforms = resolve_transforms(list(eot))
     if isinstance(images_by_identity, Mapping):
         names = list(images_by_identity)
@@ -481,6 +488,7 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
                    else [st.generator for st in anchors["states"]])
     trainable = dict(rho.named_parameters())
     start, past = 0, []
+    seconds_before: float | None = 0.0  # the time earlier sessions spent until the checkpoint resumed from
     if ckpt is not None and (ckpt / "rho" / "progress.json").is_file():
         from apdm.protect_model.l2p import CheckpointError, load_checkpoint
 
@@ -501,10 +509,14 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
             raise CheckpointError(f"{ckpt / 'rho'}: the ρ training checkpoint lacks {', '.join(missing)} (corrupt or "
                                   "of another ρ training); start over with resume=false")
         lam = float(extra["lambda"])
+        seconds_before = extra.get("seconds")  # None: a checkpoint from before apdm recorded it
+        seconds_before = float(seconds_before) if isinstance(seconds_before, (int, float)) else None
         gen.set_state(extra["tensors"]["generator"])
         for k, g in enumerate(anchor_gens):
             g.set_state(extra["tensors"][f"anchor_generator_{k}"])
         LOG.info("resuming the ρ training from step %d/%d (%s)", start, steps, ckpt)
+    if timing is not None:
+        timing.update(resumed_at=start, seconds_before=seconds_before)
     records = list(past)  # every step's record, the resumed ones first (checkpointed; handed to ``history``)
     bar = progress(range(start, steps), desc="ldu train", total=steps, initial=start, disable=quiet)
     for step in bar:
@@ -551,8 +563,10 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
         if ckpt is not None and (stop or checkpoint_every > 0 and (step + 1) % checkpoint_every == 0):
             from apdm.protect_model.l2p import save_checkpoint
 
+            spent = None if seconds_before is None else seconds_before + time.perf_counter() - t_call
             save_checkpoint(ckpt / "rho", step + 1, trainable, optimizer, records,
-                            extra={"lambda": lam, "identities": names, "budget": budget, "seed": seed},
+                            extra={"lambda": lam, "identities": names, "budget": budget, "seed": seed,
+                                   "seconds": spent},
                             extra_tensors={"generator": gen.get_state(),
                                            **{f"anchor_generator_{k}": g.get_state()
                                               for k, g in enumerate(anchor_gens)}},
@@ -567,7 +581,8 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
         "identities": names, "personalization_method": pcfg.method, "anchor_steps": anchor_steps or pcfg.steps,
         "shuffle_prob": shuffle_prob, "lambda_init": lambda_init, "lambda_step": lambda_step, "lambda_final": lam,
         "min_psnr": min_psnr,
-        "base_model": sd.source, "seed": seed,
+        "base_model": sd.source, "base_model_fingerprint": sd.fingerprint(),
+        "base_model_dtype": str(sd.dtype).replace("torch.", ""), "seed": seed,
         # how the loss saw ρ's output: as published (projected, clamped; since 2026-12-07), through these augmentations
         "scored": "published", "eot": list(eot),
     }
@@ -608,6 +623,39 @@ def _prepare_batched(sd: SD, images: torch.Tensor, sampling: Mapping, batch_size
     parts = [prepare(sd, images[s:s + batch_size], sampling)
              for s in progress(range(0, images.shape[0], batch_size), desc="ldu invert", disable=quiet)]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def check_rho_fits(rho: RhoUNet, sd: SD, budget: float, where: str | Path = "ρ") -> str | None:
+    """Say when ``rho`` was trained for another base model or another budget than it is about to protect with: one
+    ``LOG.warning`` naming both (returned too; None when it fits). The model is compared by :meth:`SD.fingerprint`
+    (recorded in ``training_info`` since 2026-12-07); a ρ saved before that is checked for its budget only, and an
+    info line says its model cannot be checked."""
+    info = rho.training_info or {}
+    problems = []
+    recorded = info.get("base_model_fingerprint")
+    if recorded:
+        now = sd.fingerprint()
+        if recorded != now:
+            dtype = info.get("base_model_dtype")
+            precision = (f"; it was trained in {dtype} and this run is in {str(sd.dtype).replace('torch.', '')}, "
+                         f"and the same weights at another precision fingerprint differently"
+                         if dtype and dtype != str(sd.dtype).replace("torch.", "") else "")
+            problems.append(f"for another model ({info.get('base_model', '?')}, fingerprint {recorded}; this run's "
+                            f"{sd.source} is {now}{precision})")
+    else:
+        LOG.info("%s: this ρ records no base-model fingerprint (saved before apdm recorded it; trained on %s): that "
+                 "it was trained for this run's model (%s) cannot be checked", where,
+                 info.get("base_model", "an unrecorded model"), sd.source)
+    trained = info.get("budget")
+    if isinstance(trained, (int, float)) and abs(float(trained) - float(budget)) > 1e-9:
+        problems.append(f"at budget {round(float(trained) * 255, 3):g}/255 (this run's is "
+                        f"{round(float(budget) * 255, 3):g}/255)")
+    if not problems:
+        return None
+    message = (f"{where}: this ρ was trained {' and '.join(problems)}; a ρ protects as measured only with the model "
+               f"and budget it was trained for (train one for them with `apdm train-perturber`)")
+    LOG.warning("%s", message)
+    return message
 
 
 # ============================================================================ saving / loading

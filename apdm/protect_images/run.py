@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -49,6 +50,14 @@ def group_shapes(sizes: list[tuple[int, int]], size: int, multiple: int, policy:
         shapes = [max(dict.fromkeys(shapes), key=shapes.count)] * len(shapes)
     order = list(dict.fromkeys(shapes))
     return [(shape, [i for i, s in enumerate(shapes) if s == shape]) for shape in order]
+
+
+def is_grey(pixels: torch.Tensor) -> bool:
+    """Whether a (3,H,W) photo is grey: its three channels equal everywhere (a grayscale file, or a black-and-white
+    photo stored as RGB). Such a photo is given the mean over the channels of the method's perturbation, so it stays
+    grey (its file is still RGB, with three equal channels): each channel's perturbation is within the budget, so
+    their mean is, and the projection and 8-bit rounding act on each channel alike."""
+    return bool(torch.equal(pixels[0], pixels[1]) and torch.equal(pixels[1], pixels[2]))
 
 
 def _method_kwargs(cfg: ProtectImagesRunConfig, sd, target: torch.Tensor | None = None) -> dict:
@@ -154,6 +163,9 @@ def check_protect_config(cfg: ProtectImagesRunConfig) -> tuple[float, str]:
                          f"path separator or '..' (the outputs stay in the output folder)")
     if cfg.resolution_policy not in ("aspect", "squeeze"):
         raise ValueError(f"resolution_policy={cfg.resolution_policy}: choose aspect or squeeze")
+    if cfg.keep_exif and cfg.strip_metadata:
+        raise ValueError("keep_exif=true and strip_metadata=true contradict each other: strip_metadata removes all "
+                         "metadata, EXIF included; pass one of them")
     for key in METHOD_OPTIONS:
         check_method_option(key, getattr(cfg, key))
     if cfg.method == "ldu":
@@ -294,8 +306,12 @@ def _match_previous(paths: list[Path], previous: dict[str, dict], out: Path):
 
     An input is *done* when an entry with its bytes (SHA-256) has a usable output (:func:`usable_output`): found by
     its path, or by its content alone when the input folder has moved (each entry is claimed once, so duplicate
-    photos each get their own output). An input whose entry no longer matches (edited since, or its output deleted,
-    emptied or damaged) is protected again into the same file.
+    photos each get their own output). Every input's own entry (its exact path, its bytes) is claimed first, and
+    only then are the others matched by content, so a copy of a photo added since (``0copy.png`` beside ``a.png``)
+    gets an output of its own instead of taking over ``a.png``'s. An input whose entry no longer matches (edited
+    since, or its output deleted, emptied or damaged) is protected again into the same file. An input that cannot
+    be read to be hashed (permission denied, gone since it was listed) goes the way of a fresh run: the loader
+    reports it and it is skipped (its earlier entry, if any, stays in the manifest with the others).
 
     Returns:
         ``(done, todo, dest_of, others, sha_of)``: ``{real path: entry}`` of the kept photos (with ``input``
@@ -314,25 +330,52 @@ def _match_previous(paths: list[Path], previous: dict[str, dict], out: Path):
         return usable[id(e)]
     claimed: set[int] = set()
     done, todo, dest_of, sha_of = {}, [], {}, {}
-    for p in paths:
-        real = os.path.realpath(p)
-        sha = file_sha256(p) if previous else None
-        if sha is not None:
-            sha_of[real] = sha
-        entry = previous.get(real)
-        if entry is None or id(entry) in claimed or entry.get("input_sha256") != sha:
-            moved = [e for e in by_content.get(sha, []) if id(e) not in claimed and ok(e)]
-            entry = moved[0] if moved else entry
-        if entry is not None and id(entry) not in claimed:
+    reals = [os.path.realpath(p) for p in paths]
+    for p, real in zip(paths, reals):
+        if previous:
+            sha = _sha256_or_none(p)
+            if sha is not None:
+                sha_of[real] = sha
+    kept: dict[str, dict] = {}  # real path -> the entry it keeps
+    for real in reals:  # first every input's own entry: same path, same bytes, usable output
+        entry, sha = previous.get(real), sha_of.get(real)
+        if entry is not None and sha is not None and entry.get("input_sha256") == sha and ok(entry):
+            kept[real] = entry
             claimed.add(id(entry))
-            if entry.get("input_sha256") == sha and ok(entry):
-                done[real] = {**entry, "input": str(p), "output": str(manifest_output(entry, out))}
+    for p, real in zip(paths, reals):
+        if real in kept:
+            continue
+        sha = sha_of.get(real)
+        if sha is None:  # no earlier run, or unreadable: the loader reports it, as in a fresh run
+            todo.append(p)
+            continue
+        own = previous.get(real)
+        own = own if own is not None and id(own) not in claimed else None
+        if own is None or own.get("input_sha256") != sha:  # moved here, or edited: an unclaimed entry of its bytes
+            moved = [e for e in by_content.get(sha, []) if id(e) not in claimed and ok(e)]
+            if moved:
+                kept[real] = moved[0]
+                claimed.add(id(moved[0]))
                 continue
-            dest_of[real] = manifest_output(entry, out)
+        if own is not None:  # edited since, or its output damaged: protected again into the same file
+            claimed.add(id(own))
+            dest_of[real] = manifest_output(own, out)
         todo.append(p)
+    for p, real in zip(paths, reals):
+        if real in kept:
+            done[real] = {**kept[real], "input": str(p), "output": str(manifest_output(kept[real], out))}
     others = [{**e, "output": str(manifest_output(e, out))} for e in previous.values()
               if id(e) not in claimed and ok(e)]
     return done, todo, dest_of, others, sha_of
+
+
+def _sha256_or_none(path: Path) -> str | None:
+    """The file's SHA-256, or None when it cannot be read (the loader then says why)."""
+    try:
+        return file_sha256(path)
+    except OSError as exc:
+        LOG.debug("%s: cannot be hashed (%s)", path, exc)
+        return None
 
 
 def _groups(paths: list[Path], batch_size: int, errors: list[dict]):
@@ -353,6 +396,47 @@ def _groups(paths: list[Path], batch_size: int, errors: list[dict]):
             group = []
     if group:
         yield group
+
+
+def _inputs_outside_outputs(paths: list[Path], out: Path, suffix: str, fmt: str) -> list[Path]:
+    """``paths`` without this command's outputs. Without a ``suffix``, every file inside the output folder is left
+    out (an output folder inside the input folder is never read as input). With one, the output folder may be an
+    input folder: only the files in it that are this command's outputs are left out, those listed in its
+    ``manifest.json`` and those named ``<stem><suffix>.<ext>`` (or ``<stem><suffix>-<n>.<ext>``) in the output
+    format.
+
+    Raises:
+        ValueError: no input is left.
+    """
+    from apdm.core.images import FORMATS
+
+    inside = os.path.realpath(out) + os.sep
+    within = [p for p in paths if os.path.realpath(p).startswith(inside)]
+    if not within:
+        return paths
+    if suffix:
+        outputs: set[str] = set()
+        try:
+            manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+            outputs = {os.path.realpath(manifest_output(e, out)) for e in manifest.get("images", [])}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # no (readable) manifest: the names alone tell the outputs
+        named = re.compile(rf".+{re.escape(suffix)}(-\d+)?{re.escape(FORMATS[fmt])}")
+        within = [p for p in within if os.path.realpath(p) in outputs or named.fullmatch(Path(p).name)]
+        if within:
+            LOG.info("leaving out %d file(s) in the output folder %s that are this command's outputs (named "
+                     "*%s%s or listed in its manifest.json)", len(within), out, suffix, FORMATS[fmt])
+    else:
+        LOG.info("leaving out %d file(s) inside the output folder %s", len(within), out)
+    left = set(map(id, within))
+    kept = [p for p in paths if id(p) not in left]
+    if not kept:
+        if suffix:
+            raise ValueError(f"every input file in {out} is an output of this command (named *{suffix}"
+                             f"{FORMATS[fmt]} or listed in its manifest.json): nothing to protect")
+        raise ValueError(f"every input file is inside the output folder {out}; choose another --output, or pass a "
+                         f"suffix (e.g. suffix=_protected) to write the protected copies into the input folder")
+    return kept
 
 
 def run(cfg: ProtectImagesRunConfig) -> dict:
@@ -405,13 +489,7 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
     out = Path(cfg.output_dir)
     spec = split_spec(cfg.input)
     paths = list_images(spec, recursive=cfg.recursive)
-    inside = os.path.realpath(out) + os.sep
-    kept = [p for p in paths if not os.path.realpath(p).startswith(inside)]
-    if len(kept) < len(paths):
-        LOG.info("leaving out %d file(s) inside the output folder %s", len(paths) - len(kept), out)
-        if not kept:
-            raise ValueError(f"every input file is inside the output folder {out}; choose another --output")
-    paths = kept
+    paths = _inputs_outside_outputs(paths, out, cfg.suffix, fmt)
     one = spec if isinstance(spec, str) else spec[0] if len(spec) == 1 else ""  # "photos/," is photos/ too
     root = Path(os.path.expanduser(one.strip())) if one.strip() else None
     root = root if cfg.recursive and root is not None and root.is_dir() else None
@@ -425,6 +503,7 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
         from apdm.protect_images import ldu
 
         rho = ldu.load_rho(cfg.rho_path, device=sd.device)
+        ldu.check_rho_fits(rho, sd, budget, where=cfg.rho_path)
     settings = run_settings(cfg, sd)
     previous, seconds_before = _previous_run(out, settings, cfg.resume)
     out.mkdir(parents=True, exist_ok=True)
@@ -482,7 +561,10 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
             del clean, protected
         per_image = (time.perf_counter() - t0) / len(group)
         for i, im in enumerate(group):
-            final = apply_delta_to_original(im.pixels, deltas[i], budget)
+            delta = deltas[i]
+            if is_grey(im.pixels):  # a grey photo gets a grey perturbation: no colour noise on it
+                delta = delta.mean(0, keepdim=True).expand_as(delta).contiguous()
+            final = apply_delta_to_original(im.pixels, delta, budget)
             real = os.path.realpath(im.path)
             dest = dest_of.get(real) or protect_output_path(im.path, dest_folder(im.path), cfg.suffix, fmt, taken)
             save_image(final, dest, format=fmt, quality=cfg.jpeg_quality, alpha=im.alpha, source=im.path,
@@ -490,11 +572,11 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
             # measured on the file as written (a JPEG is not what was encoded), against the original as read
             report = budget_report(im.pixels, load_image(dest).pixels, budget)
             entry = {"input": str(im.path), "output": str(dest), "file": Path(os.path.relpath(dest, out)).as_posix(),
-                     "input_sha256": sha_of.get(real) or file_sha256(im.path),  # hashed once
+                     "input_sha256": sha_of.get(real) or _sha256_or_none(im.path),  # hashed once
                      "size_hw": list(im.size), "mode": im.mode, "bit_depth": im.bit_depth,
                      "seconds": round(per_image, 3), **report}
             if budget_levels(budget) and torch.equal(to_uint8(final), to_uint8(im.pixels)):
-                h, w = deltas[i].shape[-2:]
+                h, w = delta.shape[-2:]
                 small = im.size[0] < h and im.size[1] < w
                 entry["unchanged"] = (f"the perturbation, computed at {h}x{w} px and shrunk to the photo's "
                                       f"{im.size[0]}x{im.size[1]} px (height x width), rounds to nothing: too small "
@@ -600,7 +682,11 @@ def identity_folders(root: Path, output_dir: Path) -> list[Path]:
 
 def train(cfg: TrainPerturberRunConfig) -> dict:
     """Train ρ on ``cfg.data`` (one sub-folder per identity; hidden folders, folders without photos and
-    ``cfg.output_dir`` are skipped) and save it to ``cfg.output_dir``."""
+    ``cfg.output_dir`` are skipped) and save it to ``cfg.output_dir``: ``rho.safetensors`` and ``rho.json``, then
+    ``train_config.yaml`` (the settings it was trained with, written only once it is, so a refused or interrupted
+    training leaves an earlier ρ's record as it was) and ``train_log.json``, whose ``seconds`` add up every session
+    of a resumed training (each checkpoint records the time spent until it; ``seconds_this_session`` is the last
+    one's, and ``seconds_note`` says when a checkpoint from before apdm recorded it leaves the earlier time out)."""
     from apdm.core.images import list_images, load_images
     from apdm.core.models import load_sd, warn_if_untrained
     from apdm.personalization.simulator import class_images_for
@@ -631,9 +717,9 @@ def train(cfg: TrainPerturberRunConfig) -> dict:
     ckpt = out / "checkpoint"
     if not cfg.resume and ckpt.exists():
         shutil.rmtree(ckpt)
-    atomic_write_text(out / "train_config.yaml", to_yaml(cfg))
     LOG.info("training the LDU perturbation network on %d identities for %d steps", len(identities), cfg.steps)
     history: list[dict] = []
+    timing: dict = {}
     t0 = time.perf_counter()
     class_images = class_images_for(sd, cfg.personalization, quiet=cfg.quiet)  # None unless the anchors need them
     rho = ldu.train_perturber(
@@ -642,11 +728,19 @@ def train(cfg: TrainPerturberRunConfig) -> dict:
         class_images=class_images, shuffle_prob=cfg.shuffle_prob, lambda_init=cfg.lambda_init,
         lambda_step=cfg.lambda_step, min_psnr=cfg.min_psnr or None, denoise_steps=cfg.denoise_steps,
         width=cfg.width, seed=cfg.seed, quiet=cfg.quiet, history=history, checkpoint_dir=ckpt,
-        checkpoint_every=cfg.checkpoint_every, eot=cfg.eot)
+        checkpoint_every=cfg.checkpoint_every, eot=cfg.eot, timing=timing)
     ldu.save_rho(rho, out)
+    atomic_write_text(out / "train_config.yaml", to_yaml(cfg))  # the settings of the ρ now beside it
     shutil.rmtree(ckpt, ignore_errors=True)
-    summary = {"seconds": round(time.perf_counter() - t0, 1), "identities": list(identities),
+    session = time.perf_counter() - t0
+    before = timing.get("seconds_before", 0.0)
+    summary = {"seconds": round(session + (before or 0.0), 1), "identities": list(identities),
                "parameters": ldu.count_parameters(rho), "history": history}
+    if timing.get("resumed_at"):
+        summary["seconds_this_session"] = round(session, 1)
+        if before is None:
+            summary["seconds_note"] = (f"resumed at step {timing['resumed_at']} from a checkpoint written before apdm "
+                                       f"recorded the time spent: 'seconds' leaves out the earlier sessions' time")
     atomic_write_json(out / "train_log.json", summary)
     LOG.info("perturbation network written to %s (%.0f s); protect photos with it: apdm protect-images --method ldu "
              "--rho %s --model %s ...", out, summary["seconds"], out, cfg.model.path)
