@@ -602,3 +602,18 @@ def test_atomic_outputs_get_umask_permissions_not_tempfile_0600(tmp_path):
     assert f.stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "model").stat().st_mode & 0o777 == 0o755
     assert (tmp_path / "model" / "unet" / "w.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_names_with_brackets_are_paths_not_globs(tmp_path):
+    """'Trip [2024]/' and 'photo[1].png' were taken as globs ([...] a character class) and reported not found."""
+    from PIL import Image
+
+    from apdm.core.images import list_images
+
+    trip = tmp_path / "Trip [2024]"
+    trip.mkdir()
+    Image.new("RGB", (8, 8)).save(trip / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo[1].png")
+    assert list_images(str(trip)) == [trip / "a.png"]
+    assert list_images(str(tmp_path / "photo[1].png")) == [tmp_path / "photo[1].png"]
+    assert list_images(str(tmp_path / "photo?1?.png")) == [tmp_path / "photo[1].png"]  # a glob is still one

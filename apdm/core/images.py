@@ -193,7 +193,7 @@ def list_images(inputs: str | os.PathLike | Sequence[str | os.PathLike], recursi
             raise FileNotFoundError("an input path is empty: name a folder, an image file or a glob (an empty path "
                                     "would mean the current folder)")
         p = Path(text)
-        if any(ch in text for ch in "*?["):
+        if any(ch in text for ch in "*?[") and not p.exists():  # "Trip [2024]/" names a folder, not a glob
             found += sorted(q for q in (Path(m) for m in glob.glob(text, recursive=recursive))
                             if q.is_file() and _is_image_name(q))
         elif p.is_dir():

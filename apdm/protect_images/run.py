@@ -290,7 +290,7 @@ def usable_output(path: Path) -> bool:
     try:
         if not path.is_file() or path.stat().st_size == 0:
             return False
-        with Image.open(path) as im:
+        with Image.open(path, formats=["PNG", "JPEG"]) as im:  # apdm writes only these
             if im.format == "PNG":
                 im.verify()
             else:

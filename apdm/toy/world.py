@@ -237,7 +237,7 @@ def _check_export_class(out: Path, cls: str, heldout_ids: list[int], training_id
     for folder in sorted((out / "train-identities").glob("id-*")):
         for photo in sorted(folder.glob("*.png"))[:1]:
             try:
-                with Image.open(photo) as im:
+                with Image.open(photo, formats=["PNG"]) as im:
                     said = str(im.getexif().get(0x010E, ""))
             except OSError:
                 continue  # not an image we can read: nothing recorded
