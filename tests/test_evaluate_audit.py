@@ -213,3 +213,19 @@ def test_ism_with_no_reference_embedding_is_an_unavailable_record_with_a_detecto
                                                           det, "e", "d")}
         assert recs["ism"]["available"] is False and "no reference embedding" in recs["ism"]["reason"]
     assert recs.keys() == {"ism"}
+
+
+def test_a_personalizations_prompts_that_the_subjects_replace_are_named(tmp_path, apdm_log):
+    """sd15-evaluate-apdm.yaml set class_prompt 'a photo of person' in its personalization entry; the attacker took
+    the subject's class prompt ('a photo of a person') and said nothing."""
+    from helpers import clean_and_protected_folders
+
+    clean, _ = clean_and_protected_folders(tmp_path)
+    args = _args(tmp_path / "eval", f"[{{name: al, clean_data: {clean}}}]", "metrics.features=nope")
+    args = [a if not a.startswith("personalizations=") else
+            "personalizations=[{method: lora, steps: 1, class_prompt: a photo of person}, {method: ti, steps: 1}]"
+            for a in args]
+    assert main(args) != 0  # (the misspelt feature backend stops the run before any model loads)
+    said = apdm_log()
+    assert "personalizations[0]: class_prompt='a photo of person' not used: the attacker takes each subject's" in said
+    assert "personalizations[1]" not in said

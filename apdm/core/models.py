@@ -7,7 +7,7 @@ modules, and ``save_sd`` writes a directory that plain ``StableDiffusionPipeline
 
 Model sources (``load_sd(path)``):
     * a local diffusers directory (``model_index.json``, safetensors weights) of SD 1.x/2.x — the normal case;
-    * a hub id such as ``runwayml/stable-diffusion-v1-5`` — works with network or a warm HF cache; offline it
+    * a hub id such as ``stable-diffusion-v1-5/stable-diffusion-v1-5`` — works with network or a warm HF cache; offline it
       fails with a message saying weights must be a local path;
     * ``tiny`` — :func:`tiny_sd`, a random-weight pipeline of real diffusers/transformers classes (tests, smoke);
     * ``toy`` — the toy-world model (``apdm.toy``), from the cache or ``assets/``;

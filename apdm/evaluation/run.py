@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from apdm.config import EvaluateRunConfig, to_dict, to_yaml
+from apdm.config import EvaluateRunConfig, PersonalizationConfig, to_dict, to_yaml
 from apdm.utils import (
     LOG,
     atomic_write_json,
@@ -448,8 +448,14 @@ def run(cfg: EvaluateRunConfig) -> dict:
     names = subject_names(cfg.subjects)
     from apdm.personalization.simulator import check_personalization
 
+    default = PersonalizationConfig()
     for i, per in enumerate(cfg.personalizations):
         check_personalization(per, f"personalizations[{i}]")
+        unused = [f"{k}={getattr(per, k)!r}" for k in RUN_SET_KEYS if getattr(per, k) != getattr(default, k)]
+        if unused:
+            LOG.warning("personalizations[%d]: %s not used: the attacker takes each subject's prompts "
+                        "(subjects=[{..., instance_prompt: ..., class_prompt: ...}]) and the run's seed", i,
+                        ", ".join(unused))
     per_label = {id(p): label for p, label in zip(cfg.personalizations, personalization_labels(cfg.personalizations))}
     D.check_sample(cfg.sample)
     models = metric_models(cfg)  # once per run; a misspelt backend stops the run here, before the model loads
