@@ -245,6 +245,9 @@ def test_the_shipped_toy_rho_still_loads_and_names_its_model():
     rho = ldu.load_rho(root)
     assert rho.training_info["budget"] == pytest.approx(8 / 255)
     assert len(rho.training_info.get("base_model_fingerprint", "")) == 16
+    from apdm.core.models import load_sd
+
+    assert ldu.check_rho_fits(rho, load_sd("toy", "cpu"), 8 / 255) is None  # the committed toy model's: no warning
 
 
 # ============================================================================ 7. grey photos

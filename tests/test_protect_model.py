@@ -571,19 +571,16 @@ def test_bench_attack_seeds_runs_and_summary():
     assert [s.seed for _, s in (attack_run(per, sample, r, stride=1) for r in range(3))] == [9, 10, 11]
 
     def drawn(stride):  # per run: the seeds of its samples' initial noises and of its generated class images
-        # (apdm.core.diffusion.generate seeds image i with seed + i; the simulator's class images start at
-        # 10,000 + class_draw(seed))
-        from apdm.personalization.simulator import class_draw
-
+        # (apdm.core.diffusion.generate seeds image i with seed + i; the simulator samples class images at
+        # seed + 10,000)
         runs = [attack_run(per, sample, r, stride) for r in range(3)]
         return ([{s.seed + i for i in range(s.num_images_per_prompt)} for _, s in runs],
-                [{10_000 + class_draw(p.seed) + i for i in range(p.num_class_images)} for p, _ in runs])
+                [{p.seed + 10_000 + i for i in range(p.num_class_images)} for p, _ in runs])
 
     for sets in drawn(attack_seed_stride({})):
         assert all(not (a & b) for i, a in enumerate(sets) for b in sets[i + 1:])
     noises, classes = drawn(attack_seed_stride({"attack_seed_stride": "1"}))
-    # stride 1 (the old default) still shares the samples' noises; no longer the class images (class_draw, 2026-12-07)
-    assert len(noises[0] & noises[1]) == 15 and len(classes[0] & classes[1]) == 0
+    assert len(noises[0] & noises[1]) == 15 and len(classes[0] & classes[1]) == 199
     for bad in ("0", "x"):
         with pytest.raises(ValueError, match="attack_seed_stride must be a whole number"):
             attack_seed_stride({"attack_seed_stride": bad})
@@ -1358,3 +1355,16 @@ def test_cli_protect_model_in_bf16_keeps_the_fp32_sources_precision(tmp_path):
     # the protected weights differ from the source by the protection's change, not by the rounding of the source
     change = max((got[k] - was[k]).abs().max().item() for k in trained)
     assert change > 0
+
+
+def test_cli_anchor_weight_without_inner_steps_is_said_once(tmp_path, apdm_log):
+    """protect.anchor_weight does nothing with protect.inner_steps=0 (θ′ is θ); said once per run, not once per
+    check of the settings (the command checks them before loading the model, the protection again)."""
+    from helpers import tiny_protect_model_args
+
+    from apdm.cli import main
+
+    args = [*tiny_protect_model_args(tmp_path), "protect.inner_steps=0", "protect.anchor_weight=1",
+            "protect.outer_steps=1"]
+    assert main(["protect-model", *args]) == 0
+    assert apdm_log().count("protect.anchor_weight=1 does nothing with protect.inner_steps=0") == 1

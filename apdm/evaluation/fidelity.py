@@ -254,6 +254,7 @@ def fidelity_records_pairs(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], w
             except (MetricUnavailable, MissingDependency) as exc:
                 lpips_reason = str(exc)
                 LOG.info("lpips@lpips-alex unavailable: %s", exc)
+        del clean, protected  # before the next pair loads: one pair in memory at a time
 
     def cat(values: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(values) if values else torch.zeros(0)

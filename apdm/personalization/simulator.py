@@ -566,16 +566,6 @@ def finish(state: PersonalizationState) -> SD:
 
 
 # ============================================================================ class images
-def class_draw(seed: int) -> int:
-    """Where the class images of attacker ``seed`` start, above 10,000: for ``seed = q·S + r`` (S =
-    :data:`apdm.core.diffusion.SEED_STRIDE`, 0 ≤ r < S) it is ``q·S + r·S²``, so no two seeds (below S²) share a class
-    image (up to S of them). Seeds that are multiples of S (0, and the runs of the bench's ``attack_seeds``) keep the
-    ``seed`` they had until 2026-12-07, and so their images and cache folders; another seed's images were then those
-    of ``seed``, all but one shared with seed + 1's."""
-    q, r = divmod(seed, D.SEED_STRIDE)
-    return q * D.SEED_STRIDE + r * D.SEED_STRIDE ** 2
-
-
 @torch.no_grad()
 def class_images_for(sd: SD, cfg: PersonalizationConfig, cache_dir: str | Path | None = None,
                      quiet: bool = False, what: str = "class images",
@@ -591,9 +581,11 @@ def class_images_for(sd: SD, cfg: PersonalizationConfig, cache_dir: str | Path |
     protect-model asks once per run). ``size``: ``s`` or ``(H, W)``, the size of the instance images they will be
     trained with (default: the model's resolution); they are generated at that size.
 
-    Image i is generated from seed ``10_000 + seed_offset + class_draw(cfg.seed) + i`` (:func:`class_draw`): two
-    attacker seeds share no class image, and ``seed_offset`` (less than SEED_STRIDE minus the image count) draws
-    another set for the same seed that shares none of them either (protect-model's x⁺ and kept images).
+    Image i is generated from seed ``10_000 + seed_offset + cfg.seed + i``: ``seed_offset`` draws another set for
+    the same attacker (protect-model's x⁺ and kept images, offsets larger than the image counts). Consecutive
+    attacker seeds share all but one class image (seed s + 1's image i is seed s's image i + 1); seeds
+    :data:`apdm.core.diffusion.SEED_STRIDE` apart, as the benchmarks' attacker runs are, share none. Kept so, since
+    every documented result reproduces with it: choose seeds that far apart for independent class images.
     """
     if not cfg.with_prior_preservation or cfg.method == "ti" or cfg.num_class_images <= 0:
         return None
@@ -601,7 +593,7 @@ def class_images_for(sd: SD, cfg: PersonalizationConfig, cache_dir: str | Path |
     from apdm.utils import cache_dir as apdm_cache
 
     h, w = (size, size) if isinstance(size, int) else tuple(size or (sd.resolution, sd.resolution))
-    draw = seed_offset + class_draw(cfg.seed)  # (the key's seed field was cfg.seed: the same where the images are)
+    draw = seed_offset + cfg.seed  # where the images start, above 10,000 (the key's seed field)
     settings = f"{cfg.class_prompt}|{cfg.class_sample_steps}|{cfg.class_guidance_scale}|{draw}"
     if (h, w) != (sd.resolution, sd.resolution):
         settings += f"|{h}x{w}"

@@ -756,9 +756,6 @@ def check_protect_config(per_cfg: PersonalizationConfig, pcfg: ProtectConfig, en
     S.check_personalization(per_cfg)  # the simulated attacker
     check_lr_phases(pcfg)
     check_restart(pcfg, num_subjects)
-    if pcfg.anchor_weight > 0 and pcfg.inner_steps == 0:
-        LOG.warning("protect.anchor_weight=%g does nothing with protect.inner_steps=0: with no simulated attack θ′ is "
-                    "θ, whose prior-preservation term is in the protection loss already", pcfg.anchor_weight)
     bad = [w for w in pcfg.identifiers if not isinstance(w, str) or not w or any(ch.isspace() for ch in w)]
     if bad:
         raise ValueError(f"protect.identifiers: each must be one word without spaces (e.g. zwx), got {bad}")
@@ -873,6 +870,9 @@ def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcf
             past ``pcfg.outer_steps``.
     """
     per_cfgs = check_protect_config(per_cfg, pcfg, num_subjects=len(subjects))
+    if pcfg.anchor_weight > 0 and pcfg.inner_steps == 0:  # (said here, once per protection, not in every check)
+        LOG.warning("protect.anchor_weight=%g does nothing with protect.inner_steps=0: with no simulated attack θ′ is "
+                    "θ, whose prior-preservation term is in the protection loss already", pcfg.anchor_weight)
     for subject in subjects if pcfg.identifiers else []:  # every instance prompt has a word to replace
         for cfg in per_cfgs:
             with_identifier(subject, cfg, pcfg.identifiers[0])

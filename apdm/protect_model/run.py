@@ -49,7 +49,8 @@ def base_model_images(sd, per_cfg, class_prompt: str, n: int, seed_offset: int =
                             quiet=quiet, what=what, weights_key=weights_key, seed_offset=seed_offset)
 
 
-def generated_keep_images(sd, per_cfg, class_prompts: list[str], n: int, quiet: bool = False):
+def generated_keep_images(sd, per_cfg, class_prompts: list[str], n: int, quiet: bool = False,
+                          weights_key: str | None = None):
     """``encoder_trap.keep_generated``: ``n`` class-prompt images of the base model per distinct class prompt, for
     the encoder trap to keep, generated (and cached) like the class images but from another seed, so that neither
     the class images nor the x⁺ images change. Returns (n·P,3,H,W) in [0,1] on the CPU, or None for ``n`` = 0."""
@@ -57,14 +58,15 @@ def generated_keep_images(sd, per_cfg, class_prompts: list[str], n: int, quiet: 
 
     if n <= 0:
         return None
-    key = sd.weights_digest()
+    key = weights_key or sd.weights_digest()
     return torch.cat([base_model_images(sd, per_cfg, p, n, KEEP_GENERATED_SEED, quiet,
                                         "generated images to keep (encoder_trap.keep_generated)", key)
                       for p in dict.fromkeys(class_prompts)])
 
 
-def load_subjects(sd, cfg: ProtectModelRunConfig, quiet: bool = False):
-    """Load each subject's photos and generate (or reuse cached) class and paired images from the base model."""
+def load_subjects(sd, cfg: ProtectModelRunConfig, quiet: bool = False, weights_key: str | None = None):
+    """Load each subject's photos and generate (or reuse cached) class and paired images from the base model
+    (``weights_key``: its ``weights_digest()`` when the caller has it)."""
     from apdm.core.images import load_spec, split_spec
     from apdm.protect_model.l2p import Subject
 
@@ -72,7 +74,8 @@ def load_subjects(sd, cfg: ProtectModelRunConfig, quiet: bool = False):
         raise ValueError("no subjects to protect: set subjects=[{instance_data: DIR, instance_prompt: ..., "
                          "class_prompt: ...}] in the recipe")
     size = cfg.resolution or sd.resolution
-    subjects, skipped, weights_key = [], [], sd.weights_digest()  # the base model's, read once for all subjects
+    subjects, skipped = [], []
+    weights_key = weights_key or sd.weights_digest()  # the base model's, read once for all subjects
     for k, sc in enumerate(cfg.subjects):
         if not sc.instance_data:
             raise ValueError(f"subjects[{k}].instance_data is empty")
@@ -229,7 +232,8 @@ def check_held_back(vae_ref, trapped, subjects: list, held: list, batch: int = 3
     return rows
 
 
-def trap_views(sd, subjects: list, cfg: ProtectModelRunConfig, cache_dir: Path, embed=None) -> list | None:
+def trap_views(sd, subjects: list, cfg: ProtectModelRunConfig, cache_dir: Path, embed=None,
+               weights_key: str | None = None) -> list | None:
     """``encoder_trap.synthetic_photos`` pictures of each subject (:func:`apdm.protect_model.encoder_trap.
     synthetic_views`, chosen by the recognizer ``embed`` (:func:`~apdm.protect_model.encoder_trap.trap_embedder`)
     when given), kept in ``cache_dir`` (safetensors) so that a resumed run reuses them; None when off.
@@ -256,7 +260,7 @@ def trap_views(sd, subjects: list, cfg: ProtectModelRunConfig, cache_dir: Path, 
 
     count = f"{tc.synthetic_photos}x{tc.synthetic_pool if embed is not None else 1}" + (
         f"x{tc.synthetic_copies}c" if tc.synthetic_copies > 1 else "")
-    model = sd.weights_digest()  # once: it reads every weight
+    model = weights_key or sd.weights_digest()  # once: it reads every weight
     views = []
     for k, s in enumerate(subjects):
         path = cache_dir / f"views_{k}.safetensors"
@@ -496,7 +500,7 @@ def run(cfg: ProtectModelRunConfig) -> dict:
         warn_if_untrained,
     )
     from apdm.protect_model.encoder_trap import check_trap_config
-    from apdm.protect_model.l2p import check_protect_config, protect
+    from apdm.protect_model.l2p import check_protect_config, protect, restart_period
 
     # before any model loading or class-image generation
     check_output_dir(cfg)
@@ -536,7 +540,8 @@ def run(cfg: ProtectModelRunConfig) -> dict:
                         "(encoder_trap.steps=0)")
     if not main:
         distributed.barrier()  # the main process generates the class images; the others read them from its cache
-    subjects, skipped = load_subjects(sd, cfg, cfg.quiet or not main)
+    weights_key = sd.weights_digest()  # the base model's, read once (GBs on SD) for every image set made from it
+    subjects, skipped = load_subjects(sd, cfg, cfg.quiet or not main, weights_key)
     skipped += held_skipped
     keep_images = None
     if cfg.encoder_trap.steps > 0 and main:  # read before the protection, so a bad path fails in seconds, not hours
@@ -549,7 +554,7 @@ def run(cfg: ProtectModelRunConfig) -> dict:
         LOG.info("encoder trap: %d more generated images of each class prompt to keep (encoder_trap.keep_generated)",
                  cfg.encoder_trap.keep_generated)
         generated = generated_keep_images(sd, cfg.personalization, [s.class_prompt for s in subjects],
-                                          cfg.encoder_trap.keep_generated, quiet=cfg.quiet)
+                                          cfg.encoder_trap.keep_generated, quiet=cfg.quiet, weights_key=weights_key)
     if main:
         distributed.barrier()
     p = cfg.protect
@@ -557,8 +562,8 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     if main:
         LOG.info("APDM: %s loss, %d outer x %d inner steps, lr %s, trainable=%s, %d subject(s)%s%s", p.loss,
                  p.outer_steps, p.inner_steps, lr, p.trainable, len(subjects),
-                 (f", the simulated attacker continues and restarts every {p.inner_restart_every} outer steps"
-                  if p.inner_restart_every > 1 else "")
+                 (f", the simulated attacker continues and restarts after {p.inner_restart_every} of its steps "
+                  f"(every {restart_period(p, len(subjects))} outer steps)" if p.inner_restart_every > 1 else "")
                  + (f", DPO pairs also conditioned on {p.dpo_extra_prompts}" if p.dpo_extra_prompts else "")
                  + (f", DPO pairs taken at the subject's best conditioning within {p.conditioning_attack_radius:g} "
                     f"of the prompt's ({p.conditioning_attack_steps} steps)" if p.conditioning_attack_steps else "")
@@ -584,7 +589,8 @@ def run(cfg: ProtectModelRunConfig) -> dict:
         t1 = time.perf_counter()
         embed, recognizer = trap_embedder(cfg.encoder_trap)
         kept = [k for k in (keep_images, generated) if k is not None]  # the photos, then the generated images
-        views = trap_views(sd, subjects, cfg, out / "checkpoint" / "encoder_trap_views", embed)
+        views = trap_views(sd, subjects, cfg, out / "checkpoint" / "encoder_trap_views", embed,
+                           weights_key)  # (the protection trained a copy: sd is still the base model)
         trapped, trap_history, chosen = trap_encoder(sd.vae, subjects, cfg.encoder_trap, seed=cfg.seed,
                                                      checkpoint_dir=out / "checkpoint" / "encoder_trap",
                                                      quiet=cfg.quiet, embed=embed,
