@@ -115,15 +115,14 @@ def _hub_offline() -> bool:
         "1", "true", "yes", "on")
 
 
-def _hub_index(path: str) -> Path | None:
-    """The cached ``model_index.json`` of the hub id ``path``, or None (not cached, or not a valid repo id)."""
-    from huggingface_hub import try_to_load_from_cache
+def _cached_index(path: str) -> Path | None:
+    """The ``model_index.json`` of the hub id ``path`` in the Hugging Face cache, found as the SD loader finds a
+    cached model (:func:`apdm.core.models.local_folder`), or None (not cached, not a hub id, or no such file)."""
+    from apdm.core.models import local_folder
 
-    try:
-        cached = try_to_load_from_cache(path, "model_index.json")
-    except ValueError:  # not a valid repo id: the loader will say so
-        return None
-    return Path(cached) if isinstance(cached, str) else None
+    folder = local_folder(path)
+    index = folder / "model_index.json" if folder is not None else None
+    return index if index is not None and index.is_file() else None
 
 
 def max_noise_level(path: str) -> int | None:
@@ -141,8 +140,8 @@ def max_noise_level(path: str) -> int | None:
     path = path.strip()
     if path == "tiny":
         return 350  # tiny_upscaler's
-    p = _check_upscaler(path)
-    index = p / "model_index.json" if p.exists() else _hub_index(path)
+    p = _check_upscaler(path)  # "toy": the toy world's upscaler (local_folder's "toy" is the toy SD model)
+    index = p / "model_index.json" if p.exists() else _cached_index(path)
     if index is None:  # a hub id that is not cached
         return 350 if path == DEFAULT_UPSCALER else None
     try:
@@ -164,7 +163,7 @@ def check_loadable(upscaler: str = DEFAULT_UPSCALER, **_) -> None:
     path = upscaler.strip()
     if path == "tiny" or _check_upscaler(path).exists():
         return
-    if _hub_offline() and _hub_index(path) is None:
+    if _hub_offline() and _cached_index(path) is None:
         raise ValueError(_unloadable(path, "it is not in the Hugging Face cache and HF_HUB_OFFLINE is set"))
 
 

@@ -307,6 +307,30 @@ def _cell_key(*parts) -> str:
     return f"{slug}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
 
 
+def _attack_parts(spec: str) -> tuple:
+    """An attack's part of a cell's key: its spec, and the settings it runs with (the spec's parameters merged
+    with its function's defaults, or a preset's values), so that a changed default in the code keys a new cell
+    instead of reusing one computed with the old value. An attack without settings (``none``, ``flip``) is its
+    spec alone, keyed as before 2026-12-07. The seed is left out: it is the run's (in the key) or the spec's."""
+    import inspect
+
+    from apdm.attacks.transforms import MODEL_ATTACKS, parse_attack, parse_model_attack
+
+    if spec.strip().partition(":")[0].strip().lower() in MODEL_ATTACKS:
+        fn, kwargs = parse_model_attack(spec)
+        skip = {"images", "sd", "seed", "quiet"}
+    else:
+        fn, kwargs = parse_attack(spec), {}
+        while isinstance(fn, functools.partial):  # a preset's or the spec's values (the outer wins)
+            kwargs = {**fn.keywords, **kwargs}
+            fn = fn.func
+        skip = {"images", "generator", "seed"}
+    params = inspect.signature(fn).parameters.items()
+    settings = {k: p.default for k, p in params if k not in skip and p.default is not inspect.Parameter.empty}
+    settings.update((k, v) for k, v in kwargs.items() if k not in skip)
+    return (spec, {"attack_settings": settings}) if settings else (spec,)
+
+
 def subject_names(subjects) -> list[str]:
     """Each evaluation subject's name: its ``name``, else its clean folder's name, else ``subject<i>``.
 
@@ -579,7 +603,7 @@ def run(cfg: EvaluateRunConfig) -> dict:
         attacked.clear()
         for scenario, attack, per in progress(cells, desc=f"evaluating {name}"):
             method = per_label[id(per)]
-            key = _cell_key(slug, scenario, attack, per.method, subject_fp, dataclasses.asdict(per))
+            key = _cell_key(slug, scenario, *_attack_parts(attack), per.method, subject_fp, dataclasses.asdict(per))
             cell_file = out / "cells" / f"{key}.json"
             if cfg.resume and cell_file.is_file():
                 LOG.info("cell %s/%s/%s/%s already done; skipping", name, scenario, attack, method)

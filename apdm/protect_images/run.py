@@ -398,23 +398,39 @@ def _groups(paths: list[Path], batch_size: int, errors: list[dict]):
         yield group
 
 
-def _inputs_outside_outputs(paths: list[Path], out: Path, suffix: str, fmt: str) -> list[Path]:
-    """``paths`` without this command's outputs. Without a ``suffix``, every file inside the output folder is left
-    out (an output folder inside the input folder is never read as input). With one, the output folder may be an
-    input folder: only the files in it that are this command's outputs are left out, those listed in its
-    ``manifest.json`` and those named ``<stem><suffix>.<ext>`` (or ``<stem><suffix>-<n>.<ext>``) in the output
-    format.
+def _inputs_outside_outputs(paths: list[Path], out: Path, suffix: str, fmt: str,
+                            spec: str | list[str]) -> list[Path]:
+    """``paths`` without this command's outputs. An output folder inside an input folder is never read as input:
+    every file in it is left out, suffix or not. With a ``suffix``, the output folder may BE an input folder (one
+    that ``spec`` names, or the folder of a glob or file it names): only the files in it that are this command's
+    outputs are left out, those listed in its ``manifest.json`` and those named ``<stem><suffix>.<ext>`` (or
+    ``<stem><suffix>-<n>.<ext>``) in the output format.
 
     Raises:
         ValueError: no input is left.
     """
+    import glob
+
     from apdm.core.images import FORMATS
 
     inside = os.path.realpath(out) + os.sep
     within = [p for p in paths if os.path.realpath(p).startswith(inside)]
     if not within:
         return paths
-    if suffix:
+    roots = set()  # the folders spec names: each folder, each glob's (up to its first wildcard), each file's
+    for entry in [spec] if isinstance(spec, str) else spec:
+        text = os.path.expanduser(entry).strip()
+        if not text:
+            continue
+        root = Path(text)
+        if glob.has_magic(text) and not root.exists():  # "Trip [2024]/" names a folder, not a glob
+            parts = root.parts[:next((i for i, part in enumerate(root.parts) if glob.has_magic(part)), None)]
+            root = Path(*parts) if parts else Path(".")
+        elif not root.is_dir():
+            root = root.parent
+        roots.add(os.path.realpath(root))
+    relaxed = bool(suffix) and os.path.realpath(out) in roots  # out IS an input folder, not one inside it
+    if relaxed:
         outputs: set[str] = set()
         try:
             manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
@@ -431,9 +447,13 @@ def _inputs_outside_outputs(paths: list[Path], out: Path, suffix: str, fmt: str)
     left = set(map(id, within))
     kept = [p for p in paths if id(p) not in left]
     if not kept:
-        if suffix:
+        if relaxed:
             raise ValueError(f"every input file in {out} is an output of this command (named *{suffix}"
                              f"{FORMATS[fmt]} or listed in its manifest.json): nothing to protect")
+        if suffix:
+            raise ValueError(f"every input file is inside the output folder {out}, which lies inside an input folder "
+                             f"(its files are never read as input); choose another --output, or name {out} itself "
+                             f"as the input")
         raise ValueError(f"every input file is inside the output folder {out}; choose another --output, or pass a "
                          f"suffix (e.g. suffix=_protected) to write the protected copies into the input folder")
     return kept
@@ -489,7 +509,7 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
     out = Path(cfg.output_dir)
     spec = split_spec(cfg.input)
     paths = list_images(spec, recursive=cfg.recursive)
-    paths = _inputs_outside_outputs(paths, out, cfg.suffix, fmt)
+    paths = _inputs_outside_outputs(paths, out, cfg.suffix, fmt, spec)
     one = spec if isinstance(spec, str) else spec[0] if len(spec) == 1 else ""  # "photos/," is photos/ too
     root = Path(os.path.expanduser(one.strip())) if one.strip() else None
     root = root if cfg.recursive and root is not None and root.is_dir() else None
