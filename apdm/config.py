@@ -365,8 +365,8 @@ class ProtectImagesRunConfig:
     input: str = ""
     output_dir: str = "outputs/protected"
     #: also protect the photos in sub-folders of an input folder; the outputs keep the sub-folder structure under
-    #: ``output_dir``. The output folder itself is never read as input (with a ``suffix``, only this command's outputs
-    #: in it are left out, so it may be the input folder).
+    #: ``output_dir``. An output folder inside an input folder is never read as input; with a ``suffix`` the output
+    #: folder may be the input folder (or above it), and only this command's outputs in it are left out.
     recursive: bool = False
     #: ``png`` (default, lossless) or ``jpeg`` (weakens the protection; a warning is printed).
     format: str = "png"

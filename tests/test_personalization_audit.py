@@ -136,6 +136,8 @@ def test_class_image_seeds_and_the_offset_of_another_set(tiny_sd, tmp_path):
     assert len(list((tmp_path / key).glob("*.png"))) == 4
     far = S.class_images_for(tiny_sd, dataclasses.replace(cfg0, seed=D.SEED_STRIDE), quiet=True)
     assert not any(torch.equal(x, y) for x in a for y in far)
+    next_seed = S.class_images_for(tiny_sd, dataclasses.replace(cfg0, seed=1), quiet=True)
+    assert torch.equal(next_seed[:3], a[1:])  # consecutive seeds share all but one (documented; results reproduce)
     one = dataclasses.replace(cfg0, num_class_images=1)
     c = S.class_images_for(tiny_sd, one, quiet=True, seed_offset=7777)
     ref = D.generate(tiny_sd, [cfg0.class_prompt], 1, 1, cfg0.class_guidance_scale, seed=17_777, quiet=True)

@@ -68,6 +68,23 @@ def test_an_output_folder_nested_in_an_input_folder_is_never_read_as_input_even_
         _kept(tmp_path, str(only), only / "out", "_protected", recursive=True)
 
 
+def test_an_output_folder_above_the_input_folder_with_a_suffix_reads_the_photos(tmp_path, monkeypatch):
+    """The nesting rule is for an output folder strictly below an input folder: one above it (input photos/prot,
+    output photos; or the working folder) holds the inputs and, with a suffix, leaves out only this command's
+    outputs, as before (the first version of the rule refused these with a message about nesting). And a ``~``
+    after a comma in an input list is expanded."""
+    src = tmp_path / "photos"
+    _noise(src / "prot" / "c.png")
+    _noise(src / "c_p.png", seed=1)
+    assert _kept(tmp_path, str(src / "prot"), src, "_p", recursive=True) == ["photos/prot/c.png"]
+    assert _kept(tmp_path, str(src / "prot" / "c.png"), tmp_path, "_p") == ["photos/prot/c.png"]
+    with pytest.raises(ValueError, match="every input file is inside the output folder .*pass a suffix"):
+        _kept(tmp_path, str(src / "prot"), src, "")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert _kept(tmp_path, f"{src / 'prot'}, ~/photos/c_p.png", tmp_path / "elsewhere", "") == [
+        "photos/c_p.png", "photos/prot/c.png"]
+
+
 def test_a_recursive_run_into_a_nested_output_folder_with_a_suffix_protects_only_the_photos(tmp_path):
     from apdm.config import ModelConfig, ProtectImagesRunConfig
 

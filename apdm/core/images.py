@@ -188,7 +188,7 @@ def list_images(inputs: str | os.PathLike | Sequence[str | os.PathLike], recursi
         raise FileNotFoundError("no input given: pass a folder, an image file or a glob")
     found: list[Path] = []
     for entry in entries:
-        text = os.path.expanduser(os.fspath(entry)).strip()
+        text = os.path.expanduser(os.fspath(entry).strip())
         if not text:
             raise FileNotFoundError("an input path is empty: name a folder, an image file or a glob (an empty path "
                                     "would mean the current folder)")

@@ -400,11 +400,12 @@ def _groups(paths: list[Path], batch_size: int, errors: list[dict]):
 
 def _inputs_outside_outputs(paths: list[Path], out: Path, suffix: str, fmt: str,
                             spec: str | list[str]) -> list[Path]:
-    """``paths`` without this command's outputs. An output folder inside an input folder is never read as input:
-    every file in it is left out, suffix or not. With a ``suffix``, the output folder may BE an input folder (one
-    that ``spec`` names, or the folder of a glob or file it names): only the files in it that are this command's
-    outputs are left out, those listed in its ``manifest.json`` and those named ``<stem><suffix>.<ext>`` (or
-    ``<stem><suffix>-<n>.<ext>``) in the output format.
+    """``paths`` without this command's outputs. An output folder strictly inside an input folder (one that ``spec``
+    names, or the folder of a glob, up to its first wildcard, or of a file it names) is never read as input: every
+    file in it is left out, suffix or not. Otherwise, with a ``suffix``, the output folder may hold inputs (be the
+    input folder, or a folder above it): only the files in it that are this command's outputs are left out, those
+    listed in its ``manifest.json`` and those named ``<stem><suffix>.<ext>`` (or ``<stem><suffix>-<n>.<ext>``) in
+    the output format. Without one, every file inside the output folder is left out.
 
     Raises:
         ValueError: no input is left.
@@ -419,7 +420,7 @@ def _inputs_outside_outputs(paths: list[Path], out: Path, suffix: str, fmt: str,
         return paths
     roots = set()  # the folders spec names: each folder, each glob's (up to its first wildcard), each file's
     for entry in [spec] if isinstance(spec, str) else spec:
-        text = os.path.expanduser(entry).strip()
+        text = os.path.expanduser(entry.strip())
         if not text:
             continue
         root = Path(text)
@@ -429,7 +430,9 @@ def _inputs_outside_outputs(paths: list[Path], out: Path, suffix: str, fmt: str,
         elif not root.is_dir():
             root = root.parent
         roots.add(os.path.realpath(root))
-    relaxed = bool(suffix) and os.path.realpath(out) in roots  # out IS an input folder, not one inside it
+    nested = any(inside.startswith(root.rstrip(os.sep) + os.sep) and inside != root.rstrip(os.sep) + os.sep
+                 for root in roots)  # strictly below an input folder
+    relaxed = bool(suffix) and not nested
     if relaxed:
         outputs: set[str] = set()
         try:
@@ -450,7 +453,7 @@ def _inputs_outside_outputs(paths: list[Path], out: Path, suffix: str, fmt: str,
         if relaxed:
             raise ValueError(f"every input file in {out} is an output of this command (named *{suffix}"
                              f"{FORMATS[fmt]} or listed in its manifest.json): nothing to protect")
-        if suffix:
+        if nested:
             raise ValueError(f"every input file is inside the output folder {out}, which lies inside an input folder "
                              f"(its files are never read as input); choose another --output, or name {out} itself "
                              f"as the input")
@@ -506,7 +509,7 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
             raise ValueError(f"{cfg.method} target: {exc}") from exc
     if fmt == "jpeg":
         LOG.warning(JPEG_WARNING)
-    out = Path(cfg.output_dir)
+    out = Path(cfg.output_dir).expanduser()
     spec = split_spec(cfg.input)
     paths = list_images(spec, recursive=cfg.recursive)
     paths = _inputs_outside_outputs(paths, out, cfg.suffix, fmt, spec)
@@ -716,7 +719,7 @@ def train(cfg: TrainPerturberRunConfig) -> dict:
     root = Path(cfg.data)
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {root}")
-    folders = identity_folders(root, Path(cfg.output_dir))
+    folders = identity_folders(root, Path(cfg.output_dir).expanduser())
     warn_if_untrained(cfg.model.path, "the trained perturbation network will protect against no real model")
     sd = load_sd(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.revision)
     identities, unusable = {}, []
@@ -732,7 +735,7 @@ def train(cfg: TrainPerturberRunConfig) -> dict:
     if not identities:
         raise ValueError(f"{root}: expected one sub-folder of photos per identity, found none with usable photos "
                          f"(unreadable: {', '.join(unusable)})")
-    out = Path(cfg.output_dir)
+    out = Path(cfg.output_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
     if not cfg.resume and ckpt.exists():

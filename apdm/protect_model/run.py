@@ -562,7 +562,7 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     if main:
         LOG.info("APDM: %s loss, %d outer x %d inner steps, lr %s, trainable=%s, %d subject(s)%s%s", p.loss,
                  p.outer_steps, p.inner_steps, lr, p.trainable, len(subjects),
-                 (f", the simulated attacker continues and restarts after {p.inner_restart_every} of its steps "
+                 (f", the simulated attacker continues and restarts after {p.inner_restart_every} visits "
                   f"(every {restart_period(p, len(subjects))} outer steps)" if p.inner_restart_every > 1 else "")
                  + (f", DPO pairs also conditioned on {p.dpo_extra_prompts}" if p.dpo_extra_prompts else "")
                  + (f", DPO pairs taken at the subject's best conditioning within {p.conditioning_attack_radius:g} "
