@@ -43,6 +43,27 @@ def test_fingerprint_of_a_home_path_lists_its_files_and_changes_when_saved_again
     assert model_fingerprint(_model("~/m")) != home
 
 
+def test_fingerprint_of_a_small_folder_follows_its_contents_not_its_file_times(tmp_path):
+    """A fresh checkout gives the committed toy model new file times, so every clone recomputed its cached toy
+    results; a folder up to HASHED_FOLDER_BYTES is fingerprinted by content: a copy with new times keeps it, a
+    changed weight does not."""
+    import os
+    import shutil
+
+    from apdm.core.models import tiny_sd
+
+    save_sd(tiny_sd(seed=0), tmp_path / "m", quiet=True)
+    before = model_fingerprint(_model(str(tmp_path / "m")))
+    for f in (tmp_path / "m").rglob("*"):
+        if f.is_file():
+            os.utime(f, ns=(1, 1))
+    assert model_fingerprint(_model(str(tmp_path / "m"))) == before
+    shutil.copytree(tmp_path / "m", tmp_path / "c")
+    assert model_fingerprint(_model(str(tmp_path / "c")))["files"] == before["files"]
+    save_sd(tiny_sd(seed=1), tmp_path / "m", quiet=True)
+    assert model_fingerprint(_model(str(tmp_path / "m"))) != before
+
+
 def test_fingerprint_of_toy_lists_the_toy_models_files():
     from apdm.toy import model_path
 

@@ -286,7 +286,10 @@ def model_fingerprint(model) -> dict:
     checkpoint; a model saved again into the same folder gets a new fingerprint, so no result computed on the old
     one is reused). The folder is the one :func:`load_sd` reads (:func:`local_folder`: ``~`` expanded, ``toy`` and a
     hub id already in the Hugging Face cache resolved), so ``~/m`` and its absolute path fingerprint alike, and a
-    model saved again there is told apart. Used by evaluate's cells and protect-model's "already done"."""
+    model saved again there is told apart. A folder of at most :data:`HASHED_FOLDER_BYTES` (the toy world's 18 MB)
+    is fingerprinted by its files' contents (SHA-256) instead of their times, which a fresh checkout resets: its
+    cached results then hold from one clone to the next. Used by evaluate's cells and protect-model's "already
+    done"."""
     path = str(Path(model.path).expanduser()) if model.path.startswith("~") else model.path
     fp: dict = {"path": path, "revision": model.revision, "dtype": model.dtype}
     try:
@@ -294,9 +297,18 @@ def model_fingerprint(model) -> dict:
     except FileNotFoundError:  # no toy model built: nothing to list (loading it says what to do)
         root = None
     if root is not None and root.is_dir():
-        fp["files"] = sorted([f.relative_to(root).as_posix(), f.stat().st_size, f.stat().st_mtime_ns]
-                             for f in root.rglob("*") if f.is_file())
+        from apdm.utils import file_sha256
+
+        files = [f for f in root.rglob("*") if f.is_file()]
+        small = sum(f.stat().st_size for f in files) <= HASHED_FOLDER_BYTES
+        fp["files"] = sorted([f.relative_to(root).as_posix(), f.stat().st_size,
+                              file_sha256(f)[:16] if small else f.stat().st_mtime_ns] for f in files)
     return fp
+
+
+#: local model folders up to this size are fingerprinted by content (:func:`model_fingerprint`), larger ones by
+#: their files' sizes and times (reading 2-4 GB of SD on every evaluate run would cost seconds to minutes)
+HASHED_FOLDER_BYTES = 64 << 20
 
 
 def stored_dtype(path: str) -> torch.dtype | None:
