@@ -129,6 +129,24 @@ def test_a_model_attacks_cell_key_follows_its_defaults(monkeypatch):
     assert _key(spec) != before  # a changed default: a new cell, not the stale one
 
 
+def test_a_noisy_upscale_cell_key_follows_the_upscalers_files(tmp_path):
+    """The upscaler was keyed by its path: rebuilding it (apdm toy upscaler) served the old cells. Its files key the
+    cell now; the same files elsewhere in time (a copy, a touch) keep the key."""
+    import os
+
+    up = tmp_path / "x4"
+    (up / "unet").mkdir(parents=True)
+    (up / "model_index.json").write_text("{}")
+    (up / "unet" / "w.safetensors").write_bytes(b"one")
+    spec = f"noisy_upscale:upscaler={up}"
+    before = _key(spec)
+    os.utime(up / "unet" / "w.safetensors", ns=(1, 1))
+    assert _key(spec) == before
+    (up / "unet" / "w.safetensors").write_bytes(b"two")  # rebuilt
+    assert _key(spec) != before
+    assert _key("noisy_upscale:upscaler=tiny") == _key("noisy_upscale:upscaler=tiny")
+
+
 def test_a_model_free_attacks_cell_key_follows_its_defaults_and_none_keys_as_before(monkeypatch):
     from apdm.attacks import transforms as T
     from apdm.evaluation.run import _cell_key

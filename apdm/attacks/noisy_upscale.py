@@ -192,6 +192,20 @@ def _check_upscaler(path: str):
     return p
 
 
+def model_files(upscaler: str = DEFAULT_UPSCALER, **_) -> list | None:
+    """The upscaler's files (:func:`apdm.core.models.folder_files`) for the key of a cell computed with it, so that
+    a rebuilt or replaced upscaler at the same path is not served from old cells; None for ``tiny`` and for a hub
+    id that is not here (its id then keys it)."""
+    from apdm.core.models import folder_files, local_folder
+
+    path = upscaler.strip()
+    if path == "tiny":
+        return None
+    p = _check_upscaler(path)
+    folder = p if p.exists() else local_folder(path)
+    return folder_files(folder) if folder is not None and folder.is_dir() else None
+
+
 def _pipeline_noise(pipe, noisy: torch.Tensor, seed: int, device: str, dtype: torch.dtype):
     """The noise ``pipe`` draws when called once on all of ``noisy`` with a generator seeded ``seed``: first the
     noise augmentation of the (preprocessed) low-resolution photos, then the starting latents."""

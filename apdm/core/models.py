@@ -297,13 +297,20 @@ def model_fingerprint(model) -> dict:
     except FileNotFoundError:  # no toy model built: nothing to list (loading it says what to do)
         root = None
     if root is not None and root.is_dir():
-        from apdm.utils import file_sha256
-
-        files = [f for f in root.rglob("*") if f.is_file()]
-        small = sum(f.stat().st_size for f in files) <= HASHED_FOLDER_BYTES
-        fp["files"] = sorted([f.relative_to(root).as_posix(), f.stat().st_size,
-                              file_sha256(f)[:16] if small else f.stat().st_mtime_ns] for f in files)
+        fp["files"] = folder_files(root)
     return fp
+
+
+def folder_files(root: Path) -> list:
+    """Each file of the folder ``root`` as ``[relative path, size, content digest or modification time]``, sorted:
+    by content (SHA-256) when the folder holds at most :data:`HASHED_FOLDER_BYTES`, else by time (see
+    :func:`model_fingerprint`, which it serves, as it serves the keys of attacks that load a model of their own)."""
+    from apdm.utils import file_sha256
+
+    files = [f for f in Path(root).rglob("*") if f.is_file()]
+    small = sum(f.stat().st_size for f in files) <= HASHED_FOLDER_BYTES
+    return sorted([f.relative_to(root).as_posix(), f.stat().st_size,
+                   file_sha256(f)[:16] if small else f.stat().st_mtime_ns] for f in files)
 
 
 #: local model folders up to this size are fingerprinted by content (:func:`model_fingerprint`), larger ones by

@@ -310,15 +310,21 @@ def _cell_key(*parts) -> str:
 def _attack_parts(spec: str) -> tuple:
     """An attack's part of a cell's key: its spec, and the settings it runs with (the spec's parameters merged
     with its function's defaults, or a preset's values), so that a changed default in the code keys a new cell
-    instead of reusing one computed with the old value. An attack without settings (``none``, ``flip``) is its
+    instead of reusing one computed with the old value; an attack that loads a model of its own (Noisy Upscaling)
+    adds that model's files (its module's ``model_files``). An attack without settings (``none``, ``flip``) is its
     spec alone, keyed as before 2026-12-07. The seed is left out: it is the run's (in the key) or the spec's."""
     import inspect
 
     from apdm.attacks.transforms import MODEL_ATTACKS, parse_attack, parse_model_attack
 
-    if spec.strip().partition(":")[0].strip().lower() in MODEL_ATTACKS:
+    model_files = None
+    name = spec.strip().partition(":")[0].strip().lower()
+    if name in MODEL_ATTACKS:
+        import importlib
+
         fn, kwargs = parse_model_attack(spec)
         skip = {"images", "sd", "seed", "quiet"}
+        model_files = getattr(importlib.import_module(MODEL_ATTACKS[name]), "model_files", None)
     else:
         fn, kwargs = parse_attack(spec), {}
         while isinstance(fn, functools.partial):  # a preset's or the spec's values (the outer wins)
@@ -328,6 +334,8 @@ def _attack_parts(spec: str) -> tuple:
     params = inspect.signature(fn).parameters.items()
     settings = {k: p.default for k, p in params if k not in skip and p.default is not inspect.Parameter.empty}
     settings.update((k, v) for k, v in kwargs.items() if k not in skip)
+    if model_files is not None:  # an attack with a model of its own (Noisy Upscaling's upscaler): its files too
+        settings["model_files"] = model_files(**settings)
     return (spec, {"attack_settings": settings}) if settings else (spec,)
 
 
