@@ -47,20 +47,22 @@ def clean_and_protected_folders(tmp_path, n: int = 2):
     return clean, prot
 
 
-def stop_after_first_checkpoint(monkeypatch, run, *args):
-    """Run ``run(*args)`` (a toy training: the toy upscaler) until it has saved its first checkpoint, then stop it
-    there as Ctrl-C would (the KeyboardInterrupt is asserted); checkpointing is restored afterwards."""
+def stop_after_first_checkpoint(monkeypatch, run, *args, saver: tuple | None = None):
+    """Run ``run(*args)`` until it has saved its first checkpoint, then stop it there as Ctrl-C would (the
+    KeyboardInterrupt is asserted); checkpointing is restored afterwards. ``saver``: ``(module, function name)`` of
+    the checkpoint writer, by default the toy trainings' (``apdm.toy.model._save_train_state``: the toy upscaler)."""
     import pytest
 
     import apdm.toy.model as M
 
-    saved = M._save_train_state
+    module, name = saver or (M, "_save_train_state")
+    saved = getattr(module, name)
 
     def save_then_stop(*a, **kw):
         saved(*a, **kw)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(M, "_save_train_state", save_then_stop)
+    monkeypatch.setattr(module, name, save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         run(*args)
-    monkeypatch.setattr(M, "_save_train_state", saved)
+    monkeypatch.setattr(module, name, saved)

@@ -121,18 +121,11 @@ def _train_cfg(data, out, **kw) -> TrainPerturberRunConfig:
 
 def _interrupted(monkeypatch, cfg) -> None:
     """Run ``cfg`` until its first checkpoint is written, then stop as a Ctrl-C would."""
+    from helpers import stop_after_first_checkpoint
+
     from apdm.protect_model import l2p
 
-    saved = l2p.save_checkpoint
-
-    def stop(*a, **k):
-        saved(*a, **k)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(l2p, "save_checkpoint", stop)
-    with pytest.raises(KeyboardInterrupt):
-        runner.train(cfg)
-    monkeypatch.setattr(l2p, "save_checkpoint", saved)
+    stop_after_first_checkpoint(monkeypatch, runner.train, cfg, saver=(l2p, "save_checkpoint"))
 
 
 def test_a_refused_training_leaves_the_earlier_rhos_train_config(tmp_path, monkeypatch):
