@@ -115,12 +115,27 @@ def _hub_offline() -> bool:
         "1", "true", "yes", "on")
 
 
-def _cached_index(path: str) -> Path | None:
-    """The ``model_index.json`` of the hub id ``path`` in the Hugging Face cache, found as the SD loader finds a
-    cached model (:func:`apdm.core.models.local_folder`), or None (not cached, not a hub id, or no such file)."""
+def _upscaler_folder(path: str) -> Path | None:
+    """The local folder of the upscaler ``path``: its own folder (``toy``: the toy world's upscaler, where
+    :func:`apdm.core.models.local_folder`'s ``toy`` is the toy SD model), else a hub id's snapshot in the Hugging
+    Face cache, found as the SD loader finds a cached model (``local_folder``); None for ``tiny`` and for a hub id
+    that is not here.
+
+    Raises:
+        ValueError: as :func:`_check_upscaler`.
+    """
     from apdm.core.models import local_folder
 
-    folder = local_folder(path)
+    path = path.strip()
+    if path == "tiny":
+        return None
+    p = _check_upscaler(path)
+    return p if p.exists() else local_folder(path)
+
+
+def _upscaler_index(path: str) -> Path | None:
+    """The ``model_index.json`` of the upscaler ``path`` (:func:`_upscaler_folder`), or None when it is not here."""
+    folder = _upscaler_folder(path)
     index = folder / "model_index.json" if folder is not None else None
     return index if index is not None and index.is_file() else None
 
@@ -140,8 +155,7 @@ def max_noise_level(path: str) -> int | None:
     path = path.strip()
     if path == "tiny":
         return 350  # tiny_upscaler's
-    p = _check_upscaler(path)  # "toy": the toy world's upscaler (local_folder's "toy" is the toy SD model)
-    index = p / "model_index.json" if p.exists() else _cached_index(path)
+    index = _upscaler_index(path)
     if index is None:  # a hub id that is not cached
         return 350 if path == DEFAULT_UPSCALER else None
     try:
@@ -163,7 +177,7 @@ def check_loadable(upscaler: str = DEFAULT_UPSCALER, **_) -> None:
     path = upscaler.strip()
     if path == "tiny" or _check_upscaler(path).exists():
         return
-    if _hub_offline() and _cached_index(path) is None:
+    if _hub_offline() and _upscaler_index(path) is None:
         raise ValueError(_unloadable(path, "it is not in the Hugging Face cache and HF_HUB_OFFLINE is set"))
 
 
@@ -196,13 +210,9 @@ def model_files(upscaler: str = DEFAULT_UPSCALER, **_) -> list | None:
     """The upscaler's files (:func:`apdm.core.models.folder_files`) for the key of a cell computed with it, so that
     a rebuilt or replaced upscaler at the same path is not served from old cells; None for ``tiny`` and for a hub
     id that is not here (its id then keys it)."""
-    from apdm.core.models import folder_files, local_folder
+    from apdm.core.models import folder_files
 
-    path = upscaler.strip()
-    if path == "tiny":
-        return None
-    p = _check_upscaler(path)
-    folder = p if p.exists() else local_folder(path)
+    folder = _upscaler_folder(upscaler)
     return folder_files(folder) if folder is not None and folder.is_dir() else None
 
 
