@@ -73,7 +73,7 @@ from apdm.config import PersonalizationConfig
 from apdm.core import diffusion as D
 from apdm.core.models import SD
 from apdm.personalization import simulator as S
-from apdm.protect_images.budget import project_linf
+from apdm.protect_images.budget import format_budget, project_linf
 from apdm.utils import LOG, atomic_write_bytes, atomic_write_json, progress
 
 RHO_FORMAT = "apdm-ldu-rho-v1"
@@ -636,10 +636,9 @@ def check_rho_fits(rho: RhoUNet, sd: SD, budget: float, where: str | Path = "ρ"
     if recorded:
         now = sd.fingerprint()
         if recorded != now:
-            dtype = info.get("base_model_dtype")
-            precision = (f"; it was trained in {dtype} and this run is in {str(sd.dtype).replace('torch.', '')}, "
-                         f"and the same weights at another precision fingerprint differently"
-                         if dtype and dtype != str(sd.dtype).replace("torch.", "") else "")
+            dtype, this = info.get("base_model_dtype"), str(sd.dtype).replace("torch.", "")  # as training records it
+            precision = (f"; it was trained in {dtype} and this run is in {this}, and the same weights at another "
+                         f"precision fingerprint differently" if dtype and dtype != this else "")
             problems.append(f"for another model ({info.get('base_model', '?')}, fingerprint {recorded}; this run's "
                             f"{sd.source} is {now}{precision})")
     else:
@@ -648,8 +647,7 @@ def check_rho_fits(rho: RhoUNet, sd: SD, budget: float, where: str | Path = "ρ"
                  info.get("base_model", "an unrecorded model"), sd.source)
     trained = info.get("budget")
     if isinstance(trained, (int, float)) and abs(float(trained) - float(budget)) > 1e-9:
-        problems.append(f"at budget {round(float(trained) * 255, 3):g}/255 (this run's is "
-                        f"{round(float(budget) * 255, 3):g}/255)")
+        problems.append(f"at budget {format_budget(trained)} (this run's is {format_budget(budget)})")
     if not problems:
         return None
     message = (f"{where}: this ρ was trained {' and '.join(problems)}; a ρ protects as measured only with the model "
