@@ -208,7 +208,8 @@ def distribution_records(real: torch.Tensor, fake: torch.Tensor, extractor: Call
     """FID and KID records (``fid@impl``, ``kid@impl``) for one reference/generated pair of sets.
 
     The FID record carries ``reliable`` (>= :data:`FID_MIN_RELIABLE` items per set), ``n_real``; KID carries
-    ``std``, ``subset_size`` and ``subsets``. ``n`` is the number of generated items.
+    ``std``, ``subset_size`` and ``subsets``; ``std`` is ``None`` (with a ``note``) when both sets are no larger
+    than the subset size, so that every subset is the whole set. ``n`` is the number of generated items.
     """
     n_real, n_fake = int(real.shape[0]), int(fake.shape[0])
     # features once, shared by both metrics
@@ -219,14 +220,20 @@ def distribution_records(real: torch.Tensor, fake: torch.Tensor, extractor: Call
         return [measure("fid", impl, False, _raise, exc, n=n_fake),
                 measure("kid", impl, False, _raise, exc, n=n_fake)]
     reliable = min(n_real, n_fake) >= FID_MIN_RELIABLE
+    size = kid_subset_size(n_real, n_fake, kid_max_subset_size)
+    kid_rec = measure("kid", impl, False, kid, fr, ff, subsets=kid_subsets, subset_size=kid_max_subset_size,
+                      seed=seed, n=n_fake, extra={"n_real": n_real, "subsets": kid_subsets, "subset_size": size})
+    if size == n_real == n_fake and kid_rec.get("available", True):
+        # every subset is the whole set: the spread over subsets is float noise (~1e-16), not a precision
+        kid_rec["std"] = None
+        kid_rec["note"] = (f"every subset is the whole set ({size} images): the value is the plain unbiased MMD², "
+                           "with no spread over subsets to report")
     return [
         measure("fid", impl, False, fid, fr, ff, n=n_fake,
                 extra={"n_real": n_real, "reliable": reliable,
                        **({} if reliable else {"note": f"fewer than {FID_MIN_RELIABLE} images: FID is biased and "
                                                        "noisy, prefer KID"})}),
-        measure("kid", impl, False, kid, fr, ff, subsets=kid_subsets, subset_size=kid_max_subset_size, seed=seed,
-                n=n_fake, extra={"n_real": n_real, "subsets": kid_subsets,
-                                 "subset_size": kid_subset_size(n_real, n_fake, kid_max_subset_size)}),
+        kid_rec,
     ]
 
 

@@ -95,11 +95,14 @@ def _pers_loss(state: S.PersonalizationState, n: int, fixed_seed: int | None = N
 
     With ``fixed_seed`` the state's generator is reseeded before every call, so each call uses the same
     timesteps, noise and minibatch order (a deterministic objective); otherwise every call draws fresh ones.
+    The instance term only, as Anti-DreamBooth's PGD: a surrogate's prior-preservation term does not depend on
+    the photos, so it adds nothing to their gradient and would double each step's batch (before 2026-12-07 it
+    was computed; no documented number used a surrogate with prior preservation).
     """
     def fn(x: torch.Tensor) -> torch.Tensor:
         if fixed_seed is not None:
             state.generator.manual_seed(fixed_seed)
-        return S.loss(state, x, batch_size=n)[0]
+        return S.loss(state, x, batch_size=n, prior=False)[0]
 
     return fn
 
