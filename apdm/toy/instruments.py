@@ -74,7 +74,7 @@ def _prepare(x: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
         x = x.unsqueeze(0)
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=x.shape[-1] > size)
+                          antialias=max(x.shape[-2:]) > size)  # a tall photo shrinks too (was: width only)
     return x
 
 
@@ -187,7 +187,7 @@ class FeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _prepare(x)
+        x = _prepare(x.to(next(self.encoder.parameters()).device))
         return torch.cat([self.encoder.features(x) / self.scale[0], self.detector.features(x) / self.scale[1]],
                          dim=1)
 
@@ -214,12 +214,16 @@ class Instruments:
 
 # ------------------------------------------------------------------------------------------ scoring
 def _batched(module: nn.Module, images: torch.Tensor, batch_size: int = 256, fn=None) -> torch.Tensor:
+    """``fn`` (default ``module``) over ``images`` in batches, in eval mode, on the module's device; the result
+    is on the images' device."""
     was = module.training
     module.eval()
     fn = fn or module
+    device = next(module.parameters()).device
     try:
         with torch.no_grad():
-            outs = [fn(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)]
+            outs = [fn(images[i:i + batch_size].to(device)).to(images.device)
+                    for i in range(0, images.shape[0], batch_size)]
     finally:
         module.train(was)
     return torch.cat(outs) if outs else torch.empty(0)
