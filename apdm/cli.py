@@ -49,7 +49,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 
 #: protect-images methods, for --help (which must not import torch; a test keeps it equal to the engines' list)
 PROTECT_METHODS = ("ldu", "aspl", "fsmg", "advdm", "photoguard", "sds", "mist", "pid", "caat", "metacloak", "simac")
-#: protect-images flags that are shorthands for overrides: flag -> (config key, help)
+#: protect-images flags that are shorthands for overrides: flag -> (config key, help). A flag's value is taken as
+#: the text typed, not parsed as YAML as an override's is: ``--input "[2024] photos/"`` is that folder.
 SHORTCUTS = {
     "--method": ("method", (f"one of {', '.join(PROTECT_METHODS)} (default ldu; docs/protect_images_guide.md says "
                             "which to use)")),
@@ -99,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
         if name == "protect-images":  # the one-command form: --method ldu --budget 8/255 --input DIR --output DIR
             for flag, (key, text) in SHORTCUTS.items():
                 p.add_argument(flag, dest=key.replace(".", "_"), metavar=key.upper(),
-                               help=f"{text} (same as {key}=...)")
+                               help=f"{text} (same as {key}=..., the value taken as typed)")
     toy = sub.add_parser("toy", help="the toy world (our CPU-sized measuring instrument): build, sample, export")
     toy_sub = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND")
     tb = toy_sub.add_parser("build", epilog=epilog("toy build"),
@@ -229,10 +230,11 @@ def main(argv: list[str] | None = None) -> int:
             return 1
 
     cls_name, target, _ = COMMANDS[args.command]
-    if args.command == "protect-images":
-        args.overrides = [f"{key}={getattr(args, key.replace('.', '_'))}" for key, _ in SHORTCUTS.values()
-                          if getattr(args, key.replace(".", "_"), None) is not None] + list(args.overrides)
-    cfg = _load_config(args.command, getattr(C, cls_name), args)
+    flags = []
+    if args.command == "protect-images":  # set as typed, before the key=value overrides (which win)
+        flags = [(flag, key, getattr(args, key.replace(".", "_"))) for flag, (key, _) in SHORTCUTS.items()
+                 if getattr(args, key.replace(".", "_"), None) is not None]
+    cfg = _load_config(args.command, getattr(C, cls_name), args, flags)
     if isinstance(cfg, int):
         return cfg
     from apdm.utils import set_progress
@@ -260,8 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _load_config(command: str, cls, args):
-    """The command's config from ``--config`` + overrides, or an exit code (2 on a bad config, 0 after
+def _load_config(command: str, cls, args, flags=()):
+    """The command's config from ``--config``, then the shortcut ``flags`` (``(flag, key, text)``: the text is set
+    as typed, no YAML parsing), then the overrides; or an exit code (2 on a bad config, 0 after
     ``--print-config``)."""
     from apdm import config as C
 
@@ -270,7 +273,11 @@ def _load_config(command: str, cls, args):
         print(f"apdm {command}: '{bad[0]}' is not a key=value override", file=sys.stderr)
         return 2
     try:
-        cfg = C.load_config(cls, args.config, args.overrides)
+        cfg = C.load_config(cls, args.config)
+        for flag, key, text in flags:
+            C.set_text(cfg, key, text, flag)
+        for item in args.overrides:
+            C.apply_override(cfg, item)
     except C.ConfigError as exc:
         print(f"apdm {command}: config error: {exc}", file=sys.stderr)
         return 2
@@ -346,8 +353,10 @@ def _toy(args, debug: bool = False) -> int:
             return cfg
         try:
             out = build_upscaler(cfg)
-        except (ValueError, FileNotFoundError) as exc:
+        except (OSError, ValueError) as exc:  # an out= that is a file, a missing toy model, a full disk, ...
             print(f"apdm toy upscaler: {exc}", file=sys.stderr)
+            if debug:
+                raise
             return 2
         print(f"wrote the toy upscaler to {out} (use it as noisy_upscale:upscaler={out})")
         return 0

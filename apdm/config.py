@@ -1,8 +1,9 @@
 """Run configurations: dataclasses are the schema, YAML recipes the values, ``key=value`` overrides win.
 
 ``load_config(PersonalizeRunConfig, "recipes/tiny-dreambooth.yaml", ["personalization.steps=10"])`` returns a
-real, typed dataclass instance. Unknown keys and values of the wrong type raise :class:`ConfigError` with a
-message naming the key, the file and the expected type. No Python is ever executed from a config.
+real, typed dataclass instance. Unknown keys, keys given twice and values of the wrong type raise
+:class:`ConfigError` with a message naming the key, the file and the expected type. No Python is ever executed
+from a config.
 
 The config object stops at each command's ``run(cfg)``: library functions below it take plain arguments.
 """
@@ -10,6 +11,8 @@ The config object stops at each command's ``run(cfg)``: library functions below 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -540,7 +543,10 @@ def load_config(cls, path: str | Path | None = None, overrides: typing.Sequence[
         overrides: strings ``a.b.c=value`` (``a.0.c=value`` for a key of a list's entry, e.g.
             ``personalizations.1.steps=10``); the value is parsed as YAML (``steps=10``, ``flag=true``,
             ``prompts=[a, b]``), then checked against the field type; for a text field it is the text as typed
-            (``output_dir=010``, ``mixed_precision=no``, a prompt with ``: ``) unless quoted or a ``[...]`` list.
+            (``output_dir=010``, ``mixed_precision=no``, a prompt with ``: ``) unless quoted or a ``[...]`` list;
+            for a whole number field it is a base-10 integer (``steps=010`` is 10). A mapping given to a section
+            (``model={device: cpu}``) changes only the keys it names, as a recipe's section does; a list of
+            sections (``subjects=[{...}]``) is given whole.
 
     Raises:
         ConfigError: unreadable file, unknown key, wrong type; the message names the file/override and key.
@@ -550,10 +556,15 @@ def load_config(cls, path: str | Path | None = None, overrides: typing.Sequence[
     if path is not None:
         source = str(path)
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file {p} is a folder; give a YAML recipe file (see recipes/)")
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_RecipeLoader)
+        except _DuplicateKey as exc:
+            raise ConfigError(f"{p}, line {exc.line}: key '{exc.key}' is given twice in one mapping (first on line "
+                              f"{exc.first}); keep one") from exc
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
         except UnicodeDecodeError as exc:
@@ -572,56 +583,143 @@ def load_config(cls, path: str | Path | None = None, overrides: typing.Sequence[
 
 
 def apply_override(cfg, item: str):
-    """Apply one ``dotted.key=value`` override to a config dataclass instance (in place); returns it."""
+    """Apply one ``dotted.key=value`` override to a config dataclass instance (in place); returns it.
+
+    A mapping given to a section (``model={device: cpu}``) changes only the keys it names on the section's current
+    value (nested sections likewise), as a recipe's section does; a list (``subjects=[{...}]``) is given whole. A
+    whole number field takes a base-10 integer (``steps=010`` is 10, not YAML 1.1's octal 8).
+    """
     if "=" not in item:
         raise ConfigError(f"override '{item}' must look like key=value (e.g. output_dir=out/)")
     key, raw = item.split("=", 1)
     key = key.strip()
     text = raw.strip()
+    where = f"override '{item}'"
     try:
-        value = yaml.safe_load(raw) if text != "" else ""
+        value = yaml.load(raw, Loader=_RecipeLoader) if text != "" else ""
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{where}: key '{exc.key}' is given twice in one mapping; keep one") from exc
     except yaml.YAMLError as exc:
         if text[:1] in "[{":  # meant as a list or mapping: taking it as one string would run with the brackets
             raise ConfigError(f"override '{item}': not a valid YAML list/mapping ({str(exc).splitlines()[0]}); quote "
                               "items holding ': ', '#', '?' or commas, e.g. \"sample.prompts=['is it sks?', b]\"") \
                 from exc
         value = raw
+    target, leaf, tp = _field_at(cfg, key, where)
+    if _is_text(tp) and not (text[:1] in "[{" or (len(text) > 1 and text[0] == text[-1] and text[0] in "'\"")
+                             or (tp is not str and text in ("null", "~"))):
+        value = text  # a text setting is the text as typed: output_dir=010 stays 010 (YAML: 8), no stays no (False)
+    elif _is_int(tp) and not (tp is not int and text in ("null", "~")):
+        value = _base10(text, where, key)  # steps=010 is 10 (YAML 1.1: octal 8), resolution=1:30 is refused (90)
+    current = getattr(target, leaf)
+    if isinstance(value, dict) and dataclasses.is_dataclass(current) and not isinstance(current, type):
+        setattr(target, leaf, _merged(current, value, where, key + "."))
+    else:
+        setattr(target, leaf, _coerce(tp, value, where, key))
+    return cfg
+
+
+def set_text(cfg, key: str, text: str, source: str):
+    """Set the text field ``key`` (dotted, as in an override) of ``cfg`` to ``text`` exactly as given, without
+    YAML parsing: a command-line flag's path (``--input "[2024] photos/"``, ``--output "'out'"``). A list-of-text
+    field gets ``[text]``. ``source`` (e.g. ``--input``) names the setting in a ConfigError. Returns ``cfg``."""
+    target, leaf, tp = _field_at(cfg, key, source)
+    if not _is_text(tp):
+        raise ConfigError(f"{source}: '{key}' expects {_type_name(tp)}, not text; give it as an override {key}=...")
+    setattr(target, leaf, _coerce(tp, text, source, key))
+    return cfg
+
+
+def _field_at(cfg, key: str, where: str):
+    """``(section, field name, field type)`` that the dotted ``key`` names in ``cfg``; ConfigError (naming
+    ``where``) for an unknown key, an entry of a list that is not there, or a key under a setting that is no
+    section."""
     parts = key.split(".")
     target = cfg
     for i, part in enumerate(parts[:-1]):
         if isinstance(target, list):  # an entry of a list of sections: personalizations.1.steps=10
-            where = ".".join(parts[:i])
+            at = ".".join(parts[:i])
+            if not target and part.isdigit():
+                raise ConfigError(f"{where}: '{at}' has no entries (index {part} is out of range); give the whole "
+                                  f"list, e.g. {at}=[{{{parts[i + 1]}: ...}}]")
             if not part.isdigit() or int(part) >= len(target):
-                raise ConfigError(f"override '{item}': '{where}' has {len(target)} entries; address one by its index "
-                                  f"0..{len(target) - 1} (e.g. {where}.0.{parts[-1]}=...), or give the whole list")
+                raise ConfigError(f"{where}: '{at}' has {len(target)} entries; address one by its index "
+                                  f"0..{len(target) - 1} (e.g. {at}.0.{parts[-1]}=...), or give the whole list")
             target = target[int(part)]
             continue
+        at = ".".join(parts[: i + 1])
         names = {f.name for f in dataclasses.fields(target)}
-        value_here = getattr(target, part, None)
-        if part in names and isinstance(value_here, list) and value_here \
-                and all(dataclasses.is_dataclass(v) for v in value_here):
+        if part not in names:
+            raise ConfigError(_unknown_key_msg(at, target, where))
+        hint = typing.get_type_hints(type(target))[part]
+        value_here = getattr(target, part)
+        item_t = _list_item(hint)
+        if item_t is not None and dataclasses.is_dataclass(item_t) and isinstance(value_here, list):
             if not parts[i + 1].isdigit():
-                raise ConfigError(f"override '{item}': '{'.'.join(parts[:i + 1])}' is a list; address an entry by "
-                                  f"its index (e.g. {'.'.join(parts[:i + 1])}.0.{parts[-1]}=...), or give the whole "
-                                  "list")
+                raise ConfigError(f"{where}: '{at}' is a list; address an entry by its index (e.g. "
+                                  f"{at}.0.{parts[-1]}=...), or give the whole list")
             target = value_here
             continue
-        if part not in names or not dataclasses.is_dataclass(value_here):
-            raise ConfigError(_unknown_key_msg(".".join(parts[: i + 1]), target, f"override '{item}'"))
+        if item_t is not None:
+            raise ConfigError(f"{where}: '{at}' is a list of {_type_name(item_t)}, not of sections: its entries are "
+                              f"not set one by one; give the whole list ({at}=[...])")
+        if not dataclasses.is_dataclass(value_here):
+            raise ConfigError(f"{where}: '{at}' is a {_type_name(hint)} setting, not a section: it has no key "
+                              f"'{parts[i + 1]}'; set it whole ({at}=...)")
         target = value_here
     if isinstance(target, list):
-        raise ConfigError(f"override '{item}': an entry of '{'.'.join(parts[:-1])}' is a section; set one of its "
+        at = ".".join(parts[:-1])
+        if not target:
+            raise ConfigError(f"{where}: '{at}' has no entries (index {parts[-1]} is out of range); give the whole "
+                              f"list, e.g. {at}=[{{KEY: ...}}]")
+        raise ConfigError(f"{where}: an entry of '{at}' is a section; set one of its "
                           f"keys ({key}.KEY=...), or give the whole list")
     leaf = parts[-1]
     fields = {f.name: f for f in dataclasses.fields(target)}
     if leaf not in fields:
-        raise ConfigError(_unknown_key_msg(key, target, f"override '{item}'"))
-    hints = typing.get_type_hints(type(target))
-    if _is_text(hints[leaf]) and not (text[:1] in "[{" or (len(text) > 1 and text[0] == text[-1] and text[0] in "'\"")
-                                      or (hints[leaf] is not str and text in ("null", "~"))):
-        value = text  # a text setting is the text as typed: output_dir=010 stays 010 (YAML: 8), no stays no (False)
-    setattr(target, leaf, _coerce(hints[leaf], value, f"override '{item}'", key))
-    return cfg
+        raise ConfigError(_unknown_key_msg(key, target, where))
+    return target, leaf, typing.get_type_hints(type(target))[leaf]
+
+
+def _list_item(tp):
+    """The entry type of a list field (``list[X]`` or ``Optional[list[X]]``), else None."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (Union, types.UnionType) and len(args) == 1:
+        tp = args[0]
+    if typing.get_origin(tp) is list or tp is list:
+        return (typing.get_args(tp) or (Any,))[0]
+    return None
+
+
+def _is_int(tp) -> bool:
+    """Whether a field of type ``tp`` holds a whole number: ``int`` or ``Optional[int]``."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return tp is int or (typing.get_origin(tp) in (Union, types.UnionType) and args == [int])
+
+
+def _base10(text: str, where: str, key: str) -> int:
+    """``text`` as a base-10 integer (``010`` is 10, ``1_000`` 1000); ConfigError naming ``key`` otherwise."""
+    if not re.fullmatch(r"[+-]?\d+(_\d+)*", text):
+        raise ConfigError(f"{where}: '{key}' expects int, a whole number in base 10 (e.g. 10), got {text!r}")
+    return int(text)
+
+
+def _merged(current, data: dict, source: str, prefix: str):
+    """A copy of the section ``current`` with the keys of ``data`` changed (nested sections likewise, on their
+    current values); unknown keys and wrong types raise ConfigError naming ``source`` and the key."""
+    cls = type(current)
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    changes = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(_unknown_key_msg(f"{prefix}{key}", cls, source))
+        here = getattr(current, key)
+        if isinstance(value, dict) and dataclasses.is_dataclass(here) and not isinstance(here, type):
+            changes[key] = _merged(here, value, source, f"{prefix}{key}.")
+        else:
+            changes[key] = _coerce(hints[key], value, source, prefix + key)
+    return dataclasses.replace(current, **changes)
 
 
 def _is_text(tp) -> bool:
@@ -691,7 +789,52 @@ def _checked_kwargs(cls, data: dict, source: str, prefix: str) -> dict:
 
 
 def _type_name(tp) -> str:
+    """A field type as a recipe's writer reads it: ``int``, ``Optional[float]``, ``list[str]``, ``dict[str, Any]``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        inner = ", ".join(_type_name(a) for a in rest)
+        if len(rest) == len(args):
+            return f"Union[{inner}]"
+        return f"Optional[{inner}]" if len(rest) == 1 else f"Optional[Union[{inner}]]"
+    if origin is not None:
+        name = getattr(origin, "__name__", None) or str(origin).replace("typing.", "")
+        return f"{name}[{', '.join(_type_name(a) for a in args)}]" if args else name
+    if tp is Any:
+        return "Any"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+class _NonFinite(ConfigError):
+    """A float setting given as nan or ±inf."""
+
+
+class _DuplicateKey(yaml.YAMLError):
+    """A key given twice in one YAML mapping (``line`` and ``first`` are 1-based)."""
+
+    def __init__(self, key, line: int, first: int):
+        super().__init__(f"key {key!r} on line {line} is given twice (first on line {first})")
+        self.key, self.line, self.first = key, line, first
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last one silently:
+    ``personalization: {steps: 10, steps: 20}`` ran 20 steps)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden by later keys
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, key_node.start_mark.line + 1, seen[key])
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    continue
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 def _coerce(tp, value, source: str, key: str):
@@ -710,6 +853,9 @@ def _coerce(tp, value, source: str, key: str):
                 return _coerce(arg, value, source, key)
             except ConfigError as exc:
                 errors.append(exc)
+        for exc in errors:
+            if isinstance(exc, _NonFinite):  # the clearer message
+                raise exc
         raise bad
     if dataclasses.is_dataclass(tp):
         if isinstance(value, dict):
@@ -740,14 +886,17 @@ def _coerce(tp, value, source: str, key: str):
             return int(value)
         raise bad
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "5e-6" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        raise bad
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise bad
+        try:
+            number = float(value)  # YAML reads "5e-6" (no dot) as a string
+        except ValueError:
+            raise bad from None
+        except OverflowError:  # an integer past the float range
+            number = math.inf
+        if not math.isfinite(number):
+            raise _NonFinite(f"{source}: '{key}' expects a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, bool):  # YAML 1.1 reads a recipe's `mixed_precision: no` as False; the word was meant
             return "yes" if value else "no"

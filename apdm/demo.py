@@ -97,7 +97,10 @@ def _gallery(folder: Path) -> list[dict]:
     """The image grids an evaluate run wrote, with titles from its report."""
     import html
     import re
+    import urllib.parse
 
-    page = (folder / "report.html").read_text()
-    return [{"file": html.unescape(f), "title": html.unescape(t)}
+    page = (folder / "report.html").read_text(encoding="utf-8")
+    # the report writes each src HTML-escaped and URL-quoted (report.py); both are undone, so that the combined
+    # report quotes the file name once again, not twice (José.png -> Jos%C3%A9.png, not Jos%25C3%25A9.png)
+    return [{"file": urllib.parse.unquote(html.unescape(f)), "title": html.unescape(t)}
             for f, t in re.findall(r"<img src='([^']+)' alt='([^']*)'>", page)]

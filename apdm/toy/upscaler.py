@@ -116,6 +116,8 @@ def build_upscaler(cfg: ToyUpscalerConfig) -> Path:
 
     pretraining_ids(cfg.identities, "toy upscaler: identities")
     out = Path(cfg.out).expanduser() if cfg.out else cache_dir() / "toy" / "upscaler"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"toy upscaler: out={cfg.out or out}: is a file, not a folder; give a new or empty folder")
     if out.exists() and any(out.iterdir()) and not (out / "model_index.json").is_file():
         raise ValueError(f"toy upscaler: {out} exists and is not a diffusers model folder; the upscaler replaces its "
                          f"output folder, so choose a new or empty one")
