@@ -11,6 +11,7 @@ import importlib
 import json
 import logging
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
@@ -42,9 +43,19 @@ def optional_import(module: str, extra: str, purpose: str = ""):
         why = f" for {purpose}" if purpose else ""
         raise MissingDependency(
             f"'{module}' is needed{why} but could not be imported ({type(exc).__name__}: {exc}). "
-            f"Install it with: pip install 'apdm[{extra}]'  (on CPU-only machines add torch==2.13.0 "
+            f"Install it with: pip install 'apdm[{extra}]'  (on CPU-only machines add torch=={_torch_pin()} "
             f"to the same pip command so pip does not replace torch)."
         ) from exc
+
+
+def _torch_pin() -> str:
+    """The installed torch's version without its local tag (``2.13.0+cpu`` -> ``2.13.0``), for install hints."""
+    try:
+        from importlib.metadata import version
+
+        return version("torch").split("+")[0]
+    except Exception:  # torch not installed (metadata missing): the version the project is tested with
+        return "2.13.0"
 
 
 _TRUE_WORDS, _FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
@@ -127,12 +138,18 @@ def _umask() -> int:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, ``os.replace``)."""
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, ``os.replace``). A file
+    replaced keeps its permissions (a log the user made private stays private); a new one gets those ``open()``
+    would give it. A symlink at ``path`` is replaced by the file, never written through."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(os.lstat(path).st_mode) if path.is_file() and not path.is_symlink() else None
+    except OSError:
+        mode = None
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the permissions open() would
+        os.fchmod(fd, 0o666 & ~_umask() if mode is None else mode)  # mkstemp creates 0600
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -194,6 +211,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
 
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    old = final.with_name(f".{final.name}.old")
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; give the folder the permissions mkdir() would
     try:
@@ -203,7 +221,6 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
             if f.is_file() and not f.is_symlink():
                 os.chmod(f, mode)
         if final.exists():
-            old = final.with_name(f".{final.name}.old")
             if old.exists():
                 shutil.rmtree(old)
             os.replace(final, old)
@@ -211,8 +228,11 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)  # a stale one from an earlier run
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():  # stopped between the two renames: put the old one back
+            os.replace(old, final)
         raise
 
 

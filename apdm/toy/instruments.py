@@ -548,7 +548,8 @@ def train_detector(classes: Sequence[str] = D.CLASSES, per_class: int = 3000, ne
         negatives: non-subject images (:func:`apdm.toy.draw.render_negatives`, all kinds round-robin).
         epochs, batch, lr: optimisation (AdamW, one-cycle).
         seed: data and init seed.
-        world_size, heldout_fraction, split_seed: the world split (held-out identities are never used).
+        world_size, heldout_fraction, split_seed: the world split (no held-out identity among the positives; a
+            few negatives start from a held-out identity's drawing, docs/toy_world.md says how many).
         arch: ``{"widths", "hidden"}`` overrides of :data:`DEFAULT_DETECTOR`.
         vae: the world's ``AutoencoderKL`` (``None``: no round-trip augmentation).
         vae_fraction: share of each batch taken from the VAE reconstructions.
