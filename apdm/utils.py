@@ -54,7 +54,7 @@ def _torch_pin() -> str:
         from importlib.metadata import version
 
         return version("torch").split("+")[0]
-    except Exception:  # torch not installed (metadata missing): the version the project is tested with
+    except (ImportError, ValueError):  # no torch metadata (PackageNotFoundError): the version we test with
         return "2.13.0"
 
 
