@@ -71,20 +71,27 @@ def test_speed_bench_times_every_engine(tmp_path):
     # 3 personalization steps, the L2P outer step, LDU apply and train step, ASPL, AdvDM, PhotoGuard, SDS, Mist,
     # PID, CAAT, SimAC's selection round and iteration, MetaCloak's pool step and iteration (+ projections),
     # the encoder trap's step, the purifiers (IMPRESS step, GrIDPure round, DiffPure call, upscaler step, + projections)
-    differences = ("seconds_per_step_ldu_train", "seconds_per_step_noisy_upscale",  # of two timings: can be tiny
-                   "seconds_per_step_caat", "seconds_per_step_metacloak_pool", "seconds_per_iteration_metacloak")
-    assert len(timed) == 36 and all(r[k] > 0 for k in timed if k not in differences)
-    assert all(r[k] >= 0 for k in differences)
+    # of two timings, each a median: lost in the noise on a loaded machine they are None with a note (never 0.0),
+    # and so are the projections that need them
+    differences = ("seconds_per_step_ldu_train", "seconds_per_step_noisy_upscale", "seconds_per_step_caat",
+                   "seconds_per_step_metacloak_pool", "seconds_per_iteration_metacloak")
+    projections = ("seconds_per_image_caat_projected", "seconds_per_image_metacloak_projected",
+                   "seconds_per_image_noisy_upscale_projected")
+    assert len(timed) == 36 and all(r[k] > 0 for k in timed if k not in differences + projections)
+    assert all(r[k] is None or r[k] > 0 for k in differences + projections)
+    assert all(f"note_{k.removeprefix('seconds_')}" in r for k in differences if r[k] is None)
     # projections follow from the measured unit: 10 outer steps, 50 ASPL iterations over 2 images
     assert r["hours_protect_model_projected"] == pytest.approx(r["seconds_per_outer_step"] * 10 / 3600, abs=1e-3)
     assert r["seconds_per_image_aspl_projected"] == pytest.approx(r["seconds_per_iteration_aspl"] * 50 / 2, rel=1e-2)
-    assert r["seconds_per_image_caat_projected"] >= r["seconds_per_step_caat"] * 249 / 2 - 2e-3
+    if r["seconds_per_step_caat"] is not None:
+        assert r["seconds_per_image_caat_projected"] >= r["seconds_per_step_caat"] * 249 / 2 - 2e-3
     assert r["seconds_per_image_simac_projected"] == pytest.approx(
         r["seconds_per_round_simac_selection"] * 50 + r["seconds_per_iteration_simac"] * 50 / 2, rel=1e-2, abs=2e-3)
     # MetaCloak: the pool's setup and first step (≥ 0) + 999 more steps + 2,400 iterations (the recorded units
     # are rounded to 1e-4 s, hence the tolerance)
-    assert r["seconds_per_image_metacloak_projected"] >= (r["seconds_per_step_metacloak_pool"] * 999
-                                                          + r["seconds_per_iteration_metacloak"] * 2400) / 2 - 0.2
+    if r["seconds_per_step_metacloak_pool"] is not None and r["seconds_per_iteration_metacloak"] is not None:
+        assert r["seconds_per_image_metacloak_projected"] >= (r["seconds_per_step_metacloak_pool"] * 999
+                                                              + r["seconds_per_iteration_metacloak"] * 2400) / 2 - 0.2
     for name, steps in (("advdm", 100), ("photoguard", 1000), ("sds", 100), ("mist", 100), ("pid", 1000)):
         assert r[f"seconds_per_image_{name}_projected"] == pytest.approx(r[f"seconds_per_step_{name}"] * steps / 2,
                                                                         rel=1e-2, abs=2e-3)
@@ -97,7 +104,9 @@ def test_speed_bench_times_every_engine(tmp_path):
     assert r["seconds_per_image_gridpure_projected"] == pytest.approx(r["seconds_per_round_gridpure"] * 20 / 2,
                                                                       rel=1e-2)
     one, step = r["seconds_per_call_noisy_upscale_1step"], r["seconds_per_step_noisy_upscale"]
-    assert r["seconds_per_image_noisy_upscale_projected"] == pytest.approx((one + 74 * step) / 2, rel=1e-2, abs=2e-3)
+    if step is not None:
+        assert r["seconds_per_image_noisy_upscale_projected"] == pytest.approx((one + 74 * step) / 2, rel=1e-2,
+                                                                               abs=2e-3)
     assert r["peak_rss_mb"] > 100  # torch and the models are resident
     assert not any(k.startswith("peak_gpu_mb") for k in r)  # CPU run: no GPU memory keys
 

@@ -26,6 +26,59 @@ def parse_options(overrides: list[str], known: set[str]) -> dict[str, str]:
     return opts
 
 
+def method_list(text: str, known, key: str = "methods", outside: str = "unknown") -> list[str]:
+    """``"a,b"`` -> ``["a", "b"]`` for a benchmark's list of methods, refusing a name not in ``known`` (as
+    ``{key}: {outside} X; choose from ...``) and a name given twice (before 2026-12-07 ``methods=advdm,advdm`` ran
+    every protection and attack twice and doubled the per-subject lists)."""
+    methods = text.split(",")
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ValueError(f"{key}: {outside} {', '.join(unknown)}; choose from {', '.join(known)}")
+    twice = sorted({m for m in methods if methods.count(m) > 1})
+    if twice:
+        raise ValueError(f"{key}: {', '.join(twice)} given more than once; name each method once "
+                         f"(e.g. {key}={','.join(dict.fromkeys(methods))})")
+    return methods
+
+
+def finite_json(value, path: str = "") -> tuple:
+    """``(copy of value, {path: "inf" | "-inf" | "nan"})``: every non-finite float of a benchmark result (dicts and
+    lists walked, ``path`` as ``key.sub[2]``) replaced by ``None``, which strict JSON can hold (``Infinity`` and
+    ``NaN`` are not JSON; Python's json module writes them unless ``allow_nan=False``)."""
+    import math
+
+    bad: dict[str, str] = {}
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out[k], sub = finite_json(v, f"{path}.{k}" if path else str(k))
+            bad.update(sub)
+        return out, bad
+    if isinstance(value, (list, tuple)):
+        out = []
+        for i, v in enumerate(value):
+            item, sub = finite_json(v, f"{path}[{i}]")
+            out.append(item)
+            bad.update(sub)
+        return out, bad
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, {path: str(value)}
+    return value, bad
+
+
+def result_json(result: dict) -> tuple[dict, str]:
+    """A benchmark result and its strict-JSON text (``allow_nan=False``): non-finite numbers become ``null`` and the
+    key ``non_finite`` names each (``{path: "inf"}``) with a warning, so a bare ``Infinity`` is never written."""
+    from apdm.utils import LOG, _json_default
+
+    result, bad = finite_json(result)
+    if bad:
+        LOG.warning("benchmark result: non-finite values written as null: %s",
+                    ", ".join(f"{k}={v}" for k, v in bad.items()))
+        result["non_finite"] = bad
+    return result, json.dumps(result, indent=2, allow_nan=False, default=_json_default)
+
+
 def option_bool(opts: dict[str, str], key: str, default: bool, meaning: str = "") -> bool:
     """A ``key=true|false`` benchmark option (also 1/0, yes/no, on/off, any case; see
     :func:`apdm.utils.parse_bool`), ``default`` when absent; any other value is a ValueError naming the option and,
@@ -187,17 +240,18 @@ def ratio_standard_error(numerators: list[float], denominators: list[float]) -> 
 
 
 def submit_attack_runs(pool, spec, state, images, references, cfg, sample, n_runs: int,
-                       keep_images: int = 0, stride: int | None = None) -> list:
+                       keep_images: int = 0, stride: int | None = None, subject_class: str = "person") -> list:
     """Submit the ``n_runs`` runs of one evaluation attack (:func:`attack_run`, seeds ``stride`` apart) to ``pool``
     as :func:`apdm.bench.jobs.attack` jobs on the model ``spec`` with UNet ``state`` (``None`` = unchanged); run 0
-    keeps ``keep_images`` samples. Returns the futures, run r at index r."""
+    keeps ``keep_images`` samples; the detector scores a subject of ``subject_class``. Returns the futures, run r at
+    index r."""
     from apdm.bench import jobs
 
     futs = []
     for r in range(n_runs):
         run_cfg, run_sample = attack_run(cfg, sample, r, stride)
         futs.append(pool.submit(jobs.attack, spec, state, images, references, run_cfg, run_cfg.instance_prompt,
-                                run_sample, keep_images=keep_images if r == 0 else 0))
+                                run_sample, keep_images=keep_images if r == 0 else 0, subject_class=subject_class))
     return futs
 
 
@@ -272,7 +326,7 @@ def run_benchmark(name: str, out: str | None, quick: bool, overrides: list[str])
     """Run one benchmark, print its JSON and write it atomically to ``out`` (checked first). ``quiet=true`` hides
     progress bars. Every result records what produced it (``provenance``: versions, git commit, machine, torch
     threads) and the peak memory of this process and of the worker processes it started."""
-    from apdm.utils import atomic_write_json, peak_rss_mb, provenance, set_progress
+    from apdm.utils import atomic_write_text, peak_rss_mb, provenance, set_progress
 
     if out:
         check_out(out)
@@ -286,11 +340,10 @@ def run_benchmark(name: str, out: str | None, quick: bool, overrides: list[str])
     result.setdefault("peak_rss_mb", round(peak_rss_mb(), 1))
     # the largest worker process that has ended (benchmark jobs run in spawned workers when workers > 1)
     result.setdefault("peak_rss_mb_workers", round(peak_rss_mb(children=True), 1))
-    result = {"benchmark": name, "quick": quick, **result, "provenance": provenance()}
-    text = json.dumps(result, indent=2)
+    result, text = result_json({"benchmark": name, "quick": quick, **result, "provenance": provenance()})
     print(text)
     if out:
-        atomic_write_json(out, result)
+        atomic_write_text(out, text + "\n")  # as atomic_write_json, but strict JSON (no Infinity / NaN)
         from apdm.utils import LOG
 
         LOG.info("bench %s: result written to %s (%.0f s)", name, out, result["seconds_total"])

@@ -154,9 +154,10 @@ def unet_state(unet, text_encoder=None, vae=None) -> dict:
 
 
 def attack(model_spec, unet_state_dict: dict | None, train_images, references, per_cfg, prompt: str, sample,
-           keep_images: int = 0, identity: dict | None = None) -> dict:
+           keep_images: int = 0, identity: dict | None = None, subject_class: str = "person") -> dict:
     """Personalize the model on ``train_images`` ((N,3,H,W) in [0,1]) with ``per_cfg``, sample ``prompt`` and
-    score the samples against the subject's ``references`` with the toy instruments.
+    score the samples against the subject's ``references`` with the toy instruments (the detector asks for a
+    subject of ``subject_class``: a dog's samples were scored as persons).
 
     Returns:
         ``{"ism": mean identity similarity (ism@toy-id), "fdfr": share rejected by the detector (fdfr@toy-det),
@@ -176,7 +177,7 @@ def attack(model_spec, unet_state_dict: dict | None, train_images, references, p
     out = personalize_and_sample(sd, train_images.to(sd.device), per_cfg, [prompt], sample)
     gen = out["images"][prompt]
     res = {"ism": float(I.identity_similarity(inst.encoder, gen, references).mean()),
-           "fdfr": float(fdfr(I.detector_scores(inst.detector, gen, "person")).mean()),
+           "fdfr": float(fdfr(I.detector_scores(inst.detector, gen, subject_class)).mean()),
            "images": gen[:keep_images].cpu() if keep_images else None, "seconds": time.perf_counter() - t0,
            "seconds_train": out["seconds_train"], "peak_rss_mb": peak_rss_mb()}
     if identity is not None:

@@ -7,7 +7,9 @@ def bench_personalize_steps(quick: bool, overrides: list[str]) -> dict:
     """Median seconds/step of DreamBooth, LoRA and TI on ``model.path`` (default: the tiny pipeline); the
     ``personalize`` part of ``apdm bench speed`` with this benchmark's own defaults.
 
-    Overrides: ``model=PATH``, ``resolution=N``, ``steps=N``, ``batch_size=N``, ``device=cpu|cuda``.
+    Overrides: ``model=PATH``, ``resolution=N``, ``steps=N``, ``batch_size=N``, ``device=cpu|cuda``,
+    ``dtype=auto|fp32|bf16|fp16``. The JSON records the ``dtype`` the model ran in and ``steps``, the number of timed
+    steps each median is over (after one warm-up step).
     """
     import torch
 
@@ -23,7 +25,8 @@ def bench_personalize_steps(quick: bool, overrides: list[str]) -> dict:
     g = torch.Generator().manual_seed(0)
     images = torch.rand(4, 3, res, res, generator=g).to(sd.device)
     class_images = torch.rand(8, 3, res, res, generator=g).to(sd.device)
-    result = {"model": sd.source, "device": str(sd.device), "resolution": res, "batch_size": bs}  # the machine,
-    # torch and its threads are in every result's provenance
+    result = {"model": sd.source, "device": str(sd.device), "dtype": str(sd.dtype).replace("torch.", ""),
+              "resolution": res, "batch_size": bs, "steps": steps}  # the machine, torch and its threads are in
+    # every result's provenance
     result.update(personalize_step_times(sd, images, class_images, bs, steps))
     return result

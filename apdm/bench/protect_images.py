@@ -14,7 +14,14 @@ much as it does after LDU). Each ``ism_db_*`` key has an ``fdfr_db_*`` twin (sha
 detector rejects, ``fdfr@toy-det``). ``ism_db_clean`` and ``ism_class_prompt`` are the unprotected references.
 LDU uses the ρ given by ``rho=`` (default: the toy world's shipped ρ; the JSON records its path and a digest of its
 files). The protected photos are rounded to 8 bits, as the PNG files a user publishes (``eight_bit=false``: the
-float photos, as every result before 2026-12-07; on LDU at 8/255 rounding costs about 0.2 dB of PSNR).
+float photos, as every result before 2026-12-07; on LDU at 8/255 rounding costs about 0.2 dB of PSNR), with the
+quantizer of ``apdm protect-images``' saved files (:func:`apdm.protect_images.budget.quantize_with_budget`), so a
+fractional budget holds in the 8-bit photos too: at most floor(255 · budget) grey levels (12.75/255 -> 12). Until
+2026-12-07 they were rounded to the nearest level, which could pass a fractional budget by a level (12.75/255 -> 13);
+at a whole k/255 budget the photos are the same as before. ``psnr_m`` is the mean PSNR over the photos the method
+changed (an unchanged photo's PSNR is infinite: ``budget=0``, a skipped photo), and ``psnr_m_n_identical`` counts
+the unchanged ones (before 2026-12-07 one unchanged photo made ``psnr_m`` infinite, written as ``Infinity``, which
+is not JSON); ``psnr_m`` is None where every photo is unchanged. The same holds for ``psnr_clean_{m}_{name}``.
 Overrides: ``subjects=N samples=N methods=ldu,aspl robust_methods=ldu|none budget=8/255 rho=DIR <m>_steps=N
 grid=DIR`` (``<m>_steps``: PGD or outer iterations of method m; by default ASPL and SimAC 20 / 50, AdvDM 50 / 100,
 PhotoGuard 200 / 1000 and MetaCloak 100 / 400 (of its 2,400) with / without ``--quick``, the other methods their
@@ -43,14 +50,20 @@ alike for every method.
 Each DreamBooth attack costs ~1–3 min on 2 CPU cores (Custom Diffusion ~1 min), and the full grid is 1 + 5 attacks
 per method and subject, plus 1 + 3 for the clean photos.
 ``--quick`` therefore runs the four robustness attacks (JPEG-75, blur, DiffPure, one clean photo) only for the
-methods in ``robust_methods`` (default ``ldu`` with ``--quick``, every method without); every method still gets
-its fidelity, cost and plain ``ism_db_m``.
+methods in ``robust_methods`` (default with ``--quick``: ``ldu`` when ``ldu`` is among ``methods``, else none; every
+method without ``--quick``); every method still gets its fidelity, cost and plain ``ism_db_m``. ``methods=`` and
+``robust_methods=`` name each method once (a repeated one is refused).
 
 ``purifiers='impress:steps=300;gridpure'`` adds model purifiers (:data:`apdm.attacks.transforms.MODEL_ATTACKS`,
 specs separated by ``;``, none by default) to the robustness attacks: for the clean photos and for every method in
 ``robust_methods``, ``ism_db_{m}_{name}`` / ``fdfr_db_{m}_{name}`` (m = ``clean`` or the method) and
 ``psnr_clean_{m}_{name}``, the purified photos' PSNR to the clean photos (how much of the protection, and of the
-photo, the purifier leaves).
+photo, the purifier leaves). ``diffpure`` is refused there: the robustness attacks already include DiffPure at
+strength 0.2 under ``ism_db_{m}_diffpure`` (for the clean photos with ``clean_references=true``), and a purifier of
+that name wrote into the same keys, averaging two strengths; another DiffPure strength is measured by ``apdm
+evaluate`` (``attacks=[..., "diffpure:strength=0.4"]``).
+
+``metric_impl`` names the implementation of each key family (``linf255``: ``linf_255@apdm``).
 """
 
 from __future__ import annotations
@@ -60,15 +73,18 @@ import statistics
 import time
 from pathlib import Path
 
+#: the keys the built-in robustness attacks write (``ism_db_{m}_{name}``): a purifier may not take these names
+ROBUSTNESS_ATTACKS = ("jpeg75", "blur", "diffpure", "one_clean")
+
 
 def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     from apdm.bench import (attack_config, attack_seed_stride, attack_seeds, check_subjects, identifier_option,
-                            jobs, option_bool, option_int, submit_attack_runs, toy_setup)
+                            jobs, method_list, option_bool, option_int, submit_attack_runs, toy_setup)
     from apdm.attacks.diffpure import diffpure
     from apdm.attacks.transforms import MODEL_ATTACKS, check_attack, gaussian_blur, jpeg
     from apdm.bench.toy_world import METHOD_RECIPES, toy_recipe
     from apdm.core import diffusion as D
-    from apdm.evaluation.fidelity import psnr, ssim
+    from apdm.evaluation.fidelity import ssim
     from apdm.evaluation.protocol import with_prompts
     from apdm.evaluation.run import apply_attack
     from apdm.protect_images import ldu
@@ -89,28 +105,20 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     eight_bit = option_bool(opts, "eight_bit", True, "whether the protected photos are rounded to 8 bits, as the "
                             "PNG files a user publishes (false: the float photos, as before 2026-12-07)")
     n_samples = option_int(opts, "samples", 8 if quick else 16)
-    methods = opts.get("methods", "ldu,aspl,advdm,photoguard").split(",")
-    robust = opts.get("robust_methods", "ldu" if quick else ",".join(methods))
-    robust = [] if robust in ("", "none") else robust.split(",")
+    methods = method_list(opts.get("methods", "ldu,aspl,advdm,photoguard"), ["ldu", *METHODS])
+    # --quick: the robustness attacks for LDU only, and only where LDU is measured (before 2026-12-07 the default
+    # named ldu even when it was not among methods, and every --quick run without ldu was refused)
+    robust = opts.get("robust_methods", ("ldu" if "ldu" in methods else "none") if quick else ",".join(methods))
+    robust = [] if robust in ("", "none") else method_list(robust, methods, "robust_methods", "not among methods:")
     clean_refs = option_bool(opts, "clean_references", not quick, "whether JPEG-75, blur and DiffPure also attack "
                              "the clean photos, the reference the robust methods are read against") and bool(robust)
     identifier, n_seeds = identifier_option(opts, "identifier"), attack_seeds(opts, quick)
     stride = attack_seed_stride(opts)
-    unknown = [m for m in methods if m != "ldu" and m not in METHODS] + [m for m in robust if m not in methods]
-    if unknown:
-        raise ValueError(f"unknown or unselected methods {unknown} (methods: ldu, {', '.join(METHODS)}; "
-                         "robust_methods must be among methods)")
     attacker = opts.get("attacker", "dreambooth")
     if attacker not in METHOD_RECIPES:
         raise ValueError(f"attacker={attacker!r}: choose one of {', '.join(METHOD_RECIPES)} (the toy recipe the "
                          f"evaluation attack personalizes with)")
-    purifiers = [p.strip() for p in opts.get("purifiers", "").split(";") if p.strip()]
-    for p in purifiers:
-        check_attack(p, loadable=True)
-    pur_names = [p.partition(":")[0].strip().lower() for p in purifiers]
-    if len(set(pur_names)) != len(pur_names) or any(n not in MODEL_ATTACKS for n in pur_names):
-        raise ValueError(f"purifiers={opts.get('purifiers')!r}: give each model attack ({', '.join(MODEL_ATTACKS)}) "
-                         f"at most once, specs separated by ';', e.g. purifiers='impress:steps=300;gridpure'")
+    purifiers, pur_names = check_purifiers(opts.get("purifiers", ""), MODEL_ATTACKS, check_attack)
     method_kw = {"aspl": {"steps": option_int(opts, "aspl_steps", 20 if quick else 50)},
                  "advdm": {"steps": option_int(opts, "advdm_steps", 50 if quick else 100)},
                  "photoguard": {"steps": option_int(opts, "photoguard_steps", 200 if quick else 1000)}}
@@ -145,7 +153,13 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     acc_runs: dict[str, list[list[float]]] = {}  # key -> per attack run, one value per subject
 
     def add(key, value):
-        acc.setdefault(key, []).append(float(value))
+        acc.setdefault(key, []).append(None if value is None else float(value))
+
+    def add_psnr(key, clean_photos, photos):
+        """``key``: the subject's mean PSNR over the photos that differ; ``key_n_identical``: those that do not."""
+        value, n_identical = psnr_summary(clean_photos, photos)
+        add(key, value)
+        add(f"{key}_n_identical", n_identical)
 
     spec, workers = jobs.spec(sd), jobs.worker_count(opts, sd)
     res["workers"] = workers
@@ -160,7 +174,8 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
         ``fdfr_db_{key}``; run 0's samples go to the grid."""
         futs = submit_attack_runs(pool, spec, None, train_images.cpu(), subj.references,
                                   attack_config(attack_cfg, subj, identifier), sample, n_seeds,
-                                  keep_images=8 if keep and keep not in generated else 0, stride=stride)
+                                  keep_images=8 if keep and keep not in generated else 0, stride=stride,
+                                  subject_class=subj.cls)
         if keep:
             generated.setdefault(keep, None)
         attacks.append((key, keep, futs))
@@ -170,10 +185,10 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
         (``ism_db_{m}_{name}``) and the purified photos' PSNR to the clean ones (``psnr_clean_{m}_{name}``)."""
         for spec_p, name in zip(purifiers, pur_names):
             out = apply_attack(images.cpu(), spec_p, sd, seed=0)
-            add(f"psnr_clean_{m}_{name}", psnr(clean.cpu(), out).mean())
+            add_psnr(f"psnr_clean_{m}_{name}", clean.cpu(), out)
             attack_db(pool, subj, out, f"{m}_{name}")
-            LOG.info("subject %d, %s after %s: PSNR to the clean photos %.1f dB", subj.index, m, spec_p,
-                     acc[f"psnr_clean_{m}_{name}"][-1])
+            LOG.info("subject %d, %s after %s: PSNR to the clean photos %s dB", subj.index, m, spec_p,
+                     _db(acc[f"psnr_clean_{m}_{name}"][-1]))
 
     def robustness(pool, subj, clean, images, m):
         """The robustness attacks on ``images`` (method m's protected photos, or m = clean: the reference each
@@ -209,15 +224,15 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
                            for m in methods}
             for m in methods:
                 prot, seconds = protections[m].result()
-                prot = prot.to(sd.device)
                 if eight_bit:  # what a user publishes and an attacker reads: 8-bit files (the photos are 8-bit)
-                    prot = (prot * 255).round() / 255
+                    prot = eight_bit_photos(prot, clean.cpu(), budget)
+                prot = prot.to(sd.device)
                 add(f"seconds_per_image_{m}", seconds / len(clean))
-                add(f"psnr_{m}", psnr(clean.cpu(), prot.cpu()).mean())
+                add_psnr(f"psnr_{m}", clean.cpu(), prot.cpu())
                 add(f"ssim_{m}", ssim(clean.cpu(), prot.cpu()).mean())
                 add(f"linf255_{m}", ((prot - clean).abs().max() * 255).round())
                 attack_db(pool, subj, prot, m, keep=m)
-                LOG.info("subject %d, %s: PSNR %.1f dB, %.2f s per image", subj.index, m, acc[f"psnr_{m}"][-1],
+                LOG.info("subject %d, %s: PSNR %s dB, %.2f s per image", subj.index, m, _db(acc[f"psnr_{m}"][-1]),
                          acc[f"seconds_per_image_{m}"][-1])
                 shown.setdefault(m, prot.cpu())
                 if m not in robust:
@@ -244,7 +259,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
         _write_grids(Path(opts["grid"]), shown, generated, budget, methods)
         res["grids"] = opts["grid"]
     res["metric_impl"] = {"ism": "ism@toy-id", "fdfr": "fdfr@toy-det", "psnr": "psnr@torchmetrics",
-                          "ssim": "ssim@apdm"}
+                          "ssim": "ssim@apdm", "linf255": LINF255_IMPL}
     res["seconds_total"] = round(time.perf_counter() - t_start, 1)
     return res
 
@@ -254,18 +269,88 @@ def summarize(acc: dict[str, list[float]], acc_runs: dict[str, list[list[float]]
     subject, each the mean over its attack runs); with several subjects ``key_subjects`` lists them; with
     ``n_seeds`` > 1, ``key_runs`` is each attack run's mean over subjects (``acc_runs[key][r]``) and ``key_se`` the
     standard error of their mean. Values rounded to 4 decimals. ``linf255_*`` keys are the budget check: the largest
-    over subjects, not the mean."""
+    over subjects, not the mean; ``*_n_identical`` keys are counts, summed over subjects. A subject's ``None`` (a PSNR
+    of photos all unchanged) is left out of the mean (``None`` when every subject's is)."""
     from apdm.bench import standard_error
 
     res: dict = {}
     for k, v in acc.items():
-        res[k] = round(max(v) if k.startswith("linf255_") else statistics.mean(v), 4)
+        known = [x for x in v if x is not None]
+        if k.endswith("_n_identical"):
+            res[k] = int(sum(known))
+        elif not known:
+            res[k] = None
+        else:
+            res[k] = round(max(known) if k.startswith("linf255_") else statistics.mean(known), 4)
         if len(v) > 1:
-            res[f"{k}_subjects"] = [round(x, 4) for x in v]
+            res[f"{k}_subjects"] = [None if x is None else int(x) if k.endswith("_n_identical") else round(x, 4)
+                                    for x in v]
         if n_seeds > 1 and k in acc_runs:
             res[f"{k}_runs"] = [round(statistics.mean(run), 4) for run in acc_runs[k]]
             res[f"{k}_se"] = standard_error(res[f"{k}_runs"])
     return res
+
+
+#: the implementation tag of ``linf255_*`` (what :func:`apdm.evaluation.fidelity.linf_255`'s record names)
+LINF255_IMPL = "linf_255@apdm"
+
+
+def check_purifiers(text: str, model_attacks, check_attack) -> tuple[list[str], list[str]]:
+    """``purifiers='impress:steps=300;gridpure'`` -> (specs, names): each a model attack of ``model_attacks`` given at
+    most once, checked by ``check_attack(spec, loadable=True)``, and none named like a built-in robustness attack
+    (:data:`ROBUSTNESS_ATTACKS`), whose ``ism_db_{m}_{name}`` keys it would share.
+
+    Raises:
+        ValueError: naming the option and what to give instead.
+    """
+    purifiers = [p.strip() for p in text.split(";") if p.strip()]
+    names = [p.partition(":")[0].strip().lower() for p in purifiers]
+    taken = [n for n in names if n in ROBUSTNESS_ATTACKS]
+    if taken:
+        raise ValueError(f"purifiers={text!r}: {', '.join(taken)} is already one of the robustness attacks "
+                         f"({', '.join(ROBUSTNESS_ATTACKS)}): the robustness rows include DiffPure at strength 0.2 "
+                         f"(ism_db_<m>_diffpure, for every method in robust_methods, and for the clean photos with "
+                         f"clean_references=true), and a purifier of the same name would write into those keys. "
+                         f"Leave it out of purifiers=; for another DiffPure strength run apdm evaluate with "
+                         f"attacks=[..., \"diffpure:strength=0.4\"]")
+    for p in purifiers:
+        check_attack(p, loadable=True)
+    if len(set(names)) != len(names) or any(n not in model_attacks for n in names):
+        raise ValueError(f"purifiers={text!r}: give each model attack ({', '.join(model_attacks)}) "
+                         f"at most once, specs separated by ';', e.g. purifiers='impress:steps=300;gridpure'")
+    return purifiers, names
+
+
+def eight_bit_photos(protected, clean, budget: float):
+    """Protected photos ``(N,3,H,W)`` in [0,1] as the 8-bit files a user publishes: ``q / 255`` with ``q`` from
+    :func:`apdm.protect_images.budget.quantize_with_budget` (the quantizer of ``apdm protect-images``' saved files),
+    so no grey level leaves the budget around the clean photos ``clean`` (a fractional budget b allows
+    floor(255 · b) levels). The photos are first rounded to the nearest level half to even, as the bench did before
+    2026-12-07, so at a whole k/255 budget (every documented run) the photos are bit for bit the same as before;
+    the quantizer's own rounding (half up) differs from that only at exact half-level ties. Float32, on CPU."""
+    from apdm.protect_images.budget import quantize_with_budget
+
+    nearest = (protected.detach().float().cpu() * 255).round() / 255
+    return quantize_with_budget(nearest, clean.detach().float().cpu(), budget).float() / 255
+
+
+def _db(value: float | None) -> str:
+    """A PSNR for the log: one decimal, or "unchanged" (every photo identical)."""
+    return "unchanged (inf)" if value is None else f"{value:.1f}"
+
+
+def psnr_summary(clean, photos) -> tuple[float | None, int]:
+    """(mean PSNR over the pairs that differ, number of identical pairs), as the ``psnr@torchmetrics`` record of
+    :func:`apdm.evaluation.fidelity.psnr_record` (an identical pair's PSNR is infinite and left out of the mean; mean
+    None when every pair is identical). The mean is the float32 mean of the per-image values, as the bench computed
+    it before 2026-12-07, so a result without identical pairs keeps its numbers."""
+    import torch
+
+    from apdm.evaluation.fidelity import psnr
+
+    values = psnr(clean, photos)
+    finite = values[torch.isfinite(values)]
+    return (float(finite.mean()) if finite.numel() else None), int(values.numel() - finite.numel())
 
 
 def _folder_digest(folder: Path) -> str:

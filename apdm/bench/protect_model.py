@@ -105,6 +105,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     from apdm.utils import LOG
 
     t_start = time.perf_counter()
+    trap_impl: dict = {}  # the encoder trap keys' implementations, as trap_report names them (_trap_changes)
     dotted = [o for o in overrides if "." in o.split("=", 1)[0]]
     attack_overrides = [o[len("attack."):] for o in dotted if o.startswith("attack.")]
     attack_recipe = [f"personalization.{o}" for o in attack_overrides]  # the evaluation attacker's overrides
@@ -210,7 +211,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
             photos = photos_a if subj is subj_a else subj.images
         attack_f[key] = submit_attack_runs(pool, spec, state, photos, subj.references,
                                            dataclasses.replace(cfg, steps=steps or cfg.steps), sample, n_seeds,
-                                           stride=stride)
+                                           stride=stride, subject_class=subj.cls)
 
     spec, workers = jobs.spec(sd), jobs.worker_count(opts, sd)
     res["workers"] = workers
@@ -269,7 +270,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
             if "save_protected" in opts:
                 save_protected(opts["save_protected"], prot, res)
         if any(k.startswith(jobs.VAE_PREFIX) for k in prot):  # where the encoder trap moves latents, and where not
-            res.update(_trap_changes(sd, jobs.model(spec, prot).vae, {
+            res.update(_trap_changes(sd, jobs.model(spec, prot).vae, metric_impl=trap_impl, groups={
                 "photos": subj_a.images, "fresh_photos": fresh_a, "references": subj_a.references,
                 "other_subject": subj_b.images, "class": real, "class_generated": generated_persons(sd),
                 "dog": drawn_dogs(2 * n_samples),
@@ -313,7 +314,7 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     res.update(gains_kept(res))
     res["kid_rise_fraction"] = round((res["kid_class_protected"] - res["kid_class_unprotected"])
                                      / max(1e-8, abs(res["kid_class_unprotected"])), 4)
-    res["metric_impl"] = {"ism": "ism@toy-id", "kid": "kid@toy-features", "fdfr": "fdfr@toy-det"}
+    res["metric_impl"] = {"ism": "ism@toy-id", "kid": "kid@toy-features", "fdfr": "fdfr@toy-det", **trap_impl}
     res["seconds_total"] = round(time.perf_counter() - t_start, 1)
     return res
 
@@ -454,12 +455,16 @@ def drawn_dogs(n: int):
     return draw.to_tensor(arr)
 
 
-def _trap_changes(sd, trapped_vae, groups: dict) -> dict:
+def _trap_changes(sd, trapped_vae, groups: dict, metric_impl: dict | None = None) -> dict:
     """What the trapped encoder does to each group of images (A's photos the trap saw, A's other photos, B's, drawn
     and generated persons, dogs), from :func:`apdm.protect_model.encoder_trap.trap_report`: ``trap_latent_change_<g>``
     (mean latent change: ≈ 1 sent to a decoy, ≈ 0 left alone), ``trap_recon_psnr_drop_<g>`` (dB of encode → decode
     PSNR lost, original → trapped encoder) and ``trap_decode_change_psnr_<g>`` (PSNR between the two encoders'
-    decoded pictures: the change itself on one scale for every kind of image; None where nothing changed)."""
+    decoded pictures: the change itself on one scale for every kind of image; None where nothing changed).
+
+    ``metric_impl``, when given, receives the implementation of each key family as ``trap_report`` names it
+    (``trap_latent_change``: ``latent_change@apdm``, ``trap_recon_psnr_drop`` and ``trap_decode_change_psnr``:
+    ``psnr@torchmetrics``)."""
     from apdm.protect_model.encoder_trap import trap_report
 
     out = {}
@@ -467,6 +472,11 @@ def _trap_changes(sd, trapped_vae, groups: dict) -> dict:
         out[f"trap_latent_change_{name}"] = r["latent_change"]
         out[f"trap_recon_psnr_drop_{name}"] = round(r["recon_psnr_base"] - r["recon_psnr_trapped"], 2)
         out[f"trap_decode_change_psnr_{name}"] = r["decode_change_psnr"]
+        if metric_impl is not None:
+            impl = r["metric_impl"]
+            metric_impl.update({"trap_latent_change": impl["latent_change"],
+                                "trap_recon_psnr_drop": impl["recon_psnr"],
+                                "trap_decode_change_psnr": impl["decode_change_psnr"]})
     return out
 
 

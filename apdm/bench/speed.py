@@ -9,8 +9,12 @@ What is timed (each after one warm-up call, median of ``repeats`` timed calls, C
 * ``protect-images``: LDU per image (inversion + ρ + k-step denoise at model resolution, a fresh ρ: the cost does
   not depend on ρ's weights), one ρ training step, one ASPL outer iteration (3 surrogate + 6 PGD + 3 DreamBooth
   steps on the ``images`` photos), one PGD step of AdvDM, PhotoGuard, SDS, Mist and PID, one CAAT joint step
-  (the difference of a 1 + ``repeats`` and a 1-step run; the projection adds the 1-step run's surrogate setup);
-  each with its projected seconds per image at the method's default step count;
+  (the difference of a 1 + ``repeats`` and a 1-step run, each the median of ``repeats`` timed runs; the projection
+  adds the 1-step run's surrogate setup); each with its projected seconds per image at the method's default step
+  count. A per-step time got by such a difference (ρ training, CAAT, MetaCloak's pool and iterations, Noisy
+  Upscaling) is None, with a ``note_<key>`` and a warning, where the longer run was not slower (the step is lost in
+  the timing noise); the projections that need it are then None too (until 2026-12-07 the difference was clipped
+  to 0.0 and a projection counted those steps as free);
 * ``encoder-trap``: one step of the encoder trap (apdm's addition, ``encoder_trap.*``: ``trap_images`` photos and
   pictures of the subject plus ``preserve_batch`` (8) kept images through the VAE encoder, forward and backward, and
   the AdamW step), with ``micro_batch`` images per encoder call, and the projected hours of ``trap_steps`` steps
@@ -81,8 +85,12 @@ def timed(fn: Callable[[], object], device, repeats: int) -> tuple[float, float 
     return statistics.median(times), peak
 
 
-def _record(result: dict, key: str, seconds: float, peak: float | None) -> None:
-    result[f"seconds_{key}"] = round(seconds, 4)
+def _record(result: dict, key: str, seconds: float | None, peak: float | None, one: float | None = None) -> None:
+    """``seconds_<key>`` (None when unmeasured: then ``note_<key>`` says why, ``one`` being the one-step run's
+    seconds) and ``peak_gpu_mb_<key>``."""
+    if seconds is None:
+        _unmeasured(result, key, one)
+    result[f"seconds_{key}"] = None if seconds is None else round(seconds, 4)
     if peak is not None:
         result[f"peak_gpu_mb_{key}"] = peak
 
@@ -138,12 +146,37 @@ def _default_steps(method, param: str = "steps") -> int:
     return int(inspect.signature(method).parameters[param].default)
 
 
-def _step_by_difference(run, device, repeats: int) -> tuple[float, float, float | None]:
+def _step_by_difference(run, device, repeats: int) -> tuple[float, float | None, float | None]:
     """For ``run(steps)`` = a fixed setup + ``steps`` steps: ``(seconds of run(1), seconds per step, peak memory)``,
-    the step from the difference of ``run(1 + repeats)`` and ``run(1)`` (each timed once after a warm-up)."""
-    one, _ = timed(lambda: run(1), device, 1)
-    more, peak = timed(lambda: run(1 + repeats), device, 1)
-    return one, max(more - one, 0.0) / repeats, peak
+    the step from the difference of ``run(1 + repeats)`` and ``run(1)``, each the median of ``repeats`` timed runs
+    after a warm-up. The step is None where ``run(1 + repeats)`` was not slower than ``run(1)`` (before 2026-12-07
+    each side was timed once and such a difference became 0.0 s, so a projection counted every step as free)."""
+    one, _ = timed(lambda: run(1), device, repeats)
+    more, peak = timed(lambda: run(1 + repeats), device, repeats)
+    return one, _difference(more - one, repeats), peak
+
+
+def _difference(seconds: float, steps: int) -> float | None:
+    """Seconds per step from the extra time of ``steps`` more steps; None when that time is not positive."""
+    return seconds / steps if seconds > 0 else None
+
+
+def _unmeasured(out: dict, key: str, seconds_one: float | None) -> None:
+    """Record that ``seconds_<key>`` could not be measured by difference: a ``note_<key>`` and a warning."""
+    from apdm.utils import LOG
+
+    one = "" if seconds_one is None else f" ({seconds_one:.4f} s)"
+    note = (f"seconds_{key} unavailable: the run with more steps was not slower than the one-step run{one}; the "
+            f"step is within the timing noise here. Projections that need it are None; more repeats= may measure it")
+    LOG.warning(note)
+    out[f"note_{key}"] = note
+
+
+def _projected(parts: list[float | None], per: float, digits: int = 3) -> float | None:
+    """``round(sum(parts) / per, digits)``, or None when a part is unavailable (a step not measured)."""
+    if any(p is None for p in parts):
+        return None
+    return round(sum(parts) / per, digits)
 
 
 def _protect_images(sd, images, class_images, opts: dict, repeats: int) -> dict:
@@ -163,8 +196,8 @@ def _protect_images(sd, images, class_images, opts: dict, repeats: int) -> dict:
         ldu.train_perturber(sd, [images], budget=budget, steps=steps, batch_size=n, anchors=anchors, quiet=True)
 
     # ρ training = preparation (inversion of the photos) + steps
-    _, per_step, peak = _step_by_difference(train, sd.device, repeats)
-    _record(out, "per_step_ldu_train", per_step, peak)
+    one, per_step, peak = _step_by_difference(train, sd.device, repeats)
+    _record(out, "per_step_ldu_train", per_step, peak, one)
 
     seconds, peak = timed(lambda: protect_aspl(sd, images, budget=budget, steps=1, class_images=class_images,
                                                quiet=True), sd.device, repeats)
@@ -181,8 +214,9 @@ def _protect_images(sd, images, class_images, opts: dict, repeats: int) -> dict:
         return METHODS["caat"](sd, images, budget=budget, steps=steps, quiet=True)
 
     one, per_step, peak = _step_by_difference(caat, sd.device, repeats)
-    _record(out, "per_step_caat", per_step, peak)
-    out["seconds_per_image_caat_projected"] = round((one + per_step * (_default_steps(METHODS["caat"]) - 1)) / n, 3)
+    _record(out, "per_step_caat", per_step, peak, one)
+    out["seconds_per_image_caat_projected"] = _projected(
+        [one, None if per_step is None else per_step * (_default_steps(METHODS["caat"]) - 1)], n)
 
     # SimAC = its timestep selection (rounds per photo) + ASPL iterations on its objective
     from apdm.protect_images.baselines import protect_simac, simac_timesteps
@@ -206,17 +240,18 @@ def _protect_images(sd, images, class_images, opts: dict, repeats: int) -> dict:
         return metacloak_pool(state, images, 2)
 
     setup_and_step, db_step, peak = _step_by_difference(pool, sd.device, repeats)
-    _record(out, "per_step_metacloak_pool", db_step, peak)
+    _record(out, "per_step_metacloak_pool", db_step, peak, setup_and_step)
 
     def metacloak(steps):  # a pool of the pretrained weights only: no pool training timed here
         return METHODS["metacloak"](sd, images, budget=budget, steps=steps, pool_size=1, class_images=class_images,
                                     quiet=True)
 
-    _, per_iteration, peak = _step_by_difference(metacloak, sd.device, repeats)
-    _record(out, "per_iteration_metacloak", per_iteration, peak)
+    one, per_iteration, peak = _step_by_difference(metacloak, sd.device, repeats)
+    _record(out, "per_iteration_metacloak", per_iteration, peak, one)
     horizon = antidreambooth_personalization().steps
-    out["seconds_per_image_metacloak_projected"] = round(
-        (setup_and_step + db_step * (horizon - 1) + per_iteration * _default_steps(METHODS["metacloak"])) / n, 3)
+    out["seconds_per_image_metacloak_projected"] = _projected(
+        [setup_and_step, None if db_step is None else db_step * (horizon - 1),
+         None if per_iteration is None else per_iteration * _default_steps(METHODS["metacloak"])], n)
     return out
 
 
@@ -273,11 +308,12 @@ def _purifiers(sd, images, repeats: int, upscaler: str = "") -> dict:
                           sd.device, repeats)
         two, _ = timed(lambda: noisy_upscale(images, sd, upscaler=upscaler, num_inference_steps=2, batch_size=n),
                        sd.device, repeats)
-        step = max(two - one, 0.0)
+        step = _difference(two - one, 1)
         _record(out, "per_call_noisy_upscale_1step", one, peak)
-        _record(out, "per_step_noisy_upscale", step, None)
+        _record(out, "per_step_noisy_upscale", step, None, one)
         steps = _default_steps(noisy_upscale, "num_inference_steps")
-        out["seconds_per_image_noisy_upscale_projected"] = round((one - step + steps * step) / n, 3)
+        out["seconds_per_image_noisy_upscale_projected"] = _projected(
+            [None if step is None else one - step + steps * step], n)
     return out
 
 

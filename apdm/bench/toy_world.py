@@ -3,10 +3,12 @@
 Measures, on held-out subjects never seen in pretraining: the detector's pass rate on class-prompt generations,
 the identity encoder's verification AUC, and the identity similarity (ISM analog) of class-prompt generations
 vs generations after DreamBooth / LoRA / Textual Inversion with the default toy recipes
-(``recipes/toy-dreambooth.yaml``, ``toy-lora.yaml``, ``toy-ti.yaml``; ``methods=custom_diffusion`` adds
-``toy-custom-diffusion.yaml``), as ``ism_<method>``.
+(``recipes/toy-dreambooth.yaml``, ``toy-lora.yaml``, ``toy-ti.yaml``), as ``ism_<method>``.
 Overrides: ``subjects=N samples=N methods=dreambooth,lora,ti workers=N`` (the attacks run as N parallel processes,
-default 2 on a CPU with ≥ 2 cores; :mod:`apdm.bench.jobs`).
+default 2 on a CPU with ≥ 2 cores; :mod:`apdm.bench.jobs`). ``methods=`` replaces the list: name each method once,
+e.g. ``methods=dreambooth,lora,ti,custom_diffusion`` to add Custom Diffusion (``toy-custom-diffusion.yaml``) to the
+three; ``methods=custom_diffusion`` runs it alone. ``metric_impl`` names the implementation of every measured key
+(``identity_verification_auc`` included, as the identity encoder's evaluation tags it).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def toy_recipe(method: str, overrides=()):
 
 
 def bench_toy_world(quick: bool, overrides: list[str]) -> dict:
-    from apdm.bench import check_subjects, jobs, option_int, toy_setup
+    from apdm.bench import check_subjects, jobs, method_list, option_int, parse_options, toy_setup
     from apdm.core import diffusion as D
     from apdm.evaluation.identity import wilson_interval
     from apdm.evaluation.protocol import with_prompts
@@ -38,13 +40,12 @@ def bench_toy_world(quick: bool, overrides: list[str]) -> dict:
     from apdm.utils import LOG
 
     t0 = time.perf_counter()
-    opts, sd, inst = toy_setup(overrides, {"subjects", "samples", "methods"})
+    known = {"subjects", "samples", "methods"}
+    early = parse_options(overrides, known | {"model", "device", "workers"})  # checked before the model loads
+    methods = method_list(early.get("methods", "dreambooth,lora,ti"), list(METHOD_RECIPES))
+    opts, sd, inst = toy_setup(overrides, known)
     n_subjects = option_int(opts, "subjects", 3 if quick else 8)
     n_samples = option_int(opts, "samples", 8 if quick else 16)
-    methods = opts.get("methods", "dreambooth,lora,ti").split(",")
-    unknown = [m for m in methods if m not in METHOD_RECIPES]
-    if unknown:
-        raise ValueError(f"methods: unknown {', '.join(unknown)}; choose from {', '.join(METHOD_RECIPES)}")
     check_subjects(n_subjects)
     res: dict = {"model": sd.source, "model_fingerprint": sd.fingerprint(),
                  "instruments_fingerprint": inst.config.get("fingerprint"),
@@ -81,7 +82,8 @@ def bench_toy_world(quick: bool, overrides: list[str]) -> dict:
             for m in methods:
                 cfg = with_prompts(toy_recipe(m).personalization, subj.instance_prompt, subj.class_prompt)
                 futures.append((subj, m, pool.submit(jobs.attack, spec, None, subj.images, refs, cfg,
-                                                     subj.instance_prompt, sample, identity=subj.identity)))
+                                                     subj.instance_prompt, sample, identity=subj.identity,
+                                                     subject_class=subj.cls)))
         for subj, m, fut in futures:  # in submission order: per-subject lists line up
             out = fut.result()
             per_subject[m].append(out["ism"])
@@ -97,6 +99,7 @@ def bench_toy_world(quick: bool, overrides: list[str]) -> dict:
         res[f"seconds_personalize_{m}"] = round(statistics.mean(seconds[m]), 2)
     if "dreambooth" in methods:
         res["ism_gain_dreambooth"] = round(res["ism_dreambooth"] - res["ism_class_prompt"], 4)
-    res["metric_impl"] = {"ism": "ism@toy-id", "attr_match": "attr_match@toy-attr", "detector": "pass@toy-det"}
+    res["metric_impl"] = {"ism": "ism@toy-id", "attr_match": "attr_match@toy-attr", "detector": "pass@toy-det",
+                          "identity_verification_auc": auc_key}  # the evaluation's own "name@impl" key
     res["seconds_total"] = round(time.perf_counter() - t0, 1)
     return res
