@@ -158,3 +158,29 @@ def test_other_commands_refuse_several_processes(monkeypatch, capsys):
                     ["personalize"], ["train-perturber"]):
         assert main(command) == 2
         assert f"apdm {command[0]} runs in one process (WORLD_SIZE=2" in capsys.readouterr().err
+
+
+def _devices_worker(rank: int, world: int, port: int, folder: str, devices: list) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from apdm.core import distributed
+
+    distributed.init_from_env()
+    try:  # only the device's name is compared: no GPU is needed to check the launch
+        distributed.distinct_devices(devices[rank])
+        said = "no error"
+    except RuntimeError as exc:
+        said = str(exc)
+    with open(os.path.join(folder, f"said{rank}.txt"), "w") as f:
+        f.write(said)
+    distributed.finish()
+
+
+@pytest.mark.parametrize("devices, ok", [(["cuda:0", "cuda:0"], False), (["cuda:0", "cuda"], False),
+                                         (["cuda:0", "cuda:1"], True), (["cpu", "cpu"], True)])
+def test_two_processes_on_one_gpu_are_refused(tmp_path, devices, ok):
+    """Two processes on one GPU failed only at the first NCCL gradient sum, after the class images were made."""
+    mp.spawn(_devices_worker, args=(2, _free_port(), str(tmp_path), devices), nprocs=2, join=True)
+    for rank in (0, 1):
+        said = (tmp_path / f"said{rank}.txt").read_text()
+        assert (said == "no error") if ok else ("processes [0, 1] on" in said and "one process per GPU" in said), said

@@ -109,3 +109,54 @@ def agree(obj, what: str) -> None:
         raise RuntimeError(f"the {world} processes disagree on {what}: process(es) {differ} differ from process 0 "
                            "(a photo one of them cannot read, a checkpoint folder that is not shared, ...); every "
                            "process must see the same files")
+
+
+def distinct_devices(device) -> None:
+    """Check that no two processes on one machine train on the same GPU (``device``: this process's model
+    device); no-op in a single process and for CPU processes (they share the CPU by design).
+
+    Two processes on one GPU (a launcher started more processes than the machine has GPUs, ``LOCAL_RANK`` unset, or
+    an explicit ``model.device=cuda:0``) would fail only at the first NCCL gradient sum, after the class images were
+    generated, or crowd one GPU's memory.
+
+    Raises:
+        RuntimeError: naming the processes that share a GPU and how to fix the launch.
+    """
+    import socket
+
+    import torch
+    import torch.distributed as dist
+
+    world = rank_world()[1]
+    if world <= 1:
+        return
+    mine = None if torch.device(device).type in ("cpu", "meta") else (socket.gethostname(), _gpu_identity(device))
+    seen: list = [None] * world
+    dist.all_gather_object(seen, mine)
+    shared: dict = {}
+    for rank, where in enumerate(seen):
+        if where is not None:
+            shared.setdefault(where, []).append(rank)
+    clash = {f"{host} {dev}": ranks for (host, dev), ranks in shared.items() if len(ranks) > 1}
+    if clash:
+        raise RuntimeError("several processes would train on one GPU: "
+                           + "; ".join(f"processes {r} on {w}" for w, r in clash.items())
+                           + ". Start one process per GPU (torchrun --nproc_per_node = the number of GPUs), leave "
+                           "model.device=auto (each process then takes GPU LOCAL_RANK)")
+
+
+def _gpu_identity(device) -> str:
+    """The physical GPU behind ``device`` as comparable text: its UUID where CUDA can say (a cluster that shows each
+    process only its own GPU calls every one ``cuda:0``); else the name with the process's ``CUDA_VISIBLE_DEVICES``."""
+    import torch
+
+    device = torch.device(device)
+    index = device.index
+    if device.type == "cuda" and torch.cuda.is_available():
+        index = torch.cuda.current_device() if index is None else index  # "cuda": the GPU this process was pinned to
+        try:
+            return f"GPU {torch.cuda.get_device_properties(index).uuid}"
+        except (AttributeError, RuntimeError):  # an older torch without .uuid
+            pass
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return f"{device.type}:{index or 0}" + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible else "")

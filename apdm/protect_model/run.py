@@ -527,6 +527,7 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     if main:
         warn_if_untrained(cfg.model.path, "the protected checkpoint protects no real model")
     sd = load_sd(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.revision)
+    distributed.distinct_devices(sd.device)  # two processes on one GPU: refused here, not at the first gradient sum
     if cfg.resolution and cfg.resolution != sd.resolution:  # before the class images, generated at the model's
         raise ValueError(f"resolution={cfg.resolution}: protect-model works at the model's own resolution "
                          f"({sd.resolution} px for {cfg.model.path}), the size of the class images it generates; set "
