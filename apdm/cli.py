@@ -54,7 +54,8 @@ PROTECT_METHODS = ("ldu", "aspl", "fsmg", "advdm", "photoguard", "sds", "mist", 
 SHORTCUTS = {
     "--method": ("method", (f"one of {', '.join(PROTECT_METHODS)} (default ldu; docs/protect_images_guide.md says "
                             "which to use)")),
-    "--budget": ("budget", "largest change of any pixel, L-inf on [0,1]: 8/255 (default), 8 (= 8/255) or 0.0314"),
+    "--budget": ("budget", ("largest change of any pixel, L-inf on [0,1]: 8/255 (default), 8 (= 8/255) or a "
+                            "fraction (0.0314 = 8.007/255)")),
     "--input": ("input", ("a folder, an image file, a glob, or comma-separated files; the originals are never "
                           "modified")),
     "--output": ("output_dir", ("folder for the protected images (PNG unless format=jpeg) and manifest.json "
@@ -62,7 +63,7 @@ SHORTCUTS = {
     "--model": ("model.path", ("the model an attacker would use: diffusers folder or hub id (the default, tiny, is "
                                "a random-weight test pipeline that protects against nothing; toy is the toy world)")),
     "--rho": ("rho_path", ("folder of a trained LDU perturbation network, from apdm train-perturber (needed by ldu; "
-                           "the toy world's is assets/toy/rho)")),
+                           "toy is the toy world's, shipped in assets/toy/rho, found from any folder)")),
     "--target": ("target", "PhotoGuard/Mist: image the latents are pulled towards (default: flat gray)"),
 }
 PROTECT_IMAGES_EPILOG = ("Example: apdm protect-images --method advdm --budget 8/255 --model ./sd15 --input photos/ "

@@ -671,11 +671,41 @@ def save_rho(rho: RhoUNet, folder: str | Path) -> Path:
     return folder
 
 
+def rho_folder(path: str | Path) -> Path:
+    """The folder ``rho_path`` names: ``toy`` is the toy world's ρ (:func:`apdm.toy.world.rho_path`: a build's in
+    the cache, else the one shipped in ``assets/toy/rho``), found from any folder as ``model.path=toy`` finds the toy
+    model; any other path is taken with ``~`` expanded.
+
+    Raises:
+        FileNotFoundError: the folder does not exist or is a file (``toy``: no toy ρ is there).
+    """
+    text = str(path).strip()
+    if text == "toy":
+        from apdm.toy.world import rho_path
+
+        if Path("toy").is_dir():
+            LOG.info("rho_path=toy is the toy world's ρ; write ./toy for the folder named toy here")
+        found = rho_path()
+        if found is None:
+            raise FileNotFoundError("rho_path=toy: no toy-world ρ found (apdm ships one in assets/toy/rho; train one "
+                                    "with recipes/toy-train-perturber.yaml)")
+        return found
+    folder = Path(text).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(f"rho_path {path}: {folder} does not exist (give the folder `apdm train-perturber` "
+                                f"wrote, or rho_path=toy for the toy world's ρ)")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"rho_path {path}: {folder} is a file, not a folder (give the folder `apdm "
+                                f"train-perturber` wrote, holding {RHO_CONFIG} and {RHO_WEIGHTS})")
+    return folder
+
+
 def load_rho(folder: str | Path, device: str | torch.device = "cpu") -> RhoUNet:
-    """Load a ρ saved by :func:`save_rho` (safetensors + JSON only; nothing is unpickled)."""
+    """Load a ρ saved by :func:`save_rho` (safetensors + JSON only; nothing is unpickled) from ``folder``, as
+    :func:`rho_folder` resolves it (``toy`` is the toy world's)."""
     from safetensors.torch import load_file
 
-    folder = Path(folder)
+    folder = rho_folder(folder)
     cfg_path, w_path = folder / RHO_CONFIG, folder / RHO_WEIGHTS
     if not cfg_path.is_file() or not w_path.is_file():
         raise FileNotFoundError(f"{folder}: expected {RHO_CONFIG} and {RHO_WEIGHTS} (an apdm LDU perturber)")

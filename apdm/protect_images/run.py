@@ -239,12 +239,34 @@ def run_settings(cfg: ProtectImagesRunConfig, sd) -> dict:
     settings["model"].pop("device")
     settings["model_fingerprint"] = sd.fingerprint()
     if cfg.method == "ldu":
-        from apdm.protect_images.ldu import RHO_WEIGHTS
+        from apdm.protect_images.ldu import RHO_WEIGHTS, rho_folder
 
-        settings["rho_sha256"] = file_sha256(Path(cfg.rho_path) / RHO_WEIGHTS)
+        settings["rho_sha256"] = file_sha256(rho_folder(cfg.rho_path) / RHO_WEIGHTS)
     if cfg.target:
         settings["target_sha256"] = file_sha256(cfg.target)
     return normalized_settings(settings)  # the form it takes in manifest.json
+
+
+_UNSET = object()
+
+
+def setting_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """What differs between an earlier run's settings and this one's (both :func:`normalized_settings`), one
+    ``key OLD before, NEW now`` each, a nested setting by its dotted key (``personalization.steps``), sorted. The
+    budget reads ``k/255`` as the settings record it (``8/255`` before, ``8.007/255`` now for ``--budget 0.0314``);
+    a setting one of them lacks reads ``not set`` (and a group of settings the other has, ``set``)."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, _UNSET), new.get(key, _UNSET)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += setting_changes(a, b, f"{prefix}{key}.")
+            continue
+        shown = ["not set" if v is _UNSET else "set" if isinstance(v, dict) else "''" if v == "" else _shown(v)
+                 for v in (a, b)]
+        changes.append(f"{prefix}{key} {shown[0]} before, {shown[1]} now")
+    return changes
 
 
 def _previous_run(out: Path, settings: dict, resume: bool) -> tuple[dict, float]:
@@ -265,9 +287,10 @@ def _previous_run(out: Path, settings: dict, resume: bool) -> tuple[dict, float]
                          f"by this version of `apdm protect-images`); choose another output folder, or pass "
                          f"resume=false to protect every photo again into this one") from exc
     if old != settings:
-        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        raise ValueError(f"{path} was written with other settings (differing: {', '.join(changed)}); choose another "
-                         f"output folder, or pass resume=false to protect every photo again into this one")
+        keys = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        raise ValueError(f"{path} was written with other settings (differing: {', '.join(keys)}): "
+                         f"{'; '.join(setting_changes(old, settings))}. Choose another output folder, or pass "
+                         f"resume=false to protect every photo again into this one")
     entries = {os.path.realpath(e["input"]): e for e in manifest.get("images", [])}
     return entries, float(manifest.get("seconds_total", 0.0))
 
@@ -476,6 +499,10 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
         budget, measured on the file as written (decoded again, so a JPEG's re-compression counts) against the
         original at the precision it was read (``bit_depth``), its time, and ``unchanged`` with the reason when the
         saved photo equals the original rounded to 8 bits).
+
+    Raises:
+        NothingProtected: input files were found but every one was skipped and none was protected before (the
+            manifest is written first; the command exits with status 1).
     """
     from apdm.core.images import (
         JPEG_WARNING,
@@ -507,6 +534,10 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
             target = load_image(cfg.target).pixels
         except ImageLoadError as exc:
             raise ValueError(f"{cfg.method} target: {exc}") from exc
+    if cfg.method == "ldu":  # a missing ρ folder is named before the model loads
+        from apdm.protect_images.ldu import rho_folder
+
+        rho_folder(cfg.rho_path)
     if fmt == "jpeg":
         LOG.warning(JPEG_WARNING)
     out = Path(cfg.output_dir).expanduser()
@@ -619,13 +650,28 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
             if fmt == "jpeg" else "")
         small = (f"; {summary['num_unchanged']} of them saved unchanged (see their 'unchanged' note)"
                  if summary["num_unchanged"] else "")
-        LOG.info("all %d: PSNR %s dB mean, %s dB lowest; largest change %s/255 (budget %s)%s%s", summary["num"],
-                 summary["psnr_mean@apdm"], summary["psnr_min@apdm"], summary["linf_255_max@apdm"],
-                 format_budget(budget), small, over)
+        LOG.info("all %d: PSNR %s dB mean, %s dB lowest; SSIM %s lowest; largest change %s/255 (budget %s)%s%s",
+                 summary["num"], summary["psnr_mean@apdm"], summary["psnr_min@apdm"], summary["ssim_min@skimage"],
+                 summary["linf_255_max@apdm"], format_budget(budget), small, over)
+    if errors and not new and not done:  # files were found, and not one of them has a protected copy
+        raise NothingProtected(manifest, out, errors)
     # the last line: where the photos are
     LOG.info("protected %d image(s) into %s (%d already there, %d skipped); manifest.json written", len(new), out,
              len(done), len(errors))
     return manifest
+
+
+class NothingProtected(RuntimeError):
+    """``apdm protect-images`` found input files but protected none of them, and none was protected before: every
+    one was skipped (unreadable, a camera RAW file, a HEIC without pillow-heif, ...). ``manifest.json`` is written
+    first, listing them under ``failed`` (``.manifest`` holds it); the command exits with status 1."""
+
+    def __init__(self, manifest: dict, out: Path, errors: list[dict]):
+        self.manifest = manifest
+        named = "; ".join(f"{Path(e['input']).name}: {e['error']}" for e in errors[:3])
+        more = f"; and {len(errors) - 3} more" if len(errors) > 3 else ""
+        super().__init__(f"no photo protected: all {len(errors)} input file(s) were skipped ({named}{more}); "
+                         f"{out / 'manifest.json'} lists them under 'failed'")
 
 
 def check_train_config(cfg: TrainPerturberRunConfig) -> float:
