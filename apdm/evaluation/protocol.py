@@ -55,6 +55,50 @@ def personalize_and_sample(sd: SD, instance_images: torch.Tensor, per_cfg: Perso
             "loss_last": state.history[-1] if state.history else None, "state": state}
 
 
+def check_sampler_steps(sd: SD, sample: SampleConfig, key: str = "sample") -> None:
+    """Refuse a ``sample.num_inference_steps`` that ``sample.sampler`` cannot run with ``sd``'s noise schedule, before
+    any image is drawn: diffusers' ``pndm`` without ``skip_prk_steps`` (a scheduler config that does not set it, as
+    ``tiny`` and ``toy``) needs at least 4 steps and otherwise fails deep in its ``set_timesteps`` with "operands
+    could not be broadcast together". The scheduler is asked itself (no model call), so a model whose scheduler
+    config skips the PRK steps (SD 1.5's) keeps its 1-3 step samplings. ``ddim`` (apdm's own) takes any count.
+
+    Raises:
+        ValueError: names ``key``'s ``num_inference_steps`` and ``sampler``, the least count that works and the way
+            out.
+    """
+    from apdm.core.models import make_scheduler
+
+    n = int(sample.num_inference_steps)
+    if sample.sampler == "ddim" or n < 1:  # apdm's own; n < 1 is refused by check_sample
+        return
+    scheduler = make_scheduler(sd.noise_scheduler, sample.sampler)
+
+    def works(steps: int) -> bool:
+        try:
+            scheduler.set_timesteps(steps)
+        except Exception:  # noqa: BLE001 (whatever the scheduler raises, that count does not work)
+            return False
+        return True
+
+    if works(n):
+        return
+    need = next((m for m in range(n + 1, n + 64) if works(m)), None)
+    least = f"at least {need} steps" if need is not None else "more steps"
+    why = " (its scheduler config does not set skip_prk_steps)" if sample.sampler == "pndm" else ""
+    raise ValueError(f"{key}.num_inference_steps={n}: the {sample.sampler} sampler needs {least} with this "
+                     f"model{why}; use {need or 'more'}+ or {key}.sampler=ddim")
+
+
+def check_optimizer_extra(optimizer: str, key: str) -> None:
+    """Raise :class:`apdm.utils.MissingDependency` now, before the model loads or any image is generated, when the
+    optimizer ``optimizer`` (the setting ``key``, e.g. ``personalization.optimizer``) needs a package that is not
+    installed (``adamw8bit``: bitsandbytes), with the message the optimizer would give hours later."""
+    if optimizer == "adamw8bit":
+        from apdm.utils import optional_import
+
+        optional_import("bitsandbytes", "gpu", f"{key}=adamw8bit (8-bit Adam)")
+
+
 def with_prompts(per_cfg: PersonalizationConfig, instance_prompt: str, class_prompt: str) -> PersonalizationConfig:
     """A copy of ``per_cfg`` for another subject's prompts."""
     return dataclasses.replace(per_cfg, instance_prompt=instance_prompt, class_prompt=class_prompt)

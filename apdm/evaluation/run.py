@@ -465,7 +465,12 @@ def run(cfg: EvaluateRunConfig) -> dict:
     from apdm.core import diffusion as D
     from apdm.core.images import list_images, load_images, load_spec, save_grid, split_spec
     from apdm.core.models import load_sd, model_fingerprint, warn_if_untrained
-    from apdm.evaluation.protocol import personalize_and_sample, with_prompts
+    from apdm.evaluation.protocol import (
+        check_optimizer_extra,
+        check_sampler_steps,
+        personalize_and_sample,
+        with_prompts,
+    )
     from apdm.evaluation.report import write_report
 
     if not cfg.subjects:
@@ -483,6 +488,7 @@ def run(cfg: EvaluateRunConfig) -> dict:
     default = PersonalizationConfig()
     for i, per in enumerate(cfg.personalizations):
         check_personalization(per, f"personalizations[{i}]")
+        check_optimizer_extra(per.optimizer, f"personalizations[{i}].optimizer")  # not after the class images
         unused = [f"{k}={getattr(per, k)!r}" for k in RUN_SET_KEYS if getattr(per, k) != getattr(default, k)]
         if unused:
             LOG.warning("personalizations[%d]: %s not used: the attacker takes each subject's prompts "
@@ -499,6 +505,7 @@ def run(cfg: EvaluateRunConfig) -> dict:
     seed_everything(cfg.seed)
     warn_if_untrained(cfg.model.path, "the evaluation's numbers say nothing about protection on a real model")
     sd = load_sd(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.revision)
+    check_sampler_steps(sd, cfg.sample)  # pndm's least step count depends on the model's scheduler config
     size = cfg.resolution or sd.resolution
     records: list[dict] = []
     gallery: list[dict] = []

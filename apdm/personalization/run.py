@@ -29,6 +29,7 @@ def run(cfg: PersonalizeRunConfig) -> dict:
     from apdm.core import diffusion as D
     from apdm.core.images import load_spec, save_grid, save_image
     from apdm.core.models import load_sd
+    from apdm.evaluation.protocol import check_optimizer_extra, check_sampler_steps
     from apdm.personalization import simulator as S
 
     if not cfg.instance_data:
@@ -39,6 +40,7 @@ def run(cfg: PersonalizeRunConfig) -> dict:
     per = dataclasses.replace(cfg.personalization, seed=cfg.seed)
     S.check_personalization(per)  # a typo stops here, not after the training
     D.check_sample(cfg.sample)
+    check_optimizer_extra(per.optimizer, "personalization.optimizer")  # not after the class images
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output_dir {out} is a file, not a folder")
@@ -47,6 +49,7 @@ def run(cfg: PersonalizeRunConfig) -> dict:
     seed_everything(cfg.seed)
 
     sd = load_sd(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.revision)
+    check_sampler_steps(sd, cfg.sample)  # before the class images and the training, not at the first sample
     size = cfg.resolution or sd.resolution
     images, ok, errors = load_spec(cfg.instance_data, size=size)
     if len(ok) == 0:

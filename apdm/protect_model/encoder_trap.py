@@ -533,6 +533,30 @@ def check_trap_config(cfg: EncoderTrapConfig, identity: bool = True) -> None:
         check_identity_name(cfg.identity)
 
 
+def uses_recognizer(cfg: EncoderTrapConfig) -> bool:
+    """Whether the trap (``encoder_trap.steps`` > 0) loads the face recognizer ``cfg.identity``: to choose
+    ``farthest`` decoys or among the synthetic pictures (as :func:`trap_embedder` decides)."""
+    return (cfg.steps > 0 and cfg.identity not in ("", "none")
+            and (cfg.targets == "farthest" or cfg.synthetic_photos > 0))
+
+
+def check_trap_extras(cfg: EncoderTrapConfig) -> None:
+    """Raise :class:`apdm.utils.MissingDependency` before any work when the face recognizer the trap will load
+    (``encoder_trap.identity=dlib``: dlib and its models, the ``faces`` extra) cannot be imported, with the message
+    :func:`trap_embedder` would give after the class images, the DPO pairs and the protection. Imports only (as
+    :func:`apdm.utils.optional_import` does); loads no weights."""
+    if not uses_recognizer(cfg) or cfg.identity != "dlib":
+        return
+    import warnings
+
+    from apdm.utils import optional_import
+
+    optional_import("dlib", "faces", "encoder_trap.identity=dlib (the face recognizer that chooses the decoys)")
+    with warnings.catch_warnings():  # face_recognition_models imports the deprecated pkg_resources
+        warnings.simplefilter("ignore")
+        optional_import("face_recognition_models", "faces", "encoder_trap.identity=dlib (dlib's face models)")
+
+
 #: encoder_trap.* keys left out of the settings a trap checkpoint must match: its length (it may be extended), where
 #: its keep photos are read from (their pixels are in the settings), and options that change only memory
 TRAP_RESUMABLE = ("steps", "checkpoint_every", "micro_batch", "gradient_checkpointing", "keep_images")

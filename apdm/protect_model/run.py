@@ -10,9 +10,14 @@ from pathlib import Path
 from apdm.config import ProtectModelRunConfig, to_yaml
 from apdm.utils import LOG, atomic_dir, atomic_write_json, atomic_write_text, dtype_name, peak_rss_mb, seed_everything
 
+#: how the log names the x⁺ images: with APDM steps they are the DPO pairs' winners; the encoder trap alone
+#: (``protect.outer_steps=0``) uses them as kept images and decoy candidates (or decoys, with targets=paired)
+PAIRED_WHAT = {True: "paired images (the DPO pairs' x⁺, one per photo)",
+               False: "generic images (the encoder trap's decoy candidates and kept images, one per photo)"}
+
 
 def protection_images(sd, per_cfg, class_prompt: str, num_class_images: int, num_paired: int,
-                      quiet: bool = False, weights_key: str | None = None):
+                      quiet: bool = False, weights_key: str | None = None, dpo: bool = True):
     """The class-prompt images a protection needs from the base model, generated once and cached.
 
     Whatever the simulated attacker (LoRA without prior preservation, TI), L_ppl and the DPO winners need them,
@@ -23,12 +28,13 @@ def protection_images(sd, per_cfg, class_prompt: str, num_class_images: int, num
         x⁺ images, one per subject photo, from another seed; both in [0,1] on the CPU.
 
     ``weights_key``: ``sd.weights_digest()`` when the caller has it (it reads every weight: once per run, not
-    once per image set).
+    once per image set). ``dpo``: whether APDM steps run (only the log's name of the x⁺ images depends on it; the
+    images are the same, and the encoder trap uses them either way).
     """
     weights_key = weights_key or sd.weights_digest()
     return (base_model_images(sd, per_cfg, class_prompt, num_class_images, quiet=quiet, weights_key=weights_key),
             base_model_images(sd, per_cfg, class_prompt, num_paired, PAIRED_SEED, quiet,
-                              "paired images (the DPO pairs' x⁺, one per photo)", weights_key))
+                              PAIRED_WHAT[dpo], weights_key))
 
 
 #: offsets from ``personalization.seed`` of the seeds of the base model's images other than the class images: the
@@ -79,7 +85,10 @@ def load_subjects(sd, cfg: ProtectModelRunConfig, quiet: bool = False, weights_k
     for k, sc in enumerate(cfg.subjects):
         if not sc.instance_data:
             raise ValueError(f"subjects[{k}].instance_data is empty")
-        images, ok, errors = load_spec(sc.instance_data, size=size)
+        try:
+            images, ok, errors = load_spec(sc.instance_data, size=size)
+        except FileNotFoundError as exc:  # "input '…' does not exist": say which setting named it
+            raise FileNotFoundError(f"subjects[{k}].instance_data: {exc}") from None
         skipped += errors
         if not ok:
             raise ValueError(f"subjects[{k}]: no usable images in {sc.instance_data}")
@@ -87,7 +96,7 @@ def load_subjects(sd, cfg: ProtectModelRunConfig, quiet: bool = False, weights_k
         class_prompt = sc.class_prompt or cfg.personalization.class_prompt
         class_images, paired = protection_images(sd, cfg.personalization, class_prompt,
                                                  cfg.protect.num_class_images, len(ok), quiet=quiet,
-                                                 weights_key=weights_key)
+                                                 weights_key=weights_key, dpo=cfg.protect.outer_steps > 0)
         src = split_spec(sc.instance_data)
         subjects.append(Subject(name=Path(str(src)).name if isinstance(src, str) else f"subject{k}",
                                 images=images.to(sd.device), paired=paired.to(sd.device),
@@ -116,7 +125,10 @@ def load_keep_images(spec: str, size: int, quiet: bool = False):
 
     if not spec:
         return None, []
-    images, ok, errors = load_spec(spec, size=size, recursive=True, quiet=quiet)
+    try:
+        images, ok, errors = load_spec(spec, size=size, recursive=True, quiet=quiet)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"encoder_trap.keep_images: {exc}") from None
     if not ok:
         raise ValueError(f"encoder_trap.keep_images: no usable images in {spec}")
     LOG.info("encoder trap: %d photos to keep from %s", len(ok), spec)
@@ -145,7 +157,10 @@ def load_held_back(cfg: ProtectModelRunConfig, size: int, quiet: bool = False):
         if not sc.check_data:
             held.append(None)
             continue
-        images, ok, errors = load_spec(sc.check_data, size=size, quiet=quiet)
+        try:
+            images, ok, errors = load_spec(sc.check_data, size=size, quiet=quiet)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"subjects[{k}].check_data: {exc}") from None
         train = list_images(split_spec(sc.instance_data)) if sc.instance_data else []  # empty: load_subjects says so
         both = sorted({p.resolve() for p in ok} & {p.resolve() for p in train})
         if both:
@@ -360,6 +375,54 @@ def save_decoys(folder: Path, chosen: list[dict], recognizer: str) -> list[dict]
     return rows
 
 
+def check_inputs(cfg: ProtectModelRunConfig) -> None:
+    """Raise, before the model loads, when a photo setting the run will read names nothing: each subject's
+    ``instance_data`` and, with the encoder trap, its ``check_data`` and ``encoder_trap.keep_images`` (listed only,
+    as :func:`apdm.core.images.list_images` does; the photos load later). The message names the setting
+    (``subjects[0].instance_data: input '…/trian' does not exist``), found in seconds, not after subject 0's class
+    images."""
+    from apdm.core.images import list_images, split_spec
+
+    if not cfg.subjects:
+        raise ValueError("no subjects to protect: set subjects=[{instance_data: DIR, instance_prompt: ..., "
+                         "class_prompt: ...}] in the recipe")
+    trap = cfg.encoder_trap.steps > 0
+    specs = []
+    for k, sc in enumerate(cfg.subjects):
+        if not sc.instance_data:
+            raise ValueError(f"subjects[{k}].instance_data is empty")
+        specs.append((f"subjects[{k}].instance_data", sc.instance_data, False))
+        if trap and sc.check_data:
+            specs.append((f"subjects[{k}].check_data", sc.check_data, False))
+    if trap and cfg.encoder_trap.keep_images:
+        specs.append(("encoder_trap.keep_images", cfg.encoder_trap.keep_images, True))
+    for key, spec, recursive in specs:
+        try:
+            list_images(split_spec(spec), recursive=recursive)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"{key}: {exc}") from None
+
+
+def check_extras(cfg: ProtectModelRunConfig, attackers: list) -> None:
+    """Raise :class:`apdm.utils.MissingDependency` before the model loads when an optional package the run will
+    need is not installed: the trap's face recognizer (:func:`~apdm.protect_model.encoder_trap.check_trap_extras`)
+    and bitsandbytes for an ``adamw8bit`` optimizer (θ's, ``protect.optimizer``; the simulated ``attackers``' with
+    inner steps; the copy personalized for ``encoder_trap.synthetic_photos``). Otherwise the run stops with the same
+    message after the class images, the DPO pairs (minutes on SD) or the protection (hours)."""
+    from apdm.evaluation.protocol import check_optimizer_extra
+    from apdm.protect_model.encoder_trap import check_trap_extras
+
+    p, trap = cfg.protect, cfg.encoder_trap
+    check_optimizer_extra(p.optimizer, "protect.optimizer")
+    if p.outer_steps > 0 and p.inner_steps > 0:
+        for k, per in enumerate(attackers):
+            check_optimizer_extra(per.optimizer, "personalization.optimizer" if k == 0
+                                  else f"protect.attacker_mix[{k - 1}]'s optimizer")
+    if trap.steps > 0 and trap.synthetic_photos > 0:
+        check_optimizer_extra(cfg.personalization.optimizer, "personalization.optimizer")
+    check_trap_extras(trap)
+
+
 def check_output_dir(cfg: ProtectModelRunConfig) -> None:
     """Raise ValueError, before any work, when the protected model would overwrite its own source: when
     ``output_dir/model`` is the local ``model.path`` folder, lies inside it or holds it, or when ``output_dir`` lies
@@ -504,9 +567,11 @@ def run(cfg: ProtectModelRunConfig) -> dict:
 
     # before any model loading or class-image generation
     check_output_dir(cfg)
-    check_protect_config(cfg.personalization, cfg.protect, encoder_trap_steps=cfg.encoder_trap.steps,
-                         num_subjects=len(cfg.subjects))
+    attackers = check_protect_config(cfg.personalization, cfg.protect, encoder_trap_steps=cfg.encoder_trap.steps,
+                                     num_subjects=len(cfg.subjects))
     check_trap_config(cfg.encoder_trap)
+    check_inputs(cfg)  # a misspelt photo folder, named by its setting
+    check_extras(cfg, attackers)  # an extra not installed (dlib for encoder_trap.identity=dlib)
     rank, world = distributed.init_from_env()  # several processes under torchrun / accelerate launch
     main = rank == 0
     out = Path(cfg.output_dir)
@@ -560,7 +625,11 @@ def run(cfg: ProtectModelRunConfig) -> dict:
         distributed.barrier()
     p = cfg.protect
     lr = " then ".join(f"{int(n)} at {r:g}" for n, r in p.lr_phases) if p.lr_phases else f"{p.learning_rate:g}"
-    if main:
+    if main and p.outer_steps == 0:  # (check_protect_config allows 0 only with the encoder trap)
+        LOG.info("the encoder trap alone (protect.outer_steps=0): no APDM step, the UNet and the text encoder keep "
+                 "the base model's weights; only the VAE encoder is trained (encoder_trap.steps=%d)",
+                 cfg.encoder_trap.steps)
+    elif main:
         LOG.info("APDM: %s loss, %d outer x %d inner steps, lr %s, trainable=%s, %d subject(s)%s%s", p.loss,
                  p.outer_steps, p.inner_steps, lr, p.trainable, len(subjects),
                  (f", the simulated attacker continues and restarts after {p.inner_restart_every} visits "
@@ -585,7 +654,8 @@ def run(cfg: ProtectModelRunConfig) -> dict:
         LOG.info("encoder trap: %d steps at lr %g: the VAE encoder learns to encode the protected photos as generic "
                  "class images (%s; %s)", cfg.encoder_trap.steps, cfg.encoder_trap.learning_rate,
                  f"those least like the subject by {cfg.encoder_trap.identity}"
-                 if cfg.encoder_trap.targets == "farthest" else "the DPO pairs' x⁺",
+                 if cfg.encoder_trap.targets == "farthest" else "the DPO pairs' x⁺" if p.outer_steps > 0
+                 else "the base model's generic images of the class prompt",
                  f"{cfg.encoder_trap.decoys} per subject" if cfg.encoder_trap.decoys else "one per photo")
         t1 = time.perf_counter()
         embed, recognizer = trap_embedder(cfg.encoder_trap)
@@ -606,7 +676,7 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     protected = dataclasses.replace(sd, unet=unet, source=f"apdm-protected({sd.source})", vae=vae,
                                     text_encoder=sd.text_encoder if text_encoder is None else text_encoder.to(sd.dtype))
     steps = subject_steps_of(history, len(subjects))
-    for k, n in enumerate(steps):
+    for k, n in enumerate(steps if p.outer_steps > 0 else []):  # outer_steps=0: the encoder trap alone, on purpose
         if n == 0:
             LOG.warning("subject %d (%s, prompt '%s') got no protection step: %d outer steps went round robin over %d "
                         "subjects; set protect.outer_steps to at least %d (a multiple of it protects each equally)", k,
