@@ -169,8 +169,11 @@ def identity_records(generated: torch.Tensor, references: torch.Tensor, embed: C
         embedder that embeds every image (no ``found`` mask, e.g. the toy world's identity encoder) takes the
         detector's verdict instead, when one is given: ISM is then averaged over the images the detector accepts
         (the Anti-DreamBooth convention; ``faces_from`` names the detector) and ``value_all_images`` keeps the mean
-        over every image (the toy benchmarks' ISM). A missing backend (``MissingDependency``) gives unavailable
-        records.
+        over every image (the toy benchmarks' ISM). An embedder with its own mask (dlib) records
+        ``faces_from=embed_impl``: its faces, not the detector's, enter ISM. When the detector cannot run, such an
+        ISM is over every image, and its record says so (``faces_from`` None and a ``note``). Every ISM record
+        carries ``normalize_refs`` (True: apdm's mean of the unit reference embeddings; False: Anti-DreamBooth's raw
+        mean). A missing backend (``MissingDependency``) gives unavailable records.
     """
     check_images(generated, "generated images")
     check_images(references, "reference images")
@@ -189,17 +192,22 @@ def identity_records(generated: torch.Tensor, references: torch.Tensor, embed: C
         except (MetricUnavailable, ImportError) as exc:  # incl. MissingDependency from a lazy backend
             recs.append(unavailable("ism", embed_impl, str(exc), True))
         else:
-            extra: dict = {}
+            extra: dict = {"normalize_refs": normalize_refs}
             every_error = None
-            if not isinstance(out, tuple) and det is not None:  # no mask of its own: the detector's
+            if isinstance(out, tuple):  # the embedder's own faces enter ISM (FDFR is the detector's)
+                extra["faces_from"] = embed_impl
+            elif det_error is not None:  # no mask, and the detector failed: every image enters ISM
+                extra.update(faces_from=None, note=f"the detector ({detect_impl}) could not run, so ISM is over all "
+                                                   f"{generated.shape[0]} generated images, not only those with a "
+                                                   "face; compare only with records that say the same")
+            elif det is not None:  # no mask of its own: the detector's
                 try:
                     every = ism(ge, re, normalize_refs=normalize_refs)
                 except MetricUnavailable as exc:  # e.g. no reference embedding: the record says so
                     every, every_error = None, str(exc)
                 gfound = fdfr(det, threshold) == 0
                 ge = ge[gfound.to(ge.device)]
-                extra = {"faces_from": detect_impl,
-                         "value_all_images": None if every is None else float(every.mean())}
+                extra.update(faces_from=detect_impl, value_all_images=None if every is None else float(every.mean()))
             extra.update({"n_no_face": int((~gfound).sum()), "n_generated": int(generated.shape[0]),
                           "n_references": int(rfound.sum()), "n_references_no_face": int((~rfound).sum())})
             if every_error is not None:

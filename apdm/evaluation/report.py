@@ -30,7 +30,7 @@ def _fmt(v) -> str:
     if v is None:
         return "–"
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"  # FID 12345.7 reads 12346, not 1.235e+04
     return str(v)
 
 
@@ -178,6 +178,10 @@ def write_report(path: str | Path, cfg, records: list[dict], gallery: list[dict]
             r = rows[k].get(m)
             if r is None:
                 h.append("<td></td>")
+            elif not r.get("available", True) and r.get("n_generated") and r.get("n_no_face") == r["n_generated"]:
+                # not a missing backend: no generated image had a face (the protection's success for ISM)
+                h.append(f"<td class='na' title='{html.escape(str(r.get('reason', '')))}'>no face "
+                         f"(0/{r['n_generated']})</td>")
             elif not r.get("available", True):
                 h.append(f"<td class='na' title='{html.escape(str(r.get('reason', '')))}'>n/a</td>")
             else:
