@@ -544,7 +544,8 @@ def load_config(cls, path: str | Path | None = None, overrides: typing.Sequence[
             ``personalizations.1.steps=10``); the value is parsed as YAML (``steps=10``, ``flag=true``,
             ``prompts=[a, b]``), then checked against the field type; for a text field it is the text as typed
             (``output_dir=010``, ``mixed_precision=no``, a prompt with ``: ``) unless quoted or a ``[...]`` list;
-            for a whole number field it is a base-10 integer (``steps=010`` is 10). A mapping given to a section
+            for a whole number field it is a base-10 integer (``steps=010`` is 10; not inside a mapping, which
+            YAML reads). A mapping given to a section
             (``model={device: cpu}``) changes only the keys it names, as a recipe's section does; a list of
             sections (``subjects=[{...}]``) is given whole.
 

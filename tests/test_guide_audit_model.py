@@ -128,7 +128,7 @@ def test_missing_dlib_is_reported_before_the_model_loads(tmp_path, monkeypatch):
     cfg = load_config(ProtectModelRunConfig, None, [
         *tiny_protect_model_args(tmp_path), "protect.outer_steps=0", "encoder_trap.steps=1",
         "encoder_trap.targets=farthest", "encoder_trap.identity=dlib"])
-    with pytest.raises(MissingDependency, match=r"'dlib' is needed for encoder_trap.identity=dlib .*apdm\[faces\]"):
+    with pytest.raises(MissingDependency, match=r"'dlib' is needed for encoder_trap.identity=dlib.*apdm\[faces\]"):
         run(cfg)
     assert not (tmp_path / "cls").exists()  # no class image, no DPO pair
     # a trap that loads no recognizer (targets=paired) does not need dlib

@@ -61,6 +61,8 @@ def finite_json(value, path: str = "") -> tuple:
             out.append(item)
             bad.update(sub)
         return out, bad
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # a numpy scalar or 0-d tensor: a number
+        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None, {path: str(value)}
     return value, bad

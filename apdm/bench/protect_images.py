@@ -165,6 +165,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     res["workers"] = workers
     rho_dir = opts.get("rho", str(rho_path() or toy_root() / "rho"))
     if "ldu" in methods:  # a bad ρ folder fails here, before any work
+        rho_dir = str(ldu.rho_folder(rho_dir))  # rho=toy: the folder it names (hashed below)
         jobs.cached(("rho", rho_dir), lambda: ldu.load_rho(rho_dir, device=sd.device))
         res["rho"] = {"path": rho_dir, "sha256": _folder_digest(Path(rho_dir))}  # which ρ produced the LDU numbers
     attacks: list[tuple[str, str | None, list]] = []  # (key, grid row or None, one future per attack run)

@@ -226,14 +226,21 @@ def identity_records(generated: torch.Tensor, references: torch.Tensor, embed: C
 
 
 # ------------------------------------------------------------------------------- face backends (lazy)
+def dlib_modules(purpose: str = "dlib face detection/embedding"):
+    """``(dlib, face_recognition_models)`` imported, or :class:`~apdm.utils.MissingDependency` naming the ``faces``
+    extra and ``purpose``; loads no weights (a run checks with it before any work)."""
+    import warnings
+
+    dlib = optional_import("dlib", "faces", purpose)
+    with warnings.catch_warnings():  # face_recognition_models imports the deprecated pkg_resources
+        warnings.simplefilter("ignore")
+        frm = optional_import("face_recognition_models", "faces", f"dlib's face models ({purpose})")
+    return dlib, frm
+
+
 def _dlib_models():
     if "dlib" not in _CACHE:
-        import warnings
-
-        dlib = optional_import("dlib", "faces", "dlib face detection/embedding")
-        with warnings.catch_warnings():  # face_recognition_models imports the deprecated pkg_resources
-            warnings.simplefilter("ignore")
-            frm = optional_import("face_recognition_models", "faces", "dlib's face models")
+        dlib, frm = dlib_modules()
         _CACHE["dlib"] = (dlib, dlib.get_frontal_face_detector(),
                           dlib.shape_predictor(frm.pose_predictor_five_point_model_location()),
                           dlib.face_recognition_model_v1(frm.face_recognition_model_location()))

@@ -63,8 +63,8 @@ def check_sampler_steps(sd: SD, sample: SampleConfig, key: str = "sample") -> No
     config skips the PRK steps (SD 1.5's) keeps its 1-3 step samplings. ``ddim`` (apdm's own) takes any count.
 
     Raises:
-        ValueError: names ``key``'s ``num_inference_steps`` and ``sampler``, the least count that works and the way
-            out.
+        ValueError: names ``key``'s ``num_inference_steps`` and ``sampler``, the least (or, for too many, the most)
+            count that works and the way out.
     """
     from apdm.core.models import make_scheduler
 
@@ -83,10 +83,15 @@ def check_sampler_steps(sd: SD, sample: SampleConfig, key: str = "sample") -> No
     if works(n):
         return
     need = next((m for m in range(n + 1, n + 64) if works(m)), None)
-    least = f"at least {need} steps" if need is not None else "more steps"
-    why = " (its scheduler config does not set skip_prk_steps)" if sample.sampler == "pndm" else ""
-    raise ValueError(f"{key}.num_inference_steps={n}: the {sample.sampler} sampler needs {least} with this "
-                     f"model{why}; use {need or 'more'}+ or {key}.sampler=ddim")
+    if need is not None:
+        why = " (its scheduler config does not set skip_prk_steps)" if sample.sampler == "pndm" else ""
+        raise ValueError(f"{key}.num_inference_steps={n}: the {sample.sampler} sampler needs at least {need} steps "
+                         f"with this model{why}; use {need}+ or {key}.sampler=ddim")
+    # too many: more than the model's training timesteps (ddpm at 1001 of 1000)
+    most = next((m for m in range(n - 1, 0, -1) if works(m)), None)
+    raise ValueError(f"{key}.num_inference_steps={n}: the {sample.sampler} sampler "
+                     + (f"takes at most {most} steps with this model; use {most} or fewer" if most else
+                        "cannot run with this model at any step count; use " + f"{key}.sampler=ddim"))
 
 
 def check_optimizer_extra(optimizer: str, key: str) -> None:

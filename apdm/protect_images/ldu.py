@@ -680,11 +680,13 @@ def rho_folder(path: str | Path) -> Path:
         FileNotFoundError: the folder does not exist or is a file (``toy``: no toy ρ is there).
     """
     text = str(path).strip()
+    if text == "toy" and (Path("toy") / RHO_CONFIG).is_file():  # a ρ the user trained into ./toy stays theirs
+        LOG.warning("rho_path=toy: using the folder ./toy here (it holds a ρ), not the toy world's; give the toy "
+                    "world's by its path (assets/toy/rho) if you meant that")
+        return Path("toy")
     if text == "toy":
         from apdm.toy.world import rho_path
 
-        if Path("toy").is_dir():
-            LOG.info("rho_path=toy is the toy world's ρ; write ./toy for the folder named toy here")
         found = rho_path()
         if found is None:
             raise FileNotFoundError("rho_path=toy: no toy-world ρ found (apdm ships one in assets/toy/rho; train one "

@@ -269,6 +269,12 @@ def setting_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
     return changes
 
 
+def _compared(settings: dict) -> dict:
+    """The settings a resume compares: LDU's ρ is the hash of its weights (``rho_sha256``), not the path it was
+    named by (``rho_path=toy`` and ``assets/toy/rho`` are one ρ; the manifest still records the path)."""
+    return {k: v for k, v in settings.items() if not (k == "rho_path" and "rho_sha256" in settings)}
+
+
 def _previous_run(out: Path, settings: dict, resume: bool) -> tuple[dict, float]:
     """What an earlier run left in ``out``: ``({real input path: manifest entry}, seconds it took)``.
 
@@ -286,10 +292,11 @@ def _previous_run(out: Path, settings: dict, resume: bool) -> tuple[dict, float]
         raise ValueError(f"{path} exists but cannot be resumed from ({exc.__class__.__name__}: it was not written "
                          f"by this version of `apdm protect-images`); choose another output folder, or pass "
                          f"resume=false to protect every photo again into this one") from exc
-    if old != settings:
-        keys = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    old, now = _compared(old), _compared(settings)
+    if old != now:
+        keys = sorted(k for k in set(old) | set(now) if old.get(k) != now.get(k))
         raise ValueError(f"{path} was written with other settings (differing: {', '.join(keys)}): "
-                         f"{'; '.join(setting_changes(old, settings))}. Choose another output folder, or pass "
+                         f"{'; '.join(setting_changes(old, now))}. Choose another output folder, or pass "
                          f"resume=false to protect every photo again into this one")
     entries = {os.path.realpath(e["input"]): e for e in manifest.get("images", [])}
     return entries, float(manifest.get("seconds_total", 0.0))

@@ -248,7 +248,7 @@ def trap_embedder(cfg: EncoderTrapConfig) -> tuple:
         (``embed``, its implementation tag, e.g. ``toy-id:369944f6`` or ``dlib-resnet``), or (None, "") when the
         trap uses no recognizer.
     """
-    if cfg.identity in ("", "none") or not (cfg.targets == "farthest" or cfg.synthetic_photos > 0):
+    if not _picks_faces(cfg):
         return None, ""
     from apdm.evaluation.run import identity_backend
 
@@ -536,8 +536,12 @@ def check_trap_config(cfg: EncoderTrapConfig, identity: bool = True) -> None:
 def uses_recognizer(cfg: EncoderTrapConfig) -> bool:
     """Whether the trap (``encoder_trap.steps`` > 0) loads the face recognizer ``cfg.identity``: to choose
     ``farthest`` decoys or among the synthetic pictures (as :func:`trap_embedder` decides)."""
-    return (cfg.steps > 0 and cfg.identity not in ("", "none")
-            and (cfg.targets == "farthest" or cfg.synthetic_photos > 0))
+    return cfg.steps > 0 and _picks_faces(cfg)
+
+
+def _picks_faces(cfg: EncoderTrapConfig) -> bool:
+    """Whether the trap's settings choose by a face recognizer (``farthest`` decoys, synthetic pictures)."""
+    return cfg.identity not in ("", "none") and (cfg.targets == "farthest" or cfg.synthetic_photos > 0)
 
 
 def check_trap_extras(cfg: EncoderTrapConfig) -> None:
@@ -547,14 +551,9 @@ def check_trap_extras(cfg: EncoderTrapConfig) -> None:
     :func:`apdm.utils.optional_import` does); loads no weights."""
     if not uses_recognizer(cfg) or cfg.identity != "dlib":
         return
-    import warnings
+    from apdm.evaluation.identity import dlib_modules
 
-    from apdm.utils import optional_import
-
-    optional_import("dlib", "faces", "encoder_trap.identity=dlib (the face recognizer that chooses the decoys)")
-    with warnings.catch_warnings():  # face_recognition_models imports the deprecated pkg_resources
-        warnings.simplefilter("ignore")
-        optional_import("face_recognition_models", "faces", "encoder_trap.identity=dlib (dlib's face models)")
+    dlib_modules("encoder_trap.identity=dlib, the face recognizer that chooses the decoys")
 
 
 #: encoder_trap.* keys left out of the settings a trap checkpoint must match: its length (it may be extended), where

@@ -73,7 +73,7 @@ def generated_keep_images(sd, per_cfg, class_prompts: list[str], n: int, quiet: 
 def load_subjects(sd, cfg: ProtectModelRunConfig, quiet: bool = False, weights_key: str | None = None):
     """Load each subject's photos and generate (or reuse cached) class and paired images from the base model
     (``weights_key``: its ``weights_digest()`` when the caller has it)."""
-    from apdm.core.images import load_spec, split_spec
+    from apdm.core.images import split_spec
     from apdm.protect_model.l2p import Subject
 
     if not cfg.subjects:
@@ -85,10 +85,7 @@ def load_subjects(sd, cfg: ProtectModelRunConfig, quiet: bool = False, weights_k
     for k, sc in enumerate(cfg.subjects):
         if not sc.instance_data:
             raise ValueError(f"subjects[{k}].instance_data is empty")
-        try:
-            images, ok, errors = load_spec(sc.instance_data, size=size)
-        except FileNotFoundError as exc:  # "input '…' does not exist": say which setting named it
-            raise FileNotFoundError(f"subjects[{k}].instance_data: {exc}") from None
+        images, ok, errors = load_named(f"subjects[{k}].instance_data", sc.instance_data, size=size)
         skipped += errors
         if not ok:
             raise ValueError(f"subjects[{k}]: no usable images in {sc.instance_data}")
@@ -121,14 +118,9 @@ def load_keep_images(spec: str, size: int, quiet: bool = False):
     Raises:
         ValueError: when ``spec`` names no usable image.
     """
-    from apdm.core.images import load_spec
-
     if not spec:
         return None, []
-    try:
-        images, ok, errors = load_spec(spec, size=size, recursive=True, quiet=quiet)
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"encoder_trap.keep_images: {exc}") from None
+    images, ok, errors = load_named("encoder_trap.keep_images", spec, size=size, recursive=True, quiet=quiet)
     if not ok:
         raise ValueError(f"encoder_trap.keep_images: no usable images in {spec}")
     LOG.info("encoder trap: %d photos to keep from %s", len(ok), spec)
@@ -150,17 +142,14 @@ def load_held_back(cfg: ProtectModelRunConfig, size: int, quiet: bool = False):
         ValueError: when a subject's ``check_data`` names no usable image, or a file that is also one of its
             training photos (the check would then measure nothing new).
     """
-    from apdm.core.images import list_images, load_spec, split_spec
+    from apdm.core.images import list_images, split_spec
 
     held, skipped = [], []
     for k, sc in enumerate(cfg.subjects):
         if not sc.check_data:
             held.append(None)
             continue
-        try:
-            images, ok, errors = load_spec(sc.check_data, size=size, quiet=quiet)
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"subjects[{k}].check_data: {exc}") from None
+        images, ok, errors = load_named(f"subjects[{k}].check_data", sc.check_data, size=size, quiet=quiet)
         train = list_images(split_spec(sc.instance_data)) if sc.instance_data else []  # empty: load_subjects says so
         both = sorted({p.resolve() for p in ok} & {p.resolve() for p in train})
         if both:
@@ -375,14 +364,26 @@ def save_decoys(folder: Path, chosen: list[dict], recognizer: str) -> list[dict]
     return rows
 
 
+def load_named(key: str, spec, list_only: bool = False, **kw):
+    """:func:`apdm.core.images.load_spec` of the photos the setting ``key`` names (``subjects[0].instance_data``),
+    or with ``list_only`` just their list; a missing folder or file raises FileNotFoundError naming ``key``
+    (``subjects[0].instance_data: input '…/trian' does not exist``)."""
+    from apdm.core.images import list_images, load_spec, split_spec
+
+    try:
+        if list_only:
+            return list_images(split_spec(spec), recursive=kw.get("recursive", False))
+        return load_spec(spec, **kw)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{key}: {exc}") from None
+
+
 def check_inputs(cfg: ProtectModelRunConfig) -> None:
     """Raise, before the model loads, when a photo setting the run will read names nothing: each subject's
     ``instance_data`` and, with the encoder trap, its ``check_data`` and ``encoder_trap.keep_images`` (listed only,
     as :func:`apdm.core.images.list_images` does; the photos load later). The message names the setting
     (``subjects[0].instance_data: input '…/trian' does not exist``), found in seconds, not after subject 0's class
     images."""
-    from apdm.core.images import list_images, split_spec
-
     if not cfg.subjects:
         raise ValueError("no subjects to protect: set subjects=[{instance_data: DIR, instance_prompt: ..., "
                          "class_prompt: ...}] in the recipe")
@@ -397,10 +398,7 @@ def check_inputs(cfg: ProtectModelRunConfig) -> None:
     if trap and cfg.encoder_trap.keep_images:
         specs.append(("encoder_trap.keep_images", cfg.encoder_trap.keep_images, True))
     for key, spec, recursive in specs:
-        try:
-            list_images(split_spec(spec), recursive=recursive)
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"{key}: {exc}") from None
+        load_named(key, spec, recursive=recursive, list_only=True)
 
 
 def check_extras(cfg: ProtectModelRunConfig, attackers: list) -> None:

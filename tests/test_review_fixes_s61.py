@@ -1,0 +1,65 @@
+"""Findings of the 2026-12-07 review of the day's diff, each with the behaviour it fixed."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from apdm.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _photo(path: Path) -> Path:
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_a_folder_protected_by_rho_path_resumes_under_rho_toy(tmp_path, monkeypatch):
+    """The toy recipe's ρ became ``rho_path: toy``; a folder protected with the old ``assets/toy/rho`` was refused
+    ("differing: rho_path") though the weights are the same. A resume compares the weights' hash."""
+    monkeypatch.chdir(REPO)
+    src, out = _photo(tmp_path / "a.png"), tmp_path / "out"
+    args = ["protect-images", "--method", "ldu", "--model", "toy", "--input", str(src), "--output", str(out),
+            "quiet=true"]
+    assert main([*args, "--rho", "assets/toy/rho"]) == 0
+    _photo(tmp_path / "b.png")
+    assert main([*args[:6], str(tmp_path), *args[7:], "--rho", "toy"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["images"]) == 2  # a.png kept (resumed, not refused), b.png added
+    other = tmp_path / "rho2"
+    other.mkdir()
+    for f in (REPO / "assets" / "toy" / "rho").iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    (other / "rho.safetensors").write_bytes((other / "rho.safetensors").read_bytes()[:-4] + b"\0\0\0\0")
+    assert main([*args, "--rho", str(other)]) == 1  # other weights: refused as before
+
+
+def test_a_rho_trained_into_a_folder_named_toy_stays_the_users(tmp_path, monkeypatch):
+    from apdm.protect_images.ldu import rho_folder
+
+    monkeypatch.chdir(tmp_path)
+    assert rho_folder("toy").name == "rho"  # the toy world's (a build's in the cache, else the shipped one)
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "toy" / "rho.json").write_text("{}")
+    assert rho_folder("toy") == Path("toy")  # was silently the toy world's
+
+
+def test_sampler_steps_above_the_schedule_say_at_most(tiny_sd):
+    from apdm.config import SampleConfig
+    from apdm.evaluation.protocol import check_sampler_steps
+
+    with pytest.raises(ValueError, match="takes at most 1000 steps"):  # said "needs more steps; use more+"
+        check_sampler_steps(tiny_sd, SampleConfig(sampler="ddpm", num_inference_steps=1001))
+
+
+def test_bench_json_turns_numpy_and_tensor_non_finite_values_into_null():
+    import torch
+
+    from apdm.bench import result_json
+
+    _, text = result_json({"a": np.float32("inf"), "b": torch.tensor(float("nan")), "c": np.float32(1.5)})
+    assert json.loads(text) == {"a": None, "b": None, "c": 1.5, "non_finite": {"a": "inf", "b": "nan"}}
