@@ -63,3 +63,25 @@ def test_bench_json_turns_numpy_and_tensor_non_finite_values_into_null():
 
     _, text = result_json({"a": np.float32("inf"), "b": torch.tensor(float("nan")), "c": np.float32(1.5)})
     assert json.loads(text) == {"a": None, "b": None, "c": 1.5, "non_finite": {"a": "inf", "b": "nan"}}
+
+
+def test_a_half_precision_model_loads_and_runs_in_plain_diffusers_without_torch_dtype(tiny_sd, tmp_path):
+    """transformers 5 loads a text encoder in the dtype its config records, diffusers the UNet in float32: a model
+    saved in fp16 failed at the first step of a plain ``from_pretrained(folder)`` ("mat1 and mat2 ... Half and
+    Float"). Its text encoder's config now says float32; the weights stay fp16."""
+    import copy
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    from apdm.core.models import save_sd
+
+    out = save_sd(copy.deepcopy(tiny_sd), tmp_path / "m", quiet=True, dtype=torch.float16)
+    weights = next((out / "text_encoder").glob("*.safetensors"))
+    with safe_open(str(weights), framework="pt") as f:
+        assert f.get_slice(next(iter(f.keys()))).get_dtype() == "F16"
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), safety_checker=None, requires_safety_checker=False)
+    assert pipe.text_encoder.dtype == pipe.unet.dtype == torch.float32
+    image = pipe("a photo", num_inference_steps=2, height=64, width=64, output_type="np").images
+    assert image.shape == (1, 64, 64, 3)

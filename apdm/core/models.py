@@ -682,6 +682,18 @@ def save_slow_vocabulary(tokenizer, folder: str | Path) -> list[str]:
     return written
 
 
+def _text_encoder_loads_fp32(config: Path) -> None:
+    """Make a text encoder saved in half precision load in float32 when no ``torch_dtype`` is given, as diffusers
+    loads the UNet and VAE: transformers 5 loads it in the ``dtype`` its config records, so a plain
+    ``StableDiffusionPipeline.from_pretrained(folder)`` of half-precision weights mixed an fp16 text encoder with an
+    fp32 UNet and failed at the first step ("mat1 and mat2 must have the same dtype"). The weights stay as saved."""
+    data = json.loads(config.read_text(encoding="utf-8"))
+    for key in ("dtype", "torch_dtype"):
+        if key in data:
+            data[key] = "float32"
+    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def save_sd(sd: SD, out_dir: str | Path, scheduler: str = "ddim", safe_serialization: bool = True,
             quiet: bool = False, dtype: torch.dtype | None = None) -> Path:
     """Save ``sd`` as a diffusers folder (safetensors) that ``StableDiffusionPipeline.from_pretrained`` loads.
@@ -689,7 +701,9 @@ def save_sd(sd: SD, out_dir: str | Path, scheduler: str = "ddim", safe_serializa
     Written atomically: the folder appears under its final name only once complete. The tokenizer is saved both
     ways (:func:`save_slow_vocabulary`), so transformers 4 loads the folder as well as 5. ``quiet`` also silences
     transformers' "Writing model shards" bar of the text encoder. ``dtype`` (e.g. :func:`stored_dtype` of the
-    source) saves the weights in that dtype; ``sd``'s modules are cast in place to it.
+    source) saves the weights in that dtype; ``sd``'s modules are cast in place to it. A half-precision text
+    encoder's config says float32 (:func:`_text_encoder_loads_fp32`), so a plain ``from_pretrained`` without
+    ``torch_dtype`` loads every part in float32 (with ``torch_dtype`` every part takes that).
     """
     from transformers.utils import logging as hf_logging
 
@@ -705,6 +719,8 @@ def save_sd(sd: SD, out_dir: str | Path, scheduler: str = "ddim", safe_serializa
                 pipe.to(dtype=dtype)
             pipe.save_pretrained(str(tmp), safe_serialization=safe_serialization)
             save_slow_vocabulary(sd.tokenizer, Path(tmp) / "tokenizer")
+            if dtype is not None and dtype != torch.float32:
+                _text_encoder_loads_fp32(Path(tmp) / "text_encoder" / "config.json")
     finally:
         if quiet and was_on:
             hf_logging.enable_progress_bar()
