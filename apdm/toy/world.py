@@ -223,6 +223,10 @@ def _check_export_class(out: Path, cls: str, heldout_ids: list[int], training_id
     for idx in heldout_ids:
         f = out / f"heldout-{idx:04d}" / "subject.json"
         if not f.is_file():
+            if any((f.parent / part).exists() for part in ("train", "references")):  # not an export's: the user's
+                raise ValueError(f"{f.parent} holds train/ or references/ but no subject.json: it was not written "
+                                 f"by apdm toy export, and an export would replace those folders; choose another "
+                                 f"--out or move it")
             continue
         try:
             other = json.loads(f.read_text()).get("class")
@@ -282,8 +286,13 @@ def _check_stages(cfg: ToyBuildConfig) -> None:
             raise ValueError(f"more_stages: stage {k} has init_from={stage.init_from!r}; a later stage always "
                              "continues the stage before it (set train.init_from to start from a model)")
     named = [("train", cfg.train)] + [(f"more_stages[{i}]", s) for i, s in enumerate(cfg.more_stages)]
-    for name, stage in named:
+    for k, (name, stage) in enumerate(named):
         draw.pretraining_ids(stage.num_identities, f"{name}.num_identities")
+        keys = ["unet_steps", "unet_batch", "images_per_identity"]
+        keys += ["vae_steps", "vae_batch"] if k == 0 and not stage.init_from else []  # the one VAE training
+        for key in keys:  # zero or fewer: an empty training loop crashed after the drawing and the VAE stage
+            if not getattr(stage, key) >= 1:
+                raise ValueError(f"{name}.{key} must be a whole number >= 1, got {getattr(stage, key)}")
 
 
 def build(cfg: ToyBuildConfig) -> dict:
@@ -317,6 +326,8 @@ def build(cfg: ToyBuildConfig) -> dict:
                                   (state["done"] and not (root / "model" / "model_index.json").is_file())):
             LOG.info("toy build: %s is from other settings (or its model is gone); starting over", state_file)
             shutil.rmtree(work_dir(root / "model"), ignore_errors=True)  # its checkpoints belong to those settings
+            # and its instruments (their detector learnt that model's VAE round trips): never paired with a new model
+            shutil.rmtree(root / "instruments", ignore_errors=True)
             state = None
         done = state["done"] if state else []
         try:  # written with the model in one atomic step; anything else is no marker
