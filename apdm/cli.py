@@ -316,6 +316,7 @@ def _toy(args, debug: bool = False) -> int:
 
         bad = (f"--n must be at least 1, got {args.n}" if args.n < 1 else
                f"--steps must be between 1 and 1000, got {args.steps}" if not 1 <= args.steps <= 1000 else
+               f"--guidance must be a finite number >= 0, got {args.guidance}" if not 0 <= args.guidance < 1e9 else
                f"--out {args.out}: give a .png or .jpg file name" if Path(args.out).suffix.lower() not in
                (".png", ".jpg", ".jpeg") or Path(args.out).is_dir() else "")
         if bad:

@@ -51,3 +51,13 @@ def test_a_build_with_other_settings_discards_the_old_instruments(tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         world.build(world.ToyBuildConfig(output_dir=str(root)))
     assert seen == {"instruments": False}
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_toy_sample_refuses_a_guidance_it_cannot_use_before_loading(tmp_path, capsys, value):
+    """``--guidance nan`` sampled, then failed on NaN pixels without naming the option."""
+    from apdm.cli import main
+
+    assert main(["toy", "sample", "--prompt", "a", "--model", "tiny", "--guidance", value,
+                 "--out", str(tmp_path / "g.png")]) == 2
+    assert "--guidance must be a finite number >= 0" in capsys.readouterr().err
