@@ -544,8 +544,8 @@ def load_config(cls, path: str | Path | None = None, overrides: typing.Sequence[
             ``personalizations.1.steps=10``); the value is parsed as YAML (``steps=10``, ``flag=true``,
             ``prompts=[a, b]``), then checked against the field type; for a text field it is the text as typed
             (``output_dir=010``, ``mixed_precision=no``, a prompt with ``: ``) unless quoted or a ``[...]`` list;
-            for a whole number field it is a base-10 integer (``steps=010`` is 10; not inside a mapping, which
-            YAML reads). A mapping given to a section
+            for a whole number field it is a base-10 integer (``steps=010`` is 10), as in recipes and mappings
+            (:data:`_RecipeLoader` reads plain digits only as numbers, base 10). A mapping given to a section
             (``model={device: cpu}``) changes only the keys it names, as a recipe's section does; a list of
             sections (``subjects=[{...}]``) is given whole.
 
@@ -836,6 +836,20 @@ class _RecipeLoader(yaml.SafeLoader):
                     continue
                 seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
+
+
+def _base10_int(loader: yaml.SafeLoader, node) -> int:
+    return int(loader.construct_scalar(node).replace("_", ""), 10)
+
+
+# whole numbers are base 10 in recipes as in overrides: YAML 1.1 reads `steps: 010` as 8 (octal), `1:30` as 90
+# (sexagesimal) and `0x10` as 16; here only plain digits are numbers (the others are text, refused by a number field)
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:int"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9][0-9_]*$"),
+                                    list("-+0123456789"))
+_RecipeLoader.add_constructor("tag:yaml.org,2002:int", _base10_int)
 
 
 def _coerce(tp, value, source: str, key: str):

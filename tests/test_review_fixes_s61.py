@@ -85,3 +85,17 @@ def test_a_half_precision_model_loads_and_runs_in_plain_diffusers_without_torch_
     assert pipe.text_encoder.dtype == pipe.unet.dtype == torch.float32
     image = pipe("a photo", num_inference_steps=2, height=64, width=64, output_type="np").images
     assert image.shape == (1, 64, 64, 3)
+
+
+def test_whole_numbers_are_base_10_in_recipes_and_mappings_too(tmp_path):
+    """``personalization={steps: 010}`` and a recipe's ``steps: 010`` were YAML 1.1's octal 8 (an override's
+    ``steps=010`` was 10); ``1:30`` was 90."""
+    from apdm.config import ConfigError, PersonalizeRunConfig, load_config
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("personalization:\n  steps: 010\n")
+    assert load_config(PersonalizeRunConfig, recipe).personalization.steps == 10
+    assert load_config(PersonalizeRunConfig, None, ["personalization={steps: 010}"]).personalization.steps == 10
+    recipe.write_text("resolution: 1:30\n")
+    with pytest.raises(ConfigError, match="resolution"):
+        load_config(PersonalizeRunConfig, recipe)
