@@ -1,5 +1,7 @@
 """Helpers shared by several test files (pytest puts tests/ on sys.path)."""
 
+from pathlib import Path
+
 import torch
 
 from apdm.personalization import simulator as S
@@ -66,3 +68,23 @@ def stop_after_first_checkpoint(monkeypatch, run, *args, saver: tuple | None = N
     with pytest.raises(KeyboardInterrupt):
         run(*args)
     monkeypatch.setattr(module, name, saved)
+
+
+def protect_images_cfg(src, out, **kw):
+    """A protect-images config on the tiny model (AdvDM, one step, quiet) from ``src`` into ``out``; ``kw`` wins."""
+    from apdm.config import ModelConfig, ProtectImagesRunConfig
+
+    base = {"model": ModelConfig(path="tiny", device="cpu"), "method": "advdm", "steps": 1, "quiet": True}
+    return ProtectImagesRunConfig(input=str(src), output_dir=str(out), **{**base, **kw})
+
+
+def noise_photo(path, h: int = 20, w: int = 24, seed: int = 0, mode: str = "RGB") -> Path:
+    """Write an ``h`` x ``w`` photo of uniform noise (RGB, or grey with ``mode="L"``) to ``path``; returns it."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    shape = (h, w) if mode == "L" else (h, w, 3)
+    pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+    (Image.fromarray(pixels, mode) if mode == "L" else Image.fromarray(pixels)).save(path)
+    return Path(path)

@@ -121,15 +121,16 @@ def test_torchrun_protect_model_cli(tmp_path):
     assert log["run"]["processes"] == 2
 
 
-def _disagree_worker(rank: int, world: int, port: int, folder: str) -> None:
+def _said_worker(rank: int, world: int, port: int, folder: str, check, *args) -> None:
+    """Join a ``world``-process gloo group, run ``check(rank, *args)`` and write what it said (its RuntimeError's
+    message, or "no error") to ``folder/said<rank>.txt``."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     from apdm.core import distributed
 
     distributed.init_from_env()
-    distributed.agree({"photos": ["a", "b"]}, "the photos")  # the same on both: passes
     try:
-        distributed.agree({"photos": ["a", "b"][: 2 - rank]}, "the photos")  # rank 1 could not read one photo
+        check(rank, *args)
         said = "no error"
     except RuntimeError as exc:
         said = str(exc)
@@ -138,11 +139,18 @@ def _disagree_worker(rank: int, world: int, port: int, folder: str) -> None:
     distributed.finish()
 
 
+def _disagree(rank: int) -> None:
+    from apdm.core import distributed
+
+    distributed.agree({"photos": ["a", "b"]}, "the photos")  # the same on both: passes
+    distributed.agree({"photos": ["a", "b"][: 2 - rank]}, "the photos")  # rank 1 could not read one photo
+
+
 def test_processes_that_see_other_photos_are_refused(tmp_path):
     """A process that cannot read a photo (or finds no checkpoint where the main one resumes) trained on other data,
     its gradients averaged with the others' and no error anywhere; now every process stops, naming the ones that
     differ."""
-    mp.spawn(_disagree_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_said_worker, args=(2, _free_port(), str(tmp_path), _disagree), nprocs=2, join=True)
     for rank in (0, 1):
         said = (tmp_path / f"said{rank}.txt").read_text()
         assert "the 2 processes disagree on the photos: process(es) [1] differ from process 0" in said, said
@@ -160,27 +168,17 @@ def test_other_commands_refuse_several_processes(monkeypatch, capsys):
         assert f"apdm {command[0]} runs in one process (WORLD_SIZE=2" in capsys.readouterr().err
 
 
-def _devices_worker(rank: int, world: int, port: int, folder: str, devices: list) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+def _on_device(rank: int, devices: list) -> None:
     from apdm.core import distributed
 
-    distributed.init_from_env()
-    try:  # only the device's name is compared: no GPU is needed to check the launch
-        distributed.distinct_devices(devices[rank])
-        said = "no error"
-    except RuntimeError as exc:
-        said = str(exc)
-    with open(os.path.join(folder, f"said{rank}.txt"), "w") as f:
-        f.write(said)
-    distributed.finish()
+    distributed.distinct_devices(devices[rank])  # only the device's name is compared: no GPU needed for the launch
 
 
 @pytest.mark.parametrize("devices, ok", [(["cuda:0", "cuda:0"], False), (["cuda:0", "cuda"], False),
                                          (["cuda:0", "cuda:1"], True), (["cpu", "cpu"], True)])
 def test_two_processes_on_one_gpu_are_refused(tmp_path, devices, ok):
     """Two processes on one GPU failed only at the first NCCL gradient sum, after the class images were made."""
-    mp.spawn(_devices_worker, args=(2, _free_port(), str(tmp_path), devices), nprocs=2, join=True)
+    mp.spawn(_said_worker, args=(2, _free_port(), str(tmp_path), _on_device, devices), nprocs=2, join=True)
     for rank in (0, 1):
         said = (tmp_path / f"said{rank}.txt").read_text()
         assert (said == "no error") if ok else ("processes [0, 1] on" in said and "one process per GPU" in said), said

@@ -8,27 +8,15 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from helpers import noise_photo as _noise
+from helpers import protect_images_cfg as _cfg
 
 from apdm.cli import main
-from apdm.config import ModelConfig, ProtectImagesRunConfig
 from apdm.protect_images import run as runner
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.path=tiny", "model.device=cpu", "steps=1", "quiet=true"]
-
-
-def _cfg(src, out, **kw) -> ProtectImagesRunConfig:
-    base = {"model": ModelConfig(path="tiny", device="cpu"), "method": "advdm", "steps": 1, "quiet": True}
-    return ProtectImagesRunConfig(input=str(src), output_dir=str(out), **{**base, **kw})
-
-
-def _noise(path, h=20, w=24, seed=0) -> Path:
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-    return Path(path)
 
 
 def _last(log: str) -> str:

@@ -10,23 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import noise_photo as _noise
+from helpers import protect_images_cfg as _cfg
 from PIL import Image
 
 from apdm.config import ModelConfig, PersonalizationConfig, ProtectImagesRunConfig
 from apdm.protect_images import run as runner
 
 BUDGET_LEVELS = 8
-
-
-def _cfg(src, out, **kw) -> ProtectImagesRunConfig:
-    base = {"model": ModelConfig(path="tiny", device="cpu"), "method": "advdm", "steps": 1, "quiet": True}
-    return ProtectImagesRunConfig(input=str(src), output_dir=str(out), **{**base, **kw})
-
-
-def _noise(path, h=20, w=24, seed=0) -> Path:
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-    return Path(path)
 
 
 def _saved_levels(path) -> np.ndarray:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from helpers import noise_photo
 
 from apdm.cli import main
 
@@ -14,8 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _photo(path: Path) -> Path:
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
-    return path
+    return noise_photo(path, 32, 32)
 
 
 def test_a_folder_protected_by_rho_path_resumes_under_rho_toy(tmp_path, monkeypatch):
