@@ -76,15 +76,11 @@ def load_subjects(sd, cfg: ProtectModelRunConfig, quiet: bool = False, weights_k
     from apdm.core.images import split_spec
     from apdm.protect_model.l2p import Subject
 
-    if not cfg.subjects:
-        raise ValueError("no subjects to protect: set subjects=[{instance_data: DIR, instance_prompt: ..., "
-                         "class_prompt: ...}] in the recipe")
+    check_subjects_given(cfg)
     size = cfg.resolution or sd.resolution
     subjects, skipped = [], []
     weights_key = weights_key or sd.weights_digest()  # the base model's, read once for all subjects
     for k, sc in enumerate(cfg.subjects):
-        if not sc.instance_data:
-            raise ValueError(f"subjects[{k}].instance_data is empty")
         images, ok, errors = load_named(f"subjects[{k}].instance_data", sc.instance_data, size=size)
         skipped += errors
         if not ok:
@@ -378,20 +374,26 @@ def load_named(key: str, spec, list_only: bool = False, **kw):
         raise FileNotFoundError(f"{key}: {exc}") from None
 
 
+def check_subjects_given(cfg: ProtectModelRunConfig) -> None:
+    """Raise ValueError when the config names no subject, or a subject without ``instance_data``."""
+    if not cfg.subjects:
+        raise ValueError("no subjects to protect: set subjects=[{instance_data: DIR, instance_prompt: ..., "
+                         "class_prompt: ...}] in the recipe")
+    for k, sc in enumerate(cfg.subjects):
+        if not sc.instance_data:
+            raise ValueError(f"subjects[{k}].instance_data is empty")
+
+
 def check_inputs(cfg: ProtectModelRunConfig) -> None:
     """Raise, before the model loads, when a photo setting the run will read names nothing: each subject's
     ``instance_data`` and, with the encoder trap, its ``check_data`` and ``encoder_trap.keep_images`` (listed only,
     as :func:`apdm.core.images.list_images` does; the photos load later). The message names the setting
     (``subjects[0].instance_data: input '…/trian' does not exist``), found in seconds, not after subject 0's class
     images."""
-    if not cfg.subjects:
-        raise ValueError("no subjects to protect: set subjects=[{instance_data: DIR, instance_prompt: ..., "
-                         "class_prompt: ...}] in the recipe")
+    check_subjects_given(cfg)
     trap = cfg.encoder_trap.steps > 0
     specs = []
     for k, sc in enumerate(cfg.subjects):
-        if not sc.instance_data:
-            raise ValueError(f"subjects[{k}].instance_data is empty")
         specs.append((f"subjects[{k}].instance_data", sc.instance_data, False))
         if trap and sc.check_data:
             specs.append((f"subjects[{k}].check_data", sc.check_data, False))
