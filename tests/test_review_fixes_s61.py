@@ -44,7 +44,7 @@ def test_a_rho_trained_into_a_folder_named_toy_stays_the_users(tmp_path, monkeyp
     assert rho_folder("toy").name == "rho"  # the toy world's (a build's in the cache, else the shipped one)
     (tmp_path / "toy").mkdir()
     (tmp_path / "toy" / "rho.json").write_text("{}")
-    assert rho_folder("toy") == Path("toy")  # was silently the toy world's
+    assert rho_folder("toy") == (tmp_path / "toy").absolute()  # was silently the toy world's
 
 
 def test_sampler_steps_above_the_schedule_say_at_most(tiny_sd):

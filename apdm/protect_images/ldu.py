@@ -683,7 +683,7 @@ def rho_folder(path: str | Path) -> Path:
     if text == "toy" and (Path("toy") / RHO_CONFIG).is_file():  # a ρ the user trained into ./toy stays theirs
         LOG.warning("rho_path=toy: using the folder ./toy here (it holds a ρ), not the toy world's; give the toy "
                     "world's by its path (assets/toy/rho) if you meant that")
-        return Path("toy")
+        return Path("toy").absolute()  # resolving it again (loading, hashing) says this once, not once a call
     if text == "toy":
         from apdm.toy.world import rho_path
 

@@ -220,7 +220,7 @@ def normalized_settings(settings: dict) -> dict:
     return out
 
 
-def run_settings(cfg: ProtectImagesRunConfig, sd) -> dict:
+def run_settings(cfg: ProtectImagesRunConfig, sd, rho_dir: Path | None = None) -> dict:
     """Everything that decides what protection a file gets, for resuming: the config without where the photos come
     from (``input``, ``recursive``), where they go, how loud the run is, which device runs it and how many photos
     go per batch (lowering ``batch_size`` is the cure for running out of memory, so a resumed run may change it;
@@ -241,7 +241,7 @@ def run_settings(cfg: ProtectImagesRunConfig, sd) -> dict:
     if cfg.method == "ldu":
         from apdm.protect_images.ldu import RHO_WEIGHTS, rho_folder
 
-        settings["rho_sha256"] = file_sha256(rho_folder(cfg.rho_path) / RHO_WEIGHTS)
+        settings["rho_sha256"] = file_sha256((rho_dir or rho_folder(cfg.rho_path)) / RHO_WEIGHTS)
     if cfg.target:
         settings["target_sha256"] = file_sha256(cfg.target)
     return normalized_settings(settings)  # the form it takes in manifest.json
@@ -541,10 +541,11 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
             target = load_image(cfg.target).pixels
         except ImageLoadError as exc:
             raise ValueError(f"{cfg.method} target: {exc}") from exc
-    if cfg.method == "ldu":  # a missing ρ folder is named before the model loads
+    rho_dir = None
+    if cfg.method == "ldu":  # a missing ρ folder is named before the model loads; resolved once for the run
         from apdm.protect_images.ldu import rho_folder
 
-        rho_folder(cfg.rho_path)
+        rho_dir = rho_folder(cfg.rho_path)
     if fmt == "jpeg":
         LOG.warning(JPEG_WARNING)
     out = Path(cfg.output_dir).expanduser()
@@ -563,9 +564,9 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
     if cfg.method == "ldu":
         from apdm.protect_images import ldu
 
-        rho = ldu.load_rho(cfg.rho_path, device=sd.device)
+        rho = ldu.load_rho(rho_dir, device=sd.device)
         ldu.check_rho_fits(rho, sd, budget, where=cfg.rho_path)
-    settings = run_settings(cfg, sd)
+    settings = run_settings(cfg, sd, rho_dir)
     previous, seconds_before = _previous_run(out, settings, cfg.resume)
     out.mkdir(parents=True, exist_ok=True)
 
