@@ -14,13 +14,14 @@ from apdm.toy.upscaler import ToyUpscalerConfig, build_upscaler, rescale_vae
 
 
 def _by_hand(images, seed, sigma, noise_level, steps, size=None):
-    """The attack written out: 8-bit noisy photo -> the diffusers pipeline -> back to the input size."""
+    """The attack written out: 8-bit noisy photo -> the diffusers pipeline, drawing its noise augmentation and
+    starting latents from the generator that drew the pixel noise -> back to the input size."""
     pipe = load_upscaler("tiny")
     g = torch.Generator().manual_seed(seed)
     x = images if size is None else F.interpolate(images, size=size, mode="bicubic", antialias=True).clamp(0, 1)
     noisy = (x + sigma * torch.randn(x.shape, generator=g)).clamp(0, 1).mul(255).round().div(255)
     up = pipe(prompt=[""] * len(x), image=noisy, noise_level=noise_level, num_inference_steps=steps,
-              guidance_scale=1.0, generator=torch.Generator().manual_seed(seed), output_type="pt").images
+              guidance_scale=1.0, generator=g, output_type="pt").images
     assert up.shape[-2:] == (4 * x.shape[-2], 4 * x.shape[-1])   # the pipeline upscales by 4
     up = F.interpolate(up.float(), size=images.shape[-2:], mode="bicubic", antialias=True).clamp(0, 1)
     return up.mul(255).round().div(255)
@@ -35,6 +36,27 @@ def test_noisy_upscale_is_noise_then_the_upscaler_then_the_input_size(rand_image
     again = noisy_upscale(x, None, sigma=0.1, noise_level=300, upscaler="tiny", num_inference_steps=2, seed=3)
     other = noisy_upscale(x, None, sigma=0.1, noise_level=300, upscaler="tiny", num_inference_steps=2, seed=4)
     assert torch.equal(got, again) and (got - other).abs().max() > 0.01
+
+
+def test_the_upscalers_noise_is_not_the_pixel_noise_again(rand_images, monkeypatch):
+    """The upscaler's noise augmentation came from a second generator seeded like the pixel noise's, so on the CPU
+    it was the pixel noise again (correlation 1.0): one noise added twice, ~25 % more than published at level 320."""
+    import apdm.attacks.noisy_upscale as nu
+
+    seen = []
+    real = nu._low_res_noise
+
+    def spy(pipe, noise):
+        seen.append(noise.clone())
+        return real(pipe, noise)
+
+    monkeypatch.setattr(nu, "_low_res_noise", spy)
+    x = rand_images[:2, :, :16, :16].contiguous()
+    noisy_upscale(x, None, sigma=0.1, noise_level=300, upscaler="tiny", num_inference_steps=1, seed=5)
+    pixel = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    assert seen[0].shape == pixel.shape
+    corr = torch.corrcoef(torch.stack([seen[0].flatten(), pixel.flatten()]))[0, 1]
+    assert corr.abs() < 0.3
 
 
 def test_noisy_upscale_downscale_feeds_the_upscaler_a_smaller_photo(rand_images):

@@ -24,3 +24,18 @@ def test_a_rho_in_a_folder_named_toy_is_resolved_once_a_run(tmp_path, monkeypatc
     assert apdm_log().count("it holds a ρ") == 1
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["settings"]["rho_path"] == "toy"  # the path as given is what the manifest records
+
+
+def test_a_noisy_upscale_cell_computed_before_the_noise_fix_is_not_reused(monkeypatch):
+    """Fixing what Noisy Upscaling computes (its upscaler's noise no longer repeats the pixel noise) must not serve
+    the cells ``apdm evaluate`` cached with the old attack: the module's CELL_VERSION keys the cell."""
+    from apdm.attacks import noisy_upscale as nu
+    from apdm.evaluation.run import _attack_parts, _cell_key
+
+    def key():
+        return _cell_key("al", "all_protected", *_attack_parts("noisy_upscale:upscaler=tiny"), "db", {"fp": 1})
+
+    now = key()
+    assert _attack_parts("noisy_upscale:upscaler=tiny")[1]["attack_settings"]["cell_version"] == nu.CELL_VERSION
+    monkeypatch.delattr(nu, "CELL_VERSION")  # the attack as it was keyed before the fix
+    assert key() != now

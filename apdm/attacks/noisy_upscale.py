@@ -216,18 +216,21 @@ def model_files(upscaler: str = DEFAULT_UPSCALER, **_) -> list | None:
     return folder_files(folder) if folder is not None and folder.is_dir() else None
 
 
-def _pipeline_noise(pipe, noisy: torch.Tensor, seed: int, device: str, dtype: torch.dtype):
-    """The noise ``pipe`` draws when called once on all of ``noisy`` with a generator seeded ``seed``: first the
-    noise augmentation of the (preprocessed) low-resolution photos, then the starting latents."""
-    from diffusers.utils.torch_utils import randn_tensor
+#: Keys ``apdm evaluate``'s cells (:func:`apdm.evaluation.run._attack_parts`): 2 since the upscaler's noise is
+#: drawn independently of the pixel noise (2026-12-07), so cells computed before are not reused.
+CELL_VERSION = 2
 
+
+def _pipeline_noise(pipe, noisy: torch.Tensor, g: torch.Generator, device: str, dtype: torch.dtype):
+    """The upscaler's noise for all of ``noisy``, drawn on the CPU from ``g`` (the generator that drew the pixel
+    noise, so the two are independent draws of one stream and a GPU run draws the same numbers as a CPU run): first
+    the noise augmentation of the (preprocessed) low-resolution photos, then the starting latents, each (N,C,h,w)
+    on ``device`` in ``dtype``."""
     n = len(noisy)
     lh, lw = pipe.image_processor.preprocess(noisy[:1]).shape[-2:]  # the pipeline's size for its input
-    g = torch.Generator(device).manual_seed(seed)
-    low_res = randn_tensor((n, noisy.shape[1], lh, lw), generator=g, device=torch.device(device), dtype=dtype)
-    latents = randn_tensor((n, pipe.vae.config.latent_channels, lh, lw), generator=g, device=torch.device(device),
-                           dtype=dtype)
-    return low_res, latents
+    low_res = torch.randn((n, noisy.shape[1], lh, lw), generator=g)
+    latents = torch.randn((n, pipe.vae.config.latent_channels, lh, lw), generator=g)
+    return low_res.to(device=device, dtype=dtype), latents.to(device=device, dtype=dtype)
 
 
 @contextlib.contextmanager
@@ -263,12 +266,14 @@ def noisy_upscale(images: torch.Tensor, sd, sigma: float = 0.1, noise_level: int
             size, so the final resize does nothing).
         prompt: the caption (empty: unconditional; guidance is then skipped, as it would change nothing).
         num_inference_steps, guidance_scale: the upscaler's sampling (pipeline defaults 75 and 9.0).
-        seed: seeds the pixel noise (drawn for the whole set from ``seed``) and the upscaler's own noise: its noise
-            augmentation of the low-resolution photos and its starting latents, drawn for the whole set from one
-            generator seeded ``seed`` in the pipeline's order, as one call on every photo would draw them. So, as
-            in :func:`apdm.attacks.diffpure.diffpure`, ``batch_size`` changes nothing (a batch holding every photo
-            gives what it gave before 2026-12-07). A stochastic sampler (not the published DDIM at its default
-            eta 0) draws its step noise per photo, from ``seed + 1 + i`` for photo ``i``.
+        seed: seeds one CPU generator that draws, for the whole set and in this order, the pixel noise, the
+            upscaler's noise augmentation of the low-resolution photos and its starting latents: three independent
+            draws (until 2026-12-07's second fix the upscaler's noise came from a second generator seeded ``seed``
+            too, so on the CPU its augmentation noise repeated the pixel noise exactly and the photo got one noise
+            twice, ~25 % more than published at level 320), the same on CPU and GPU. So, as in
+            :func:`apdm.attacks.diffpure.diffpure`, ``batch_size`` changes nothing. A stochastic sampler (not the
+            published DDIM at its default eta 0) draws its step noise per photo, from ``seed + 1 + i`` for photo
+            ``i``.
         batch_size: photos per upscaler call.
         quiet: no progress bar over the batches.
 
@@ -307,7 +312,7 @@ def noisy_upscale(images: torch.Tensor, sd, sigma: float = 0.1, noise_level: int
     # every draw is made for the whole set, so batch_size changes nothing (see ``seed``)
     g = torch.Generator().manual_seed(seed)
     noisy_all = (x + sigma * torch.randn(x.shape, generator=g)).clamp(0, 1).mul(255).round().div(255)
-    low_res_noise, latents = _pipeline_noise(pipe, noisy_all, seed, device, dtype)
+    low_res_noise, latents = _pipeline_noise(pipe, noisy_all, g, device, dtype)
     outs = []
     for i in progress(range(0, x.shape[0], batch_size), desc="Noisy Upscaling batches", disable=quiet):
         noisy = noisy_all[i:i + batch_size]

@@ -311,20 +311,22 @@ def _attack_parts(spec: str) -> tuple:
     """An attack's part of a cell's key: its spec, and the settings it runs with (the spec's parameters merged
     with its function's defaults, or a preset's values), so that a changed default in the code keys a new cell
     instead of reusing one computed with the old value; an attack that loads a model of its own (Noisy Upscaling)
-    adds that model's files (its module's ``model_files``). An attack without settings (``none``, ``flip``) is its
+    adds that model's files (its module's ``model_files``), and one whose module names a ``CELL_VERSION`` adds it
+    (a fix that changes what the attack computes keys new cells). An attack without settings (``none``, ``flip``) is its
     spec alone, keyed as before 2026-12-07. The seed is left out: it is the run's (in the key) or the spec's."""
     import inspect
 
     from apdm.attacks.transforms import MODEL_ATTACKS, parse_attack, parse_model_attack
 
-    model_files = None
+    model_files = version = None
     name = spec.strip().partition(":")[0].strip().lower()
     if name in MODEL_ATTACKS:
         import importlib
 
         fn, kwargs = parse_model_attack(spec)
         skip = {"images", "sd", "seed", "quiet"}
-        model_files = getattr(importlib.import_module(MODEL_ATTACKS[name]), "model_files", None)
+        module = importlib.import_module(MODEL_ATTACKS[name])
+        model_files, version = getattr(module, "model_files", None), getattr(module, "CELL_VERSION", None)
     else:
         fn, kwargs = parse_attack(spec), {}
         while isinstance(fn, functools.partial):  # a preset's or the spec's values (the outer wins)
@@ -336,6 +338,8 @@ def _attack_parts(spec: str) -> tuple:
     settings.update((k, v) for k, v in kwargs.items() if k not in skip)
     if model_files is not None:  # an attack with a model of its own (Noisy Upscaling's upscaler): its files too
         settings["model_files"] = model_files(**settings)
+    if version is not None:
+        settings["cell_version"] = version
     return (spec, {"attack_settings": settings}) if settings else (spec,)
 
 
