@@ -39,3 +39,37 @@ def test_a_noisy_upscale_cell_computed_before_the_noise_fix_is_not_reused(monkey
     assert _attack_parts("noisy_upscale:upscaler=tiny")[1]["attack_settings"]["cell_version"] == nu.CELL_VERSION
     monkeypatch.delattr(nu, "CELL_VERSION")  # the attack as it was keyed before the fix
     assert key() != now
+
+
+def test_the_model_card_says_what_the_unet_was_fine_tuned_with():
+    """The card said "APDM (DPO loss + Learning-to-Protect)" for the naive baseline and for inner_steps=0 too,
+    while its own settings block showed otherwise."""
+    from apdm.config import ProtectModelRunConfig
+    from apdm.protect_model.run import model_card
+
+    cfg = ProtectModelRunConfig()
+    assert "APDM (DPO loss + Learning-to-Protect)" in model_card(cfg, [], 1.0)
+    cfg.protect.loss = "naive"
+    card = model_card(cfg, [], 1.0)
+    assert "DPO loss + Learning-to-Protect" not in card and "the naive loss" in card
+    cfg.protect.loss, cfg.protect.inner_steps = "dpo", 0
+    card = model_card(cfg, [], 1.0)
+    assert "without Learning-to-Protect (inner_steps=0)" in card and "DPO loss + Learning-to-Protect" not in card
+
+
+def test_jpeg_on_an_empty_batch_gives_an_empty_batch():
+    import torch
+
+    from apdm.attacks.transforms import jpeg
+
+    out = jpeg(torch.zeros(0, 3, 8, 8), quality=75)  # was: RuntimeError: stack expects a non-empty TensorList
+    assert out.shape == (0, 3, 8, 8)
+
+
+def test_every_sd15_recipe_loads_the_paper_fp32_weights():
+    """sd15-apdm-dog.yaml said "same settings as the person recipe" but had no model.dtype: fp32, so on a GPU it
+    loaded φ and the frozen parts in bf16 (model.dtype=auto)."""
+    from apdm.config import ProtectModelRunConfig, load_config
+
+    for name in ("sd15-apdm-person", "sd15-apdm-dog"):
+        assert load_config(ProtectModelRunConfig, REPO / "recipes" / f"{name}.yaml", []).model.dtype == "fp32", name

@@ -57,6 +57,8 @@ def jpeg(images: torch.Tensor, quality: int = 75) -> torch.Tensor:
     quality = int(quality)
     if not 1 <= quality <= 100:
         raise ValueError(f"jpeg quality must be in 1..100, got {quality}")
+    if len(images) == 0:  # an empty batch stays one, as with every other transform
+        return images.detach().clone()
     arr = images.detach().float().cpu().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     out = []
     for a in arr:

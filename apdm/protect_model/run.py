@@ -728,6 +728,16 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     return summary
 
 
+def _method_phrase(protect) -> str:
+    """What the card says the UNet was fine-tuned with: APDM (DPO loss + Learning-to-Protect), or what differs from
+    it: the naive baseline's loss, no simulated personalization (``inner_steps`` 0: protection steps at θ itself)."""
+    if protect.loss == "dpo" and protect.inner_steps > 0:
+        return "APDM (DPO loss + Learning-to-Protect)"
+    loss = "APDM's DPO loss" if protect.loss == "dpo" else "the naive loss (−L_per + λ·L_ppl, not APDM's DPO loss)"
+    l2p = "with Learning-to-Protect" if protect.inner_steps > 0 else "without Learning-to-Protect (inner_steps=0)"
+    return f"{loss}, {l2p}"
+
+
 def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float,
                trap_history: list[dict] | None = None, trap_check: dict | None = None,
                decoys: list[dict] | None = None, held_check: list[dict] | None = None,
@@ -743,8 +753,8 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float,
         "---", "tags: [apdm, anti-personalization, stable-diffusion]", "---", "",
         "# Protected checkpoint (apdm protect-model)", "",
         (f"Base model: `{base_model_name(cfg.model.path)}`. This UNet"
-         f"{' and its text encoder were' if cfg.protect.train_text_encoder else ' was'} fine-tuned with APDM "
-         "(DPO loss + Learning-to-Protect) so that personalizing it on the protected subject(s) fails, while other "
+         f"{' and its text encoder were' if cfg.protect.train_text_encoder else ' was'} fine-tuned with "
+         f"{_method_phrase(cfg.protect)} so that personalizing it on the protected subject(s) fails, while other "
          "prompts keep working." if cfg.protect.outer_steps > 0 else
          f"Base model: `{base_model_name(cfg.model.path)}`. Its UNet and text encoder are unchanged (no APDM steps); "
          "only the VAE "
