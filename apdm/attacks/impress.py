@@ -37,7 +37,9 @@ LR, LR_MIN, ADAM_EPS, TIE_WEIGHT = PUBLISHED_LR / 2, PUBLISHED_LR_MIN / 2, PUBLI
 
 
 def consistency_error(vae, images: torch.Tensor) -> torch.Tensor:
-    """Per-image mean squared error between images and their VAE reconstruction ``D(E(x))`` (posterior mean).
+    """Per-image mean squared error between images and their VAE reconstruction ``D(E(x))`` (posterior mean),
+    the reconstruction clamped to [0, 1] as every apdm decode (the reference code compares the raw decoder output;
+    docs/evaluate.md, the differences table).
 
     Args:
         vae: ``AutoencoderKL``.
