@@ -191,3 +191,170 @@ def test_train_and_finish_leave_the_callers_shared_modules_as_they_were(tiny_sd,
         own = getattr(st.sd, name)
         assert not own.training and not any(p.requires_grad for p in own.parameters())
     assert part not in st.owned
+
+
+# ================================================================ second audit: identifiers, ranges, ignored options
+class _ModelLoaded(Exception):
+    """Raised by a stand-in for load_sd: the run got past every check that needs no model."""
+
+
+def _no_model(*args, **kwargs):
+    raise _ModelLoaded()
+
+
+# ---------------------------------------------------------------- identifier next to punctuation
+def test_identifier_next_to_punctuation_becomes_the_learned_token(tiny_sd):
+    """TI and Custom Diffusion put their token in place of the identifier word wherever it stands as a word:
+    next to a comma or a question mark (the prompt was left as it was, and ti_prompt raised), before a tab; not
+    inside a longer word (sksx) or an already-made <sks>, and not in another case (as before)."""
+    cfg = PersonalizationConfig(method="ti")
+    cases = {"a photo of sks, smiling": "a photo of <sks>, smiling", "is it sks?": "is it <sks>?",
+             "sks\tperson": "<sks>\tperson", "(sks) on a beach": "(<sks>) on a beach",
+             "a photo of sks person": "a photo of <sks> person",
+             "a photo of sksx person": "a photo of sksx person", "a photo of <sks> person": "a photo of <sks> person",
+             "a photo of SKS person": "a photo of SKS person"}
+    for prompt, expected in cases.items():
+        assert S.prompt_for(cfg, prompt) == expected, prompt
+    assert S.prompt_for(PersonalizationConfig(method="custom_diffusion"), "is it sks?") == "is it <sks>?"
+    assert S.prompt_for(PersonalizationConfig(method="lora"), "is it sks?") == "is it sks?"
+    assert S.ti_prompt("a photo of sks, smiling", cfg) == "a photo of <sks>, smiling"
+    assert S.swap_identifier("sks, sks.", "sks", "zwx") == "zwx, zwx."
+    with pytest.raises(ValueError, match="does not contain the identifier word 'sks'"):
+        S.swap_identifier("a photo of sksx person", "sks", "zwx")
+    # setup: the instance prompt the token trains with holds the token, for a capitalised identifier too
+    for ident in ("sks", "Sks"):
+        per = PersonalizationConfig(method="ti", identifier=ident, instance_prompt=f"a photo of {ident}, smiling")
+        state = S.setup(tiny_sd, per)
+        assert state.instance_prompt == f"a photo of <{ident}>, smiling"
+        assert state.ti_token_id in D.tokenize(state.sd.tokenizer, [state.instance_prompt])[0].tolist()
+
+
+# ---------------------------------------------------------------- settings that failed late or did nothing
+@pytest.mark.parametrize("kw", [
+    {"adam_beta1": 1.5}, {"adam_beta2": 1.0}, {"adam_beta1": -0.1}, {"adam_epsilon": -1.0},
+    {"adam_weight_decay": -1.0}, {"adam_weight_decay": float("nan")},
+    {"method": "lora", "lora_alpha": 0.0}, {"method": "lora", "lora_alpha": -4.0},
+    {"prior_loss_weight": -1.0}, {"prior_loss_weight": float("nan")},
+    {"max_grad_norm": -1.0}, {"max_grad_norm": float("nan")},
+])
+def test_out_of_range_settings_are_refused_before_any_work(kw):
+    """Adam settings torch refuses only when the optimizer is made (after the model loaded and the class images
+    were drawn), a LoRA alpha of 0 (an adapter that changes nothing) or below (its sign flipped), a negative or NaN
+    prior loss weight and a negative or NaN max_grad_norm (clipping silently off) stop check_personalization,
+    naming the key and the value."""
+    name = next(k for k in kw if k != "method")
+    with pytest.raises(ValueError, match=rf"personalizations\[1\]\.{name}={kw[name]}"):
+        S.check_personalization(PersonalizationConfig(**kw), "personalizations[1]")
+
+
+def test_edge_values_that_stay_valid():
+    """Guard (passed before the fix): max_grad_norm=0 (no clipping), zero weight decay, epsilon and prior weight,
+    beta 0, and a lora_alpha the method does not use are accepted; so is every shipped recipe's attacker."""
+    S.check_personalization(PersonalizationConfig(max_grad_norm=0.0, adam_weight_decay=0.0, adam_epsilon=0.0,
+                                                  prior_loss_weight=0.0, adam_beta1=0.0, lora_alpha=0.0))
+    S.check_personalization(PersonalizationConfig(method="lora", lora_alpha=0.5))
+
+
+@pytest.mark.parametrize("method", ["ti", "custom_diffusion"])
+def test_token_method_needs_the_identifier_in_its_instance_prompt(method):
+    """A method that learns a token refuses, before any work, an instance prompt without the identifier word (it
+    passed check_personalization and failed in setup, after the class images), naming the prompt's key; prompts
+    given by their own keys (apdm evaluate's subjects) are checked instead of the config's own."""
+    cfg = PersonalizationConfig(method=method, instance_prompt="a photo of zwx person")
+    with pytest.raises(ValueError, match=r"personalization\.instance_prompt='a photo of zwx person' does not contain "
+                                         r"the identifier word personalization\.identifier='sks'"):
+        S.check_personalization(cfg)
+    S.check_personalization(dataclasses.replace(cfg, instance_prompt="a photo of sks, smiling"))
+    with pytest.raises(ValueError, match=r"subjects\[1\]\.instance_prompt='zwx' does not contain"):
+        S.check_personalization(cfg, "personalizations[0]", {"subjects[0].instance_prompt": "a sks dog",
+                                                            "subjects[1].instance_prompt": "zwx"})
+    S.check_personalization(cfg, "personalizations[0]", {"subjects[0].instance_prompt": "a sks dog"})
+    S.check_personalization(dataclasses.replace(cfg, method="dreambooth"))  # no token: no identifier needed
+
+
+def test_evaluate_checks_each_subjects_prompt_before_the_model_loads(tmp_path, monkeypatch):
+    """apdm evaluate with personalizations=[lora, ti] and a subject whose prompt lacks the identifier: refused
+    before the model loads (the LoRA cell ran and was cached, then the TI cell stopped the run), naming the
+    subject's prompt; with the identifier in it the run gets as far as loading the model."""
+    from apdm.config import EvalSubjectConfig, EvaluateRunConfig
+    from apdm.evaluation.run import run
+
+    monkeypatch.setattr("apdm.core.models.load_sd", _no_model)
+    clean = _photos(tmp_path / "clean", size=64)
+    pers = [PersonalizationConfig(method="lora", steps=1, with_prior_preservation=False),
+            PersonalizationConfig(method="ti", steps=1)]
+
+    def cfg(prompt: str) -> EvaluateRunConfig:
+        return EvaluateRunConfig(model=ModelConfig(path="tiny", device="cpu"), output_dir=str(tmp_path / "out"),
+                                 quiet=True, scenarios=["all_clean"], attacks=["none"], personalizations=pers,
+                                 subjects=[EvalSubjectConfig(name="al", clean_data=str(clean), instance_prompt=prompt)])
+
+    with pytest.raises(ValueError, match=r"subjects\[0\]\.instance_prompt='a photo of zwx person' does not contain "
+                                         r"the identifier word personalizations\[1\]\.identifier='sks'"):
+        run(cfg("a photo of zwx person"))
+    with pytest.raises(_ModelLoaded):
+        run(cfg("a photo of sks, smiling"))
+
+
+# ---------------------------------------------------------------- options a method ignores
+@pytest.mark.parametrize("method, kw", [
+    ("lora", {"unet_trainable": ["attn2.to_k"]}), ("lora", {"text_encoder_lr": 1.0}),
+    ("ti", {"text_encoder_lr": 1.0}), ("ti", {"train_text_encoder": True}), ("ti", {"unet_trainable": ["attn2.to_k"]}),
+    ("custom_diffusion", {"train_text_encoder": True}), ("dreambooth", {"text_encoder_lr": 1.0}),
+])
+def test_an_option_the_method_ignores_is_named(method, kw, apdm_log):
+    """Each option the method leaves unused (the trained weights are bit-identical without it) is named in a
+    warning, as lora+train_text_encoder was: the key, its value and the method."""
+    name = next(iter(kw))
+    said = S.check_method_options(PersonalizationConfig(method=method, **kw), "personalizations[2]")
+    assert len(said) == 1 and f"personalizations[2].{name}=" in said[0] and "is ignored" in said[0]
+    assert f"personalizations[2].method={method}" in said[0]
+    S.check_personalization(PersonalizationConfig(method=method, **kw))
+    assert f"personalization.{name}=" in apdm_log()
+
+
+def test_options_the_method_uses_are_not_named():
+    """Guard (passed before the fix): no warning where the method uses the option (Custom Diffusion's token rate
+    and K/V choice, DreamBooth's text-encoder rate and UNet subset) or where it is at its default."""
+    for method, kw in [("custom_diffusion", {"text_encoder_lr": 1.0, "unet_trainable": ["attn2.to_q"]}),
+                       ("dreambooth", {"train_text_encoder": True, "text_encoder_lr": 1.0}),
+                       ("dreambooth", {"unet_trainable": ["attn2.to_k"]}), ("lora", {}), ("ti", {})]:
+        assert S.check_method_options(PersonalizationConfig(method=method, **kw)) == [], (method, kw)
+
+
+def test_text_encoder_lr_is_really_unused_by_ti(tiny_sd, rand_images):
+    """Guard of the warning's truth (passed before the fix): TI's token trains at learning_rate whatever
+    text_encoder_lr says."""
+    base = PersonalizationConfig(method="ti", learning_rate=1e-2, steps=2, with_prior_preservation=False)
+    rows = []
+    for cfg in (base, dataclasses.replace(base, text_encoder_lr=1.0)):
+        state = S.setup(tiny_sd, cfg)
+        S.train(state, rand_images, quiet=True)
+        rows.append(state.params[0][state.ti_token_id].detach().clone())
+    assert torch.equal(rows[0], rows[1])
+
+
+# ---------------------------------------------------------------- apdm personalize's resolution
+def test_personalize_refuses_a_resolution_the_model_cannot_take(tmp_path, monkeypatch):
+    """resolution<0 stops before the model loads; a side that is not a multiple of the VAE's 8 pixels per latent
+    cell (60: the samples came out 56 pixels) or too small for the UNet (12, 16: torch's group-norm message at the
+    first step) stops right after it loads, before any class image is drawn; each message names resolution=."""
+    from apdm.core import models as M
+    from apdm.personalization.run import run
+
+    _photos(tmp_path / "img")
+    real_load = M.load_sd
+    monkeypatch.setattr(M, "load_sd", _no_model)
+    with pytest.raises(ValueError, match=r"resolution=-8: must be 0"):
+        run(_run_cfg(tmp_path, "neg", resolution=-8))
+    monkeypatch.setattr(M, "load_sd", real_load)
+    for res in (12, 16, 60):
+        with pytest.raises(ValueError, match=rf"resolution={res}: this model takes image sides that are multiples of "
+                                             r"8 .* from 24 up, e.g. 24, 32 or 64"):
+            run(_run_cfg(tmp_path, f"r{res}", resolution=res))
+    assert not (tmp_path / "cls").exists()
+    from apdm.personalization.run import check_size
+
+    sd = M.tiny_sd(seed=0)
+    for ok in (24, 40, 64, 128):  # sides that train and sample (the smallest checked by hand)
+        check_size(sd, ok)

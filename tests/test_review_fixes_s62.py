@@ -73,3 +73,24 @@ def test_every_sd15_recipe_loads_the_paper_fp32_weights():
 
     for name in ("sd15-apdm-person", "sd15-apdm-dog"):
         assert load_config(ProtectModelRunConfig, REPO / "recipes" / f"{name}.yaml", []).model.dtype == "fp32", name
+
+
+def test_protect_model_checks_a_token_attackers_identifier_in_the_subjects_prompts(tmp_path):
+    """The new identifier check of a token-learning attacker (TI, Custom Diffusion) looked at
+    personalization.instance_prompt only, refusing a run whose subjects carry their own prompts with the identifier;
+    protect-model checks each subject's prompt, the one the attacker trains with."""
+    from helpers import tiny_protect_model_args
+
+    from apdm.config import PersonalizationConfig, ProtectConfig
+    from apdm.protect_model.l2p import check_protect_config
+
+    per = PersonalizationConfig(method="ti", identifier="zwx")  # its instance_prompt is "a photo of sks person"
+    check_protect_config(per, ProtectConfig(), instance_prompts={"subjects[0].instance_prompt": "a photo of zwx man"})
+    import pytest
+
+    with pytest.raises(ValueError, match=r"subjects\[0\].instance_prompt='a photo of sks man'"):
+        check_protect_config(per, ProtectConfig(), instance_prompts={"subjects[0].instance_prompt": "a photo of sks man"})
+    args = [a for a in tiny_protect_model_args(tmp_path) if not a.startswith("subjects=")]
+    subject = f"subjects=[{{instance_data: {tmp_path / 'subject'}, instance_prompt: a photo of zwx person}}]"
+    assert main(["protect-model", *args, subject, "personalization.method=ti", "personalization.identifier=zwx",
+                 "protect.outer_steps=1"]) == 0

@@ -34,6 +34,8 @@ def run(cfg: PersonalizeRunConfig) -> dict:
 
     if not cfg.instance_data:
         raise ValueError("instance_data is empty: pass instance_data=FOLDER (the subject's photos)")
+    if cfg.resolution < 0:
+        raise ValueError(f"resolution={cfg.resolution}: must be 0 (the model's own) or an image side in pixels")
     if cfg.personalization.seed not in (0, cfg.seed):
         LOG.warning("personalization.seed=%d is replaced by seed=%d (the attacker's seed of apdm personalize)",
                     cfg.personalization.seed, cfg.seed)
@@ -51,6 +53,7 @@ def run(cfg: PersonalizeRunConfig) -> dict:
     sd = load_sd(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.revision)
     check_sampler_steps(sd, cfg.sample)  # before the class images and the training, not at the first sample
     size = cfg.resolution or sd.resolution
+    check_size(sd, size)
     images, ok, errors = load_spec(cfg.instance_data, size=size)
     if len(ok) == 0:
         raise ValueError(f"no usable images in {cfg.instance_data}")
@@ -88,3 +91,21 @@ def run(cfg: PersonalizeRunConfig) -> dict:
     LOG.info("done: %d steps in %.1fs (%.3f s/step); results in %s", state.global_step, t_train,
              summary["seconds_per_step"], out)
     return summary
+
+
+def check_size(sd, size: int) -> None:
+    """Refuse an image side ``size`` (``resolution=``) that ``sd`` cannot train and sample at: not a multiple of the
+    VAE's pixels per latent cell (the images were cut to the next lower multiple, the samples smaller than asked),
+    or smaller than the UNet's downsamplings allow. Each downsampling halves the latent side, rounding up, so the
+    least side is ``vae_scale_factor * 2 ** downsamplings`` (64 for SD); a UNet whose group norms hold one channel
+    per group (the tiny test model) also fails on a 1x1 map, at the first step and with a message naming no
+    setting, so it needs ``vae_scale_factor * (2 ** downsamplings + 1)`` (24 for the tiny model)."""
+    step = sd.vae_scale_factor
+    cfg = sd.unet.config
+    downsamplings = len(cfg.block_out_channels) - 1
+    one_per_group = min(cfg.block_out_channels) <= int(getattr(cfg, "norm_num_groups", 32) or 32)
+    least = step * (2 ** downsamplings + (1 if one_per_group else 0))
+    if size % step or size < least:
+        raise ValueError(f"resolution={size}: this model takes image sides that are multiples of {step} (its VAE's "
+                         f"pixels per latent cell) from {least} up, e.g. {least}, {least + step} or "
+                         f"{sd.resolution} (its own, resolution=0)")

@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,14 +117,18 @@ def make_optimizer(name: str, params, **kwargs) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer '{name}'; choose adamw or adamw8bit")
 
 
-def check_personalization(cfg: PersonalizationConfig, key: str = "personalization") -> None:
+def check_personalization(cfg: PersonalizationConfig, key: str = "personalization",
+                          instance_prompts: dict[str, str] | None = None) -> None:
     """Every check of a personalization config that needs no model, so that a typo stops a run before the model
     loads, class images are drawn or hours of training are spent. ``key`` names the config in the message
-    (``personalization``, ``personalizations[1]``).
+    (``personalization``, ``personalizations[1]``). ``instance_prompts``: the prompts the attacker will train with,
+    by the key that names each (``{"subjects[0].instance_prompt": ...}``), where they are not ``cfg.instance_prompt``
+    (apdm evaluate: each subject's); a method that learns a token needs the identifier word in each.
 
     Raises:
-        ValueError: an unknown method, optimizer or mixed precision, a count or rate out of range, or an empty
-            ``ti_initializer_token`` for a method that learns a token; names the key.
+        ValueError: an unknown method, optimizer or mixed precision, a count, rate, weight or optimizer setting out
+            of range, an empty ``ti_initializer_token`` or an instance prompt without the identifier word for a
+            method that learns a token; names the key.
     """
     choices = {"method": METHODS, "optimizer": ("adamw", "adamw8bit"), "mixed_precision": ("no", "fp16", "bf16")}
     for name, allowed in choices.items():
@@ -138,27 +143,68 @@ def check_personalization(cfg: PersonalizationConfig, key: str = "personalizatio
         value = getattr(cfg, name)
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ValueError(f"{key}.{name} must be a positive number, got {value}")
+    for name in ("adam_beta1", "adam_beta2"):  # AdamW's own range, checked by torch only when the optimizer is made
+        if not 0 <= getattr(cfg, name) < 1:
+            raise ValueError(f"{key}.{name}={getattr(cfg, name)}: must be a number in [0, 1) (e.g. 0.9, 0.999)")
+    for name, what in (("adam_epsilon", "e.g. 1e-8"), ("adam_weight_decay", "0 = none"),
+                       ("prior_loss_weight", "the weight of the class images' loss; 0 = none")):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{key}.{name}={value}: must be a number >= 0 ({what})")
+    if not cfg.max_grad_norm >= 0:  # (also NaN) a negative norm turned clipping off without a word
+        raise ValueError(f"{key}.max_grad_norm={cfg.max_grad_norm}: must be >= 0 (the gradient norm clipped to; "
+                         "0 = no clipping)")
+    if cfg.method == "lora" and not (math.isfinite(cfg.lora_alpha) and cfg.lora_alpha > 0):
+        raise ValueError(f"{key}.lora_alpha={cfg.lora_alpha}: must be a positive number (the adapter's output is "
+                         f"scaled by lora_alpha/lora_rank: 0 trains an adapter that changes nothing, a negative one "
+                         f"flips its sign; e.g. {key}.lora_alpha={cfg.lora_rank}, the rank)")
     if not cfg.identifier or any(ch.isspace() for ch in cfg.identifier):
         raise ValueError(f"{key}.identifier must be one word without spaces (e.g. sks), got {cfg.identifier!r}")
-    if cfg.method in TOKEN_METHODS and not cfg.ti_initializer_token.strip():
-        raise ValueError(f"{key}.ti_initializer_token must name a word whose embedding starts the new token (e.g. "
-                         f"person), got {cfg.ti_initializer_token!r}")
+    if cfg.method in TOKEN_METHODS:
+        if not cfg.ti_initializer_token.strip():
+            raise ValueError(f"{key}.ti_initializer_token must name a word whose embedding starts the new token "
+                             f"(e.g. person), got {cfg.ti_initializer_token!r}")
+        prompts = {f"{key}.instance_prompt": cfg.instance_prompt} if instance_prompts is None else instance_prompts
+        for where, prompt in prompts.items():
+            if not has_identifier(prompt, cfg.identifier):
+                raise ValueError(f"{where}={prompt!r} does not contain the identifier word {key}.identifier="
+                                 f"{cfg.identifier!r}: {key}.method={cfg.method} replaces it by the learned token "
+                                 f"{ti_token(cfg)} (e.g. 'a photo of {cfg.identifier} person')")
     check_method_options(cfg, key)
 
 
 def check_method_options(cfg: PersonalizationConfig, key: str = "personalization") -> list[str]:
-    """Name an option the method ignores, in a warning: ``train_text_encoder`` with ``lora`` (the LoRA attacker
-    adapts only the UNet; a text-encoder LoRA is not implemented). A warning, not an error: recipes that train the
-    text encoder for DreamBooth surrogates stay usable with ``method=lora``, and their numbers were measured so.
+    """Name each option the method ignores (set to other than its default), in a warning: ``train_text_encoder``
+    with ``lora`` (the LoRA attacker adapts only the UNet; a text-encoder LoRA is not implemented), ``ti`` or
+    ``custom_diffusion`` (they train only the new token's embedding); ``unet_trainable`` with ``lora`` (its adapters
+    go on ``lora_target_modules``) or ``ti`` (the UNet is frozen); ``text_encoder_lr`` with ``lora``, ``ti`` (the
+    token learns at ``learning_rate``) or ``dreambooth`` without ``train_text_encoder``. A warning, not an error:
+    recipes that train the text encoder for DreamBooth surrogates stay usable with ``method=lora``, and their
+    numbers were measured so.
 
     Returns:
         the warnings given (empty when none).
     """
     said = []
+    m = f"{key}.method={cfg.method}"
     if cfg.method == "lora" and cfg.train_text_encoder:
         said.append(f"{key}.train_text_encoder=true is ignored with {key}.method=lora: apdm's LoRA adapts only the "
                     f"UNet (no text-encoder LoRA is implemented); use {key}.method=dreambooth to train the text "
                     "encoder")
+    if cfg.method in TOKEN_METHODS and cfg.train_text_encoder:
+        said.append(f"{key}.train_text_encoder=true is ignored with {m}: it trains only the new token's embedding "
+                    f"of the text encoder; use {key}.method=dreambooth to train the text encoder")
+    if cfg.method in ("lora", "ti") and cfg.unet_trainable:
+        why = (f"its adapters go on {key}.lora_target_modules" if cfg.method == "lora"
+               else "Textual Inversion leaves the UNet as it is")
+        said.append(f"{key}.unet_trainable={list(cfg.unet_trainable)} is ignored with {m}: {why}; unet_trainable "
+                    "picks the UNet parameters of dreambooth and custom_diffusion")
+    if cfg.text_encoder_lr is not None:
+        why = {"lora": "apdm's LoRA adapts only the UNet",
+               "ti": f"the token learns at {key}.learning_rate",
+               "dreambooth": f"the text encoder is not trained ({key}.train_text_encoder=false)"}
+        if cfg.method in why and not (cfg.method == "dreambooth" and cfg.train_text_encoder):
+            said.append(f"{key}.text_encoder_lr={cfg.text_encoder_lr:g} is ignored with {m}: {why[cfg.method]}")
     for text in said:
         LOG.warning("%s", text)
     return said
@@ -169,16 +215,30 @@ def ti_token(cfg: PersonalizationConfig) -> str:
     return f"<{cfg.identifier}>"
 
 
+def _identifier_word(identifier: str) -> re.Pattern:
+    """``identifier`` as a word of a prompt: punctuation or spaces may touch it (``sks,`` ``sks?`` ``(sks)``), a
+    letter, digit or ``_`` may not (``sksx`` is another word), nor the brackets of a learned token (``<sks>``).
+    Case-sensitive (``Sks`` is another word than ``sks``)."""
+    return re.compile(rf"(?<![\w<]){re.escape(identifier)}(?![\w>])")
+
+
+def has_identifier(prompt: str, identifier: str) -> bool:
+    """Whether ``prompt`` contains the word ``identifier`` (see :func:`swap_identifier`)."""
+    return _identifier_word(identifier).search(prompt) is not None
+
+
 def swap_identifier(prompt: str, identifier: str, new: str) -> str:
-    """``prompt`` with its identifier word replaced by ``new`` (``a photo of sks person`` -> ``... zwx person``).
+    """``prompt`` with its identifier word replaced by ``new`` (``a photo of sks person`` -> ``... zwx person``;
+    ``a photo of sks, smiling`` -> ``... zwx, smiling``). A longer word that contains it (``sksx``) and a learned
+    token (``<sks>``) are left as they are.
 
     Raises:
         ValueError: ``prompt`` does not contain ``identifier`` as a word.
     """
-    words = prompt.split(" ")
-    if identifier not in words:
+    word = _identifier_word(identifier)
+    if word.search(prompt) is None:
         raise ValueError(f"instance prompt '{prompt}' does not contain the identifier word '{identifier}'")
-    return " ".join(new if w == identifier else w for w in words)
+    return word.sub(lambda _: new, prompt)
 
 
 def ti_prompt(prompt: str, cfg: PersonalizationConfig) -> str:
@@ -728,7 +788,7 @@ def load_personalized(base: SD, out_dir: str | Path) -> SD:
 def prompt_for(state_or_cfg, prompt: str) -> str:
     """Adapt a sampling prompt to the method (TI, Custom Diffusion: identifier word -> learned token)."""
     cfg = state_or_cfg.cfg if isinstance(state_or_cfg, PersonalizationState) else state_or_cfg
-    if cfg.method in TOKEN_METHODS and cfg.identifier in prompt.split(" "):
+    if cfg.method in TOKEN_METHODS and has_identifier(prompt, cfg.identifier):
         return ti_prompt(prompt, cfg)
     return prompt
 

@@ -17,7 +17,9 @@ the protection gradient is taken at θ itself (the paper's "without L2P" ablatio
 Design choices (see docs/protect_model.md):
 
 * the paper's clean gradient by default; ``gradient_leak=true`` reproduces the reference code, where the
-  personalization gradient ∇L_per(θ'_i) is added to each transferred gradient;
+  personalization gradient ∇L_per(θ'_i) is added to each transferred gradient; the leaked gradient is the one the
+  simulator clipped at ``personalization.max_grad_norm`` (1.0 by default and in the SD recipes), while the reference
+  code does not clip, so reproducing it also needs ``personalization.max_grad_norm=0``;
 * every random draw of outer step j comes from generators seeded by ``(seed, j)``, so a run resumed from a
   checkpoint continues exactly as an uninterrupted one; with several processes (``torchrun``), rank r uses
   ``seed + 1_000_003 r`` and the gradients are averaged (:mod:`apdm.core.distributed`);
@@ -746,14 +748,16 @@ def check_protect_ranges(pcfg: ProtectConfig, encoder_trap_steps: int | None = N
 
 
 def check_protect_config(per_cfg: PersonalizationConfig, pcfg: ProtectConfig, encoder_trap_steps: int | None = None,
-                         num_subjects: int = 1) -> list[PersonalizationConfig]:
+                         num_subjects: int = 1, instance_prompts: dict[str, str] | None = None
+                         ) -> list[PersonalizationConfig]:
     """Every check that needs no model: ranges and choices (:func:`check_protect_ranges`, where
     ``encoder_trap_steps`` is explained), lr phases, attackers, the attacker restart period (for ``num_subjects``
     subjects), identifiers, extra DPO prompts and the conditioning attack only with the DPO loss, no TI attacker
-    when the text encoder is protected. Raises before any work starts; returns the simulated attackers
-    (:func:`attackers`)."""
+    when the text encoder is protected. ``instance_prompts``: the subjects' prompts the attacker trains with, by the
+    key naming each (None: ``per_cfg.instance_prompt``), for a token-learning attacker's identifier check. Raises
+    before any work starts; returns the simulated attackers (:func:`attackers`)."""
     check_protect_ranges(pcfg, encoder_trap_steps)
-    S.check_personalization(per_cfg)  # the simulated attacker
+    S.check_personalization(per_cfg, instance_prompts=instance_prompts)  # the simulated attacker
     check_lr_phases(pcfg)
     check_restart(pcfg, num_subjects)
     bad = [w for w in pcfg.identifiers if not isinstance(w, str) or not w or any(ch.isspace() for ch in w)]
@@ -869,7 +873,8 @@ def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcf
         CheckpointError: the checkpoint in ``checkpoint_dir`` is corrupt, of another model, of other settings, or
             past ``pcfg.outer_steps``.
     """
-    per_cfgs = check_protect_config(per_cfg, pcfg, num_subjects=len(subjects))
+    per_cfgs = check_protect_config(per_cfg, pcfg, num_subjects=len(subjects), instance_prompts={
+        f"subjects[{i}].instance_prompt": s.instance_prompt for i, s in enumerate(subjects)} or None)
     if pcfg.anchor_weight > 0 and pcfg.inner_steps == 0:  # (said here, once per protection, not in every check)
         LOG.warning("protect.anchor_weight=%g does nothing with protect.inner_steps=0: with no simulated attack θ′ is "
                     "θ, whose prior-preservation term is in the protection loss already", pcfg.anchor_weight)

@@ -567,8 +567,10 @@ def run(cfg: ProtectModelRunConfig) -> dict:
 
     # before any model loading or class-image generation
     check_output_dir(cfg)
+    prompts = {f"subjects[{i}].instance_prompt": s.instance_prompt or cfg.personalization.instance_prompt
+               for i, s in enumerate(cfg.subjects)}  # what each subject's attacker trains with
     attackers = check_protect_config(cfg.personalization, cfg.protect, encoder_trap_steps=cfg.encoder_trap.steps,
-                                     num_subjects=len(cfg.subjects))
+                                     num_subjects=len(cfg.subjects), instance_prompts=prompts or None)
     check_trap_config(cfg.encoder_trap)
     check_inputs(cfg)  # a misspelt photo folder, named by its setting
     check_extras(cfg, attackers)  # an extra not installed (dlib for encoder_trap.identity=dlib)
