@@ -51,8 +51,14 @@ def extract_features(images: torch.Tensor, extractor: Callable | None, batch_siz
         batch_size: images per forward pass.
 
     Raises:
-        MetricUnavailable: images were given without an extractor (no offline default feature network).
+        MetricUnavailable: images were given without an extractor (no offline default feature network), or the
+            images (features) contain NaN/inf: an extractor that quantises (Inception) would turn them into
+            finite features of nothing.
     """
+    bad = int((~torch.isfinite(images.detach())).flatten(1).any(dim=1).sum()) if images.dim() >= 2 else 0
+    if bad:
+        raise MetricUnavailable(f"{bad} of {images.shape[0]} {'images' if extractor is not None else 'feature vectors'} "
+                                "contain NaN/inf (e.g. the samples of a diverged personalization)")
     if extractor is None:
         if images.dim() != 2:
             raise MetricUnavailable(
@@ -96,7 +102,7 @@ def fid(real: torch.Tensor, fake: torch.Tensor, extractor: Callable | None = Non
         :data:`FID_MIN_RELIABLE` images per set.
 
     Raises:
-        MetricUnavailable: no extractor for images, or fewer than 2 items in a set.
+        MetricUnavailable: no extractor for images, fewer than 2 items in a set, or NaN/inf features.
     """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
@@ -134,7 +140,7 @@ def kid(real: torch.Tensor, fake: torch.Tensor, extractor: Callable | None = Non
         ``(mean, std)`` over subsets (lower = more similar; can be slightly negative: it is unbiased).
 
     Raises:
-        MetricUnavailable: no extractor for images, or fewer than 2 items in a set.
+        MetricUnavailable: no extractor for images, fewer than 2 items in a set, or NaN/inf features.
     """
     from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -160,11 +166,19 @@ def kid_subset_size(n_real: int, n_fake: int, requested: int = 1000) -> int:
 
 
 def _check_sets(fr: torch.Tensor, ff: torch.Tensor, minimum: int, what: str) -> None:
+    """Refuse feature sets ``(N, D)`` that FID/KID cannot measure: too few items, different ``D``, or NaN/inf in
+    either (images that are NaN, as a diverged personalization samples, give NaN features; torchmetrics' statistics
+    on them are NaN at best, and FID's matrix square root crashed the process in MKL)."""
     if fr.shape[0] < minimum or ff.shape[0] < minimum:
         raise MetricUnavailable(f"{what} needs at least {minimum} items per set, got {fr.shape[0]} real / "
                                 f"{ff.shape[0]} generated")
     if fr.shape[1] != ff.shape[1]:
         raise ValueError(f"{what}: feature sizes differ ({fr.shape[1]} vs {ff.shape[1]})")
+    for feats, side in ((fr, "real"), (ff, "generated")):
+        bad = int((~torch.isfinite(feats)).any(dim=1).sum())
+        if bad:
+            raise MetricUnavailable(f"{what}: the features of {bad} of {feats.shape[0]} {side} items contain NaN/inf "
+                                    f"(non-finite images, e.g. the samples of a diverged personalization)")
 
 
 def inception_extractor(weights_path: str, feature: int = 2048) -> nn.Module:

@@ -42,7 +42,8 @@ class MetricUnavailable(RuntimeError):
 
 
 def _finite_or_none(x: float | None) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+    """``x``, or ``None`` when it is a non-finite float (NaN, ±inf): records hold numbers strict JSON can carry."""
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
 
 
 def metric_record(name: str, impl: str, value: float | None, higher_is_better: bool | None, n: int | None,
@@ -53,7 +54,8 @@ def metric_record(name: str, impl: str, value: float | None, higher_is_better: b
         name: metric name, e.g. ``"psnr"``, ``"ism"``, ``"fid"``.
         impl: implementation tag, e.g. ``"torchmetrics"``, ``"dlib-resnet"``, ``"toy-features"``.
         value: the (mean) value; NaN -> ``None`` (PSNR leaves identical pairs out of its mean:
-            :func:`apdm.evaluation.fidelity.psnr_record`).
+            :func:`apdm.evaluation.fidelity.psnr_record`); ±inf -> ``None`` too, with a ``note`` saying so (strict
+            JSON has no ``Infinity``). Non-finite floats in ``extra`` (also inside lists/dicts) become ``None``.
         higher_is_better: direction of *quality/similarity* for this metric (protection wants the opposite for
             identity metrics; the record states the metric's own direction).
         n: number of items the value is computed over (images, or generated images for set metrics).
@@ -62,13 +64,20 @@ def metric_record(name: str, impl: str, value: float | None, higher_is_better: b
     Returns:
         ``{"metric": "name@impl", "name", "impl", "value", "higher_is_better", "n", "available": True, **extra}``.
     """
+    infinite = None
     if value is not None:
-        value = _finite_or_none(float(value))
+        value = float(value)
+        if math.isinf(value):
+            infinite = value
+        value = _finite_or_none(value)
     rec = {"metric": f"{name}@{impl}", "name": name, "impl": impl, "value": value,
            "higher_is_better": None if higher_is_better is None else bool(higher_is_better),
            "n": None if n is None else int(n), "available": True}
     for k, v in extra.items():
         rec[k] = _plain(v)
+    if infinite is not None:
+        said = f"the value was {infinite} (not a finite number): reported as None"
+        rec["note"] = "; ".join(t for t in (rec.get("note") or "", said) if t)
     return rec
 
 
@@ -85,14 +94,21 @@ def unavailable(name: str, impl: str, reason: str, higher_is_better: bool | None
 
 
 def _plain(v: Any) -> Any:
-    """Tensors/numpy scalars -> Python numbers, so records stay JSON-serialisable."""
+    """Tensors/numpy scalars -> Python numbers, so records stay JSON-serialisable; non-finite floats (NaN, ±inf,
+    also inside tensors, lists, tuples and dicts) -> ``None``, so they stay strict JSON."""
     if hasattr(v, "detach"):
         v = v.detach().cpu()
-        return v.item() if v.numel() == 1 else v.tolist()
-    if hasattr(v, "item") and getattr(v, "shape", None) == ():
-        return v.item()
+        v = v.item() if v.numel() == 1 else v.tolist()
+    elif hasattr(v, "item") and getattr(v, "shape", None) == ():
+        v = v.item()
     if isinstance(v, float):
         return _finite_or_none(v)
+    if isinstance(v, list):
+        return [_plain(x) for x in v]
+    if isinstance(v, tuple):
+        return tuple(_plain(x) for x in v)
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
     return v
 
 

@@ -26,7 +26,6 @@ import torch
 from apdm.config import EvaluateRunConfig, PersonalizationConfig, to_dict, to_yaml
 from apdm.utils import (
     LOG,
-    atomic_write_json,
     atomic_write_text,
     file_sha256,
     peak_rss_mb,
@@ -192,6 +191,53 @@ def score_generations(generated: torch.Tensor, references: torch.Tensor, cfg: Ev
     return recs
 
 
+def generation_metrics(cfg: EvaluateRunConfig, backends: dict) -> list[tuple[str, str, bool | None, str | None]]:
+    """``(name, impl, higher_is_better, reason)`` of each record :func:`score_generations` gives with ``cfg`` and
+    ``backends`` (in its order), without computing any: what a cell reports unavailable when its images cannot be
+    scored (:func:`unscored_records`). ``reason`` is set for a metric that is unavailable whatever the images (not
+    configured, or its model did not load), as :func:`score_generations` says it. Keep in step with it."""
+    m = cfg.metrics
+    out: list[tuple[str, str, bool | None, str | None]] = []
+    if backends["embed"] is not None:
+        out.append(("ism", backends["embed_impl"], True, None))
+    if backends["detect"] is not None:
+        out += [("fdfr", backends["detect_impl"], False, None), ("sds", backends["detect_impl"], True, None)]
+    if backends.get("features_error") or backends["features"] is not None:
+        out += [(name, backends["features_impl"], False, backends.get("features_error")) for name in ("fid", "kid")]
+    if m.dino_path:
+        out.append(("dino", model_tag(m.dino_path), True,
+                    None if "dino" in backends else backends.get("dino_error", "not loaded")))
+    else:
+        out.append(("dino", "dino", True, "metrics.dino_path not set (needs local ViT weights)"))
+    clip_error = None if "clip" in backends else backends.get("clip_error", "not loaded")
+    for name in ("clip_i", "clip_t"):
+        out.append((name, model_tag(m.clip_path), True, clip_error) if m.clip_path else
+                   (name, "clip", True, "metrics.clip_path not set (needs local CLIP weights)"))
+    if m.brisque:
+        out.append(("brisque", "apdm", False, None))
+    if m.clip_iqa:
+        out.append(("clip_iqa", model_tag(m.clip_path), True, clip_error) if m.clip_path else
+                   ("clip_iqa", "pyiqa", True, None))
+    if m.liqe:
+        out.append(("liqe", "pyiqa-liqe_mix", True, None))
+    return out
+
+
+def unscored_records(cfg: EvaluateRunConfig, backends: dict, reason: str, n: int) -> list[dict]:
+    """Unavailable records (``value`` None) for every metric :func:`score_generations` would give, for ``n``
+    generated images that cannot be scored (NaN/inf: a diverged personalization): ``reason`` says so, except for a
+    metric that is unavailable anyway (not configured, its model not loaded), which keeps its own reason."""
+    from apdm.evaluation.metrics import unavailable
+
+    return [unavailable(name, impl, own or reason, hib, n)
+            for name, impl, hib, own in generation_metrics(cfg, backends)]
+
+
+def _nonfinite(images: torch.Tensor) -> int:
+    """How many of ``images`` (N,3,H,W) hold a NaN or inf pixel (0: every one can be scored)."""
+    return int((~torch.isfinite(images)).flatten(1).any(dim=1).sum())
+
+
 def model_tag(path: str) -> str:
     """The implementation tag of a metric computed with the local model at ``path``: its folder name
     (``/models/dinov2-small`` -> ``dinov2-small``), so that numbers of two backbones never share a tag."""
@@ -243,6 +289,48 @@ FIDELITY_ONLY = ("fidelity", "lpips")
 def cell_metrics(cfg: EvaluateRunConfig) -> dict:
     """The metrics settings a cell's records depend on (its part of the cache key): all but :data:`FIDELITY_ONLY`."""
     return {k: v for k, v in dataclasses.asdict(cfg.metrics).items() if k not in FIDELITY_ONLY}
+
+
+def _path_files(path: str | Path) -> list | None:
+    """The files of a local model folder or weights file, as :func:`apdm.core.models.folder_files` lists a folder's
+    (``[name, size, SHA-256 prefix or modification time]``); ``None`` when ``path`` is not there."""
+    from apdm.core.models import HASHED_FOLDER_BYTES, folder_files
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return folder_files(p)
+    if p.is_file():
+        size = p.stat().st_size
+        return [[p.name, size, file_sha256(p)[:16] if size <= HASHED_FOLDER_BYTES else p.stat().st_mtime_ns]]
+    return None
+
+
+def metric_model_files(cfg: EvaluateRunConfig) -> dict:
+    """The metric models a cell's records depend on beyond their settings (:func:`cell_metrics` holds names and
+    paths, not contents), for its cache key: the toy instruments' fingerprint (their two weight files, and the
+    feature scale FID/KID's toy features use) when a backend is ``toy``, the files of a ``toy:DIR`` identity encoder,
+    and the files of ``metrics.dino_path``, ``metrics.clip_path`` and ``inception:PATH`` when they are on disk.
+    Empty for a run that uses none of these (its keys are as before 2026-12-07), so that rebuilding the instruments
+    (``apdm toy build skip_model=true``) or replacing a local model computes the cells again instead of reusing
+    numbers of the old ones."""
+    m = cfg.metrics
+    out: dict = {}
+    if "toy" in (m.identity, m.detector, m.features):
+        inst = _toy_instruments()
+        out["toy_instruments"] = {"fingerprint": inst.config.get("fingerprint"),
+                                  **({"feature_scale": inst.config.get("feature_scale")} if m.features == "toy"
+                                     else {})}
+    if m.identity.startswith("toy:"):  # the folder identity_backend loads
+        path = Path(m.identity[len("toy:"):])
+        if not (path / "instruments.json").is_file() and (path / "instruments" / "instruments.json").is_file():
+            path = path / "instruments"
+        out["identity_files"] = _path_files(path)
+    for key, path in (("dino_files", m.dino_path), ("clip_files", m.clip_path),
+                      ("features_files", m.features.split(":", 1)[1] if m.features.startswith("inception:") else "")):
+        files = _path_files(path) if path else None
+        if files is not None:
+            out[key] = files
+    return out
 
 
 def file_fidelity_records(clean_paths: list[Path], prot_paths: list[Path], clean: torch.Tensor,
@@ -460,6 +548,47 @@ def protected_pairs(clean_paths: list[Path], protected_data: str) -> list[Path] 
     return out
 
 
+def _finite_json(obj):
+    """``obj`` with every non-finite float (NaN, ±inf) replaced by ``None``, in nested dicts and lists."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_json(v) for v in obj]
+    return obj
+
+
+def write_strict_json(path: Path, obj) -> None:
+    """Write ``obj`` as strict JSON (atomically, pretty-printed): a NaN or inf that reached a record unfiltered is
+    written ``null``, never the bare ``NaN``/``Infinity`` that strict parsers (JavaScript, jq, Go) reject."""
+    from apdm.utils import _json_default
+
+    atomic_write_text(path, json.dumps(_finite_json(obj), indent=2, default=_json_default, allow_nan=False) + "\n")
+
+
+def forget_stale_results(out: Path, cfg: EvaluateRunConfig) -> None:
+    """Remove ``out``'s ``results.json`` and ``report.html`` when they are of a run with other settings than
+    ``cfg``'s (or unreadable), before this run writes its ``config.yaml``: an interrupted or failed run then leaves a
+    folder whose ``config.yaml`` is its own and no results of another run next to it (finished cells stay in
+    ``cells/``). A rerun with the same settings keeps them until it writes its own."""
+    results, report = out / "results.json", out / "report.html"
+    if results.is_file():
+        try:
+            same = json.loads(results.read_text(encoding="utf-8")).get("config") == json.loads(
+                json.dumps(to_dict(cfg), default=str))
+        except (ValueError, OSError, AttributeError):
+            same = False
+        if same:
+            return
+    for f in (results, report):
+        if f.is_file():
+            f.unlink()
+            LOG.info("removed %s: it was written by a run with other settings", f)
+
+
 def run(cfg: EvaluateRunConfig) -> dict:
     """Run the protocol; write ``results.json``, ``report.html``, image grids and per-cell caches.
 
@@ -491,7 +620,8 @@ def run(cfg: EvaluateRunConfig) -> dict:
 
     default = PersonalizationConfig()
     for i, per in enumerate(cfg.personalizations):
-        check_personalization(per, f"personalizations[{i}]")
+        check_personalization(per, f"personalizations[{i}]",  # the prompts trained with: each subject's
+                              {f"subjects[{j}].instance_prompt": s.instance_prompt for j, s in enumerate(cfg.subjects)})
         check_optimizer_extra(per.optimizer, f"personalizations[{i}].optimizer")  # not after the class images
         unused = [f"{k}={getattr(per, k)!r}" for k in RUN_SET_KEYS if getattr(per, k) != getattr(default, k)]
         if unused:
@@ -505,7 +635,9 @@ def run(cfg: EvaluateRunConfig) -> dict:
     out = Path(cfg.output_dir)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)
+    forget_stale_results(out, cfg)  # config.yaml is this run's from now: no results.json of another run beside it
     atomic_write_text(out / "config.yaml", to_yaml(cfg))
+    computed_by = {k: v for k, v in provenance().items() if k in ("apdm", "git_commit")}  # in each cell's records
     seed_everything(cfg.seed)
     warn_if_untrained(cfg.model.path, "the evaluation's numbers say nothing about protection on a real model")
     sd = load_sd(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.revision)
@@ -544,6 +676,7 @@ def run(cfg: EvaluateRunConfig) -> dict:
         return attacked[(scenario, attack)]
 
     model_fp = model_fingerprint(cfg.model)  # (apdm.core.models)
+    metric_files = metric_model_files(cfg)
     for subj, name in zip(cfg.subjects, names):
         slug = safe_name(name)
         clean_listed = list_images(split_spec(subj.clean_data))
@@ -583,6 +716,8 @@ def run(cfg: EvaluateRunConfig) -> dict:
         subject_fp = {"model": model_fp, "subject": dataclasses.asdict(subj), "resolution": size, "seed": cfg.seed,
                       "sample": dataclasses.asdict(cfg.sample), "metrics": cell_metrics(cfg),
                       "photos": [[file_sha256(p) for p in paths] for paths in (clean_paths, prot_paths, ref_paths)]}
+        if metric_files:  # the toy instruments' fingerprint, local metric models' files (none: keys as before)
+            subject_fp["metric_models"] = metric_files
         backends = backends_of[name]
         base = {"label": cfg.label, "subject": name}
         save_grid(refs, out / "images" / f"{slug}-references.png", nrow=min(8, len(refs)))
@@ -596,19 +731,33 @@ def run(cfg: EvaluateRunConfig) -> dict:
                     records.append({**base, "scenario": "-", "attack": "-", "personalization": "-", "prompt": "-", **r})
 
         if cfg.class_prompt_baseline:
-            key = _cell_key(slug, "class_prompt", subj.class_prompt, subject_fp)
+            # sampled at `size` since 2026-12-07 (before: at the model's resolution, under a key holding `size`):
+            # a baseline cached at another resolution than the model's is computed again; the others keep their keys
+            resized = [{"baseline_sampled_at": size}] if size != sd.resolution else []
+            key = _cell_key(slug, "class_prompt", subj.class_prompt, subject_fp, *resized)
             cell_file = out / "cells" / f"{key}.json"
             if cfg.resume and cell_file.is_file():
-                recs = [{**r, "label": cfg.label, "cached": True} for r in json.loads(cell_file.read_text())]
+                recs = [{**r, "label": cfg.label, "cached": True, "computed_by": r.get("computed_by")}
+                        for r in json.loads(cell_file.read_text())]
             else:
                 gen = D.generate(sd, [subj.class_prompt], cfg.sample.num_images_per_prompt,
                                  cfg.sample.num_inference_steps, cfg.sample.guidance_scale, cfg.sample.negative_prompt,
-                                 cfg.sample.seed, cfg.sample.batch_size, cfg.sample.sampler, quiet=cfg.quiet)
+                                 cfg.sample.seed, cfg.sample.batch_size, cfg.sample.sampler, height=size, width=size,
+                                 quiet=cfg.quiet)
+                bad = _nonfinite(gen)
+                if bad:
+                    why = (f"{bad} of {len(gen)} generated images contain NaN/inf: the model's own samples of the "
+                           "class prompt are not finite (check the model's weights and dtype)")
+                    LOG.warning("subject '%s', class-prompt baseline '%s': %s; its metrics are reported unavailable",
+                                name, subj.class_prompt, why)
+                    scored = unscored_records(cfg, backends, why, len(gen))
+                    gen = gen.nan_to_num(nan=0.0, posinf=1.0, neginf=0.0)  # the grid shows them black
+                else:
+                    scored = score_generations(gen, refs, cfg, backends, subj.class_prompt)
                 save_grid(gen, out / "images" / f"{key}.png", nrow=8)
                 recs = [{**base, "scenario": "-", "attack": "-", "personalization": "none (class prompt)",
-                         "prompt": subj.class_prompt, **r} for r in score_generations(gen, refs, cfg, backends,
-                                                                                       subj.class_prompt)]
-                atomic_write_json(cell_file, recs)
+                         "prompt": subj.class_prompt, **r, "computed_by": computed_by} for r in scored]
+                write_strict_json(cell_file, recs)
             records += recs
             gallery.append({"subject": name, "title": f"no personalization: '{subj.class_prompt}'",
                             "file": f"images/{key}.png"})
@@ -628,7 +777,8 @@ def run(cfg: EvaluateRunConfig) -> dict:
                 LOG.info("cell %s/%s/%s/%s already done; skipping", name, scenario, attack, method)
                 if attack != "none":
                     show_attacked(name, scenario, attack, subject_fp)
-                records += [{**r, "label": cfg.label, "personalization": method, "cached": True}  # this run's names
+                records += [{**r, "label": cfg.label, "personalization": method, "cached": True,  # this run's names
+                             "computed_by": r.get("computed_by")}  # None: cached by a version before 2026-12-07
                             for r in json.loads(cell_file.read_text())]
                 gallery += [{"subject": name, "title": f"{scenario} · {attack} · {method} · '{p}'",
                              "file": f"images/{key}-{i}.png"} for i, p in enumerate(cfg.sample.prompts)]
@@ -640,24 +790,37 @@ def run(cfg: EvaluateRunConfig) -> dict:
             result = personalize_and_sample(sd, train, pcfg, list(cfg.sample.prompts), cfg.sample, quiet=cfg.quiet)
             cell_recs = []
             for i, (prompt, gen) in enumerate(result["images"].items()):
+                bad = _nonfinite(gen)
+                if bad:  # a diverged personalization: its cell reports why, and the run goes on with the next
+                    loss = result.get("loss_last")
+                    why = (f"{bad} of {len(gen)} generated images contain NaN/inf: the personalization diverged "
+                           f"(last loss {loss:.4g}; try a lower learning_rate)" if isinstance(loss, (int, float))
+                           else f"{bad} of {len(gen)} generated images contain NaN/inf: the personalization diverged")
+                    LOG.warning("cell %s/%s/%s/%s, prompt '%s': %s; its metrics are reported unavailable", name,
+                                scenario, attack, method, prompt, why)
+                    scored = unscored_records(cfg, backends, why, len(gen))
+                    gen = gen.nan_to_num(nan=0.0, posinf=1.0, neginf=0.0)  # the grid shows them black
+                else:
+                    scored = score_generations(gen, refs, cfg, backends, prompt)
                 save_grid(gen, out / "images" / f"{key}-{i}.png", nrow=8)
                 gallery.append({"subject": name, "title": f"{scenario} · {attack} · {method} · '{prompt}'",
                                 "file": f"images/{key}-{i}.png"})
-                for r in score_generations(gen, refs, cfg, backends, prompt):
+                for r in scored:
                     cell_recs.append({**base, "scenario": scenario, "attack": attack, "personalization": method,
                                       "prompt": prompt, **r})
             cell_recs.append({**base, "scenario": scenario, "attack": attack, "personalization": method,
                               "prompt": "-", "metric": "seconds@apdm", "name": "seconds", "impl": "apdm",
                               "value": round(time.perf_counter() - t0, 2), "higher_is_better": None, "n": 1,
                               "available": True})
-            atomic_write_json(cell_file, cell_recs)
+            cell_recs = [{**r, "computed_by": computed_by} for r in cell_recs]
+            write_strict_json(cell_file, cell_recs)
             records += cell_recs
             del result
 
     summary = {"label": cfg.label, "model": sd.source, "seed": cfg.seed,
                "seconds_total": round(time.perf_counter() - t_start, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
                "provenance": provenance(), "config": to_dict(cfg), "records": records}
-    atomic_write_json(out / "results.json", summary)
+    write_strict_json(out / "results.json", summary)
     write_report(out / "report.html", cfg, records, gallery)
     LOG.info("evaluation done: %d records; report at %s", len(records), out / "report.html")
     return {"records": records, "output_dir": str(out)}
