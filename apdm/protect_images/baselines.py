@@ -821,7 +821,7 @@ def protect_metacloak(sd: SD, images: torch.Tensor, *, budget: float, steps: int
 
     Defaults = their scripts: r = 11/255 is the caller's ``budget``, α = 1.1/255, 6 PGD and 2 surrogate steps per
     iteration, 2,400 iterations, a 1000-step DreamBooth surrogate (:func:`antidreambooth_personalization`; they fine-
-    tune SD-2.1 at lr 5e-7). That is ≈ 14,400 PGD and ≈ 5,800 surrogate steps, ~48× ASPL's cost.
+    tune SD-2.1 at lr 5e-7). That is ≈ 14,400 PGD and ≈ 5,800 surrogate steps, ~48× ASPL's PGD steps (~34× all its steps).
 
     Args:
         steps: iterations (member draw, ``advance_steps`` surrogate steps, ``pgd_steps`` PGD steps).
