@@ -94,3 +94,56 @@ def test_protect_model_checks_a_token_attackers_identifier_in_the_subjects_promp
     subject = f"subjects=[{{instance_data: {tmp_path / 'subject'}, instance_prompt: a photo of zwx person}}]"
     assert main(["protect-model", *args, subject, "personalization.method=ti", "personalization.identifier=zwx",
                  "protect.outer_steps=1"]) == 0
+
+
+def test_a_run_that_cannot_start_keeps_the_last_runs_results(tmp_path):
+    """The stale-results cleanup ran before the model loaded: a misspelt model path (a run that never started) or
+    only resume=false deleted the last finished run's results.json and report.html."""
+    import yaml
+    from helpers import clean_and_protected_folders
+    from test_evaluate_audit_s62 import _args
+
+    clean, _ = clean_and_protected_folders(tmp_path)
+    out = tmp_path / "eval"
+    subj = f"[{{name: al, clean_data: {clean}}}]"
+    assert main(_args(out, subj, "label=runA")) == 0
+    assert main([*_args(out, subj, "label=runB"), f"model.path={tmp_path / 'no-such-model'}"]) == 1
+    assert (out / "results.json").is_file() and (out / "report.html").is_file()
+    assert yaml.safe_load((out / "config.yaml").read_text())["label"] == "runA"  # still the results' own
+    assert main([*_args(out, subj, "label=runA"), "resume=false"]) == 0
+    assert json.loads((out / "results.json").read_text())["label"] == "runA"
+
+
+def test_attacker_mix_attackers_are_checked_before_any_work():
+    import pytest
+
+    from apdm.config import PersonalizationConfig, ProtectConfig
+    from apdm.protect_model.l2p import check_protect_config
+
+    per = PersonalizationConfig()
+    with pytest.raises(ValueError, match=r"protect.attacker_mix\[0\].adam_beta1=1.5"):
+        check_protect_config(per, ProtectConfig(attacker_mix=[{"method": "lora", "adam_beta1": 1.5}]))
+    with pytest.raises(ValueError, match=r"subjects\[0\].instance_prompt='a photo of zwx person'"):
+        check_protect_config(per, ProtectConfig(attacker_mix=[{"method": "ti"}]),
+                             instance_prompts={"subjects[0].instance_prompt": "a photo of zwx person"})
+
+
+def test_check_size_takes_every_multiple_of_the_vae_factor_where_the_unet_runs_at_one_cell():
+    """An SD-like UNet (no group of one channel) runs down to a one-cell latent; check_size refused sides below
+    8 * 2**downsamplings for it, saying the model takes sides "from 64 up"."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from apdm.personalization.run import check_size
+
+    def sd(channels, groups=32):
+        unet = SimpleNamespace(config=SimpleNamespace(block_out_channels=channels, norm_num_groups=groups))
+        return SimpleNamespace(vae_scale_factor=8, unet=unet, resolution=512)
+
+    for side in (8, 16, 56, 512):
+        check_size(sd((320, 640, 1280, 1280)), side)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        check_size(sd((320, 640, 1280, 1280)), 60)
+    with pytest.raises(ValueError, match="from 24 up"):
+        check_size(sd((32, 64)), 16)  # the tiny model's layout: a 1x1 map in a one-channel group fails

@@ -571,14 +571,19 @@ def write_strict_json(path: Path, obj) -> None:
 
 def forget_stale_results(out: Path, cfg: EvaluateRunConfig) -> None:
     """Remove ``out``'s ``results.json`` and ``report.html`` when they are of a run with other settings than
-    ``cfg``'s (or unreadable), before this run writes its ``config.yaml``: an interrupted or failed run then leaves a
+    ``cfg``'s (``resume`` and ``quiet`` aside; or unreadable), once the model has loaded and before this run writes
+    its ``config.yaml``: an interrupted or failed run then leaves a
     folder whose ``config.yaml`` is its own and no results of another run next to it (finished cells stay in
     ``cells/``). A rerun with the same settings keeps them until it writes its own."""
     results, report = out / "results.json", out / "report.html"
+
+    def numbers_settings(config: dict) -> dict:  # resume and quiet change no number
+        return {k: v for k, v in config.items() if k not in ("resume", "quiet")}
+
     if results.is_file():
         try:
-            same = json.loads(results.read_text(encoding="utf-8")).get("config") == json.loads(
-                json.dumps(to_dict(cfg), default=str))
+            same = numbers_settings(json.loads(results.read_text(encoding="utf-8")).get("config")) == \
+                numbers_settings(json.loads(json.dumps(to_dict(cfg), default=str)))
         except (ValueError, OSError, AttributeError):
             same = False
         if same:
@@ -635,13 +640,15 @@ def run(cfg: EvaluateRunConfig) -> dict:
     out = Path(cfg.output_dir)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)
-    forget_stale_results(out, cfg)  # config.yaml is this run's from now: no results.json of another run beside it
-    atomic_write_text(out / "config.yaml", to_yaml(cfg))
     computed_by = {k: v for k, v in provenance().items() if k in ("apdm", "git_commit")}  # in each cell's records
     seed_everything(cfg.seed)
     warn_if_untrained(cfg.model.path, "the evaluation's numbers say nothing about protection on a real model")
     sd = load_sd(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.revision)
     check_sampler_steps(sd, cfg.sample)  # pndm's least step count depends on the model's scheduler config
+    # the run can start: config.yaml is this run's from now, with no results.json of another run beside it (a run
+    # that fails before here, e.g. a misspelt model path, leaves the last run's results as they were)
+    forget_stale_results(out, cfg)
+    atomic_write_text(out / "config.yaml", to_yaml(cfg))
     size = cfg.resolution or sd.resolution
     records: list[dict] = []
     gallery: list[dict] = []

@@ -96,15 +96,14 @@ def run(cfg: PersonalizeRunConfig) -> dict:
 def check_size(sd, size: int) -> None:
     """Refuse an image side ``size`` (``resolution=``) that ``sd`` cannot train and sample at: not a multiple of the
     VAE's pixels per latent cell (the images were cut to the next lower multiple, the samples smaller than asked),
-    or smaller than the UNet's downsamplings allow. Each downsampling halves the latent side, rounding up, so the
-    least side is ``vae_scale_factor * 2 ** downsamplings`` (64 for SD); a UNet whose group norms hold one channel
-    per group (the tiny test model) also fails on a 1x1 map, at the first step and with a message naming no
-    setting, so it needs ``vae_scale_factor * (2 ** downsamplings + 1)`` (24 for the tiny model)."""
+    or, for a UNet whose group norms hold one channel per group (the tiny test model), so small that a 1x1 map
+    reaches one of them (it fails at the first step, with a message naming no setting): such a model needs
+    ``vae_scale_factor * (2 ** downsamplings + 1)`` (24 for the tiny model). Other UNets (SD's, the toy model's) run
+    down to a one-cell latent; every multiple of the VAE factor is taken."""
     step = sd.vae_scale_factor
     cfg = sd.unet.config
-    downsamplings = len(cfg.block_out_channels) - 1
     one_per_group = min(cfg.block_out_channels) <= int(getattr(cfg, "norm_num_groups", 32) or 32)
-    least = step * (2 ** downsamplings + (1 if one_per_group else 0))
+    least = step * (2 ** (len(cfg.block_out_channels) - 1) + 1) if one_per_group else step
     if size % step or size < least:
         raise ValueError(f"resolution={size}: this model takes image sides that are multiples of {step} (its VAE's "
                          f"pixels per latent cell) from {least} up, e.g. {least}, {least + step} or "

@@ -776,6 +776,8 @@ def check_protect_config(per_cfg: PersonalizationConfig, pcfg: ProtectConfig, en
     if k and not r > 0:
         raise ValueError(f"protect.conditioning_attack_radius must be > 0, got {r}")
     per_cfgs = attackers(per_cfg, pcfg)
+    for i, mixed in enumerate(per_cfgs[1:]):  # each attacker_mix attacker, checked as the main one is
+        S.check_personalization(mixed, f"protect.attacker_mix[{i}]", instance_prompts=instance_prompts)
     if pcfg.text_encoder_lr is not None and not pcfg.train_text_encoder:  # e.g. a recipe's TE protection switched off
         LOG.warning("protect.text_encoder_lr=%g is ignored: protect.train_text_encoder is false, so the text encoder "
                     "is not protected", pcfg.text_encoder_lr)
