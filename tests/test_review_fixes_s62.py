@@ -147,3 +147,43 @@ def test_check_size_takes_every_multiple_of_the_vae_factor_where_the_unet_runs_a
         check_size(sd((320, 640, 1280, 1280)), 60)
     with pytest.raises(ValueError, match="from 24 up"):
         check_size(sd((32, 64)), 16)  # the tiny model's layout: a 1x1 map in a one-channel group fails
+
+
+def test_a_users_photo_named_like_an_output_is_never_written_over(tmp_path):
+    """--output = the input folder with suffix=_p, and the folder already holds the user's own a_p.png (no manifest
+    lists it): it was left out as an output by its name, and a.jpg's protected copy was written over it."""
+    import hashlib
+
+    from helpers import protect_images_cfg
+
+    from apdm.protect_images import run as runner
+
+    noise_photo(tmp_path / "a.jpg", seed=1)
+    mine = noise_photo(tmp_path / "a_p.png", seed=2)
+    before = hashlib.sha256(mine.read_bytes()).hexdigest()
+    manifest = runner.run(protect_images_cfg(tmp_path, tmp_path, suffix="_p"))
+    assert hashlib.sha256(mine.read_bytes()).hexdigest() == before
+    assert [e["file"] for e in manifest["images"]] == ["a_p-2.png"]
+    again = runner.run(protect_images_cfg(tmp_path, tmp_path, suffix="_p"))  # resumes: its own output is known
+    assert [e["file"] for e in again["images"]] == ["a_p-2.png"] and hashlib.sha256(mine.read_bytes()).hexdigest() \
+        == before
+
+
+def test_evaluate_pairs_through_the_manifest_of_a_protected_folder_given_with_a_tilde(tmp_path, monkeypatch):
+    """protected_data=~/out found no manifest.json (the ~ was not expanded there, only when listing the files), so
+    the photos were paired by sorted names: a.jpg's and a.png's outputs swapped, without a word."""
+    from helpers import protect_images_cfg
+
+    from apdm.evaluation.run import protected_pairs
+    from apdm.protect_images import run as runner
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    src = tmp_path / "photos"
+    src.mkdir()
+    a_jpg, a_png = noise_photo(src / "a.jpg", seed=1), noise_photo(src / "a.png", seed=2)
+    runner.run(protect_images_cfg(src, tmp_path / "out"))
+    pairs = protected_pairs([a_jpg, a_png], "~/out")
+    assert pairs is not None
+    made = {Path(e["input"]).name: e["file"] for e in json.loads((tmp_path / "out" / "manifest.json").read_text())[
+        "images"]}
+    assert [p.name for p in pairs] == [made["a.jpg"], made["a.png"]]

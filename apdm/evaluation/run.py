@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import os
 import re
 import time
 from collections.abc import Callable
@@ -525,7 +526,7 @@ def protected_pairs(clean_paths: list[Path], protected_data: str) -> list[Path] 
     """
     from apdm.protect_images.run import manifest_output
 
-    folder = Path(protected_data)
+    folder = Path(os.path.expanduser(protected_data.strip()))  # "~/out" as list_images reads it (it was not found)
     manifest_path = folder / "manifest.json"
     if "," in protected_data or not manifest_path.is_file():
         return None

@@ -428,6 +428,16 @@ def _groups(paths: list[Path], batch_size: int, errors: list[dict]):
         yield group
 
 
+def _manifest_outputs(out: Path) -> set[str]:
+    """The real paths of the outputs ``out``'s ``manifest.json`` lists, whatever settings made them (empty without a
+    readable manifest)."""
+    try:
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        return {os.path.realpath(manifest_output(e, out)) for e in manifest.get("images", [])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+
+
 def _inputs_outside_outputs(paths: list[Path], out: Path, suffix: str, fmt: str,
                             spec: str | list[str]) -> list[Path]:
     """``paths`` without this command's outputs. An output folder strictly inside an input folder (one that ``spec``
@@ -464,12 +474,7 @@ def _inputs_outside_outputs(paths: list[Path], out: Path, suffix: str, fmt: str,
                  for root in roots)  # strictly below an input folder
     relaxed = bool(suffix) and not nested
     if relaxed:
-        outputs: set[str] = set()
-        try:
-            manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-            outputs = {os.path.realpath(manifest_output(e, out)) for e in manifest.get("images", [])}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass  # no (readable) manifest: the names alone tell the outputs
+        outputs = _manifest_outputs(out)  # none (no readable manifest): the names alone tell the outputs
         named = re.compile(rf".+{re.escape(suffix)}(-\d+)?{re.escape(FORMATS[fmt])}")
         within = [p for p in within if os.path.realpath(p) in outputs or named.fullmatch(Path(p).name)]
         if within:
@@ -550,8 +555,11 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
         LOG.warning(JPEG_WARNING)
     out = Path(cfg.output_dir).expanduser()
     spec = split_spec(cfg.input)
-    paths = list_images(spec, recursive=cfg.recursive)
-    paths = _inputs_outside_outputs(paths, out, cfg.suffix, fmt, spec)
+    listed = list_images(spec, recursive=cfg.recursive)
+    paths = _inputs_outside_outputs(listed, out, cfg.suffix, fmt, spec)
+    # a file left out as an output (by its name or place) that no manifest of this folder lists may be the user's own
+    # photo (a.jpg's output a_p.png next to a photo already named a_p.png): never written over, a new name is taken
+    never_written = {os.path.realpath(p) for p in listed} - {os.path.realpath(p) for p in paths} - _manifest_outputs(out)
     one = spec if isinstance(spec, str) else spec[0] if len(spec) == 1 else ""  # "photos/," is photos/ too
     root = Path(os.path.expanduser(one.strip())) if one.strip() else None
     root = root if cfg.recursive and root is not None and root.is_dir() else None
@@ -572,7 +580,7 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
 
     # photos already protected with these settings are kept; the others get an output name in input order
     done, todo, dest_of, others, sha_of = _match_previous(paths, previous, out)
-    taken = ({os.path.realpath(p) for p in paths}
+    taken = ({os.path.realpath(p) for p in paths} | never_written
              | {os.path.realpath(manifest_output(e, out)) for e in previous.values()})
     if done:
         LOG.info("resuming: %d of %d photo(s) are already protected in %s with these settings; protecting the "
