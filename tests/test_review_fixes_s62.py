@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 from helpers import noise_photo
 
 from apdm.cli import main
@@ -187,3 +188,38 @@ def test_evaluate_pairs_through_the_manifest_of_a_protected_folder_given_with_a_
     made = {Path(e["input"]).name: e["file"] for e in json.loads((tmp_path / "out" / "manifest.json").read_text())[
         "images"]}
     assert [p.name for p in pairs] == [made["a.jpg"], made["a.png"]]
+
+
+def _png16(path: Path, arr: np.ndarray, trns: bytes) -> Path:
+    """A 16-bit PNG (grey for (H,W), RGB for (H,W,3) uint16) with a tRNS chunk, written byte by byte."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    h, w = arr.shape[:2]
+    raw = b"".join(b"\0" + arr[r].astype(">u2").tobytes() for r in range(h))
+    head = struct.pack(">IIBBBBB", w, h, 16, 0 if arr.ndim == 2 else 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head) + chunk(b"tRNS", trns)
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_16_bit_pngs_transparent_colour_stays_transparent(tmp_path):
+    """16-bit PNGs without an alpha channel whose tRNS names one transparent grey level or colour came out opaque
+    (grey: the 16-bit branch returned no alpha; RGB: Pillow compared the 16-bit key with 8-bit pixels)."""
+    import struct
+
+    from apdm.core.images import load_image
+
+    grey = np.full((8, 10), 40000, np.uint16)
+    grey[:4] = 1234
+    rgb = np.full((8, 10, 3), 40000, np.uint16)
+    rgb[:4] = (1234, 2345, 3456)
+    for path in (_png16(tmp_path / "g.png", grey, struct.pack(">H", 1234)),
+                 _png16(tmp_path / "c.png", rgb, struct.pack(">HHH", 1234, 2345, 3456))):
+        im = load_image(path)
+        assert im.bit_depth == 16 and im.alpha is not None, path.name
+        alpha = np.asarray(im.alpha).reshape(8, 10)
+        assert (alpha[:4] == 0).all() and (alpha[4:] == 1).all(), path.name

@@ -253,8 +253,11 @@ def _pil_to_arrays(im: Image.Image, icc: bytes | None = None) -> tuple[np.ndarra
     has_alpha = (mode in ("RGBA", "RGBa", "LA", "La", "PA")
                  or (mode in ("P", "L", "RGB") and "transparency" in im.info))
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        g = np.asarray(im, dtype=np.float64) / 65535.0
-        return np.repeat(np.clip(g, 0, 1)[..., None], 3, axis=2).astype(np.float32), None
+        raw = np.asarray(im, dtype=np.float64)
+        key = im.info.get("transparency")  # a 16-bit grey PNG's tRNS: the one grey level that is transparent
+        alpha = (raw != key).astype(np.float32) if isinstance(key, int) else None
+        g = raw / 65535.0
+        return np.repeat(np.clip(g, 0, 1)[..., None], 3, axis=2).astype(np.float32), alpha
     if mode == "F":
         g = np.asarray(im, dtype=np.float64)
         return np.repeat(np.clip(g, 0, 1)[..., None], 3, axis=2).astype(np.float32), None
@@ -473,6 +476,9 @@ def load_image(path: str | os.PathLike) -> LoadedImage:
             full = (high << 8) | np.asarray(low, dtype=np.uint16)[..., :3]
             rgb = (full.astype(np.float64) / 65535.0).astype(np.float32)
             bit_depth = 16
+            key = upright.info.get("transparency")  # a 16-bit RGB PNG's tRNS: one 16-bit colour is transparent
+            if mode == "RGB" and isinstance(key, tuple) and len(key) == 3:  # (Pillow's 8-bit match never hit it)
+                alpha = (~np.all(full == np.asarray(key, dtype=np.uint16), axis=-1)).astype(np.float32)
 
     exif_bytes = None
     try:
