@@ -223,3 +223,80 @@ def test_a_16_bit_pngs_transparent_colour_stays_transparent(tmp_path):
         assert im.bit_depth == 16 and im.alpha is not None, path.name
         alpha = np.asarray(im.alpha).reshape(8, 10)
         assert (alpha[:4] == 0).all() and (alpha[4:] == 1).all(), path.name
+
+
+def _ldu_kw():
+    from apdm.config import PersonalizationConfig
+
+    per = PersonalizationConfig(method="dreambooth", learning_rate=1e-4, steps=2, batch_size=1,
+                                with_prior_preservation=False)
+    return {"budget": 8 / 255, "batch_size": 2, "personalization": per, "anchor_steps": 2, "denoise_steps": 1,
+            "seed": 5, "quiet": True}
+
+
+def test_a_rho_checkpoint_past_steps_or_truncated_is_refused_before_the_anchors_train(tiny_sd, tmp_path, monkeypatch):
+    """A ρ-training checkpoint past ``steps`` or with a truncated state.safetensors was refused only after every
+    anchor had been trained again (hours of DreamBooth on SD), though the docs say it is checked before."""
+    import pytest
+    import torch
+
+    from apdm.protect_images import ldu
+    from apdm.protect_model.l2p import CheckpointError
+
+    g = torch.Generator().manual_seed(4)
+    ids = {"a": torch.rand(2, 3, 64, 64, generator=g), "b": torch.rand(2, 3, 64, 64, generator=g)}
+    ckpt = tmp_path / "ckpt"
+    ldu.train_perturber(tiny_sd, ids, steps=4, checkpoint_dir=ckpt, checkpoint_every=2, stop_after=2, **_ldu_kw())
+
+    def no_anchors(*a, **k):
+        raise AssertionError("the anchors trained before the checkpoint was checked")
+
+    monkeypatch.setattr(ldu, "train_anchors", no_anchors)
+    with pytest.raises(CheckpointError, match="past steps=1"):
+        ldu.train_perturber(tiny_sd, ids, steps=1, checkpoint_dir=ckpt, **_ldu_kw())
+    (ckpt / "rho" / "state.safetensors").write_bytes(b"xx")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        ldu.train_perturber(tiny_sd, ids, steps=4, checkpoint_dir=ckpt, **_ldu_kw())
+
+
+def test_one_identity_trains_without_shuffling_and_says_so(tiny_sd, apdm_log):
+    import torch
+
+    from apdm.protect_images import ldu
+
+    ids = {"solo": torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))}
+    rho = ldu.train_perturber(tiny_sd, ids, steps=1, shuffle_prob=0.5, **{**_ldu_kw(), "anchor_steps": 1})
+    assert rho.training_info["shuffle_prob"] == 0.0  # recorded 0.5 though no step could shuffle
+    assert "needs two identities" in apdm_log()
+
+
+def test_a_rho_for_other_latent_channels_is_refused_by_name(tiny_sd):
+    import pytest
+    import torch
+
+    from apdm.protect_images import ldu
+
+    with pytest.raises(ValueError, match="8-channel latents"):  # was a raw conv error at the first photo
+        ldu.check_rho_fits(ldu.build_rho(channels=8), tiny_sd, 8 / 255)
+    rho = ldu.build_rho(channels=tiny_sd.unet.config.in_channels)
+    with pytest.raises(ValueError, match="multiples of 8"):  # was: "The size of tensor a (61) must match ..."
+        ldu.apply(tiny_sd, rho, torch.rand(1, 3, 70, 61), 8 / 255)
+
+
+def test_train_perturber_data_messages(tmp_path, apdm_log, monkeypatch):
+    """data= naming a file said "data folder not found"; a folder of loose photos said only "found none with
+    photos"; data=~/faces was not expanded."""
+    import pytest
+
+    from apdm.config import TrainPerturberRunConfig
+    from apdm.protect_images.run import train
+
+    noise_photo(tmp_path / "0.png", 64, 64)
+
+    with pytest.raises(FileNotFoundError, match="is a file, not a folder"):
+        train(TrainPerturberRunConfig(data=str(tmp_path / "0.png"), output_dir=str(tmp_path / "o")))
+    with pytest.raises(ValueError, match="1 photo.s. directly in it are not read"):
+        train(TrainPerturberRunConfig(data=str(tmp_path), output_dir=str(tmp_path / "o")))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ValueError, match="directly in it"):  # ~ expanded: the folder is found
+        train(TrainPerturberRunConfig(data="~", output_dir=str(tmp_path / "o")))

@@ -277,6 +277,10 @@ def apply(sd: SD, rho: RhoUNet, images: torch.Tensor, budget: float, *, batch_si
     """
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (N,3,H,W), got {tuple(images.shape)}")
+    f = sd.vae_scale_factor
+    if images.shape[-2] % f or images.shape[-1] % f:
+        raise ValueError(f"images must have sides that are multiples of {f} (the VAE's pixels per latent cell), got "
+                         f"{images.shape[-2]}x{images.shape[-1]}; resize them first (apdm protect-images does)")
     s = _check_sampling({**rho.sampling, **sampling})
     rho.eval()
     out = []
@@ -467,9 +471,21 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
                                      lambda_step=lambda_step, min_psnr=min_psnr, sampling=sampling, width=width,
                                      rho=rho, resample=resample, seed=seed, eot=eot)
         if (ckpt / "rho" / "progress.json").is_file():  # a checkpoint of other settings: refused before the anchors
-            from apdm.protect_model.l2p import read_progress
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
 
-            read_progress(ckpt / "rho", settings, "ρ training", "resume=false")
+            from apdm.protect_model.l2p import CheckpointError, read_progress
+
+            at = read_progress(ckpt / "rho", settings, "ρ training", "resume=false")["next_step"]
+            if at > steps:  # (also checked, as before, when it loads: said here, before the anchors train)
+                raise CheckpointError(f"{ckpt}: the ρ training checkpoint is at step {at}, past steps={steps}; set "
+                                      f"steps to {at} or more to continue it, or start over with resume=false")
+            try:  # ρ's tensors are small: a truncated file is named now, not after the anchors
+                load_file(str(ckpt / "rho" / "state.safetensors"))
+            except (SafetensorError, OSError) as exc:
+                raise CheckpointError(f"{ckpt / 'rho' / 'state.safetensors'}: the ρ training checkpoint's tensors "
+                                      f"cannot be read, the file is corrupt or missing ({type(exc).__name__}: "
+                                      f"{exc}); start over with resume=false") from None
     if anchors is None:
         anchors = train_anchors(sd, identities, pcfg, class_images, anchor_steps, seed, quiet,
                                 cache_dir=ckpt / "anchors" if ckpt is not None else None)
@@ -518,6 +534,9 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
     if timing is not None:
         timing.update(resumed_at=start, seconds_before=seconds_before)
     records = list(past)  # every step's record, the resumed ones first (checkpointed; handed to ``history``)
+    if k_ids == 1 and shuffle_prob > 0:
+        LOG.warning("token shuffling (shuffle_prob=%g) needs two identities or more: with one (%s) every step scores "
+                    "its own token, and rho.json records shuffle_prob 0", shuffle_prob, names[0])
     bar = progress(range(start, steps), desc="ldu train", total=steps, initial=start, disable=quiet)
     for step in bar:
         i = step % k_ids
@@ -579,7 +598,8 @@ def train_perturber(sd: SD, images_by_identity: Mapping[str, torch.Tensor] | Seq
     rho.training_info = {
         "budget": budget, "steps": steps, "learning_rate": learning_rate, "batch_size": batch_size,
         "identities": names, "personalization_method": pcfg.method, "anchor_steps": anchor_steps or pcfg.steps,
-        "shuffle_prob": shuffle_prob, "lambda_init": lambda_init, "lambda_step": lambda_step, "lambda_final": lam,
+        "shuffle_prob": shuffle_prob if k_ids > 1 else 0.0,  # one identity: no other token to shuffle to
+        "lambda_init": lambda_init, "lambda_step": lambda_step, "lambda_final": lam,
         "min_psnr": min_psnr,
         "base_model": sd.source, "base_model_fingerprint": sd.fingerprint(),
         "base_model_dtype": str(sd.dtype).replace("torch.", ""), "seed": seed,
@@ -629,7 +649,14 @@ def check_rho_fits(rho: RhoUNet, sd: SD, budget: float, where: str | Path = "ρ"
     """Say when ``rho`` was trained for another base model or another budget than it is about to protect with: one
     ``LOG.warning`` naming both (returned too; None when it fits). The model is compared by :meth:`SD.fingerprint`
     (recorded in ``training_info`` since 2026-12-07); a ρ saved before that is checked for its budget only, and an
-    info line says its model cannot be checked."""
+    info line says its model cannot be checked.
+
+    Raises:
+        ValueError: ρ's latent channels are not the model's (it cannot run on this model's latents at all)."""
+    latent = int(sd.unet.config.in_channels)
+    if rho.channels != latent:
+        raise ValueError(f"{where}: this ρ maps {rho.channels}-channel latents, and {sd.source}'s have {latent}: it was "
+                         f"trained for another model; train one for this model with `apdm train-perturber`")
     info = rho.training_info or {}
     problems = []
     recorded = info.get("base_model_fingerprint")

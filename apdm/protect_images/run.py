@@ -760,8 +760,14 @@ def identity_folders(root: Path, output_dir: Path) -> list[Path]:
             continue
         found.append(sub)
     if not found:
+        try:
+            loose = len(list_images(root))  # photos directly in the folder are not an identity's
+        except FileNotFoundError:
+            loose = 0
         raise ValueError(f"{root}: expected one sub-folder of photos per identity, found none with photos"
-                         + (f" (skipped: {', '.join(skipped)})" if skipped else ""))
+                         + (f" (skipped: {', '.join(skipped)})" if skipped else "")
+                         + (f"; its {loose} photo(s) directly in it are not read: put each identity's photos in a "
+                            f"sub-folder of its own" if loose else ""))
     return found
 
 
@@ -778,7 +784,10 @@ def train(cfg: TrainPerturberRunConfig) -> dict:
     from apdm.protect_images import ldu
 
     budget = check_train_config(cfg)
-    root = Path(cfg.data)
+    root = Path(cfg.data).expanduser()
+    if root.is_file():
+        raise FileNotFoundError(f"data={cfg.data} is a file, not a folder: give the folder holding one sub-folder of "
+                                f"photos per identity")
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {root}")
     folders = identity_folders(root, Path(cfg.output_dir).expanduser())
