@@ -300,3 +300,33 @@ def test_train_perturber_data_messages(tmp_path, apdm_log, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(ValueError, match="directly in it"):  # ~ expanded: the folder is found
         train(TrainPerturberRunConfig(data="~", output_dir=str(tmp_path / "o")))
+
+
+def test_lora_targets_and_evaluate_resolution_are_checked_once_the_model_loads(tmp_path, tiny_sd, apdm_log):
+    """lora_target_modules naming no module failed in peft only when the adapters were added (after the class
+    images); evaluate's resolution=12 failed in torch at the first step. Both are refused by name right after the
+    model loads, in personalize, evaluate and protect-model."""
+    import pytest
+    from helpers import clean_and_protected_folders, tiny_protect_model_args
+    from test_evaluate_audit_s62 import _args
+
+    from apdm.config import PersonalizationConfig
+    from apdm.personalization.simulator import check_lora_targets
+
+    check_lora_targets(tiny_sd.unet, PersonalizationConfig(method="lora"))  # the default targets exist
+    check_lora_targets(tiny_sd.unet, PersonalizationConfig(method="dreambooth", lora_target_modules=["to_x"]))
+    with pytest.raises(ValueError, match=r"personalization.lora_target_modules=\['to_q', 'to_x'\]: to_x names no"):
+        check_lora_targets(tiny_sd.unet, PersonalizationConfig(method="lora", lora_target_modules=["to_q", "to_x"]))
+    clean, _ = clean_and_protected_folders(tmp_path)
+    subj = f"[{{name: al, clean_data: {clean}}}]"
+    out = tmp_path / "eval"
+    bad = "personalizations=[{method: lora, steps: 1, lora_target_modules: [to_x]}]"
+    assert main([*_args(out, subj), bad]) == 1
+    assert "personalizations[0].lora_target_modules=['to_x']: to_x names no module" in apdm_log()
+    assert main([*_args(out, subj), "resolution=12"]) == 1
+    assert "resolution=12: this model takes image sides that are multiples of 8" in apdm_log()
+    assert not list((out / "cells").glob("*.json"))
+    args = tiny_protect_model_args(tmp_path)
+    assert main(["protect-model", *args, "protect.attacker_mix=[{method: lora, lora_target_modules: [to_x]}]"]) == 1
+    assert "protect.attacker_mix[0].lora_target_modules=['to_x']: to_x names no module" in apdm_log()
+    assert not (tmp_path / "cls").exists()  # refused before the class images

@@ -646,6 +646,13 @@ def run(cfg: EvaluateRunConfig) -> dict:
     warn_if_untrained(cfg.model.path, "the evaluation's numbers say nothing about protection on a real model")
     sd = load_sd(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.revision)
     check_sampler_steps(sd, cfg.sample)  # pndm's least step count depends on the model's scheduler config
+    from apdm.personalization.run import check_size
+    from apdm.personalization.simulator import check_lora_targets
+
+    if cfg.resolution:
+        check_size(sd, cfg.resolution)
+    for i, per in enumerate(cfg.personalizations):  # before any cell's class images
+        check_lora_targets(sd.unet, per, f"personalizations[{i}]")
     # the run can start: config.yaml is this run's from now, with no results.json of another run beside it (a run
     # that fails before here, e.g. a misspelt model path, leaves the last run's results as they were)
     forget_stale_results(out, cfg)

@@ -54,6 +54,7 @@ def run(cfg: PersonalizeRunConfig) -> dict:
     check_sampler_steps(sd, cfg.sample)  # before the class images and the training, not at the first sample
     size = cfg.resolution or sd.resolution
     check_size(sd, size)
+    S.check_lora_targets(sd.unet, per)  # before the class images, not when the adapters are added
     images, ok, errors = load_spec(cfg.instance_data, size=size)
     if len(ok) == 0:
         raise ValueError(f"no usable images in {cfg.instance_data}")

@@ -210,6 +210,25 @@ def check_method_options(cfg: PersonalizationConfig, key: str = "personalization
     return said
 
 
+def check_lora_targets(unet, cfg: PersonalizationConfig, key: str = "personalization") -> None:
+    """For ``method=lora``: refuse ``lora_target_modules`` naming no module of ``unet`` (peft's matching of a list:
+    a module's full name, or its last dotted parts), once the model is loaded and before class images are drawn or
+    anything trains (peft says so only when the adapters are added, at the first training).
+
+    Raises:
+        ValueError: a target matches no module; names the key and a few of the UNet's attention projections.
+    """
+    if cfg.method != "lora":
+        return
+    names = [n for n, _ in unet.named_modules()]
+    missing = [t for t in cfg.lora_target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        default = type(cfg)().lora_target_modules
+        raise ValueError(f"{key}.lora_target_modules={list(cfg.lora_target_modules)}: {', '.join(missing)} names no "
+                         f"module of this UNet (a module's name or its last dotted parts, e.g. the default "
+                         f"{', '.join(default)})")
+
+
 def ti_token(cfg: PersonalizationConfig) -> str:
     """The placeholder token Textual Inversion learns, e.g. ``<sks>``."""
     return f"<{cfg.identifier}>"

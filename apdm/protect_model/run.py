@@ -595,6 +595,10 @@ def run(cfg: ProtectModelRunConfig) -> dict:
         warn_if_untrained(cfg.model.path, "the protected checkpoint protects no real model")
     sd = load_sd(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.revision)
     distributed.distinct_devices(sd.device)  # two processes on one GPU: refused here, not at the first gradient sum
+    from apdm.personalization.simulator import check_lora_targets
+
+    for k, per in enumerate(attackers):  # before the class images
+        check_lora_targets(sd.unet, per, "personalization" if k == 0 else f"protect.attacker_mix[{k - 1}]")
     if cfg.resolution and cfg.resolution != sd.resolution:  # before the class images, generated at the model's
         raise ValueError(f"resolution={cfg.resolution}: protect-model works at the model's own resolution "
                          f"({sd.resolution} px for {cfg.model.path}), the size of the class images it generates; set "
