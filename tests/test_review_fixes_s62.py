@@ -330,3 +330,30 @@ def test_lora_targets_and_evaluate_resolution_are_checked_once_the_model_loads(t
     assert main(["protect-model", *args, "protect.attacker_mix=[{method: lora, lora_target_modules: [to_x]}]"]) == 1
     assert "protect.attacker_mix[0].lora_target_modules=['to_x']: to_x names no module" in apdm_log()
     assert not (tmp_path / "cls").exists()  # refused before the class images
+
+
+def test_an_unreadable_keep_set_is_refused_before_the_class_images(tmp_path, apdm_log):
+    """encoder_trap.keep_images holding only unreadable files was refused after the class images and x⁺ were
+    generated (minutes on SD); it is read before them, as the held-back photos are."""
+    from helpers import tiny_protect_model_args
+
+    bad = tmp_path / "keep"
+    bad.mkdir()
+    (bad / "a.png").write_bytes(b"not a png")
+    args = tiny_protect_model_args(tmp_path)
+    assert main(["protect-model", *args, "encoder_trap.steps=1", f"encoder_trap.keep_images={bad}"]) == 1
+    assert "no usable images" in apdm_log()
+    assert not (tmp_path / "cls").exists()
+
+
+def test_a_trap_alone_card_does_not_speak_of_dpo_pairs():
+    from apdm.config import ProtectModelRunConfig
+    from apdm.protect_model.run import model_card
+
+    cfg = ProtectModelRunConfig()
+    cfg.encoder_trap.steps, cfg.protect.outer_steps = 1, 0
+    trap = [{"step": 0, "loss_trap": 0.5, "loss_preserve": 0.1}]
+    card = model_card(cfg, [], 1.0, trap_history=trap)
+    assert "the DPO pairs' x⁺" not in card and "the base model's generic images of the class prompt" in card
+    cfg.protect.outer_steps = 2
+    assert "the DPO pairs' x⁺" in model_card(cfg, [], 1.0, trap_history=trap)

@@ -610,16 +610,16 @@ def run(cfg: ProtectModelRunConfig) -> dict:
         else:
             LOG.warning("subjects[].check_data is not used: it checks the encoder trap, which is off "
                         "(encoder_trap.steps=0)")
+    keep_images, keep_skipped = None, []
+    if cfg.encoder_trap.steps > 0 and main:  # read before the class images, so unreadable files fail in seconds
+        keep_images, keep_skipped = load_keep_images(cfg.encoder_trap.keep_images, cfg.resolution or sd.resolution,
+                                                     cfg.quiet)
     if not main:
         distributed.barrier()  # the main process generates the class images; the others read them from its cache
     weights_key = sd.weights_digest()  # the base model's, read once (GBs on SD) for every image set made from it
     subjects, skipped = load_subjects(sd, cfg, cfg.quiet or not main, weights_key)
-    skipped += held_skipped
-    keep_images = None
-    if cfg.encoder_trap.steps > 0 and main:  # read before the protection, so a bad path fails in seconds, not hours
-        keep_images, keep_skipped = load_keep_images(cfg.encoder_trap.keep_images, cfg.resolution or sd.resolution,
-                                                     cfg.quiet)
-        skipped += keep_skipped
+    skipped += held_skipped + keep_skipped
+    if cfg.encoder_trap.steps > 0 and main:  # needs the subjects' photos
         check_keep_apart(keep_images, subjects, held)
     generated = None
     if cfg.encoder_trap.steps > 0 and cfg.encoder_trap.keep_generated > 0 and main:
@@ -792,7 +792,8 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float,
                   f"The VAE encoder was also fine-tuned ({len(trap_history)} steps; apdm's addition, not part of APDM) "
                   "so that the protected subjects' photos encode as generic class images (decoys: "
                   + (f"those least like the subject by the face recognizer {cfg.encoder_trap.identity}"
-                     if cfg.encoder_trap.targets == "farthest" else "the DPO pairs' x⁺")
+                     if cfg.encoder_trap.targets == "farthest" else "the DPO pairs' x⁺" if cfg.protect.outer_steps > 0
+                     else "the base model's generic images of the class prompt")
                   + (f", {cfg.encoder_trap.decoys} per subject, shared by its photos" if cfg.encoder_trap.decoys
                      else ", one per photo") + "); the decoder is the base "
                   "model's." + (" Besides the base model's class images, a set of other photos was kept unchanged "
