@@ -285,6 +285,15 @@ def _load_config(command: str, cls, args, flags=()):
     if args.print_config:
         print(C.to_yaml(cfg), end="")
         return 0
+    out = getattr(cfg, "output_dir", None)
+    if isinstance(out, str) and out.strip():
+        if out.strip().startswith("~"):  # a recipe's or a quoted "~/out": the home folder, not a folder named ~
+            cfg.output_dir = out = os.path.expanduser(out.strip())
+        if os.path.exists(out) and not os.path.isdir(out):  # said now, not after the model has loaded
+            from apdm.utils import LOG
+
+            LOG.error("%s failed: output_dir=%s is a file, not a folder", command, out)
+            return 1
     return cfg
 
 

@@ -895,11 +895,14 @@ def _coerce(tp, value, source: str, key: str):
             return value
         raise bad
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise bad
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad
+        if key.rsplit(".", 1)[-1].endswith("seed") and not -2 ** 63 <= value < 2 ** 64:  # torch.manual_seed's range
+            raise ConfigError(f"{source}: '{key}' must be between -2**63 and 2**64-1 (a random generator's seed), "
+                              f"got {value}")
+        return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise bad

@@ -357,3 +357,48 @@ def test_a_trap_alone_card_does_not_speak_of_dpo_pairs():
     assert "the DPO pairs' x⁺" not in card and "the base model's generic images of the class prompt" in card
     cfg.protect.outer_steps = 2
     assert "the DPO pairs' x⁺" in model_card(cfg, [], 1.0, trap_history=trap)
+
+
+def test_output_dir_a_file_or_with_a_tilde_is_handled_before_any_work(tmp_path, monkeypatch, apdm_log):
+    """output_dir naming a file failed with a bare '[Errno 17] File exists' (protect-images and train-perturber after
+    the model loaded); a recipe's output_dir: ~/out made a folder named ~ in the current folder."""
+    import pytest
+
+    from apdm.config import ConfigError, ProtectImagesRunConfig, apply_override
+
+    (tmp_path / "afile").write_text("x")
+    src = noise_photo(tmp_path / "a.png", 32, 32)
+
+    def no_model(*a, **k):
+        raise AssertionError("the model loaded before output_dir was checked")
+
+    monkeypatch.setattr("apdm.core.models.load_sd", no_model)
+    for cmd in (["protect-images", "--method", "advdm", "--model", "tiny", "--input", str(src), "--output",
+                 str(tmp_path / "afile")],
+                ["train-perturber", "model.path=tiny", f"data={tmp_path}", f"output_dir={tmp_path / 'afile'}"]):
+        assert main(cmd) == 1
+        assert "afile is a file, not a folder" in apdm_log()
+    monkeypatch.undo()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "pm.yaml"
+    recipe.write_text("output_dir: ~/from_recipe\n")
+    assert main(["personalize", "--config", str(recipe), "model.path=tiny", "model.device=cpu", f"instance_data={src}",
+                 "personalization.steps=1", "personalization.with_prior_preservation=false", "quiet=true",
+                 "sample.num_images_per_prompt=1", "sample.num_inference_steps=1"]) == 0
+    assert (tmp_path / "home" / "from_recipe" / "summary.json").is_file() and not (tmp_path / "~").exists()
+    with pytest.raises(ConfigError, match="'seed' must be between"):  # was torch's "Overflow when unpacking long long"
+        apply_override(ProtectImagesRunConfig(), "seed=18446744073709551616")
+    apply_override(ProtectImagesRunConfig(), "seed=18446744073709551615")
+
+
+def test_evaluate_with_no_cell_to_run_is_refused(tmp_path, apdm_log):
+    """attacks=[] (meant as "no purification") skipped every personalization and exited 0 with 0 records."""
+    from helpers import clean_and_protected_folders
+    from test_evaluate_audit_s62 import _args
+
+    clean, _ = clean_and_protected_folders(tmp_path)
+    subj = f"[{{name: al, clean_data: {clean}}}]"
+    for key in ("attacks", "scenarios", "personalizations"):
+        assert main([*_args(tmp_path / "eval", subj), f"{key}=[]"]) == 1
+        assert f"{key}=[] leaves no cell to run" in apdm_log()

@@ -614,6 +614,11 @@ def run(cfg: EvaluateRunConfig) -> dict:
 
     if not cfg.subjects:
         raise ValueError("no subjects: set subjects=[{clean_data: DIR, protected_data: DIR}] in the recipe")
+    for key, example in (("scenarios", "[all_clean, all_protected]"), ("attacks", "[none] (no purification)"),
+                         ("personalizations", "[{method: dreambooth}]")):
+        if not getattr(cfg, key):  # every personalization cell would be skipped: a run that measures no attacker
+            raise ValueError(f"{key}=[] leaves no cell to run (each cell is a scenario x attack x personalization); "
+                             f"give at least one, e.g. {key}={example}")
     for s in cfg.scenarios:
         if s not in SCENARIOS:
             raise ValueError(f"unknown scenario '{s}'; choose from {', '.join(SCENARIOS)}")
