@@ -216,7 +216,7 @@ def check_lora_targets(unet, cfg: PersonalizationConfig, key: str = "personaliza
     anything trains (peft says so only when the adapters are added, at the first training).
 
     Raises:
-        ValueError: a target matches no module; names the key and a few of the UNet's attention projections.
+        ValueError: a target matches no module; names the key, the missing targets and the default ones.
     """
     if cfg.method != "lora":
         return
