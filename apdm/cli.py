@@ -289,7 +289,8 @@ def _load_config(command: str, cls, args, flags=()):
     if isinstance(out, str) and out.strip():
         if out.strip().startswith("~"):  # a recipe's or a quoted "~/out": the home folder, not a folder named ~
             cfg.output_dir = out = os.path.expanduser(out.strip())
-        if os.path.exists(out) and not os.path.isdir(out):  # said now, not after the model has loaded
+        if not command.startswith("toy") and os.path.exists(out) and not os.path.isdir(out):  # (toy: its own check)
+            # said now, not after the model has loaded
             from apdm.utils import LOG
 
             LOG.error("%s failed: output_dir=%s is a file, not a folder", command, out)
