@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, target) or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         setattr(args, target, list(getattr(args, target)) + extra)
+    if isinstance(getattr(args, "out", None), str) and args.out.startswith("~"):  # a quoted "--out ~/x" too
+        args.out = os.path.expanduser(args.out)
     setup_logging()
     if args.command is None:
         parser.print_help()

@@ -402,3 +402,19 @@ def test_evaluate_with_no_cell_to_run_is_refused(tmp_path, apdm_log):
     for key in ("attacks", "scenarios", "personalizations"):
         assert main([*_args(tmp_path / "eval", subj), f"{key}=[]"]) == 1
         assert f"{key}=[] leaves no cell to run" in apdm_log()
+
+
+def test_toy_out_with_a_tilde_and_a_class_data_dir_that_is_a_file(tmp_path, monkeypatch, apdm_log):
+    """`apdm toy export --out "~/x"` (quoted, or from a script) wrote into a folder named ~ here;
+    personalization.class_data_dir naming a file failed with "[Errno 20] Not a directory: '<file>/<hash>'"."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["toy", "export", "--out", "~/x", "--subjects", "1", "--images", "1"]) == 0
+    assert (tmp_path / "home" / "x").is_dir() and not (tmp_path / "~").exists()
+    src = noise_photo(tmp_path / "a.png", 32, 32)
+    (tmp_path / "afile").write_text("x")
+    assert main(["personalize", "model.path=tiny", "model.device=cpu", f"instance_data={src}", "quiet=true",
+                 f"personalization.class_data_dir={tmp_path / 'afile'}", "personalization.steps=1",
+                 f"output_dir={tmp_path / 'o'}"]) == 1
+    said = apdm_log()
+    assert "personalization.class_data_dir=" in said and "is a file, not a folder" in said

@@ -677,7 +677,10 @@ def class_images_for(sd: SD, cfg: PersonalizationConfig, cache_dir: str | Path |
     if (h, w) != (sd.resolution, sd.resolution):
         settings += f"|{h}x{w}"
     key = f"{weights_key or sd.weights_digest()}-{hashlib.sha256(settings.encode()).hexdigest()[:10]}"
-    folder = Path(cfg.class_data_dir or cache_dir or apdm_cache() / "class_images") / key
+    if cfg.class_data_dir and Path(cfg.class_data_dir).expanduser().is_file():
+        raise ValueError(f"personalization.class_data_dir={cfg.class_data_dir} is a file, not a folder (where the "
+                         f"class images are kept)")
+    folder = Path(cfg.class_data_dir or cache_dir or apdm_cache() / "class_images").expanduser() / key
     existing = sorted(folder.glob("*.png")) if folder.is_dir() else []
     if len(existing) >= cfg.num_class_images:
         images, _, errors = load_images(existing[: cfg.num_class_images], size=(h, w))
