@@ -183,6 +183,34 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
+def finite_json(value, path: str = "") -> tuple:
+    """``(copy of value, {path: "inf" | "-inf" | "nan"})``: every non-finite float of a result (dicts and lists
+    walked, numpy scalars and 0-d tensors read as numbers, ``path`` as ``key.sub[2]``) replaced by ``None``, which
+    strict JSON can hold (``Infinity`` and ``NaN`` are not JSON; Python's json module writes them unless
+    ``allow_nan=False``). The one walk for the benchmarks' JSON and ``apdm evaluate``'s."""
+    import math
+
+    bad: dict[str, str] = {}
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out[k], sub = finite_json(v, f"{path}.{k}" if path else str(k))
+            bad.update(sub)
+        return out, bad
+    if isinstance(value, (list, tuple)):
+        out = []
+        for i, v in enumerate(value):
+            item, sub = finite_json(v, f"{path}[{i}]")
+            out.append(item)
+            bad.update(sub)
+        return out, bad
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # a numpy scalar or 0-d tensor: a number
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, {path: str(value)}
+    return value, bad
+
+
 def _json_default(o: Any):
     try:
         import numpy as np

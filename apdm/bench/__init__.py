@@ -41,37 +41,10 @@ def method_list(text: str, known, key: str = "methods", outside: str = "unknown"
     return methods
 
 
-def finite_json(value, path: str = "") -> tuple:
-    """``(copy of value, {path: "inf" | "-inf" | "nan"})``: every non-finite float of a benchmark result (dicts and
-    lists walked, ``path`` as ``key.sub[2]``) replaced by ``None``, which strict JSON can hold (``Infinity`` and
-    ``NaN`` are not JSON; Python's json module writes them unless ``allow_nan=False``)."""
-    import math
-
-    bad: dict[str, str] = {}
-    if isinstance(value, dict):
-        out = {}
-        for k, v in value.items():
-            out[k], sub = finite_json(v, f"{path}.{k}" if path else str(k))
-            bad.update(sub)
-        return out, bad
-    if isinstance(value, (list, tuple)):
-        out = []
-        for i, v in enumerate(value):
-            item, sub = finite_json(v, f"{path}[{i}]")
-            out.append(item)
-            bad.update(sub)
-        return out, bad
-    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # a numpy scalar or 0-d tensor: a number
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None, {path: str(value)}
-    return value, bad
-
-
 def result_json(result: dict) -> tuple[dict, str]:
     """A benchmark result and its strict-JSON text (``allow_nan=False``): non-finite numbers become ``null`` and the
     key ``non_finite`` names each (``{path: "inf"}``) with a warning, so a bare ``Infinity`` is never written."""
-    from apdm.utils import LOG, _json_default
+    from apdm.utils import LOG, _json_default, finite_json
 
     result, bad = finite_json(result)
     if bad:

@@ -304,12 +304,16 @@ def model_fingerprint(model) -> dict:
 def folder_files(root: Path) -> list:
     """Each file of the folder ``root`` as ``[relative path, size, content digest or modification time]``, sorted:
     by content (SHA-256) when the folder holds at most :data:`HASHED_FOLDER_BYTES`, else by time (see
-    :func:`model_fingerprint`, which it serves, as it serves the keys of attacks that load a model of their own)."""
+    :func:`model_fingerprint`, which it serves, as it serves the keys of attacks that load a model of their own and
+    of evaluate's local metric models). ``root`` may be a single weights file: ``[[its name, size, digest or
+    time]]``."""
     from apdm.utils import file_sha256
 
-    files = [f for f in Path(root).rglob("*") if f.is_file()]
+    root = Path(root)
+    files = [root] if root.is_file() else [f for f in root.rglob("*") if f.is_file()]
+    base = root.parent if root.is_file() else root
     small = sum(f.stat().st_size for f in files) <= HASHED_FOLDER_BYTES
-    return sorted([f.relative_to(root).as_posix(), f.stat().st_size,
+    return sorted([f.relative_to(base).as_posix(), f.stat().st_size,
                    file_sha256(f)[:16] if small else f.stat().st_mtime_ns] for f in files)
 
 

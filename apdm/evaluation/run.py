@@ -234,9 +234,17 @@ def unscored_records(cfg: EvaluateRunConfig, backends: dict, reason: str, n: int
             for name, impl, hib, own in generation_metrics(cfg, backends)]
 
 
-def _nonfinite(images: torch.Tensor) -> int:
-    """How many of ``images`` (N,3,H,W) hold a NaN or inf pixel (0: every one can be scored)."""
-    return int((~torch.isfinite(images)).flatten(1).any(dim=1).sum())
+def scored_or_unavailable(gen: torch.Tensor, refs: torch.Tensor, cfg: EvaluateRunConfig, backends: dict,
+                          prompt: str, where: str, cause: str) -> tuple[list[dict], torch.Tensor]:
+    """:func:`score_generations` of ``gen`` (N,3,H,W), and ``gen`` for the grid; when some of its images hold a NaN
+    or inf pixel, instead unavailable records (:func:`unscored_records`) saying how many and ``cause``, a warning
+    naming ``where``, and the images with those pixels black, so the run goes on."""
+    bad = int((~torch.isfinite(gen)).flatten(1).any(dim=1).sum())
+    if not bad:
+        return score_generations(gen, refs, cfg, backends, prompt), gen
+    why = f"{bad} of {len(gen)} generated images contain NaN/inf: {cause}"
+    LOG.warning("%s: %s; its metrics are reported unavailable", where, why)
+    return unscored_records(cfg, backends, why, len(gen)), gen.nan_to_num(nan=0.0, posinf=1.0, neginf=0.0)
 
 
 def model_tag(path: str) -> str:
@@ -293,17 +301,12 @@ def cell_metrics(cfg: EvaluateRunConfig) -> dict:
 
 
 def _path_files(path: str | Path) -> list | None:
-    """The files of a local model folder or weights file, as :func:`apdm.core.models.folder_files` lists a folder's
-    (``[name, size, SHA-256 prefix or modification time]``); ``None`` when ``path`` is not there."""
-    from apdm.core.models import HASHED_FOLDER_BYTES, folder_files
+    """:func:`apdm.core.models.folder_files` of a local model folder or weights file; ``None`` when ``path`` is not
+    there."""
+    from apdm.core.models import folder_files
 
     p = Path(path).expanduser()
-    if p.is_dir():
-        return folder_files(p)
-    if p.is_file():
-        size = p.stat().st_size
-        return [[p.name, size, file_sha256(p)[:16] if size <= HASHED_FOLDER_BYTES else p.stat().st_mtime_ns]]
-    return None
+    return folder_files(p) if p.exists() else None
 
 
 def metric_model_files(cfg: EvaluateRunConfig) -> dict:
@@ -549,25 +552,12 @@ def protected_pairs(clean_paths: list[Path], protected_data: str) -> list[Path] 
     return out
 
 
-def _finite_json(obj):
-    """``obj`` with every non-finite float (NaN, ±inf) replaced by ``None``, in nested dicts and lists."""
-    import math
-
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_json(v) for v in obj]
-    return obj
-
-
 def write_strict_json(path: Path, obj) -> None:
     """Write ``obj`` as strict JSON (atomically, pretty-printed): a NaN or inf that reached a record unfiltered is
     written ``null``, never the bare ``NaN``/``Infinity`` that strict parsers (JavaScript, jq, Go) reject."""
-    from apdm.utils import _json_default
+    from apdm.utils import _json_default, finite_json
 
-    atomic_write_text(path, json.dumps(_finite_json(obj), indent=2, default=_json_default, allow_nan=False) + "\n")
+    atomic_write_text(path, json.dumps(finite_json(obj)[0], indent=2, default=_json_default, allow_nan=False) + "\n")
 
 
 def forget_stale_results(out: Path, cfg: EvaluateRunConfig) -> None:
@@ -764,16 +754,10 @@ def run(cfg: EvaluateRunConfig) -> dict:
                                  cfg.sample.num_inference_steps, cfg.sample.guidance_scale, cfg.sample.negative_prompt,
                                  cfg.sample.seed, cfg.sample.batch_size, cfg.sample.sampler, height=size, width=size,
                                  quiet=cfg.quiet)
-                bad = _nonfinite(gen)
-                if bad:
-                    why = (f"{bad} of {len(gen)} generated images contain NaN/inf: the model's own samples of the "
-                           "class prompt are not finite (check the model's weights and dtype)")
-                    LOG.warning("subject '%s', class-prompt baseline '%s': %s; its metrics are reported unavailable",
-                                name, subj.class_prompt, why)
-                    scored = unscored_records(cfg, backends, why, len(gen))
-                    gen = gen.nan_to_num(nan=0.0, posinf=1.0, neginf=0.0)  # the grid shows them black
-                else:
-                    scored = score_generations(gen, refs, cfg, backends, subj.class_prompt)
+                scored, gen = scored_or_unavailable(
+                    gen, refs, cfg, backends, subj.class_prompt,
+                    f"subject '{name}', class-prompt baseline '{subj.class_prompt}'",
+                    "the model's own samples of the class prompt are not finite (check the model's weights and dtype)")
                 save_grid(gen, out / "images" / f"{key}.png", nrow=8)
                 recs = [{**base, "scenario": "-", "attack": "-", "personalization": "none (class prompt)",
                          "prompt": subj.class_prompt, **r, "computed_by": computed_by} for r in scored]
@@ -810,18 +794,11 @@ def run(cfg: EvaluateRunConfig) -> dict:
             result = personalize_and_sample(sd, train, pcfg, list(cfg.sample.prompts), cfg.sample, quiet=cfg.quiet)
             cell_recs = []
             for i, (prompt, gen) in enumerate(result["images"].items()):
-                bad = _nonfinite(gen)
-                if bad:  # a diverged personalization: its cell reports why, and the run goes on with the next
-                    loss = result.get("loss_last")
-                    why = (f"{bad} of {len(gen)} generated images contain NaN/inf: the personalization diverged "
-                           f"(last loss {loss:.4g}; try a lower learning_rate)" if isinstance(loss, (int, float))
-                           else f"{bad} of {len(gen)} generated images contain NaN/inf: the personalization diverged")
-                    LOG.warning("cell %s/%s/%s/%s, prompt '%s': %s; its metrics are reported unavailable", name,
-                                scenario, attack, method, prompt, why)
-                    scored = unscored_records(cfg, backends, why, len(gen))
-                    gen = gen.nan_to_num(nan=0.0, posinf=1.0, neginf=0.0)  # the grid shows them black
-                else:
-                    scored = score_generations(gen, refs, cfg, backends, prompt)
+                loss = result.get("loss_last")  # a diverged personalization: its cell says so, the run goes on
+                scored, gen = scored_or_unavailable(
+                    gen, refs, cfg, backends, prompt, f"cell {name}/{scenario}/{attack}/{method}, prompt '{prompt}'",
+                    "the personalization diverged" + (f" (last loss {loss:.4g}; try a lower learning_rate)"
+                                                      if isinstance(loss, (int, float)) else ""))
                 save_grid(gen, out / "images" / f"{key}-{i}.png", nrow=8)
                 gallery.append({"subject": name, "title": f"{scenario} · {attack} · {method} · '{prompt}'",
                                 "file": f"images/{key}-{i}.png"})
