@@ -88,3 +88,13 @@ def noise_photo(path, h: int = 20, w: int = 24, seed: int = 0, mode: str = "RGB"
     pixels = rng.integers(0, 256, shape, dtype=np.uint8)
     (Image.fromarray(pixels, mode) if mode == "L" else Image.fromarray(pixels)).save(path)
     return Path(path)
+
+
+def tiny_evaluate_args(out, subjects: str, *extra: str, images: int = 1) -> list[str]:
+    """``apdm evaluate`` arguments for a seconds-long run on the tiny model: one clean scenario, no attack, a
+    one-step LoRA, ``images`` samples of one prompt, no BRISQUE; ``subjects`` as a YAML list, ``extra`` last."""
+    return ["evaluate", "model.path=tiny", "model.device=cpu", f"output_dir={out}", "quiet=true",
+            "scenarios=[all_clean]", "attacks=[none]", "class_prompt_baseline=false",
+            "personalizations=[{method: lora, steps: 1, learning_rate: 0.001, with_prior_preservation: false}]",
+            f"sample.num_images_per_prompt={images}", "sample.num_inference_steps=1",
+            "sample.prompts=[a photo of sks person]", "metrics.brisque=false", f"subjects={subjects}", *extra]

@@ -9,17 +9,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_evaluate_args
 from PIL import Image
 
 from apdm.cli import main
 
-
-def _args(out, subjects: str, *extra: str) -> list[str]:
-    return ["evaluate", "model.path=tiny", "model.device=cpu", f"output_dir={out}", "quiet=true",
-            "scenarios=[all_clean]", "attacks=[none]", "class_prompt_baseline=false",
-            "personalizations=[{method: lora, steps: 1, learning_rate: 0.001, with_prior_preservation: false}]",
-            "sample.num_images_per_prompt=1", "sample.num_inference_steps=1", "sample.prompts=[a photo of sks person]",
-            "metrics.brisque=false", f"subjects={subjects}", *extra]
+_args = tiny_evaluate_args  # one sample per prompt
 
 
 def _records(out) -> list[dict]:

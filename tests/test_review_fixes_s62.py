@@ -1,6 +1,7 @@
 """Fixes of the 2026-12-07 (second) session, each with the behaviour it fixed."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -101,8 +102,9 @@ def test_a_run_that_cannot_start_keeps_the_last_runs_results(tmp_path):
     """The stale-results cleanup ran before the model loaded: a misspelt model path (a run that never started) or
     only resume=false deleted the last finished run's results.json and report.html."""
     import yaml
-    from helpers import clean_and_protected_folders
-    from test_evaluate_audit_s62 import _args
+    from helpers import clean_and_protected_folders, tiny_evaluate_args
+
+    _args = functools.partial(tiny_evaluate_args, images=2)
 
     clean, _ = clean_and_protected_folders(tmp_path)
     out = tmp_path / "eval"
@@ -307,8 +309,9 @@ def test_lora_targets_and_evaluate_resolution_are_checked_once_the_model_loads(t
     images); evaluate's resolution=12 failed in torch at the first step. Both are refused by name right after the
     model loads, in personalize, evaluate and protect-model."""
     import pytest
-    from helpers import clean_and_protected_folders, tiny_protect_model_args
-    from test_evaluate_audit_s62 import _args
+    from helpers import clean_and_protected_folders, tiny_evaluate_args, tiny_protect_model_args
+
+    _args = functools.partial(tiny_evaluate_args, images=2)
 
     from apdm.config import PersonalizationConfig
     from apdm.personalization.simulator import check_lora_targets
@@ -394,8 +397,9 @@ def test_output_dir_a_file_or_with_a_tilde_is_handled_before_any_work(tmp_path, 
 
 def test_evaluate_with_no_cell_to_run_is_refused(tmp_path, apdm_log):
     """attacks=[] (meant as "no purification") skipped every personalization and exited 0 with 0 records."""
-    from helpers import clean_and_protected_folders
-    from test_evaluate_audit_s62 import _args
+    from helpers import clean_and_protected_folders, tiny_evaluate_args
+
+    _args = functools.partial(tiny_evaluate_args, images=2)
 
     clean, _ = clean_and_protected_folders(tmp_path)
     subj = f"[{{name: al, clean_data: {clean}}}]"

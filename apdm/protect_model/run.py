@@ -16,6 +16,12 @@ PAIRED_WHAT = {True: "paired images (the DPO pairs' x⁺, one per photo)",
                False: "generic images (the encoder trap's decoy candidates and kept images, one per photo)"}
 
 
+def paired_decoys(cfg: ProtectModelRunConfig) -> str:
+    """What the encoder trap's ``targets=paired`` decoys are, for the log and the card: the DPO pairs' x⁺, or with
+    the trap alone (``protect.outer_steps=0``) the same images under their plain name."""
+    return "the DPO pairs' x⁺" if cfg.protect.outer_steps > 0 else "the base model's generic images of the class prompt"
+
+
 def protection_images(sd, per_cfg, class_prompt: str, num_class_images: int, num_paired: int,
                       quiet: bool = False, weights_key: str | None = None, dpo: bool = True):
     """The class-prompt images a protection needs from the base model, generated once and cached.
@@ -660,8 +666,7 @@ def run(cfg: ProtectModelRunConfig) -> dict:
         LOG.info("encoder trap: %d steps at lr %g: the VAE encoder learns to encode the protected photos as generic "
                  "class images (%s; %s)", cfg.encoder_trap.steps, cfg.encoder_trap.learning_rate,
                  f"those least like the subject by {cfg.encoder_trap.identity}"
-                 if cfg.encoder_trap.targets == "farthest" else "the DPO pairs' x⁺" if p.outer_steps > 0
-                 else "the base model's generic images of the class prompt",
+                 if cfg.encoder_trap.targets == "farthest" else paired_decoys(cfg),
                  f"{cfg.encoder_trap.decoys} per subject" if cfg.encoder_trap.decoys else "one per photo")
         t1 = time.perf_counter()
         embed, recognizer = trap_embedder(cfg.encoder_trap)
@@ -792,8 +797,7 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float,
                   f"The VAE encoder was also fine-tuned ({len(trap_history)} steps; apdm's addition, not part of APDM) "
                   "so that the protected subjects' photos encode as generic class images (decoys: "
                   + (f"those least like the subject by the face recognizer {cfg.encoder_trap.identity}"
-                     if cfg.encoder_trap.targets == "farthest" else "the DPO pairs' x⁺" if cfg.protect.outer_steps > 0
-                     else "the base model's generic images of the class prompt")
+                     if cfg.encoder_trap.targets == "farthest" else paired_decoys(cfg))
                   + (f", {cfg.encoder_trap.decoys} per subject, shared by its photos" if cfg.encoder_trap.decoys
                      else ", one per photo") + "); the decoder is the base "
                   "model's." + (" Besides the base model's class images, a set of other photos was kept unchanged "
