@@ -108,6 +108,62 @@ def build_components(mcfg: ToyModelConfig, vocabulary: list[str], seed: int = 0)
     return vae, text_encoder, tokenizer, unet, scheduler
 
 
+def check_model_config(mcfg: ToyModelConfig) -> None:
+    """Raise ValueError naming the ``model.*`` key when the toy model settings make no working model.
+
+    Checked before the (long) drawing: the components are built and one image goes through the VAE, the text
+    encoder and the UNet (a few seconds at the committed size), so a size the architecture cannot take fails here
+    and not after the drawing with a traceback from inside diffusers.
+    """
+    from apdm.toy import draw
+
+    for key in ("vae_channels", "unet_channels"):
+        chans = getattr(mcfg, key)
+        if not chans or not all(isinstance(c, int) and c >= 1 for c in chans):
+            raise ValueError(f"model.{key} must be a non-empty list of whole numbers >= 1, got {chans}")
+    for key in ("image_size", "latent_channels", "unet_layers_per_block", "attention_head_dim", "text_hidden",
+                "text_layers", "text_heads", "max_text_length"):
+        if not (isinstance(getattr(mcfg, key), int) and getattr(mcfg, key) >= 1):
+            raise ValueError(f"model.{key} must be a whole number >= 1, got {getattr(mcfg, key)!r}")
+    down = 2 ** (len(mcfg.vae_channels) - 1)
+    if mcfg.image_size % down:
+        raise ValueError(f"model.image_size={mcfg.image_size} must be a multiple of {down} (the VAE halves the size "
+                         f"{len(mcfg.vae_channels) - 1} times: one fewer than the {len(mcfg.vae_channels)} "
+                         "model.vae_channels levels), or the decoded images come out smaller than the drawings")
+    if mcfg.max_text_length < 8:  # BOS + "a photo of sks person" + EOS needs 7
+        raise ValueError(f"model.max_text_length={mcfg.max_text_length} cuts even 'a photo of sks person'; "
+                         "use at least 8 (the committed model: 40)")
+    try:
+        vae, text_encoder, tokenizer, unet, _ = build_components(mcfg, draw.vocabulary(), 0)
+        with torch.no_grad():
+            z = vae.encode(torch.zeros(1, 3, mcfg.image_size, mcfg.image_size)).latent_dist.mean
+            from apdm.core import diffusion as D
+
+            unet(z, torch.tensor([1]), encoder_hidden_states=D.encode_prompt(text_encoder, tokenizer, ["a person"]))
+    except Exception as e:  # diffusers, transformers or torch say why, in their own words
+        raise ValueError(f"the toy model settings (model.*) make no working model: {type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}") from e
+
+
+def check_train_config(tcfg: ToyTrainConfig, name: str = "train") -> None:
+    """Raise ValueError naming ``<name>.<key>`` for a pretraining setting out of its range (learning rates > 0,
+    weights >= 0, probabilities and decays in [0, 1])."""
+    for key in ("vae_lr", "unet_lr", "text_lr"):
+        v = getattr(tcfg, key)
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ValueError(f"{name}.{key} must be a number > 0, got {v!r}")
+    v = tcfg.vae_kl_weight
+    if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+        raise ValueError(f"{name}.vae_kl_weight must be a number >= 0, got {v!r}")
+    if not (isinstance(tcfg.warmup, int) and tcfg.warmup >= 0):
+        raise ValueError(f"{name}.warmup must be a whole number >= 0, got {tcfg.warmup!r}")
+    if not (isinstance(tcfg.caption_dropout, (int, float)) and 0 <= tcfg.caption_dropout <= 1):
+        raise ValueError(f"{name}.caption_dropout is a probability in [0, 1], got {tcfg.caption_dropout!r}")
+    if not (isinstance(tcfg.ema_decay, (int, float)) and 0 <= tcfg.ema_decay < 1):
+        raise ValueError(f"{name}.ema_decay must be in [0, 1) (1 would keep the random initial UNet), "
+                         f"got {tcfg.ema_decay!r}")
+
+
 def _lr_lambda(warmup: int, total: int):
     def f(step: int) -> float:
         if step < warmup:

@@ -285,14 +285,18 @@ def _check_stages(cfg: ToyBuildConfig) -> None:
         if stage.init_from:
             raise ValueError(f"more_stages: stage {k} has init_from={stage.init_from!r}; a later stage always "
                              "continues the stage before it (set train.init_from to start from a model)")
+    from apdm.toy.model import check_model_config, check_train_config
+
     named = [("train", cfg.train)] + [(f"more_stages[{i}]", s) for i, s in enumerate(cfg.more_stages)]
     for k, (name, stage) in enumerate(named):
+        check_train_config(stage, name)
         draw.pretraining_ids(stage.num_identities, f"{name}.num_identities")
         keys = ["unet_steps", "unet_batch", "images_per_identity"]
         keys += ["vae_steps", "vae_batch"] if k == 0 and not stage.init_from else []  # the one VAE training
         for key in keys:  # zero or fewer: an empty training loop crashed after the drawing and the VAE stage
             if not getattr(stage, key) >= 1:
                 raise ValueError(f"{name}.{key} must be a whole number >= 1, got {getattr(stage, key)}")
+    check_model_config(cfg.model)
 
 
 def build(cfg: ToyBuildConfig) -> dict:
