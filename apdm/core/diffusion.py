@@ -16,6 +16,7 @@ Everything here works on *scaled* latents ``(N, 4, h, w)`` (``vae_latent * scali
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -422,6 +423,15 @@ def check_sample(cfg, key: str = "sample") -> None:
             raise ValueError(f"{key}.{name} must be a whole number >= 1, got {getattr(cfg, name)}")
     if not cfg.prompts or not all(isinstance(p, str) and p.strip() for p in cfg.prompts):
         raise ValueError(f"{key}.prompts must list at least one non-empty prompt, got {cfg.prompts!r}")
+    check_guidance_scale(cfg.guidance_scale, f"{key}.guidance_scale")
+
+
+def check_guidance_scale(value, key: str) -> None:
+    """Raise ValueError naming ``key`` unless ``value`` is a finite number >= 0: a negative classifier-free guidance
+    scale pushes the samples away from their prompt (0 = unconditional, 1 = conditional without guidance)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{key}={value!r}: must be a number >= 0 (7.5 is Stable Diffusion's usual; 1 = no guidance, "
+                         "0 = unconditional); a negative scale steers the samples away from their prompt")
 
 
 @torch.no_grad()

@@ -151,6 +151,7 @@ def check_personalization(cfg: PersonalizationConfig, key: str = "personalizatio
         value = getattr(cfg, name)
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{key}.{name}={value}: must be a number >= 0 ({what})")
+    D.check_guidance_scale(cfg.class_guidance_scale, f"{key}.class_guidance_scale")  # the class images' sampling
     if not cfg.max_grad_norm >= 0:  # (also NaN) a negative norm turned clipping off without a word
         raise ValueError(f"{key}.max_grad_norm={cfg.max_grad_norm}: must be >= 0 (the gradient norm clipped to; "
                          "0 = no clipping)")
