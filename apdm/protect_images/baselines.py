@@ -83,8 +83,22 @@ def _finalize(protected: torch.Tensor, images: torch.Tensor, budget: float) -> t
 
 
 def _check(images: torch.Tensor, budget: float) -> None:
+    """Refuse what would silently break the budget guarantee: images not (N,3,H,W) floats in [0,1] (uint8 or
+    diffusers' [-1,1] came back clamped, up to 254/255 away from the input), an empty batch, a budget that is not a
+    number in [0,1]."""
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (N,3,H,W), got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be floats in [0,1], got {images.dtype} (8-bit photos: divide by 255)")
+    if images.shape[0] == 0:
+        raise ValueError("images: the batch is empty (N = 0)")
+    low, high = float(images.min()), float(images.max())
+    if not (0.0 <= low and high <= 1.0):  # (also NaN)
+        raise ValueError(f"images must be in [0,1], got values in [{low:.4g}, {high:.4g}] (diffusers' [-1,1]: "
+                         "(x + 1) / 2; 0..255: x / 255)")
+    if isinstance(budget, (str, bool)) or not isinstance(budget, (int, float)):
+        raise TypeError(f"budget must be a number on [0,1], got {budget!r} (apdm.protect_images.budget.parse_budget"
+                        "('8/255') gives one)")
     if not 0.0 <= budget <= 1.0:
         raise ValueError(f"budget is an L-inf radius on [0,1] images (e.g. 8/255 = {8 / 255:.4f}), got {budget}")
 
@@ -159,23 +173,26 @@ def protect_aspl(sd: SD, images: torch.Tensor, *, budget: float, steps: int = 50
     x_adv = clean.clone()
     objective = objective or (lambda state, fixed: _pers_loss(state, n, fixed))
     bar = progress(range(steps), desc=desc, disable=quiet)
-    for k in bar:
-        surrogate = S.setup(theta.sd, cfg, class_images)  # θ' = copy of θ (fresh optimizer, as each paper step)
-        surrogate.generator.manual_seed(seed * 1_000_003 + 2 * k + 1)
-        for _ in range(surrogate_steps):
-            S.step(surrogate, clean)
-        S.finish(surrogate)  # frozen: PGD gradients go to the pixels only
-        losses: list[float] = []
-        fixed = None if resample else seed * 1_000_003 + 2 * k + 2
-        x_adv = pgd_attack(clean, objective(surrogate, fixed), budget, pgd_alpha, pgd_steps, maximize=True,
-                           eot_transforms=eot_transforms, generator=gen, x_init=x_adv, history=losses)
-        del surrogate
-        for _ in range(surrogate_steps):
-            S.step(theta, x_adv)
-        if history is not None:
-            history.append({"iteration": k, "pgd_loss": losses})
-        if losses:
-            bar.set_postfix(pgd_loss=f"{losses[-1]:.4f}")
+    try:
+        for k in bar:
+            surrogate = S.setup(theta.sd, cfg, class_images)  # θ' = copy of θ (fresh optimizer, as each paper step)
+            surrogate.generator.manual_seed(seed * 1_000_003 + 2 * k + 1)
+            for _ in range(surrogate_steps):
+                S.step(surrogate, clean)
+            S.finish(surrogate)  # frozen: PGD gradients go to the pixels only
+            losses: list[float] = []
+            fixed = None if resample else seed * 1_000_003 + 2 * k + 2
+            x_adv = pgd_attack(clean, objective(surrogate, fixed), budget, pgd_alpha, pgd_steps, maximize=True,
+                               eot_transforms=eot_transforms, generator=gen, x_init=x_adv, history=losses)
+            del surrogate
+            for _ in range(surrogate_steps):
+                S.step(theta, x_adv)
+            if history is not None:
+                history.append({"iteration": k, "pgd_loss": losses})
+            if losses:
+                bar.set_postfix(pgd_loss=f"{losses[-1]:.4f}")
+    finally:  # θ's shared modules get their requires_grad flags back; its gradients and moments are dropped
+        S.finish(theta)
     return _finalize(x_adv, images, budget)
 
 
