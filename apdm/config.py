@@ -51,8 +51,8 @@ class SampleConfig:
     num_inference_steps: int = 25
     guidance_scale: float = 7.5
     negative_prompt: str = ""
-    #: ``ddim`` (apdm's own, deterministic), ``ddpm`` (apdm's own, seeded) or a diffusers scheduler: ``pndm``,
-    #: ``dpmsolver``, ``euler``.
+    #: ``ddim`` (apdm's own, deterministic) or a diffusers scheduler: ``ddpm`` (stochastic, seeded per image),
+    #: ``pndm``, ``dpmsolver``, ``euler``.
     sampler: str = "ddim"
     batch_size: int = 8
     seed: int = 0

@@ -149,7 +149,9 @@ def make_scheduler(noise_scheduler, name: str):
 def _from_components(unet, vae, text_encoder, tokenizer, scheduler, device, dtype, source) -> SD:
     from diffusers import DDPMScheduler
 
-    noise_scheduler = DDPMScheduler.from_config(scheduler.config)
+    # latent SD never clips x̂_0 (diffusers' SD pipeline turns clip_sample off on the scheduler it is given): a config
+    # without the key (an Euler one) left DDPM's default on, and the ddpm sampler clipped the latents to [-1, 1]
+    noise_scheduler = DDPMScheduler.from_config(scheduler.config, clip_sample=False)
     for module in (unet, vae, text_encoder):
         module.to(device)
         if module.dtype != dtype:
@@ -698,6 +700,22 @@ def _text_encoder_loads_fp32(config: Path) -> None:
     config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def _leave_unset(config_file: Path, config) -> None:
+    """Drop from a saved scheduler config the keys its source left unset (diffusers' ``_use_default_values``).
+
+    ``save_pretrained`` writes every default out, so a saved copy sampled differently from its source: SD 1.5's
+    config sets no ``timestep_spacing``, which ``euler`` and ``dpmsolver`` then take as their own default
+    (``linspace``) on the source but as the written DDIM one (``leading``) on the copy (timesteps 999, 946, … vs
+    951, 901, …). Left unset, each sampler resolves the key on the copy as on the source.
+    """
+    unset = set(config.get("_use_default_values", []))
+    if not unset:
+        return
+    data = json.loads(config_file.read_text(encoding="utf-8"))
+    kept = {k: v for k, v in data.items() if k not in unset}
+    config_file.write_text(json.dumps(kept, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def save_sd(sd: SD, out_dir: str | Path, scheduler: str = "ddim", safe_serialization: bool = True,
             quiet: bool = False, dtype: torch.dtype | None = None) -> Path:
     """Save ``sd`` as a diffusers folder (safetensors) that ``StableDiffusionPipeline.from_pretrained`` loads.
@@ -723,6 +741,7 @@ def save_sd(sd: SD, out_dir: str | Path, scheduler: str = "ddim", safe_serializa
                 pipe.to(dtype=dtype)
             pipe.save_pretrained(str(tmp), safe_serialization=safe_serialization)
             save_slow_vocabulary(sd.tokenizer, Path(tmp) / "tokenizer")
+            _leave_unset(Path(tmp) / "scheduler" / "scheduler_config.json", pipe.scheduler.config)
             if dtype is not None and dtype != torch.float32:
                 _text_encoder_loads_fp32(Path(tmp) / "text_encoder" / "config.json")
     finally:
