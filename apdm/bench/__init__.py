@@ -275,9 +275,11 @@ BENCHMARKS = {
 }
 
 
-def check_out(out: str) -> None:
-    """Refuse an ``--out`` the result could not be written to, before hours of benchmark: a folder, or a file in a
-    folder that cannot be created or written (checked by creating and removing a temporary file there).
+def check_out(out: str, what: str = "--out ") -> None:
+    """Refuse an ``--out`` the result could not be written to, before hours of benchmark: a folder (or a name
+    ending in ``/``, which was written as a file named like the folder), or a file in a folder that cannot be
+    created or written (checked by creating and removing a temporary file there). ``what`` names the option in the
+    message (``save_protected=``).
 
     Raises:
         ValueError: naming the path and the problem.
@@ -286,15 +288,15 @@ def check_out(out: str) -> None:
     from pathlib import Path
 
     path = Path(out)
-    if path.is_dir():
-        raise ValueError(f"--out {out} is a folder; give a file name such as {path / 'result.json'}")
+    if path.is_dir() or out.endswith(("/", os.sep)):
+        raise ValueError(f"{what}{out} is a folder; give a file name such as {path / 'result.json'}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise ValueError(f"--out {out}: the result could not be written there ({exc.strerror or exc})") from exc
+        raise ValueError(f"{what}{out}: the result could not be written there ({exc.strerror or exc})") from exc
 
 
 def run_benchmark(name: str, out: str | None, quick: bool, overrides: list[str]) -> int:

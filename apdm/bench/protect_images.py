@@ -84,7 +84,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
     from apdm.attacks.transforms import MODEL_ATTACKS, check_attack, gaussian_blur, jpeg
     from apdm.bench.toy_world import METHOD_RECIPES, toy_recipe
     from apdm.core import diffusion as D
-    from apdm.evaluation.fidelity import ssim
+    from apdm.evaluation.fidelity import linf_255, ssim
     from apdm.evaluation.protocol import with_prompts
     from apdm.evaluation.run import apply_attack
     from apdm.protect_images import ldu
@@ -231,7 +231,7 @@ def bench_protect_images(quick: bool, overrides: list[str]) -> dict:
                 add(f"seconds_per_image_{m}", seconds / len(clean))
                 add_psnr(f"psnr_{m}", clean.cpu(), prot.cpu())
                 add(f"ssim_{m}", ssim(clean.cpu(), prot.cpu()).mean())
-                add(f"linf255_{m}", ((prot - clean).abs().max() * 255).round())
+                add(f"linf255_{m}", linf_255(clean.cpu(), prot.cpu()).max())  # unrounded: 1.6/255 stays 1.6
                 attack_db(pool, subj, prot, m, keep=m)
                 LOG.info("subject %d, %s: PSNR %s dB, %.2f s per image", subj.index, m, _db(acc[f"psnr_{m}"][-1]),
                          acc[f"seconds_per_image_{m}"][-1])

@@ -94,7 +94,7 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     import torch
 
-    from apdm.bench import (attack_config, attack_seed_stride, attack_seeds, identifier_option, jobs,
+    from apdm.bench import (attack_config, attack_seed_stride, attack_seeds, check_out, identifier_option, jobs,
                             option_bool, option_int, option_positive, submit_attack_runs, toy_setup)
     from apdm.bench.toy_world import METHOD_RECIPES, toy_recipe
     from apdm.config import EncoderTrapConfig, ProtectModelRunConfig, load_config
@@ -110,11 +110,19 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     attack_overrides = [o[len("attack."):] for o in dotted if o.startswith("attack.")]
     attack_recipe = [f"personalization.{o}" for o in attack_overrides]  # the evaluation attacker's overrides
     recipe_overrides = [o for o in dotted if not o.startswith("attack.")]
+    for o in recipe_overrides:  # the bench takes its model from model=; model.* was accepted and ignored
+        if o.split(".", 1)[0] not in ("protect", "personalization", "encoder_trap"):
+            raise ValueError(f"{o.split('=', 1)[0]}: the bench takes only protect.*, personalization.*, encoder_trap.* "
+                             "and attack.* recipe keys" + (" (its model is model=PATH)" if o.startswith("model.")
+                                                           else ""))
     opts, sd, inst = toy_setup([o for o in overrides if o not in dotted],
                                {"outer_steps", "inner_steps", "learning_rate", "samples", "long_attack", "no_naive",
                                 "attacks", "baseline", "subjects", "other_identifier", "identifier",
                                 "attack_seeds", "save_protected", "protected", "attack_photos", "protect_photos",
                                 "keep_photos", "protect_seed", "attack_seed_stride"})
+    if "save_protected" in opts:  # before the protection, not after it (a folder or a typo lost the whole run)
+        opts["save_protected"] = str(Path(opts["save_protected"]).expanduser())
+        check_out(opts["save_protected"], "save_protected=")
     rc = load_config(ProtectModelRunConfig, RECIPES / "toy-protect-model.yaml", recipe_overrides)
     attacks = set(opts.get("attacks", "lora,ti,other").split(",")) - {""}
     unknown = attacks - {"lora", "ti", "other", "targets", "dog"}
@@ -171,6 +179,8 @@ def bench_protect_model(quick: bool, overrides: list[str]) -> dict:
     subj_prot = subj_a if n_protect == 4 else dataclasses.replace(subj_a, images=torch.cat(
         [subj_a.images, heldout_subjects(1, num_images=n_protect - 4, offset=positions[0], seed=2)[0].images]))
     res: dict = {"model": sd.source, "model_fingerprint": sd.fingerprint(),
+                 # every weight (the fingerprint reads the UNet only: an encoder trap changes the VAE alone)
+                 "model_weights_digest": sd.weights_digest(),
                  "instruments_fingerprint": inst.config.get("fingerprint"),
                  "subject_protected": subj_a.index, "subject_other": subj_b.index,
                  "outer_steps": pcfg.outer_steps, "inner_steps": pcfg.inner_steps,
@@ -598,7 +608,7 @@ def _class_prompt_ism_job(spec, n_samples: int, *references, prompt: str = "a ph
 
 
 #: what a saved protection carries besides its weights (``save_protected=``), and checks on loading
-PROTECTED_INFO = ("model_fingerprint", "subject_protected", "outer_steps", "inner_steps", "protect_lr",
+PROTECTED_INFO = ("model_fingerprint", "model_weights_digest", "subject_protected", "outer_steps", "inner_steps", "protect_lr",
                   "protect_lr_phases", "beta", "gradient_leak", "recipe_overrides", "protect_config",
                   "seconds_protect", "seconds_per_outer_step", "protect_loss_first", "protect_loss_last",
                   "encoder_trap_config", "protect_photos", "decoy_identity_impl", "decoy_cosines", "keep_photos",
@@ -639,9 +649,10 @@ def load_protected(path: str, res: dict) -> dict:
     if "apdm_protected" not in meta:
         raise ValueError(f"{path}: not written by `apdm bench protect-model save_protected=` (no apdm metadata)")
     info = json.loads(meta["apdm_protected"])
-    for key, default in (("model_fingerprint", None), ("subject_protected", None), ("protect_photos", 4)):
-        if info.get(key, default) != res[key]:
-            raise ValueError(f"{path}: protected with {key}={info.get(key)!r}, this run has {res[key]!r}")
+    for key, default in (("model_fingerprint", None), ("subject_protected", None), ("protect_photos", 4),
+                         ("model_weights_digest", res.get("model_weights_digest"))):  # (older files lack it)
+        if info.get(key, default) != res.get(key):
+            raise ValueError(f"{path}: protected with {key}={info.get(key)!r}, this run has {res.get(key)!r}")
     return {"state": state, "info": info}
 
 
@@ -679,7 +690,7 @@ def load_baseline(path: str, res: dict) -> dict:
 
     # results written before attack overrides / other identifiers existed used the defaults
     defaults = {"attack_overrides": [], "other_identifier": "sks", "identifier": "sks", "attack_seeds": 1,
-                "attack_photos": "same"}
+                "attack_photos": "same", "model_weights_digest": res.get("model_weights_digest")}  # (older: unchecked)
     wanted = BASELINE_KEYS + OPTIONAL_BASELINE_KEYS
     merged: dict = {}
     origin: dict[str, Path] = {}
@@ -688,11 +699,13 @@ def load_baseline(path: str, res: dict) -> dict:
             old = json.loads(f.read_text())
         except (OSError, ValueError) as e:
             raise ValueError(f"{f}: cannot read the baseline result ({e})") from e
-        for key in ("model_fingerprint", "instruments_fingerprint", "subject_protected", "subject_other",
+        for key in ("model_fingerprint", "model_weights_digest", "instruments_fingerprint", "subject_protected",
+                    "subject_other",
                     "samples_per_prompt", "attack_overrides", "other_identifier", "identifier", "attack_seeds",
                     "attack_photos"):
-            if old.get(key, defaults.get(key)) != res[key]:
-                raise ValueError(f"{f}: baseline was measured with {key}={old.get(key)!r}, this run has {res[key]!r}")
+            if old.get(key, defaults.get(key)) != res.get(key):
+                raise ValueError(f"{f}: baseline was measured with {key}={old.get(key)!r}, this run has "
+                                 f"{res.get(key)!r}")
         # with several runs per attack, their seeds' spacing makes other runs (one run is run 0 either way);
         # results written before attack_seed_stride existed spaced them 1 apart
         if res["attack_seeds"] > 1 and old.get("attack_seed_stride", 1) != res.get("attack_seed_stride", 1):
