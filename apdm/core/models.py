@@ -742,6 +742,10 @@ def save_sd(sd: SD, out_dir: str | Path, scheduler: str = "ddim", safe_serializa
             pipe.save_pretrained(str(tmp), safe_serialization=safe_serialization)
             save_slow_vocabulary(sd.tokenizer, Path(tmp) / "tokenizer")
             _leave_unset(Path(tmp) / "scheduler" / "scheduler_config.json", pipe.scheduler.config)
+            for config in Path(tmp).glob("*/config.json"):  # diffusers records where each part was loaded from:
+                data = json.loads(config.read_text(encoding="utf-8"))  # a local path (home folder, a person's name)
+                if data.pop("_name_or_path", None) is not None:  # in a folder that is published
+                    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             if dtype is not None and dtype != torch.float32:
                 _text_encoder_loads_fp32(Path(tmp) / "text_encoder" / "config.json")
     finally:

@@ -835,6 +835,8 @@ def init_protection(sd: SD, pcfg: ProtectConfig, seed: int = 0):
         own trainable copy when ``pcfg.train_text_encoder``, else ``sd.text_encoder``.
     """
     theta, trainable = prepare_theta(sd, pcfg, seed)
+    if pcfg.gradient_checkpointing:  # θ's own backward passes too (inner_steps=0, the anchor), not only θ''s
+        theta.enable_gradient_checkpointing()
     text_encoder = prepare_text_encoder(sd, pcfg, trainable)
     phi = None if pcfg.trainable == "lora" else sd.unet
     unet_params = [p for n, p in trainable.items() if not n.startswith(TE_PREFIX)]
@@ -940,7 +942,8 @@ def protect(sd: SD, subjects: list[Subject], per_cfg: PersonalizationConfig, pcf
         if stop:
             break
     theta.eval().requires_grad_(False)
-    if pcfg.trainable == "lora":
+    if pcfg.trainable == "lora":  # merged in fp32 (one rounding, to the dtype it is saved in, not two)
+        torch.nn.Module.to(theta, torch.float32)
         theta.fuse_lora(adapter_names=["apdm"])
         theta.unload_lora()
     if not pcfg.train_text_encoder:

@@ -660,6 +660,13 @@ def run(cfg: ProtectModelRunConfig) -> dict:
         distributed.finish()
         return {"seconds_protect": round(seconds, 2), "rank": rank, "world_size": world}
     vae, trap_history, seconds_trap, trap_check, decoys, held_check = sd.vae, [], 0.0, {}, [], []
+    source = local_folder(cfg.model.path, cfg.model.revision)  # toy and a cached hub id resolve to their folder
+    keep = stored_dtype(str(source)) if source is not None else None  # the source's own dtype: fp16 stays fp16
+    finer = keep is not None and torch.finfo(keep).eps < torch.finfo(sd.dtype).eps
+    # the trained weights (fp32 masters) go straight to a finer source dtype: through the computing dtype first
+    # (bf16), a change smaller than half a bf16 step of its weight was lost and the others rounded to bf16 steps
+    # (a 2-step run on an fp32 copy of the toy kept a median 41 % of the change)
+    out_dtype = keep if finer else sd.dtype
     if cfg.encoder_trap.steps > 0:
         from apdm.protect_model.encoder_trap import trap_embedder, trap_encoder
 
@@ -678,14 +685,14 @@ def run(cfg: ProtectModelRunConfig) -> dict:
                                                      quiet=cfg.quiet, embed=embed,
                                                      keep_images=torch.cat(kept) if kept else None,
                                                      views=views, start_over="protect.resume=false")
-        vae, seconds_trap = trapped.to(sd.dtype), time.perf_counter() - t1
+        vae, seconds_trap = trapped.to(out_dtype), time.perf_counter() - t1
         batch = cfg.encoder_trap.micro_batch or 32  # images per VAE call of the checks (no gradient)
         trap_check = log_trap_report(sd.vae, trapped, subjects, keep_images, views, generated, batch)
         held_check = check_held_back(sd.vae, trapped, subjects, held, batch)
         decoys = save_decoys(out / "encoder_trap_decoys", chosen, recognizer)
-    unet = torch.nn.Module.to(unet, sd.dtype)  # (diffusers' own .to warns of its empty keep-in-fp32 list)
+    unet = torch.nn.Module.to(unet, out_dtype)  # (diffusers' own .to warns of its empty keep-in-fp32 list)
     protected = dataclasses.replace(sd, unet=unet, source=f"apdm-protected({sd.source})", vae=vae,
-                                    text_encoder=sd.text_encoder if text_encoder is None else text_encoder.to(sd.dtype))
+                                    text_encoder=sd.text_encoder if text_encoder is None else text_encoder.to(out_dtype))
     steps = subject_steps_of(history, len(subjects))
     for k, n in enumerate(steps if p.outer_steps > 0 else []):  # outer_steps=0: the encoder trap alone, on purpose
         if n == 0:
@@ -693,7 +700,7 @@ def run(cfg: ProtectModelRunConfig) -> dict:
                         "subjects; set protect.outer_steps to at least %d (a multiple of it protects each equally)", k,
                         subjects[k].name, subjects[k].instance_prompt, len(history), len(subjects), len(subjects))
     card = model_card(cfg, history, seconds, trap_history=trap_history, trap_check=trap_check, decoys=decoys,
-                      held_check=held_check, subject_steps=steps)
+                      held_check=held_check, subject_steps=steps, world=world)
     summary = {"seconds_protect": round(seconds, 2), "outer_steps": p.outer_steps, "inner_steps": p.inner_steps,
                "world_size": world,
                "seconds_per_outer_step": round(seconds / max(1, len(history)), 3) if history else None,
@@ -709,10 +716,7 @@ def run(cfg: ProtectModelRunConfig) -> dict:
     # the two leaves no log (and the checkpoint, which a rerun resumes), never a log of one run beside another's
     # weights (before 2026-12-07 the new log came first, and a kill before the rename made a rerun of the new
     # settings report "nothing to do" beside the old model)
-    source = local_folder(cfg.model.path, cfg.model.revision)  # toy and a cached hub id resolve to their folder
-    keep = stored_dtype(str(source)) if source is not None else None  # the source's own dtype: fp16 stays fp16
     if keep is not None and keep != protected.dtype:
-        finer = torch.finfo(keep).eps < torch.finfo(protected.dtype).eps
         LOG.info("saving the protected model in the source's %s (computed in %s)%s", dtype_name(keep),
                  dtype_name(protected.dtype),
                  ": the protection's changes are added to the source's own weights, so what it did not change "
@@ -752,12 +756,12 @@ def _method_phrase(protect) -> str:
 def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float,
                trap_history: list[dict] | None = None, trap_check: dict | None = None,
                decoys: list[dict] | None = None, held_check: list[dict] | None = None,
-               subject_steps: list[int] | None = None) -> str:
+               subject_steps: list[int] | None = None, world: int = 1) -> str:
     """Markdown model card: what is protected (prompts only, never images or their paths: the settings are
     :func:`card_settings`), how, and the encoder trap's checks; ``seconds`` the protection's time over all its runs
     (:func:`protection_seconds`); ``decoys`` as :func:`save_decoys` returns them (their cosines, never the images);
     ``held_check`` as :func:`check_held_back` returns it; ``subject_steps`` the outer steps each subject got
-    (:func:`subject_steps_of`; counted from ``history`` when not given)."""
+    (:func:`subject_steps_of`; counted from ``history`` when not given); ``world`` the processes it ran on."""
     import yaml
 
     lines = [
@@ -785,7 +789,9 @@ def model_card(cfg: ProtectModelRunConfig, history: list[dict], seconds: float,
                   f"time, by one drawn from {', '.join(f'`{w}`' for w in cfg.protect.identifiers)}."]
     lines += ["", "## Settings", "", "(Local paths redacted: the photos and their folders are not part of this model.)",
               "", "```yaml", yaml.safe_dump(card_settings(cfg), sort_keys=False).strip(), "```", "",
-              f"Protection took {seconds:.0f} s for {len(history)} outer steps.", ""]
+              f"Protection took {seconds:.0f} s for {len(history)} outer steps"
+              + (f", data-parallel over {world} processes (gradients averaged; the losses below are process 0's "
+                 "draws)." if world > 1 else "."), ""]
     if history:
         last = history[-1]
         not_losses = ("step", "lr", "subject", "seconds", "attacker", "attack_depth", "identifier_index")
