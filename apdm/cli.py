@@ -1,8 +1,8 @@
 """``apdm`` command line. Holds no logic: it parses, loads the config and calls the command's ``run(cfg)``.
 
-Every command takes ``--config recipe.yaml``, positional ``key=value`` overrides (``output_dir=PATH`` is
-always accepted) and ``--print-config``. Heavy libraries are imported inside the commands, so ``--help``
-returns instantly.
+Every command takes ``--config recipe.yaml``, positional ``key=value`` overrides (the output folder is
+``output_dir=PATH``; ``out=PATH`` for ``toy upscaler``) and ``--print-config``. Heavy libraries are imported
+inside the commands, so ``--help`` returns instantly.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
             for flag, (key, text) in SHORTCUTS.items():
                 p.add_argument(flag, dest=key.replace(".", "_"), metavar=key.upper(),
                                help=f"{text} (same as {key}=..., the value taken as typed)")
-    toy = sub.add_parser("toy", help="the toy world (our CPU-sized measuring instrument): build, sample, export")
+    toy = sub.add_parser("toy", help="the toy world (our CPU-sized measuring instrument): build, sample, export, upscaler")
     toy_sub = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND")
     tb = toy_sub.add_parser("build", epilog=epilog("toy build"),
                             help="pretrain the toy model and train its instruments (60-80 min on 2 cores; resumable)")
