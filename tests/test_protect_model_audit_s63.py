@@ -112,3 +112,13 @@ def test_gradient_checkpointing_reaches_theta_without_inner_steps(monkeypatch):
         weights.append(unet.state_dict())
         assert (calls[0] > 0) == gc
     assert all(torch.allclose(weights[0][k], weights[1][k], atol=1e-6) for k in weights[0])
+
+
+def test_the_card_names_a_multi_process_run():
+    from apdm.config import ProtectModelRunConfig, SubjectConfig
+    from apdm.protect_model.run import model_card
+
+    cfg = ProtectModelRunConfig(subjects=[SubjectConfig(instance_data="x")])
+    history = [{"step": 0, "subject": 0, "seconds": 1.5, "loss_protect": 0.5}]
+    assert "data-parallel over 2 processes" in model_card(cfg, history, 1.5, world=2)
+    assert "data-parallel" not in model_card(cfg, history, 1.5)

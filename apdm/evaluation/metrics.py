@@ -175,6 +175,11 @@ def check_pair(a, b) -> None:
     check_images(b, "protected images")
     if a.shape != b.shape:
         raise ValueError(f"clean and protected images differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    for images, what in ((a, "clean"), (b, "protected")):  # NaN counted as an identical pair (PSNR inf) before
+        bad = int((~images.isfinite()).flatten(1).any(dim=1).sum())
+        if bad:
+            raise ValueError(f"{bad} of {len(images)} {what} images hold NaN/inf pixels: no fidelity number compares "
+                             "them (a diverged protection?)")
 
 
 def to_uint8(images):

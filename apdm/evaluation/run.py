@@ -249,8 +249,14 @@ def scored_or_unavailable(gen: torch.Tensor, refs: torch.Tensor, cfg: EvaluateRu
 
 def model_tag(path: str) -> str:
     """The implementation tag of a metric computed with the local model at ``path``: its folder name
-    (``/models/dinov2-small`` -> ``dinov2-small``), so that numbers of two backbones never share a tag."""
-    return Path(path.rstrip("/\\")).name or path
+    (``/models/dinov2-small`` -> ``dinov2-small``), so that numbers of two backbones do not share a tag; a hub cache
+    snapshot (``…/models--facebook--dino-vits16/snapshots/<commit>``) is named by its model (``dino-vits16``), not
+    by the commit, and ``.`` by the folder it is. Two different models in folders of the same name still share one:
+    name the folders after the model."""
+    folder = Path(path).expanduser().resolve()
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent.name.split("--")[-1]
+    return folder.name or path
 
 
 def metric_models(cfg: EvaluateRunConfig) -> dict:
