@@ -102,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
             for flag, (key, text) in SHORTCUTS.items():
                 p.add_argument(flag, dest=key.replace(".", "_"), metavar=key.upper(),
                                help=f"{text} (same as {key}=..., the value taken as typed)")
-    toy = sub.add_parser("toy", help="the toy world (our CPU-sized measuring instrument): build, sample, export, upscaler")
+    toy = sub.add_parser("toy", help="the toy world (our CPU-sized measuring instrument): build, sample, export, "
+                                     "upscaler")
     toy_sub = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND")
     tb = toy_sub.add_parser("build", epilog=epilog("toy build"),
                             help="pretrain the toy model and train its instruments (60-80 min on 2 cores; resumable)")

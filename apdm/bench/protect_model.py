@@ -608,8 +608,8 @@ def _class_prompt_ism_job(spec, n_samples: int, *references, prompt: str = "a ph
 
 
 #: what a saved protection carries besides its weights (``save_protected=``), and checks on loading
-PROTECTED_INFO = ("model_fingerprint", "model_weights_digest", "subject_protected", "outer_steps", "inner_steps", "protect_lr",
-                  "protect_lr_phases", "beta", "gradient_leak", "recipe_overrides", "protect_config",
+PROTECTED_INFO = ("model_fingerprint", "model_weights_digest", "subject_protected", "outer_steps", "inner_steps",
+                  "protect_lr", "protect_lr_phases", "beta", "gradient_leak", "recipe_overrides", "protect_config",
                   "seconds_protect", "seconds_per_outer_step", "protect_loss_first", "protect_loss_last",
                   "encoder_trap_config", "protect_photos", "decoy_identity_impl", "decoy_cosines", "keep_photos",
                   "synthetic_views_ism", "protect_seed")
