@@ -186,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from pathlib import Path
 
+        if not args.out.strip():  # an unset shell variable (--out "$OUT") ran the demo in the current folder
+            print("apdm demo: --out is empty; give a folder (default outputs/demo)", file=sys.stderr)
+            return 2
         if Path(args.out).exists() and not Path(args.out).is_dir():
             print(f"apdm demo: --out {args.out} is a file, not a folder", file=sys.stderr)
             return 2

@@ -20,7 +20,19 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def run_demo(out_dir: str = "outputs/demo", quick: bool = False, quiet: bool = True) -> Path:
-    """Run the demo into ``out_dir``; returns the report path. ``quiet=False`` shows each step's progress bars."""
+    """Run the demo into ``out_dir``; returns the report path. ``quiet=False`` shows each step's progress bars
+    (``quiet=True`` hides them all: the L2P and evaluation bars read only the global switch, which only the CLI set)."""
+    from apdm.utils import progress_enabled, set_progress
+
+    was = progress_enabled()
+    set_progress(not quiet)
+    try:
+        return _run_demo(out_dir, quick, quiet)
+    finally:
+        set_progress(was)
+
+
+def _run_demo(out_dir: str, quick: bool, quiet: bool) -> Path:
     from apdm.bench.toy_world import toy_recipe
     from apdm.config import (EvalSubjectConfig, EvaluateRunConfig, MetricsConfig, ModelConfig, ProtectImagesRunConfig,
                              ProtectModelRunConfig, SubjectConfig, load_config)

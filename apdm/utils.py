@@ -226,6 +226,19 @@ def _json_default(o: Any):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def _remove(path: Path) -> None:
+    """Remove ``path`` whatever it is (a folder, a file, a link, nothing); errors are ignored (it is litter)."""
+    import shutil
+
+    try:
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+    except OSError:
+        pass
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Build a directory under a temporary name and move it to ``final`` only when the block succeeds.
@@ -233,11 +246,12 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     An existing ``final`` is replaced only after the new one is complete (it is renamed aside, then
     deleted), so a crash never leaves a half-written model directory under the final name. Its files get the
     permissions ``open()`` would give them: safetensors writes its files 0600 (owner only), which kept a model from
-    another account that serves it.
+    another account that serves it. A ``final`` that is a symlink (a model folder linked to a bigger disk) is
+    written through: the folder it points to is replaced and the link stays.
     """
-    import shutil
-
     final = Path(final)
+    if final.is_symlink():  # was replaced by a local folder (the link left as .name.old), then failed in rmtree
+        final = final.resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     old = final.with_name(f".{final.name}.old")
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
@@ -249,16 +263,15 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
             if f.is_file() and not f.is_symlink():
                 os.chmod(f, mode)
         if final.exists():
-            if old.exists():
-                shutil.rmtree(old)
+            _remove(old)
             os.replace(final, old)
             os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)  # a stale one from an earlier run
+            _remove(old)  # a stale one from an earlier run
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         if old.exists() and not final.exists():  # stopped between the two renames: put the old one back
             os.replace(old, final)
         raise

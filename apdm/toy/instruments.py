@@ -753,7 +753,10 @@ def load_instruments(path: str | Path, device: str | torch.device = "cpu") -> In
     if not cfg_file.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {path}; train the instruments with "
                                 f"apdm.toy.instruments.train_instruments(out_dir)")
-    config = json.loads(cfg_file.read_text())
+    try:
+        config = json.loads(cfg_file.read_text())
+    except ValueError as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e}); rebuild the instruments (apdm toy build)") from e
     if config.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{cfg_file} has format_version {config['format_version']}, newer than this apdm")
     inst = build_instruments(config)
@@ -761,7 +764,12 @@ def load_instruments(path: str | Path, device: str | torch.device = "cpu") -> In
     for name, module in ((ENCODER_FILE, inst.encoder), (DETECTOR_FILE, inst.detector)):
         data = (path / name).read_bytes()  # read once: hashed, then parsed as safetensors (never a pickle)
         h.update(data)
-        module.load_state_dict(load_safetensors(data))
+        try:  # SafetensorError is no OSError/ValueError: a truncated file gave a traceback naming no file
+            state = load_safetensors(data)
+        except Exception as e:  # (safetensors raises its own error type)
+            raise ValueError(f"{path / name}: not a readable safetensors file (truncated or not safetensors: {e}); "
+                             "rebuild the instruments (apdm toy build)") from e
+        module.load_state_dict(state)
     inst.config["fingerprint"] = h.hexdigest()[:16]  # recorded by the benchmarks next to the model's
     for m in (inst.encoder, inst.detector, inst.features):
         m.to(device).eval()
