@@ -607,7 +607,9 @@ def apply_override(cfg, item: str):
                 from exc
         value = raw
     target, leaf, tp = _field_at(cfg, key, where)
-    if _is_text(tp) and not (text[:1] in "[{" or (len(text) > 1 and text[0] == text[-1] and text[0] in "'\"")
+    if text == "" and _list_item(tp) is not None:  # was [''] ('' is a prompt: dpo_extra_prompts' unconditional one)
+        raise ConfigError(f"{where}: '{key}' is a list; give {key}=[] for an empty one")
+    if _is_text(tp) and not ((text and text[:1] in "[{") or (len(text) > 1 and text[0] == text[-1] and text[0] in "'\"")
                              or (tp is not str and text in ("null", "~"))):
         value = text  # a text setting is the text as typed: output_dir=010 stays 010 (YAML: 8), no stays no (False)
     elif _is_int(tp) and not (tp is not int and text in ("null", "~")):
@@ -741,8 +743,10 @@ def to_dict(cfg) -> dict:
 
 
 def to_yaml(cfg) -> str:
-    """The resolved config as YAML text."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The resolved config as YAML text, read back by :func:`load_config` as the same config: text that the recipe
+    loader would read as a number is quoted (``yaml.safe_dump`` left ``output_dir: 089`` bare, YAML 1.1 text,
+    which the loader's base-10 integers read back as 89)."""
+    return yaml.dump(to_dict(cfg), Dumper=_RecipeDumper, sort_keys=False)
 
 
 # ---------------------------------------------------------------------------- internals
@@ -757,6 +761,9 @@ def _did_you_mean(key: str, names: list[str]) -> str:
     import difflib
 
     last = key.rsplit(".", 1)[-1]
+    bracket = re.fullmatch(r"(\w+)\[(\d+)\]", last)
+    if bracket and bracket.group(1) in names:  # subjects[0].name=x: the entries are addressed subjects.0.name=x
+        return f"; address an entry of the list by its index after a dot: '{bracket.group(1)}.{bracket.group(2)}'"
     if ":" in last and last.split(":", 1)[0] in names:
         return f"; YAML needs a space after the colon: '{last.split(':', 1)[0]}: {last.split(':', 1)[1]}'"
     close = difflib.get_close_matches(last, names, n=1, cutoff=0.75)
@@ -822,8 +829,16 @@ class _RecipeLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last one silently:
     ``personalization: {steps: 10, steps: 20}`` ran 20 steps)."""
 
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._checked: set[int] = set()
+
+    def flatten_mapping(self, node):
+        """Check each mapping for a repeated key once, as written, before YAML merges (``<<: *base``) are
+        flattened into it: a chained merge (``&b {<<: *a, k: 2}`` merged into another mapping) flattened the inner
+        mapping in place first, and its merged keys were reported as given twice."""
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
             seen: dict = {}
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden by later keys
@@ -835,7 +850,7 @@ class _RecipeLoader(yaml.SafeLoader):
                 except TypeError:  # an unhashable key: SafeLoader's own error follows
                     continue
                 seen[key] = key_node.start_mark.line + 1
-        return super().construct_mapping(node, deep=deep)
+        super().flatten_mapping(node)
 
 
 def _base10_int(loader: yaml.SafeLoader, node) -> int:
@@ -850,6 +865,18 @@ _RecipeLoader.yaml_implicit_resolvers = {
 _RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9][0-9_]*$"),
                                     list("-+0123456789"))
 _RecipeLoader.add_constructor("tag:yaml.org,2002:int", _base10_int)
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    """``yaml.SafeDumper`` that quotes text :class:`_RecipeLoader` would read as something else (``089``), as well
+    as what plain YAML 1.1 would (``010``, ``1:30``), so both read the dump back as written."""
+
+
+_RecipeDumper.yaml_implicit_resolvers = {
+    first: list(yaml.SafeDumper.yaml_implicit_resolvers.get(first, []))
+    + [r for r in _RecipeLoader.yaml_implicit_resolvers.get(first, [])
+       if r not in yaml.SafeDumper.yaml_implicit_resolvers.get(first, [])]
+    for first in set(yaml.SafeDumper.yaml_implicit_resolvers) | set(_RecipeLoader.yaml_implicit_resolvers)}
 
 
 def _coerce(tp, value, source: str, key: str):
