@@ -15,9 +15,10 @@ def run(cfg: PersonalizeRunConfig) -> dict:
 
     Output folder layout::
 
-        output_dir/config.yaml            the resolved config
+        output_dir/config.yaml            the resolved config (written with the weights: it describes them)
         output_dir/model|lora|ti|custom_diffusion/
-                                          diffusers-loadable weights (see simulator.save)
+                                          diffusers-loadable weights (see simulator.save); an earlier run's of
+                                          another method are removed
         output_dir/personalization.json   method, prompts, steps
         output_dir/samples/*.png          sample images, plus grid.png
         output_dir/summary.json           timings, loss curve, skipped input files
@@ -27,8 +28,8 @@ def run(cfg: PersonalizeRunConfig) -> dict:
     trained, class images generated and samples drawn at ``cfg.resolution`` (0 = the model's).
     """
     from apdm.core import diffusion as D
-    from apdm.core.images import load_spec, save_grid, save_image
-    from apdm.core.models import load_sd
+    from apdm.core.images import list_images, load_spec, save_grid, save_image, split_spec
+    from apdm.core.models import load_sd, warn_if_untrained
     from apdm.evaluation.protocol import check_optimizer_extra, check_sampler_steps
     from apdm.personalization import simulator as S
 
@@ -46,11 +47,13 @@ def run(cfg: PersonalizeRunConfig) -> dict:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output_dir {out} is a file, not a folder")
+    if not list_images(split_spec(cfg.instance_data)):  # a missing folder is named here, before the model loads
+        raise ValueError(f"no images in {cfg.instance_data}")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", to_yaml(cfg))
     seed_everything(cfg.seed)
 
     sd = load_sd(cfg.model.path, cfg.model.device, cfg.model.dtype, cfg.model.revision)
+    warn_if_untrained(cfg.model.path, "the personalized model and its samples say nothing about a real model")
     check_sampler_steps(sd, cfg.sample)  # before the class images and the training, not at the first sample
     size = cfg.resolution or sd.resolution
     check_size(sd, size)
@@ -68,7 +71,16 @@ def run(cfg: PersonalizeRunConfig) -> dict:
     t1 = time.perf_counter()
     history = S.train(state, images, quiet=cfg.quiet)
     t_train = time.perf_counter() - t1
+    before = _weights_folder(out)
     S.save(state, out, quiet=cfg.quiet)
+    # config.yaml with the weights (written first, a failed or interrupted rerun left a config of other weights)
+    atomic_write_text(out / "config.yaml", to_yaml(cfg))
+    now = _weights_folder(out)
+    if before not in (None, now) and (out / before).is_dir():  # plain diffusers would find the old method's weights
+        import shutil
+
+        LOG.info("removing %s: the weights of the earlier %s run in this folder", out / before, before)
+        shutil.rmtree(out / before)
 
     prompts = [S.prompt_for(state, p) for p in cfg.sample.prompts]
     samples = D.generate(state.sd, prompts, cfg.sample.num_images_per_prompt, cfg.sample.num_inference_steps,
@@ -92,6 +104,18 @@ def run(cfg: PersonalizeRunConfig) -> dict:
     LOG.info("done: %d steps in %.1fs (%.3f s/step); results in %s", state.global_step, t_train,
              summary["seconds_per_step"], out)
     return summary
+
+
+def _weights_folder(out: Path) -> str | None:
+    """The weights subfolder an apdm ``personalization.json`` in ``out`` names (``model``, ``lora``, ``ti``,
+    ``custom_diffusion``), else None."""
+    import json
+
+    try:
+        where = json.loads((out / "personalization.json").read_text(encoding="utf-8")).get("weights")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return where if where in ("model", "lora", "ti", "custom_diffusion") else None
 
 
 def check_size(sd, size: int) -> None:

@@ -703,13 +703,14 @@ def class_images_for(sd: SD, cfg: PersonalizationConfig, cache_dir: str | Path |
 
 # ============================================================================ saving / loading
 def save(state: PersonalizationState, out_dir: str | Path, quiet: bool = False) -> Path:
-    """Save the personalized components in the form diffusers loads.
+    """Save the personalized components in the form diffusers loads, each in its subfolder of ``out_dir``.
 
-    * dreambooth: a full pipeline folder (``StableDiffusionPipeline.from_pretrained(out_dir)``);
-    * lora: ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(out_dir)``), with the adapter's rank,
+    * dreambooth: a full pipeline folder ``model/`` (``StableDiffusionPipeline.from_pretrained(out_dir / "model")``);
+    * lora: ``lora/pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(out_dir / "lora")``), with the adapter's rank,
       ``lora_alpha`` and target modules in its metadata (:func:`lora_metadata`; diffusers reads them back, so the
       scaling alpha/rank survives. LoRAs saved before 2026-12-07 lack them and reload with alpha = rank);
-    * ti: ``learned_embeds.safetensors`` (``pipe.load_textual_inversion(out_dir, token="<sks>")``).
+    * ti: ``ti/learned_embeds.safetensors`` (``pipe.load_textual_inversion(out_dir / "ti")``; the file names its
+      token, ``<sks>``).
     * custom_diffusion: ``custom_diffusion/learned_embeds.safetensors`` (as TI's) and
       ``custom_diffusion/unet_kv.safetensors``, the trained UNet tensors under the UNet's own parameter names
       (``pipe.unet.load_state_dict(safetensors.torch.load_file(...), strict=False)``).
