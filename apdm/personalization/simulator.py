@@ -706,8 +706,8 @@ def save(state: PersonalizationState, out_dir: str | Path, quiet: bool = False) 
     """Save the personalized components in the form diffusers loads, each in its subfolder of ``out_dir``.
 
     * dreambooth: a full pipeline folder ``model/`` (``StableDiffusionPipeline.from_pretrained(out_dir / "model")``);
-    * lora: ``lora/pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(out_dir / "lora")``), with the adapter's rank,
-      ``lora_alpha`` and target modules in its metadata (:func:`lora_metadata`; diffusers reads them back, so the
+    * lora: ``lora/pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(out_dir / "lora")``), with the
+      adapter's rank, ``lora_alpha`` and target modules in its metadata (:func:`lora_metadata`; diffusers reads them back, so the
       scaling alpha/rank survives. LoRAs saved before 2026-12-07 lack them and reload with alpha = rank);
     * ti: ``ti/learned_embeds.safetensors`` (``pipe.load_textual_inversion(out_dir / "ti")``; the file names its
       token, ``<sks>``).
