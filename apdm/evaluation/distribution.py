@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from apdm.evaluation.metrics import MetricUnavailable, measure
+from apdm.evaluation.metrics import MetricUnavailable, measure, nonfinite_count
 from apdm.utils import LOG, optional_import
 
 #: FID below this many images per set is flagged unreliable.
@@ -55,7 +55,7 @@ def extract_features(images: torch.Tensor, extractor: Callable | None, batch_siz
             images (features) contain NaN/inf: an extractor that quantises (Inception) would turn them into
             finite features of nothing.
     """
-    bad = int((~torch.isfinite(images.detach())).flatten(1).any(dim=1).sum()) if images.dim() >= 2 else 0
+    bad = nonfinite_count(images)
     if bad:
         raise MetricUnavailable(f"{bad} of {images.shape[0]} {'images' if extractor is not None else 'feature vectors'} "
                                 "contain NaN/inf (e.g. the samples of a diverged personalization)")
@@ -175,7 +175,7 @@ def _check_sets(fr: torch.Tensor, ff: torch.Tensor, minimum: int, what: str) -> 
     if fr.shape[1] != ff.shape[1]:
         raise ValueError(f"{what}: feature sizes differ ({fr.shape[1]} vs {ff.shape[1]})")
     for feats, side in ((fr, "real"), (ff, "generated")):
-        bad = int((~torch.isfinite(feats)).any(dim=1).sum())
+        bad = nonfinite_count(feats)
         if bad:
             raise MetricUnavailable(f"{what}: the features of {bad} of {feats.shape[0]} {side} items contain NaN/inf "
                                     f"(non-finite images, e.g. the samples of a diverged personalization)")

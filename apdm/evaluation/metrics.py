@@ -169,6 +169,14 @@ def check_images(images, what: str = "images"):
     return images
 
 
+def nonfinite_count(items) -> int:
+    """How many of ``items`` (``(N, ...)``: images or feature vectors) hold a NaN or inf value; 0 when every one is
+    finite (and for a 1-D tensor, which holds no items)."""
+    import torch
+
+    return int((~torch.isfinite(items.detach())).flatten(1).any(dim=1).sum()) if items.dim() >= 2 else 0
+
+
 def check_pair(a, b) -> None:
     """Validate two image batches of identical shape (clean vs protected)."""
     check_images(a, "clean images")
@@ -176,7 +184,7 @@ def check_pair(a, b) -> None:
     if a.shape != b.shape:
         raise ValueError(f"clean and protected images differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
     for images, what in ((a, "clean"), (b, "protected")):  # NaN counted as an identical pair (PSNR inf) before
-        bad = int((~images.isfinite()).flatten(1).any(dim=1).sum())
+        bad = nonfinite_count(images)
         if bad:
             raise ValueError(f"{bad} of {len(images)} {what} images hold NaN/inf pixels: no fidelity number compares "
                              "them (a diverged protection?)")

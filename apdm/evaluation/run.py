@@ -239,7 +239,9 @@ def scored_or_unavailable(gen: torch.Tensor, refs: torch.Tensor, cfg: EvaluateRu
     """:func:`score_generations` of ``gen`` (N,3,H,W), and ``gen`` for the grid; when some of its images hold a NaN
     or inf pixel, instead unavailable records (:func:`unscored_records`) saying how many and ``cause``, a warning
     naming ``where``, and the images with those pixels black, so the run goes on."""
-    bad = int((~torch.isfinite(gen)).flatten(1).any(dim=1).sum())
+    from apdm.evaluation.metrics import nonfinite_count
+
+    bad = nonfinite_count(gen)
     if not bad:
         return score_generations(gen, refs, cfg, backends, prompt), gen
     why = f"{bad} of {len(gen)} generated images contain NaN/inf: {cause}"
