@@ -22,6 +22,7 @@ import hashlib
 import json
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -688,16 +689,20 @@ def save_slow_vocabulary(tokenizer, folder: str | Path) -> list[str]:
     return written
 
 
+def _edit_json(config: Path, edit: Callable[[dict], dict]) -> None:
+    """Rewrite the JSON file ``config`` (a saved component's config) as ``edit`` returns it, when that differs."""
+    data = json.loads(config.read_text(encoding="utf-8"))
+    new = edit(dict(data))
+    if new != data:
+        config.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def _text_encoder_loads_fp32(config: Path) -> None:
     """Make a text encoder saved in half precision load in float32 when no ``torch_dtype`` is given, as diffusers
     loads the UNet and VAE: transformers 5 loads it in the ``dtype`` its config records, so a plain
     ``StableDiffusionPipeline.from_pretrained(folder)`` of half-precision weights mixed an fp16 text encoder with an
     fp32 UNet and failed at the first step ("mat1 and mat2 must have the same dtype"). The weights stay as saved."""
-    data = json.loads(config.read_text(encoding="utf-8"))
-    for key in ("dtype", "torch_dtype"):
-        if key in data:
-            data[key] = "float32"
-    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    _edit_json(config, lambda data: {k: "float32" if k in ("dtype", "torch_dtype") else v for k, v in data.items()})
 
 
 def _leave_unset(config_file: Path, config) -> None:
@@ -709,11 +714,7 @@ def _leave_unset(config_file: Path, config) -> None:
     951, 901, …). Left unset, each sampler resolves the key on the copy as on the source.
     """
     unset = set(config.get("_use_default_values", []))
-    if not unset:
-        return
-    data = json.loads(config_file.read_text(encoding="utf-8"))
-    kept = {k: v for k, v in data.items() if k not in unset}
-    config_file.write_text(json.dumps(kept, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    _edit_json(config_file, lambda data: {k: v for k, v in data.items() if k not in unset})
 
 
 def save_sd(sd: SD, out_dir: str | Path, scheduler: str = "ddim", safe_serialization: bool = True,
@@ -743,9 +744,8 @@ def save_sd(sd: SD, out_dir: str | Path, scheduler: str = "ddim", safe_serializa
             save_slow_vocabulary(sd.tokenizer, Path(tmp) / "tokenizer")
             _leave_unset(Path(tmp) / "scheduler" / "scheduler_config.json", pipe.scheduler.config)
             for config in Path(tmp).glob("*/config.json"):  # diffusers records where each part was loaded from:
-                data = json.loads(config.read_text(encoding="utf-8"))  # a local path (home folder, a person's name)
-                if data.pop("_name_or_path", None) is not None:  # in a folder that is published
-                    config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+                # a local path (home folder, a person's name) in a folder that is published
+                _edit_json(config, lambda data: {k: v for k, v in data.items() if k != "_name_or_path"})
             if dtype is not None and dtype != torch.float32:
                 _text_encoder_loads_fp32(Path(tmp) / "text_encoder" / "config.json")
     finally:
