@@ -75,8 +75,7 @@ def run(cfg: PersonalizeRunConfig) -> dict:
     S.save(state, out, quiet=cfg.quiet)
     # config.yaml with the weights (written first, a failed or interrupted rerun left a config of other weights)
     atomic_write_text(out / "config.yaml", to_yaml(cfg))
-    now = _weights_folder(out)
-    if before not in (None, now) and (out / before).is_dir():  # plain diffusers would find the old method's weights
+    if before not in (None, S.WEIGHTS_FOLDER[per.method]) and (out / before).is_dir():  # plain diffusers would find the old method's weights
         import shutil
 
         LOG.info("removing %s: the weights of the earlier %s run in this folder", out / before, before)
@@ -107,15 +106,17 @@ def run(cfg: PersonalizeRunConfig) -> dict:
 
 
 def _weights_folder(out: Path) -> str | None:
-    """The weights subfolder an apdm ``personalization.json`` in ``out`` names (``model``, ``lora``, ``ti``,
-    ``custom_diffusion``), else None."""
+    """The weights subfolder an apdm ``personalization.json`` in ``out`` names (one of
+    :data:`apdm.personalization.simulator.WEIGHTS_FOLDER`'s), else None."""
     import json
+
+    from apdm.personalization.simulator import WEIGHTS_FOLDER
 
     try:
         where = json.loads((out / "personalization.json").read_text(encoding="utf-8")).get("weights")
     except (OSError, ValueError, AttributeError):
         return None
-    return where if where in ("model", "lora", "ti", "custom_diffusion") else None
+    return where if where in WEIGHTS_FOLDER.values() else None
 
 
 def check_size(sd, size: int) -> None:

@@ -53,6 +53,8 @@ from apdm.utils import LOG, atomic_write_json, dtype_name, progress, seeded_glob
 METHODS = ("dreambooth", "lora", "ti", "custom_diffusion")
 #: methods that learn a new token ``<identifier>`` (their prompts name it instead of the identifier word)
 TOKEN_METHODS = ("ti", "custom_diffusion")
+#: the subfolder of an ``apdm personalize`` output that holds each method's weights (:func:`save`)
+WEIGHTS_FOLDER = {"dreambooth": "model", "lora": "lora", "ti": "ti", "custom_diffusion": "custom_diffusion"}
 #: the UNet parameters Custom Diffusion trains when ``unet_trainable`` is empty: the cross-attention K/V
 CUSTOM_DIFFUSION_TRAINABLE = ("attn2.to_k", "attn2.to_v")
 #: images per VAE encoder call when posteriors are cached. On CPU, batches of 2 to 8 give bit-identical
@@ -721,11 +723,11 @@ def save(state: PersonalizationState, out_dir: str | Path, quiet: bool = False) 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg, sd = state.cfg, state.sd
+    where = WEIGHTS_FOLDER[cfg.method]
     if cfg.method == "dreambooth":
         from apdm.core.models import save_sd
 
-        save_sd(sd, out / "model", quiet=quiet)
-        where = "model"
+        save_sd(sd, out / where, quiet=quiet)
     elif cfg.method == "lora":
         from diffusers import StableDiffusionPipeline
         from peft.utils import get_peft_model_state_dict
@@ -733,14 +735,12 @@ def save(state: PersonalizationState, out_dir: str | Path, quiet: bool = False) 
         from apdm.utils import atomic_dir
 
         lora_sd = get_peft_model_state_dict(sd.unet)
-        with atomic_dir(out / "lora") as tmp:
+        with atomic_dir(out / where) as tmp:
             StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=lora_sd, safe_serialization=True,
                                                       unet_lora_adapter_metadata=lora_metadata(sd.unet))
-        where = "lora"
     else:
         from safetensors.torch import save_file
 
-        where = "ti" if cfg.method == "ti" else "custom_diffusion"
         emb = sd.text_encoder.get_input_embeddings().weight[state.ti_token_id].detach().float().cpu()
         (out / where).mkdir(exist_ok=True)
         tmp = out / where / ".learned_embeds.tmp"
