@@ -438,14 +438,15 @@ def _manifest_outputs(out: Path) -> set[str]:
         return set()
 
 
-def _inputs_outside_outputs(paths: list[Path], out: Path, suffix: str, fmt: str,
-                            spec: str | list[str]) -> list[Path]:
+def _inputs_outside_outputs(paths: list[Path], out: Path, suffix: str, fmt: str, spec: str | list[str],
+                            outputs: set[str] | None = None) -> list[Path]:
     """``paths`` without this command's outputs. An output folder strictly inside an input folder (one that ``spec``
     names, or the folder of a glob, up to its first wildcard, or of a file it names) is never read as input: every
     file in it is left out, suffix or not. Otherwise, with a ``suffix``, the output folder may hold inputs (be the
     input folder, or a folder above it): only the files in it that are this command's outputs are left out, those
     listed in its ``manifest.json`` and those named ``<stem><suffix>.<ext>`` (or ``<stem><suffix>-<n>.<ext>``) in
-    the output format. Without one, every file inside the output folder is left out.
+    the output format. Without one, every file inside the output folder is left out. ``outputs``: the manifest's
+    outputs (:func:`_manifest_outputs`) when the caller has read them already.
 
     Raises:
         ValueError: no input is left.
@@ -474,7 +475,8 @@ def _inputs_outside_outputs(paths: list[Path], out: Path, suffix: str, fmt: str,
                  for root in roots)  # strictly below an input folder
     relaxed = bool(suffix) and not nested
     if relaxed:
-        outputs = _manifest_outputs(out)  # none (no readable manifest): the names alone tell the outputs
+        if outputs is None:  # none (no readable manifest): the names alone tell the outputs
+            outputs = _manifest_outputs(out)
         named = re.compile(rf".+{re.escape(suffix)}(-\d+)?{re.escape(FORMATS[fmt])}")
         within = [p for p in within if os.path.realpath(p) in outputs or named.fullmatch(Path(p).name)]
         if within:
@@ -556,10 +558,11 @@ def run(cfg: ProtectImagesRunConfig) -> dict:
     out = Path(cfg.output_dir).expanduser()
     spec = split_spec(cfg.input)
     listed = list_images(spec, recursive=cfg.recursive)
-    paths = _inputs_outside_outputs(listed, out, cfg.suffix, fmt, spec)
+    manifest_outputs = _manifest_outputs(out)  # read once, for both uses
+    paths = _inputs_outside_outputs(listed, out, cfg.suffix, fmt, spec, manifest_outputs)
     # a file left out as an output (by its name or place) that no manifest of this folder lists may be the user's own
     # photo (a.jpg's output a_p.png next to a photo already named a_p.png): never written over, a new name is taken
-    never_written = {os.path.realpath(p) for p in listed} - {os.path.realpath(p) for p in paths} - _manifest_outputs(out)
+    never_written = {os.path.realpath(p) for p in listed} - {os.path.realpath(p) for p in paths} - manifest_outputs
     one = spec if isinstance(spec, str) else spec[0] if len(spec) == 1 else ""  # "photos/," is photos/ too
     root = Path(os.path.expanduser(one.strip())) if one.strip() else None
     root = root if cfg.recursive and root is not None and root.is_dir() else None
